@@ -1,0 +1,289 @@
+"""The Fisher engine: per-sample quantities of a model, a likelihood and data, with ``torch.func``.
+
+METHOD.md §2. Every Fisher variant fisherlab computes has the form
+
+    F = (1/N) Σ_n J_nᵀ M_nᵀ M_n J_n,
+
+where J_n = ∂z_n/∂θ (C×P) and M_n (R×C) is an **output-space factor** that depends on the variant:
+
+=========== ====================================================== =========
+kind        rows of M_n                                            R
+=========== ====================================================== =========
+true        B_nᵀ with Λ(z_n) = B_n B_nᵀ (closed form)              ≤ C
+mc          ∇_z ℓ(z_n, ŷ_{n,s})ᵀ / √S, ŷ_{n,s} ~ p(· | z_n)        S
+empirical   ∇_z ℓ(z_n, y_n)ᵀ (observed labels)                     1
+ggn         K_nᵀ with ∇²_z ℓ(z_n, y_n) = K_n K_nᵀ (autograd+eigh) C
+=========== ====================================================== =========
+
+(∇θ log p = −J_nᵀ ∇_z ℓ, and the sign cancels in the outer product.) The engine never holds J_n for the whole
+dataset: it walks over chunks and yields the **factor rows** U_n = M_n J_n (R×P per sample, by one vmapped VJP
+per row), or applies F to vectors matrix-free: J v by forward mode (``jvp``), M_nᵀ M_n in output space, Jᵀ w by
+reverse mode (``vjp``).
+
+Monte-Carlo labels are drawn once, in a no-grad pass over the data with a generator seeded by ``seed``, so the
+MC Fisher does not depend on the chunking and the same seed gives the same matrix.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp, vjp, vmap
+from tqdm.auto import tqdm
+
+from fisherlab.datasource import DataSource
+from fisherlab.errors import InputError
+from fisherlab.likelihoods import Likelihood, get_likelihood
+from fisherlab.memory import check_budget, dense_bytes, resolve_budget
+from fisherlab.params import ParamSpec, check_finite
+
+
+class FisherType(str, Enum):
+    """Which Fisher (METHOD.md §2)."""
+
+    TRUE = "true"
+    MC = "mc"
+    EMPIRICAL = "empirical"
+    GGN = "ggn"
+
+
+def parse_enum(enum: type[Enum], value: Any, what: str) -> Any:
+    """``enum(value)`` with an :class:`InputError` that lists the valid values."""
+    try:
+        return enum(value)
+    except ValueError:
+        raise InputError(f"unknown {what} {value!r}; valid: {[e.value for e in enum]}") from None
+
+
+#: Upper bound on the bytes of one chunk of factor rows when the caller gives no chunk size.
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+def check_eval_mode(model: nn.Module) -> None:
+    """Raise :class:`InputError` naming any batch-norm or dropout module left in training mode."""
+    for name, module in model.named_modules():
+        stochastic = isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
+        rnn_dropout = isinstance(module, nn.RNNBase) and module.dropout > 0
+        if module.training and (stochastic or rnn_dropout):
+            raise InputError(
+                f"module {name!r} ({type(module).__name__}) is in training mode: its output depends on the batch "
+                "or on random masks, so per-sample Fishers are undefined. Call model.eval() first."
+            )
+
+
+class FisherEngine:
+    """Per-sample factor rows, matrix-free products and gradients for one model, likelihood, data and kind.
+
+    Args:
+        model: Any ``nn.Module`` mapping (B, *input_shape) → (B, C). It is not modified: parameters and buffers are
+            passed through ``torch.func.functional_call`` as detached copies in ``dtype`` on ``device``.
+        data: See :class:`fisherlab.datasource.DataSource`.
+        likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or a :class:`Likelihood`.
+        kind: ``"true"``, ``"mc"``, ``"empirical"`` or ``"ggn"``.
+        params: Names of the parameters the Fisher is taken over (default: all trainable, in model order).
+        mc_samples: S, labels drawn per input for ``kind="mc"``.
+        seed: Seed of the Monte-Carlo label draws.
+        dtype: Compute dtype (default: the model's parameter dtype).
+        device: Compute device (default: the model's parameter device).
+        chunk_size: Samples per chunk (default: as many as fit in ``min(256 MiB, budget/4)`` of factor rows).
+        memory_budget: Bytes any single dense object may take (default: half the available memory).
+        progress: Show progress bars (``None``: only on a terminal).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Any,
+        likelihood: str | Likelihood = "categorical",
+        *,
+        kind: str | FisherType = FisherType.TRUE,
+        params: list[str] | None = None,
+        mc_samples: int = 1,
+        seed: int = 0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        chunk_size: int | None = None,
+        memory_budget: int | None = None,
+        progress: bool | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model must be an nn.Module; got {type(model)}")
+        self.kind = parse_enum(FisherType, kind, "Fisher kind")
+        self.likelihood = get_likelihood(likelihood)
+        if self.kind is FisherType.MC and (not isinstance(mc_samples, int) or mc_samples < 1):
+            raise InputError(f"mc_samples must be a positive integer; got {mc_samples}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise InputError(f"dtype must be a floating dtype; got {dtype}")
+        check_eval_mode(model)
+        self.model = model
+        self.spec = ParamSpec.from_model(model, params)
+        first = next(iter(model.parameters()))
+        self.dtype = dtype or first.dtype
+        self.device = torch.device(device) if device is not None else first.device
+        self.mc_samples = int(mc_samples)
+        self.seed = int(seed)
+        self.progress = progress
+        self.memory_budget = resolve_budget(memory_budget, self.device)
+
+        named = dict(model.named_parameters(remove_duplicate=False))
+        self.params = {n: named[n].detach().to(self.device, self.dtype) for n in self.spec.names}
+        self._frozen = {
+            n: t.detach().to(self.device, self.dtype if t.is_floating_point() else None)
+            for n, t in [*named.items(), *model.named_buffers(remove_duplicate=False)]
+            if n not in self.params
+        }
+        check_finite("parameter", self.params)
+        self.data = DataSource(data, device=self.device, dtype=self.dtype)
+        self._check_data()
+        self.num_samples = len(self.data)
+        self.rows_per_sample = self._rows_per_sample()
+        row_bytes = dense_bytes(self.rows_per_sample, self.spec.dim, self.dtype)
+        if chunk_size is None:
+            chunk_size = max(1, min(DEFAULT_CHUNK_BYTES, self.memory_budget // 4) // (2 * row_bytes))
+        self.chunk_size = int(chunk_size)
+        check_budget(2 * row_bytes * min(self.chunk_size, self.num_samples), "a chunk of factor rows",
+                     self.memory_budget, "a smaller chunk_size")
+        self._labels = self._draw_labels() if self.kind is FisherType.MC else None
+
+    # ----------------------------------------------------------------------------------------------- checks
+    def _check_data(self) -> None:
+        x, y = self.data.first()
+        if not x.is_floating_point() and not any(isinstance(m, nn.Embedding) for m in self.model.modules()):
+            raise InputError(
+                f"inputs have integer dtype {x.dtype} but the model has no nn.Embedding to take them; convert the "
+                "inputs to floats (e.g. X.float())"
+            )
+        try:
+            z = self.forward(self.params, x)
+        except InputError:
+            raise
+        except Exception as exc:  # the message of the model's own failure is the useful part
+            raise InputError(f"the model could not be evaluated on inputs of shape {tuple(x.shape)}: {exc}") from exc
+        self.likelihood.check_targets(z, y)
+        self.num_outputs = int(z.shape[1])
+
+    def _rows_per_sample(self) -> int:
+        z = torch.zeros(1, self.num_outputs, dtype=self.dtype, device=self.device)
+        return {
+            FisherType.TRUE: int(self.likelihood.fisher_factor(z).shape[-1]),
+            FisherType.MC: self.mc_samples,
+            FisherType.EMPIRICAL: 1,
+            FisherType.GGN: self.num_outputs,
+        }[self.kind]
+
+    # ------------------------------------------------------------------------------------------- evaluation
+    def forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """z = f_θ(x), shape (n, C), for parameters ``params`` (names of the spec) and inputs (n, *input_shape)."""
+        z = functional_call(self.model, {**self._frozen, **params}, (x,))
+        if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[0] != x.shape[0]:
+            shape = tuple(z.shape) if isinstance(z, Tensor) else type(z)
+            raise InputError(f"the model must return outputs of shape (N, C); got {shape} for N = {x.shape[0]}")
+        return z
+
+    def _draw_labels(self) -> Tensor:
+        gen = torch.Generator(device=self.device).manual_seed(self.seed)
+        with torch.no_grad():
+            draws = [
+                self.likelihood.sample(self.forward(self.params, x), self.mc_samples, gen)
+                for _, x, _ in self.data.chunks(self.chunk_size)
+            ]
+        return torch.cat(draws)
+
+    def chunks(self, desc: str | None = None) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+        """Yield ``(x, y, labels)`` per chunk; ``labels`` are the MC draws of these samples (else None)."""
+        total = math.ceil(self.num_samples / self.chunk_size)
+        bar = tqdm(total=total, desc=desc, disable=True if desc is None else (None if self.progress is None
+                                                                            else not self.progress))
+        for start, x, y in self.data.chunks(self.chunk_size):
+            labels = None if self._labels is None else self._labels[start: start + x.shape[0]]
+            yield x, y, labels
+            bar.update(1)
+        bar.close()
+
+    def output_factor(self, z: Tensor, y: Tensor, labels: Tensor | None) -> Tensor:
+        """The output-space factors M_n of this kind for a chunk; shape (n, R, C)."""
+        lik = self.likelihood
+        if self.kind is FisherType.TRUE:
+            return lik.fisher_factor(z).transpose(-1, -2)
+        if self.kind is FisherType.EMPIRICAL:
+            return lik.grad_z(z, y).unsqueeze(1)
+        if self.kind is FisherType.GGN:
+            return lik.hessian_factor(z, y).transpose(-1, -2)
+        n, s = labels.shape[0], labels.shape[1]  # type: ignore[union-attr]
+        z_rep = z.unsqueeze(1).expand(n, s, z.shape[1]).reshape(n * s, -1)
+        g = lik.grad_z(z_rep, labels.reshape(n * s, *labels.shape[2:]))  # type: ignore[union-attr]
+        return g.reshape(n, s, -1) / math.sqrt(s)
+
+    def factor_rows(self, x: Tensor, y: Tensor, labels: Tensor | None) -> Tensor:
+        """U_n = M_n J_n for the samples of a chunk, shape (n, R, P), by one vmapped VJP per row."""
+        with torch.no_grad():
+            M = self.output_factor(self.forward(self.params, x), y, labels)
+
+        def per_sample(xi: Tensor, Mi: Tensor) -> Tensor:
+            _, vjp_fn = vjp(lambda p: self.forward(p, xi.unsqueeze(0)).squeeze(0), self.params)
+            (rows,) = vmap(vjp_fn)(Mi)
+            return self.spec.flatten(rows)
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*batching rule.*")
+            return vmap(per_sample)(x, M)
+
+    def iter_factor_rows(self, desc: str | None = None) -> Iterator[Tensor]:
+        """Yield factor rows scaled so that F = Σ_chunks UᵀU; each U has shape (n·R, P)."""
+        scale = 1.0 / math.sqrt(self.num_samples)
+        for x, y, labels in self.chunks(desc):
+            U = self.factor_rows(x, y, labels)
+            yield (U * scale).reshape(-1, self.spec.dim)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """F V without forming F: V of shape (P,) or (P, k) → same shape. One jvp, one output-space product and
+        one vjp per chunk (vmapped over the k columns)."""
+        if V.shape[0] != self.spec.dim or V.dim() > 2:
+            raise InputError(f"expected a vector (P,) or matrix (P, k) with P = {self.spec.dim}; got {tuple(V.shape)}")
+        V = V.to(self.device, self.dtype)
+        cols = V if V.dim() == 2 else V.unsqueeze(1)
+        out = torch.zeros_like(cols)
+        for x, y, labels in self.chunks():
+            def f(p: dict[str, Tensor], x: Tensor = x) -> Tensor:
+                return self.forward(p, x)
+
+            z, vjp_fn = vjp(f, self.params)
+            M = self.output_factor(z.detach(), y, labels)
+
+            def apply(v: Tensor, f=f, vjp_fn=vjp_fn, M=M) -> Tensor:
+                _, jv = jvp(f, (self.params,), (self.spec.unflatten(v),))
+                w = torch.einsum("nrc,nr->nc", M, torch.einsum("nrc,nc->nr", M, jv))
+                return self.spec.flatten(vjp_fn(w)[0])
+
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*batching rule.*")
+                out += apply(cols[:, 0]).unsqueeze(1) if cols.shape[1] == 1 else vmap(apply, 1, 1)(cols)
+        out /= self.num_samples
+        return out if V.dim() == 2 else out.squeeze(1)
+
+    def loss_and_gradient(self, params: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """L(θ) = (1/N) Σ ℓ_n and ∇L(θ) of shape (P,), at ``params`` (default: the engine's parameters)."""
+        params = self.params if params is None else params
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        g = torch.zeros(self.spec.dim, dtype=self.dtype, device=self.device)
+        for x, y, _ in self.chunks():
+            z, vjp_fn = vjp(lambda p, x=x: self.forward(p, x), params)
+            total += self.likelihood.nll(z.detach(), y).sum()
+            g += self.spec.flatten(vjp_fn(self.likelihood.grad_z(z.detach(), y))[0])
+        return total / self.num_samples, g / self.num_samples
+
+    def outputs(self, params: dict[str, Tensor] | None = None) -> Tensor:
+        """Model outputs on the whole dataset, shape (N, C)."""
+        params = self.params if params is None else params
+        with torch.no_grad():
+            return torch.cat([self.forward(params, x) for x, _, _ in self.chunks()])
+
+    def check_dense(self, rows: int, cols: int, what: str) -> None:
+        """Refuse (with the number and the alternatives) a dense rows×cols object above the memory budget."""
+        check_budget(dense_bytes(rows, cols, self.dtype), what, self.memory_budget)

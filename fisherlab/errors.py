@@ -1,0 +1,35 @@
+"""Exceptions raised by fisherlab.
+
+Every error names the offending object (a layer, a parameter, a field, a number) so that a user can act on
+it without reading the source.
+"""
+
+from __future__ import annotations
+
+
+class FisherlabError(Exception):
+    """Base class of every fisherlab error."""
+
+
+class InputError(FisherlabError, ValueError):
+    """Bad input at an API boundary: wrong shape, dtype, emptiness, or an unknown option."""
+
+
+class NonFiniteError(FisherlabError, FloatingPointError):
+    """A NaN or infinity was found in parameters, data or a computed quantity."""
+
+
+class UnsupportedLayerError(FisherlabError, NotImplementedError):
+    """A module has no rule for the requested structure or operation."""
+
+
+class MemoryBudgetError(FisherlabError, MemoryError):
+    """Forming an object would exceed the caller's memory budget."""
+
+
+class SingularMatrixError(FisherlabError, ArithmeticError):
+    """A matrix that must be symmetric positive definite is not (and no damping was requested)."""
+
+
+class ResultsFileError(FisherlabError, OSError):
+    """A results file is missing, corrupt, foreign, or lacks a required field."""

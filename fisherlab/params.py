@@ -1,0 +1,156 @@
+"""The parameter-ordering convention shared by every fisherlab object.
+
+**Convention.** The flat parameter vector θ ∈ R^P lists the selected parameter tensors in the order of
+``model.named_parameters()``, each flattened in row-major (C) order, exactly as
+``torch.nn.utils.parameters_to_vector`` does. Row ``i`` and column ``i`` of every Fisher matrix, entry ``i`` of
+every gradient, update and diagonal refer to the same scalar parameter. A **layer** is the module that owns a
+parameter tensor (``"layers.0"`` owns ``"layers.0.weight"`` and ``"layers.0.bias"``); layer blocks group the
+tensors of one module, in the same order.
+
+:class:`ParamSpec` carries that convention: names, shapes, offsets, and the maps between flat vectors and named
+tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fisherlab.errors import InputError, NonFiniteError
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Names, shapes and flat offsets of the parameter tensors a Fisher is taken over.
+
+    Attributes:
+        names: Parameter names, in ``model.named_parameters()`` order.
+        shapes: Shape of each tensor.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @classmethod
+    def from_model(cls, model: nn.Module, names: Iterable[str] | None = None) -> ParamSpec:
+        """The spec of ``model``'s trainable parameters, or of the subset ``names`` (kept in model order).
+
+        Raises:
+            InputError: If a requested name is not a parameter of the model, a parameter is shared between two
+                names (tied weights), or no parameter is selected.
+        """
+        all_params = dict(model.named_parameters(remove_duplicate=False))
+        if names is None:
+            chosen = [n for n, p in all_params.items() if p.requires_grad]
+        else:
+            wanted = set(names)
+            unknown = sorted(wanted - set(all_params))
+            if unknown:
+                raise InputError(f"unknown parameter name(s) {unknown}; the model has {list(all_params)}")
+            chosen = [n for n in all_params if n in wanted]
+        if not chosen:
+            raise InputError("no parameters selected: the model has no trainable parameters or params=[] was given")
+        owner: dict[int, str] = {}
+        for n in chosen:
+            first = owner.setdefault(id(all_params[n]), n)
+            if first != n:
+                raise InputError(
+                    f"parameters {first!r} and {n!r} are the same tensor (shared between layers); select one "
+                    "of the names with params=[...] (its Fisher then covers every use of the shared tensor)"
+                )
+        return cls(tuple(chosen), tuple(all_params[n].shape for n in chosen))
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        """Number of scalars in each tensor."""
+        return tuple(int(torch.Size(s).numel()) for s in self.shapes)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Start index of each tensor in the flat vector (length ``len(names) + 1``; the last entry is P)."""
+        out = [0]
+        for n in self.numels:
+            out.append(out[-1] + n)
+        return tuple(out)
+
+    @property
+    def dim(self) -> int:
+        """P, the total number of scalar parameters."""
+        return self.offsets[-1]
+
+    def slice(self, name: str) -> slice:
+        """Slice of the flat vector that holds parameter ``name``."""
+        i = self.names.index(name)
+        return slice(self.offsets[i], self.offsets[i + 1])
+
+    def layers(self) -> dict[str, tuple[str, ...]]:
+        """Parameter names grouped by owning module, in order: ``{"layers.0": ("layers.0.weight", ...)}``."""
+        groups: dict[str, list[str]] = {}
+        for name in self.names:
+            groups.setdefault(layer_of(name), []).append(name)
+        return {k: tuple(v) for k, v in groups.items()}
+
+    def blocks(self, by: str = "tensor") -> dict[str, Tensor]:
+        """Index sets of the diagonal blocks: one per parameter tensor (``by="tensor"``) or per layer (``"layer"``).
+
+        Returns:
+            Mapping from block name to a LongTensor of flat indices (ascending).
+        """
+        if by == "tensor":
+            return {n: torch.arange(self.slice(n).start, self.slice(n).stop) for n in self.names}
+        if by == "layer":
+            return {
+                layer: torch.cat([torch.arange(self.slice(n).start, self.slice(n).stop) for n in members])
+                for layer, members in self.layers().items()
+            }
+        raise InputError(f"unknown block grouping {by!r}; valid: 'tensor', 'layer'")
+
+    def flatten(self, tensors: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
+        """Concatenate named tensors (a mapping or a sequence in spec order) into a flat vector of shape (P,).
+
+        Tensors may carry leading batch dims that are shared: shape (*B, *shape_i) gives (*B, P).
+        """
+        seq = [tensors[n] for n in self.names] if isinstance(tensors, Mapping) else list(tensors)
+        if len(seq) != len(self.names):
+            raise InputError(f"expected {len(self.names)} tensors, got {len(seq)}")
+        batch = seq[0].shape[: seq[0].dim() - len(self.shapes[0])]
+        for t, s, n in zip(seq, self.shapes, self.names):
+            if tuple(t.shape[len(batch):]) != tuple(s):
+                raise InputError(f"tensor for {n!r} has shape {tuple(t.shape)}, expected (*batch, {tuple(s)})")
+        return torch.cat([t.reshape(*batch, -1) for t in seq], dim=-1)
+
+    def unflatten(self, vec: Tensor) -> dict[str, Tensor]:
+        """Split a flat vector of shape (*B, P) into named tensors of shapes (*B, *shape_i) (views, no copy)."""
+        if vec.shape[-1] != self.dim:
+            raise InputError(f"vector has last dimension {vec.shape[-1]}, expected P = {self.dim}")
+        batch = vec.shape[:-1]
+        return {
+            n: vec[..., self.offsets[i]: self.offsets[i + 1]].reshape(*batch, *self.shapes[i])
+            for i, n in enumerate(self.names)
+        }
+
+    def get(self, model: nn.Module) -> dict[str, Tensor]:
+        """The model's current (detached) parameter tensors for the names of this spec."""
+        params = dict(model.named_parameters(remove_duplicate=False))
+        return {n: params[n].detach() for n in self.names}
+
+    def vector(self, model: nn.Module) -> Tensor:
+        """The model's current parameters as one flat vector of shape (P,)."""
+        return self.flatten(self.get(model))
+
+
+def layer_of(name: str) -> str:
+    """The module path that owns parameter ``name`` (``"layers.0.weight"`` → ``"layers.0"``; top level → ``""``)."""
+    return name.rpartition(".")[0]
+
+
+def check_finite(what: str, tensors: Mapping[str, Tensor] | Tensor) -> None:
+    """Raise :class:`NonFiniteError` naming ``what`` (and the tensor) if any entry is NaN or infinite."""
+    items = tensors.items() if isinstance(tensors, Mapping) else [("", tensors)]
+    for name, t in items:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            label = f"{what} {name!r}" if name else what
+            raise NonFiniteError(f"{label} contains NaN or infinite values")

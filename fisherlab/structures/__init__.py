@@ -1,0 +1,42 @@
+"""Fisher structures on one interface (:class:`FisherMatrix`), and the registry that builds them from an engine.
+
+``STRUCTURES`` maps a structure name to a builder ``(engine, **options) -> FisherMatrix``; :func:`register`
+adds one (KFAC, EKFAC, unit-wise and low-rank register themselves the same way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fisherlab.engine import FisherEngine
+from fisherlab.errors import InputError
+from fisherlab.structures.base import FisherMatrix
+from fisherlab.structures.block import BlockDiagonalFisher
+from fisherlab.structures.dense import DenseFisher
+from fisherlab.structures.diagonal import DiagonalFisher
+from fisherlab.structures.implicit import ImplicitFisher
+
+Builder = Callable[..., FisherMatrix]
+
+STRUCTURES: dict[str, Builder] = {
+    "dense": DenseFisher.from_engine,
+    "block": BlockDiagonalFisher.from_engine,
+    "diag": DiagonalFisher.from_engine,
+    "implicit": ImplicitFisher.from_engine,
+}
+
+
+def register(name: str, builder: Builder) -> None:
+    """Make ``fisher(..., structure=name)`` call ``builder(engine, **options)``."""
+    STRUCTURES[name] = builder
+
+
+def build(structure: str, engine: FisherEngine, **options: object) -> FisherMatrix:
+    """Build ``structure`` from ``engine``; an unknown name lists the valid ones."""
+    if structure not in STRUCTURES:
+        raise InputError(f"unknown Fisher structure {structure!r}; valid: {sorted(STRUCTURES)}")
+    return STRUCTURES[structure](engine, **options)
+
+
+__all__ = ["STRUCTURES", "BlockDiagonalFisher", "DenseFisher", "DiagonalFisher", "FisherMatrix",
+           "ImplicitFisher", "build", "register"]

@@ -1,0 +1,149 @@
+"""The interface every Fisher structure shares (dense, block-diagonal, diagonal, implicit, KFAC, ...).
+
+A :class:`FisherMatrix` is a symmetric P×P operator over the flat parameter vector of a
+:class:`~fisherlab.params.ParamSpec` (ordering: ``model.named_parameters()``, row-major per tensor). Every
+structure answers the same questions: ``shape``, products with vectors (P,) and matrices (P, k), ``diag()``,
+``trace()``, ``to_dense()``, ``to_scipy()``, damped solves (F + λI)⁻¹ g and its spectrum; a subclass states only
+what is particular to it (at least :meth:`matmat` and :meth:`diag`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import Tensor
+
+from fisherlab.engine import FisherType
+from fisherlab.errors import InputError
+from fisherlab.memory import check_budget, dense_bytes
+from fisherlab.params import ParamSpec
+
+
+@dataclass
+class FisherMatrix:
+    """Base class of all Fisher structures.
+
+    Attributes:
+        spec: The parameters the matrix is taken over (P = ``spec.dim``).
+        kind: Which Fisher (true, mc, empirical, ggn).
+        dtype: Dtype of products and stored factors.
+        device: Device of products and stored factors.
+        memory_budget: Bytes a dense object derived from this one (``to_dense``) may take.
+        meta: Provenance of the computation (likelihood, N, chunk size, seed, ...), JSON-serialisable.
+    """
+
+    structure: ClassVar[str] = ""
+
+    spec: ParamSpec
+    kind: FisherType
+    dtype: torch.dtype
+    device: torch.device
+    memory_budget: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------------- to implement
+    def matmat(self, V: Tensor) -> Tensor:
+        """F V for V of shape (P, k); returns (P, k)."""
+        raise NotImplementedError
+
+    def diag(self) -> Tensor:
+        """The diagonal of F, shape (P,)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ derived
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(P, P)."""
+        return (self.spec.dim, self.spec.dim)
+
+    def _check_operand(self, V: Tensor) -> Tensor:
+        if not isinstance(V, Tensor) or V.dim() not in (1, 2) or V.shape[0] != self.spec.dim:
+            shape = tuple(V.shape) if isinstance(V, Tensor) else type(V)
+            raise InputError(f"expected a tensor of shape (P,) or (P, k) with P = {self.spec.dim}; got {shape}")
+        return V.to(self.device, self.dtype)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """F v for v of shape (P,)."""
+        return self.matmat(self._check_operand(v).unsqueeze(1)).squeeze(1)
+
+    def __matmul__(self, V: Tensor) -> Tensor:
+        V = self._check_operand(V)
+        return self.matvec(V) if V.dim() == 1 else self.matmat(V)
+
+    def trace(self) -> Tensor:
+        """tr F (a 0-dim tensor)."""
+        return self.diag().sum()
+
+    def check_dense_budget(self) -> None:
+        """Refuse (:class:`~fisherlab.errors.MemoryBudgetError`) if the P×P matrix exceeds the memory budget."""
+        P = self.spec.dim
+        check_budget(dense_bytes(P, P, self.dtype), f"the dense {P}×{P} matrix of this {self.structure} Fisher",
+                     self.memory_budget)
+
+    def to_dense(self) -> Tensor:
+        """The P×P matrix (refused above the memory budget)."""
+        self.check_dense_budget()
+        return self.matmat(torch.eye(self.spec.dim, dtype=self.dtype, device=self.device))
+
+    def to_scipy(self) -> LinearOperator:
+        """A ``scipy.sparse.linalg.LinearOperator`` of shape (P, P) in float64 (products round-trip via torch)."""
+
+        def mv(v: np.ndarray) -> np.ndarray:
+            V = torch.as_tensor(np.asarray(v), device=self.device).to(self.dtype)
+            out = self.matvec(V) if V.dim() == 1 else self.matmat(V)
+            return out.detach().cpu().double().numpy()
+
+        return LinearOperator(self.shape, matvec=mv, matmat=mv, rmatvec=mv, dtype=np.float64)
+
+    def eigvalsh(self) -> Tensor:
+        """All eigenvalues, ascending, shape (P,) (from the dense matrix; structures override with cheaper forms)."""
+        return torch.linalg.eigvalsh(self.to_dense())
+
+    def condition_number(self, damping: float = 0.0) -> float:
+        """κ(F + λI) = (λ_max + λ)/(λ_min + λ); ``inf`` when F + λI is singular."""
+        ev = self.eigvalsh()
+        lo = float(ev[0]) + damping
+        return float(ev[-1] + damping) / lo if lo > 0 else float("inf")
+
+    def solve(self, g: Tensor, damping: float = 0.0) -> Tensor:
+        """(F + λI)⁻¹ g for g of shape (P,) or (P, k), by Cholesky of the dense matrix.
+
+        Raises:
+            SingularMatrixError: If F + λI is not positive definite (pass a positive damping).
+        """
+        from fisherlab.linalg import damped_solve
+
+        return damped_solve(self.to_dense(), self._check_operand(g), damping)
+
+    def named(self, vec: Tensor) -> dict[str, Tensor]:
+        """Split a flat vector (P,) into named parameter-shaped tensors."""
+        return self.spec.unflatten(vec)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(kind={self.kind.value!r}, P={self.spec.dim}, dtype={self.dtype}, "
+                f"device={self.device})")
+
+
+def accumulate_gram(out: Tensor, U: Tensor, num_splits: int = 8) -> None:
+    """out[i, j] += (UᵀU)[i, j] for j ≥ i only (upper triangle, in column blocks): about half the arithmetic.
+
+    Args:
+        out: (P, P) accumulator; only its upper triangle is meaningful until :func:`symmetrize_upper`.
+        U: (m, P) rows.
+        num_splits: Column blocks; the work is (num_splits + 1) / (2 num_splits) of a full product.
+    """
+    P = U.shape[1]
+    step = max(1, -(-P // num_splits))
+    for a in range(0, P, step):
+        b = min(a + step, P)
+        out[a:b, a:] += U[:, a:b].T @ U[:, a:]
+
+
+def symmetrize_upper(M: Tensor) -> Tensor:
+    """The symmetric matrix whose upper triangle is M's: triu(M) + triu(M, 1)ᵀ."""
+    upper = torch.triu(M)
+    return upper + torch.triu(M, 1).T

@@ -1,0 +1,48 @@
+"""Implicit (matrix-free) Fisher: products F V by forward-mode then reverse-mode autodiff, never forming F."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from fisherlab.engine import FisherEngine
+from fisherlab.structures.base import FisherMatrix
+from fisherlab.structures.dense import engine_meta
+
+
+@dataclass(repr=False)
+class ImplicitFisher(FisherMatrix):
+    """F as an operator: ``F @ v`` costs one pass over the data (jvp, output-space product, vjp per chunk).
+
+    ``diag()`` and ``trace()`` are exact but cost one pass over the factor rows; for estimates use
+    :func:`fisherlab.linalg.hutchinson_diag` / ``hutchinson_trace`` on :meth:`matvec`. ``solve`` runs conjugate
+    gradients (the report of the last solve is kept in ``last_cg``).
+    """
+
+    structure = "implicit"
+    engine: FisherEngine = None  # type: ignore[assignment]
+    last_cg: object = None
+
+    @classmethod
+    def from_engine(cls, engine: FisherEngine) -> ImplicitFisher:
+        return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget,
+                   engine_meta(engine), engine)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        return self.engine.matmat(self._check_operand(V))
+
+    def diag(self) -> Tensor:
+        d = None
+        for U in self.engine.iter_factor_rows():
+            d = (U * U).sum(0) if d is None else d + (U * U).sum(0)
+        return d
+
+    def solve(self, g: Tensor, damping: float = 0.0, *, tol: float = 1e-6, max_iter: int | None = None) -> Tensor:
+        """(F + λI)⁻¹ g by conjugate gradients to relative residual ``tol``; see ``last_cg`` for the report."""
+        from fisherlab.linalg import cg
+
+        g = self._check_operand(g)
+        result = cg(self.matvec, g, damping=damping, tol=tol, max_iter=max_iter)
+        self.last_cg = result
+        return result.x
