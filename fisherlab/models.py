@@ -1,0 +1,450 @@
+"""Seeded reference networks for fisherlab.
+
+Every model is a plain :class:`torch.nn.Module` whose ``forward`` maps a batch ``(B, *input_shape)`` to
+``(B, n_outputs)`` (logits for classification, means for regression). All of them can be evaluated per
+sample with ``torch.func.functional_call`` inside ``torch.func.vmap`` (feed each sample as a batch of one,
+``x.unsqueeze(0)``): the forwards use no in-place operation on inputs, no ``.item()`` and no control flow
+that depends on tensor values.
+
+Two caveats the Fisher engines rely on:
+
+- :class:`ResNet` contains BatchNorm layers. In training mode BatchNorm couples the samples of a batch
+  and updates its running statistics in place, which neither matches the per-sample model the Fisher
+  assumes nor works under ``vmap``. Put the model in eval mode (``model.eval()``) before computing any
+  Fisher, Jacobian or reconstruction; :func:`build_model` returns models in PyTorch's default training mode.
+- :class:`LSTMClassifier` keeps its weights in an :class:`torch.nn.LSTM` (standard names and
+  initialisation) but runs the recurrence with explicit tensor operations, because the fused
+  ``aten::lstm`` kernel has no ``vmap`` batching rule. :meth:`LSTMClassifier.forward_fused` runs the fused
+  kernel for comparison.
+
+:func:`build_model` builds any of them by name, inferring shapes from a :class:`~fisherlab.data.SplitData`,
+and initialises parameters from a seed without touching the global random state.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+from torch import nn
+
+from fisherlab.errors import InputError
+
+if TYPE_CHECKING:
+    from fisherlab.data import SplitData
+
+__all__ = [
+    "ACTIVATIONS",
+    "CNN",
+    "LSTMClassifier",
+    "MLP",
+    "MODELS",
+    "REFERENCE_MLP_PARAMS",
+    "ResNet",
+    "build_model",
+    "reference_mlp",
+]
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+}
+"""Activation names accepted by the models, and their module classes."""
+
+MODELS: tuple[str, ...] = ("mlp", "cnn", "lstm", "resnet")
+"""Names accepted by :func:`build_model`."""
+
+REFERENCE_MLP_PARAMS: int = 3466
+"""Number of parameters of :func:`reference_mlp` (64·32+32 + 32·32+32 + 32·10+10)."""
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise InputError(f"unknown activation {name!r}; valid activations are {tuple(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{what} must be a positive int, got {value!r}")
+    return value
+
+
+def _shape(input_shape: Sequence[int], what: str) -> tuple[int, ...]:
+    shape = tuple(input_shape)
+    if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
+        raise InputError(
+            f"{what}: input_shape must be a non-empty tuple of positive ints, got {input_shape!r}"
+        )
+    return shape
+
+
+class MLP(nn.Module):
+    """Fully connected network: a plain stack of :class:`torch.nn.Linear` and activation modules.
+
+    The stack is ``self.layers`` (an :class:`torch.nn.Sequential`), so parameters are named
+    ``layers.0.weight``, ``layers.0.bias``, ``layers.2.weight``, ... and the Linear layers appear in
+    order in ``model.modules()``. No activation follows the last Linear layer.
+
+    Args:
+        in_features: Number of input features; inputs ``(B, ...)`` are flattened to ``(B, in_features)``.
+        widths: Hidden layer widths, e.g. ``[32, 32]``; empty for a linear model.
+        out_features: Number of outputs.
+        activation: One of ``"tanh"``, ``"relu"``, ``"sigmoid"``, ``"gelu"``.
+
+    Shapes:
+        input ``(B, *s)`` with ``prod(s) == in_features``; output ``(B, out_features)``.
+    """
+
+    def __init__(
+        self, in_features: int, widths: Sequence[int], out_features: int, activation: str = "tanh"
+    ) -> None:
+        super().__init__()
+        self.in_features = _positive_int(in_features, "MLP in_features")
+        self.out_features = _positive_int(out_features, "MLP out_features")
+        self.widths = tuple(_positive_int(w, "MLP widths entry") for w in widths)
+        self.activation = activation
+        _activation(activation)  # validate early
+        mods: list[nn.Module] = []
+        prev = self.in_features
+        for w in self.widths:
+            mods += [nn.Linear(prev, w), _activation(activation)]
+            prev = w
+        mods.append(nn.Linear(prev, self.out_features))
+        self.layers = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``(B, *s)`` to ``(B, out_features)``."""
+        return self.layers(torch.flatten(x, 1))
+
+
+class CNN(nn.Module):
+    """Small convolutional network, 2-D for ``(C, H, W)`` inputs and 1-D for ``(C, L)`` inputs.
+
+    For each entry of ``channels``: convolution (odd ``kernel_size``, ``padding=kernel_size // 2`` so
+    spatial sizes are kept), activation, then average pooling by 2 while every spatial size is at least
+    2. The feature map is flattened into one :class:`torch.nn.Linear` head. On 8x8 digits with the
+    defaults this has 1,898 parameters; on MNIST-1D ``(1, 40)`` it has 2,042.
+
+    Submodules: ``features`` (:class:`torch.nn.Sequential` of Conv/activation/AvgPool) and ``head``.
+
+    Args:
+        input_shape: Per-sample shape, ``(C, H, W)`` or ``(C, L)``.
+        n_outputs: Number of outputs.
+        channels: Output channels of the successive convolutions.
+        kernel_size: Convolution kernel size, odd.
+        activation: One of ``"tanh"``, ``"relu"``, ``"sigmoid"``, ``"gelu"``.
+
+    Shapes:
+        input ``(B, *input_shape)``; output ``(B, n_outputs)``.
+
+    Raises:
+        InputError: If ``input_shape`` does not have 2 or 3 entries, or ``kernel_size`` is even.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        n_outputs: int,
+        channels: Sequence[int] = (8, 16),
+        kernel_size: int = 3,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        shape = _shape(input_shape, "CNN")
+        if len(shape) not in (2, 3):
+            raise InputError(
+                f"CNN needs a per-sample input_shape (C, H, W) or (C, L), got {shape}; "
+                "flat inputs need a channel layout"
+            )
+        self.input_shape = shape
+        self.n_outputs = _positive_int(n_outputs, "CNN n_outputs")
+        self.channels = tuple(_positive_int(c, "CNN channels entry") for c in channels)
+        if not self.channels:
+            raise InputError("CNN channels must name at least one convolution")
+        k = _positive_int(kernel_size, "CNN kernel_size")
+        if k % 2 == 0:
+            raise InputError(f"CNN kernel_size must be odd (same-size padding kernel_size // 2), got {k}")
+        _activation(activation)
+        conv, pool = (nn.Conv2d, nn.AvgPool2d) if len(shape) == 3 else (nn.Conv1d, nn.AvgPool1d)
+        c_in, spatial = shape[0], list(shape[1:])
+        mods: list[nn.Module] = []
+        for c_out in self.channels:
+            pad = k // 2  # odd k: spatial sizes are kept
+            mods += [conv(c_in, c_out, k, padding=pad), _activation(activation)]
+            if min(spatial) >= 2:
+                mods.append(pool(2))
+                spatial = [s // 2 for s in spatial]
+            c_in = c_out
+        self.features = nn.Sequential(*mods)
+        self.head = nn.Linear(c_in * math.prod(spatial), self.n_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``(B, *input_shape)`` to ``(B, n_outputs)``."""
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+class LSTMClassifier(nn.Module):
+    """LSTM over a sequence, read out from the last time step by a Linear head.
+
+    Weights live in ``self.lstm``, an :class:`torch.nn.LSTM` with ``batch_first=True`` (names
+    ``lstm.weight_ih_l0``, ``lstm.weight_hh_l0``, ``lstm.bias_ih_l0``, ``lstm.bias_hh_l0``, ...), and
+    ``self.head`` (:class:`torch.nn.Linear`). :meth:`forward` evaluates the same recurrence as the fused
+    kernel (gate order i, f, g, o; zero initial state) with explicit operations so that it works under
+    ``torch.func.vmap``; :meth:`forward_fused` calls ``nn.LSTM`` itself.
+
+    Args:
+        input_size: Features per time step.
+        hidden_size: LSTM hidden size.
+        n_outputs: Number of outputs.
+        num_layers: Number of stacked LSTM layers.
+
+    Shapes:
+        input ``(B, T, input_size)``; output ``(B, n_outputs)``.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, n_outputs: int, num_layers: int = 1) -> None:
+        super().__init__()
+        self.input_size = _positive_int(input_size, "LSTMClassifier input_size")
+        self.hidden_size = _positive_int(hidden_size, "LSTMClassifier hidden_size")
+        self.n_outputs = _positive_int(n_outputs, "LSTMClassifier n_outputs")
+        self.num_layers = _positive_int(num_layers, "LSTMClassifier num_layers")
+        self.lstm = nn.LSTM(self.input_size, self.hidden_size, num_layers=self.num_layers, batch_first=True)
+        self.head = nn.Linear(self.hidden_size, self.n_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``(B, T, input_size)`` to ``(B, n_outputs)`` with an explicit (vmap-safe) recurrence."""
+        seq = x.unbind(1)  # T tensors of shape (B, input_size)
+        for layer in range(self.num_layers):
+            w_ih = getattr(self.lstm, f"weight_ih_l{layer}")
+            w_hh = getattr(self.lstm, f"weight_hh_l{layer}")
+            bias = getattr(self.lstm, f"bias_ih_l{layer}") + getattr(self.lstm, f"bias_hh_l{layer}")
+            x_proj = [torch.nn.functional.linear(xt, w_ih, bias) for xt in seq]
+            h = x_proj[0].new_zeros(x_proj[0].shape[:-1] + (self.hidden_size,))
+            c = h
+            outs = []
+            for xp in x_proj:
+                gates = xp + torch.nn.functional.linear(h, w_hh)
+                i, f, g, o = gates.chunk(4, dim=-1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                outs.append(h)
+            seq = outs
+        return self.head(seq[-1])
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """Compute :meth:`forward` through the fused ``nn.LSTM`` kernel (faster; not vmap-compatible)."""
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+class _ResidualBlock(nn.Module):
+    """``act(x + BN(conv(act(BN(conv(x))))))`` with 3-wide convolutions that keep the shape."""
+
+    def __init__(self, channels: int, dims: int, activation: str) -> None:
+        super().__init__()
+        conv, norm = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv1d, nn.BatchNorm1d)
+        self.conv1 = conv(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = norm(channels)
+        self.act1 = _activation(activation)
+        self.conv2 = conv(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = norm(channels)
+        self.act2 = _activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block; shape is preserved."""
+        h = self.act1(self.bn1(self.conv1(x)))
+        return self.act2(x + self.bn2(self.conv2(h)))
+
+
+class ResNet(nn.Module):
+    """Small residual CNN with BatchNorm, global average pooling and a Linear head.
+
+    Stem: 3-wide convolution (no bias) to ``channels`` channels, BatchNorm, activation. Then ``n_blocks``
+    residual blocks conv-BN-act-conv-BN + skip, activation. Then the mean over spatial positions and
+    ``head`` (:class:`torch.nn.Linear`). 2-D layers for ``(C, H, W)`` inputs, 1-D for ``(C, L)``. On 8x8
+    digits with the defaults it has 2,546 parameters.
+
+    **Fisher engines require eval mode** (``model.eval()``): in training mode BatchNorm mixes the samples
+    of a batch and updates running statistics in place, so per-sample Jacobians are neither defined nor
+    computable under ``vmap``.
+
+    Args:
+        input_shape: Per-sample shape, ``(C, H, W)`` or ``(C, L)``.
+        n_outputs: Number of outputs.
+        channels: Width of the stem and of every block.
+        n_blocks: Number of residual blocks (0 allowed).
+        activation: One of ``"tanh"``, ``"relu"``, ``"sigmoid"``, ``"gelu"``.
+
+    Shapes:
+        input ``(B, *input_shape)``; output ``(B, n_outputs)``.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        n_outputs: int,
+        channels: int = 8,
+        n_blocks: int = 2,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        shape = _shape(input_shape, "ResNet")
+        if len(shape) not in (2, 3):
+            raise InputError(
+                f"ResNet needs a per-sample input_shape (C, H, W) or (C, L), got {shape}; "
+                "flat inputs need a channel layout"
+            )
+        self.input_shape = shape
+        self.n_outputs = _positive_int(n_outputs, "ResNet n_outputs")
+        width = _positive_int(channels, "ResNet channels")
+        if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks < 0:
+            raise InputError(f"ResNet n_blocks must be an int >= 0, got {n_blocks!r}")
+        dims = len(shape) - 1
+        conv, norm = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv1d, nn.BatchNorm1d)
+        self.stem = nn.Sequential(
+            conv(shape[0], width, 3, padding=1, bias=False), norm(width), _activation(activation)
+        )
+        self.blocks = nn.Sequential(*[_ResidualBlock(width, dims, activation) for _ in range(n_blocks)])
+        self.head = nn.Linear(width, self.n_outputs)
+        self._pool_dims = tuple(range(2, 2 + dims))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``(B, *input_shape)`` to ``(B, n_outputs)``."""
+        h = self.blocks(self.stem(x))
+        return self.head(h.mean(dim=self._pool_dims))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------------------
+_CLASSES: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN, "lstm": LSTMClassifier, "resnet": ResNet}
+
+# The layout each dataset needs for a channel (conv) model and for a sequence (LSTM) model.
+_CONV_LAYOUT = {"digits": "image", "mnist1d": "channels", "mnist": "image", "cifar10": "image"}
+_SEQ_LAYOUT = {"mnist1d": "sequence"}
+
+
+def _layout_error(name: str, data: SplitData, want: str, hint: dict[str, str]) -> InputError:
+    layout = data.meta.get("layout", "?")
+    msg = (
+        f"build_model({name!r}) needs per-sample inputs of shape {want}, but dataset {data.name!r} has "
+        f"input_shape {data.input_shape} (layout={layout!r}); "
+    )
+    if data.name in hint:
+        msg += f'load it with layout="{hint[data.name]}"'
+    else:
+        msg += f"datasets that offer such a layout: {', '.join(f'{k} ({v!r})' for k, v in hint.items())}"
+    return InputError(msg)
+
+
+def _kwargs_from_data(name: str, data: SplitData) -> dict[str, Any]:
+    shape, layout = tuple(data.input_shape), data.meta.get("layout")
+    if name == "mlp":
+        return {"in_features": math.prod(shape), "out_features": data.n_outputs}
+    if name in ("cnn", "resnet"):
+        if len(shape) not in (2, 3) or layout == "sequence":
+            raise _layout_error(name, data, "(C, H, W) or (C, L)", _CONV_LAYOUT)
+        return {"input_shape": shape, "n_outputs": data.n_outputs}
+    # lstm
+    if len(shape) != 2 or layout == "channels":
+        raise _layout_error(name, data, "(T, features)", _SEQ_LAYOUT)
+    return {"input_size": shape[1], "n_outputs": data.n_outputs}
+
+
+_DEFAULTS: dict[str, dict[str, Any]] = {"mlp": {"widths": (32, 32)}, "lstm": {"hidden_size": 32}}
+
+
+def build_model(
+    name: str,
+    data: SplitData | None = None,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a reference network by name, with parameters drawn deterministically from ``seed``.
+
+    Shapes are inferred from ``data`` when it is given: ``mlp`` takes ``in_features = prod(input_shape)``
+    and ``out_features = n_outputs`` (any layout; inputs are flattened); ``cnn`` and ``resnet`` take
+    ``input_shape`` (must be ``(C, H, W)`` or ``(C, L)``) and ``n_outputs``; ``lstm`` takes
+    ``input_size = input_shape[-1]`` (input_shape must be ``(T, features)``) and ``n_outputs``. Keywords
+    given explicitly override inferred values. Defaults beyond the class signatures: ``widths=(32, 32)``
+    for ``mlp`` and ``hidden_size=32`` for ``lstm``.
+
+    Parameters are initialised on the CPU in float32 by PyTorch's default initialisers, inside
+    ``torch.random.fork_rng`` with the CPU generator seeded by ``seed``; the caller's global RNG state is
+    restored afterwards (CUDA generators are never touched). The model is then moved to ``device`` and
+    cast to ``dtype``, so a float64 model is the exact upcast of the float32 model with the same seed,
+    and the same seed gives the same parameters on every device. The model is returned in training mode
+    (PyTorch's default); call ``.eval()`` before Fisher computations (required for ``resnet``).
+
+    Args:
+        name: One of :data:`MODELS`: ``"mlp"``, ``"cnn"``, ``"lstm"``, ``"resnet"``.
+        data: Optional :class:`~fisherlab.data.SplitData` to infer shapes from.
+        seed: Initialisation seed.
+        dtype: Floating dtype of parameters and buffers.
+        device: Target device (``None``: CPU).
+        **kwargs: Constructor arguments of :class:`MLP`, :class:`CNN`, :class:`LSTMClassifier` or
+            :class:`ResNet`.
+
+    Returns:
+        The model, an :class:`torch.nn.Module` mapping ``(B, *input_shape)`` to ``(B, n_outputs)``.
+
+    Raises:
+        InputError: On an unknown name (the message lists :data:`MODELS`), a data layout the model cannot
+            take (the message says which ``layout=`` to load), an unknown or missing constructor argument,
+            or a non-floating dtype.
+    """
+    if name not in _CLASSES:
+        raise InputError(f"unknown model {name!r}; valid names are {', '.join(MODELS)}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(f"build_model: dtype must be a floating torch dtype, got {dtype!r}")
+    cls = _CLASSES[name]
+    params = inspect.signature(cls.__init__).parameters
+    accepted = [p for p in params if p != "self"]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise InputError(
+            f"build_model({name!r}): unknown argument(s) {unknown}; {cls.__name__} takes {accepted}"
+        )
+    merged: dict[str, Any] = dict(_DEFAULTS.get(name, {}))
+    if data is not None:
+        merged.update(_kwargs_from_data(name, data))
+    merged.update(kwargs)
+    missing = [p for p in accepted if params[p].default is inspect.Parameter.empty and p not in merged]
+    if missing:
+        raise InputError(
+            f"build_model({name!r}): missing argument(s) {missing}; pass data= or give them as keywords"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        model = cls(**merged)
+    return model.to(device=device, dtype=dtype)
+
+
+def reference_mlp(
+    seed: int = 0, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> MLP:
+    """Return the project's reference network: ``MLP(64, [32, 32], 10, "tanh")`` for flat digits.
+
+    It has :data:`REFERENCE_MLP_PARAMS` = 3,466 parameters and is built by :func:`build_model` (same
+    seeding rules).
+    """
+    model = build_model(
+        "mlp",
+        seed=seed,
+        dtype=dtype,
+        device=device,
+        in_features=64,
+        widths=(32, 32),
+        out_features=10,
+        activation="tanh",
+    )
+    return cast(MLP, model)
