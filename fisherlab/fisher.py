@@ -39,6 +39,8 @@ def fisher(
             ``likelihoods.Gaussian(sigma)`` for another σ), ``"bernoulli"``, or a :class:`Likelihood`.
         kind: ``"true"`` (closed-form expectation), ``"mc"`` (``mc_samples`` sampled labels per input,
             seeded by ``seed``), ``"empirical"`` (observed labels) or ``"ggn"``.
+        mc_samples: S, labels sampled per input for ``kind="mc"``.
+        seed: Seed of the Monte-Carlo label draws (same seed, same matrix).
         structure: One of ``fisherlab.structures.STRUCTURES``: ``"dense"``, ``"block"`` (option ``by="tensor"`` or
             ``"layer"``), ``"diag"``, ``"implicit"``, and the approximations registered by later modules.
         params: Parameter names to include (default: every trainable parameter, in model order).

@@ -117,7 +117,7 @@ class ParamSpec:
         if len(seq) != len(self.names):
             raise InputError(f"expected {len(self.names)} tensors, got {len(seq)}")
         batch = seq[0].shape[: seq[0].dim() - len(self.shapes[0])]
-        for t, s, n in zip(seq, self.shapes, self.names):
+        for t, s, n in zip(seq, self.shapes, self.names, strict=True):
             if tuple(t.shape[len(batch):]) != tuple(s):
                 raise InputError(f"tensor for {n!r} has shape {tuple(t.shape)}, expected (*batch, {tuple(s)})")
         return torch.cat([t.reshape(*batch, -1) for t in seq], dim=-1)
