@@ -33,3 +33,10 @@ class SingularMatrixError(FisherlabError, ArithmeticError):
 
 class ResultsFileError(FisherlabError, OSError):
     """A results file is missing, corrupt, foreign, or lacks a required field."""
+
+
+class ConvergenceError(FisherlabError, ArithmeticError):
+    """An iterative method missed its tolerance within ``max_iter`` and the caller asked for a bare result.
+
+    Functions that can report convergence (``sqrtm``, ``cg``) return a result with ``converged=False`` instead.
+    """

@@ -1,0 +1,333 @@
+"""Kronecker-factored curvature helpers (KFAC): products, damped solves and roots without forming A ⊗ S.
+
+**Convention.** A linear layer y = W ā has weight W of shape (out, in) (bias folded into ā). KFAC approximates
+its Fisher block by the two symmetric factors
+
+    A = E[ā āᵀ]  (in, in),        S = E[δ δᵀ]  (out, out),   δ = ∂ℓ/∂y.
+
+In the textbook column-major convention vec_c(W) = W.T.reshape(-1) the block is A ⊗ S and
+(A ⊗ S) vec_c(W) = vec_c(S W A). fisherlab flattens parameters in torch's **row-major** order
+(vec(W) = W.reshape(-1), see :mod:`fisherlab.params`), and in that order the same block is
+
+    G = S ⊗ A  (= torch.kron(S, A)),        (S ⊗ A) W.reshape(-1) = (S W A).reshape(-1).
+
+Every function here takes the factors in the order (A, S) = (input factor, output factor) and works with
+matrices of W's shape; the dense matrix is formed only by :func:`kron_to_dense`. For a non-symmetric A the
+identities hold with Aᵀ in place of A (:func:`kron_matmul` computes S W Aᵀ so that it always equals
+``kron_to_dense(A, S) @ W.reshape(-1)``).
+
+**Damping.** The damped Fisher G + λI is not Kronecker-factored. KFAC damps the factors instead,
+
+    (S + sI) ⊗ (A + aI) = S ⊗ A + a (S ⊗ I) + s (I ⊗ A) + λ I,   a·s = λ,
+
+which differs from S ⊗ A + λI by the cross terms a (S ⊗ I) + s (I ⊗ A). Two splits of λ are offered
+(:func:`kron_damping_split`): ``"sqrt"`` a = s = √λ, and ``"pi"`` (Martens & Grosse 2015, §6.3)
+a = π√λ, s = √λ/π with π = sqrt((tr A / dim A) / (tr S / dim S)), which balances the two cross terms
+(it minimises a bound on their norm). :func:`kron_damped_solve` also offers ``split="exact"``, the true
+(S ⊗ A + λI)⁻¹ via the eigendecompositions of both factors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from fisherlab.errors import InputError, MemoryBudgetError, SingularMatrixError
+from fisherlab.linalg.solve import (
+    _add_damping,
+    _check_damping,
+    _check_finite,
+    _check_float,
+    _check_option,
+    _check_square,
+    _compute_dtype,
+    _eps,
+    _spd_cholesky,
+    _symmetrize,
+)
+from fisherlab.linalg.sqrtm import SQRT_METHODS, inv_sqrtm
+
+__all__ = [
+    "KRON_DENSE_ORDERS",
+    "KRON_SOLVE_METHODS",
+    "KRON_SPLITS",
+    "KronEig",
+    "kron_damped_solve",
+    "kron_damping_split",
+    "kron_eig",
+    "kron_inv_sqrt",
+    "kron_matmul",
+    "kron_to_dense",
+]
+
+KRON_SPLITS: tuple[str, ...] = ("pi", "sqrt")
+KRON_DENSE_ORDERS: tuple[str, ...] = ("row_major", "column_major")
+KRON_SOLVE_METHODS: tuple[str, ...] = ("cholesky", "eigh")
+
+
+class KronEig(NamedTuple):
+    """Eigendecompositions of the two Kronecker factors (ascending eigenvalues, as ``torch.linalg.eigh``).
+
+    A = Q_A diag(a_eigvals) Q_Aᵀ, S = Q_S diag(s_eigvals) Q_Sᵀ, and the eigenbasis of S ⊗ A is Q_S ⊗ Q_A, in
+    which a weight W (out, in) has coordinates Q_Sᵀ W Q_A with eigenvalues
+    s_eigvals[:, None] * a_eigvals[None, :].
+    """
+
+    a_eigvals: Tensor
+    a_eigvecs: Tensor
+    s_eigvals: Tensor
+    s_eigvecs: Tensor
+
+
+def _check_factors(A: Tensor, S: Tensor) -> tuple[int, int]:
+    din = _check_square(A, "A")
+    dout = _check_square(S, "S")
+    return din, dout
+
+
+def _check_weight(W: Tensor, din: int, dout: int) -> None:
+    _check_float(W, "W")
+    if W.ndim < 2 or W.shape[-2] != dout or W.shape[-1] != din:
+        raise InputError(f"W must have shape (..., out={dout}, in={din}) to match S {(dout, dout)} and "
+                         f"A {(din, din)}, got {tuple(W.shape)}")
+
+
+def kron_matmul(A: Tensor, S: Tensor, W: Tensor) -> Tensor:
+    """(S ⊗ A) applied to W in row-major order: returns S W Aᵀ (= S W A for the symmetric KFAC factors).
+
+    Equals ``(kron_to_dense(A, S) @ W.reshape(-1)).reshape(W.shape)`` at O(out·in·(out + in)) cost instead of
+    O((out·in)²).
+
+    Args:
+        A: Input factor (in, in).
+        S: Output factor (out, out).
+        W: Matrix (out, in) or a batch (..., out, in).
+
+    Returns:
+        S W Aᵀ with W's shape.
+
+    Raises:
+        InputError: Mismatched shapes.
+    """
+    din, dout = _check_factors(A, S)
+    _check_weight(W, din, dout)
+    return S @ W @ A.mT
+
+
+def kron_to_dense(
+    A: Tensor, S: Tensor, order: str = "row_major", *, max_elements: int | None = None
+) -> Tensor:
+    """Form the dense Kronecker matrix, in the ordering of the flattened weight.
+
+    ``"row_major"`` (fisherlab's ordering, W.reshape(-1)): S ⊗ A = ``torch.kron(S, A)``.
+    ``"column_major"`` (vec_c(W) = W.T.reshape(-1)): A ⊗ S = ``torch.kron(A, S)``.
+    Both act on the flattened W as W ↦ S W Aᵀ.
+
+    Args:
+        A: Input factor (in, in).
+        S: Output factor (out, out).
+        order: ``"row_major"`` or ``"column_major"``.
+        max_elements: Refuse to form a matrix with more than this many entries.
+
+    Returns:
+        The (out·in, out·in) matrix.
+
+    Raises:
+        InputError: Bad shapes or order.
+        MemoryBudgetError: (out·in)² > max_elements.
+    """
+    din, dout = _check_factors(A, S)
+    _check_option(order, KRON_DENSE_ORDERS, "order")
+    numel = (din * dout) ** 2
+    if max_elements is not None and numel > max_elements:
+        raise MemoryBudgetError(
+            f"kron_to_dense would form a ({dout * din}, {dout * din}) matrix ({numel} entries) > "
+            f"max_elements={max_elements}"
+        )
+    return torch.kron(S, A) if order == "row_major" else torch.kron(A, S)
+
+
+def kron_damping_split(A: Tensor, S: Tensor, damping: float, split: str = "pi") -> tuple[float, float]:
+    """Split the damping λ between the factors: returns (a, s) with a·s = λ, to be added as A + aI, S + sI.
+
+    ``"sqrt"``: a = s = √λ. ``"pi"``: a = π√λ, s = √λ/π, π = sqrt((tr A/dim A)/(tr S/dim S)) (Martens & Grosse
+    2015, §6.3). λ = 0 gives (0, 0) for both splits.
+
+    Args:
+        A: Input factor (in, in).
+        S: Output factor (out, out).
+        damping: λ ≥ 0.
+        split: ``"pi"`` or ``"sqrt"``.
+
+    Returns:
+        (a, s) as Python floats (one device sync for ``"pi"``).
+
+    Raises:
+        InputError: Bad shapes, split or damping.
+        SingularMatrixError: ``"pi"`` with a factor of non-positive trace (π undefined; use ``"sqrt"``).
+    """
+    din, dout = _check_factors(A, S)
+    _check_option(split, KRON_SPLITS, "split")
+    lam = _check_damping(damping)
+    if lam == 0.0:
+        return 0.0, 0.0
+    root = math.sqrt(lam)
+    if split == "sqrt":
+        return root, root
+    ta, ts = torch.stack([torch.diagonal(A).sum() / din, torch.diagonal(S).sum().to(A.dtype) / dout]).tolist()
+    if not (math.isfinite(ta) and math.isfinite(ts) and ta > 0 and ts > 0):
+        raise SingularMatrixError(
+            f"pi-damping needs factors with positive finite traces, got tr(A)/dim(A)={ta:.3e}, "
+            f"tr(S)/dim(S)={ts:.3e}; use split='sqrt'"
+        )
+    pi = math.sqrt(ta / ts)
+    return pi * root, root / pi
+
+
+def kron_inv_sqrt(
+    A: Tensor,
+    S: Tensor,
+    *,
+    damping: float = 0.0,
+    method: str = "eigh",
+    split: str = "pi",
+) -> tuple[Tensor, Tensor]:
+    """Inverse square roots of the damped factors: ((A + aI)^{-1/2}, (S + sI)^{-1/2}), (a, s) from ``split``.
+
+    These are the input-whitening and output local-Fisher layers of the reconstructed linear layer
+    y = S^{-1/2} W' A^{-1/2} ā (METHOD.md §4), and (S + sI)^{-1/2} ⊗ (A + aI)^{-1/2} is the inverse square
+    root of (S + sI) ⊗ (A + aI) — *not* of S ⊗ A + λI (see the module docstring).
+
+    Args:
+        A: Input factor (in, in), symmetric PSD.
+        S: Output factor (out, out), symmetric PSD.
+        damping: λ ≥ 0, split between the factors by :func:`kron_damping_split`.
+        method: Square-root method of :func:`fisherlab.linalg.sqrtm`: ``"eigh"``, ``"denman_beavers"``,
+            ``"newton_schulz"``.
+        split: ``"pi"`` or ``"sqrt"``.
+
+    Returns:
+        (A_inv_sqrt (in, in), S_inv_sqrt (out, out)).
+
+    Raises:
+        InputError: Bad shapes or options.
+        NonFiniteError: NaN/inf in a factor.
+        SingularMatrixError: A damped factor is not numerically SPD (e.g. λ = 0 and a singular factor).
+        ConvergenceError: An iterative method did not converge.
+    """
+    _check_factors(A, S)
+    _check_option(method, SQRT_METHODS, "method")
+    _check_finite(A, "A")
+    _check_finite(S, "S")
+    a, s = kron_damping_split(A, S, damping, split)
+    return inv_sqrtm(A, method=method, damping=a), inv_sqrtm(S, method=method, damping=s)
+
+
+def kron_damped_solve(
+    A: Tensor,
+    S: Tensor,
+    W: Tensor,
+    damping: float = 0.0,
+    split: str = "pi",
+    *,
+    method: str = "cholesky",
+) -> Tensor:
+    """Solve with damped Kronecker factors: (S + sI)⁻¹ W (A + aI)⁻¹ (the KFAC step direction for ∇W = W).
+
+    In row-major flattening this is ((S + sI) ⊗ (A + aI))⁻¹ W.reshape(-1). With ``split="exact"`` it is
+    instead the exact (S ⊗ A + λI)⁻¹ W.reshape(-1) = Q_S [(Q_Sᵀ W Q_A) / (σ_i α_j + λ)] Q_Aᵀ from the factor
+    eigendecompositions (σ, α the eigenvalues of S, A; always eigh).
+
+    Args:
+        A: Input factor (in, in), symmetric PSD.
+        S: Output factor (out, out), symmetric PSD.
+        W: Right-hand side (out, in) or a batch (..., out, in).
+        damping: λ ≥ 0.
+        split: ``"pi"``, ``"sqrt"`` (factor damping, see :func:`kron_damping_split`) or ``"exact"``.
+        method: ``"cholesky"`` (default) or ``"eigh"`` for the factor-damped splits.
+
+    Returns:
+        The solution, W's shape.
+
+    Raises:
+        InputError: Bad shapes or options.
+        NonFiniteError: NaN/inf in the inputs or the solution.
+        SingularMatrixError: A damped factor (or S ⊗ A + λI) is not numerically SPD.
+    """
+    din, dout = _check_factors(A, S)
+    _check_weight(W, din, dout)
+    _check_option(split, (*KRON_SPLITS, "exact"), "split")
+    _check_option(method, KRON_SOLVE_METHODS, "method")
+    lam = _check_damping(damping)
+    out_dtype = torch.promote_types(torch.promote_types(A.dtype, S.dtype), W.dtype)
+    dtype = _compute_dtype(out_dtype)
+    Ac, Sc, Wc = A.to(dtype), S.to(dtype), W.to(dtype)
+    _check_finite(Ac, "A")
+    _check_finite(Sc, "S")
+    _check_finite(Wc, "W")
+    As, Ss = _symmetrize(Ac), _symmetrize(Sc)
+
+    if split == "exact":
+        ea, Qa = torch.linalg.eigh(As)
+        es, Qs = torch.linalg.eigh(Ss)
+        denom = es[:, None] * ea[None, :] + lam
+        lo, hi = torch.stack([denom.min(), denom.abs().max()]).tolist()
+        thr = din * dout * _eps(dtype) * hi
+        if not lo > thr:
+            raise SingularMatrixError(
+                f"S ⊗ A + damping·I (damping={lam:g}) is not numerically positive definite: smallest "
+                f"eigenvalue {lo:.3e} ≤ {thr:.3e}; "
+                + ("pass damping > 0" if lam == 0.0 else "increase the damping")
+            )
+        X = Qs @ ((Qs.mT @ Wc @ Qa) / denom) @ Qa.mT
+    else:
+        a, s = kron_damping_split(Ac, Sc, lam, split)
+        Ad, Sd = _add_damping(As, a), _add_damping(Ss, s)
+        if method == "cholesky":
+            La = _spd_cholesky(Ad, damping=a, name="A")
+            Ls = _spd_cholesky(Sd, damping=s, name="S")
+            Y = torch.cholesky_solve(Wc, Ls)  # (S + sI)⁻¹ W
+            X = torch.cholesky_solve(Y.mT, La).mT  # · (A + aI)⁻¹
+        else:
+            ea, Qa = torch.linalg.eigh(Ad)
+            es, Qs = torch.linalg.eigh(Sd)
+            for name, ev, d in (("A", ea, a), ("S", es, s)):
+                lo, hi = torch.stack([ev.min(), ev.abs().max()]).tolist()
+                thr = ev.numel() * _eps(dtype) * hi
+                if not lo > thr:
+                    raise SingularMatrixError(
+                        f"{name} + {d:g}·I is not numerically positive definite: smallest eigenvalue "
+                        f"{lo:.3e} ≤ {thr:.3e}; "
+                        + ("pass damping > 0" if lam == 0.0 else "increase the damping")
+                    )
+            X = Qs @ ((Qs.mT @ Wc @ Qa) / (es[:, None] * ea[None, :])) @ Qa.mT
+    _check_finite(X, "the Kronecker solve result")
+    return X.to(out_dtype)
+
+
+def kron_eig(A: Tensor, S: Tensor) -> KronEig:
+    """Eigendecompositions of both (symmetrised) Kronecker factors, for EKFAC-style eigenbases.
+
+    Args:
+        A: Input factor (in, in).
+        S: Output factor (out, out).
+
+    Returns:
+        :class:`KronEig` (a_eigvals (in,), a_eigvecs (in, in), s_eigvals (out,), s_eigvecs (out, out)),
+        eigenvalues ascending, in the factors' dtypes (float16/bfloat16 computed in float32).
+
+    Raises:
+        InputError: Bad shapes.
+        NonFiniteError: NaN/inf in a factor.
+    """
+    _check_factors(A, S)
+    out = []
+    for M, name in ((A, "A"), (S, "S")):
+        Mc = M.to(_compute_dtype(M.dtype))
+        _check_finite(Mc, name)
+        w, Q = torch.linalg.eigh(_symmetrize(Mc))
+        out.extend([w.to(M.dtype), Q.to(M.dtype)])
+    return KronEig(*out)

@@ -1,0 +1,158 @@
+"""Kronecker helpers against dense torch.kron references in fisherlab's row-major ordering."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fisherlab.errors import InputError, MemoryBudgetError, SingularMatrixError
+from fisherlab.linalg import (
+    SQRT_METHODS,
+    kron_damped_solve,
+    kron_damping_split,
+    kron_eig,
+    kron_inv_sqrt,
+    kron_matmul,
+    kron_to_dense,
+)
+
+DIN, DOUT = 6, 4
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def factor(d: int, seed: int, scale: float = 1.0, rank: int | None = None) -> torch.Tensor:
+    X = torch.randn(d, rank or 2 * d, generator=gen(seed), dtype=torch.float64)
+    return scale * (X @ X.T) / X.shape[1]
+
+
+@pytest.fixture
+def AS() -> tuple[torch.Tensor, torch.Tensor]:
+    return factor(DIN, 1, 2.0), factor(DOUT, 2, 0.01)
+
+
+def test_kron_to_dense_matches_torch_kron_and_row_major_action(AS):
+    A, S = AS
+    D = kron_to_dense(A, S)
+    assert D.shape == (DOUT * DIN, DOUT * DIN)
+    assert torch.equal(D, torch.kron(S, A))
+    W = torch.randn(DOUT, DIN, generator=gen(3), dtype=torch.float64)
+    torch.testing.assert_close(D @ W.reshape(-1), (S @ W @ A).reshape(-1))
+    # column-major: (A ⊗ S) vec_c(W) = vec_c(S W A), vec_c(W) = W.T.reshape(-1)
+    Dc = kron_to_dense(A, S, order="column_major")
+    assert torch.equal(Dc, torch.kron(A, S))
+    torch.testing.assert_close(Dc @ W.T.reshape(-1), (S @ W @ A).T.reshape(-1))
+    with pytest.raises(MemoryBudgetError):
+        kron_to_dense(A, S, max_elements=100)
+    with pytest.raises(InputError, match="'row_major'.*'column_major'"):
+        kron_to_dense(A, S, order="fortran")
+
+
+def test_kron_matmul_equals_dense(AS):
+    A, S = AS
+    W = torch.randn(DOUT, DIN, generator=gen(4), dtype=torch.float64)
+    D = kron_to_dense(A, S)
+    torch.testing.assert_close(kron_matmul(A, S, W).reshape(-1), D @ W.reshape(-1))
+    Wb = torch.randn(3, 2, DOUT, DIN, generator=gen(5), dtype=torch.float64)
+    out = kron_matmul(A, S, Wb)
+    assert out.shape == Wb.shape
+    torch.testing.assert_close(out.reshape(6, -1), Wb.reshape(6, -1) @ D.T)
+    # non-symmetric A: still equal to the dense Kronecker product (S W Aᵀ)
+    An = torch.randn(DIN, DIN, generator=gen(6), dtype=torch.float64)
+    torch.testing.assert_close(kron_matmul(An, S, W).reshape(-1), kron_to_dense(An, S) @ W.reshape(-1))
+    with pytest.raises(InputError):
+        kron_matmul(A, S, W.T)
+
+
+def test_damping_split(AS):
+    A, S = AS
+    lam = 1e-2
+    a, s = kron_damping_split(A, S, lam, "pi")
+    pi = math.sqrt((float(A.trace()) / DIN) / (float(S.trace()) / DOUT))
+    assert a == pytest.approx(pi * math.sqrt(lam)) and s == pytest.approx(math.sqrt(lam) / pi)
+    assert a * s == pytest.approx(lam)
+    assert kron_damping_split(A, S, lam, "sqrt") == (pytest.approx(0.1), pytest.approx(0.1))
+    assert kron_damping_split(A, S, 0.0, "pi") == (0.0, 0.0)
+    with pytest.raises(SingularMatrixError, match="sqrt"):
+        kron_damping_split(A, torch.zeros_like(S), lam, "pi")
+    with pytest.raises(InputError, match="'pi'.*'sqrt'"):
+        kron_damping_split(A, S, lam, "half")
+
+
+@pytest.mark.parametrize("split", ["pi", "sqrt"])
+@pytest.mark.parametrize("method", ["cholesky", "eigh"])
+def test_kron_damped_solve_equals_dense_solve(AS, split, method):
+    A, S = AS
+    lam = 1e-3
+    a, s = kron_damping_split(A, S, lam, split)
+    W = torch.randn(2, DOUT, DIN, generator=gen(7), dtype=torch.float64)
+    X = kron_damped_solve(A, S, W, lam, split, method=method)
+    Dd = torch.kron(S + s * torch.eye(DOUT, dtype=S.dtype), A + a * torch.eye(DIN, dtype=A.dtype))
+    ref = torch.linalg.solve(Dd, W.reshape(2, -1).T).T.reshape(W.shape)
+    torch.testing.assert_close(X, ref, rtol=1e-9, atol=1e-9)
+    # the factor-damped matrix is not the damped Kronecker product: the cross terms a S⊗I + s I⊗A remain
+    D = kron_to_dense(A, S)
+    eye = torch.eye(DIN * DOUT, dtype=A.dtype)
+    cross = a * torch.kron(S, torch.eye(DIN, dtype=A.dtype)) + s * torch.kron(torch.eye(DOUT, dtype=A.dtype), A)
+    torch.testing.assert_close(Dd, D + cross + lam * eye)
+    assert float(torch.linalg.matrix_norm(Dd - (D + lam * eye))) > 1e-3
+
+
+def test_kron_damped_solve_exact_split(AS):
+    A, S = AS
+    lam = 1e-3
+    W = torch.randn(DOUT, DIN, generator=gen(8), dtype=torch.float64)
+    X = kron_damped_solve(A, S, W, lam, "exact")
+    D = kron_to_dense(A, S) + lam * torch.eye(DIN * DOUT, dtype=A.dtype)
+    torch.testing.assert_close(X.reshape(-1), torch.linalg.solve(D, W.reshape(-1)), rtol=1e-9, atol=1e-9)
+
+
+def test_kron_damped_solve_singular_factors():
+    A = factor(DIN, 9, rank=2)  # singular
+    S = factor(DOUT, 10)
+    W = torch.randn(DOUT, DIN, generator=gen(11), dtype=torch.float64)
+    for split in ("pi", "sqrt", "exact"):
+        with pytest.raises(SingularMatrixError):
+            kron_damped_solve(A, S, W, 0.0, split)
+        assert torch.isfinite(kron_damped_solve(A, S, W, 1e-2, split)).all()
+
+
+@pytest.mark.parametrize("method", SQRT_METHODS)
+@pytest.mark.parametrize("split", ["pi", "sqrt"])
+def test_kron_inv_sqrt_whitens_damped_factors(AS, method, split):
+    A, S = AS
+    lam = 1e-3
+    a, s = kron_damping_split(A, S, lam, split)
+    Za, Zs = kron_inv_sqrt(A, S, damping=lam, method=method, split=split)
+    Ad = A + a * torch.eye(DIN, dtype=A.dtype)
+    Sd = S + s * torch.eye(DOUT, dtype=S.dtype)
+    torch.testing.assert_close(Za @ Ad @ Za, torch.eye(DIN, dtype=A.dtype), rtol=0, atol=1e-9)
+    torch.testing.assert_close(Zs @ Sd @ Zs, torch.eye(DOUT, dtype=S.dtype), rtol=0, atol=1e-9)
+    # Zs ⊗ Za is the inverse square root of (S + sI) ⊗ (A + aI) in the row-major ordering
+    Z = kron_to_dense(Za, Zs)
+    Dd = kron_to_dense(Ad, Sd)
+    torch.testing.assert_close(Z @ Dd @ Z, torch.eye(DIN * DOUT, dtype=A.dtype), rtol=0, atol=1e-8)
+
+
+def test_kron_inv_sqrt_singular_undamped_raises():
+    A = factor(DIN, 12, rank=3)
+    S = factor(DOUT, 13)
+    with pytest.raises(SingularMatrixError):
+        kron_inv_sqrt(A, S, damping=0.0)
+    with pytest.raises(InputError):
+        kron_inv_sqrt(A, S, damping=1e-3, method="qr")
+
+
+def test_kron_eig_reconstructs(AS):
+    A, S = AS
+    e = kron_eig(A, S)
+    torch.testing.assert_close((e.a_eigvecs * e.a_eigvals) @ e.a_eigvecs.T, A)
+    torch.testing.assert_close((e.s_eigvecs * e.s_eigvals) @ e.s_eigvecs.T, S)
+    assert torch.all(e.a_eigvals[1:] >= e.a_eigvals[:-1])
+    # eigenvalues of S ⊗ A are the outer products
+    outer = (e.s_eigvals[:, None] * e.a_eigvals[None, :]).reshape(-1).sort().values
+    torch.testing.assert_close(outer, torch.linalg.eigvalsh(kron_to_dense(A, S)), rtol=1e-9, atol=1e-12)
