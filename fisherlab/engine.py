@@ -38,7 +38,7 @@ from torch.func import functional_call, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
 from fisherlab.datasource import DataSource
-from fisherlab.errors import InputError
+from fisherlab.errors import InputError, UnsupportedLayerError
 from fisherlab.likelihoods import Likelihood, get_likelihood
 from fisherlab.memory import check_budget, dense_bytes, resolve_budget
 from fisherlab.params import ParamSpec, check_finite
@@ -118,6 +118,8 @@ class FisherEngine:
         self.likelihood = get_likelihood(likelihood)
         if self.kind is FisherType.MC and (not isinstance(mc_samples, int) or mc_samples < 1):
             raise InputError(f"mc_samples must be a positive integer; got {mc_samples}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise InputError(f"chunk_size must be a positive integer; got {chunk_size}")
         if dtype is not None and not dtype.is_floating_point:
             raise InputError(f"dtype must be a floating dtype; got {dtype}")
         check_eval_mode(model)
@@ -167,6 +169,16 @@ class FisherEngine:
             raise InputError(f"the model could not be evaluated on inputs of shape {tuple(x.shape)}: {exc}") from exc
         self.likelihood.check_targets(z, y)
         self.num_outputs = int(z.shape[1])
+        try:  # the engines differentiate the model per sample under vmap; probe that on these few samples
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*batching rule.*")
+                vmap(lambda xi: vjp(lambda p: self.forward(p, xi.unsqueeze(0)), self.params)[0])(x)
+        except RuntimeError as exc:
+            raise UnsupportedLayerError(
+                f"the model cannot be differentiated per sample under torch.func.vmap: {str(exc).rstrip('.')}. "
+                "Fused kernels such as nn.LSTM / nn.GRU have no batching rule: unroll the recurrence "
+                "(nn.LSTMCell, or fisherlab.models.LSTMClassifier); avoid in-place updates of inputs and .item()"
+            ) from exc
 
     def _rows_per_sample(self) -> int:
         z = torch.zeros(1, self.num_outputs, dtype=self.dtype, device=self.device)
@@ -179,7 +191,7 @@ class FisherEngine:
 
     # ------------------------------------------------------------------------------------------- evaluation
     def forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        """z = f_θ(x), shape (n, C), for parameters ``params`` (names of the spec) and inputs (n, *input_shape)."""
+        """Z = f_θ(x), shape (n, C), for parameters ``params`` (names of the spec) and inputs (n, *input_shape)."""
         z = functional_call(self.model, {**self._frozen, **params}, (x,))
         if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[0] != x.shape[0]:
             shape = tuple(z.shape) if isinstance(z, Tensor) else type(z)
@@ -195,12 +207,21 @@ class FisherEngine:
             ]
         return torch.cat(draws)
 
-    def chunks(self, desc: str | None = None) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
-        """Yield ``(x, y, labels)`` per chunk; ``labels`` are the MC draws of these samples (else None)."""
-        total = math.ceil(self.num_samples / self.chunk_size)
+    def chunks(
+        self, desc: str | None = None, chunk_size: int | None = None
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+        """Yield ``(x, y, labels)`` per chunk; ``labels`` are the MC draws of these samples (else None).
+
+        ``chunk_size`` overrides the engine's (which is sized for P-wide factor rows) for consumers that hold
+        less per sample, e.g. the layer-wise KFAC statistics; the MC labels do not depend on it.
+        """
+        chunk_size = chunk_size or self.chunk_size
+        total = math.ceil(self.num_samples / chunk_size)
         bar = tqdm(total=total, desc=desc, disable=True if desc is None else (None if self.progress is None
                                                                             else not self.progress))
-        for start, x, y in self.data.chunks(self.chunk_size):
+        for start, x, y in self.data.chunks(chunk_size):
+            # every chunk's targets, not only the first samples': values (label range, 0/1) and canonical shape
+            y = self.likelihood.check_targets(x.new_empty((x.shape[0], self.num_outputs), dtype=self.dtype), y)
             labels = None if self._labels is None else self._labels[start: start + x.shape[0]]
             yield x, y, labels
             bar.update(1)
@@ -243,7 +264,8 @@ class FisherEngine:
 
     def matmat(self, V: Tensor) -> Tensor:
         """F V without forming F: V of shape (P,) or (P, k) → same shape. One jvp, one output-space product and
-        one vjp per chunk (vmapped over the k columns)."""
+        one vjp per chunk (vmapped over the k columns).
+        """
         if V.shape[0] != self.spec.dim or V.dim() > 2:
             raise InputError(f"expected a vector (P,) or matrix (P, k) with P = {self.spec.dim}; got {tuple(V.shape)}")
         V = V.to(self.device, self.dtype)

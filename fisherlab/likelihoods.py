@@ -186,9 +186,14 @@ class Gaussian(Likelihood):
         return w / self.sigma**2
 
     def sample(self, z: Tensor, num_samples: int, generator: torch.Generator | None) -> Tensor:
-        noise = torch.randn(
-            (z.shape[0], num_samples, z.shape[1]), generator=generator, dtype=z.dtype, device=z.device
-        )
+        """Draw targets by Box–Muller on uniforms laid out sample by sample.
+
+        Drawing a dataset in chunks then gives the same draws as drawing it at once (``torch.randn`` pairs its
+        uniforms across samples in blocks of 16, so its draws depend on the chunking).
+        """
+        u = torch.rand((z.shape[0], num_samples, z.shape[1], 2), generator=generator, dtype=z.dtype,
+                       device=z.device)
+        noise = torch.sqrt(-2 * torch.log1p(-u[..., 0])) * torch.cos(2 * math.pi * u[..., 1])
         return z.unsqueeze(1) + self.sigma * noise
 
     def kl(self, z_p: Tensor, z_q: Tensor) -> Tensor:

@@ -75,7 +75,7 @@ class FisherMatrix:
         return self.matvec(V) if V.dim() == 1 else self.matmat(V)
 
     def trace(self) -> Tensor:
-        """tr F (a 0-dim tensor)."""
+        """Tr F (a 0-dim tensor)."""
         return self.diag().sum()
 
     def check_dense_budget(self) -> None:

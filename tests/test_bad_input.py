@@ -1,0 +1,221 @@
+"""Bad input raises the right fisherlab exception, with a message that names the problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import MLP, MLP_BERN, MLP_GAUSS, RESNET, Case
+from torch import Tensor, nn
+
+from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError, UnsupportedLayerError
+from fisherlab.fisher import fisher
+
+F64 = torch.float64
+
+
+def build(case: Case = MLP) -> tuple[nn.Module, Tensor, Tensor]:
+    """A fresh copy of a case (these tests may modify it)."""
+    return case.build()
+
+
+# ------------------------------------------------------------------------------------------------ options
+def test_unsupported_likelihood_lists_valid_ones():
+    model, X, y = build()
+    with pytest.raises(InputError, match=r"unsupported likelihood 'poisson'.*'bernoulli'.*'categorical'.*'gaussian'"):
+        fisher(model, (X, y), "poisson")
+
+
+@pytest.mark.parametrize(("option", "match"), [
+    ({"kind": "exact"}, r"unknown Fisher kind 'exact'; valid: \['true', 'mc', 'empirical', 'ggn'\]"),
+    ({"structure": "sparse"}, r"unknown Fisher structure 'sparse'; valid: .*'dense'.*'implicit'"),
+    ({"structure": "block", "by": "module"}, r"unknown block grouping 'module'"),
+    ({"kind": "mc", "mc_samples": 0}, "mc_samples must be a positive integer; got 0"),
+    ({"dtype": torch.int32}, "dtype must be a floating dtype; got torch.int32"),
+    ({"chunk_size": 0}, "chunk_size must be a positive integer; got 0"),
+    ({"memory_budget": -1}, "memory budget must be positive"),
+    ({"params": ["0.weight", "9.bias"]}, r"unknown parameter name\(s\) \['9.bias'\]"),
+    ({"params": []}, "no parameters selected"),
+])
+def test_bad_options(option, match):
+    model, X, y = build()
+    with pytest.raises(InputError, match=match):
+        fisher(model, (X, y), "categorical", **option)
+
+
+def test_model_must_be_a_module():
+    _, X, y = build()
+    with pytest.raises(InputError, match="model must be an nn.Module"):
+        fisher(lambda x: x, (X, y))
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def test_mismatched_lengths():
+    model, X, y = build()
+    with pytest.raises(InputError, match=r"share their first \(sample\) dimension; got X \(8, 5\) and y \(7,\)"):
+        fisher(model, (X, y[:7]))
+    with pytest.raises(InputError, match="batch has 3 inputs but 2 targets"):
+        fisher(model, [(X[:3], y[:2])])
+
+
+@pytest.mark.parametrize("data", ["nonsense", 3.0])
+def test_data_of_the_wrong_type(data):
+    model, _, _ = build()
+    with pytest.raises(InputError, match="data must be"):
+        fisher(model, data)
+
+
+def test_batches_must_be_pairs():
+    model, X, _ = build()
+    with pytest.raises(InputError, match=r"each batch of the data iterable must be an \(x, y\) pair"):
+        fisher(model, (X,))
+
+
+def test_empty_dataset():
+    model, X, y = build()
+    with pytest.raises(InputError, match=r"empty \(0 samples\)"):
+        fisher(model, (X[:0], y[:0]))
+    with pytest.raises(InputError, match=r"empty \(0 samples\)"):
+        fisher(model, [])
+
+
+def test_integer_inputs_for_an_mlp():
+    model, X, y = build()
+    with pytest.raises(InputError, match="integer dtype torch.int64 .* no nn.Embedding.*X.float"):
+        fisher(model, (X.round().long(), y))
+
+
+def test_inputs_of_the_wrong_shape():
+    model, X, y = build()
+    with pytest.raises(InputError, match=r"could not be evaluated on inputs of shape \(2, 7\)"):
+        fisher(model, (torch.randn(8, 7, dtype=F64), y))
+
+
+# ----------------------------------------------------------------------------------------------- targets
+@pytest.mark.parametrize("kind", ["true", "empirical"])
+def test_categorical_targets(kind):
+    model, X, y = build()
+    with pytest.raises(InputError, match="categorical targets must be integer class labels; got dtype torch.float"):
+        fisher(model, (X, y.double()), kind=kind)
+    with pytest.raises(InputError, match=r"categorical targets must have shape \(N,\)"):
+        fisher(model, (X, y.unsqueeze(1)), kind=kind)
+    for bad in (3, -1):  # C = 3; the bad label is the last one, beyond any first-batch check
+        y_bad = y.clone()
+        y_bad[-1] = bad
+        with pytest.raises(InputError, match=r"labels must lie in \[0, 3\)"):
+            fisher(model, (X, y_bad), kind=kind)
+
+
+@pytest.mark.parametrize("kind", ["true", "empirical"])
+def test_gaussian_targets(kind):
+    model, X, y = build(MLP_GAUSS)  # C = 2
+    with pytest.raises(InputError, match=r"Gaussian targets must have the outputs' shape \(2, 2\); got \(2, 3\)"):
+        fisher(model, (X, torch.randn(8, 3, dtype=F64)), "gaussian", kind=kind)
+    with pytest.raises(InputError, match="Gaussian targets must have the outputs' shape"):
+        fisher(model, (X, y[:, 0]), "gaussian", kind=kind)
+
+
+@pytest.mark.parametrize("kind", ["true", "empirical"])
+def test_bernoulli_targets(kind):
+    model, X, y = build(MLP_BERN)
+    y_bad = y.clone()
+    y_bad[-1, 0] = 0.5
+    with pytest.raises(InputError, match="Bernoulli targets must be 0 or 1"):
+        fisher(model, (X, y_bad), "bernoulli", kind=kind)
+    with pytest.raises(InputError, match="Bernoulli targets must have the outputs' shape"):
+        fisher(model, (X, y[:, :2]), "bernoulli", kind=kind)
+
+
+# ------------------------------------------------------------------------------------------------ non-finite
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_parameters(value):
+    model, X, y = build()
+    with torch.no_grad():
+        model[2].bias[1] = value
+    with pytest.raises(NonFiniteError, match="parameter '2.bias' contains NaN or infinite values"):
+        fisher(model, (X, y))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_data(value):
+    model, X, y = build(MLP_GAUSS)
+    X_bad = X.clone()
+    X_bad[-1, 2] = value  # in the last chunk, not the first
+    with pytest.raises(NonFiniteError, match="input data contains NaN or infinite values"):
+        fisher(model, (X_bad, y), "gaussian", chunk_size=3)
+    y_bad = y.clone()
+    y_bad[-1, 0] = value
+    with pytest.raises(NonFiniteError, match="targets contains NaN or infinite values"):
+        fisher(model, (X, y_bad), "gaussian", kind="empirical", chunk_size=3)
+
+
+# ---------------------------------------------------------------------------------------------------- models
+@pytest.mark.parametrize(("make", "input_shape", "module"), [
+    (lambda: build(RESNET)[0], (1, 6, 6), r"'stem.1' \(BatchNorm2d\)"),
+    (lambda: nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.1), nn.Linear(4, 3)).double(), (5,), r"'1' \(Dropout\)"),
+])
+def test_train_mode_with_batchnorm_or_dropout(make, input_shape, module):
+    model = make().train()
+    X = torch.randn(4, *input_shape, dtype=F64)
+    with pytest.raises(InputError, match=module + " is in training mode.*model.eval"):
+        fisher(model, (X, torch.zeros(4, dtype=torch.long)))
+
+
+def test_tied_parameters():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.Tanh(), shared).double()
+    X, y = torch.randn(5, 4, dtype=F64), torch.zeros(5, dtype=torch.long)
+    with pytest.raises(InputError, match=r"parameters '0.weight' and '2.weight' are the same tensor.*params="):
+        fisher(model, (X, y))
+
+
+class ThreeD(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x).reshape(x.shape[0], 3, 2)
+
+
+def test_three_dimensional_output():
+    _, X, y = build()
+    with pytest.raises(InputError, match=r"must return outputs of shape \(N, C\); got \(2, 3, 2\)"):
+        fisher(ThreeD().double(), (X, y))
+
+
+class FusedLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(2, 3, batch_first=True)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def test_model_without_vmap_rule():
+    X, y = torch.randn(4, 5, 2, dtype=F64), torch.zeros(4, dtype=torch.long)
+    match = r"(?s)differentiated per sample under torch.func.vmap.*nn.LSTM / nn.GRU.*nn.LSTMCell"
+    with pytest.raises(UnsupportedLayerError, match=match):
+        fisher(FusedLSTM().double().eval(), (X, y))
+
+
+# --------------------------------------------------------------------------------------------- structures
+@pytest.mark.parametrize("structure", ["dense", "block", "diag", "implicit"])
+def test_operand_of_the_wrong_shape(structure):
+    model, X, y = build()
+    F = fisher(model, (X, y), structure=structure)
+    for bad in (torch.ones(98), torch.ones(99, 2, 1), torch.ones(())):
+        with pytest.raises(InputError, match=r"expected a tensor of shape \(P,\) or \(P, k\) with P = 99"):
+            F @ bad
+
+
+@pytest.mark.parametrize("structure", ["dense", "diag"])
+def test_singular_solve_without_damping(structure):
+    model, X, y = build()  # N·(C − 1) = 16 < P = 99: F is singular
+    with torch.no_grad():
+        model[0].weight[0] = 0  # and a hidden unit with no input: zero entries on the diagonal too
+        model[0].bias[0] = -40
+    F = fisher(model, (X, y), structure=structure)
+    with pytest.raises(SingularMatrixError, match="damping"):
+        F.solve(torch.ones(99))

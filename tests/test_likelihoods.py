@@ -1,0 +1,196 @@
+"""Likelihoods (METHOD.md §1) against closed forms written out independently, autograd, and brute-force KL.
+
+Tolerances (float64): closed forms 1e-12 relative (absolute 1e-15 where entries underflow at extreme logits);
+sampling moments within 5 standard errors at a fixed seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import reference as ref
+import torch
+import torch.nn.functional as nnf
+from scipy import integrate
+from torch import Tensor
+
+from fisherlab.errors import InputError
+from fisherlab.likelihoods import LIKELIHOODS, Bernoulli, Categorical, Gaussian, Likelihood, get_likelihood, register
+
+F64 = torch.float64
+SIGMA = 0.6
+LIKS = {"categorical": Categorical(), "gaussian": Gaussian(SIGMA), "bernoulli": Bernoulli()}
+EXTREME = torch.tensor([[50.0, -50.0, 0.0, 1.0], [-50.0, -50.0, -50.0, -50.0], [50.0, 50.0, -50.0, 0.0],
+                        [0.0, 0.0, 0.0, 0.0], [30.0, -20.0, 5.0, -45.0]], dtype=F64)
+
+
+def logits(n: int = 6, c: int = 4, seed: int = 0, scale: float = 2.0) -> Tensor:
+    return scale * torch.randn(n, c, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def targets(name: str, z: Tensor, seed: int = 1) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if name == "categorical":
+        return torch.randint(0, z.shape[1], (z.shape[0],), generator=gen)
+    if name == "gaussian":
+        return torch.randn(z.shape, generator=gen, dtype=F64)
+    return torch.randint(0, 2, z.shape, generator=gen).to(F64)
+
+
+def closed_form_lambda(name: str, z: np.ndarray) -> np.ndarray:
+    """Λ(z_n) for every row, (N, C, C), in numpy."""
+    if name == "categorical":
+        e = np.exp(z - z.max(1, keepdims=True))
+        p = e / e.sum(1, keepdims=True)
+        return np.stack([np.diag(q) - np.outer(q, q) for q in p])
+    if name == "gaussian":
+        return np.broadcast_to(np.eye(z.shape[1]) / SIGMA**2, (len(z), z.shape[1], z.shape[1]))
+    p = 1 / (1 + np.exp(-z))
+    return np.stack([np.diag(q * (1 - q)) for q in p])
+
+
+@pytest.mark.parametrize("name", list(LIKS))
+@pytest.mark.parametrize("extreme", [False, True], ids=["moderate", "extreme"])
+def test_fisher_factor_reproduces_output_fisher(name, extreme):
+    z = EXTREME if extreme else logits()
+    B = LIKS[name].fisher_factor(z)
+    expected = closed_form_lambda(name, z.numpy())
+    assert B.shape[:2] == z.shape and B.shape[2] <= z.shape[1] and torch.isfinite(B).all()
+    if name == "categorical":
+        assert B.shape[2] == z.shape[1] - 1  # Λ has rank C − 1 (1 ⟂ its range)
+    got = (B @ B.transpose(1, 2)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
+    w = logits(seed=5, scale=1.0)[: len(z)]
+    np.testing.assert_allclose(LIKS[name].fisher_apply(z, w).numpy(), np.einsum("nij,nj->ni", expected, w.numpy()),
+                               rtol=1e-12, atol=1e-15)
+
+
+def test_categorical_factor_float32_extreme_logits():
+    B = Categorical().fisher_factor(EXTREME.float())
+    assert torch.isfinite(B).all()
+    np.testing.assert_allclose((B @ B.transpose(1, 2)).double().numpy(), closed_form_lambda("categorical",
+                               EXTREME.numpy()), atol=1e-6)
+
+
+def test_categorical_single_class_has_zero_fisher():
+    assert torch.equal(Categorical().fisher_factor(torch.zeros(3, 1, dtype=F64)), torch.zeros(3, 1, 1, dtype=F64))
+
+
+@pytest.mark.parametrize("name", list(LIKS))
+def test_nll_and_grad_z_match_formulas_and_autograd(name):
+    lik, z = LIKS[name], logits()
+    y = targets(name, z)
+    rlik = ref.RefLikelihood(name, SIGMA)
+    np.testing.assert_allclose(lik.nll(z, y).numpy(), [float(rlik.nll(z[n], y[n])) for n in range(len(z))],
+                               rtol=1e-13)
+    torch_loss = {"categorical": lambda: nnf.cross_entropy(z, y, reduction="none"),
+                  "gaussian": lambda: nnf.mse_loss(z, y, reduction="none").sum(1) / (2 * SIGMA**2),
+                  "bernoulli": lambda: nnf.binary_cross_entropy_with_logits(z, y, reduction="none").sum(1)}[name]()
+    np.testing.assert_allclose(lik.nll(z, y).numpy(), torch_loss.numpy(), rtol=1e-13)
+    zz = z.clone().requires_grad_(True)
+    (auto,) = torch.autograd.grad(lik.nll(zz, y).sum(), zz)
+    np.testing.assert_allclose(lik.grad_z(z, y).numpy(), auto.numpy(), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(lik.grad_z_autograd(z, y).numpy(), auto.numpy(), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", list(LIKS))
+def test_hessian_factor_equals_autograd_hessian_and_lambda(name):
+    lik, z = LIKS[name], logits(n=4)
+    y = targets(name, z)
+    K = lik.hessian_factor(z, y)
+    rlik = ref.RefLikelihood(name, SIGMA)
+    for n in range(len(z)):
+        H = rlik.hessian(z[n], y[n])
+        np.testing.assert_allclose((K[n] @ K[n].T).numpy(), H.numpy(), atol=1e-13)
+        np.testing.assert_allclose(H.numpy(), closed_form_lambda(name, z.numpy())[n], atol=1e-13)
+
+
+def kl_brute_force(name: str, zp: np.ndarray, zq: np.ndarray) -> float:
+    """KL(p(· | zp) ‖ p(· | zq)) for one sample: a sum over classes / outcomes, or a numerical integral."""
+    if name == "categorical":
+        p, q = np.exp(zp) / np.exp(zp).sum(), np.exp(zq) / np.exp(zq).sum()
+        return float((p * np.log(p / q)).sum())
+    if name == "bernoulli":
+        p, q = 1 / (1 + np.exp(-zp)), 1 / (1 + np.exp(-zq))
+        return float((p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))).sum())
+    total = 0.0
+    for mp, mq in zip(zp, zq, strict=True):  # independent coordinates: integrate each 1-D KL over x
+        def integrand(x: float, mp: float = mp, mq: float = mq) -> float:
+            lp = -((x - mp) ** 2) / (2 * SIGMA**2)
+            return math.exp(lp) / math.sqrt(2 * math.pi * SIGMA**2) * (lp + (x - mq) ** 2 / (2 * SIGMA**2))
+        total += integrate.quad(integrand, mp - 12 * SIGMA, mp + 12 * SIGMA, epsabs=1e-13, epsrel=1e-12)[0]
+    return total
+
+
+@pytest.mark.parametrize("name", list(LIKS))
+def test_kl_against_brute_force(name):
+    lik, zp, zq = LIKS[name], logits(n=4, seed=2), logits(n=4, seed=3)
+    kl = lik.kl(zp, zq)
+    assert kl.shape == (4,)
+    expected = [kl_brute_force(name, a, b) for a, b in zip(zp.numpy(), zq.numpy(), strict=True)]
+    np.testing.assert_allclose(kl.numpy(), expected, rtol=1e-9)
+    assert torch.allclose(lik.kl(zp, zp), torch.zeros(4, dtype=F64), atol=1e-14)
+
+
+@pytest.mark.parametrize("name", list(LIKS))
+def test_kl_is_half_fisher_quadratic_form_to_second_order(name):
+    """KL(z ‖ z + εd) = ½ ε² dᵀ Λ(z) d + O(ε³): the link between the Fisher and the KL."""
+    lik, z, d = LIKS[name], logits(n=3, seed=4), logits(n=3, seed=6, scale=1.0)
+    quad = 0.5 * np.einsum("ni,nij,nj->n", d.numpy(), closed_form_lambda(name, z.numpy()), d.numpy())
+    for eps in (1e-2, 1e-3):
+        ratio = lik.kl(z, z + eps * d).numpy() / (eps**2 * quad)
+        np.testing.assert_allclose(ratio, 1.0, atol=30 * eps)
+
+
+@pytest.mark.parametrize("name", list(LIKS))
+def test_samples_have_the_model_mean(name):
+    lik, z, S = LIKS[name], logits(n=3, c=3, seed=7, scale=1.0), 20_000
+    draws = lik.sample(z, S, torch.Generator().manual_seed(0))
+    again = lik.sample(z, S, torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+    if name == "categorical":
+        assert draws.shape == (3, S) and draws.dtype == torch.int64
+        mean = nnf.one_hot(draws, 3).double().mean(1)
+        p = torch.softmax(z, -1)
+        se = (p * (1 - p) / S).sqrt()
+    elif name == "gaussian":
+        assert draws.shape == (3, S, 3)
+        mean, p, se = draws.mean(1), z, torch.full_like(z, SIGMA / math.sqrt(S))
+        assert torch.allclose(draws.std(1), torch.full_like(z, SIGMA), rtol=0.03)
+    else:
+        assert draws.shape == (3, S, 3) and bool(((draws == 0) | (draws == 1)).all())
+        mean, p = draws.mean(1), torch.sigmoid(z)
+        se = (p * (1 - p) / S).sqrt()
+    assert bool(((mean - p).abs() <= 5 * se).all()), (mean, p)
+
+
+def test_gaussian_sample_is_independent_of_batching():
+    """Drawing rows one at a time gives the same draws as drawing them all at once (same generator)."""
+    lik, z = Gaussian(0.5), logits(n=20, c=3)
+    gen = torch.Generator().manual_seed(3)
+    whole = lik.sample(z, 4, gen)
+    gen.manual_seed(3)
+    parts = torch.cat([lik.sample(z[i: i + 7], 4, gen) for i in range(0, 20, 7)])
+    assert torch.equal(whole, parts)
+
+
+def test_registry():
+    assert isinstance(get_likelihood("categorical"), Categorical)
+    g = Gaussian(0.3)
+    assert get_likelihood(g) is g and get_likelihood("gaussian", sigma=2.0).sigma == 2.0
+    assert {"categorical", "gaussian", "bernoulli"} <= set(LIKELIHOODS)
+
+    class Tempered(Categorical):
+        name = "tempered_test"
+
+    try:
+        assert register(Tempered) is Tempered and isinstance(get_likelihood("tempered_test"), Tempered)
+    finally:
+        LIKELIHOODS.pop("tempered_test")
+    with pytest.raises(InputError, match="non-empty `name`"):
+        register(type("Nameless", (Likelihood,), {}))
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(InputError, match="sigma must be positive and finite"):
+            Gaussian(bad)
