@@ -14,7 +14,9 @@ long option names with ``-`` or ``_``; options given on the command line win.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,15 +24,6 @@ from typing import Any
 import torch
 
 from fisherlab.errors import FisherlabError, InputError
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-#: The data layout each model family takes.
-LAYOUTS = {
-    ("mlp", "digits"): "flat", ("cnn", "digits"): "image", ("resnet", "digits"): "image",
-    ("mlp", "mnist1d"): "flat", ("cnn", "mnist1d"): "channels", ("resnet", "mnist1d"): "channels",
-    ("lstm", "mnist1d"): "sequence", ("lstm", "digits"): None,
-}
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -66,7 +59,7 @@ def add_common(p: argparse.ArgumentParser, *, out: str) -> None:
     p.add_argument("--n-samples", type=int, default=None, help="use the first N training samples (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of data split, initialisation and sampling")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--dtype", default="float64", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--out", default=out, help=f"output folder (default: {out})")
     p.add_argument("--overwrite", action="store_true",
                    help="replace results in --out even if they come from a different configuration")
@@ -89,38 +82,15 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seq
     return args
 
 
-def model_and_data(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
-    """The seeded model (eval mode) and data the options name."""
-    from fisherlab import data as fdata
-    from fisherlab.models import build_model
-
-    kwargs: dict[str, Any] = {"seed": args.seed}
-    if args.data in ("digits", "mnist1d"):
-        layout = LAYOUTS.get((args.model, args.data))
-        if layout is None:
-            raise InputError(f"model {args.model!r} does not take data {args.data!r}; use --data mnist1d")
-        kwargs["layout"] = layout
-    data = fdata.load(args.data, **kwargs)
-    if args.n_samples is not None:
-        data = data.train_subset(args.n_samples)
-    dtype = DTYPES[args.dtype]
-    data = data.to(device=args.device, dtype=dtype)
-    model = build_model(args.model, data, seed=args.seed, dtype=dtype, device=args.device).eval()
-    return model, data
-
-
-def likelihood_for(data: Any) -> str:
-    """The likelihood that matches a data set's task."""
-    return {"multiclass": "categorical", "binary": "bernoulli", "regression": "gaussian"}[data.task]
-
-
 def cmd_spectra(args: argparse.Namespace) -> int:
     """Compute and save Fisher spectra; print a summary table."""
     from fisherlab.report import guard_output_folder, print_table
     from fisherlab.results import save_dataset
     from fisherlab.spectra import fisher_spectra
+    from fisherlab.study import DTYPES, likelihood_for, load_model_and_data
 
-    model, data = model_and_data(args)
+    model, data = load_model_and_data(args.model, args.data, n_samples=args.n_samples, seed=args.seed,
+                                      device=args.device, dtype=DTYPES[args.dtype])
     config = {"command": "spectra", "model": args.model, "data": args.data, "n_samples": args.n_samples,
               "kinds": args.kinds, "dampings": args.dampings}
     out = Path(args.out)
@@ -148,12 +118,60 @@ def model_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    """Run the fidelity study (the main job) and write its Datasets, figures and report."""
+    from fisherlab.report import build_report, guard_output_folder, print_table
+    from fisherlab.study import StudyConfig, headline, run_study
+
+    names = {f.name for f in dataclasses.fields(StudyConfig)}
+    cfg = StudyConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    out = Path(args.out)
+    if guard_output_folder(out, cfg.to_dict(), overwrite=args.overwrite):
+        print(f"{out} holds this configuration: resuming (finished parts are kept)")
+    start = time.perf_counter()
+    results = run_study(cfg, out, progress=False if args.no_progress else None)
+    if "fidelity" in results:
+        from fisherlab.report import table_fidelity
+
+        header, rows = table_fidelity(results["fidelity"])
+        print()
+        print_table(header, rows)
+    summary = headline(results)
+    print("\n" + summary)
+    report = build_report(out, title=f"fisherlab fidelity study: {cfg.model} on {cfg.data}", summary=summary)
+    print(f"\nfinished in {time.perf_counter() - start:.0f} s; report: {report}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Rebuild the HTML report of a folder from its saved Datasets."""
     from fisherlab.report import build_report
 
     print(f"wrote {build_report(args.folder)}")
     return 0
+
+
+def add_fidelity_options(p: argparse.ArgumentParser) -> None:
+    """Options of ``fisherlab fidelity`` (defaults: :class:`fisherlab.study.StudyConfig`)."""
+    from fisherlab.fidelity import RULES
+    from fisherlab.study import PARTS, StudyConfig
+
+    d = StudyConfig.__dataclass_fields__
+    add_common(p, out="results/fidelity")
+    p.set_defaults(n_samples=d["n_samples"].default)
+    rules = f"rules (valid: {', '.join(sorted(RULES))})"
+    p.add_argument("--rules", nargs="+", default=None, help=f"update {rules}; default: all main ones")
+    p.add_argument("--dampings", nargs="+", type=float, default=None, help="damping values λ")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of measured steps")
+    p.add_argument("--train-method", default=None, help="method of the training trajectory (default sngd-kfac)")
+    p.add_argument("--train-lr", type=float, default=None, help="learning rate of the trajectory")
+    p.add_argument("--steps", type=int, default=None, help="training steps of the trajectory")
+    p.add_argument("--every", type=int, default=None, help="measure fidelity every N steps")
+    p.add_argument("--refresh-every", type=int, default=None, help="refresh interval of reconstructed networks")
+    p.add_argument("--trajectory-rules", nargs="+", default=None, help="rules measured along the trajectory")
+    p.add_argument("--geometry-structures", nargs="+", default=None, help="structures G of the geometry part")
+    p.add_argument("--spectrum-kinds", nargs="+", default=None, help="Fisher kinds of the spectrum part")
+    p.add_argument("--parts", nargs="+", default=None, choices=PARTS, help="parts of the study to run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Fisher kinds: true mc empirical ggn")
     p.add_argument("--dampings", nargs="+", type=float, default=[0.0, 1e-4, 1e-3, 1e-2, 1e-1])
     p.set_defaults(func=cmd_spectra)
+    p = sub.add_parser("fidelity", help="the main job: fidelity of update rules to exact NGD, with a report")
+    add_fidelity_options(p)
+    p.set_defaults(func=cmd_fidelity)
     p = sub.add_parser("report", help="rebuild the HTML report of an output folder from its Datasets")
     p.add_argument("folder", help="output folder of an earlier run")
     p.set_defaults(func=cmd_report)
