@@ -61,8 +61,14 @@ def parse_enum(enum: type[Enum], value: Any, what: str) -> Any:
         raise InputError(f"unknown {what} {value!r}; valid: {[e.value for e in enum]}") from None
 
 
-#: Upper bound on the bytes of one chunk of factor rows when the caller gives no chunk size.
+#: Upper bound on the bytes of one chunk's working set (two copies of its factor rows, or the activations of a
+#: matrix-free product) when the caller gives no chunk size. Large chunks mean few, large kernels: on a CPU shared
+#: with other jobs every parallel region waits for its slowest thread, so many small chunks cost far more than
+#: their arithmetic (benchmarks/README.md).
 DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+#: Upper bound on the bytes of activations :meth:`FisherEngine.matmat` keeps between calls (see there).
+MATMAT_CACHE_BYTES = 256 * 2**20
 
 
 def check_eval_mode(model: nn.Module) -> None:
@@ -91,7 +97,8 @@ class FisherEngine:
         seed: Seed of the Monte-Carlo label draws.
         dtype: Compute dtype (default: the model's parameter dtype).
         device: Compute device (default: the model's parameter device).
-        chunk_size: Samples per chunk (default: as many as fit in ``min(256 MiB, budget/4)`` of factor rows).
+        chunk_size: Samples per chunk (default: as many as fit in ``min(256 MiB, budget/4)`` of factor rows; the
+            matrix-free products then size their own chunks by activations, see :meth:`matmat_chunk_size`).
         memory_budget: Bytes any single dense object may take (default: half the available memory).
         progress: Show progress bars (``None``: only on a terminal).
     """
@@ -146,9 +153,13 @@ class FisherEngine:
         self.num_samples = len(self.data)
         self.rows_per_sample = self._rows_per_sample()
         row_bytes = dense_bytes(self.rows_per_sample, self.spec.dim, self.dtype)
+        self._working_bytes = min(DEFAULT_CHUNK_BYTES, self.memory_budget // 4)
+        self._chunk_size_given = chunk_size is not None
         if chunk_size is None:
-            chunk_size = max(1, min(DEFAULT_CHUNK_BYTES, self.memory_budget // 4) // (2 * row_bytes))
+            chunk_size = max(1, self._working_bytes // (2 * row_bytes))
         self.chunk_size = int(chunk_size)
+        self._activation_bytes: int | None = None
+        self._matmat_cache: list[tuple[Any, Any, Tensor]] | None = None
         check_budget(2 * row_bytes * min(self.chunk_size, self.num_samples), "a chunk of factor rows",
                      self.memory_budget, "a smaller chunk_size")
         self._labels = self._draw_labels() if self.kind is FisherType.MC else None
@@ -245,6 +256,10 @@ class FisherEngine:
         """U_n = M_n J_n for the samples of a chunk, shape (n, R, P), by one vmapped VJP per row."""
         with torch.no_grad():
             M = self.output_factor(self.forward(self.params, x), y, labels)
+        return self._rows(x, M)
+
+    def _rows(self, x: Tensor, M: Tensor) -> Tensor:
+        """M_n J_n for inputs x (n, *input_shape) and output-space factors M (n, R, C); shape (n, R, P)."""
 
         def per_sample(xi: Tensor, Mi: Tensor) -> Tensor:
             _, vjp_fn = vjp(lambda p: self.forward(p, xi.unsqueeze(0)).squeeze(0), self.params)
@@ -256,38 +271,114 @@ class FisherEngine:
             return vmap(per_sample)(x, M)
 
     def iter_factor_rows(self, desc: str | None = None) -> Iterator[Tensor]:
-        """Yield factor rows scaled so that F = Σ_chunks UᵀU; each U has shape (n·R, P)."""
+        """Yield factor rows scaled so that F = Σ_chunks UᵀU; each U has shape (n·R, P).
+
+        The 1/√N scale is applied to the small output-space factors M, before the VJPs, so the P-wide rows are
+        written once (a view of the vmapped VJP's output, no copy).
+        """
         scale = 1.0 / math.sqrt(self.num_samples)
         for x, y, labels in self.chunks(desc):
-            U = self.factor_rows(x, y, labels)
-            yield (U * scale).reshape(-1, self.spec.dim)
+            with torch.no_grad():
+                M = self.output_factor(self.forward(self.params, x), y, labels)
+            yield self._rows(x, M * scale).reshape(-1, self.spec.dim)
 
     def matmat(self, V: Tensor) -> Tensor:
-        """F V without forming F: V of shape (P,) or (P, k) → same shape. One jvp, one output-space product and
-        one vjp per chunk (vmapped over the k columns).
+        """F V without forming F: V of shape (P,) or (P, k) → same shape.
+
+        Per chunk: one jvp, the output-space product M_nᵀ M_n and one vjp, vmapped over blocks of columns. The
+        chunks here hold activations, not P-wide rows, so unless ``chunk_size`` was given they are sized by the
+        activation bytes per sample (:meth:`matmat_chunk_size`). The linearization of each chunk (its outputs, the
+        saved activations of the VJP and M) is computed once and kept for later calls when the activations of all
+        N samples fit in ``min(MATMAT_CACHE_BYTES, memory_budget/4)``; the engine's parameters are fixed, so it
+        stays valid.
         """
         if V.shape[0] != self.spec.dim or V.dim() > 2:
             raise InputError(f"expected a vector (P,) or matrix (P, k) with P = {self.spec.dim}; got {tuple(V.shape)}")
         V = V.to(self.device, self.dtype)
         cols = V if V.dim() == 2 else V.unsqueeze(1)
         out = torch.zeros_like(cols)
-        for x, y, labels in self.chunks():
-            def f(p: dict[str, Tensor], x: Tensor = x) -> Tensor:
-                return self.forward(p, x)
-
-            z, vjp_fn = vjp(f, self.params)
-            M = self.output_factor(z.detach(), y, labels)
+        for f, vjp_fn, M in self._linearizations():
 
             def apply(v: Tensor, f=f, vjp_fn=vjp_fn, M=M) -> Tensor:
                 _, jv = jvp(f, (self.params,), (self.spec.unflatten(v),))
                 w = torch.einsum("nrc,nr->nc", M, torch.einsum("nrc,nc->nr", M, jv))
                 return self.spec.flatten(vjp_fn(w)[0])
 
+            step = self._column_block(M.shape[0])
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*batching rule.*")
-                out += apply(cols[:, 0]).unsqueeze(1) if cols.shape[1] == 1 else vmap(apply, 1, 1)(cols)
+                for j in range(0, cols.shape[1], step):
+                    block = cols[:, j: j + step]
+                    out[:, j: j + step] += (apply(block[:, 0]).unsqueeze(1) if block.shape[1] == 1
+                                            else vmap(apply, 1, 1)(block))
         out /= self.num_samples
         return out if V.dim() == 2 else out.squeeze(1)
+
+    def matmat_chunk_size(self) -> int:
+        """Samples per chunk of :meth:`matmat`.
+
+        ``chunk_size`` if it was given, else as many as fit three times their activations (cached graph, tangents,
+        cotangents) in ``min(DEFAULT_CHUNK_BYTES, memory_budget/4)``.
+        """
+        if self._chunk_size_given:
+            return self.chunk_size
+        return int(max(1, min(self.num_samples, self._working_bytes // (3 * self.activation_bytes()))))
+
+    def activation_bytes(self) -> int:
+        """Bytes the autograd graph of one forward saves per sample (parameters and buffers excluded).
+
+        Measured once, on the first two samples, with saved-tensor hooks (each stored tensor counted once).
+        """
+        if self._activation_bytes is None:
+            x, _ = self.data.first(2)
+            own = {t.untyped_storage().data_ptr() for t in [*self.params.values(), *self._frozen.values()]}
+            seen: dict[tuple[int, int], int] = {}
+
+            def pack(t: Tensor) -> Tensor:
+                key = (t.untyped_storage().data_ptr(), t.storage_offset())
+                if key[0] not in own:
+                    seen[key] = max(seen.get(key, 0), t.numel() * t.element_size())
+                return t
+
+            leaves = {n: p.detach().requires_grad_() for n, p in self.params.items()}
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                z = self.forward(leaves, x)
+            total = sum(seen.values()) + z.numel() * z.element_size()
+            self._activation_bytes = max(1, math.ceil(total / x.shape[0]))
+        return self._activation_bytes
+
+    def _column_block(self, n: int) -> int:
+        """Columns per vmapped product for a chunk of n samples.
+
+        Per column: tangents and cotangents (2 activations per sample) and the P-wide result (×3 for the gradient,
+        its flattening and the sum).
+        """
+        per_column = 2 * n * self.activation_bytes() + 3 * dense_bytes(1, self.spec.dim, self.dtype)
+        return int(max(1, self._working_bytes // per_column))
+
+    def _linearizations(self) -> Iterator[tuple[Any, Any, Tensor]]:
+        """Per chunk of :meth:`matmat_chunk_size` samples: (f, vjp_fn, M).
+
+        f(params) gives the chunk's outputs, vjp_fn is the VJP of f at the engine's parameters and M (n, R, C) the
+        output factors; all of them are kept for later calls when every sample's activations fit.
+        """
+        if self._matmat_cache is not None:
+            yield from self._matmat_cache
+            return
+        chunk = self.matmat_chunk_size()
+        keep = self.activation_bytes() * self.num_samples <= min(MATMAT_CACHE_BYTES, self.memory_budget // 4)
+        entries = []
+        for x, y, labels in self.chunks(chunk_size=chunk):
+            def f(p: dict[str, Tensor], x: Tensor = x) -> Tensor:
+                return self.forward(p, x)
+
+            z, vjp_fn = vjp(f, self.params)
+            entry = (f, vjp_fn, self.output_factor(z.detach(), y, labels))
+            if keep:
+                entries.append(entry)
+            yield entry
+        if keep:
+            self._matmat_cache = entries
 
     def loss_and_gradient(self, params: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """L(θ) = (1/N) Σ ℓ_n and ∇L(θ) of shape (P,), at ``params`` (default: the engine's parameters)."""

@@ -14,7 +14,11 @@ from fisherlab.structures.base import FisherMatrix
 from fisherlab.structures.block import BlockDiagonalFisher
 from fisherlab.structures.dense import DenseFisher
 from fisherlab.structures.diagonal import DiagonalFisher
+from fisherlab.structures.ekfac import EKFACFisher
 from fisherlab.structures.implicit import ImplicitFisher
+from fisherlab.structures.kfac import KFACFisher
+from fisherlab.structures.lowrank import LowRankFisher
+from fisherlab.structures.unitwise import UnitwiseFisher
 
 Builder = Callable[..., FisherMatrix]
 
@@ -23,6 +27,10 @@ STRUCTURES: dict[str, Builder] = {
     "block": BlockDiagonalFisher.from_engine,
     "diag": DiagonalFisher.from_engine,
     "implicit": ImplicitFisher.from_engine,
+    "kfac": KFACFisher.from_engine,
+    "ekfac": EKFACFisher.from_engine,
+    "unit": UnitwiseFisher.from_engine,
+    "lowrank": LowRankFisher.from_engine,
 }
 
 
@@ -38,5 +46,5 @@ def build(structure: str, engine: FisherEngine, **options: object) -> FisherMatr
     return STRUCTURES[structure](engine, **options)
 
 
-__all__ = ["STRUCTURES", "BlockDiagonalFisher", "DenseFisher", "DiagonalFisher", "FisherMatrix",
-           "ImplicitFisher", "build", "register"]
+__all__ = ["STRUCTURES", "BlockDiagonalFisher", "DenseFisher", "DiagonalFisher", "EKFACFisher", "FisherMatrix",
+           "ImplicitFisher", "KFACFisher", "LowRankFisher", "UnitwiseFisher", "build", "register"]

@@ -22,6 +22,10 @@ from fisherlab.errors import InputError
 from fisherlab.memory import check_budget, dense_bytes
 from fisherlab.params import ParamSpec
 
+#: Least columns per block of the triangular Gram products: wide enough for efficient GEMMs, and few of them
+#: (each is a parallel region; see benchmarks/README.md).
+GRAM_BLOCK = 384
+
 
 @dataclass
 class FisherMatrix:
@@ -128,22 +132,46 @@ class FisherMatrix:
                 f"device={self.device})")
 
 
-def accumulate_gram(out: Tensor, U: Tensor, num_splits: int = 8) -> None:
+def accumulate_gram(out: Tensor, U: Tensor, num_splits: int | None = None) -> None:
     """out[i, j] += (UᵀU)[i, j] for j ≥ i only (upper triangle, in column blocks): about half the arithmetic.
+
+    Block row [a, b) gets U[:, a:b]ᵀ U[:, a:] added in place (one GEMM into a strided view of ``out``, no
+    temporary). The diagonal blocks are computed in full, so the work is (s + 1)/(2s) of a full product.
 
     Args:
         out: (P, P) accumulator; only its upper triangle is meaningful until :func:`symmetrize_upper`.
         U: (m, P) rows.
-        num_splits: Column blocks; the work is (num_splits + 1) / (2 num_splits) of a full product.
+        num_splits: Column blocks s (default: blocks of about :data:`GRAM_BLOCK` columns, at most 16; one block,
+            a plain product, below 2 · GRAM_BLOCK columns).
     """
     P = U.shape[1]
+    if num_splits is None:
+        num_splits = min(16, max(1, P // GRAM_BLOCK))
     step = max(1, -(-P // num_splits))
     for a in range(0, P, step):
         b = min(a + step, P)
-        out[a:b, a:] += U[:, a:b].T @ U[:, a:]
+        out[a:b, a:].addmm_(U[:, a:b].T, U[:, a:])
 
 
 def symmetrize_upper(M: Tensor) -> Tensor:
-    """The symmetric matrix whose upper triangle is M's: triu(M) + triu(M, 1)ᵀ."""
-    upper = torch.triu(M)
-    return upper + torch.triu(M, 1).T
+    """The symmetric matrix whose upper triangle is M's: triu(M) + triu(M, 1)ᵀ.
+
+    On CPU it is copied in 128×128 tiles: each tile and its mirror stay in cache (a whole-matrix transpose does
+    not: 4× slower for P = 3,466), and a tile is small enough (below torch's parallel grain of 32,768 elements) to
+    be copied by one thread, with no parallel region to synchronise. GPUs transpose well in one kernel.
+    """
+    if M.device.type != "cpu":
+        return torch.triu(M) + torch.triu(M, 1).T
+    out = torch.empty_like(M)
+    n, t = M.shape[0], 128
+    idx = torch.arange(t, device=M.device)
+    upper = idx[:, None] <= idx[None, :]  # (torch.triu itself is slow on small CPU tiles)
+    for a in range(0, n, t):
+        diag = M[a: a + t, a: a + t]
+        k = diag.shape[0]
+        out[a: a + t, a: a + t] = torch.where(upper[:k, :k], diag, diag.T)
+        for b in range(a + t, n, t):
+            tile = M[a: a + t, b: b + t]
+            out[a: a + t, b: b + t] = tile
+            out[b: b + t, a: a + t] = tile.T
+    return out

@@ -1,0 +1,208 @@
+"""Headline measurement: does plain GD on a reconstructed network (SNGD) train like NGD, and at what cost?
+
+Problems (embedded data, nothing downloaded): the digits MLP (64-32-32-10 tanh, 3,466 parameters; flat 8×8
+digits, 1,347 training samples), MNIST-1D with an MLP (40-32-32-10 tanh, 2,698 parameters) and with a CNN
+(Conv1d 1→8→16, 2,042 parameters) on 4,000 generated signals (3,200 for training).
+
+Methods (fisherlab.train): SGD, Adam, exact NGD (batch true Fisher, Woodbury/Cholesky solve; digits MLP only —
+it costs a P-wide Jacobian per sample and output every step), KFAC-NGD (factors every 10 steps) and SNGD on the
+network reconstructed with the kfac and the unit-wise structures (refreshed every 10 steps). λ = 0.1 for every
+curvature method, batch size 64, 250 steps, the true Fisher.
+
+Protocol: for each problem and method, a learning-rate sweep over 3 values (factors of ~3 apart; the grids were
+moved up once after a first sweep in which every method picked the largest value of a 3× lower grid) on seed 0
+picks the lr with the lowest final training loss (every run is kept in ``sweep_<problem>.nc``); that lr is then
+run on seeds 1 and 2 as well (seed = model initialisation and minibatch order; the split is fixed).
+``runs_<problem>.nc`` holds the three seeds of the chosen runs (dims seed, method, step), ``summary.nc`` the table
+printed at the end (final training loss and test accuracy, mean ± std over seeds; wall-clock and CPU time, median
+over seeds). Figures: training loss and test accuracy against steps, wall-clock time and CPU time (PNG and SVG).
+
+Times are those of the update steps only (evaluation excluded), on whatever machine runs this. On a shared
+machine wall-clock time mostly measures the other processes; the process's CPU time (all threads) is the more
+faithful cost there, and the step counts are exact.
+
+Run time: about 4 minutes on 2 idle CPU cores in full mode (most of it exact NGD); ``--quick`` (tiny steps, for
+tests) takes about 15 seconds.
+
+    python analyses/training_comparison.py [--out results/training_comparison] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from fisherlab.data import SplitData, load_digits, load_mnist1d
+from fisherlab.models import build_model, reference_mlp
+from fisherlab.results import new_dataset, save_dataset
+from fisherlab.train import best_runs, compare, sweep_lr
+
+#: Method name → (fixed keyword arguments of fisherlab.train, learning rates of the sweep).
+METHODS: dict[str, tuple[dict[str, Any], list[float]]] = {
+    "sgd": ({"method": "sgd"}, [0.3, 1.0, 3.0]),
+    "adam": ({"method": "adam"}, [3e-3, 1e-2, 3e-2]),
+    "ngd": ({"method": "ngd"}, [0.3, 1.0, 3.0]),
+    "kfac-ngd": ({"method": "kfac-ngd"}, [0.1, 0.3, 1.0]),
+    "sngd-kfac": ({"method": "sngd", "structure": "kfac"}, [0.1, 0.3, 1.0]),
+    "sngd-unit": ({"method": "sngd", "structure": "unit"}, [0.1, 0.3, 1.0]),
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A dataset, a model builder (seed → model) and the methods run on it."""
+
+    name: str
+    data: Callable[[bool], SplitData]
+    model: Callable[[SplitData, int], torch.nn.Module]
+    methods: tuple[str, ...]
+
+
+def _mnist1d(layout: str) -> Callable[[bool], SplitData]:
+    return lambda quick: load_mnist1d(n_samples=400 if quick else 4000, seed=0, layout=layout)
+
+
+PROBLEMS = (
+    Problem("digits-mlp", lambda quick: load_digits(seed=0), lambda data, seed: reference_mlp(seed),
+            tuple(METHODS)),
+    Problem("mnist1d-mlp", _mnist1d("flat"), lambda data, seed: build_model("mlp", data, seed=seed),
+            tuple(m for m in METHODS if m != "ngd")),
+    Problem("mnist1d-cnn", _mnist1d("channels"), lambda data, seed: build_model("cnn", data, seed=seed),
+            tuple(m for m in METHODS if m != "ngd")),
+)
+
+
+def run_problem(problem: Problem, common: dict[str, Any], seeds: list[int], lrs: int,
+                out: Path) -> xr.Dataset:
+    """Sweep on seeds[0], rerun the best lr on the other seeds; save both; return the runs (seed, method, step)."""
+    data = problem.data(common.pop("quick"))
+    methods = {m: METHODS[m][0] for m in problem.methods}
+    grid = {m: METHODS[m][1][:lrs] for m in problem.methods}
+    model = problem.model(data, seeds[0]).eval()
+    compare(model, data, {m: {**kw, "lr": 1e-3} for m, kw in methods.items()},
+            **{**common, "steps": 2, "eval_every": 2})  # warm-up: first calls of eigh, vmap, ... are slow
+    sweep = sweep_lr(model, data, methods, grid, seed=seeds[0], **common)
+    save_dataset(sweep, out / f"sweep_{problem.name}.nc")
+    best = best_runs(sweep)
+    chosen = {m: {**methods[m], "lr": float(best["lr"].sel({"method": m}))} for m in problem.methods}
+    runs = [best]
+    for seed in seeds[1:]:
+        runs.append(compare(problem.model(data, seed).eval(), data, chosen, seed=seed, **common))
+    stacked = xr.concat([r.drop_attrs() for r in runs], dim="seed", combine_attrs="drop")
+    ds = new_dataset("training", dict(stacked.data_vars), {**dict(stacked.coords), "seed": seeds},
+                     config={"problem": problem.name, "common": common, "runs": chosen, "lr_grid": grid,
+                             "selection": "lowest final train loss on seed 0"},
+                     seed=seeds[0], device="cpu", dtype="float32", attrs={"problem": problem.name})
+    for name, var in best.variables.items():
+        if name in ds.variables:
+            ds[name].attrs.update(var.attrs)
+    save_dataset(ds, out / f"runs_{problem.name}.nc")
+    return ds
+
+
+def summarize(all_runs: dict[str, xr.Dataset]) -> xr.Dataset:
+    """Per problem and method: lr, final train loss / test accuracy (mean, std over seeds), times (median)."""
+    problems, methods = list(all_runs), list(METHODS)
+    shape = (len(problems), len(methods))
+    keys = ("lr", "train_loss", "train_loss_std", "test_accuracy", "test_accuracy_std", "time", "cpu_time",
+            "ms_per_step", "cpu_ms_per_step")
+    table = {k: np.full(shape, np.nan) for k in keys}
+    for i, p in enumerate(problems):
+        ds = all_runs[p]
+        steps = ds.sizes["step"] - 1
+        for m in ds["method"].values.tolist():
+            j = methods.index(m)
+            run = ds.sel({"method": m}).isel(step=-1)
+            table["lr"][i, j] = float(ds["lr"].sel({"method": m}).isel(seed=0))
+            for var in ("train_loss", "test_accuracy"):
+                table[var][i, j], table[f"{var}_std"][i, j] = run[var].mean(), run[var].std()
+            table["time"][i, j], table["cpu_time"][i, j] = run.time.median(), run.cpu_time.median()
+            table["ms_per_step"][i, j] = 1e3 * table["time"][i, j] / steps
+            table["cpu_ms_per_step"][i, j] = 1e3 * table["cpu_time"][i, j] / steps
+    return new_dataset("training-summary", {k: (("problem", "method"), v) for k, v in table.items()},
+                       {"problem": problems, "method": methods}, config={"problems": problems}, seed=None,
+                       device="cpu", dtype="float32")
+
+
+def print_summary(summary: xr.Dataset) -> None:
+    """The summary as a table (one line per problem and method that ran)."""
+    head = (f"{'problem':<12} {'method':<10} {'lr':>6} {'final train loss':>17} {'test accuracy':>15} "
+            f"{'wall s':>7} {'wall ms/step':>12} {'cpu ms/step':>11}")
+    print(head)
+    print("-" * len(head))
+    for p in summary.problem.values.tolist():
+        for m in summary.method.values.tolist():
+            r = summary.sel({"problem": p, "method": m})
+            if np.isnan(r.lr):
+                continue
+            print(f"{p:<12} {m:<10} {float(r.lr):>6.3g} {float(r.train_loss):>8.4f} ± {float(r.train_loss_std):.4f}"
+                  f" {float(r.test_accuracy):>7.3f} ± {float(r.test_accuracy_std):.3f} {float(r.time):>7.1f}"
+                  f" {float(r.ms_per_step):>12.1f} {float(r.cpu_ms_per_step):>11.1f}")
+
+
+AXES = [("step", "train_loss"), ("time", "train_loss"), ("cpu_time", "train_loss"), ("step", "test_accuracy"),
+        ("time", "test_accuracy"), ("cpu_time", "test_accuracy")]
+LABELS = {"step": "step", "time": "wall-clock time (s)", "cpu_time": "CPU time (s)"}
+
+
+def plot(all_runs: dict[str, xr.Dataset], out: Path) -> None:
+    """Training loss and test accuracy against steps, wall time and CPU time, one row per problem (PNG, SVG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, axes = plt.subplots(len(all_runs), len(AXES), figsize=(4 * len(AXES), 3.4 * len(all_runs)), squeeze=False)
+    palette = dict(zip(METHODS, sns.color_palette("tab10", len(METHODS)), strict=True))
+    for row, (name, ds) in zip(axes, all_runs.items(), strict=True):
+        frame = ds[["train_loss", "test_accuracy", "time", "cpu_time"]].to_dataframe().reset_index().dropna(
+            subset=["train_loss"])
+        for ax, (x, y) in zip(row, AXES, strict=True):
+            if x == "step":  # mean over seeds, band from min to max
+                sns.lineplot(frame, x=x, y=y, hue="method", palette=palette, errorbar=("pi", 100), ax=ax)
+            else:  # mean over seeds of both the time and the metric at each evaluation step
+                mean = frame.groupby(["method", "step"], sort=False)[[x, y]].mean().reset_index()
+                sns.lineplot(mean, x=x, y=y, hue="method", palette=palette, sort=False, ax=ax)
+            ax.set(title=name, xlabel=LABELS[x], ylabel=y.replace("_", " "),
+                   yscale="log" if y == "train_loss" else "linear")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    for ext in ("png", "svg"):
+        fig.savefig(out / f"training_comparison.{ext}", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> xr.Dataset:
+    """Run every problem, save Datasets and figures under ``--out``, print the summary; returns the summary."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("results/training_comparison"))
+    parser.add_argument("--quick", action="store_true", help="tiny runs for tests")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    common = {"steps": 4, "eval_every": 2, "batch_size": 32} if args.quick else \
+        {"steps": 250, "eval_every": 25, "batch_size": 64}
+    common.update(damping=0.1, refresh_every=10)
+    seeds, lrs = ([0, 1], 2) if args.quick else ([0, 1, 2], 3)
+    start = time.perf_counter()
+    all_runs = {p.name: run_problem(p, {**common, "quick": args.quick}, seeds, lrs, args.out) for p in PROBLEMS}
+    summary = summarize(all_runs)
+    save_dataset(summary, args.out / "summary.nc")
+    plot(all_runs, args.out)
+    print_summary(summary)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s; results in {args.out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

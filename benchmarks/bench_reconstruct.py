@@ -1,0 +1,120 @@
+"""Time per training step of SNGD (GD on a reconstructed network) against SGD and KFAC-NGD (issue 4, Performance).
+
+Cases (float32, batch 128, the true Fisher, λ = 1e-3):
+
+* MLP 64-1024-1024-10 tanh (P = 1,126,410) on the flat digits;
+* CNN Conv2d 1→32→64 (3×3, average pooling) + Linear on the 8×8 digit images (P = 21,386).
+
+Each method runs ``fisherlab.train.train`` for ``steps`` updates (evaluation excluded from the clock), and the
+per-step wall times come from its ``time`` record. Methods: ``sgd``; ``sngd`` (structure ``kfac``, layer form,
+``fold="auto"``) refreshed every 10 and every 100 steps — its step 0 builds the reconstructed network, which
+counts as a refresh; ``kfac-ngd`` with factors (and their damped inverses) recomputed every 10 and every 100
+steps; and ``sngd`` with ``fold="never"`` (the paper's form: every root applied to activations). Reported for
+the wall clock and for the process's CPU time (all threads; on a shared machine the wall clock mostly measures the
+other processes), median over ``--repeats`` round-robin repetitions after one warm-up run of each:
+
+* ``step``: median wall time of the steps without a refresh;
+* ``amortised``: total time / steps, refreshes included;
+* ratios: SNGD between refreshes / SGD (target ≤ 1.5) and SNGD amortised / KFAC-NGD amortised at the same
+  refresh period (target ≤ 1).
+
+    python benchmarks/bench_reconstruct.py [--device cpu|cuda] [--repeats 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import header, parse_args  # noqa: E402
+
+from fisherlab.data import SplitData, load_digits  # noqa: E402
+from fisherlab.models import CNN, MLP  # noqa: E402
+from fisherlab.train import train  # noqa: E402
+
+BATCH = 128
+DAMPING = 1e-3
+
+#: Run name → keyword arguments of fisherlab.train.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "sgd": {"method": "sgd"},
+    "sngd/10": {"method": "sngd", "structure": "kfac", "refresh_every": 10},
+    "sngd/100": {"method": "sngd", "structure": "kfac", "refresh_every": 100},
+    "kfac-ngd/10": {"method": "kfac-ngd", "refresh_every": 10},
+    "kfac-ngd/100": {"method": "kfac-ngd", "refresh_every": 100},
+    "sngd/100 fold=never": {"method": "sngd", "structure": "kfac", "refresh_every": 100, "fold": "never"},
+}
+
+
+@dataclass
+class Case:
+    """A model and its data."""
+
+    name: str
+    model: torch.nn.Module
+    data: SplitData
+    stats: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+
+def cases(device: torch.device) -> list[Case]:
+    torch.manual_seed(0)
+    mlp = MLP(64, [1024, 1024], 10, "tanh").eval()
+    cnn = CNN((1, 8, 8), 10, channels=(32, 64)).eval()
+    return [Case("MLP 64-1024-1024-10", mlp, load_digits(seed=0).to(device)),
+            Case("CNN 1-32-64 (8x8)", cnn, load_digits(seed=0, layout="image").to(device))]
+
+
+def measure(case: Case, name: str, steps: int, device: torch.device) -> dict[str, float]:
+    """One run: median step without refresh and total time per step, in wall-clock and in CPU seconds."""
+    ds = train(case.model, case.data, lr=1e-4, steps=steps, batch_size=BATCH, eval_every=steps, damping=DAMPING,
+               device=device, **CONFIGS[name])
+    plain = ds.refresh.values[:-1] == 0
+    out = {}
+    for var, label in (("time", "wall"), ("cpu_time", "cpu")):
+        dt = np.diff(ds[var].values)
+        out[f"{label} step"] = float(np.median(dt[plain])) if plain.any() else float("nan")
+        out[f"{label} amortised"] = float(ds[var][-1]) / steps
+    return out
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    steps = 20 if args.quick else 100
+    header(f"SNGD step time vs SGD and KFAC-NGD (batch {BATCH}, {steps} steps per run, float32)", args.device)
+    all_cases = cases(args.device)
+    for case in all_cases:
+        print(f"   {case.name}: P = {sum(p.numel() for p in case.model.parameters()):,}")
+        for name in CONFIGS:  # warm-up
+            measure(case, name, 11, args.device)
+    for _ in range(args.repeats):
+        for case in all_cases:
+            for name in CONFIGS:
+                for key, value in measure(case, name, steps, args.device).items():
+                    case.stats.setdefault(name, {}).setdefault(key, []).append(value)
+    print("ms per step, median over repeats. step: steps without a refresh; amortised: refreshes included.")
+    print("targets: SNGD step / SGD step ≤ 1.5; SNGD amortised / KFAC-NGD amortised (same period) ≤ 1.")
+    for clock in ("wall", "cpu"):
+        print(f"-- {clock} clock")
+        print(f"{'case':<20} {'run':<20} {'step ms':>9} {'amortised ms':>13} {'step/SGD':>9} {'amort./KFAC-NGD':>16}")
+        for case in all_cases:
+            med = {n: {k: statistics.median(v) for k, v in st.items()} for n, st in case.stats.items()}
+            sgd = med["sgd"][f"{clock} step"]
+            for name in CONFIGS:
+                step, amortised = med[name][f"{clock} step"], med[name][f"{clock} amortised"]
+                vs_kfac = ""
+                if name.startswith("sngd") and "fold" not in name:
+                    vs_kfac = f"{amortised / med['kfac-ngd/' + name.split('/')[1]][f'{clock} amortised']:.2f}"
+                print(f"{case.name:<20} {name:<20} {1e3 * step:>9.2f} {1e3 * amortised:>13.2f} {step / sgd:>9.2f} "
+                      f"{vs_kfac:>16}")
+        print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Fidelity of every update rule at one state: a Dataset with dims ``method``, ``damping``, ``layer``.
+
+For each damping λ the exact NGD update v = −η (F + λI)⁻¹ ∇L (METHOD.md §3) is the reference, and every rule's
+update u (same state, batch, λ and η; original coordinates) is compared with it by the metrics of
+:mod:`fisherlab.fidelity.metrics` (METHOD.md §5). A rule whose structure does not fit the memory budget, does
+not support a layer of the model or is numerically singular at the damping is recorded as unavailable (NaN
+metrics, the reason in ``unavailable_reason``) instead of aborting the evaluation, unless
+``skip_unavailable=False``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import Tensor, nn
+
+from fisherlab import results
+from fisherlab.errors import (
+    InputError,
+    MemoryBudgetError,
+    NonFiniteError,
+    SingularMatrixError,
+    UnsupportedLayerError,
+)
+from fisherlab.fidelity import metrics
+from fisherlab.fidelity.rules import RuleContext, UpdateRule, check_rules, get_rule
+from fisherlab.likelihoods import Likelihood
+
+#: Errors that make one rule unavailable at a state without invalidating the others (its structure does not fit
+#: the budget, has no rule for a layer, or is numerically singular at this damping).
+UNAVAILABLE = (MemoryBudgetError, UnsupportedLayerError, SingularMatrixError)
+
+#: Rules evaluated when none are named.
+DEFAULT_RULES = ("gd", "adam", "ngd", "block-ngd", "kfac", "ekfac", "unit", "diag", "empirical-ngd", "mc-ngd",
+                 "lowrank", "sngd-full", "sngd-block", "sngd-kfac")
+
+#: (long_name, units) of every variable a fidelity Dataset may hold.
+ANNOTATIONS: dict[str, tuple[str, str]] = {
+    "cosine": ("cosine similarity to exact NGD", "1"),
+    "cosine_layer": ("per-layer cosine similarity to exact NGD", "1"),
+    "rel_error": ("relative error ||u - v|| / ||v||", "1"),
+    "fisher_rel_error": ("Fisher-norm relative error sqrt((u-v)'F(u-v)) / sqrt(v'Fv)", "1"),
+    "kl_predicted": ("predicted KL 0.5 u'Fu", "nat"),
+    "kl_measured": ("measured KL between predictive distributions before and after the step", "nat"),
+    "loss_change": ("loss change L(theta + u) - L(theta)", "nat"),
+    "update_norm": ("Euclidean norm of the update ||u||", "parameter units"),
+    "available": ("rule could be evaluated (1) or not (0)", "1"),
+    "unavailable_reason": ("why the rule could not be evaluated", "1"),
+    "ngd_residual": ("relative residual of the exact NGD solve ||(F + lambda I)x - g|| / ||g||", "1"),
+    "ngd_iterations": ("CG iterations of the exact NGD solve (0 for Cholesky)", "1"),
+    "loss": ("loss L(theta) on the batch", "nat"),
+    "grad_norm": ("gradient norm ||grad L||", "nat per parameter unit"),
+    "damping": ("damping lambda", "1"),
+}
+
+#: Metric variables with dims (method, damping) [+ layer]; NaN where a rule is unavailable.
+METRIC_VARS = ("cosine", "rel_error", "fisher_rel_error", "kl_predicted", "kl_measured", "loss_change",
+               "update_norm")
+
+
+def check_dampings(damping: float | Sequence[float]) -> list[float]:
+    """Dampings as a non-empty list of finite floats ≥ 0 without duplicates."""
+    values = [damping] if isinstance(damping, numbers.Real) else list(damping)
+    if not values:
+        raise InputError("no damping given")
+    out = []
+    for d in values:
+        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not math.isfinite(d) or d < 0:
+            raise InputError(f"damping must be a finite number >= 0; got {d!r}")
+        out.append(float(d))
+    if len(set(out)) != len(out):
+        raise InputError(f"duplicate damping values in {out}")
+    return out
+
+
+def check_lr(lr: float) -> float:
+    """A finite positive learning rate."""
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+        raise InputError(f"lr must be a finite number > 0; got {lr!r}")
+    return float(lr)
+
+
+def measure(ctx: RuleContext, rules: Mapping[str, UpdateRule], dampings: Sequence[float], lr: float, *,
+            skip_unavailable: bool = True) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+    """Every metric of every rule at the context's state, as ``{name: (dims, array)}``.
+
+    Args:
+        ctx: The state.
+        rules: ``{method name: rule}`` (registered rules, or others such as a training loop's own update).
+        dampings: λ values.
+        lr: η of every rule.
+        skip_unavailable: Record rules that raise one of :data:`UNAVAILABLE` instead of raising.
+
+    Dims are ``method`` (len(rules)), ``damping`` (len(dampings)) and ``layer`` (``spec.layers()`` order).
+
+    Raises:
+        NonFiniteError: If a rule returns NaN or infinite values.
+        InputError: If a rule returns an update of the wrong shape.
+    """
+    spec = ctx.spec
+    M, D, L = len(rules), len(dampings), len(spec.layers())
+    out = {name: np.full((M, D), np.nan) for name in METRIC_VARS}
+    out["cosine_layer"] = np.full((M, D, L), np.nan)
+    reasons = [""] * M
+    F = ctx.fisher()
+    loss, g = ctx.loss_and_gradient()
+    z0, y = ctx.outputs_and_targets()
+    for j, lam in enumerate(dampings):
+        v = -lr * ctx.natural_gradient(lam)
+        done, columns = [], []
+        for i, (name, rule) in enumerate(rules.items()):
+            if reasons[i]:
+                continue
+            try:
+                with ctx.timed(f"rule {name}"):
+                    u = rule(ctx, lam, lr)
+            except UNAVAILABLE as exc:
+                if not skip_unavailable:
+                    raise
+                reasons[i] = f"{type(exc).__name__}: {exc}"
+                continue
+            if not isinstance(u, Tensor) or tuple(u.shape) != (spec.dim,):
+                shape = tuple(u.shape) if isinstance(u, Tensor) else type(u)
+                raise InputError(f"rule {name!r} returned an update of shape {shape}; expected ({spec.dim},)")
+            u = u.to(v.device, v.dtype)
+            if not bool(torch.isfinite(u).all()):
+                raise NonFiniteError(f"rule {name!r} returned an update with NaN or infinite values at "
+                                     f"damping {lam:g}")
+            with ctx.timed("measured KL"):
+                z1 = ctx.outputs_after(u)
+                out["kl_measured"][i, j] = float(metrics.measured_kl(ctx.likelihood, z0, z1))
+                out["loss_change"][i, j] = float(metrics.loss_change(ctx.likelihood, z0, z1, y))
+            done.append(i)
+            columns.append(u)
+        if not done:
+            continue
+        U = torch.stack(columns, dim=1)
+        with ctx.timed("metrics"):
+            values = {
+                "cosine": metrics.cosine(U, v),
+                "rel_error": metrics.relative_error(U, v),
+                "fisher_rel_error": metrics.fisher_relative_error(U, v, F),
+                "kl_predicted": metrics.predicted_kl(U, F),
+                "update_norm": U.norm(dim=0),
+            }
+            layer = metrics.layer_cosines(U, v, spec)
+        for name, value in values.items():
+            out[name][done, j] = value.detach().cpu().double().numpy()
+        out["cosine_layer"][done, j, :] = layer.T.detach().cpu().double().numpy()
+    solves = [ctx.solves[("true", lam)] for lam in dampings]
+    data = {name: (("method", "damping"), value) for name, value in out.items() if name != "cosine_layer"}
+    data["cosine_layer"] = (("method", "damping", "layer"), out["cosine_layer"])
+    data["available"] = (("method",), np.array([0 if r else 1 for r in reasons], dtype=np.int64))
+    data["unavailable_reason"] = (("method",), np.array(reasons, dtype=str))
+    data["ngd_residual"] = (("damping",), np.array([s.residual for s in solves]))
+    data["ngd_iterations"] = (("damping",), np.array([s.iterations for s in solves], dtype=np.int64))
+    data["loss"] = ((), np.array(float(loss)))
+    data["grad_norm"] = ((), np.array(float(g.norm())))
+    return data
+
+
+def solver_attrs(ctx: RuleContext, dampings: Sequence[float]) -> dict[str, Any]:
+    """Dataset attributes describing the exact NGD solves (``ngd_solver``, ``cg_tol``, convergence)."""
+    solves = [ctx.solves[("true", lam)] for lam in dampings]
+    solver = solves[0].solver
+    attrs: dict[str, Any] = {"ngd_solver": solver, "ngd_converged": int(all(s.converged for s in solves))}
+    if solver == "cg":
+        attrs["cg_tol"] = ctx.cg_tol
+    return attrs
+
+
+def evaluate_fidelity(
+    model: nn.Module,
+    data: Any,
+    *,
+    rules: Sequence[str] = DEFAULT_RULES,
+    damping: float | Sequence[float] = 1e-3,
+    lr: float = 0.1,
+    likelihood: str | Likelihood = "categorical",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    mc_samples: int = 1,
+    memory_budget: int | None = None,
+    chunk_size: int | None = None,
+    cg_tol: float = 1e-6,
+    cg_max_iter: int | None = None,
+    skip_unavailable: bool = True,
+    progress: bool | None = None,
+    config: dict | None = None,
+) -> xr.Dataset:
+    """Compare every rule's update with exact NGD at the model's current parameters (METHOD.md §5).
+
+    Args:
+        model: The network (not modified).
+        data: The batch: ``(X, y)``, a SplitData (training split) or a DataLoader.
+        rules: Rule names (see :data:`fisherlab.fidelity.rules.RULES`).
+        damping: λ, one value or several.
+        lr: Learning rate η of every step (the KL and loss columns depend on it; cosines do not).
+        likelihood: Likelihood name or object.
+        dtype: Compute dtype (float64 for reference numbers).
+        device: Compute device.
+        seed: Seed of Monte-Carlo labels (``mc-ngd``, and structures that sample).
+        mc_samples: Labels per input of the Monte-Carlo Fisher.
+        memory_budget: Bytes a dense object may take; above it exact NGD switches to CG.
+        chunk_size: Samples per chunk of the engines.
+        cg_tol: Relative residual of CG solves.
+        cg_max_iter: CG iteration cap (default 10·P).
+        skip_unavailable: Record a rule that exceeds the budget or meets an unsupported layer as unavailable
+            (NaN) instead of raising.
+        progress: Progress bars (``None``: only on a terminal).
+        config: Extra configuration stored in the provenance.
+
+    Returns:
+        A ``"fidelity"`` Dataset with dims ``method``, ``damping``, ``layer`` and variables ``cosine``,
+        ``cosine_layer``, ``rel_error``, ``fisher_rel_error``, ``kl_predicted``, ``kl_measured``,
+        ``loss_change``, ``update_norm``, ``available``, ``unavailable_reason``, ``ngd_residual``,
+        ``ngd_iterations``, ``loss``, ``grad_norm``; attributes ``ngd_solver`` (``"cholesky"``/``"cg"``),
+        ``cg_tol`` (CG only), ``lr``, ``num_params``, ``num_samples``, ``timings`` (JSON, seconds per phase)
+        and ``total_seconds``.
+
+    Raises:
+        InputError: Unknown rule (the valid ones are listed), bad damping or learning rate.
+    """
+    start = time.perf_counter()
+    rules = check_rules(rules)
+    dampings = check_dampings(damping)
+    lr = check_lr(lr)
+    ctx = RuleContext(model, data, likelihood, dtype=dtype, device=device, seed=seed, mc_samples=mc_samples,
+                      memory_budget=memory_budget, chunk_size=chunk_size, cg_tol=cg_tol, cg_max_iter=cg_max_iter,
+                      progress=progress)
+    data_vars = measure(ctx, {n: get_rule(n) for n in rules}, dampings, lr, skip_unavailable=skip_unavailable)
+    engine = ctx.engine()
+    cfg = {"rules": rules, "damping": dampings, "lr": lr, "likelihood": repr(ctx.likelihood),
+           "mc_samples": mc_samples, "memory_budget": ctx.memory_budget, "cg_tol": cg_tol,
+           "model": type(model).__name__, **(config or {})}
+    attrs = {**solver_attrs(ctx, dampings), "lr": lr, "num_params": engine.spec.dim,
+             "num_samples": engine.num_samples, "timings": json.dumps(ctx.timings),
+             "total_seconds": time.perf_counter() - start}
+    return fidelity_dataset("fidelity", data_vars, {"method": rules, "damping": dampings,
+                                                    "layer": list(engine.spec.layers())},
+                            config=cfg, seed=seed, device=engine.device, dtype=engine.dtype, attrs=attrs)
+
+
+def fidelity_dataset(kind: str, data_vars: dict, coords: dict, **kwargs: Any) -> xr.Dataset:
+    """:func:`fisherlab.results.new_dataset` plus the ``long_name``/``units`` of :data:`ANNOTATIONS`."""
+    ds = results.new_dataset(kind, data_vars, coords, **kwargs)
+    return results.annotate(ds, {k: v for k, v in ANNOTATIONS.items() if k in ds.variables})
+
+
+__all__ = ["ANNOTATIONS", "DEFAULT_RULES", "METRIC_VARS", "UNAVAILABLE", "check_dampings", "check_lr",
+           "evaluate_fidelity", "fidelity_dataset", "measure", "solver_attrs"]

@@ -1,0 +1,236 @@
+"""The geometry a reconstructed network sees: spectra of F + λI and of G^{-1/2} (F + λI) G^{-1/2} (METHOD.md §5).
+
+For a structure s, G_λ is the damped matrix whose inverse the structure applies, G_λ⁻¹ g = ``s.solve(g, λ)``
+(so each structure's own damping convention counts, e.g. KFAC's split of λ between its factors). The
+reconstructed network with local Fisher layers G_λ^{-1/2} sees the Fisher G_λ^{-1/2} (F + λI) G_λ^{-1/2}: the
+identity when G_λ = F + λI, and the better conditioned the closer G_λ is to F + λI. Its eigenvalues are those of
+the generalised problem (F + λI) x = μ G_λ x, computed stably as the eigenvalues of L⁻¹ (F + λI) L⁻ᵀ with
+G_λ = L Lᵀ (Cholesky). The row ``structure="original"`` is F + λI itself (G = I).
+
+Per layer, A_l = F_ll + λI and G_l = (G_λ)_ll, the layer's diagonal blocks (what the layer's local Fisher layer
+would see if the rebuild were local to it).
+
+When the dense P×P matrices fit the memory budget everything is exact (``eigvalsh``). Otherwise only the
+original coordinates are measured, matrix-free: the top ``num_eigs`` eigenvalues of F + λI by Lanczos
+(:func:`fisherlab.linalg.lanczos`), its smallest eigenvalue — exactly λ when F has rank ≤ N·R < P (N samples,
+R rows of the output factor per sample), else by Lanczos on σI − F — and the condition number from both; the
+structures are then recorded as unavailable (their preconditioned spectrum needs G_λ^{-1/2}).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import Tensor, nn
+
+from fisherlab import results
+from fisherlab.errors import SingularMatrixError
+from fisherlab.fidelity.evaluate import UNAVAILABLE, check_dampings
+from fisherlab.fidelity.rules import RuleContext
+from fisherlab.likelihoods import Likelihood
+
+#: Structures measured by default (each the true Fisher in that structure).
+DEFAULT_STRUCTURES = ("dense", "block", "kfac", "ekfac", "unit", "diag")
+
+#: Options of the structures (as for the ``block-ngd`` rule: one block per layer).
+STRUCTURE_OPTIONS: dict[str, dict[str, Any]] = {"block": {"by": "layer"}}
+
+#: Lanczos steps for the smallest eigenvalue of F on the matrix-free path (it converges slowly).
+LOW_END_ITERATIONS = 200
+
+ANNOTATIONS = {
+    "eigenvalue": ("eigenvalue of G^-1/2 (F + lambda I) G^-1/2 (G = I for 'original')", "1"),
+    "condition_number": ("condition number of G^-1/2 (F + lambda I) G^-1/2", "1"),
+    "layer_eigenvalue": ("eigenvalue of the layer block G_l^-1/2 (F_ll + lambda I) G_l^-1/2", "1"),
+    "layer_condition_number": ("condition number of the layer block", "1"),
+    "available": ("structure could be measured (1) or not (0)", "1"),
+    "unavailable_reason": ("why the structure could not be measured", "1"),
+}
+
+
+def preconditioned_eigvalsh(A: Tensor, G: Tensor | None) -> Tensor:
+    """Eigenvalues (ascending) of G^{-1/2} A G^{-1/2} for SPD G (or of A when G is None), via Cholesky of G.
+
+    Args:
+        A: Symmetric (n, n).
+        G: SPD (n, n), or None for the identity.
+
+    Raises:
+        SingularMatrixError: If G is not positive definite.
+    """
+    A = 0.5 * (A + A.T)
+    if G is None:
+        return torch.linalg.eigvalsh(A)
+    L, info = torch.linalg.cholesky_ex(0.5 * (G + G.T))
+    if int(info) != 0:
+        raise SingularMatrixError(f"the damped structure G is not positive definite (Cholesky failed at pivot "
+                                  f"{int(info)} of {G.shape[0]}); increase the damping")
+    X = torch.linalg.solve_triangular(L, A, upper=False)
+    M = torch.linalg.solve_triangular(L, X.T, upper=False)
+    return torch.linalg.eigvalsh(0.5 * (M + M.T))
+
+
+def condition(ev: Tensor) -> float:
+    """λ_max/λ_min of ascending eigenvalues (inf when λ_min ≤ 0)."""
+    lo, hi = float(ev[0]), float(ev[-1])
+    return hi / lo if lo > 0 else math.inf
+
+
+def damped_matrix(ctx: RuleContext, structure: str, damping: float) -> Tensor:
+    """G_λ as a dense (P, P) matrix: the inverse of g ↦ ``structure.solve(g, λ)``."""
+    G = ctx.structure(structure, **STRUCTURE_OPTIONS.get(structure, {}))
+    P = ctx.spec.dim
+    eye = torch.eye(P, dtype=ctx.engine().dtype, device=ctx.engine().device)
+    Ginv = G.solve(eye, damping)
+    return torch.linalg.inv(0.5 * (Ginv + Ginv.T))
+
+
+def _dense_geometry(ctx: RuleContext, names: list[str], dampings: list[float], skip_unavailable: bool
+                    ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Exact spectra: arrays shaped (S, D, P), (S, D), (S, D, L, P_max), (S, D, L); and unavailable reasons."""
+    F = ctx.fisher().to_dense()
+    P = F.shape[0]
+    blocks = list(ctx.spec.blocks("layer").values())
+    width = max(len(ix) for ix in blocks)
+    S, D, L = len(names), len(dampings), len(blocks)
+    out = {"eigenvalue": np.full((S, D, P), np.nan), "condition_number": np.full((S, D), np.nan),
+           "layer_eigenvalue": np.full((S, D, L, width), np.nan), "layer_condition_number": np.full((S, D, L), np.nan)}
+    reasons = [""] * S
+    eye = torch.eye(P, dtype=F.dtype, device=F.device)
+    base = torch.linalg.eigvalsh(F)
+    base_layer = [torch.linalg.eigvalsh(F[ix][:, ix]) for ix in blocks]
+    for i, name in enumerate(names):
+        for j, lam in enumerate(dampings):
+            if name == "original":
+                ev, layer_ev = base + lam, [e + lam for e in base_layer]
+            else:
+                try:
+                    with ctx.timed(f"geometry {name}"):
+                        G = damped_matrix(ctx, name, lam)
+                except UNAVAILABLE as exc:
+                    if not skip_unavailable:
+                        raise
+                    reasons[i] = f"{type(exc).__name__}: {exc}"
+                    break
+                A = F + lam * eye
+                ev = preconditioned_eigvalsh(A, G)
+                layer_ev = [preconditioned_eigvalsh(A[ix][:, ix], G[ix][:, ix]) for ix in blocks]
+            out["eigenvalue"][i, j] = ev.cpu().double().numpy()
+            out["condition_number"][i, j] = condition(ev)
+            for k, e in enumerate(layer_ev):
+                out["layer_eigenvalue"][i, j, k, : len(e)] = e.cpu().double().numpy()
+                out["layer_condition_number"][i, j, k] = condition(e)
+    return out, reasons
+
+
+def _lanczos_geometry(ctx: RuleContext, names: list[str], dampings: list[float], num_eigs: int, seed: int
+                      ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Top ``num_eigs`` eigenvalues (ascending) and κ of F + λI by Lanczos; structures unavailable."""
+    from fisherlab.linalg import lanczos
+
+    F = ctx.fisher()
+    P, dtype, device = ctx.spec.dim, ctx.engine().dtype, ctx.engine().device
+    k = min(num_eigs, P)
+    top, _ = lanczos(F.matvec, P, k, seed=seed, dtype=dtype, device=device)
+    sigma = float(top[0])
+    engine = ctx.engine()
+    if engine.num_samples * engine.rows_per_sample < P:  # rank F ≤ N·R < P: λ_min(F) = 0 exactly
+        lam_min_F = 0.0
+    else:
+        low, _ = lanczos(lambda v: sigma * v - F.matvec(v), P, 1, num_iter=min(P, LOW_END_ITERATIONS),
+                         seed=seed + 1, dtype=dtype, device=device)
+        lam_min_F = max(sigma - float(low[0]), 0.0)
+    S, D, L = len(names), len(dampings), len(ctx.spec.layers())
+    out = {"eigenvalue": np.full((S, D, k), np.nan), "condition_number": np.full((S, D), np.nan),
+           "layer_eigenvalue": np.full((S, D, L, 1), np.nan), "layer_condition_number": np.full((S, D, L), np.nan)}
+    reasons = ["" if n == "original" else "the preconditioned spectrum needs the dense P×P matrices, above the "
+               "memory budget" for n in names]
+    i = names.index("original")
+    for j, lam in enumerate(dampings):
+        out["eigenvalue"][i, j] = torch.flip(top, [0]).cpu().double().numpy() + lam
+        out["condition_number"][i, j] = (sigma + lam) / (lam_min_F + lam) if lam_min_F + lam > 0 else math.inf
+    return out, reasons
+
+
+def fisher_geometry(
+    model: nn.Module,
+    data: Any,
+    *,
+    structures: Sequence[str] = DEFAULT_STRUCTURES,
+    damping: float | Sequence[float] = 1e-3,
+    likelihood: str | Likelihood = "categorical",
+    dtype: torch.dtype | None = torch.float64,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    memory_budget: int | None = None,
+    chunk_size: int | None = None,
+    num_eigs: int = 20,
+    skip_unavailable: bool = True,
+    progress: bool | None = None,
+    config: dict | None = None,
+) -> xr.Dataset:
+    """Spectra and condition numbers of F + λI and of G_λ^{-1/2}(F + λI)G_λ^{-1/2} for each structure.
+
+    Args:
+        model: The network (not modified).
+        data: The batch: ``(X, y)``, a SplitData (training split) or a DataLoader.
+        structures: Fisher structures G (``"dense"``, ``"block"`` (per layer), ``"kfac"``, ...); the row
+            ``"original"`` (G = I) is always included first.
+        damping: λ, one value or several.
+        likelihood: Likelihood name or object.
+        dtype: Compute dtype (float64 by default: small eigenvalues matter).
+        device: Compute device.
+        seed: Seed of Monte-Carlo draws and of Lanczos start vectors.
+        memory_budget: Bytes a dense object may take; above it the matrix-free path is used.
+        chunk_size: Samples per chunk of the engine.
+        num_eigs: Eigenvalues computed by Lanczos on the matrix-free path.
+        skip_unavailable: Record a structure that exceeds the budget or meets an unsupported layer as
+            unavailable instead of raising.
+        progress: Progress bars (``None``: only on a terminal).
+        config: Extra configuration stored in the provenance.
+
+    Returns:
+        A ``"geometry"`` Dataset with dims ``structure``, ``damping``, ``eig``, ``layer``, ``layer_eig``
+        (ascending eigenvalues; layer spectra padded with NaN to the largest layer) and variables
+        ``eigenvalue``, ``condition_number``, ``layer_eigenvalue``, ``layer_condition_number``, ``available``,
+        ``unavailable_reason``; attribute ``spectrum_method`` (``"eigvalsh"`` or ``"lanczos"``).
+    """
+    start = time.perf_counter()
+    dampings = check_dampings(damping)
+    names = ["original", *[s for s in structures if s != "original"]]
+    ctx = RuleContext(model, data, likelihood, dtype=dtype, device=device, seed=seed,
+                      memory_budget=memory_budget, chunk_size=chunk_size, progress=progress)
+    dense = ctx.dense_fits()
+    if dense:
+        arrays, reasons = _dense_geometry(ctx, names, dampings, skip_unavailable)
+    else:
+        arrays, reasons = _lanczos_geometry(ctx, names, dampings, num_eigs, seed)
+    S_D = ("structure", "damping")
+    data_vars = {
+        "eigenvalue": ((*S_D, "eig"), arrays["eigenvalue"]),
+        "condition_number": (S_D, arrays["condition_number"]),
+        "layer_eigenvalue": ((*S_D, "layer", "layer_eig"), arrays["layer_eigenvalue"]),
+        "layer_condition_number": ((*S_D, "layer"), arrays["layer_condition_number"]),
+        "available": (("structure",), np.array([0 if r else 1 for r in reasons], dtype=np.int64)),
+        "unavailable_reason": (("structure",), np.array(reasons, dtype=str)),
+    }
+    engine = ctx.engine()
+    coords = {"structure": names, "damping": dampings, "layer": list(ctx.spec.layers()),
+              "eig": np.arange(arrays["eigenvalue"].shape[-1]),
+              "layer_eig": np.arange(arrays["layer_eigenvalue"].shape[-1])}
+    cfg = {"structures": names, "damping": dampings, "likelihood": repr(ctx.likelihood), "num_eigs": num_eigs,
+           "memory_budget": ctx.memory_budget, "model": type(model).__name__, **(config or {})}
+    ds = results.new_dataset("geometry", data_vars, coords, config=cfg, seed=seed, device=engine.device,
+                             dtype=engine.dtype,
+                             attrs={"spectrum_method": "eigvalsh" if dense else "lanczos",
+                                    "num_params": engine.spec.dim, "total_seconds": time.perf_counter() - start})
+    return results.annotate(ds, ANNOTATIONS)
+
+
+__all__ = ["DEFAULT_STRUCTURES", "condition", "damped_matrix", "fisher_geometry", "preconditioned_eigvalsh"]

@@ -1,0 +1,158 @@
+"""Fidelity metrics: how closely a candidate update u tracks the exact NGD update v (METHOD.md §5).
+
+Pure functions on tensors. Updates are flat vectors in the original coordinates (the
+:class:`~fisherlab.params.ParamSpec` ordering). Every function accepts a single candidate u of shape (P,) or
+several candidates as the columns of U (P, k), compared with one reference v of shape (P,); it returns a 0-dim
+tensor or a (k,) tensor accordingly. A ratio whose denominator is zero (a zero reference, a zero layer) is NaN.
+
+The Fisher F in :func:`fisher_relative_error` and :func:`predicted_kl` is the *undamped* true Fisher; it is
+given as anything with products ``F @ W`` for W (P, k): a dense (P, P) tensor, a
+:class:`~fisherlab.structures.FisherMatrix` (dense or implicit), or a callable ``W -> F W``. Each function
+makes exactly one product with F, so the implicit operator costs one pass over the data per call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fisherlab.errors import InputError
+from fisherlab.params import ParamSpec
+
+#: Anything that multiplies (P, k) matrices by the Fisher: a tensor, a FisherMatrix, or a callable W -> F W.
+FisherOperator = Any
+
+
+def _columns(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """U as (P, k), v as (P, 1), and whether u was a single vector."""
+    if v.dim() != 1:
+        raise InputError(f"the reference update must have shape (P,); got {tuple(v.shape)}")
+    if u.dim() not in (1, 2) or u.shape[0] != v.shape[0]:
+        raise InputError(f"candidate updates must have shape (P,) or (P, k) with P = {v.shape[0]}; "
+                         f"got {tuple(u.shape)}")
+    single = u.dim() == 1
+    return (u.unsqueeze(1) if single else u), v.unsqueeze(1), single
+
+
+def _out(x: Tensor, single: bool) -> Tensor:
+    return x[0] if single else x
+
+
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    """The ratio num / den, NaN where den == 0."""
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.nan)
+
+
+def cosine(u: Tensor, v: Tensor) -> Tensor:
+    """Cosine similarity uᵀv / (‖u‖ ‖v‖) (dimensionless, in [−1, 1]).
+
+    Args:
+        u: Candidate update (P,) or candidates (P, k).
+        v: Reference update (P,).
+
+    Returns:
+        0-dim tensor, or (k,).
+    """
+    U, V, single = _columns(u, v)
+    return _out(_ratio((U * V).sum(0), U.norm(dim=0) * V.norm(dim=0)), single)
+
+
+def layer_cosines(u: Tensor, v: Tensor, spec: ParamSpec) -> Tensor:
+    """Cosine similarity restricted to the parameters of each layer (``spec.layers()`` order).
+
+    Args:
+        u: Candidate update (P,) or candidates (P, k).
+        v: Reference update (P,).
+        spec: The parameter ordering of u and v.
+
+    Returns:
+        (L,) for a single candidate, (L, k) otherwise; L = ``len(spec.layers())``.
+    """
+    U, _, single = _columns(u, v)
+    blocks = spec.blocks("layer")
+    out = torch.stack([cosine(U[ix.to(U.device)], v[ix.to(v.device)]) for ix in blocks.values()])
+    return out[:, 0] if single else out
+
+
+def relative_error(u: Tensor, v: Tensor) -> Tensor:
+    """‖u − v‖ / ‖v‖ (dimensionless).
+
+    Args:
+        u: Candidate update (P,) or candidates (P, k).
+        v: Reference update (P,).
+    """
+    U, V, single = _columns(u, v)
+    return _out(_ratio((U - V).norm(dim=0), V.norm(dim=0).expand(U.shape[1])), single)
+
+
+def fisher_product(F: FisherOperator, W: Tensor) -> Tensor:
+    """F W for W (P, k): ``F @ W`` for tensors and Fisher matrices, ``F(W)`` for callables."""
+    if isinstance(F, Tensor) or hasattr(F, "__matmul__"):
+        return F @ W  # type: ignore[operator]
+    if callable(F):
+        return F(W)
+    raise InputError(f"F must be a (P, P) tensor, a FisherMatrix or a callable W -> F W; got {type(F)}")
+
+
+def quadratic_forms(F: FisherOperator, W: Tensor) -> Tensor:
+    """wᵢᵀ F wᵢ for each column of W (P, k), with one product; returns (k,)."""
+    if W.dim() != 2:
+        raise InputError(f"W must have shape (P, k); got {tuple(W.shape)}")
+    return (W * fisher_product(F, W)).sum(0)
+
+
+def fisher_relative_error(u: Tensor, v: Tensor, F: FisherOperator) -> Tensor:
+    """√((u−v)ᵀ F (u−v)) / √(vᵀ F v), the error in the Fisher (KL) metric (dimensionless).
+
+    Args:
+        u: Candidate update (P,) or candidates (P, k).
+        v: Reference update (P,).
+        F: The undamped true Fisher (see the module docstring); one product with k + 1 columns.
+    """
+    U, V, single = _columns(u, v)
+    q = quadratic_forms(F, torch.cat([U - V, V], dim=1)).clamp_min(0)
+    return _out(_ratio(q[:-1].sqrt(), q[-1].sqrt().expand(U.shape[1])), single)
+
+
+def predicted_kl(u: Tensor, F: FisherOperator) -> Tensor:
+    """½ uᵀ F u, the second-order prediction of the KL divergence caused by the step u (nats).
+
+    Args:
+        u: Update (P,) or updates (P, k).
+        F: The undamped true Fisher (see the module docstring).
+    """
+    U = u.unsqueeze(1) if u.dim() == 1 else u
+    q = 0.5 * quadratic_forms(F, U)
+    return q[0] if u.dim() == 1 else q
+
+
+def measured_kl(likelihood: object, z_before: Tensor, z_after: Tensor) -> Tensor:
+    """Mean over the batch of KL(p(· | z_before) ‖ p(· | z_after)) (nats); 0-dim tensor.
+
+    Args:
+        likelihood: A :class:`~fisherlab.likelihoods.Likelihood` (its ``kl``).
+        z_before: Outputs before the step, (N, C).
+        z_after: Outputs after the step, (N, C).
+    """
+    if z_before.shape != z_after.shape:
+        raise InputError(f"outputs before {tuple(z_before.shape)} and after {tuple(z_after.shape)} the step differ")
+    return likelihood.kl(z_before, z_after).mean()  # type: ignore[attr-defined]
+
+
+def loss_change(likelihood: object, z_before: Tensor, z_after: Tensor, y: Tensor) -> Tensor:
+    """L(θ + u) − L(θ) with L the mean negative log-likelihood (nats per sample); negative is a decrease.
+
+    Args:
+        likelihood: A :class:`~fisherlab.likelihoods.Likelihood` (its ``nll``).
+        z_before: Outputs before the step, (N, C).
+        z_after: Outputs after the step, (N, C).
+        y: Targets (N, ...).
+    """
+    nll = likelihood.nll  # type: ignore[attr-defined]
+    return (nll(z_after, y) - nll(z_before, y)).mean()
+
+
+__all__ = ["cosine", "fisher_product", "fisher_relative_error", "layer_cosines", "loss_change", "measured_kl",
+           "predicted_kl", "quadratic_forms", "relative_error"]

@@ -1,0 +1,254 @@
+"""``reconstruct(model, data, ...)``: rebuild a model around local Fisher layers (METHOD.md §4).
+
+Structures and the metric G each one reconstructs with (λ = ``damping``; every block is also the unit that
+holds its roots):
+
+==========  ==================================================================  ===============================
+structure   G                                                                   units
+==========  ==================================================================  ===============================
+``full``    F + λI over all parameters (exact NGD; small models only)           one parametrization of θ
+``block``   one dense block F_l + λI per layer (module)                         a parametrization per layer
+``kfac``    (S_l + sI) ⊗ (A_l + aI) per Linear/Conv layer, a·s = λ (``split``)  layer forms (or parametrizations)
+``input``   (A_l + λI) ⊗ I per Linear/Conv layer (input whitening only)         layer forms (or parametrizations)
+``ekfac``   EKFAC eigenbasis and re-fitted scaling + λ per layer                parametrizations per layer
+``unit``    one dense block + λI per output unit (row of W̄ = [W, b])            parametrizations per layer
+``diag``    diag(F) + λI                                                        a parametrization per tensor
+==========  ==================================================================  ===============================
+
+Linear and Conv layers get the **layer form** under ``kfac`` and ``input`` (explicit InputWhitening / W̄' /
+OutputFisher modules, see :mod:`~fisherlab.reconstruct.local_layers`) unless ``layer_form=False``; every
+other tensor, and every tensor under the other structures, gets the **parametrization form**
+(:mod:`~fisherlab.reconstruct.parametrize`). Fallback rule: a layer that has Kronecker factors (a rule in
+:data:`fisherlab.layers.LAYER_RULES`) but no layer form (:data:`~fisherlab.reconstruct.LAYER_FORMS`), or whose
+weight or bias is not trainable, gets a :class:`~fisherlab.reconstruct.KroneckerRoot` parametrization with the
+same G. Under ``kfac``/``input``/``ekfac``/``unit`` a module without a
+Kronecker rule (an LSTM, a norm, a user module) raises :class:`~fisherlab.errors.UnsupportedLayerError`
+naming it; pass ``unsupported="block"`` to give such modules an exact dense block (a dense parametrization) instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from fisherlab.engine import FisherType, check_eval_mode, parse_enum
+from fisherlab.errors import InputError
+from fisherlab.likelihoods import Likelihood, get_likelihood
+from fisherlab.linalg import KRON_SPLITS, SQRT_METHODS
+from fisherlab.params import ParamSpec
+from fisherlab.reconstruct.local_layers import FOLD_MODES, LAYER_FORMS
+from fisherlab.reconstruct.network import ReconstructConfig, ReconstructedNetwork, UnitPlan, compute_structure
+from fisherlab.reconstruct.parametrize import (
+    DenseRoot,
+    DiagonalRoot,
+    EigenbasisRoot,
+    FisherRoot,
+    KroneckerRoot,
+    UnitRoot,
+    parametrize_group,
+)
+from fisherlab.structures.base import FisherMatrix
+
+__all__ = ["STRUCTURES", "reconstruct"]
+
+#: Reconstruction structure → (fisherlab.fisher structure, its default options).
+STRUCTURES: dict[str, tuple[str, dict[str, Any]]] = {
+    "full": ("dense", {}),
+    "block": ("block", {"by": "layer"}),
+    "kfac": ("kfac", {}),
+    "input": ("kfac", {}),
+    "ekfac": ("ekfac", {}),
+    "unit": ("unit", {}),
+    "diag": ("diag", {}),
+}
+
+
+def reconstruct(
+    model: nn.Module,
+    data: Any,
+    *,
+    structure: str = "kfac",
+    fisher: str = "true",
+    damping: float = 1e-3,
+    sqrt: str = "eigh",
+    likelihood: str | Likelihood = "categorical",
+    mc_samples: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    layer_form: bool = True,
+    ema_decay: float | None = None,
+    inplace: bool = False,
+    split: str = "pi",
+    fold: str = "auto",
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    **options: Any,
+) -> ReconstructedNetwork:
+    """Rebuild ``model`` in coordinates θ' = G^{1/2} θ so that plain GD on it is NGD with metric G.
+
+    Args:
+        model: Any ``nn.Module`` mapping (N, *input_shape) → (N, C), in eval mode if it has dropout or batch norm.
+            Not modified unless ``inplace=True``.
+        data: ``(X, y)``, a :class:`~fisherlab.data.SplitData` (training split) or a DataLoader: G is the Fisher
+            of ``fisher`` kind on these samples (also the default data of :meth:`~ReconstructedNetwork.refresh`).
+        structure: ``"full"``, ``"block"``, ``"kfac"``, ``"input"``, ``"ekfac"``, ``"unit"`` or ``"diag"`` (module
+            docstring table).
+        fisher: Fisher kind: ``"true"``, ``"mc"``, ``"empirical"`` or ``"ggn"``.
+        damping: λ ≥ 0 (for ``kfac`` split between the factors, see ``split``).
+        sqrt: Matrix square-root method: ``"eigh"``, ``"denman_beavers"`` or ``"newton_schulz"``.
+        likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or a Likelihood.
+        mc_samples: Labels per input for ``fisher="mc"``.
+        seed: Seed of the Monte-Carlo labels (refresh k uses ``seed + k``).
+        dtype: Dtype of the reconstructed network and its roots (default: the model's).
+        device: Its device (default: the model's).
+        layer_form: Give Linear/Conv layers the explicit layer form under ``kfac``/``input`` (else parametrizations
+            with the same G).
+        ema_decay: β ∈ [0, 1): refreshes average the statistics, β · old + (1 − β) · new (None: no averaging).
+        inplace: Rebuild ``model`` itself instead of a copy.
+        split: KFAC damping split: ``"pi"`` (a = π√λ, s = √λ/π; as KFACFisher.solve) or ``"sqrt"`` (a = s = √λ).
+        fold: Where layer forms apply their roots: ``"auto"`` (cheaper side), ``"never"`` (on activations, the
+            paper's form) or ``"always"`` (folded into the weight).
+        chunk_size: Samples per chunk in Fisher computations and gradients.
+        memory_budget: Bytes any dense object may take (default: half the available memory).
+        **options: Options of the Fisher structure (e.g. ``unsupported="block"`` for kfac/ekfac/unit).
+
+    Returns:
+        The :class:`ReconstructedNetwork`; at construction it computes the same outputs as ``model``.
+
+    Raises:
+        InputError: Unknown option, a model in training mode with dropout/batch norm, shared parameters.
+        UnsupportedLayerError: The structure has no rule for a module (names it; use block/diag/full, or
+            ``unsupported="block"``).
+        SingularMatrixError: G is singular at ``damping`` (e.g. 0): pass damping > 0.
+        MemoryBudgetError: A dense block would exceed the memory budget.
+    """
+    if structure not in STRUCTURES:
+        raise InputError(f"unknown reconstruction structure {structure!r}; valid: {list(STRUCTURES)}")
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be an nn.Module; got {type(model)}")
+    kind = parse_enum(FisherType, fisher, "Fisher kind").value
+    for value, valid, what in ((sqrt, SQRT_METHODS, "sqrt method"), (split, KRON_SPLITS, "damping split"),
+                               (fold, FOLD_MODES, "fold mode")):
+        if value not in valid:
+            raise InputError(f"unknown {what} {value!r}; valid: {list(valid)}")
+    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
+        raise InputError(f"damping must be a finite number ≥ 0; got {damping!r}")
+    if ema_decay is not None and not (isinstance(ema_decay, (int, float)) and 0 <= ema_decay < 1):
+        raise InputError(f"ema_decay must be None or in [0, 1); got {ema_decay!r}")
+    check_eval_mode(model)
+    _check_unshared(model)
+    spec = ParamSpec.from_model(model)
+    first = next(iter(model.parameters()))
+    dtype = dtype or first.dtype
+    device = torch.device(device) if device is not None else first.device
+
+    fisher_structure, defaults = STRUCTURES[structure]
+    config = ReconstructConfig(structure, fisher_structure, kind, float(damping), sqrt, get_likelihood(likelihood),
+                               mc_samples, seed, ema_decay, split, fold, layer_form, chunk_size, memory_budget,
+                               {**defaults, **options})
+    template = copy.deepcopy(model).to(device=device, dtype=dtype)
+    struct = compute_structure(template, data, config, seed)
+    net = model.to(device=device, dtype=dtype) if inplace else copy.deepcopy(template)
+    net, plans = _BUILDERS[structure](net, spec, struct, config)
+    network = ReconstructedNetwork(net, template, spec, plans, config, data)
+    network.set_metric(struct)
+    return network
+
+
+def _check_unshared(model: nn.Module) -> None:
+    seen: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first = seen.setdefault(id(p), name)
+        if first != name:
+            raise InputError(
+                f"parameters {first!r} and {name!r} are the same tensor (shared between layers): a reconstructed "
+                "network needs one coordinate system per tensor. Untie them (give each layer its own copy) first."
+            )
+
+
+# ------------------------------------------------------------------------------------------------ building
+Built = tuple[nn.Module, list[UnitPlan]]
+
+
+def _root_path(name: str) -> str:
+    """Module path of the root registered on parameter ``name`` (its first member)."""
+    owner, _, attr = name.rpartition(".")
+    return f"{owner + '.' if owner else ''}parametrizations.{attr}.0.root"
+
+
+def _group(net: nn.Module, spec: ParamSpec, names: tuple[str, ...], root_cls: type[FisherRoot],
+           source: tuple[str, str], config: ReconstructConfig, **kwargs: Any) -> UnitPlan:
+    """Parametrize the tensors ``names`` of ``net`` with a new ``root_cls`` root; its plan."""
+    first = next(iter(net.parameters()))
+    root = root_cls([spec.shapes[spec.names.index(n)] for n in names], first.dtype, first.device, **kwargs)
+    parametrize_group(net, names, root)
+    return UnitPlan(_root_path(names[0]), names, source, "parametrization")
+
+
+def _build_full(net: nn.Module, spec: ParamSpec, struct: FisherMatrix, config: ReconstructConfig) -> Built:
+    return net, [_group(net, spec, spec.names, DenseRoot, ("matrix", ""), config)]
+
+
+def _build_block(net: nn.Module, spec: ParamSpec, struct: FisherMatrix, config: ReconstructConfig) -> Built:
+    layers = spec.layers() if struct.meta.get("blocks_by", "layer") == "layer" else {n: (n,) for n in spec.names}
+    return net, [_group(net, spec, layers[key], DenseRoot, ("blocks", key), config) for key in struct.index]
+
+
+def _build_diag(net: nn.Module, spec: ParamSpec, struct: FisherMatrix, config: ReconstructConfig) -> Built:
+    return net, [_group(net, spec, (n,), DiagonalRoot, ("diagonal", n), config) for n in spec.names]
+
+
+def _replace(net: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``path`` of ``net``; returns the (possibly new) root module."""
+    if not path:
+        return new
+    parent, _, child = path.rpartition(".")
+    setattr(net.get_submodule(parent), child, new)
+    return net
+
+
+def _build_layerwise(net: nn.Module, spec: ParamSpec, struct: FisherMatrix, config: ReconstructConfig) -> Built:
+    """Units of KFAC, input, EKFAC and unit-wise structures: one per supported layer, a dense one per exact block."""
+    kronecker = config.structure in ("kfac", "input")
+    output = config.structure != "input"
+    root_cls, kwargs = _LAYERWISE_ROOTS[config.structure]
+    kwargs = {k: getattr(config, k) if k == "split" else output for k in kwargs}
+    plans = []
+    for path, f in struct.factors.items():  # type: ignore[attr-defined]
+        module = net.get_submodule(path)
+        names = tuple(f.param_names)
+        factory = LAYER_FORMS.get(type(module))
+        whole = f.has_weight and f.has_bias == (getattr(module, "bias", None) is not None)
+        if kronecker and config.layer_form and factory is not None and whole:
+            net = _replace(net, path, factory(module, output=output, split=config.split, fold=config.fold))
+            plans.append(UnitPlan(path, names, ("factors", path), "layer"))
+        else:
+            plans.append(_group(net, spec, names, root_cls, ("factors", path), config, **kwargs))
+    plans += [_group(net, spec, spec.layers()[path], DenseRoot, ("exact_blocks", path), config)
+              for path in struct.exact_blocks]  # type: ignore[attr-defined]
+    return net, plans
+
+
+_BUILDERS: dict[str, Callable[[nn.Module, ParamSpec, FisherMatrix, ReconstructConfig], Built]] = {
+    "full": _build_full,
+    "block": _build_block,
+    "diag": _build_diag,
+    "kfac": _build_layerwise,
+    "input": _build_layerwise,
+    "ekfac": _build_layerwise,
+    "unit": _build_layerwise,
+}
+
+#: Root of a layer-wise structure's parametrization form, and the root's keyword arguments (from the config).
+_LAYERWISE_ROOTS: dict[str, tuple[type[FisherRoot], tuple[str, ...]]] = {
+    "kfac": (KroneckerRoot, ("split", "output")),
+    "input": (KroneckerRoot, ("split", "output")),
+    "ekfac": (EigenbasisRoot, ()),
+    "unit": (UnitRoot, ()),
+}

@@ -1,0 +1,304 @@
+"""The layer form of a local Fisher layer: explicit modules around a Linear or Conv weight (METHOD.md §4).
+
+A supported layer y = W̄ ā (ā = [a; 1] when it has a bias; for a convolution, a is each input patch) with KFAC
+metric G = (S + sI) ⊗ (A + aI) is rebuilt as
+
+    y = S_s^{-1/2} · W̄' · (A_a^{-1/2} ā),        W̄' = S_s^{1/2} W̄ A_a^{1/2},
+
+three modules in sequence: :class:`InputWhitening` (A_a^{-1/2}), the weight W̄' — the layer's only parameter — and
+:class:`OutputFisher` (S_s^{-1/2}); with ``output=False`` (structure ``input``) the metric is (A + λI) ⊗ I and
+there is no output layer. ``print(net)`` shows them. One GD step on W̄' maps back to
+ΔW̄ = −η S_s^{-1} ∇W̄ L A_a^{-1}, the KFAC step.
+
+**Where the roots are applied.** A root can act on the activations (the paper's form: cost ∝ rows · n² per
+forward, rows = samples × locations) or be folded into the weight (W̄' A^{-1/2}: cost ∝ out · n², independent of
+the batch). Both compute the same function (to round-off); ``fold="auto"`` (default) picks the cheaper one per
+side and per call, ``"never"`` always whitens activations, ``"always"`` always folds. A convolution always folds
+the input side (its patches are never formed) and applies S^{-1/2} across channels.
+
+The damping split (a, s) with a·s = λ is :func:`fisherlab.linalg.kron_damping_split` with ``split="pi"``
+(default; a = π√λ, s = √λ/π, π² = (tr A/dim A)/(tr S/dim S), as :meth:`KFACFisher.solve` and
+:meth:`KFACFisher.inv_sqrt_factors`) or ``"sqrt"`` (a = s = √λ).
+
+:data:`LAYER_FORMS` maps a module type to the factory of its layer form; :func:`register_layer_form` adds one.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as nnf
+from torch import Tensor, nn
+
+from fisherlab.errors import InputError
+from fisherlab.linalg import kron_damping_split
+from fisherlab.reconstruct.roots import CombinedLayout, LocalFisherUnit, damped_roots
+
+__all__ = [
+    "FOLD_MODES",
+    "LAYER_FORMS",
+    "InputWhitening",
+    "LocalFisherConv",
+    "LocalFisherLayer",
+    "LocalFisherLinear",
+    "OutputFisher",
+    "kron_apply",
+    "kron_update",
+    "register_layer_form",
+]
+
+#: Where a layer form applies its roots: chosen by cost, on the activations, or folded into the weight.
+FOLD_MODES = ("auto", "never", "always")
+
+
+class FactorRoot(nn.Module):
+    """One Kronecker factor's roots M^{1/2}, M^{-1/2} (buffers ``sqrt``, ``inv_sqrt`` of shape (n, n))."""
+
+    def __init__(self, n: int, dtype: torch.dtype | None = None, device: torch.device | None = None):
+        super().__init__()
+        self.register_buffer("sqrt", torch.eye(n, dtype=dtype, device=device))
+        self.register_buffer("inv_sqrt", torch.eye(n, dtype=dtype, device=device))
+
+    def root(self, power: float) -> Tensor:
+        """M^{power} for power = ±1/2."""
+        return self.sqrt if power > 0 else self.inv_sqrt
+
+    def set_roots(self, sqrt: Tensor, inv_sqrt: Tensor) -> None:
+        """Replace both roots (n, n)."""
+        if sqrt.shape != self.sqrt.shape or inv_sqrt.shape != self.inv_sqrt.shape:
+            raise InputError(f"{type(self).__name__} roots must have shape {tuple(self.sqrt.shape)}; got "
+                             f"{tuple(sqrt.shape)} and {tuple(inv_sqrt.shape)}")
+        self.sqrt, self.inv_sqrt = sqrt.to(self.sqrt), inv_sqrt.to(self.inv_sqrt)
+
+    def extra_repr(self) -> str:
+        return f"size={self.sqrt.shape[0]}"
+
+
+class InputWhitening(FactorRoot):
+    """ā ↦ A^{-1/2} ā: the input local Fisher layer (A = E[ā āᵀ] + aI).
+
+    Args:
+        width: n, the length of ā.
+        homogeneous: Whether ā = [a; 1] ends with the constant 1 (the layer has a bias): the module then maps
+            inputs (..., n − 1) to (..., n).
+    """
+
+    def __init__(self, width: int, homogeneous: bool, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None):
+        super().__init__(width, dtype, device)
+        self.homogeneous = homogeneous
+
+    def forward(self, a: Tensor) -> Tensor:
+        """A^{-1/2} ā for inputs a (..., n − homogeneous); returns (..., n)."""
+        Z = self.inv_sqrt
+        return nnf.linear(a, Z[:, :-1], Z[:, -1]) if self.homogeneous else nnf.linear(a, Z)
+
+    def fold(self, W: Tensor) -> Tensor:
+        """W A^{-1/2} for a weight W (out, n): the same map applied through the weight."""
+        return W @ self.inv_sqrt
+
+    def extra_repr(self) -> str:
+        return f"size={self.sqrt.shape[0]}, homogeneous={self.homogeneous}"
+
+
+class OutputFisher(FactorRoot):
+    """y ↦ S^{-1/2} y: the output local Fisher layer (S = E[δ δᵀ] + sI), along dimension ``dim`` of y.
+
+    Args:
+        features: m, the layer's outputs (features of a Linear, channels of a Conv).
+        dim: The feature dimension of y: −1 (Linear) or 1 (Conv, y of shape (N, m, *spatial)).
+    """
+
+    def __init__(self, features: int, dim: int = -1, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None):
+        super().__init__(features, dtype, device)
+        self.dim = dim
+
+    def forward(self, y: Tensor) -> Tensor:
+        """S^{-1/2} applied along ``dim``; same shape as y."""
+        if self.dim == -1:
+            return nnf.linear(y, self.inv_sqrt)
+        return torch.einsum("ij,nj...->ni...", self.inv_sqrt, y)
+
+    def fold(self, W: Tensor) -> Tensor:
+        """S^{-1/2} W for a weight W (m, n)."""
+        return self.inv_sqrt @ W
+
+
+def kron_apply(M: Tensor, inp: FactorRoot, out: FactorRoot | None, power: float) -> Tensor:
+    """(S^p ⊗ A^p) on combined matrices M (*B, m, n): S^p M A^p (S = I when ``out`` is None)."""
+    M = M @ inp.root(power)
+    return M if out is None else out.root(power) @ M
+
+
+def kron_update(inp: FactorRoot, out: FactorRoot | None, stats: Mapping[str, Tensor], damping: float,
+                method: str, split: str) -> None:
+    """Set the roots of (S + sI) ⊗ (A + aI) ((a, s) = ``split`` of λ), or of (A + λI) ⊗ I when ``out`` is None."""
+    A = stats["A"].to(inp.sqrt)
+    if out is None:
+        inp.set_roots(*damped_roots(A, damping, method))
+        return
+    S = stats["S"].to(out.sqrt)
+    da, ds = kron_damping_split(A, S, damping, split)
+    inp.set_roots(*damped_roots(A, da, method))
+    out.set_roots(*damped_roots(S, ds, method))
+
+
+class LocalFisherLayer(LocalFisherUnit):
+    """Base class of the layer forms: InputWhitening → W̄' → OutputFisher (see the module docstring).
+
+    The only parameter is ``weight``, W̄' of shape (out, n) = [W'_flat, b']. Group vectors (the unit's
+    restriction of the flat parameter vector) list the original weight row-major, then the bias.
+
+    Args:
+        shapes: Shapes of the original weight and (if any) bias.
+        output: Whether the metric has an output factor S.
+        split: Damping split ``"pi"`` or ``"sqrt"``.
+        fold: ``"auto"``, ``"never"`` or ``"always"`` (where roots are applied).
+        feature_dim: Dimension of the output features (−1 Linear, 1 Conv).
+    """
+
+    def __init__(self, shapes: Sequence[torch.Size], *, output: bool, split: str, fold: str, feature_dim: int,
+                 dtype: torch.dtype | None = None, device: torch.device | None = None):
+        super().__init__(shapes)
+        if fold not in FOLD_MODES:
+            raise InputError(f"unknown fold mode {fold!r}; valid: {list(FOLD_MODES)}")
+        self.layout = CombinedLayout(self.shapes)
+        self.split, self.fold = split, fold
+        self.statistics = ("A", "S") if output else ("A",)
+        m, n = self.layout.rows, self.layout.n
+        self.input_whitening = InputWhitening(n, homogeneous=len(self.shapes) == 2, dtype=dtype, device=device)
+        self.weight = nn.Parameter(torch.zeros(m, n, dtype=dtype, device=device))
+        self.output_fisher = OutputFisher(m, feature_dim, dtype, device) if output else None
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether the layer has a bias (the last column of W̄)."""
+        return len(self.shapes) == 2
+
+    def primes(self) -> list[Tensor]:
+        return [self.weight]
+
+    def primes_to_flat(self, tensors: Sequence[Tensor]) -> Tensor:
+        return self.layout.matrix_to_flat(tensors[0])
+
+    def flat_to_primes(self, v: Tensor) -> list[Tensor]:
+        return [self.layout.flat_to_matrix(v)]
+
+    def _apply_rows(self, V: Tensor, power: float) -> Tensor:
+        M = kron_apply(self.layout.flat_to_matrix(V), self.input_whitening, self.output_fisher, power)
+        return self.layout.matrix_to_flat(M)
+
+    def update(self, stats: Mapping[str, Tensor], damping: float, method: str) -> None:
+        self._check_stats(stats)
+        kron_update(self.input_whitening, self.output_fisher, stats, damping, method, self.split)
+
+    def _folds(self, rows: int) -> tuple[bool, bool]:
+        """(fold the input root, fold the output root) for a call with ``rows`` rows of activations.
+
+        Folding A^{-1/2} costs out·n² instead of rows·n², folding S^{-1/2} costs out²·n instead of rows·out².
+        """
+        if self.fold != "auto":
+            return (self.fold == "always",) * 2
+        m, n = self.layout.rows, self.layout.n
+        return m < rows, self.output_fisher is not None and n < rows
+
+    def effective_weight(self) -> Tensor:
+        """W̄ = S^{-1/2} W̄' A^{-1/2} (out, n), the original layer's combined weight (differentiable in W̄')."""
+        return kron_apply(self.weight, self.input_whitening, self.output_fisher, -0.5)
+
+    def extra_repr(self) -> str:
+        m, n = self.layout.rows, self.layout.n
+        return f"weight W̄' ({m}, {n}), bias={self.has_bias}, split={self.split!r}, fold={self.fold!r}"
+
+
+class LocalFisherLinear(LocalFisherLayer):
+    """Layer form of ``nn.Linear``: y = S^{-1/2} W̄' A^{-1/2} [x; 1], inputs (..., in) → (..., out)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The original layer's output, computed through the local Fisher layers."""
+        fold_in, fold_out = self._folds(x.numel() // max(x.shape[-1], 1))
+        W = self.output_fisher.fold(self.weight) if fold_out else self.weight
+        if fold_in:
+            W = self.input_whitening.fold(W)
+            y = nnf.linear(x, W[:, :-1], W[:, -1]) if self.has_bias else nnf.linear(x, W)
+        else:
+            y = nnf.linear(self.input_whitening(x), W)
+        return self.output_fisher(y) if self.output_fisher is not None and not fold_out else y
+
+    @classmethod
+    def from_layer(cls, layer: nn.Linear, *, output: bool = True, split: str = "pi",
+                   fold: str = "auto") -> LocalFisherLinear:
+        """The layer form of ``layer`` with identity roots (W̄' = W̄)."""
+        shapes = [p.shape for p in (layer.weight, layer.bias) if p is not None]
+        new = cls(shapes, output=output, split=split, fold=fold, feature_dim=-1, dtype=layer.weight.dtype,
+                  device=layer.weight.device)
+        new.load_theta(torch.cat([p.detach().reshape(-1) for p in (layer.weight, layer.bias) if p is not None]))
+        return new
+
+
+class LocalFisherConv(LocalFisherLayer):
+    """Layer form of ``nn.Conv1d``/``nn.Conv2d`` (groups = 1; any padding mode).
+
+    Per output location y_l = S^{-1/2} W̄' A^{-1/2} ā_l, ā_l the input patch with a trailing 1 (A: patch
+    covariance, S: channel covariance, KFC). The input side is always folded into the weight (W̄' A^{-1/2} is
+    convolved with the input, so patches are never formed); S^{-1/2} is applied across channels or folded.
+    """
+
+    def __init__(self, shapes: Sequence[torch.Size], conv: nn.Module, **kwargs):
+        super().__init__(shapes, feature_dim=1, **kwargs)
+        self._conv = (conv,)  # geometry only (stride, padding, ...): its weight and bias were removed
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The original convolution's output, computed through the local Fisher layers."""
+        _, fold_out = self._folds(x.shape[0] * x[0, 0].numel())
+        W = self.input_whitening.fold(self.weight)
+        if fold_out:
+            W = self.output_fisher.fold(W)
+        parts = self.layout.from_matrix(W)
+        y = self._conv[0]._conv_forward(x, parts[0], parts[1] if self.has_bias else None)
+        return self.output_fisher(y) if self.output_fisher is not None and not fold_out else y
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, *, output: bool = True, split: str = "pi",
+                   fold: str = "auto") -> LocalFisherConv:
+        """The layer form of a Conv1d/Conv2d ``layer`` with identity roots (W̄' = W̄)."""
+        if layer.groups != 1:
+            raise InputError(f"the layer form covers convolutions with groups=1; got groups={layer.groups}")
+        params = [p for p in (layer.weight, layer.bias) if p is not None]
+        geometry = copy.deepcopy(layer)
+        for name in ("weight", "bias"):
+            geometry._parameters.pop(name, None)
+        new = cls([p.shape for p in params], geometry, output=output, split=split, fold=fold,
+                  dtype=layer.weight.dtype, device=layer.weight.device)
+        new.load_theta(torch.cat([p.detach().reshape(-1) for p in params]))
+        return new
+
+    def extra_repr(self) -> str:
+        c = self._conv[0]
+        return (f"{type(c).__name__}({c.in_channels}, {c.out_channels}, kernel_size={c.kernel_size}, "
+                f"stride={c.stride}, padding={c.padding}), " + super().extra_repr())
+
+
+#: Factory of a layer form: (layer, output=, split=, fold=) → LocalFisherLayer. Extend with register_layer_form.
+LayerFormFactory = Callable[..., LocalFisherLayer]
+
+#: Module type (exact match) → factory of its layer form.
+LAYER_FORMS: dict[type[nn.Module], LayerFormFactory] = {
+    nn.Linear: LocalFisherLinear.from_layer,
+    nn.Conv1d: LocalFisherConv.from_layer,
+    nn.Conv2d: LocalFisherConv.from_layer,
+}
+
+
+def register_layer_form(cls: type[nn.Module], factory: LayerFormFactory) -> None:
+    """Give modules of type ``cls`` a layer form built by ``factory(layer, output=, split=, fold=)``.
+
+    The factory must return a :class:`LocalFisherLayer` computing the layer's function with identity roots;
+    the layer also needs a Kronecker rule (:func:`fisherlab.layers.register_layer_rule`) for its factors.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise InputError(f"register_layer_form needs an nn.Module subclass; got {cls!r}")
+    LAYER_FORMS[cls] = factory

@@ -1,0 +1,238 @@
+"""What every local Fisher unit shares: the group layout of its parameters and the damped roots G^{±1/2}.
+
+A **local Fisher unit** (METHOD.md §4) is one diagonal block G_g of the metric G — one layer, one parameter
+tensor, or (structure ``full``) the whole network — together with the reconstructed coordinates
+θ'_g = G_g^{1/2} θ_g it owns. Two forms exist: explicit layers around a Linear/Conv weight
+(:mod:`~fisherlab.reconstruct.local_layers`) and parametrizations of arbitrary tensors
+(:mod:`~fisherlab.reconstruct.parametrize`). Both subclass :class:`LocalFisherUnit` and speak in **group
+vectors**: the unit's original tensors flattened row-major and concatenated in the order of
+``model.named_parameters()`` — the restriction of fisherlab's flat parameter vector to the unit.
+
+:class:`CombinedLayout` writes tensors that share their leading dimension m (a weight (m, ...) and its bias (m,))
+as one matrix W̄ = [W.reshape(m, -1), b] of shape (m, n): the layout of Kronecker, eigenbasis and unit-wise
+metrics, whose factors act on the rows (S, m×m) and columns (A, n×n) of W̄.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from fisherlab.errors import InputError, SingularMatrixError
+from fisherlab.linalg import ConvergenceError, sqrtm
+
+#: Exponents a unit's root can be applied with: G^{1/2} (original → reconstructed) and G^{-1/2} (back).
+POWERS = (0.5, -0.5)
+
+
+def damped_roots(G: Tensor, damping: float, method: str) -> tuple[Tensor, Tensor]:
+    """(G_λ^{1/2}, G_λ^{-1/2}) of G_λ = G + λI by :func:`fisherlab.linalg.sqrtm`, both (n, n) in G's dtype.
+
+    The roots are computed in float64 whatever G's dtype: a float32 network with κ(G_λ) = ‖G‖/λ ≈ 1e5 (common
+    for small dampings) would otherwise lose the small eigenvalues, which are exactly the directions NGD
+    amplifies, and the singularity check of ``sqrtm`` (n·eps·‖G‖) would refuse λ < 1e-5·n·‖G‖.
+
+    Raises:
+        SingularMatrixError: G_λ is not numerically positive definite (e.g. λ = 0 and a singular G); the message
+            gives the smallest eigenvalue and advises a positive damping.
+        ConvergenceError: An iterative method (``denman_beavers``, ``newton_schulz``) did not converge.
+    """
+    res = sqrtm(G.double(), method=method, damping=damping)
+    if not res.converged:
+        raise ConvergenceError(
+            f"the {method} square root of a {G.shape[0]}×{G.shape[0]} block did not converge in {res.iterations} "
+            f"iterations (residual {res.residual:.2e}); increase the damping or use sqrt='eigh'"
+        )
+    return res.sqrt.to(G.dtype), res.inv_sqrt.to(G.dtype)  # type: ignore[union-attr]
+
+
+def batched_damped_roots(G: Tensor, damping: float, method: str) -> tuple[Tensor, Tensor]:
+    """Roots of a batch of blocks G (b, n, n) + λI: (b, n, n) each, in G's dtype (computed in float64).
+
+    ``"eigh"`` uses one batched eigendecomposition (the reference method, with the positivity check of
+    :func:`fisherlab.linalg.sqrtm` applied block by block); the iterative methods run :func:`damped_roots` on each
+    block.
+
+    Raises:
+        SingularMatrixError: A damped block is not numerically positive definite (names the first such block).
+    """
+    if method != "eigh":
+        roots = [damped_roots(B, damping, method) for B in G]
+        return torch.stack([r[0] for r in roots]), torch.stack([r[1] for r in roots])
+    n = G.shape[-1]
+    Gd = 0.5 * (G + G.mT).double() + damping * torch.eye(n, dtype=torch.float64, device=G.device)
+    w, Q = torch.linalg.eigh(Gd)
+    bad = w[:, 0] <= n * torch.finfo(torch.float64).eps * w.abs().amax(-1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise SingularMatrixError(
+            f"{int(bad.sum())} of {G.shape[0]} blocks + damping·I (damping={damping:g}) are not numerically positive "
+            f"definite (first: block {i}, smallest eigenvalue {float(w[i, 0]):.3e}); "
+            + ("pass damping > 0" if damping == 0 else f"increase the damping (now {damping:g})"))
+    sqrt = (Q * w.sqrt().unsqueeze(-2)) @ Q.mT
+    inv_sqrt = (Q * w.rsqrt().unsqueeze(-2)) @ Q.mT
+    return sqrt.to(G.dtype), inv_sqrt.to(G.dtype)
+
+
+def check_power(power: float) -> float:
+    """Refuse an exponent other than ±1/2."""
+    if power not in POWERS:
+        raise InputError(f"a local Fisher unit applies G^p for p in {POWERS}; got p = {power}")
+    return power
+
+
+class CombinedLayout:
+    """Tensors with a common leading dimension m, viewed as one matrix W̄ (m, n) = [T_1.reshape(m, -1), ...].
+
+    Args:
+        shapes: Shapes of the tensors, in group order (e.g. a weight (m, c, k) and a bias (m,)).
+
+    Attributes:
+        rows: m.
+        cols: Columns of W̄ contributed by each tensor.
+        edges: Column offsets (length ``len(shapes) + 1``); tensor i fills columns ``edges[i]:edges[i+1]``.
+    """
+
+    def __init__(self, shapes: Sequence[torch.Size]):
+        shapes = [torch.Size(s) for s in shapes]
+        if not shapes or any(len(s) == 0 or s[0] != shapes[0][0] for s in shapes):
+            raise InputError(f"a combined matrix needs tensors with a common leading dimension; got {shapes}")
+        self.shapes = tuple(shapes)
+        self.rows = int(shapes[0][0])
+        self.cols = tuple(math.prod(s) // self.rows for s in shapes)
+        edges = [0]
+        for c in self.cols:
+            edges.append(edges[-1] + c)
+        self.edges = tuple(edges)
+
+    @property
+    def n(self) -> int:
+        """Columns of W̄."""
+        return self.edges[-1]
+
+    def to_matrix(self, tensors: Sequence[Tensor]) -> Tensor:
+        """W̄ (*B, m, n) from tensors of shapes (*B, *shape_i)."""
+        batch = tensors[0].shape[: tensors[0].dim() - len(self.shapes[0])]
+        return torch.cat([t.reshape(*batch, self.rows, -1) for t in tensors], dim=-1)
+
+    def from_matrix(self, M: Tensor) -> list[Tensor]:
+        """The tensors (*B, *shape_i) of a matrix W̄ (*B, m, n)."""
+        batch = M.shape[:-2]
+        spans = zip(self.edges[:-1], self.edges[1:], self.shapes, strict=True)
+        return [M[..., a:b].reshape(*batch, *s) for a, b, s in spans]
+
+    def flat_to_matrix(self, v: Tensor) -> Tensor:
+        """Group vectors (*B, P_g) (tensors flattened and concatenated) → W̄ (*B, m, n)."""
+        return self.to_matrix(unflatten(v, self.shapes))
+
+    def matrix_to_flat(self, M: Tensor) -> Tensor:
+        """W̄ (*B, m, n) → group vectors (*B, P_g)."""
+        return flatten(self.from_matrix(M), self.shapes)
+
+
+def flatten(tensors: Sequence[Tensor], shapes: Sequence[torch.Size]) -> Tensor:
+    """Concatenate tensors (*B, *shape_i) into group vectors (*B, P_g)."""
+    batch = tensors[0].shape[: tensors[0].dim() - len(shapes[0])]
+    return torch.cat([t.reshape(*batch, -1) for t in tensors], dim=-1)
+
+
+def unflatten(v: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
+    """Split group vectors (*B, P_g) into tensors (*B, *shape_i) (views)."""
+    out, start = [], 0
+    for s in shapes:
+        n = math.prod(s)
+        out.append(v[..., start: start + n].reshape(*v.shape[:-1], *s))
+        start += n
+    if start != v.shape[-1]:
+        raise InputError(f"group vector has length {v.shape[-1]}, expected {start}")
+    return out
+
+
+class LocalFisherUnit(nn.Module):
+    """Base class of local Fisher units: a block G_g of the metric and the reconstructed coordinates θ'_g.
+
+    A subclass holds the roots of G_g as **buffers** (never differentiated) and the reconstructed parameters
+    θ'_g as ``nn.Parameter`` s (:meth:`primes`), and states:
+
+    * :meth:`apply` — G_g^p v for p = ±1/2 on group vectors v of shape (P_g,) or (P_g, k);
+    * :meth:`update` — recompute the roots from new statistics (``statistics`` names them) and a damping;
+    * :meth:`primes_to_flat` / :meth:`flat_to_primes` — between the shapes of the θ' parameters and group
+      vectors (the identity for a parametrization; W̄' ↔ [vec W', b'] for a layer).
+
+    Attributes:
+        shapes: Shapes of the original tensors, in group order.
+    """
+
+    statistics: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, shapes: Sequence[torch.Size]):
+        super().__init__()
+        self.shapes = tuple(torch.Size(s) for s in shapes)
+
+    @property
+    def dim(self) -> int:
+        """P_g, the number of scalar parameters of the unit."""
+        return self.offsets[-1]
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Start of each original tensor in the group vector (length ``len(shapes) + 1``)."""
+        out = [0]
+        for s in self.shapes:
+            out.append(out[-1] + math.prod(s))
+        return tuple(out)
+
+    # ------------------------------------------------------------------------------------ to implement
+    def primes(self) -> list[Tensor]:
+        """The θ' parameters of the unit (the tensors an optimizer updates)."""
+        raise NotImplementedError
+
+    def primes_to_flat(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Tensors shaped like :meth:`primes` (values or gradients) → group vector (P_g,)."""
+        return flatten(tensors, self.shapes)
+
+    def flat_to_primes(self, v: Tensor) -> list[Tensor]:
+        """Group vector (P_g,) → tensors shaped like :meth:`primes`."""
+        return unflatten(v, self.shapes)
+
+    def _apply_rows(self, V: Tensor, power: float) -> Tensor:
+        """G^p applied to the rows of V (k, P_g)."""
+        raise NotImplementedError
+
+    def update(self, stats: Mapping[str, Tensor], damping: float, method: str) -> None:
+        """Set the roots of G_g = (statistics) + damping from ``stats`` (keys :attr:`statistics`)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------- derived
+    def apply(self, v: Tensor, power: float) -> Tensor:
+        """G_g^p v for p = ±1/2; v of shape (P_g,) or (P_g, k), same shape back."""
+        check_power(power)
+        if v.shape[0] != self.dim or v.dim() not in (1, 2):
+            raise InputError(f"expected a group vector of shape ({self.dim},) or ({self.dim}, k); got {tuple(v.shape)}")
+        rows = v.unsqueeze(0) if v.dim() == 1 else v.T
+        out = self._apply_rows(rows, power)
+        return out.squeeze(0) if v.dim() == 1 else out.T
+
+    def prime_vector(self) -> Tensor:
+        """θ'_g as a group vector (P_g,), detached."""
+        return self.primes_to_flat([p.detach() for p in self.primes()])
+
+    def theta_vector(self) -> Tensor:
+        """θ_g = G_g^{-1/2} θ'_g as a group vector (P_g,), detached."""
+        return self.apply(self.prime_vector(), -0.5)
+
+    @torch.no_grad()
+    def load_theta(self, theta: Tensor) -> None:
+        """Set θ'_g = G_g^{1/2} θ_g for the original parameters θ_g (group vector (P_g,))."""
+        primes = self.primes()
+        for p, t in zip(primes, self.flat_to_primes(self.apply(theta.to(primes[0]), 0.5)), strict=True):
+            p.copy_(t)
+
+    def _check_stats(self, stats: Mapping[str, Tensor]) -> None:
+        missing = [k for k in self.statistics if k not in stats]
+        if missing:
+            raise InputError(f"{type(self).__name__}.update needs statistics {missing}")

@@ -1,0 +1,154 @@
+"""EKFAC: the KFAC eigenbasis with a diagonal re-fitted from per-sample gradients (George et al. 2018).
+
+For a layer with KFAC factors A = Q_A diag(α) Q_Aᵀ and S = Q_S diag(σ) Q_Sᵀ, KFAC's block S ⊗ A is diagonal in
+the basis Q_S ⊗ Q_A with eigenvalues σ_i α_j. EKFAC keeps the basis and replaces those eigenvalues by the
+second moments of the per-sample (per-row) gradients in it,
+
+    s_ij = (1/N) Σ_n Σ_r [Q_Sᵀ G_{n,r} Q_A]_ij²,      G_{n,r} = Σ_l δ_{n,r,l} ā_{n,l}ᵀ  (out, width),
+
+so the layer block is (Q_S ⊗ Q_A) diag(vec s) (Q_S ⊗ Q_A)ᵀ in row-major W̄ order. Since (1/N) Σ_{n,r}
+vec(G_{n,r}) vec(G_{n,r})ᵀ is the exact layer block F_l of the same Fisher kind, s = diag((Q_S ⊗ Q_A)ᵀ F_l (Q_S ⊗
+Q_A)): the Frobenius-optimal diagonal in that basis, hence never farther from F_l than KFAC (whose diagonal in
+the same basis is σ ⊗ α), and equal to F_l wherever KFAC is.
+
+Building it takes two passes over the data: the KFAC factors, then the scalings (for Linear layers (L = 1) the
+square of the rank-one G_{n,r} in the basis is the outer product of squares, so no per-sample gradient is formed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from fisherlab.engine import FisherEngine
+from fisherlab.errors import InputError, SingularMatrixError
+from fisherlab.layers import iter_layer_rows
+from fisherlab.linalg import kron_eig
+from fisherlab.structures.kfac import KFACFisher, KroneckerFactors, LayerwiseFisher, vars_of
+
+
+@dataclass(frozen=True, eq=False)
+class EKFACFactors(KroneckerFactors):
+    """EKFAC factors of one layer: block = (Q_S ⊗ Q_A) diag(vec scaling) (Q_S ⊗ Q_A)ᵀ in row-major W̄ order.
+
+    Attributes:
+        Q_A: Eigenvectors of the basis's input factor (width, width), columns.
+        Q_S: Eigenvectors of the basis's output factor (out, out), columns.
+        scaling: Re-fitted eigenvalues s (out, width).
+        (A, S: the KFAC factors of the same data, kept for running averages and basis refreshes.)
+    """
+
+    averaged: ClassVar[tuple[str, ...]] = ("A", "S", "scaling")
+    #: Fields two EKFACs must share for their scalings to be averaged.
+    shared: ClassVar[tuple[str, ...]] = ("Q_A", "Q_S")
+
+    Q_A: Tensor
+    Q_S: Tensor
+    scaling: Tensor
+
+
+@dataclass(repr=False)
+class EKFACFisher(LayerwiseFisher):
+    """EKFAC: per supported layer the KFAC eigenbasis with re-fitted scalings; same interface as KFAC.
+
+    ``solve`` is exact for the structure: (Q_S ⊗ Q_A) diag(1/(s + λ)) (Q_S ⊗ Q_A)ᵀ; ``eigvalsh`` returns the
+    scalings (and the exact blocks' spectra).
+    """
+
+    structure = "ekfac"
+    factors: dict[str, EKFACFactors] = field(default_factory=dict)
+
+    @classmethod
+    def from_engine(cls, engine: FisherEngine, *, unsupported: str = "error", chunk_size: int | None = None,
+                    basis: LayerwiseFisher | None = None) -> EKFACFisher:
+        """KFAC factors (first pass), their eigenbasis, then the scalings (second pass).
+
+        Args:
+            engine: Model, data, likelihood and Fisher kind.
+            unsupported: ``"error"`` or ``"block"`` (exact dense blocks for modules without a layer rule).
+            chunk_size: Samples per chunk (default from the memory budget).
+            basis: Fit the scalings in this Fisher's eigenbasis instead of the new factors' — an
+                :class:`EKFACFisher` (its Q_A, Q_S) or a :class:`KFACFisher` (its factors' eigenvectors) over the
+                same parameters. Running averages of EKFAC scalings need a shared basis
+                (:func:`fisherlab.structures.running.ema_update`).
+        """
+        kfac = KFACFisher.from_engine(engine, unsupported=unsupported, chunk_size=chunk_size)
+        source = kfac if basis is None else basis
+        if basis is not None and (basis.spec != kfac.spec or list(basis.factors) != list(kfac.factors)):
+            raise InputError(f"basis must cover the same parameters and layers as the engine; got {basis!r} for "
+                             f"layers {list(kfac.factors)}")
+        Q = {p: _eigenbasis(f) for p, f in source.factors.items()}
+        s = {p: torch.zeros(f.out_features, f.width, dtype=engine.dtype, device=engine.device)
+             for p, f in kfac.factors.items()}
+        for rows in iter_layer_rows(engine, kfac.factors, chunk_size=chunk_size, per_sample_gradients=True,
+                                    desc=f"EKFAC {engine.kind.value} scalings"):
+            for p, r in rows.items():
+                Q_A, Q_S = Q[p]
+                d, a = r.grads @ Q_S, r.inputs @ Q_A  # (R, n, L, out), (n, L, width)
+                if a.shape[1] == 1:  # rank-one per-sample gradients: squares are outer products of squares
+                    s[p] += d[:, :, 0].square().sum(0).T @ a[:, 0].square()
+                else:
+                    s[p] += torch.einsum("rnlo,nli->rnoi", d, a).square().sum((0, 1))
+        N = engine.num_samples
+        factors = {p: EKFACFactors(**vars_of(f), A=f.A, S=f.S, Q_A=Q[p][0], Q_S=Q[p][1], scaling=s[p] / N)
+                   for p, f in kfac.factors.items()}
+        return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget,
+                   {**kfac.meta, "basis": "given" if basis is not None else "own"}, factors, kfac.index,
+                   kfac.exact_blocks)
+
+    @staticmethod
+    def _rotate(f: EKFACFactors, X: Tensor) -> Tensor:
+        """Coordinates of X (k, out, width) in the eigenbasis: Q_Sᵀ X Q_A."""
+        return f.Q_S.mT @ X @ f.Q_A
+
+    @staticmethod
+    def _unrotate(f: EKFACFactors, Y: Tensor) -> Tensor:
+        return f.Q_S @ Y @ f.Q_A.mT
+
+    def _layer_matmat(self, f: EKFACFactors, X: Tensor) -> Tensor:
+        return self._unrotate(f, f.scaling * self._rotate(f, X))
+
+    def _layer_diag(self, f: EKFACFactors) -> Tensor:
+        return f.Q_S.square() @ f.scaling @ f.Q_A.square().T
+
+    def _layer_trace(self, f: EKFACFactors) -> Tensor:
+        return f.scaling.sum()
+
+    def _layer_dense(self, f: EKFACFactors) -> Tensor:
+        Q = torch.kron(f.Q_S, f.Q_A)
+        return (Q * f.scaling.reshape(-1)) @ Q.T
+
+    def _layer_eigvalsh(self, f: EKFACFactors) -> Tensor:
+        return f.scaling.reshape(-1)
+
+    def _layer_solve(self, f: EKFACFactors, X: Tensor, damping: float) -> Tensor:
+        denom = f.scaling + damping
+        lo, hi = torch.stack([denom.min(), denom.abs().max()]).tolist()
+        threshold = denom.numel() * torch.finfo(denom.dtype).eps * hi
+        if not lo > threshold:
+            advice = "pass damping > 0" if damping == 0 else f"increase the damping (now {damping:g})"
+            raise SingularMatrixError(f"the EKFAC block of layer {f.layer!r} + damping·I is not numerically "
+                                      f"positive definite (smallest eigenvalue {lo:.3e} ≤ {threshold:.3e}); {advice}")
+        return self._unrotate(f, self._rotate(f, X) / denom)
+
+    def solve(self, g: Tensor, damping: float = 0.0) -> Tensor:
+        """(EKFAC + λI)⁻¹ g, exact for the structure (layer blocks in their eigenbasis, exact blocks by Cholesky).
+
+        Raises:
+            SingularMatrixError: A block + λI is not numerically positive definite (pass damping > 0).
+        """
+        return super().solve(g, damping)
+
+
+def _eigenbasis(f: KroneckerFactors) -> tuple[Tensor, Tensor]:
+    """(Q_A, Q_S): the given EKFAC basis, or the eigenvectors of KFAC factors."""
+    if isinstance(f, EKFACFactors):
+        return f.Q_A, f.Q_S
+    eig = kron_eig(f.A, f.S)
+    return eig.a_eigvecs, eig.s_eigvecs
+
+
+__all__ = ["EKFACFactors", "EKFACFisher"]

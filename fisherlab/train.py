@@ -1,0 +1,453 @@
+"""One training loop for every optimiser fisherlab compares: SGD, momentum, Adam, exact NGD, KFAC-NGD and SNGD.
+
+:func:`train` runs one method from a copy of a model (the model itself is never modified) over a minibatch
+stream fixed by ``seed`` (epoch e is :func:`fisherlab.data.iterate_minibatches` with seed ``seed + e``), so two
+methods with the same model, data, ``batch_size`` and ``seed`` start from the same parameters and see the same
+batches in the same order. Methods (λ = ``damping``, η = ``lr``, g = the batch gradient):
+
+============  =====================================================================================================
+``sgd``       θ ← θ − η g  (``torch.optim.SGD``)
+``momentum``  heavy-ball SGD, momentum ``momentum`` (``torch.optim.SGD``)
+``adam``      ``torch.optim.Adam`` with its defaults
+``ngd``       exact NGD on the batch: θ ← θ − η (F_B + λI)⁻¹ g with the batch's dense true Fisher, solved exactly
+              (``ngd_solver``: Woodbury with a Cholesky factorisation of the (N·R)² Gram matrix when N·R < P,
+              else Cholesky of F_B + λI; ``"cg"``: conjugate gradients on the implicit F_B to ``cg_tol``)
+``kfac-ngd``  θ ← θ − η (S + sI)⁻¹ ∇W̄ (A + aI)⁻¹ per layer, factors from the current batch every ``refresh_every``
+              steps (their damped inverses, computed in float64, cached in between)
+``sngd``      plain SGD on :func:`fisherlab.reconstruct.reconstruct` (``structure``), built on the first batch and
+              refreshed on the current batch every ``refresh_every`` steps
+============  =====================================================================================================
+
+Recorded per step s = 0 … steps (the parameters θ_s before update s): ``loss`` (mean loss on batch s), ``time``
+(wall-clock seconds spent in updates 0 … s−1, refreshes included, evaluation excluded; CUDA is synchronised),
+``cpu_time`` (the same span in CPU seconds of this process, all threads: on a shared CPU machine it is far less
+sensitive to other processes than wall time), ``refresh`` (1 where update s recomputed curvature), and every
+``eval_every`` steps and at the end ``train_loss``, ``train_accuracy``, ``test_loss``, ``test_accuracy`` on the
+full splits (NaN elsewhere). A run whose loss becomes non-finite stops; the rest is NaN and the attribute
+``diverged`` is 1.
+
+:func:`compare` runs several methods into one Dataset with dims (``method``, ``step``); :func:`sweep_lr` tries
+learning rates per method and :func:`best_runs` picks, per method, the one with the lowest final training loss.
+Select a run with ``ds.sel({"method": "sgd"})``: ``method`` is also a keyword argument of xarray's ``sel``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fisherlab.data import SplitData, iterate_minibatches
+from fisherlab.engine import FisherEngine, check_eval_mode
+from fisherlab.errors import InputError
+from fisherlab.fisher import fisher
+from fisherlab.likelihoods import Likelihood, get_likelihood
+from fisherlab.linalg import cg, damped_solve, kron_damping_split
+from fisherlab.params import ParamSpec
+from fisherlab.results import annotate, new_dataset
+
+__all__ = ["METHODS", "NGD_SOLVERS", "best_runs", "compare", "sweep_lr", "train"]
+
+METHODS = ("sgd", "momentum", "adam", "ngd", "kfac-ngd", "sngd")
+NGD_SOLVERS = ("auto", "cholesky", "woodbury", "cg")
+
+_VARIABLES = {
+    "loss": ("mean loss on the step's minibatch", "nats"),
+    "train_loss": ("mean loss on the training split", "nats"),
+    "train_accuracy": ("accuracy on the training split", "1"),
+    "test_loss": ("mean loss on the test split", "nats"),
+    "test_accuracy": ("accuracy on the test split", "1"),
+    "time": ("wall-clock time spent in updates before this step", "s"),
+    "cpu_time": ("CPU time of this process (all threads) spent in updates before this step", "s"),
+    "refresh": ("curvature recomputed during this step's update", "1"),
+}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _batches(data: SplitData, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless minibatch stream: epoch e in the order of ``iterate_minibatches(..., seed + e)``."""
+    epoch = 0
+    while True:
+        yield from iterate_minibatches(data.X_train, data.y_train, batch_size, seed + epoch)
+        epoch += 1
+
+
+def _batch_loss_grad(model: nn.Module, spec: ParamSpec, lik: Likelihood, x: Tensor,
+                     y: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean batch loss and its gradient (P,) in ParamSpec order."""
+    params = dict(model.named_parameters())
+    loss = lik.nll(model(x), y).mean()
+    grads = torch.autograd.grad(loss, [params[n] for n in spec.names])
+    return loss.detach(), spec.flatten(grads)
+
+
+@torch.no_grad()
+def _add_(model: nn.Module, spec: ParamSpec, delta: Tensor) -> None:
+    params = dict(model.named_parameters())
+    for name, d in spec.unflatten(delta).items():
+        params[name].add_(d)
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, lik: Likelihood, X: Tensor, y: Tensor, task: str,
+              chunk: int = 4096) -> tuple[float, float]:
+    """(mean loss, accuracy) on (X, y); accuracy is NaN for regression."""
+    total, correct = 0.0, 0.0
+    for i in range(0, X.shape[0], chunk):
+        z = model(X[i: i + chunk])
+        yi = y[i: i + chunk]
+        total += float(lik.nll(z, yi).sum())
+        if task == "multiclass":
+            correct += float((z.argmax(-1) == yi).sum())
+        elif task == "binary":
+            correct += float(((z > 0).to(yi.dtype) == yi).sum())
+    n = X.shape[0]
+    return total / n, (correct / n if task != "regression" else math.nan)
+
+
+def ngd_direction(engine: FisherEngine, g: Tensor, damping: float, solver: str = "auto",
+                  cg_tol: float = 1e-6) -> Tensor:
+    """(F + λI)⁻¹ g with the engine's Fisher on its data, solved exactly.
+
+    ``"woodbury"``: F = UᵀU with factor rows U (m, P), so (UᵀU + λI)⁻¹ g = (g − Uᵀ (U Uᵀ + λI)⁻¹ U g) / λ by a
+    Cholesky factorisation of the m×m matrix; ``"cholesky"``: dense F + λI; ``"cg"``: conjugate gradients on the
+    implicit F to relative residual ``cg_tol``; ``"auto"``: Woodbury when m < P and λ > 0, else Cholesky. The Gram
+    matrix is formed in g's dtype, the factorisation and solve run in float64 (the result has g's dtype): in
+    float32 the Cholesky factorisation of a matrix with condition number ‖F‖/λ ≈ 1e4–1e6 loses most digits.
+    """
+    P = engine.spec.dim
+    m = engine.num_samples * engine.rows_per_sample
+    if solver == "auto":
+        solver = "woodbury" if m < P and damping > 0 else "cholesky"
+    if solver == "cg":
+        return cg(engine.matmat, g, damping=damping, tol=cg_tol).x
+    U = torch.cat(list(engine.iter_factor_rows()))
+    U64, g64 = U.double(), g.double()
+    if solver == "woodbury":
+        if damping <= 0:
+            raise InputError("the Woodbury NGD solve needs damping > 0; use ngd_solver='cholesky' or 'cg'")
+        x = (g64 - U64.T @ damped_solve((U @ U.T).double(), U64 @ g64, damping)) / damping
+    else:
+        engine.check_dense(P, P, f"the dense {P}×{P} batch Fisher (use ngd_solver='cg')")
+        x = damped_solve((U.T @ U).double(), g64, damping)
+    return x.to(g.dtype)
+
+
+def _damped_inverse(M: Tensor, damping: float) -> Tensor:
+    """(M + λI)⁻¹ by Cholesky in float64 (as the reconstructed network's roots), returned in M's dtype."""
+    eye = torch.eye(M.shape[0], dtype=torch.float64, device=M.device)
+    return damped_solve(M.double(), eye, damping).to(M.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- steppers
+class _Stepper:
+    """One method's update rule; ``model`` is what is evaluated (the same function as the original)."""
+
+    model: nn.Module
+
+    def step(self, x: Tensor, y: Tensor, refresh: bool) -> tuple[Tensor, bool]:
+        """Apply one update on the batch; returns (batch loss before the update, whether curvature was recomputed)."""
+        raise NotImplementedError
+
+
+class _OptimizerStepper(_Stepper):
+    def __init__(self, model: nn.Module, lik: Likelihood, optimizer: torch.optim.Optimizer):
+        self.model, self.lik, self.optimizer = model, lik, optimizer
+
+    def step(self, x: Tensor, y: Tensor, refresh: bool) -> tuple[Tensor, bool]:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.lik.nll(self.model(x), y).mean()
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), False
+
+
+class _NGDStepper(_Stepper):
+    def __init__(self, model: nn.Module, lik: Likelihood, lr: float, damping: float, kind: str, solver: str,
+                 cg_tol: float):
+        self.model, self.lik, self.lr, self.damping = model, lik, lr, damping
+        self.kind, self.solver, self.cg_tol = kind, solver, cg_tol
+        self.spec = ParamSpec.from_model(model)
+
+    def step(self, x: Tensor, y: Tensor, refresh: bool) -> tuple[Tensor, bool]:
+        loss, g = _batch_loss_grad(self.model, self.spec, self.lik, x, y)
+        engine = FisherEngine(self.model, (x, y), self.lik, kind=self.kind)
+        _add_(self.model, self.spec, -self.lr * ngd_direction(engine, g, self.damping, self.solver, self.cg_tol))
+        return loss, True
+
+
+class _KFACStepper(_Stepper):
+    def __init__(self, model: nn.Module, lik: Likelihood, lr: float, damping: float, kind: str, split: str,
+                 seed: int):
+        self.model, self.lik, self.lr, self.damping, self.kind, self.split = model, lik, lr, damping, kind, split
+        self.spec = ParamSpec.from_model(model)
+        self.seed, self.refreshes = seed, 0
+        self.inverses: dict[str, tuple[Any, Tensor, Tensor, Tensor]] = {}
+
+    def _refresh(self, x: Tensor, y: Tensor) -> None:
+        """Factors on the batch (MC labels of refresh k seeded with seed + k, as a reconstructed network's)."""
+        kfac = fisher(self.model, (x, y), self.lik, kind=self.kind, structure="kfac", seed=self.seed + self.refreshes)
+        self.refreshes += 1
+        self.inverses = {}
+        for path, f in kfac.factors.items():
+            a, s = kron_damping_split(f.A, f.S, self.damping, self.split)
+            self.inverses[path] = (f, kfac.index[path], _damped_inverse(f.A, a), _damped_inverse(f.S, s))
+
+    def step(self, x: Tensor, y: Tensor, refresh: bool) -> tuple[Tensor, bool]:
+        if refresh or not self.inverses:
+            self._refresh(x, y)
+            refresh = True
+        loss, g = _batch_loss_grad(self.model, self.spec, self.lik, x, y)
+        delta = torch.zeros_like(g)
+        for f, ix, A_inv, S_inv in self.inverses.values():
+            delta[ix] = f.scatter(S_inv @ f.gather(g[ix].unsqueeze(1)) @ A_inv).squeeze(1)
+        _add_(self.model, self.spec, -self.lr * delta)
+        return loss, refresh
+
+
+class _SNGDStepper(_Stepper):
+    """Plain SGD on the reconstructed network, built on the first batch (in place: ``model`` is train's copy)."""
+
+    def __init__(self, model: nn.Module, lik: Likelihood, lr: float, options: dict[str, Any]):
+        self.model, self.lik, self.lr, self.options = model, lik, lr, options
+        self.sgd: _OptimizerStepper | None = None
+
+    def step(self, x: Tensor, y: Tensor, refresh: bool) -> tuple[Tensor, bool]:
+        from fisherlab.reconstruct import reconstruct
+
+        if self.sgd is None:
+            net = reconstruct(self.model, (x, y), likelihood=self.lik, inplace=True, **self.options)
+            self.sgd = _OptimizerStepper(net, self.lik, torch.optim.SGD(net.parameters(), lr=self.lr))
+            net.attach(self.sgd.optimizer)
+            self.model, refresh = net, True
+        elif refresh:
+            self.model.refresh((x, y))
+        return self.sgd.step(x, y, False)[0], refresh
+
+
+def _stepper(method: str, model: nn.Module, lik: Likelihood, lr: float, *, damping: float, momentum: float,
+             fisher_kind: str, ngd_solver: str, cg_tol: float, split: str, structure: str,
+             reconstruct_options: dict[str, Any]) -> _Stepper:
+    if method == "sgd":
+        return _OptimizerStepper(model, lik, torch.optim.SGD(model.parameters(), lr=lr))
+    if method == "momentum":
+        return _OptimizerStepper(model, lik, torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum))
+    if method == "adam":
+        return _OptimizerStepper(model, lik, torch.optim.Adam(model.parameters(), lr=lr))
+    if method == "ngd":
+        if ngd_solver not in NGD_SOLVERS:
+            raise InputError(f"unknown ngd_solver {ngd_solver!r}; valid: {list(NGD_SOLVERS)}")
+        return _NGDStepper(model, lik, lr, damping, fisher_kind, ngd_solver, cg_tol)
+    if method == "kfac-ngd":
+        return _KFACStepper(model, lik, lr, damping, fisher_kind, split, reconstruct_options["seed"])
+    options = {"structure": structure, "damping": damping, "fisher": fisher_kind, "split": split,
+               **reconstruct_options}
+    return _SNGDStepper(model, lik, lr, options)
+
+
+# ------------------------------------------------------------------------------------------------- train
+def train(
+    model: nn.Module,
+    data: SplitData,
+    *,
+    method: str,
+    lr: float,
+    steps: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    refresh_every: int = 10,
+    damping: float = 1e-3,
+    structure: str = "kfac",
+    eval_every: int = 10,
+    momentum: float = 0.9,
+    fisher_kind: str = "true",
+    likelihood: str | Likelihood | None = None,
+    ngd_solver: str = "auto",
+    cg_tol: float = 1e-6,
+    split: str = "pi",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool | None = None,
+    **reconstruct_options: Any,
+) -> xr.Dataset:
+    """Train a copy of ``model`` with one method and record its trajectory (module docstring).
+
+    Args:
+        model: The initial network (not modified), in eval mode if it has dropout or batch norm.
+        data: Train/test split.
+        method: One of :data:`METHODS`.
+        lr: Learning rate η.
+        steps: Number of updates.
+        batch_size: Minibatch size.
+        seed: Seed of the minibatch order (and of Monte-Carlo labels in reconstruction).
+        refresh_every: Curvature refresh period in steps (``kfac-ngd``, ``sngd``).
+        damping: λ of ``ngd``, ``kfac-ngd`` and ``sngd``.
+        structure: Reconstruction structure of ``sngd``.
+        eval_every: Evaluate on the full splits every this many steps (and at the end).
+        momentum: Momentum of ``momentum``.
+        fisher_kind: Fisher kind of the curvature (``true``, ``mc``, ``empirical``, ``ggn``).
+        likelihood: Default by task: categorical (multiclass), bernoulli (binary), gaussian (regression).
+        ngd_solver: ``auto``, ``cholesky``, ``woodbury`` or ``cg`` (``ngd``).
+        cg_tol: CG tolerance of ``ngd_solver="cg"``.
+        split: KFAC damping split (``kfac-ngd``, ``sngd``).
+        device: Device (default: the model's).
+        dtype: Dtype (default: the model's).
+        progress: Progress bar (None: only on a terminal).
+        **reconstruct_options: Further options of :func:`fisherlab.reconstruct.reconstruct` (``sngd``).
+
+    Returns:
+        A ``"training"`` Dataset with dim ``step`` (steps + 1 entries) and the variables of the module docstring;
+        attrs: provenance (config, seed, versions), ``method``, ``diverged``.
+
+    Raises:
+        InputError: Unknown method or option, bad sizes, or a model in training mode with dropout/batch norm.
+    """
+    if method not in METHODS:
+        raise InputError(f"unknown training method {method!r}; valid: {list(METHODS)}")
+    for value, what in ((steps, "steps"), (batch_size, "batch_size"), (refresh_every, "refresh_every"),
+                        (eval_every, "eval_every")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{what} must be a positive int; got {value!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise InputError(f"lr must be a positive finite number; got {lr!r}")
+    if not isinstance(data, SplitData):
+        raise InputError(f"data must be a fisherlab.data.SplitData; got {type(data)}")
+    check_eval_mode(model)
+    first = next(iter(model.parameters()))
+    device = torch.device(device) if device is not None else first.device
+    dtype = dtype or first.dtype
+    lik = get_likelihood(likelihood or {"multiclass": "categorical", "binary": "bernoulli",
+                                        "regression": "gaussian"}[data.task])
+    data = data.to(device=device, dtype=dtype)
+    work = copy.deepcopy(model).to(device=device, dtype=dtype)
+    stepper = _stepper(method, work, lik, lr, damping=damping, momentum=momentum, fisher_kind=fisher_kind,
+                       ngd_solver=ngd_solver, cg_tol=cg_tol, split=split, structure=structure,
+                       reconstruct_options={"seed": seed, **reconstruct_options})
+
+    n = steps + 1
+    rec = {k: np.full(n, np.nan) for k in _VARIABLES}
+    rec["time"][0], rec["cpu_time"][0], rec["refresh"][:] = 0.0, 0.0, 0.0
+    batches = _batches(data, batch_size, seed)
+    elapsed, cpu, diverged = 0.0, 0.0, False
+    for s in tqdm(range(n), desc=method, disable=True if progress is None else not progress):
+        if s % eval_every == 0 or s == steps:
+            rec["train_loss"][s], rec["train_accuracy"][s] = _evaluate(stepper.model, lik, data.X_train,
+                                                                       data.y_train, data.task)
+            rec["test_loss"][s], rec["test_accuracy"][s] = _evaluate(stepper.model, lik, data.X_test,
+                                                                     data.y_test, data.task)
+        if s == steps:
+            break
+        x, y = next(batches)
+        _sync(device)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        loss, refreshed = stepper.step(x, y, s % refresh_every == 0)
+        _sync(device)
+        elapsed += time.perf_counter() - start
+        cpu += time.process_time() - start_cpu
+        rec["loss"][s], rec["refresh"][s] = float(loss), float(refreshed)
+        rec["time"][s + 1], rec["cpu_time"][s + 1] = elapsed, cpu
+        if not (math.isfinite(rec["loss"][s]) and math.isfinite(np.nan_to_num(rec["train_loss"][s], nan=0.0))):
+            diverged = True
+            break
+    config = {"method": method, "lr": lr, "steps": steps, "batch_size": batch_size, "refresh_every": refresh_every,
+              "damping": damping, "structure": structure if method == "sngd" else None,
+              "fisher_kind": fisher_kind, "momentum": momentum if method == "momentum" else None,
+              "ngd_solver": ngd_solver if method == "ngd" else None, "split": split, "eval_every": eval_every,
+              "likelihood": repr(lik), "dataset": data.name, "data_meta": data.meta,
+              "model": type(model).__name__, "num_params": sum(p.numel() for p in model.parameters()),
+              "reconstruct_options": reconstruct_options}
+    ds = new_dataset("training", {k: ("step", v) for k, v in rec.items()}, {"step": np.arange(n)}, config=config,
+                     seed=seed, device=device, dtype=dtype, attrs={"method": method, "diverged": int(diverged)})
+    return annotate(ds, {**_VARIABLES, "step": ("update index", "1")})
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------ comparisons
+def compare(model: nn.Module, data: SplitData, methods: Mapping[str, Mapping[str, Any]],
+            **common: Any) -> xr.Dataset:
+    """Run several methods from the same model and minibatch order; one Dataset with dims (``method``, ``step``).
+
+    Args:
+        model: The initial network (not modified).
+        data: Train/test split.
+        methods: Run name → keyword arguments of :func:`train` for that run (``method`` defaults to the name).
+        **common: Keyword arguments shared by every run (``steps``, ``seed``, ``batch_size``, ...).
+
+    Returns:
+        The runs concatenated along ``method`` (coordinate: the run names), with per-run variables ``lr`` and
+        ``diverged``; the ``config`` attribute holds the shared and per-run arguments and each run's config.
+    """
+    if not methods:
+        raise InputError("compare needs at least one method")
+    runs = [train(model, data, **{"method": name, **common, **dict(kw)}) for name, kw in methods.items()]
+    stacked = xr.concat([_scalars(r) for r in runs], dim="method", combine_attrs="drop")
+    return _finish(stacked.assign_coords(method=list(methods)), runs,
+                   {"common": common, "runs": {k: dict(v) for k, v in methods.items()}})
+
+
+def _scalars(run: xr.Dataset) -> xr.Dataset:
+    """A training run with its learning rate and divergence flag as scalar variables, attributes dropped."""
+    return run.assign(lr=json.loads(run.attrs["config"])["lr"], diverged=int(run.attrs["diverged"])).drop_attrs()
+
+
+def _finish(stacked: xr.Dataset, runs: Sequence[xr.Dataset], config: Mapping[str, Any]) -> xr.Dataset:
+    """A stacked set of runs as a provenance-stamped ``training`` Dataset (seed, device, dtype of the first run)."""
+    first = runs[0].attrs
+    ds = new_dataset("training", dict(stacked.data_vars), dict(stacked.coords),
+                     config={**config, "run_configs": [json.loads(r.attrs["config"]) for r in runs]},
+                     seed=first["seed"] if isinstance(first["seed"], int) else None, device=first["device"],
+                     dtype=first["dtype"])
+    return annotate(ds, {**_VARIABLES, "step": ("update index", "1"), "lr": ("learning rate", "1"),
+                         "diverged": ("run diverged", "1")})
+
+
+def sweep_lr(model: nn.Module, data: SplitData, methods: Mapping[str, Mapping[str, Any]],
+             lrs: Mapping[str, Sequence[float]] | Sequence[float], **common: Any) -> xr.Dataset:
+    """Train every method with every learning rate of its list.
+
+    Args:
+        model: The initial network (not modified).
+        data: Train/test split.
+        methods: Run name → keyword arguments of :func:`train` (without ``lr``).
+        lrs: One list of learning rates for all methods, or run name → list.
+        **common: Shared keyword arguments.
+
+    Returns:
+        Dims (``method``, ``candidate``, ``step``); ``lr`` (method, candidate) holds the learning rates (NaN pads
+        shorter lists, whose runs are all-NaN and count as diverged), and ``best`` (method) the candidate with
+        the lowest final ``train_loss`` (diverged runs count as +inf). :func:`best_runs` selects them.
+    """
+    per = {name: list(lrs[name] if isinstance(lrs, Mapping) else lrs) for name in methods}
+    if any(not v for v in per.values()):
+        raise InputError("every method needs at least one learning rate")
+    width = max(len(v) for v in per.values())
+    rows, raw = [], []
+    for name, kw in methods.items():
+        runs = [train(model, data, **{"method": name, **common, **dict(kw), "lr": lr}) for lr in per[name]]
+        raw += runs
+        mine = [_scalars(r) for r in runs]
+        pad = xr.full_like(mine[0].drop_vars("diverged"), np.nan).assign(diverged=1)
+        rows.append(xr.concat(mine + [pad] * (width - len(mine)), dim="candidate"))
+    stacked = xr.concat(rows, dim="method").assign_coords(method=list(methods), candidate=np.arange(width))
+    ds = _finish(stacked, raw, {"common": common, "runs": {k: dict(v) for k, v in methods.items()}, "lrs": per})
+    final = ds["train_loss"].isel(step=-1).where(ds["diverged"] == 0).fillna(np.inf)
+    ds["best"] = ("method", final.argmin("candidate").values)
+    return annotate(ds, {"best": ("candidate with the lowest final train loss", "1")})
+
+
+def best_runs(sweep: xr.Dataset) -> xr.Dataset:
+    """The best candidate of each method of a :func:`sweep_lr` Dataset: dims (``method``, ``step``)."""
+    return sweep.isel(candidate=sweep["best"]).drop_vars(["best", "candidate"])

@@ -1,0 +1,154 @@
+"""fisherlab.train: one loop for SGD, momentum, Adam, exact NGD, KFAC-NGD and SNGD, recorded as xarray Datasets."""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+
+import numpy as np
+import pytest
+import reference as ref
+import torch
+from torch import nn
+
+from fisherlab.data import SplitData, load_digits
+from fisherlab.engine import FisherEngine
+from fisherlab.errors import InputError
+from fisherlab.models import MLP
+from fisherlab.params import ParamSpec
+from fisherlab.train import METHODS, best_runs, compare, ngd_direction, sweep_lr, train
+
+LRS = {"sgd": 0.2, "momentum": 0.05, "adam": 3e-3, "ngd": 0.3, "kfac-ngd": 0.3, "sngd": 0.3}
+
+
+@cache
+def digits(dtype: torch.dtype = torch.float32) -> SplitData:
+    return load_digits(seed=0, dtype=dtype).train_subset(256)
+
+
+def small_mlp(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return MLP(64, [16], 10, "tanh").to(dtype).eval()
+
+
+def test_every_method_starts_from_the_same_point_and_learns() -> None:
+    model, data = small_mlp(), digits()
+    state = copy.deepcopy(model.state_dict())
+    runs = {m: train(model, data, method=m, lr=LRS[m], steps=40, batch_size=32, eval_every=20, damping=0.1)
+            for m in METHODS}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # the model is untouched
+    first = {m: float(r.loss[0]) for m, r in runs.items()}
+    # same initial batch loss: same init, same first batch (sngd evaluates it through the reconstructed network)
+    assert len({v for m, v in first.items() if m != "sngd"}) == 1, first
+    assert abs(first["sngd"] - first["sgd"]) < 1e-5 * first["sgd"]
+    for m, r in runs.items():
+        assert float(r.train_loss[-1]) < 0.7 * float(r.train_loss[0]), m
+        assert float(r.test_accuracy[-1]) > 0.5, m
+        assert r.attrs["diverged"] == 0
+    assert runs["kfac-ngd"].refresh.values[:11].tolist() == [1] + [0] * 9 + [1]
+    assert runs["ngd"].refresh.values[:-1].all() and not runs["sgd"].refresh.values.any()
+
+
+def test_dataset_layout_and_provenance() -> None:
+    ds = train(small_mlp(), digits(), method="sngd", lr=0.2, steps=12, batch_size=32, eval_every=5, seed=3,
+               structure="unit", refresh_every=4)
+    assert ds.sizes == {"step": 13}
+    assert set(ds.data_vars) == {"loss", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "time",
+                                 "cpu_time", "refresh"}
+    assert np.isnan(ds.loss[-1]) and not np.isnan(ds.loss[:-1]).any()
+    evaluated = ~np.isnan(ds.train_loss.values)
+    assert np.flatnonzero(evaluated).tolist() == [0, 5, 10, 12]
+    assert ds.refresh.values.nonzero()[0].tolist() == [0, 4, 8]
+    assert (np.diff(ds.time.values) > 0).all() and ds.time[0] == 0 and (np.diff(ds.cpu_time.values) >= 0).all()
+    assert ds.attrs["fisherlab_kind"] == "training" and ds.attrs["seed"] == 3 and ds.attrs["method"] == "sngd"
+    assert '"structure": "unit"' in ds.attrs["config"] and ds.loss.attrs["units"] == "nats"
+
+
+def test_same_seed_same_numbers_other_seed_other_batches() -> None:
+    model, data = small_mlp(), digits()
+    for method in ("sgd", "sngd"):
+        a, b = (train(model, data, method=method, lr=0.1, steps=8, batch_size=32, eval_every=4, seed=1)
+                for _ in range(2))
+        for var in ("loss", "train_loss", "test_accuracy", "refresh"):
+            np.testing.assert_array_equal(a[var].values, b[var].values)
+    c = train(model, data, method="sgd", lr=0.1, steps=8, batch_size=32, eval_every=4, seed=2)
+    assert not np.array_equal(a.loss.values[1:], c.loss.values[1:])
+
+
+@pytest.mark.parametrize("kind", ["true", "mc"])
+def test_sngd_equals_kfac_ngd_with_the_same_refresh_schedule(kind: str) -> None:
+    """Between refreshes GD on θ' is −η G⁻¹∇L with G frozen: exactly KFAC-NGD with cached inverses."""
+    model, data = small_mlp(torch.float64), digits(torch.float64)
+    kw = {"lr": 0.3, "steps": 15, "batch_size": 32, "eval_every": 5, "damping": 0.05, "refresh_every": 4,
+          "fisher_kind": kind, "seed": 4}
+    a = train(model, data, method="kfac-ngd", **kw)
+    b = train(model, data, method="sngd", structure="kfac", **kw)
+    np.testing.assert_allclose(b.loss.values[:-1], a.loss.values[:-1], rtol=1e-12)
+    np.testing.assert_allclose(b.train_loss.values, a.train_loss.values, rtol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["woodbury", "cholesky", "cg", "auto"])
+def test_ngd_direction_is_exact_ngd(solver: str) -> None:
+    torch.manual_seed(1)
+    model = MLP(6, [5], 3).double().eval()
+    X, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    lik = ref.RefLikelihood("categorical")
+    g = ref.loss_gradients(model, X, y, lik).mean(0)
+    F = ref.true_fisher(model, X, lik)
+    expected = torch.linalg.solve(F + 0.1 * torch.eye(len(F), dtype=torch.float64), g)
+    got = ngd_direction(FisherEngine(model, (X, y)), g, 0.1, solver, cg_tol=1e-12)
+    assert float((got - expected).norm() / expected.norm()) < 1e-9
+
+
+def test_compare_and_sweep() -> None:
+    model, data = small_mlp(), digits()
+    common = {"steps": 6, "batch_size": 32, "eval_every": 3}
+    ds = compare(model, data, {"sgd": {"lr": 0.1}, "sngd-kfac": {"method": "sngd", "lr": 0.1}}, **common)
+    assert ds.sizes == {"method": 2, "step": 7}
+    assert ds.method.values.tolist() == ["sgd", "sngd-kfac"] and ds.lr.values.tolist() == [0.1, 0.1]
+    first = ds.loss.isel(step=0).values
+    assert abs(first[0] - first[1]) < 1e-5 * first[0]
+    assert ds.refresh.sel({"method": "sngd-kfac"}).values[0] == 1
+    sweep = sweep_lr(model, data, {"sgd": {}, "adam": {}}, {"sgd": [0.01, 0.3], "adam": [1e-3]}, **common)
+    assert sweep.sizes == {"method": 2, "candidate": 2, "step": 7}
+    adam = sweep.sel({"method": "adam"})
+    assert np.isnan(adam.lr.values[1]) and adam.diverged.values[1] == 1
+    final = sweep.train_loss.sel({"method": "sgd"}).isel(step=-1).values
+    assert sweep.best.sel({"method": "sgd"}) == int(np.argmin(final)) and sweep.best.sel({"method": "adam"}) == 0
+    best = best_runs(sweep)
+    assert best.sizes == {"method": 2, "step": 7}
+    assert float(best.lr.sel({"method": "sgd"})) == [0.01, 0.3][int(np.argmin(final))]
+
+
+def test_divergence_is_recorded() -> None:
+    torch.manual_seed(0)
+    relu = MLP(64, [16, 16], 10, "relu").eval()
+    ds = train(relu, digits(), method="sgd", lr=1e30, steps=20, batch_size=32, eval_every=5)
+    assert ds.attrs["diverged"] == 1
+    assert np.isnan(ds.loss.values[-3:]).all()
+
+
+def test_bad_input() -> None:
+    model, data = small_mlp(), digits()
+    with pytest.raises(InputError, match="unknown training method"):
+        train(model, data, method="lbfgs", lr=0.1, steps=2)
+    with pytest.raises(InputError, match="steps"):
+        train(model, data, method="sgd", lr=0.1, steps=0)
+    with pytest.raises(InputError, match="lr"):
+        train(model, data, method="sgd", lr=-1.0, steps=2)
+    with pytest.raises(InputError, match="SplitData"):
+        train(model, (data.X_train, data.y_train), method="sgd", lr=0.1, steps=2)
+    dropout = nn.Sequential(nn.Linear(64, 8), nn.Dropout(0.2), nn.Linear(8, 10))
+    with pytest.raises(InputError, match="Dropout"):
+        train(dropout, data, method="sgd", lr=0.1, steps=2)
+
+
+def test_param_spec_order_of_updates() -> None:
+    """KFAC-NGD's per-layer gather/scatter puts each update on its own parameter (checked against SGD at λ → ∞)."""
+    model, data = small_mlp(torch.float64), digits(torch.float64)
+    lam = 1e16  # (S + sI) ⊗ (A + aI) ≈ λ I: KFAC-NGD with lr·λ is SGD with lr
+    a = train(model, data, method="kfac-ngd", lr=0.1 * lam, steps=3, batch_size=32, eval_every=1, damping=lam,
+              split="sqrt")
+    b = train(model, data, method="sgd", lr=0.1, steps=3, batch_size=32, eval_every=1)
+    np.testing.assert_allclose(a.train_loss.values, b.train_loss.values, rtol=1e-5)
+    assert ParamSpec.from_model(model).dim == 64 * 16 + 16 + 16 * 10 + 10
