@@ -133,7 +133,7 @@ def main() -> None:
     case = f"N={N_REFERENCE} P={P}"
     print_table(rows_from_times(case, times, reference, peaks, notes), "× product")
 
-    sizes = (256, 1024) if args.quick else (N_REFERENCE, 4 * N_REFERENCE)
+    sizes = (N_REFERENCE // 2, 2 * N_REFERENCE) if args.quick else (N_REFERENCE, 4 * N_REFERENCE)
     matrix_bytes = P * P * 4
     rows = []
     for n in sizes:

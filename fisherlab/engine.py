@@ -159,7 +159,7 @@ class FisherEngine:
             chunk_size = max(1, self._working_bytes // (2 * row_bytes))
         self.chunk_size = int(chunk_size)
         self._activation_bytes: int | None = None
-        self._matmat_cache: list[tuple[Any, Any, Tensor]] | None = None
+        self._matmat_cache: tuple[tuple, list[tuple[Any, Any, Tensor]]] | None = None  # (state key, entries)
         check_budget(2 * row_bytes * min(self.chunk_size, self.num_samples), "a chunk of factor rows",
                      self.memory_budget, "a smaller chunk_size")
         self._labels = self._draw_labels() if self.kind is FisherType.MC else None
@@ -296,22 +296,21 @@ class FisherEngine:
             raise InputError(f"expected a vector (P,) or matrix (P, k) with P = {self.spec.dim}; got {tuple(V.shape)}")
         V = V.to(self.device, self.dtype)
         cols = V if V.dim() == 2 else V.unsqueeze(1)
-        out = torch.zeros_like(cols)
+        out = None
         for f, vjp_fn, M in self._linearizations():
 
             def apply(v: Tensor, f=f, vjp_fn=vjp_fn, M=M) -> Tensor:
                 _, jv = jvp(f, (self.params,), (self.spec.unflatten(v),))
-                w = torch.einsum("nrc,nr->nc", M, torch.einsum("nrc,nc->nr", M, jv))
+                w = torch.bmm(M.transpose(1, 2), torch.bmm(M, jv.unsqueeze(-1))).squeeze(-1)
                 return self.spec.flatten(vjp_fn(w)[0])
 
             step = self._column_block(M.shape[0])
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*batching rule.*")
-                for j in range(0, cols.shape[1], step):
-                    block = cols[:, j: j + step]
-                    out[:, j: j + step] += (apply(block[:, 0]).unsqueeze(1) if block.shape[1] == 1
-                                            else vmap(apply, 1, 1)(block))
-        out /= self.num_samples
+                parts = [apply(block[:, 0]).unsqueeze(1) if block.shape[1] == 1 else vmap(apply, 1, 1)(block)
+                         for block in cols.split(step, dim=1)]
+            part = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            out = part if out is None else out.add_(part)
         return out if V.dim() == 2 else out.squeeze(1)
 
     def matmat_chunk_size(self) -> int:
@@ -360,11 +359,15 @@ class FisherEngine:
         """Per chunk of :meth:`matmat_chunk_size` samples: (f, vjp_fn, M).
 
         f(params) gives the chunk's outputs, vjp_fn is the VJP of f at the engine's parameters and M (n, R, C) the
-        output factors; all of them are kept for later calls when every sample's activations fit.
+        output factors scaled by 1/√N (so that F V = Σ_chunks Jᵀ Mᵀ M J V); all of them are kept for later calls
+        when every sample's activations fit. The cache is keyed on the identity and version counter of every
+        parameter and buffer tensor, so replacing or modifying one in place rebuilds it.
         """
-        if self._matmat_cache is not None:
-            yield from self._matmat_cache
+        key = tuple((id(t), t._version) for t in [*self.params.values(), *self._frozen.values()])
+        if self._matmat_cache is not None and self._matmat_cache[0] == key:
+            yield from self._matmat_cache[1]
             return
+        self._matmat_cache = None
         chunk = self.matmat_chunk_size()
         keep = self.activation_bytes() * self.num_samples <= min(MATMAT_CACHE_BYTES, self.memory_budget // 4)
         entries = []
@@ -373,12 +376,12 @@ class FisherEngine:
                 return self.forward(p, x)
 
             z, vjp_fn = vjp(f, self.params)
-            entry = (f, vjp_fn, self.output_factor(z.detach(), y, labels))
+            entry = (f, vjp_fn, self.output_factor(z.detach(), y, labels) / math.sqrt(self.num_samples))
             if keep:
                 entries.append(entry)
             yield entry
         if keep:
-            self._matmat_cache = entries
+            self._matmat_cache = (key, entries)
 
     def loss_and_gradient(self, params: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """L(θ) = (1/N) Σ ℓ_n and ∇L(θ) of shape (P,), at ``params`` (default: the engine's parameters)."""

@@ -155,7 +155,7 @@ def table_fidelity(ds: xr.Dataset) -> Table:
     rows = []
     for m in ds.method.values:
         for d in ds.damping.values:
-            sel = ds.sel(method=m, damping=d)
+            sel = ds.sel({"method": m, "damping": d})
             ratio = float(sel.kl_measured / sel.kl_predicted) if float(sel.kl_predicted) > 0 else float("nan")
             rows.append([m, f"{d:g}", f"{float(sel.cosine):.4f}", _fmt(float(sel.rel_error)),
                          _fmt(float(sel.fisher_rel_error)), _fmt(ratio), _fmt(float(sel.loss_change))])

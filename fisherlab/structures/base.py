@@ -153,16 +153,21 @@ def accumulate_gram(out: Tensor, U: Tensor, num_splits: int | None = None) -> No
         out[a:b, a:].addmm_(U[:, a:b].T, U[:, a:])
 
 
-def symmetrize_upper(M: Tensor) -> Tensor:
+def symmetrize_upper(M: Tensor, inplace: bool = False) -> Tensor:
     """The symmetric matrix whose upper triangle is M's: triu(M) + triu(M, 1)ᵀ.
+
+    Args:
+        M: (P, P); only its upper triangle is read.
+        inplace: Write the mirror image into M's own lower triangle and return M (no second P×P matrix).
 
     On CPU it is copied in 128×128 tiles: each tile and its mirror stay in cache (a whole-matrix transpose does
     not: 4× slower for P = 3,466), and a tile is small enough (below torch's parallel grain of 32,768 elements) to
     be copied by one thread, with no parallel region to synchronise. GPUs transpose well in one kernel.
     """
     if M.device.type != "cpu":
-        return torch.triu(M) + torch.triu(M, 1).T
-    out = torch.empty_like(M)
+        full = torch.triu(M) + torch.triu(M, 1).T
+        return M.copy_(full) if inplace else full
+    out = M if inplace else torch.empty_like(M)
     n, t = M.shape[0], 128
     idx = torch.arange(t, device=M.device)
     upper = idx[:, None] <= idx[None, :]  # (torch.triu itself is slow on small CPU tiles)
@@ -172,6 +177,7 @@ def symmetrize_upper(M: Tensor) -> Tensor:
         out[a: a + t, a: a + t] = torch.where(upper[:k, :k], diag, diag.T)
         for b in range(a + t, n, t):
             tile = M[a: a + t, b: b + t]
-            out[a: a + t, b: b + t] = tile
+            if not inplace:
+                out[a: a + t, b: b + t] = tile
             out[b: b + t, a: a + t] = tile.T
     return out

@@ -20,14 +20,18 @@ class DenseFisher(FisherMatrix):
 
     @classmethod
     def from_engine(cls, engine: FisherEngine) -> DenseFisher:
-        """Assemble F from the engine's factor rows, chunk by chunk (peak memory: F plus one chunk)."""
+        """Assemble F from the engine's factor rows, chunk by chunk (peak memory: F plus one chunk).
+
+        Only the upper triangle is accumulated (:func:`accumulate_gram`), then mirrored in place.
+        """
         P = engine.spec.dim
         engine.check_dense(P, P, f"the dense {P}×{P} Fisher")
         F = torch.zeros(P, P, dtype=engine.dtype, device=engine.device)
         for U in engine.iter_factor_rows(desc=f"dense {engine.kind.value} Fisher"):
             accumulate_gram(F, U)
+            del U  # not held while the next chunk's rows are computed
         return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget,
-                   engine_meta(engine), symmetrize_upper(F))
+                   engine_meta(engine), symmetrize_upper(F, inplace=True))
 
     def matmat(self, V: Tensor) -> Tensor:
         return self.matrix @ self._check_operand(V)

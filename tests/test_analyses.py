@@ -1,0 +1,130 @@
+"""The analyses in analyses/ run in --quick mode, write valid Datasets and a report, and resume without recomputing."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+from fisherlab.data import load_digits
+from fisherlab.models import build_model
+from fisherlab.results import load_dataset
+
+ANALYSES = Path(__file__).parents[1] / "analyses"
+
+
+def load_analysis(name: str) -> ModuleType:
+    """Import analyses/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(f"analysis_{name}", ANALYSES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(name: str, out: Path) -> ModuleType:
+    module = load_analysis(name)
+    module.main(["--quick", "--threads", "1", "--out", str(out)])
+    return module
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory) -> dict[str, tuple[ModuleType, Path]]:
+    done = {}
+    for name in ("spectra_during_training", "fidelity_vs_damping_batch", "staleness"):
+        out = tmp_path_factory.mktemp(name)
+        done[name] = (run(name, out), out)
+    return done
+
+
+def check_report(out: Path) -> None:
+    page = (out / "report.html").read_text()
+    files = sorted(out.glob("*.nc"))
+    assert files
+    for f in files:
+        assert f.name in page
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {f.name: f.stat().st_mtime_ns for f in sorted(folder.glob("*.nc"))}
+
+
+def test_spectra_during_training(outputs) -> None:
+    module, out = outputs["spectra_during_training"]
+    cfg = module.QUICK
+    ds = load_dataset(out / "spectra_during_training.nc", kind="spectrum_trajectory",
+                      required_dims=("step", "fisher_kind", "structure", "eig", "damping"))
+    assert ds.step.values.tolist() == list(range(0, cfg.steps + 1, cfg.checkpoint_every))
+    assert set(ds.fisher_kind.values) == set(cfg.kinds)
+    ev = ds.eigenvalue.values
+    assert np.isfinite(ev).all()
+    assert ev.min() > -1e-10 * np.abs(ev).max()  # Fisher matrices are PSD
+    true_dense = ds.rel_frobenius_to_true.sel({"fisher_kind": "true", "structure": "dense"}).values
+    np.testing.assert_allclose(true_dense, 0.0, atol=1e-12)
+    # independent reference at step 0: trace of the empirical Fisher = mean squared per-sample gradient norm
+    data = load_digits(seed=0, dtype=torch.float64)
+    model = build_model("mlp", data, seed=0, dtype=torch.float64, widths=cfg.widths).eval()
+    n = cfg.fisher_samples
+    sq = 0.0
+    for x, y in zip(data.X_train[:n], data.y_train[:n], strict=True):
+        loss = torch.nn.functional.cross_entropy(model(x[None]), y[None])
+        sq += sum(float((g**2).sum()) for g in torch.autograd.grad(loss, list(model.parameters())))
+    trace = float(ds.trace.sel({"step": 0, "fisher_kind": "empirical", "structure": "dense"}))
+    assert trace == pytest.approx(sq / n, rel=1e-9)
+    training = load_dataset(out / "training.nc", kind="training")
+    assert np.isfinite(training.loss.values[:-1]).all()
+    check_report(out)
+
+
+def test_fidelity_vs_damping_batch(outputs) -> None:
+    module, out = outputs["fidelity_vs_damping_batch"]
+    cfg = module.QUICK
+    ds = load_dataset(out / "fidelity_vs_damping_batch.nc", kind="fidelity_batch",
+                      required_dims=("method", "damping", "batch_size"))
+    assert ds.batch_size.values.tolist() == list(cfg.batch_sizes)
+    assert ds.method.values.tolist() == list(cfg.rules)
+    cos = ds.cosine.values
+    assert np.isfinite(cos).all() and (np.abs(cos) <= 1 + 1e-12).all()
+    assert (ds.fisher_rel_error.values >= 0).all()
+    # exact NGD is the reference itself; GD on the network reconstructed with its own structure equals that
+    # structure's NGD step (invariant 2), so their cosines agree
+    np.testing.assert_allclose(ds.cosine.sel({"method": "ngd"}).values, 1.0, atol=1e-10)
+    np.testing.assert_allclose(ds.cosine.sel({"method": "sngd-kfac"}).values,
+                               ds.cosine.sel({"method": "kfac"}).values, atol=1e-8)
+    check_report(out)
+
+
+def test_staleness(outputs) -> None:
+    module, out = outputs["staleness"]
+    cfg = module.QUICK
+    ds = load_dataset(out / "staleness.nc", kind="staleness",
+                      required_dims=("train_method", "refresh_every", "step", "method"))
+    assert ds.refresh_every.values.tolist() == list(cfg.refresh_every)
+    assert ds.step.values.tolist() == list(range(cfg.steps + 1))
+    cos = ds.cosine.values
+    assert np.isfinite(cos).all() and (np.abs(cos) <= 1 + 1e-12).all()
+    since = ds.steps_since_refresh
+    for r in cfg.refresh_every:  # G refreshed every r steps: staleness counts 0, 1, ..., r-1, 0, ...
+        expected = [s % r for s in range(cfg.steps + 1)]
+        assert since.sel({"refresh_every": r}).values.tolist() == [expected] * len(cfg.train_methods)
+    # a just-refreshed network's step is the fresh structured NGD step
+    for train_method, fresh in (("sngd-kfac", "kfac"), ("sngd-block", "block-ngd")):
+        sel = ds.sel({"train_method": train_method}).isel(damping=0)
+        mask = sel.steps_since_refresh.values == 0
+        np.testing.assert_allclose(sel.cosine.sel({"method": module.TRAIN}).values[mask],
+                                   sel.cosine.sel({"method": fresh}).values[mask], atol=1e-8)
+    check_report(out)
+
+
+@pytest.mark.parametrize("name", ["fidelity_vs_damping_batch", "staleness", "spectra_during_training"])
+def test_rerun_resumes(outputs, name: str) -> None:
+    _, out = outputs[name]
+    before = mtimes(out / "store")
+    assert before
+    run(name, out)
+    assert mtimes(out / "store") == before
