@@ -275,7 +275,7 @@ def kron_damped_solve(
         es, Qs = torch.linalg.eigh(Ss)
         denom = es[:, None] * ea[None, :] + lam
         lo, hi = torch.stack([denom.min(), denom.abs().max()]).tolist()
-        thr = din * dout * _eps(dtype) * hi
+        thr = din * dout * _eps(dtype) * hi if lam == 0.0 else 0.0  # damped: positivity is enough
         if not lo > thr:
             raise SingularMatrixError(
                 f"S ⊗ A + damping·I (damping={lam:g}) is not numerically positive definite: smallest "
@@ -296,7 +296,7 @@ def kron_damped_solve(
             es, Qs = torch.linalg.eigh(Sd)
             for name, ev, d in (("A", ea, a), ("S", es, s)):
                 lo, hi = torch.stack([ev.min(), ev.abs().max()]).tolist()
-                thr = ev.numel() * _eps(dtype) * hi
+                thr = ev.numel() * _eps(dtype) * hi if d == 0.0 else 0.0
                 if not lo > thr:
                     raise SingularMatrixError(
                         f"{name} + {d:g}·I is not numerically positive definite: smallest eigenvalue "

@@ -106,8 +106,8 @@ def _eps(dtype: torch.dtype) -> float:
 def _spd_cholesky(Gd: Tensor, *, damping: float, name: str) -> Tensor:
     """Lower Cholesky factor L of the (already damped, symmetric) matrix Gd, or SingularMatrixError.
 
-    Two checks: the factorisation must succeed (``cholesky_ex`` info == 0), and Gd must not be numerically
-    singular. For the latter λ_min is estimated from tr(Gd⁻¹) = ‖L⁻¹‖_F² = Σ 1/λ_i, which gives
+    Two checks: the factorisation must succeed (``cholesky_ex`` info == 0), and, when no damping was added,
+    Gd must not be numerically singular. For the latter λ_min is estimated from tr(Gd⁻¹) = ‖L⁻¹‖_F² = Σ 1/λ_i, which gives
     λ_min ∈ [1/tr(Gd⁻¹), n/tr(Gd⁻¹)]; the geometric middle λ̂ = √n / tr(Gd⁻¹) is within a factor √n of λ_min,
     and Gd is rejected when λ̂ ≤ n · eps · ‖Gd‖_F. The triangular inverse costs about as much as the
     factorisation (n³/3 flops). Two device syncs.
@@ -136,6 +136,10 @@ def _spd_cholesky(Gd: Tensor, *, damping: float, name: str) -> Tensor:
             f"{name} + damping·I (damping={damping:g}) is not positive definite: the Cholesky factorisation "
             f"failed at pivot {info_v} of {n}; {advice}"
         )
+    if damping > 0.0:
+        # Gd = G + λI with λ > 0 and a successful factorisation: its eigenvalues are ≥ λ up to round-off of G,
+        # so the (costly, and in float32 over-pessimistic) singularity estimate below is not needed.
+        return L
     eye = torch.eye(n, dtype=Gd.dtype, device=Gd.device)
     Linv = torch.linalg.solve_triangular(L, eye, upper=False)
     tr_inv = torch.linalg.matrix_norm(Linv) ** 2
