@@ -10,7 +10,9 @@ compared with exact NGD −η (F + λI)⁻¹ ∇L on the same batch (:func:`fish
 ``method``, ``damping``, ``batch_size``, ``layer``), one finished batch size per file under ``store/`` (a rerun
 resumes), figures and ``report.html``.
 
-Run time on this machine (2 shared CPU cores), full mode: about 2.5 minutes; ``--quick``: about 5 seconds.
+Run time on this machine (2 shared CPU cores under load, ``--threads 1``), full mode: 110 s measured; ``--quick``:
+about 10 seconds. With torch's default 2 threads on the busy machine dense eigendecompositions ran up to 100×
+slower (thread oversubscription), hence ``--threads``.
 
     python analyses/fidelity_vs_damping_batch.py [--out results/fidelity_vs_damping_batch] [--quick] [--seed 0]
         [--threads 1]

@@ -6,14 +6,16 @@ trained with Adam (η = 1e-2, batch 64, 300 steps; :func:`fisherlab.train.train`
 Fisher on the first 512 training samples are computed in the dense, per-layer block and diagonal structures
 (:func:`fisherlab.spectra.fisher_spectra`). Output: ``spectra_during_training.nc`` (kind ``spectrum_trajectory``:
 the ``spectrum`` variables with a leading dim ``step``), one finished checkpoint per file under ``store/`` (a
-rerun resumes), figures and ``report.html``. Expect the empirical Fisher to drift away from the true Fisher as
-the training loss falls (Kunstner et al., 2019) while the MC Fisher stays close.
+rerun resumes), figures and ``report.html``. Seen with seed 0: as the training loss falls to 0.003 the empirical
+Fisher collapses (trace 0.015 against 1.09 for the true Fisher at step 300; Kunstner et al., 2019), while the
+one-sample MC Fisher keeps the right trace but is noisy (relative Frobenius distance 0.4 to 4) and, like the
+empirical one, has rank at most 512 where the true Fisher has rank up to 9 · 512.
 
 The checkpoints come from a replay of the same run (same optimiser, seed and minibatch order as ``train``; the
 script checks that its batch losses equal the logged ones), since ``train`` returns only the log.
 
-Run time on this machine (2 shared CPU cores, ``--threads 1``), full mode: about 2 minutes; ``--quick``: about
-5 seconds.
+Run time on this machine (2 shared CPU cores under load, ``--threads 1``), full mode: 63 s measured; ``--quick``:
+about 10 seconds.
 
     python analyses/spectra_during_training.py [--out results/spectra_during_training] [--quick] [--seed 0]
         [--threads 1]

@@ -1,7 +1,8 @@
 """Shared benchmark utilities: argument parsing, timing (median after warm-up), peak memory, tables.
 
 Timing: every method is warmed up, then the methods are run round-robin ``repeats`` times so that a change in
-machine load hits all of them alike; the table reports the median. On CUDA the device is synchronised before
+machine load hits all of them alike; the table reports the median, and a ratio to a reference method is the
+median over rounds of the ratio within each round. On CUDA the device is synchronised before
 and after every timed call.
 
 Peak memory: the peak bytes of tensors allocated during one call, above those allocated at its start: on CUDA
@@ -156,14 +157,21 @@ class Row:
     note: str = ""
 
 
-def rows_from_times(case: str, times: dict[str, list[float]], reference: float | None,
+def rows_from_times(case: str, times: dict[str, list[float]], reference: float | list[float] | None,
                     peaks: dict[str, int | None] | None = None, notes: dict[str, str] | None = None) -> list[Row]:
-    """Rows with the median of each method's times and its ratio to ``reference`` seconds."""
+    """Rows with the median of each method's times and its ratio to ``reference``.
+
+    ``reference`` is either seconds, or the reference's seconds in each round of :func:`time_methods`; then the
+    ratio is the median over rounds of the ratios within a round (calls close in time see the same machine load).
+    """
     out = []
     for name, ts in times.items():
         med = statistics.median(ts)
-        out.append(Row(case, name, med, med / reference if reference else None,
-                       (peaks or {}).get(name), (notes or {}).get(name, "")))
+        if isinstance(reference, list):
+            ratio: float | None = statistics.median(t / r for t, r in zip(ts, reference, strict=True))
+        else:
+            ratio = med / reference if reference else None
+        out.append(Row(case, name, med, ratio, (peaks or {}).get(name), (notes or {}).get(name, "")))
     return out
 
 

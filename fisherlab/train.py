@@ -20,11 +20,12 @@ batches in the same order. Methods (λ = ``damping``, η = ``lr``, g = the batch
 
 Recorded per step s = 0 … steps (the parameters θ_s before update s): ``loss`` (mean loss on batch s), ``time``
 (wall-clock seconds spent in updates 0 … s−1, refreshes included, evaluation excluded; CUDA is synchronised),
-``cpu_time`` (the same span in CPU seconds of this process, all threads: on a shared CPU machine it is far less
-sensitive to other processes than wall time), ``refresh`` (1 where update s recomputed curvature), and every
-``eval_every`` steps and at the end ``train_loss``, ``train_accuracy``, ``test_loss``, ``test_accuracy`` on the
-full splits (NaN elsewhere). A run whose loss becomes non-finite stops; the rest is NaN and the attribute
-``diverged`` is 1.
+``cpu_time`` (the same span in CPU seconds of this process, all threads: on a shared CPU machine usually less
+sensitive to other processes than wall time, though spinning threads still inflate it), ``refresh`` (1 where update
+s recomputed curvature), and every ``eval_every`` steps and at the end ``train_loss``, ``train_accuracy``,
+``test_loss``, ``test_accuracy`` on the full splits (NaN elsewhere). A run whose loss becomes non-finite, or whose
+curvature breaks down (a SingularMatrixError or NonFiniteError in an update, e.g. every ReLU dead), stops: the rest
+is NaN, the attribute ``diverged`` is 1 and ``stopped`` says why.
 
 :func:`compare` runs several methods into one Dataset with dims (``method``, ``step``); :func:`sweep_lr` tries
 learning rates per method and :func:`best_runs` picks, per method, the one with the lowest final training loss.
@@ -48,7 +49,7 @@ from tqdm.auto import tqdm
 
 from fisherlab.data import SplitData, iterate_minibatches
 from fisherlab.engine import FisherEngine, check_eval_mode
-from fisherlab.errors import InputError
+from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError
 from fisherlab.fisher import fisher
 from fisherlab.likelihoods import Likelihood, get_likelihood
 from fisherlab.linalg import cg, damped_solve, kron_damping_split
@@ -306,7 +307,7 @@ def train(
 
     Returns:
         A ``"training"`` Dataset with dim ``step`` (steps + 1 entries) and the variables of the module docstring;
-        attrs: provenance (config, seed, versions), ``method``, ``diverged``.
+        attrs: provenance (config, seed, versions), ``method``, ``diverged``, ``stopped``.
 
     Raises:
         InputError: Unknown method or option, bad sizes, or a model in training mode with dropout/batch norm.
@@ -337,7 +338,7 @@ def train(
     rec = {k: np.full(n, np.nan) for k in _VARIABLES}
     rec["time"][0], rec["cpu_time"][0], rec["refresh"][:] = 0.0, 0.0, 0.0
     batches = _batches(data, batch_size, seed)
-    elapsed, cpu, diverged = 0.0, 0.0, False
+    elapsed, cpu, stopped = 0.0, 0.0, ""
     for s in tqdm(range(n), desc=method, disable=True if progress is None else not progress):
         if s % eval_every == 0 or s == steps:
             rec["train_loss"][s], rec["train_accuracy"][s] = _evaluate(stepper.model, lik, data.X_train,
@@ -349,14 +350,18 @@ def train(
         x, y = next(batches)
         _sync(device)
         start, start_cpu = time.perf_counter(), time.process_time()
-        loss, refreshed = stepper.step(x, y, s % refresh_every == 0)
+        try:
+            loss, refreshed = stepper.step(x, y, s % refresh_every == 0)
+        except (NonFiniteError, SingularMatrixError) as exc:  # the curvature broke down (e.g. all units dead)
+            stopped = f"step {s}: {type(exc).__name__}: {exc}"
+            break
         _sync(device)
         elapsed += time.perf_counter() - start
         cpu += time.process_time() - start_cpu
         rec["loss"][s], rec["refresh"][s] = float(loss), float(refreshed)
         rec["time"][s + 1], rec["cpu_time"][s + 1] = elapsed, cpu
         if not (math.isfinite(rec["loss"][s]) and math.isfinite(np.nan_to_num(rec["train_loss"][s], nan=0.0))):
-            diverged = True
+            stopped = f"step {s}: non-finite loss"
             break
     config = {"method": method, "lr": lr, "steps": steps, "batch_size": batch_size, "refresh_every": refresh_every,
               "damping": damping, "structure": structure if method == "sngd" else None,
@@ -366,7 +371,8 @@ def train(
               "model": type(model).__name__, "num_params": sum(p.numel() for p in model.parameters()),
               "reconstruct_options": reconstruct_options}
     ds = new_dataset("training", {k: ("step", v) for k, v in rec.items()}, {"step": np.arange(n)}, config=config,
-                     seed=seed, device=device, dtype=dtype, attrs={"method": method, "diverged": int(diverged)})
+                     seed=seed, device=device, dtype=dtype, attrs={"method": method, "diverged": int(bool(stopped)),
+                                                          "stopped": stopped or "no"})
     return annotate(ds, {**_VARIABLES, "step": ("update index", "1")})
 
 

@@ -128,6 +128,16 @@ def test_divergence_is_recorded() -> None:
     assert np.isnan(ds.loss.values[-3:]).all()
 
 
+def test_curvature_breakdown_stops_the_run() -> None:
+    torch.manual_seed(0)
+    dead = MLP(64, [8], 10, "relu").eval()
+    with torch.no_grad():
+        dead.layers[0].bias.fill_(-1e3)  # every hidden unit dead: the first layer's S factor is 0
+    ds = train(dead, digits(), method="kfac-ngd", lr=0.1, steps=5, batch_size=32, eval_every=5)
+    assert ds.attrs["diverged"] == 1 and "SingularMatrixError" in ds.attrs["stopped"]
+    assert np.isnan(ds.loss.values).all()
+
+
 def test_bad_input() -> None:
     model, data = small_mlp(), digits()
     with pytest.raises(InputError, match="unknown training method"):
