@@ -170,6 +170,7 @@ def add_fidelity_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refresh-every", type=int, default=None, help="refresh interval of reconstructed networks")
     p.add_argument("--trajectory-rules", nargs="+", default=None, help="rules measured along the trajectory")
     p.add_argument("--geometry-structures", nargs="+", default=None, help="structures G of the geometry part")
+    p.add_argument("--geometry-dampings", nargs="+", type=float, default=None, help="λ values of the geometry part")
     p.add_argument("--spectrum-kinds", nargs="+", default=None, help="Fisher kinds of the spectrum part")
     p.add_argument("--parts", nargs="+", default=None, choices=PARTS, help="parts of the study to run")
 
