@@ -18,9 +18,10 @@ printed at the end (final training loss and test accuracy, mean ± std over seed
 over seeds). Figures: training loss and test accuracy against steps (mean, min–max band over seeds), wall-clock
 time and CPU time (medians over seeds) (PNG and SVG).
 
-Times are those of the update steps only (evaluation excluded), on whatever machine runs this. On a shared
-machine wall-clock time mostly measures the other processes; the process's CPU time (all threads) is the more
-faithful cost there, and the step counts are exact.
+Times are those of the update steps only (evaluation excluded), on whatever machine runs this, single-threaded by
+default (``--threads``): on a shared 2-core machine, two intra-op threads spin against the other processes and
+single steps of every method slow down by up to 100× (measured: SGD on the MNIST-1D CNN 1.3 ms/step with one thread,
+5–170 ms/step with two), so wall-clock times with more threads mostly measure the neighbours.
 
 Run time: about 4 minutes on 2 idle CPU cores in full mode (most of it exact NGD); ``--quick`` (tiny steps, for
 tests) takes about 15 seconds.
@@ -193,11 +194,14 @@ def main(argv: list[str] | None = None) -> xr.Dataset:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("results/training_comparison"))
     parser.add_argument("--quick", action="store_true", help="tiny runs for tests")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: on a shared machine 2 threads spin against other "
+                             "processes and single steps slow down up to 100×)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse runs_<problem>.nc files already in --out made with the same settings")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     common = {"steps": 4, "eval_every": 2, "batch_size": 32} if args.quick else \
         {"steps": 250, "eval_every": 25, "batch_size": 64}
     common.update(damping=0.1, refresh_every=10)

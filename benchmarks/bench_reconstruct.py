@@ -18,6 +18,9 @@ other processes), median over ``--repeats`` round-robin repetitions after one wa
 * ratios: SNGD between refreshes / SGD (target ≤ 1.5) and SNGD amortised / KFAC-NGD amortised at the same
   refresh period (target ≤ 1).
 
+On CPU the benchmark runs single-threaded: on a shared machine two intra-op threads spin against the other
+processes and single steps slow down by up to 100×, whatever the method, which drowns every ratio.
+
     python benchmarks/bench_reconstruct.py [--device cpu|cuda] [--repeats 3] [--quick]
 """
 
@@ -86,6 +89,8 @@ def measure(case: Case, name: str, steps: int, device: torch.device) -> dict[str
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
+    if args.device.type == "cpu":
+        torch.set_num_threads(1)  # see the module docstring
     steps = 20 if args.quick else 100
     header(f"SNGD step time vs SGD and KFAC-NGD (batch {BATCH}, {steps} steps per run, float32)", args.device)
     all_cases = cases(args.device)

@@ -117,15 +117,18 @@ def plot_fidelity(ds: xr.Dataset) -> list[Figure]:
     """Cosine to exact NGD and Fisher-norm error per rule and damping; predicted against measured KL."""
     figs: list[Figure] = []
     df = ds[["cosine", "fisher_rel_error"]].to_dataframe().reset_index()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    sns.barplot(df, x="method", y="cosine", hue="damping", ax=axes[0])
+    df["damping"] = [f"λ={d:g}" for d in df.damping]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    sns.barplot(df, x="method", y="cosine", hue="damping", palette="viridis", ax=axes[0])
     axes[0].set_title("cosine similarity to exact NGD")
     axes[0].set_ylim(min(0.0, float(df.cosine.min())), 1.02)
-    sns.barplot(df, x="method", y="fisher_rel_error", hue="damping", ax=axes[1])
+    sns.barplot(df, x="method", y="fisher_rel_error", hue="damping", palette="viridis", ax=axes[1], legend=False)
     axes[1].set_yscale("log")
     axes[1].set_title("Fisher-norm relative error")
     for ax in axes:
-        ax.tick_params(axis="x", rotation=45)
+        ax.tick_params(axis="x", rotation=60)
+        ax.set_xlabel("")
+    sns.move_legend(axes[0], "lower left", fontsize=7, ncols=2)
     fig.tight_layout()
     figs.append(("fidelity_methods", fig))
     if "kl_predicted" in ds and "kl_measured" in ds:
@@ -163,12 +166,51 @@ def table_fidelity(ds: xr.Dataset) -> Table:
 
 
 def plot_trajectory(ds: xr.Dataset) -> list[Figure]:
-    """Cosine to exact NGD along a training trajectory, per rule."""
-    df = ds.cosine.to_dataframe().reset_index()
-    g = sns.relplot(df, x="step", y="cosine", hue="method", col="damping" if "damping" in df else None,
-                    kind="line", marker="o", height=3.4)
-    g.figure.suptitle("fidelity along the trajectory: cosine to exact NGD", y=1.03)
-    return [("trajectory_cosine", g.figure)]
+    """Cosine to exact NGD and training loss along a trajectory, per rule (and staleness when recorded)."""
+    cos = ds.cosine.isel(damping=0) if "damping" in ds.cosine.dims else ds.cosine
+    df = cos.to_dataframe().reset_index()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    sns.lineplot(df, x="step", y="cosine", hue="method", marker="o", ax=axes[0])
+    axes[0].set_title("cosine to exact NGD along the trajectory")
+    axes[0].legend(fontsize=7)
+    if "steps_since_refresh" in ds:
+        axes[1].plot(ds.step.values, ds.steps_since_refresh.values, "o-", color="gray", label="steps since refresh")
+        axes[1].set_ylabel("steps since refresh")
+        twin = axes[1].twinx()
+        twin.plot(ds.step.values, ds.loss.values, "k.-", label="loss")
+        twin.set_ylabel("training loss")
+    else:
+        axes[1].plot(ds.step.values, ds.loss.values, "k.-")
+        axes[1].set_ylabel("training loss")
+    axes[1].set_xlabel("step")
+    fig.tight_layout()
+    return [("trajectory_cosine", fig)]
+
+
+def table_trajectory(ds: xr.Dataset) -> Table:
+    """Cosine to exact NGD of each rule at each measured step."""
+    cos = ds.cosine.isel(damping=0) if "damping" in ds.cosine.dims else ds.cosine
+    return (["rule", *[f"step {int(s)}" for s in ds.step.values]],
+            [[str(m), *[f"{float(c):.3f}" for c in cos.sel({"method": m}).values]] for m in ds.method.values])
+
+
+def plot_geometry(ds: xr.Dataset) -> list[Figure]:
+    """Spectra of F + λI and of the Fisher each reconstructed network sees, G^{-1/2}(F + λI)G^{-1/2}."""
+    ev = ds.eigenvalue.isel(damping=0).to_dataframe().reset_index().dropna()
+    ev["rank"] = ev.groupby("structure").eig.transform(lambda s: s.max() - s + 1)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    sns.lineplot(ev, x="rank", y="eigenvalue", hue="structure", ax=ax)
+    ax.set(xscale="log", yscale="log",
+           title=f"spectrum of G^-1/2 (F + λI) G^-1/2, λ = {float(ds.damping[0]):g} (original: G = I)")
+    fig.tight_layout()
+    return [("geometry_spectra", fig)]
+
+
+def table_geometry(ds: xr.Dataset) -> Table:
+    """Condition number of the Fisher each structure's reconstructed network sees, per damping."""
+    return (["structure G", *[f"κ(λ={float(d):g})" for d in ds.damping.values]],
+            [[str(st), *[_fmt(float(c)) for c in ds.condition_number.sel(structure=st).values]]
+             for st in ds.structure.values])
 
 
 def plot_training(ds: xr.Dataset) -> list[Figure]:
@@ -189,10 +231,14 @@ def plot_training(ds: xr.Dataset) -> list[Figure]:
 
 #: Figures drawn for each Dataset kind (``fisherlab_kind``).
 PLOTTERS: dict[str, Callable[[xr.Dataset], list[Figure]]] = {
-    "spectrum": plot_spectrum, "fidelity": plot_fidelity, "trajectory": plot_trajectory, "training": plot_training,
+    "spectrum": plot_spectrum, "fidelity": plot_fidelity, "fidelity_trajectory": plot_trajectory,
+    "geometry": plot_geometry, "training": plot_training,
 }
 #: Headline table of each Dataset kind.
-TABLES: dict[str, Callable[[xr.Dataset], Table]] = {"spectrum": table_spectrum, "fidelity": table_fidelity}
+TABLES: dict[str, Callable[[xr.Dataset], Table]] = {
+    "spectrum": table_spectrum, "fidelity": table_fidelity, "fidelity_trajectory": table_trajectory,
+    "geometry": table_geometry,
+}
 
 
 # ------------------------------------------------------------------------------------------------ HTML

@@ -86,8 +86,8 @@ class StudyConfig:
     refresh_every: int = 10
     trajectory_rules: list[str] = field(default_factory=lambda: ["gd", "adam", "ngd", "block-ngd", "kfac", "diag",
                                                                  "empirical-ngd"])
-    geometry_structures: list[str] = field(default_factory=lambda: ["block", "kfac", "ekfac", "diag"])
-    geometry_dampings: list[float] = field(default_factory=lambda: [1e-3, 1e-2])
+    geometry_structures: list[str] = field(default_factory=lambda: ["block", "kfac", "diag"])
+    geometry_dampings: list[float] = field(default_factory=lambda: [1e-3])
     spectrum_kinds: list[str] = field(default_factory=lambda: ["true", "mc", "empirical"])
     parts: list[str] = field(default_factory=lambda: list(PARTS))
     seed: int = 0

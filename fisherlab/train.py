@@ -51,6 +51,7 @@ from fisherlab.data import SplitData, iterate_minibatches
 from fisherlab.engine import FisherEngine, check_eval_mode
 from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError
 from fisherlab.fisher import fisher
+from fisherlab.layers import from_combined, to_combined
 from fisherlab.likelihoods import Likelihood, get_likelihood
 from fisherlab.linalg import cg, damped_solve, kron_damping_split
 from fisherlab.params import ParamSpec
@@ -187,12 +188,13 @@ class _NGDStepper(_Stepper):
 
 
 class _KFACStepper(_Stepper):
+    """KFAC-NGD with the damped factor inverses cached between refreshes; updates each layer's W̄ in place."""
+
     def __init__(self, model: nn.Module, lik: Likelihood, lr: float, damping: float, kind: str, split: str,
                  seed: int):
         self.model, self.lik, self.lr, self.damping, self.kind, self.split = model, lik, lr, damping, kind, split
-        self.spec = ParamSpec.from_model(model)
         self.seed, self.refreshes = seed, 0
-        self.inverses: dict[str, tuple[Any, Tensor, Tensor, Tensor]] = {}
+        self.inverses: dict[str, tuple[nn.Module, bool, Tensor, Tensor]] = {}
 
     def _refresh(self, x: Tensor, y: Tensor) -> None:
         """Factors on the batch (MC labels of refresh k seeded with seed + k, as a reconstructed network's)."""
@@ -200,19 +202,27 @@ class _KFACStepper(_Stepper):
         self.refreshes += 1
         self.inverses = {}
         for path, f in kfac.factors.items():
+            module = self.model.get_submodule(path)
+            if not f.has_weight or f.has_bias != (getattr(module, "bias", None) is not None):
+                raise InputError(f"kfac-ngd updates whole layers; layer {path!r} has a frozen weight or bias")
             a, s = kron_damping_split(f.A, f.S, self.damping, self.split)
-            self.inverses[path] = (f, kfac.index[path], _damped_inverse(f.A, a), _damped_inverse(f.S, s))
+            self.inverses[path] = (module, f.has_bias, _damped_inverse(f.A, a), _damped_inverse(f.S, s))
 
     def step(self, x: Tensor, y: Tensor, refresh: bool) -> tuple[Tensor, bool]:
         if refresh or not self.inverses:
             self._refresh(x, y)
             refresh = True
-        loss, g = _batch_loss_grad(self.model, self.spec, self.lik, x, y)
-        delta = torch.zeros_like(g)
-        for f, ix, A_inv, S_inv in self.inverses.values():
-            delta[ix] = f.scatter(S_inv @ f.gather(g[ix].unsqueeze(1)) @ A_inv).squeeze(1)
-        _add_(self.model, self.spec, -self.lr * delta)
-        return loss, refresh
+        self.model.zero_grad(set_to_none=True)
+        loss = self.lik.nll(self.model(x), y).mean()
+        loss.backward()
+        with torch.no_grad():
+            for module, has_bias, A_inv, S_inv in self.inverses.values():
+                grad = to_combined(module, module.weight.grad, module.bias.grad if has_bias else None)
+                weight, bias = from_combined(module, S_inv @ grad @ A_inv, has_bias)
+                module.weight.sub_(self.lr * weight)
+                if has_bias:
+                    module.bias.sub_(self.lr * bias)
+        return loss.detach(), refresh
 
 
 class _SNGDStepper(_Stepper):

@@ -183,7 +183,7 @@ def _root_path(name: str) -> str:
 
 
 def _group(net: nn.Module, spec: ParamSpec, names: tuple[str, ...], root_cls: type[FisherRoot],
-           source: tuple[str, str], config: ReconstructConfig, **kwargs: Any) -> UnitPlan:
+           source: tuple[str, str], **kwargs: Any) -> UnitPlan:
     """Parametrize the tensors ``names`` of ``net`` with a new ``root_cls`` root; its plan."""
     first = next(iter(net.parameters()))
     root = root_cls([spec.shapes[spec.names.index(n)] for n in names], first.dtype, first.device, **kwargs)
@@ -192,16 +192,16 @@ def _group(net: nn.Module, spec: ParamSpec, names: tuple[str, ...], root_cls: ty
 
 
 def _build_full(net: nn.Module, spec: ParamSpec, struct: FisherMatrix, config: ReconstructConfig) -> Built:
-    return net, [_group(net, spec, spec.names, DenseRoot, ("matrix", ""), config)]
+    return net, [_group(net, spec, spec.names, DenseRoot, ("matrix", ""))]
 
 
 def _build_block(net: nn.Module, spec: ParamSpec, struct: FisherMatrix, config: ReconstructConfig) -> Built:
     layers = spec.layers() if struct.meta.get("blocks_by", "layer") == "layer" else {n: (n,) for n in spec.names}
-    return net, [_group(net, spec, layers[key], DenseRoot, ("blocks", key), config) for key in struct.index]
+    return net, [_group(net, spec, layers[key], DenseRoot, ("blocks", key)) for key in struct.index]
 
 
 def _build_diag(net: nn.Module, spec: ParamSpec, struct: FisherMatrix, config: ReconstructConfig) -> Built:
-    return net, [_group(net, spec, (n,), DiagonalRoot, ("diagonal", n), config) for n in spec.names]
+    return net, [_group(net, spec, (n,), DiagonalRoot, ("diagonal", n)) for n in spec.names]
 
 
 def _replace(net: nn.Module, path: str, new: nn.Module) -> nn.Module:
@@ -217,8 +217,8 @@ def _build_layerwise(net: nn.Module, spec: ParamSpec, struct: FisherMatrix, conf
     """Units of KFAC, input, EKFAC and unit-wise structures: one per supported layer, a dense one per exact block."""
     kronecker = config.structure in ("kfac", "input")
     output = config.structure != "input"
-    root_cls, kwargs = _LAYERWISE_ROOTS[config.structure]
-    kwargs = {k: getattr(config, k) if k == "split" else output for k in kwargs}
+    root_cls = _LAYERWISE_ROOTS[config.structure]
+    kwargs = {"split": config.split, "output": output} if kronecker else {}
     plans = []
     for path, f in struct.factors.items():  # type: ignore[attr-defined]
         module = net.get_submodule(path)
@@ -229,8 +229,8 @@ def _build_layerwise(net: nn.Module, spec: ParamSpec, struct: FisherMatrix, conf
             net = _replace(net, path, factory(module, output=output, split=config.split, fold=config.fold))
             plans.append(UnitPlan(path, names, ("factors", path), "layer"))
         else:
-            plans.append(_group(net, spec, names, root_cls, ("factors", path), config, **kwargs))
-    plans += [_group(net, spec, spec.layers()[path], DenseRoot, ("exact_blocks", path), config)
+            plans.append(_group(net, spec, names, root_cls, ("factors", path), **kwargs))
+    plans += [_group(net, spec, spec.layers()[path], DenseRoot, ("exact_blocks", path))
               for path in struct.exact_blocks]  # type: ignore[attr-defined]
     return net, plans
 
@@ -245,10 +245,10 @@ _BUILDERS: dict[str, Callable[[nn.Module, ParamSpec, FisherMatrix, ReconstructCo
     "unit": _build_layerwise,
 }
 
-#: Root of a layer-wise structure's parametrization form, and the root's keyword arguments (from the config).
-_LAYERWISE_ROOTS: dict[str, tuple[type[FisherRoot], tuple[str, ...]]] = {
-    "kfac": (KroneckerRoot, ("split", "output")),
-    "input": (KroneckerRoot, ("split", "output")),
-    "ekfac": (EigenbasisRoot, ()),
-    "unit": (UnitRoot, ()),
+#: Root of a layer-wise structure's parametrization form.
+_LAYERWISE_ROOTS: dict[str, type[FisherRoot]] = {
+    "kfac": KroneckerRoot,
+    "input": KroneckerRoot,
+    "ekfac": EigenbasisRoot,
+    "unit": UnitRoot,
 }

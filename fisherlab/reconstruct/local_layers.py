@@ -257,7 +257,7 @@ class LocalFisherConv(LocalFisherLayer):
         W = self.input_whitening.fold(self.weight)
         if fold_out:
             W = self.output_fisher.fold(W)
-        parts = self.layout.from_matrix(W)
+        parts = [p.contiguous() for p in self.layout.from_matrix(W)]  # strided weights make CPU convs ~10× slower
         y = self._conv[0]._conv_forward(x, parts[0], parts[1] if self.has_bias else None)
         return self.output_fisher(y) if self.output_fisher is not None and not fold_out else y
 

@@ -34,9 +34,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from fisherlab.errors import InputError, SingularMatrixError
+from fisherlab.errors import InputError
 from fisherlab.reconstruct.local_layers import InputWhitening, OutputFisher, kron_apply, kron_update
-from fisherlab.reconstruct.roots import CombinedLayout, LocalFisherUnit, batched_damped_roots, damped_roots, flatten
+from fisherlab.reconstruct.roots import (
+    CombinedLayout,
+    LocalFisherUnit,
+    batched_damped_roots,
+    damped_roots,
+    flatten,
+    positive_roots,
+)
 
 __all__ = [
     "DenseRoot",
@@ -126,13 +133,7 @@ class DiagonalRoot(FisherRoot):
 
     def update(self, stats: Mapping[str, Tensor], damping: float, method: str) -> None:
         self._check_stats(stats)
-        d = stats["diagonal"].to(self.sqrt) + damping
-        lo = float(d.min())
-        if not lo > 0:
-            advice = "pass damping > 0" if damping == 0 else f"increase the damping (now {damping:g})"
-            raise SingularMatrixError(f"diag(F) + damping is not positive: its smallest entry is {lo:.3e} "
-                                      f"(damping={damping:g}); {advice}")
-        self.sqrt, self.inv_sqrt = d.sqrt(), d.rsqrt()
+        self.sqrt, self.inv_sqrt = positive_roots(stats["diagonal"].to(self.sqrt), damping, "diag(F)")
 
 
 class _MatrixRoot(FisherRoot):
@@ -218,14 +219,9 @@ class EigenbasisRoot(_MatrixRoot):
 
     def update(self, stats: Mapping[str, Tensor], damping: float, method: str) -> None:
         self._check_stats(stats)
-        d = stats["scaling"].to(self.q_a) + damping
-        lo = float(d.min())
-        if not lo > 0:
-            raise SingularMatrixError(
-                f"the EKFAC scaling + damping has smallest entry {lo:.3e} (damping={damping:g}); "
-                + ("pass damping > 0" if damping == 0 else "increase the damping"))
+        self.scaling_sqrt, self.scaling_inv_sqrt = positive_roots(stats["scaling"].to(self.q_a), damping,
+                                                                  "the EKFAC scaling")
         self.q_a, self.q_s = stats["Q_A"].to(self.q_a), stats["Q_S"].to(self.q_a)
-        self.scaling_sqrt, self.scaling_inv_sqrt = d.sqrt(), d.rsqrt()
 
 
 class UnitRoot(_MatrixRoot):
@@ -285,7 +281,7 @@ class FisherParametrization(nn.Module):
         """T_index from this member's T' (``original``) and the other members' T'."""
         root = self.group
         primes = [original if i == self.index else m.original for i, m in enumerate(root._members)]
-        return root.member(self.index, primes)
+        return root.member(self.index, primes).contiguous()  # e.g. a strided conv weight is much slower
 
     def extra_repr(self) -> str:
         return f"member {self.index} of {type(self.group).__name__}"

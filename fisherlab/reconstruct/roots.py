@@ -50,6 +50,24 @@ def damped_roots(G: Tensor, damping: float, method: str) -> tuple[Tensor, Tensor
     return res.sqrt.to(G.dtype), res.inv_sqrt.to(G.dtype)  # type: ignore[union-attr]
 
 
+def _advice(damping: float) -> str:
+    return "pass damping > 0" if damping == 0 else f"increase the damping (now {damping:g})"
+
+
+def positive_roots(d: Tensor, damping: float, what: str) -> tuple[Tensor, Tensor]:
+    """((d + λ)^{1/2}, (d + λ)^{-1/2}) elementwise, for the eigenvalues ``d`` of a diagonal(ised) block.
+
+    Raises:
+        SingularMatrixError: An entry of d + λ is ≤ 0 (the message names ``what`` and the smallest entry).
+    """
+    shifted = d + damping
+    lo = float(shifted.min())
+    if not lo > 0:
+        raise SingularMatrixError(f"{what} + damping is not positive: its smallest entry is {lo:.3e} "
+                                  f"(damping={damping:g}); {_advice(damping)}")
+    return shifted.sqrt(), shifted.rsqrt()
+
+
 def batched_damped_roots(G: Tensor, damping: float, method: str) -> tuple[Tensor, Tensor]:
     """Roots of a batch of blocks G (b, n, n) + λI: (b, n, n) each, in G's dtype (computed in float64).
 
@@ -71,8 +89,7 @@ def batched_damped_roots(G: Tensor, damping: float, method: str) -> tuple[Tensor
         i = int(bad.nonzero()[0])
         raise SingularMatrixError(
             f"{int(bad.sum())} of {G.shape[0]} blocks + damping·I (damping={damping:g}) are not numerically positive "
-            f"definite (first: block {i}, smallest eigenvalue {float(w[i, 0]):.3e}); "
-            + ("pass damping > 0" if damping == 0 else f"increase the damping (now {damping:g})"))
+            f"definite (first: block {i}, smallest eigenvalue {float(w[i, 0]):.3e}); {_advice(damping)}")
     sqrt = (Q * w.sqrt().unsqueeze(-2)) @ Q.mT
     inv_sqrt = (Q * w.rsqrt().unsqueeze(-2)) @ Q.mT
     return sqrt.to(G.dtype), inv_sqrt.to(G.dtype)
