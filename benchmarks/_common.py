@@ -31,17 +31,20 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 
-def parse_args(description: str) -> argparse.Namespace:
-    """Parse ``--device``, ``--repeats`` and ``--quick`` (fewer repeats, smaller side cases)."""
+def parse_args(description: str, default_repeats: int = 5) -> argparse.Namespace:
+    """Parse ``--device``, ``--repeats`` (default ``default_repeats``) and ``--quick`` (2 repeats, smaller side
+    cases)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per method (default 5, quick 2)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed runs per method (default {default_repeats}, quick 2)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller side cases")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
-    args.repeats = args.repeats or (2 if args.quick else 5)
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else default_repeats
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     args.device = torch.device(args.device)

@@ -10,7 +10,7 @@ reverse pass (``torch.autograd.grad`` of the outputs given a cotangent, forward 
 When curvlinops can be imported (the peers venv, see benchmarks/README.md), ``GGNLinearOperator @ v`` (the GGN
 equals the true Fisher for softmax cross-entropy) is timed in the same run and compared with fisherlab's.
 
-    python benchmarks/bench_implicit.py [--device cpu|cuda] [--repeats 5] [--quick]
+    python benchmarks/bench_implicit.py [--device cpu|cuda] [--repeats 15] [--quick]
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def curvlinops_product(model: nn.Module, X: Tensor, y: Tensor) -> Callable[[Tens
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__.splitlines()[0], default_repeats=15)  # short calls: more rounds against load noise
     device = args.device
     header(f"matrix-free true Fisher product, MLP 64-{WIDTHS[0]}-{WIDTHS[1]}-10 tanh, N={N}, float32", device)
     torch.manual_seed(0)

@@ -162,3 +162,34 @@ def test_param_spec_order_of_updates() -> None:
     b = train(model, data, method="sgd", lr=0.1, steps=3, batch_size=32, eval_every=1)
     np.testing.assert_allclose(a.train_loss.values, b.train_loss.values, rtol=1e-5)
     assert ParamSpec.from_model(model).dim == 64 * 16 + 16 + 16 * 10 + 10
+
+
+@pytest.mark.slow
+def test_training_comparison_analysis_quick(tmp_path) -> None:
+    """analyses/training_comparison.py --quick writes its Datasets and figures and returns the summary."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from fisherlab.results import load_dataset
+
+    path = Path(__file__).resolve().parents[1] / "analyses" / "training_comparison.py"
+    spec = importlib.util.spec_from_file_location("training_comparison", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    threads = torch.get_num_threads()
+    try:
+        spec.loader.exec_module(module)
+        summary = module.main(["--quick", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+        del sys.modules[spec.name]
+    problems = [p.name for p in module.PROBLEMS]
+    for name in problems:
+        runs = load_dataset(tmp_path / f"runs_{name}.nc", kind="training")
+        assert runs.sizes["seed"] == 2 and runs.sizes["step"] == 5
+        assert load_dataset(tmp_path / f"sweep_{name}.nc").sizes["candidate"] == 2
+    assert (tmp_path / "training_comparison.png").stat().st_size > 0 and (tmp_path / "training_comparison.svg").exists()
+    assert summary.problem.values.tolist() == problems
+    assert np.isnan(summary.lr.sel({"problem": "mnist1d-mlp", "method": "ngd"}))
+    assert summary.lr.sel({"problem": "digits-mlp", "method": "ngd"}) > 0
