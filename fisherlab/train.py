@@ -54,6 +54,7 @@ from fisherlab.fisher import fisher
 from fisherlab.layers import from_combined, to_combined
 from fisherlab.likelihoods import Likelihood, get_likelihood
 from fisherlab.linalg import cg, damped_solve, kron_damping_split
+from fisherlab.memory import dense_bytes
 from fisherlab.params import ParamSpec
 from fisherlab.results import annotate, new_dataset
 
@@ -122,14 +123,18 @@ def ngd_direction(engine: FisherEngine, g: Tensor, damping: float, solver: str =
 
     ``"woodbury"``: F = UᵀU with factor rows U (m, P), so (UᵀU + λI)⁻¹ g = (g − Uᵀ (U Uᵀ + λI)⁻¹ U g) / λ by a
     Cholesky factorisation of the m×m matrix; ``"cholesky"``: dense F + λI; ``"cg"``: conjugate gradients on the
-    implicit F to relative residual ``cg_tol``; ``"auto"``: Woodbury when m < P and λ > 0, else Cholesky. The Gram
+    implicit F to relative residual ``cg_tol``; ``"auto"``: CG when the factor rows U (in float64) would take more
+    than a quarter of the engine's memory budget, else Woodbury when m < P and λ > 0, else Cholesky. The Gram
     matrix is formed in g's dtype, the factorisation and solve run in float64 (the result has g's dtype): in
     float32 the Cholesky factorisation of a matrix with condition number ‖F‖/λ ≈ 1e4–1e6 loses most digits.
     """
     P = engine.spec.dim
     m = engine.num_samples * engine.rows_per_sample
     if solver == "auto":
-        solver = "woodbury" if m < P and damping > 0 else "cholesky"
+        if dense_bytes(m, P, torch.float64) > engine.memory_budget // 4:
+            solver = "cg"
+        else:
+            solver = "woodbury" if m < P and damping > 0 else "cholesky"
     if solver == "cg":
         return cg(engine.matmat, g, damping=damping, tol=cg_tol).x
     U = torch.cat(list(engine.iter_factor_rows()))

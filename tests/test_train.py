@@ -14,6 +14,7 @@ from torch import nn
 from fisherlab.data import SplitData, load_digits
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError
+from fisherlab.linalg import cg
 from fisherlab.models import MLP
 from fisherlab.params import ParamSpec
 from fisherlab.train import METHODS, best_runs, compare, ngd_direction, sweep_lr, train
@@ -87,8 +88,12 @@ def test_sngd_equals_kfac_ngd_with_the_same_refresh_schedule(kind: str) -> None:
     np.testing.assert_allclose(b.train_loss.values, a.train_loss.values, rtol=1e-12)
 
 
-@pytest.mark.parametrize("solver", ["woodbury", "cholesky", "cg", "auto"])
-def test_ngd_direction_is_exact_ngd(solver: str) -> None:
+@pytest.mark.parametrize("solver", ["woodbury", "cholesky", "cg", "auto", "auto-small-budget"])
+def test_ngd_direction_is_exact_ngd(solver: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fisherlab.train as train_module
+
+    calls = []
+    monkeypatch.setattr(train_module, "cg", lambda *a, **k: calls.append(1) or cg(*a, **k))
     torch.manual_seed(1)
     model = MLP(6, [5], 3).double().eval()
     X, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
@@ -96,7 +101,10 @@ def test_ngd_direction_is_exact_ngd(solver: str) -> None:
     g = ref.loss_gradients(model, X, y, lik).mean(0)
     F = ref.true_fisher(model, X, lik)
     expected = torch.linalg.solve(F + 0.1 * torch.eye(len(F), dtype=torch.float64), g)
-    got = ngd_direction(FisherEngine(model, (X, y)), g, 0.1, solver, cg_tol=1e-12)
+    budget = 8000 if solver == "auto-small-budget" else None  # the factor rows U would take > budget / 4: CG
+    engine = FisherEngine(model, (X, y), memory_budget=budget)
+    got = ngd_direction(engine, g, 0.1, solver.removesuffix("-small-budget"), cg_tol=1e-12)
+    assert bool(calls) == (solver in ("cg", "auto-small-budget"))
     assert float((got - expected).norm() / expected.norm()) < 1e-9
 
 

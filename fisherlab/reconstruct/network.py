@@ -311,20 +311,24 @@ class ReconstructedNetwork(nn.Module):
         old coordinates and is not converted.
         """
         template = self._template[0].to(**self._like())
-        self.load_into(template)
+        theta = self.original_vector()
+        with torch.no_grad():
+            for name, value in self.spec.unflatten(theta).items():
+                template.get_parameter(name).copy_(value)
         self.refreshes += 1
         struct = compute_structure(template, self._data if data is None else data, self.config,
                                    self.config.seed + self.refreshes)
-        self.set_metric(struct, average=True)
+        self.set_metric(struct, average=True, theta=theta)
         self.steps_since_refresh = 0
 
     @torch.no_grad()
-    def set_metric(self, struct: FisherMatrix, *, average: bool = False) -> None:
+    def set_metric(self, struct: FisherMatrix, *, average: bool = False, theta: Tensor | None = None) -> None:
         """Set every unit's G from ``struct`` (+ damping) and re-express θ' so that θ is unchanged.
 
         Args:
             struct: A Fisher structure of the kind the network was built with, over the original parameters.
             average: Mix with the previous statistics when ``ema_decay`` is set.
+            theta: The current θ (P,) if already at hand (:meth:`original_vector`), to save recomputing it.
         """
         beta = self.config.ema_decay
         if self._basis is None and self.config.structure == "ekfac" and beta is not None:
@@ -336,9 +340,9 @@ class ReconstructedNetwork(nn.Module):
                 stats = {k: beta * old[k].to(v) + (1 - beta) * v if k in averaged else v for k, v in stats.items()}
             if beta is not None:
                 self._stats[plan.path] = {k: v.detach().clone() for k, v in stats.items()}
-            theta = unit.theta_vector()
+            theta_g = unit.theta_vector() if theta is None else theta[self._index[plan.path].to(theta.device)]
             unit.update(stats, self.config.damping, self.config.sqrt)
-            unit.load_theta(theta)
+            unit.load_theta(theta_g)
 
     def extra_repr(self) -> str:
         c = self.config

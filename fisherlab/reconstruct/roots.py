@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from fisherlab.errors import InputError, SingularMatrixError
+from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError
 from fisherlab.linalg import ConvergenceError, sqrtm
 
 #: Exponents a unit's root can be applied with: G^{1/2} (original → reconstructed) and G^{-1/2} (back).
@@ -30,17 +30,26 @@ POWERS = (0.5, -0.5)
 
 
 def damped_roots(G: Tensor, damping: float, method: str) -> tuple[Tensor, Tensor]:
-    """(G_λ^{1/2}, G_λ^{-1/2}) of G_λ = G + λI by :func:`fisherlab.linalg.sqrtm`, both (n, n) in G's dtype.
+    """(G_λ^{1/2}, G_λ^{-1/2}) of G_λ = G + λI, both (n, n) in G's dtype.
+
+    ``"eigh"``: :func:`batched_damped_roots` on a batch of one (one float64 eigendecomposition with the positivity
+    check of :func:`fisherlab.linalg.sqrtm`, without its residual diagnostics, which cost three more n³
+    products — as much as the eigendecomposition itself for n ≈ 1000). The iterative methods
+    (``"denman_beavers"``, ``"newton_schulz"``) run :func:`fisherlab.linalg.sqrtm` and check its convergence.
 
     The roots are computed in float64 whatever G's dtype: a float32 network with κ(G_λ) = ‖G‖/λ ≈ 1e5 (common
     for small dampings) would otherwise lose the small eigenvalues, which are exactly the directions NGD
-    amplifies, and the singularity check of ``sqrtm`` (n·eps·‖G‖) would refuse λ < 1e-5·n·‖G‖.
+    amplifies, and the singularity check (n·eps·‖G‖) would refuse λ < 1e-5·n·‖G‖ in float32.
 
     Raises:
         SingularMatrixError: G_λ is not numerically positive definite (e.g. λ = 0 and a singular G); the message
             gives the smallest eigenvalue and advises a positive damping.
-        ConvergenceError: An iterative method (``denman_beavers``, ``newton_schulz``) did not converge.
+        NonFiniteError: G contains NaN or inf.
+        ConvergenceError: An iterative method did not converge.
     """
+    if method == "eigh":
+        sqrt, inv_sqrt = batched_damped_roots(G.unsqueeze(0), damping, method)
+        return sqrt[0], inv_sqrt[0]
     res = sqrtm(G.double(), method=method, damping=damping)
     if not res.converged:
         raise ConvergenceError(
@@ -71,25 +80,29 @@ def positive_roots(d: Tensor, damping: float, what: str) -> tuple[Tensor, Tensor
 def batched_damped_roots(G: Tensor, damping: float, method: str) -> tuple[Tensor, Tensor]:
     """Roots of a batch of blocks G (b, n, n) + λI: (b, n, n) each, in G's dtype (computed in float64).
 
-    ``"eigh"`` uses one batched eigendecomposition (the reference method, with the positivity check of
-    :func:`fisherlab.linalg.sqrtm` applied block by block); the iterative methods run :func:`damped_roots` on each
-    block.
+    ``"eigh"``: one batched eigendecomposition of sym(G) + λI, Q diag(w^{±1/2}) Qᵀ, refused (as by
+    :func:`fisherlab.linalg.sqrtm`) when a block's smallest eigenvalue is ≤ n·eps·max|w|. The iterative methods
+    run :func:`damped_roots` on each block.
 
     Raises:
         SingularMatrixError: A damped block is not numerically positive definite (names the first such block).
+        NonFiniteError: G contains NaN or inf.
     """
     if method != "eigh":
         roots = [damped_roots(B, damping, method) for B in G]
         return torch.stack([r[0] for r in roots]), torch.stack([r[1] for r in roots])
+    if not bool(torch.isfinite(G).all()):
+        raise NonFiniteError("a Fisher block to take square roots of contains NaN or inf values")
     n = G.shape[-1]
     Gd = 0.5 * (G + G.mT).double() + damping * torch.eye(n, dtype=torch.float64, device=G.device)
     w, Q = torch.linalg.eigh(Gd)
     bad = w[:, 0] <= n * torch.finfo(torch.float64).eps * w.abs().amax(-1)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
+        where = f"{int(bad.sum())} of {G.shape[0]} blocks (first: block {i})" if G.shape[0] > 1 else "the block"
         raise SingularMatrixError(
-            f"{int(bad.sum())} of {G.shape[0]} blocks + damping·I (damping={damping:g}) are not numerically positive "
-            f"definite (first: block {i}, smallest eigenvalue {float(w[i, 0]):.3e}); {_advice(damping)}")
+            f"{where} + damping·I (damping={damping:g}, size {n}) is not numerically positive definite: smallest "
+            f"eigenvalue {float(w[i, 0]):.3e}, largest {float(w[i, -1]):.3e}; {_advice(damping)}")
     sqrt = (Q * w.sqrt().unsqueeze(-2)) @ Q.mT
     inv_sqrt = (Q * w.rsqrt().unsqueeze(-2)) @ Q.mT
     return sqrt.to(G.dtype), inv_sqrt.to(G.dtype)
