@@ -20,7 +20,6 @@ about 10 seconds.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -119,19 +118,7 @@ def table(ds: xr.Dataset) -> report.Table:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """Run (or resume) the analysis; returns the report path."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("results") / NAME)
-    parser.add_argument("--quick", action="store_true", help="tiny settings (tests)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true", help="replace results of another configuration")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's); 1 is far faster on a busy shared machine")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = QUICK if args.quick else FULL
-    report.guard_output_folder(args.out, {"command": NAME, "seed": args.seed, **dataclasses.asdict(cfg)},
-                               overwrite=args.overwrite)
+    args, cfg = report.start_analysis(NAME, __doc__.splitlines()[0], argv, full=FULL, quick=QUICK)
     configs = {f"{m},R={r}": {"train_method": m, "refresh_every": r, "seed": args.seed}
                for m in cfg.train_methods for r in cfg.refresh_every}
     done = run_sweep(configs, ResultsStore(args.out / "store"), lambda c: run_one(c, cfg, args.seed))

@@ -77,6 +77,37 @@ def guard_output_folder(out: Path, config: dict[str, Any], *, overwrite: bool = 
     return False
 
 
+def start_analysis(name: str, description: str, argv: Sequence[str] | None, *, full: Any, quick: Any
+                   ) -> tuple[Any, Any]:
+    """Command line shared by the scripts in ``analyses/``: parse, set threads, claim the output folder.
+
+    Options: ``--out`` (default ``results/<name>``), ``--quick`` (the ``quick`` configuration, for tests),
+    ``--seed``, ``--overwrite``, ``--threads``.
+
+    Returns:
+        ``(args, cfg)``: the parsed arguments and the chosen configuration dataclass.
+    """
+    import argparse
+    import dataclasses
+
+    import torch
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=Path("results") / name)
+    parser.add_argument("--quick", action="store_true", help="tiny settings (tests)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace results of another configuration")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 is far faster on a busy shared machine")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = quick if args.quick else full
+    guard_output_folder(args.out, {"command": name, "seed": args.seed, **dataclasses.asdict(cfg)},
+                        overwrite=args.overwrite)
+    return args, cfg
+
+
 # --------------------------------------------------------------------------------------------- plotters
 def _fmt(x: float) -> str:
     return f"{x:.3g}" if np.isfinite(x) else str(x)
