@@ -107,8 +107,8 @@ def _spd_cholesky(Gd: Tensor, *, damping: float, name: str) -> Tensor:
     """Lower Cholesky factor L of the (already damped, symmetric) matrix Gd, or SingularMatrixError.
 
     Two checks: the factorisation must succeed (``cholesky_ex`` info == 0), and, when no damping was added,
-    Gd must not be numerically singular. For the latter λ_min is estimated from tr(Gd⁻¹) = ‖L⁻¹‖_F² = Σ 1/λ_i, which gives
-    λ_min ∈ [1/tr(Gd⁻¹), n/tr(Gd⁻¹)]; the geometric middle λ̂ = √n / tr(Gd⁻¹) is within a factor √n of λ_min,
+    Gd must not be numerically singular. For the latter λ_min is estimated from tr(Gd⁻¹) = ‖L⁻¹‖_F² = Σ 1/λ_i,
+    which gives λ_min ∈ [1/tr(Gd⁻¹), n/tr(Gd⁻¹)]; the geometric middle λ̂ = √n / tr(Gd⁻¹) is within a factor √n of λ_min,
     and Gd is rejected when λ̂ ≤ n · eps · ‖Gd‖_F. The triangular inverse costs about as much as the
     factorisation (n³/3 flops). Two device syncs.
 
