@@ -142,10 +142,11 @@ class FisherEngine:
 
         named = dict(model.named_parameters(remove_duplicate=False))
         self.params = {n: named[n].detach().to(self.device, self.dtype) for n in self.spec.names}
+        selected = {id(named[n]) for n in self.spec.names}  # a tied tensor is passed once, under the selected name
         self._frozen = {
             n: t.detach().to(self.device, self.dtype if t.is_floating_point() else None)
             for n, t in [*named.items(), *model.named_buffers(remove_duplicate=False)]
-            if n not in self.params
+            if n not in self.params and id(t) not in selected
         }
         check_finite("parameter", self.params)
         self.data = DataSource(data, device=self.device, dtype=self.dtype)

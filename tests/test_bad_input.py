@@ -219,3 +219,26 @@ def test_singular_solve_without_damping(structure):
     F = fisher(model, (X, y), structure=structure)
     with pytest.raises(SingularMatrixError, match="damping"):
         F.solve(torch.ones(99))
+
+
+def test_tied_weights_with_one_name_selected_match_the_shared_gradient():
+    """Following the tied-weights error's advice (select one name) gives the Fisher of the shared tensor."""
+    import torch
+    from torch import nn
+
+    import fisherlab
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4).double()
+    model = nn.Sequential(lin, nn.Tanh(), nn.Linear(4, 4).double())
+    model[2].weight = lin.weight  # tied
+    X = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,))
+    F = fisherlab.fisher(model, (X, y), kind="empirical", params=["0.weight"]).to_dense()
+    # reference: per-sample gradients of the loss w.r.t. the shared tensor (both uses), by autograd
+    ref = torch.zeros(16, 16, dtype=torch.float64)
+    for n in range(6):
+        loss = nn.functional.cross_entropy(model(X[n:n + 1]), y[n:n + 1])
+        (g,) = torch.autograd.grad(loss, [lin.weight])
+        ref += torch.outer(g.reshape(-1), g.reshape(-1)) / 6
+    torch.testing.assert_close(F, ref, rtol=1e-10, atol=1e-12)
