@@ -389,7 +389,7 @@ class FisherEngine:
         params = self.params if params is None else params
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         g = torch.zeros(self.spec.dim, dtype=self.dtype, device=self.device)
-        for x, y, _ in self.chunks():
+        for x, y, _ in self.chunks(chunk_size=self.matmat_chunk_size()):
             z, vjp_fn = vjp(lambda p, x=x: self.forward(p, x), params)
             total += self.likelihood.nll(z.detach(), y).sum()
             g += self.spec.flatten(vjp_fn(self.likelihood.grad_z(z.detach(), y))[0])
@@ -399,7 +399,8 @@ class FisherEngine:
         """Model outputs on the whole dataset, shape (N, C)."""
         params = self.params if params is None else params
         with torch.no_grad():
-            return torch.cat([self.forward(params, x) for x, _, _ in self.chunks()])
+            return torch.cat([self.forward(params, x)
+                              for x, _, _ in self.chunks(chunk_size=self.matmat_chunk_size())])
 
     def check_dense(self, rows: int, cols: int, what: str) -> None:
         """Refuse (with the number and the alternatives) a dense rows×cols object above the memory budget."""
