@@ -276,6 +276,22 @@ def _labels(a: np.ndarray) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # scikit-learn digits
 # ----------------------------------------------------------------------------------------------------------
+def _ten_class_split(name: str, Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray,
+                     shape: tuple[int, ...], dtype: torch.dtype, meta: dict) -> SplitData:
+    """The SplitData of a 10-class image or signal set: inputs reshaped to (N, *shape) in ``dtype``, int64 labels."""
+    return SplitData(
+        X_train=_tensor(Xtr.reshape(-1, *shape), dtype),
+        y_train=_labels(ytr),
+        X_test=_tensor(Xte.reshape(-1, *shape), dtype),
+        y_test=_labels(yte),
+        name=name,
+        task="multiclass",
+        n_outputs=10,
+        input_shape=shape,
+        meta=meta,
+    )
+
+
 def load_digits(
     seed: int = 0, test_fraction: float = 0.25, dtype: torch.dtype = torch.float32, layout: str = "flat"
 ) -> SplitData:
@@ -318,17 +334,7 @@ def load_digits(
         "standardization": f"per pixel, train statistics, std floored at {DIGITS_STD_FLOOR}",
         "n_std_floored": int(np.sum(X[tr].std(axis=0) < DIGITS_STD_FLOOR)),
     }
-    return SplitData(
-        X_train=_tensor(Xtr.reshape(-1, *shape), dtype),
-        y_train=_labels(y[tr]),
-        X_test=_tensor(Xte.reshape(-1, *shape), dtype),
-        y_test=_labels(y[te]),
-        name="digits",
-        task="multiclass",
-        n_outputs=10,
-        input_shape=shape,
-        meta=meta,
-    )
+    return _ten_class_split("digits", Xtr, y[tr], Xte, y[te], shape, dtype, meta)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -403,17 +409,7 @@ def load_mnist1d(
         "n_generated": int(len(y)),
         "standardization": "scalar mean/std of the training split",
     }
-    return SplitData(
-        X_train=_tensor(Xtr.reshape(-1, *shape), dtype),
-        y_train=_labels(y[tr]),
-        X_test=_tensor(Xte.reshape(-1, *shape), dtype),
-        y_test=_labels(y[te]),
-        name="mnist1d",
-        task="multiclass",
-        n_outputs=10,
-        input_shape=shape,
-        meta=meta,
-    )
+    return _ten_class_split("mnist1d", Xtr, y[tr], Xte, y[te], shape, dtype, meta)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -632,17 +628,7 @@ def load_mnist_idx(
         "limit": limit,
         "standardization": "scalar mean/std of the training split, pixels scaled to [0, 1] first",
     }
-    return SplitData(
-        X_train=_tensor(Xtr.reshape(-1, *shape), dtype),
-        y_train=_labels(lab_tr),
-        X_test=_tensor(Xte.reshape(-1, *shape), dtype),
-        y_test=_labels(lab_te),
-        name="mnist",
-        task="multiclass",
-        n_outputs=10,
-        input_shape=shape,
-        meta=meta,
-    )
+    return _ten_class_split("mnist", Xtr, lab_tr, Xte, lab_te, shape, dtype, meta)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -730,17 +716,7 @@ def load_cifar10(
         "limit": limit,
         "standardization": "per-channel mean/std of the training split, pixels scaled to [0, 1] first",
     }
-    return SplitData(
-        X_train=_tensor(Xtr.reshape(-1, *shape), dtype),
-        y_train=_labels(lab_tr),
-        X_test=_tensor(Xte.reshape(-1, *shape), dtype),
-        y_test=_labels(lab_te),
-        name="cifar10",
-        task="multiclass",
-        n_outputs=10,
-        input_shape=shape,
-        meta=meta,
-    )
+    return _ten_class_split("cifar10", Xtr, lab_tr, Xte, lab_te, shape, dtype, meta)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -84,6 +84,17 @@ def _shape(input_shape: Sequence[int], what: str) -> tuple[int, ...]:
     return shape
 
 
+def _spatial_shape(input_shape: Sequence[int], what: str) -> tuple[int, ...]:
+    """A per-sample (C, H, W) or (C, L) shape, or InputError naming ``what`` and the layout to load."""
+    shape = _shape(input_shape, what)
+    if len(shape) not in (2, 3):
+        raise InputError(
+            f"{what} needs a per-sample input_shape (C, H, W) or (C, L), got {shape}; "
+            "flat inputs need a channel layout"
+        )
+    return shape
+
+
 class MLP(nn.Module):
     """Fully connected network: a plain stack of :class:`torch.nn.Linear` and activation modules.
 
@@ -156,12 +167,7 @@ class CNN(nn.Module):
         activation: str = "relu",
     ) -> None:
         super().__init__()
-        shape = _shape(input_shape, "CNN")
-        if len(shape) not in (2, 3):
-            raise InputError(
-                f"CNN needs a per-sample input_shape (C, H, W) or (C, L), got {shape}; "
-                "flat inputs need a channel layout"
-            )
+        shape = _spatial_shape(input_shape, "CNN")
         self.input_shape = shape
         self.n_outputs = _positive_int(n_outputs, "CNN n_outputs")
         self.channels = tuple(_positive_int(c, "CNN channels entry") for c in channels)
@@ -294,12 +300,7 @@ class ResNet(nn.Module):
         activation: str = "relu",
     ) -> None:
         super().__init__()
-        shape = _shape(input_shape, "ResNet")
-        if len(shape) not in (2, 3):
-            raise InputError(
-                f"ResNet needs a per-sample input_shape (C, H, W) or (C, L), got {shape}; "
-                "flat inputs need a channel layout"
-            )
+        shape = _spatial_shape(input_shape, "ResNet")
         self.input_shape = shape
         self.n_outputs = _positive_int(n_outputs, "ResNet n_outputs")
         width = _positive_int(channels, "ResNet channels")
