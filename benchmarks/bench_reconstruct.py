@@ -52,6 +52,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "sngd/100": {"method": "sngd", "structure": "kfac", "refresh_every": 100},
     "kfac-ngd/10": {"method": "kfac-ngd", "refresh_every": 10},
     "kfac-ngd/100": {"method": "kfac-ngd", "refresh_every": 100},
+    "sngd/10 cholesky": {"method": "sngd", "structure": "kfac", "refresh_every": 10, "sqrt": "cholesky"},
+    "sngd/100 cholesky": {"method": "sngd", "structure": "kfac", "refresh_every": 100, "sqrt": "cholesky"},
     "sngd/100 fold=never": {"method": "sngd", "structure": "kfac", "refresh_every": 100, "fold": "never"},
 }
 
@@ -115,7 +117,8 @@ def main() -> None:
                 step, amortised = med[name][f"{clock} step"], med[name][f"{clock} amortised"]
                 vs_kfac = ""
                 if name.startswith("sngd") and "fold" not in name:
-                    vs_kfac = f"{amortised / med['kfac-ngd/' + name.split('/')[1]][f'{clock} amortised']:.2f}"
+                    period = name.split("/")[1].split()[0]
+                    vs_kfac = f"{amortised / med['kfac-ngd/' + period][f'{clock} amortised']:.2f}"
                 print(f"{case.name:<20} {name:<20} {1e3 * step:>9.2f} {1e3 * amortised:>13.2f} {step / sgd:>9.2f} "
                       f"{vs_kfac:>16}")
         print()

@@ -14,6 +14,7 @@ import torch
 from cases import CNN2D, MLP, GatedNet, resnet_bn
 from torch import Tensor, nn
 
+from fisherlab import fisher
 from fisherlab.errors import InputError, SingularMatrixError, UnsupportedLayerError
 from fisherlab.layers import expand_input, to_combined
 from fisherlab.models import build_model
@@ -162,6 +163,24 @@ def test_factor_modules_apply_their_roots() -> None:
     assert rel(of(h), torch.einsum("ij,njhw->nihw", sym_root(S, -0.5), h)) < 1e-12
     with pytest.raises(InputError, match="shape"):
         of.set_roots(torch.eye(4), torch.eye(4))
+
+
+def test_cholesky_roots_are_triangular_factors(mlp) -> None:
+    """sqrt="cholesky": InputWhitening holds L_A⁻¹ (lower), OutputFisher L_S^{-T} (upper), L Lᵀ = damped factor."""
+    model, X, y = mlp
+    net = reconstruct(model, (X, y), structure="kfac", damping=0.1, sqrt="cholesky", split="sqrt")
+    struct = fisher(model, (X, y), structure="kfac")
+    for path, f in struct.factors.items():
+        layer = net.net.get_submodule(path)
+        iw, of = layer.input_whitening, layer.output_fisher
+        for M, damped, upper in ((iw.inv_sqrt, f.A, False), (of.inv_sqrt, f.S, True)):
+            eye = torch.eye(len(damped), dtype=DT)
+            assert torch.equal(M, M.triu() if upper else M.tril())
+            L = torch.linalg.inv(M.T if upper else M)  # the Cholesky factor of the damped factor
+            assert rel(L @ L.T, damped + 0.1**0.5 * eye) < 1e-12
+            assert rel(M @ (iw.sqrt if M is iw.inv_sqrt else of.sqrt), eye) < 1e-12
+    with torch.no_grad():
+        assert rel(net(X), model(X)) < 1e-12
 
 
 # ------------------------------------------------------------------------------- parametrization roots
@@ -330,13 +349,14 @@ def test_singular_metric_without_damping() -> None:
     mlp, X, y = MLP.build(DT)
     X = X.clone()
     X[:, 0] = 0.0  # the weights of input 0 get no gradient: diag(F) has zeros
-    for structure in ("diag", "kfac", "block"):
+    for structure, sqrt in (("diag", "eigh"), ("kfac", "eigh"), ("block", "eigh"), ("kfac", "cholesky"),
+                            ("block", "cholesky")):
         with pytest.raises(SingularMatrixError, match="damping > 0"):
-            reconstruct(mlp, (X, y), structure=structure, damping=0.0)
+            reconstruct(mlp, (X, y), structure=structure, damping=0.0, sqrt=sqrt)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"structure": "lowrank"}, "reconstruction structure"), ({"sqrt": "cholesky"}, "sqrt method"),
+    ({"structure": "lowrank"}, "reconstruction structure"), ({"sqrt": "qr"}, "sqrt method"),
     ({"split": "exact"}, "damping split"), ({"fold": "sometimes"}, "fold mode"), ({"damping": -1.0}, "damping"),
     ({"ema_decay": 1.0}, "ema_decay"), ({"fisher": "hessian"}, "Fisher kind"),
 ])

@@ -114,7 +114,20 @@ def sym_root(G: Tensor, power: float) -> Tensor:
     return (Q * w**power) @ Q.T
 
 
+def coordinate_map(net: nn.Module) -> Tensor:
+    """R (P, P) with θ' = R θ, read off the network column by column (its map of original updates)."""
+    return net.from_original_update(torch.eye(net.spec.dim, dtype=DT))
+
+
+def check_root(R: Tensor, G: Tensor, sqrt: str) -> None:
+    """RᵀR = G for every root method; R = G^{1/2} (symmetric) for eigh."""
+    assert rel(R.T @ R, G) < 1e-9
+    if sqrt == "eigh":
+        assert rel(R, sym_root(G, 0.5)) < 1e-9
+
+
 CASES = [(m, s) for m in MODELS for s in STRUCTURES]
+ROOTS = ("eigh", "cholesky")
 
 
 @pytest.mark.parametrize(("name", "structure"), CASES)
@@ -125,33 +138,38 @@ def test_invariant_1_same_outputs_at_construction(name: str, structure: str) -> 
         assert rel(net(X), model(X)) < 1e-10
 
 
+@pytest.mark.parametrize("sqrt", ROOTS)
 @pytest.mark.parametrize(("name", "structure"), CASES)
-def test_invariant_2_gd_step_is_preconditioned_step(name: str, structure: str) -> None:
+def test_invariant_2_gd_step_is_preconditioned_step(name: str, structure: str, sqrt: str) -> None:
     model, X, y, _, _ = problem(name)
-    net = build(name, structure)
+    net = build(name, structure, sqrt=sqrt)
     G = reference_metric(model, X, y, structure, options(name, structure))
     g = mean_gradient(model, X, y)
     expected = -LR * torch.linalg.solve(G, g)
     assert rel(net.gd_update((X, y), LR), expected) < 1e-9
-    # and the reconstructed gradient itself is G^{-1/2} ∇L (symmetric roots)
+    # the coordinates: θ' = R θ with RᵀR = G, so the reconstructed gradient is R^{-T} ∇L
+    R = coordinate_map(net)
+    check_root(R, G, sqrt)
     _, g_prime = net.prime_gradient((X, y))
-    assert rel(g_prime, sym_root(G, -0.5) @ g) < 1e-9
+    assert rel(g_prime, torch.linalg.solve(R.T, g)) < 1e-9
 
 
+@pytest.mark.parametrize("sqrt", ROOTS)
 @pytest.mark.parametrize("name", list(MODELS))
-def test_invariant_3_full_is_exact_ngd(name: str) -> None:
+def test_invariant_3_full_is_exact_ngd(name: str, sqrt: str) -> None:
     model, X, y, _, _ = problem(name)
-    net = build(name, "full")
+    net = build(name, "full", sqrt=sqrt)
     F = ref.true_fisher(model, X, ref.RefLikelihood("categorical"))
     L = torch.linalg.cholesky(F + LAM * torch.eye(len(F), dtype=DT))
     ngd = -LR * torch.cholesky_solve(mean_gradient(model, X, y).unsqueeze(1), L).squeeze(1)
     assert rel(net.gd_update((X, y), LR), ngd) < 1e-10
 
 
+@pytest.mark.parametrize("sqrt", ROOTS)
 @pytest.mark.parametrize(("name", "structure"), CASES)
-def test_invariant_4_refresh_keeps_function_and_reexpresses(name: str, structure: str) -> None:
+def test_invariant_4_refresh_keeps_function_and_reexpresses(name: str, structure: str, sqrt: str) -> None:
     model, X, y, X2, y2 = problem(name)
-    net = build(name, structure)
+    net = build(name, structure, sqrt=sqrt)
     opt = torch.optim.SGD(net.parameters(), lr=LR)
     net.attach(opt)
     for _ in range(2):  # move θ away from where G was computed
@@ -169,8 +187,9 @@ def test_invariant_4_refresh_keeps_function_and_reexpresses(name: str, structure
         with torch.no_grad():
             assert rel(net(X), before) < 1e-10
         assert rel(net.original_vector(), theta) < 1e-10
-        G = reference_metric(moved, *batch, structure, options(name, structure))
-        assert rel(net.reconstructed_vector(), sym_root(G, 0.5) @ theta) < 1e-9
+        R = coordinate_map(net)
+        check_root(R, reference_metric(moved, *batch, structure, options(name, structure)), sqrt)
+        assert rel(net.reconstructed_vector(), R @ theta) < 1e-9
     assert net.refreshes == 2
 
 
@@ -178,8 +197,8 @@ def test_invariant_4_refresh_keeps_function_and_reexpresses(name: str, structure
 def test_invariant_1_float32(name: str) -> None:
     model, X, y, X2, y2 = problem(name)
     model32 = copy.deepcopy(model).float()
-    for structure in ("kfac", "full", "unit"):
-        net = reconstruct(model32, (X.float(), y), structure=structure, damping=LAM)
+    for structure, sqrt in (("kfac", "eigh"), ("full", "eigh"), ("unit", "eigh"), ("kfac", "cholesky")):
+        net = reconstruct(model32, (X.float(), y), structure=structure, damping=LAM, sqrt=sqrt)
         assert next(net.parameters()).dtype == torch.float32
         with torch.no_grad():
             assert rel(net(X.float()), model32(X.float())) < 1e-5

@@ -76,14 +76,14 @@ def test_same_seed_same_numbers_other_seed_other_batches() -> None:
     assert not np.array_equal(a.loss.values[1:], c.loss.values[1:])
 
 
-@pytest.mark.parametrize("kind", ["true", "mc"])
-def test_sngd_equals_kfac_ngd_with_the_same_refresh_schedule(kind: str) -> None:
+@pytest.mark.parametrize(("kind", "sqrt"), [("true", "eigh"), ("mc", "eigh"), ("true", "cholesky")])
+def test_sngd_equals_kfac_ngd_with_the_same_refresh_schedule(kind: str, sqrt: str) -> None:
     """Between refreshes GD on θ' is −η G⁻¹∇L with G frozen: exactly KFAC-NGD with cached inverses."""
     model, data = small_mlp(torch.float64), digits(torch.float64)
     kw = {"lr": 0.3, "steps": 15, "batch_size": 32, "eval_every": 5, "damping": 0.05, "refresh_every": 4,
           "fisher_kind": kind, "seed": 4}
     a = train(model, data, method="kfac-ngd", **kw)
-    b = train(model, data, method="sngd", structure="kfac", **kw)
+    b = train(model, data, method="sngd", structure="kfac", sqrt=sqrt, **kw)
     np.testing.assert_allclose(b.loss.values[:-1], a.loss.values[:-1], rtol=1e-12)
     np.testing.assert_allclose(b.train_loss.values, a.train_loss.values, rtol=1e-12)
 

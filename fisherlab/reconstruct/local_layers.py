@@ -10,6 +10,11 @@ three modules in sequence: :class:`InputWhitening` (A_a^{-1/2}), the weight W̄'
 there is no output layer. ``print(net)`` shows them. One GD step on W̄' maps back to
 ΔW̄ = −η S_s^{-1} ∇W̄ L A_a^{-1}, the KFAC step.
 
+With ``sqrt="cholesky"`` the symmetric roots are replaced by triangular factors (A_a = L_A L_Aᵀ, S_s = L_S L_Sᵀ):
+y = L_S^{-T} · W̄' · (L_A^{-1} ā), W̄' = L_Sᵀ W̄ L_A — InputWhitening applies the lower triangular L_A^{-1},
+OutputFisher the upper triangular L_S^{-T} — and the GD step on W̄' maps back to the same KFAC step (only the
+coordinates W̄' differ; see :mod:`~fisherlab.reconstruct.roots`).
+
 **Where the roots are applied.** A root can act on the activations (the paper's form: cost ∝ rows · n² per
 forward, rows = samples × locations) or be folded into the weight (W̄' A^{-1/2}: cost ∝ out · n², independent of
 the batch). Both compute the same function (to round-off); ``fold="auto"`` (default) picks the cheaper one per
@@ -54,7 +59,11 @@ FOLD_MODES = ("auto", "never", "always")
 
 
 class FactorRoot(nn.Module):
-    """One Kronecker factor's roots M^{1/2}, M^{-1/2} (buffers ``sqrt``, ``inv_sqrt`` of shape (n, n))."""
+    """One Kronecker factor's roots (buffers ``sqrt``, ``inv_sqrt`` of shape (n, n)).
+
+    ``inv_sqrt`` is the matrix the module applies (M^{-1/2}, or a triangular factor of M⁻¹ with ``sqrt="cholesky"``)
+    and ``sqrt`` its inverse.
+    """
 
     def __init__(self, n: int, dtype: torch.dtype | None = None, device: torch.device | None = None):
         super().__init__()
@@ -62,7 +71,7 @@ class FactorRoot(nn.Module):
         self.register_buffer("inv_sqrt", torch.eye(n, dtype=dtype, device=device))
 
     def root(self, power: float) -> Tensor:
-        """M^{power} for power = ±1/2."""
+        """``sqrt`` (power = 1/2) or ``inv_sqrt`` (power = −1/2)."""
         return self.sqrt if power > 0 else self.inv_sqrt
 
     def set_roots(self, sqrt: Tensor, inv_sqrt: Tensor) -> None:
@@ -137,13 +146,10 @@ def kron_update(inp: FactorRoot, out: FactorRoot | None, stats: Mapping[str, Ten
                 method: str, split: str) -> None:
     """Set the roots of (S + sI) ⊗ (A + aI) ((a, s) = ``split`` of λ), or of (A + λI) ⊗ I when ``out`` is None."""
     A = stats["A"].to(inp.sqrt)
-    if out is None:
-        inp.set_roots(*damped_roots(A, damping, method))
-        return
-    S = stats["S"].to(out.sqrt)
-    da, ds = kron_damping_split(A, S, damping, split)
-    inp.set_roots(*damped_roots(A, da, method))
-    out.set_roots(*damped_roots(S, ds, method))
+    da, ds = (damping, 0.0) if out is None else kron_damping_split(A, stats["S"].to(out.sqrt), damping, split)
+    inp.set_roots(*(r.mT for r in damped_roots(A, da, method)))  # W̄ = W̄' R_A^{-T}: the input side is transposed
+    if out is not None:
+        out.set_roots(*damped_roots(stats["S"].to(out.sqrt), ds, method))
 
 
 class LocalFisherLayer(LocalFisherUnit):

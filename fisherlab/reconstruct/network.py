@@ -44,7 +44,7 @@ class ReconstructConfig:
         fisher_structure: The :func:`fisherlab.fisher` structure it is computed from.
         fisher: Fisher kind (``true``, ``mc``, ``empirical``, ``ggn``).
         damping: λ.
-        sqrt: Square-root method (``eigh``, ``denman_beavers``, ``newton_schulz``).
+        sqrt: Root method (``eigh``, ``denman_beavers``, ``newton_schulz``, ``cholesky``).
         likelihood: The likelihood object.
         mc_samples: Labels per input for the MC Fisher.
         seed: Seed of the MC labels at construction; refresh k uses ``seed + k``.

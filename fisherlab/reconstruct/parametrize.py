@@ -104,7 +104,7 @@ class DenseRoot(FisherRoot):
         self.register_buffer("inv_sqrt", self._eye(self.dim))
 
     def _apply_rows(self, V: Tensor, power: float) -> Tensor:
-        return V @ (self.sqrt if power > 0 else self.inv_sqrt)  # symmetric roots
+        return V @ (self.sqrt if power > 0 else self.inv_sqrt).mT
 
     def member(self, k: int, primes: Sequence[Tensor]) -> Tensor:
         rows = self.inv_sqrt[self.offsets[k]: self.offsets[k + 1]]
