@@ -34,16 +34,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header, parse_args  # noqa: E402
 
 from fisherlab.data import SplitData, load_digits  # noqa: E402
 from fisherlab.models import CNN, MLP  # noqa: E402
+from fisherlab.reconstruct import reconstruct  # noqa: E402
 from fisherlab.train import train  # noqa: E402
 
 BATCH = 128
 DAMPING = 1e-3
+ROOT_RANK = 64  # reconstruct's default
 
 #: Run name → keyword arguments of fisherlab.train.
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -54,6 +57,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "kfac-ngd/100": {"method": "kfac-ngd", "refresh_every": 100},
     "sngd/10 cholesky": {"method": "sngd", "structure": "kfac", "refresh_every": 10, "sqrt": "cholesky"},
     "sngd/100 cholesky": {"method": "sngd", "structure": "kfac", "refresh_every": 100, "sqrt": "cholesky"},
+    "sngd/10 lowrank": {"method": "sngd", "structure": "kfac", "refresh_every": 10, "sqrt": "lowrank"},
+    "sngd/100 lowrank": {"method": "sngd", "structure": "kfac", "refresh_every": 100, "sqrt": "lowrank"},
     "sngd/100 fold=never": {"method": "sngd", "structure": "kfac", "refresh_every": 100, "fold": "never"},
 }
 
@@ -66,6 +71,7 @@ class Case:
     model: torch.nn.Module
     data: SplitData
     stats: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    flops: dict[str, float] = field(default_factory=dict)
 
 
 def cases(device: torch.device) -> list[Case]:
@@ -76,10 +82,41 @@ def cases(device: torch.device) -> list[Case]:
             Case("CNN 1-32-64 (8x8)", cnn, load_digits(seed=0, layout="image").to(device))]
 
 
+def run(case: Case, name: str, steps: int, device: torch.device) -> Any:
+    """``fisherlab.train`` of one configuration (evaluation only at the start and the end)."""
+    return train(case.model, case.data, lr=1e-4, steps=steps, batch_size=BATCH, eval_every=steps, damping=DAMPING,
+                 device=device, **CONFIGS[name])
+
+
+def step_flops(case: Case, name: str, device: torch.device) -> float:
+    """Floating-point operations of one step without a refresh (torch's FlopCounterMode: matmuls, convolutions).
+
+    The difference between runs of 2 and 1 steps: both build (or refresh) at step 0 and evaluate twice.
+    """
+    counts = []
+    for steps in (1, 2):
+        with FlopCounterMode(display=False) as counter:
+            run(case, name, steps, device)
+        counts.append(counter.get_total_flops())
+    return float(counts[1] - counts[0])
+
+
+def step_agreement(case: Case, device: torch.device) -> list[tuple[str, float, float]]:
+    """(sqrt, cosine, relative error) of the mapped-back GD step of each root method against eigh's, on one batch."""
+    batch = (case.data.X_train[:BATCH], case.data.y_train[:BATCH])
+    model = case.model.to(device)
+    reference = reconstruct(model, batch, damping=DAMPING).gd_update(batch, 1.0)
+    out = []
+    for sqrt in ("cholesky", "lowrank"):
+        step = reconstruct(model, batch, damping=DAMPING, sqrt=sqrt, root_rank=ROOT_RANK).gd_update(batch, 1.0)
+        cos = float(step @ reference / (step.norm() * reference.norm()))
+        out.append((sqrt, cos, float((step - reference).norm() / reference.norm())))
+    return out
+
+
 def measure(case: Case, name: str, steps: int, device: torch.device) -> dict[str, float]:
     """One run: median step without refresh and total time per step, in wall-clock and in CPU seconds."""
-    ds = train(case.model, case.data, lr=1e-4, steps=steps, batch_size=BATCH, eval_every=steps, damping=DAMPING,
-               device=device, **CONFIGS[name])
+    ds = run(case, name, steps, device)
     plain = ds.refresh.values[:-1] == 0
     out = {}
     for var, label in (("time", "wall"), ("cpu_time", "cpu")):
@@ -98,8 +135,9 @@ def main() -> None:
     all_cases = cases(args.device)
     for case in all_cases:
         print(f"   {case.name}: P = {sum(p.numel() for p in case.model.parameters()):,}")
-        for name in CONFIGS:  # warm-up
+        for name in CONFIGS:  # warm-up, and the arithmetic of a step
             measure(case, name, 11, args.device)
+            case.flops[name] = step_flops(case, name, args.device)
     for _ in range(args.repeats):
         for case in all_cases:
             for name in CONFIGS:
@@ -107,9 +145,11 @@ def main() -> None:
                     case.stats.setdefault(name, {}).setdefault(key, []).append(value)
     print("ms per step, median over repeats. step: steps without a refresh; amortised: refreshes included.")
     print("targets: SNGD step / SGD step ≤ 1.5; SNGD amortised / KFAC-NGD amortised (same period) ≤ 1.")
+    print("FLOP/SGD: floating-point operations of a step without refresh (torch FlopCounterMode) / SGD's.")
     for clock in ("wall", "cpu"):
         print(f"-- {clock} clock")
-        print(f"{'case':<20} {'run':<20} {'step ms':>9} {'amortised ms':>13} {'step/SGD':>9} {'amort./KFAC-NGD':>16}")
+        print(f"{'case':<20} {'run':<20} {'step ms':>9} {'amortised ms':>13} {'step/SGD':>9} {'FLOP/SGD':>9} "
+              f"{'amort./KFAC-NGD':>16}")
         for case in all_cases:
             med = {n: {k: statistics.median(v) for k, v in st.items()} for n, st in case.stats.items()}
             sgd = med["sgd"][f"{clock} step"]
@@ -120,8 +160,14 @@ def main() -> None:
                     period = name.split("/")[1].split()[0]
                     vs_kfac = f"{amortised / med['kfac-ngd/' + period][f'{clock} amortised']:.2f}"
                 print(f"{case.name:<20} {name:<20} {1e3 * step:>9.2f} {1e3 * amortised:>13.2f} {step / sgd:>9.2f} "
-                      f"{vs_kfac:>16}")
+                      f"{case.flops[name] / case.flops['sgd']:>9.2f} {vs_kfac:>16}")
         print()
+    print("The step each root method takes at initialisation against the KFAC step with exact (eigh) roots, on one")
+    print(f"batch of {BATCH} (lowrank: rank {ROOT_RANK}):")
+    print(f"{'case':<20} {'sqrt':<10} {'cosine':>8} {'rel. error':>11}")
+    for case in all_cases:
+        for sqrt, cos, err in step_agreement(case, args.device):
+            print(f"{case.name:<20} {sqrt:<10} {cos:>8.4f} {err:>11.2e}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 * :mod:`~fisherlab.linalg.krylov` — matrix-free :func:`cg`, :func:`lanczos`, stochastic Lanczos quadrature
   (:func:`slq_density`, :func:`density_on_grid`, :func:`slq_trace_fn`).
 * :mod:`~fisherlab.linalg.estimators` — Hutchinson / Hutch++ trace and diagonal estimators.
+* :mod:`~fisherlab.linalg.randomized` — :func:`top_eigh`, the largest eigenpairs by randomized subspace iteration.
 * :mod:`~fisherlab.linalg.kron` — Kronecker-factored (KFAC) products, damped solves and factor roots in
   fisherlab's row-major parameter ordering.
 """
@@ -24,6 +25,7 @@ from fisherlab.linalg.kron import (
     kron_to_dense,
 )
 from fisherlab.linalg.krylov import CGResult, cg, density_on_grid, lanczos, slq_density, slq_trace_fn
+from fisherlab.linalg.randomized import top_eigh
 from fisherlab.linalg.solve import condition_number, damped_solve
 from fisherlab.linalg.sqrtm import (
     SQRT_METHODS,
@@ -63,4 +65,5 @@ __all__ = [
     "slq_density",
     "slq_trace_fn",
     "sqrtm",
+    "top_eigh",
 ]

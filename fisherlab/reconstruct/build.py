@@ -87,6 +87,7 @@ def reconstruct(
     inplace: bool = False,
     split: str = "pi",
     fold: str = "auto",
+    root_rank: int = 64,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     **options: Any,
@@ -104,7 +105,10 @@ def reconstruct(
         damping: λ ≥ 0 (for ``kfac`` split between the factors, see ``split``).
         sqrt: Root method: ``"eigh"``, ``"denman_beavers"`` or ``"newton_schulz"`` (the symmetric root
             θ' = G^{1/2} θ), or ``"cholesky"`` (θ' = Lᵀθ with G = L Lᵀ per block or Kronecker factor: the same
-            NGD steps in other coordinates, at about a fifth of eigh's cost per refresh).
+            NGD steps in other coordinates, at about a fifth of eigh's cost per refresh), or ``"lowrank"``: a
+            different G, in which every Kronecker factor wider than 2·``root_rank`` is its top-k eigen-part plus its
+            mean remainder (:func:`~fisherlab.reconstruct.roots.lowrank_roots`), so that a layer form applies
+            its roots in O(n·k) per row instead of O(n²); all other blocks get eigh roots.
         likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or a Likelihood.
         mc_samples: Labels per input for ``fisher="mc"``.
         seed: Seed of the Monte-Carlo labels (refresh k uses ``seed + k``).
@@ -117,6 +121,7 @@ def reconstruct(
         split: KFAC damping split: ``"pi"`` (a = π√λ, s = √λ/π; as KFACFisher.solve) or ``"sqrt"`` (a = s = √λ).
         fold: Where layer forms apply their roots: ``"auto"`` (cheaper side), ``"never"`` (on activations, the
             paper's form) or ``"always"`` (folded into the weight).
+        root_rank: k of ``sqrt="lowrank"``.
         chunk_size: Samples per chunk in Fisher computations and gradients.
         memory_budget: Bytes any dense object may take (default: half the available memory).
         **options: Options of the Fisher structure (e.g. ``unsupported="block"`` for kfac/ekfac/unit).
@@ -142,6 +147,8 @@ def reconstruct(
             raise InputError(f"unknown {what} {value!r}; valid: {list(valid)}")
     if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
         raise InputError(f"damping must be a finite number ≥ 0; got {damping!r}")
+    if not (isinstance(root_rank, int) and root_rank >= 1):
+        raise InputError(f"root_rank must be an integer ≥ 1; got {root_rank!r}")
     if ema_decay is not None and not (isinstance(ema_decay, (int, float)) and 0 <= ema_decay < 1):
         raise InputError(f"ema_decay must be None or in [0, 1); got {ema_decay!r}")
     check_eval_mode(model)
@@ -154,7 +161,7 @@ def reconstruct(
     fisher_structure, defaults = STRUCTURES[structure]
     config = ReconstructConfig(structure, fisher_structure, kind, float(damping), sqrt, get_likelihood(likelihood),
                                mc_samples, seed, ema_decay, split, fold, layer_form, chunk_size, memory_budget,
-                               {**defaults, **options})
+                               {**defaults, **options}, root_rank)
     template = copy.deepcopy(model).to(device=device, dtype=dtype)
     struct = compute_structure(template, data, config, seed)
     net = model.to(device=device, dtype=dtype) if inplace else copy.deepcopy(template)

@@ -13,7 +13,9 @@ there is no output layer. ``print(net)`` shows them. One GD step on W̄' maps ba
 With ``sqrt="cholesky"`` the symmetric roots are replaced by triangular factors (A_a = L_A L_Aᵀ, S_s = L_S L_Sᵀ):
 y = L_S^{-T} · W̄' · (L_A^{-1} ā), W̄' = L_Sᵀ W̄ L_A — InputWhitening applies the lower triangular L_A^{-1},
 OutputFisher the upper triangular L_S^{-T} — and the GD step on W̄' maps back to the same KFAC step (only the
-coordinates W̄' differ; see :mod:`~fisherlab.reconstruct.roots`).
+coordinates W̄' differ; see :mod:`~fisherlab.reconstruct.roots`). With ``sqrt="lowrank"`` each factor wider than
+2k is replaced by its top-k eigen-part plus its mean remainder (:func:`~fisherlab.reconstruct.roots.lowrank_roots`):
+a different G, whose roots the modules apply in O(n·k) per row instead of O(n²).
 
 **Where the roots are applied.** A root can act on the activations (the paper's form: cost ∝ rows · n² per
 forward, rows = samples × locations) or be folded into the weight (W̄' A^{-1/2}: cost ∝ out · n², independent of
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 
 from fisherlab.errors import InputError
 from fisherlab.linalg import kron_damping_split
-from fisherlab.reconstruct.roots import CombinedLayout, LocalFisherUnit, damped_roots
+from fisherlab.reconstruct.roots import CombinedLayout, LocalFisherUnit, LowRank, damped_roots, lowrank_roots
 
 __all__ = [
     "FOLD_MODES",
@@ -62,27 +64,38 @@ class FactorRoot(nn.Module):
     """One Kronecker factor's roots (buffers ``sqrt``, ``inv_sqrt`` of shape (n, n)).
 
     ``inv_sqrt`` is the matrix the module applies (M^{-1/2}, or a triangular factor of M⁻¹ with ``sqrt="cholesky"``)
-    and ``sqrt`` its inverse.
+    and ``sqrt`` its inverse. A low-rank root (``sqrt="lowrank"``) also keeps ``inv_sqrt`` = s·I + U diag(c) Uᵀ in
+    that form (buffers ``basis`` U (n, k), ``coef`` c (k,), ``shift`` s; None otherwise), which the forward pass
+    and the fold use.
     """
 
     def __init__(self, n: int, dtype: torch.dtype | None = None, device: torch.device | None = None):
         super().__init__()
         self.register_buffer("sqrt", torch.eye(n, dtype=dtype, device=device))
         self.register_buffer("inv_sqrt", torch.eye(n, dtype=dtype, device=device))
+        self.register_buffer("basis", None)
+        self.register_buffer("coef", None)
+        self.register_buffer("shift", None)
 
     def root(self, power: float) -> Tensor:
         """``sqrt`` (power = 1/2) or ``inv_sqrt`` (power = −1/2)."""
         return self.sqrt if power > 0 else self.inv_sqrt
 
-    def set_roots(self, sqrt: Tensor, inv_sqrt: Tensor) -> None:
-        """Replace both roots (n, n)."""
+    def set_roots(self, sqrt: Tensor, inv_sqrt: Tensor, lowrank: LowRank | None = None) -> None:
+        """Replace both roots (n, n), and the low-rank form (U, c, s) of ``inv_sqrt`` if it has one."""
         if sqrt.shape != self.sqrt.shape or inv_sqrt.shape != self.inv_sqrt.shape:
             raise InputError(f"{type(self).__name__} roots must have shape {tuple(self.sqrt.shape)}; got "
                              f"{tuple(sqrt.shape)} and {tuple(inv_sqrt.shape)}")
         self.sqrt, self.inv_sqrt = sqrt.to(self.sqrt), inv_sqrt.to(self.inv_sqrt)
+        self.basis, self.coef, self.shift = (None,) * 3 if lowrank is None else (t.to(self.sqrt) for t in lowrank)
+
+    def _lowrank_rows(self, x: Tensor) -> Tensor:
+        """Rows v of x (..., n) ↦ (s·I + U diag(c) Uᵀ) v, in 4nk multiply-adds per row."""
+        return self.shift * x + ((x @ self.basis) * self.coef) @ self.basis.mT
 
     def extra_repr(self) -> str:
-        return f"size={self.sqrt.shape[0]}"
+        rank = "" if self.basis is None else f", rank={self.basis.shape[1]}"
+        return f"size={self.sqrt.shape[0]}{rank}"
 
 
 class InputWhitening(FactorRoot):
@@ -101,15 +114,17 @@ class InputWhitening(FactorRoot):
 
     def forward(self, a: Tensor) -> Tensor:
         """A^{-1/2} ā for inputs a (..., n − homogeneous); returns (..., n)."""
+        if self.basis is not None:
+            return self._lowrank_rows(nnf.pad(a, (0, 1), value=1.0) if self.homogeneous else a)
         Z = self.inv_sqrt
         return nnf.linear(a, Z[:, :-1], Z[:, -1]) if self.homogeneous else nnf.linear(a, Z)
 
     def fold(self, W: Tensor) -> Tensor:
         """W A^{-1/2} for a weight W (out, n): the same map applied through the weight."""
-        return W @ self.inv_sqrt
+        return W @ self.inv_sqrt if self.basis is None else self._lowrank_rows(W)  # a low-rank root is symmetric
 
     def extra_repr(self) -> str:
-        return f"size={self.sqrt.shape[0]}, homogeneous={self.homogeneous}"
+        return f"{super().extra_repr()}, homogeneous={self.homogeneous}"
 
 
 class OutputFisher(FactorRoot):
@@ -127,13 +142,15 @@ class OutputFisher(FactorRoot):
 
     def forward(self, y: Tensor) -> Tensor:
         """S^{-1/2} applied along ``dim``; same shape as y."""
+        if self.basis is not None:
+            return self._lowrank_rows(y.movedim(self.dim, -1)).movedim(-1, self.dim)
         if self.dim == -1:
             return nnf.linear(y, self.inv_sqrt)
         return torch.einsum("ij,nj...->ni...", self.inv_sqrt, y)
 
     def fold(self, W: Tensor) -> Tensor:
         """S^{-1/2} W for a weight W (m, n)."""
-        return self.inv_sqrt @ W
+        return self.inv_sqrt @ W if self.basis is None else self._lowrank_rows(W.mT).mT  # symmetric
 
 
 def kron_apply(M: Tensor, inp: FactorRoot, out: FactorRoot | None, power: float) -> Tensor:
@@ -142,14 +159,29 @@ def kron_apply(M: Tensor, inp: FactorRoot, out: FactorRoot | None, power: float)
     return M if out is None else out.root(power) @ M
 
 
+def factor_roots(M: Tensor, damping: float, method: str, rank: int) -> tuple[Tensor, Tensor, LowRank | None]:
+    """(R, R⁻¹, low-rank form of R⁻¹ or None) of one damped Kronecker factor M + δI (n, n), RᵀR = M + δI.
+
+    ``"lowrank"``: :func:`~fisherlab.reconstruct.roots.lowrank_roots` with ``rank``; otherwise
+    :func:`~fisherlab.reconstruct.roots.damped_roots`.
+    """
+    if method == "lowrank":
+        return lowrank_roots(M, damping, rank)
+    return (*damped_roots(M, damping, method), None)
+
+
 def kron_update(inp: FactorRoot, out: FactorRoot | None, stats: Mapping[str, Tensor], damping: float,
-                method: str, split: str) -> None:
-    """Set the roots of (S + sI) ⊗ (A + aI) ((a, s) = ``split`` of λ), or of (A + λI) ⊗ I when ``out`` is None."""
+                method: str, split: str, rank: int = 64) -> None:
+    """Set the roots of (S + sI) ⊗ (A + aI) ((a, s) = ``split`` of λ), or of (A + λI) ⊗ I when ``out`` is None.
+
+    ``rank``: k of ``method="lowrank"``.
+    """
     A = stats["A"].to(inp.sqrt)
     da, ds = (damping, 0.0) if out is None else kron_damping_split(A, stats["S"].to(out.sqrt), damping, split)
-    inp.set_roots(*(r.mT for r in damped_roots(A, da, method)))  # W̄ = W̄' R_A^{-T}: the input side is transposed
+    sqrt, inv_sqrt, lowrank = factor_roots(A, da, method, rank)
+    inp.set_roots(sqrt.mT, inv_sqrt.mT, lowrank)  # W̄ = W̄' R_A^{-T}: the input side is transposed
     if out is not None:
-        out.set_roots(*damped_roots(stats["S"].to(out.sqrt), ds, method))
+        out.set_roots(*factor_roots(stats["S"].to(out.sqrt), ds, method, rank))
 
 
 class LocalFisherLayer(LocalFisherUnit):
@@ -197,9 +229,9 @@ class LocalFisherLayer(LocalFisherUnit):
         M = kron_apply(self.layout.flat_to_matrix(V), self.input_whitening, self.output_fisher, power)
         return self.layout.matrix_to_flat(M)
 
-    def update(self, stats: Mapping[str, Tensor], damping: float, method: str) -> None:
+    def update(self, stats: Mapping[str, Tensor], damping: float, method: str, rank: int = 64) -> None:
         self._check_stats(stats)
-        kron_update(self.input_whitening, self.output_fisher, stats, damping, method, self.split)
+        kron_update(self.input_whitening, self.output_fisher, stats, damping, method, self.split, rank)
 
     def _folds(self, rows: int) -> tuple[bool, bool]:
         """(fold the input root, fold the output root) for a call with ``rows`` rows of activations.

@@ -44,7 +44,7 @@ class ReconstructConfig:
         fisher_structure: The :func:`fisherlab.fisher` structure it is computed from.
         fisher: Fisher kind (``true``, ``mc``, ``empirical``, ``ggn``).
         damping: λ.
-        sqrt: Root method (``eigh``, ``denman_beavers``, ``newton_schulz``, ``cholesky``).
+        sqrt: Root method (``eigh``, ``denman_beavers``, ``newton_schulz``, ``cholesky``, ``lowrank``).
         likelihood: The likelihood object.
         mc_samples: Labels per input for the MC Fisher.
         seed: Seed of the MC labels at construction; refresh k uses ``seed + k``.
@@ -55,6 +55,7 @@ class ReconstructConfig:
         chunk_size: Samples per chunk for Fisher computations and :meth:`ReconstructedNetwork.gd_update`.
         memory_budget: Bytes any dense object may take.
         options: Extra options of the Fisher structure builder.
+        root_rank: k of ``sqrt="lowrank"``.
     """
 
     structure: str
@@ -72,6 +73,7 @@ class ReconstructConfig:
     chunk_size: int | None = None
     memory_budget: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    root_rank: int = 64
 
 
 @dataclass(frozen=True)
@@ -341,7 +343,7 @@ class ReconstructedNetwork(nn.Module):
             if beta is not None:
                 self._stats[plan.path] = {k: v.detach().clone() for k, v in stats.items()}
             theta_g = unit.theta_vector() if theta is None else theta[self._index[plan.path].to(theta.device)]
-            unit.update(stats, self.config.damping, self.config.sqrt)
+            unit.update(stats, self.config.damping, self.config.sqrt, self.config.root_rank)
             unit.load_theta(theta_g)
 
     def extra_repr(self) -> str:

@@ -110,7 +110,7 @@ class DenseRoot(FisherRoot):
         rows = self.inv_sqrt[self.offsets[k]: self.offsets[k + 1]]
         return (rows @ flatten(primes, self.shapes)).reshape(self.shapes[k])
 
-    def update(self, stats: Mapping[str, Tensor], damping: float, method: str) -> None:
+    def update(self, stats: Mapping[str, Tensor], damping: float, method: str, rank: int = 64) -> None:
         self._check_stats(stats)
         self.sqrt, self.inv_sqrt = damped_roots(stats["G"].to(self.sqrt), damping, method)
 
@@ -131,7 +131,7 @@ class DiagonalRoot(FisherRoot):
     def member(self, k: int, primes: Sequence[Tensor]) -> Tensor:
         return primes[k] * self.inv_sqrt[self.offsets[k]: self.offsets[k + 1]].reshape(self.shapes[k])
 
-    def update(self, stats: Mapping[str, Tensor], damping: float, method: str) -> None:
+    def update(self, stats: Mapping[str, Tensor], damping: float, method: str, rank: int = 64) -> None:
         self._check_stats(stats)
         self.sqrt, self.inv_sqrt = positive_roots(stats["diagonal"].to(self.sqrt), damping, "diag(F)")
 
@@ -185,9 +185,9 @@ class KroneckerRoot(_MatrixRoot):
             out = self.output_fisher.fold(out)
         return out.reshape(self.shapes[k])
 
-    def update(self, stats: Mapping[str, Tensor], damping: float, method: str) -> None:
+    def update(self, stats: Mapping[str, Tensor], damping: float, method: str, rank: int = 64) -> None:
         self._check_stats(stats)
-        kron_update(self.input_whitening, self.output_fisher, stats, damping, method, self.split)
+        kron_update(self.input_whitening, self.output_fisher, stats, damping, method, self.split, rank)
 
 
 class EigenbasisRoot(_MatrixRoot):
@@ -217,7 +217,7 @@ class EigenbasisRoot(_MatrixRoot):
         inner = (self.q_s.T @ self.layout.to_matrix(primes) @ self.q_a) * self.scaling_inv_sqrt
         return (self.q_s @ inner @ self.q_a[a:b].T).reshape(self.shapes[k])
 
-    def update(self, stats: Mapping[str, Tensor], damping: float, method: str) -> None:
+    def update(self, stats: Mapping[str, Tensor], damping: float, method: str, rank: int = 64) -> None:
         self._check_stats(stats)
         self.scaling_sqrt, self.scaling_inv_sqrt = positive_roots(stats["scaling"].to(self.q_a), damping,
                                                                   "the EKFAC scaling")
@@ -247,7 +247,7 @@ class UnitRoot(_MatrixRoot):
         out = torch.einsum("mij,mj->mi", self.inv_sqrt[:, a:b], self.layout.to_matrix(primes))
         return out.reshape(self.shapes[k])
 
-    def update(self, stats: Mapping[str, Tensor], damping: float, method: str) -> None:
+    def update(self, stats: Mapping[str, Tensor], damping: float, method: str, rank: int = 64) -> None:
         self._check_stats(stats)
         blocks = stats["blocks"].to(self.sqrt)
         if blocks.shape != self.sqrt.shape:

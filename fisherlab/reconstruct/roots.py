@@ -14,7 +14,9 @@ coordinates are θ'_g = R θ_g. Then ∇θ' L = R^{-T} ∇θ L and one GD step o
 :data:`ROOT_METHODS`: ``"eigh"`` (reference), ``"denman_beavers"``, ``"newton_schulz"`` give the symmetric root
 R = G^{1/2} of METHOD.md §4; ``"cholesky"`` gives the triangular factor R = Lᵀ (G = L Lᵀ): the same NGD steps in
 other coordinates θ', and about a fifth of the cost of an eigendecomposition at refresh (n³/3 flops for the
-factor, n³/3 for its inverse).
+factor, n³/3 for its inverse). ``"lowrank"`` (:func:`lowrank_roots`) changes G itself: each Kronecker factor
+wider than twice the rank k is replaced by its top-k eigen-part plus an isotropic remainder, whose roots cost
+O(n·k) per vector instead of O(n²); every other block gets eigh roots.
 
 :class:`CombinedLayout` writes tensors that share their leading dimension m (a weight (m, ...) and its bias (m,))
 as one matrix W̄ = [W.reshape(m, -1), b] of shape (m, n): the layout of Kronecker, eigenbasis and unit-wise
@@ -31,18 +33,22 @@ import torch
 from torch import Tensor, nn
 
 from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError
-from fisherlab.linalg import SQRT_METHODS, ConvergenceError, sqrtm
+from fisherlab.linalg import SQRT_METHODS, ConvergenceError, sqrtm, top_eigh
 
 #: Exponents a unit's root can be applied with: R ~ G^{1/2} (original → reconstructed) and R⁻¹ ~ G^{-1/2} (back).
 POWERS = (0.5, -0.5)
 
 #: Root methods of a local Fisher unit: the symmetric roots of :func:`fisherlab.linalg.sqrtm`, and the Cholesky factor.
-ROOT_METHODS: tuple[str, ...] = (*SQRT_METHODS, "cholesky")
+ROOT_METHODS: tuple[str, ...] = (*SQRT_METHODS, "cholesky", "lowrank")
+
+#: A low-rank root (basis U (n, k), coefficients c (k,), shift s ()): the matrix s·I + U diag(c) Uᵀ.
+LowRank = tuple[Tensor, Tensor, Tensor]
 
 
 def damped_roots(G: Tensor, damping: float, method: str) -> tuple[Tensor, Tensor]:
     """(R, R⁻¹) with RᵀR = G_λ = G + λI, both (n, n) in G's dtype (see the module docstring).
 
+    ``"lowrank"`` means ``"eigh"`` here (it serves Kronecker factors only, :func:`lowrank_roots`).
     ``"eigh"`` and ``"cholesky"``: :func:`batched_damped_roots` on a batch of one (float64, with its positivity
     check; the eigh path skips :func:`fisherlab.linalg.sqrtm`'s residual diagnostics, which cost three more n³
     products — as much as the eigendecomposition itself for n ≈ 1000). The iterative methods
@@ -58,7 +64,7 @@ def damped_roots(G: Tensor, damping: float, method: str) -> tuple[Tensor, Tensor
         NonFiniteError: G contains NaN or inf.
         ConvergenceError: An iterative method did not converge.
     """
-    if method in ("eigh", "cholesky"):
+    if method in ("eigh", "cholesky", "lowrank"):
         sqrt, inv_sqrt = batched_damped_roots(G.unsqueeze(0), damping, method)
         return sqrt[0], inv_sqrt[0]
     res = sqrtm(G.double(), method=method, damping=damping)
@@ -88,9 +94,9 @@ def positive_roots(d: Tensor, damping: float, what: str) -> tuple[Tensor, Tensor
     return shifted.sqrt(), shifted.rsqrt()
 
 
-def _refuse_singular(w: Tensor, damping: float, blocks: int) -> None:
-    """Raise SingularMatrixError if a block with ascending eigenvalues w (b, n) has w_min ≤ n·eps·max|w|."""
-    n = w.shape[-1]
+def _refuse_singular(w: Tensor, damping: float, blocks: int, n: int | None = None) -> None:
+    """Raise SingularMatrixError if a block of size n with ascending eigenvalues w (b, ·) has w_min ≤ n·eps·max|w|."""
+    n = w.shape[-1] if n is None else n
     bad = w[:, 0] <= n * torch.finfo(torch.float64).eps * w.abs().amax(-1)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
@@ -107,13 +113,13 @@ def batched_damped_roots(G: Tensor, damping: float, method: str) -> tuple[Tensor
     refused when a block's smallest eigenvalue is ≤ n·eps·max|w| (as :func:`fisherlab.linalg.sqrtm`).
     ``"cholesky"``: R = Lᵀ (upper triangular) from one batched Cholesky factorisation and R⁻¹ by a triangular
     solve; refused when the factorisation fails, and, with λ = 0, by the eigenvalue rule above. The iterative
-    methods run :func:`damped_roots` on each block.
+    methods run :func:`damped_roots` on each block; ``"lowrank"`` means ``"eigh"``.
 
     Raises:
         SingularMatrixError: A damped block is not numerically positive definite (names the first such block).
         NonFiniteError: G contains NaN or inf.
     """
-    if method not in ("eigh", "cholesky"):
+    if method not in ("eigh", "cholesky", "lowrank"):
         roots = [damped_roots(B, damping, method) for B in G]
         return torch.stack([r[0] for r in roots]), torch.stack([r[1] for r in roots])
     if not bool(torch.isfinite(G).all()):
@@ -137,6 +143,48 @@ def batched_damped_roots(G: Tensor, damping: float, method: str) -> tuple[Tensor
     sqrt = (Q * w.sqrt().unsqueeze(-2)) @ Q.mT
     inv_sqrt = (Q * w.rsqrt().unsqueeze(-2)) @ Q.mT
     return sqrt.to(G.dtype), inv_sqrt.to(G.dtype)
+
+
+def lowrank_roots(M: Tensor, damping: float, rank: int) -> tuple[Tensor, Tensor, LowRank | None]:
+    """Symmetric roots of M̃ + δI, M̃ = U diag(w) Uᵀ + σ (I − UUᵀ): a factor's top-k eigen-part plus its mean remainder.
+
+    (U (n, k), w) are the k largest eigenpairs of M (:func:`fisherlab.linalg.top_eigh`: randomized subspace
+    iteration, seed 0 — Ritz pairs, exact when rank M ≤ k + 10), and σ = (tr M − Σ w)/(n − k) ≥ 0 keeps the trace.
+    M̃ + δI has eigenvalues w + δ on span U and σ + δ on its complement, so
+
+        (M̃ + δI)^p = (σ + δ)^p I + U ((w + δ)^p − (σ + δ)^p) Uᵀ,
+
+    applied to a vector in 4nk multiply-adds instead of n². When 2k ≥ n there is nothing to gain: exact eigh roots
+    of M + δI, and no low-rank form.
+
+    Args:
+        M: Symmetric PSD factor (n, n).
+        damping: δ ≥ 0.
+        rank: k ≥ 1.
+
+    Returns:
+        (sqrt (n, n), inv_sqrt (n, n), low-rank form (U, c, s) of inv_sqrt or None), in M's dtype (computed in
+        float64).
+
+    Raises:
+        SingularMatrixError: M̃ + δI is not numerically positive definite.
+        NonFiniteError: M contains NaN or inf.
+    """
+    n = M.shape[-1]
+    if 2 * rank >= n:
+        return (*damped_roots(M, damping, "eigh"), None)
+    if not bool(torch.isfinite(M).all()):
+        raise NonFiniteError("a Kronecker factor to take low-rank roots of contains NaN or inf values")
+    M64 = M.double()
+    w, U = top_eigh(M64, rank)
+    sigma = (M64.trace() - w.sum()).clamp_min(0) / (n - rank)
+    spectrum = torch.cat([w.flip(0), sigma.reshape(1)]).clamp_min(0) + damping
+    _refuse_singular(spectrum.sort().values.unsqueeze(0), damping, 1, n)
+    shift, top = (sigma + damping).rsqrt(), (w + damping).rsqrt()
+    eye = torch.eye(n, dtype=torch.float64, device=M.device)
+    inv_sqrt = shift * eye + (U * (top - shift)) @ U.T
+    sqrt = (sigma + damping).sqrt() * eye + (U * ((w + damping).sqrt() - (sigma + damping).sqrt())) @ U.T
+    return sqrt.to(M.dtype), inv_sqrt.to(M.dtype), (U.to(M.dtype), (top - shift).to(M.dtype), shift.to(M.dtype))
 
 
 def check_power(power: float) -> float:
@@ -265,8 +313,11 @@ class LocalFisherUnit(nn.Module):
         """R^{±1} (p = ±1/2) applied to the rows of V (k, P_g): V R^{±T}."""
         raise NotImplementedError
 
-    def update(self, stats: Mapping[str, Tensor], damping: float, method: str) -> None:
-        """Set the roots of G_g = (statistics) + damping from ``stats`` (keys :attr:`statistics`)."""
+    def update(self, stats: Mapping[str, Tensor], damping: float, method: str, rank: int = 64) -> None:
+        """Set the roots of G_g = (statistics) + damping from ``stats`` (keys :attr:`statistics`).
+
+        ``method`` is one of :data:`ROOT_METHODS`; ``rank`` is k of ``"lowrank"`` (:func:`lowrank_roots`).
+        """
         raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------- derived

@@ -201,8 +201,8 @@ def exact_blocks(engine: FisherEngine, index: dict[str, Tensor]) -> dict[str, Te
 def _add_gram(acc: dict[str, Tensor], key: str, U: Tensor) -> None:
     """acc[key] += UᵀU for rows U (m, d); the first chunk's product is stored without a zero accumulator.
 
-    Entries (i, j) and (j, i) of a product UᵀU are the same dot product in the same order, so the sum is exactly
-    symmetric without a symmetrisation pass (which costs as much as a small Gram: transposed reads).
+    A blocked GEMM need not compute entries (i, j) and (j, i) of UᵀU in the same order (MKL on AVX-512 AMD CPUs does
+    not), so the caller symmetrises the finished sum once (:func:`symmetrize_upper`).
     """
     if key in acc:
         acc[key].addmm_(U.T, U)
@@ -269,6 +269,7 @@ class KFACFisher(LayerwiseFisher):
         for p, f in setup.layouts.items():  # a layer the forward pass never calls has zero factors
             a = A[p] if p in A else _empty(f.width, engine)
             s = S[p] if p in S else _empty(f.out_features, engine)
+            a, s = (symmetrize_upper(M, inplace=True) for M in (a, s))
             factors[p] = KroneckerFactors(**vars_of(f), A=a.mul_(1 / (N * locations[p])), S=s.mul_(1 / N))
         return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget,
                    {**setup.meta, "kfac_convention": "expand"}, factors, setup.index, setup.exact_blocks)
