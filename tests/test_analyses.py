@@ -36,7 +36,7 @@ def run(name: str, out: Path) -> ModuleType:
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory) -> dict[str, tuple[ModuleType, Path]]:
     done = {}
-    for name in ("spectra_during_training", "fidelity_vs_damping_batch", "staleness"):
+    for name in ("spectra_during_training", "fidelity_vs_damping_batch", "staleness", "lowrank_roots"):
         out = tmp_path_factory.mktemp(name)
         done[name] = (run(name, out), out)
     return done
@@ -121,7 +121,24 @@ def test_staleness(outputs) -> None:
     check_report(out)
 
 
-@pytest.mark.parametrize("name", ["fidelity_vs_damping_batch", "staleness", "spectra_during_training"])
+def test_lowrank_roots(outputs) -> None:
+    module, out = outputs["lowrank_roots"]
+    cfg = module.QUICK
+    ds = load_dataset(out / "lowrank_roots.nc", kind="lowrank_roots", required_dims=("seed", "method", "damping"))
+    assert ds.seed.values.tolist() == list(cfg.seeds)
+    assert ds.method.values.tolist() == ["sngd-kfac", *[f"sngd-kfac-r{k}" for k in sorted(cfg.ranks, reverse=True)],
+                                         *cfg.floors]
+    assert ds.root_rank.values.tolist() == [0, *sorted(cfg.ranks, reverse=True), *[0] * len(cfg.floors)]
+    cos = ds.cosine.values
+    assert np.isfinite(cos).all() and (np.abs(cos) <= 1 + 1e-12).all()
+    assert (ds.ngd_residual.values <= 1e-6).all()  # the CG reference converged
+    # every factor of the quick MLP is wider than 2k: the rank-k steps differ from the exact-root step
+    assert not np.allclose(ds.cosine.sel({"method": "sngd-kfac-r1"}), ds.cosine.sel({"method": "sngd-kfac"}))
+    check_report(out)
+
+
+@pytest.mark.parametrize("name", ["fidelity_vs_damping_batch", "staleness", "spectra_during_training",
+                                  "lowrank_roots"])
 def test_rerun_resumes(outputs, name: str) -> None:
     _, out = outputs[name]
     before = mtimes(out / "store")

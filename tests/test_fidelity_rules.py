@@ -170,7 +170,8 @@ def test_cg_path_agrees_with_cholesky(problem, result):
 
 @pytest.fixture(scope="module")
 def reconstructed(problem):
-    rules = ["ngd", "block-ngd", "kfac", "diag", "sngd-full", "sngd-block", "sngd-kfac", "sngd-diag"]
+    rules = ["ngd", "block-ngd", "kfac", "diag", "sngd-full", "sngd-block", "sngd-kfac", "sngd-diag",
+             "sngd-kfac-lowrank"]
     return evaluate_fidelity(problem["model"], (problem["X"], problem["y"]), rules=rules, damping=DAMPINGS,
                              lr=LR, dtype=D)
 
@@ -198,6 +199,13 @@ def test_sngd_rule_equals_its_structure_rule(reconstructed, structure):
     for var in ("cosine", "rel_error", "kl_predicted", "kl_measured"):
         np.testing.assert_allclose(reconstructed.sel({"method": f"sngd-{structure}"})[var],
                                    reconstructed.sel({"method": rule})[var], rtol=1e-8, atol=1e-12)
+
+
+def test_lowrank_rule_is_kfac_on_factors_narrower_than_twice_the_rank(reconstructed):
+    """Every factor of the test MLP is ≤ 128 wide: the rank-64 roots are exact, so the step is sngd-kfac's."""
+    for var in ("cosine", "rel_error"):
+        np.testing.assert_allclose(reconstructed.sel({"method": "sngd-kfac-lowrank"})[var],
+                                   reconstructed.sel({"method": "sngd-kfac"})[var], rtol=1e-10, atol=1e-12)
 
 
 def test_sngd_rules_cover_every_reconstruction_structure():

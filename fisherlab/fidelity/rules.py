@@ -28,6 +28,9 @@ Built-in rules (:data:`RULES`):
 ``mc-ngd``         exact solve with the Monte-Carlo Fisher (``mc_samples`` labels per input)
 ``sngd-<s>``       one plain GD step on the network reconstructed with structure ``s``
                    (:func:`fisherlab.reconstruct.reconstruct`), mapped back to the original coordinates
+``sngd-kfac-       ``sngd-kfac`` with ``sqrt="lowrank"``: every Kronecker factor wider than 128 replaced by its
+lowrank``          top-64 eigen-part plus mean remainder (``reconstructed_rule("kfac", sqrt="lowrank",
+                   root_rank=k)`` registers another rank)
 =================  ==================================================================================
 
 :func:`register_rule` adds a rule; :func:`get_rule` resolves a name (an unknown one lists the valid ones).
@@ -365,6 +368,7 @@ register_rule("empirical-ngd", exact_rule("empirical"))
 register_rule("mc-ngd", exact_rule("mc"))
 for _name in RECONSTRUCT_STRUCTURES:
     register_rule(f"sngd-{_name}", reconstructed_rule(_name))
+register_rule("sngd-kfac-lowrank", reconstructed_rule("kfac", sqrt="lowrank"))
 
 __all__ = ["DENSE_SOLVE_COPIES", "RULES", "RuleContext", "SolveInfo", "UpdateRule", "adam", "check_rules",
            "exact_rule", "get_rule", "gd", "reconstruct_network", "reconstructed_rule", "register_rule",
