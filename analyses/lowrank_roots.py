@@ -7,8 +7,8 @@ reconstructed with KFAC factors and exact roots (``sngd-kfac``), the same with e
 by its top-k eigen-part plus mean remainder (``sngd-kfac-r<k>``, ``sqrt="lowrank"``, k in 4, 8, 16, 32), and GD
 and the diagonal preconditioner as floors. The low-rank roots cost O(n·k) per row instead of O(n²)
 (benchmarks/bench_reconstruct.py measures the step times). Output: ``lowrank_roots.nc`` (kind ``lowrank_roots``;
-dims ``seed``, ``method``, ``damping``, ``layer``; coordinate ``root_rank`` per method, 0 where no low-rank root is used),
-one finished seed per file under ``store/`` (a rerun resumes), figures and ``report.html``.
+dims ``seed``, ``method``, ``damping``, ``layer``; coordinate ``root_rank`` per method, 0 where no low-rank root
+is used), one finished seed per file under ``store/`` (a rerun resumes), figures and ``report.html``.
 
 Seen (mean over seeds 0–2, cosine to exact NGD at λ = 1e-3 / 1e-2 / 1e-1): exact roots 0.660 / 0.890 / 0.972;
 k = 32 the same (0.661 / 0.891 / 0.972); k = 16: 0.621 / 0.890 / 0.971; k = 8: 0.470 / 0.825 / 0.958; k = 4:
