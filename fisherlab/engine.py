@@ -20,6 +20,12 @@ dataset: it walks over chunks and yields the **factor rows** U_n = M_n J_n (R×P
 per row), or applies F to vectors matrix-free: J v by forward mode (``jvp``), M_nᵀ M_n in output space, Jᵀ w by
 reverse mode (``vjp``).
 
+**Per-sample differentiation.** The factor rows come from ``vmap`` over the samples of a chunk. A model that
+cannot be vmapped over samples (fused ``nn.LSTM`` / ``nn.GRU`` kernels have no batching rule) is differentiated
+by a Python loop over the samples instead — the same rows, one VJP per sample, slower — and the engine says so
+once with a :class:`~fisherlab.errors.FallbackWarning` (``sample_loop`` is then True). Matrix-free products need
+no per-sample ``vmap`` (one ``jvp`` and one ``vjp`` per chunk) and are unaffected.
+
 Monte-Carlo labels are drawn once, in a no-grad pass over the data with a generator seeded by ``seed``, so the
 MC Fisher does not depend on the chunking and the same seed gives the same matrix.
 """
@@ -38,7 +44,7 @@ from torch.func import functional_call, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
 from fisherlab.datasource import DataSource
-from fisherlab.errors import InputError, UnsupportedLayerError
+from fisherlab.errors import FallbackWarning, InputError, UnsupportedLayerError
 from fisherlab.likelihoods import Likelihood, get_likelihood
 from fisherlab.memory import check_budget, dense_bytes, resolve_budget
 from fisherlab.params import ParamSpec, check_finite
@@ -181,16 +187,26 @@ class FisherEngine:
             raise InputError(f"the model could not be evaluated on inputs of shape {tuple(x.shape)}: {exc}") from exc
         self.likelihood.check_targets(z, y)
         self.num_outputs = int(z.shape[1])
+        self.sample_loop = False
+        M = torch.ones(x.shape[0], 1, self.num_outputs, dtype=self.dtype, device=self.device)
         try:  # the engines differentiate the model per sample under vmap; probe that on these few samples
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*batching rule.*")
-                vmap(lambda xi: vjp(lambda p: self.forward(p, xi.unsqueeze(0)), self.params)[0])(x)
+            self._rows(x, M)
         except RuntimeError as exc:
-            raise UnsupportedLayerError(
-                f"the model cannot be differentiated per sample under torch.func.vmap: {str(exc).rstrip('.')}. "
-                "Fused kernels such as nn.LSTM / nn.GRU have no batching rule: unroll the recurrence "
-                "(nn.LSTMCell, or fisherlab.models.LSTMClassifier); avoid in-place updates of inputs and .item()"
-            ) from exc
+            reason = str(exc).rstrip(".")
+            self.sample_loop = True
+            try:
+                self._rows(x, M)
+            except RuntimeError as loop_exc:
+                raise UnsupportedLayerError(
+                    f"the model cannot be differentiated per sample, neither under torch.func.vmap ({reason}) nor "
+                    f"one sample at a time ({str(loop_exc).rstrip('.')}); avoid in-place updates of inputs, .item() "
+                    "and operations without a derivative"
+                ) from loop_exc
+            warnings.warn(
+                f"the model cannot be differentiated per sample under torch.func.vmap ({reason}); fisherlab loops "
+                "over the samples instead (the same results, one VJP per sample: slower). Fused kernels such as "
+                "nn.LSTM / nn.GRU have no batching rule; an unrolled recurrence (nn.LSTMCell, or "
+                "fisherlab.models.LSTMClassifier) is vmapped", FallbackWarning, stacklevel=4)
 
     def _rows_per_sample(self) -> int:
         z = torch.zeros(1, self.num_outputs, dtype=self.dtype, device=self.device)
@@ -260,7 +276,10 @@ class FisherEngine:
         return self._rows(x, M)
 
     def _rows(self, x: Tensor, M: Tensor) -> Tensor:
-        """M_n J_n for inputs x (n, *input_shape) and output-space factors M (n, R, C); shape (n, R, P)."""
+        """M_n J_n for inputs x (n, *input_shape) and output-space factors M (n, R, C); shape (n, R, P).
+
+        One VJP per sample, vmapped over the samples (or looped, when ``sample_loop``), each vmapped over the R rows.
+        """
 
         def per_sample(xi: Tensor, Mi: Tensor) -> Tensor:
             _, vjp_fn = vjp(lambda p: self.forward(p, xi.unsqueeze(0)).squeeze(0), self.params)
@@ -269,6 +288,8 @@ class FisherEngine:
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*batching rule.*")
+            if self.sample_loop:
+                return torch.stack([per_sample(xi, Mi) for xi, Mi in zip(x, M, strict=True)])
             return vmap(per_sample)(x, M)
 
     def iter_factor_rows(self, desc: str | None = None) -> Iterator[Tensor]:

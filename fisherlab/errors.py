@@ -40,3 +40,7 @@ class ConvergenceError(FisherlabError, ArithmeticError):
 
     Functions that can report convergence (``sqrtm``, ``cg``) return a result with ``converged=False`` instead.
     """
+
+
+class FallbackWarning(UserWarning):
+    """fisherlab took a slower path that computes the same result (e.g. a loop over samples instead of ``vmap``)."""

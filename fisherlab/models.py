@@ -14,8 +14,8 @@ Two caveats the Fisher engines rely on:
   Fisher, Jacobian or reconstruction; :func:`build_model` returns models in PyTorch's default training mode.
 - :class:`LSTMClassifier` keeps its weights in an :class:`torch.nn.LSTM` (standard names and
   initialisation) but runs the recurrence with explicit tensor operations, because the fused
-  ``aten::lstm`` kernel has no ``vmap`` batching rule. :meth:`LSTMClassifier.forward_fused` runs the fused
-  kernel for comparison.
+  ``aten::lstm`` kernel has no ``vmap`` batching rule (the engine would fall back to a slower loop over
+  samples). :meth:`LSTMClassifier.forward_fused` runs the fused kernel for comparison.
 
 :func:`build_model` builds any of them by name, inferring shapes from a :class:`~fisherlab.data.SplitData`,
 and initialises parameters from a seed without touching the global random state.

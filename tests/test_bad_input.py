@@ -183,21 +183,33 @@ def test_three_dimensional_output():
         fisher(ThreeD().double(), (X, y))
 
 
-class FusedLSTM(nn.Module):
+class Doubling(torch.autograd.Function):
+    """An autograd.Function without the setup_context that torch.func transforms need."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return 2 * g
+
+
+class NotDifferentiablePerSample(nn.Module):
     def __init__(self):
         super().__init__()
-        self.lstm = nn.LSTM(2, 3, batch_first=True)
-        self.head = nn.Linear(3, 3)
+        self.head = nn.Linear(2, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.lstm(x)[0][:, -1])
+        return Doubling.apply(self.head(x))
 
 
-def test_model_without_vmap_rule():
-    X, y = torch.randn(4, 5, 2, dtype=F64), torch.zeros(4, dtype=torch.long)
-    match = r"(?s)differentiated per sample under torch.func.vmap.*nn.LSTM / nn.GRU.*nn.LSTMCell"
+def test_model_that_cannot_be_differentiated_per_sample():
+    """Neither vmap nor the per-sample loop works (a fused LSTM does work: tests/test_sample_loop.py)."""
+    X, y = torch.randn(4, 2, dtype=F64), torch.zeros(4, dtype=torch.long)
+    match = r"(?s)cannot be differentiated per sample, neither under torch.func.vmap.*nor one sample at a time"
     with pytest.raises(UnsupportedLayerError, match=match):
-        fisher(FusedLSTM().double().eval(), (X, y))
+        fisher(NotDifferentiablePerSample().double().eval(), (X, y))
 
 
 # --------------------------------------------------------------------------------------------- structures
