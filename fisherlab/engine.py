@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from enum import Enum
 from typing import Any
 
@@ -275,16 +275,21 @@ class FisherEngine:
             M = self.output_factor(self.forward(self.params, x), y, labels)
         return self._rows(x, M)
 
-    def _rows(self, x: Tensor, M: Tensor) -> Tensor:
+    def _rows(self, x: Tensor, M: Tensor, names: Sequence[str] | None = None) -> Tensor:
         """M_n J_n for inputs x (n, *input_shape) and output-space factors M (n, R, C); shape (n, R, P).
 
         One VJP per sample, vmapped over the samples (or looped, when ``sample_loop``), each vmapped over the R rows.
+        With ``names`` (a subset of the spec's names, in spec order) only those parameters are differentiated and
+        the rows have their columns only.
         """
+        keys = self.spec.names if names is None else list(names)
+        fixed = {k: v for k, v in self.params.items() if k not in keys}
 
         def per_sample(xi: Tensor, Mi: Tensor) -> Tensor:
-            _, vjp_fn = vjp(lambda p: self.forward(p, xi.unsqueeze(0)).squeeze(0), self.params)
+            _, vjp_fn = vjp(lambda p: self.forward({**fixed, **p}, xi.unsqueeze(0)).squeeze(0),
+                            {k: self.params[k] for k in keys})
             (rows,) = vmap(vjp_fn)(Mi)
-            return self.spec.flatten(rows)
+            return torch.cat([rows[k].reshape(Mi.shape[0], -1) for k in keys], dim=-1)
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*batching rule.*")
@@ -292,17 +297,26 @@ class FisherEngine:
                 return torch.stack([per_sample(xi, Mi) for xi, Mi in zip(x, M, strict=True)])
             return vmap(per_sample)(x, M)
 
-    def iter_factor_rows(self, desc: str | None = None) -> Iterator[Tensor]:
+    def iter_factor_rows(self, desc: str | None = None, names: Sequence[str] | None = None) -> Iterator[Tensor]:
         """Yield factor rows scaled so that F = Σ_chunks UᵀU; each U has shape (n·R, P).
 
         The 1/√N scale is applied to the small output-space factors M, before the VJPs, so the P-wide rows are
-        written once (a view of the vmapped VJP's output, no copy).
+        written once (a view of the vmapped VJP's output, no copy). With ``names`` (parameter names of the spec)
+        the rows hold only those parameters' columns, in spec order, (n·R, P_names): the rows of the Fisher's
+        sub-matrix over them, at the cost of their VJPs alone.
         """
+        if names is not None:
+            unknown = [n for n in names if n not in self.spec.names]
+            if unknown:
+                raise InputError(f"unknown parameter names {unknown}; the engine has {list(self.spec.names)}")
+            names = [n for n in self.spec.names if n in set(names)]
+        width = self.spec.dim if names is None else sum(self.spec.slice(n).stop - self.spec.slice(n).start
+                                                        for n in names)
         scale = 1.0 / math.sqrt(self.num_samples)
         for x, y, labels in self.chunks(desc):
             with torch.no_grad():
                 M = self.output_factor(self.forward(self.params, x), y, labels)
-            yield self._rows(x, M * scale).reshape(-1, self.spec.dim)
+            yield self._rows(x, M * scale, names).reshape(-1, width)
 
     def matmat(self, V: Tensor) -> Tensor:
         """F V without forming F: V of shape (P,) or (P, k) → same shape.

@@ -395,6 +395,22 @@ def layer_rows(
     return result
 
 
+def squared_gradient_sum(grads: Tensor, inputs: Tensor) -> Tensor:
+    """Σ_{r,n} G_{r,n} ⊙ G_{r,n} (out, width) for the per-sample gradients G_{r,n} = Σ_l δ_{r,n,l} ā_{n,l}ᵀ.
+
+    Args:
+        grads: δ rows (R, n, L, out) (:attr:`LayerRows.grads`, or rotated into an eigenbasis).
+        inputs: ā rows (n, L, width).
+
+    With one location (L = 1) each G_{r,n} is rank one and its square is (δ ⊙ δ)(ā ⊙ ā)ᵀ, so the sum is one
+    (out × n)(n × width) product; with L > 1 the per-sample gradients are formed (R·n·out·width scalars: ask
+    :func:`iter_layer_rows` for ``per_sample_gradients``).
+    """
+    if inputs.shape[1] == 1:
+        return grads[:, :, 0].square().sum(0).T @ inputs[:, 0].square()
+    return torch.einsum("rnlo,nli->rnoi", grads, inputs).square().sum((0, 1))
+
+
 def iter_layer_rows(
     engine: FisherEngine, layouts: Mapping[str, LayerLayout], *, backward: bool = True,
     per_sample_gradients: bool = False, chunk_size: int | None = None, desc: str | None = None,
@@ -428,4 +444,5 @@ def _rows_chunk_size(engine: FisherEngine, layouts: Mapping[str, LayerLayout], p
 
 __all__ = ["LAYER_RULES", "ConvRule", "LayerLayout", "LayerRows", "LayerRule", "LinearRule", "display_path",
            "expand_input", "from_combined", "in_features_eff", "iter_layer_rows", "layer_layouts", "layer_rows",
-           "out_features", "register_layer_rule", "rule_for", "to_combined", "unsupported_error"]
+           "out_features", "register_layer_rule", "rule_for", "squared_gradient_sum", "to_combined",
+           "unsupported_error"]

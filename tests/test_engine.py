@@ -399,3 +399,34 @@ def test_chunk_memory_bound_follows_budget():
     ref.assert_close(structures.build("dense", engine).to_dense(), structures.build("dense", default).to_dense(),
                      EXACT_RTOL, "budgeted chunks")
 
+
+
+def test_diagonal_of_a_module_called_twice_uses_factor_rows():
+    """The layer-wise diagonal cannot read a Linear called twice per forward; the factor-row way covers it."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(self.lin(torch.tanh(self.lin(x))))
+
+    torch.manual_seed(0)
+    model = Twice().to(F64).eval()
+    X, y = torch.randn(5, 3, dtype=F64), torch.randint(0, 2, (5,))
+    expected = ref.true_fisher(model, X, ref.RefLikelihood("categorical")).diagonal()
+    ref.assert_close(fisher(model, (X, y), structure="diag").diag(), expected, REF_RTOL, "diag, shared module")
+
+
+def test_factor_rows_of_a_subset_of_parameters(problems):
+    """iter_factor_rows(names=...) gives the columns of those parameters: the Fisher's sub-matrix over them."""
+    p = problems("resnet_bn")
+    engine = p.engine("true")
+    names = [n for n in engine.spec.names if "bn" in n or "head" in n or n.startswith("stem.1")]
+    ix = torch.cat([torch.arange(engine.spec.slice(n).start, engine.spec.slice(n).stop) for n in names])
+    sub = sum(U.T @ U for U in engine.iter_factor_rows(names=list(reversed(names))))  # any order: spec order back
+    ref.assert_close(sub, p.reference("true")[ix][:, ix], REF_RTOL, "sub-matrix")
+    with pytest.raises(InputError, match="unknown parameter names"):
+        next(engine.iter_factor_rows(names=["nope"]))

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError, SingularMatrixError
-from fisherlab.layers import iter_layer_rows
+from fisherlab.layers import iter_layer_rows, squared_gradient_sum
 from fisherlab.linalg import kron_eig
 from fisherlab.structures.kfac import KFACFisher, KroneckerFactors, LayerwiseFisher, vars_of
 
@@ -87,11 +87,7 @@ class EKFACFisher(LayerwiseFisher):
                                     desc=f"EKFAC {engine.kind.value} scalings"):
             for p, r in rows.items():
                 Q_A, Q_S = Q[p]
-                d, a = r.grads @ Q_S, r.inputs @ Q_A  # (R, n, L, out), (n, L, width)
-                if a.shape[1] == 1:  # rank-one per-sample gradients: squares are outer products of squares
-                    s[p] += d[:, :, 0].square().sum(0).T @ a[:, 0].square()
-                else:
-                    s[p] += torch.einsum("rnlo,nli->rnoi", d, a).square().sum((0, 1))
+                s[p] += squared_gradient_sum(r.grads @ Q_S, r.inputs @ Q_A)  # gradients in the eigenbasis
         N = engine.num_samples
         factors = {p: EKFACFactors(**vars_of(f), A=f.A, S=f.S, Q_A=Q[p][0], Q_S=Q[p][1], scaling=s[p] / N)
                    for p, f in kfac.factors.items()}

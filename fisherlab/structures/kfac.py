@@ -21,7 +21,8 @@ Parameters of modules without a layer rule raise :class:`~fisherlab.errors.Unsup
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
@@ -183,16 +184,24 @@ def prepare_layers(engine: FisherEngine, structure: str, unsupported: str = "err
         raise unsupported_error(engine.model, others, structure)
     blocks = engine.spec.blocks("layer")
     index = {p: blocks[p].to(engine.device) for p in [*layouts, *others]}
-    exact = exact_blocks(engine, {p: index[p] for p in others}) if others else {}
+    exact = exact_blocks(engine, others) if others else {}
     meta = {**engine_meta(engine), "unsupported": unsupported, "exact_blocks": list(others)}
     return LayerSetup(layouts, index, exact, meta)
 
 
-def exact_blocks(engine: FisherEngine, index: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Exact dense Fisher blocks Σ Uᵀ_b U_b over the given flat index sets, from the engine's factor rows."""
+def exact_blocks(engine: FisherEngine, groups: Mapping[str, Sequence[str]]) -> dict[str, Tensor]:
+    """Exact dense Fisher blocks Σ Uᵀ_b U_b, one per group (module path → its parameter names, in spec order).
+
+    The factor rows are those of the groups' parameters alone (their VJPs only, not all P columns).
+    """
+    names = [n for n in engine.spec.names if any(n in g for g in groups.values())]
+    sizes = {n: engine.spec.slice(n).stop - engine.spec.slice(n).start for n in names}
+    starts = dict(zip(names, [0, *itertools.accumulate(sizes.values())], strict=False))
+    index = {p: torch.cat([torch.arange(starts[n], starts[n] + sizes[n]) for n in g]).to(engine.device)
+             for p, g in groups.items()}
     engine.check_dense(sum(len(ix) ** 2 for ix in index.values()), 1, f"the exact blocks of {list(index)}")
     acc = {p: torch.zeros(len(ix), len(ix), dtype=engine.dtype, device=engine.device) for p, ix in index.items()}
-    for U in engine.iter_factor_rows(desc="exact blocks of unsupported modules"):
+    for U in engine.iter_factor_rows(desc="exact blocks of unsupported modules", names=names):
         for p, ix in index.items():
             accumulate_gram(acc[p], U.index_select(1, ix))
     return {p: symmetrize_upper(B) for p, B in acc.items()}
