@@ -10,13 +10,16 @@ The public API (stable names):
   implicit, kfac, ekfac, unit, lowrank) on one interface, :class:`~fisherlab.structures.FisherMatrix`.
 * :class:`FisherEngine` — per-sample factor rows, matrix-free products and gradients.
 * :class:`ParamSpec` — the parameter-ordering convention (``model.named_parameters()`` order, row-major).
-* :func:`fisher_spectra` — spectra and condition numbers as a Dataset.
+* :func:`fisher_spectra` — spectra and condition numbers as a Dataset; :func:`spectral_density` — the SLQ
+  density, trace and λ_max of a Fisher too large to form, as a Dataset.
 * modules: :mod:`fisherlab.data`, :mod:`fisherlab.models`, :mod:`fisherlab.likelihoods`, :mod:`fisherlab.linalg`,
   :mod:`fisherlab.results`, :mod:`fisherlab.report`.
 """
 
+from fisherlab.density import spectral_density
 from fisherlab.engine import FisherEngine, FisherType
 from fisherlab.errors import (
+    FallbackWarning,
     FisherlabError,
     InputError,
     MemoryBudgetError,
@@ -33,6 +36,7 @@ from fisherlab.structures import FisherMatrix
 __version__ = "0.1.0"
 
 __all__ = [
+    "FallbackWarning",
     "FisherEngine",
     "FisherMatrix",
     "FisherType",
@@ -47,4 +51,5 @@ __all__ = [
     "__version__",
     "fisher",
     "fisher_spectra",
+    "spectral_density",
 ]

@@ -260,15 +260,36 @@ def plot_training(ds: xr.Dataset) -> list[Figure]:
     return [("training_loss", fig)]
 
 
+def plot_spectral_density(ds: xr.Dataset) -> list[Figure]:
+    """SLQ density of log10 λ per Fisher kind (the null fraction in the legend)."""
+    df = ds.density.to_dataframe().reset_index()
+    df["fisher"] = [f"{k} (null {float(ds.null_fraction.sel({'fisher_kind': k})):.2f})" for k in df.fisher_kind]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    sns.lineplot(df, x="log10_eigenvalue", y="density", hue="fisher", ax=ax)
+    ax.set(xlabel="log10 eigenvalue", ylabel="density (per decade)",
+           title=f"SLQ spectral density ({ds.sizes['probe']} probes, {ds.sizes['node']} Lanczos steps)")
+    return [("spectral_density", fig)]
+
+
+def table_spectral_density(ds: xr.Dataset) -> Table:
+    """Per Fisher kind: λ_max (Ritz), trace ± standard error, fraction of (numerically) null eigenvalues."""
+    rows = []
+    for k in ds.fisher_kind.values:
+        at = ds.sel({"fisher_kind": k})
+        rows.append([str(k), _fmt(float(at.lambda_max)), f"{_fmt(float(at.trace))} ± {_fmt(float(at.trace_stderr))}",
+                     f"{float(at.null_fraction):.3f}"])
+    return ["fisher", "λ_max (Ritz)", "trace (SLQ)", "null fraction"], rows
+
+
 #: Figures drawn for each Dataset kind (``fisherlab_kind``).
 PLOTTERS: dict[str, Callable[[xr.Dataset], list[Figure]]] = {
     "spectrum": plot_spectrum, "fidelity": plot_fidelity, "fidelity_trajectory": plot_trajectory,
-    "geometry": plot_geometry, "training": plot_training,
+    "geometry": plot_geometry, "training": plot_training, "spectral_density": plot_spectral_density,
 }
 #: Headline table of each Dataset kind.
 TABLES: dict[str, Callable[[xr.Dataset], Table]] = {
     "spectrum": table_spectrum, "fidelity": table_fidelity, "fidelity_trajectory": table_trajectory,
-    "geometry": table_geometry,
+    "geometry": table_geometry, "spectral_density": table_spectral_density,
 }
 
 

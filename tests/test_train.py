@@ -201,3 +201,8 @@ def test_training_comparison_analysis_quick(tmp_path) -> None:
     assert summary.problem.values.tolist() == problems
     assert np.isnan(summary.lr.sel({"problem": "mnist1d-mlp", "method": "ngd"}))
     assert summary.lr.sel({"problem": "digits-mlp", "method": "ngd"}) > 0
+    # Cholesky roots take the KFAC-NGD steps (invariant 2 over the run), so both pick the same lr and curve
+    wide = load_dataset(tmp_path / "runs_digits-wide.nc", kind="training")
+    assert float(wide.lr.sel({"method": "sngd-kfac-cholesky"})[0]) == float(wide.lr.sel({"method": "kfac-ngd"})[0])
+    np.testing.assert_allclose(wide.loss.sel({"method": "sngd-kfac-cholesky"}).values[:, :-1],
+                               wide.loss.sel({"method": "kfac-ngd"}).values[:, :-1], rtol=1e-4)

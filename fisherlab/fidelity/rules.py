@@ -27,7 +27,9 @@ Built-in rules (:data:`RULES`):
 ``empirical-ngd``  exact solve with the empirical Fisher (dense, or CG beyond the budget)
 ``mc-ngd``         exact solve with the Monte-Carlo Fisher (``mc_samples`` labels per input)
 ``sngd-<s>``       one plain GD step on the network reconstructed with structure ``s``
-                   (:func:`fisherlab.reconstruct.reconstruct`), mapped back to the original coordinates
+                   (:func:`fisherlab.reconstruct.reconstruct`), mapped back to the original coordinates; roots
+                   by Cholesky (``sqrt="cholesky"``: the mapped-back step is −η G⁻¹∇L whatever root R with
+                   RᵀR = G the network uses, and Cholesky is the cheapest)
 ``sngd-kfac-       ``sngd-kfac`` with ``sqrt="lowrank"``: every Kronecker factor wider than 128 replaced by its
 lowrank``          top-64 eigen-part plus mean remainder (``reconstructed_rule("kfac", sqrt="lowrank",
                    root_rank=k)`` registers another rank)
@@ -367,7 +369,7 @@ for _name in ("kfac", "ekfac", "unit", "lowrank", "diag"):
 register_rule("empirical-ngd", exact_rule("empirical"))
 register_rule("mc-ngd", exact_rule("mc"))
 for _name in RECONSTRUCT_STRUCTURES:
-    register_rule(f"sngd-{_name}", reconstructed_rule(_name))
+    register_rule(f"sngd-{_name}", reconstructed_rule(_name, sqrt="cholesky"))
 register_rule("sngd-kfac-lowrank", reconstructed_rule("kfac", sqrt="lowrank"))
 
 __all__ = ["DENSE_SOLVE_COPIES", "RULES", "RuleContext", "SolveInfo", "UpdateRule", "adam", "check_rules",
