@@ -44,18 +44,26 @@ def truncated(M: Tensor, U: Tensor | None) -> Tensor:
     return U @ C @ U.T + sigma * (torch.eye(n, dtype=DT) - U @ U.T)
 
 
-def lowrank_metric(net: nn.Module, model: nn.Module, X: Tensor, y: Tensor, k: int) -> Tensor:
-    """G̃ (P, P) in flat order: blocks (S̃ + sI) ⊗ (Ã + aI), π-split of λ from the full factors."""
+def lowrank_metric(net: nn.Module, model: nn.Module, X: Tensor, y: Tensor, k: int, structure: str = "kfac") -> Tensor:
+    """G̃ (P, P) in flat order: blocks (S̃ + sI) ⊗ (Ã + aI), π-split of λ from the full factors (kfac), or
+    I ⊗ (Ã + λI) (input)."""
     spec = ParamSpec.from_model(model)
     G = torch.zeros(spec.dim, spec.dim, dtype=DT)
     struct = fisher(model, (X, y), structure="kfac")
     for path, f in struct.factors.items():
         layer = net.net.get_submodule(path)
-        roots = {"A": (f.A, layer.input_whitening), "S": (f.S, layer.output_fisher)}
+        roots = {"A": (f.A, layer.input_whitening)}
+        if structure == "kfac":
+            roots["S"] = (f.S, layer.output_fisher)
         for M, root in roots.values():
             assert (root.basis is not None) == (len(M) > 2 * k)  # the low-rank form only where it saves work
-        At, St = (truncated(M, root.basis) for M, root in roots.values())
-        a, s = pi_split(f.A, f.S, LAM)
+        At = truncated(f.A, layer.input_whitening.basis)
+        if structure == "kfac":
+            St = truncated(f.S, layer.output_fisher.basis)
+            a, s = pi_split(f.A, f.S, LAM)
+        else:
+            assert layer.output_fisher is None
+            St, a, s = torch.zeros_like(f.S), LAM, 1.0
         block = torch.kron(St + s * torch.eye(len(St), dtype=DT), At + a * torch.eye(len(At), dtype=DT))
         p = wbar_permutation([spec.shapes[spec.names.index(n)] for n in f.param_names])
         ix = struct.index[path]
@@ -63,18 +71,19 @@ def lowrank_metric(net: nn.Module, model: nn.Module, X: Tensor, y: Tensor, k: in
     return G
 
 
-def build(name: str, k: int) -> nn.Module:
+def build(name: str, k: int, structure: str = "kfac") -> nn.Module:
     model, X, y, _, _ = problem(name)
-    return reconstruct(model, (X, y), structure="kfac", damping=LAM, sqrt="lowrank", root_rank=k)
+    return reconstruct(model, (X, y), structure=structure, damping=LAM, sqrt="lowrank", root_rank=k)
 
 
+@pytest.mark.parametrize("structure", ["kfac", "input"])
 @pytest.mark.parametrize(("name", "k"), CASES)
-def test_invariants_1_and_2(name: str, k: int) -> None:
+def test_invariants_1_and_2(name: str, k: int, structure: str) -> None:
     model, X, y, _, _ = problem(name)
-    net = build(name, k)
+    net = build(name, k, structure)
     with torch.no_grad():
         assert rel(net(X), model(X)) < 1e-10
-    G = lowrank_metric(net, model, X, y, k)
+    G = lowrank_metric(net, model, X, y, k, structure)
     assert rel(net.gd_update((X, y), LR), -LR * torch.linalg.solve(G, mean_gradient(model, X, y))) < 1e-9
     R = coordinate_map(net)
     assert rel(R, R.T) < 1e-12 and rel(R @ R, G) < 1e-9  # symmetric roots: R = G̃^{1/2}
