@@ -1,8 +1,9 @@
 """Reconstructed networks: local Fisher layers that turn plain GD into natural gradient descent (METHOD.md §4).
 
 ``reconstruct(model, data, structure=...)`` returns a :class:`ReconstructedNetwork`: the same function written in
-coordinates θ' = G^{1/2} θ, where one plain gradient step on θ' maps back to the G-preconditioned NGD step
-−η G⁻¹ ∇L. Linear and Conv layers get explicit local Fisher layers (:mod:`.local_layers`), every other tensor a
+coordinates θ' = G^{1/2} θ (or θ' = R θ for another root R with RᵀR = G, ``sqrt=`` in :data:`ROOT_METHODS`),
+where one plain gradient step on θ' maps back to the G-preconditioned NGD step −η G⁻¹ ∇L. Linear and Conv layers
+get explicit local Fisher layers (:mod:`.local_layers`), every other tensor a
 ``torch.nn.utils.parametrize`` parametrization (:mod:`.parametrize`).
 
 Example:
@@ -34,11 +35,12 @@ from fisherlab.reconstruct.parametrize import (
     UnitRoot,
     parametrize_group,
 )
-from fisherlab.reconstruct.roots import CombinedLayout, LocalFisherUnit
+from fisherlab.reconstruct.roots import ROOT_METHODS, CombinedLayout, LocalFisherUnit, lowrank_roots
 
 __all__ = [
     "FOLD_MODES",
     "LAYER_FORMS",
+    "ROOT_METHODS",
     "STRUCTURES",
     "CombinedLayout",
     "DenseRoot",
@@ -57,6 +59,7 @@ __all__ = [
     "ReconstructedNetwork",
     "UnitPlan",
     "UnitRoot",
+    "lowrank_roots",
     "parametrize_group",
     "reconstruct",
     "register_layer_form",

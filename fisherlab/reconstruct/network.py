@@ -3,7 +3,8 @@
 A :class:`ReconstructedNetwork` wraps a rebuilt copy of a model (``.net``) whose parameters are the reconstructed
 coordinates θ' and whose local Fisher units (layer forms and parametrizations) hold the roots of a block of G as
 buffers. It keeps a private copy of the original architecture (the *template*) to evaluate the Fisher at the
-current original parameters θ = G^{-1/2} θ' when it refreshes.
+current original parameters θ = G^{-1/2} θ' when it refreshes. (With ``sqrt="cholesky"`` the coordinates are
+θ' = R θ for the triangular R with RᵀR = G, and every G^{±1/2} below reads R^{±1}: the NGD steps are the same.)
 
 **Coordinates.** Every flat vector this class takes or returns — θ, θ', updates in either system — is in
 fisherlab's parameter order of the *original* model (:class:`~fisherlab.params.ParamSpec`: the order of its
@@ -225,7 +226,7 @@ class ReconstructedNetwork(nn.Module):
         return self._assemble((plan, unit.prime_vector()) for plan, unit in self.units())
 
     def original_vector(self) -> Tensor:
-        """θ = G^{-1/2} θ' (P,), in the original parameter order (detached)."""
+        """θ = G^{-1/2} θ' (R⁻¹ θ') (P,), in the original parameter order (detached)."""
         return self._assemble((plan, unit.theta_vector()) for plan, unit in self.units())
 
     def original_parameters(self) -> dict[str, Tensor]:
@@ -233,11 +234,11 @@ class ReconstructedNetwork(nn.Module):
         return {k: v.clone() for k, v in self.spec.unflatten(self.original_vector()).items()}
 
     def to_original_update(self, du_prime: Tensor) -> Tensor:
-        """An update of θ' (P,) or (P, k) as the update of θ it causes: G^{-1/2} du'."""
+        """An update of θ' (P,) or (P, k) as the update of θ it causes: G^{-1/2} du' (R⁻¹ du')."""
         return self._map(du_prime, -0.5)
 
     def from_original_update(self, du: Tensor) -> Tensor:
-        """An update of θ (P,) or (P, k) in reconstructed coordinates: G^{1/2} du."""
+        """An update of θ (P,) or (P, k) in reconstructed coordinates: G^{1/2} du (R du)."""
         return self._map(du, 0.5)
 
     @torch.no_grad()
@@ -290,7 +291,8 @@ class ReconstructedNetwork(nn.Module):
     def gd_update(self, data: Any, lr: float) -> Tensor:
         """The update of θ (P,) caused by one plain GD step on θ' with the mean loss over ``data``.
 
-        Equals −η G^{-1/2} ∇θ' L = −η G⁻¹ ∇θ L. The network is not modified.
+        Equals −η G^{-1/2} ∇θ' L = −η G⁻¹ ∇θ L (−η R⁻¹R^{-T} ∇θ L = −η G⁻¹ ∇θ L for any root). The network is
+        not modified.
         """
         _, g = self.prime_gradient(data)
         return self.to_original_update(-lr * g)
