@@ -9,9 +9,11 @@ Each method runs ``fisherlab.train.train`` for ``steps`` updates (evaluation exc
 per-step wall times come from its ``time`` record. Methods: ``sgd``; ``sngd`` (structure ``kfac``, layer form,
 ``fold="auto"``) refreshed every 10 and every 100 steps — its step 0 builds the reconstructed network, which
 counts as a refresh; ``kfac-ngd`` with factors (and their damped inverses) recomputed every 10 and every 100
-steps; and ``sngd`` with ``fold="never"`` (the paper's form: every root applied to activations). Reported for
-the wall clock and for the process's CPU time (all threads; on a shared machine the wall clock mostly measures the
-other processes), median over ``--repeats`` round-robin repetitions after one warm-up run of each:
+steps, preconditioning each Linear layer from its output-gradient and input rows when that is cheaper
+(``kfac_precondition="auto"``, the ratio column) or always from the gradient matrix (``"dense"``, the usual K-FAC
+form, the last column); and ``sngd`` with ``fold="never"`` (the paper's form: every root applied to activations).
+Reported for the wall clock and for the process's CPU time (all threads; on a shared machine the wall clock mostly
+measures the other processes), median over ``--repeats`` round-robin repetitions after one warm-up run of each:
 
 * ``step``: median wall time of the steps without a refresh;
 * ``amortised``: total time / steps, refreshes included;
@@ -55,6 +57,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "sngd/100": {"method": "sngd", "structure": "kfac", "refresh_every": 100},
     "kfac-ngd/10": {"method": "kfac-ngd", "refresh_every": 10},
     "kfac-ngd/100": {"method": "kfac-ngd", "refresh_every": 100},
+    "kfac-ngd/10 dense": {"method": "kfac-ngd", "refresh_every": 10, "kfac_precondition": "dense"},
+    "kfac-ngd/100 dense": {"method": "kfac-ngd", "refresh_every": 100, "kfac_precondition": "dense"},
     "sngd/10 cholesky": {"method": "sngd", "structure": "kfac", "refresh_every": 10, "sqrt": "cholesky"},
     "sngd/100 cholesky": {"method": "sngd", "structure": "kfac", "refresh_every": 100, "sqrt": "cholesky"},
     "sngd/10 lowrank": {"method": "sngd", "structure": "kfac", "refresh_every": 10, "sqrt": "lowrank"},
@@ -149,18 +153,19 @@ def main() -> None:
     for clock in ("wall", "cpu"):
         print(f"-- {clock} clock")
         print(f"{'case':<20} {'run':<20} {'step ms':>9} {'amortised ms':>13} {'step/SGD':>9} {'FLOP/SGD':>9} "
-              f"{'amort./KFAC-NGD':>16}")
+              f"{'amort./KFAC-NGD':>16} {'(dense form)':>13}")
         for case in all_cases:
             med = {n: {k: statistics.median(v) for k, v in st.items()} for n, st in case.stats.items()}
             sgd = med["sgd"][f"{clock} step"]
             for name in CONFIGS:
                 step, amortised = med[name][f"{clock} step"], med[name][f"{clock} amortised"]
-                vs_kfac = ""
+                vs_kfac = vs_dense = ""
                 if name.startswith("sngd") and "fold" not in name:
                     period = name.split("/")[1].split()[0]
                     vs_kfac = f"{amortised / med['kfac-ngd/' + period][f'{clock} amortised']:.2f}"
+                    vs_dense = f"{amortised / med[f'kfac-ngd/{period} dense'][f'{clock} amortised']:.2f}"
                 print(f"{case.name:<20} {name:<20} {1e3 * step:>9.2f} {1e3 * amortised:>13.2f} {step / sgd:>9.2f} "
-                      f"{case.flops[name] / case.flops['sgd']:>9.2f} {vs_kfac:>16}")
+                      f"{case.flops[name] / case.flops['sgd']:>9.2f} {vs_kfac:>16} {vs_dense:>13}")
         print()
     print("The step each root method takes at initialisation against the KFAC step with exact (eigh) roots, on one")
     print(f"batch of {BATCH} (lowrank: rank {ROOT_RANK}):")

@@ -324,15 +324,20 @@ class LayerRows:
     grads: Tensor | None
 
 
-class _Capture:
-    """Forward hooks that record each layer's input and output (called once per forward pass)."""
+class LayerCapture:
+    """Forward hooks that record each layer's input and output (called once per forward pass).
+
+    ``records[path]`` = (input, output) of the layer at ``path``; the output is the tensor the layer produced
+    (the forward pass continues from a clone), so ``torch.autograd.grad(loss, output)`` is the output gradient.
+    A layer called twice in one forward pass raises UnsupportedLayerError.
+    """
 
     def __init__(self, model: nn.Module, paths: Sequence[str]):
         self.model, self.paths = model, list(paths)
         self.records: dict[str, tuple[Tensor, Tensor]] = {}
         self.handles: list = []
 
-    def __enter__(self) -> _Capture:
+    def __enter__(self) -> LayerCapture:
         for path in self.paths:
             self.handles.append(self.model.get_submodule(path).register_forward_hook(self._hook(path)))
         return self
@@ -367,7 +372,7 @@ def layer_rows(
     """
     model = engine.model
     params = {n: p.detach().requires_grad_(backward) for n, p in engine.params.items()}
-    with torch.enable_grad(), _Capture(model, list(layouts)) as cap:
+    with torch.enable_grad(), LayerCapture(model, list(layouts)) as cap:
         z = engine.forward(params, x)
     called = [p for p in layouts if p in cap.records]
     grads: list[Tensor | None] = [None] * len(called)
@@ -442,7 +447,7 @@ def _rows_chunk_size(engine: FisherEngine, layouts: Mapping[str, LayerLayout], p
     return max(1, min(DEFAULT_CHUNK_BYTES, engine.memory_budget // 4) // max(per_sample, 1))
 
 
-__all__ = ["LAYER_RULES", "ConvRule", "LayerLayout", "LayerRows", "LayerRule", "LinearRule", "display_path",
-           "expand_input", "from_combined", "in_features_eff", "iter_layer_rows", "layer_layouts", "layer_rows",
-           "out_features", "register_layer_rule", "rule_for", "squared_gradient_sum", "to_combined",
+__all__ = ["LAYER_RULES", "ConvRule", "LayerCapture", "LayerLayout", "LayerRows", "LayerRule", "LinearRule",
+           "display_path", "expand_input", "from_combined", "in_features_eff", "iter_layer_rows", "layer_layouts",
+           "layer_rows", "out_features", "register_layer_rule", "rule_for", "squared_gradient_sum", "to_combined",
            "unsupported_error"]

@@ -13,7 +13,11 @@ batches in the same order. Methods (λ = ``damping``, η = ``lr``, g = the batch
               (``ngd_solver``: Woodbury with a Cholesky factorisation of the (N·R)² Gram matrix when N·R < P,
               else Cholesky of F_B + λI; ``"cg"``: conjugate gradients on the implicit F_B to ``cg_tol``)
 ``kfac-ngd``  θ ← θ − η (S + sI)⁻¹ ∇W̄ (A + aI)⁻¹ per layer, factors from the current batch every ``refresh_every``
-              steps (their damped inverses, computed in float64, cached in between)
+              steps (their damped inverses, computed in float64, cached in between). ``kfac_precondition``:
+              ``"dense"`` multiplies the inverses into the gradient matrix (out·n·(out + n) multiply-adds, as K-FAC
+              implementations do); ``"factored"`` (Linear layers) uses ∇W̄ = Δᵀ Ā, the layer's output gradients
+              Δ and inputs Ā (rows × out, rows × n), as (S⁻¹Δᵀ)(Ā A⁻¹) — rows·(out² + n² + out·n); ``"auto"``
+              (default) takes the cheaper per layer and step
 ``sngd``      plain SGD on :func:`fisherlab.reconstruct.reconstruct` (``structure``), built on the first batch and
               refreshed on the current batch every ``refresh_every`` steps
 ============  =====================================================================================================
@@ -51,17 +55,19 @@ from fisherlab.data import SplitData, iterate_minibatches
 from fisherlab.engine import FisherEngine, check_eval_mode
 from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError
 from fisherlab.fisher import fisher
-from fisherlab.layers import from_combined, to_combined
+from fisherlab.layers import LayerCapture, expand_input, from_combined, to_combined
 from fisherlab.likelihoods import Likelihood, get_likelihood
 from fisherlab.linalg import cg, damped_solve, kron_damping_split
 from fisherlab.memory import dense_bytes
 from fisherlab.params import ParamSpec
 from fisherlab.results import annotate, new_dataset
 
-__all__ = ["METHODS", "NGD_SOLVERS", "best_runs", "compare", "sweep_lr", "train"]
+__all__ = ["KFAC_PRECONDITION", "METHODS", "NGD_SOLVERS", "best_runs", "compare", "sweep_lr", "train"]
 
 METHODS = ("sgd", "momentum", "adam", "ngd", "kfac-ngd", "sngd")
 NGD_SOLVERS = ("auto", "cholesky", "woodbury", "cg")
+#: How ``kfac-ngd`` applies the factor inverses (module docstring).
+KFAC_PRECONDITION = ("auto", "dense", "factored")
 
 _VARIABLES = {
     "loss": ("mean loss on the step's minibatch", "nats"),
@@ -192,13 +198,22 @@ class _NGDStepper(_Stepper):
         return loss, True
 
 
+def _weight_and_bias(module: nn.Module, has_bias: bool) -> list[Tensor]:
+    return [module.weight, module.bias] if has_bias else [module.weight]
+
+
 class _KFACStepper(_Stepper):
-    """KFAC-NGD with the damped factor inverses cached between refreshes; updates each layer's W̄ in place."""
+    """KFAC-NGD with the damped factor inverses cached between refreshes; updates each layer's W̄ in place.
+
+    ``precondition`` (:data:`KFAC_PRECONDITION`) says how S⁻¹ ∇W̄ A⁻¹ is formed: from the gradient matrix
+    (``"dense"``), or for Linear layers from the output-gradient and input rows (``"factored"``), or the cheaper of
+    the two per layer (``"auto"``); all give the same step.
+    """
 
     def __init__(self, model: nn.Module, lik: Likelihood, lr: float, damping: float, kind: str, split: str,
-                 seed: int):
+                 seed: int, precondition: str = "auto"):
         self.model, self.lik, self.lr, self.damping, self.kind, self.split = model, lik, lr, damping, kind, split
-        self.seed, self.refreshes = seed, 0
+        self.seed, self.refreshes, self.precondition = seed, 0, precondition
         self.inverses: dict[str, tuple[nn.Module, bool, Tensor, Tensor]] = {}
 
     def _refresh(self, x: Tensor, y: Tensor) -> None:
@@ -213,20 +228,41 @@ class _KFACStepper(_Stepper):
             a, s = kron_damping_split(f.A, f.S, self.damping, self.split)
             self.inverses[path] = (module, f.has_bias, _damped_inverse(f.A, a), _damped_inverse(f.S, s))
 
+    def _factored(self, inputs: Tensor, S_inv: Tensor, A_inv: Tensor) -> bool:
+        """Whether (S⁻¹Δᵀ)(ĀA⁻¹) is used for a Linear layer with these input rows (cheaper, or forced)."""
+        if self.precondition != "auto":
+            return self.precondition == "factored"
+        rows, m, n = inputs.numel() // inputs.shape[-1], S_inv.shape[0], A_inv.shape[0]
+        return rows * (m * m + n * n + m * n) < m * n * (m + n)
+
     def step(self, x: Tensor, y: Tensor, refresh: bool) -> tuple[Tensor, bool]:
         if refresh or not self.inverses:
             self._refresh(x, y)
             refresh = True
-        self.model.zero_grad(set_to_none=True)
-        loss = self.lik.nll(self.model(x), y).mean()
-        loss.backward()
+        linear = [p for p, entry in self.inverses.items() if type(entry[0]) is nn.Linear]
+        with LayerCapture(self.model, [] if self.precondition == "dense" else linear) as cap:
+            loss = self.lik.nll(self.model(x), y).mean()
+        factored = [p for p, (inputs, _) in cap.records.items()
+                    if self._factored(inputs, S_inv=self.inverses[p][3], A_inv=self.inverses[p][2])]
+        dense = [p for p in self.inverses if p not in factored]
+        params = [t for p in dense for t in _weight_and_bias(*self.inverses[p][:2])]
+        grads = iter(torch.autograd.grad(loss, [cap.records[p][1] for p in factored] + params))
         with torch.no_grad():
-            for module, has_bias, A_inv, S_inv in self.inverses.values():
-                grad = to_combined(module, module.weight.grad, module.bias.grad if has_bias else None)
-                weight, bias = from_combined(module, S_inv @ grad @ A_inv, has_bias)
-                module.weight.sub_(self.lr * weight)
-                if has_bias:
-                    module.bias.sub_(self.lr * bias)
+            steps = {}
+            for p in factored:  # ∇W̄ = Δᵀ Ā over the rows (samples × any leading dims)
+                module, has_bias, A_inv, S_inv = self.inverses[p]
+                delta = next(grads).reshape(-1, S_inv.shape[0])
+                a_bar = expand_input(module, cap.records[p][0].detach(), bias=has_bias).reshape(-1, A_inv.shape[0])
+                steps[p] = (delta @ S_inv).T @ (a_bar @ A_inv)  # S⁻¹ is symmetric: (Δ S⁻¹)ᵀ = S⁻¹ Δᵀ
+            for p in dense:
+                module, has_bias, A_inv, S_inv = self.inverses[p]
+                grad = to_combined(module, next(grads), next(grads) if has_bias else None)
+                steps[p] = S_inv @ grad @ A_inv
+            for p, step in steps.items():
+                module, has_bias = self.inverses[p][:2]
+                for param, delta in zip(_weight_and_bias(module, has_bias), from_combined(module, step, has_bias),
+                                        strict=False):
+                    param.sub_(self.lr * delta)
         return loss.detach(), refresh
 
 
@@ -251,7 +287,7 @@ class _SNGDStepper(_Stepper):
 
 
 def _stepper(method: str, model: nn.Module, lik: Likelihood, lr: float, *, damping: float, momentum: float,
-             fisher_kind: str, ngd_solver: str, cg_tol: float, split: str, structure: str,
+             fisher_kind: str, ngd_solver: str, cg_tol: float, split: str, structure: str, kfac_precondition: str,
              reconstruct_options: dict[str, Any]) -> _Stepper:
     if method == "sgd":
         return _OptimizerStepper(model, lik, torch.optim.SGD(model.parameters(), lr=lr))
@@ -264,7 +300,10 @@ def _stepper(method: str, model: nn.Module, lik: Likelihood, lr: float, *, dampi
             raise InputError(f"unknown ngd_solver {ngd_solver!r}; valid: {list(NGD_SOLVERS)}")
         return _NGDStepper(model, lik, lr, damping, fisher_kind, ngd_solver, cg_tol)
     if method == "kfac-ngd":
-        return _KFACStepper(model, lik, lr, damping, fisher_kind, split, reconstruct_options["seed"])
+        if kfac_precondition not in KFAC_PRECONDITION:
+            raise InputError(f"unknown kfac_precondition {kfac_precondition!r}; valid: {list(KFAC_PRECONDITION)}")
+        return _KFACStepper(model, lik, lr, damping, fisher_kind, split, reconstruct_options["seed"],
+                            kfac_precondition)
     options = {"structure": structure, "damping": damping, "fisher": fisher_kind, "split": split,
                **reconstruct_options}
     return _SNGDStepper(model, lik, lr, options)
@@ -290,6 +329,7 @@ def train(
     ngd_solver: str = "auto",
     cg_tol: float = 1e-6,
     split: str = "pi",
+    kfac_precondition: str = "auto",
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: bool | None = None,
@@ -315,6 +355,7 @@ def train(
         ngd_solver: ``auto``, ``cholesky``, ``woodbury`` or ``cg`` (``ngd``).
         cg_tol: CG tolerance of ``ngd_solver="cg"``.
         split: KFAC damping split (``kfac-ngd``, ``sngd``).
+        kfac_precondition: ``auto``, ``dense`` or ``factored``: how ``kfac-ngd`` forms S⁻¹ ∇W̄ A⁻¹ (module docstring).
         device: Device (default: the model's).
         dtype: Dtype (default: the model's).
         progress: Progress bar (None: only on a terminal).
@@ -347,7 +388,7 @@ def train(
     work = copy.deepcopy(model).to(device=device, dtype=dtype)
     stepper = _stepper(method, work, lik, lr, damping=damping, momentum=momentum, fisher_kind=fisher_kind,
                        ngd_solver=ngd_solver, cg_tol=cg_tol, split=split, structure=structure,
-                       reconstruct_options={"seed": seed, **reconstruct_options})
+                       kfac_precondition=kfac_precondition, reconstruct_options={"seed": seed, **reconstruct_options})
 
     n = steps + 1
     rec = {k: np.full(n, np.nan) for k in _VARIABLES}
@@ -382,6 +423,7 @@ def train(
               "damping": damping, "structure": structure if method == "sngd" else None,
               "fisher_kind": fisher_kind, "momentum": momentum if method == "momentum" else None,
               "ngd_solver": ngd_solver if method == "ngd" else None, "split": split, "eval_every": eval_every,
+              "kfac_precondition": kfac_precondition if method == "kfac-ngd" else None,
               "likelihood": repr(lik), "dataset": data.name, "data_meta": data.meta,
               "model": type(model).__name__, "num_params": sum(p.numel() for p in model.parameters()),
               "reconstruct_options": reconstruct_options}

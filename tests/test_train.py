@@ -15,8 +15,9 @@ from fisherlab.data import SplitData, load_digits
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError
 from fisherlab.linalg import cg
-from fisherlab.models import MLP
+from fisherlab.models import MLP, build_model
 from fisherlab.params import ParamSpec
+from fisherlab.results import config_of
 from fisherlab.train import METHODS, best_runs, compare, ngd_direction, sweep_lr, train
 
 LRS = {"sgd": 0.2, "momentum": 0.05, "adam": 3e-3, "ngd": 0.3, "kfac-ngd": 0.3, "sngd": 0.3}
@@ -86,6 +87,23 @@ def test_sngd_equals_kfac_ngd_with_the_same_refresh_schedule(kind: str, sqrt: st
     b = train(model, data, method="sngd", structure="kfac", sqrt=sqrt, **kw)
     np.testing.assert_allclose(b.loss.values[:-1], a.loss.values[:-1], rtol=1e-12)
     np.testing.assert_allclose(b.train_loss.values, a.train_loss.values, rtol=1e-12)
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_kfac_ngd_preconditioning_forms_take_the_same_steps(model_name: str) -> None:
+    """(S⁻¹Δᵀ)(ĀA⁻¹) from the rows (Linear layers) equals S⁻¹∇W̄A⁻¹ from the gradient matrix."""
+    data = digits(torch.float64) if model_name == "mlp" else load_digits(seed=0, layout="image", dtype=torch.float64)
+    model = small_mlp(torch.float64) if model_name == "mlp" else \
+        build_model("cnn", data, seed=0, dtype=torch.float64, channels=(4,)).eval()
+    kw = {"lr": 0.3, "steps": 8, "batch_size": 16, "eval_every": 4, "damping": 0.05, "refresh_every": 3}
+    runs = {mode: train(model, data, method="kfac-ngd", kfac_precondition=mode, **kw)
+            for mode in ("dense", "factored", "auto")}
+    for mode in ("factored", "auto"):
+        np.testing.assert_allclose(runs[mode].loss.values[:-1], runs["dense"].loss.values[:-1], rtol=1e-10)
+        np.testing.assert_allclose(runs[mode].train_loss.values, runs["dense"].train_loss.values, rtol=1e-10)
+    assert config_of(runs["factored"])["kfac_precondition"] == "factored"
+    with pytest.raises(InputError, match="kfac_precondition"):
+        train(model, data, method="kfac-ngd", kfac_precondition="sparse", **kw)
 
 
 @pytest.mark.parametrize("solver", ["woodbury", "cholesky", "cg", "auto", "auto-small-budget"])
