@@ -27,8 +27,8 @@ default (``--threads``): on a shared 2-core machine, two intra-op threads spin a
 single steps of every method slow down by up to 100× (measured: SGD on the MNIST-1D CNN 1.3 ms/step with one thread,
 5–170 ms/step with two), so wall-clock times with more threads mostly measure the neighbours.
 
-Run time (measured, one thread, 2-core machine, otherwise quiet): 6.5 minutes in full mode, of which the wide MLP
-takes about 4.5 and exact NGD on the digits MLP 0.7. ``--quick`` (4 steps, 2 learning rates, 2 seeds, 400
+Run time (measured, one thread, 2-core machine, otherwise quiet): 5.5 minutes in full mode, of which the wide MLP
+takes about 3.5 and exact NGD on the digits MLP 0.7. ``--quick`` (4 steps, 2 learning rates, 2 seeds, 400
 MNIST-1D signals; for tests) takes 17 s.
 ``--resume`` reuses the ``runs_<problem>.nc`` files of the same settings (those problems are not rerun).
 

@@ -109,10 +109,10 @@ def step_agreement(case: Case, device: torch.device) -> list[tuple[str, float, f
     """(sqrt, cosine, relative error) of the mapped-back GD step of each root method against eigh's, on one batch."""
     batch = (case.data.X_train[:BATCH], case.data.y_train[:BATCH])
     model = case.model.to(device)
-    reference = reconstruct(model, batch, damping=DAMPING).gd_update(batch, 1.0)
+    reference = reconstruct(model, batch, damping=DAMPING).gd_update(batch, 1.0).double()
     out = []
     for sqrt in ("cholesky", "lowrank"):
-        step = reconstruct(model, batch, damping=DAMPING, sqrt=sqrt, root_rank=ROOT_RANK).gd_update(batch, 1.0)
+        step = reconstruct(model, batch, damping=DAMPING, sqrt=sqrt, root_rank=ROOT_RANK).gd_update(batch, 1.0).double()
         cos = float(step @ reference / (step.norm() * reference.norm()))
         out.append((sqrt, cos, float((step - reference).norm() / reference.norm())))
     return out
