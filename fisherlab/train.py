@@ -43,7 +43,7 @@ import json
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -198,8 +198,17 @@ class _NGDStepper(_Stepper):
         return loss, True
 
 
-def _weight_and_bias(module: nn.Module, has_bias: bool) -> list[Tensor]:
-    return [module.weight, module.bias] if has_bias else [module.weight]
+class _LayerInverses(NamedTuple):
+    """A KFAC layer and its damped factor inverses (A + aI)⁻¹ (n, n) and (S + sI)⁻¹ (out, out)."""
+
+    module: nn.Module
+    has_bias: bool
+    A_inv: Tensor
+    S_inv: Tensor
+
+    def params(self) -> list[Tensor]:
+        """The layer's weight and (if any) bias, in W̄ column order."""
+        return [self.module.weight, self.module.bias] if self.has_bias else [self.module.weight]
 
 
 class _KFACStepper(_Stepper):
@@ -214,7 +223,7 @@ class _KFACStepper(_Stepper):
                  seed: int, precondition: str = "auto"):
         self.model, self.lik, self.lr, self.damping, self.kind, self.split = model, lik, lr, damping, kind, split
         self.seed, self.refreshes, self.precondition = seed, 0, precondition
-        self.inverses: dict[str, tuple[nn.Module, bool, Tensor, Tensor]] = {}
+        self.inverses: dict[str, _LayerInverses] = {}
 
     def _refresh(self, x: Tensor, y: Tensor) -> None:
         """Factors on the batch (MC labels of refresh k seeded with seed + k, as a reconstructed network's)."""
@@ -226,26 +235,25 @@ class _KFACStepper(_Stepper):
             if not f.has_weight or f.has_bias != (getattr(module, "bias", None) is not None):
                 raise InputError(f"kfac-ngd updates whole layers; layer {path!r} has a frozen weight or bias")
             a, s = kron_damping_split(f.A, f.S, self.damping, self.split)
-            self.inverses[path] = (module, f.has_bias, _damped_inverse(f.A, a), _damped_inverse(f.S, s))
+            self.inverses[path] = _LayerInverses(module, f.has_bias, _damped_inverse(f.A, a), _damped_inverse(f.S, s))
 
-    def _factored(self, inputs: Tensor, S_inv: Tensor, A_inv: Tensor) -> bool:
+    def _factored(self, inputs: Tensor, layer: _LayerInverses) -> bool:
         """Whether (S⁻¹Δᵀ)(ĀA⁻¹) is used for a Linear layer with these input rows (cheaper, or forced)."""
         if self.precondition != "auto":
             return self.precondition == "factored"
-        rows, m, n = inputs.numel() // inputs.shape[-1], S_inv.shape[0], A_inv.shape[0]
+        rows, m, n = inputs.numel() // inputs.shape[-1], layer.S_inv.shape[0], layer.A_inv.shape[0]
         return rows * (m * m + n * n + m * n) < m * n * (m + n)
 
     def step(self, x: Tensor, y: Tensor, refresh: bool) -> tuple[Tensor, bool]:
         if refresh or not self.inverses:
             self._refresh(x, y)
             refresh = True
-        linear = [p for p, entry in self.inverses.items() if type(entry[0]) is nn.Linear]
+        linear = [p for p, layer in self.inverses.items() if type(layer.module) is nn.Linear]
         with LayerCapture(self.model, [] if self.precondition == "dense" else linear) as cap:
             loss = self.lik.nll(self.model(x), y).mean()
-        factored = [p for p, (inputs, _) in cap.records.items()
-                    if self._factored(inputs, S_inv=self.inverses[p][3], A_inv=self.inverses[p][2])]
+        factored = [p for p, (inputs, _) in cap.records.items() if self._factored(inputs, self.inverses[p])]
         dense = [p for p in self.inverses if p not in factored]
-        params = [t for p in dense for t in _weight_and_bias(*self.inverses[p][:2])]
+        params = [t for p in dense for t in self.inverses[p].params()]
         grads = iter(torch.autograd.grad(loss, [cap.records[p][1] for p in factored] + params))
         with torch.no_grad():
             steps = {}
@@ -259,8 +267,8 @@ class _KFACStepper(_Stepper):
                 grad = to_combined(module, next(grads), next(grads) if has_bias else None)
                 steps[p] = S_inv @ grad @ A_inv
             for p, step in steps.items():
-                module, has_bias = self.inverses[p][:2]
-                for param, delta in zip(_weight_and_bias(module, has_bias), from_combined(module, step, has_bias),
+                layer = self.inverses[p]
+                for param, delta in zip(layer.params(), from_combined(layer.module, step, layer.has_bias),
                                         strict=False):
                     param.sub_(self.lr * delta)
         return loss.detach(), refresh
