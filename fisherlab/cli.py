@@ -2,7 +2,8 @@
 
 Subcommands:
 
-* ``fisherlab spectra``  — Fisher spectra and condition numbers of a reference model on embedded data.
+* ``fisherlab spectra``  — Fisher spectra and condition numbers of a reference model on embedded data (``--slq``:
+  the stochastic-Lanczos spectral density instead, for models too large for dense spectra).
 * ``fisherlab fidelity`` — the main job: how closely update rules track exact NGD, with figures and an HTML
   report (see :mod:`fisherlab.report`).
 * ``fisherlab report FOLDER`` — rebuild the HTML report of a folder from its saved Datasets.
@@ -83,8 +84,8 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seq
 
 
 def cmd_spectra(args: argparse.Namespace) -> int:
-    """Compute and save Fisher spectra; print a summary table."""
-    from fisherlab.report import guard_output_folder, print_table
+    """Compute and save Fisher spectra (or, with ``--slq``, their SLQ density); print a summary table."""
+    from fisherlab.report import guard_output_folder, print_table, table_spectral_density
     from fisherlab.results import save_dataset
     from fisherlab.spectra import fisher_spectra
     from fisherlab.study import DTYPES, likelihood_for, load_model_and_data
@@ -93,8 +94,20 @@ def cmd_spectra(args: argparse.Namespace) -> int:
                                       device=args.device, dtype=DTYPES[args.dtype])
     config = {"command": "spectra", "model": args.model, "data": args.data, "n_samples": args.n_samples,
               "kinds": args.kinds, "dampings": args.dampings}
+    if args.slq:
+        config.update(slq=True, probes=args.probes, lanczos_steps=args.lanczos_steps)
     out = Path(args.out)
     guard_output_folder(out, config, overwrite=args.overwrite)
+    if args.slq:
+        from fisherlab.density import spectral_density
+
+        ds = spectral_density(model, data, likelihood_for(data), kinds=args.kinds, num_probes=args.probes,
+                              num_steps=args.lanczos_steps, seed=args.seed, dtype=DTYPES[args.dtype],
+                              device=args.device, progress=False if args.no_progress else None, config=config)
+        path = save_dataset(ds, out / "spectral_density.nc")
+        print_table(*table_spectral_density(ds))
+        print(f"\nP = {model_parameters(model)} parameters, N = {int(data.n_train)} samples; wrote {path}")
+        return 0
     ds = fisher_spectra(model, data, likelihood_for(data), kinds=args.kinds, dampings=args.dampings,
                         seed=args.seed, dtype=DTYPES[args.dtype], device=args.device,
                         progress=False if args.no_progress else None, config=config)
@@ -184,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", nargs="+", default=["true", "mc", "empirical"],
                    help="Fisher kinds: true mc empirical ggn")
     p.add_argument("--dampings", nargs="+", type=float, default=[0.0, 1e-4, 1e-3, 1e-2, 1e-1])
+    p.add_argument("--slq", action="store_true",
+                   help="spectral density by stochastic Lanczos quadrature on the implicit Fisher, for models whose "
+                        "P×P Fisher does not fit (writes spectral_density.nc)")
+    p.add_argument("--probes", type=int, default=10, help="SLQ probes (with --slq)")
+    p.add_argument("--lanczos-steps", type=int, default=64, help="Lanczos steps per probe (with --slq)")
     p.set_defaults(func=cmd_spectra)
     p = sub.add_parser("fidelity", help="the main job: fidelity of update rules to exact NGD, with a report")
     add_fidelity_options(p)

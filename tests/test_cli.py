@@ -109,3 +109,12 @@ def test_spectra_command_and_config_file(tmp_path, capsys):
     bad.write_text("colour = 3\n")
     assert main(["spectra", "--config", str(bad), "--out", str(tmp_path / "t")]) == 2
     assert "colour" in capsys.readouterr().err
+
+
+def test_spectra_slq(tmp_path, capsys):
+    out = tmp_path / "slq"
+    assert main(["spectra", "--slq", "--kinds", "true", "empirical", "--probes", "3", "--lanczos-steps", "12",
+                 "--n-samples", "64", "--out", str(out), "--no-progress"]) == 0
+    ds = load_dataset(out / "spectral_density.nc", kind="spectral_density")
+    assert ds.fisher_kind.values.tolist() == ["true", "empirical"] and ds.sizes["node"] == 12
+    assert "null fraction" in capsys.readouterr().out
