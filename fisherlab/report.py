@@ -266,7 +266,9 @@ def plot_spectral_density(ds: xr.Dataset) -> list[Figure]:
     df["fisher"] = [f"{k} (null {float(ds.null_fraction.sel({'fisher_kind': k})):.2f})" for k in df.fisher_kind]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     sns.lineplot(df, x="log10_eigenvalue", y="density", hue="fisher", ax=ax)
-    ax.set(xlabel="log10 eigenvalue", ylabel="density (per decade)",
+    top = float(df.density.max())
+    ax.set(xlabel="log10 eigenvalue", ylabel="density (per decade, log scale)", yscale="log",
+           ylim=(1e-4 * top, 2 * top) if top > 0 else None,
            title=f"SLQ spectral density ({ds.sizes['probe']} probes, {ds.sizes['node']} Lanczos steps)")
     return [("spectral_density", fig)]
 
