@@ -164,3 +164,13 @@ def test_dense_blocks_under_lowrank_get_exact_roots_and_bad_rank_is_refused() ->
     for bad in (0, 2.5, None):
         with pytest.raises(InputError, match="root_rank"):
             reconstruct(model, (X, y), structure="block", sqrt="lowrank", root_rank=bad)
+
+
+def test_state_dict_is_the_same_for_every_root_method() -> None:
+    """The low-rank form is a non-persistent cache: state dicts load across root methods, same function."""
+    model, X, y, _, _ = problem("mlp")
+    low, exact = build("mlp", 1), reconstruct(model, (X, y), structure="kfac", damping=LAM)
+    assert list(low.state_dict()) == list(exact.state_dict())
+    exact.load_state_dict(low.state_dict())
+    with torch.no_grad():
+        assert rel(exact(X), low(X)) < 1e-12

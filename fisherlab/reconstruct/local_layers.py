@@ -66,16 +66,16 @@ class FactorRoot(nn.Module):
     ``inv_sqrt`` is the matrix the module applies (M^{-1/2}, or a triangular factor of M⁻¹ with ``sqrt="cholesky"``)
     and ``sqrt`` its inverse. A low-rank root (``sqrt="lowrank"``) also keeps ``inv_sqrt`` = s·I + U diag(c) Uᵀ in
     that form (buffers ``basis`` U (n, k), ``coef`` c (k,), ``shift`` s; None otherwise), which the forward pass
-    and the fold use.
+    and the fold use. The form is a cache of ``inv_sqrt`` and is left out of ``state_dict`` (a state dict loads into
+    a network built with any root method; the dense roots it carries compute the same function).
     """
 
     def __init__(self, n: int, dtype: torch.dtype | None = None, device: torch.device | None = None):
         super().__init__()
         self.register_buffer("sqrt", torch.eye(n, dtype=dtype, device=device))
         self.register_buffer("inv_sqrt", torch.eye(n, dtype=dtype, device=device))
-        self.register_buffer("basis", None)
-        self.register_buffer("coef", None)
-        self.register_buffer("shift", None)
+        for name in ("basis", "coef", "shift"):  # a cache of inv_sqrt: not in state_dict, which stays root-agnostic
+            self.register_buffer(name, None, persistent=False)
 
     def root(self, power: float) -> Tensor:
         """``sqrt`` (power = 1/2) or ``inv_sqrt`` (power = −1/2)."""
