@@ -367,14 +367,16 @@ def test_bad_options(mlp, kwargs: dict, match: str) -> None:
 
 
 @pytest.mark.gpu
-def test_cuda_matches_cpu() -> None:
+@pytest.mark.parametrize("sqrt", ["eigh", "cholesky", "lowrank"])
+def test_cuda_matches_cpu(sqrt: str) -> None:
     model, X, y = CNN2D.build(DT)
     for structure in ("kfac", "full", "unit"):
-        net = reconstruct(model, (X, y), structure=structure, damping=LAM, device="cuda")
+        kw = {"sqrt": sqrt, "root_rank": 2}
+        net = reconstruct(model, (X, y), structure=structure, damping=LAM, device="cuda", **kw)
         assert all(b.is_cuda for b in net.buffers()) and all(p.is_cuda for p in net.parameters())
         with torch.no_grad():
             assert rel(net(X.cuda()).cpu(), model(X)) < 1e-10
-        cpu = reconstruct(model, (X, y), structure=structure, damping=LAM)
+        cpu = reconstruct(model, (X, y), structure=structure, damping=LAM, **kw)
         assert rel(net.gd_update((X, y), 0.1).cpu(), cpu.gd_update((X, y), 0.1)) < 1e-8
         net.refresh((X.cuda(), y.cuda()))
         with torch.no_grad():
