@@ -95,16 +95,28 @@ def test_structured_reconstruction_against_generalized_eigenproblem(case, struct
 
 @pytest.mark.parametrize("n", [16, 48])  # N·R = 32 < P = 53 (F singular) and 96 > P
 def test_lanczos_path_beyond_the_budget(n):
+    """Matrix-free: F + λI, and each structure's B = G^{-1/2}(F + λI)G^{-1/2} through its reconstructed network."""
     model, X, y = make(n)
     F = ref.true_fisher(model, X, ref.RefLikelihood("categorical")).numpy()
-    ds = fisher_geometry(model, (X, y), structures=["block"], damping=DAMPINGS, memory_budget=20_000, num_eigs=5,
-                         chunk_size=4)
+    ds = fisher_geometry(model, (X, y), structures=["dense", "block", "diag"], damping=DAMPINGS,
+                         memory_budget=20_000, num_eigs=5, chunk_size=4)
     assert ds.attrs["spectrum_method"] == "lanczos" and ds.sizes["eig"] == 5
     ev = np.linalg.eigvalsh(F)
+    eye = np.eye(len(F))
     for lam in DAMPINGS:
         at = ds.sel(structure="original", damping=lam)
         np.testing.assert_allclose(at["eigenvalue"].values, ev[-5:] + lam, rtol=1e-8)
         lo = 0.0 if n == 16 else ev[0]
         assert float(at["condition_number"]) == pytest.approx((ev[-1] + lam) / (lo + lam), rel=1e-5)
-    assert int(ds.sel(structure="block")["available"]) == 0
-    assert "memory budget" in str(ds.sel(structure="block")["unavailable_reason"].values)
+        blocks = np.zeros_like(F)
+        for ix in (np.arange(0, 35), np.arange(35, 53)):
+            blocks[np.ix_(ix, ix)] = F[np.ix_(ix, ix)]
+        for structure, G in (("block", blocks), ("diag", np.diag(np.diag(F)))):
+            want = generalized(F + lam * eye, G + lam * eye)  # P = 53 ≤ the Lanczos steps: exact extremes
+            at = ds.sel(structure=structure, damping=lam)
+            np.testing.assert_allclose(at["eigenvalue"].values, want[-5:], rtol=1e-8)
+            assert float(at["condition_number"]) == pytest.approx(want[-1] / want[0], rel=1e-6)
+    # the dense reconstruction needs the P×P Fisher: beyond this budget
+    assert ds["available"].sel(structure="dense").item() == 0
+    assert "budget" in str(ds.sel(structure="dense")["unavailable_reason"].values)
+    assert ds["available"].sel(structure="block").item() == 1

@@ -10,11 +10,16 @@ G_λ = L Lᵀ (Cholesky). The row ``structure="original"`` is F + λI itself (G 
 Per layer, A_l = F_ll + λI and G_l = (G_λ)_ll, the layer's diagonal blocks (what the layer's local Fisher layer
 would see if the rebuild were local to it).
 
-When the dense P×P matrices fit the memory budget everything is exact (``eigvalsh``). Otherwise only the
-original coordinates are measured, matrix-free: the top ``num_eigs`` eigenvalues of F + λI by Lanczos
-(:func:`fisherlab.linalg.lanczos`), its smallest eigenvalue — exactly λ when F has rank ≤ N·R < P (N samples,
-R rows of the output factor per sample), else by Lanczos on σI − F — and the condition number from both; the
-structures are then recorded as unavailable (their preconditioned spectrum needs G_λ^{-1/2}).
+When the dense P×P matrices fit the memory budget everything is exact (``eigvalsh``). Otherwise the spectra are
+computed matrix-free by Lanczos (:func:`fisherlab.linalg.lanczos`): the top ``num_eigs`` eigenvalues and the
+condition number from the top and the smallest eigenvalue. For the original coordinates the operator is F + λI,
+and its smallest eigenvalue is exactly λ when F has rank ≤ N·R < P (N samples, R rows of the output factor per
+sample), else Lanczos on σI − F. For a structure, the operator is the one the reconstructed network sees,
+B = G_λ^{-1/2} (F + λI) G_λ^{-1/2}, applied as v ↦ R⁻¹((F + λI)(R⁻¹v)) with the symmetric roots R = G_λ^{1/2} of
+the network :func:`fisherlab.reconstruct.reconstruct` builds for it (``dense`` → ``full``, the others by their
+own name; its G_λ is the one ``structure.solve`` inverts), and the smallest eigenvalue always by Lanczos on σI − B.
+A structure whose reconstruction does not fit the budget (dense or per-layer P_l × P_l roots) is recorded as
+unavailable. Per-layer spectra are only computed on the dense path.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import xarray as xr
 from torch import Tensor, nn
 
 from fisherlab import results
-from fisherlab.errors import SingularMatrixError
+from fisherlab.errors import SingularMatrixError, UnsupportedLayerError
 from fisherlab.fidelity.evaluate import UNAVAILABLE, check_dampings
 from fisherlab.fidelity.rules import RuleContext
 from fisherlab.likelihoods import Likelihood
@@ -129,32 +134,72 @@ def _dense_geometry(ctx: RuleContext, names: list[str], dampings: list[float], s
     return out, reasons
 
 
-def _lanczos_geometry(ctx: RuleContext, names: list[str], dampings: list[float], num_eigs: int, seed: int
-                      ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Top ``num_eigs`` eigenvalues (ascending) and κ of F + λI by Lanczos; structures unavailable."""
+#: The reconstruction structure whose network sees G_λ^{-1/2}(F + λI)G_λ^{-1/2} for each geometry structure.
+RECONSTRUCTION_OF = {"dense": "full", "block": "block", "kfac": "kfac", "ekfac": "ekfac", "unit": "unit",
+                     "diag": "diag"}
+
+
+def _lanczos_spectrum(matvec: Any, P: int, k: int, seed: int, dtype: torch.dtype, device: torch.device,
+                      lam_min: float | None = None) -> tuple[Tensor, float]:
+    """Top k eigenvalues (descending) of a symmetric PSD operator (P × P) and its smallest eigenvalue.
+
+    The smallest eigenvalue is ``lam_min`` when it is known, else Lanczos on σI − A (σ = the top eigenvalue).
+    """
     from fisherlab.linalg import lanczos
 
-    F = ctx.fisher()
-    P, dtype, device = ctx.spec.dim, ctx.engine().dtype, ctx.engine().device
-    k = min(num_eigs, P)
-    top, _ = lanczos(F.matvec, P, k, seed=seed, dtype=dtype, device=device)
-    sigma = float(top[0])
-    engine = ctx.engine()
-    if engine.num_samples * engine.rows_per_sample < P:  # rank F ≤ N·R < P: λ_min(F) = 0 exactly
-        lam_min_F = 0.0
-    else:
-        low, _ = lanczos(lambda v: sigma * v - F.matvec(v), P, 1, num_iter=min(P, LOW_END_ITERATIONS),
+    top, _ = lanczos(matvec, P, k, seed=seed, dtype=dtype, device=device)
+    if lam_min is None:
+        sigma = float(top[0])
+        low, _ = lanczos(lambda v: sigma * v - matvec(v), P, 1, num_iter=min(P, LOW_END_ITERATIONS),
                          seed=seed + 1, dtype=dtype, device=device)
-        lam_min_F = max(sigma - float(low[0]), 0.0)
+        lam_min = max(sigma - float(low[0]), 0.0)
+    return top, lam_min
+
+
+def _ratio(hi: float, lo: float) -> float:
+    return hi / lo if lo > 0 else math.inf
+
+
+def _lanczos_geometry(ctx: RuleContext, names: list[str], dampings: list[float], num_eigs: int, seed: int,
+                      skip_unavailable: bool) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Top ``num_eigs`` eigenvalues (ascending) and κ of F + λI and of each structure's B, by Lanczos."""
+    from fisherlab.fidelity.rules import reconstruct_network
+
+    F = ctx.fisher()
+    engine = ctx.engine()
+    P, dtype, device = ctx.spec.dim, engine.dtype, engine.device
+    k = min(num_eigs, P)
     S, D, L = len(names), len(dampings), len(ctx.spec.layers())
     out = {"eigenvalue": np.full((S, D, k), np.nan), "condition_number": np.full((S, D), np.nan),
            "layer_eigenvalue": np.full((S, D, L, 1), np.nan), "layer_condition_number": np.full((S, D, L), np.nan)}
-    reasons = ["" if n == "original" else "the preconditioned spectrum needs the dense P×P matrices, above the "
-               "memory budget" for n in names]
-    i = names.index("original")
-    for j, lam in enumerate(dampings):
-        out["eigenvalue"][i, j] = torch.flip(top, [0]).cpu().double().numpy() + lam
-        out["condition_number"][i, j] = (sigma + lam) / (lam_min_F + lam) if lam_min_F + lam > 0 else math.inf
+    reasons = [""] * S
+    low_rank = engine.num_samples * engine.rows_per_sample < P  # rank F ≤ N·R < P: λ_min(F) = 0 exactly
+    with ctx.timed("geometry original"):
+        top_F, lo_F = _lanczos_spectrum(F.matvec, P, k, seed, dtype, device, 0.0 if low_rank else None)
+    for i, name in enumerate(names):
+        try:
+            for j, lam in enumerate(dampings):
+                if name == "original":
+                    top, kappa = top_F + lam, _ratio(float(top_F[0]) + lam, lo_F + lam)
+                else:
+                    if name not in RECONSTRUCTION_OF:
+                        raise UnsupportedLayerError(f"structure {name!r} has no reconstructed network")
+                    with ctx.timed(f"geometry {name}"):
+                        net = reconstruct_network(ctx, RECONSTRUCTION_OF[name], lam, sqrt="eigh")
+
+                        def B(v: Tensor, net: Any = net, lam: float = lam) -> Tensor:
+                            u = net.to_original_update(v)  # R⁻¹ v (R symmetric)
+                            return net.to_original_update(F.matvec(u) + lam * u)
+
+                        top, lo = _lanczos_spectrum(B, P, k, seed, dtype, device)
+                    kappa = _ratio(float(top[0]), lo)
+                out["eigenvalue"][i, j] = torch.flip(top, [0]).cpu().double().numpy()
+                out["condition_number"][i, j] = kappa
+        except UNAVAILABLE as exc:
+            if not skip_unavailable:
+                raise
+            reasons[i] = f"{type(exc).__name__}: {exc}"
+            out["eigenvalue"][i], out["condition_number"][i] = np.nan, np.nan
     return out, reasons
 
 
@@ -210,7 +255,7 @@ def fisher_geometry(
     if dense:
         arrays, reasons = _dense_geometry(ctx, names, dampings, skip_unavailable)
     else:
-        arrays, reasons = _lanczos_geometry(ctx, names, dampings, num_eigs, seed)
+        arrays, reasons = _lanczos_geometry(ctx, names, dampings, num_eigs, seed, skip_unavailable)
     S_D = ("structure", "damping")
     data_vars = {
         "eigenvalue": ((*S_D, "eig"), arrays["eigenvalue"]),
