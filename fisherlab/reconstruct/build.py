@@ -105,7 +105,7 @@ def reconstruct(
         damping: λ ≥ 0 (for ``kfac`` split between the factors, see ``split``).
         sqrt: Root method: ``"eigh"``, ``"denman_beavers"`` or ``"newton_schulz"`` (the symmetric root
             θ' = G^{1/2} θ), or ``"cholesky"`` (θ' = Lᵀθ with G = L Lᵀ per block or Kronecker factor: the same
-            NGD steps in other coordinates, at about a fifth of eigh's cost per refresh), or ``"lowrank"``: a
+            NGD steps in other coordinates, at about a quarter of eigh's cost per refresh), or ``"lowrank"``: a
             different G, in which every Kronecker factor wider than 2·``root_rank`` is its top-k eigen-part plus its
             mean remainder (:func:`~fisherlab.reconstruct.roots.lowrank_roots`), so that a layer form applies
             its roots in O(n·k) per row instead of O(n²); all other blocks get eigh roots.
