@@ -12,6 +12,7 @@ import pytest
 import reference as ref
 import torch
 from cases import CNN2D, MLP, GatedNet, resnet_bn
+from test_reconstruct_invariants import sgd_steps
 from torch import Tensor, nn
 
 from fisherlab import fisher
@@ -249,11 +250,7 @@ def test_coordinates_and_update_maps(mlp) -> None:
 def test_load_into_and_load_original(mlp) -> None:
     model, X, y = mlp
     net = reconstruct(model, (X, y), structure="kfac", damping=LAM)
-    opt = torch.optim.SGD(net.parameters(), lr=0.5)
-    for _ in range(3):
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(X), y).backward()
-        opt.step()
+    sgd_steps(net, X, y, 0.5, 3)
     target = net.load_into(copy.deepcopy(model))
     with torch.no_grad():
         assert rel(target(X), net(X)) < 1e-12

@@ -114,6 +114,16 @@ def sym_root(G: Tensor, power: float) -> Tensor:
     return (Q * w**power) @ Q.T
 
 
+def sgd_steps(net: nn.Module, X: Tensor, y: Tensor, lr: float, steps: int) -> None:
+    """Plain SGD on the reconstructed parameters θ' (cross-entropy on (X, y)); counted by the network."""
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    net.attach(opt)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(X), y).backward()
+        opt.step()
+
+
 def coordinate_map(net: nn.Module) -> Tensor:
     """R (P, P) with θ' = R θ, read off the network column by column (its map of original updates)."""
     return net.from_original_update(torch.eye(net.spec.dim, dtype=DT))
@@ -170,12 +180,7 @@ def test_invariant_3_full_is_exact_ngd(name: str, sqrt: str) -> None:
 def test_invariant_4_refresh_keeps_function_and_reexpresses(name: str, structure: str, sqrt: str) -> None:
     model, X, y, X2, y2 = problem(name)
     net = build(name, structure, sqrt=sqrt)
-    opt = torch.optim.SGD(net.parameters(), lr=LR)
-    net.attach(opt)
-    for _ in range(2):  # move θ away from where G was computed
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(X), y).backward()
-        opt.step()
+    sgd_steps(net, X, y, LR, 2)  # move θ away from where G was computed
     assert net.steps_since_refresh == 2
     moved = net.load_into(copy.deepcopy(model))
     for batch in ((X2, y2), (X, y)):

@@ -21,6 +21,7 @@ from test_reconstruct_invariants import (
     pi_split,
     problem,
     rel,
+    sgd_steps,
     wbar_permutation,
 )
 from torch import Tensor, nn
@@ -93,11 +94,7 @@ def test_invariants_1_and_2(name: str, k: int, structure: str) -> None:
 def test_invariant_4_refresh(name: str, k: int) -> None:
     model, X, y, X2, y2 = problem(name)
     net = build(name, k)
-    opt = torch.optim.SGD(net.parameters(), lr=LR)
-    for _ in range(2):
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(X), y).backward()
-        opt.step()
+    sgd_steps(net, X, y, LR, 2)
     moved = net.load_into(copy.deepcopy(model))
     with torch.no_grad():
         before = net(X)
