@@ -171,3 +171,14 @@ def test_state_dict_is_the_same_for_every_root_method() -> None:
     exact.load_state_dict(low.state_dict())
     with torch.no_grad():
         assert rel(exact(X), low(X)) < 1e-12
+
+
+@pytest.mark.parametrize("fold", ["never", "always"])
+@pytest.mark.parametrize("name", ["mlp", "cnn2d", "cnn1d"])
+def test_low_rank_roots_on_activations_and_folded(name: str, fold: str) -> None:
+    """Both places a low-rank root can act (rows of activations, including conv channels; the weight) agree."""
+    model, X, y, _, _ = problem(name)
+    net = reconstruct(model, (X, y), structure="kfac", damping=LAM, sqrt="lowrank", root_rank=1, fold=fold)
+    with torch.no_grad():
+        assert rel(net(X), model(X)) < 1e-10
+    assert rel(net.gd_update((X, y), LR), build(name, 1).gd_update((X, y), LR)) < 1e-10
