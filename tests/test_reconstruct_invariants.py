@@ -268,11 +268,13 @@ def test_sngd_with_empirical_kfac_is_kfac_step_from_empirical_factors() -> None:
     assert rel(net.gd_update((X, y), LR), expected) < 1e-9
 
 
-def test_released_sngd_unit_metric() -> None:
+@pytest.mark.parametrize("relative_damping", [0.0, 1e-2])
+def test_released_sngd_unit_metric(relative_damping: float) -> None:
     """structure="unit", variant="sngd": G = the released code's unit-wise metric + λI (UnitwiseFisher.to_dense)."""
     model, X, y, _, _ = problem("mlp")
-    net = reconstruct(model, (X, y), structure="unit", variant="sngd", damping=LAM)
-    struct = fisher(model, (X, y), structure="unit", variant="sngd")
+    opts = {"variant": "sngd", "relative_damping": relative_damping}
+    net = reconstruct(model, (X, y), structure="unit", damping=LAM, **opts)
+    struct = fisher(model, (X, y), structure="unit", **opts)
     G = struct.to_dense() + LAM * torch.eye(struct.spec.dim, dtype=DT)
     expected = -LR * torch.linalg.solve(G, mean_gradient(model, X, y))
     assert rel(net.gd_update((X, y), LR), expected) < 1e-9

@@ -81,6 +81,22 @@ def test_sngd_variant_matches_the_released_metric(problems):
         problem.fisher("true", "unit", variant="relative")
 
 
+def test_relative_damping_of_the_released_code(problems):
+    """relative_damping=ε gives B_i + ε tr(B_i) I (the released code inverts that plus ε₀ I = damping)."""
+    problem = problems("mlp")
+    eps = 1e-2
+    U = problem.fisher("empirical", "unit", variant="sngd", relative_damping=eps)
+    expected = sngd_reference(problem.model, problem.X, ["0", "2", "4"])
+    for layer, f in U.factors.items():
+        B = expected[layer]
+        eye = torch.eye(B.shape[-1], dtype=B.dtype)
+        ref.assert_close(f.blocks, B + eps * B.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None] * eye, RTOL,
+                         f"relatively damped SNGD metric, layer {layer}")
+    assert U.meta["relative_damping"] == eps
+    with pytest.raises(InputError, match="relative_damping"):
+        problem.fisher("true", "unit", relative_damping=-1.0)
+
+
 def test_operations_against_dense_and_ema(problems):
     problem = problems("cnn1d")
     U = problem.fisher("true", "unit")

@@ -20,7 +20,8 @@ row i only (Sun & Nielsen's relative Fisher of a neuron; Liu & Liu's SNGD, METHO
 
     The expectation is the mean over the N samples (the released code keeps an exponential moving average with
     decay 0.995 over minibatches — :mod:`fisherlab.structures.running` — and inverts (B + ε tr(B) I + ε₀ I) with
-    ε = 1e-4, ε₀ = 0 by default; pass ``damping`` to :meth:`UnitwiseFisher.solve` for the latter). It uses neither
+    ε = 1e-4, ε₀ = 0 by default: pass ``relative_damping=ε`` to build B + ε tr(B) I, and ``damping=ε₀`` to
+    :meth:`UnitwiseFisher.solve` or :func:`fisherlab.reconstruct.reconstruct`). It uses neither
     labels nor output gradients, so the Fisher kind is ignored. Convolutions have no SNGD metric and raise
     :class:`~fisherlab.errors.UnsupportedLayerError`.
 """
@@ -64,7 +65,7 @@ class UnitwiseFisher(LayerwiseFisher):
 
     @classmethod
     def from_engine(cls, engine: FisherEngine, *, variant: str = "exact", unsupported: str = "error",
-                    chunk_size: int | None = None) -> UnitwiseFisher:
+                    chunk_size: int | None = None, relative_damping: float = 0.0) -> UnitwiseFisher:
         """One pass over the data (see the module docstring for the two variants).
 
         Args:
@@ -72,6 +73,8 @@ class UnitwiseFisher(LayerwiseFisher):
             variant: ``"exact"`` or ``"sngd"``.
             unsupported: ``"error"`` or ``"block"`` (exact dense blocks for modules without a layer rule).
             chunk_size: Samples per chunk (default from the memory budget).
+            relative_damping: ε ≥ 0: each block becomes B_i + ε tr(B_i) I (the released SNGD code's relative
+                damping; a property of the metric, so running averages and reconstructions keep it).
 
         Raises:
             MemoryBudgetError: The blocks (Σ_layers out·width² numbers) exceed the memory budget.
@@ -79,6 +82,8 @@ class UnitwiseFisher(LayerwiseFisher):
         """
         if variant not in VARIANTS:
             raise InputError(f"unknown unit-wise variant {variant!r}; valid: {list(VARIANTS)}")
+        if not (isinstance(relative_damping, (int, float)) and relative_damping >= 0):
+            raise InputError(f"relative_damping must be a number ≥ 0; got {relative_damping!r}")
         setup = prepare_layers(engine, cls.structure, unsupported)
         layouts = setup.layouts
         sizes = sum(f.out_features * f.width ** 2 for f in layouts.values())
@@ -98,9 +103,14 @@ class UnitwiseFisher(LayerwiseFisher):
         else:
             _sngd_accumulate(engine, layouts, blocks, chunk_size)
         N = engine.num_samples
-        factors = {p: UnitBlocks(**vars_of(f), blocks=blocks[p] / N) for p, f in layouts.items()}
+        for B in blocks.values():
+            B /= N
+            if relative_damping:  # B_i + ε tr(B_i) I
+                B.diagonal(dim1=-2, dim2=-1).add_(relative_damping * B.diagonal(dim1=-2, dim2=-1).sum(-1, True))
+        factors = {p: UnitBlocks(**vars_of(f), blocks=blocks[p]) for p, f in layouts.items()}
         return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget,
-                   {**setup.meta, "variant": variant}, factors, setup.index, setup.exact_blocks)
+                   {**setup.meta, "variant": variant, "relative_damping": float(relative_damping)}, factors,
+                   setup.index, setup.exact_blocks)
 
     def _layer_matmat(self, f: UnitBlocks, X: Tensor) -> Tensor:
         return torch.einsum("oij,koj->koi", f.blocks, X)
