@@ -5,6 +5,9 @@ from F_l than KFAC (George et al. 2018) — and equals F_l wherever KFAC does (o
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import layer_reference as lref
 import pytest
 import reference as ref
@@ -92,6 +95,20 @@ def test_operations_against_dense(ekfac_cnn):
     ref.assert_close(E.solve(V, lam), torch.linalg.solve(D + lam * torch.eye(len(D), dtype=F64), V), 1e-9, "solve")
     with pytest.raises(SingularMatrixError, match="damping"):
         E.solve(V, 0.0)
+
+
+def test_damped_solve_of_a_wide_float32_block_is_not_refused(ekfac_cnn):
+    """Scalings with zeros and a large maximum: n·eps·max exceeds λ in float32, yet (D + λ)⁻¹ is an exact division."""
+    E = copy.deepcopy(ekfac_cnn)
+    f = next(iter(E.factors.values()))
+    scaling = torch.zeros_like(f.scaling)
+    scaling[0, 0] = 1e7
+    E.factors[f.layer] = dataclasses.replace(f, scaling=scaling)
+    V = torch.randn(E.spec.dim, 2, dtype=F64)
+    assert scaling.numel() * torch.finfo(torch.float32).eps * 1e7 > 1e-2
+    D = E.to_dense()
+    expected = torch.linalg.solve(D + 1e-2 * torch.eye(len(D), dtype=F64), V)
+    ref.assert_close(E.solve(V, 1e-2), expected, 1e-6, "damped solve")  # κ = 1e9: both agree to κ·eps
 
 
 def test_front_door_unsupported_block_and_chunking(problems):

@@ -123,7 +123,10 @@ class EKFACFisher(LayerwiseFisher):
     def _layer_solve(self, f: EKFACFactors, X: Tensor, damping: float) -> Tensor:
         denom = f.scaling + damping
         lo, hi = torch.stack([denom.min(), denom.abs().max()]).tolist()
-        threshold = denom.numel() * torch.finfo(denom.dtype).eps * hi
+        # the block is diagonal here, so a damped solve is an exact division: refuse only a (numerically) zero
+        # eigenvalue without damping, as damped_solve does — a relative threshold would refuse well-damped float32
+        # blocks of a wide layer (n·eps·max > λ)
+        threshold = denom.numel() * torch.finfo(denom.dtype).eps * hi if damping == 0 else 0.0
         if not lo > threshold:
             advice = "pass damping > 0" if damping == 0 else f"increase the damping (now {damping:g})"
             raise SingularMatrixError(f"the EKFAC block of layer {f.layer!r} + damping·I is not numerically "
