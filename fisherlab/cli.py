@@ -93,9 +93,8 @@ def cmd_spectra(args: argparse.Namespace) -> int:
     model, data = load_model_and_data(args.model, args.data, n_samples=args.n_samples, seed=args.seed,
                                       device=args.device, dtype=DTYPES[args.dtype])
     config = {"command": "spectra", "model": args.model, "data": args.data, "n_samples": args.n_samples,
-              "kinds": args.kinds, "dampings": args.dampings}
-    if args.slq:
-        config.update(slq=True, probes=args.probes, lanczos_steps=args.lanczos_steps)
+              "kinds": args.kinds, "dampings": args.dampings,
+              **({"slq": True, "probes": args.probes, "lanczos_steps": args.lanczos_steps} if args.slq else {})}
     out = Path(args.out)
     guard_output_folder(out, config, overwrite=args.overwrite)
     if args.slq:

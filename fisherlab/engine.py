@@ -310,8 +310,7 @@ class FisherEngine:
             if unknown:
                 raise InputError(f"unknown parameter names {unknown}; the engine has {list(self.spec.names)}")
             names = [n for n in self.spec.names if n in set(names)]
-        width = self.spec.dim if names is None else sum(self.spec.slice(n).stop - self.spec.slice(n).start
-                                                        for n in names)
+        width = self.spec.dim if names is None else len(self.spec.indices(names))
         scale = 1.0 / math.sqrt(self.num_samples)
         for x, y, labels in self.chunks(desc):
             with torch.no_grad():

@@ -86,6 +86,10 @@ class ParamSpec:
         i = self.names.index(name)
         return slice(self.offsets[i], self.offsets[i + 1])
 
+    def indices(self, names: Iterable[str]) -> Tensor:
+        """Flat indices (LongTensor) of the tensors ``names``, concatenated in the order given."""
+        return torch.cat([torch.arange(self.slice(n).start, self.slice(n).stop) for n in names])
+
     def layers(self) -> dict[str, tuple[str, ...]]:
         """Parameter names grouped by owning module, in order: ``{"layers.0": ("layers.0.weight", ...)}``."""
         groups: dict[str, list[str]] = {}
@@ -100,12 +104,9 @@ class ParamSpec:
             Mapping from block name to a LongTensor of flat indices (ascending).
         """
         if by == "tensor":
-            return {n: torch.arange(self.slice(n).start, self.slice(n).stop) for n in self.names}
+            return {n: self.indices([n]) for n in self.names}
         if by == "layer":
-            return {
-                layer: torch.cat([torch.arange(self.slice(n).start, self.slice(n).stop) for n in members])
-                for layer, members in self.layers().items()
-            }
+            return {layer: self.indices(members) for layer, members in self.layers().items()}
         raise InputError(f"unknown block grouping {by!r}; valid: 'tensor', 'layer'")
 
     def flatten(self, tensors: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:

@@ -62,6 +62,7 @@ def test_layers_and_blocks():
     assert layer_blocks["0"].tolist() == list(range(16)) and layer_blocks["3"].tolist() == list(range(22, 34))
     for blocks in (tensor_blocks, layer_blocks):
         assert torch.equal(torch.cat(list(blocks.values())), torch.arange(spec.dim))
+    assert spec.indices(["3.weight", "0.bias"]).tolist() == [*range(22, 34), 12, 13, 14, 15]  # the order given
     assert layer_of("2.0.weight") == "2.0" and layer_of("weight") == ""
     assert ParamSpec.from_model(GatedNet(4, 5, 2)).layers() == {"": ("weight", "log_scale"),
                                                                 "proj": ("proj.weight", "proj.bias")}

@@ -175,8 +175,7 @@ class ReconstructedNetwork(nn.Module):
         self.refreshes = 0
         self._stats: dict[str, dict[str, Tensor]] = {}
         self._basis: FisherMatrix | None = None  # EKFAC with a moving average: the structure of the fixed basis
-        self._index = {p.path: torch.cat([torch.arange(spec.slice(n).start, spec.slice(n).stop) for n in p.names])
-                       for p in self.plans}
+        self._index = {p.path: spec.indices(p.names) for p in self.plans}
         covered = torch.cat(list(self._index.values())).sort().values
         if not torch.equal(covered, torch.arange(spec.dim)):
             raise InputError("the local Fisher units do not cover every parameter exactly once")

@@ -45,8 +45,8 @@ class DiagonalFisher(FisherMatrix):
             d.zero_()
             rest = list(engine.spec.names)
         if rest:
-            index = torch.cat([torch.arange(engine.spec.slice(n).start, engine.spec.slice(n).stop)
-                               for n in engine.spec.names if n in set(rest)]).to(engine.device)
+            rest = [n for n in engine.spec.names if n in set(rest)]  # the column order of the factor rows
+            index = engine.spec.indices(rest).to(engine.device)
             for U in engine.iter_factor_rows(desc=f"diagonal {engine.kind.value} Fisher", names=rest):
                 d.index_add_(0, index, (U * U).sum(0))
         return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget,

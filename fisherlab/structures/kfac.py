@@ -21,7 +21,6 @@ Parameters of modules without a layer rule raise :class:`~fisherlab.errors.Unsup
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
@@ -195,10 +194,8 @@ def exact_blocks(engine: FisherEngine, groups: Mapping[str, Sequence[str]]) -> d
     The factor rows are those of the groups' parameters alone (their VJPs only, not all P columns).
     """
     names = [n for n in engine.spec.names if any(n in g for g in groups.values())]
-    sizes = {n: engine.spec.slice(n).stop - engine.spec.slice(n).start for n in names}
-    starts = dict(zip(names, [0, *itertools.accumulate(sizes.values())], strict=False))
-    index = {p: torch.cat([torch.arange(starts[n], starts[n] + sizes[n]) for n in g]).to(engine.device)
-             for p, g in groups.items()}
+    columns = engine.spec.indices(names)  # flat indices of the rows' columns, ascending
+    index = {p: torch.searchsorted(columns, engine.spec.indices(g)).to(engine.device) for p, g in groups.items()}
     engine.check_dense(sum(len(ix) ** 2 for ix in index.values()), 1, f"the exact blocks of {list(index)}")
     acc = {p: torch.zeros(len(ix), len(ix), dtype=engine.dtype, device=engine.device) for p, ix in index.items()}
     for U in engine.iter_factor_rows(desc="exact blocks of unsupported modules", names=names):
