@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import seaborn as sns
 import torch
 import xarray as xr
@@ -108,13 +107,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     configs = {f"batch_size={n}": {"batch_size": n, "seed": args.seed} for n in cfg.batch_sizes}
     done = run_sweep(configs, store, lambda c: measure_batch(c, cfg, args.seed))
     save_dataset(combine(list(done.values()), cfg.batch_sizes, cfg, args.seed), args.out / f"{NAME}.nc")
-    report.PLOTTERS[KIND], report.TABLES[KIND] = plot, table
-    path = report.build_report(args.out, title="Fidelity to exact NGD against damping and batch size",
-                               summary="Cosine similarity and Fisher-norm error of every update rule relative to "
-                                       "exact NGD, for each damping λ and batch size N (digits MLP at init).")
-    plt.close("all")
-    print(f"report: {path}")
-    return path
+    return report.finish_analysis(args.out, KIND, plot, table,
+                                  title="Fidelity to exact NGD against damping and batch size",
+                                  summary="Cosine similarity and Fisher-norm error of every update rule relative to "
+                                  "exact NGD, for each damping λ and batch size N (digits MLP at init).")
 
 
 if __name__ == "__main__":

@@ -140,13 +140,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     configs = {f"seed={s}": {"seed": s} for s in cfg.seeds}
     done = run_sweep(configs, ResultsStore(args.out / "store"), lambda c: run_one(c, cfg))
     save_dataset(combine({c["seed"]: done[k] for k, c in configs.items()}, cfg, args.seed), args.out / f"{NAME}.nc")
-    report.PLOTTERS[KIND], report.TABLES[KIND] = plot, table
-    path = report.build_report(args.out, title="Low-rank local Fisher layers",
-                               summary="Fidelity to exact NGD of GD on networks reconstructed with rank-k roots of "
-                                       "the KFAC factors (sqrt='lowrank'), against exact roots (METHOD.md §4).")
-    plt.close("all")
-    print(f"report: {path}")
-    return path
+    return report.finish_analysis(args.out, KIND, plot, table, title="Low-rank local Fisher layers",
+                                  summary="Fidelity to exact NGD of GD on networks reconstructed with rank-k roots of "
+                                  "the KFAC factors (sqrt='lowrank'), against exact roots (METHOD.md §4).")
 
 
 if __name__ == "__main__":

@@ -168,13 +168,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     configs = {f"step={s}": {"step": s, "seed": args.seed} for s in theta}
     done = run_sweep(configs, ResultsStore(args.out / "store"), lambda c: spectra_at(c, model, data, theta, cfg))
     save_dataset(combine(list(done.values()), list(theta), cfg, args.seed), args.out / f"{NAME}.nc")
-    report.PLOTTERS[KIND], report.TABLES[KIND] = plot, table
-    path = report.build_report(args.out, title="Fisher spectra during training",
-                               summary="Spectra of the true, Monte-Carlo and empirical Fisher of the digits MLP at "
-                                       "several points of an Adam run, and their distance to the true Fisher.")
-    plt.close("all")
-    print(f"report: {path}")
-    return path
+    return report.finish_analysis(args.out, KIND, plot, table, title="Fisher spectra during training",
+                                  summary="Spectra of the true, Monte-Carlo and empirical Fisher of the digits MLP at "
+                                  "several points of an Adam run, and their distance to the true Fisher.")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import seaborn as sns
 import torch
 import xarray as xr
@@ -124,13 +123,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     done = run_sweep(configs, ResultsStore(args.out / "store"), lambda c: run_one(c, cfg, args.seed))
     parts = {(c["train_method"], c["refresh_every"]): done[k] for k, c in configs.items()}
     save_dataset(combine(parts, cfg, args.seed), args.out / f"{NAME}.nc")
-    report.PLOTTERS[KIND], report.TABLES[KIND] = plot, table
-    path = report.build_report(args.out, title="Staleness of reconstructed networks",
-                               summary="How closely GD on a reconstructed network tracks exact NGD as its metric "
-                                       "G goes stale between refreshes (METHOD.md §4, invariant 4).")
-    plt.close("all")
-    print(f"report: {path}")
-    return path
+    return report.finish_analysis(args.out, KIND, plot, table, title="Staleness of reconstructed networks",
+                                  summary="How closely GD on a reconstructed network tracks exact NGD as its metric "
+                                  "G goes stale between refreshes (METHOD.md §4, invariant 4).")
 
 
 if __name__ == "__main__":

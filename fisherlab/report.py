@@ -108,6 +108,20 @@ def start_analysis(name: str, description: str, argv: Sequence[str] | None, *, f
     return args, cfg
 
 
+def finish_analysis(out: Path, kind: str, plot: Callable[[xr.Dataset], list[Figure]],
+                    table: Callable[[xr.Dataset], Table], *, title: str, summary: str) -> Path:
+    """End of a script in ``analyses/``: register its figures and table for ``kind``, write ``out/report.html``.
+
+    Returns:
+        The report path (also printed).
+    """
+    PLOTTERS[kind], TABLES[kind] = plot, table
+    path = build_report(out, title=title, summary=summary)
+    plt.close("all")
+    print(f"report: {path}")
+    return path
+
+
 # --------------------------------------------------------------------------------------------- plotters
 def _fmt(x: float) -> str:
     return f"{x:.3g}" if np.isfinite(x) else str(x)
