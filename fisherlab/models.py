@@ -23,9 +23,11 @@ and initialises parameters from a seed without touching the global random state.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -46,6 +48,7 @@ __all__ = [
     "ResNet",
     "build_model",
     "reference_mlp",
+    "seeded_init",
 ]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -379,12 +382,13 @@ def build_model(
     given explicitly override inferred values. Defaults beyond the class signatures: ``widths=(32, 32)``
     for ``mlp`` and ``hidden_size=32`` for ``lstm``.
 
-    Parameters are initialised on the CPU in float32 by PyTorch's default initialisers, inside
-    ``torch.random.fork_rng`` with the CPU generator seeded by ``seed``; the caller's global RNG state is
-    restored afterwards (CUDA generators are never touched). The model is then moved to ``device`` and
-    cast to ``dtype``, so a float64 model is the exact upcast of the float32 model with the same seed,
-    and the same seed gives the same parameters on every device. The model is returned in training mode
-    (PyTorch's default); call ``.eval()`` before Fisher computations (required for ``resnet``).
+    Parameters are initialised by PyTorch's default initialisers inside :func:`seeded_init` (on the CPU, in
+    float32 whatever ``torch.get_default_dtype()`` and the default device are, from the CPU generator seeded
+    by ``seed``; the caller's global RNG state and default dtype are restored afterwards, CUDA generators are
+    never touched). The model is then moved to ``device`` and cast to ``dtype``, so a float64 model is the
+    exact upcast of the float32 model with the same seed, and the same seed gives the same parameters on every
+    device and under every default dtype. The model is returned in training mode (PyTorch's default); call
+    ``.eval()`` before Fisher computations (required for ``resnet``).
 
     Args:
         name: One of :data:`MODELS`: ``"mlp"``, ``"cnn"``, ``"lstm"``, ``"resnet"``.
@@ -424,10 +428,35 @@ def build_model(
         raise InputError(
             f"build_model({name!r}): missing argument(s) {missing}; pass data= or give them as keywords"
         )
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
+    with seeded_init(seed):
         model = cls(**merged)
     return model.to(device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Context in which module constructors draw reproducible parameters from ``seed``.
+
+    Inside it, new tensors are created on the CPU in float32 (whatever ``torch.get_default_dtype()`` and
+    ``torch.set_default_device`` say outside) and the CPU generator is seeded by ``seed``. On exit the global
+    RNG state and the default dtype are restored. Cast the module afterwards (``module.to(dtype=...)``): the
+    same seed then gives the same weights under every default dtype, and a float64 module is the exact upcast
+    of the float32 one. The default dtype is process-global while the context is open, so do not construct
+    modules in other threads meanwhile.
+
+    Raises:
+        InputError: If ``seed`` is not an int.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise InputError(f"seed must be an int, got {seed!r}")
+    previous = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.default_generator.manual_seed(int(seed))
+        torch.set_default_dtype(torch.float32)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(previous)
 
 
 def reference_mlp(

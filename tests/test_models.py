@@ -87,6 +87,39 @@ def test_seeded_construction(datasets, name, key):
             assert torch.equal(v, sa[k].double())
 
 
+
+@pytest.mark.parametrize(("name", "key"), CASES)
+def test_seeded_construction_ignores_the_default_dtype(datasets, name, key):
+    d = datasets[key]
+    reference = M.build_model(name, d, seed=3).state_dict()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        a = M.build_model(name, d, seed=3).state_dict()
+        a64 = M.build_model(name, d, seed=3, dtype=torch.float64).state_dict()
+        assert torch.get_default_dtype() == torch.float64  # the caller's default is restored
+    finally:
+        torch.set_default_dtype(previous)
+    for k, v in reference.items():
+        assert a[k].dtype == v.dtype and torch.equal(a[k], v)
+        if v.is_floating_point():
+            assert torch.equal(a64[k], v.double())
+
+
+def test_seeded_weights_are_the_float32_draws_of_the_seed():
+    # independent reference: nn.Linear's default init of a (32, 64) weight is U(-1/8, 1/8) (kaiming_uniform_ with
+    # a = sqrt(5) and fan_in 64), drawn in float32 from a generator seeded by the seed
+    expected = torch.empty(32, 64).uniform_(-1 / 8, 1 / 8, generator=torch.Generator().manual_seed(7))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = M.build_model("mlp", seed=7, in_features=64, out_features=10, dtype=torch.float64)
+    finally:
+        torch.set_default_dtype(previous)
+    torch.testing.assert_close(model.layers[0].weight, expected.double(), rtol=0, atol=0)
+    with pytest.raises(InputError, match="seed"):
+        M.build_model("mlp", seed=1.5, in_features=3, out_features=2)
+
 def _per_sample(model, params_and_buffers):
     def f(x):
         return functional_call(model, params_and_buffers, (x.unsqueeze(0),)).squeeze(0)
