@@ -24,13 +24,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import xarray as xr
 
-from fisherlab.errors import InputError
-from fisherlab.results import load_dataset, save_dataset
-from fisherlab.testing import DEFAULT_TOLERANCE, Tolerance, assert_dataset_close
+if TYPE_CHECKING:  # the plugin loads in every pytest run: torch, xarray and fisherlab come only with the fixture
+    import xarray as xr
+
+    from fisherlab.testing import Tolerance
 
 UPDATE_OPTION = "--fisherlab-update-golden"
 UPDATE_DEST = "fisherlab_update_golden"
@@ -53,6 +54,8 @@ class GoldenStore:
     def path(self, name: str) -> Path:
         """The file of golden Dataset ``name`` (letters, digits, ``-``, ``_``, ``.`` only)."""
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name) or name.startswith("."):
+            from fisherlab.errors import InputError
+
             raise InputError(f"golden name must use letters, digits, '-', '_', '.' only; got {name!r}")
         return self.directory / f"{name}.nc"
 
@@ -62,10 +65,13 @@ class GoldenStore:
         dataset: xr.Dataset,
         tolerances: Mapping[str, Tolerance] | None = None,
         *,
-        default: tuple[float, float] = DEFAULT_TOLERANCE,
+        default: tuple[float, float] | None = None,
         check_attrs: Iterable[str] = (),
     ) -> Path:
         """Compare ``dataset`` with the golden file ``name`` (or write it in update mode).
+
+        ``tolerances``, ``default`` (None: :data:`fisherlab.testing.DEFAULT_TOLERANCE`) and ``check_attrs`` are
+        those of :func:`~fisherlab.testing.assert_dataset_close`.
 
         Returns:
             The golden file's path.
@@ -74,6 +80,9 @@ class GoldenStore:
             AssertionError: If the Datasets differ (the diff of :func:`~fisherlab.testing.assert_dataset_close`),
                 or the golden file does not exist (with the command that creates it).
         """
+        from fisherlab.results import load_dataset, save_dataset
+        from fisherlab.testing import DEFAULT_TOLERANCE, assert_dataset_close
+
         path = self.path(name)
         if self.update:
             save_dataset(dataset, path)
@@ -81,7 +90,8 @@ class GoldenStore:
         if not path.is_file():
             raise AssertionError(f"golden Dataset {path} does not exist; create it with "
                                  f"`python -m pytest <this test file> {UPDATE_OPTION}`")
-        assert_dataset_close(dataset, load_dataset(path), tolerances, default=default, check_attrs=check_attrs)
+        assert_dataset_close(dataset, load_dataset(path), tolerances,
+                             default=DEFAULT_TOLERANCE if default is None else default, check_attrs=check_attrs)
         return path
 
 
