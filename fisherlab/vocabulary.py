@@ -1,0 +1,126 @@
+"""The vocabulary: every closed option set of fisherlab as a ``str`` Enum, and the one table of structures.
+
+The same words name the same concepts in the docs (``docs/method.md``), in function arguments, on the command
+line and in the coordinates of results Datasets. Every enum member *is* its string (``FisherKind.TRUE == "true"``),
+so users may pass either; :func:`fisherlab.checks.parse_enum` turns a string into a member with an
+:class:`~fisherlab.errors.InputError` that lists the valid values.
+
+Structures (:data:`STRUCTURE_TABLE`) — how a Fisher F is stored or approximated, and the metric G a
+reconstructed network uses:
+
+===========  =====================================================  ======  ===========  ========
+structure    G                                                      fisher  reconstruct  geometry
+===========  =====================================================  ======  ===========  ========
+``dense``    F itself, P×P (exact NGD; the global local Fisher       yes     yes          yes
+             layer)
+``block``    one dense block per layer (``by="layer"``, default)     yes     yes          yes
+             or per parameter tensor (``by="tensor"``)
+``diag``     diag(F)                                                 yes     yes          yes
+``implicit`` F, products F·v only (never formed)                     yes     no           no
+``kfac``     S ⊗ A per Linear/Conv layer (Kronecker factors)         yes     yes          yes
+``input``    A ⊗ I per Linear/Conv layer (input whitening only)      no      yes          yes
+``ekfac``    KFAC eigenbasis with re-fitted diagonal scaling         yes     yes          yes
+``unit``     one dense block per output unit (row of [W, b])         yes     yes          yes
+``lowrank``  top-k eigenpairs (Nyström) plus damping                 yes     no           no
+===========  =====================================================  ======  ===========  ========
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class FisherKind(str, Enum):
+    """Which Fisher.
+
+    The true Fisher (closed-form expectation over the model's labels), the Monte-Carlo Fisher (sampled labels),
+    the empirical Fisher (observed labels) or the generalized Gauss-Newton matrix.
+    """
+
+    TRUE = "true"
+    MC = "mc"
+    EMPIRICAL = "empirical"
+    GGN = "ggn"
+
+
+#: The former name of :class:`FisherKind` (same class).
+FisherType = FisherKind
+
+
+class Structure(str, Enum):
+    """How a Fisher is stored or approximated (module docstring table)."""
+
+    DENSE = "dense"
+    BLOCK = "block"
+    DIAG = "diag"
+    IMPLICIT = "implicit"
+    KFAC = "kfac"
+    INPUT = "input"
+    EKFAC = "ekfac"
+    UNIT = "unit"
+    LOWRANK = "lowrank"
+
+
+class BlockBy(str, Enum):
+    """What one block of the block-diagonal structure covers: a layer (module) or a parameter tensor."""
+
+    LAYER = "layer"
+    TENSOR = "tensor"
+
+
+class RootMethod(str, Enum):
+    """How a reconstructed network computes its root R (θ' = Rθ, RᵀR = G).
+
+    ``eigh``, ``denman_beavers``, ``newton_schulz``: the symmetric root G^{1/2}; ``cholesky``: R = Lᵀ with
+    G = LLᵀ (the same NGD steps, cheaper refreshes); ``lowrank``: every wide Kronecker factor replaced by its top-k
+    eigen-part plus mean remainder (a different G).
+    """
+
+    EIGH = "eigh"
+    DENMAN_BEAVERS = "denman_beavers"
+    NEWTON_SCHULZ = "newton_schulz"
+    CHOLESKY = "cholesky"
+    LOWRANK = "lowrank"
+
+
+@dataclass(frozen=True)
+class StructureInfo:
+    """One row of :data:`STRUCTURE_TABLE`.
+
+    Attributes:
+        fisher: The :func:`fisherlab.fisher` structure G is computed from (None: not a ``fisher`` structure of
+            its own).
+        options: Options that structure is built with for this row (e.g. ``input`` is KFAC's input side).
+        reconstructible: Whether :func:`fisherlab.reconstruct` rebuilds a network with it (and so whether an
+            ``sngd-<structure>`` rule and a geometry entry exist).
+    """
+
+    fisher: Structure | None
+    options: dict[str, Any] = field(default_factory=dict)
+    reconstructible: bool = False
+
+
+#: Structure → how fisher / reconstruct / the rules / geometry use it. The one table: every list of structure
+#: names in fisherlab is derived from it.
+STRUCTURE_TABLE: dict[Structure, StructureInfo] = {
+    Structure.DENSE: StructureInfo(Structure.DENSE, reconstructible=True),
+    Structure.BLOCK: StructureInfo(Structure.BLOCK, {"by": BlockBy.LAYER.value}, reconstructible=True),
+    Structure.DIAG: StructureInfo(Structure.DIAG, reconstructible=True),
+    Structure.IMPLICIT: StructureInfo(Structure.IMPLICIT),
+    Structure.KFAC: StructureInfo(Structure.KFAC, reconstructible=True),
+    Structure.INPUT: StructureInfo(Structure.KFAC, reconstructible=True),
+    Structure.EKFAC: StructureInfo(Structure.EKFAC, reconstructible=True),
+    Structure.UNIT: StructureInfo(Structure.UNIT, reconstructible=True),
+    Structure.LOWRANK: StructureInfo(Structure.LOWRANK),
+}
+
+#: Structures :func:`fisherlab.reconstruct` accepts, in table order.
+RECONSTRUCTIBLE: tuple[str, ...] = tuple(s.value for s, info in STRUCTURE_TABLE.items() if info.reconstructible)
+
+#: Deprecated spellings → the name that replaced them.
+STRUCTURE_ALIASES: dict[str, str] = {"full": "dense"}
+
+__all__ = ["RECONSTRUCTIBLE", "STRUCTURE_ALIASES", "STRUCTURE_TABLE", "BlockBy", "FisherKind", "FisherType",
+           "RootMethod", "Structure", "StructureInfo"]
