@@ -4,10 +4,10 @@ Problem: the digits reference MLP (64-32-32-10 tanh, 3,466 parameters, float64) 
 on the first N training samples of the digits split for N in 64, 256, 1024. At each N every rule of
 :data:`fisherlab.fidelity.DEFAULT_RULES` (GD, Adam, exact NGD with the true / MC / empirical Fisher, block, KFAC,
 EKFAC, unit-wise, diagonal and low-rank preconditioners, and GD on the reconstructed networks ``sngd-*``;
-``sngd-full`` is left out: it is exact NGD by invariant 3 and costs a dense 3,466² eigendecomposition per λ) is
+``sngd-dense`` is left out: it is exact NGD by invariant 3 and costs a dense 3,466² eigendecomposition per λ) is
 compared with exact NGD −η (F + λI)⁻¹ ∇L on the same batch (:func:`fisherlab.fidelity.evaluate_fidelity`) for
 λ in 1e-4 … 1e-1 and η = 0.1. Output: ``fidelity_vs_damping_batch.nc`` (kind ``fidelity_batch``; dims
-``method``, ``damping``, ``batch_size``, ``layer``), one finished batch size per file under ``store/`` (a rerun
+``rule``, ``damping``, ``batch_size``, ``layer``), one finished batch size per file under ``store/`` (a rerun
 resumes), figures and ``report.html``.
 
 Run time on this machine (2 shared CPU cores under load, ``--threads 1``), full mode: 110 s measured; ``--quick``:
@@ -48,7 +48,7 @@ class Config:
     widths: tuple[int, ...] = (32, 32)
     batch_sizes: tuple[int, ...] = (64, 256, 1024)
     dampings: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
-    rules: tuple[str, ...] = tuple(r for r in DEFAULT_RULES if r != "sngd-full")
+    rules: tuple[str, ...] = tuple(r for r in DEFAULT_RULES if r != "sngd-dense")
     lr: float = 0.1
     mc_samples: int = 1
 
@@ -84,7 +84,7 @@ def plot(ds: xr.Dataset) -> list[report.Figure]:
     figs = []
     for var, log in (("cosine", False), ("fisher_rel_error", True)):
         df = ds[var].to_dataframe().reset_index()
-        g = sns.relplot(df, x="damping", y=var, hue="method", col="batch_size", kind="line", marker="o",
+        g = sns.relplot(df, x="damping", y=var, hue="rule", col="batch_size", kind="line", marker="o",
                         height=3.4)
         g.set(xscale="log", yscale="log" if log else "linear")
         g.figure.suptitle(f"{ds[var].attrs.get('long_name', var)} against damping and batch size", y=1.03)
@@ -95,8 +95,8 @@ def plot(ds: xr.Dataset) -> list[report.Figure]:
 def table(ds: xr.Dataset) -> report.Table:
     """Cosine to exact NGD per rule (rows) and (batch size, λ) (columns)."""
     cols = [(int(n), float(d)) for n in ds.batch_size.values for d in ds.damping.values]
-    cos = ds.cosine.transpose("method", "batch_size", "damping").values.reshape(ds.sizes["method"], -1)
-    rows = [[m, *[f"{c:.3f}" for c in row]] for m, row in zip(ds.method.values, cos, strict=True)]
+    cos = ds.cosine.transpose("rule", "batch_size", "damping").values.reshape(ds.sizes["rule"], -1)
+    rows = [[m, *[f"{c:.3f}" for c in row]] for m, row in zip(ds.rule.values, cos, strict=True)]
     return (["rule", *[f"N={n}, λ={d:g}" for n, d in cols]], rows)
 
 

@@ -7,7 +7,7 @@ reconstructed with KFAC factors and exact roots (``sngd-kfac``), the same with e
 by its top-k eigen-part plus mean remainder (``sngd-kfac-r<k>``, ``sqrt="lowrank"``, k in 4, 8, 16, 32), and GD
 and the diagonal preconditioner as floors. The low-rank roots cost O(n·k) per row instead of O(n²)
 (benchmarks/bench_reconstruct.py measures the step times). Output: ``lowrank_roots.nc`` (kind ``lowrank_roots``;
-dims ``seed``, ``method``, ``damping``, ``layer``; coordinate ``root_rank`` per method, 0 where no low-rank root
+dims ``seed``, ``rule``, ``damping``, ``layer``; coordinate ``root_rank`` per rule, 0 where no low-rank root
 is used), one finished seed per file under ``store/`` (a rerun resumes), figures and ``report.html``.
 
 Seen (mean over seeds 0–2, cosine to exact NGD at λ = 1e-3 / 1e-2 / 1e-1): exact roots 0.660 / 0.890 / 0.972;
@@ -37,9 +37,10 @@ from fisherlab import report
 from fisherlab.data import load_digits
 from fisherlab.fidelity import evaluate_fidelity, run_sweep
 from fisherlab.fidelity.evaluate import fidelity_dataset
-from fisherlab.fidelity.rules import RULES, reconstructed_rule, register_rule
+from fisherlab.fidelity.rules import ReconstructedGD
 from fisherlab.models import build_model
 from fisherlab.results import ResultsStore, save_dataset
+from fisherlab.vocabulary import RootMethod, Structure
 
 NAME = "lowrank_roots"
 KIND = "lowrank_roots"
@@ -64,15 +65,12 @@ FULL = Config()
 QUICK = Config(widths=(8,), samples=32, ranks=(1, 2), dampings=(1e-2,), seeds=(0,))
 
 
-def rank_rule(k: int) -> str:
-    """The name of GD on the network reconstructed with rank-k KFAC roots (registered on first use)."""
-    name = f"sngd-kfac-r{k}"
-    if name not in RULES:
-        register_rule(name, reconstructed_rule("kfac", sqrt="lowrank", root_rank=k))
-    return name
+def rank_rule(k: int) -> ReconstructedGD:
+    """GD on the network reconstructed with rank-k KFAC roots."""
+    return ReconstructedGD(f"sngd-kfac-r{k}", Structure.KFAC, RootMethod.LOWRANK, {"root_rank": k})
 
 
-def rules(cfg: Config) -> list[str]:
+def rules(cfg: Config) -> list[str | ReconstructedGD]:
     """Rules in table order: exact-root KFAC, the ranks from largest to smallest, the floors."""
     return ["sngd-kfac", *[rank_rule(k) for k in sorted(cfg.ranks, reverse=True)], *cfg.floors]
 
@@ -91,11 +89,11 @@ def run_one(config: Mapping[str, Any], cfg: Config) -> xr.Dataset:
 def combine(parts: Mapping[int, xr.Dataset], cfg: Config, seed: int) -> xr.Dataset:
     """The seeds stacked along a new dim ``seed``, with the rank of each method as a coordinate."""
     stacked = xr.concat([parts[s].drop_attrs() for s in cfg.seeds], dim="seed", combine_attrs="drop")
-    ranks = {rank_rule(k): k for k in cfg.ranks}
+    ranks = {rank_rule(k).name: k for k in cfg.ranks}
     coords = {**{k: v.values for k, v in stacked.coords.items()}, "seed": list(cfg.seeds)}
     ds = fidelity_dataset(KIND, {k: (v.dims, v.values) for k, v in stacked.data_vars.items()}, coords,
                           config=dataclasses.asdict(cfg), seed=seed, device="cpu", dtype="float64")
-    ds = ds.assign_coords(root_rank=("method", [ranks.get(str(m), 0) for m in ds.method.values]))
+    ds = ds.assign_coords(root_rank=("rule", [ranks.get(str(m), 0) for m in ds.rule.values]))
     ds["root_rank"].attrs.update(long_name="rank k of the low-rank factor roots (0: none)", units="1")
     ds["seed"].attrs.update(long_name="initialisation seed", units="1")
     return ds
@@ -108,10 +106,10 @@ def _frame(ds: xr.Dataset) -> Any:
 def plot(ds: xr.Dataset) -> list[report.Figure]:
     """Cosine to exact NGD against the rank k of the roots, one line per damping, exact-root KFAC dashed."""
     df = _frame(ds)
-    lowrank = df[df.method.str.startswith("sngd-kfac-r")].copy()
-    lowrank["rank"] = lowrank.method.str.removeprefix("sngd-kfac-r").astype(int)
+    lowrank = df[df.rule.str.startswith("sngd-kfac-r")].copy()
+    lowrank["rank"] = lowrank.rule.str.removeprefix("sngd-kfac-r").astype(int)
     lowrank["λ"] = lowrank.damping.map(lambda v: f"{v:g}")
-    exact = df[df.method == "sngd-kfac"].groupby("damping").cosine.mean()
+    exact = df[df.rule == "sngd-kfac"].groupby("damping").cosine.mean()
     colors = dict(zip([f"{v:g}" for v in exact.index], sns.color_palette("viridis", len(exact)), strict=True))
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     sns.lineplot(lowrank, x="rank", y="cosine", hue="λ", marker="o", palette=colors, ax=ax)
@@ -127,10 +125,10 @@ def plot(ds: xr.Dataset) -> list[report.Figure]:
 def table(ds: xr.Dataset) -> report.Table:
     """Mean cosine to exact NGD over seeds (± spread), rules × dampings."""
     mean, spread = ds.cosine.mean("seed"), ds.cosine.max("seed") - ds.cosine.min("seed")
-    header = ["method", *[f"λ={lam:g}" for lam in ds.damping.values]]
-    rows = [[str(m), *[f"{float(mean.sel({'method': m, 'damping': lam})):.4f} "
-                       f"(±{float(spread.sel({'method': m, 'damping': lam})) / 2:.4f})" for lam in ds.damping.values]]
-            for m in ds.method.values]
+    header = ["rule", *[f"λ={lam:g}" for lam in ds.damping.values]]
+    rows = [[str(m), *[f"{float(mean.sel({'rule': m, 'damping': lam})):.4f} "
+                       f"(±{float(spread.sel({'rule': m, 'damping': lam})) / 2:.4f})" for lam in ds.damping.values]]
+            for m in ds.rule.values]
     return header, rows
 
 

@@ -72,7 +72,7 @@ QUICK = Config(widths=(8,), steps=20, checkpoint_every=10, fisher_samples=32)
 
 
 def checkpoints(model: nn.Module, data: SplitData, cfg: Config, seed: int) -> tuple[dict[int, Tensor], np.ndarray]:
-    """Replay ``train(method="adam")``: parameter vectors (P,) at the checkpoint steps and the batch losses.
+    """Replay ``train(rule="adam")``: parameter vectors (P,) at the checkpoint steps and the batch losses.
 
     Same optimiser (``torch.optim.Adam``, defaults but η), minibatch order (epoch e in the order of
     ``iterate_minibatches(..., seed + e)``) and loss as :func:`fisherlab.train.train`.
@@ -105,7 +105,7 @@ def spectra_at(config: Mapping[str, Any], model: nn.Module, data: SplitData, the
     torch.nn.utils.vector_to_parameters(theta[int(config["step"])], work.parameters())
     n = cfg.fisher_samples
     return fisher_spectra(work, (data.X_train[:n], data.y_train[:n]), kinds=cfg.kinds,
-                          structure_names=cfg.structures, dampings=cfg.dampings, mc_samples=cfg.mc_samples,
+                          structures=cfg.structures, damping=cfg.dampings, mc_samples=cfg.mc_samples,
                           seed=int(config["seed"]), dtype=torch.float64, progress=False,
                           config={"step": int(config["step"])})
 
@@ -124,17 +124,17 @@ def combine(parts: Sequence[xr.Dataset], steps: Sequence[int], cfg: Config, seed
 def plot(ds: xr.Dataset) -> list[report.Figure]:
     """Dense spectra per Fisher kind at each checkpoint; distance to the true Fisher and trace against step."""
     df = ds.eigenvalue.sel(structure=ds.structure.values[0]).to_dataframe().reset_index()
-    top = df.groupby(["step", "fisher_kind"]).eigenvalue.transform("max")
+    top = df.groupby(["step", "kind"]).eigenvalue.transform("max")
     df = df[df.eigenvalue > 1e-12 * top]
-    df["rank"] = df.groupby(["step", "fisher_kind"]).eig.transform(lambda s: s.max() - s + 1)
-    g = sns.relplot(df, x="rank", y="eigenvalue", hue="step", col="fisher_kind", kind="line", height=3.4,
+    df["rank"] = df.groupby(["step", "kind"]).eig.transform(lambda s: s.max() - s + 1)
+    g = sns.relplot(df, x="rank", y="eigenvalue", hue="step", col="kind", kind="line", height=3.4,
                     palette="viridis")
     g.set(xscale="log", yscale="log")
     g.figure.suptitle(f"{ds.structure.values[0]} Fisher spectra during training (descending)", y=1.03)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, var in zip(axes, ("rel_frobenius_to_true", "trace"), strict=True):
         sub = ds[var].to_dataframe().reset_index()
-        sns.lineplot(sub, x="step", y=var, hue="fisher_kind", style="structure", marker="o", ax=ax)
+        sns.lineplot(sub, x="step", y=var, hue="kind", style="structure", marker="o", ax=ax)
         ax.set(yscale="log", title=ds[var].attrs.get("long_name", var))
     fig.tight_layout()
     return [("spectra", g.figure), ("distance_and_trace", fig)]
@@ -145,8 +145,8 @@ def table(ds: xr.Dataset) -> report.Table:
     s = ds.structure.values[0]
     rows = []
     for step in ds.step.values:
-        for kind in ds.fisher_kind.values:
-            sel = ds.sel({"step": step, "fisher_kind": kind, "structure": s})
+        for kind in ds.kind.values:
+            sel = ds.sel({"step": step, "kind": kind, "structure": s})
             rows.append([int(step), kind, f"{float(sel.eigenvalue.max()):.3g}", f"{float(sel.trace):.3g}",
                          f"{float(sel.rel_frobenius_to_true):.3g}",
                          *[f"{float(c):.3g}" for c in sel.condition_number.values]])
@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args, cfg = report.start_analysis(NAME, __doc__.splitlines()[0], argv, full=FULL, quick=QUICK)
     data = load_digits(seed=0, dtype=torch.float64)
     model = build_model("mlp", data, seed=args.seed, dtype=torch.float64, widths=cfg.widths).eval()
-    log = train(model, data, method="adam", lr=cfg.lr, steps=cfg.steps, batch_size=cfg.batch_size, seed=args.seed,
+    log = train(model, data, rule="adam", lr=cfg.lr, steps=cfg.steps, batch_size=cfg.batch_size, seed=args.seed,
                 eval_every=cfg.checkpoint_every, progress=False)
     save_dataset(log, args.out / "training.nc")
     theta, losses = checkpoints(model, data, cfg, args.seed)

@@ -3,10 +3,10 @@
 Problem: a digits MLP (64-16-10 tanh, 1,210 parameters, float64, initialised with ``--seed``), full batch of the
 first 256 training samples. It is trained for 30 steps by plain GD (η = 0.1) on the network reconstructed with
 the ``kfac`` and the ``block`` structure (λ = 1e-2) whose metric G is refreshed every R ∈ {1, 5, 20} steps
-(:func:`fisherlab.fidelity.fidelity_trajectory` with ``train_method="sngd-<structure>"``). At every step the
-update the training actually takes (method ``train``, G possibly stale) and the fresh KFAC and block-NGD updates
+(:func:`fisherlab.fidelity.fidelity_trajectory` with ``train_rule="sngd-<structure>"``). At every step the
+update the training actually takes (rule ``train``, G possibly stale) and the fresh KFAC and block-NGD updates
 are compared with exact NGD at the current parameters. Output: ``staleness.nc`` (kind ``staleness``; dims
-``train_method``, ``refresh_every``, ``step``, ``method``, ``damping``, ``layer``, with ``steps_since_refresh``),
+``train_rule``, ``refresh_every``, ``step``, ``rule``, ``damping``, ``layer``, with ``steps_since_refresh``),
 one finished (structure, R) per file under ``store/`` (a rerun resumes), figures and ``report.html``.
 Seen with seed 0: fidelity does not decay monotonically; for the block structure the mean cosine falls from 0.93
 just after a refresh to 0.69 four steps later (R = 20), then recovers as training slows down; KFAC moves less
@@ -39,7 +39,7 @@ from fisherlab.results import ResultsStore, save_dataset
 
 NAME = "staleness"
 KIND = "staleness"
-#: Name of the measured training update in the combined Dataset (``train:<train_method>`` in each part).
+#: Name of the measured training update in the combined Dataset (``train:<train_rule>`` in each part).
 TRAIN = "train"
 
 
@@ -49,7 +49,7 @@ class Config:
 
     widths: tuple[int, ...] = (16,)
     samples: int = 256
-    train_methods: tuple[str, ...] = ("sngd-kfac", "sngd-block")
+    train_rules: tuple[str, ...] = ("sngd-kfac", "sngd-block")
     refresh_every: tuple[int, ...] = (1, 5, 20)
     steps: int = 30
     rules: tuple[str, ...] = ("kfac", "block-ngd")
@@ -62,23 +62,23 @@ QUICK = Config(widths=(4,), samples=32, refresh_every=(1, 3), steps=4)
 
 
 def run_one(config: Mapping[str, Any], cfg: Config, seed: int) -> xr.Dataset:
-    """The fidelity trajectory of one (train_method, refresh_every); the training update renamed ``train``."""
+    """The fidelity trajectory of one (train_rule, refresh_every); the training update renamed ``train``."""
     data = load_digits(seed=0, dtype=torch.float64)
     model = build_model("mlp", data, seed=seed, dtype=torch.float64, widths=cfg.widths).eval()
     n = cfg.samples
-    ds = fidelity_trajectory(model, (data.X_train[:n], data.y_train[:n]), train_method=config["train_method"],
+    ds = fidelity_trajectory(model, (data.X_train[:n], data.y_train[:n]), train_rule=config["train_rule"],
                              steps=cfg.steps, every=1, rules=cfg.rules, damping=cfg.damping, lr=cfg.lr,
                              refresh_every=int(config["refresh_every"]), seed=seed, progress=False,
                              config={"widths": list(cfg.widths), "samples": n})
-    return ds.assign_coords(method=[TRAIN if str(m).startswith("train:") else str(m) for m in ds.method.values])
+    return ds.assign_coords(rule=[TRAIN if str(m).startswith("train:") else str(m) for m in ds.rule.values])
 
 
 def combine(parts: Mapping[tuple[str, int], xr.Dataset], cfg: Config, seed: int) -> xr.Dataset:
-    """The trajectories stacked along new dims ``train_method`` and ``refresh_every``."""
+    """The trajectories stacked along new dims ``train_rule`` and ``refresh_every``."""
     rows = [xr.concat([parts[m, r].drop_attrs() for r in cfg.refresh_every], dim="refresh_every",
-                      combine_attrs="drop") for m in cfg.train_methods]
-    stacked = xr.concat(rows, dim="train_method", combine_attrs="drop")
-    coords = {**{k: v.values for k, v in stacked.coords.items()}, "train_method": list(cfg.train_methods),
+                      combine_attrs="drop") for m in cfg.train_rules]
+    stacked = xr.concat(rows, dim="train_rule", combine_attrs="drop")
+    coords = {**{k: v.values for k, v in stacked.coords.items()}, "train_rule": list(cfg.train_rules),
               "refresh_every": list(cfg.refresh_every)}
     ds = fidelity_dataset(KIND, {k: (v.dims, v.values) for k, v in stacked.data_vars.items()}, coords,
                           config=dataclasses.asdict(cfg), seed=seed, device="cpu", dtype="float64")
@@ -88,19 +88,19 @@ def combine(parts: Mapping[tuple[str, int], xr.Dataset], cfg: Config, seed: int)
 
 
 def _frame(ds: xr.Dataset) -> Any:
-    """Cosine of the training update with its staleness, one row per (train_method, refresh_every, step)."""
-    df = ds.cosine.sel({"method": TRAIN}).isel(damping=0).to_dataframe().reset_index()
+    """Cosine of the training update with its staleness, one row per (train_rule, refresh_every, step)."""
+    df = ds.cosine.sel({"rule": TRAIN}).isel(damping=0).to_dataframe().reset_index()
     since = ds.steps_since_refresh.to_dataframe().reset_index()
-    return df.merge(since, on=["train_method", "refresh_every", "step"])
+    return df.merge(since, on=["train_rule", "refresh_every", "step"])
 
 
 def plot(ds: xr.Dataset) -> list[report.Figure]:
     """Cosine to exact NGD of the training update against steps since refresh and against step."""
     df = _frame(ds)
-    g = sns.relplot(df, x="steps_since_refresh", y="cosine", hue="refresh_every", col="train_method", kind="line",
+    g = sns.relplot(df, x="steps_since_refresh", y="cosine", hue="refresh_every", col="train_rule", kind="line",
                     marker="o", height=3.4, palette="viridis")
     g.figure.suptitle("stale reconstructed networks: cosine to exact NGD against steps since refresh", y=1.03)
-    h = sns.relplot(df, x="step", y="cosine", hue="refresh_every", col="train_method", kind="line", marker="o",
+    h = sns.relplot(df, x="step", y="cosine", hue="refresh_every", col="train_rule", kind="line", marker="o",
                     height=3.4, palette="viridis")
     h.figure.suptitle("cosine to exact NGD of the training update along training", y=1.03)
     return [("cosine_vs_staleness", g.figure), ("cosine_vs_step", h.figure)]
@@ -109,7 +109,7 @@ def plot(ds: xr.Dataset) -> list[report.Figure]:
 def table(ds: xr.Dataset) -> report.Table:
     """Mean cosine of the training update per steps since refresh (rows) and (structure, R) (columns)."""
     df = _frame(ds)
-    mean = df.groupby(["steps_since_refresh", "train_method", "refresh_every"]).cosine.mean().unstack([1, 2])
+    mean = df.groupby(["steps_since_refresh", "train_rule", "refresh_every"]).cosine.mean().unstack([1, 2])
     return (["steps since refresh", *[f"{m}, R={r}" for m, r in mean.columns]],
             [[int(k), *["—" if v != v else f"{v:.4f}" for v in row]]
              for k, row in zip(mean.index, mean.values, strict=True)])
@@ -118,10 +118,10 @@ def table(ds: xr.Dataset) -> report.Table:
 def main(argv: Sequence[str] | None = None) -> Path:
     """Run (or resume) the analysis; returns the report path."""
     args, cfg = report.start_analysis(NAME, __doc__.splitlines()[0], argv, full=FULL, quick=QUICK)
-    configs = {f"{m},R={r}": {"train_method": m, "refresh_every": r, "seed": args.seed}
-               for m in cfg.train_methods for r in cfg.refresh_every}
+    configs = {f"{m},R={r}": {"train_rule": m, "refresh_every": r, "seed": args.seed}
+               for m in cfg.train_rules for r in cfg.refresh_every}
     done = run_sweep(configs, ResultsStore(args.out / "store"), lambda c: run_one(c, cfg, args.seed))
-    parts = {(c["train_method"], c["refresh_every"]): done[k] for k, c in configs.items()}
+    parts = {(c["train_rule"], c["refresh_every"]): done[k] for k, c in configs.items()}
     save_dataset(combine(parts, cfg, args.seed), args.out / f"{NAME}.nc")
     return report.finish_analysis(args.out, KIND, plot, table, title="Staleness of reconstructed networks",
                                   summary="How closely GD on a reconstructed network tracks exact NGD as its metric "

@@ -17,7 +17,7 @@ Protocol: for each problem and method, a learning-rate sweep over 4 values, fact
 the costliest; the grids were widened after a first sweep in which most methods picked an end of a 3-value grid),
 on seed 0 picks the lr with the lowest final training loss (every run is kept in ``sweep_<problem>.nc``); that lr
 is then run on seeds 1 and 2 as well (seed = model initialisation and minibatch order; the split is fixed).
-``runs_<problem>.nc`` holds the three seeds of the chosen runs (dims seed, method, step), ``summary.nc`` the table
+``runs_<problem>.nc`` holds the three seeds of the chosen runs (dims seed, rule, step), ``summary.nc`` the table
 printed at the end (final training loss and test accuracy, mean ± std over seeds; wall-clock and CPU time, median
 over seeds). Figures: training loss and test accuracy against steps (mean, min–max band over seeds), wall-clock
 time and CPU time (medians over seeds) (PNG and SVG).
@@ -55,14 +55,14 @@ from fisherlab.train import best_runs, compare, sweep_lr
 
 #: Method name → (fixed keyword arguments of fisherlab.train, learning rates of the sweep).
 METHODS: dict[str, tuple[dict[str, Any], list[float]]] = {
-    "sgd": ({"method": "sgd"}, [0.1, 0.3, 1.0, 3.0]),
-    "adam": ({"method": "adam"}, [1e-3, 3e-3, 1e-2, 3e-2]),
-    "ngd": ({"method": "ngd"}, [0.3, 1.0, 3.0]),
-    "kfac-ngd": ({"method": "kfac-ngd"}, [0.03, 0.1, 0.3, 1.0]),
-    "sngd-kfac": ({"method": "sngd", "structure": "kfac"}, [0.03, 0.1, 0.3, 1.0]),
-    "sngd-unit": ({"method": "sngd", "structure": "unit"}, [0.03, 0.1, 0.3, 1.0]),
-    "sngd-kfac-cholesky": ({"method": "sngd", "structure": "kfac", "sqrt": "cholesky"}, [0.03, 0.1, 0.3, 1.0]),
-    "sngd-kfac-lowrank": ({"method": "sngd", "structure": "kfac", "sqrt": "lowrank"}, [0.03, 0.1, 0.3, 1.0]),
+    "sgd": ({"rule": "sgd"}, [0.1, 0.3, 1.0, 3.0]),
+    "adam": ({"rule": "adam"}, [1e-3, 3e-3, 1e-2, 3e-2]),
+    "ngd": ({"rule": "ngd"}, [0.3, 1.0, 3.0]),
+    "kfac-ngd": ({"rule": "kfac-ngd"}, [0.03, 0.1, 0.3, 1.0]),
+    "sngd-kfac": ({"rule": "sngd", "structure": "kfac"}, [0.03, 0.1, 0.3, 1.0]),
+    "sngd-unit": ({"rule": "sngd", "structure": "unit"}, [0.03, 0.1, 0.3, 1.0]),
+    "sngd-kfac-cholesky": ({"rule": "sngd", "structure": "kfac", "sqrt": "cholesky"}, [0.03, 0.1, 0.3, 1.0]),
+    "sngd-kfac-lowrank": ({"rule": "sngd", "structure": "kfac", "sqrt": "lowrank"}, [0.03, 0.1, 0.3, 1.0]),
 }
 #: The methods of the wide MLP: exact roots only by Cholesky (eigh roots take the same steps, at a dearer refresh).
 WIDE = ("sgd", "adam", "kfac-ngd", "sngd-kfac-cholesky", "sngd-kfac-lowrank")
@@ -101,7 +101,7 @@ def lr_grid(problem: Problem, lrs: int | None) -> dict[str, list[float]]:
 
 def run_problem(problem: Problem, common: dict[str, Any], seeds: list[int], lrs: int | None,
                 out: Path) -> xr.Dataset:
-    """Sweep on seeds[0], rerun the best lr on the other seeds; save both; return the runs (seed, method, step)."""
+    """Sweep on seeds[0], rerun the best lr on the other seeds; save both; return the runs (seed, rule, step)."""
     data = problem.data(common.pop("quick"))
     methods = {m: METHODS[m][0] for m in problem.methods}
     grid = lr_grid(problem, lrs)
@@ -111,7 +111,7 @@ def run_problem(problem: Problem, common: dict[str, Any], seeds: list[int], lrs:
     sweep = sweep_lr(model, data, methods, grid, seed=seeds[0], **common)
     save_dataset(sweep, out / f"sweep_{problem.name}.nc")
     best = best_runs(sweep)
-    chosen = {m: {**methods[m], "lr": float(best["lr"].sel({"method": m}))} for m in problem.methods}
+    chosen = {m: {**methods[m], "lr": float(best["lr"].sel({"rule": m}))} for m in problem.methods}
     runs = [best]
     for seed in seeds[1:]:
         runs.append(compare(problem.model(data, seed).eval(), data, chosen, seed=seed, **common))
@@ -137,29 +137,29 @@ def summarize(all_runs: dict[str, xr.Dataset]) -> xr.Dataset:
     for i, p in enumerate(problems):
         ds = all_runs[p]
         steps = ds.sizes["step"] - 1
-        for m in ds["method"].values.tolist():
+        for m in ds["rule"].values.tolist():
             j = methods.index(m)
-            run = ds.sel({"method": m}).isel(step=-1)
-            table["lr"][i, j] = float(ds["lr"].sel({"method": m}).isel(seed=0))
+            run = ds.sel({"rule": m}).isel(step=-1)
+            table["lr"][i, j] = float(ds["lr"].sel({"rule": m}).isel(seed=0))
             for var in ("train_loss", "test_accuracy"):
                 table[var][i, j], table[f"{var}_std"][i, j] = run[var].mean(), run[var].std()
             table["time"][i, j], table["cpu_time"][i, j] = run.time.median(), run.cpu_time.median()
             table["ms_per_step"][i, j] = 1e3 * table["time"][i, j] / steps
             table["cpu_ms_per_step"][i, j] = 1e3 * table["cpu_time"][i, j] / steps
-    return new_dataset("training-summary", {k: (("problem", "method"), v) for k, v in table.items()},
-                       {"problem": problems, "method": methods}, config={"problems": problems}, seed=None,
+    return new_dataset("training-summary", {k: (("problem", "rule"), v) for k, v in table.items()},
+                       {"problem": problems, "rule": methods}, config={"problems": problems}, seed=None,
                        device="cpu", dtype="float32")
 
 
 def print_summary(summary: xr.Dataset) -> None:
     """The summary as a table (one line per problem and method that ran)."""
-    head = (f"{'problem':<12} {'method':<18} {'lr':>6} {'final train loss':>17} {'test accuracy':>15} "
+    head = (f"{'problem':<12} {'rule':<18} {'lr':>6} {'final train loss':>17} {'test accuracy':>15} "
             f"{'wall s':>7} {'wall ms/step':>12} {'cpu ms/step':>11}")
     print(head)
     print("-" * len(head))
     for p in summary.problem.values.tolist():
-        for m in summary.method.values.tolist():
-            r = summary.sel({"problem": p, "method": m})
+        for m in summary.rule.values.tolist():
+            r = summary.sel({"problem": p, "rule": m})
             if np.isnan(r.lr):
                 continue
             print(f"{p:<12} {m:<18} {float(r.lr):>6.3g} {float(r.train_loss):>8.4f} ± {float(r.train_loss_std):.4f}"
@@ -188,10 +188,10 @@ def plot(all_runs: dict[str, xr.Dataset], out: Path) -> None:
             subset=["train_loss"])
         for ax, (x, y) in zip(row, AXES, strict=True):
             if x == "step":  # mean over seeds, band from min to max
-                sns.lineplot(frame, x=x, y=y, hue="method", palette=palette, errorbar=("pi", 100), ax=ax)
+                sns.lineplot(frame, x=x, y=y, hue="rule", palette=palette, errorbar=("pi", 100), ax=ax)
             else:  # median over seeds of both the time (robust to load spikes) and the metric at each evaluation
-                median = frame.groupby(["method", "step"], sort=False)[[x, y]].median().reset_index()
-                sns.lineplot(median, x=x, y=y, hue="method", palette=palette, sort=False, ax=ax)
+                median = frame.groupby(["rule", "step"], sort=False)[[x, y]].median().reset_index()
+                sns.lineplot(median, x=x, y=y, hue="rule", palette=palette, sort=False, ax=ax)
             ax.set(title=name, xlabel=LABELS[x], ylabel=y.replace("_", " "),
                    yscale="log" if y == "train_loss" else "linear")
             ax.legend(fontsize=7)

@@ -46,7 +46,7 @@ from _common import (
 
 from fisherlab.data import load_digits
 from fisherlab.engine import FisherEngine
-from fisherlab.fisher import fisher
+from fisherlab import fisher
 from fisherlab.models import reference_mlp
 
 N_REFERENCE = 1024

@@ -53,10 +53,10 @@ def report(case: str, seconds: list[float], ds) -> dict:
     timings = json.loads(ds.attrs["timings"])
     exact = sum(timings.get(k, 0.0) for k in EXACT_PHASES)
     total = statistics.median(seconds)
-    unavailable = [str(m) for m, a in zip(ds["method"].values, ds["available"].values, strict=True) if not a]
+    unavailable = [str(m) for m, a in zip(ds["rule"].values, ds["available"].values, strict=True) if not a]
     solve = "cholesky" if ds.attrs["ngd_solver"] == "cholesky" else f"cg ({int(ds['ngd_iterations'][0])} it)"
     return {"case": case, "P": int(ds.attrs["num_params"]), "rules": f"{int(ds['available'].sum())}/"
-            f"{ds.sizes['method']}", "solver": solve, "total s": f"{total:.2f}", "exact NGD s": f"{exact:.2f}",
+            f"{ds.sizes['rule']}", "solver": solve, "total s": f"{total:.2f}", "exact NGD s": f"{exact:.2f}",
             "share": f"{100 * exact / ds.attrs['total_seconds']:.0f}%", "unavailable": ", ".join(unavailable) or "-",
             "_timings": timings}
 

@@ -37,7 +37,7 @@ from _common import (
 )
 from bench_dense import digits
 
-from fisherlab.fisher import fisher
+from fisherlab import fisher
 from fisherlab.models import MLP
 
 N = 512

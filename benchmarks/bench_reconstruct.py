@@ -43,7 +43,7 @@ from _common import header, parse_args  # noqa: E402
 
 from fisherlab.data import SplitData, load_digits  # noqa: E402
 from fisherlab.models import CNN, MLP  # noqa: E402
-from fisherlab.reconstruct import reconstruct  # noqa: E402
+from fisherlab.reconstruction import reconstruct  # noqa: E402
 from fisherlab.train import train  # noqa: E402
 
 BATCH = 128
@@ -52,18 +52,18 @@ ROOT_RANK = 64  # reconstruct's default
 
 #: Run name → keyword arguments of fisherlab.train.
 CONFIGS: dict[str, dict[str, Any]] = {
-    "sgd": {"method": "sgd"},
-    "sngd/10": {"method": "sngd", "structure": "kfac", "refresh_every": 10},
-    "sngd/100": {"method": "sngd", "structure": "kfac", "refresh_every": 100},
-    "kfac-ngd/10": {"method": "kfac-ngd", "refresh_every": 10},
-    "kfac-ngd/100": {"method": "kfac-ngd", "refresh_every": 100},
-    "kfac-ngd/10 dense": {"method": "kfac-ngd", "refresh_every": 10, "kfac_precondition": "dense"},
-    "kfac-ngd/100 dense": {"method": "kfac-ngd", "refresh_every": 100, "kfac_precondition": "dense"},
-    "sngd/10 cholesky": {"method": "sngd", "structure": "kfac", "refresh_every": 10, "sqrt": "cholesky"},
-    "sngd/100 cholesky": {"method": "sngd", "structure": "kfac", "refresh_every": 100, "sqrt": "cholesky"},
-    "sngd/10 lowrank": {"method": "sngd", "structure": "kfac", "refresh_every": 10, "sqrt": "lowrank"},
-    "sngd/100 lowrank": {"method": "sngd", "structure": "kfac", "refresh_every": 100, "sqrt": "lowrank"},
-    "sngd/100 fold=never": {"method": "sngd", "structure": "kfac", "refresh_every": 100, "fold": "never"},
+    "sgd": {"rule": "sgd"},
+    "sngd/10": {"rule": "sngd", "structure": "kfac", "refresh_every": 10},
+    "sngd/100": {"rule": "sngd", "structure": "kfac", "refresh_every": 100},
+    "kfac-ngd/10": {"rule": "kfac-ngd", "refresh_every": 10},
+    "kfac-ngd/100": {"rule": "kfac-ngd", "refresh_every": 100},
+    "kfac-ngd/10 dense": {"rule": "kfac-ngd", "refresh_every": 10, "kfac_precondition": "dense"},
+    "kfac-ngd/100 dense": {"rule": "kfac-ngd", "refresh_every": 100, "kfac_precondition": "dense"},
+    "sngd/10 cholesky": {"rule": "sngd", "structure": "kfac", "refresh_every": 10, "sqrt": "cholesky"},
+    "sngd/100 cholesky": {"rule": "sngd", "structure": "kfac", "refresh_every": 100, "sqrt": "cholesky"},
+    "sngd/10 lowrank": {"rule": "sngd", "structure": "kfac", "refresh_every": 10, "sqrt": "lowrank"},
+    "sngd/100 lowrank": {"rule": "sngd", "structure": "kfac", "refresh_every": 100, "sqrt": "lowrank"},
+    "sngd/100 fold=never": {"rule": "sngd", "structure": "kfac", "refresh_every": 100, "fold": "never"},
 }
 
 

@@ -2,54 +2,82 @@
 
 Exact and structured Fisher matrices of any PyTorch model (``torch.func``), reconstructed networks whose plain
 gradient descent is natural gradient descent (Liu & Liu, arXiv:2109.10100), and measurements of how closely an
-update tracks exact NGD — every result an ``xarray.Dataset``. Vocabulary: ``METHOD.md``.
+update tracks exact NGD — every result an ``xarray.Dataset``. The method: ``docs/method.md``.
 
-The public API (stable names):
+The public API (stable names, imported on first use so that ``import fisherlab`` stays cheap):
 
 * :func:`fisher` — a Fisher matrix (``kind``: true, mc, empirical, ggn; ``structure``: dense, block, diag,
-  implicit, kfac, ekfac, unit, lowrank) on one interface, :class:`~fisherlab.structures.FisherMatrix`.
-* :class:`FisherEngine` — per-sample factor rows, matrix-free products and gradients.
-* :class:`ParamSpec` — the parameter-ordering convention (``model.named_parameters()`` order, row-major).
-* :func:`fisher_spectra` — spectra and condition numbers as a Dataset; :func:`spectral_density` — the SLQ
-  density, trace and λ_max of a Fisher too large to form, as a Dataset.
-* modules: :mod:`fisherlab.data`, :mod:`fisherlab.models`, :mod:`fisherlab.likelihoods`, :mod:`fisherlab.linalg`,
-  :mod:`fisherlab.results`, :mod:`fisherlab.report`.
+  implicit, kfac, ekfac, unit, lowrank) on one interface, :class:`FisherMatrix`.
+* :func:`reconstruct` — a :class:`~fisherlab.reconstruction.ReconstructedNetwork` whose plain GD is NGD with a
+  structured Fisher G (subpackage :mod:`fisherlab.reconstruction`).
+* :func:`evaluate_fidelity`, :func:`fidelity_trajectory`, :func:`fisher_geometry` — fidelity to exact NGD at one
+  state, along training, and the preconditioned geometry (subpackage :mod:`fisherlab.fidelity`).
+* :func:`fisher_spectra`, :func:`spectral_density` — spectra, condition numbers and SLQ densities.
+* :class:`FisherEngine` (per-sample factor rows, matrix-free products), :class:`ParamSpec` (the parameter
+  ordering: ``model.named_parameters()`` order, row-major), the option enums of :mod:`fisherlab.vocabulary`
+  and the errors of :mod:`fisherlab.errors`.
 """
 
-from fisherlab.density import spectral_density
-from fisherlab.engine import FisherEngine, FisherType
-from fisherlab.errors import (
-    FallbackWarning,
-    FisherlabError,
-    InputError,
-    MemoryBudgetError,
-    NonFiniteError,
-    ResultsFileError,
-    SingularMatrixError,
-    UnsupportedLayerError,
-)
-from fisherlab.fisher import fisher
-from fisherlab.params import ParamSpec
-from fisherlab.spectra import fisher_spectra
-from fisherlab.structures import FisherMatrix
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+import warnings
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "FallbackWarning",
-    "FisherEngine",
-    "FisherMatrix",
-    "FisherType",
-    "FisherlabError",
-    "InputError",
-    "MemoryBudgetError",
-    "NonFiniteError",
-    "ParamSpec",
-    "ResultsFileError",
-    "SingularMatrixError",
-    "UnsupportedLayerError",
-    "__version__",
-    "fisher",
-    "fisher_spectra",
-    "spectral_density",
-]
+#: Public name → module that defines it (imported lazily by :func:`__getattr__`).
+_EXPORTS: dict[str, str] = {
+    "fisher": "fisherlab.fisher_matrix",
+    "FisherEngine": "fisherlab.engine",
+    "FisherMatrix": "fisherlab.structures.base",
+    "ParamSpec": "fisherlab.params",
+    "reconstruct": "fisherlab.reconstruction",
+    "ReconstructedNetwork": "fisherlab.reconstruction",
+    "evaluate_fidelity": "fisherlab.fidelity",
+    "fidelity_trajectory": "fisherlab.fidelity",
+    "fisher_geometry": "fisherlab.fidelity",
+    "fisher_spectra": "fisherlab.spectra",
+    "spectral_density": "fisherlab.density",
+    "FisherKind": "fisherlab.vocabulary",
+    "FisherType": "fisherlab.vocabulary",
+    "Structure": "fisherlab.vocabulary",
+    "BlockBy": "fisherlab.vocabulary",
+    "RootMethod": "fisherlab.vocabulary",
+    **{name: "fisherlab.errors" for name in (
+        "ConvergenceError", "FallbackWarning", "FisherlabError", "InputError", "MemoryBudgetError",
+        "NonFiniteError", "ResultsFileError", "SingularMatrixError", "UnsupportedLayerError")},
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fisherlab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # importing a submodule may have bound a module to this name: the function wins
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+class _RenamedModule(types.ModuleType):
+    """``fisherlab.reconstruct`` as a module: the old path of :mod:`fisherlab.reconstruction` (deprecated)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        warnings.warn("the module fisherlab.reconstruct is now fisherlab.reconstruction (and fisherlab.reconstruct "
+                      "is the function): import from fisherlab.reconstruction", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module("fisherlab.reconstruction"), name)
+
+
+# Registered up front so that ``import fisherlab.reconstruct`` finds this shim and never rebinds the top-level
+# function ``fisherlab.reconstruct``.
+sys.modules.setdefault("fisherlab.reconstruct", _RenamedModule("fisherlab.reconstruct", _RenamedModule.__doc__))

@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from enum import Enum
 from typing import Any
 
 import torch
@@ -43,29 +42,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
+from fisherlab.checks import check_eval_mode, parse_enum
 from fisherlab.datasource import DataSource
 from fisherlab.errors import FallbackWarning, InputError, UnsupportedLayerError
 from fisherlab.likelihoods import Likelihood, get_likelihood
 from fisherlab.memory import check_budget, dense_bytes, resolve_budget
 from fisherlab.params import ParamSpec, check_finite
-
-
-class FisherType(str, Enum):
-    """Which Fisher (METHOD.md §2)."""
-
-    TRUE = "true"
-    MC = "mc"
-    EMPIRICAL = "empirical"
-    GGN = "ggn"
-
-
-def parse_enum(enum: type[Enum], value: Any, what: str) -> Any:
-    """``enum(value)`` with an :class:`InputError` that lists the valid values."""
-    try:
-        return enum(value)
-    except ValueError:
-        raise InputError(f"unknown {what} {value!r}; valid: {[e.value for e in enum]}") from None
-
+from fisherlab.vocabulary import FisherKind
 
 #: Upper bound on the bytes of one chunk's working set (two copies of its factor rows, or the activations of a
 #: matrix-free product) when the caller gives no chunk size. Large chunks mean few, large kernels: on a CPU shared
@@ -75,18 +58,6 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 #: Upper bound on the bytes of activations :meth:`FisherEngine.matmat` keeps between calls (see there).
 MATMAT_CACHE_BYTES = 256 * 2**20
-
-
-def check_eval_mode(model: nn.Module) -> None:
-    """Raise :class:`InputError` naming any batch-norm or dropout module left in training mode."""
-    for name, module in model.named_modules():
-        stochastic = isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
-        rnn_dropout = isinstance(module, nn.RNNBase) and module.dropout > 0
-        if module.training and (stochastic or rnn_dropout):
-            raise InputError(
-                f"module {name!r} ({type(module).__name__}) is in training mode: its output depends on the batch "
-                "or on random masks, so per-sample Fishers are undefined. Call model.eval() first."
-            )
 
 
 class FisherEngine:
@@ -115,7 +86,7 @@ class FisherEngine:
         data: Any,
         likelihood: str | Likelihood = "categorical",
         *,
-        kind: str | FisherType = FisherType.TRUE,
+        kind: str | FisherKind = FisherKind.TRUE,
         params: list[str] | None = None,
         mc_samples: int = 1,
         seed: int = 0,
@@ -127,9 +98,9 @@ class FisherEngine:
     ):
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be an nn.Module; got {type(model)}")
-        self.kind = parse_enum(FisherType, kind, "Fisher kind")
+        self.kind = parse_enum(FisherKind, kind, "Fisher kind")
         self.likelihood = get_likelihood(likelihood)
-        if self.kind is FisherType.MC and (not isinstance(mc_samples, int) or mc_samples < 1):
+        if self.kind is FisherKind.MC and (not isinstance(mc_samples, int) or mc_samples < 1):
             raise InputError(f"mc_samples must be a positive integer; got {mc_samples}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise InputError(f"chunk_size must be a positive integer; got {chunk_size}")
@@ -169,7 +140,7 @@ class FisherEngine:
         self._matmat_cache: tuple[tuple, list[tuple[Any, Any, Tensor]]] | None = None  # (state key, entries)
         check_budget(2 * row_bytes * min(self.chunk_size, self.num_samples), "a chunk of factor rows",
                      self.memory_budget, "a smaller chunk_size")
-        self._labels = self._draw_labels() if self.kind is FisherType.MC else None
+        self._labels = self._draw_labels() if self.kind is FisherKind.MC else None
 
     # ----------------------------------------------------------------------------------------------- checks
     def _check_data(self) -> None:
@@ -211,10 +182,10 @@ class FisherEngine:
     def _rows_per_sample(self) -> int:
         z = torch.zeros(1, self.num_outputs, dtype=self.dtype, device=self.device)
         return {
-            FisherType.TRUE: int(self.likelihood.fisher_factor(z).shape[-1]),
-            FisherType.MC: self.mc_samples,
-            FisherType.EMPIRICAL: 1,
-            FisherType.GGN: self.num_outputs,
+            FisherKind.TRUE: int(self.likelihood.fisher_factor(z).shape[-1]),
+            FisherKind.MC: self.mc_samples,
+            FisherKind.EMPIRICAL: 1,
+            FisherKind.GGN: self.num_outputs,
         }[self.kind]
 
     # ------------------------------------------------------------------------------------------- evaluation
@@ -258,11 +229,11 @@ class FisherEngine:
     def output_factor(self, z: Tensor, y: Tensor, labels: Tensor | None) -> Tensor:
         """The output-space factors M_n of this kind for a chunk; shape (n, R, C)."""
         lik = self.likelihood
-        if self.kind is FisherType.TRUE:
+        if self.kind is FisherKind.TRUE:
             return lik.fisher_factor(z).transpose(-1, -2)
-        if self.kind is FisherType.EMPIRICAL:
+        if self.kind is FisherKind.EMPIRICAL:
             return lik.grad_z(z, y).unsqueeze(1)
-        if self.kind is FisherType.GGN:
+        if self.kind is FisherKind.GGN:
             return lik.hessian_factor(z, y).transpose(-1, -2)
         n, s = labels.shape[0], labels.shape[1]  # type: ignore[union-attr]
         z_rep = z.unsqueeze(1).expand(n, s, z.shape[1]).reshape(n * s, -1)

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from fisherlab import structures
-from fisherlab.engine import FisherEngine, FisherType
+from fisherlab.engine import FisherEngine
 from fisherlab.likelihoods import Likelihood
 from fisherlab.structures.base import FisherMatrix
+from fisherlab.vocabulary import FisherKind
 
 
 def fisher(
@@ -18,7 +19,7 @@ def fisher(
     data: Any,
     likelihood: str | Likelihood = "categorical",
     *,
-    kind: str | FisherType = "true",
+    kind: str | FisherKind = "true",
     structure: str = "dense",
     params: list[str] | None = None,
     mc_samples: int = 1,

@@ -97,8 +97,8 @@ class ParamSpec:
             groups.setdefault(layer_of(name), []).append(name)
         return {k: tuple(v) for k, v in groups.items()}
 
-    def blocks(self, by: str = "tensor") -> dict[str, Tensor]:
-        """Index sets of the diagonal blocks: one per parameter tensor (``by="tensor"``) or per layer (``"layer"``).
+    def blocks(self, by: str = "layer") -> dict[str, Tensor]:
+        """Index sets of the diagonal blocks: one per layer (``by="layer"``) or per parameter tensor (``"tensor"``).
 
         Returns:
             Mapping from block name to a LongTensor of flat indices (ascending).

@@ -16,10 +16,13 @@ import xarray as xr
 from torch import nn
 from tqdm.auto import tqdm
 
-from fisherlab import results, structures
-from fisherlab.engine import FisherEngine, FisherType, parse_enum
+from fisherlab import results
+from fisherlab.checks import check_dampings, parse_enum, renamed
+from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError
 from fisherlab.structures import BlockDiagonalFisher, FisherMatrix
+from fisherlab.structures import build as build_structure
+from fisherlab.vocabulary import FisherKind
 
 #: Structures whose full spectrum is affordable whenever the dense Fisher is.
 SPECTRUM_STRUCTURES = ("dense", "block", "diag")
@@ -36,8 +39,8 @@ def fisher_spectra(
     likelihood: str = "categorical",
     *,
     kinds: Sequence[str] = ("true", "mc", "empirical"),
-    structure_names: Sequence[str] = SPECTRUM_STRUCTURES,
-    dampings: Sequence[float] = (0.0, 1e-4, 1e-3, 1e-2, 1e-1),
+    structures: Sequence[str] = SPECTRUM_STRUCTURES,
+    damping: float | Sequence[float] = (0.0, 1e-4, 1e-3, 1e-2, 1e-1),
     mc_samples: int = 1,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
@@ -45,6 +48,7 @@ def fisher_spectra(
     memory_budget: int | None = None,
     progress: bool | None = None,
     config: dict | None = None,
+    **deprecated: Any,
 ) -> xr.Dataset:
     """Spectra of the requested Fisher kinds and structures of ``model`` on ``data``.
 
@@ -53,8 +57,9 @@ def fisher_spectra(
         data: ``(X, y)``, a SplitData (training split) or a DataLoader.
         likelihood: Likelihood name (see :mod:`fisherlab.likelihoods`).
         kinds: Fisher kinds; ``"true"`` is always computed (it is the reference of ``rel_frobenius_to_true``).
-        structure_names: Any of ``"dense"``, ``"block"`` (per layer), ``"diag"``.
-        dampings: λ values for κ(F + λI).
+        structures: Any of ``"dense"``, ``"block"`` (per layer), ``"diag"`` (``structure_names=`` is the
+            deprecated spelling).
+        damping: λ values for κ(F + λI), one or several (``dampings=`` is the deprecated spelling).
         mc_samples: Labels per input for the Monte-Carlo Fisher.
         seed: Seed of the Monte-Carlo labels.
         dtype: Compute dtype (float64 recommended: the small eigenvalues are the interesting ones).
@@ -62,18 +67,25 @@ def fisher_spectra(
         memory_budget: Bytes a dense object may take (default: half the available memory).
         progress: Progress bars (``None``: only on a terminal).
         config: Extra configuration recorded in the provenance attrs.
+        **deprecated: The old spellings named above.
 
     Returns:
-        Dataset with dims ``fisher_kind``, ``structure``, ``eig`` (P, ascending), ``damping``, ``layer`` and
+        Dataset with dims ``kind``, ``structure``, ``eig`` (P, ascending), ``damping``, ``layer`` and
         ``layer_eig`` (largest layer size; shorter layer spectra padded with NaN), variables ``eigenvalue``,
         ``trace``, ``condition_number``, ``layer_eigenvalue``, ``layer_condition_number`` and
         ``rel_frobenius_to_true``.
     """
-    kinds = list(dict.fromkeys(["true", *[parse_enum(FisherType, k, "Fisher kind").value for k in kinds]]))
+    structures = renamed(deprecated, "structure_names", "structures", structures, SPECTRUM_STRUCTURES,
+                         "fisher_spectra")
+    damping = renamed(deprecated, "dampings", "damping", damping, (0.0, 1e-4, 1e-3, 1e-2, 1e-1), "fisher_spectra")
+    if deprecated:
+        raise InputError(f"fisher_spectra got unexpected keyword argument(s) {sorted(deprecated)}")
+    dampings = check_dampings(damping)
+    kinds = list(dict.fromkeys(["true", *[parse_enum(FisherKind, k, "Fisher kind").value for k in kinds]]))
+    structure_names = list(structures)
     for s in structure_names:
         if s not in SPECTRUM_STRUCTURES:
             raise InputError(f"spectra need a structure in {SPECTRUM_STRUCTURES}; got {s!r}")
-    options = {"block": {"by": "layer"}}
     eigs: dict[tuple[str, str], np.ndarray] = {}
     rel: dict[tuple[str, str], float] = {}
     layer_eigs: dict[str, dict[str, np.ndarray]] = {}
@@ -86,7 +98,7 @@ def fisher_spectra(
         spec = engine.spec
         for structure in structure_names:
             bar.set_postfix_str(f"{kind}/{structure}")
-            F: FisherMatrix = structures.build(structure, engine, **options.get(structure, {}))
+            F: FisherMatrix = build_structure(structure, engine)
             eigs[kind, structure] = F.eigvalsh().cpu().double().numpy()
             dense = F.to_dense()
             if kind == "true" and structure == "dense":
@@ -118,15 +130,15 @@ def fisher_spectra(
     ds = results.new_dataset(
         "spectrum",
         {
-            "eigenvalue": (("fisher_kind", "structure", "eig"), ev),
-            "trace": (("fisher_kind", "structure"), ev.sum(-1)),
-            "condition_number": (("fisher_kind", "structure", "damping"), cond),
-            "rel_frobenius_to_true": (("fisher_kind", "structure"), rel_arr),
-            "layer_eigenvalue": (("fisher_kind", "layer", "layer_eig"), lev),
-            "layer_condition_number": (("fisher_kind", "layer", "damping"), lcond),
+            "eigenvalue": (("kind", "structure", "eig"), ev),
+            "trace": (("kind", "structure"), ev.sum(-1)),
+            "condition_number": (("kind", "structure", "damping"), cond),
+            "rel_frobenius_to_true": (("kind", "structure"), rel_arr),
+            "layer_eigenvalue": (("kind", "layer", "layer_eig"), lev),
+            "layer_condition_number": (("kind", "layer", "damping"), lcond),
         },
         {
-            "fisher_kind": kinds,
+            "kind": kinds,
             "structure": list(structure_names),
             "eig": np.arange(P),
             "damping": np.asarray(dampings, dtype=float),

@@ -69,7 +69,7 @@ def assert_tracks_ngd(
 
     ds = evaluate_fidelity(model, data, rules=[rule], damping=damping, likelihood=likelihood, dtype=dtype,
                            **kwargs)
-    row = ds.sel({"method": rule})
+    row = ds.sel(rule=rule)
     if not int(row["available"]):
         raise AssertionError(f"rule {rule!r} could not be evaluated: {row['unavailable_reason'].item()}")
     failures = []

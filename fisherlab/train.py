@@ -1,9 +1,9 @@
 """One training loop for every optimiser fisherlab compares: SGD, momentum, Adam, exact NGD, KFAC-NGD and SNGD.
 
-:func:`train` runs one method from a copy of a model (the model itself is never modified) over a minibatch
+:func:`train` runs one rule from a copy of a model (the model itself is never modified) over a minibatch
 stream fixed by ``seed`` (epoch e is :func:`fisherlab.data.iterate_minibatches` with seed ``seed + e``), so two
-methods with the same model, data, ``batch_size`` and ``seed`` start from the same parameters and see the same
-batches in the same order. Methods (λ = ``damping``, η = ``lr``, g = the batch gradient):
+rules with the same model, data, ``batch_size`` and ``seed`` start from the same parameters and see the same
+batches in the same order. Rules (λ = ``damping``, η = ``lr``, g = the batch gradient):
 
 ============  =====================================================================================================
 ``sgd``       θ ← θ − η g  (``torch.optim.SGD``)
@@ -18,7 +18,7 @@ batches in the same order. Methods (λ = ``damping``, η = ``lr``, g = the batch
               implementations do); ``"factored"`` (Linear layers) uses ∇W̄ = Δᵀ Ā, the layer's output gradients
               Δ and inputs Ā (rows × out, rows × n), as (S⁻¹Δᵀ)(Ā A⁻¹) — rows·(out² + n² + out·n); ``"auto"``
               (default) takes the cheaper per layer and step
-``sngd``      plain SGD on :func:`fisherlab.reconstruct.reconstruct` (``structure``), built on the first batch and
+``sngd``      plain SGD on :func:`fisherlab.reconstruction.reconstruct` (``structure``), built on the first batch and
               refreshed on the current batch every ``refresh_every`` steps
 ============  =====================================================================================================
 
@@ -31,9 +31,9 @@ s recomputed curvature), and every ``eval_every`` steps and at the end ``train_l
 curvature breaks down (a SingularMatrixError or NonFiniteError in an update, e.g. every ReLU dead), stops: the rest
 is NaN, the attribute ``diverged`` is 1 and ``stopped`` says why.
 
-:func:`compare` runs several methods into one Dataset with dims (``method``, ``step``); :func:`sweep_lr` tries
-learning rates per method and :func:`best_runs` picks, per method, the one with the lowest final training loss.
-Select a run with ``ds.sel({"method": "sgd"})``: ``method`` is also a keyword argument of xarray's ``sel``.
+:func:`compare` runs several rules into one Dataset with dims (``rule``, ``step``); :func:`sweep_lr` tries
+learning rates per rule and :func:`best_runs` picks, per rule, the one with the lowest final training loss.
+Select a run with ``ds.sel(rule="sgd")``.
 """
 
 from __future__ import annotations
@@ -51,20 +51,23 @@ import xarray as xr
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fisherlab.checks import check_damping, check_eval_mode, check_lr, check_positive_int, parse_enum, renamed
 from fisherlab.data import SplitData, iterate_minibatches
-from fisherlab.engine import FisherEngine, check_eval_mode
+from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError
-from fisherlab.fisher import fisher
+from fisherlab.fisher_matrix import fisher
 from fisherlab.layers import LayerCapture, expand_input, from_combined, to_combined
 from fisherlab.likelihoods import Likelihood, get_likelihood
 from fisherlab.linalg import cg, damped_solve, kron_damping_split
 from fisherlab.memory import dense_bytes
 from fisherlab.params import ParamSpec
 from fisherlab.results import annotate, new_dataset
+from fisherlab.vocabulary import FisherKind
 
-__all__ = ["KFAC_PRECONDITION", "METHODS", "NGD_SOLVERS", "best_runs", "compare", "sweep_lr", "train"]
+__all__ = ["KFAC_PRECONDITION", "NGD_SOLVERS", "RULES", "best_runs", "compare", "sweep_lr", "train"]
 
-METHODS = ("sgd", "momentum", "adam", "ngd", "kfac-ngd", "sngd")
+#: Training rules.
+RULES = ("sgd", "momentum", "adam", "ngd", "kfac-ngd", "sngd")
 NGD_SOLVERS = ("auto", "cholesky", "woodbury", "cg")
 #: How ``kfac-ngd`` applies the factor inverses (module docstring).
 KFAC_PRECONDITION = ("auto", "dense", "factored")
@@ -282,7 +285,7 @@ class _SNGDStepper(_Stepper):
         self.sgd: _OptimizerStepper | None = None
 
     def step(self, x: Tensor, y: Tensor, refresh: bool) -> tuple[Tensor, bool]:
-        from fisherlab.reconstruct import reconstruct
+        from fisherlab.reconstruction import reconstruct
 
         if self.sgd is None:
             net = reconstruct(self.model, (x, y), likelihood=self.lik, inplace=True, **self.options)
@@ -294,25 +297,25 @@ class _SNGDStepper(_Stepper):
         return self.sgd.step(x, y, False)[0], refresh
 
 
-def _stepper(method: str, model: nn.Module, lik: Likelihood, lr: float, *, damping: float, momentum: float,
-             fisher_kind: str, ngd_solver: str, cg_tol: float, split: str, structure: str, kfac_precondition: str,
+def _stepper(rule: str, model: nn.Module, lik: Likelihood, lr: float, *, damping: float, momentum: float,
+             kind: str, ngd_solver: str, cg_tol: float, split: str, structure: str, kfac_precondition: str,
              reconstruct_options: dict[str, Any]) -> _Stepper:
-    if method == "sgd":
+    if rule == "sgd":
         return _OptimizerStepper(model, lik, torch.optim.SGD(model.parameters(), lr=lr))
-    if method == "momentum":
+    if rule == "momentum":
         return _OptimizerStepper(model, lik, torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum))
-    if method == "adam":
+    if rule == "adam":
         return _OptimizerStepper(model, lik, torch.optim.Adam(model.parameters(), lr=lr))
-    if method == "ngd":
+    if rule == "ngd":
         if ngd_solver not in NGD_SOLVERS:
             raise InputError(f"unknown ngd_solver {ngd_solver!r}; valid: {list(NGD_SOLVERS)}")
-        return _NGDStepper(model, lik, lr, damping, fisher_kind, ngd_solver, cg_tol)
-    if method == "kfac-ngd":
+        return _NGDStepper(model, lik, lr, damping, kind, ngd_solver, cg_tol)
+    if rule == "kfac-ngd":
         if kfac_precondition not in KFAC_PRECONDITION:
             raise InputError(f"unknown kfac_precondition {kfac_precondition!r}; valid: {list(KFAC_PRECONDITION)}")
-        return _KFACStepper(model, lik, lr, damping, fisher_kind, split, reconstruct_options["seed"],
+        return _KFACStepper(model, lik, lr, damping, kind, split, reconstruct_options["seed"],
                             kfac_precondition)
-    options = {"structure": structure, "damping": damping, "fisher": fisher_kind, "split": split,
+    options = {"structure": structure, "damping": damping, "kind": kind, "split": split,
                **reconstruct_options}
     return _SNGDStepper(model, lik, lr, options)
 
@@ -321,8 +324,9 @@ def _stepper(method: str, model: nn.Module, lik: Likelihood, lr: float, *, dampi
 def train(
     model: nn.Module,
     data: SplitData,
+    likelihood: str | Likelihood | None = None,
     *,
-    method: str,
+    rule: str | None = None,
     lr: float,
     steps: int,
     batch_size: int = 64,
@@ -332,8 +336,7 @@ def train(
     structure: str = "kfac",
     eval_every: int = 10,
     momentum: float = 0.9,
-    fisher_kind: str = "true",
-    likelihood: str | Likelihood | None = None,
+    kind: str = "true",
     ngd_solver: str = "auto",
     cg_tol: float = 1e-6,
     split: str = "pi",
@@ -343,12 +346,13 @@ def train(
     progress: bool | None = None,
     **reconstruct_options: Any,
 ) -> xr.Dataset:
-    """Train a copy of ``model`` with one method and record its trajectory (module docstring).
+    """Train a copy of ``model`` with one rule and record its trajectory (module docstring).
 
     Args:
         model: The initial network (not modified), in eval mode if it has dropout or batch norm.
         data: Train/test split.
-        method: One of :data:`METHODS`.
+        likelihood: Default by task: categorical (multiclass), bernoulli (binary), gaussian (regression).
+        rule: The training rule, one of :data:`RULES` (``method=`` is its deprecated spelling).
         lr: Learning rate η.
         steps: Number of updates.
         batch_size: Minibatch size.
@@ -358,8 +362,8 @@ def train(
         structure: Reconstruction structure of ``sngd``.
         eval_every: Evaluate on the full splits every this many steps (and at the end).
         momentum: Momentum of ``momentum``.
-        fisher_kind: Fisher kind of the curvature (``true``, ``mc``, ``empirical``, ``ggn``).
-        likelihood: Default by task: categorical (multiclass), bernoulli (binary), gaussian (regression).
+        kind: Fisher kind of the curvature (``true``, ``mc``, ``empirical``, ``ggn``; ``fisher_kind=`` is its
+            deprecated spelling).
         ngd_solver: ``auto``, ``cholesky``, ``woodbury`` or ``cg`` (``ngd``).
         cg_tol: CG tolerance of ``ngd_solver="cg"``.
         split: KFAC damping split (``kfac-ngd``, ``sngd``).
@@ -367,23 +371,25 @@ def train(
         device: Device (default: the model's).
         dtype: Dtype (default: the model's).
         progress: Progress bar (None: only on a terminal).
-        **reconstruct_options: Further options of :func:`fisherlab.reconstruct.reconstruct` (``sngd``).
+        **reconstruct_options: Further options of :func:`fisherlab.reconstruction.reconstruct` (``sngd``).
 
     Returns:
         A ``"training"`` Dataset with dim ``step`` (steps + 1 entries) and the variables of the module docstring;
-        attrs: provenance (config, seed, versions), ``method``, ``diverged``, ``stopped``.
+        attrs: provenance (config, seed, versions), ``rule``, ``diverged``, ``stopped``.
 
     Raises:
-        InputError: Unknown method or option, bad sizes, or a model in training mode with dropout/batch norm.
+        InputError: Unknown rule or option, bad sizes, or a model in training mode with dropout/batch norm.
     """
-    if method not in METHODS:
-        raise InputError(f"unknown training method {method!r}; valid: {list(METHODS)}")
+    rule = renamed(reconstruct_options, "method", "rule", rule, None, "train")
+    kind = renamed(reconstruct_options, "fisher_kind", "kind", kind, "true", "train")
+    if rule not in RULES:
+        raise InputError(f"unknown training rule {rule!r}; valid: {list(RULES)} (train needs rule=)")
+    kind = parse_enum(FisherKind, kind, "Fisher kind").value
     for value, what in ((steps, "steps"), (batch_size, "batch_size"), (refresh_every, "refresh_every"),
                         (eval_every, "eval_every")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(f"{what} must be a positive int; got {value!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise InputError(f"lr must be a positive finite number; got {lr!r}")
+        check_positive_int(value, what)
+    lr = check_lr(lr)
+    damping = check_damping(damping)
     if not isinstance(data, SplitData):
         raise InputError(f"data must be a fisherlab.data.SplitData; got {type(data)}")
     check_eval_mode(model)
@@ -394,7 +400,7 @@ def train(
                                         "regression": "gaussian"}[data.task])
     data = data.to(device=device, dtype=dtype)
     work = copy.deepcopy(model).to(device=device, dtype=dtype)
-    stepper = _stepper(method, work, lik, lr, damping=damping, momentum=momentum, fisher_kind=fisher_kind,
+    stepper = _stepper(rule, work, lik, lr, damping=damping, momentum=momentum, kind=kind,
                        ngd_solver=ngd_solver, cg_tol=cg_tol, split=split, structure=structure,
                        kfac_precondition=kfac_precondition, reconstruct_options={"seed": seed, **reconstruct_options})
 
@@ -403,7 +409,7 @@ def train(
     rec["time"][0], rec["cpu_time"][0], rec["refresh"][:] = 0.0, 0.0, 0.0
     batches = _batches(data, batch_size, seed)
     elapsed, cpu, stopped = 0.0, 0.0, ""
-    for s in tqdm(range(n), desc=method, disable=True if progress is None else not progress):
+    for s in tqdm(range(n), desc=rule, disable=True if progress is None else not progress):
         if s % eval_every == 0 or s == steps:
             rec["train_loss"][s], rec["train_accuracy"][s] = _evaluate(stepper.model, lik, data.X_train,
                                                                        data.y_train, data.task)
@@ -427,16 +433,16 @@ def train(
         if not (math.isfinite(rec["loss"][s]) and math.isfinite(np.nan_to_num(rec["train_loss"][s], nan=0.0))):
             stopped = f"step {s}: non-finite loss"
             break
-    config = {"method": method, "lr": lr, "steps": steps, "batch_size": batch_size, "refresh_every": refresh_every,
-              "damping": damping, "structure": structure if method == "sngd" else None,
-              "fisher_kind": fisher_kind, "momentum": momentum if method == "momentum" else None,
-              "ngd_solver": ngd_solver if method == "ngd" else None, "split": split, "eval_every": eval_every,
-              "kfac_precondition": kfac_precondition if method == "kfac-ngd" else None,
+    config = {"rule": rule, "lr": lr, "steps": steps, "batch_size": batch_size, "refresh_every": refresh_every,
+              "damping": damping, "structure": structure if rule == "sngd" else None,
+              "kind": kind, "momentum": momentum if rule == "momentum" else None,
+              "ngd_solver": ngd_solver if rule == "ngd" else None, "split": split, "eval_every": eval_every,
+              "kfac_precondition": kfac_precondition if rule == "kfac-ngd" else None,
               "likelihood": repr(lik), "dataset": data.name, "data_meta": data.meta,
               "model": type(model).__name__, "num_params": sum(p.numel() for p in model.parameters()),
               "reconstruct_options": reconstruct_options}
     ds = new_dataset("training", {k: ("step", v) for k, v in rec.items()}, {"step": np.arange(n)}, config=config,
-                     seed=seed, device=device, dtype=dtype, attrs={"method": method, "diverged": int(bool(stopped)),
+                     seed=seed, device=device, dtype=dtype, attrs={"rule": rule, "diverged": int(bool(stopped)),
                                                           "stopped": stopped or "no"})
     return annotate(ds, {**_VARIABLES, "step": ("update index", "1")})
 
@@ -447,26 +453,26 @@ def _sync(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------------ comparisons
-def compare(model: nn.Module, data: SplitData, methods: Mapping[str, Mapping[str, Any]],
+def compare(model: nn.Module, data: SplitData, configs: Mapping[str, Mapping[str, Any]],
             **common: Any) -> xr.Dataset:
-    """Run several methods from the same model and minibatch order; one Dataset with dims (``method``, ``step``).
+    """Run several rules from the same model and minibatch order; one Dataset with dims (``rule``, ``step``).
 
     Args:
         model: The initial network (not modified).
         data: Train/test split.
-        methods: Run name → keyword arguments of :func:`train` for that run (``method`` defaults to the name).
+        configs: Run name → keyword arguments of :func:`train` for that run (``rule`` defaults to the name).
         **common: Keyword arguments shared by every run (``steps``, ``seed``, ``batch_size``, ...).
 
     Returns:
-        The runs concatenated along ``method`` (coordinate: the run names), with per-run variables ``lr`` and
+        The runs concatenated along ``rule`` (coordinate: the run names), with per-run variables ``lr`` and
         ``diverged``; the ``config`` attribute holds the shared and per-run arguments and each run's config.
     """
-    if not methods:
-        raise InputError("compare needs at least one method")
-    runs = [train(model, data, **{"method": name, **common, **dict(kw)}) for name, kw in methods.items()]
-    stacked = xr.concat([_scalars(r) for r in runs], dim="method", combine_attrs="drop")
-    return _finish(stacked.assign_coords(method=list(methods)), runs,
-                   {"common": common, "runs": {k: dict(v) for k, v in methods.items()}})
+    if not configs:
+        raise InputError("compare needs at least one run")
+    runs = [train(model, data, **{"rule": name, **common, **dict(kw)}) for name, kw in configs.items()]
+    stacked = xr.concat([_scalars(r) for r in runs], dim="rule", combine_attrs="drop")
+    return _finish(stacked.assign_coords(rule=list(configs)), runs,
+                   {"common": common, "runs": {k: dict(v) for k, v in configs.items()}})
 
 
 def _scalars(run: xr.Dataset) -> xr.Dataset:
@@ -485,40 +491,40 @@ def _finish(stacked: xr.Dataset, runs: Sequence[xr.Dataset], config: Mapping[str
                          "diverged": ("run diverged", "1")})
 
 
-def sweep_lr(model: nn.Module, data: SplitData, methods: Mapping[str, Mapping[str, Any]],
+def sweep_lr(model: nn.Module, data: SplitData, configs: Mapping[str, Mapping[str, Any]],
              lrs: Mapping[str, Sequence[float]] | Sequence[float], **common: Any) -> xr.Dataset:
-    """Train every method with every learning rate of its list.
+    """Train every run with every learning rate of its list.
 
     Args:
         model: The initial network (not modified).
         data: Train/test split.
-        methods: Run name → keyword arguments of :func:`train` (without ``lr``).
-        lrs: One list of learning rates for all methods, or run name → list.
+        configs: Run name → keyword arguments of :func:`train` (without ``lr``).
+        lrs: One list of learning rates for all runs, or run name → list.
         **common: Shared keyword arguments.
 
     Returns:
-        Dims (``method``, ``candidate``, ``step``); ``lr`` (method, candidate) holds the learning rates (NaN pads
-        shorter lists, whose runs are all-NaN and count as diverged), and ``best`` (method) the candidate with
+        Dims (``rule``, ``candidate``, ``step``); ``lr`` (rule, candidate) holds the learning rates (NaN pads
+        shorter lists, whose runs are all-NaN and count as diverged), and ``best`` (rule) the candidate with
         the lowest final ``train_loss`` (diverged runs count as +inf). :func:`best_runs` selects them.
     """
-    per = {name: list(lrs[name] if isinstance(lrs, Mapping) else lrs) for name in methods}
+    per = {name: list(lrs[name] if isinstance(lrs, Mapping) else lrs) for name in configs}
     if any(not v for v in per.values()):
-        raise InputError("every method needs at least one learning rate")
+        raise InputError("every run needs at least one learning rate")
     width = max(len(v) for v in per.values())
     rows, raw = [], []
-    for name, kw in methods.items():
-        runs = [train(model, data, **{"method": name, **common, **dict(kw), "lr": lr}) for lr in per[name]]
+    for name, kw in configs.items():
+        runs = [train(model, data, **{"rule": name, **common, **dict(kw), "lr": lr}) for lr in per[name]]
         raw += runs
         mine = [_scalars(r) for r in runs]
         pad = xr.full_like(mine[0].drop_vars("diverged"), np.nan).assign(diverged=1)
         rows.append(xr.concat(mine + [pad] * (width - len(mine)), dim="candidate"))
-    stacked = xr.concat(rows, dim="method").assign_coords(method=list(methods), candidate=np.arange(width))
-    ds = _finish(stacked, raw, {"common": common, "runs": {k: dict(v) for k, v in methods.items()}, "lrs": per})
+    stacked = xr.concat(rows, dim="rule").assign_coords(rule=list(configs), candidate=np.arange(width))
+    ds = _finish(stacked, raw, {"common": common, "runs": {k: dict(v) for k, v in configs.items()}, "lrs": per})
     final = ds["train_loss"].isel(step=-1).where(ds["diverged"] == 0).fillna(np.inf)
-    ds["best"] = ("method", final.argmin("candidate").values)
+    ds["best"] = ("rule", final.argmin("candidate").values)
     return annotate(ds, {"best": ("candidate with the lowest final train loss", "1")})
 
 
 def best_runs(sweep: xr.Dataset) -> xr.Dataset:
-    """The best candidate of each method of a :func:`sweep_lr` Dataset: dims (``method``, ``step``)."""
+    """The best candidate of each rule of a :func:`sweep_lr` Dataset: dims (``rule``, ``step``)."""
     return sweep.isel(candidate=sweep["best"]).drop_vars(["best", "candidate"])

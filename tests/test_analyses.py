@@ -58,13 +58,13 @@ def test_spectra_during_training(outputs) -> None:
     module, out = outputs["spectra_during_training"]
     cfg = module.QUICK
     ds = load_dataset(out / "spectra_during_training.nc", kind="spectrum_trajectory",
-                      required_dims=("step", "fisher_kind", "structure", "eig", "damping"))
+                      required_dims=("step", "kind", "structure", "eig", "damping"))
     assert ds.step.values.tolist() == list(range(0, cfg.steps + 1, cfg.checkpoint_every))
-    assert set(ds.fisher_kind.values) == set(cfg.kinds)
+    assert set(ds.kind.values) == set(cfg.kinds)
     ev = ds.eigenvalue.values
     assert np.isfinite(ev).all()
     assert ev.min() > -1e-10 * np.abs(ev).max()  # Fisher matrices are PSD
-    true_dense = ds.rel_frobenius_to_true.sel({"fisher_kind": "true", "structure": "dense"}).values
+    true_dense = ds.rel_frobenius_to_true.sel({"kind": "true", "structure": "dense"}).values
     np.testing.assert_allclose(true_dense, 0.0, atol=1e-12)
     # independent reference at step 0: trace of the empirical Fisher = mean squared per-sample gradient norm
     data = load_digits(seed=0, dtype=torch.float64)
@@ -74,7 +74,7 @@ def test_spectra_during_training(outputs) -> None:
     for x, y in zip(data.X_train[:n], data.y_train[:n], strict=True):
         loss = torch.nn.functional.cross_entropy(model(x[None]), y[None])
         sq += sum(float((g**2).sum()) for g in torch.autograd.grad(loss, list(model.parameters())))
-    trace = float(ds.trace.sel({"step": 0, "fisher_kind": "empirical", "structure": "dense"}))
+    trace = float(ds.trace.sel({"step": 0, "kind": "empirical", "structure": "dense"}))
     assert trace == pytest.approx(sq / n, rel=1e-9)
     training = load_dataset(out / "training.nc", kind="training")
     assert np.isfinite(training.loss.values[:-1]).all()
@@ -85,17 +85,17 @@ def test_fidelity_vs_damping_batch(outputs) -> None:
     module, out = outputs["fidelity_vs_damping_batch"]
     cfg = module.QUICK
     ds = load_dataset(out / "fidelity_vs_damping_batch.nc", kind="fidelity_batch",
-                      required_dims=("method", "damping", "batch_size"))
+                      required_dims=("rule", "damping", "batch_size"))
     assert ds.batch_size.values.tolist() == list(cfg.batch_sizes)
-    assert ds.method.values.tolist() == list(cfg.rules)
+    assert ds.rule.values.tolist() == list(cfg.rules)
     cos = ds.cosine.values
     assert np.isfinite(cos).all() and (np.abs(cos) <= 1 + 1e-12).all()
     assert (ds.fisher_rel_error.values >= 0).all()
     # exact NGD is the reference itself; GD on the network reconstructed with its own structure equals that
     # structure's NGD step (invariant 2), so their cosines agree
-    np.testing.assert_allclose(ds.cosine.sel({"method": "ngd"}).values, 1.0, atol=1e-10)
-    np.testing.assert_allclose(ds.cosine.sel({"method": "sngd-kfac"}).values,
-                               ds.cosine.sel({"method": "kfac"}).values, atol=1e-8)
+    np.testing.assert_allclose(ds.cosine.sel({"rule": "ngd"}).values, 1.0, atol=1e-10)
+    np.testing.assert_allclose(ds.cosine.sel({"rule": "sngd-kfac"}).values,
+                               ds.cosine.sel({"rule": "kfac"}).values, atol=1e-8)
     check_report(out)
 
 
@@ -103,7 +103,7 @@ def test_staleness(outputs) -> None:
     module, out = outputs["staleness"]
     cfg = module.QUICK
     ds = load_dataset(out / "staleness.nc", kind="staleness",
-                      required_dims=("train_method", "refresh_every", "step", "method"))
+                      required_dims=("train_rule", "refresh_every", "step", "rule"))
     assert ds.refresh_every.values.tolist() == list(cfg.refresh_every)
     assert ds.step.values.tolist() == list(range(cfg.steps + 1))
     cos = ds.cosine.values
@@ -111,29 +111,29 @@ def test_staleness(outputs) -> None:
     since = ds.steps_since_refresh
     for r in cfg.refresh_every:  # G refreshed every r steps: staleness counts 0, 1, ..., r-1, 0, ...
         expected = [s % r for s in range(cfg.steps + 1)]
-        assert since.sel({"refresh_every": r}).values.tolist() == [expected] * len(cfg.train_methods)
+        assert since.sel({"refresh_every": r}).values.tolist() == [expected] * len(cfg.train_rules)
     # a just-refreshed network's step is the fresh structured NGD step
-    for train_method, fresh in (("sngd-kfac", "kfac"), ("sngd-block", "block-ngd")):
-        sel = ds.sel({"train_method": train_method}).isel(damping=0)
+    for train_rule, fresh in (("sngd-kfac", "kfac"), ("sngd-block", "block-ngd")):
+        sel = ds.sel({"train_rule": train_rule}).isel(damping=0)
         mask = sel.steps_since_refresh.values == 0
-        np.testing.assert_allclose(sel.cosine.sel({"method": module.TRAIN}).values[mask],
-                                   sel.cosine.sel({"method": fresh}).values[mask], atol=1e-8)
+        np.testing.assert_allclose(sel.cosine.sel({"rule": module.TRAIN}).values[mask],
+                                   sel.cosine.sel({"rule": fresh}).values[mask], atol=1e-8)
     check_report(out)
 
 
 def test_lowrank_roots(outputs) -> None:
     module, out = outputs["lowrank_roots"]
     cfg = module.QUICK
-    ds = load_dataset(out / "lowrank_roots.nc", kind="lowrank_roots", required_dims=("seed", "method", "damping"))
+    ds = load_dataset(out / "lowrank_roots.nc", kind="lowrank_roots", required_dims=("seed", "rule", "damping"))
     assert ds.seed.values.tolist() == list(cfg.seeds)
-    assert ds.method.values.tolist() == ["sngd-kfac", *[f"sngd-kfac-r{k}" for k in sorted(cfg.ranks, reverse=True)],
+    assert ds.rule.values.tolist() == ["sngd-kfac", *[f"sngd-kfac-r{k}" for k in sorted(cfg.ranks, reverse=True)],
                                          *cfg.floors]
     assert ds.root_rank.values.tolist() == [0, *sorted(cfg.ranks, reverse=True), *[0] * len(cfg.floors)]
     cos = ds.cosine.values
     assert np.isfinite(cos).all() and (np.abs(cos) <= 1 + 1e-12).all()
     assert (ds.ngd_residual.values <= 1e-6).all()  # the CG reference converged
     # every factor of the quick MLP is wider than 2k: the rank-k steps differ from the exact-root step
-    assert not np.allclose(ds.cosine.sel({"method": "sngd-kfac-r1"}), ds.cosine.sel({"method": "sngd-kfac"}))
+    assert not np.allclose(ds.cosine.sel({"rule": "sngd-kfac-r1"}), ds.cosine.sel({"rule": "sngd-kfac"}))
     check_report(out)
 
 

@@ -8,7 +8,7 @@ from cases import MLP, MLP_BERN, MLP_GAUSS, RESNET, Case
 from torch import Tensor, nn
 
 from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError, UnsupportedLayerError
-from fisherlab.fisher import fisher
+from fisherlab import fisher
 
 F64 = torch.float64
 

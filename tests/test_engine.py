@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fisherlab import structures
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError, MemoryBudgetError
-from fisherlab.fisher import fisher
+from fisherlab import fisher
 from fisherlab.likelihoods import Gaussian
 
 F64 = torch.float64
@@ -66,7 +66,7 @@ def test_front_door_equals_engine(problems):
     p = problems("cnn2d")
     F = fisher(p.model, p.data, "categorical", kind="true", structure="dense")
     ref.assert_close(F.to_dense(), p.reference("true"), REF_RTOL, "fisher()")
-    assert F.meta["num_samples"] == p.case.n and F.meta["fisher_kind"] == "true"
+    assert F.meta["num_samples"] == p.case.n and F.meta["kind"] == "true"
 
 
 def test_loss_gradient_and_outputs_match_reference(problem):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fisherlab.engine import FisherType
+from fisherlab.vocabulary import FisherKind
 from fisherlab.errors import InputError
 from fisherlab.fidelity import metrics
 from fisherlab.likelihoods import Categorical, Gaussian
@@ -70,7 +70,7 @@ def test_fisher_relative_error_and_predicted_kl_by_hand(form):
     U, v = rand(P, 3, seed=5), rand(P, seed=6)
     spec = ParamSpec((("w"),), (torch.Size([P]),))
     op = {"tensor": F, "callable": lambda W: F @ W,
-          "fisher_matrix": DenseFisher(spec, FisherType.TRUE, D, torch.device("cpu"), 2**30, {}, F)}[form]
+          "fisher_matrix": DenseFisher(spec, FisherKind.TRUE, D, torch.device("cpu"), 2**30, {}, F)}[form]
     Fn, Un, vn = F.numpy(), U.numpy(), v.numpy()
     want_err = [np.sqrt((Un[:, k] - vn) @ Fn @ (Un[:, k] - vn)) / np.sqrt(vn @ Fn @ vn) for k in range(3)]
     np.testing.assert_allclose(metrics.fisher_relative_error(U, v, op).numpy(), want_err, rtol=1e-13)

@@ -71,7 +71,7 @@ def layer_blocks(model):
 
 
 def test_exact_ngd_against_itself(result):
-    at = result.sel({"method": "ngd"})
+    at = result.sel({"rule": "ngd"})
     np.testing.assert_allclose(at["cosine"], 1.0, atol=1e-14)
     np.testing.assert_allclose(at["cosine_layer"], 1.0, atol=1e-14)
     assert np.all(at["rel_error"].values == 0) and np.all(at["fisher_rel_error"].values == 0)
@@ -82,7 +82,7 @@ def test_exact_ngd_against_itself(result):
 @pytest.mark.parametrize("lam", DAMPINGS)
 def test_gd_cosine_is_cosine_of_gradient_and_ngd_by_hand(problem, result, lam):
     v = ngd_by_hand(problem, lam)
-    at = result.sel({"method": "gd", "damping": lam})
+    at = result.sel({"rule": "gd", "damping": lam})
     assert float(at["cosine"]) == pytest.approx(cos(-problem["g"], v), abs=1e-10)
     u = -LR * problem["g"]
     assert float(at["rel_error"]) == pytest.approx(np.linalg.norm(u - v) / np.linalg.norm(v), rel=1e-9)
@@ -100,7 +100,7 @@ def test_block_ngd_cosine_is_cosine_of_block_solve_by_hand(problem, result, lam)
     u = np.zeros_like(g)
     for ix in layer_blocks(problem["model"]):
         u[ix] = -LR * np.linalg.solve(F[np.ix_(ix, ix)] + lam * np.eye(len(ix)), g[ix])
-    assert float(result.sel({"method": "block-ngd", "damping": lam})["cosine"]) == pytest.approx(
+    assert float(result.sel({"rule": "block-ngd", "damping": lam})["cosine"]) == pytest.approx(
         cos(u, ngd_by_hand(problem, lam)), abs=1e-10)
 
 
@@ -115,7 +115,7 @@ def test_diag_adam_empirical_rules_by_hand(problem, result, lam):
         "empirical-ngd": -LR * np.linalg.solve(E + lam * np.eye(len(E)), g),
     }
     for name, u in by_hand.items():
-        at = result.sel({"method": name, "damping": lam})
+        at = result.sel({"rule": name, "damping": lam})
         assert float(at["cosine"]) == pytest.approx(cos(u, v), abs=1e-9), name
         assert float(at["update_norm"]) == pytest.approx(np.linalg.norm(u), rel=1e-8), name
 
@@ -132,7 +132,7 @@ def test_measured_kl_and_loss_change_by_hand(problem, result):
     kl = np.mean(np.sum(p * np.log(p / q), 1))
     y = problem["y"].numpy()
     loss = [np.mean(-np.log(s[np.arange(len(y)), y])) for s in (p, q)]
-    at = result.sel({"method": "ngd", "damping": lam})
+    at = result.sel({"rule": "ngd", "damping": lam})
     assert float(at["kl_measured"]) == pytest.approx(kl, rel=1e-8)
     assert float(at["loss_change"]) == pytest.approx(loss[1] - loss[0], rel=1e-8)
     assert float(result["loss"]) == pytest.approx(loss[0], rel=1e-12)
@@ -160,24 +160,24 @@ def test_cg_path_agrees_with_cholesky(problem, result):
     assert np.all(ds["ngd_iterations"].values > 0) and np.all(ds["ngd_residual"].values <= 1e-10)
     for lam in DAMPINGS:
         v = ngd_by_hand(problem, lam)
-        gd = ds.sel({"method": "gd", "damping": lam})
+        gd = ds.sel({"rule": "gd", "damping": lam})
         assert float(gd["cosine"]) == pytest.approx(cos(-problem["g"], v), abs=1e-8)
     # metrics with the implicit Fisher equal those with the dense one
-    cg_gd, dense_gd = ds.sel({"method": "gd"}), result.sel({"method": "gd"})
+    cg_gd, dense_gd = ds.sel({"rule": "gd"}), result.sel({"rule": "gd"})
     np.testing.assert_allclose(cg_gd["fisher_rel_error"], dense_gd["fisher_rel_error"], rtol=1e-7)
     np.testing.assert_allclose(cg_gd["kl_predicted"], dense_gd["kl_predicted"], rtol=1e-10)
 
 
 @pytest.fixture(scope="module")
 def reconstructed(problem):
-    rules = ["ngd", "block-ngd", "kfac", "diag", "sngd-full", "sngd-block", "sngd-kfac", "sngd-diag",
+    rules = ["ngd", "block-ngd", "kfac", "diag", "sngd-dense", "sngd-block", "sngd-kfac", "sngd-diag",
              "sngd-kfac-lowrank"]
     return evaluate_fidelity(problem["model"], (problem["X"], problem["y"]), rules=rules, damping=DAMPINGS,
                              lr=LR, dtype=D)
 
 
 def test_sngd_full_is_exact_ngd_to_round_off(reconstructed):
-    at = reconstructed.sel({"method": "sngd-full"})
+    at = reconstructed.sel({"rule": "sngd-dense"})
     np.testing.assert_allclose(at["cosine"], 1.0, atol=1e-12)
     assert np.all(at["rel_error"].values < 1e-9) and np.all(at["fisher_rel_error"].values < 1e-9)
 
@@ -188,7 +188,7 @@ def test_sngd_block_cosine_is_cosine_of_block_solve_by_hand(problem, reconstruct
     u = np.zeros_like(g)
     for ix in layer_blocks(problem["model"]):
         u[ix] = -LR * np.linalg.solve(F[np.ix_(ix, ix)] + lam * np.eye(len(ix)), g[ix])
-    at = reconstructed.sel({"method": "sngd-block", "damping": lam})
+    at = reconstructed.sel({"rule": "sngd-block", "damping": lam})
     assert float(at["cosine"]) == pytest.approx(cos(u, ngd_by_hand(problem, lam)), abs=1e-10)
 
 
@@ -197,19 +197,19 @@ def test_sngd_rule_equals_its_structure_rule(reconstructed, structure):
     """Invariant 2: GD on the rebuilt network, mapped back, is the G-preconditioned step."""
     rule = "block-ngd" if structure == "block" else structure
     for var in ("cosine", "rel_error", "kl_predicted", "kl_measured"):
-        np.testing.assert_allclose(reconstructed.sel({"method": f"sngd-{structure}"})[var],
-                                   reconstructed.sel({"method": rule})[var], rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(reconstructed.sel({"rule": f"sngd-{structure}"})[var],
+                                   reconstructed.sel({"rule": rule})[var], rtol=1e-8, atol=1e-12)
 
 
 def test_lowrank_rule_is_kfac_on_factors_narrower_than_twice_the_rank(reconstructed):
     """Every factor of the test MLP is ≤ 128 wide: the rank-64 roots are exact, so the step is sngd-kfac's."""
     for var in ("cosine", "rel_error"):
-        np.testing.assert_allclose(reconstructed.sel({"method": "sngd-kfac-lowrank"})[var],
-                                   reconstructed.sel({"method": "sngd-kfac"})[var], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(reconstructed.sel({"rule": "sngd-kfac-lowrank"})[var],
+                                   reconstructed.sel({"rule": "sngd-kfac"})[var], rtol=1e-10, atol=1e-12)
 
 
 def test_sngd_rules_cover_every_reconstruction_structure():
-    from fisherlab.reconstruct.build import STRUCTURES
+    from fisherlab.reconstruction.build import STRUCTURES
 
     assert {f"sngd-{s}" for s in STRUCTURES} <= set(RULES)
 
@@ -225,7 +225,7 @@ def test_kfac_tracks_ngd_on_digits_mlp():
     model = MLP(64, [12], 10, "tanh").double()
     batch = (data.X_train[:96], data.y_train[:96])
     ds = assert_tracks_ngd("kfac", model, batch, min_cosine=0.8, damping=[1e-2, 1e-1])
-    assert ds.sizes["method"] == 1
+    assert ds.sizes["rule"] == 1
     with pytest.raises(AssertionError, match="'gd' does not track exact NGD: cosine 0.6"):
         assert_tracks_ngd("gd", model, batch, min_cosine=0.8, damping=[1e-2, 1e-1])
 
@@ -265,10 +265,10 @@ def test_registered_rule_and_unavailable_rule(problem):
     try:
         data = (problem["X"], problem["y"])
         ds = evaluate_fidelity(problem["model"], data, rules=["flipped", "too-big"], damping=1e-2, dtype=D)
-        assert float(ds.sel({"method": "flipped", "damping": 1e-2})["cosine"]) == pytest.approx(-1.0, abs=1e-14)
-        assert int(ds.sel({"method": "too-big"})["available"]) == 0
-        assert "needs 1 TiB" in str(ds.sel({"method": "too-big"})["unavailable_reason"].values)
-        assert np.isnan(ds.sel({"method": "too-big"})["cosine"]).all()
+        assert float(ds.sel({"rule": "flipped", "damping": 1e-2})["cosine"]) == pytest.approx(-1.0, abs=1e-14)
+        assert int(ds.sel({"rule": "too-big"})["available"]) == 0
+        assert "needs 1 TiB" in str(ds.sel({"rule": "too-big"})["unavailable_reason"].values)
+        assert np.isnan(ds.sel({"rule": "too-big"})["cosine"]).all()
         with pytest.raises(MemoryBudgetError):
             evaluate_fidelity(problem["model"], data, rules=["too-big"], skip_unavailable=False)
         with pytest.raises(InputError, match="wrong-shape.*shape"):
@@ -282,8 +282,8 @@ def test_registered_rule_and_unavailable_rule(problem):
 
 def test_dataset_layout(result):
     assert result.attrs["fisherlab_kind"] == "fidelity"
-    assert dict(result.sizes) == {"method": 7, "damping": 2, "layer": 2}
+    assert dict(result.sizes) == {"rule": 7, "damping": 2, "layer": 2}
     for name in ("cosine", "cosine_layer", "rel_error", "fisher_rel_error", "kl_predicted", "kl_measured",
                  "loss_change"):
         assert "long_name" in result[name].attrs and "units" in result[name].attrs
-    assert result["cosine_layer"].dims == ("method", "damping", "layer")
+    assert result["cosine_layer"].dims == ("rule", "damping", "layer")

@@ -44,12 +44,12 @@ def gd_by_hand(model, X, y, lr, steps):
 def test_gd_trajectory_matches_hand_trained_states(problem):
     model, X, y = problem
     before = [p.clone() for p in model.parameters()]
-    ds = fidelity_trajectory(model, (X, y), train_method="gd", steps=4, every=2, rules=["gd", "ngd", "block-ngd"],
+    ds = fidelity_trajectory(model, (X, y), train_rule="gd", steps=4, every=2, rules=["gd", "ngd", "block-ngd"],
                              damping=[1e-2, 1e-1], lr=0.05, train_lr=0.5, dtype=D)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # not modified
     assert ds.attrs["fisherlab_kind"] == "fidelity_trajectory"
     assert list(ds["step"].values) == [0, 2, 4]
-    assert ds["cosine"].dims == ("step", "method", "damping")
+    assert ds["cosine"].dims == ("step", "rule", "damping")
     np.testing.assert_array_equal(ds["steps_since_refresh"].values, 0)
     for step in (0, 2, 4):
         state = gd_by_hand(model, X, y, 0.5, step)
@@ -63,13 +63,13 @@ def test_gd_trajectory_matches_hand_trained_states(problem):
 
 def test_reconstructed_training_records_staleness(problem):
     model, X, y = problem
-    ds = fidelity_trajectory(model, (X, y), train_method="sngd-kfac", steps=6, every=1, refresh_every=3,
+    ds = fidelity_trajectory(model, (X, y), train_rule="sngd-kfac", steps=6, every=1, refresh_every=3,
                              rules=["ngd", "sngd-kfac"], damping=1e-1, lr=0.05, train_lr=0.5, dtype=D)
     train = "train:sngd-kfac"
-    assert list(ds["method"].values) == ["ngd", "sngd-kfac", train]
+    assert list(ds["rule"].values) == ["ngd", "sngd-kfac", train]
     np.testing.assert_array_equal(ds["steps_since_refresh"].values, [0, 1, 2, 0, 1, 2, 0])
-    fresh = ds.sel({"method": "sngd-kfac"})["cosine"].values[:, 0]
-    trained = ds.sel({"method": train})["cosine"].values[:, 0]
+    fresh = ds.sel({"rule": "sngd-kfac"})["cosine"].values[:, 0]
+    trained = ds.sel({"rule": train})["cosine"].values[:, 0]
     refreshed = ds["steps_since_refresh"].values == 0
     # just after a refresh the training update is the fresh reconstructed update at that point
     np.testing.assert_allclose(trained[refreshed], fresh[refreshed], atol=1e-9)
@@ -80,11 +80,11 @@ def test_reconstructed_training_records_staleness(problem):
 
 def test_reconstructed_training_with_refresh_every_step_stays_fresh(problem):
     model, X, y = problem
-    ds = fidelity_trajectory(model, (X, y), train_method="sngd-full", steps=3, every=1, refresh_every=1,
+    ds = fidelity_trajectory(model, (X, y), train_rule="sngd-dense", steps=3, every=1, refresh_every=1,
                              rules=["ngd"], damping=1e-1, lr=0.05, train_lr=0.2, dtype=D)
-    np.testing.assert_allclose(ds.sel({"method": "train:sngd-full"})["cosine"].values, 1.0, atol=1e-10)
+    np.testing.assert_allclose(ds.sel({"rule": "train:sngd-dense"})["cosine"].values, 1.0, atol=1e-10)
     # and training with exact NGD by rule visits the same states
-    by_rule = fidelity_trajectory(model, (X, y), train_method="ngd", steps=3, every=1, rules=["ngd"], damping=1e-1,
+    by_rule = fidelity_trajectory(model, (X, y), train_rule="ngd", steps=3, every=1, rules=["ngd"], damping=1e-1,
                                   lr=0.05, train_lr=0.2, dtype=D)
     np.testing.assert_allclose(ds["loss"].values, by_rule["loss"].values, rtol=1e-9)
 
@@ -93,7 +93,7 @@ def test_diverged_training_leaves_nan_points(problem):
     model, X, y = problem
     register_rule("explode", lambda ctx, damping, lr: torch.full_like(ctx.gradient, float("inf")))
     try:
-        ds = fidelity_trajectory(model, (X, y), train_method="explode", steps=4, every=1, rules=["gd", "ngd"],
+        ds = fidelity_trajectory(model, (X, y), train_rule="explode", steps=4, every=1, rules=["gd", "ngd"],
                                  damping=1e-1, dtype=D)
     finally:
         RULES.pop("explode")
@@ -103,9 +103,9 @@ def test_diverged_training_leaves_nan_points(problem):
     assert set(ds["unavailable_reason"].sel(step=4).values) == {"diverged"}
 
 
-@pytest.mark.parametrize("kwargs, match", [({"train_method": "sgd"}, "unknown update rule 'sgd'.*'gd'"),
+@pytest.mark.parametrize("kwargs, match", [({"train_rule": "sgd"}, "unknown update rule 'sgd'.*'gd'"),
                                            ({"steps": -1}, "steps"), ({"every": 0}, "every"),
-                                           ({"train_method": "sngd-kfac", "refresh_every": 0}, "refresh_every")])
+                                           ({"train_rule": "sngd-kfac", "refresh_every": 0}, "refresh_every")])
 def test_trajectory_bad_input(problem, kwargs, match):
     model, X, y = problem
     with pytest.raises(InputError, match=match):

@@ -20,7 +20,7 @@ from fisherlab.models import MLP
 from fisherlab.pytest_plugin import golden  # noqa: F401 - the fixture, also when the plugin is not installed
 
 D = torch.float64
-RULES = ["gd", "adam", "ngd", "block-ngd", "kfac", "ekfac", "unit", "diag", "empirical-ngd", "sngd-full",
+RULES = ["gd", "adam", "ngd", "block-ngd", "kfac", "ekfac", "unit", "diag", "empirical-ngd", "sngd-dense",
          "sngd-kfac"]
 
 #: float64 round-off across BLAS builds; KL and loss changes are differences of O(1) numbers (cancellation).
@@ -45,9 +45,9 @@ def test_fidelity_golden(case, golden):  # noqa: F811
 
 def test_trajectory_golden(case, golden):  # noqa: F811
     model, batch = case
-    ds = fidelity_trajectory(model, batch, train_method="sngd-kfac", steps=4, every=2, refresh_every=3,
+    ds = fidelity_trajectory(model, batch, train_rule="sngd-kfac", steps=4, every=2, refresh_every=3,
                              rules=["gd", "ngd", "kfac"], damping=[1e-2], lr=0.1, train_lr=0.3, dtype=D)
-    golden.check("trajectory_digits_mlp", ds, TOLERANCES, default=(1e-7, 1e-10), check_attrs=["train_method"])
+    golden.check("trajectory_digits_mlp", ds, TOLERANCES, default=(1e-7, 1e-10), check_attrs=["train_rule"])
 
 
 def test_geometry_golden(case, golden):  # noqa: F811

@@ -14,7 +14,7 @@ import torch
 
 from fisherlab import structures
 from fisherlab.engine import FisherEngine
-from fisherlab.fisher import fisher
+from fisherlab import fisher
 
 pytestmark = pytest.mark.gpu
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from fisherlab.errors import InputError
-from fisherlab.fisher import fisher
+from fisherlab import fisher
 from fisherlab.params import ParamSpec, layer_of
 
 

@@ -25,6 +25,6 @@ def test_using_the_library_example_runs(capsys) -> None:
     namespace: dict = {}
     exec(compile(code, "README.md (Using the library)", "exec"), namespace)  # noqa: S102
     assert "InputWhitening" in capsys.readouterr().out  # print(net) shows the local Fisher layers
-    assert namespace["ds"].cosine.sel({"method": "sngd-kfac"}).values == pytest.approx(
-        namespace["ds"].cosine.sel({"method": "kfac"}).values, abs=1e-8)
+    assert namespace["ds"].cosine.sel({"rule": "sngd-kfac"}).values == pytest.approx(
+        namespace["ds"].cosine.sel({"rule": "kfac"}).values, abs=1e-8)
     assert isinstance(namespace["F"].solve(torch.ones(3466, dtype=torch.float64), damping=1e-3), torch.Tensor)

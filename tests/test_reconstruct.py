@@ -20,7 +20,7 @@ from fisherlab.errors import InputError, SingularMatrixError, UnsupportedLayerEr
 from fisherlab.layers import expand_input, to_combined
 from fisherlab.models import build_model
 from fisherlab.params import ParamSpec
-from fisherlab.reconstruct import (
+from fisherlab.reconstruction import (
     CombinedLayout,
     DenseRoot,
     DiagonalRoot,
@@ -75,7 +75,7 @@ def test_layer_form_is_visible_and_parameters_are_reconstructed(mlp) -> None:
 
 def test_parametrization_form_parameters(mlp) -> None:
     model, X, y = mlp
-    for structure in ("full", "block", "diag", "ekfac", "unit"):
+    for structure in ("dense", "block", "diag", "ekfac", "unit"):
         net = reconstruct(model, (X, y), structure=structure, damping=LAM)
         names = [n for n, _ in net.named_parameters()]
         assert names == [f"net.{n.rpartition('.')[0]}.parametrizations.{n.rpartition('.')[2]}.original"
@@ -85,7 +85,7 @@ def test_parametrization_form_parameters(mlp) -> None:
 
 def test_optimizer_sees_theta_prime_and_no_gradient_reaches_the_roots(mlp) -> None:
     model, X, y = mlp
-    for structure in ("kfac", "full", "unit"):
+    for structure in ("kfac", "dense", "unit"):
         net = reconstruct(model, (X, y), structure=structure, damping=LAM)
         buffers = list(net.buffers())
         assert buffers and not any(b.requires_grad for b in buffers)
@@ -229,7 +229,7 @@ def test_norm_parameters_and_batchnorm_in_eval_mode() -> None:
 def test_coordinates_and_update_maps(mlp) -> None:
     model, X, y = mlp
     spec = ParamSpec.from_model(model)
-    net = reconstruct(model, (X, y), structure="full", damping=LAM)
+    net = reconstruct(model, (X, y), structure="dense", damping=LAM)
     theta = spec.vector(model)
     G = ref.true_fisher(model, X, ref.RefLikelihood("categorical")) + LAM * torch.eye(spec.dim, dtype=DT)
     assert rel(net.original_vector(), theta) < 1e-12
@@ -293,7 +293,7 @@ def test_copies_and_state_dict(mlp) -> None:
     c.load_state_dict(b.state_dict())
     with torch.no_grad():
         assert rel(c(X), b(X)) < 1e-12
-    full = reconstruct(model, (X, y), structure="full", damping=LAM)
+    full = reconstruct(model, (X, y), structure="dense", damping=LAM)
     full_copy = copy.deepcopy(full)
     with torch.no_grad():
         full_copy.net[0].parametrizations.bias.original.add_(1.0)  # the copy's peers are the copy's tensors
@@ -304,7 +304,7 @@ def test_reconstructed_network_is_a_model_for_the_fisher_engine(mlp) -> None:
     from fisherlab import fisher
 
     model, X, y = mlp
-    net = reconstruct(model, (X, y), structure="full", damping=LAM)
+    net = reconstruct(model, (X, y), structure="dense", damping=LAM)
     F_prime = fisher(net, (X, y), structure="dense").to_dense()  # the Fisher the reconstructed network sees
     F = ref.true_fisher(model, X, ref.RefLikelihood("categorical"))
     R = sym_root(F + LAM * torch.eye(len(F), dtype=DT), -0.5)
@@ -342,7 +342,7 @@ def test_structure_without_a_rule_names_the_module() -> None:
 def test_singular_metric_without_damping() -> None:
     model, X, y = CNN2D.build(DT)
     with pytest.raises(SingularMatrixError, match="damping"):
-        reconstruct(model, (X[:1], y[:1]), structure="full", damping=0.0)
+        reconstruct(model, (X[:1], y[:1]), structure="dense", damping=0.0)
     mlp, X, y = MLP.build(DT)
     X = X.clone()
     X[:, 0] = 0.0  # the weights of input 0 get no gradient: diag(F) has zeros
@@ -355,7 +355,7 @@ def test_singular_metric_without_damping() -> None:
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"structure": "lowrank"}, "reconstruction structure"), ({"sqrt": "qr"}, "sqrt method"),
     ({"split": "exact"}, "damping split"), ({"fold": "sometimes"}, "fold mode"), ({"damping": -1.0}, "damping"),
-    ({"ema_decay": 1.0}, "ema_decay"), ({"fisher": "hessian"}, "Fisher kind"),
+    ({"ema_decay": 1.0}, "ema_decay"), ({"kind": "hessian"}, "Fisher kind"),
 ])
 def test_bad_options(mlp, kwargs: dict, match: str) -> None:
     model, X, y = mlp
@@ -367,7 +367,7 @@ def test_bad_options(mlp, kwargs: dict, match: str) -> None:
 @pytest.mark.parametrize("sqrt", ["eigh", "cholesky", "lowrank"])
 def test_cuda_matches_cpu(sqrt: str) -> None:
     model, X, y = CNN2D.build(DT)
-    for structure in ("kfac", "full", "unit"):
+    for structure in ("kfac", "dense", "unit"):
         kw = {"sqrt": sqrt, "root_rank": 2}
         net = reconstruct(model, (X, y), structure=structure, damping=LAM, device="cuda", **kw)
         assert all(b.is_cuda for b in net.buffers()) and all(p.is_cuda for p in net.parameters())

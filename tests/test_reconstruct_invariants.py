@@ -22,12 +22,12 @@ from fisherlab import fisher
 from fisherlab.engine import FisherEngine
 from fisherlab.models import build_model
 from fisherlab.params import ParamSpec
-from fisherlab.reconstruct import reconstruct
+from fisherlab.reconstruction import reconstruct
 
 DT = torch.float64
 LAM = 1e-2
 LR = 0.3
-STRUCTURES = ("full", "block", "diag", "kfac", "input", "ekfac", "unit")
+STRUCTURES = ("dense", "block", "diag", "kfac", "input", "ekfac", "unit")
 LAYERWISE = ("kfac", "input", "ekfac", "unit")
 LSTM = Case("lstm", lambda: build_model("lstm", input_size=2, hidden_size=3, n_outputs=3, seed=3), (4, 2),
             "categorical", 3, n=6)
@@ -84,7 +84,7 @@ def reference_metric(model: nn.Module, X: Tensor, y: Tensor, structure: str, opt
     P = spec.dim
     eye = torch.eye(P, dtype=DT)
     F = ref.true_fisher(model, X, ref.RefLikelihood("categorical"))
-    if structure == "full":
+    if structure == "dense":
         return F + LAM * eye
     if structure == "diag":
         return torch.diag(F.diagonal()) + LAM * eye
@@ -168,7 +168,7 @@ def test_invariant_2_gd_step_is_preconditioned_step(name: str, structure: str, s
 @pytest.mark.parametrize("name", list(MODELS))
 def test_invariant_3_full_is_exact_ngd(name: str, sqrt: str) -> None:
     model, X, y, _, _ = problem(name)
-    net = build(name, "full", sqrt=sqrt)
+    net = build(name, "dense", sqrt=sqrt)
     F = ref.true_fisher(model, X, ref.RefLikelihood("categorical"))
     L = torch.linalg.cholesky(F + LAM * torch.eye(len(F), dtype=DT))
     ngd = -LR * torch.cholesky_solve(mean_gradient(model, X, y).unsqueeze(1), L).squeeze(1)
@@ -202,7 +202,7 @@ def test_invariant_4_refresh_keeps_function_and_reexpresses(name: str, structure
 def test_invariant_1_float32(name: str) -> None:
     model, X, y, X2, y2 = problem(name)
     model32 = copy.deepcopy(model).float()
-    for structure, sqrt in (("kfac", "eigh"), ("full", "eigh"), ("unit", "eigh"), ("kfac", "cholesky")):
+    for structure, sqrt in (("kfac", "eigh"), ("dense", "eigh"), ("unit", "eigh"), ("kfac", "cholesky")):
         net = reconstruct(model32, (X.float(), y), structure=structure, damping=LAM, sqrt=sqrt)
         assert next(net.parameters()).dtype == torch.float32
         with torch.no_grad():
@@ -214,7 +214,7 @@ def test_invariant_1_float32(name: str) -> None:
 @pytest.mark.parametrize("kind", ["empirical", "mc"])
 def test_other_fisher_kinds(kind: str) -> None:
     model, X, y, _, _ = problem("mlp")
-    net = reconstruct(model, (X, y), structure="full", fisher=kind, damping=LAM, mc_samples=3, seed=5)
+    net = reconstruct(model, (X, y), structure="dense", kind=kind, damping=LAM, mc_samples=3, seed=5)
     lik = ref.RefLikelihood("categorical")
     if kind == "empirical":
         F = ref.empirical_fisher(model, X, y, lik)
@@ -226,7 +226,7 @@ def test_other_fisher_kinds(kind: str) -> None:
 
 
 @pytest.mark.parametrize("method", ["denman_beavers", "newton_schulz"])
-@pytest.mark.parametrize("structure", ["full", "kfac", "unit"])
+@pytest.mark.parametrize("structure", ["dense", "kfac", "unit"])
 def test_square_root_methods_agree_with_eigh(method: str, structure: str) -> None:
     model, X, _, _, _ = problem("mlp")
     a = build("mlp", structure)
@@ -250,7 +250,7 @@ def test_moving_average_of_statistics() -> None:
 
 def test_sngd_with_empirical_kfac_is_kfac_step_from_empirical_factors() -> None:
     model, X, y, _, _ = problem("cnn2d")
-    net = reconstruct(model, (X, y), structure="kfac", fisher="empirical", damping=LAM, split="sqrt")
+    net = reconstruct(model, (X, y), structure="kfac", kind="empirical", damping=LAM, split="sqrt")
     struct = fisher(model, (X, y), kind="empirical", structure="kfac")
     g = mean_gradient(model, X, y)
     spec = ParamSpec.from_model(model)

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from fisherlab import fisher
 from fisherlab.errors import InputError
 from fisherlab.params import ParamSpec
-from fisherlab.reconstruct import reconstruct
-from fisherlab.reconstruct.roots import damped_roots, lowrank_roots
+from fisherlab.reconstruction import reconstruct
+from fisherlab.reconstruction.roots import damped_roots, lowrank_roots
 
 CASES = [(name, k) for name in ("mlp", "cnn2d", "cnn1d") for k in (1, 2)]
 

@@ -15,7 +15,7 @@ from fisherlab import fisher
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import FallbackWarning
 from fisherlab.models import LSTMClassifier
-from fisherlab.reconstruct import reconstruct
+from fisherlab.reconstruction import reconstruct
 
 DT = torch.float64
 LAM, LR = 1e-2, 0.3
@@ -98,7 +98,7 @@ def test_reconstructed_fused_lstm_is_ngd() -> None:
     g = ref.loss_gradients(model, X, y, LIK).mean(0)
     F = ref.true_fisher(model, X, LIK)
     eye = torch.eye(len(F), dtype=DT)
-    net = reconstruct(model, (X, y), structure="full", damping=LAM)
+    net = reconstruct(model, (X, y), structure="dense", damping=LAM)
     with torch.no_grad():
         assert rel(net(X), model(X)) < 1e-10
     assert rel(net.gd_update((X, y), LR), -LR * torch.cholesky_solve(g.unsqueeze(1), torch.linalg.cholesky(

@@ -16,9 +16,9 @@ pytest_plugins = ["pytester"]
 
 def make(cosine=None, **extra_vars):
     cosine = np.array([[1.0, 0.5], [0.25, np.nan]]) if cosine is None else cosine
-    data = {"cosine": (("method", "damping"), cosine),
-            "reason": (("method",), np.array(["", "too big"])), **extra_vars}
-    return new_dataset("fidelity", data, {"method": ["ngd", "gd"], "damping": [1e-3, 1e-1]},
+    data = {"cosine": (("rule", "damping"), cosine),
+            "reason": (("rule",), np.array(["", "too big"])), **extra_vars}
+    return new_dataset("fidelity", data, {"rule": ["ngd", "gd"], "damping": [1e-3, 1e-1]},
                        config={"a": 1}, seed=0, device="cpu", dtype="float64")
 
 
@@ -36,7 +36,7 @@ def test_failure_names_variable_size_and_worst_point():
     msg = str(info.value)
     assert "variable 'cosine': 1 of 4 values outside rtol=0.001, atol=1e-06" in msg
     assert "max abs diff 1.000e-02" in msg and "max rel diff 4.000e-02" in msg
-    assert "worst at method=gd, damping=0.001: 0.26 vs golden 0.25" in msg
+    assert "worst at rule=gd, damping=0.001: 0.26 vs golden 0.25" in msg
 
 
 def test_nan_mismatch_strings_dims_coords_and_missing_variables():
@@ -45,9 +45,9 @@ def test_nan_mismatch_strings_dims_coords_and_missing_variables():
     assert len(problems) == 1 and "NaN in one but not the other at 2 point(s)" in problems[0]
 
     other_reason = make()
-    other_reason["reason"] = ("method",), np.array(["", "unsupported"])
+    other_reason["reason"] = ("rule",), np.array(["", "unsupported"])
     (problem,) = dataset_differences(other_reason, make())
-    assert "variable 'reason': 1 of 2 values differ; first at method=gd: 'unsupported' != golden 'too big'" in problem
+    assert "variable 'reason': 1 of 2 values differ; first at rule=gd: 'unsupported' != golden 'too big'" in problem
 
     extra = make(loss=((), 1.0))
     assert dataset_differences(extra, make()) == ["data variable(s) not in the golden Dataset: ['loss']"]
@@ -78,7 +78,7 @@ import numpy as np
 from fisherlab.results import new_dataset
 
 def test_golden(golden):
-    ds = new_dataset("fidelity", {{"cosine": (("method",), np.array([1.0, {value}]))}}, {{"method": ["ngd", "gd"]}},
+    ds = new_dataset("fidelity", {{"cosine": (("rule",), np.array([1.0, {value}]))}}, {{"rule": ["ngd", "gd"]}},
                      config={{}}, seed=0, device="cpu", dtype="float64")
     golden.check("demo", ds, {{"cosine": (1e-6, 0.0)}})
 """
@@ -101,7 +101,7 @@ def test_plugin_writes_compares_and_reports(pytester):
     pytester.makepyfile(test_demo=TEST_FILE.format(value=0.6))
     changed = pytester.runpytest(*PLUGIN_ARGS)
     changed.assert_outcomes(failed=1)
-    changed.stdout.fnmatch_lines(["*variable 'cosine': 1 of 2 values outside rtol=1e-06*worst at method=gd*"])
+    changed.stdout.fnmatch_lines(["*variable 'cosine': 1 of 2 values outside rtol=1e-06*worst at rule=gd*"])
 
 
 def test_plugin_golden_dir_ini_option(pytester):

@@ -1,4 +1,4 @@
-"""Fidelity of every update rule at one state: a Dataset with dims ``method``, ``damping``, ``layer``.
+"""Fidelity of every update rule at one state: a Dataset with dims ``rule``, ``damping``, ``layer``.
 
 For each damping λ the exact NGD update v = −η (F + λI)⁻¹ ∇L (METHOD.md §3) is the reference, and every rule's
 update u (same state, batch, λ and η; original coordinates) is compared with it by the metrics of
@@ -11,8 +11,6 @@ metrics, the reason in ``unavailable_reason``) instead of aborting the evaluatio
 from __future__ import annotations
 
 import json
-import math
-import numbers
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,6 +21,7 @@ import xarray as xr
 from torch import Tensor, nn
 
 from fisherlab import results
+from fisherlab.checks import check_dampings, check_lr
 from fisherlab.errors import (
     InputError,
     MemoryBudgetError,
@@ -31,7 +30,7 @@ from fisherlab.errors import (
     UnsupportedLayerError,
 )
 from fisherlab.fidelity import metrics
-from fisherlab.fidelity.rules import RuleContext, UpdateRule, check_rules, get_rule
+from fisherlab.fidelity.rules import Rule, RuleContext, UpdateRule, check_rules
 from fisherlab.likelihoods import Likelihood
 
 #: Errors that make one rule unavailable at a state without invalidating the others (its structure does not fit
@@ -40,7 +39,7 @@ UNAVAILABLE = (MemoryBudgetError, UnsupportedLayerError, SingularMatrixError)
 
 #: Rules evaluated when none are named.
 DEFAULT_RULES = ("gd", "adam", "ngd", "block-ngd", "kfac", "ekfac", "unit", "diag", "empirical-ngd", "mc-ngd",
-                 "lowrank", "sngd-full", "sngd-block", "sngd-kfac")
+                 "lowrank", "sngd-dense", "sngd-block", "sngd-kfac")
 
 #: (long_name, units) of every variable a fidelity Dataset may hold.
 ANNOTATIONS: dict[str, tuple[str, str]] = {
@@ -61,31 +60,9 @@ ANNOTATIONS: dict[str, tuple[str, str]] = {
     "damping": ("damping lambda", "1"),
 }
 
-#: Metric variables with dims (method, damping) [+ layer]; NaN where a rule is unavailable.
+#: Metric variables with dims (rule, damping) [+ layer]; NaN where a rule is unavailable.
 METRIC_VARS = ("cosine", "rel_error", "fisher_rel_error", "kl_predicted", "kl_measured", "loss_change",
                "update_norm")
-
-
-def check_dampings(damping: float | Sequence[float]) -> list[float]:
-    """Dampings as a non-empty list of finite floats ≥ 0 without duplicates."""
-    values = [damping] if isinstance(damping, numbers.Real) else list(damping)
-    if not values:
-        raise InputError("no damping given")
-    out = []
-    for d in values:
-        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not math.isfinite(d) or d < 0:
-            raise InputError(f"damping must be a finite number >= 0; got {d!r}")
-        out.append(float(d))
-    if len(set(out)) != len(out):
-        raise InputError(f"duplicate damping values in {out}")
-    return out
-
-
-def check_lr(lr: float) -> float:
-    """A finite positive learning rate."""
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
-        raise InputError(f"lr must be a finite number > 0; got {lr!r}")
-    return float(lr)
 
 
 def measure(ctx: RuleContext, rules: Mapping[str, UpdateRule], dampings: Sequence[float], lr: float, *,
@@ -94,12 +71,12 @@ def measure(ctx: RuleContext, rules: Mapping[str, UpdateRule], dampings: Sequenc
 
     Args:
         ctx: The state.
-        rules: ``{method name: rule}`` (registered rules, or others such as a training loop's own update).
+        rules: ``{rule name: rule}`` (registered rules, or others such as a training loop's own update).
         dampings: λ values.
         lr: η of every rule.
         skip_unavailable: Record rules that raise one of :data:`UNAVAILABLE` instead of raising.
 
-    Dims are ``method`` (len(rules)), ``damping`` (len(dampings)) and ``layer`` (``spec.layers()`` order).
+    Dims are ``rule`` (len(rules)), ``damping`` (len(dampings)) and ``layer`` (``spec.layers()`` order).
 
     Raises:
         NonFiniteError: If a rule returns NaN or infinite values.
@@ -156,10 +133,10 @@ def measure(ctx: RuleContext, rules: Mapping[str, UpdateRule], dampings: Sequenc
             out[name][done, j] = value.detach().cpu().double().numpy()
         out["cosine_layer"][done, j, :] = layer.T.detach().cpu().double().numpy()
     solves = [ctx.solves[("true", lam)] for lam in dampings]
-    data = {name: (("method", "damping"), value) for name, value in out.items() if name != "cosine_layer"}
-    data["cosine_layer"] = (("method", "damping", "layer"), out["cosine_layer"])
-    data["available"] = (("method",), np.array([0 if r else 1 for r in reasons], dtype=np.int64))
-    data["unavailable_reason"] = (("method",), np.array(reasons, dtype=str))
+    data = {name: (("rule", "damping"), value) for name, value in out.items() if name != "cosine_layer"}
+    data["cosine_layer"] = (("rule", "damping", "layer"), out["cosine_layer"])
+    data["available"] = (("rule",), np.array([0 if r else 1 for r in reasons], dtype=np.int64))
+    data["unavailable_reason"] = (("rule",), np.array(reasons, dtype=str))
     data["ngd_residual"] = (("damping",), np.array([s.residual for s in solves]))
     data["ngd_iterations"] = (("damping",), np.array([s.iterations for s in solves], dtype=np.int64))
     data["loss"] = ((), np.array(float(loss)))
@@ -180,11 +157,11 @@ def solver_attrs(ctx: RuleContext, dampings: Sequence[float]) -> dict[str, Any]:
 def evaluate_fidelity(
     model: nn.Module,
     data: Any,
+    likelihood: str | Likelihood = "categorical",
     *,
-    rules: Sequence[str] = DEFAULT_RULES,
+    rules: Sequence[str | Rule] = DEFAULT_RULES,
     damping: float | Sequence[float] = 1e-3,
     lr: float = 0.1,
-    likelihood: str | Likelihood = "categorical",
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     seed: int = 0,
@@ -202,7 +179,8 @@ def evaluate_fidelity(
     Args:
         model: The network (not modified).
         data: The batch: ``(X, y)``, a SplitData (training split) or a DataLoader.
-        rules: Rule names (see :data:`fisherlab.fidelity.rules.RULES`).
+        rules: Rule names (see :data:`fisherlab.fidelity.rules.RULES`) or :class:`~fisherlab.fidelity.rules.Rule`
+            objects.
         damping: λ, one value or several.
         lr: Learning rate η of every step (the KL and loss columns depend on it; cosines do not).
         likelihood: Likelihood name or object.
@@ -220,7 +198,7 @@ def evaluate_fidelity(
         config: Extra configuration stored in the provenance.
 
     Returns:
-        A ``"fidelity"`` Dataset with dims ``method``, ``damping``, ``layer`` and variables ``cosine``,
+        A ``"fidelity"`` Dataset with dims ``rule``, ``damping``, ``layer`` and variables ``cosine``,
         ``cosine_layer``, ``rel_error``, ``fisher_rel_error``, ``kl_predicted``, ``kl_measured``,
         ``loss_change``, ``update_norm``, ``available``, ``unavailable_reason``, ``ngd_residual``,
         ``ngd_iterations``, ``loss``, ``grad_norm``; attributes ``ngd_solver`` (``"cholesky"``/``"cg"``),
@@ -237,15 +215,15 @@ def evaluate_fidelity(
     ctx = RuleContext(model, data, likelihood, dtype=dtype, device=device, seed=seed, mc_samples=mc_samples,
                       memory_budget=memory_budget, chunk_size=chunk_size, cg_tol=cg_tol, cg_max_iter=cg_max_iter,
                       progress=progress)
-    data_vars = measure(ctx, {n: get_rule(n) for n in rules}, dampings, lr, skip_unavailable=skip_unavailable)
+    data_vars = measure(ctx, rules, dampings, lr, skip_unavailable=skip_unavailable)
     engine = ctx.engine()
-    cfg = {"rules": rules, "damping": dampings, "lr": lr, "likelihood": repr(ctx.likelihood),
+    cfg = {"rules": list(rules), "damping": dampings, "lr": lr, "likelihood": repr(ctx.likelihood),
            "mc_samples": mc_samples, "memory_budget": ctx.memory_budget, "cg_tol": cg_tol,
            "model": type(model).__name__, **(config or {})}
     attrs = {**solver_attrs(ctx, dampings), "lr": lr, "num_params": engine.spec.dim,
              "num_samples": engine.num_samples, "timings": json.dumps(ctx.timings),
              "total_seconds": time.perf_counter() - start}
-    return fidelity_dataset("fidelity", data_vars, {"method": rules, "damping": dampings,
+    return fidelity_dataset("fidelity", data_vars, {"rule": list(rules), "damping": dampings,
                                                     "layer": list(engine.spec.layers())},
                             config=cfg, seed=seed, device=engine.device, dtype=engine.dtype, attrs=attrs)
 
@@ -256,5 +234,5 @@ def fidelity_dataset(kind: str, data_vars: dict, coords: dict, **kwargs: Any) ->
     return results.annotate(ds, {k: v for k, v in ANNOTATIONS.items() if k in ds.variables})
 
 
-__all__ = ["ANNOTATIONS", "DEFAULT_RULES", "METRIC_VARS", "UNAVAILABLE", "check_dampings", "check_lr",
+__all__ = ["ANNOTATIONS", "DEFAULT_RULES", "METRIC_VARS", "UNAVAILABLE",
            "evaluate_fidelity", "fidelity_dataset", "measure", "solver_attrs"]

@@ -16,7 +16,7 @@ condition number from the top and the smallest eigenvalue. For the original coor
 and its smallest eigenvalue is exactly λ when F has rank ≤ N·R < P (N samples, R rows of the output factor per
 sample), else Lanczos on σI − F. For a structure, the operator is the one the reconstructed network sees,
 B = G_λ^{-1/2} (F + λI) G_λ^{-1/2}, applied as v ↦ R⁻¹((F + λI)(R⁻¹v)) with the symmetric roots R = G_λ^{1/2} of
-the network :func:`fisherlab.reconstruct.reconstruct` builds for it (``dense`` → ``full``, the others by their
+the network :func:`fisherlab.reconstruction.reconstruct` builds for it (by the structure's
 own name; its G_λ is the one ``structure.solve`` inverts), and the smallest eigenvalue always by Lanczos on σI − B.
 A structure whose reconstruction does not fit the budget (dense or per-layer P_l × P_l roots) is recorded as
 unavailable. Per-layer spectra are only computed on the dense path.
@@ -35,16 +35,15 @@ import xarray as xr
 from torch import Tensor, nn
 
 from fisherlab import results
+from fisherlab.checks import check_dampings
 from fisherlab.errors import SingularMatrixError, UnsupportedLayerError
-from fisherlab.fidelity.evaluate import UNAVAILABLE, check_dampings
+from fisherlab.fidelity.evaluate import UNAVAILABLE
 from fisherlab.fidelity.rules import RuleContext
 from fisherlab.likelihoods import Likelihood
+from fisherlab.vocabulary import RECONSTRUCTIBLE, RootMethod, Structure
 
 #: Structures measured by default (each the true Fisher in that structure).
 DEFAULT_STRUCTURES = ("dense", "block", "kfac", "ekfac", "unit", "diag")
-
-#: Options of the structures (as for the ``block-ngd`` rule: one block per layer).
-STRUCTURE_OPTIONS: dict[str, dict[str, Any]] = {"block": {"by": "layer"}}
 
 #: Lanczos steps for the smallest eigenvalue of F on the matrix-free path (it converges slowly).
 LOW_END_ITERATIONS = 200
@@ -89,7 +88,7 @@ def condition(ev: Tensor) -> float:
 
 def damped_matrix(ctx: RuleContext, structure: str, damping: float) -> Tensor:
     """G_λ as a dense (P, P) matrix: the inverse of g ↦ ``structure.solve(g, λ)``."""
-    G = ctx.structure(structure, **STRUCTURE_OPTIONS.get(structure, {}))
+    G = ctx.structure(structure)
     P = ctx.spec.dim
     eye = torch.eye(P, dtype=ctx.engine().dtype, device=ctx.engine().device)
     Ginv = G.solve(eye, damping)
@@ -134,11 +133,6 @@ def _dense_geometry(ctx: RuleContext, names: list[str], dampings: list[float], s
     return out, reasons
 
 
-#: The reconstruction structure whose network sees G_λ^{-1/2}(F + λI)G_λ^{-1/2} for each geometry structure.
-RECONSTRUCTION_OF = {"dense": "full", "block": "block", "kfac": "kfac", "ekfac": "ekfac", "unit": "unit",
-                     "diag": "diag"}
-
-
 def _lanczos_spectrum(matvec: Any, P: int, k: int, seed: int, dtype: torch.dtype, device: torch.device,
                       lam_min: float | None = None) -> tuple[Tensor, float]:
     """Top k eigenvalues (descending) of a symmetric PSD operator (P × P) and its smallest eigenvalue.
@@ -163,7 +157,7 @@ def _ratio(hi: float, lo: float) -> float:
 def _lanczos_geometry(ctx: RuleContext, names: list[str], dampings: list[float], num_eigs: int, seed: int,
                       skip_unavailable: bool) -> tuple[dict[str, np.ndarray], list[str]]:
     """Top ``num_eigs`` eigenvalues (ascending) and κ of F + λI and of each structure's B, by Lanczos."""
-    from fisherlab.fidelity.rules import reconstruct_network
+    from fisherlab.fidelity.rules import ReconstructedGD
 
     F = ctx.fisher()
     engine = ctx.engine()
@@ -182,10 +176,10 @@ def _lanczos_geometry(ctx: RuleContext, names: list[str], dampings: list[float],
                 if name == "original":
                     top, kappa = top_F + lam, _ratio(float(top_F[0]) + lam, lo_F + lam)
                 else:
-                    if name not in RECONSTRUCTION_OF:
+                    if name not in RECONSTRUCTIBLE:
                         raise UnsupportedLayerError(f"structure {name!r} has no reconstructed network")
                     with ctx.timed(f"geometry {name}"):
-                        net = reconstruct_network(ctx, RECONSTRUCTION_OF[name], lam, sqrt="eigh")
+                        net = ReconstructedGD(name, Structure(name), RootMethod.EIGH).network(ctx, lam)
 
                         def B(v: Tensor, net: Any = net, lam: float = lam) -> Tensor:
                             u = net.to_original_update(v)  # R⁻¹ v (R symmetric)
@@ -206,10 +200,10 @@ def _lanczos_geometry(ctx: RuleContext, names: list[str], dampings: list[float],
 def fisher_geometry(
     model: nn.Module,
     data: Any,
+    likelihood: str | Likelihood = "categorical",
     *,
     structures: Sequence[str] = DEFAULT_STRUCTURES,
     damping: float | Sequence[float] = 1e-3,
-    likelihood: str | Likelihood = "categorical",
     dtype: torch.dtype | None = torch.float64,
     device: torch.device | str | None = None,
     seed: int = 0,

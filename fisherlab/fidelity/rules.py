@@ -27,7 +27,7 @@ Built-in rules (:data:`RULES`):
 ``empirical-ngd``  exact solve with the empirical Fisher (dense, or CG beyond the budget)
 ``mc-ngd``         exact solve with the Monte-Carlo Fisher (``mc_samples`` labels per input)
 ``sngd-<s>``       one plain GD step on the network reconstructed with structure ``s``
-                   (:func:`fisherlab.reconstruct.reconstruct`), mapped back to the original coordinates; roots
+                   (:func:`fisherlab.reconstruction.reconstruct`), mapped back to the original coordinates; roots
                    by Cholesky (``sqrt="cholesky"``: the mapped-back step is −η G⁻¹∇L whatever root R with
                    RᵀR = G the network uses, and Cholesky is the cheapest)
 ``sngd-kfac-       ``sngd-kfac`` with ``sqrt="lowrank"``: every Kronecker factor wider than 128 replaced by its
@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,22 +52,21 @@ import torch
 from torch import Tensor, nn
 
 from fisherlab import structures
-from fisherlab.engine import FisherEngine, FisherType, parse_enum
+from fisherlab.checks import parse_enum
+from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError
 from fisherlab.likelihoods import Likelihood, get_likelihood
 from fisherlab.linalg import damped_solve
 from fisherlab.memory import dense_bytes, resolve_budget
 from fisherlab.params import ParamSpec
 from fisherlab.structures.base import FisherMatrix
+from fisherlab.vocabulary import RECONSTRUCTIBLE, STRUCTURE_ALIASES, BlockBy, FisherKind, RootMethod, Structure
 
 #: A rule: (context, damping λ, learning rate η) → update Δθ of shape (P,), original coordinates.
 UpdateRule = Callable[["RuleContext", float, float], Tensor]
 
 #: Dense P×P copies a Cholesky solve holds at its peak (F, F + λI, L, L⁻¹ in the singularity check).
 DENSE_SOLVE_COPIES = 4
-
-#: Reconstruction structures with an ``sngd-<structure>`` rule (those of :func:`fisherlab.reconstruct.reconstruct`).
-RECONSTRUCT_STRUCTURES = ("full", "block", "kfac", "input", "ekfac", "unit", "diag")
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ class RuleContext:
     # --------------------------------------------------------------------------------------- shared objects
     def engine(self, kind: str = "true") -> FisherEngine:
         """The Fisher engine of ``kind`` (``"true"``, ``"mc"``, ``"empirical"``, ``"ggn"``) at this state."""
-        kind = parse_enum(FisherType, kind, "Fisher kind").value
+        kind = parse_enum(FisherKind, kind, "Fisher kind").value
         if kind not in self._engines:
             self._engines[kind] = FisherEngine(
                 self.model, self.data, self.likelihood, kind=kind, mc_samples=self.mc_samples, seed=self.seed,
@@ -258,48 +258,138 @@ class RuleContext:
             return torch.cat([engine.forward(params, x) for x, _ in self._forward_chunks()])
 
 
-# --------------------------------------------------------------------------------------------- registry
-RULES: dict[str, UpdateRule] = {}
+# ------------------------------------------------------------------------------------------------ rules
+class Rule:
+    """An update rule: ``rule(context, damping λ, learning rate η)`` → Δθ of shape (P,), original coordinates.
 
-
-def register_rule(name: str, fn: UpdateRule) -> UpdateRule:
-    """Register ``fn(context, damping, lr) -> update (P,)`` under ``name`` (replacing any previous rule).
-
-    Returns:
-        ``fn`` (so the function can be used as a decorator factory's target).
+    Subclasses say what they are (:class:`ExactNGD` knows its Fisher kind, :class:`StructuredNGD` its structure,
+    :class:`ReconstructedGD` its structure and root method), so no code parses a rule's name.
     """
-    if not isinstance(name, str) or not name:
-        raise InputError(f"a rule name must be a non-empty string; got {name!r}")
-    if not callable(fn):
-        raise InputError(f"rule {name!r} must be callable (context, damping, lr) -> update; got {type(fn)}")
-    RULES[name] = fn
-    return fn
+
+    name: str
+
+    def __call__(self, ctx: RuleContext, damping: float, lr: float) -> Tensor:
+        raise NotImplementedError
 
 
-def get_rule(name: str) -> UpdateRule:
-    """The rule registered as ``name``.
+@dataclass(frozen=True, eq=False)
+class FunctionRule(Rule):
+    """A rule given as a function ``fn(context, damping, lr) -> update (P,)`` (``gd``, ``adam``, users' own)."""
+
+    name: str
+    fn: UpdateRule
+
+    def __call__(self, ctx: RuleContext, damping: float, lr: float) -> Tensor:
+        return self.fn(ctx, damping, lr)
+
+
+@dataclass(frozen=True, eq=False)
+class ExactNGD(Rule):
+    """−η (F_kind + λI)⁻¹ ∇L with the exact (dense or CG) Fisher of ``kind`` (:meth:`RuleContext.exact_solve`)."""
+
+    name: str
+    kind: FisherKind = FisherKind.TRUE
+
+    def __call__(self, ctx: RuleContext, damping: float, lr: float) -> Tensor:
+        return -lr * ctx.exact_solve(self.kind.value, damping)
+
+
+@dataclass(frozen=True, eq=False)
+class StructuredNGD(Rule):
+    """−η (G + λI)⁻¹ ∇L with G the true Fisher in ``structure`` (``G.solve``), built with ``options``."""
+
+    name: str
+    structure: Structure
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __call__(self, ctx: RuleContext, damping: float, lr: float) -> Tensor:
+        return -lr * ctx.structure(self.structure.value, **self.options).solve(ctx.gradient, damping)
+
+
+@dataclass(frozen=True, eq=False)
+class ReconstructedGD(Rule):
+    """One plain GD step on the network reconstructed with ``structure`` and root ``sqrt`` at λ, mapped back.
+
+    The step is read in the original coordinates (:meth:`~fisherlab.reconstruction.ReconstructedNetwork.gd_update`);
+    ``options`` go to :func:`fisherlab.reconstruct` (e.g. ``root_rank`` of ``sqrt="lowrank"``).
+    """
+
+    name: str
+    structure: Structure
+    sqrt: RootMethod = RootMethod.CHOLESKY
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def network(self, ctx: RuleContext, damping: float) -> Any:
+        """The context's model reconstructed with this rule's G at λ (true Fisher of the context's data)."""
+        from fisherlab.reconstruction import reconstruct
+
+        engine = ctx.engine()
+        with ctx.timed(f"reconstruct {self.name}"):
+            return reconstruct(ctx.model, ctx.data, ctx.likelihood, structure=self.structure.value, kind="true",
+                               damping=damping, sqrt=self.sqrt.value, mc_samples=ctx.mc_samples, seed=ctx.seed,
+                               dtype=engine.dtype, device=engine.device, chunk_size=ctx.chunk_size,
+                               memory_budget=ctx.memory_budget, **self.options)
+
+    def __call__(self, ctx: RuleContext, damping: float, lr: float) -> Tensor:
+        return self.network(ctx, damping).gd_update(ctx.data, lr)
+
+
+# --------------------------------------------------------------------------------------------- registry
+RULES: dict[str, Rule] = {}
+
+#: Deprecated rule names → the names that replaced them.
+RULE_ALIASES = {f"sngd-{old}": f"sngd-{new}" for old, new in STRUCTURE_ALIASES.items()}
+
+
+def register_rule(rule: str | Rule, fn: UpdateRule | None = None) -> Rule:
+    """Register a rule (replacing any previous rule of its name) and return it.
+
+    Args:
+        rule: A :class:`Rule`, or a name together with ``fn``.
+        fn: ``fn(context, damping, lr) -> update (P,)`` when ``rule`` is a name (wrapped in :class:`FunctionRule`).
+    """
+    if isinstance(rule, str):
+        if not rule:
+            raise InputError("a rule name must be a non-empty string")
+        if not callable(fn):
+            raise InputError(f"rule {rule!r} must be callable (context, damping, lr) -> update; got {type(fn)}")
+        rule = FunctionRule(rule, fn)
+    elif not isinstance(rule, Rule) or fn is not None:
+        raise InputError(f"register_rule takes a Rule, or a name and a function; got {rule!r}")
+    if not isinstance(rule.name, str) or not rule.name:
+        raise InputError(f"a rule name must be a non-empty string; got {rule.name!r}")
+    RULES[rule.name] = rule
+    return rule
+
+
+def get_rule(rule: str | Rule) -> Rule:
+    """The rule registered as ``rule`` (a :class:`Rule` object is returned as it is).
 
     Raises:
         InputError: For an unknown name; the message lists the valid ones.
     """
-    if name not in RULES:
-        raise InputError(f"unknown update rule {name!r}; valid: {sorted(RULES)}")
-    return RULES[name]
+    if isinstance(rule, Rule):
+        return rule
+    if rule in RULE_ALIASES:
+        warnings.warn(f"rule {rule!r} is deprecated; use {RULE_ALIASES[rule]!r}", DeprecationWarning, stacklevel=3)
+        rule = RULE_ALIASES[rule]
+    if not isinstance(rule, str) or rule not in RULES:
+        raise InputError(f"unknown update rule {rule!r}; valid: {sorted(RULES)}")
+    return RULES[rule]
 
 
-def check_rules(names: Any) -> list[str]:
-    """Validate a list of rule names (non-empty, no duplicates, all registered) and return it as a list."""
-    if isinstance(names, str):
-        names = [names]
-    names = list(names)
-    if not names:
+def check_rules(rules: Any) -> dict[str, Rule]:
+    """Rule names or :class:`Rule` objects (non-empty, distinct names) as ``{name: rule}`` in the given order."""
+    if isinstance(rules, (str, Rule)):
+        rules = [rules]
+    resolved = [get_rule(r) for r in rules]
+    if not resolved:
         raise InputError(f"no update rules given; valid: {sorted(RULES)}")
+    names = [r.name for r in resolved]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise InputError(f"update rule(s) {duplicates} given more than once")
-    for n in names:
-        get_rule(n)
-    return names
+    return dict(zip(names, resolved, strict=True))
 
 
 # ------------------------------------------------------------------------------------------ built-ins
@@ -314,64 +404,17 @@ def adam(ctx: RuleContext, damping: float, lr: float, eps: float = 1e-8) -> Tens
     return -lr * g / (g.abs() + eps)
 
 
-def exact_rule(kind: str) -> UpdateRule:
-    """−η (F_kind + λI)⁻¹ ∇L with the exact (dense or CG) Fisher of ``kind``."""
-
-    def rule(ctx: RuleContext, damping: float, lr: float) -> Tensor:
-        return -lr * ctx.exact_solve(kind, damping)
-
-    rule.__doc__ = f"Exact NGD with the {kind} Fisher."
-    return rule
-
-
-def structure_rule(structure: str, **options: Any) -> UpdateRule:
-    """−η (G + λI)⁻¹ ∇L with G the true Fisher in ``structure`` (``G.solve``)."""
-
-    def rule(ctx: RuleContext, damping: float, lr: float) -> Tensor:
-        return -lr * ctx.structure(structure, **options).solve(ctx.gradient, damping)
-
-    rule.__doc__ = f"NGD preconditioned by the {structure} true Fisher {options or ''}."
-    return rule
-
-
-def reconstruct_network(ctx: RuleContext, structure: str, damping: float, **options: Any) -> Any:
-    """The context's model reconstructed with ``structure`` at λ (:func:`fisherlab.reconstruct.reconstruct`).
-
-    The true Fisher on the context's data, with its likelihood, dtype, device, seed, chunking and budget.
-    """
-    from fisherlab.reconstruct import reconstruct
-
-    engine = ctx.engine()
-    with ctx.timed(f"reconstruct {structure}"):
-        return reconstruct(ctx.model, ctx.data, structure=structure, fisher="true", damping=damping,
-                           likelihood=ctx.likelihood, mc_samples=ctx.mc_samples, seed=ctx.seed, dtype=engine.dtype,
-                           device=engine.device, chunk_size=ctx.chunk_size, memory_budget=ctx.memory_budget,
-                           **options)
-
-
-def reconstructed_rule(structure: str, **options: Any) -> UpdateRule:
-    """One plain GD step on the network reconstructed with ``structure`` at λ, mapped back (``gd_update``)."""
-
-    def rule(ctx: RuleContext, damping: float, lr: float) -> Tensor:
-        net = reconstruct_network(ctx, structure, damping, **options)
-        return net.gd_update(ctx.data, lr)
-
-    rule.__doc__ = f"GD on the network reconstructed with the {structure} structure."
-    return rule
-
-
 register_rule("gd", gd)
 register_rule("adam", adam)
-register_rule("ngd", exact_rule("true"))
-register_rule("block-ngd", structure_rule("block", by="layer"))
-for _name in ("kfac", "ekfac", "unit", "lowrank", "diag"):
-    register_rule(_name, structure_rule(_name))
-register_rule("empirical-ngd", exact_rule("empirical"))
-register_rule("mc-ngd", exact_rule("mc"))
-for _name in RECONSTRUCT_STRUCTURES:
-    register_rule(f"sngd-{_name}", reconstructed_rule(_name, sqrt="cholesky"))
-register_rule("sngd-kfac-lowrank", reconstructed_rule("kfac", sqrt="lowrank"))
+register_rule(ExactNGD("ngd", FisherKind.TRUE))
+register_rule(StructuredNGD("block-ngd", Structure.BLOCK, {"by": BlockBy.LAYER.value}))
+for _s in (Structure.KFAC, Structure.EKFAC, Structure.UNIT, Structure.LOWRANK, Structure.DIAG):
+    register_rule(StructuredNGD(_s.value, _s))
+register_rule(ExactNGD("empirical-ngd", FisherKind.EMPIRICAL))
+register_rule(ExactNGD("mc-ngd", FisherKind.MC))
+for _s in map(Structure, RECONSTRUCTIBLE):
+    register_rule(ReconstructedGD(f"sngd-{_s.value}", _s))
+register_rule(ReconstructedGD("sngd-kfac-lowrank", Structure.KFAC, RootMethod.LOWRANK))
 
-__all__ = ["DENSE_SOLVE_COPIES", "RULES", "RuleContext", "SolveInfo", "UpdateRule", "adam", "check_rules",
-           "exact_rule", "get_rule", "gd", "reconstruct_network", "reconstructed_rule", "register_rule",
-           "structure_rule"]
+__all__ = ["DENSE_SOLVE_COPIES", "RULES", "ExactNGD", "FunctionRule", "ReconstructedGD", "Rule", "RuleContext",
+           "SolveInfo", "StructuredNGD", "UpdateRule", "adam", "check_rules", "get_rule", "gd", "register_rule"]

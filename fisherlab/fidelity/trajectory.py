@@ -1,17 +1,18 @@
-"""Fidelity along a training run: train with one method and measure every rule every few steps.
+"""Fidelity along a training run: train with one rule and measure every rule every few steps.
 
-The model (a copy; the caller's is not modified) is trained full-batch on ``data`` with ``train_method`` for
+The model (a copy; the caller's is not modified) is trained full-batch on ``data`` with ``train_rule`` for
 ``steps`` steps; at steps 0, ``every``, 2·``every``, … and at the last step every rule of ``rules`` is compared
 with exact NGD at the current parameters (:func:`fisherlab.fidelity.evaluate.measure`), giving a Dataset with
-dims ``step``, ``method``, ``damping``, ``layer``.
+dims ``step``, ``rule``, ``damping``, ``layer``.
 
-Training methods:
+Training rules (a registered name or a :class:`~fisherlab.fidelity.rules.Rule` object):
 
-* any registered update rule (``"gd"``, ``"ngd"``, ``"kfac"``, ...): each step applies that rule's update
-  computed at the current parameters, with ``train_damping`` and ``train_lr``;
-* ``"sngd-<structure>"`` with ``refresh_every=R``: plain GD on the reconstructed network
-  (:func:`fisherlab.reconstruct.reconstruct`), whose metric G is recomputed (refreshed) only every R steps. The
-  update the training actually takes is then measured too, as method ``"train:<train_method>"``, and the
+* any update rule (``"gd"``, ``"ngd"``, ``"kfac"``, ...): each step applies that rule's update computed at the
+  current parameters, with ``train_damping`` and ``train_lr``;
+* a :class:`~fisherlab.fidelity.rules.ReconstructedGD` rule (``"sngd-kfac"``, ``"sngd-kfac-lowrank"``, ...) with
+  ``refresh_every=R``: plain GD on its reconstructed network (:func:`fisherlab.reconstruct`, with the rule's
+  structure and root method), whose metric G is recomputed (refreshed) only every R steps. The update the
+  training actually takes is then measured too, as rule ``"train:<train_rule>"``, and the
   variable ``steps_since_refresh`` (dim ``step``) says how stale its G was: fidelity as a function of the
   steps since the last refresh (METHOD.md §4, invariant 4).
 """
@@ -30,15 +31,14 @@ import xarray as xr
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fisherlab.checks import check_dampings, check_lr, check_positive_int, renamed
 from fisherlab.errors import InputError
 from fisherlab.fidelity.evaluate import (
-    check_dampings,
-    check_lr,
     fidelity_dataset,
     measure,
     solver_attrs,
 )
-from fisherlab.fidelity.rules import RuleContext, UpdateRule, check_rules, get_rule, reconstruct_network
+from fisherlab.fidelity.rules import ReconstructedGD, Rule, RuleContext, UpdateRule, check_rules, get_rule
 from fisherlab.likelihoods import Likelihood
 from fisherlab.params import ParamSpec
 
@@ -47,10 +47,10 @@ DEFAULT_TRAJECTORY_RULES = ("gd", "adam", "ngd", "block-ngd", "kfac", "diag", "e
 
 
 class RuleTrainer:
-    """Training by a registered update rule: each step is the rule's update at the current parameters."""
+    """Training by an update rule: each step is the rule's update at the current parameters."""
 
-    def __init__(self, name: str, damping: float, lr: float):
-        self.rule = get_rule(name)
+    def __init__(self, rule: Rule, damping: float, lr: float):
+        self.rule = rule
         self.damping, self.lr = damping, lr
         self.steps_since_refresh = 0
 
@@ -64,10 +64,10 @@ class RuleTrainer:
 
 
 class ReconstructedTrainer:
-    """Plain GD on a reconstructed network whose metric G is refreshed every ``refresh_every`` steps."""
+    """Plain GD on the network of a :class:`ReconstructedGD` rule, G refreshed every ``refresh_every`` steps."""
 
-    def __init__(self, structure: str, damping: float, lr: float, refresh_every: int):
-        self.structure, self.damping, self.lr = structure, damping, lr
+    def __init__(self, rule: ReconstructedGD, damping: float, lr: float, refresh_every: int):
+        self.rule, self.damping, self.lr = rule, damping, lr
         self.refresh_every = refresh_every
         self.net: Any = None
 
@@ -79,9 +79,9 @@ class ReconstructedTrainer:
     def _network(self, ctx: RuleContext) -> Any:
         """The reconstructed network at the context's state, built or refreshed when due."""
         if self.net is None:
-            self.net = reconstruct_network(ctx, self.structure, self.damping)
+            self.net = self.rule.network(ctx, self.damping)
         elif self.net.steps_since_refresh >= self.refresh_every:
-            with ctx.timed(f"refresh {self.structure}"):
+            with ctx.timed(f"refresh {self.rule.name}"):
                 self.net.refresh(ctx.data)
         return self.net
 
@@ -114,8 +114,9 @@ def _apply(model: nn.Module, spec: ParamSpec, update: Tensor) -> None:
 def fidelity_trajectory(
     model: nn.Module,
     data: Any,
+    likelihood: str | Likelihood = "categorical",
     *,
-    train_method: str = "ngd",
+    train_rule: str | Rule = "ngd",
     steps: int = 20,
     every: int = 5,
     rules: Sequence[str] = DEFAULT_TRAJECTORY_RULES,
@@ -124,7 +125,6 @@ def fidelity_trajectory(
     train_lr: float | None = None,
     train_damping: float | None = None,
     refresh_every: int | None = None,
-    likelihood: str | Likelihood = "categorical",
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     seed: int = 0,
@@ -136,13 +136,16 @@ def fidelity_trajectory(
     skip_unavailable: bool = True,
     progress: bool | None = None,
     config: dict | None = None,
+    **deprecated: Any,
 ) -> xr.Dataset:
-    """Train with ``train_method`` and measure the fidelity of every rule every ``every`` steps.
+    """Train with ``train_rule`` and measure the fidelity of every rule every ``every`` steps.
 
     Args:
         model: The initial network (copied; not modified).
         data: The training batch (full batch): ``(X, y)``, a SplitData (training split) or a DataLoader.
-        train_method: A registered rule name; ``"sngd-<structure>"`` trains a reconstructed network.
+        likelihood: Likelihood name or object.
+        train_rule: A registered rule name or a Rule; a :class:`~fisherlab.fidelity.rules.ReconstructedGD` rule
+            trains its reconstructed network (``train_method=`` is the deprecated spelling).
         steps: Training steps.
         every: Measure at every ``every``-th step (and at the last).
         rules: Rules measured at each point.
@@ -150,8 +153,7 @@ def fidelity_trajectory(
         lr: η of the measured updates.
         train_lr: η of training (default ``lr``).
         train_damping: λ of training (default: the first damping).
-        refresh_every: For ``sngd-*`` training: steps between refreshes of G (default: ``every``).
-        likelihood: Likelihood name or object.
+        refresh_every: For reconstructed training: steps between refreshes of G (default: ``every``).
         dtype: Compute dtype.
         device: Compute device.
         seed: Seed of Monte-Carlo labels.
@@ -163,6 +165,7 @@ def fidelity_trajectory(
         skip_unavailable: Record unavailable rules as NaN instead of raising.
         progress: Progress bar (``None``: only on a terminal).
         config: Extra configuration stored in the provenance.
+        **deprecated: ``train_method=`` (now ``train_rule``).
 
     Returns:
         A ``"fidelity_trajectory"`` Dataset: the variables of ``evaluate_fidelity`` with a leading dim ``step``,
@@ -171,8 +174,11 @@ def fidelity_trajectory(
         ``diverged_at_step`` says where (−1: no divergence).
     """
     start = time.perf_counter()
+    train_rule = renamed(deprecated, "train_method", "train_rule", train_rule, "ngd", "fidelity_trajectory")
+    if deprecated:
+        raise InputError(f"fidelity_trajectory got unexpected keyword argument(s) {sorted(deprecated)}")
     rules = check_rules(rules)
-    get_rule(train_method)
+    trained = get_rule(train_rule)
     dampings = check_dampings(damping)
     lr = check_lr(lr)
     train_lr = lr if train_lr is None else check_lr(train_lr)
@@ -184,21 +190,19 @@ def fidelity_trajectory(
                       memory_budget=memory_budget, chunk_size=chunk_size, cg_tol=cg_tol, cg_max_iter=cg_max_iter,
                       progress=progress)
     work = copy.deepcopy(model).to(device=device, dtype=dtype)  # trained in the compute dtype
-    if train_method.startswith("sngd-"):
-        refresh_every = every if refresh_every is None else refresh_every
-        if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
-            raise InputError(f"refresh_every must be a positive integer; got {refresh_every!r}")
-        trainer: RuleTrainer | ReconstructedTrainer = ReconstructedTrainer(
-            train_method.removeprefix("sngd-"), train_damping, train_lr, refresh_every)
+    if isinstance(trained, ReconstructedGD):
+        refresh_every = check_positive_int(every if refresh_every is None else refresh_every, "refresh_every")
+        trainer: RuleTrainer | ReconstructedTrainer = ReconstructedTrainer(trained, train_damping, train_lr,
+                                                                           refresh_every)
     else:
-        trainer = RuleTrainer(train_method, train_damping, train_lr)
-    measured = {n: get_rule(n) for n in rules}
-    train_rule = trainer.as_rule()
-    if train_rule is not None:
-        measured[f"train:{train_method}"] = train_rule
+        trainer = RuleTrainer(trained, train_damping, train_lr)
+    measured: dict[str, UpdateRule] = dict(rules)
+    stale = trainer.as_rule()
+    if stale is not None:
+        measured[f"train:{trained.name}"] = stale
     points = sorted({*range(0, steps + 1, every), steps})
     records, since, timings = [], [], {}
-    bar = tqdm(total=steps + 1, desc=f"trajectory ({train_method})",
+    bar = tqdm(total=steps + 1, desc=f"trajectory ({trained.name})",
                disable=None if progress is None else not progress)
     diverged_at = -1
     for step in range(steps + 1):
@@ -220,10 +224,10 @@ def fidelity_trajectory(
     blank = {k: (dims, _blank(a)) for k, (dims, a) in records[0].items()}
     records += [blank] * (len(points) - len(records))
     since += [-1] * (len(points) - len(since))
-    return _stack(records, points, since, list(measured), train_method, dampings, last_ctx, timings, start,
-                  config={"train_method": train_method, "steps": steps, "every": every, "lr": lr,
+    return _stack(records, points, since, list(measured), trained.name, dampings, last_ctx, timings, start,
+                  config={"train_rule": trained.name, "steps": steps, "every": every, "lr": lr,
                           "train_lr": train_lr, "train_damping": train_damping, "refresh_every": refresh_every,
-                          "rules": rules, "damping": dampings, "likelihood": repr(last_ctx.likelihood),
+                          "rules": list(rules), "damping": dampings, "likelihood": repr(last_ctx.likelihood),
                           "mc_samples": mc_samples, "cg_tol": cg_tol, "model": type(model).__name__,
                           **(config or {})}, diverged_at=diverged_at)
 
@@ -239,7 +243,7 @@ def _blank(a: np.ndarray) -> np.ndarray:
     return np.full(a.shape, fill, dtype=a.dtype if a.dtype.kind != "U" else "<U8")
 
 
-def _stack(records: list[dict], points: list[int], since: list[int], methods: list[str], train_method: str,
+def _stack(records: list[dict], points: list[int], since: list[int], names: list[str], train_rule: str,
            dampings: list[float], ctx: RuleContext, timings: dict, start: float, config: dict, *,
            diverged_at: int) -> xr.Dataset:
     """One Dataset from the per-point measurements, with a leading dim ``step``."""
@@ -247,12 +251,12 @@ def _stack(records: list[dict], points: list[int], since: list[int], methods: li
                for name, (dims, _) in records[0].items()}
     stacked["steps_since_refresh"] = (("step",), np.array(since, dtype=np.int64))
     engine = ctx.engine()
-    attrs = {**solver_attrs(ctx, dampings), "lr": config["lr"], "train_method": train_method,
+    attrs = {**solver_attrs(ctx, dampings), "lr": config["lr"], "train_rule": train_rule,
              "diverged_at_step": diverged_at,
              "num_params": engine.spec.dim, "num_samples": engine.num_samples, "timings": json.dumps(timings),
              "total_seconds": time.perf_counter() - start}
     ds = fidelity_dataset("fidelity_trajectory", stacked,
-                          {"step": points, "method": methods, "damping": dampings,
+                          {"step": points, "rule": names, "damping": dampings,
                            "layer": list(engine.spec.layers())},
                           config=config, seed=ctx.seed, device=engine.device, dtype=engine.dtype, attrs=attrs)
     ds["steps_since_refresh"].attrs.update(long_name="training steps since the last refresh of G", units="1")

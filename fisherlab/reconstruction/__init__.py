@@ -13,8 +13,8 @@ Example:
     >>> net.load_into(model)  # write θ back into the original model
 """
 
-from fisherlab.reconstruct.build import STRUCTURES, reconstruct
-from fisherlab.reconstruct.local_layers import (
+from fisherlab.reconstruction.build import STRUCTURES, reconstruct
+from fisherlab.reconstruction.local_layers import (
     FOLD_MODES,
     LAYER_FORMS,
     InputWhitening,
@@ -24,8 +24,8 @@ from fisherlab.reconstruct.local_layers import (
     OutputFisher,
     register_layer_form,
 )
-from fisherlab.reconstruct.network import ReconstructConfig, ReconstructedNetwork, UnitPlan
-from fisherlab.reconstruct.parametrize import (
+from fisherlab.reconstruction.network import ReconstructConfig, ReconstructedNetwork, UnitPlan
+from fisherlab.reconstruction.parametrize import (
     DenseRoot,
     DiagonalRoot,
     EigenbasisRoot,
@@ -35,7 +35,7 @@ from fisherlab.reconstruct.parametrize import (
     UnitRoot,
     parametrize_group,
 )
-from fisherlab.reconstruct.roots import ROOT_METHODS, CombinedLayout, LocalFisherUnit, lowrank_roots
+from fisherlab.reconstruction.roots import ROOT_METHODS, CombinedLayout, LocalFisherUnit, lowrank_roots
 
 __all__ = [
     "FOLD_MODES",

@@ -6,7 +6,7 @@ holds its roots):
 ==========  ==================================================================  ===============================
 structure   G                                                                   units
 ==========  ==================================================================  ===============================
-``full``    F + λI over all parameters (exact NGD; small models only)           one parametrization of θ
+``dense``   F + λI over all parameters (exact NGD; small models only)           one parametrization of θ
 ``block``   one dense block F_l + λI per layer (module)                         a parametrization per layer
 ``kfac``    (S_l + sI) ⊗ (A_l + aI) per Linear/Conv layer, a·s = λ (``split``)  layer forms (or parametrizations)
 ``input``   (A_l + λI) ⊗ I per Linear/Conv layer (input whitening only)         layer forms (or parametrizations)
@@ -16,11 +16,11 @@ structure   G                                                                   
 ==========  ==================================================================  ===============================
 
 Linear and Conv layers get the **layer form** under ``kfac`` and ``input`` (explicit InputWhitening / W̄' /
-OutputFisher modules, see :mod:`~fisherlab.reconstruct.local_layers`) unless ``layer_form=False``; every
+OutputFisher modules, see :mod:`~fisherlab.reconstruction.local_layers`) unless ``layer_form=False``; every
 other tensor, and every tensor under the other structures, gets the **parametrization form**
-(:mod:`~fisherlab.reconstruct.parametrize`). Fallback rule: a layer that has Kronecker factors (a rule in
-:data:`fisherlab.layers.LAYER_RULES`) but no layer form (:data:`~fisherlab.reconstruct.LAYER_FORMS`), or whose
-weight or bias is not trainable, gets a :class:`~fisherlab.reconstruct.KroneckerRoot` parametrization with the
+(:mod:`~fisherlab.reconstruction.parametrize`). Fallback rule: a layer that has Kronecker factors (a rule in
+:data:`fisherlab.layers.LAYER_RULES`) but no layer form (:data:`~fisherlab.reconstruction.LAYER_FORMS`), or whose
+weight or bias is not trainable, gets a :class:`~fisherlab.reconstruction.KroneckerRoot` parametrization with the
 same G. Under ``kfac``/``input``/``ekfac``/``unit`` a module without a
 Kronecker rule (an LSTM, a norm, a user module) raises :class:`~fisherlab.errors.UnsupportedLayerError`
 naming it; pass ``unsupported="block"`` to give such modules an exact dense block (a dense parametrization) instead.
@@ -29,21 +29,21 @@ naming it; pass ``unsupported="block"`` to give such modules an exact dense bloc
 from __future__ import annotations
 
 import copy
-import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from fisherlab.engine import FisherType, check_eval_mode, parse_enum
+from fisherlab.checks import check_damping, check_eval_mode, parse_enum, renamed
 from fisherlab.errors import InputError
 from fisherlab.likelihoods import Likelihood, get_likelihood
 from fisherlab.linalg import KRON_SPLITS
 from fisherlab.params import ParamSpec
-from fisherlab.reconstruct.local_layers import FOLD_MODES, LAYER_FORMS
-from fisherlab.reconstruct.network import ReconstructConfig, ReconstructedNetwork, UnitPlan, compute_structure
-from fisherlab.reconstruct.parametrize import (
+from fisherlab.reconstruction.local_layers import FOLD_MODES, LAYER_FORMS
+from fisherlab.reconstruction.network import ReconstructConfig, ReconstructedNetwork, UnitPlan, compute_structure
+from fisherlab.reconstruction.parametrize import (
     DenseRoot,
     DiagonalRoot,
     EigenbasisRoot,
@@ -52,32 +52,28 @@ from fisherlab.reconstruct.parametrize import (
     UnitRoot,
     parametrize_group,
 )
-from fisherlab.reconstruct.roots import ROOT_METHODS
+from fisherlab.reconstruction.roots import ROOT_METHODS
 from fisherlab.structures.base import FisherMatrix
+from fisherlab.vocabulary import RECONSTRUCTIBLE, STRUCTURE_ALIASES, STRUCTURE_TABLE, FisherKind, Structure
 
 __all__ = ["STRUCTURES", "reconstruct"]
 
-#: Reconstruction structure → (fisherlab.fisher structure, its default options).
+#: Reconstruction structure → (fisherlab.fisher structure, its default options), from the one structure table.
 STRUCTURES: dict[str, tuple[str, dict[str, Any]]] = {
-    "full": ("dense", {}),
-    "block": ("block", {"by": "layer"}),
-    "kfac": ("kfac", {}),
-    "input": ("kfac", {}),
-    "ekfac": ("ekfac", {}),
-    "unit": ("unit", {}),
-    "diag": ("diag", {}),
+    s.value: (STRUCTURE_TABLE[s].fisher.value, dict(STRUCTURE_TABLE[s].options))  # type: ignore[union-attr]
+    for s in map(Structure, RECONSTRUCTIBLE)
 }
 
 
 def reconstruct(
     model: nn.Module,
     data: Any,
+    likelihood: str | Likelihood = "categorical",
     *,
     structure: str = "kfac",
-    fisher: str = "true",
+    kind: str = "true",
     damping: float = 1e-3,
     sqrt: str = "eigh",
-    likelihood: str | Likelihood = "categorical",
     mc_samples: int = 1,
     seed: int = 0,
     dtype: torch.dtype | None = None,
@@ -98,19 +94,20 @@ def reconstruct(
         model: Any ``nn.Module`` mapping (N, *input_shape) → (N, C), in eval mode if it has dropout or batch norm.
             Not modified unless ``inplace=True``.
         data: ``(X, y)``, a :class:`~fisherlab.data.SplitData` (training split) or a DataLoader: G is the Fisher
-            of ``fisher`` kind on these samples (also the default data of :meth:`~ReconstructedNetwork.refresh`).
-        structure: ``"full"``, ``"block"``, ``"kfac"``, ``"input"``, ``"ekfac"``, ``"unit"`` or ``"diag"`` (module
+            of ``kind`` on these samples (also the default data of :meth:`~ReconstructedNetwork.refresh`).
+        likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or a Likelihood.
+        structure: ``"dense"``, ``"block"``, ``"kfac"``, ``"input"``, ``"ekfac"``, ``"unit"`` or ``"diag"`` (module
             docstring table).
-        fisher: Fisher kind: ``"true"``, ``"mc"``, ``"empirical"`` or ``"ggn"``.
+        kind: Fisher kind: ``"true"``, ``"mc"``, ``"empirical"`` or ``"ggn"`` (``fisher=`` is its deprecated
+            spelling; ``structure="full"`` that of ``"dense"``).
         damping: λ ≥ 0 (for ``kfac`` split between the factors, see ``split``).
         sqrt: Root method: ``"eigh"``, ``"denman_beavers"`` or ``"newton_schulz"`` (the symmetric root
             θ' = G^{1/2} θ), or ``"cholesky"`` (θ' = Lᵀθ with G = L Lᵀ per block or Kronecker factor: the same
             NGD steps in other coordinates, at about a quarter of eigh's cost per refresh), or ``"lowrank"``: a
             different G, in which every Kronecker factor wider than 2·``root_rank`` is its top-k eigen-part plus its
-            mean remainder (:func:`~fisherlab.reconstruct.roots.lowrank_roots`), so that a layer form applies
+            mean remainder (:func:`~fisherlab.reconstruction.roots.lowrank_roots`), so that a layer form applies
             its roots in O(n·k) per row instead of O(n²); all other blocks get eigh roots.
-        likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or a Likelihood.
-        mc_samples: Labels per input for ``fisher="mc"``.
+        mc_samples: Labels per input for ``kind="mc"``.
         seed: Seed of the Monte-Carlo labels (refresh k uses ``seed + k``).
         dtype: Dtype of the reconstructed network and its roots (default: the model's).
         device: Its device (default: the model's).
@@ -131,22 +128,26 @@ def reconstruct(
 
     Raises:
         InputError: Unknown option, a model in training mode with dropout/batch norm, shared parameters.
-        UnsupportedLayerError: The structure has no rule for a module (names it; use block/diag/full, or
+        UnsupportedLayerError: The structure has no rule for a module (names it; use block/diag/dense, or
             ``unsupported="block"``).
         SingularMatrixError: G is singular at ``damping`` (e.g. 0): pass damping > 0.
         MemoryBudgetError: A dense block would exceed the memory budget.
     """
+    kind = renamed(options, "fisher", "kind", kind, "true", "reconstruct")
+    if structure in STRUCTURE_ALIASES:
+        warnings.warn(f"reconstruct: structure={structure!r} is deprecated; use {STRUCTURE_ALIASES[structure]!r}",
+                      DeprecationWarning, stacklevel=2)
+        structure = STRUCTURE_ALIASES[structure]
     if structure not in STRUCTURES:
         raise InputError(f"unknown reconstruction structure {structure!r}; valid: {list(STRUCTURES)}")
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module; got {type(model)}")
-    kind = parse_enum(FisherType, fisher, "Fisher kind").value
+    kind = parse_enum(FisherKind, kind, "Fisher kind").value
     for value, valid, what in ((sqrt, ROOT_METHODS, "sqrt method"), (split, KRON_SPLITS, "damping split"),
                                (fold, FOLD_MODES, "fold mode")):
         if value not in valid:
             raise InputError(f"unknown {what} {value!r}; valid: {list(valid)}")
-    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
-        raise InputError(f"damping must be a finite number ≥ 0; got {damping!r}")
+    damping = check_damping(damping)
     if not (isinstance(root_rank, int) and root_rank >= 1):
         raise InputError(f"root_rank must be an integer ≥ 1; got {root_rank!r}")
     if ema_decay is not None and not (isinstance(ema_decay, (int, float)) and 0 <= ema_decay < 1):
@@ -201,7 +202,7 @@ def _group(net: nn.Module, spec: ParamSpec, names: tuple[str, ...], root_cls: ty
     return UnitPlan(_root_path(names[0]), names, source, "parametrization")
 
 
-def _build_full(net: nn.Module, spec: ParamSpec, struct: FisherMatrix, config: ReconstructConfig) -> Built:
+def _build_dense(net: nn.Module, spec: ParamSpec, struct: FisherMatrix, config: ReconstructConfig) -> Built:
     return net, [_group(net, spec, spec.names, DenseRoot, ("matrix", ""))]
 
 
@@ -246,7 +247,7 @@ def _build_layerwise(net: nn.Module, spec: ParamSpec, struct: FisherMatrix, conf
 
 
 _BUILDERS: dict[str, Callable[[nn.Module, ParamSpec, FisherMatrix, ReconstructConfig], Built]] = {
-    "full": _build_full,
+    "dense": _build_dense,
     "block": _build_block,
     "diag": _build_diag,
     "kfac": _build_layerwise,

@@ -13,8 +13,8 @@ there is no output layer. ``print(net)`` shows them. One GD step on W̄' maps ba
 With ``sqrt="cholesky"`` the symmetric roots are replaced by triangular factors (A_a = L_A L_Aᵀ, S_s = L_S L_Sᵀ):
 y = L_S^{-T} · W̄' · (L_A^{-1} ā), W̄' = L_Sᵀ W̄ L_A — InputWhitening applies the lower triangular L_A^{-1},
 OutputFisher the upper triangular L_S^{-T} — and the GD step on W̄' maps back to the same KFAC step (only the
-coordinates W̄' differ; see :mod:`~fisherlab.reconstruct.roots`). With ``sqrt="lowrank"`` each factor wider than
-2k is replaced by its top-k eigen-part plus its mean remainder (:func:`~fisherlab.reconstruct.roots.lowrank_roots`):
+coordinates W̄' differ; see :mod:`~fisherlab.reconstruction.roots`). With ``sqrt="lowrank"`` each factor wider than
+2k is replaced by its top-k eigen-part plus its mean remainder (:func:`~fisherlab.reconstruction.roots.lowrank_roots`):
 a different G, whose roots the modules apply in O(n·k) per row instead of O(n²).
 
 **Where the roots are applied.** A root can act on the activations (the paper's form: cost ∝ rows · n² per
@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from fisherlab.errors import InputError
 from fisherlab.linalg import kron_damping_split
-from fisherlab.reconstruct.roots import CombinedLayout, LocalFisherUnit, LowRank, damped_roots, lowrank_roots
+from fisherlab.reconstruction.roots import CombinedLayout, LocalFisherUnit, LowRank, damped_roots, lowrank_roots
 
 __all__ = [
     "FOLD_MODES",
@@ -162,8 +162,8 @@ def kron_apply(M: Tensor, inp: FactorRoot, out: FactorRoot | None, power: float)
 def factor_roots(M: Tensor, damping: float, method: str, rank: int) -> tuple[Tensor, Tensor, LowRank | None]:
     """(R, R⁻¹, low-rank form of R⁻¹ or None) of one damped Kronecker factor M + δI (n, n), RᵀR = M + δI.
 
-    ``"lowrank"``: :func:`~fisherlab.reconstruct.roots.lowrank_roots` with ``rank``; otherwise
-    :func:`~fisherlab.reconstruct.roots.damped_roots`.
+    ``"lowrank"``: :func:`~fisherlab.reconstruction.roots.lowrank_roots` with ``rank``; otherwise
+    :func:`~fisherlab.reconstruction.roots.damped_roots`.
     """
     if method == "lowrank":
         return lowrank_roots(M, damping, rank)

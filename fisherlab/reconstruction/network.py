@@ -11,7 +11,7 @@ fisherlab's parameter order of the *original* model (:class:`~fisherlab.params.P
 ``named_parameters()``, each tensor row-major). θ' entries sit where the θ entries they replace sit: a layer
 form's W̄' = [W', b'] (out, n) occupies the slots of the original weight and bias.
 
-Build one with :func:`fisherlab.reconstruct.reconstruct`.
+Build one with :func:`fisherlab.reconstruction.reconstruct`.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from torch import Tensor, nn
 
 from fisherlab.datasource import DataSource
 from fisherlab.errors import InputError
-from fisherlab.fisher import fisher as build_fisher
+from fisherlab.fisher_matrix import fisher as build_fisher
 from fisherlab.likelihoods import Likelihood
 from fisherlab.params import ParamSpec
-from fisherlab.reconstruct.roots import LocalFisherUnit
+from fisherlab.reconstruction.roots import LocalFisherUnit
 from fisherlab.structures.base import FisherMatrix
 
 __all__ = ["STRUCTURE_SOURCES", "ReconstructConfig", "ReconstructedNetwork", "UnitPlan", "compute_structure",
@@ -38,12 +38,12 @@ __all__ = ["STRUCTURE_SOURCES", "ReconstructConfig", "ReconstructedNetwork", "Un
 
 @dataclass(frozen=True)
 class ReconstructConfig:
-    """Everything that defines G and how it is recomputed (see :func:`fisherlab.reconstruct.reconstruct`).
+    """Everything that defines G and how it is recomputed (see :func:`fisherlab.reconstruction.reconstruct`).
 
     Attributes:
-        structure: Reconstruction structure (``full``, ``block``, ``kfac``, ``ekfac``, ``input``, ``unit``, ``diag``).
+        structure: Reconstruction structure (``dense``, ``block``, ``kfac``, ``ekfac``, ``input``, ``unit``, ``diag``).
         fisher_structure: The :func:`fisherlab.fisher` structure it is computed from.
-        fisher: Fisher kind (``true``, ``mc``, ``empirical``, ``ggn``).
+        kind: Fisher kind (``true``, ``mc``, ``empirical``, ``ggn``).
         damping: λ.
         sqrt: Root method (``eigh``, ``denman_beavers``, ``newton_schulz``, ``cholesky``, ``lowrank``).
         likelihood: The likelihood object.
@@ -61,7 +61,7 @@ class ReconstructConfig:
 
     structure: str
     fisher_structure: str
-    fisher: str
+    kind: str
     damping: float
     sqrt: str
     likelihood: Likelihood
@@ -130,7 +130,7 @@ def compute_structure(model: nn.Module, data: Any, config: ReconstructConfig, se
     ``options`` are added to the structure builder's options of the config.
     """
     first = next(iter(model.parameters()))
-    return build_fisher(model, data, config.likelihood, kind=config.fisher, structure=config.fisher_structure,
+    return build_fisher(model, data, config.likelihood, kind=config.kind, structure=config.fisher_structure,
                         mc_samples=config.mc_samples, seed=seed, dtype=first.dtype, device=first.device,
                         chunk_size=config.chunk_size, memory_budget=config.memory_budget,
                         **{**config.options, **options})
@@ -144,7 +144,7 @@ class ReconstructedNetwork(nn.Module):
     """A model rebuilt in coordinates θ' = G^{1/2} θ: same function, and plain GD on θ' is G-preconditioned NGD.
 
     ``parameters()`` are θ' only (P scalars, as many as the original); the roots of G are buffers, so autograd
-    never differentiates them. Build with :func:`fisherlab.reconstruct.reconstruct`.
+    never differentiates them. Build with :func:`fisherlab.reconstruction.reconstruct`.
 
     Args:
         net: The rebuilt module tree (layer forms substituted, other tensors parametrized).
@@ -349,7 +349,7 @@ class ReconstructedNetwork(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"structure={c.structure!r}, fisher={c.fisher!r}, damping={c.damping:g}, sqrt={c.sqrt!r}, "
+        return (f"structure={c.structure!r}, kind={c.kind!r}, damping={c.damping:g}, sqrt={c.sqrt!r}, "
                 f"P={self.spec.dim}, units={len(self.plans)}, refreshes={self.refreshes}")
 
     def __deepcopy__(self, memo: dict) -> ReconstructedNetwork:

@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from fisherlab.errors import InputError
-from fisherlab.reconstruct.local_layers import InputWhitening, OutputFisher, kron_apply, kron_update
-from fisherlab.reconstruct.roots import (
+from fisherlab.reconstruction.local_layers import InputWhitening, OutputFisher, kron_apply, kron_update
+from fisherlab.reconstruction.roots import (
     CombinedLayout,
     LocalFisherUnit,
     batched_damped_roots,
@@ -157,7 +157,7 @@ class KroneckerRoot(_MatrixRoot):
     The damping λ is split between the factors by :func:`fisherlab.linalg.kron_damping_split` with ``split``
     (``"pi"``: a = π√λ, s = √λ/π; ``"sqrt"``: a = s = √λ), so G^{±1/2} = (S + sI)^{±1/2} ⊗ (A + aI)^{±1/2} and
     T = [(S + sI)^{-1/2} W̄' (A + aI)^{-1/2}] restricted to T's columns. The factor roots live in the same
-    :class:`~fisherlab.reconstruct.local_layers.InputWhitening` / ``OutputFisher`` modules as in the layer form.
+    :class:`~fisherlab.reconstruction.local_layers.InputWhitening` / ``OutputFisher`` modules as in the layer form.
 
     Args:
         shapes: Member shapes (common leading dimension m).
@@ -261,7 +261,7 @@ class FisherParametrization(nn.Module):
     Registered with ``torch.nn.utils.parametrize`` (the module's ``original`` is T'). The root is a submodule of
     member 0's parametrization only (the others refer to it without registering it), so its buffers appear once
     in ``named_buffers()`` and ``state_dict()`` and are never tied. Assigning to the parametrized tensor is not
-    supported (use :meth:`~fisherlab.reconstruct.ReconstructedNetwork.load_original`).
+    supported (use :meth:`~fisherlab.reconstruction.ReconstructedNetwork.load_original`).
     """
 
     def __init__(self, root: FisherRoot, index: int):

@@ -3,8 +3,8 @@
 A **local Fisher unit** (METHOD.md §4) is one diagonal block G_g of the metric G — one layer, one parameter
 tensor, or (structure ``full``) the whole network — together with the reconstructed coordinates
 θ'_g = G_g^{1/2} θ_g it owns. Two forms exist: explicit layers around a Linear/Conv weight
-(:mod:`~fisherlab.reconstruct.local_layers`) and parametrizations of arbitrary tensors
-(:mod:`~fisherlab.reconstruct.parametrize`). Both subclass :class:`LocalFisherUnit` and speak in **group
+(:mod:`~fisherlab.reconstruction.local_layers`) and parametrizations of arbitrary tensors
+(:mod:`~fisherlab.reconstruction.parametrize`). Both subclass :class:`LocalFisherUnit` and speak in **group
 vectors**: the unit's original tensors flattened row-major and concatenated in the order of
 ``model.named_parameters()`` — the restriction of fisherlab's flat parameter vector to the unit.
 

@@ -17,10 +17,10 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
-from fisherlab.engine import FisherType
 from fisherlab.errors import InputError
 from fisherlab.memory import check_budget, dense_bytes
 from fisherlab.params import ParamSpec
+from fisherlab.vocabulary import FisherKind
 
 #: Least columns per block of the triangular Gram products: wide enough for efficient GEMMs, and few of them
 #: (each is a parallel region; see benchmarks/README.md).
@@ -43,7 +43,7 @@ class FisherMatrix:
     structure: ClassVar[str] = ""
 
     spec: ParamSpec
-    kind: FisherType
+    kind: FisherKind
     dtype: torch.dtype
     device: torch.device
     memory_budget: int

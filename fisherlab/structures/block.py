@@ -1,4 +1,4 @@
-"""Block-diagonal Fisher: one dense block per parameter tensor (``by="tensor"``) or per layer (``by="layer"``)."""
+"""Block-diagonal Fisher: one dense block per layer (``by="layer"``, the default) or per tensor (``by="tensor"``)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from fisherlab.checks import parse_enum
 from fisherlab.engine import FisherEngine
 from fisherlab.structures.base import FisherMatrix, accumulate_gram, symmetrize_upper
 from fisherlab.structures.dense import engine_meta
+from fisherlab.vocabulary import BlockBy
 
 
 @dataclass(repr=False)
@@ -26,8 +28,12 @@ class BlockDiagonalFisher(FisherMatrix):
     blocks: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
-    def from_engine(cls, engine: FisherEngine, by: str = "tensor") -> BlockDiagonalFisher:
-        """Accumulate each block Uᵀ_b U_b from the engine's factor rows (one pass over the data)."""
+    def from_engine(cls, engine: FisherEngine, by: str = "layer") -> BlockDiagonalFisher:
+        """Accumulate each block Uᵀ_b U_b from the engine's factor rows (one pass over the data).
+
+        ``by``: ``"layer"`` (one block per module, all its tensors together) or ``"tensor"`` (:class:`BlockBy`).
+        """
+        by = parse_enum(BlockBy, by, "block grouping (by=)").value
         index = {k: v.to(engine.device) for k, v in engine.spec.blocks(by).items()}
         total = sum(len(ix) ** 2 for ix in index.values())
         engine.check_dense(total, 1, f"the {len(index)} dense blocks")

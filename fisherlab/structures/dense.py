@@ -47,7 +47,7 @@ def engine_meta(engine: FisherEngine) -> dict:
     """Provenance of a structure built from ``engine`` (JSON-serialisable)."""
     return {
         "likelihood": repr(engine.likelihood),
-        "fisher_kind": engine.kind.value,
+        "kind": engine.kind.value,
         "num_samples": engine.num_samples,
         "chunk_size": engine.chunk_size,
         "mc_samples": engine.mc_samples if engine.kind.value == "mc" else None,

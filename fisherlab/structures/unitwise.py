@@ -21,7 +21,7 @@ row i only (Sun & Nielsen's relative Fisher of a neuron; Liu & Liu's SNGD, METHO
     The expectation is the mean over the N samples (the released code keeps an exponential moving average with
     decay 0.995 over minibatches — :mod:`fisherlab.structures.running` — and inverts (B + ε tr(B) I + ε₀ I) with
     ε = 1e-4, ε₀ = 0 by default: pass ``relative_damping=ε`` to build B + ε tr(B) I, and ``damping=ε₀`` to
-    :meth:`UnitwiseFisher.solve` or :func:`fisherlab.reconstruct.reconstruct`). It uses neither
+    :meth:`UnitwiseFisher.solve` or :func:`fisherlab.reconstruction.reconstruct`). It uses neither
     labels nor output gradients, so the Fisher kind is ignored. Convolutions have no SNGD metric and raise
     :class:`~fisherlab.errors.UnsupportedLayerError`.
 """
