@@ -1,147 +1,399 @@
 """The ``fisherlab`` command line.
 
-Subcommands:
+Subcommands (their help texts are plain text, written for the terminal; this docstring is for developers):
 
-* ``fisherlab spectra``  — Fisher spectra and condition numbers of a reference model on embedded data (``--slq``:
-  the stochastic-Lanczos spectral density instead, for models too large for dense spectra).
 * ``fisherlab fidelity`` — the main job: how closely update rules track exact NGD, with figures and an HTML
-  report (see :mod:`fisherlab.report`).
+  report (:mod:`fisherlab.study`, :mod:`fisherlab.report`).
+* ``fisherlab spectra`` — Fisher spectra and condition numbers (``--slq``: the stochastic-Lanczos spectral
+  density instead, for models too large for dense spectra).
 * ``fisherlab report FOLDER`` — rebuild the HTML report of a folder from its saved Datasets.
 
-Every option can also come from a configuration file (``--config run.toml`` or ``.yaml``) whose keys are the
-long option names with ``-`` or ``_``; options given on the command line win.
+Every option of a study subcommand is a field of its configuration (:class:`~fisherlab.study.StudyConfig`,
+:class:`~fisherlab.study.SpectraConfig`), whose defaults the help shows. Options also come from a TOML or YAML
+file (``--config``); its values go through the same argparse conversion (type, choices, nargs) as flags, and the
+configuration is built and fully validated before the output folder is claimed.
+
+The module imports no torch: ``fisherlab --help`` and ``--version`` answer at once, and each subcommand imports
+what it needs when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fisherlab.errors import FisherlabError, InputError
+from fisherlab.study import DATA, DTYPES, MODELS, PARTS, RunConfig, SpectraConfig, StudyConfig
+from fisherlab.vocabulary import RECONSTRUCTIBLE, FisherKind
+
+if TYPE_CHECKING:
+    from torch import nn
+
+DESCRIPTION = "Fisher geometry for deep learning: how closely update rules track exact natural gradient descent."
+
+CONFIG_HELP = """\
+Options can also come from a configuration file, --config run.toml (or .yaml, .yml),
+whose keys are the long option names with - or _, e.g. n-samples = 256,
+rules = ["gd", "kfac"], overwrite = false. File values are checked like the same
+options on the command line; options given on the command line win."""
+
+OWN_MODEL_HELP = """\
+Your own model and data: --model and --data also take module:callable or
+path/to/file.py:callable.
+  data   a callable with no argument (or a keyword seed, which receives --seed)
+         returning a fisherlab.data.SplitData or a tuple (X, y) of tensors:
+         X float (N, ...); y int64 class labels (N,) or float regression
+         targets (N, k).
+  model  a callable with no argument or one (the SplitData) returning a
+         torch.nn.Module that maps a batch (B, ...) to (B, outputs). Its
+         parameters are drawn in float32 from --seed, then cast to --dtype.
+The spec string is recorded in the results' configuration."""
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Options from a TOML or YAML file, keys normalised to argparse destinations (``-`` → ``_``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"configuration file not found: {path}")
-    text = path.read_text()
-    if path.suffix == ".toml":
-        import tomllib
+def paragraph(text: str) -> str:
+    """``text`` filled to the help width (descriptions are shown as written)."""
+    import textwrap
 
-        raw = tomllib.loads(text)
-    elif path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        raw = yaml.safe_load(text) or {}
-    else:
-        raise InputError(f"configuration file must be .toml, .yaml or .yml; got {path.name}")
-    if not isinstance(raw, dict):
-        raise InputError(f"configuration file {path} must hold a mapping of option names to values")
-    return {k.replace("-", "_"): v for k, v in raw.items()}
+    return textwrap.fill(text, HELP_WIDTH)
 
 
-def add_common(p: argparse.ArgumentParser, *, out: str) -> None:
-    """Options shared by the study subcommands: model, data, seed, device, dtype, output folder, config file."""
-    from fisherlab.data import DATASETS
-    from fisherlab.models import MODELS
+#: Width of the hand-wrapped help texts.
+HELP_WIDTH = 80
 
-    p.add_argument("--config", help="TOML or YAML file with option values (command line wins)")
-    p.add_argument("--model", default="mlp", choices=MODELS, help="reference network (default: mlp 64-32-32-10)")
-    p.add_argument("--data", default="digits", choices=[d for d in DATASETS if d not in ("mnist", "cifar10")],
-                   help="embedded data set (default: scikit-learn digits)")
-    p.add_argument("--n-samples", type=int, default=None, help="use the first N training samples (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of data split, initialisation and sampling")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-    p.add_argument("--out", default=out, help=f"output folder (default: {out})")
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help that shows every option's default (lists as typed on the command line)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if action.option_strings and default not in (None, argparse.SUPPRESS) and not isinstance(default, bool):
+            text += f" (default: {show(default)})".replace("%", "%%")
+        return text
+
+
+def show(value: Any) -> str:
+    """A default value as it would be typed on the command line (lists space-separated, floats short)."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(show(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def samples(text: str) -> int | None:
+    """``--n-samples``: a count, or ``all``."""
+    if text == "all":
+        return None
+    return int(text)
+
+
+def package_version() -> str:
+    """The installed version of fisherlab (package metadata; no torch)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("fisherlab")
+    except metadata.PackageNotFoundError:
+        import fisherlab
+
+        return fisherlab.__version__
+
+
+# ------------------------------------------------------------------------------------------------ options
+class RenamedOption(argparse.Action):
+    """The old spelling of an option: stores into the new option's destination and says so on stderr."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, new: str, **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"fisherlab: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_renamed(p: argparse.ArgumentParser, renamed: dict[str, str]) -> None:
+    """Accept each old option spelling (hidden from the help) for the new option it names."""
+    actions = {opt: a for a in p._actions for opt in a.option_strings}
+    for old, new in renamed.items():
+        a = actions[new]
+        p.add_argument(old, dest=a.dest, action=RenamedOption, new=new, nargs=a.nargs, type=a.type, choices=a.choices,
+                       metavar=a.metavar, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def add_common(p: argparse.ArgumentParser, defaults: dict[str, Any], *, out: str) -> None:
+    """Options shared by the study subcommands: the fields of :class:`~fisherlab.study.RunConfig`, and more."""
+    p.add_argument("--config", metavar="FILE", help="TOML or YAML file with option values (command line wins)")
+    p.add_argument("--model", default=defaults["model"],
+                   help=f"network: {', '.join(MODELS)}, or your own as module:callable or file.py:callable")
+    p.add_argument("--data", default=defaults["data"],
+                   help=f"data set: {', '.join(DATA)}, or your own as module:callable or file.py:callable")
+    n = defaults["n_samples"]
+    p.add_argument("--n-samples", type=samples, default=n, metavar="N",
+                   help="use the first N training samples, or all" + (" (default: all)" if n is None else ""))
+    p.add_argument("--seed", type=int, default=defaults["seed"],
+                   help="seed of data split, initialisation and sampling")
+    p.add_argument("--device", default=defaults["device"], help="torch device, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--dtype", default=defaults["dtype"], choices=DTYPES, help="compute dtype")
+    p.add_argument("--out", default=out, help="output folder")
     p.add_argument("--overwrite", action="store_true",
                    help="replace results in --out even if they come from a different configuration")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
-    """Merge a configuration file under the command line: file values replace defaults, explicit flags win."""
-    if not getattr(args, "config", None):
-        return args
-    values = load_config_file(args.config)
-    known = {a.dest for a in parser._subparsers._group_actions[0].choices[args.command]._actions}  # type: ignore
-    unknown = sorted(set(values) - known)
+def add_fidelity_options(p: argparse.ArgumentParser) -> None:
+    """Options of ``fisherlab fidelity``: the fields of :class:`~fisherlab.study.StudyConfig`."""
+    d = StudyConfig.defaults()
+    kinds = [k.value for k in FisherKind]
+    add_common(p, d, out="results/fidelity")
+    p.add_argument("--rules", nargs="+", default=d["rules"], metavar="RULE",
+                   help="update rules compared with exact NGD; a wrong name lists the valid ones")
+    p.add_argument("--damping", nargs="+", type=float, default=d["damping"], metavar="λ",
+                   help="damping values λ > 0 (the trajectory uses the middle one)")
+    p.add_argument("--lr", type=float, default=d["lr"], help="learning rate of the measured steps")
+    p.add_argument("--train-rule", default=d["train_rule"], metavar="RULE",
+                   help="the rule the training trajectory trains with (sngd-<structure>: a reconstructed network)")
+    p.add_argument("--train-lr", type=float, default=d["train_lr"], help="learning rate of the trajectory")
+    p.add_argument("--steps", type=int, default=d["steps"], help="training steps of the trajectory")
+    p.add_argument("--every", type=int, default=d["every"], help="measure fidelity every N steps")
+    p.add_argument("--refresh-every", type=int, default=d["refresh_every"],
+                   help="refresh interval of a reconstructed network (sngd-* train methods)")
+    p.add_argument("--trajectory-rules", nargs="+", default=d["trajectory_rules"], metavar="RULE",
+                   help="rules measured along the trajectory")
+    p.add_argument("--geometry-structures", nargs="+", default=d["geometry_structures"], choices=RECONSTRUCTIBLE,
+                   metavar="STRUCTURE", help=f"structures G of the geometry part: {', '.join(RECONSTRUCTIBLE)}")
+    p.add_argument("--geometry-damping", nargs="+", type=float, default=d["geometry_damping"], metavar="λ",
+                   help="λ values of the geometry part")
+    p.add_argument("--spectrum-kinds", nargs="+", default=d["spectrum_kinds"], choices=kinds, metavar="KIND",
+                   help=f"Fisher kinds of the spectrum part: {', '.join(kinds)}")
+    p.add_argument("--parts", nargs="+", default=d["parts"], choices=PARTS, metavar="PART",
+                   help=f"parts of the study to run: {', '.join(PARTS)}")
+    add_renamed(p, {"--dampings": "--damping", "--train-method": "--train-rule",
+                    "--geometry-dampings": "--geometry-damping"})
+
+
+def add_spectra_options(p: argparse.ArgumentParser) -> None:
+    """Options of ``fisherlab spectra``: the fields of :class:`~fisherlab.study.SpectraConfig`."""
+    d = SpectraConfig.defaults()
+    kinds = [k.value for k in FisherKind]
+    add_common(p, d, out="results/spectra")
+    p.add_argument("--kinds", nargs="+", default=d["kinds"], choices=kinds, metavar="KIND",
+                   help=f"Fisher kinds: {', '.join(kinds)}")
+    p.add_argument("--damping", nargs="+", type=float, default=d["damping"], metavar="λ",
+                   help="λ values of the condition numbers κ(F + λI)")
+    p.add_argument("--slq", action="store_true",
+                   help="spectral density by stochastic Lanczos quadrature on the implicit Fisher, for models whose "
+                        "P×P Fisher does not fit (writes spectral_density.nc)")
+    p.add_argument("--probes", type=int, default=d["probes"], help="SLQ probes (with --slq)")
+    p.add_argument("--lanczos-steps", type=int, default=d["lanczos_steps"],
+                   help="Lanczos steps per probe (with --slq)")
+    add_renamed(p, {"--dampings": "--damping"})
+
+
+def build_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
+    """The argument parser of the ``fisherlab`` command (``defaults=False``: options not given stay unset)."""
+    parser = argparse.ArgumentParser(prog="fisherlab", description=DESCRIPTION, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt: dict[str, Any] = {"formatter_class": HelpFormatter}
+    p = sub.add_parser(
+        "fidelity", help="the main job: fidelity of update rules to exact NGD, with a report", **fmt,
+        description=paragraph(
+            "The main job. Measures how closely each update rule tracks exact natural gradient descent (NGD) at the "
+            "initial parameters (fidelity.nc) and along a training run (trajectory.nc), the preconditioned geometry "
+            "of each structure (geometry.nc) and the Fisher spectra (spectrum.nc); then draws the figures and "
+            "writes report.html into --out. A rerun with the same options resumes: finished parts are kept."),
+        epilog=f"{OWN_MODEL_HELP}\n\n{CONFIG_HELP}")
+    add_fidelity_options(p)
+    p.set_defaults(func=cmd_fidelity, command_parser=p)
+    p = sub.add_parser(
+        "spectra", help="Fisher spectra and condition numbers (or, with --slq, spectral densities)", **fmt,
+        description=paragraph(
+            "Eigenvalues, traces and condition numbers of the dense, block and diagonal Fishers of each kind "
+            "(spectrum.nc), or with --slq the spectral density of the implicit Fisher by stochastic Lanczos "
+            "quadrature, for models whose P×P Fisher does not fit (spectral_density.nc)."),
+        epilog=f"{OWN_MODEL_HELP}\n\n{CONFIG_HELP}")
+    add_spectra_options(p)
+    p.set_defaults(func=cmd_spectra, command_parser=p)
+    p = sub.add_parser("report", help="rebuild the HTML report of an output folder from its Datasets", **fmt,
+                       description=paragraph("Draw the figures of every Dataset in FOLDER and write "
+                                                   "FOLDER/report.html."))
+    p.add_argument("folder", metavar="FOLDER", help="output folder of an earlier run")
+    p.set_defaults(func=cmd_report, command_parser=p)
+    if not defaults:
+        for p in (parser, *sub.choices.values()):
+            for action in p._actions:
+                action.default = argparse.SUPPRESS
+    return parser
+
+
+# ------------------------------------------------------------------------------------------ configuration
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Options from a TOML or YAML file, keys normalised to argparse destinations (``-`` → ``_``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"configuration file not found: {path}")
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise InputError(f"configuration file must be .toml, .yaml or .yml; got {path.name}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            raw = tomllib.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+    except Exception as exc:  # tomllib.TOMLDecodeError, yaml.YAMLError
+        raise InputError(f"{path}: not a readable configuration file ({exc})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"configuration file {path} must hold a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in raw.items()}
+
+
+def convert_config_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """A configuration-file value through ``action``'s nargs, type and choices, as argparse treats a flag.
+
+    Scalars are converted from their text (``seed = "1"`` is 1); an on/off option (``--overwrite``) takes only
+    ``true`` or ``false``.
+
+    Raises:
+        InputError: Naming ``where`` (the file and key) and what the option expects.
+    """
+    option = action.option_strings[-1]
+    if action.nargs == 0:  # store_true / store_false
+        if not isinstance(value, bool):
+            raise InputError(f"{where}: {option} is on or off: give true or false, not {value!r}")
+        return value if action.const is True else not value
+    many = action.nargs in ("+", "*")
+    items = value if isinstance(value, list) and many else [value]
+    if isinstance(value, list) and not many:
+        raise InputError(f"{where}: {option} takes one value, not a list")
+    if not items and action.nargs == "+":
+        raise InputError(f"{where}: {option} needs at least one value")
+    out = []
+    for item in items:
+        if isinstance(item, (list, dict, bool)):
+            shown = str(item).lower() if isinstance(item, bool) else f"the nested {type(item).__name__} {item!r}"
+            raise InputError(f"{where}: {option} takes {'values' if many else 'a value'} as on the command line, "
+                             f"not {shown}")
+        text = str(item)
+        if action.type is not None:
+            try:
+                converted = action.type(text)  # type: ignore[operator]
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
+                name = getattr(action.type, "__name__", "")
+                raise InputError(f"{where}: invalid {name} value {item!r} for {option}") from None
+        else:
+            converted = text
+        if action.choices is not None and converted not in action.choices:
+            raise InputError(f"{where}: {option} got {item!r}; valid: {', '.join(map(str, action.choices))}")
+        out.append(converted)
+    return out if many else out[0]
+
+
+def apply_config_file(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """Fill ``args`` from its ``--config`` file: file values replace defaults, options given in ``argv`` win."""
+    path = Path(args.config)
+    values = load_config_file(path)
+    actions = {opt[2:].replace("-", "_"): a for a in args.command_parser._actions for opt in a.option_strings
+               if opt.startswith("--") and opt not in ("--help", "--config")}
+    unknown = sorted(set(values) - set(actions))
     if unknown:
-        raise InputError(f"unknown option(s) {unknown} in {args.config}; valid: {sorted(known - {'help'})}")
-    explicit = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+        valid = sorted(k for k, a in actions.items() if not isinstance(a, RenamedOption))
+        raise InputError(f"unknown option(s) {unknown} in {path}; valid: {valid}")
+    given = set(vars(build_parser(defaults=False).parse_args(argv)))
     for key, value in values.items():
-        if key not in explicit:
-            setattr(args, key, value)
-    return args
+        action = actions[key]
+        if isinstance(action, RenamedOption):
+            print(f"fisherlab: {path}: {key} is deprecated; use {action.new[2:]}", file=sys.stderr)
+        if action.dest not in given:
+            setattr(args, action.dest, convert_config_value(action, value, f"{path}: {key}"))
 
 
-def cmd_spectra(args: argparse.Namespace) -> int:
-    """Compute and save Fisher spectra (or, with ``--slq``, their SLQ density); print a summary table."""
-    from fisherlab.report import guard_output_folder, print_table, table_spectral_density
-    from fisherlab.results import save_dataset
-    from fisherlab.spectra import fisher_spectra
-    from fisherlab.study import DTYPES, likelihood_for, load_model_and_data
+def make_config(cls: type[RunConfig], args: argparse.Namespace) -> Any:
+    """The validated configuration ``cls`` of the parsed ``args`` (every option is a field)."""
+    import dataclasses
 
-    model, data = load_model_and_data(args.model, args.data, n_samples=args.n_samples, seed=args.seed,
-                                      device=args.device, dtype=DTYPES[args.dtype])
-    config = {"command": "spectra", "model": args.model, "data": args.data, "n_samples": args.n_samples,
-              "kinds": args.kinds, "dampings": args.dampings,
-              **({"slq": True, "probes": args.probes, "lanczos_steps": args.lanczos_steps} if args.slq else {})}
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def describe(exc: FisherlabError, args: argparse.Namespace | None) -> str:
+    """The message of ``exc``, naming the command-line option when it is about a configuration field."""
+    name = getattr(exc, "field", None)
+    parser = getattr(args, "command_parser", None)
+    if name and parser is not None:
+        for action in parser._actions:
+            if action.dest == name and action.option_strings:
+                return f"{action.option_strings[-1]}: {exc.detail}"  # type: ignore[attr-defined]
+    return str(exc)
+
+
+def output_folder(args: argparse.Namespace) -> Path:
+    """``--out`` as a path that is not an existing file."""
     out = Path(args.out)
-    guard_output_folder(out, config, overwrite=args.overwrite)
-    if args.slq:
-        from fisherlab.density import spectral_density
-
-        ds = spectral_density(model, data, likelihood_for(data), kinds=args.kinds, num_probes=args.probes,
-                              num_steps=args.lanczos_steps, seed=args.seed, dtype=DTYPES[args.dtype],
-                              device=args.device, progress=False if args.no_progress else None, config=config)
-        path = save_dataset(ds, out / "spectral_density.nc")
-        print_table(*table_spectral_density(ds))
-        print(f"\nP = {model_parameters(model)} parameters, N = {int(data.n_train)} samples; wrote {path}")
-        return 0
-    ds = fisher_spectra(model, data, likelihood_for(data), kinds=args.kinds, dampings=args.dampings,
-                        seed=args.seed, dtype=DTYPES[args.dtype], device=args.device,
-                        progress=False if args.no_progress else None, config=config)
-    path = save_dataset(ds, out / "spectrum.nc")
-    rows = []
-    for kind in ds.fisher_kind.values:
-        for s in ds.structure.values:
-            e = ds.eigenvalue.sel(fisher_kind=kind, structure=s).values
-            rows.append([kind, s, f"{e[-1]:.3e}", f"{ds.trace.sel(fisher_kind=kind, structure=s).item():.3e}",
-                         *[f"{c:.3g}" for c in ds.condition_number.sel(fisher_kind=kind, structure=s).values],
-                         f"{ds.rel_frobenius_to_true.sel(fisher_kind=kind, structure=s).item():.3f}"])
-    print_table(["fisher", "structure", "λ_max", "trace", *[f"κ(λ={d:g})" for d in args.dampings],
-                 "‖F−F_true‖/‖F_true‖"], rows)
-    print(f"\nP = {model_parameters(model)} parameters, N = "
-          f"{int(data.n_train)} samples; wrote {path}")
-    return 0
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out: {out} is a file, not a folder")
+    return out
 
 
-def model_parameters(model: torch.nn.Module) -> int:
+# ------------------------------------------------------------------------------------------ subcommands
+def model_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def cmd_spectra(args: argparse.Namespace) -> int:
+    """Compute and save Fisher spectra (or, with ``--slq``, their SLQ density); print a summary table."""
+    cfg: SpectraConfig = make_config(SpectraConfig, args)
+    out = output_folder(args)
+    from fisherlab.report import print_table, table_spectral_density, table_spectrum
+    from fisherlab.results import guard_output_folder, save_dataset
+    from fisherlab.study import likelihood_for, load_model_and_data
+
+    model, data = load_model_and_data(cfg)  # a wrong model or data is refused before the folder is claimed
+    config = cfg.to_dict()
+    guard_output_folder(out, config, overwrite=args.overwrite)
+    progress = False if args.no_progress else None
+    common = {"seed": cfg.seed, "dtype": cfg.torch_dtype(), "device": cfg.device, "progress": progress,
+              "config": config}
+    if cfg.slq:
+        from fisherlab.density import spectral_density
+
+        ds = spectral_density(model, data, likelihood_for(data), kinds=cfg.kinds, num_probes=cfg.probes,
+                              num_steps=cfg.lanczos_steps, **common)
+        path = save_dataset(ds, out / "spectral_density.nc")
+        print_table(*table_spectral_density(ds))
+    else:
+        from fisherlab.spectra import fisher_spectra
+
+        ds = fisher_spectra(model, data, likelihood_for(data), kinds=cfg.kinds, damping=cfg.damping, **common)
+        path = save_dataset(ds, out / "spectrum.nc")
+        print_table(*table_spectrum(ds))
+    print(f"\nP = {model_parameters(model)} parameters, N = {int(data.n_train)} samples; wrote {path}")
+    return 0
+
+
 def cmd_fidelity(args: argparse.Namespace) -> int:
     """Run the fidelity study (the main job) and write its Datasets, figures and report."""
-    from fisherlab.report import build_report, guard_output_folder, print_table
-    from fisherlab.study import StudyConfig, headline, run_study
+    cfg: StudyConfig = make_config(StudyConfig, args)
+    out = output_folder(args)
+    from fisherlab.report import build_report, print_table
+    from fisherlab.results import guard_output_folder
+    from fisherlab.study import headline, load_model_and_data, run_study
 
-    names = {f.name for f in dataclasses.fields(StudyConfig)}
-    cfg = StudyConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
-    out = Path(args.out)
+    model_and_data = load_model_and_data(cfg)  # a wrong model or data is refused before the folder is claimed
     if guard_output_folder(out, cfg.to_dict(), overwrite=args.overwrite):
         print(f"{out} holds this configuration: resuming (finished parts are kept)")
     start = time.perf_counter()
-    results = run_study(cfg, out, progress=False if args.no_progress else None)
+    results = run_study(cfg, out, progress=False if args.no_progress else None, model_and_data=model_and_data)
     if "fidelity" in results:
         from fisherlab.report import table_fidelity
 
@@ -163,64 +415,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_fidelity_options(p: argparse.ArgumentParser) -> None:
-    """Options of ``fisherlab fidelity`` (defaults: :class:`fisherlab.study.StudyConfig`)."""
-    from fisherlab.fidelity import RULES
-    from fisherlab.study import PARTS, StudyConfig
-
-    d = StudyConfig.__dataclass_fields__
-    add_common(p, out="results/fidelity")
-    p.set_defaults(n_samples=d["n_samples"].default)
-    rules = f"rules (valid: {', '.join(sorted(RULES))})"
-    p.add_argument("--rules", nargs="+", default=None, help=f"update {rules}; default: all main ones")
-    p.add_argument("--dampings", nargs="+", type=float, default=None, help="damping values λ")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of measured steps")
-    p.add_argument("--train-method", default=None, help="method of the training trajectory (default sngd-kfac)")
-    p.add_argument("--train-lr", type=float, default=None, help="learning rate of the trajectory")
-    p.add_argument("--steps", type=int, default=None, help="training steps of the trajectory")
-    p.add_argument("--every", type=int, default=None, help="measure fidelity every N steps")
-    p.add_argument("--refresh-every", type=int, default=None, help="refresh interval of reconstructed networks")
-    p.add_argument("--trajectory-rules", nargs="+", default=None, help="rules measured along the trajectory")
-    p.add_argument("--geometry-structures", nargs="+", default=None, help="structures G of the geometry part")
-    p.add_argument("--geometry-dampings", nargs="+", type=float, default=None, help="λ values of the geometry part")
-    p.add_argument("--spectrum-kinds", nargs="+", default=None, help="Fisher kinds of the spectrum part")
-    p.add_argument("--parts", nargs="+", default=None, choices=PARTS, help="parts of the study to run")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``fisherlab`` command."""
-    parser = argparse.ArgumentParser(prog="fisherlab", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("spectra", help="Fisher spectra and condition numbers on embedded data")
-    add_common(p, out="results/spectra")
-    p.add_argument("--kinds", nargs="+", default=["true", "mc", "empirical"],
-                   help="Fisher kinds: true mc empirical ggn")
-    p.add_argument("--dampings", nargs="+", type=float, default=[0.0, 1e-4, 1e-3, 1e-2, 1e-1])
-    p.add_argument("--slq", action="store_true",
-                   help="spectral density by stochastic Lanczos quadrature on the implicit Fisher, for models whose "
-                        "P×P Fisher does not fit (writes spectral_density.nc)")
-    p.add_argument("--probes", type=int, default=10, help="SLQ probes (with --slq)")
-    p.add_argument("--lanczos-steps", type=int, default=64, help="Lanczos steps per probe (with --slq)")
-    p.set_defaults(func=cmd_spectra)
-    p = sub.add_parser("fidelity", help="the main job: fidelity of update rules to exact NGD, with a report")
-    add_fidelity_options(p)
-    p.set_defaults(func=cmd_fidelity)
-    p = sub.add_parser("report", help="rebuild the HTML report of an output folder from its Datasets")
-    p.add_argument("folder", help="output folder of an earlier run")
-    p.set_defaults(func=cmd_report)
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fisherlab`` command; returns the exit status."""
+    """Entry point of the ``fisherlab`` command; returns the exit status (2: bad input, 130: interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        args = resolve(args, parser, argv)
+        if getattr(args, "config", None):
+            apply_config_file(args, argv)
         return int(args.func(args) or 0)
     except FisherlabError as exc:
-        print(f"fisherlab: error: {exc}", file=sys.stderr)
+        print(f"fisherlab: error: {describe(exc, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fisherlab: interrupted; finished results are kept in the output folder", file=sys.stderr)

@@ -1,41 +1,66 @@
-"""The fidelity study: the main job of ``fisherlab fidelity``.
+"""The fidelity study: the main job of ``fisherlab fidelity``, and the configurations of the command line.
 
 One configuration (:class:`StudyConfig`) runs four parts on one model and data set, each saved as a Dataset in
 the output folder as soon as it finishes (a rerun after Ctrl-C resumes from the finished parts):
 
 1. ``fidelity.nc`` — every update rule against exact NGD at the initial parameters, for several dampings
-   (:func:`fisherlab.fidelity.evaluate_fidelity`);
+   (:func:`fisherlab.evaluate_fidelity`);
 2. ``trajectory.nc`` — the same measurement every few steps along a training run
-   (:func:`fisherlab.fidelity.fidelity_trajectory`);
+   (:func:`fisherlab.fidelity_trajectory`);
 3. ``geometry.nc`` — condition numbers of F + λI and of G^{-1/2}(F + λI)G^{-1/2} per structure
-   (:func:`fisherlab.fidelity.fisher_geometry`);
+   (:func:`fisherlab.fisher_geometry`);
 4. ``spectrum.nc`` — spectra of the true, Monte-Carlo and empirical Fishers (:func:`fisherlab.fisher_spectra`).
 
 Then :func:`fisherlab.report.build_report` draws the figures and writes ``report.html``.
+:class:`SpectraConfig` is the configuration of ``fisherlab spectra``.
+
+Model and data are a built-in name (:data:`MODELS`, :data:`DATA`) or the user's own, named
+``module:callable`` or ``path/to/file.py:callable`` (:func:`load_model_and_data` says what the callables must
+return). Both configurations validate every field when they are built, so a command line can refuse a bad
+option before it claims an output folder. This module imports torch only when a configuration is validated or
+run: ``fisherlab --help`` reads the defaults from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
-import xarray as xr
 
-from fisherlab import data as fdata
-from fisherlab.errors import InputError
-from fisherlab.models import build_model
-from fisherlab.results import ResultsStore, save_dataset
+from fisherlab.checks import check_dampings, check_lr, check_positive_int
+from fisherlab.errors import FisherlabError, InputError
+from fisherlab.vocabulary import RECONSTRUCTIBLE, FisherKind
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+if TYPE_CHECKING:
+    import torch
+    import xarray as xr
 
-#: The data layout each model family takes on the embedded data sets (None: not supported).
-LAYOUTS = {
+    from fisherlab.data import SplitData
+
+#: Compute dtypes by name.
+DTYPES: tuple[str, ...] = ("float32", "float64")
+
+#: Built-in networks (the names of :data:`fisherlab.models.MODELS`, kept here so that reading a configuration's
+#: options needs no torch; a test keeps the two equal).
+MODELS: tuple[str, ...] = ("mlp", "cnn", "lstm", "resnet")
+
+#: Built-in data sets: those of :data:`fisherlab.data.DATASETS` that need no files on disk (a test keeps them in
+#: step).
+DATA: tuple[str, ...] = ("digits", "mnist1d", "synthetic-regression", "synthetic-binary", "synthetic-multiclass")
+
+#: The data layout each built-in model takes on the built-in image / sequence data (None: not supported).
+LAYOUTS: dict[tuple[str, str], str | None] = {
     ("mlp", "digits"): "flat", ("cnn", "digits"): "image", ("resnet", "digits"): "image",
     ("mlp", "mnist1d"): "flat", ("cnn", "mnist1d"): "channels", ("resnet", "mnist1d"): "channels",
     ("lstm", "mnist1d"): "sequence", ("lstm", "digits"): None,
@@ -44,42 +69,190 @@ LAYOUTS = {
 PARTS = ("fidelity", "trajectory", "geometry", "spectrum")
 
 
+def option_error(name: str, message: str) -> InputError:
+    """An :class:`InputError` about configuration field ``name``; ``.field`` and ``.detail`` let a CLI name it."""
+    exc = InputError(f"{name}: {message}")
+    exc.field = name  # type: ignore[attr-defined]
+    exc.detail = message  # type: ignore[attr-defined]
+    return exc
+
+
+@contextmanager
+def _about(name: str) -> Iterator[None]:
+    """Re-raise a fisherlab error of a shared check as :func:`option_error` of field ``name``."""
+    try:
+        yield
+    except FisherlabError as exc:
+        if getattr(exc, "field", None):
+            raise
+        raise option_error(name, str(exc)) from None
+
+
+def is_spec(name: str) -> bool:
+    """Whether a model or data name is a user's ``module:callable`` / ``file.py:callable`` (not a built-in)."""
+    return ":" in name
+
+
+def _check_name(name: str, value: Any, builtins: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or not value:
+        raise option_error(name, f"must be a built-in name or module:callable; got {value!r}")
+    if is_spec(value):
+        target, _, attr = value.rpartition(":")
+        if not target or not all(p.isidentifier() for p in attr.split(".")):
+            raise option_error(name, f"{value!r} is not module:callable or path/to/file.py:callable")
+    elif value not in builtins:
+        raise option_error(name, f"unknown {name} {value!r}; built-in: {', '.join(builtins)}; "
+                                 "or your own as module:callable or path/to/file.py:callable")
+
+
+def _check_names(name: str, values: Any, valid: Any = None, what: str = "") -> list[str]:
+    """A non-empty list of distinct strings (each in ``valid`` when given)."""
+    if isinstance(values, str) or not isinstance(values, (list, tuple)):
+        raise option_error(name, f"must be a list of names; got {values!r}")
+    values = list(values)
+    if not values:
+        raise option_error(name, "must name at least one")
+    duplicates = sorted({v for v in values if values.count(v) > 1})
+    if duplicates:
+        raise option_error(name, f"{duplicates} given more than once")
+    for v in values:
+        if valid is not None and v not in valid:
+            raise option_error(name, f"unknown {what or name} {v!r}; valid: {', '.join(map(str, valid))}")
+    return values
+
+
+def _positive_dampings(name: str, values: Any) -> list[float]:
+    with _about(name):
+        out = check_dampings(values, name)
+    if min(out) <= 0:
+        raise option_error(name, f"every damping must be > 0; got {out}")
+    return out
+
+
+def check_device(device: Any) -> str:
+    """``device`` as a string torch parses and this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ...).
+
+    Raises:
+        InputError: For a string torch does not parse, or a device that is not available here.
+    """
+    import torch
+
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise InputError(f"device must be a string such as 'cpu' or 'cuda'; got {device!r}")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"{device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}, torch.cuda.is_available() is False); use cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError(f"device {device!r}: MPS is not available on this machine; use cpu")
+    elif parsed.type != "cpu":
+        raise InputError(f"device {device!r}: fisherlab runs on cpu, cuda or mps")
+    return device
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """Field name → default value of a configuration dataclass (factories called)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        out[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return out
+
+
 @dataclass
-class StudyConfig:
-    """Everything a fidelity study depends on (recorded in every Dataset's provenance).
+class RunConfig:
+    """What every command depends on: model, data, seed, device and dtype.
 
     Attributes:
-        model: Reference network name (:data:`fisherlab.models.MODELS`).
-        data: Embedded data set name (digits, mnist1d, synthetic-*).
+        model: A built-in network (:data:`MODELS`) or the user's own, ``module:callable`` or
+            ``path/to/file.py:callable`` (see :func:`load_model_and_data`).
+        data: A built-in data set (:data:`DATA`) or the user's own, ``module:callable`` or
+            ``path/to/file.py:callable``.
         n_samples: Training samples used (the first ``n_samples`` of the training split; None: all).
-        rules: Update rules compared with exact NGD at the initial parameters (``sngd-full``: invariant 3 in the
-            results, about 3 s per damping for P = 3,466 with its Cholesky roots).
-        dampings: λ values.
-        lr: Learning rate η of every measured step.
-        train_method: Method of the training trajectory (a rule name or ``sngd-<structure>``).
-        train_lr: Learning rate of the trajectory's training steps.
-        steps: Training steps of the trajectory.
-        every: Measure fidelity every ``every`` steps.
-        refresh_every: Refresh interval of a reconstructed network when ``train_method`` is ``sngd-*``.
-        trajectory_rules: Rules measured along the trajectory.
-        geometry_structures: Structures G whose preconditioned geometry is measured.
-        geometry_dampings: λ values of the geometry part (each costs one eigendecomposition per structure).
-        spectrum_kinds: Fisher kinds whose spectra are computed.
-        parts: Parts of the study to run.
         seed: Seed of data split, initialisation and Monte-Carlo labels.
-        device: Torch device.
+        device: Torch device (checked to exist on this machine).
         dtype: ``"float64"`` or ``"float32"``.
     """
 
+    command: ClassVar[str] = ""
+
     model: str = "mlp"
     data: str = "digits"
+    n_samples: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float64"
+
+    def __post_init__(self) -> None:
+        _check_name("model", self.model, MODELS)
+        _check_name("data", self.data, DATA)
+        if (self.model, self.data) in LAYOUTS and LAYOUTS[self.model, self.data] is None:
+            raise option_error("data", f"model {self.model!r} does not take data {self.data!r}; use data mnist1d")
+        if self.n_samples is not None:
+            with _about("n_samples"):
+                self.n_samples = check_positive_int(self.n_samples, "n_samples")
+        with _about("seed"):
+            self.seed = check_positive_int(self.seed, "seed", minimum=0)
+        with _about("device"):
+            self.device = check_device(self.device)
+        if self.dtype not in DTYPES:
+            raise option_error("dtype", f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Field name → default value (for help texts; builds nothing, imports no torch)."""
+        return _defaults(cls)
+
+    def torch_dtype(self) -> torch.dtype:
+        """:attr:`dtype` as a torch dtype."""
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as plain values (for provenance and the output-folder manifest)."""
+        return {"command": self.command, **dataclasses.asdict(self)}
+
+
+@dataclass
+class StudyConfig(RunConfig):
+    """Everything a fidelity study depends on (recorded in every Dataset's provenance).
+
+    Attributes (besides those of :class:`RunConfig`; ``n_samples`` defaults to 512 here):
+        rules: Update rules compared with exact NGD at the initial parameters (``sngd-dense``: invariant 3 in the
+            results, about 3 s per damping for P = 3,466 with its Cholesky roots).
+        damping: λ values (finite, > 0); the trajectory uses the middle one.
+        lr: Learning rate η of every measured step.
+        train_rule: The rule the training trajectory trains with (``sngd-<structure>``: a reconstructed
+            network).
+        train_lr: Learning rate of the trajectory's training steps.
+        steps: Training steps of the trajectory.
+        every: Measure fidelity every ``every`` steps.
+        refresh_every: Refresh interval of a reconstructed network when ``train_rule`` is ``sngd-*``.
+        trajectory_rules: Rules measured along the trajectory.
+        geometry_structures: Structures G whose preconditioned geometry is measured.
+        geometry_damping: λ values of the geometry part (each costs one eigendecomposition per structure).
+        spectrum_kinds: Fisher kinds whose spectra are computed.
+        parts: Parts of the study to run.
+    """
+
+    command: ClassVar[str] = "fidelity"
+
     n_samples: int | None = 512
     rules: list[str] = field(default_factory=lambda: ["gd", "adam", "ngd", "block-ngd", "kfac", "ekfac", "unit",
-                                                      "diag", "empirical-ngd", "mc-ngd", "lowrank", "sngd-full",
+                                                      "diag", "empirical-ngd", "mc-ngd", "lowrank", "sngd-dense",
                                                       "sngd-block", "sngd-kfac"])
-    dampings: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
+    damping: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
     lr: float = 0.1
-    train_method: str = "sngd-kfac"
+    train_rule: str = "sngd-kfac"
     train_lr: float = 0.5
     steps: int = 40
     every: int = 4
@@ -87,47 +260,268 @@ class StudyConfig:
     trajectory_rules: list[str] = field(default_factory=lambda: ["gd", "adam", "ngd", "block-ngd", "kfac", "diag",
                                                                  "empirical-ngd"])
     geometry_structures: list[str] = field(default_factory=lambda: ["block", "kfac", "diag"])
-    geometry_dampings: list[float] = field(default_factory=lambda: [1e-3])
+    geometry_damping: list[float] = field(default_factory=lambda: [1e-3])
     spectrum_kinds: list[str] = field(default_factory=lambda: ["true", "mc", "empirical"])
     parts: list[str] = field(default_factory=lambda: list(PARTS))
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float64"
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.parts) - set(PARTS))
-        if unknown:
-            raise InputError(f"unknown study part(s) {unknown}; valid: {list(PARTS)}")
-        if self.dtype not in DTYPES:
-            raise InputError(f"unknown dtype {self.dtype!r}; valid: {sorted(DTYPES)}")
-        from fisherlab.fidelity.rules import check_rules
+        super().__post_init__()
+        from fisherlab.fidelity.rules import check_rules, get_rule
 
-        check_rules(self.rules)
-        check_rules(self.trajectory_rules)
+        self.parts = _check_names("parts", self.parts, PARTS, "study part")
+        for name in ("rules", "trajectory_rules"):
+            values = _check_names(name, getattr(self, name))
+            with _about(name):
+                setattr(self, name, list(check_rules(values)))  # registered names (deprecated spellings replaced)
+        if not isinstance(self.train_rule, str):
+            raise option_error("train_rule", f"must be a rule name; got {self.train_rule!r}")
+        with _about("train_rule"):
+            self.train_rule = get_rule(self.train_rule).name
+        self.damping = _positive_dampings("damping", self.damping)
+        self.geometry_damping = _positive_dampings("geometry_damping", self.geometry_damping)
+        for name in ("lr", "train_lr"):
+            with _about(name):
+                setattr(self, name, check_lr(getattr(self, name), name))
+        for name in ("steps", "every", "refresh_every"):
+            with _about(name):
+                setattr(self, name, check_positive_int(getattr(self, name), name))
+        self.geometry_structures = _check_names("geometry_structures", self.geometry_structures, RECONSTRUCTIBLE,
+                                                "structure")
+        self.spectrum_kinds = _check_names("spectrum_kinds", self.spectrum_kinds, [k.value for k in FisherKind],
+                                           "Fisher kind")
+
+
+@dataclass
+class SpectraConfig(RunConfig):
+    """Everything ``fisherlab spectra`` depends on (recorded in the Dataset's provenance).
+
+    Attributes (besides those of :class:`RunConfig`):
+        kinds: Fisher kinds.
+        damping: λ values of the condition numbers κ(F + λI) (finite, ≥ 0).
+        slq: The stochastic-Lanczos spectral density of the implicit Fisher instead of dense spectra.
+        probes: SLQ probe vectors (with ``slq``).
+        lanczos_steps: Lanczos steps per probe (with ``slq``).
+    """
+
+    command: ClassVar[str] = "spectra"
+
+    kinds: list[str] = field(default_factory=lambda: ["true", "mc", "empirical"])
+    damping: list[float] = field(default_factory=lambda: [0.0, 1e-4, 1e-3, 1e-2, 1e-1])
+    slq: bool = False
+    probes: int = 10
+    lanczos_steps: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.kinds = _check_names("kinds", self.kinds, [k.value for k in FisherKind], "Fisher kind")
+        with _about("damping"):
+            self.damping = check_dampings(self.damping, "damping")
+        if not isinstance(self.slq, bool):
+            raise option_error("slq", f"must be true or false; got {self.slq!r}")
+        for name in ("probes", "lanczos_steps"):
+            with _about(name):
+                setattr(self, name, check_positive_int(getattr(self, name), name))
 
     def to_dict(self) -> dict[str, Any]:
-        """The configuration as plain values (for provenance and the output-folder manifest)."""
-        return {"command": "fidelity", **dataclasses.asdict(self)}
+        """The configuration as plain values; ``probes`` and ``lanczos_steps`` only with ``slq``."""
+        out = super().to_dict()
+        if not self.slq:
+            del out["probes"], out["lanczos_steps"]
+        return out
 
 
-def load_model_and_data(model: str, data: str, *, n_samples: int | None, seed: int, device: str,
-                        dtype: torch.dtype) -> tuple[torch.nn.Module, fdata.SplitData]:
-    """The seeded model (eval mode) and the embedded data it takes, on ``device`` in ``dtype``."""
-    kwargs: dict[str, Any] = {"seed": seed}
-    if data in ("digits", "mnist1d"):
-        layout = LAYOUTS.get((model, data))
-        if layout is None:
-            raise InputError(f"model {model!r} does not take data {data!r}; use data 'mnist1d'")
-        kwargs["layout"] = layout
-    split = fdata.load(data, **kwargs)
-    if n_samples is not None:
-        split = split.train_subset(n_samples)
-    split = split.to(device=device, dtype=dtype)
-    net = build_model(model, split, seed=seed, dtype=dtype, device=device).eval()
+# ------------------------------------------------------------------------------------------- model and data
+def load_callable(spec: str, name: str) -> Callable[..., Any]:
+    """The callable named by ``module:callable`` or ``path/to/file.py:callable`` (``name``: the field, for errors).
+
+    A module is imported as usual, with the working directory on ``sys.path``; a ``.py`` file (or any path with a
+    ``/``) is executed once per process as a module of its own.
+    """
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target).expanduser().resolve()
+        if not path.is_file():
+            raise option_error(name, f"{spec!r}: no file {path}")
+        module_name = "_fisherlab_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+        module = sys.modules.get(module_name)
+        if module is None:
+            loader_spec = importlib.util.spec_from_file_location(module_name, path)
+            assert loader_spec is not None and loader_spec.loader is not None
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[module_name] = module
+            try:
+                loader_spec.loader.exec_module(module)
+            except Exception as exc:
+                del sys.modules[module_name]
+                raise option_error(name, f"{spec!r}: running {path} failed: {type(exc).__name__}: {exc}") from exc
+    else:
+        added = "" not in sys.path and str(Path.cwd()) not in sys.path
+        if added:
+            sys.path.insert(0, str(Path.cwd()))
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise option_error(name, f"{spec!r}: cannot import {target!r} ({exc})") from exc
+        finally:
+            if added:
+                sys.path.remove(str(Path.cwd()))
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise option_error(name, f"{spec!r}: {target} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise option_error(name, f"{spec!r}: {attr} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def _required_positional(fn: Callable[..., Any]) -> int:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 0
+    return sum(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+               for p in params)
+
+
+def _takes_seed(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "seed" and p.kind is not p.POSITIONAL_ONLY or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def split_from_tensors(X: torch.Tensor, y: torch.Tensor, name: str) -> SplitData:
+    """A :class:`~fisherlab.data.SplitData` whose training split is ``(X, y)`` (and whose test split is empty).
+
+    ``y`` of dtype int64 and shape ``(N,)`` is a multiclass task with ``y.max() + 1`` classes; floating ``y`` of
+    shape ``(N, k)`` is regression with k outputs. (Binary targets: build the SplitData yourself.)
+    """
+    import torch
+
+    from fisherlab.data import SplitData
+
+    if not (isinstance(X, torch.Tensor) and isinstance(y, torch.Tensor)):
+        raise InputError(f"X and y must be torch tensors; got {type(X).__name__} and {type(y).__name__}")
+    if not X.is_floating_point() or X.dim() < 2 or X.shape[0] < 1:
+        raise InputError(f"X must be a floating tensor (N, *input_shape) with N ≥ 1; got {X.dtype} {tuple(X.shape)}")
+    if not torch.isfinite(X).all():
+        raise InputError("X holds NaN or infinite values")
+    if y.dtype == torch.int64 and y.dim() == 1:
+        if y.numel() and int(y.min()) < 0:
+            raise InputError(f"class labels y must be ≥ 0; got {int(y.min())}")
+        task, n_outputs = "multiclass", int(y.max()) + 1 if y.numel() else 1
+    elif y.is_floating_point() and y.dim() == 2:
+        if not torch.isfinite(y).all():
+            raise InputError("y holds NaN or infinite values")
+        task, n_outputs = "regression", int(y.shape[1])
+    else:
+        raise InputError("y must be int64 class labels of shape (N,) or floating regression targets of shape "
+                         f"(N, k); got {y.dtype} {tuple(y.shape)} (binary targets: return a SplitData)")
+    return SplitData(X_train=X, y_train=y, X_test=X[:0], y_test=y[:0], name=name, task=task, n_outputs=n_outputs,
+                     input_shape=tuple(X.shape[1:]), meta={"source": name})
+
+
+def _user_data(cfg: RunConfig) -> SplitData:
+    import torch
+
+    from fisherlab.data import SplitData
+
+    fn = load_callable(cfg.data, "data")
+    result = fn(seed=cfg.seed) if _takes_seed(fn) else fn()
+    if isinstance(result, SplitData):
+        return result
+    if isinstance(result, (tuple, list)) and len(result) == 2 and all(isinstance(t, torch.Tensor) for t in result):
+        with _about("data"):
+            return split_from_tensors(*result, name=cfg.data)
+    raise option_error("data", f"{cfg.data!r} returned {type(result).__name__}; it must return a "
+                               "fisherlab.data.SplitData or a tuple (X, y) of tensors")
+
+
+def _user_model(cfg: RunConfig, split: SplitData) -> torch.nn.Module:
+    from torch import nn
+
+    from fisherlab.models import seeded_init
+
+    fn = load_callable(cfg.model, "model")
+    n_args = _required_positional(fn)
+    if n_args > 1:
+        raise option_error("model", f"{cfg.model!r} takes {n_args} required arguments; it may take one (the data)")
+    with seeded_init(cfg.seed):
+        net = fn(split) if n_args else fn()
+    if not isinstance(net, nn.Module):
+        raise option_error("model", f"{cfg.model!r} returned {type(net).__name__}; it must return a "
+                                    "torch.nn.Module")
+    params = list(net.parameters())
+    if not any(p.requires_grad for p in params):
+        raise option_error("model", f"{cfg.model!r} returned a {type(net).__name__} with no trainable parameters")
+    odd = sorted({str(p.dtype) for p in params if not p.is_floating_point()})
+    if odd:
+        raise option_error("model", f"{cfg.model!r}: parameters of dtype {odd}; they must be floating")
+    return net
+
+
+def _check_forward(cfg: RunConfig, net: torch.nn.Module, split: SplitData) -> None:
+    import torch
+
+    batch = split.X_train[:2]
+    try:
+        with torch.no_grad():
+            out = net(batch)
+    except Exception as exc:
+        raise option_error("model", f"{cfg.model!r} fails on a batch of shape {tuple(batch.shape)} of data "
+                                    f"{cfg.data!r}: {type(exc).__name__}: {exc}") from exc
+    want = (batch.shape[0], split.n_outputs)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise option_error("model", f"{cfg.model!r} maps a batch {tuple(batch.shape)} of data {cfg.data!r} to "
+                                    f"{got}; the study needs (batch, n_outputs) = {want}")
+
+
+def load_model_and_data(cfg: RunConfig) -> tuple[torch.nn.Module, SplitData]:
+    """The seeded model (eval mode) and the data of ``cfg``, on ``cfg.device`` in ``cfg.dtype``.
+
+    Built-in names load :func:`fisherlab.data.load` and :func:`fisherlab.models.build_model`. The user's own:
+
+    * ``data`` names a callable taking no argument (or a keyword ``seed``, which receives ``cfg.seed``) that
+      returns a :class:`fisherlab.data.SplitData` or a tuple ``(X, y)`` of tensors — X floating
+      ``(N, *input_shape)``; y int64 class labels ``(N,)`` (multiclass, ``y.max() + 1`` classes) or floating
+      regression targets ``(N, k)``. Only the training split is used by the study.
+    * ``model`` names a callable taking no argument or one (the :class:`~fisherlab.data.SplitData`, for shapes)
+      that returns a :class:`torch.nn.Module` mapping ``(B, *input_shape)`` to ``(B, n_outputs)``. It is called
+      inside :func:`fisherlab.models.seeded_init` (parameters drawn in float32 from ``cfg.seed``), then cast.
+
+    Raises:
+        InputError: Naming the field (``.field``): a callable that cannot be found or returns the wrong thing, a
+            model whose output does not fit the data, more ``n_samples`` than training samples.
+    """
+    from fisherlab import data as fdata
+    from fisherlab.models import build_model
+
+    dtype = cfg.torch_dtype()
+    if is_spec(cfg.data):
+        split = _user_data(cfg)
+    else:
+        kwargs: dict[str, Any] = {"seed": cfg.seed}
+        if (cfg.model, cfg.data) in LAYOUTS:
+            kwargs["layout"] = LAYOUTS[cfg.model, cfg.data]
+        split = fdata.load(cfg.data, **kwargs)
+    if cfg.n_samples is not None:
+        if cfg.n_samples > split.n_train:
+            raise option_error("n_samples", f"{cfg.n_samples} is more than the {split.n_train} training samples of "
+                                            f"data {cfg.data!r}")
+        split = split.train_subset(cfg.n_samples)
+    split = split.to(device=cfg.device, dtype=dtype)
+    if is_spec(cfg.model):
+        net = _user_model(cfg, split).to(device=cfg.device, dtype=dtype).eval()
+        _check_forward(cfg, net, split)
+    else:
+        net = build_model(cfg.model, split, seed=cfg.seed, dtype=dtype, device=cfg.device).eval()
     return net, split
 
 
-def likelihood_for(split: fdata.SplitData) -> str:
+def likelihood_for(split: SplitData) -> str:
     """The likelihood matching a data set's task."""
     return {"multiclass": "categorical", "binary": "bernoulli", "regression": "gaussian"}[split.task]
 
@@ -137,31 +531,39 @@ def _log(message: str) -> None:
 
 
 def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None,
-              log: Callable[[str], None] = _log) -> dict[str, xr.Dataset]:
+              log: Callable[[str], None] = _log,
+              model_and_data: tuple[torch.nn.Module, SplitData] | None = None) -> dict[str, xr.Dataset]:
     """Run the parts of the study not yet in ``out`` and save each as ``out/<part>.nc`` when it finishes.
+
+    Args:
+        cfg: The configuration.
+        out: The output folder.
+        progress: Progress bars (None: only when stderr is a terminal).
+        log: Where the one-line messages of each part go.
+        model_and_data: ``load_model_and_data(cfg)`` when the caller has it already.
 
     Returns:
         ``{part: Dataset}`` for every part of ``cfg.parts``.
     """
     from fisherlab.fidelity import evaluate_fidelity, fidelity_trajectory, fisher_geometry
+    from fisherlab.results import ResultsStore, save_dataset
     from fisherlab.spectra import fisher_spectra
 
     out = Path(out)
-    dtype = DTYPES[cfg.dtype]
-    model, split = load_model_and_data(cfg.model, cfg.data, n_samples=cfg.n_samples, seed=cfg.seed,
-                                       device=cfg.device, dtype=dtype)
+    dtype = cfg.torch_dtype()
+    model, split = load_model_and_data(cfg) if model_and_data is None else model_and_data
     lik = likelihood_for(split)
     common = {"likelihood": lik, "dtype": dtype, "device": cfg.device, "seed": cfg.seed, "progress": progress,
               "config": cfg.to_dict()}
     jobs: dict[str, Callable[[], xr.Dataset]] = {
-        "fidelity": lambda: evaluate_fidelity(model, split, rules=cfg.rules, damping=cfg.dampings, lr=cfg.lr,
+        "fidelity": lambda: evaluate_fidelity(model, split, rules=cfg.rules, damping=cfg.damping, lr=cfg.lr,
                                               **common),
         "trajectory": lambda: fidelity_trajectory(
-            model, split, train_method=cfg.train_method, steps=cfg.steps, every=cfg.every,
-            rules=cfg.trajectory_rules, damping=cfg.dampings[len(cfg.dampings) // 2], lr=cfg.lr,
+            model, split, train_rule=cfg.train_rule, steps=cfg.steps, every=cfg.every,
+            rules=cfg.trajectory_rules, damping=cfg.damping[len(cfg.damping) // 2], lr=cfg.lr,
             train_lr=cfg.train_lr, refresh_every=cfg.refresh_every, **common),
         "geometry": lambda: fisher_geometry(model, split, structures=cfg.geometry_structures,
-                                            damping=cfg.geometry_dampings,
+                                            damping=cfg.geometry_damping,
                                             **common),
         "spectrum": lambda: fisher_spectra(model, split, lik, kinds=cfg.spectrum_kinds, seed=cfg.seed, dtype=dtype,
                                            device=cfg.device, progress=progress, config=cfg.to_dict()),

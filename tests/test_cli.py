@@ -1,17 +1,26 @@
 """The ``fisherlab`` command: the main job end to end on small settings, the report, and its bad-input paths."""
 
+import dataclasses
+import importlib.metadata
+import json
+import math
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
+import torch
 
 from fisherlab.cli import main
 from fisherlab.results import load_dataset
+from fisherlab.study import SpectraConfig, StudyConfig
 
 SMALL = ["--data", "synthetic-multiclass", "--n-samples", "48", "--no-progress"]
-FIDELITY_SMALL = [*SMALL, "--rules", "gd", "ngd", "block-ngd", "kfac", "sngd-kfac", "--dampings", "1e-3", "1e-1",
+FIDELITY_SMALL = [*SMALL, "--rules", "gd", "ngd", "block-ngd", "kfac", "sngd-kfac", "--damping", "1e-3", "1e-1",
                   "--steps", "4", "--every", "2", "--refresh-every", "2", "--trajectory-rules", "gd", "ngd", "kfac",
-                  "--geometry-structures", "block", "kfac", "--geometry-dampings", "1e-2",
+                  "--geometry-structures", "block", "kfac", "--geometry-damping", "1e-2",
                   "--spectrum-kinds", "true", "empirical"]
 
 
@@ -38,15 +47,15 @@ def test_main_job_writes_every_part_figures_and_report(fidelity_run):
 
 def test_main_job_results_are_consistent(fidelity_run):
     fid = load_dataset(fidelity_run / "fidelity.nc", kind="fidelity", required_vars=["cosine", "fisher_rel_error"])
-    np.testing.assert_allclose(fid.cosine.sel({"method": "ngd"}), 1.0, atol=1e-12)
-    np.testing.assert_allclose(fid.fisher_rel_error.sel({"method": "ngd"}), 0.0, atol=1e-10)
+    np.testing.assert_allclose(fid.cosine.sel({"rule": "ngd"}), 1.0, atol=1e-12)
+    np.testing.assert_allclose(fid.fisher_rel_error.sel({"rule": "ngd"}), 0.0, atol=1e-10)
     # invariant 2 through the whole pipeline: GD on the KFAC-reconstructed network is the KFAC step
-    np.testing.assert_allclose(fid.cosine.sel({"method": "sngd-kfac"}), fid.cosine.sel({"method": "kfac"}), atol=1e-8)
+    np.testing.assert_allclose(fid.cosine.sel({"rule": "sngd-kfac"}), fid.cosine.sel({"rule": "kfac"}), atol=1e-8)
     at = {"damping": 1e-3}
-    assert float(fid.cosine.sel({"method": "gd", **at})) < float(fid.cosine.sel({"method": "kfac", **at}))
+    assert float(fid.cosine.sel({"rule": "gd", **at})) < float(fid.cosine.sel({"rule": "kfac", **at}))
     assert fid.attrs["ngd_solver"] == "cholesky"
     spec = load_dataset(fidelity_run / "spectrum.nc", kind="spectrum")
-    assert float(spec.rel_frobenius_to_true.sel(fisher_kind="true", structure="dense")) == 0.0
+    assert float(spec.rel_frobenius_to_true.sel(kind="true", structure="dense")) == 0.0
 
 
 def test_rerun_resumes_without_recomputing(fidelity_run, capsys):
@@ -91,18 +100,19 @@ def test_unknown_rule_lists_the_valid_ones(tmp_path, capsys):
 
 
 def test_unknown_model_lists_the_valid_ones(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["spectra", "--model", "transformer", "--out", str(tmp_path)])
-    assert "mlp" in capsys.readouterr().err
+    assert main(["spectra", "--model", "transformer", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "transformer" in err and "mlp" in err and "module:callable" in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_spectra_command_and_config_file(tmp_path, capsys):
     cfg = tmp_path / "run.toml"
     cfg.write_text('data = "synthetic-multiclass"\nn-samples = 32\nkinds = ["true", "empirical"]\n'
-                   "dampings = [0.001, 0.1]\n")
+                   "damping = [0.001, 0.1]\n")
     assert main(["spectra", "--config", str(cfg), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
     ds = load_dataset(tmp_path / "s" / "spectrum.nc", kind="spectrum")
-    assert list(ds.fisher_kind.values) == ["true", "empirical"]
+    assert list(ds.kind.values) == ["true", "empirical"]
     np.testing.assert_allclose(ds.damping.values, [1e-3, 1e-1])
     assert "κ(λ=0.001)" in capsys.readouterr().out
     bad = tmp_path / "bad.toml"
@@ -116,5 +126,388 @@ def test_spectra_slq(tmp_path, capsys):
     assert main(["spectra", "--slq", "--kinds", "true", "empirical", "--probes", "3", "--lanczos-steps", "12",
                  "--n-samples", "64", "--out", str(out), "--no-progress"]) == 0
     ds = load_dataset(out / "spectral_density.nc", kind="spectral_density")
-    assert ds.fisher_kind.values.tolist() == ["true", "empirical"] and ds.sizes["node"] == 12
+    assert ds.kind.values.tolist() == ["true", "empirical"] and ds.sizes["node"] == 12
     assert "null fraction" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------- fast, friendly command line
+def _run_python(code, timeout=300):
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def _best_time(cmd, repeats):
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run(cmd, capture_output=True, check=True, timeout=300)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def test_help_and_version_import_no_torch():
+    out = _run_python(
+        "import contextlib, io, json, sys\n"
+        "from fisherlab.cli import main\n"
+        "for argv in (['--version'], ['--help'], *[[c, '--help'] for c in ('fidelity', 'spectra', 'report')]):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()) as f, contextlib.suppress(SystemExit):\n"
+        "        main(argv)\n"
+        "    if argv == ['--version']:\n"
+        "        version = f.getvalue()\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'xarray', 'scipy', 'matplotlib'})\n"
+        "print(json.dumps([version, heavy]))\n")
+    version, heavy = json.loads(out)
+    assert heavy == []
+    assert version.strip() == f"fisherlab {importlib.metadata.version('fisherlab')}"
+
+
+def test_help_answers_well_under_the_time_of_import_torch():
+    help_s = _best_time([sys.executable, "-m", "fisherlab", "fidelity", "--help"], 3)
+    torch_s = _best_time([sys.executable, "-c", "import torch"], 2)
+    assert help_s < 0.5 * torch_s, f"fisherlab fidelity --help {help_s:.2f} s, import torch {torch_s:.2f} s"
+
+
+def _help(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "2000")  # one line per option: defaults are not split by wrapping
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"] if command else ["--help"])
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("command", "config"), [("fidelity", StudyConfig), ("spectra", SpectraConfig)])
+def test_help_shows_the_configuration_defaults(command, config, capsys, monkeypatch):
+    text = _help(command, capsys, monkeypatch)
+    lines, current = {}, None  # option → its help, continuation lines joined
+    for line in text.split("\n\n")[2].splitlines():  # the options section
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            lines[current] = line.strip()
+        elif current:
+            lines[current] += " " + line.strip()
+    for f in dataclasses.fields(config):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        line = lines["--" + f.name.replace("_", "-")]
+        if isinstance(default, bool):
+            assert "(default" not in line
+            continue
+        if default is None:
+            assert line.endswith("(default: all)")
+            continue
+        shown = " ".join(f"{v:g}" if isinstance(v, float) else str(v)
+                         for v in (default if isinstance(default, list) else [default]))
+        assert line.endswith(f"(default: {shown})"), line
+    assert "None" not in text
+
+
+@pytest.mark.parametrize("command", [None, "fidelity", "spectra", "report"])
+def test_help_renders_no_rest_markup(command, capsys, monkeypatch):
+    text = _help(command, capsys, monkeypatch)
+    assert text.strip()
+    for markup in ("``", ":mod:", ":func:", ":class:", ":data:", ":meth:"):
+        assert markup not in text
+
+
+def test_builtin_names_agree_with_the_registries():
+    from fisherlab import study
+    from fisherlab.data import DATASETS
+    from fisherlab.models import MODELS
+
+    assert study.MODELS == MODELS
+    assert study.DATA == tuple(d for d in DATASETS if d not in ("mnist", "cifar10"))
+
+
+# -------------------------------------------------------------------------------------------- config files
+def _args_from(tmp_path, text, *argv, suffix=".toml"):
+    from fisherlab.cli import apply_config_file, build_parser
+
+    cfg = tmp_path / f"run{suffix}"
+    cfg.write_text(text)
+    full = ["fidelity", "--config", str(cfg), *argv]
+    args = build_parser().parse_args(full)
+    apply_config_file(args, full)
+    return args
+
+
+def test_config_values_go_through_the_option_types(tmp_path):
+    args = _args_from(tmp_path, 'seed = "1"\nn-samples = 64\ndamping = 0.01\nlr = "0.5"\nsteps = 6\n'
+                                'spectrum_kinds = ["true"]\noverwrite = false\nno-progress = true\n')
+    assert args.seed == 1 and type(args.seed) is int
+    assert args.n_samples == 64 and args.damping == [0.01] and args.lr == 0.5 and args.steps == 6
+    assert args.spectrum_kinds == ["true"] and args.overwrite is False and args.no_progress is True
+    # options on the command line win, spelled in full or abbreviated
+    args = _args_from(tmp_path, "seed = 1\nsteps = 6\nlr = 0.5\n", "--seed", "3", "--ste", "9")
+    assert (args.seed, args.steps, args.lr) == (3, 9, 0.5)
+    args = _args_from(tmp_path, "n-samples: all\nrules: [gd, kfac]\noverwrite: false\n", suffix=".yaml")
+    assert args.n_samples is None and args.rules == ["gd", "kfac"] and args.overwrite is False
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ('seed = "one"\n', ["seed", "invalid int value", "'one'"]),
+    ("seed = 1.5\n", ["seed", "invalid int value"]),
+    ("seed = true\n", ["--seed", "true"]),
+    ('overwrite = "no"\n', ["overwrite", "true or false", "'no'"]),
+    ("overwrite = 1\n", ["overwrite", "true or false"]),
+    ('spectrum-kinds = ["true", "bogus"]\n', ["--spectrum-kinds", "'bogus'", "empirical"]),
+    ("damping = [[0.1]]\n", ["--damping"]),
+    ("damping = []\n", ["--damping", "at least one"]),
+    ('lr = [0.1, 0.2]\n', ["--lr", "one value"]),
+    ('parts = "everything"\n', ["--parts", "'everything'", "fidelity"]),
+    ('config = "other.toml"\n', ["unknown option", "config"]),
+    ("seed = \n", ["not a readable configuration file"]),
+])
+def test_bad_config_values_name_the_file_and_option(tmp_path, capsys, text, words):
+    (tmp_path / "run.toml").write_text(text)
+    out = tmp_path / "out"
+    assert main(["fidelity", "--config", str(tmp_path / "run.toml"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "run.toml" in err
+    for word in words:
+        assert word in err
+    assert not out.exists()
+
+
+def test_config_overwrite_no_keeps_existing_results(tmp_path, capsys):
+    out = tmp_path / "s"
+    small = ["--data", "synthetic-multiclass", "--n-samples", "24", "--kinds", "true", "--no-progress"]
+    assert main(["spectra", "--out", str(out), *small]) == 0
+    before = (out / "spectrum.nc").stat().st_mtime_ns
+    (tmp_path / "run.toml").write_text('n-samples = 20\noverwrite = "no"\n')
+    assert main(["spectra", "--config", str(tmp_path / "run.toml"), "--out", str(out), *small[:2], "--kinds",
+                 "true", "--no-progress"]) == 2
+    assert "overwrite" in capsys.readouterr().err
+    (tmp_path / "run.toml").write_text("n-samples = 20\noverwrite = false\n")
+    assert main(["spectra", "--config", str(tmp_path / "run.toml"), "--out", str(out), *small[:2], "--kinds",
+                 "true", "--no-progress"]) == 2
+    assert "different configuration" in capsys.readouterr().err
+    assert (out / "spectrum.nc").stat().st_mtime_ns == before
+
+
+# ------------------------------------------------------------------- every option checked before --out is claimed
+def _status(argv):
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's own checks (choices, types) exit with status 2
+        return exc.code
+
+
+NO_CUDA = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+
+BAD_FIDELITY = [
+    (["--spectrum-kinds", "true", "bogus"], "--spectrum-kinds"),
+    (["--device", NO_CUDA], "--device"),
+    (["--device", "banana"], "--device"),
+    (["--damping", "0"], "--damping"),
+    (["--damping", "nan"], "--damping"),
+    (["--geometry-damping", "-1"], "--geometry-damping"),
+    (["--rules", "gd", "newton"], "--rules"),
+    (["--trajectory-rules", "gd", "gd"], "--trajectory-rules"),
+    (["--train-rule", "newton"], "--train-rule"),
+    (["--steps", "0"], "--steps"),
+    (["--every", "-1"], "--every"),
+    (["--refresh-every", "0"], "--refresh-every"),
+    (["--lr", "inf"], "--lr"),
+    (["--train-lr", "0"], "--train-lr"),
+    (["--n-samples", "0"], "--n-samples"),
+    (["--n-samples", "100000"], "--n-samples"),
+    (["--seed", "-1"], "--seed"),
+    (["--dtype", "float16"], "--dtype"),
+    (["--geometry-structures", "implicit"], "--geometry-structures"),
+    (["--parts", "fidelity", "fidelity"], "--parts"),
+    (["--model", "lstm", "--data", "digits"], "--data"),
+    (["--model", "no_such_module_xyz:make"], "--model"),
+    (["--data", "no_such_file.py:make"], "--data"),
+]
+
+
+@pytest.mark.parametrize(("bad", "option"), BAD_FIDELITY, ids=[" ".join(b) for b, _ in BAD_FIDELITY])
+def test_bad_fidelity_option_is_refused_before_the_folder_is_claimed(tmp_path, capsys, bad, option):
+    out = tmp_path / "run"
+    assert _status(["fidelity", "--out", str(out), *SMALL, *bad]) == 2
+    assert option in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("bad", "option"), [(["--kinds", "bogus"], "--kinds"), (["--device", NO_CUDA], "--device"),
+                                             (["--damping", "-1"], "--damping"), (["--probes", "0"], "--probes"),
+                                             (["--slq", "--lanczos-steps", "0"], "--lanczos-steps")])
+def test_bad_spectra_option_is_refused_before_the_folder_is_claimed(tmp_path, capsys, bad, option):
+    out = tmp_path / "run"
+    assert _status(["spectra", "--out", str(out), *SMALL, *bad]) == 2
+    assert option in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_corrected_rerun_after_a_refused_option_succeeds(tmp_path, capsys):
+    out = tmp_path / "run"
+    good = ["fidelity", "--out", str(out), *SMALL, "--parts", "fidelity", "--rules", "gd", "ngd", "--damping", "0.1"]
+    assert main([*good, "--device", NO_CUDA]) == 2
+    assert main([*good, "--spectrum-kinds", "true", "--device", "cpu"]) == 0
+    assert (out / "fidelity.nc").is_file()
+    assert main(["spectra", "--out", str(tmp_path / "s"), *SMALL, "--device", NO_CUDA]) == 2
+    assert main(["spectra", "--out", str(tmp_path / "s"), *SMALL, "--kinds", "true"]) == 0
+
+
+# ------------------------------------------------------------------------------------ your own model and data
+OWN = '''
+import torch
+from torch import nn
+
+
+def data(seed=0):
+    g = torch.Generator().manual_seed(100 + seed)
+    X = torch.randn(30, 5, generator=g)
+    y = (X[:, 0] > 0).long() + (X[:, 1] > 0.3).long()  # three classes
+    return X, y
+
+
+def net(split):
+    return nn.Sequential(nn.Linear(split.input_shape[0], 4), nn.Tanh(), nn.Linear(4, split.n_outputs))
+
+
+def net_without_data():
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+
+
+def not_a_module(split):
+    return 3
+
+
+def wrong_outputs():
+    return nn.Linear(5, 7)
+
+
+def no_parameters():
+    return nn.Tanh()
+
+
+def two_arguments(a, b):
+    return nn.Linear(5, 3)
+
+
+def string_data():
+    return "digits"
+
+
+def float_labels():
+    return torch.randn(10, 5), torch.randn(10)
+
+
+def nan_inputs():
+    return torch.full((10, 5), float("nan")), torch.zeros(10, dtype=torch.int64)
+
+
+broken = 3
+'''
+
+
+def _reference_fisher_and_gradient(make_net, X, y, seed):
+    """Float64 true Fisher (1/N) Σ Jᵀ(diag p − ppᵀ)J and gradient of the mean cross-entropy, by torch.func."""
+    from torch.func import functional_call, jacrev
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = make_net().double()
+    names = [n for n, _ in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    shapes = [p.shape for p in model.parameters()]
+
+    def logits(flat, x):
+        chunks, i = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            chunks[n] = flat[i:i + s.numel()].reshape(s)
+            i += s.numel()
+        return functional_call(model, chunks, (x,))
+
+    X = X.double()
+    J = jacrev(logits)(theta, X)  # (N, C, P)
+    p = torch.softmax(logits(theta, X), dim=-1)
+    H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    F = torch.einsum("ncp,ncd,ndq->pq", J, H, J) / X.shape[0]
+    onehot = torch.nn.functional.one_hot(y, p.shape[-1]).double()
+    g = torch.einsum("nc,ncp->p", p - onehot, J) / X.shape[0]
+    return F, g
+
+
+def test_own_model_and_data_through_the_main_job(tmp_path):
+    mine = tmp_path / "mine.py"
+    mine.write_text(OWN)
+    out = tmp_path / "own"
+    model_spec, data_spec = f"{mine}:net", f"{mine}:data"
+    assert main(["fidelity", "--model", model_spec, "--data", data_spec, "--n-samples", "all", "--seed", "2",
+                 "--rules", "gd", "ngd", "kfac", "sngd-kfac", "--damping", "0.01", "--parts", "fidelity",
+                 "--out", str(out), "--no-progress"]) == 0
+    fid = load_dataset(out / "fidelity.nc", kind="fidelity")
+    assert model_spec in fid.attrs["config"] and data_spec in fid.attrs["config"]  # provenance names the specs
+    # independent float64 reference: the user's net drawn in float32 from the seed, the data from its callable
+    namespace = {}
+    exec(OWN, namespace)
+    X, y = namespace["data"](seed=2)
+    F, g = _reference_fisher_and_gradient(lambda: namespace["net_without_data"](), X, y, seed=2)
+    ngd = torch.linalg.solve(F + 0.01 * torch.eye(F.shape[0], dtype=F.dtype), g)
+    expected = float(g @ ngd / (g.norm() * ngd.norm()))
+    np.testing.assert_allclose(float(fid.cosine.sel(rule="gd", damping=0.01)), expected, rtol=1e-9)
+    np.testing.assert_allclose(float(fid.cosine.sel(rule="ngd", damping=0.01)), 1.0, atol=1e-12)
+    assert (out / "report.html").is_file()
+
+    # the same model and data through spectra: the dense true Fisher's largest eigenvalue
+    assert main(["spectra", "--model", f"{mine}:net_without_data", "--data", data_spec, "--seed", "2",
+                 "--kinds", "true", "--damping", "0.1", "--out", str(tmp_path / "spec"), "--no-progress"]) == 0
+    spec = load_dataset(tmp_path / "spec" / "spectrum.nc", kind="spectrum")
+    top = float(spec.eigenvalue.sel(kind="true", structure="dense").max())
+    np.testing.assert_allclose(top, float(torch.linalg.eigvalsh(F)[-1]), rtol=1e-9)
+
+
+@pytest.mark.parametrize(("model", "data", "option", "words"), [
+    ("not_a_module", "data", "--model", ["returned int", "torch.nn.Module"]),
+    ("wrong_outputs", "data", "--model", ["(2, 7)", "(2, 3)"]),
+    ("no_parameters", "data", "--model", ["no trainable parameters"]),
+    ("two_arguments", "data", "--model", ["2 required arguments"]),
+    ("broken", "data", "--model", ["not a callable"]),
+    ("missing", "data", "--model", ["no attribute 'missing'"]),
+    ("net", "string_data", "--data", ["returned str", "SplitData", "(X, y)"]),
+    ("net", "float_labels", "--data", ["int64 class labels", "(N, k)"]),
+    ("net", "nan_inputs", "--data", ["NaN"]),
+])
+def test_own_model_and_data_are_checked_before_the_folder_is_claimed(tmp_path, capsys, model, data, option, words):
+    mine = tmp_path / "mine.py"
+    mine.write_text(OWN)
+    out = tmp_path / "own"
+    assert main(["fidelity", "--model", f"{mine}:{model}", "--data", f"{mine}:{data}", "--n-samples", "all",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {option}:" in err
+    for word in words:
+        assert word in err
+    assert not out.exists()
+
+
+def test_own_model_from_an_importable_module(tmp_path, monkeypatch):
+    (tmp_path / "my_fisher_models.py").write_text(OWN)
+    monkeypatch.chdir(tmp_path)  # module:callable finds modules in the working directory
+    monkeypatch.delitem(sys.modules, "my_fisher_models", raising=False)
+    out = tmp_path / "own"
+    assert main(["spectra", "--model", "my_fisher_models:net_without_data", "--data", "my_fisher_models:data",
+                 "--kinds", "true", "--out", str(out), "--no-progress"]) == 0
+    assert "my_fisher_models:data" in load_dataset(out / "spectrum.nc", kind="spectrum").attrs["config"]
+    sys.modules.pop("my_fisher_models", None)
+
+
+def test_old_option_spellings_say_the_new_name(tmp_path, capsys):
+    from fisherlab.cli import apply_config_file, build_parser
+
+    args = build_parser().parse_args(["fidelity", "--dampings", "0.1", "0.2", "--train-method", "gd",
+                                      "--geometry-dampings", "0.3"])
+    assert (args.damping, args.train_rule, args.geometry_damping) == ([0.1, 0.2], "gd", [0.3])
+    err = capsys.readouterr().err
+    for old, new in (("--dampings", "--damping"), ("--train-method", "--train-rule"),
+                     ("--geometry-dampings", "--geometry-damping")):
+        assert f"{old} is deprecated; use {new}" in err
+    (tmp_path / "run.toml").write_text('train_method = "kfac"\ndampings = [0.5]\n')
+    argv = ["fidelity", "--config", str(tmp_path / "run.toml")]
+    args = build_parser().parse_args(argv)
+    apply_config_file(args, argv)
+    assert (args.train_rule, args.damping) == ("kfac", [0.5])
+    err = capsys.readouterr().err
+    assert "train_method is deprecated; use train-rule" in err and "dampings is deprecated; use damping" in err
