@@ -49,7 +49,6 @@ import numpy as np
 import torch
 import xarray as xr
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from fisherlab.checks import check_damping, check_eval_mode, check_lr, check_positive_int, parse_enum, renamed
 from fisherlab.data import SplitData, iterate_minibatches
@@ -58,17 +57,17 @@ from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError
 from fisherlab.fisher_matrix import fisher
 from fisherlab.layers import LayerCapture, expand_input, from_combined, to_combined
 from fisherlab.likelihoods import Likelihood, get_likelihood
-from fisherlab.linalg import cg, damped_solve, kron_damping_split
-from fisherlab.memory import dense_bytes
+from fisherlab.linalg import damped_solve, kron_damping_split
+from fisherlab.ngd import NGDSolver, solve_ngd
 from fisherlab.params import ParamSpec
+from fisherlab.progress import bar as progress_bar
 from fisherlab.results import annotate, new_dataset
 from fisherlab.vocabulary import FisherKind
 
-__all__ = ["KFAC_PRECONDITION", "NGD_SOLVERS", "RULES", "best_runs", "compare", "sweep_lr", "train"]
+__all__ = ["KFAC_PRECONDITION", "RULES", "best_runs", "compare", "sweep_lr", "train"]
 
 #: Training rules.
 RULES = ("sgd", "momentum", "adam", "ngd", "kfac-ngd", "sngd")
-NGD_SOLVERS = ("auto", "cholesky", "woodbury", "cg")
 #: How ``kfac-ngd`` applies the factor inverses (module docstring).
 KFAC_PRECONDITION = ("auto", "dense", "factored")
 
@@ -126,38 +125,6 @@ def _evaluate(model: nn.Module, lik: Likelihood, X: Tensor, y: Tensor, task: str
     return total / n, (correct / n if task != "regression" else math.nan)
 
 
-def ngd_direction(engine: FisherEngine, g: Tensor, damping: float, solver: str = "auto",
-                  cg_tol: float = 1e-6) -> Tensor:
-    """(F + λI)⁻¹ g with the engine's Fisher on its data, solved exactly.
-
-    ``"woodbury"``: F = UᵀU with factor rows U (m, P), so (UᵀU + λI)⁻¹ g = (g − Uᵀ (U Uᵀ + λI)⁻¹ U g) / λ by a
-    Cholesky factorisation of the m×m matrix; ``"cholesky"``: dense F + λI; ``"cg"``: conjugate gradients on the
-    implicit F to relative residual ``cg_tol``; ``"auto"``: CG when the factor rows U (in float64) would take more
-    than a quarter of the engine's memory budget, else Woodbury when m < P and λ > 0, else Cholesky. The Gram
-    matrix is formed in g's dtype, the factorisation and solve run in float64 (the result has g's dtype): in
-    float32 the Cholesky factorisation of a matrix with condition number ‖F‖/λ ≈ 1e4–1e6 loses most digits.
-    """
-    P = engine.spec.dim
-    m = engine.num_samples * engine.rows_per_sample
-    if solver == "auto":
-        if dense_bytes(m, P, torch.float64) > engine.memory_budget // 4:
-            solver = "cg"
-        else:
-            solver = "woodbury" if m < P and damping > 0 else "cholesky"
-    if solver == "cg":
-        return cg(engine.matmat, g, damping=damping, tol=cg_tol).x
-    U = torch.cat(list(engine.iter_factor_rows()))
-    U64, g64 = U.double(), g.double()
-    if solver == "woodbury":
-        if damping <= 0:
-            raise InputError("the Woodbury NGD solve needs damping > 0; use ngd_solver='cholesky' or 'cg'")
-        x = (g64 - U64.T @ damped_solve((U @ U.T).double(), U64 @ g64, damping)) / damping
-    else:
-        engine.check_dense(P, P, f"the dense {P}×{P} batch Fisher (use ngd_solver='cg')")
-        x = damped_solve((U.T @ U).double(), g64, damping)
-    return x.to(g.dtype)
-
-
 def _damped_inverse(M: Tensor, damping: float) -> Tensor:
     """(M + λI)⁻¹ by Cholesky in float64 (as the reconstructed network's roots), returned in M's dtype."""
     eye = torch.eye(M.shape[0], dtype=torch.float64, device=M.device)
@@ -197,7 +164,8 @@ class _NGDStepper(_Stepper):
     def step(self, x: Tensor, y: Tensor, refresh: bool) -> tuple[Tensor, bool]:
         loss, g = _batch_loss_grad(self.model, self.spec, self.lik, x, y)
         engine = FisherEngine(self.model, (x, y), self.lik, kind=self.kind)
-        _add_(self.model, self.spec, -self.lr * ngd_direction(engine, g, self.damping, self.solver, self.cg_tol))
+        x, _ = solve_ngd(engine, g, self.damping, solver=self.solver, cg_tol=self.cg_tol)
+        _add_(self.model, self.spec, -self.lr * x)
         return loss, True
 
 
@@ -307,8 +275,7 @@ def _stepper(rule: str, model: nn.Module, lik: Likelihood, lr: float, *, damping
     if rule == "adam":
         return _OptimizerStepper(model, lik, torch.optim.Adam(model.parameters(), lr=lr))
     if rule == "ngd":
-        if ngd_solver not in NGD_SOLVERS:
-            raise InputError(f"unknown ngd_solver {ngd_solver!r}; valid: {list(NGD_SOLVERS)}")
+        parse_enum(NGDSolver, ngd_solver, "ngd_solver")
         return _NGDStepper(model, lik, lr, damping, kind, ngd_solver, cg_tol)
     if rule == "kfac-ngd":
         if kfac_precondition not in KFAC_PRECONDITION:
@@ -409,7 +376,7 @@ def train(
     rec["time"][0], rec["cpu_time"][0], rec["refresh"][:] = 0.0, 0.0, 0.0
     batches = _batches(data, batch_size, seed)
     elapsed, cpu, stopped = 0.0, 0.0, ""
-    for s in tqdm(range(n), desc=rule, disable=True if progress is None else not progress):
+    for s in progress_bar(range(n), desc=rule, progress=progress):
         if s % eval_every == 0 or s == steps:
             rec["train_loss"][s], rec["train_accuracy"][s] = _evaluate(stepper.model, lik, data.X_train,
                                                                        data.y_train, data.task)

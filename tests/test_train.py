@@ -7,18 +7,15 @@ from functools import cache
 
 import numpy as np
 import pytest
-import reference as ref
 import torch
 from torch import nn
 
 from fisherlab.data import SplitData, load_digits
-from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError
-from fisherlab.linalg import cg
 from fisherlab.models import MLP, build_model
 from fisherlab.params import ParamSpec
 from fisherlab.results import config_of
-from fisherlab.train import RULES, best_runs, compare, ngd_direction, sweep_lr, train
+from fisherlab.train import RULES, best_runs, compare, sweep_lr, train
 
 LRS = {"sgd": 0.2, "momentum": 0.05, "adam": 3e-3, "ngd": 0.3, "kfac-ngd": 0.3, "sngd": 0.3}
 
@@ -104,26 +101,6 @@ def test_kfac_ngd_preconditioning_forms_take_the_same_steps(model_name: str) -> 
     assert config_of(runs["factored"])["kfac_precondition"] == "factored"
     with pytest.raises(InputError, match="kfac_precondition"):
         train(model, data, rule="kfac-ngd", kfac_precondition="sparse", **kw)
-
-
-@pytest.mark.parametrize("solver", ["woodbury", "cholesky", "cg", "auto", "auto-small-budget"])
-def test_ngd_direction_is_exact_ngd(solver: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import fisherlab.train as train_module
-
-    calls = []
-    monkeypatch.setattr(train_module, "cg", lambda *a, **k: calls.append(1) or cg(*a, **k))
-    torch.manual_seed(1)
-    model = MLP(6, [5], 3).double().eval()
-    X, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
-    lik = ref.RefLikelihood("categorical")
-    g = ref.loss_gradients(model, X, y, lik).mean(0)
-    F = ref.true_fisher(model, X, lik)
-    expected = torch.linalg.solve(F + 0.1 * torch.eye(len(F), dtype=torch.float64), g)
-    budget = 8000 if solver == "auto-small-budget" else None  # the factor rows U would take > budget / 4: CG
-    engine = FisherEngine(model, (X, y), memory_budget=budget)
-    got = ngd_direction(engine, g, 0.1, solver.removesuffix("-small-budget"), cg_tol=1e-12)
-    assert bool(calls) == (solver in ("cg", "auto-small-budget"))
-    assert float((got - expected).norm() / expected.norm()) < 1e-9
 
 
 def test_compare_and_sweep() -> None:

@@ -56,8 +56,8 @@ from fisherlab.checks import parse_enum
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError
 from fisherlab.likelihoods import Likelihood, get_likelihood
-from fisherlab.linalg import damped_solve
 from fisherlab.memory import dense_bytes, resolve_budget
+from fisherlab.ngd import SolveInfo, solve_ngd
 from fisherlab.params import ParamSpec
 from fisherlab.structures.base import FisherMatrix
 from fisherlab.vocabulary import RECONSTRUCTIBLE, STRUCTURE_ALIASES, BlockBy, FisherKind, RootMethod, Structure
@@ -67,27 +67,6 @@ UpdateRule = Callable[["RuleContext", float, float], Tensor]
 
 #: Dense P×P copies a Cholesky solve holds at its peak (F, F + λI, L, L⁻¹ in the singularity check).
 DENSE_SOLVE_COPIES = 4
-
-
-@dataclass(frozen=True)
-class SolveInfo:
-    """How an exact solve (F + λI) x = ∇L was done.
-
-    Attributes:
-        solver: ``"cholesky"`` (dense F) or ``"cg"`` (implicit F).
-        iterations: CG iterations (0 for Cholesky).
-        residual: Relative residual ‖(F + λI) x − ∇L‖ / ‖∇L‖.
-        converged: Whether CG reached the tolerance (always True for Cholesky).
-        tol: The CG tolerance (NaN for Cholesky).
-        seconds: Wall time of the solve (assembling F is timed apart, as ``exact <kind> Fisher``).
-    """
-
-    solver: str
-    iterations: int
-    residual: float
-    converged: bool
-    tol: float
-    seconds: float
 
 
 @dataclass
@@ -201,24 +180,13 @@ class RuleContext:
         return self._exact[kind]
 
     def exact_solve(self, kind: str, damping: float) -> Tensor:
-        """(F_kind + λI)⁻¹ ∇L, shape (P,), by Cholesky or CG (see the module docstring); cached per λ."""
+        """(F_kind + λI)⁻¹ ∇L, shape (P,), by Cholesky or CG (:func:`fisherlab.ngd.solve_ngd`); cached per λ."""
         key = (kind, float(damping))
         if key not in self._solutions:
-            g = self.gradient
-            F = self.exact_fisher(kind)
-            start = time.perf_counter()
-            if F.structure == "implicit":
-                x = F.solve(g, damping, tol=self.cg_tol, max_iter=self.cg_max_iter)
-                report = F.last_cg
-                info = (report.iterations, float(report.residual), bool(report.converged), self.cg_tol)
-            else:  # Cholesky; its quality is the residual recorded below (the estimate-based singularity
-                # check of damped_solve can refuse a well-damped float32 matrix)
-                x = damped_solve(F.to_dense(), g, damping, check_singular=False)
-                residual = torch.linalg.vector_norm(F @ x + damping * x - g) / torch.linalg.vector_norm(g)
-                info = (0, float(residual), True, float("nan"))
-            seconds = time.perf_counter() - start
-            self.timings[f"exact {kind} solve"] = self.timings.get(f"exact {kind} solve", 0.0) + seconds
-            self.solves[key] = SolveInfo("cg" if F.structure == "implicit" else "cholesky", *info, seconds)
+            x, info = solve_ngd(self.engine(kind), self.gradient, damping, fisher=self.exact_fisher(kind),
+                                cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter)
+            self.timings[f"exact {kind} solve"] = self.timings.get(f"exact {kind} solve", 0.0) + info.seconds
+            self.solves[key] = info
             self._solutions[key] = x
         return self._solutions[key]
 
