@@ -527,7 +527,9 @@ def likelihood_for(split: SplitData) -> str:
 
 
 def _log(message: str) -> None:
-    print(message, flush=True)
+    from tqdm.auto import tqdm
+
+    tqdm.write(message)  # above any progress bar shown
 
 
 def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None,
@@ -538,14 +540,16 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
     Args:
         cfg: The configuration.
         out: The output folder.
-        progress: Progress bars (None: only when stderr is a terminal).
-        log: Where the one-line messages of each part go.
+        progress: Progress bars (None: only when stderr is a terminal): one for the parts, one below it for
+            the part running when that part has one (trajectory steps, spectra).
+        log: Where the one-line messages of each part go (default: standard output, above the bars).
         model_and_data: ``load_model_and_data(cfg)`` when the caller has it already.
 
     Returns:
         ``{part: Dataset}`` for every part of ``cfg.parts``.
     """
     from fisherlab.fidelity import evaluate_fidelity, fidelity_trajectory, fisher_geometry
+    from fisherlab.progress import bar as progress_bar
     from fisherlab.results import ResultsStore, save_dataset
     from fisherlab.spectra import fisher_spectra
 
@@ -570,17 +574,20 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
     }
     store = ResultsStore(out)
     results: dict[str, xr.Dataset] = {}
-    for part in cfg.parts:
-        if store.has(part):
-            log(f"[{part}] already in {out}: kept (delete {store.path(part)} to recompute)")
-            results[part] = store.load(part)
-            continue
-        start = time.perf_counter()
-        log(f"[{part}] running ...")
-        ds = jobs[part]()
-        save_dataset(ds, store.path(part))
-        results[part] = ds
-        log(f"[{part}] done in {time.perf_counter() - start:.1f} s -> {store.path(part)}")
+    with progress_bar(total=len(cfg.parts), desc="fidelity study", progress=progress) as parts:
+        for part in cfg.parts:
+            parts.set_postfix_str(part)
+            if store.has(part):
+                log(f"[{part}] already in {out}: kept (delete {store.path(part)} to recompute)")
+                results[part] = store.load(part)
+            else:
+                start = time.perf_counter()
+                log(f"[{part}] running ...")
+                ds = jobs[part]()
+                save_dataset(ds, store.path(part))
+                results[part] = ds
+                log(f"[{part}] done in {time.perf_counter() - start:.1f} s -> {store.path(part)}")
+            parts.update(1)
     return results
 
 
