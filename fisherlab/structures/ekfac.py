@@ -27,7 +27,8 @@ from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError, SingularMatrixError
 from fisherlab.layers import iter_layer_rows, squared_gradient_sum
 from fisherlab.linalg import kron_eig
-from fisherlab.structures.kfac import KFACFisher, KroneckerFactors, LayerwiseFisher, vars_of
+from fisherlab.structures.kfac import KFACFisher, KroneckerFactors
+from fisherlab.structures.layerwise import LayerwiseFisher, vars_of
 
 
 @dataclass(frozen=True, eq=False)

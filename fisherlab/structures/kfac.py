@@ -21,187 +21,17 @@ Parameters of modules without a layer rule raise :class:`~fisherlab.errors.Unsup
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from fisherlab.engine import FisherEngine
-from fisherlab.errors import InputError
-from fisherlab.layers import LayerLayout, iter_layer_rows, layer_layouts, unsupported_error
-from fisherlab.linalg import damped_solve, kron_damped_solve, kron_inv_sqrt, kron_matmul, kron_to_dense
-from fisherlab.structures.base import FisherMatrix, accumulate_gram, symmetrize_upper
-from fisherlab.structures.dense import engine_meta
-
-#: Ways to treat parameters of modules without a layer rule.
-UNSUPPORTED_MODES = ("error", "block")
-
-
-@dataclass(repr=False)
-class LayerwiseFisher(FisherMatrix):
-    """Block-diagonal across layers; each supported layer's block has a structured form on W̄ (out, width).
-
-    Subclasses store per-layer factors (a :class:`~fisherlab.layers.LayerLayout` subclass) and say how one layer
-    block acts on a batch of matrices X (k, out, width) in W̄ layout; the base class does the permutations to and
-    from the flat parameter order, and handles the exact dense blocks kept for unsupported modules.
-
-    Attributes:
-        factors: Module path → that layer's factors.
-        index: Module path → flat parameter indices (ascending) of every block, layers and exact blocks alike.
-        exact_blocks: Module path → exact dense Fisher block of a module without a layer rule (only with
-            ``unsupported="block"``), in flat order.
-    """
-
-    factors: dict[str, LayerLayout] = field(default_factory=dict)
-    index: dict[str, Tensor] = field(default_factory=dict)
-    exact_blocks: dict[str, Tensor] = field(default_factory=dict)
-
-    # ------------------------------------------------------------------------------- per-layer hooks
-    def _layer_matmat(self, f: LayerLayout, X: Tensor) -> Tensor:
-        """The layer block applied to X (k, out, width); returns (k, out, width)."""
-        raise NotImplementedError
-
-    def _layer_diag(self, f: LayerLayout) -> Tensor:
-        """The block's diagonal in W̄ layout (out, width)."""
-        raise NotImplementedError
-
-    def _layer_dense(self, f: LayerLayout) -> Tensor:
-        """The block (P_l, P_l) in row-major W̄ order."""
-        raise NotImplementedError
-
-    def _layer_eigvalsh(self, f: LayerLayout) -> Tensor:
-        """The block's eigenvalues (P_l,), any order."""
-        raise NotImplementedError
-
-    def _layer_solve(self, f: LayerLayout, X: Tensor, damping: float, **options: object) -> Tensor:
-        """(block + λI)⁻¹ X for X (k, out, width) (or the structure's damped variant, see ``solve``)."""
-        raise NotImplementedError
-
-    def _layer_trace(self, f: LayerLayout) -> Tensor:
-        return self._layer_diag(f).sum()
-
-    # ----------------------------------------------------------------------------------- interface
-    def _per_block(self, V: Tensor, layer_fn: Callable[[LayerLayout, Tensor], Tensor],
-                   exact_fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-        """Apply ``layer_fn`` (W̄ layout) to each layer's rows of V (P, k) and ``exact_fn`` to each exact block's."""
-        out = torch.zeros_like(V)
-        for path, f in self.factors.items():
-            ix = self.index[path]
-            out[ix] = f.scatter(layer_fn(f, f.gather(V[ix])))
-        for path, B in self.exact_blocks.items():
-            ix = self.index[path]
-            out[ix] = exact_fn(B, V[ix])
-        return out
-
-    def matmat(self, V: Tensor) -> Tensor:
-        return self._per_block(self._check_operand(V), self._layer_matmat, lambda B, X: B @ X)
-
-    def diag(self) -> Tensor:
-        out = torch.zeros(self.spec.dim, dtype=self.dtype, device=self.device)
-        for path, f in self.factors.items():
-            out[self.index[path]] = f.scatter(self._layer_diag(f).unsqueeze(0)).squeeze(1)
-        for path, B in self.exact_blocks.items():
-            out[self.index[path]] = B.diagonal()
-        return out
-
-    def trace(self) -> Tensor:
-        total = torch.zeros((), dtype=self.dtype, device=self.device)
-        for f in self.factors.values():
-            total = total + self._layer_trace(f)
-        for B in self.exact_blocks.values():
-            total = total + B.diagonal().sum()
-        return total
-
-    def to_dense(self) -> Tensor:
-        self.check_dense_budget()
-        P = self.spec.dim
-        out = torch.zeros(P, P, dtype=self.dtype, device=self.device)
-        blocks = [(path, f.permute_dense(self._layer_dense(f))) for path, f in self.factors.items()]
-        for path, B in [*blocks, *self.exact_blocks.items()]:
-            ix = self.index[path]
-            out[ix.unsqueeze(1), ix.unsqueeze(0)] = B
-        return out
-
-    def eigvalsh(self) -> Tensor:
-        """All P eigenvalues (the union of the blocks' spectra), ascending, without forming any dense block."""
-        parts = [self._layer_eigvalsh(f).reshape(-1) for f in self.factors.values()]
-        parts += [torch.linalg.eigvalsh(B) for B in self.exact_blocks.values()]
-        return torch.sort(torch.cat(parts)).values
-
-    def solve(self, g: Tensor, damping: float = 0.0, **options: object) -> Tensor:
-        """Blockwise damped solve; layer blocks by the structure's rule (``options``), exact blocks by Cholesky.
-
-        Args:
-            g: Right-hand side (P,) or (P, k).
-            damping: λ ≥ 0.
-            **options: Passed to the structure's per-layer solve (e.g. KFAC's ``split``).
-
-        Returns:
-            The solution, g's shape.
-        """
-        g = self._check_operand(g)
-        G = g if g.dim() == 2 else g.unsqueeze(1)
-        out = self._per_block(G, lambda f, X: self._layer_solve(f, X, damping, **options),
-                              lambda B, X: damped_solve(B, X, damping))
-        return out if g.dim() == 2 else out.squeeze(1)
-
-    def _check_compatible(self, other: LayerwiseFisher, what: str) -> None:
-        """Raise InputError unless ``other`` has the same type, parameters and layers as ``self``."""
-        if type(other) is not type(self) or other.spec != self.spec or list(other.factors) != list(self.factors) \
-                or list(other.exact_blocks) != list(self.exact_blocks):
-            raise InputError(f"{what}: the two Fishers must be of the same structure over the same parameters and "
-                             f"layers; got {other!r} and {self!r}")
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(kind={self.kind.value!r}, P={self.spec.dim}, layers={list(self.factors)}, "
-                f"exact_blocks={list(self.exact_blocks)}, dtype={self.dtype})")
-
-
-@dataclass(frozen=True)
-class LayerSetup:
-    """What every layer-wise structure needs before its own pass: layouts, flat indices and exact blocks."""
-
-    layouts: dict[str, LayerLayout]
-    index: dict[str, Tensor]
-    exact_blocks: dict[str, Tensor]
-    meta: dict
-
-
-def prepare_layers(engine: FisherEngine, structure: str, unsupported: str = "error") -> LayerSetup:
-    """Layouts of the supported layers and, with ``unsupported="block"``, exact blocks for the other modules.
-
-    Raises:
-        UnsupportedLayerError: ``unsupported="error"`` and a selected parameter belongs to a module without rule.
-        InputError: Unknown ``unsupported`` mode.
-    """
-    if unsupported not in UNSUPPORTED_MODES:
-        raise InputError(f"unknown unsupported={unsupported!r}; valid: {list(UNSUPPORTED_MODES)}")
-    layouts, others = layer_layouts(engine.model, engine.spec)
-    if others and unsupported == "error":
-        raise unsupported_error(engine.model, others, structure)
-    blocks = engine.spec.blocks("layer")
-    index = {p: blocks[p].to(engine.device) for p in [*layouts, *others]}
-    exact = exact_blocks(engine, others) if others else {}
-    meta = {**engine_meta(engine), "unsupported": unsupported, "exact_blocks": list(others)}
-    return LayerSetup(layouts, index, exact, meta)
-
-
-def exact_blocks(engine: FisherEngine, groups: Mapping[str, Sequence[str]]) -> dict[str, Tensor]:
-    """Exact dense Fisher blocks Σ Uᵀ_b U_b, one per group (module path → its parameter names, in spec order).
-
-    The factor rows are those of the groups' parameters alone (their VJPs only, not all P columns).
-    """
-    names = [n for n in engine.spec.names if any(n in g for g in groups.values())]
-    columns = engine.spec.indices(names)  # flat indices of the rows' columns, ascending
-    index = {p: torch.searchsorted(columns, engine.spec.indices(g)).to(engine.device) for p, g in groups.items()}
-    engine.check_dense(sum(len(ix) ** 2 for ix in index.values()), 1, f"the exact blocks of {list(index)}")
-    acc = {p: torch.zeros(len(ix), len(ix), dtype=engine.dtype, device=engine.device) for p, ix in index.items()}
-    for U in engine.iter_factor_rows(desc="exact blocks of unsupported modules", names=names):
-        for p, ix in index.items():
-            accumulate_gram(acc[p], U.index_select(1, ix))
-    return {p: symmetrize_upper(B) for p, B in acc.items()}
+from fisherlab.layers import LayerLayout, iter_layer_rows
+from fisherlab.linalg import kron_damped_solve, kron_inv_sqrt, kron_matmul, kron_to_dense
+from fisherlab.structures.base import symmetrize_upper
+from fisherlab.structures.layerwise import LayerwiseFisher, prepare_layers, vars_of
 
 
 def _add_gram(acc: dict[str, Tensor], key: str, U: Tensor) -> None:
@@ -337,10 +167,4 @@ class KFACFisher(LayerwiseFisher):
                 for p, f in self.factors.items()}
 
 
-def vars_of(f: LayerLayout) -> dict:
-    """The :class:`LayerLayout` fields of ``f`` (a layout or any factor subclass), as keyword arguments."""
-    return {fl.name: getattr(f, fl.name) for fl in fields(LayerLayout)}
-
-
-__all__ = ["KFACFisher", "KroneckerFactors", "LayerSetup", "LayerwiseFisher", "UNSUPPORTED_MODES",
-           "exact_blocks", "prepare_layers", "vars_of"]
+__all__ = ["KFACFisher", "KroneckerFactors"]

@@ -18,7 +18,7 @@ import dataclasses
 import torch
 
 from fisherlab.errors import InputError
-from fisherlab.structures.kfac import LayerwiseFisher
+from fisherlab.structures.layerwise import LayerwiseFisher
 
 #: Relative tolerance within which two EKFAC eigenbases count as the same.
 BASIS_RTOL = 1e-6

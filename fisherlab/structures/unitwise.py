@@ -37,7 +37,7 @@ from torch import Tensor
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError, SingularMatrixError, UnsupportedLayerError
 from fisherlab.layers import LayerLayout, LayerRows, display_path, iter_layer_rows
-from fisherlab.structures.kfac import LayerwiseFisher, prepare_layers, vars_of
+from fisherlab.structures.layerwise import LayerwiseFisher, prepare_layers, vars_of
 
 #: Unit-wise variants.
 VARIANTS = ("exact", "sngd")
