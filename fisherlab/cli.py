@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -110,11 +111,13 @@ class RenamedOption(argparse.Action):
 
     def __init__(self, option_strings: Sequence[str], dest: str, *, new: str, **kwargs: Any) -> None:
         self.new = new
+        self.quiet = False
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        print(f"fisherlab: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        if not self.quiet:
+            print(f"fisherlab: {option_string} is deprecated; use {self.new}", file=sys.stderr)
         setattr(namespace, self.dest, values)
 
 
@@ -230,6 +233,8 @@ def build_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
         for p in (parser, *sub.choices.values()):
             for action in p._actions:
                 action.default = argparse.SUPPRESS
+                if isinstance(action, RenamedOption):
+                    action.quiet = True  # said once, by the parser with defaults
     return parser
 
 
@@ -420,9 +425,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "config", None):
-            apply_config_file(args, argv)
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():  # deprecated spellings (a rule name, ...) are said on the command line
+            warnings.filterwarnings("default", category=DeprecationWarning, module=r"fisherlab(\.|$)")
+            if getattr(args, "config", None):
+                apply_config_file(args, argv)
+            return int(args.func(args) or 0)
     except FisherlabError as exc:
         print(f"fisherlab: error: {describe(exc, args)}", file=sys.stderr)
         return 2

@@ -505,9 +505,10 @@ def test_old_option_spellings_say_the_new_name(tmp_path, capsys):
                      ("--geometry-dampings", "--geometry-damping")):
         assert f"{old} is deprecated; use {new}" in err
     (tmp_path / "run.toml").write_text('train_method = "kfac"\ndampings = [0.5]\n')
-    argv = ["fidelity", "--config", str(tmp_path / "run.toml")]
+    argv = ["fidelity", "--config", str(tmp_path / "run.toml"), "--geometry-dampings", "0.2"]
     args = build_parser().parse_args(argv)
     apply_config_file(args, argv)
-    assert (args.train_rule, args.damping) == ("kfac", [0.5])
+    assert (args.train_rule, args.damping, args.geometry_damping) == ("kfac", [0.5], [0.2])
     err = capsys.readouterr().err
     assert "train_method is deprecated; use train-rule" in err and "dampings is deprecated; use damping" in err
+    assert err.count("--geometry-dampings is deprecated") == 1
