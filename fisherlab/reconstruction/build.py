@@ -52,9 +52,8 @@ from fisherlab.reconstruction.parametrize import (
     UnitRoot,
     parametrize_group,
 )
-from fisherlab.reconstruction.roots import ROOT_METHODS
 from fisherlab.structures.base import FisherMatrix
-from fisherlab.vocabulary import RECONSTRUCTIBLE, STRUCTURE_ALIASES, STRUCTURE_TABLE, FisherKind, Structure
+from fisherlab.vocabulary import RECONSTRUCTIBLE, STRUCTURE_ALIASES, STRUCTURE_TABLE, FisherKind, RootMethod, Structure
 
 __all__ = ["STRUCTURES", "reconstruct"]
 
@@ -143,8 +142,8 @@ def reconstruct(
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module; got {type(model)}")
     kind = parse_enum(FisherKind, kind, "Fisher kind").value
-    for value, valid, what in ((sqrt, ROOT_METHODS, "sqrt method"), (split, KRON_SPLITS, "damping split"),
-                               (fold, FOLD_MODES, "fold mode")):
+    sqrt = parse_enum(RootMethod, sqrt, "sqrt method").value
+    for value, valid, what in ((split, KRON_SPLITS, "damping split"), (fold, FOLD_MODES, "fold mode")):
         if value not in valid:
             raise InputError(f"unknown {what} {value!r}; valid: {list(valid)}")
     damping = check_damping(damping)

@@ -33,14 +33,15 @@ import torch
 from torch import Tensor, nn
 
 from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError
-from fisherlab.linalg import SQRT_METHODS, ConvergenceError, sqrtm, top_eigh
+from fisherlab.linalg import ConvergenceError, sqrtm, top_eigh
+from fisherlab.vocabulary import RootMethod
 
 #: Exponents a unit's root can be applied with: R ~ G^{1/2} (original → reconstructed) and R⁻¹ ~ G^{-1/2} (back).
 POWERS = (0.5, -0.5)
 
-#: Root methods of a local Fisher unit: the symmetric roots of :func:`fisherlab.linalg.sqrtm`, the Cholesky factor
-#: and the low-rank roots of wide Kronecker factors (module docstring).
-ROOT_METHODS: tuple[str, ...] = (*SQRT_METHODS, "cholesky", "lowrank")
+#: Root methods of a local Fisher unit (:class:`fisherlab.vocabulary.RootMethod`): the symmetric roots of
+#: :func:`fisherlab.linalg.sqrtm`, the Cholesky factor and the low-rank roots of wide Kronecker factors.
+ROOT_METHODS: tuple[str, ...] = tuple(m.value for m in RootMethod)
 
 #: A low-rank root (basis U (n, k), coefficients c (k,), shift s ()): the matrix s·I + U diag(c) Uᵀ.
 LowRank = tuple[Tensor, Tensor, Tensor]
