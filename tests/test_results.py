@@ -1,4 +1,4 @@
-"""Tests of fisherlab.results: provenance, atomic netCDF round trips, validation and the results store."""
+"""Tests of fisherlab.results: provenance, CF attributes, units, atomic netCDF round trips, validation, the store."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import xarray as xr
 
 from fisherlab import results as R
 from fisherlab.errors import InputError, ResultsFileError
+from fisherlab.results import io as results_io
+from fisherlab.results import metadata as results_metadata
 
 CONFIG = {
     "model": {"widths": (8, 4), "activation": "tanh"},
@@ -46,13 +48,13 @@ def make_ds(kind: str = "fidelity", seed: int | None = 3, config: dict | None = 
     ds = R.new_dataset(
         kind,
         {
-            "cosine": (("method", "layer", "damping"), rng.standard_normal((2, 3, 4)).astype(np.float32)),
-            "rel_error": (("method", "damping"), rng.standard_normal((2, 4))),
-            "n_steps": (("method",), np.array([5, 7], dtype=np.int64)),
-            "converged": (("method",), np.array([True, False])),
+            "cosine": (("rule", "layer", "damping"), rng.standard_normal((2, 3, 4)).astype(np.float32)),
+            "rel_error": (("rule", "damping"), rng.standard_normal((2, 4))),
+            "n_steps": (("rule",), np.array([5, 7], dtype=np.int64)),
+            "converged": (("rule",), np.array([True, False])),
         },
         {
-            "method": ["sgd", "ngd"],
+            "rule": ["sgd", "ngd"],
             "layer": np.array(["fc1", "fc2", "λ-out"], dtype=object),
             "damping": [1e-4, 1e-3, 1e-2, 1e-1],
         },
@@ -68,7 +70,7 @@ def make_ds(kind: str = "fidelity", seed: int | None = 3, config: dict | None = 
             "cosine": ("cosine similarity to exact NGD", "1"),
             "rel_error": ("relative error", "1"),
             "damping": ("damping lambda", "1"),
-            "n_steps": ("steps", "count"),
+            "n_steps": ("steps", "1"),
         },
     )
     return ds
@@ -85,7 +87,7 @@ def expected_after_roundtrip(ds: xr.Dataset) -> xr.Dataset:
 def test_provenance_has_every_key_and_config_parses_back():
     prov = R.provenance(CONFIG, seed=7, device="cpu", dtype="torch.float32", kind="spectrum")
     assert set(prov) == set(R.PROVENANCE_KEYS) | {R.ATTR_KIND}
-    assert prov[R.ATTR_SCHEMA] == R.SCHEMA_VERSION == 1
+    assert prov[R.ATTR_SCHEMA] == R.SCHEMA_VERSION == 2
     assert prov[R.ATTR_KIND] == "spectrum"
     assert prov["seed"] == 7
     assert prov["device"] == "cpu"
@@ -145,10 +147,10 @@ def test_roundtrip_is_identical(tmp_path):
         np.testing.assert_array_equal(loaded[name].values, ds[name].values)
     assert loaded["cosine"].dtype == np.float32 and loaded["rel_error"].dtype == np.float64
     assert loaded["n_steps"].dtype == np.int64
-    assert loaded["method"].values.tolist() == ["sgd", "ngd"] and loaded["method"].dtype.kind == "U"
+    assert loaded["rule"].values.tolist() == ["sgd", "ngd"] and loaded["rule"].dtype.kind == "U"
     assert loaded["layer"].values.tolist() == ["fc1", "fc2", "λ-out"] and loaded["layer"].dtype.kind == "U"
     assert loaded["damping"].values.tolist() == [1e-4, 1e-3, 1e-2, 1e-1]
-    assert dict(loaded.sizes) == {"method": 2, "layer": 3, "damping": 4}
+    assert dict(loaded.sizes) == {"rule": 2, "layer": 3, "damping": 4}
     assert loaded["cosine"].attrs == {"long_name": "cosine similarity to exact NGD", "units": "1"}
     # dataset attrs equal exactly, with plain Python scalars for numbers
     assert set(loaded.attrs) == set(ds.attrs)
@@ -227,13 +229,58 @@ def test_new_dataset_refuses_overriding_provenance_and_bad_vars():
     assert ds["eig"].values.tolist() == [0.0, 1.0, 2.0] and ds.attrs["fisherlab_kind"] == "spectrum"
 
 
+def test_new_dataset_cf_attributes_and_coordinate_labels():
+    ds = make_ds()
+    assert list(ds.attrs)[:4] == ["Conventions", "title", "history", "source"] == list(R.CF_ATTRS)
+    assert ds.attrs["Conventions"] == "CF-1.10"
+    assert ds.attrs["title"] == "fisherlab fidelity results"
+    version = ds.attrs["fisherlab_version"]
+    assert ds.attrs["history"] == f"{ds.attrs['created']}: {__name__}.make_ds (fisherlab {version})"
+    assert ds.attrs["source"] == f"fisherlab {version} (torch {torch.__version__})"
+    # coordinates get the defaults of COORDINATES; an annotation replaces them
+    assert ds["rule"].attrs == {"long_name": "update rule"}
+    assert ds["layer"].attrs == {"long_name": R.COORDINATES["layer"][0]}
+    assert ds["damping"].attrs == {"long_name": "damping lambda", "units": "1"}
+    titled = R.new_dataset("spectrum", {}, config={}, seed=0, device="cpu", dtype="float64",
+                           attrs={"title": "Fisher spectra of my model"})
+    assert titled.attrs["title"] == "Fisher spectra of my model"
+
+
+def test_new_dataset_refuses_sel_keyword_dims_bad_units_and_cf_overrides(tmp_path):
+    common = {"config": {}, "seed": 0, "device": "cpu", "dtype": "float64"}
+    for dim in ("method", "tolerance", "drop"):
+        with pytest.raises(InputError, match=rf"\['{dim}'\].*keyword.*sel"):
+            R.new_dataset("fidelity", {"cosine": ((dim,), np.ones(2))}, {dim: ["gd", "ngd"]}, **common)
+    with pytest.raises(InputError, match="variable 'kl'.*'nat' are not one of the accepted"):
+        R.new_dataset("fidelity", {"kl": (("rule",), np.ones(2), {"units": "nat"})}, **common)
+    with pytest.raises(InputError, match="override.*history"):
+        R.new_dataset("fidelity", {}, attrs={"history": "mine"}, **common)
+    ds = make_ds()
+    ds["rel_error"].attrs["units"] = "parameter units"  # set by hand after new_dataset: refused on save
+    with pytest.raises(InputError, match="variable 'rel_error'.*'parameter units'"):
+        R.save_dataset(ds, tmp_path / "x.nc")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_annotate_rejects_unknown_names_without_changing_anything():
     ds = make_ds()
     with pytest.raises(InputError, match="nope"):
         R.annotate(ds, {"cosine": ("changed", "1"), "nope": ("x", "1")})
     assert ds["cosine"].attrs["long_name"] == "cosine similarity to exact NGD"
-    assert R.annotate(ds, {"layer": ("layer name", "")}) is ds
-    assert ds["layer"].attrs == {"long_name": "layer name", "units": ""}
+    assert R.annotate(ds, {"layer": ("layer name", None)}) is ds
+    assert ds["layer"].attrs == {"long_name": "layer name"}
+    R.annotate(ds, {"rel_error": ("KL", *R.NATS)})
+    assert ds["rel_error"].attrs == {"long_name": "KL", "units": "1", "comment": "natural-log units (nats)"}
+    R.annotate(ds, {"rel_error": ("time", "s")})  # a later annotation replaces units and keeps the comment
+    assert ds["rel_error"].attrs["units"] == "s"
+    for units in ("nat", "nats", "parameter units", "", "count", "1 / decade"):
+        with pytest.raises(InputError, match="not one of the accepted UDUNITS strings"):
+            R.annotate(ds, {"cosine": ("changed", units)})
+    with pytest.raises(InputError, match=r"\*NATS"):
+        R.annotate(ds, {"cosine": ("changed", "nat")})
+    with pytest.raises(InputError, match="tuple of strings"):
+        R.annotate(ds, {"cosine": ("changed",)})
+    assert ds["cosine"].attrs["long_name"] == "cosine similarity to exact NGD"
 
 
 # ------------------------------------------------------------------------------------------ atomicity
@@ -246,7 +293,7 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
         Path(path).write_bytes(b"\x89HDF\r\n\x1a\n partial")
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(R, "_write_netcdf", half_write)
+    monkeypatch.setattr(results_io, "_write_netcdf", half_write)
     with pytest.raises(RuntimeError, match="disk on fire"):
         R.save_dataset(make_ds(), target)
     assert list(tmp_path.iterdir()) == []
@@ -312,7 +359,7 @@ def test_future_schema(tmp_path):
     ds = make_ds()
     ds.attrs["fisherlab_schema"] = R.SCHEMA_VERSION + 1
     path = R.save_dataset(ds, tmp_path / "future.nc")
-    with pytest.raises(ResultsFileError, match="unsupported fisherlab schema version 2"):
+    with pytest.raises(ResultsFileError, match="unsupported fisherlab schema version 3"):
         R.load_dataset(path)
 
 
@@ -323,7 +370,7 @@ def test_wrong_kind_and_missing_fields(tmp_path):
     with pytest.raises(ResultsFileError, match=r"variable\(s\) \['eigenvalues', 'other'\]"):
         R.load_dataset(path, required_vars=("cosine", "eigenvalues", "other"))
     with pytest.raises(ResultsFileError, match=r"dimension\(s\) \['step'\]"):
-        R.load_dataset(path, required_dims=("method", "step"))
+        R.load_dataset(path, required_dims=("rule", "step"))
     with pytest.raises(ResultsFileError, match=r"attribute\(s\) \['lr'\]"):
         R.load_dataset(path, required_attrs=("seed", "lr"))
     ok = R.load_dataset(
@@ -406,7 +453,7 @@ def test_store_load_all_concat(tmp_path):
     cat = store.load_all(kind="fidelity", concat_dim="run")
     assert isinstance(cat, xr.Dataset)
     assert cat["run"].values.tolist() == ["seed0", "seed1", "seed2"]
-    assert cat["cosine"].dims == ("run", "method", "layer", "damping")
+    assert cat["cosine"].dims == ("run", "rule", "layer", "damping")
     for seed in range(3):
         xr.testing.assert_equal(cat["cosine"].sel(run=f"seed{seed}", drop=True), make_ds(seed=seed)["cosine"])
     # attrs shared by all entries are kept; those that differ (seed, created, ...) are dropped
@@ -484,21 +531,21 @@ def test_git_commit_found_or_unknown(tmp_path, monkeypatch):
     if shutil.which("git") is None:
         pytest.skip("git not installed")
     repo = tmp_path / "checkout"
-    (repo / "fisherlab").mkdir(parents=True)
+    (repo / "fisherlab" / "results").mkdir(parents=True)
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
     head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout
-    monkeypatch.setattr(R, "__file__", str(repo / "fisherlab" / "results.py"))
-    assert R._git_commit.__wrapped__() == head.strip()
-    plain = tmp_path / "plain" / "fisherlab"
+    monkeypatch.setattr(results_metadata, "__file__", str(repo / "fisherlab" / "results" / "metadata.py"))
+    assert results_metadata._git_commit.__wrapped__() == head.strip()
+    plain = tmp_path / "plain" / "fisherlab" / "results"
     plain.mkdir(parents=True)
-    monkeypatch.setattr(R, "__file__", str(plain / "results.py"))
+    monkeypatch.setattr(results_metadata, "__file__", str(plain / "metadata.py"))
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
-    assert R._git_commit.__wrapped__() == "unknown"
+    assert results_metadata._git_commit.__wrapped__() == "unknown"
 
     def hang(*args, **kwargs):
         raise subprocess.TimeoutExpired(cmd="git", timeout=2.0)
 
-    monkeypatch.setattr(R.subprocess, "run", hang)
-    assert R._git_commit.__wrapped__() == "unknown"
+    monkeypatch.setattr(results_metadata.subprocess, "run", hang)
+    assert results_metadata._git_commit.__wrapped__() == "unknown"

@@ -1,0 +1,248 @@
+"""netCDF-4 files of results Datasets: atomic :func:`save_dataset`, validating :func:`load_dataset`.
+
+Files are written atomically (:func:`save_dataset`): a temporary file in the target directory is written,
+flushed to disk and renamed over the target, so a crash never leaves a partial results file and never
+destroys the previous one. On write, attribute values are converted by
+:func:`~fisherlab.results.schema.netcdf_attr_value` and variable attributes checked by
+:func:`~fisherlab.results.schema.check_variable_attrs` (reserved names, accepted units); string arrays of
+``object`` or numpy ``StringDType`` dtype are written as fixed-width unicode (``<U``); any ``encoding`` carried
+by the Dataset (e.g. from a previously loaded file) is dropped, so values are written in their in-memory dtype
+and round-trip exactly.
+
+:func:`load_dataset` reads a file fully into memory, closes it, returns numpy scalar attributes as plain Python
+``int``/``float``, validates it, and upgrades a file of an older schema to the current one
+(:func:`~fisherlab.results.upgrade.upgrade`, with a :class:`~fisherlab.errors.SchemaUpgradeWarning`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import xarray as xr
+
+from fisherlab.errors import InputError, ResultsFileError
+from fisherlab.results.schema import (
+    ATTR_KIND,
+    ATTR_SCHEMA,
+    ENGINE,
+    SCHEMA_VERSION,
+    check_variable_attrs,
+    clean_attrs,
+    python_attr,
+)
+from fisherlab.results.upgrade import upgrade
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preparing a Dataset for netCDF
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _fixed_unicode(name: str, var: xr.Variable) -> xr.Variable:
+    if var.dtype.kind not in "OT":
+        return var
+    values = np.asarray(var.values, dtype=object).ravel()
+    bad = [type(v).__name__ for v in values if not isinstance(v, str)]
+    if bad:
+        raise InputError(
+            f"variable '{name}' has dtype {var.dtype} holding non-string values ({sorted(set(bad))}); "
+            "only string object arrays can be written"
+        )
+    fixed = np.array(np.asarray(var.values, dtype=object).tolist(), dtype=str).reshape(var.shape)
+    return xr.Variable(var.dims, fixed, attrs=var.attrs)
+
+
+def _prepare(ds: xr.Dataset) -> xr.Dataset:
+    """Return a netCDF-ready shallow copy of ``ds``: attributes cleaned, strings fixed-width, no encoding."""
+    out = ds.copy(deep=False)
+    replace_coords: dict[str, xr.Variable] = {}
+    replace_vars: dict[str, xr.Variable] = {}
+    for name, var in out.variables.items():
+        var.attrs = clean_attrs(var.attrs, f"variable '{name}'")
+        var.encoding = {}
+        check_variable_attrs(str(name), var)
+        fixed = _fixed_unicode(str(name), var)
+        if fixed is not var:
+            (replace_coords if name in out.coords else replace_vars)[str(name)] = fixed
+    if replace_coords:
+        out = out.assign_coords(replace_coords)
+    for name, var in replace_vars.items():
+        out[name] = var
+    out.attrs = clean_attrs(out.attrs, "dataset")
+    out.encoding = {}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Saving and loading
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _write_netcdf(ds: xr.Dataset, path: Path) -> None:
+    """Write ``ds`` to ``path`` (a separate function so tests can make it fail midway)."""
+    ds.to_netcdf(path, engine=ENGINE)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    if sys.platform.startswith("win"):
+        return
+    try:
+        _fsync_path(directory)
+    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
+        pass
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
+def save_dataset(ds: xr.Dataset, path: PathLike) -> Path:
+    """Write a results Dataset to a netCDF-4 file atomically.
+
+    The Dataset is written to a hidden temporary file (``.NAME.<random>.tmp``) in the target's directory,
+    flushed to disk with ``fsync`` and renamed over ``path`` with ``os.replace``. If anything fails, the
+    temporary file is removed and an existing file at ``path`` is left as it was. Parent directories are
+    created. The Dataset passed in is not modified; the conversions of the module docstring apply to the copy
+    that is written.
+
+    Args:
+        ds: A Dataset carrying ``fisherlab_schema`` and ``fisherlab_kind`` (as
+            :func:`~fisherlab.results.new_dataset` makes).
+        path: The file to write (conventionally ``*.nc``).
+
+    Returns:
+        The absolute path written.
+
+    Raises:
+        InputError: If ``ds`` is not a Dataset, lacks the fisherlab attributes, or holds a value netCDF can't
+            store or units that are not accepted (named in the message).
+        ResultsFileError: If the file can't be written (an ``OSError`` from the filesystem or HDF5).
+    """
+    if not isinstance(ds, xr.Dataset):
+        raise InputError(f"save_dataset expects an xarray.Dataset, got {type(ds).__name__}")
+    missing = [a for a in (ATTR_SCHEMA, ATTR_KIND) if a not in ds.attrs]
+    if missing:
+        raise InputError(
+            f"dataset lacks the fisherlab attribute(s) {missing}; "
+            "build it with new_dataset() or add provenance()"
+        )
+    target = Path(path).expanduser().absolute()
+    if target.is_dir():
+        raise InputError(f"results path is a directory: {target}")
+    prepared = _prepare(ds)
+    tmp = _temp_path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _write_netcdf(prepared, tmp)
+        _fsync_path(tmp)
+        os.replace(tmp, target)
+    except BaseException as err:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(err, OSError) and not isinstance(err, ResultsFileError):
+            raise ResultsFileError(f"could not write results file {target}: {err}") from err
+        raise
+    _fsync_dir(target.parent)
+    return target
+
+
+def load_dataset(
+    path: PathLike,
+    *,
+    kind: str | None = None,
+    required_vars: Iterable[str] = (),
+    required_dims: Iterable[str] = (),
+    required_attrs: Iterable[str] = (),
+) -> xr.Dataset:
+    """Load a results file fully into memory (the file is closed on return), validate it, upgrade an old one.
+
+    Numpy scalar attributes are returned as plain Python ``int``/``float``; the ``config`` attribute stays a
+    JSON string (parse it with :func:`~fisherlab.results.config_of`). A file of an older schema version is
+    upgraded in memory (dims ``method`` -> ``rule``, ``fisher_kind`` -> ``kind``, ...; see
+    :mod:`~fisherlab.results.upgrade`) with a :class:`~fisherlab.errors.SchemaUpgradeWarning` naming the file and
+    the changes; the ``required_*`` names are those of the current schema.
+
+    Args:
+        path: The netCDF file.
+        kind: If given, the file's ``fisherlab_kind`` must equal it.
+        required_vars: Names that must be variables or coordinates of the Dataset.
+        required_dims: Names that must be dimensions of the Dataset.
+        required_attrs: Names that must be Dataset attributes.
+
+    Returns:
+        The Dataset.
+
+    Raises:
+        ResultsFileError: If the file is missing, not a readable netCDF file, not written by fisherlab, of an
+            unsupported schema version, of another kind, or lacks a required variable, dimension or attribute
+            (each missing one is named).
+    """
+    for arg_name, arg in (
+        ("required_vars", required_vars),
+        ("required_dims", required_dims),
+        ("required_attrs", required_attrs),
+    ):
+        if isinstance(arg, str):
+            raise InputError(f"{arg_name} must be an iterable of names, not a single string: {arg!r}")
+    file = Path(path).expanduser().absolute()
+    if not file.exists():
+        raise ResultsFileError(f"results file not found: {file}")
+    if not file.is_file():
+        raise ResultsFileError(f"results path is not a file: {file}")
+    try:
+        ds = xr.load_dataset(file, engine=ENGINE)
+    except Exception as err:  # noqa: BLE001 - h5py/h5netcdf/xarray raise many types for a corrupt file
+        raise ResultsFileError(f"not a readable netCDF file: {file}: {type(err).__name__}: {err}") from err
+    ds.attrs = {k: python_attr(v) for k, v in ds.attrs.items()}
+    for var in ds.variables.values():
+        var.attrs = {k: python_attr(v) for k, v in var.attrs.items()}
+
+    if ATTR_SCHEMA not in ds.attrs:
+        raise ResultsFileError(f"not written by fisherlab (no '{ATTR_SCHEMA}' attribute): {file}")
+    schema = ds.attrs[ATTR_SCHEMA]
+    if isinstance(schema, bool) or not isinstance(schema, int):
+        raise ResultsFileError(f"'{ATTR_SCHEMA}' attribute of {file} is not an integer: {schema!r}")
+    if not 1 <= schema <= SCHEMA_VERSION:
+        raise ResultsFileError(
+            f"unsupported fisherlab schema version {schema} in {file}; "
+            f"this fisherlab reads 1..{SCHEMA_VERSION}"
+        )
+    if ATTR_KIND not in ds.attrs:
+        raise ResultsFileError(f"results file {file} has no '{ATTR_KIND}' attribute")
+    ds = upgrade(ds, file)
+    if kind is not None and ds.attrs[ATTR_KIND] != kind:
+        raise ResultsFileError(f"results file {file} holds kind '{ds.attrs[ATTR_KIND]}', expected '{kind}'")
+    problems: list[str] = []
+    missing_vars = [v for v in required_vars if v not in ds.variables]
+    if missing_vars:
+        problems.append(f"variable(s) {missing_vars}")
+    missing_dims = [d for d in required_dims if d not in ds.dims]
+    if missing_dims:
+        problems.append(f"dimension(s) {missing_dims}")
+    missing_attrs = [a for a in required_attrs if a not in ds.attrs]
+    if missing_attrs:
+        problems.append(f"attribute(s) {missing_attrs}")
+    if problems:
+        raise ResultsFileError(f"results file {file} lacks required " + "; ".join(problems))
+    return ds
+
+
+__all__ = ["save_dataset", "load_dataset"]

@@ -1,0 +1,317 @@
+"""The results schema: version, attribute names, units and coordinate conventions, storable attribute values.
+
+What a fisherlab results Dataset may hold, independent of how it is built (:mod:`~fisherlab.results.builders`)
+or stored (:mod:`~fisherlab.results.io`):
+
+* :data:`SCHEMA_VERSION` and the names of the fisherlab attributes (:data:`ATTR_SCHEMA`, :data:`ATTR_KIND`,
+  :data:`ATTR_CONFIG`); the CF global attributes every Dataset carries (:data:`CF_ATTRS`, conventions
+  :data:`CONVENTIONS`).
+* Units: every ``units`` attribute is one of :data:`ACCEPTED_UNITS`, all valid UDUNITS strings (checked by
+  :func:`check_units`). Dimensionless quantities have ``"1"``. UDUNITS has no unit for nats (``"nat"`` parses
+  as nano-atmospheres), so quantities in natural-log units — losses, KL divergences, Fisher eigenvalues and
+  traces (nats per squared parameter unit; parameters are dimensionless) — have units ``"1"`` and the
+  ``comment`` :data:`NATS_COMMENT` (``annotate(ds, {"loss": ("mean loss", *NATS)})``).
+* Coordinates carry a ``long_name`` (and ``units`` where they have one): :data:`COORDINATES` gives the
+  defaults for the coordinates fisherlab uses, applied by :func:`annotate_coordinates`. Dimension names never
+  collide with keyword arguments of xarray's ``sel``/``isel`` (:data:`RESERVED_DIMS`): ``ds.sel(method=[...])``
+  would be read as xarray's own ``method=`` and silently select every rule.
+* netCDF attribute values (:func:`netcdf_attr_value`): attribute values that are ``bool`` become ``int``
+  (``True`` -> ``1``), sequences of bools int arrays; lists and tuples become 1-D arrays (on load numeric ones
+  come back as numpy arrays, string ones as lists, and a sequence of length one as a scalar); ``None``,
+  dictionaries (encode them yourself with ``json.dumps``), empty or nested sequences, sequences of mixed types
+  and integers outside int64 are refused with :class:`~fisherlab.errors.InputError`.
+* Variable attributes that netCDF/CF decoding would consume or act on (:data:`RESERVED_VAR_ATTRS`) are refused,
+  and so is a ``units`` attribute containing ``" since "`` on a variable that is not a datetime (CF decoding
+  would turn its numbers into dates on load) — :func:`check_variable_attrs`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+import numpy as np
+import torch
+import xarray as xr
+
+from fisherlab.errors import InputError
+
+#: Version of the results-file layout written by fisherlab; :func:`~fisherlab.results.load_dataset` reads
+#: versions 1..this. Version 2 renamed the dims ``method`` -> ``rule`` and ``fisher_kind`` -> ``kind``, made
+#: every ``units`` a UDUNITS string and added the CF global attributes (:mod:`~fisherlab.results.upgrade`).
+SCHEMA_VERSION: int = 2
+
+#: The xarray backend used for every read and write.
+ENGINE: str = "h5netcdf"
+
+ATTR_SCHEMA = "fisherlab_schema"
+ATTR_KIND = "fisherlab_kind"
+ATTR_CONFIG = "config"
+
+#: The CF conventions the Datasets follow (global attribute ``Conventions``).
+CONVENTIONS = "CF-1.10"
+
+#: CF global attributes of every results Dataset: ``Conventions`` (:data:`CONVENTIONS`), ``title`` (what it
+#: holds), ``history`` (creation time and the fisherlab call that made it, one line per later change) and
+#: ``source`` (fisherlab and torch versions).
+CF_ATTRS: tuple[str, ...] = ("Conventions", "title", "history", "source")
+
+#: The ``units`` strings a results variable may carry (all parse with UDUNITS), with what each is for.
+ACCEPTED_UNITS: dict[str, str] = {
+    "1": "dimensionless: ratios, cosines, eigenvalues of preconditioned matrices, counts, indices, flags, "
+         "learning rates and damping; also quantities in nats, with the comment NATS_COMMENT",
+    "s": "seconds: wall-clock and CPU times",
+}
+
+#: ``comment`` attribute of a quantity in natural-log units (its ``units`` are ``"1"``).
+NATS_COMMENT = "natural-log units (nats)"
+
+#: ``(units, comment)`` of a quantity in nats, to splice into an :func:`annotate` spec.
+NATS: tuple[str, str] = ("1", NATS_COMMENT)
+
+#: Default ``(long_name, units)`` of the coordinates fisherlab uses (``units`` None: the coordinate has none,
+#: e.g. names).
+COORDINATES: dict[str, tuple[str, str | None]] = {
+    "rule": ("update rule", None),
+    "train_rule": ("rule the model was trained with", None),
+    "damping": ("damping λ", "1"),
+    "layer": ("layer (path of the module that owns the parameters)", None),
+    "step": ("training step", "1"),
+    "kind": ("Fisher kind", None),
+    "structure": ("Fisher structure", None),
+    "eig": ("eigenvalue index, ascending", "1"),
+    "layer_eig": ("eigenvalue index within the layer block, ascending", "1"),
+    "probe": ("SLQ probe index", "1"),
+    "node": ("Lanczos node index", "1"),
+    "candidate": ("learning-rate candidate index", "1"),
+    "seed": ("random seed", "1"),
+}
+
+#: Keyword arguments of xarray's ``sel``/``isel``: a dimension of that name can't be selected by keyword.
+RESERVED_DIMS = frozenset({"method", "tolerance", "drop", "indexers", "missing_dims"})
+
+#: Variable attributes consumed or acted on by netCDF/CF encoding and decoding: refused on save.
+RESERVED_VAR_ATTRS = frozenset(
+    {
+        "_FillValue",
+        "missing_value",
+        "scale_factor",
+        "add_offset",
+        "coordinates",
+        "dtype",
+        "calendar",
+        "_Unsigned",
+        "_Encoding",
+        "compress",
+    }
+)
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+AttrValue = Union[str, int, float, np.ndarray, list]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Units and annotations
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_units(units: Any, where: str) -> str:
+    """Return ``units`` if it is one of :data:`ACCEPTED_UNITS`.
+
+    Raises:
+        InputError: Naming ``where``, the units and the accepted ones (and, for nats, the convention).
+    """
+    if isinstance(units, str) and units in ACCEPTED_UNITS:
+        return units
+    hint = " (quantities in nats: units '1' with the comment NATS_COMMENT, e.g. *NATS)" if (
+        isinstance(units, str) and "nat" in units) else ""
+    raise InputError(f"{where}: units {units!r} are not one of the accepted UDUNITS strings "
+                     f"{sorted(ACCEPTED_UNITS)}{hint}")
+
+
+def annotate(ds: xr.Dataset, spec: Mapping[str, tuple[str, ...]]) -> xr.Dataset:
+    """Set ``long_name``, ``units`` and ``comment`` attributes on variables of ``ds`` (in place).
+
+    Args:
+        ds: The Dataset to annotate.
+        spec: ``{variable_or_coordinate_name: (long_name, units)}`` or ``(long_name, units, comment)``; units
+            are one of :data:`ACCEPTED_UNITS` (``"1"`` for dimensionless, :data:`NATS` for nats), or ``None``
+            for a variable without units (names, text).
+
+    Returns:
+        ``ds`` itself, for chaining.
+
+    Raises:
+        InputError: If a name is not a variable or coordinate of ``ds`` (all such names are listed), a value is
+            not such a tuple of strings, or units are not accepted. Nothing is changed in that case.
+    """
+    if not isinstance(ds, xr.Dataset):
+        raise InputError(f"annotate expects an xarray.Dataset, got {type(ds).__name__}")
+    missing = [name for name in spec if name not in ds.variables]
+    if missing:
+        raise InputError(f"annotate: {missing} not in dataset (variables: {sorted(map(str, ds.variables))})")
+    for name, value in spec.items():
+        if (not isinstance(value, tuple) or len(value) not in (2, 3) or not isinstance(value[0], str)
+                or not all(v is None or isinstance(v, str) for v in value[1:])):
+            raise InputError(f"annotate: value for '{name}' must be a (long_name, units[, comment]) tuple of "
+                             "strings (units may be None)")
+        if value[1] is not None:
+            check_units(value[1], f"annotate: variable '{name}'")
+    for name, (long_name, units, *comment) in spec.items():
+        attrs = ds.variables[name].attrs
+        attrs["long_name"] = long_name
+        if units is None:
+            attrs.pop("units", None)
+        else:
+            attrs["units"] = units
+        if comment and comment[0] is not None:
+            attrs["comment"] = comment[0]
+    return ds
+
+
+def annotate_coordinates(ds: xr.Dataset) -> xr.Dataset:
+    """Give every coordinate of ``ds`` named in :data:`COORDINATES` and without a ``long_name`` its defaults.
+
+    Returns:
+        ``ds`` itself (changed in place).
+    """
+    for name in ds.coords:
+        if name in COORDINATES and "long_name" not in ds[name].attrs:
+            long_name, units = COORDINATES[str(name)]
+            ds[name].attrs.update(long_name=long_name, **({} if units is None else {"units": units}))
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------------------
+# netCDF attribute values
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _scalar_attr(value: Any, where: str) -> str | int | float | None:
+    """Plain scalar for a netCDF attribute, or None if ``value`` is not a scalar."""
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, (int, np.integer)):
+        value = int(value)
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise InputError(f"{where}: integer {value} does not fit in int64")
+        return value
+    if isinstance(value, (float, np.floating)):
+        return value if isinstance(value, np.floating) else float(value)
+    return None
+
+
+def netcdf_attr_value(value: Any, where: str = "attribute") -> AttrValue:
+    """Convert an attribute value to one netCDF (h5netcdf) can store, following the module's rules.
+
+    Strings, ints and floats (Python or numpy) are kept; bools become ints; lists, tuples and 1-D numpy arrays
+    of numbers, bools or strings become a 1-D numpy array (numbers) or a list of ``str`` (strings).
+
+    Args:
+        value: The attribute value.
+        where: How to name the attribute in error messages.
+
+    Returns:
+        The storable value.
+
+    Raises:
+        InputError: For ``None``, mappings, empty, nested or mixed-type sequences, integers outside int64, and
+            any other type.
+    """
+    scalar = _scalar_attr(value, where)
+    if scalar is not None:
+        return scalar
+    if value is None:
+        raise InputError(f"{where}: None can't be stored in a netCDF attribute; leave the attribute out")
+    if isinstance(value, Mapping):
+        raise InputError(
+            f"{where}: a mapping can't be stored in a netCDF attribute; store json.dumps(...) of it"
+        )
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, (list, tuple, np.ndarray)):
+        try:
+            arr = value if isinstance(value, np.ndarray) else np.asarray(value, dtype=object)
+        except ValueError as err:
+            raise InputError(f"{where}: a ragged sequence can't be stored in a netCDF attribute") from err
+        if arr.ndim != 1:
+            raise InputError(
+                f"{where}: only 1-D sequences can be stored in a netCDF attribute, got {arr.ndim}-D"
+            )
+        if arr.size == 0:
+            raise InputError(
+                f"{where}: an empty sequence can't be stored in a netCDF attribute (its type is lost)"
+            )
+        if isinstance(value, np.ndarray):
+            items: Sequence[Any] = value.tolist()
+        else:
+            items = list(value)
+        if all(isinstance(v, (str, np.str_)) for v in items):
+            return [str(v) for v in items]
+        if all(isinstance(v, (bool, np.bool_)) for v in items):
+            return np.asarray(items, dtype=np.int64)
+        numeric = (int, float, np.integer, np.floating)
+        if all(isinstance(v, numeric) and not isinstance(v, (bool, np.bool_)) for v in items):
+            if isinstance(value, np.ndarray):
+                return value.copy()
+            if all(isinstance(v, (int, np.integer)) for v in items):
+                try:
+                    return np.asarray(items, dtype=np.int64)
+                except OverflowError as err:
+                    raise InputError(f"{where}: an integer does not fit in int64") from err
+            return np.asarray(items, dtype=np.float64)
+        raise InputError(
+            f"{where}: a sequence stored in a netCDF attribute must hold only numbers, only bools or only "
+            f"strings, got {sorted({type(v).__name__ for v in items})}"
+        )
+    raise InputError(f"{where}: value of type {type(value).__name__} can't be stored in a netCDF attribute")
+
+
+def clean_attrs(attrs: Mapping[Any, Any], where: str) -> dict[str, AttrValue]:
+    """Every attribute of ``attrs`` converted by :func:`netcdf_attr_value` (names must be non-empty strings)."""
+    out: dict[str, AttrValue] = {}
+    for key, value in attrs.items():
+        if not isinstance(key, str) or not key:
+            raise InputError(f"{where}: attribute name {key!r} is not a non-empty string")
+        out[key] = netcdf_attr_value(value, f"{where} attribute '{key}'")
+    return out
+
+
+def check_variable_attrs(name: str, var: xr.Variable) -> None:
+    """Refuse reserved attributes (:data:`RESERVED_VAR_ATTRS`), unaccepted units and CF time units.
+
+    Raises:
+        InputError: Naming the variable and the attribute.
+    """
+    reserved = sorted(RESERVED_VAR_ATTRS & set(var.attrs))
+    if reserved:
+        raise InputError(
+            f"variable '{name}': attribute(s) {reserved} are reserved by netCDF/CF encoding and would change "
+            "the values on load; rename them"
+        )
+    if "units" not in var.attrs:
+        return
+    units = var.attrs["units"]
+    if isinstance(units, str) and " since " in f" {units} " and var.dtype.kind != "M":
+        raise InputError(
+            f"variable '{name}': units {units!r} look like CF time units and would decode its values as "
+            "dates; use other units (e.g. 's') or store datetime64 values"
+        )
+    check_units(units, f"variable '{name}'")
+
+
+def python_attr(value: Any) -> Any:
+    """A numpy scalar attribute as the plain Python ``int``/``float``/``str``; other values unchanged."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+__all__ = ["ACCEPTED_UNITS", "ATTR_CONFIG", "ATTR_KIND", "ATTR_SCHEMA", "CF_ATTRS", "CONVENTIONS", "COORDINATES",
+           "ENGINE", "NATS", "NATS_COMMENT", "RESERVED_DIMS", "RESERVED_VAR_ATTRS", "SCHEMA_VERSION", "annotate",
+           "annotate_coordinates", "check_units", "check_variable_attrs", "clean_attrs", "netcdf_attr_value",
+           "python_attr"]

@@ -1,0 +1,101 @@
+"""Sweeps that survive interruption: each finished configuration is saved at once; a rerun resumes.
+
+:func:`run_sweep` walks over named configurations, calls ``fn(config) -> xr.Dataset`` for each one that the
+:class:`~fisherlab.results.store.ResultsStore` does not hold yet, and saves the result (atomically) before starting
+the next. Ctrl-C (``KeyboardInterrupt``) or any error therefore loses only the configuration in progress; the
+rerun loads the finished ones and computes the rest. Each stored Dataset carries the sweep configuration that
+produced it (attribute ``sweep_config``, JSON), and a stored entry from a different configuration under the
+same key is refused rather than silently reused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import xarray as xr
+
+from fisherlab.errors import InputError, ResultsFileError
+from fisherlab.progress import bar as progress_bar
+from fisherlab.results.metadata import config_json, to_jsonable
+from fisherlab.results.store import ResultsStore
+
+#: Dataset attribute holding the sweep configuration (JSON with sorted keys).
+SWEEP_ATTR = "sweep_config"
+
+
+def config_key(config: Mapping[str, Any]) -> str:
+    """A readable store key for a configuration: ``"k1=v1,k2=v2"`` in sorted key order (values as JSON)."""
+    items = to_jsonable(config, name="sweep config")
+    return ",".join(f"{k}={json.dumps(v, sort_keys=True, separators=(',', ':'))}" for k, v in sorted(items.items()))
+
+
+def run_sweep(
+    configs: Mapping[str, Mapping[str, Any]] | Iterable[Mapping[str, Any]],
+    store: ResultsStore,
+    fn: Callable[[Mapping[str, Any]], xr.Dataset],
+    *,
+    progress: bool | None = None,
+) -> dict[str, xr.Dataset]:
+    """Run ``fn`` on every configuration not yet in ``store``, saving each result as soon as it finishes.
+
+    Args:
+        configs: ``{key: config}``, or configurations whose keys are :func:`config_key`.
+        store: Where finished configurations live (one netCDF file per key).
+        fn: ``config -> xr.Dataset`` (a fisherlab results Dataset, e.g. from ``evaluate_fidelity``).
+        progress: Progress bar (``None``: only on a terminal).
+
+    Returns:
+        ``{key: Dataset}`` for every configuration, in the given order (loaded from the store when finished
+        earlier).
+
+    Raises:
+        InputError: Duplicate keys, or a stored entry under a key that came from a different configuration.
+        KeyboardInterrupt: Re-raised after an interruption; the configurations finished so far stay in the store
+            (a note on the exception says how many).
+    """
+    if isinstance(configs, Mapping):
+        items = [(str(k), dict(v)) for k, v in configs.items()]
+    else:
+        items = [(config_key(c), dict(c)) for c in configs]
+    keys = [k for k, _ in items]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise InputError(f"sweep configurations with duplicate keys: {duplicates}")
+    out: dict[str, xr.Dataset] = {}
+    finished_now = 0
+    bar = progress_bar(items, desc="sweep", progress=progress)
+    try:
+        for key, config in bar:
+            wanted = config_json(config, name="sweep config")
+            if store.has(key):
+                ds = store.load(key)
+                stored = ds.attrs.get(SWEEP_ATTR)
+                if stored != wanted:
+                    raise InputError(
+                        f"store {store.directory} holds key {key!r} from a different configuration "
+                        f"({stored!r}, wanted {wanted!r}); use another store folder or delete {store.path(key)}")
+                out[key] = ds
+                continue
+            ds = fn(config)
+            if not isinstance(ds, xr.Dataset):
+                raise InputError(f"the sweep function returned {type(ds).__name__} for {key!r}; expected a Dataset")
+            ds = ds.assign_attrs({SWEEP_ATTR: wanted})
+            store.save(key, ds)
+            finished_now += 1
+            out[key] = ds
+    except KeyboardInterrupt as exc:
+        note = (f"sweep interrupted: {len(store.keys())} finished configuration(s) kept in {store.directory} "
+                     f"({finished_now} from this run); rerun to resume")
+        if hasattr(exc, "add_note"):  # Python >= 3.11
+            exc.add_note(note)
+        raise
+    except ResultsFileError as exc:
+        raise ResultsFileError(f"sweep store {store.directory}: {exc}") from exc
+    finally:
+        bar.close()
+    return out
+
+
+__all__ = ["SWEEP_ATTR", "config_key", "run_sweep"]
