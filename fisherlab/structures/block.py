@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fisherlab.checks import parse_enum
+from fisherlab.checks import check_damping, parse_enum
 from fisherlab.engine import FisherEngine
 from fisherlab.structures.base import FisherMatrix, accumulate_gram, symmetrize_upper
 from fisherlab.structures.dense import engine_meta
@@ -33,7 +33,7 @@ class BlockDiagonalFisher(FisherMatrix):
 
         ``by``: ``"layer"`` (one block per module, all its tensors together) or ``"tensor"`` (:class:`BlockBy`).
         """
-        by = parse_enum(BlockBy, by, "block grouping (by=)").value
+        by = parse_enum(BlockBy, by, "block grouping").value
         index = {k: v.to(engine.device) for k, v in engine.spec.blocks(by).items()}
         total = sum(len(ix) ** 2 for ix in index.values())
         engine.check_dense(total, 1, f"the {len(index)} dense blocks")
@@ -78,6 +78,7 @@ class BlockDiagonalFisher(FisherMatrix):
         """(F + λI)⁻¹ g block by block (Cholesky of each block)."""
         from fisherlab.linalg import damped_solve
 
+        damping = check_damping(damping)
         g = self._check_operand(g)
         out = torch.empty_like(g)
         for k, ix in self.index.items():
