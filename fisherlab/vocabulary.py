@@ -18,7 +18,7 @@ structure    G                                                      fisher  reco
 ``diag``     diag(F)                                                 yes     yes          yes
 ``implicit`` F, products F·v only (never formed)                     yes     no           no
 ``kfac``     S ⊗ A per Linear/Conv layer (Kronecker factors)         yes     yes          yes
-``input``    A ⊗ I per Linear/Conv layer (input whitening only)      no      yes          yes
+``input``    I ⊗ A per Linear/Conv layer (input whitening only)      no      yes          yes
 ``ekfac``    KFAC eigenbasis with re-fitted diagonal scaling         yes     yes          yes
 ``unit``     one dense block per output unit (row of [W, b])         yes     yes          yes
 ``lowrank``  top-k eigenpairs (Nyström) plus damping                 yes     no           no

@@ -9,7 +9,7 @@ structure   G                                                                   
 ``dense``   F + λI over all parameters (exact NGD; small models only)           one parametrization of θ
 ``block``   one dense block F_l + λI per layer (module)                         a parametrization per layer
 ``kfac``    (S_l + sI) ⊗ (A_l + aI) per Linear/Conv layer, a·s = λ (``split``)  layer forms (or parametrizations)
-``input``   (A_l + λI) ⊗ I per Linear/Conv layer (input whitening only)         layer forms (or parametrizations)
+``input``   I ⊗ (A_l + λI) per Linear/Conv layer (input whitening only)         layer forms (or parametrizations)
 ``ekfac``   EKFAC eigenbasis and re-fitted scaling + λ per layer                parametrizations per layer
 ``unit``    one dense block + λI per output unit (row of W̄ = [W, b])            parametrizations per layer
 ``diag``    diag(F) + λI                                                        a parametrization per tensor

@@ -6,7 +6,7 @@ metric G = (S + sI) ⊗ (A + aI) is rebuilt as
     y = S_s^{-1/2} · W̄' · (A_a^{-1/2} ā),        W̄' = S_s^{1/2} W̄ A_a^{1/2},
 
 three modules in sequence: :class:`InputWhitening` (A_a^{-1/2}), the weight W̄' — the layer's only parameter — and
-:class:`OutputFisher` (S_s^{-1/2}); with ``output=False`` (structure ``input``) the metric is (A + λI) ⊗ I and
+:class:`OutputFisher` (S_s^{-1/2}); with ``output=False`` (structure ``input``) the metric is I ⊗ (A + λI) and
 there is no output layer. ``print(net)`` shows them. One GD step on W̄' maps back to
 ΔW̄ = −η S_s^{-1} ∇W̄ L A_a^{-1}, the KFAC step.
 
@@ -172,7 +172,7 @@ def factor_roots(M: Tensor, damping: float, method: str, rank: int) -> tuple[Ten
 
 def kron_update(inp: FactorRoot, out: FactorRoot | None, stats: Mapping[str, Tensor], damping: float,
                 method: str, split: str, rank: int = 64) -> None:
-    """Set the roots of (S + sI) ⊗ (A + aI) ((a, s) = ``split`` of λ), or of (A + λI) ⊗ I when ``out`` is None.
+    """Set the roots of (S + sI) ⊗ (A + aI) ((a, s) = ``split`` of λ), or of I ⊗ (A + λI) when ``out`` is None.
 
     ``rank``: k of ``method="lowrank"``.
     """

@@ -152,7 +152,7 @@ class _MatrixRoot(FisherRoot):
 
 
 class KroneckerRoot(_MatrixRoot):
-    """G_g = (S + sI) ⊗ (A + aI) on the row-major W̄ (KFAC), or (A + λI) ⊗ I with ``output=False`` (input only).
+    """G_g = (S + sI) ⊗ (A + aI) on the row-major W̄ (KFAC), or I ⊗ (A + λI) with ``output=False`` (input only).
 
     The damping λ is split between the factors by :func:`fisherlab.linalg.kron_damping_split` with ``split``
     (``"pi"``: a = π√λ, s = √λ/π; ``"sqrt"``: a = s = √λ), so G^{±1/2} = (S + sI)^{±1/2} ⊗ (A + aI)^{±1/2} and
