@@ -12,14 +12,21 @@ import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from enum import Enum
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fisherlab.errors import InputError, NonFiniteError
 
+if TYPE_CHECKING:
+    import torch
+
 E = TypeVar("E", bound=Enum)
 
-__all__ = ["check_damping", "check_dampings", "check_eval_mode", "check_fraction", "check_lr", "check_positive_int",
-           "parse_enum", "renamed"]
+__all__ = ["DTYPE_NAMES", "check_damping", "check_dampings", "check_device", "check_dtype", "check_eval_mode",
+           "check_fraction", "check_lr", "check_model", "check_positive_int", "low_precision_advice", "parse_enum",
+           "renamed"]
+
+#: The dtype names every ``dtype=`` argument accepts as strings (besides ``torch.float32`` etc. themselves).
+DTYPE_NAMES: tuple[str, ...] = ("float32", "float64", "float16", "bfloat16")
 
 
 def parse_enum(enum: type[E], value: Any, what: str) -> E:
@@ -99,6 +106,99 @@ def check_eval_mode(model: Any) -> None:
                 f"module {name!r} ({type(module).__name__}) is in training mode: its output depends on the batch "
                 "or on random masks, so per-sample Fishers are undefined. Call model.eval() first."
             )
+
+
+def check_device(device: Any) -> torch.device:
+    """``device`` (a string such as ``"cpu"``, ``"cuda:1"``, or a ``torch.device``) as a device this machine has.
+
+    Raises:
+        InputError: For a string torch does not parse (``"gpu"``), a device type fisherlab does not run on
+            (``"meta"``, ...), or a CUDA / MPS device this machine does not have.
+    """
+    import torch
+
+    if not isinstance(device, (str, torch.device)):
+        raise InputError(f"device must be a string such as 'cpu' or 'cuda', or a torch.device; got {device!r}")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"{device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {str(device)!r}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}, torch.cuda.is_available() is False); use cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise InputError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError(f"device {str(device)!r}: MPS is not available on this machine; use cpu")
+    elif parsed.type != "cpu":
+        raise InputError(f"device {str(device)!r}: fisherlab runs on cpu, cuda or mps")
+    return parsed
+
+
+def check_dtype(dtype: Any) -> torch.dtype | None:
+    """A floating ``torch.dtype`` from itself or its name (:data:`DTYPE_NAMES`, also ``"torch.float64"``); None stays.
+
+    Raises:
+        InputError: For another string or object, or a non-floating dtype.
+    """
+    import torch
+
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name not in DTYPE_NAMES:
+            raise InputError(f"unknown dtype {dtype!r}; valid: {list(DTYPE_NAMES)} or a floating torch.dtype")
+        return getattr(torch, name)
+    if not isinstance(dtype, torch.dtype):
+        raise InputError(f"dtype must be a torch.dtype or one of {list(DTYPE_NAMES)}; got {dtype!r}")
+    if not dtype.is_floating_point:
+        raise InputError(f"dtype must be a floating dtype; got {dtype}")
+    return dtype
+
+
+def low_precision_advice(dtype: torch.dtype) -> str:
+    """What to do about a NaN / inf computed in ``dtype``: for float16 / bfloat16, compute in float32; else ``""``."""
+    import torch
+
+    if dtype not in (torch.float16, torch.bfloat16):
+        return ""
+    return f" — {dtype} overflows above {torch.finfo(dtype).max:g}: compute in float32 (dtype=torch.float32)"
+
+
+def check_model(model: Any) -> None:
+    """The checks every entry point makes of a user's model before using it.
+
+    An ``nn.Module`` (with parameters), in eval mode where that matters (:func:`check_eval_mode`), whose
+    parameters and buffers hold values (not on the ``meta`` device) and are finite — buffers and frozen
+    parameters included, since they enter every output.
+
+    Raises:
+        InputError: Not a module, no parameters, a tensor on the meta device, or a module in training mode.
+        NonFiniteError: A parameter or buffer holds NaN or infinite values (the message names it).
+    """
+    import torch
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be an nn.Module; got {type(model)}")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if not params:
+        raise InputError(f"the model ({type(model).__name__}) has no parameters")
+    tensors = [("parameter" if p.requires_grad else "frozen parameter", n, p) for n, p in params.items()]
+    tensors += [("buffer", n, b) for n, b in model.named_buffers(remove_duplicate=False)]
+    for what, name, t in tensors:
+        if t.is_meta:
+            raise InputError(f"{what} {name!r} is on the meta device (it has a shape but no values): materialise "
+                             "the model first, e.g. model.to_empty(device='cpu') then load_state_dict(...)")
+    for what, name, t in tensors:
+        if t.is_floating_point() or t.is_complex():
+            with torch.no_grad():
+                if not bool(torch.isfinite(t).all()):
+                    raise NonFiniteError(f"{what} {name!r} contains NaN or infinite values")
+    check_eval_mode(model)
 
 
 def renamed(kwargs: dict[str, Any], old: str, new: str, current: Any, default: Any, where: str) -> Any:

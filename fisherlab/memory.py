@@ -6,10 +6,13 @@ caller's budget fisherlab refuses with the number and the structures that would 
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 
 import torch
 
+from fisherlab.checks import check_device
 from fisherlab.errors import InputError, MemoryBudgetError
 
 #: Fraction of the currently available memory used as the default budget.
@@ -20,7 +23,7 @@ ALTERNATIVES = "structure='block' (per-layer blocks), 'kfac', 'diag' or 'implici
 
 def available_bytes(device: torch.device | str | None = None) -> int:
     """Bytes currently available on ``device``: free GPU memory for CUDA, MemAvailable (Linux) otherwise."""
-    device = torch.device(device or "cpu")
+    device = check_device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
@@ -39,8 +42,10 @@ def resolve_budget(budget: int | float | None, device: torch.device | str | None
     """The memory budget in bytes: ``budget`` if given (bytes), else half of what is available on ``device``."""
     if budget is None:
         return int(DEFAULT_FRACTION * available_bytes(device))
-    if budget <= 0:
-        raise InputError(f"memory budget must be positive (bytes); got {budget}")
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not math.isfinite(budget) or budget <= 0:
+        raise InputError(f"memory budget must be positive (bytes); got {budget!r}")
+    if device is not None:
+        check_device(device)
     return int(budget)
 
 
