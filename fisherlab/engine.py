@@ -40,14 +40,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
-from tqdm.auto import tqdm
 
-from fisherlab.checks import check_eval_mode, parse_enum
+from fisherlab.checks import check_device, check_dtype, check_model, low_precision_advice, parse_enum
 from fisherlab.datasource import DataSource
-from fisherlab.errors import FallbackWarning, InputError, UnsupportedLayerError
+from fisherlab.errors import FallbackWarning, InputError, NonFiniteError, UnsupportedLayerError
 from fisherlab.likelihoods import Likelihood, get_likelihood
 from fisherlab.memory import check_budget, dense_bytes, resolve_budget
-from fisherlab.params import ParamSpec, check_finite
+from fisherlab.params import ParamSpec
+from fisherlab.progress import bar as progress_bar
 from fisherlab.vocabulary import FisherKind
 
 #: Upper bound on the bytes of one chunk's working set (two copies of its factor rows, or the activations of a
@@ -59,9 +59,18 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 #: Upper bound on the bytes of activations :meth:`FisherEngine.matmat` keeps between calls (see there).
 MATMAT_CACHE_BYTES = 256 * 2**20
 
+#: Dtypes with too little range or precision for some kinds (torch has no eigendecomposition in them).
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
 
 class FisherEngine:
     """Per-sample factor rows, matrix-free products and gradients for one model, likelihood, data and kind.
+
+    Construction checks everything the computations rely on, once (:func:`fisherlab.checks.check_model`, then the
+    data): parameters *and* buffers are finite; the model is deterministic (two evaluations of the first samples
+    agree, so dropout left active — also ``F.dropout(x, p, self.training)`` — is refused); and one forward pass over
+    all the data (which also draws the Monte-Carlo labels) evaluates every sample, so a sample the model cannot take
+    (an ``nn.Embedding`` index out of range) or whose outputs are NaN or infinite is named.
 
     Args:
         model: Any ``nn.Module`` mapping (B, *input_shape) → (B, C). It is not modified: parameters and buffers are
@@ -72,12 +81,17 @@ class FisherEngine:
         params: Names of the parameters the Fisher is taken over (default: all trainable, in model order).
         mc_samples: S, labels drawn per input for ``kind="mc"``.
         seed: Seed of the Monte-Carlo label draws.
-        dtype: Compute dtype (default: the model's parameter dtype).
+        dtype: Compute dtype, a floating ``torch.dtype`` or its name (``"float32"``, ``"float64"``; default: the
+            model's parameter dtype). ``kind="ggn"`` needs float32 or float64.
         device: Compute device (default: the model's parameter device).
         chunk_size: Samples per chunk (default: as many as fit in ``min(256 MiB, budget/4)`` of factor rows; the
             matrix-free products then size their own chunks by activations, see :meth:`matmat_chunk_size`).
         memory_budget: Bytes any single dense object may take (default: half the available memory).
         progress: Show progress bars (``None``: only on a terminal).
+
+    Raises:
+        InputError: Bad options, model or data (the message names the tensor, option or sample).
+        NonFiniteError: NaN or infinite values in a parameter, buffer, the data, or the outputs of a sample.
     """
 
     def __init__(
@@ -96,22 +110,22 @@ class FisherEngine:
         memory_budget: int | None = None,
         progress: bool | None = None,
     ):
-        if not isinstance(model, nn.Module):
-            raise InputError(f"model must be an nn.Module; got {type(model)}")
+        check_model(model)
         self.kind = parse_enum(FisherKind, kind, "Fisher kind")
         self.likelihood = get_likelihood(likelihood)
         if self.kind is FisherKind.MC and (not isinstance(mc_samples, int) or mc_samples < 1):
             raise InputError(f"mc_samples must be a positive integer; got {mc_samples}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise InputError(f"chunk_size must be a positive integer; got {chunk_size}")
-        if dtype is not None and not dtype.is_floating_point:
-            raise InputError(f"dtype must be a floating dtype; got {dtype}")
-        check_eval_mode(model)
+        dtype = check_dtype(dtype)
         self.model = model
         self.spec = ParamSpec.from_model(model, params)
         first = next(iter(model.parameters()))
         self.dtype = dtype or first.dtype
-        self.device = torch.device(device) if device is not None else first.device
+        self.device = check_device(device) if device is not None else first.device
+        if self.kind is FisherKind.GGN and self.dtype in LOW_PRECISION:
+            raise InputError(f"kind='ggn' factors the loss Hessian by an eigendecomposition, which torch does not "
+                             f"compute in {self.dtype}: compute in float32 (dtype=torch.float32)")
         self.mc_samples = int(mc_samples)
         self.seed = int(seed)
         self.progress = progress
@@ -125,7 +139,7 @@ class FisherEngine:
             for n, t in [*named.items(), *model.named_buffers(remove_duplicate=False)]
             if n not in self.params and id(t) not in selected
         }
-        check_finite("parameter", self.params)
+        self._check_converted(named)
         self.data = DataSource(data, device=self.device, dtype=self.dtype)
         self._check_data()
         self.num_samples = len(self.data)
@@ -140,9 +154,17 @@ class FisherEngine:
         self._matmat_cache: tuple[tuple, list[tuple[Any, Any, Tensor]]] | None = None  # (state key, entries)
         check_budget(2 * row_bytes * min(self.chunk_size, self.num_samples), "a chunk of factor rows",
                      self.memory_budget, "a smaller chunk_size")
-        self._labels = self._draw_labels() if self.kind is FisherKind.MC else None
+        self._labels = self._scan()
 
     # ----------------------------------------------------------------------------------------------- checks
+    def _check_converted(self, named: dict[str, Tensor]) -> None:
+        """Parameters and buffers finite in the compute dtype (they are in the model's: :func:`check_model`)."""
+        for n, t in [*self.params.items(), *self._frozen.items()]:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                what = "buffer" if n not in named else "parameter" if named[n].requires_grad else "frozen parameter"
+                raise NonFiniteError(f"{what} {n!r} contains NaN or infinite values in the compute dtype "
+                                     f"{self.dtype}{low_precision_advice(self.dtype)}")
+
     def _check_data(self) -> None:
         x, y = self.data.first()
         if not x.is_floating_point() and not any(isinstance(m, nn.Embedding) for m in self.model.modules()):
@@ -156,6 +178,17 @@ class FisherEngine:
             raise
         except Exception as exc:  # the message of the model's own failure is the useful part
             raise InputError(f"the model could not be evaluated on inputs of shape {tuple(x.shape)}: {exc}") from exc
+        self._check_outputs(z, 0)
+        with torch.no_grad():
+            again = self.forward(self.params, x)
+        tol = math.sqrt(torch.finfo(self.dtype).eps)
+        if not bool(torch.allclose(again, z, rtol=tol, atol=tol * float(z.abs().max()))):
+            raise InputError(
+                f"two evaluations of the model on the same inputs differ (by up to {float((again - z).abs().max()):.3g}"
+                f"): its outputs are random — dropout or another random operation is active (model.training is "
+                f"{self.model.training}; e.g. F.dropout(x, p, self.training) in training mode). Per-sample Fishers "
+                "of a random function are undefined: call model.eval(), or remove the randomness"
+            )
         self.likelihood.check_targets(z, y)
         self.num_outputs = int(z.shape[1])
         self.sample_loop = False
@@ -164,6 +197,11 @@ class FisherEngine:
             self._rows(x, M)
         except RuntimeError as exc:
             reason = str(exc).rstrip(".")
+            if "random" in reason.lower():
+                raise InputError(f"the model calls a random operation ({reason}): dropout or another random "
+                                 f"operation is active (model.training is {self.model.training}). Per-sample "
+                                 "Fishers of a random function are undefined: call model.eval(), or remove the "
+                                 "randomness") from exc
             self.sample_loop = True
             try:
                 self._rows(x, M)
@@ -197,14 +235,46 @@ class FisherEngine:
             raise InputError(f"the model must return outputs of shape (N, C); got {shape} for N = {x.shape[0]}")
         return z
 
-    def _draw_labels(self) -> Tensor:
-        gen = torch.Generator(device=self.device).manual_seed(self.seed)
+    def _check_outputs(self, z: Tensor, start: int) -> None:
+        """Refuse NaN / inf outputs, naming the first such sample (``start``: global index of z's first row)."""
+        bad = ~torch.isfinite(z).all(dim=1)
+        if bool(bad.any()):
+            i = start + int(bad.nonzero()[0, 0])
+            raise NonFiniteError(f"the model's outputs for sample {i} contain NaN or infinite values (parameters, "
+                                 f"buffers and inputs are finite){low_precision_advice(self.dtype)}")
+
+    def _scan(self) -> Tensor | None:
+        """One no-grad forward pass over all the data: every sample evaluates, to finite outputs, with valid targets.
+
+        Draws the Monte-Carlo labels on the way (``kind="mc"``; in chunks of ``chunk_size``, by a generator seeded
+        with ``seed``) and returns them (else None).
+        """
+        gen = torch.Generator(device=self.device).manual_seed(self.seed) if self.kind is FisherKind.MC else None
+        draws = []
         with torch.no_grad():
-            draws = [
-                self.likelihood.sample(self.forward(self.params, x), self.mc_samples, gen)
-                for _, x, _ in self.data.chunks(self.chunk_size)
-            ]
-        return torch.cat(draws)
+            for start, x, y in self.data.chunks(self.chunk_size):
+                z = self._forward_chunk(start, x)
+                self._check_outputs(z, start)
+                self.likelihood.check_targets(z, y)
+                if gen is not None:
+                    draws.append(self.likelihood.sample(z, self.mc_samples, gen))
+        return torch.cat(draws) if draws else None
+
+    def _forward_chunk(self, start: int, x: Tensor) -> Tensor:
+        """f_θ(x) for a chunk; a failure names the first sample the model cannot be evaluated on."""
+        try:
+            return self.forward(self.params, x)
+        except InputError:
+            raise
+        except Exception as exc:  # e.g. an nn.Embedding index out of range: find the sample
+            for i in range(x.shape[0]):
+                try:
+                    self.forward(self.params, x[i: i + 1])
+                except Exception as one:
+                    raise InputError(f"the model could not be evaluated on sample {start + i} (inputs of shape "
+                                     f"{tuple(x[i].shape)}): {type(one).__name__}: {one}") from one
+            raise InputError(f"the model could not be evaluated on samples {start}–{start + x.shape[0] - 1}: "
+                             f"{type(exc).__name__}: {exc}") from exc
 
     def chunks(
         self, desc: str | None = None, chunk_size: int | None = None
@@ -216,8 +286,7 @@ class FisherEngine:
         """
         chunk_size = chunk_size or self.chunk_size
         total = math.ceil(self.num_samples / chunk_size)
-        bar = tqdm(total=total, desc=desc, disable=True if desc is None else (None if self.progress is None
-                                                                            else not self.progress))
+        bar = progress_bar(total=total, desc=desc, progress=False if desc is None else self.progress, inner=True)
         for start, x, y in self.data.chunks(chunk_size):
             # every chunk's targets, not only the first samples': values (label range, 0/1) and canonical shape
             y = self.likelihood.check_targets(x.new_empty((x.shape[0], self.num_outputs), dtype=self.dtype), y)
