@@ -1,7 +1,7 @@
 """Likelihoods p(y | z): the loss, its gradient in output space, the output-space Fisher Λ(z), sampling, and KL.
 
 METHOD.md §1. Each likelihood maps a batch of network outputs ``z`` of shape (N, C) to per-sample quantities.
-Targets: categorical — int64 labels of shape (N,) in [0, C); Gaussian — floats of shape (N, C); Bernoulli —
+Targets: categorical — int64 labels of shape (N,) in [0, C), C ≥ 2; Gaussian — floats of shape (N, C); Bernoulli —
 floats in {0, 1} of shape (N, C). Losses are the per-sample negative log-likelihoods without constants
 (the Gaussian loss is ‖z − y‖² / (2σ²)), so L(θ) is their mean.
 
@@ -114,6 +114,12 @@ class Categorical(Likelihood):
 
     def check_targets(self, z: Tensor, y: Tensor) -> Tensor:
         _check_outputs(z)
+        if z.shape[1] < 2:
+            raise InputError(
+                f"the categorical likelihood needs C ≥ 2 outputs (one logit per class); the model has C = "
+                f"{z.shape[1]}: the softmax of one logit is always 1, so its Fisher is zero. For two classes with one "
+                "output use likelihood='bernoulli' (targets 0/1 of shape (N, 1)), or give the model 2 outputs"
+            )
         if y.is_floating_point() or y.dtype == torch.bool:
             raise InputError(f"categorical targets must be integer class labels; got dtype {y.dtype}")
         if y.shape != z.shape[:1]:
@@ -137,7 +143,7 @@ class Categorical(Likelihood):
         p = torch.softmax(z, dim=-1)
         u = p.sqrt()
         c = z.shape[-1]
-        if c == 1:
+        if c == 1:  # Λ = 0 (the engines refuse C = 1 in check_targets)
             return z.new_zeros(z.shape[0], 1, 1)
         w = u.clone()
         w[:, -1] += 1
