@@ -6,6 +6,7 @@ adds one (KFAC, EKFAC, unit-wise and low-rank register themselves the same way).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from fisherlab.engine import FisherEngine
@@ -39,12 +40,32 @@ def register(name: str, builder: Builder) -> None:
     STRUCTURES[name] = builder
 
 
+def structure_options(structure: str) -> list[str] | None:
+    """The keyword options the builder of ``structure`` takes (None: it takes any, ``**kwargs``)."""
+    params = list(inspect.signature(STRUCTURES[structure]).parameters.values())[1:]  # after the engine
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    named = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in named]
+
+
 def build(structure: str, engine: FisherEngine, **options: object) -> FisherMatrix:
-    """Build ``structure`` from ``engine``; an unknown name lists the valid ones."""
+    """Build ``structure`` from ``engine``.
+
+    Raises:
+        InputError: An unknown structure (the valid ones are listed) or an option the structure does not take (its
+            options are listed).
+    """
     if structure not in STRUCTURES:
         raise InputError(f"unknown Fisher structure {structure!r}; valid: {sorted(STRUCTURES)}")
+    valid = structure_options(structure)
+    unknown = [k for k in options if valid is not None and k not in valid]
+    if unknown:
+        raise InputError(f"unknown option(s) {unknown} of the {structure!r} structure; its options: "
+                         f"{valid if valid else 'none'}")
     return STRUCTURES[structure](engine, **options)
 
 
 __all__ = ["STRUCTURES", "BlockDiagonalFisher", "DenseFisher", "DiagonalFisher", "EKFACFisher", "FisherMatrix",
-           "ImplicitFisher", "KFACFisher", "LowRankFisher", "UnitwiseFisher", "build", "register"]
+           "ImplicitFisher", "KFACFisher", "LowRankFisher", "UnitwiseFisher", "build", "register",
+           "structure_options"]

@@ -9,7 +9,8 @@ what is particular to it (at least :meth:`matmat` and :meth:`diag`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -17,7 +18,8 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
-from fisherlab.errors import InputError
+from fisherlab.checks import check_damping, low_precision_advice
+from fisherlab.errors import InputError, NonFiniteError
 from fisherlab.memory import check_budget, dense_bytes
 from fisherlab.params import ParamSpec
 from fisherlab.vocabulary import FisherKind
@@ -30,6 +32,11 @@ GRAM_BLOCK = 384
 @dataclass
 class FisherMatrix:
     """Base class of all Fisher structures.
+
+    Every structure is checked when it is constructed: a NaN or infinity anywhere in its stored tensors (a dense
+    matrix, blocks, Kronecker factors, eigenvalues — whatever the dtype, float16 included) raises
+    :class:`~fisherlab.errors.NonFiniteError` naming the field, so no Fisher with non-finite entries is returned.
+    Every damping λ a method takes is checked by :func:`fisherlab.checks.check_damping` (finite, ≥ 0).
 
     Attributes:
         spec: The parameters the matrix is taken over (P = ``spec.dim``).
@@ -48,6 +55,14 @@ class FisherMatrix:
     device: torch.device
     memory_budget: int
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for where, t in _stored_tensors(self):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(
+                    f"the {self.kind.value} {self.structure or type(self).__name__} Fisher has NaN or infinite "
+                    f"entries ({where}, computed in {self.dtype}){low_precision_advice(self.dtype)}"
+                )
 
     # ------------------------------------------------------------------------------------- to implement
     def matmat(self, V: Tensor) -> Tensor:
@@ -108,7 +123,8 @@ class FisherMatrix:
         return torch.linalg.eigvalsh(self.to_dense())
 
     def condition_number(self, damping: float = 0.0) -> float:
-        """κ(F + λI) = (λ_max + λ)/(λ_min + λ); ``inf`` when F + λI is singular."""
+        """κ(F + λI) = (λ_max + λ)/(λ_min + λ) for λ ≥ 0; ``inf`` when F + λI is singular."""
+        damping = check_damping(damping)
         ev = self.eigvalsh()
         lo = float(ev[0]) + damping
         return float(ev[-1] + damping) / lo if lo > 0 else float("inf")
@@ -121,6 +137,7 @@ class FisherMatrix:
         """
         from fisherlab.linalg import damped_solve
 
+        damping = check_damping(damping)
         return damped_solve(self.to_dense(), self._check_operand(g), damping)
 
     def named(self, vec: Tensor) -> dict[str, Tensor]:
@@ -130,6 +147,24 @@ class FisherMatrix:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(kind={self.kind.value!r}, P={self.spec.dim}, dtype={self.dtype}, "
                 f"device={self.device})")
+
+
+def _stored_tensors(struct: FisherMatrix) -> Iterator[tuple[str, Tensor]]:
+    """(where, tensor) for every tensor a structure stores: its fields, their dict values and dataclass members."""
+
+    def walk(where: str, value: Any) -> Iterator[tuple[str, Tensor]]:
+        if isinstance(value, Tensor):
+            yield where, value
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                yield from walk(f"{where}[{k!r}]", v)
+        elif is_dataclass(value) and not isinstance(value, type):
+            for f in fields(value):
+                yield from walk(f"{where}.{f.name}", getattr(value, f.name))
+
+    for f in fields(struct):
+        if f.name not in ("spec", "meta"):
+            yield from walk(f.name, getattr(struct, f.name))
 
 
 def accumulate_gram(out: Tensor, U: Tensor, num_splits: int | None = None) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fisherlab.checks import check_damping
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import UnsupportedLayerError
 from fisherlab.layers import iter_layer_rows, layer_layouts, squared_gradient_sum
@@ -65,6 +66,7 @@ class DiagonalFisher(FisherMatrix):
         """(diag(F) + λI)⁻¹ g; a zero entry with no damping raises SingularMatrixError."""
         from fisherlab.errors import SingularMatrixError
 
+        damping = check_damping(damping)
         d = self.diagonal + damping
         if bool((d <= 0).any()):
             raise SingularMatrixError(

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from fisherlab.checks import check_damping
 from fisherlab.engine import FisherEngine
 from fisherlab.structures.base import FisherMatrix
 from fisherlab.structures.dense import engine_meta
@@ -42,6 +43,7 @@ class ImplicitFisher(FisherMatrix):
         """(F + λI)⁻¹ g by conjugate gradients to relative residual ``tol``; see ``last_cg`` for the report."""
         from fisherlab.linalg import cg
 
+        damping = check_damping(damping)
         g = self._check_operand(g)
         result = cg(self.matvec, g, damping=damping, tol=tol, max_iter=max_iter)
         self.last_cg = result

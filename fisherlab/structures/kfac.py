@@ -27,6 +27,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from fisherlab.checks import check_damping
 from fisherlab.engine import FisherEngine
 from fisherlab.layers import LayerLayout, iter_layer_rows
 from fisherlab.linalg import kron_damped_solve, kron_inv_sqrt, kron_matmul, kron_to_dense
@@ -163,6 +164,7 @@ class KFACFisher(LayerwiseFisher):
             method: ``"eigh"``, ``"denman_beavers"`` or ``"newton_schulz"`` (:func:`fisherlab.linalg.sqrtm`).
             split: ``"pi"`` or ``"sqrt"``.
         """
+        damping = check_damping(damping)
         return {p: kron_inv_sqrt(f.A, f.S, damping=damping, method=method, split=split)
                 for p, f in self.factors.items()}
 

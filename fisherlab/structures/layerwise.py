@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
+from fisherlab.checks import check_damping
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError
 from fisherlab.layers import LayerLayout, layer_layouts, unsupported_error
@@ -128,6 +129,7 @@ class LayerwiseFisher(FisherMatrix):
         Returns:
             The solution, g's shape.
         """
+        damping = check_damping(damping)
         g = self._check_operand(g)
         G = g if g.dim() == 2 else g.unsqueeze(1)
         out = self._per_block(G, lambda f, X: self._layer_solve(f, X, damping, **options),

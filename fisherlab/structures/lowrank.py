@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fisherlab.checks import check_damping
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError, SingularMatrixError
 from fisherlab.structures.base import FisherMatrix
@@ -148,8 +149,7 @@ class LowRankFisher(FisherMatrix):
             SingularMatrixError: p < 0 with a singular UΛUᵀ + λI (λ = 0 and m < P, or a zero eigenvalue).
         """
         V = self._check_operand(V)
-        if damping < 0:
-            raise InputError(f"damping must be ≥ 0; got {damping}")
+        damping = check_damping(damping)
         shifted = self.eigenvalues + damping
         if power < 0 and (bool((shifted <= 0).any()) or (damping == 0 and self.U.shape[1] < self.spec.dim)):
             raise SingularMatrixError(

@@ -34,6 +34,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from fisherlab.checks import check_damping
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError, SingularMatrixError, UnsupportedLayerError
 from fisherlab.layers import LayerLayout, LayerRows, display_path, iter_layer_rows
@@ -82,8 +83,7 @@ class UnitwiseFisher(LayerwiseFisher):
         """
         if variant not in VARIANTS:
             raise InputError(f"unknown unit-wise variant {variant!r}; valid: {list(VARIANTS)}")
-        if not (isinstance(relative_damping, (int, float)) and relative_damping >= 0):
-            raise InputError(f"relative_damping must be a number ≥ 0; got {relative_damping!r}")
+        relative_damping = check_damping(relative_damping, "relative_damping")
         setup = prepare_layers(engine, cls.structure, unsupported)
         layouts = setup.layouts
         sizes = sum(f.out_features * f.width ** 2 for f in layouts.values())
