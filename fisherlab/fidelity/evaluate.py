@@ -5,7 +5,9 @@ update u (same state, batch, λ and η; original coordinates) is compared with i
 :mod:`fisherlab.fidelity.metrics` (METHOD.md §5). A rule whose structure does not fit the memory budget, does
 not support a layer of the model or is numerically singular at the damping is recorded as unavailable (NaN
 metrics, the reason in ``unavailable_reason``) instead of aborting the evaluation, unless
-``skip_unavailable=False``.
+``skip_unavailable=False``. A rule whose metrics are not all finite (e.g. a zero update, whose cosine is undefined)
+is recorded as unavailable the same way, with the metrics named in the reason: a rule marked available has finite
+metrics at every damping.
 """
 
 from __future__ import annotations
@@ -132,6 +134,15 @@ def measure(ctx: RuleContext, rules: Mapping[str, UpdateRule], dampings: Sequenc
         for name, value in values.items():
             out[name][done, j] = value.detach().cpu().double().numpy()
         out["cosine_layer"][done, j, :] = layer.T.detach().cpu().double().numpy()
+        for i in done:  # a rule is available only with finite metrics
+            bad = [name for name in METRIC_VARS if not np.isfinite(out[name][i, j])]
+            if bad:
+                zero = " (the exact NGD update is zero)" if float(v.norm()) == 0 else ""
+                reasons[i] = (f"non-finite metrics at damping {lam:g}{zero}: "
+                              + ", ".join(f"{name}={out[name][i, j]}" for name in bad))
+                for name in METRIC_VARS:
+                    out[name][i, j] = np.nan
+                out["cosine_layer"][i, j, :] = np.nan
     solves = [ctx.solves[("true", lam)] for lam in dampings]
     data = {name: (("rule", "damping"), value) for name, value in out.items() if name != "cosine_layer"}
     data["cosine_layer"] = (("rule", "damping", "layer"), out["cosine_layer"])
