@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from fisherlab.datasource import DataSource
-from fisherlab.errors import InputError
+from fisherlab.errors import InputError, NonFiniteError
 from fisherlab.fisher_matrix import fisher as build_fisher
 from fisherlab.likelihoods import Likelihood
 from fisherlab.params import ParamSpec
@@ -267,7 +267,13 @@ class ReconstructedNetwork(nn.Module):
         """Mean loss L over ``data`` and ∇θ' L (P,), by autograd through the reconstructed network.
 
         Args:
-            data: ``(X, y)``, a SplitData (training split) or an iterable of batches.
+            data: ``(X, y)``, a SplitData (training split) or an iterable of batches; targets are checked as
+                :func:`fisherlab.fisher` checks them (``likelihood.check_targets``: shape, dtype, label range).
+
+        Raises:
+            InputError: Targets that do not fit the likelihood and the outputs (e.g. Gaussian targets (N, 1) for
+                outputs (N, 3), or float class labels), or data :class:`~fisherlab.datasource.DataSource` refuses.
+            NonFiniteError: NaN or infinite inputs, targets or outputs.
         """
         source = DataSource(data, **self._like())
         n = len(source)
@@ -276,8 +282,14 @@ class ReconstructedNetwork(nn.Module):
         flat = [p for ps in params for p in ps]
         grads = [torch.zeros_like(p) for p in flat]
         loss = torch.zeros((), **self._like())
-        for _, x, y in source.chunks(self.config.chunk_size):
-            chunk_loss = self.config.likelihood.nll(self(x), y).sum() / n
+        lik = self.config.likelihood
+        for start, x, y in source.chunks(self.config.chunk_size):
+            z = self(x)
+            y = lik.check_targets(z.detach(), y)
+            if not bool(torch.isfinite(z).all()):
+                raise NonFiniteError(f"the reconstructed network's outputs for samples {start}–{start + len(x) - 1} "
+                                     "contain NaN or infinite values")
+            chunk_loss = lik.nll(z, y).sum() / n
             for acc, g in zip(grads, torch.autograd.grad(chunk_loss, flat), strict=True):
                 acc += g
             loss += chunk_loss.detach()
@@ -312,17 +324,50 @@ class ReconstructedNetwork(nn.Module):
         β · (previous statistics) + (1 − β) · (new statistics) before damping and roots. Monte-Carlo labels of
         refresh k are drawn with seed ``seed + k``. An optimizer's state (momentum, Adam moments) refers to the
         old coordinates and is not converted.
+
+        A refresh that fails (bad data, a singular G at the damping, ...) raises and leaves the network as it was:
+        the same θ', roots, moving averages, ``refreshes`` and ``steps_since_refresh``.
         """
         template = self._template[0].to(**self._like())
         theta = self.original_vector()
         with torch.no_grad():
             for name, value in self.spec.unflatten(theta).items():
                 template.get_parameter(name).copy_(value)
-        self.refreshes += 1
         struct = compute_structure(template, self._data if data is None else data, self.config,
-                                   self.config.seed + self.refreshes)
-        self.set_metric(struct, average=True, theta=theta)
+                                   self.config.seed + self.refreshes + 1)
+        saved = self._save_state()
+        try:
+            self.set_metric(struct, average=True, theta=theta)
+        except BaseException:
+            self._restore_state(saved)
+            raise
+        self.refreshes += 1
         self.steps_since_refresh = 0
+
+    def _save_state(self) -> tuple[list[tuple[nn.Module, dict[str, Any], dict[str, Tensor]]],
+                                   dict[str, dict[str, Tensor]], FisherMatrix | None]:
+        """What :meth:`set_metric` changes: per module its attributes, buffers and θ' values; averages and basis.
+
+        Units replace their root buffers (never write into them), so the buffers are kept by reference; θ' is
+        written in place and is copied.
+        """
+        modules = []
+        for m in self.net.modules():
+            attrs = {k: dict(v) if k in ("_buffers", "_parameters", "_modules") else v for k, v in vars(m).items()}
+            params = {k: p.detach().clone() for k, p in m._parameters.items() if p is not None}
+            modules.append((m, attrs, params))
+        return modules, dict(self._stats), self._basis
+
+    @torch.no_grad()
+    def _restore_state(self, saved: tuple) -> None:
+        """Undo a partial :meth:`set_metric` (the state of :meth:`_save_state`; θ' tensors keep their identity)."""
+        modules, stats, basis = saved
+        for m, attrs, params in modules:
+            vars(m).clear()
+            vars(m).update(attrs)
+            for k, value in params.items():
+                m._parameters[k].copy_(value)
+        self._stats, self._basis = stats, basis
 
     @torch.no_grad()
     def set_metric(self, struct: FisherMatrix, *, average: bool = False, theta: Tensor | None = None) -> None:
