@@ -116,7 +116,8 @@ def combine(parts: Sequence[xr.Dataset], steps: Sequence[int], cfg: Config, seed
     coords = {**{k: v.values for k, v in stacked.coords.items()}, "step": list(steps)}
     ds = new_dataset(KIND, {k: (v.dims, v.values) for k, v in stacked.data_vars.items()}, coords,
                      config=dataclasses.asdict(cfg), seed=seed, device="cpu", dtype="float64")
-    ds = annotate(ds, {k: (v.attrs["long_name"], v.attrs["units"]) for k, v in parts[0].data_vars.items()})
+    ds = annotate(ds, {k: (v.attrs["long_name"], v.attrs["units"], v.attrs.get("comment"))
+                       for k, v in parts[0].data_vars.items()})
     ds["step"].attrs.update(long_name="Adam steps taken", units="1")
     return ds
 

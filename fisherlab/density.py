@@ -137,12 +137,12 @@ def spectral_density(
         seed=seed, device=device or next(iter(model.parameters())).device, dtype=dtype,
     )
     return results.annotate(ds, {
-        "nodes": ("Ritz values θ of the Lanczos runs (SLQ nodes)", "nat / parameter²"),
+        "nodes": ("Ritz values θ of the Lanczos runs (SLQ nodes)", *results.NATS),
         "weights": ("SLQ quadrature weights τ (sum to 1 per probe)", "1"),
-        "density": ("smoothed density of log10 λ over eigenvalues above the floor", "1 / decade"),
-        "trace": ("SLQ estimate of tr F", "nat / parameter²"),
-        "trace_stderr": ("standard error of the trace estimate over probes", "nat / parameter²"),
-        "lambda_max": ("largest Ritz value (a lower bound of λ_max)", "nat / parameter²"),
+        "density": ("smoothed density of log10 λ over eigenvalues above the floor (per decade)", "1"),
+        "trace": ("SLQ estimate of tr F", *results.NATS),
+        "trace_stderr": ("standard error of the trace estimate over probes", *results.NATS),
+        "lambda_max": ("largest Ritz value (a lower bound of λ_max)", *results.NATS),
         "null_fraction": ("estimated fraction of eigenvalues ≤ rel_floor · λ_max", "1"),
-        "log10_eigenvalue": ("log10 of the eigenvalue λ", "log10(nat / parameter²)"),
+        "log10_eigenvalue": ("log10 of the eigenvalue λ (λ in nats)", "1"),
     })

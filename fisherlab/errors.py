@@ -44,3 +44,7 @@ class ConvergenceError(FisherlabError, ArithmeticError):
 
 class FallbackWarning(UserWarning):
     """fisherlab took a slower path that computes the same result (e.g. a loop over samples instead of ``vmap``)."""
+
+
+class SchemaUpgradeWarning(UserWarning):
+    """A results file of an older schema was upgraded on load (dims or attributes renamed); the message says how."""

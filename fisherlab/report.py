@@ -14,7 +14,6 @@ import html
 import json
 import os
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +26,7 @@ import seaborn as sns  # noqa: E402
 import xarray as xr  # noqa: E402
 
 from fisherlab.errors import InputError  # noqa: E402
-from fisherlab.results import config_diff, load_dataset, to_jsonable  # noqa: E402
-
-MANIFEST = "fisherlab-run.json"
+from fisherlab.results import MANIFEST, guard_output_folder, load_dataset  # noqa: E402
 
 Table = tuple[list[str], list[list[str]]]
 Figure = tuple[str, plt.Figure]
@@ -47,36 +44,6 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
 
 # ----------------------------------------------------------------------------------------- output folder
-def guard_output_folder(out: Path, config: dict[str, Any], *, overwrite: bool = False) -> bool:
-    """Claim ``out`` for a run with ``config``; returns True when the folder already holds this configuration.
-
-    A folder holding results of a *different* configuration is refused (InputError naming the differences)
-    unless ``overwrite`` is set, in which case its results, figures and report are removed first. The same
-    configuration is accepted, so an interrupted sweep resumes.
-    """
-    out = Path(out)
-    manifest = out / MANIFEST
-    config = to_jsonable(config)
-    if manifest.is_file():
-        old = json.loads(manifest.read_text())["config"]
-        diff = config_diff(old, config)
-        if not diff:
-            return True
-        if not overwrite:
-            raise InputError(
-                f"{out} holds results of a different configuration (differs in: {', '.join(diff)}); "
-                "choose another --out or pass --overwrite"
-            )
-        for pattern in ("*.nc", "figures/*", "report.html", "store/*.nc"):
-            for f in out.glob(pattern):
-                f.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"config": config, "created": datetime.now(timezone.utc).isoformat()}, indent=1))
-    os.replace(tmp, manifest)
-    return False
-
-
 def start_analysis(name: str, description: str, argv: Sequence[str] | None, *, full: Any, quick: Any
                    ) -> tuple[Any, Any]:
     """Command line shared by the scripts in ``analyses/``: parse, set threads, claim the output folder.

@@ -152,10 +152,10 @@ def fisher_spectra(
     )
     return results.annotate(ds, {
         "eigenvalue": ("eigenvalues of F, ascending (block: union of block spectra; diag: sorted diagonal)",
-                       "nat / parameter²"),
-        "trace": ("trace of F", "nat / parameter²"),
+                       *results.NATS),
+        "trace": ("trace of F", *results.NATS),
         "condition_number": ("condition number of F + λI", "1"),
         "rel_frobenius_to_true": ("‖F − F_true‖_F / ‖F_true‖_F (dense true Fisher)", "1"),
-        "layer_eigenvalue": ("eigenvalues of the layer block of F, ascending (NaN-padded)", "nat / parameter²"),
+        "layer_eigenvalue": ("eigenvalues of the layer block of F, ascending (NaN-padded)", *results.NATS),
         "layer_condition_number": ("condition number of the layer block of F + λI", "1"),
     })

@@ -61,7 +61,7 @@ from fisherlab.linalg import damped_solve, kron_damping_split
 from fisherlab.ngd import NGDSolver, solve_ngd
 from fisherlab.params import ParamSpec
 from fisherlab.progress import bar as progress_bar
-from fisherlab.results import annotate, new_dataset
+from fisherlab.results import NATS, annotate, new_dataset
 from fisherlab.vocabulary import FisherKind
 
 __all__ = ["KFAC_PRECONDITION", "RULES", "best_runs", "compare", "sweep_lr", "train"]
@@ -72,10 +72,10 @@ RULES = ("sgd", "momentum", "adam", "ngd", "kfac-ngd", "sngd")
 KFAC_PRECONDITION = ("auto", "dense", "factored")
 
 _VARIABLES = {
-    "loss": ("mean loss on the step's minibatch", "nats"),
-    "train_loss": ("mean loss on the training split", "nats"),
+    "loss": ("mean loss on the step's minibatch", *NATS),
+    "train_loss": ("mean loss on the training split", *NATS),
     "train_accuracy": ("accuracy on the training split", "1"),
-    "test_loss": ("mean loss on the test split", "nats"),
+    "test_loss": ("mean loss on the test split", *NATS),
     "test_accuracy": ("accuracy on the test split", "1"),
     "time": ("wall-clock time spent in updates before this step", "s"),
     "cpu_time": ("CPU time of this process (all threads) spent in updates before this step", "s"),

@@ -10,9 +10,9 @@ import torch
 
 from fisherlab.errors import InputError
 from fisherlab.fidelity import RULES, evaluate_fidelity, fidelity_trajectory, register_rule
-from fisherlab.fidelity.sweep import SWEEP_ATTR, config_key, run_sweep
 from fisherlab.models import MLP
 from fisherlab.results import ResultsStore, new_dataset
+from fisherlab.results.sweep import SWEEP_ATTR, config_key, run_sweep
 from fisherlab.testing import assert_dataset_close
 
 D = torch.float64

@@ -7,15 +7,16 @@
 * :func:`fidelity_trajectory` — train with one method and measure every rule every few steps (staleness of
   reconstructed networks: ``steps_since_refresh``).
 * :func:`fisher_geometry` — spectra and condition numbers of F + λI and of G^{-1/2}(F + λI)G^{-1/2}.
-* :func:`run_sweep` — sweeps that save each finished configuration and resume after an interruption.
+* :func:`run_sweep` — sweeps that save each finished configuration and resume after an interruption (from
+  :mod:`fisherlab.results.sweep`).
 """
 
 from fisherlab.fidelity import metrics
 from fisherlab.fidelity.evaluate import DEFAULT_RULES, evaluate_fidelity
 from fisherlab.fidelity.geometry import fisher_geometry
 from fisherlab.fidelity.rules import RULES, RuleContext, SolveInfo, get_rule, register_rule
-from fisherlab.fidelity.sweep import run_sweep
 from fisherlab.fidelity.trajectory import fidelity_trajectory
+from fisherlab.results.sweep import run_sweep
 
 __all__ = ["DEFAULT_RULES", "RULES", "RuleContext", "SolveInfo", "evaluate_fidelity", "fidelity_trajectory",
            "fisher_geometry", "get_rule", "metrics", "register_rule", "run_sweep"]

@@ -43,22 +43,22 @@ UNAVAILABLE = (MemoryBudgetError, UnsupportedLayerError, SingularMatrixError)
 DEFAULT_RULES = ("gd", "adam", "ngd", "block-ngd", "kfac", "ekfac", "unit", "diag", "empirical-ngd", "mc-ngd",
                  "lowrank", "sngd-dense", "sngd-block", "sngd-kfac")
 
-#: (long_name, units) of every variable a fidelity Dataset may hold.
-ANNOTATIONS: dict[str, tuple[str, str]] = {
+#: (long_name, units[, comment]) of every variable a fidelity Dataset may hold (units: UDUNITS, nats as NATS).
+ANNOTATIONS: dict[str, tuple[str, ...]] = {
     "cosine": ("cosine similarity to exact NGD", "1"),
     "cosine_layer": ("per-layer cosine similarity to exact NGD", "1"),
     "rel_error": ("relative error ||u - v|| / ||v||", "1"),
     "fisher_rel_error": ("Fisher-norm relative error sqrt((u-v)'F(u-v)) / sqrt(v'Fv)", "1"),
-    "kl_predicted": ("predicted KL 0.5 u'Fu", "nat"),
-    "kl_measured": ("measured KL between predictive distributions before and after the step", "nat"),
-    "loss_change": ("loss change L(theta + u) - L(theta)", "nat"),
-    "update_norm": ("Euclidean norm of the update ||u||", "parameter units"),
+    "kl_predicted": ("predicted KL 0.5 u'Fu", *results.NATS),
+    "kl_measured": ("measured KL between predictive distributions before and after the step", *results.NATS),
+    "loss_change": ("loss change L(theta + u) - L(theta)", *results.NATS),
+    "update_norm": ("Euclidean norm of the update ||u||", "1"),
     "available": ("rule could be evaluated (1) or not (0)", "1"),
-    "unavailable_reason": ("why the rule could not be evaluated", "1"),
+    "unavailable_reason": ("why the rule could not be evaluated", None),
     "ngd_residual": ("relative residual of the exact NGD solve ||(F + lambda I)x - g|| / ||g||", "1"),
     "ngd_iterations": ("CG iterations of the exact NGD solve (0 for Cholesky)", "1"),
-    "loss": ("loss L(theta) on the batch", "nat"),
-    "grad_norm": ("gradient norm ||grad L||", "nat per parameter unit"),
+    "loss": ("loss L(theta) on the batch", *results.NATS),
+    "grad_norm": ("gradient norm ||grad L||", *results.NATS),
     "damping": ("damping lambda", "1"),
 }
 

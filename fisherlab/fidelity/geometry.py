@@ -54,7 +54,7 @@ ANNOTATIONS = {
     "layer_eigenvalue": ("eigenvalue of the layer block G_l^-1/2 (F_ll + lambda I) G_l^-1/2", "1"),
     "layer_condition_number": ("condition number of the layer block", "1"),
     "available": ("structure could be measured (1) or not (0)", "1"),
-    "unavailable_reason": ("why the structure could not be measured", "1"),
+    "unavailable_reason": ("why the structure could not be measured", None),
 }
 
 
