@@ -120,7 +120,7 @@ class FisherMatrix:
 
     def eigvalsh(self) -> Tensor:
         """All eigenvalues, ascending, shape (P,) (from the dense matrix; structures override with cheaper forms)."""
-        return torch.linalg.eigvalsh(self.to_dense())
+        return eigvalsh(self.to_dense())
 
     def condition_number(self, damping: float = 0.0) -> float:
         """κ(F + λI) = (λ_max + λ)/(λ_min + λ) for λ ≥ 0; ``inf`` when F + λI is singular."""
@@ -147,6 +147,16 @@ class FisherMatrix:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(kind={self.kind.value!r}, P={self.spec.dim}, dtype={self.dtype}, "
                 f"device={self.device})")
+
+
+def eigvalsh(M: Tensor) -> Tensor:
+    """Eigenvalues of symmetric M (..., n, n), ascending, in M's dtype; float16 / bfloat16 are computed in float32.
+
+    (torch has no eigendecomposition in half precision; the solves of :mod:`fisherlab.linalg` promote the same way.)
+    """
+    if M.dtype in (torch.float16, torch.bfloat16):
+        return torch.linalg.eigvalsh(M.float()).to(M.dtype)
+    return torch.linalg.eigvalsh(M)
 
 
 def _stored_tensors(struct: FisherMatrix) -> Iterator[tuple[str, Tensor]]:

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from fisherlab.checks import check_damping, parse_enum
 from fisherlab.engine import FisherEngine
-from fisherlab.structures.base import FisherMatrix, accumulate_gram, symmetrize_upper
+from fisherlab.structures.base import FisherMatrix, accumulate_gram, eigvalsh, symmetrize_upper
 from fisherlab.structures.dense import engine_meta
 from fisherlab.vocabulary import BlockBy
 
@@ -68,11 +68,11 @@ class BlockDiagonalFisher(FisherMatrix):
 
     def eigvalsh(self) -> Tensor:
         """All eigenvalues (the union of the blocks' spectra), ascending."""
-        return torch.sort(torch.cat([torch.linalg.eigvalsh(B) for B in self.blocks.values()])).values
+        return torch.sort(torch.cat([eigvalsh(B) for B in self.blocks.values()])).values
 
     def block_eigvalsh(self) -> dict[str, Tensor]:
         """Eigenvalues of each block, ascending."""
-        return {k: torch.linalg.eigvalsh(B) for k, B in self.blocks.items()}
+        return {k: eigvalsh(B) for k, B in self.blocks.items()}
 
     def solve(self, g: Tensor, damping: float = 0.0) -> Tensor:
         """(F + λI)⁻¹ g block by block (Cholesky of each block)."""

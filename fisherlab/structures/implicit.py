@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from fisherlab.checks import check_damping
@@ -40,11 +41,15 @@ class ImplicitFisher(FisherMatrix):
         return d
 
     def solve(self, g: Tensor, damping: float = 0.0, *, tol: float = 1e-6, max_iter: int | None = None) -> Tensor:
-        """(F + λI)⁻¹ g by conjugate gradients to relative residual ``tol``; see ``last_cg`` for the report."""
+        """(F + λI)⁻¹ g by conjugate gradients to relative residual ``tol``; see ``last_cg`` for the report.
+
+        In float16 / bfloat16 the iteration runs in float32 (the products F v stay in the Fisher's dtype).
+        """
         from fisherlab.linalg import cg
 
         damping = check_damping(damping)
         g = self._check_operand(g)
-        result = cg(self.matvec, g, damping=damping, tol=tol, max_iter=max_iter)
+        work = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+        result = cg(lambda v: self.matvec(v).to(work), g.to(work), damping=damping, tol=tol, max_iter=max_iter)
         self.last_cg = result
-        return result.x
+        return result.x.to(self.dtype)

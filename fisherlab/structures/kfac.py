@@ -31,7 +31,7 @@ from fisherlab.checks import check_damping
 from fisherlab.engine import FisherEngine
 from fisherlab.layers import LayerLayout, iter_layer_rows
 from fisherlab.linalg import kron_damped_solve, kron_inv_sqrt, kron_matmul, kron_to_dense
-from fisherlab.structures.base import symmetrize_upper
+from fisherlab.structures.base import eigvalsh, symmetrize_upper
 from fisherlab.structures.layerwise import LayerwiseFisher, prepare_layers, vars_of
 
 
@@ -124,7 +124,7 @@ class KFACFisher(LayerwiseFisher):
         return kron_to_dense(f.A, f.S)
 
     def _layer_eigvalsh(self, f: KroneckerFactors) -> Tensor:
-        return torch.outer(torch.linalg.eigvalsh(f.S), torch.linalg.eigvalsh(f.A))
+        return torch.outer(eigvalsh(f.S), eigvalsh(f.A))
 
     def _layer_solve(self, f: KroneckerFactors, X: Tensor, damping: float, split: str = "pi",
                      method: str = "cholesky") -> Tensor:

@@ -20,7 +20,7 @@ from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError
 from fisherlab.layers import LayerLayout, layer_layouts, unsupported_error
 from fisherlab.linalg import damped_solve
-from fisherlab.structures.base import FisherMatrix, accumulate_gram, symmetrize_upper
+from fisherlab.structures.base import FisherMatrix, accumulate_gram, eigvalsh, symmetrize_upper
 from fisherlab.structures.dense import engine_meta
 
 #: Ways to treat parameters of modules without a layer rule.
@@ -115,7 +115,7 @@ class LayerwiseFisher(FisherMatrix):
     def eigvalsh(self) -> Tensor:
         """All P eigenvalues (the union of the blocks' spectra), ascending, without forming any dense block."""
         parts = [self._layer_eigvalsh(f).reshape(-1) for f in self.factors.values()]
-        parts += [torch.linalg.eigvalsh(B) for B in self.exact_blocks.values()]
+        parts += [eigvalsh(B) for B in self.exact_blocks.values()]
         return torch.sort(torch.cat(parts)).values
 
     def solve(self, g: Tensor, damping: float = 0.0, **options: object) -> Tensor:

@@ -120,7 +120,10 @@ class LowRankFisher(FisherMatrix):
         _check_rank(rank, P)
         engine.check_dense(P, 3 * rank, f"the rank-{rank} Nyström sketch")
         seed = engine.seed if seed is None else seed
-        U, lam = nystrom(engine.matmat, P, rank, method=method, seed=seed, dtype=engine.dtype, device=engine.device)
+        dtype = torch.float32 if engine.dtype in (torch.float16, torch.bfloat16) else engine.dtype  # no QR in half
+        U, lam = nystrom(lambda V: engine.matmat(V).to(dtype), P, rank, method=method, seed=seed, dtype=dtype,
+                         device=engine.device)
+        U, lam = U.to(engine.dtype), lam.to(engine.dtype)
         return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget,
                    {**engine_meta(engine), "rank": rank, "method": method, "sketch_seed": seed}, U, lam)
 

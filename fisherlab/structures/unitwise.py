@@ -38,6 +38,7 @@ from fisherlab.checks import check_damping
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError, SingularMatrixError, UnsupportedLayerError
 from fisherlab.layers import LayerLayout, LayerRows, display_path, iter_layer_rows
+from fisherlab.structures.base import eigvalsh
 from fisherlab.structures.layerwise import LayerwiseFisher, prepare_layers, vars_of
 
 #: Unit-wise variants.
@@ -122,10 +123,12 @@ class UnitwiseFisher(LayerwiseFisher):
         return torch.block_diag(*f.blocks)
 
     def _layer_eigvalsh(self, f: UnitBlocks) -> Tensor:
-        return torch.linalg.eigvalsh(f.blocks)
+        return eigvalsh(f.blocks)
 
     def _layer_solve(self, f: UnitBlocks, X: Tensor, damping: float) -> Tensor:
-        B = f.blocks + damping * torch.eye(f.width, dtype=f.blocks.dtype, device=f.blocks.device)
+        low = f.blocks.dtype in (torch.float16, torch.bfloat16)  # no Cholesky in half precision: float32
+        blocks = f.blocks.float() if low else f.blocks
+        B = blocks + damping * torch.eye(f.width, dtype=blocks.dtype, device=blocks.device)
         L, info = torch.linalg.cholesky_ex(B)
         bad = torch.nonzero(info).reshape(-1)
         if bad.numel():
@@ -134,8 +137,8 @@ class UnitwiseFisher(LayerwiseFisher):
                 f"{bad.numel()} unit block(s) of layer {display_path(f.layer)} (first: unit {int(bad[0])}) + "
                 f"damping·I are not positive definite; {advice}"
             )
-        Y = torch.cholesky_solve(X.permute(1, 2, 0), L)  # (out, width, k)
-        return Y.permute(2, 0, 1)
+        Y = torch.cholesky_solve(X.permute(1, 2, 0).to(L.dtype), L)  # (out, width, k)
+        return Y.permute(2, 0, 1).to(X.dtype)
 
     def solve(self, g: Tensor, damping: float = 0.0) -> Tensor:
         """(B + λI)⁻¹ g unit block by unit block (batched Cholesky), exact blocks by Cholesky.
