@@ -12,6 +12,7 @@ Everything here needs only products with a symmetric matrix A (a Fisher, a GGN, 
   eigenpairs (θ_i, s_i); the nodes θ_i and weights τ_i = (s_i)_1² define a quadrature
   vᵀ f(A) v ≈ Σ_i τ_i f(θ_i). :func:`density_on_grid` turns them into a Gaussian-smoothed spectral density
   and :func:`slq_trace_fn` into tr f(A) ≈ n · mean_probes Σ_i τ_i f(θ_i).
+  :func:`slq_point_mass` bounds the mass of one point (e.g. the null space of a PSD A at 0) per probe.
 
 Random vectors come from a local ``torch.Generator`` on ``device`` seeded with ``seed`` (streams differ
 between device types). The only host syncs are one per iteration (convergence / breakdown checks).
@@ -30,7 +31,7 @@ from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError
 from fisherlab.linalg.estimators import _apply, _check_pos_int, _generator, _probes, _resolve
 from fisherlab.linalg.solve import _check_damping, _check_finite, _check_float
 
-__all__ = ["CGResult", "cg", "density_on_grid", "lanczos", "slq_density", "slq_trace_fn"]
+__all__ = ["CGResult", "cg", "density_on_grid", "lanczos", "slq_density", "slq_point_mass", "slq_trace_fn"]
 
 Matvec = Callable[[Tensor], Tensor]
 
@@ -414,6 +415,53 @@ def slq_density(
         nodes[i, mm:] = theta[-1]
         weights[i, :mm] = S[0] ** 2
     return nodes, weights
+
+
+def slq_point_mass(nodes: Tensor, weights: Tensor, point: float = 0.0) -> Tensor:
+    """Per probe, the largest mass at ``point`` of any measure with the moments the Lanczos run measured.
+
+    A probe's spectral measure μ_v = Σ_j (u_jᵀv)² δ_{λ_j} has mass μ_v({ξ}) = ‖Π_ξ v‖² at ξ = ``point``
+    (Π_ξ the projector on the eigenspace of ξ; at ξ = 0 for a PSD A, the probe's component in the null space).
+    m Lanczos steps fix the moments vᵀAᵏv, k ≤ 2m − 1, and the largest mass at ξ among all measures with the
+    moments k ≤ 2m − 2 is the Christoffel function (Chebyshev–Markov–Stieltjes; Golub & Meurant 2009 §6)
+
+        λ_m(ξ) = min_{q: deg q < m, q(ξ) = 1} ∫ q² dμ_v = 1 / Σ_i ℓ_i(ξ)² / τ_i,
+
+    the second form from the m-node Gauss rule (θ_i, τ_i), which integrates q² exactly; ℓ_i are its Lagrange
+    basis polynomials. So μ_v({ξ}) ≤ λ_m(ξ), non-increasing in m (and ≤ the lowest node's weight when ξ lies
+    at or below every node, as ξ = 0 for a PSD A). It counts, besides the mass at ξ, mass that m steps cannot
+    separate from it: for a PSD A, q a Chebyshev polynomial on [ε, λ_max] gives λ_m(0) ≤ μ_v([0, ε)) +
+    4 / (γ + √(γ² − 1))^{2(m−1)}, γ = (λ_max + ε)/(λ_max − ε), for every ε. After a breakdown (an invariant
+    subspace) the Gauss rule is μ_v itself: μ_v({ξ}) is then the weight of a node at ξ, and λ_m(ξ) stays a bound
+    (> 0 even with no node at ξ). Zero-weight nodes (the padding of :func:`slq_density` after a breakdown) are
+    not part of the rule.
+
+    Args:
+        nodes: SLQ nodes (num_probes, m), in the units of A.
+        weights: SLQ weights (num_probes, m), ≥ 0, summing to 1 per probe.
+        point: ξ, in the units of A.
+
+    Returns:
+        λ_m(ξ) per probe, shape (num_probes,), in [0, 1] up to round-off (a fraction of the probe's norm²).
+
+    Raises:
+        InputError: Bad shapes or a non-finite ``point``.
+    """
+    _check_nodes_weights(nodes, weights)
+    if not (isinstance(point, (int, float)) and math.isfinite(point)):
+        raise InputError(f"point must be a finite number, got {point!r}")
+    tiny = torch.finfo(nodes.dtype).tiny
+    out = torch.zeros(nodes.shape[0], dtype=nodes.dtype, device=nodes.device)
+    for p in range(nodes.shape[0]):  # one probe at a time: O(m²) memory
+        keep = weights[p] > 0
+        theta, tau = nodes[p, keep], weights[p, keep]
+        # log|ℓ_i(ξ)| = Σ_{j≠i} log|ξ − θ_j| − log|θ_i − θ_j|; |·| ≥ tiny keeps a node at ξ (ℓ_i = δ_ij) finite
+        log_gap = torch.log((point - theta).abs().clamp_min(tiny))
+        log_diff = torch.log((theta[:, None] - theta[None, :]).abs().clamp_min(tiny))
+        log_diff.fill_diagonal_(0.0)
+        log_l = log_gap.sum() - log_gap - log_diff.sum(1)
+        out[p] = torch.exp(-torch.logsumexp(2 * log_l - torch.log(tau), 0))
+    return out
 
 
 def _check_nodes_weights(nodes: Tensor, weights: Tensor) -> None:
