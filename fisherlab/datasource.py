@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from fisherlab.checks import check_device, check_dtype
 from fisherlab.errors import InputError
@@ -79,6 +80,7 @@ class DataSource:
         self._n: int | None = None if self._tensors is None else int(self._tensors[0].shape[0])
         self._prints: list[Tensor] = []  # fingerprint of each batch of the first pass (iterables only)
         self._num_batches: int | None = None  # batches of the first complete pass
+        self._last_iterator: Any = None  # the iterator of the latest pass (a re-iterable gives a new one each)
         self._weights: dict[tuple[int, torch.device], Tensor] = {}
 
     # ------------------------------------------------------------------------------------------ passes
@@ -87,8 +89,14 @@ class DataSource:
         if self._tensors is not None:
             yield self._tensors
             return
+        it = iter(self._iterable)  # type: ignore[arg-type]
+        if not isinstance(self._iterable, DataLoader):  # (a DataLoader with persistent workers reuses its iterator)
+            if it is self._last_iterator:
+                raise InputError(f"the data iterable ({type(self._iterable).__name__}) returns the same iterator on "
+                                 f"every pass, so the first pass consumed it. {SAME_ORDER}")
+            self._last_iterator = it
         count = 0
-        for batch in self._iterable:  # type: ignore[union-attr]
+        for batch in it:
             if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
                 raise InputError("each batch of the data iterable must be an (x, y) pair")
             x, y = batch[0], batch[1]
@@ -101,11 +109,11 @@ class DataSource:
             self._check_same(count, x, y)
             count += 1
             yield x, y
-        if self._num_batches is None:
-            self._num_batches = count
-        elif count != self._num_batches:
-            raise InputError(f"the data iterable gave {count} batches on this pass but {self._num_batches} on its "
-                             f"first (it was consumed, or changed, by an earlier pass). {SAME_ORDER}")
+        expected = len(self._prints) if self._num_batches is None else self._num_batches
+        if count < expected or self._num_batches is not None and count != expected:
+            raise InputError(f"the data iterable gave {count} batches on this pass but {expected} on an earlier one "
+                             f"(it was consumed, or changed, by an earlier pass). {SAME_ORDER}")
+        self._num_batches = count
 
     def _check_same(self, i: int, x: Tensor, y: Tensor) -> None:
         """Record (first pass) or compare (later passes) the fingerprint of batch ``i``."""
