@@ -58,11 +58,16 @@ class FisherMatrix:
 
     def __post_init__(self) -> None:
         for where, t in _stored_tensors(self):
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise NonFiniteError(
-                    f"the {self.kind.value} {self.structure or type(self).__name__} Fisher has NaN or infinite "
-                    f"entries ({where}, computed in {self.dtype}){low_precision_advice(self.dtype)}"
-                )
+            self.check_finite(t, where)
+
+    def check_finite(self, t: Tensor, where: str) -> Tensor:
+        """``t`` (a stored tensor, or a product of a structure that stores none); NonFiniteError if not finite."""
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(
+                f"the {self.kind.value} {self.structure or type(self).__name__} Fisher has NaN or infinite "
+                f"entries ({where}, computed in {self.dtype}){low_precision_advice(self.dtype)}"
+            )
+        return t
 
     # ------------------------------------------------------------------------------------- to implement
     def matmat(self, V: Tensor) -> Tensor:

@@ -32,13 +32,13 @@ class ImplicitFisher(FisherMatrix):
                    engine_meta(engine), engine)
 
     def matmat(self, V: Tensor) -> Tensor:
-        return self.engine.matmat(self._check_operand(V))
+        return self.check_finite(self.engine.matmat(self._check_operand(V)), "a product F V")
 
     def diag(self) -> Tensor:
         d = None
         for U in self.engine.iter_factor_rows():
             d = (U * U).sum(0) if d is None else d + (U * U).sum(0)
-        return d
+        return self.check_finite(d, "diagonal")
 
     def solve(self, g: Tensor, damping: float = 0.0, *, tol: float = 1e-6, max_iter: int | None = None) -> Tensor:
         """(F + λI)⁻¹ g by conjugate gradients to relative residual ``tol``; see ``last_cg`` for the report.

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fisherlab.checks import check_damping
+from fisherlab.checks import check_damping, low_precision_advice
 from fisherlab.engine import FisherEngine
-from fisherlab.errors import InputError, SingularMatrixError
+from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError
 from fisherlab.structures.base import FisherMatrix
 from fisherlab.structures.dense import engine_meta
 
@@ -121,8 +121,14 @@ class LowRankFisher(FisherMatrix):
         engine.check_dense(P, 3 * rank, f"the rank-{rank} Nyström sketch")
         seed = engine.seed if seed is None else seed
         dtype = torch.float32 if engine.dtype in (torch.float16, torch.bfloat16) else engine.dtype  # no QR in half
-        U, lam = nystrom(lambda V: engine.matmat(V).to(dtype), P, rank, method=method, seed=seed, dtype=dtype,
-                         device=engine.device)
+        def products(V: Tensor) -> Tensor:
+            FV = engine.matmat(V)
+            if not bool(torch.isfinite(FV).all()):
+                raise NonFiniteError(f"the {engine.kind.value} lowrank Fisher's sketch F Ω has NaN or infinite "
+                                     f"entries (computed in {engine.dtype}){low_precision_advice(engine.dtype)}")
+            return FV.to(dtype)
+
+        U, lam = nystrom(products, P, rank, method=method, seed=seed, dtype=dtype, device=engine.device)
         U, lam = U.to(engine.dtype), lam.to(engine.dtype)
         return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget,
                    {**engine_meta(engine), "rank": rank, "method": method, "sketch_seed": seed}, U, lam)
