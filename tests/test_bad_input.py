@@ -7,8 +7,8 @@ import torch
 from cases import MLP, MLP_BERN, MLP_GAUSS, RESNET, Case
 from torch import Tensor, nn
 
-from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError, UnsupportedLayerError
 from fisherlab import fisher
+from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError, UnsupportedLayerError
 
 F64 = torch.float64
 
