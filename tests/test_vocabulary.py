@@ -95,7 +95,10 @@ def test_a_registered_reconstructed_rule_trains(small) -> None:
     # rank-64 roots of these small factors are exact: the trained step is the KFAC step
     np.testing.assert_allclose(ds.cosine.sel(rule="train:sngd-kfac-lowrank").values,
                                ds.cosine.sel(rule="sngd-kfac").values, atol=1e-10)
-    custom = ReconstructedGD("sngd-kfac-r1", Structure.KFAC, RootMethod.LOWRANK, {"root_rank": 1})
+    custom = ReconstructedGD("sngd-kfac-r1", "kfac", "lowrank", {"root_rank": 1})  # enums or their strings
+    assert custom.structure is Structure.KFAC and custom.sqrt is RootMethod.LOWRANK
+    with pytest.raises(InputError, match="structure 'lowrank' has no reconstructed network"):
+        ReconstructedGD("sngd-lowrank", "lowrank")
     out = fisherlab.evaluate_fidelity(model, data, rules=["kfac", custom], damping=0.1)
     assert out.rule.values.tolist() == ["kfac", "sngd-kfac-r1"]
 

@@ -258,6 +258,9 @@ class ExactNGD(Rule):
     name: str
     kind: FisherKind = FisherKind.TRUE
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", parse_enum(FisherKind, self.kind, "Fisher kind"))
+
     def __call__(self, ctx: RuleContext, damping: float, lr: float) -> Tensor:
         return -lr * ctx.exact_solve(self.kind.value, damping)
 
@@ -269,6 +272,9 @@ class StructuredNGD(Rule):
     name: str
     structure: Structure
     options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "structure", parse_enum(Structure, self.structure, "structure"))
 
     def __call__(self, ctx: RuleContext, damping: float, lr: float) -> Tensor:
         return -lr * ctx.structure(self.structure.value, **self.options).solve(ctx.gradient, damping)
@@ -286,6 +292,14 @@ class ReconstructedGD(Rule):
     structure: Structure
     sqrt: RootMethod = RootMethod.CHOLESKY
     options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        structure = parse_enum(Structure, self.structure, "structure")
+        if structure.value not in RECONSTRUCTIBLE:
+            raise InputError(f"rule {self.name!r}: structure {structure.value!r} has no reconstructed network; "
+                             f"valid: {list(RECONSTRUCTIBLE)}")
+        object.__setattr__(self, "structure", structure)
+        object.__setattr__(self, "sqrt", parse_enum(RootMethod, self.sqrt, "sqrt method"))
 
     def network(self, ctx: RuleContext, damping: float) -> Any:
         """The context's model reconstructed with this rule's G at λ (true Fisher of the context's data)."""
