@@ -50,7 +50,16 @@ import torch
 import xarray as xr
 from torch import Tensor, nn
 
-from fisherlab.checks import check_damping, check_eval_mode, check_lr, check_positive_int, parse_enum, renamed
+from fisherlab.checks import (
+    check_damping,
+    check_device,
+    check_dtype,
+    check_lr,
+    check_model,
+    check_positive_int,
+    parse_enum,
+    renamed,
+)
 from fisherlab.data import SplitData, iterate_minibatches
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError
@@ -359,14 +368,17 @@ def train(
     damping = check_damping(damping)
     if not isinstance(data, SplitData):
         raise InputError(f"data must be a fisherlab.data.SplitData; got {type(data)}")
-    check_eval_mode(model)
+    check_model(model)
     first = next(iter(model.parameters()))
-    device = torch.device(device) if device is not None else first.device
-    dtype = dtype or first.dtype
+    device = check_device(device) if device is not None else first.device
+    dtype = check_dtype(dtype) or first.dtype
     lik = get_likelihood(likelihood or {"multiclass": "categorical", "binary": "bernoulli",
                                         "regression": "gaussian"}[data.task])
     data = data.to(device=device, dtype=dtype)
     work = copy.deepcopy(model).to(device=device, dtype=dtype)
+    with torch.no_grad():  # the targets as fisher checks them (shape, label range, C ≥ 2 for categorical)
+        C = work(data.X_train[:1]).shape[-1]
+    lik.check_targets(data.X_train.new_empty(len(data.y_train), C), data.y_train)
     stepper = _stepper(rule, work, lik, lr, damping=damping, momentum=momentum, kind=kind,
                        ngd_solver=ngd_solver, cg_tol=cg_tol, split=split, structure=structure,
                        kfac_precondition=kfac_precondition, reconstruct_options={"seed": seed, **reconstruct_options})

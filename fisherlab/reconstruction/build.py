@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fisherlab.checks import check_damping, check_eval_mode, parse_enum, renamed
+from fisherlab.checks import check_damping, check_device, check_dtype, check_eval_mode, parse_enum, renamed
 from fisherlab.errors import InputError
 from fisherlab.likelihoods import Likelihood, get_likelihood
 from fisherlab.linalg import KRON_SPLITS
@@ -155,8 +155,8 @@ def reconstruct(
     _check_unshared(model)
     spec = ParamSpec.from_model(model)
     first = next(iter(model.parameters()))
-    dtype = dtype or first.dtype
-    device = torch.device(device) if device is not None else first.device
+    dtype = check_dtype(dtype) or first.dtype
+    device = check_device(device) if device is not None else first.device
 
     fisher_structure, defaults = STRUCTURES[structure]
     config = ReconstructConfig(structure, fisher_structure, kind, float(damping), sqrt, get_likelihood(likelihood),
