@@ -48,3 +48,7 @@ class FallbackWarning(UserWarning):
 
 class SchemaUpgradeWarning(UserWarning):
     """A results file of an older schema was upgraded on load (dims or attributes renamed); the message says how."""
+
+
+class ResultsIntegrityWarning(UserWarning):
+    """A results file changed after it was written, or out of range, was loaded because ``strict=False`` asked."""

@@ -48,8 +48,8 @@ def make_ds(kind: str = "fidelity", seed: int | None = 3, config: dict | None = 
     ds = R.new_dataset(
         kind,
         {
-            "cosine": (("rule", "layer", "damping"), rng.standard_normal((2, 3, 4)).astype(np.float32)),
-            "rel_error": (("rule", "damping"), rng.standard_normal((2, 4))),
+            "cosine": (("rule", "layer", "damping"), rng.uniform(-1, 1, (2, 3, 4)).astype(np.float32)),
+            "rel_error": (("rule", "damping"), rng.exponential(size=(2, 4))),
             "n_steps": (("rule",), np.array([5, 7], dtype=np.int64)),
             "converged": (("rule",), np.array([True, False])),
         },

@@ -12,13 +12,23 @@ and round-trip exactly.
 :func:`load_dataset` reads a file fully into memory, closes it, returns numpy scalar attributes as plain Python
 ``int``/``float``, validates it, and upgrades a file of an older schema to the current one
 (:func:`~fisherlab.results.upgrade.upgrade`, with a :class:`~fisherlab.errors.SchemaUpgradeWarning`).
+
+Integrity: :func:`save_dataset` stores a content checksum of every variable and coordinate (:func:`checksum`,
+attribute :data:`~fisherlab.results.schema.ATTR_CHECKSUM`); :func:`load_dataset` recomputes it and refuses a file
+whose values were changed after fisherlab wrote it, and a file with values outside their documented range
+(:data:`~fisherlab.results.schema.VALID_RANGES`, e.g. a cosine of 7), or, with ``strict=False``, loads it with a
+:class:`~fisherlab.errors.ResultsIntegrityWarning`. The netCDF file is built in memory and then written to the
+temporary file with plain ``os.write`` calls, so a full disk or an I/O error is an ordinary
+:class:`~fisherlab.errors.ResultsFileError` (HDF5 never holds a half-written file on disk) and the caller can go on.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
-import uuid
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Union
@@ -26,14 +36,20 @@ from typing import Union
 import numpy as np
 import xarray as xr
 
-from fisherlab.errors import InputError, ResultsFileError
+from fisherlab.errors import InputError, ResultsFileError, ResultsIntegrityWarning
+from fisherlab.results import manifest
+from fisherlab.results.lock import temp_path, write_bytes_durably
 from fisherlab.results.schema import (
+    ATTR_CHECKSUM,
     ATTR_KIND,
+    ATTR_RUN,
     ATTR_SCHEMA,
     ENGINE,
+    KIND_VARIABLES,
     SCHEMA_VERSION,
     check_variable_attrs,
     clean_attrs,
+    out_of_range,
     python_attr,
 )
 from fisherlab.results.upgrade import upgrade
@@ -86,40 +102,68 @@ def _prepare(ds: xr.Dataset) -> xr.Dataset:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def checksum(ds: xr.Dataset) -> str:
+    """Content checksum of a Dataset's variables and coordinates: ``"sha256:<hex>"``.
+
+    SHA-256 over every variable in name order: its name, dims, shape and dtype (as JSON), then its values —
+    numbers as little-endian bytes (every NaN as the same NaN), strings as JSON text, so that what
+    :func:`save_dataset` writes and :func:`load_dataset` reads hash alike. Attributes are not included.
+
+    Args:
+        ds: The Dataset.
+
+    Returns:
+        The checksum text.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(map(str, ds.variables)):
+        var = ds.variables[name]
+        values = np.asarray(var.values)
+        if values.dtype.kind in "OSUT":
+            tag, data = "str", json.dumps(np.asarray(values, dtype=object).ravel().tolist()).encode()
+        else:
+            if values.dtype.kind in "fc":
+                values = np.where(np.isnan(values), np.asarray(np.nan, dtype=values.dtype), values)
+            little = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+            tag, data = little.dtype.str.lstrip("<>|="), little.tobytes()
+        digest.update(json.dumps([name, list(map(str, var.dims)), list(values.shape), tag]).encode() + b"\0")
+        digest.update(data)
+    return "sha256:" + digest.hexdigest()
+
+
 def _write_netcdf(ds: xr.Dataset, path: Path) -> None:
-    """Write ``ds`` to ``path`` (a separate function so tests can make it fail midway)."""
-    ds.to_netcdf(path, engine=ENGINE)
+    """Write ``ds`` to the new file ``path``: built in memory by h5netcdf, then written and ``fsync``-ed.
 
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    HDF5 never has the file open, so a write error (a full disk) can't leave HDF5 cleaning up a broken file
+    when the interpreter exits. A separate function so that tests can make it fail midway.
+    """
+    write_bytes_durably(path, bytes(ds.to_netcdf(None, engine=ENGINE)))
 
 
 def _fsync_dir(directory: Path) -> None:
     if sys.platform.startswith("win"):
         return
     try:
-        _fsync_path(directory)
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
         pass
-
-
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
 
 def save_dataset(ds: xr.Dataset, path: PathLike) -> Path:
     """Write a results Dataset to a netCDF-4 file atomically.
 
-    The Dataset is written to a hidden temporary file (``.NAME.<random>.tmp``) in the target's directory,
-    flushed to disk with ``fsync`` and renamed over ``path`` with ``os.replace``. If anything fails, the
-    temporary file is removed and an existing file at ``path`` is left as it was. Parent directories are
+    The Dataset is built in memory, written to a hidden temporary file (``.NAME.<random>.tmp``) in the target's
+    directory, flushed to disk with ``fsync`` and renamed over ``path`` with ``os.replace``. If anything fails
+    (a full disk included), the temporary file is removed, an existing file at ``path`` is left as it was and a
+    :class:`~fisherlab.errors.ResultsFileError` says why; the process can go on. Parent directories are
     created. The Dataset passed in is not modified; the conversions of the module docstring apply to the copy
-    that is written.
+    that is written, which also gets the content :func:`checksum` (attribute ``fisherlab_checksum``) and, inside
+    an output folder this process has claimed (:func:`~fisherlab.results.guard_output_folder`), the claim's
+    configuration (``fisherlab_run``); the file is then listed in the folder's manifest.
 
     Args:
         ds: A Dataset carrying ``fisherlab_schema`` and ``fisherlab_kind`` (as
@@ -146,11 +190,16 @@ def save_dataset(ds: xr.Dataset, path: PathLike) -> Path:
     if target.is_dir():
         raise InputError(f"results path is a directory: {target}")
     prepared = _prepare(ds)
-    tmp = _temp_path(target)
+    prepared.attrs[ATTR_CHECKSUM] = checksum(prepared)
+    tmp = temp_path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        claim = manifest.claim_for(target)
+        if claim is not None:
+            prepared.attrs[ATTR_RUN] = claim.config_json
+        else:
+            prepared.attrs.pop(ATTR_RUN, None)
         _write_netcdf(prepared, tmp)
-        _fsync_path(tmp)
         os.replace(tmp, target)
     except BaseException as err:
         try:
@@ -161,7 +210,27 @@ def save_dataset(ds: xr.Dataset, path: PathLike) -> Path:
             raise ResultsFileError(f"could not write results file {target}: {err}") from err
         raise
     _fsync_dir(target.parent)
+    if claim is not None:
+        manifest.record_file(claim, target)
     return target
+
+
+def _integrity(ds: xr.Dataset, file: Path, strict: bool) -> None:
+    """Verify the stored checksum and the documented ranges; raise (strict) or warn."""
+    problems = []
+    stored = ds.attrs.pop(ATTR_CHECKSUM, None)
+    if stored is not None and stored != checksum(ds):
+        problems.append("its values were changed after fisherlab wrote it (the content checksum does not match)")
+    outside = out_of_range(ds)
+    if outside:
+        problems.append("values outside their documented range (VALID_RANGES): " + "; ".join(outside))
+    if not problems:
+        return
+    message = f"results file {file}: " + "; ".join(problems)
+    if strict:
+        raise ResultsFileError(message + "; its values are not trusted (load_dataset(..., strict=False) reads it "
+                                         "anyway, with a warning)")
+    warnings.warn(message + " (loaded because strict=False)", ResultsIntegrityWarning, stacklevel=3)
 
 
 def load_dataset(
@@ -171,6 +240,8 @@ def load_dataset(
     required_vars: Iterable[str] = (),
     required_dims: Iterable[str] = (),
     required_attrs: Iterable[str] = (),
+    kind_variables: bool = False,
+    strict: bool = True,
 ) -> xr.Dataset:
     """Load a results file fully into memory (the file is closed on return), validate it, upgrade an old one.
 
@@ -178,7 +249,9 @@ def load_dataset(
     JSON string (parse it with :func:`~fisherlab.results.config_of`). A file of an older schema version is
     upgraded in memory (dims ``method`` -> ``rule``, ``fisher_kind`` -> ``kind``, ...; see
     :mod:`~fisherlab.results.upgrade`) with a :class:`~fisherlab.errors.SchemaUpgradeWarning` naming the file and
-    the changes; the ``required_*`` names are those of the current schema.
+    the changes; the ``required_*`` names are those of the current schema. The content checksum is verified
+    (and removed from the returned attributes) and values are checked against their documented ranges (module
+    docstring); files written before fisherlab stored checksums are accepted without one.
 
     Args:
         path: The netCDF file.
@@ -186,6 +259,10 @@ def load_dataset(
         required_vars: Names that must be variables or coordinates of the Dataset.
         required_dims: Names that must be dimensions of the Dataset.
         required_attrs: Names that must be Dataset attributes.
+        kind_variables: Also require the variables every Dataset of the file's kind holds
+            (:data:`~fisherlab.results.schema.KIND_VARIABLES`; what the report reads).
+        strict: Refuse a file whose checksum does not match or whose values are out of range; ``False`` loads
+            it with a :class:`~fisherlab.errors.ResultsIntegrityWarning`.
 
     Returns:
         The Dataset.
@@ -193,7 +270,8 @@ def load_dataset(
     Raises:
         ResultsFileError: If the file is missing, not a readable netCDF file, not written by fisherlab, of an
             unsupported schema version, of another kind, or lacks a required variable, dimension or attribute
-            (each missing one is named).
+            (each missing one is named); with ``strict``, if its values were changed after it was written or lie
+            outside their documented range.
     """
     for arg_name, arg in (
         ("required_vars", required_vars),
@@ -227,11 +305,14 @@ def load_dataset(
         )
     if ATTR_KIND not in ds.attrs:
         raise ResultsFileError(f"results file {file} has no '{ATTR_KIND}' attribute")
+    _integrity(ds, file, strict)
     ds = upgrade(ds, file)
     if kind is not None and ds.attrs[ATTR_KIND] != kind:
         raise ResultsFileError(f"results file {file} holds kind '{ds.attrs[ATTR_KIND]}', expected '{kind}'")
     problems: list[str] = []
-    missing_vars = [v for v in required_vars if v not in ds.variables]
+    if kind_variables:
+        required_vars = [*required_vars, *KIND_VARIABLES.get(str(ds.attrs[ATTR_KIND]), ())]
+    missing_vars = [v for v in dict.fromkeys(required_vars) if v not in ds.variables]
     if missing_vars:
         problems.append(f"variable(s) {missing_vars}")
     missing_dims = [d for d in required_dims if d not in ds.dims]
@@ -245,4 +326,4 @@ def load_dataset(
     return ds
 
 
-__all__ = ["save_dataset", "load_dataset"]
+__all__ = ["checksum", "load_dataset", "save_dataset"]

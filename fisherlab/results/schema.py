@@ -47,6 +47,12 @@ ENGINE: str = "h5netcdf"
 ATTR_SCHEMA = "fisherlab_schema"
 ATTR_KIND = "fisherlab_kind"
 ATTR_CONFIG = "config"
+#: Content checksum written by :func:`~fisherlab.results.save_dataset` and verified (then removed from the
+#: Dataset) by :func:`~fisherlab.results.load_dataset`: ``"sha256:<hex>"`` (:func:`~fisherlab.results.checksum`).
+ATTR_CHECKSUM = "fisherlab_checksum"
+#: Configuration (JSON) of the run that claimed the output folder a file was written into
+#: (:mod:`~fisherlab.results.manifest`); absent for files written outside a claimed folder.
+ATTR_RUN = "fisherlab_run"
 
 #: The CF conventions the Datasets follow (global attribute ``Conventions``).
 CONVENTIONS = "CF-1.10"
@@ -85,6 +91,46 @@ COORDINATES: dict[str, tuple[str, str | None]] = {
     "node": ("Lanczos node index", "1"),
     "candidate": ("learning-rate candidate index", "1"),
     "seed": ("random seed", "1"),
+}
+
+#: Documented ranges ``(min, max)`` of results variables, by variable name (one name, one quantity: a name means
+#: the same everywhere). :func:`out_of_range` finds finite values outside them (NaN marks a value that was not
+#: measured and is not flagged); :func:`~fisherlab.results.load_dataset` refuses (or, with ``strict=False``,
+#: warns about) such a file.
+VALID_RANGES: dict[str, tuple[float, float]] = {
+    "cosine": (-1.0, 1.0),
+    "cosine_layer": (-1.0, 1.0),
+    "rel_error": (0.0, np.inf),
+    "fisher_rel_error": (0.0, np.inf),
+    "update_norm": (0.0, np.inf),
+    "condition_number": (1.0, np.inf),
+    "layer_condition_number": (1.0, np.inf),
+    "available": (0.0, 1.0),
+    "train_accuracy": (0.0, 1.0),
+    "test_accuracy": (0.0, 1.0),
+    "time": (0.0, np.inf),
+    "cpu_time": (0.0, np.inf),
+    "weights": (0.0, 1.0),
+    "density": (0.0, np.inf),
+    "null_fraction": (0.0, 1.0),
+    "null_fraction_lower": (0.0, 1.0),
+}
+
+#: Relative slack of :data:`VALID_RANGES` for rounding (a float32 cosine of 1 + 1e-7 is in range).
+RANGE_SLACK = 1e-6
+
+#: Variables and coordinates every Dataset of a kind fisherlab produces holds: what the report, its tables and
+#: the headline read (``load_dataset(..., kind_variables=True)`` requires them).
+KIND_VARIABLES: dict[str, tuple[str, ...]] = {
+    "fidelity": ("rule", "damping", "cosine", "rel_error", "fisher_rel_error", "kl_predicted", "kl_measured",
+                 "loss_change"),
+    "fidelity_trajectory": ("rule", "step", "cosine", "loss"),
+    "geometry": ("structure", "damping", "eigenvalue", "condition_number"),
+    "spectrum": ("kind", "structure", "damping", "eig", "eigenvalue", "trace", "condition_number",
+                 "rel_frobenius_to_true"),
+    "spectral_density": ("kind", "log10_eigenvalue", "probe", "node", "density", "null_fraction", "lambda_max",
+                         "trace", "trace_stderr"),
+    "training": ("loss",),
 }
 
 #: Keyword arguments of xarray's ``sel``/``isel``: a dimension of that name can't be selected by keyword.
@@ -304,6 +350,32 @@ def check_variable_attrs(name: str, var: xr.Variable) -> None:
     check_units(units, f"variable '{name}'")
 
 
+def out_of_range(ds: xr.Dataset) -> list[str]:
+    """Describe the finite values of ``ds`` outside :data:`VALID_RANGES` (one line per variable, the first place).
+
+    Returns:
+        E.g. ``["'cosine': 1 value(s) outside [-1, 1], e.g. 7 at rule='gd', damping=0.001"]``; empty when every
+        value is in range.
+    """
+    problems = []
+    for name, (lo, hi) in VALID_RANGES.items():
+        if name not in ds.variables or ds.variables[name].dtype.kind not in "biuf":
+            continue
+        var = ds.variables[name]
+        values = np.asarray(var.values, dtype=np.float64)
+        slack = RANGE_SLACK * max(1.0, *(abs(b) for b in (lo, hi) if np.isfinite(b)))
+        with np.errstate(invalid="ignore"):
+            bad = np.isfinite(values) & ((values < lo - slack) | (values > hi + slack))
+        if not bad.any():
+            continue
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        where = ", ".join(f"{d}={ds[d].values[i].item()!r}" if d in ds.coords else f"{d}[{i}]"
+                          for d, i in zip(var.dims, first, strict=True))
+        problems.append(f"'{name}': {int(bad.sum())} value(s) outside [{lo:g}, {hi:g}], e.g. "
+                        f"{values[first]:g}" + (f" at {where}" if where else ""))
+    return problems
+
+
 def python_attr(value: Any) -> Any:
     """A numpy scalar attribute as the plain Python ``int``/``float``/``str``; other values unchanged."""
     if isinstance(value, np.generic):
@@ -311,7 +383,8 @@ def python_attr(value: Any) -> Any:
     return value
 
 
-__all__ = ["ACCEPTED_UNITS", "ATTR_CONFIG", "ATTR_KIND", "ATTR_SCHEMA", "CF_ATTRS", "CONVENTIONS", "COORDINATES",
-           "ENGINE", "NATS", "NATS_COMMENT", "RESERVED_DIMS", "RESERVED_VAR_ATTRS", "SCHEMA_VERSION", "annotate",
+__all__ = ["ACCEPTED_UNITS", "ATTR_CHECKSUM", "ATTR_CONFIG", "ATTR_KIND", "ATTR_RUN", "ATTR_SCHEMA", "CF_ATTRS",
+           "CONVENTIONS", "COORDINATES", "ENGINE", "KIND_VARIABLES", "NATS", "NATS_COMMENT", "RANGE_SLACK",
+           "RESERVED_DIMS", "RESERVED_VAR_ATTRS", "SCHEMA_VERSION", "VALID_RANGES", "annotate",
            "annotate_coordinates", "check_units", "check_variable_attrs", "clean_attrs", "netcdf_attr_value",
-           "python_attr"]
+           "out_of_range", "python_attr"]

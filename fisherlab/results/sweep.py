@@ -5,7 +5,10 @@
 the next. Ctrl-C (``KeyboardInterrupt``) or any error therefore loses only the configuration in progress; the
 rerun loads the finished ones and computes the rest. Each stored Dataset carries the sweep configuration that
 produced it (attribute ``sweep_config``, JSON), and a stored entry from a different configuration under the
-same key is refused rather than silently reused.
+same key is refused (naming the file and the differing keys) rather than silently reused. The sweep holds the
+store's folder (:meth:`~fisherlab.results.store.ResultsStore.lock`) while it runs: a second sweep into the same
+store at the same time is refused (or waits ``wait`` seconds), and temporary files of a sweep killed while saving
+are removed.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import xarray as xr
 
 from fisherlab.errors import InputError, ResultsFileError
 from fisherlab.progress import bar as progress_bar
-from fisherlab.results.metadata import config_json, to_jsonable
+from fisherlab.results.metadata import config_diff, config_json, to_jsonable
 from fisherlab.results.store import ResultsStore
 
 #: Dataset attribute holding the sweep configuration (JSON with sorted keys).
@@ -31,12 +34,26 @@ def config_key(config: Mapping[str, Any]) -> str:
     return ",".join(f"{k}={json.dumps(v, sort_keys=True, separators=(',', ':'))}" for k, v in sorted(items.items()))
 
 
+def _check_entry(store: ResultsStore, key: str, stored: object, wanted: str) -> None:
+    """Refuse a stored entry whose sweep configuration is not ``wanted`` (the file and differing keys named)."""
+    if stored == wanted:
+        return
+    try:
+        diff = config_diff(json.loads(stored), json.loads(wanted)) if isinstance(stored, str) else []
+    except (json.JSONDecodeError, InputError):
+        diff = []
+    what = f"differs in: {', '.join(diff)}" if diff else f"it carries {SWEEP_ATTR}={stored!r}"
+    raise InputError(f"store {store.directory} holds key {key!r} from a different configuration ({what}; wanted "
+                     f"{wanted}); use another store folder or delete {store.path(key)}")
+
+
 def run_sweep(
     configs: Mapping[str, Mapping[str, Any]] | Iterable[Mapping[str, Any]],
     store: ResultsStore,
     fn: Callable[[Mapping[str, Any]], xr.Dataset],
     *,
     progress: bool | None = None,
+    wait: float = 0.0,
 ) -> dict[str, xr.Dataset]:
     """Run ``fn`` on every configuration not yet in ``store``, saving each result as soon as it finishes.
 
@@ -45,13 +62,16 @@ def run_sweep(
         store: Where finished configurations live (one netCDF file per key).
         fn: ``config -> xr.Dataset`` (a fisherlab results Dataset, e.g. from ``evaluate_fidelity``).
         progress: Progress bar (``None``: only on a terminal).
+        wait: Seconds to wait while another process holds the store (0: refuse at once).
 
     Returns:
         ``{key: Dataset}`` for every configuration, in the given order (loaded from the store when finished
         earlier).
 
     Raises:
-        InputError: Duplicate keys, or a stored entry under a key that came from a different configuration.
+        InputError: Duplicate keys, a stored entry under a key that came from a different configuration (the file
+            and the differing keys are named), or the store held by another process.
+        ResultsFileError: A stored entry is corrupt, changed after it was written, or can't be written.
         KeyboardInterrupt: Re-raised after an interruption; the configurations finished so far stay in the store
             (a note on the exception says how many).
     """
@@ -65,36 +85,34 @@ def run_sweep(
         raise InputError(f"sweep configurations with duplicate keys: {duplicates}")
     out: dict[str, xr.Dataset] = {}
     finished_now = 0
-    bar = progress_bar(items, desc="sweep", progress=progress)
-    try:
-        for key, config in bar:
-            wanted = config_json(config, name="sweep config")
-            if store.has(key):
-                ds = store.load(key)
-                stored = ds.attrs.get(SWEEP_ATTR)
-                if stored != wanted:
-                    raise InputError(
-                        f"store {store.directory} holds key {key!r} from a different configuration "
-                        f"({stored!r}, wanted {wanted!r}); use another store folder or delete {store.path(key)}")
+    with store.lock(wait=wait):
+        bar = progress_bar(items, desc="sweep", progress=progress)
+        try:
+            for key, config in bar:
+                wanted = config_json(config, name="sweep config")
+                if store.has(key):
+                    ds = store.load(key)
+                    _check_entry(store, key, ds.attrs.get(SWEEP_ATTR), wanted)
+                    out[key] = ds
+                    continue
+                ds = fn(config)
+                if not isinstance(ds, xr.Dataset):
+                    raise InputError(f"the sweep function returned {type(ds).__name__} for {key!r}; expected a "
+                                     "Dataset")
+                ds = ds.assign_attrs({SWEEP_ATTR: wanted})
+                store.save(key, ds)
+                finished_now += 1
                 out[key] = ds
-                continue
-            ds = fn(config)
-            if not isinstance(ds, xr.Dataset):
-                raise InputError(f"the sweep function returned {type(ds).__name__} for {key!r}; expected a Dataset")
-            ds = ds.assign_attrs({SWEEP_ATTR: wanted})
-            store.save(key, ds)
-            finished_now += 1
-            out[key] = ds
-    except KeyboardInterrupt as exc:
-        note = (f"sweep interrupted: {len(store.keys())} finished configuration(s) kept in {store.directory} "
-                     f"({finished_now} from this run); rerun to resume")
-        if hasattr(exc, "add_note"):  # Python >= 3.11
-            exc.add_note(note)
-        raise
-    except ResultsFileError as exc:
-        raise ResultsFileError(f"sweep store {store.directory}: {exc}") from exc
-    finally:
-        bar.close()
+        except KeyboardInterrupt as exc:
+            note = (f"sweep interrupted: {len(store.keys())} finished configuration(s) kept in {store.directory} "
+                    f"({finished_now} from this run); rerun to resume")
+            if hasattr(exc, "add_note"):  # Python >= 3.11
+                exc.add_note(note)
+            raise
+        except ResultsFileError as exc:
+            raise ResultsFileError(f"sweep store {store.directory}: {exc}") from exc
+        finally:
+            bar.close()
     return out
 
 
