@@ -11,7 +11,11 @@ The public API (stable names, imported on first use so that ``import fisherlab``
 * :func:`reconstruct` — a :class:`~fisherlab.reconstruction.ReconstructedNetwork` whose plain GD is NGD with a
   structured Fisher G (subpackage :mod:`fisherlab.reconstruction`).
 * :func:`evaluate_fidelity`, :func:`fidelity_trajectory`, :func:`fisher_geometry` — fidelity to exact NGD at one
-  state, along training, and the preconditioned geometry (subpackage :mod:`fisherlab.fidelity`).
+  state, along training, and the preconditioned geometry (subpackage :mod:`fisherlab.fidelity`);
+  :class:`OptimizerRule` and :class:`FidelityProbe` — any ``torch.optim`` optimizer measured like a rule, in
+  fisherlab's trajectories or the user's own loop.
+* :class:`SNGD` (:mod:`fisherlab.optim`) — structured NGD by the reconstructed-network method as a
+  ``torch.optim`` optimizer.
 * :func:`fisher_spectra`, :func:`spectral_density` — spectra, condition numbers and SLQ densities.
 * :class:`FisherEngine` (per-sample factor rows, matrix-free products), :class:`ParamSpec` (the parameter
   ordering: ``model.named_parameters()`` order, row-major), the option enums of :mod:`fisherlab.vocabulary`
@@ -39,6 +43,9 @@ _EXPORTS: dict[str, str] = {
     "evaluate_fidelity": "fisherlab.fidelity",
     "fidelity_trajectory": "fisherlab.fidelity",
     "fisher_geometry": "fisherlab.fidelity",
+    "FidelityProbe": "fisherlab.fidelity",
+    "OptimizerRule": "fisherlab.fidelity",
+    "SNGD": "fisherlab.optim",
     "fisher_spectra": "fisherlab.spectra",
     "spectral_density": "fisherlab.density",
     "FisherKind": "fisherlab.vocabulary",

@@ -1,7 +1,8 @@
 """Regression-test helpers for users of fisherlab (and for fisherlab's own tests).
 
-* :func:`assert_tracks_ngd` — an update rule must keep its cosine similarity to exact NGD above a threshold on
-  a given model and data (whole network, and optionally every layer).
+* :func:`assert_tracks_ngd` — an update rule, or the user's optimizer along its own short trajectory, must keep
+  its cosine similarity to exact NGD above a threshold on a given model and data (whole network, and optionally
+  every layer).
 * :func:`assert_dataset_close` — compare a results Dataset with a stored ("golden") one: same dims, coords and
   variables; values within per-variable tolerances; on failure a diff that names each variable, its largest
   absolute and relative differences and the coordinates of the worst point.
@@ -12,12 +13,18 @@ Example::
 
     from fisherlab.testing import assert_tracks_ngd
     assert_tracks_ngd("kfac", model, (X, y), min_cosine=0.9, damping=1e-3, dtype=torch.float64)
+    assert_tracks_ngd(optimizer=lambda params: torch.optim.Adam(params, lr=1e-3), model=model, data=(X, y),
+                      min_cosine=0.3, steps=20, every=5)
+
+A golden Dataset of an optimizer's fidelity curve: ``golden.check("my_adam_curve", fidelity_trajectory(model, data,
+optimizer=..., rules=(), steps=20, every=5), {"cosine": (1e-6, 1e-9)})`` with the ``golden`` fixture of the
+plugin (the README has a complete test file).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +32,9 @@ import xarray as xr
 from torch import nn
 
 from fisherlab.errors import InputError
+
+if TYPE_CHECKING:
+    from fisherlab.fidelity.rules import Rule
 
 #: Tolerance (rtol, atol) for a numeric variable; ``None`` leaves the variable's values out of the comparison.
 Tolerance = tuple[float, float] | None
@@ -34,59 +44,94 @@ DEFAULT_TOLERANCE: tuple[float, float] = (1e-7, 1e-12)
 
 
 def assert_tracks_ngd(
-    rule: str,
-    model: nn.Module,
-    data: Any,
+    rule: str | Rule | None = None,
+    model: nn.Module | None = None,
+    data: Any = None,
     *,
+    optimizer: Any = None,
     min_cosine: float,
+    steps: int | None = None,
+    every: int = 5,
     damping: float | Sequence[float] = 1e-3,
     likelihood: str = "categorical",
     min_layer_cosine: float | None = None,
     dtype: torch.dtype | None = torch.float64,
     **kwargs: Any,
 ) -> xr.Dataset:
-    """Assert that ``rule``'s update has cosine similarity ≥ ``min_cosine`` to exact NGD at every damping.
+    """Assert that an update rule's, or an optimizer's, cosine similarity to exact NGD stays ≥ ``min_cosine``.
+
+    Three forms:
+
+    * ``assert_tracks_ngd("kfac", model, data, min_cosine=0.9)`` — a rule at the model's state
+      (:func:`fisherlab.evaluate_fidelity`);
+    * ``assert_tracks_ngd("kfac", model, data, min_cosine=0.9, steps=20, every=5)`` — the rule along its own
+      training trajectory (:func:`fisherlab.fidelity_trajectory` with ``train_rule=rule``);
+    * ``assert_tracks_ngd(optimizer=opt, model=model, data=data, min_cosine=0.5, steps=20, every=5)`` — an
+      optimizer (an instance over ``model``'s parameters, which is copied with the model and not changed, or a
+      factory ``params -> Optimizer``) along its own trajectory, its update measured at steps 0, ``every``, …
+      and ``steps`` (default 10).
 
     Args:
-        rule: A registered update-rule name (:data:`fisherlab.fidelity.rules.RULES`).
+        rule: A registered rule name or a Rule (not with ``optimizer``).
         model: The network (not modified).
-        data: The batch: ``(X, y)``, a SplitData or a DataLoader.
-        min_cosine: Threshold on the whole-network cosine similarity.
-        damping: λ, one value or several (each must pass).
+        data: The batch: ``(X, y)``, a SplitData or a DataLoader (the trajectories train on it full-batch).
+        optimizer: The optimizer to check (instead of ``rule``).
+        min_cosine: Threshold on the whole-network cosine similarity, at every damping and measured step.
+        steps: Training steps of the trajectory (None: the rule at the current state only; an optimizer: 10).
+        every: Measure every this many steps (and at the last).
+        damping: λ of the exact NGD reference, one value or several (each must pass).
         likelihood: Likelihood name.
         min_layer_cosine: If given, threshold on every layer's cosine similarity too.
         dtype: Compute dtype (float64 by default, so that round-off cannot decide a test).
-        **kwargs: Passed to :func:`fisherlab.fidelity.evaluate_fidelity` (``lr``, ``memory_budget``, ...).
+        **kwargs: Passed to :func:`fisherlab.evaluate_fidelity` or :func:`fisherlab.fidelity_trajectory`
+            (``lr``, ``train_lr``, ``memory_budget``, ...).
 
     Returns:
-        The fidelity Dataset, for further checks.
+        The fidelity (or trajectory) Dataset, for further checks.
 
     Raises:
-        AssertionError: With the measured cosine per damping and per layer, if a threshold is not met or the
+        AssertionError: With the measured cosine per step, damping and layer, if a threshold is not met or the
             rule could not be evaluated.
+        InputError: Neither or both of ``rule`` and ``optimizer``, or no model or data.
     """
-    from fisherlab.fidelity import evaluate_fidelity
+    from fisherlab.fidelity import evaluate_fidelity, fidelity_trajectory
 
-    ds = evaluate_fidelity(model, data, rules=[rule], damping=damping, likelihood=likelihood, dtype=dtype,
-                           **kwargs)
-    row = ds.sel(rule=rule)
-    if not int(row["available"]):
-        raise AssertionError(f"rule {rule!r} could not be evaluated: {row['unavailable_reason'].item()}")
-    failures = []
-    lines = []
-    for lam in ds["damping"].values:
-        at = row.sel(damping=lam)
-        cos = float(at["cosine"])
-        layers = {str(k): float(v) for k, v in zip(ds["layer"].values, at["cosine_layer"].values, strict=True)}
-        lines.append(f"  damping {lam:g}: cosine {cos:.6f}; per layer "
-                     + ", ".join(f"{k}: {v:.6f}" for k, v in layers.items()))
-        if not cos >= min_cosine:
-            failures.append(f"cosine {cos:.6f} < {min_cosine} at damping {lam:g}")
-        if min_layer_cosine is not None:
-            failures += [f"layer {k!r} cosine {v:.6f} < {min_layer_cosine} at damping {lam:g}"
-                         for k, v in layers.items() if not v >= min_layer_cosine]
+    if (rule is None) == (optimizer is None):
+        raise InputError("assert_tracks_ngd checks a rule or an optimizer: pass exactly one of them")
+    if model is None or data is None:
+        raise InputError("assert_tracks_ngd needs the model and the data")
+    common = dict(damping=damping, likelihood=likelihood, dtype=dtype, **kwargs)
+    if optimizer is not None:
+        ds = fidelity_trajectory(model, data, optimizer=optimizer, rules=(), steps=10 if steps is None else steps,
+                                 every=every, **common)
+        name, what = str(ds["rule"].values[0]), "optimizer"
+    elif steps is None:
+        ds = evaluate_fidelity(model, data, rules=[rule], **common)
+        name, what = str(ds["rule"].values[0]), "rule"
+    else:
+        ds = fidelity_trajectory(model, data, train_rule=rule, rules=[rule], steps=steps, every=every, **common)
+        name, what = str(ds["rule"].values[0]), "rule"
+    row = ds.sel(rule=name)
+    failures, lines = [], []
+    for step in (row["step"].values if "step" in row.dims else [None]):
+        at_step = row if step is None else row.sel(step=step)
+        where = "" if step is None else f"step {int(step)}, "
+        if not int(at_step["available"]):
+            failures.append(f"{where}could not be evaluated: {at_step['unavailable_reason'].item()}")
+            continue
+        for lam in ds["damping"].values:
+            at = at_step.sel(damping=lam)
+            cos = float(at["cosine"])
+            layers = {str(k): float(v) for k, v in zip(ds["layer"].values, at["cosine_layer"].values, strict=True)}
+            lines.append(f"  {where}damping {lam:g}: cosine {cos:.6f}; per layer "
+                         + ", ".join(f"{k}: {v:.6f}" for k, v in layers.items()))
+            if not cos >= min_cosine:
+                failures.append(f"{where}cosine {cos:.6f} < {min_cosine} at damping {lam:g}")
+            if min_layer_cosine is not None:
+                failures += [f"{where}layer {k!r} cosine {v:.6f} < {min_layer_cosine} at damping {lam:g}"
+                             for k, v in layers.items() if not v >= min_layer_cosine]
     if failures:
-        raise AssertionError(f"rule {rule!r} does not track exact NGD: " + "; ".join(failures)
+        raise AssertionError(f"{what} {name!r} does not track exact NGD: " + "; ".join(failures)
                              + "\nmeasured:\n" + "\n".join(lines))
     return ds
 

@@ -66,6 +66,10 @@ ANNOTATIONS: dict[str, tuple[str, ...]] = {
 METRIC_VARS = ("cosine", "rel_error", "fisher_rel_error", "kl_predicted", "kl_measured", "loss_change",
                "update_norm")
 
+#: Metrics that do not depend on the length of the update (the others change when u is scaled, e.g. by an
+#: optimizer's own learning rate); stored as the variable attribute ``scale_dependent`` (0 here, 1 for the rest).
+SCALE_FREE_METRICS = ("cosine", "cosine_layer")
+
 
 def measure(ctx: RuleContext, rules: Mapping[str, UpdateRule], dampings: Sequence[float], lr: float, *,
             skip_unavailable: bool = True) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
@@ -214,7 +218,9 @@ def evaluate_fidelity(
         ``loss_change``, ``update_norm``, ``available``, ``unavailable_reason``, ``ngd_residual``,
         ``ngd_iterations``, ``loss``, ``grad_norm``; attributes ``ngd_solver`` (``"cholesky"``/``"cg"``),
         ``cg_tol`` (CG only), ``lr``, ``num_params``, ``num_samples``, ``timings`` (JSON, seconds per phase)
-        and ``total_seconds``.
+        and ``total_seconds``. Each metric variable has the attribute ``scale_dependent``: 0 for the cosines
+        (unchanged when an update is scaled), 1 for the others (they depend on η — or, for an
+        :class:`~fisherlab.fidelity.optimizers.OptimizerRule`, on the optimizer's own learning rate).
 
     Raises:
         InputError: Unknown rule (the valid ones are listed), bad damping or learning rate.
@@ -242,8 +248,11 @@ def evaluate_fidelity(
 def fidelity_dataset(kind: str, data_vars: dict, coords: dict, **kwargs: Any) -> xr.Dataset:
     """:func:`fisherlab.results.new_dataset` plus the ``long_name``/``units`` of :data:`ANNOTATIONS`."""
     ds = results.new_dataset(kind, data_vars, coords, **kwargs)
+    for name in (*METRIC_VARS, "cosine_layer"):
+        if name in ds.variables:
+            ds[name].attrs["scale_dependent"] = int(name not in SCALE_FREE_METRICS)
     return results.annotate(ds, {k: v for k, v in ANNOTATIONS.items() if k in ds.variables})
 
 
-__all__ = ["ANNOTATIONS", "DEFAULT_RULES", "METRIC_VARS", "UNAVAILABLE",
+__all__ = ["ANNOTATIONS", "DEFAULT_RULES", "METRIC_VARS", "SCALE_FREE_METRICS", "UNAVAILABLE",
            "evaluate_fidelity", "fidelity_dataset", "measure", "solver_attrs"]

@@ -203,10 +203,13 @@ def _clone(value: Any) -> Any:
 
 
 def _standard_state(optimizer: Any) -> bool:
-    """Whether the optimizer's whole state is ``state`` and ``param_groups`` (``state_dict`` not overridden)."""
-    cls = type(optimizer)
-    return (isinstance(optimizer, torch.optim.Optimizer) and cls.state_dict is torch.optim.Optimizer.state_dict
-            and cls.load_state_dict is torch.optim.Optimizer.load_state_dict)
+    """Whether the optimizer's whole state is ``state`` and ``param_groups`` (``state_dict`` not overridden).
+
+    Such a state is restored by putting the original objects back, never through ``load_state_dict`` (which
+    casts floating state to the parameters' dtype: a float32 preconditioner of float64 parameters would change).
+    """
+    return (isinstance(optimizer, torch.optim.Optimizer)
+            and type(optimizer).state_dict is torch.optim.Optimizer.state_dict)
 
 
 @contextmanager
