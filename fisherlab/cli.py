@@ -359,7 +359,7 @@ def cmd_spectra(args: argparse.Namespace) -> int:
     """Compute and save Fisher spectra (or, with ``--slq``, their SLQ density); print a summary table."""
     cfg: SpectraConfig = make_config(SpectraConfig, args)
     out = output_folder(args)
-    from fisherlab.report import print_table, table_spectral_density, table_spectrum
+    from fisherlab.report import build_report, print_table, table_spectral_density, table_spectrum
     from fisherlab.results import guard_output_folder, save_dataset
     from fisherlab.study import likelihood_for, load_model_and_data
 
@@ -383,6 +383,7 @@ def cmd_spectra(args: argparse.Namespace) -> int:
         path = save_dataset(ds, out / "spectrum.nc")
         print_table(*table_spectrum(ds))
     print(f"\nP = {model_parameters(model)} parameters, N = {int(data.n_train)} samples; wrote {path}")
+    print(f"report: {build_report(out)}")
     return 0
 
 
@@ -405,9 +406,9 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
         header, rows = table_fidelity(results["fidelity"])
         print()
         print_table(header, rows)
-    summary = headline(results)
-    print("\n" + summary)
-    report = build_report(out, title=f"fisherlab fidelity study: {cfg.model} on {cfg.data}", summary=summary)
+    print()
+    print_table(*headline(results))
+    report = build_report(out)  # title and headline from the saved Datasets: `fisherlab report` rebuilds the same
     print(f"\nfinished in {time.perf_counter() - start:.0f} s; report: {report}")
     return 0
 

@@ -1,10 +1,17 @@
 """Reports: seaborn figures and a self-contained HTML page built from the Datasets saved in an output folder.
 
 A report is derived data only: :func:`build_report` reads every ``*.nc`` file of a folder (validated by
-:func:`fisherlab.results.load_dataset`), draws the figures registered for each Dataset kind (``PLOTTERS``),
-writes them as PNG and SVG under ``figures/``, and writes ``report.html`` with what was run, the headline
-tables (``TABLES``), the figures (PNG embedded, so the page is one file) and the provenance. ``fisherlab report
-FOLDER`` rebuilds it without recomputing anything.
+:func:`fisherlab.results.load_dataset`) and writes ``report.html``: the title and a headline table
+(:func:`fisherlab.study.headline` for a fidelity study, else each Dataset's table from ``TABLES``), then the
+figures registered for each Dataset kind (``PLOTTERS``, saved as PNG and SVG under ``figures/`` and embedded as
+PNG, so the page is one file) with the detailed tables, then the configuration and the provenance. Title and
+headline come from the saved Datasets and the folder's run manifest only, so ``fisherlab report FOLDER`` rebuilds
+the same page without recomputing anything. Where a figure or the headline shows one damping, it is the same λ
+(:func:`study_damping`).
+
+Importing this module changes no global state (no ``matplotlib.use``, no seaborn theme): the figures are
+:class:`matplotlib.figure.Figure` objects outside pyplot, drawn under a local seaborn style, so a notebook keeps
+its inline backend and its own style.
 """
 
 from __future__ import annotations
@@ -13,34 +20,62 @@ import base64
 import html
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import seaborn as sns
+import xarray as xr
+from matplotlib import rc_context
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure as MplFigure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import seaborn as sns  # noqa: E402
-import xarray as xr  # noqa: E402
+from fisherlab.errors import InputError
+from fisherlab.results import NATS_COMMENT, guard_output_folder, load_output_folder, read_manifest
+from fisherlab.results.lock import temp_path
 
-from fisherlab.errors import InputError  # noqa: E402
-from fisherlab.results import MANIFEST, guard_output_folder, load_dataset  # noqa: E402
-
+#: A table: header and rows of cells (strings).
 Table = tuple[list[str], list[list[str]]]
-Figure = tuple[str, plt.Figure]
+#: A named figure: (file stem, figure).
+Figure = tuple[str, MplFigure]
+#: Draws the figures of one Dataset; the second argument is the report's damping λ (None: the plotter's choice).
+Plotter = Callable[[xr.Dataset, "float | None"], list[Figure]]
 
 
 # ------------------------------------------------------------------------------------------------ console
+def drop_infinite_columns(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> tuple[Table, list[str]]:
+    """The table without the columns that are infinite in every row (e.g. κ(λ=0) of singular Fishers).
+
+    Returns:
+        ``((header, rows), dropped)``: the kept table and the headers of the dropped columns.
+    """
+    cells = [[str(c) for c in r] for r in rows]
+    infinite = {"inf", "-inf", "∞"}
+    keep = [i for i in range(len(header)) if not cells or any(r[i] not in infinite for r in cells)]
+    return ([str(header[i]) for i in keep], [[r[i] for i in keep] for r in cells]), [
+        str(header[i]) for i in range(len(header)) if i not in keep]
+
+
+def dropped_note(dropped: Sequence[str]) -> str:
+    """The sentence saying which all-infinite columns a table left out ('' if none)."""
+    return f"Left out, infinite in every row: {', '.join(dropped)}." if dropped else ""
+
+
 def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """Print an aligned plain-text table."""
-    cells = [[str(c) for c in header], *[[str(c) for c in r] for r in rows]]
+    """Print an aligned plain-text table; columns infinite in every row are left out (and said so)."""
+    if not header:
+        return
+    (header, cells), dropped = drop_infinite_columns(header, rows)
+    cells = [header, *cells]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for k, row in enumerate(cells):
-        print("  ".join(c.rjust(w) if k else c.ljust(w) for c, w in zip(row, widths, strict=True)))
+        print("  ".join(c.rjust(w) if k and i else c.ljust(w)
+                        for i, (c, w) in enumerate(zip(row, widths, strict=True))))
         if k == 0:
             print("  ".join("-" * w for w in widths))
+    if dropped:
+        print(dropped_note(dropped))
 
 
 # ----------------------------------------------------------------------------------------- output folder
@@ -79,88 +114,200 @@ def finish_analysis(out: Path, kind: str, plot: Callable[[xr.Dataset], list[Figu
                     table: Callable[[xr.Dataset], Table], *, title: str, summary: str) -> Path:
     """End of a script in ``analyses/``: register its figures and table for ``kind``, write ``out/report.html``.
 
+    ``plot(ds)`` draws its own choice of dampings (the report's λ is not passed on). The figures it returns are
+    closed once saved.
+
     Returns:
         The report path (also printed).
     """
-    PLOTTERS[kind], TABLES[kind] = plot, table
+    PLOTTERS[kind] = lambda ds, damping=None: plot(ds)
+    TABLES[kind] = table
     path = build_report(out, title=title, summary=summary)
-    plt.close("all")
     print(f"report: {path}")
     return path
 
 
-# --------------------------------------------------------------------------------------------- plotters
+# ---------------------------------------------------------------------------------------------- labels
 def _fmt(x: float) -> str:
     return f"{x:.3g}" if np.isfinite(x) else str(x)
 
 
-def plot_spectrum(ds: xr.Dataset) -> list[Figure]:
-    """Eigenvalue spectra (descending, log scale) and condition number against damping."""
+def rule_label(rule: str) -> str:
+    """How a report names a rule.
+
+    A trajectory's ``train:<rule>`` (the update training took with its reconstructed network's metric G, refreshed
+    only every few steps) reads ``<rule> (as trained, stale G)``; other names are kept.
+    """
+    rule = str(rule)
+    return f"{rule.removeprefix('train:')} (as trained, stale G)" if rule.startswith("train:") else rule
+
+
+def unit_of(var: xr.DataArray) -> str:
+    """The unit a label shows for ``var``, from its attributes.
+
+    ``nat`` for quantities in nats (units ``"1"`` with the nats ``comment``), else its ``units``; ``""`` when it
+    is dimensionless or has none.
+    """
+    if var.attrs.get("comment") == NATS_COMMENT:
+        return "nat"
+    units = var.attrs.get("units")
+    return "" if units in (None, "1") else str(units)
+
+
+def axis_label(var: xr.DataArray, text: str | None = None) -> str:
+    """Axis label of ``var``: ``text`` (default: its ``long_name``) and, when it has one, its unit in brackets."""
+    text = text or str(var.attrs.get("long_name", var.name))
+    unit = unit_of(var)
+    return f"{text} ({unit})" if unit else text
+
+
+def nearest_damping(ds: xr.Dataset, damping: float | None) -> float:
+    """The value of ``ds.damping`` nearest to ``damping`` on a log scale (None: the middle value)."""
+    values = np.asarray(ds.damping.values, dtype=float)
+    if damping is None:
+        return float(values[len(values) // 2])
+    tiny = np.finfo(float).tiny
+    return float(values[np.argmin(np.abs(np.log(np.maximum(values, tiny)) - np.log(max(damping, tiny))))])
+
+
+def study_damping(datasets: Iterable[xr.Dataset]) -> float | None:
+    """The one damping λ a report shows wherever it shows one (headline, per-layer heatmap, trajectory, geometry).
+
+    It is the trajectory's λ when the Datasets hold a trajectory (``fisherlab fidelity`` measures it at the middle
+    of its dampings), else the middle damping of a fidelity Dataset, else None.
+    """
+    by_kind = {ds.attrs.get("fisherlab_kind"): ds for ds in datasets}
+    for kind in ("fidelity_trajectory", "fidelity"):
+        if kind in by_kind and "damping" in by_kind[kind].dims:
+            return nearest_damping(by_kind[kind], None)
+    return None
+
+
+# ------------------------------------------------------------------------------------------- figures
+def new_figure(width: float, height: float) -> MplFigure:
+    """A figure outside pyplot (no backend, no global figure list) with constrained layout."""
+    return MplFigure(figsize=(width, height), layout="constrained")
+
+
+def legend_outside(ax: Axes, title: str | None = None) -> None:
+    """Move the legend of ``ax`` to the right of the axes, where it covers no data."""
+    if ax.get_legend() is not None:
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=8,
+                        **({"title": title} if title else {}))
+
+
+def _rotate_xticks(ax: Axes, degrees: float = 45) -> None:
+    """Rotated x tick labels anchored at their tick (long rule names do not collide)."""
+    for label in ax.get_xticklabels():
+        label.set(rotation=degrees, ha="right", rotation_mode="anchor")
+
+
+def _no_data(ax: Axes, what: str) -> None:
+    ax.text(0.5, 0.5, f"no finite {what}", ha="center", va="center", transform=ax.transAxes, color="gray")
+
+
+def plot_spectrum(ds: xr.Dataset, damping: float | None = None) -> list[Figure]:
+    """Eigenvalue spectra (descending, log scale) and condition number against damping, one panel per structure."""
+    kinds, structures = [str(k) for k in ds.kind.values], [str(s) for s in ds.structure.values]
     df = ds.eigenvalue.to_dataframe().reset_index()
-    top = df.groupby(["fisher_kind", "structure"]).eigenvalue.transform("max")
+    top = df.groupby(["kind", "structure"]).eigenvalue.transform("max")
     df = df[df.eigenvalue > 1e-12 * top]
-    df["rank"] = df.groupby(["fisher_kind", "structure"]).eig.transform(lambda s: s.max() - s + 1)
-    g = sns.relplot(df, x="rank", y="eigenvalue", hue="fisher_kind", col="structure", kind="line", height=3.2)
-    g.set(xscale="log", yscale="log")
-    g.figure.suptitle("Fisher spectra (eigenvalues above 1e-12 λ_max, descending)", y=1.03)
+    df["rank"] = df.groupby(["kind", "structure"]).eig.transform(lambda s: s.max() - s + 1)
     cn = ds.condition_number.to_dataframe().reset_index()
     cn = cn[np.isfinite(cn.condition_number) & (cn.damping > 0)]
-    h = sns.relplot(cn, x="damping", y="condition_number", hue="fisher_kind", col="structure", kind="line",
-                    marker="o", height=3.2)
-    h.set(xscale="log", yscale="log")
-    h.figure.suptitle("condition number κ(F + λI)", y=1.03)
-    return [("spectrum", g.figure), ("condition_number", h.figure)]
+    figs: list[Figure] = []
+    for name, frame, x, y, title in (
+            ("spectrum", df, "rank", "eigenvalue", "Fisher spectra (eigenvalues above 1e-12 λ_max, descending)"),
+            ("condition_number", cn, "damping", "condition_number", "condition number κ(F + λI)")):
+        fig = new_figure(3.2 * len(structures) + 1.4, 3.4)
+        axes = fig.subplots(1, len(structures), sharey=True, squeeze=False)[0]
+        for ax, st in zip(axes, structures, strict=True):
+            sub = frame[frame.structure == st]
+            if sub.empty:
+                _no_data(ax, y.replace("_", " "))
+            else:
+                sns.lineplot(sub, x=x, y=y, hue="kind", hue_order=kinds, marker="o" if x == "damping" else None,
+                             ax=ax, legend=ax is axes[-1])
+                ax.set(xscale="log", yscale="log")
+            ax.set(title=st, ylabel=axis_label(ds[y], "eigenvalue" if y == "eigenvalue" else "κ(F + λI)"),
+                   xlabel="rank (descending)" if x == "rank" else axis_label(ds.damping))
+        legend_outside(axes[-1], "Fisher kind")
+        fig.suptitle(title)
+        figs.append((name, fig))
+    return figs
 
 
 def table_spectrum(ds: xr.Dataset) -> Table:
     """Largest eigenvalue, trace, distance to the true Fisher and κ at each damping."""
     rows = []
-    for kind in ds.fisher_kind.values:
+    for kind in ds.kind.values:
         for s in ds.structure.values:
-            sel = {"fisher_kind": kind, "structure": s}
-            rows.append([kind, s, _fmt(float(ds.eigenvalue.sel(sel).max())), _fmt(float(ds.trace.sel(sel))),
-                         _fmt(float(ds.rel_frobenius_to_true.sel(sel))),
+            sel = {"kind": kind, "structure": s}
+            rows.append([str(kind), str(s), _fmt(float(ds.eigenvalue.sel(sel).max())),
+                         _fmt(float(ds.trace.sel(sel))), _fmt(float(ds.rel_frobenius_to_true.sel(sel))),
                          *[_fmt(float(c)) for c in ds.condition_number.sel(sel).values]])
-    return (["fisher", "structure", "λ_max", "trace", "‖F−F_true‖/‖F_true‖",
+    return (["kind", "structure", "λ_max", "trace", "‖F−F_true‖/‖F_true‖",
              *[f"κ(λ={d:g})" for d in ds.damping.values]], rows)
 
 
-def plot_fidelity(ds: xr.Dataset) -> list[Figure]:
-    """Cosine to exact NGD and Fisher-norm error per rule and damping; predicted against measured KL."""
+def plot_fidelity(ds: xr.Dataset, damping: float | None = None) -> list[Figure]:
+    """Cosine to exact NGD and Fisher-norm error per rule and damping, predicted against measured KL.
+
+    The per-layer cosine is drawn at ``damping`` (the nearest λ measured; None: the middle one).
+    """
     figs: list[Figure] = []
+    order = [rule_label(r) for r in ds.rule.values]
+    dampings = [f"{d:g}" for d in ds.damping.values]
     df = ds[["cosine", "fisher_rel_error"]].to_dataframe().reset_index()
-    df["damping"] = [f"λ={d:g}" for d in df.damping]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    sns.barplot(df, x="method", y="cosine", hue="damping", palette="viridis", ax=axes[0])
-    axes[0].set_title("cosine similarity to exact NGD")
-    axes[0].set_ylim(min(0.0, float(df.cosine.min())), 1.02)
-    sns.barplot(df, x="method", y="fisher_rel_error", hue="damping", palette="viridis", ax=axes[1], legend=False)
-    axes[1].set_yscale("log")
-    axes[1].set_title("Fisher-norm relative error")
+    df["rule"], df["λ"] = df.rule.map(rule_label), [f"{d:g}" for d in df.damping]
+    fig = new_figure(13, 4.6)
+    axes = fig.subplots(1, 2)
+    common = {"x": "rule", "hue": "λ", "order": order, "hue_order": dampings, "palette": "viridis"}
+    sns.barplot(df, y="cosine", ax=axes[0], **common)
+    low = float(np.nanmin(df.cosine)) if np.isfinite(df.cosine).any() else 0.0
+    axes[0].set(title="cosine to exact NGD at the initial parameters", ylim=(min(0.0, low), 1.02),
+                ylabel=axis_label(ds.cosine, "cosine to exact NGD"))
+    sns.barplot(df[df.fisher_rel_error > 0], y="fisher_rel_error", ax=axes[1], legend=False, **common)
+    axes[1].set(yscale="log", title="Fisher-norm relative error (log scale; exactly 0: no bar)",
+                ylabel=axis_label(ds.fisher_rel_error, "Fisher-norm relative error"))
     for ax in axes:
-        ax.tick_params(axis="x", rotation=60)
         ax.set_xlabel("")
-    sns.move_legend(axes[0], "lower left", fontsize=7, ncols=2)
-    fig.tight_layout()
-    figs.append(("fidelity_methods", fig))
+        _rotate_xticks(ax)
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[0].get_legend().remove()
+    fig.legend(handles, labels, title="damping λ", loc="outside right upper", frameon=False)
+    figs.append(("fidelity_rules", fig))
     if "kl_predicted" in ds and "kl_measured" in ds:
         kl = ds[["kl_predicted", "kl_measured"]].to_dataframe().reset_index()
         kl = kl[(kl.kl_predicted > 0) & (kl.kl_measured > 0)]
-        fig, ax = plt.subplots(figsize=(5, 4.2))
-        sns.scatterplot(kl, x="kl_predicted", y="kl_measured", hue="method", style="damping", ax=ax)
-        lo, hi = float(kl[["kl_predicted", "kl_measured"]].min().min()), float(kl[["kl_predicted",
-                                                                                   "kl_measured"]].max().max())
-        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-        ax.set(xscale="log", yscale="log", title="predicted ½uᵀFu vs measured KL")
-        ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
-        fig.tight_layout()
+        kl["rule"], kl["λ"] = kl.rule.map(rule_label), [f"{d:g}" for d in kl.damping]
+        fig = new_figure(7.5, 4.6)
+        ax = fig.subplots()
+        if kl.empty:
+            _no_data(ax, "positive KL")
+        else:
+            sns.scatterplot(kl, x="kl_predicted", y="kl_measured", hue="rule", hue_order=order, style="λ",
+                            style_order=dampings, ax=ax)
+            lo, hi = float(kl[["kl_predicted", "kl_measured"]].min().min()), float(
+                kl[["kl_predicted", "kl_measured"]].max().max())
+            ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="measured = predicted")
+            ax.set(xscale="log", yscale="log")
+            legend_outside(ax)
+        ax.set(title="predicted ½uᵀFu against measured KL, every damping",
+               xlabel=axis_label(ds.kl_predicted, "predicted KL ½uᵀFu"),
+               ylabel=axis_label(ds.kl_measured, "measured KL"))
         figs.append(("kl_predicted_vs_measured", fig))
     if "cosine_layer" in ds:
-        lay = ds.cosine_layer.isel(damping=0).to_pandas()
-        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * lay.shape[1], 0.5 + 0.35 * lay.shape[0]))
-        sns.heatmap(lay, annot=True, fmt=".2f", vmin=-1, vmax=1, cmap="vlag", ax=ax)
-        ax.set_title(f"per-layer cosine to exact NGD (λ = {float(ds.damping[0]):g})")
-        fig.tight_layout()
+        lam = nearest_damping(ds, damping)
+        lay = ds.cosine_layer.sel(damping=lam).to_pandas()
+        lay.index = [rule_label(r) for r in lay.index]
+        fig = new_figure(3.0 + 1.25 * lay.shape[1], 1.4 + 0.34 * lay.shape[0])
+        ax = fig.subplots()
+        sns.heatmap(lay, annot=True, fmt=".2f", vmin=-1, vmax=1, cmap="vlag", ax=ax, annot_kws={"fontsize": 9},
+                    cbar_kws={"label": axis_label(ds.cosine_layer, "cosine")})
+        ax.set(title=f"per-layer cosine to exact NGD (λ = {lam:g})", xlabel="layer", ylabel="")
+        ax.tick_params(axis="y", labelrotation=0)  # seaborn turns crowded-looking labels vertical: keep them level
+        _rotate_xticks(ax, 30)
         figs.append(("fidelity_layers", fig))
     return figs
 
@@ -168,181 +315,318 @@ def plot_fidelity(ds: xr.Dataset) -> list[Figure]:
 def table_fidelity(ds: xr.Dataset) -> Table:
     """One row per rule and damping: cosine, relative and Fisher-norm errors, KL ratio, loss change."""
     rows = []
-    for m in ds.method.values:
+    for m in ds.rule.values:
         for d in ds.damping.values:
-            sel = ds.sel({"method": m, "damping": d})
+            sel = ds.sel({"rule": m, "damping": d})
             ratio = float(sel.kl_measured / sel.kl_predicted) if float(sel.kl_predicted) > 0 else float("nan")
-            rows.append([m, f"{d:g}", f"{float(sel.cosine):.4f}", _fmt(float(sel.rel_error)),
+            rows.append([rule_label(m), f"{d:g}", f"{float(sel.cosine):.4f}", _fmt(float(sel.rel_error)),
                          _fmt(float(sel.fisher_rel_error)), _fmt(ratio), _fmt(float(sel.loss_change))])
-    return (["rule", "λ", "cosine", "rel. error", "Fisher-norm error", "KL measured/predicted", "Δloss"], rows)
+    return (["rule", "λ", "cosine", "rel. error", "Fisher-norm error", "KL measured/predicted",
+             f"Δloss ({unit_of(ds.loss_change) or '1'})"], rows)
 
 
-def plot_trajectory(ds: xr.Dataset) -> list[Figure]:
-    """Cosine to exact NGD and training loss along a trajectory, per rule (and staleness when recorded)."""
-    cos = ds.cosine.isel(damping=0) if "damping" in ds.cosine.dims else ds.cosine
+def _trajectory_cosine(ds: xr.Dataset, damping: float | None) -> tuple[xr.DataArray, float | None]:
+    """The trajectory's cosine at the damping nearest ``damping`` (and that λ; None without a damping dim)."""
+    if "damping" not in ds.cosine.dims:
+        return ds.cosine, None
+    lam = nearest_damping(ds, damping)
+    return ds.cosine.sel(damping=lam), lam
+
+
+def plot_trajectory(ds: xr.Dataset, damping: float | None = None) -> list[Figure]:
+    """Cosine to exact NGD per rule and training loss along a trajectory.
+
+    The cosine is drawn at ``damping`` (the nearest λ measured); the steps since the last refresh of G when
+    recorded.
+    """
+    cos, lam = _trajectory_cosine(ds, damping)
     df = cos.to_dataframe().reset_index()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    sns.lineplot(df, x="step", y="cosine", hue="method", marker="o", ax=axes[0])
-    axes[0].set_title("cosine to exact NGD along the trajectory")
-    axes[0].legend(fontsize=7)
+    df["rule"] = df.rule.map(rule_label)
+    fig = new_figure(12, 4.0)
+    axes = fig.subplots(1, 2, width_ratios=(1.6, 1))
+    sns.lineplot(df, x="step", y="cosine", hue="rule", hue_order=[rule_label(r) for r in ds.rule.values],
+                 marker="o", ax=axes[0])
+    train = ds.attrs.get("train_rule", "")
+    axes[0].set(title=f"cosine to exact NGD while training with {train}" + (f" (λ = {lam:g})" if lam else ""),
+                ylabel=axis_label(ds.cosine, "cosine to exact NGD"), xlabel=axis_label(ds.step))
+    legend_outside(axes[0])
+    axes[1].plot(ds.step.values, ds.loss.values, "k.-")
+    axes[1].set(title="training loss", ylabel=axis_label(ds.loss, "loss"), xlabel=axis_label(ds.step))
     if "steps_since_refresh" in ds:
-        axes[1].plot(ds.step.values, ds.steps_since_refresh.values, "o-", color="gray", label="steps since refresh")
-        axes[1].set_ylabel("steps since refresh")
         twin = axes[1].twinx()
-        twin.plot(ds.step.values, ds.loss.values, "k.-", label="loss")
-        twin.set_ylabel("training loss")
-    else:
-        axes[1].plot(ds.step.values, ds.loss.values, "k.-")
-        axes[1].set_ylabel("training loss")
-    axes[1].set_xlabel("step")
-    fig.tight_layout()
+        twin.plot(ds.step.values, ds.steps_since_refresh.values, "o:", color="gray")
+        twin.set_ylabel("steps since refresh of G (gray)", color="gray")
+        twin.grid(False)
     return [("trajectory_cosine", fig)]
 
 
 def table_trajectory(ds: xr.Dataset) -> Table:
-    """Cosine to exact NGD of each rule at each measured step."""
-    cos = ds.cosine.isel(damping=0) if "damping" in ds.cosine.dims else ds.cosine
-    return (["rule", *[f"step {int(s)}" for s in ds.step.values]],
-            [[str(m), *[f"{float(c):.3f}" for c in cos.sel({"method": m}).values]] for m in ds.method.values])
+    """Cosine to exact NGD of each rule at each measured step (the middle damping when there are several)."""
+    cos, lam = _trajectory_cosine(ds, None)
+    return ([f"rule (λ = {lam:g})" if lam else "rule", *[f"step {int(s)}" for s in ds.step.values]],
+            [[rule_label(m), *[f"{float(c):.3f}" for c in cos.sel(rule=m).values]] for m in ds.rule.values])
 
 
-def plot_geometry(ds: xr.Dataset) -> list[Figure]:
-    """Spectra of F + λI and of the Fisher each reconstructed network sees, G^{-1/2}(F + λI)G^{-1/2}."""
-    ev = ds.eigenvalue.isel(damping=0).to_dataframe().reset_index().dropna()
+def _structure_label(structure: str) -> str:
+    return "original (G = I)" if structure == "original" else str(structure)
+
+
+def plot_geometry(ds: xr.Dataset, damping: float | None = None) -> list[Figure]:
+    """Spectra of F + λI and of the Fisher each reconstructed network sees, G^{-1/2}(F + λI)G^{-1/2}.
+
+    Drawn at ``damping`` (the nearest λ measured; None: the middle one).
+    """
+    lam = nearest_damping(ds, damping)
+    ev = ds.eigenvalue.sel(damping=lam).to_dataframe().reset_index().dropna()
     ev["rank"] = ev.groupby("structure").eig.transform(lambda s: s.max() - s + 1)
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    sns.lineplot(ev, x="rank", y="eigenvalue", hue="structure", ax=ax)
-    ax.set(xscale="log", yscale="log",
-           title=f"spectrum of G^-1/2 (F + λI) G^-1/2, λ = {float(ds.damping[0]):g} (original: G = I)")
-    fig.tight_layout()
+    ev["structure"] = ev.structure.map(_structure_label)
+    fig = new_figure(8, 4.2)
+    ax = fig.subplots()
+    sns.lineplot(ev, x="rank", y="eigenvalue", hue="structure",
+                 hue_order=[_structure_label(s) for s in ds.structure.values], ax=ax)
+    ax.set(xscale="log", yscale="log", xlabel="rank (descending)",
+           ylabel=axis_label(ds.eigenvalue, "eigenvalue of G^-1/2 (F + λI) G^-1/2"),
+           title=f"the Fisher GD sees on each reconstructed network, λ = {lam:g}")
+    legend_outside(ax, "structure G")
     return [("geometry_spectra", fig)]
 
 
 def table_geometry(ds: xr.Dataset) -> Table:
     """Condition number of the Fisher each structure's reconstructed network sees, per damping."""
     return (["structure G", *[f"κ(λ={float(d):g})" for d in ds.damping.values]],
-            [[str(st), *[_fmt(float(c)) for c in ds.condition_number.sel(structure=st).values]]
+            [[_structure_label(st), *[_fmt(float(c)) for c in ds.condition_number.sel(structure=st).values]]
              for st in ds.structure.values])
 
 
-def plot_training(ds: xr.Dataset) -> list[Figure]:
-    """Training loss against steps and wall time, per method."""
+def plot_training(ds: xr.Dataset, damping: float | None = None) -> list[Figure]:
+    """Training loss against steps and wall time, per rule."""
     df = ds.loss.to_dataframe().reset_index()
+    hue = "rule" if "rule" in df else None
+    if hue:
+        df["rule"] = df.rule.map(rule_label)
+    panels = [("step", axis_label(ds.step) if "step" in ds.coords else "step")]
     if "wall_time" in ds:
         df["wall_time"] = ds.wall_time.to_dataframe().reset_index()["wall_time"].values
-    fig, axes = plt.subplots(1, 2 if "wall_time" in df else 1, figsize=(11, 3.8), squeeze=False)
-    sns.lineplot(df, x="step", y="loss", hue="method" if "method" in df else None, ax=axes[0, 0])
-    if "wall_time" in df:
-        sns.lineplot(df, x="wall_time", y="loss", hue="method" if "method" in df else None, ax=axes[0, 1])
-        axes[0, 1].set_xlabel("wall time (s)")
-    for ax in axes[0]:
-        ax.set_yscale("log")
-    fig.tight_layout()
+        panels.append(("wall_time", axis_label(ds.wall_time, "wall time")))
+    fig = new_figure(5.5 * len(panels) + 1.5, 3.8)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (x, xlabel) in zip(axes, panels, strict=True):
+        sns.lineplot(df, x=x, y="loss", hue=hue, ax=ax, legend=ax is axes[-1])
+        ax.set(yscale="log", xlabel=xlabel, ylabel=axis_label(ds.loss, "training loss"))
+    legend_outside(axes[-1])
     return [("training_loss", fig)]
 
 
-def plot_spectral_density(ds: xr.Dataset) -> list[Figure]:
+def plot_spectral_density(ds: xr.Dataset, damping: float | None = None) -> list[Figure]:
     """SLQ density of log10 λ per Fisher kind (the null fraction in the legend)."""
     df = ds.density.to_dataframe().reset_index()
-    df["fisher"] = [f"{k} (null {float(ds.null_fraction.sel({'fisher_kind': k})):.2f})" for k in df.fisher_kind]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    sns.lineplot(df, x="log10_eigenvalue", y="density", hue="fisher", ax=ax)
+    df["kind"] = [f"{k} (null {float(ds.null_fraction.sel({'kind': k})):.2f})" for k in df.kind]
+    fig = new_figure(7.5, 3.8)
+    ax = fig.subplots()
+    sns.lineplot(df, x="log10_eigenvalue", y="density", hue="kind", ax=ax)
     top = float(df.density.max())
-    ax.set(xlabel="log10 eigenvalue", ylabel="density (per decade, log scale)", yscale="log",
-           ylim=(1e-4 * top, 2 * top) if top > 0 else None,
+    ax.set(xlabel=axis_label(ds.log10_eigenvalue, "log10 eigenvalue"), ylabel="density per decade (log scale)",
+           yscale="log", ylim=(1e-4 * top, 2 * top) if top > 0 else None,
            title=f"SLQ spectral density ({ds.sizes['probe']} probes, {ds.sizes['node']} Lanczos steps)")
+    legend_outside(ax, "Fisher kind")
     return [("spectral_density", fig)]
 
 
 def table_spectral_density(ds: xr.Dataset) -> Table:
     """Per Fisher kind: λ_max (Ritz), trace ± standard error, fraction of (numerically) null eigenvalues."""
     rows = []
-    for k in ds.fisher_kind.values:
-        at = ds.sel({"fisher_kind": k})
+    for k in ds.kind.values:
+        at = ds.sel({"kind": k})
         rows.append([str(k), _fmt(float(at.lambda_max)), f"{_fmt(float(at.trace))} ± {_fmt(float(at.trace_stderr))}",
                      f"{float(at.null_fraction):.3f}"])
-    return ["fisher", "λ_max (Ritz)", "trace (SLQ)", "null fraction"], rows
+    return ["kind", "λ_max (Ritz)", "trace (SLQ)", "null fraction"], rows
 
 
-#: Figures drawn for each Dataset kind (``fisherlab_kind``).
-PLOTTERS: dict[str, Callable[[xr.Dataset], list[Figure]]] = {
-    "spectrum": plot_spectrum, "fidelity": plot_fidelity, "fidelity_trajectory": plot_trajectory,
-    "geometry": plot_geometry, "training": plot_training, "spectral_density": plot_spectral_density,
+#: Figures drawn for each Dataset kind (``fisherlab_kind``), in the order the report shows the kinds.
+PLOTTERS: dict[str, Plotter] = {
+    "fidelity": plot_fidelity, "fidelity_trajectory": plot_trajectory, "geometry": plot_geometry,
+    "spectrum": plot_spectrum, "spectral_density": plot_spectral_density, "training": plot_training,
 }
-#: Headline table of each Dataset kind.
+#: Table of each Dataset kind (in a fidelity study's report, below its figures; else the report's headline).
 TABLES: dict[str, Callable[[xr.Dataset], Table]] = {
     "spectrum": table_spectrum, "fidelity": table_fidelity, "fidelity_trajectory": table_trajectory,
     "geometry": table_geometry, "spectral_density": table_spectral_density,
 }
+#: Section heading of each Dataset kind.
+SECTIONS: dict[str, str] = {
+    "fidelity": "Fidelity at the initial parameters", "fidelity_trajectory": "Fidelity along training",
+    "geometry": "Geometry each reconstructed network sees", "spectrum": "Fisher spectra",
+    "spectral_density": "Spectral density (stochastic Lanczos quadrature)", "training": "Training",
+}
 
 
 # ------------------------------------------------------------------------------------------------ HTML
-def _html_table(table: Table) -> str:
-    header, rows = table
+def _html_table(table: Table, *, html_id: str | None = None) -> str:
+    """The table as HTML (columns infinite in every row left out, with a note saying so)."""
+    (header, rows), dropped = drop_infinite_columns(*table)
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    ident = f' id="{html_id}"' if html_id else ""
+    note = f'<p class="muted">{html.escape(dropped_note(dropped))}</p>' if dropped else ""
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
 
 
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;
 text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}
-code,pre{background:#f6f6f6;padding:2px 4px}pre{padding:8px;overflow-x:auto;font-size:12px}.muted{color:#777}"""
+code,pre{background:#f6f6f6;padding:2px 4px}pre{padding:8px;overflow-x:auto;font-size:12px}.muted{color:#777}
+details{margin:0.5em 0 1.5em}summary{cursor:pointer;color:#555}figure{margin:1em 0}"""
+
+
+def _theme() -> dict[str, Any]:
+    """Matplotlib settings of the report's figures (seaborn's whitegrid style), applied only while the report draws."""
+    from cycler import cycler
+
+    return {**sns.axes_style("whitegrid"), **sns.plotting_context("notebook"),
+            "axes.prop_cycle": cycler(color=sns.color_palette("deep"))}
+
+
+def _close(fig: MplFigure) -> None:
+    """Close a figure pyplot holds (a plotter of ``analyses/`` may draw with pyplot); others need nothing."""
+    if getattr(fig.canvas, "manager", None) is not None:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def run_config(folder: Path, datasets: Iterable[xr.Dataset]) -> dict[str, Any]:
+    """The configuration of the run that wrote ``folder``: its manifest, else the first Dataset's ``config``."""
+    manifest = read_manifest(folder)  # a corrupt manifest: ResultsFileError naming it
+    if manifest is not None:
+        return manifest["config"]
+    for ds in datasets:
+        if isinstance(ds.attrs.get("config"), str):
+            return json.loads(ds.attrs["config"])
+    return {}
+
+
+def report_title(config: dict[str, Any], datasets: Sequence[xr.Dataset], folder: Path) -> str:
+    """The report's title, from the run's configuration (command, model, data) or the Datasets' ``title``."""
+    command = config.get("command")
+    on = f": {config['model']} on {config['data']}" if "model" in config and "data" in config else ""
+    if command == "fidelity":
+        return f"fisherlab fidelity study{on}"
+    if command == "spectra":
+        return f"fisherlab spectra{' (SLQ spectral density)' if config.get('slq') else ''}{on}"
+    if command:
+        return f"fisherlab {command}{on}"
+    titles = {str(ds.attrs["title"]) for ds in datasets if "title" in ds.attrs}
+    return titles.pop() if len(titles) == 1 else f"fisherlab report: {folder.name}"
+
+
+def _headline_note(damping: float | None, datasets: Sequence[xr.Dataset]) -> str:
+    """What the headline's columns and marks mean, and which damping the page shows, as an HTML list."""
+    by_kind = {ds.attrs.get("fisherlab_kind"): ds for ds in datasets}
+    kinds = set(by_kind)
+    notes = []
+    if damping is not None:
+        source = "the trajectory's damping" if "fidelity_trajectory" in kinds else "the middle damping"
+        notes.append(f"λ = {damping:g} ({source}) wherever the page shows one damping; the bar chart and the KL "
+                     "plot of the fidelity part show every damping.")
+        for kind, part in (("fidelity", "fidelity part"), ("geometry", "geometry part")):
+            if kind in by_kind and "damping" in by_kind[kind].dims:
+                near = nearest_damping(by_kind[kind], damping)
+                if not np.isclose(near, damping, rtol=1e-9, atol=0.0):
+                    notes.append(f"The {part} has no λ = {damping:g}: its column and figures show the nearest "
+                                 f"damping it measured, λ = {near:g}.")
+    if "fidelity_trajectory" in kinds:
+        notes.append("“as trained, stale G”: the update the training took, with its reconstructed network's metric "
+                     "G refreshed only every few steps.")
+    if "geometry" in kinds:
+        notes.append("κ: condition number of G^-1/2 (F + λI) G^-1/2, the Fisher plain GD sees on the network "
+                     "reconstructed with the rule's structure G (gd: the original network, G = I).")
+    notes.append("—: not measured by that part; n/a: the rule could not be evaluated.")
+    return '<ul class="muted">' + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"
+
+
+def _config_text(config: dict[str, Any]) -> str:
+    """The configuration, one option per line."""
+    return "\n".join(f"{key}: {json.dumps(value, ensure_ascii=False)}" for key, value in config.items())
 
 
 def build_report(folder: str | Path, *, title: str | None = None, summary: str = "") -> Path:
     """Draw the figures of every Dataset in ``folder`` and write ``folder/report.html``.
 
+    The page: title, headline table (``<table id="headline">``: :func:`fisherlab.study.headline` for a fidelity
+    study, else the table of each Dataset), one section of figures per Dataset (with its detailed table for a
+    fidelity study), then the configuration and the provenance. The same folder gives the same page.
+
     Args:
         folder: Output folder holding ``*.nc`` files written by fisherlab.
-        title: Page title (default: from the folder's run manifest).
+        title: Page title (default: :func:`report_title`, from the folder's run manifest).
         summary: HTML paragraph placed under the title (what the study shows).
 
     Returns:
         Path of the report.
 
     Raises:
-        ResultsFileError: If a netCDF file is corrupt or foreign.
-        InputError: If the folder holds no Dataset.
+        ResultsFileError: If a netCDF file is corrupt, foreign, changed after it was written, lacks a variable of its
+            kind, or the run manifest is corrupt (each named).
+        InputError: If the folder holds no Dataset, or a file written by a run of another configuration.
     """
+    from fisherlab.study import headline
+
     folder = Path(folder)
     files = sorted(folder.glob("*.nc"))
     if not files:
         raise InputError(f"{folder} holds no results (*.nc); run a study into it first")
-    figdir = folder / "figures"
-    figdir.mkdir(exist_ok=True)
-    sns.set_theme(style="whitegrid", context="notebook")
-    manifest = folder / MANIFEST
-    config = json.loads(manifest.read_text())["config"] if manifest.is_file() else {}
-    parts = [f"<h1>{html.escape(title or 'fisherlab report: ' + str(config.get('command', folder.name)))}</h1>"]
+    order = list(PLOTTERS)
+    loaded = load_output_folder(folder, files)  # each with its kind's variables, none from another run
+    loaded = dict(sorted(loaded.items(), key=lambda item: (
+        order.index(item[1].attrs["fisherlab_kind"]) if item[1].attrs["fisherlab_kind"] in order else len(order),
+        item[0].name)))
+    datasets = list(loaded.values())
+    config = run_config(folder, datasets)
+    title = title or report_title(config, datasets, folder)
+    damping = study_damping(datasets)
+    top = headline({f.stem: ds for f, ds in loaded.items()}, damping=damping)
+    parts = [f"<h1>{html.escape(title)}</h1>"]
     if summary:
         parts.append(f"<p>{summary}</p>")
-    parts.append("<h2>What was run</h2><pre>" + html.escape(json.dumps(config, indent=1)) + "</pre>")
+    parts.append("<h2>Headline</h2>")
+    if top[0]:
+        parts += [_html_table(top, html_id="headline"), _headline_note(damping, datasets)]
+    else:
+        tables = [(f, TABLES[ds.attrs["fisherlab_kind"]](ds)) for f, ds in loaded.items()
+                  if ds.attrs["fisherlab_kind"] in TABLES]
+        for k, (f, table) in enumerate(tables):
+            parts.append(f'<p class="muted">from {html.escape(f.name)}</p>' if len(tables) > 1 else "")
+            parts.append(_html_table(table, html_id="headline" if k == 0 else None))
+    figdir = folder / "figures"
+    figdir.mkdir(exist_ok=True)
     provenance_rows = []
-    for f in files:
-        ds = load_dataset(f)
-        kind = ds.attrs["fisherlab_kind"]
-        parts.append(f"<h2>{html.escape(kind)} — from <code>{html.escape(f.name)}</code></h2>")
-        if kind in TABLES:
-            parts.append(_html_table(TABLES[kind](ds)))
-        for name, fig in PLOTTERS.get(kind, lambda _: [])(ds):
-            stem = f"{f.stem}_{name}"
-            fig.savefig(figdir / f"{stem}.svg", bbox_inches="tight")
-            fig.savefig(figdir / f"{stem}.png", dpi=110, bbox_inches="tight")
-            plt.close(fig)
-            data = base64.b64encode((figdir / f"{stem}.png").read_bytes()).decode()
-            parts.append(f'<figure><img alt="{stem}" src="data:image/png;base64,{data}"/>'
-                         f'<figcaption class="muted">figures/{stem}.svg (from {html.escape(f.name)})'
-                         "</figcaption></figure>")
-        provenance_rows.append([f.name, kind, *[str(ds.attrs.get(k, "")) for k in
-                                                ("seed", "device", "dtype", "torch_version", "fisherlab_version",
-                                                 "git_commit", "created")]])
+    with rc_context(_theme()):
+        for f, ds in loaded.items():
+            kind = ds.attrs["fisherlab_kind"]
+            heading = SECTIONS.get(kind, str(ds.attrs.get("title", kind)))
+            parts.append(f'<h2>{html.escape(heading)} <span class="muted">— from <code>{html.escape(f.name)}'
+                         "</code></span></h2>")
+            for name, fig in PLOTTERS.get(kind, lambda _ds, _d: [])(ds, damping):
+                stem = f"{f.stem}_{name}"
+                fig.savefig(figdir / f"{stem}.svg", bbox_inches="tight", metadata={"Date": None})
+                fig.savefig(figdir / f"{stem}.png", dpi=110, bbox_inches="tight")
+                _close(fig)
+                data = base64.b64encode((figdir / f"{stem}.png").read_bytes()).decode()
+                parts.append(f'<figure><img alt="{stem}" src="data:image/png;base64,{data}"/>'
+                             f'<figcaption class="muted">figures/{stem}.svg</figcaption></figure>')
+            if top[0] and kind in TABLES:
+                parts.append(f"<details><summary>table: every value of {html.escape(f.name)}</summary>"
+                             f"{_html_table(TABLES[kind](ds))}</details>")
+            provenance_rows.append([f.name, kind, *[str(ds.attrs.get(k, "")) for k in
+                                                    ("seed", "device", "dtype", "torch_version",
+                                                     "fisherlab_version", "git_commit", "created")]])
+    parts.append("<h2>Configuration</h2><pre>" + html.escape(_config_text(config)) + "</pre>")
     parts.append("<h2>Provenance</h2>" + _html_table(
         (["Dataset", "kind", "seed", "device", "dtype", "torch", "fisherlab", "commit", "created"], provenance_rows)))
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(folder.name)}</title>"
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
     out = folder / "report.html"
-    tmp = folder / ".report.html.tmp"
+    tmp = temp_path(out)  # unique: two reports of one folder at once don't collide
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, out)
     return out

@@ -591,29 +591,72 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
     return results
 
 
-def headline(results: dict[str, xr.Dataset]) -> str:
-    """One paragraph saying what the study found (HTML-safe text)."""
-    parts = []
-    if "fidelity" in results:
-        ds = results["fidelity"]
-        d = float(ds.damping.values[len(ds.damping) // 2])
-        cos = ds.cosine.sel(damping=d).to_series().dropna().sort_values(ascending=False)
-        ranked = ", ".join(f"{m} {c:.3f}" for m, c in cos.items())
-        parts.append(f"At the initial parameters with damping λ = {d:g}, cosine similarity of each rule's update "
-                     f"to exact NGD: {ranked}.")
-    if "trajectory" in results:
-        ds = results["trajectory"]
-        last = ds.cosine.isel(step=-1)
-        if "damping" in last.dims:
-            last = last.isel(damping=0)
-        cos = last.to_series().dropna().sort_values(ascending=False)
-        parts.append(f"After {int(ds.step.values[-1])} training steps: " +
-                     ", ".join(f"{m} {c:.3f}" for m, c in cos.items()) + ".")
-    if "geometry" in results:
-        ds = results["geometry"]
-        if "condition_number" in ds:
-            cn = ds.condition_number.isel(damping=0).to_series().dropna()
-            parts.append("Condition number of the Fisher the (reconstructed) network sees, λ = "
-                         f"{float(ds.damping[0]):g}: " + ", ".join(f"{k} {v:.3g}" for k, v in cn.items()
-                                                                    if np.isfinite(v)) + ".")
-    return " ".join(parts)
+def headline(results: dict[str, xr.Dataset], *, damping: float | None = None) -> tuple[list[str], list[list[str]]]:
+    """What the study found, as a table with one row per rule, every column at one damping λ.
+
+    :func:`fisherlab.report.build_report` opens the report with it and ``fisherlab fidelity`` prints it. Columns:
+    the cosine similarity of the rule's update to exact NGD at the initial parameters (fidelity part); the same
+    after the last step of the training trajectory (trajectory part; the update the training took, with its
+    reconstructed network's stale metric G, is the row ``<rule> (as trained, stale G)``); the condition number κ
+    of G^-1/2 (F + λI) G^-1/2, the Fisher plain GD sees on the network reconstructed with the rule's structure G
+    (geometry part: ``gd`` is the original network, G = I; structure ``s`` is the rule ``sngd-<s>``). Each
+    column's header names its λ: the Datasets' damping nearest to ``damping``. Rows are sorted by the first
+    column, the trained row right after its rule; "—": the part did not measure the rule; "n/a": the rule could
+    not be evaluated; "diverged": the trajectory diverged before its last step.
+
+    Args:
+        results: Datasets by any names (e.g. what :func:`run_study` returns, or a folder's files); the fidelity,
+            trajectory and geometry Datasets are found by their kind, the others are ignored.
+        damping: λ of the columns (None: :func:`fisherlab.report.study_damping`, the trajectory's damping).
+
+    Returns:
+        ``(header, rows)`` of strings; both empty when ``results`` holds none of the three parts.
+    """
+    from fisherlab.report import nearest_damping, rule_label, study_damping
+
+    by_kind = {ds.attrs.get("fisherlab_kind"): ds for ds in results.values()}
+    fid, traj, geo = (by_kind.get(k) for k in ("fidelity", "fidelity_trajectory", "geometry"))
+    if fid is None and traj is None and geo is None:
+        return [], []
+    lam = study_damping(results.values()) if damping is None else damping
+    columns: list[tuple[str, dict[str, float], str, str]] = []  # (header, {rule: value}, format, text for NaN)
+    if fid is not None:
+        d = nearest_damping(fid, lam)
+        cos = fid.cosine.sel(damping=d)
+        columns.append((f"cosine to NGD at start (λ={d:g})", {str(r): float(cos.sel(rule=r)) for r in fid.rule.values},
+                        ".3f", "n/a"))
+    if traj is not None:
+        cos = traj.cosine
+        d = None
+        if "damping" in cos.dims:
+            d = nearest_damping(traj, lam)
+            cos = cos.sel(damping=d)
+        last = cos.isel(step=-1)
+        diverged = int(traj.attrs.get("diverged_at_step", -1)) >= 0
+        train = traj.attrs.get("train_rule", "")
+        at = f" (λ={d:g})" if d is not None else ""
+        columns.append((f"cosine after {int(traj.step.values[-1])} {train} steps{at}",
+                        {str(r): float(last.sel(rule=r)) for r in traj.rule.values}, ".3f",
+                        "diverged" if diverged else "n/a"))
+    if geo is not None:
+        d = nearest_damping(geo, lam)
+        kappa = geo.condition_number.sel(damping=d)
+        columns.append((f"κ seen by GD (λ={d:g})", {"gd" if s == "original" else f"sngd-{s}": float(kappa.sel(
+            structure=s)) for s in geo.structure.values}, ".3g", "n/a"))
+    rules = list(dict.fromkeys(r for _, values, _, _ in columns for r in values))
+
+    def first(rule: str) -> float:
+        value = columns[0][1].get(rule, np.nan)
+        return -value if np.isfinite(value) else np.inf
+
+    def order(rule: str) -> tuple[float, int]:
+        base = rule.removeprefix("train:")
+        return first(base if base in rules else rule), int(rule != base)
+
+    def cell(rule: str, values: dict[str, float], fmt: str, nan: str) -> str:
+        if rule not in values:
+            return "—"
+        return nan if np.isnan(values[rule]) else format(values[rule], fmt)
+
+    rows = [[rule_label(r), *[cell(r, *column[1:]) for column in columns]] for r in sorted(rules, key=order)]
+    return ["rule", *[column[0] for column in columns]], rows

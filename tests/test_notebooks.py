@@ -1,5 +1,10 @@
-"""Every notebook in notebooks/ runs top to bottom (small settings) and is stored without outputs."""
+"""Every notebook in notebooks/ runs top to bottom (small settings), shows every plot, and is stored without outputs.
 
+Importing fisherlab (its report module included) must leave the kernel's inline backend alone: a plot drawn after
+the import is shown.
+"""
+
+import re
 from pathlib import Path
 
 import nbformat
@@ -7,6 +12,20 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
+
+#: A code cell that draws: a seaborn or pyplot plotting call, or a method of xarray/pandas' ``.plot``.
+PLOTTING = re.compile(r"\bsns\.(relplot|lineplot|scatterplot|barplot|heatmap|histplot|displot|catplot)\(|"
+                      r"\bplt\.(plot|figure|subplots|imshow|scatter)\(|\.plot(\.\w+)?\(")
+
+
+def execute(nb: nbformat.NotebookNode, cwd: Path) -> nbformat.NotebookNode:
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    return nb
+
+
+def images(cell: nbformat.NotebookNode) -> int:
+    return sum("image/png" in o.get("data", {}) for o in cell.outputs if o.output_type in ("display_data",
+                                                                                          "execute_result"))
 
 
 def test_there_are_notebooks():
@@ -19,9 +38,25 @@ def test_notebook_is_stored_without_outputs(path):
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code")
 
 
+def test_a_plot_is_shown_inline_after_importing_fisherlab(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("import matplotlib\nbackend = matplotlib.get_backend()\n"
+                                  "import fisherlab, fisherlab.report\n"
+                                  "assert matplotlib.get_backend() == backend, (backend, matplotlib.get_backend())\n"
+                                  "backend"),
+        nbformat.v4.new_code_cell("import matplotlib.pyplot as plt\nplt.plot([1, 3, 2]);"),
+    ])
+    execute(nb, tmp_path)
+    assert not [o for c in nb.cells for o in c.outputs if o.output_type == "error"]
+    assert "inline" in nb.cells[0].outputs[0]["data"]["text/plain"]  # the kernel's backend, before and after
+    assert images(nb.cells[1]) == 1
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(path, tmp_path):
-    nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+def test_notebook_runs_and_shows_every_plot(path, tmp_path):
+    nb = execute(nbformat.read(path, as_version=4), tmp_path)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+    plotting = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and PLOTTING.search(c.source)]
+    blank = [i for i in plotting if images(nb.cells[i]) == 0]
+    assert not blank, f"plotting cells without an image: {blank}"
