@@ -172,7 +172,7 @@ def add_fidelity_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--geometry-structures", nargs="+", default=d["geometry_structures"], choices=RECONSTRUCTIBLE,
                    metavar="STRUCTURE", help=f"structures G of the geometry part: {', '.join(RECONSTRUCTIBLE)}")
     p.add_argument("--geometry-damping", nargs="+", type=float, default=d["geometry_damping"], metavar="λ",
-                   help="λ values of the geometry part")
+                   help="λ values of the geometry part (default: the trajectory's λ, the middle --damping)")
     p.add_argument("--spectrum-kinds", nargs="+", default=d["spectrum_kinds"], choices=kinds, metavar="KIND",
                    help=f"Fisher kinds of the spectrum part: {', '.join(kinds)}")
     p.add_argument("--parts", nargs="+", default=d["parts"], choices=PARTS, metavar="PART",

@@ -133,30 +133,12 @@ def check_device(device: Any) -> str:
     """``device`` as a string torch parses and this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ...).
 
     Raises:
-        InputError: For a string torch does not parse, or a device that is not available here.
+        InputError: For a string torch does not parse, or a device that is not available here
+            (:func:`fisherlab.checks.check_device`).
     """
-    import torch
+    from fisherlab.checks import check_device as check
 
-    if isinstance(device, torch.device):
-        device = str(device)
-    if not isinstance(device, str):
-        raise InputError(f"device must be a string such as 'cpu' or 'cuda'; got {device!r}")
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise InputError(f"{device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"device {device!r}: CUDA is not available on this machine (torch "
-                             f"{torch.__version__}, torch.cuda.is_available() is False); use cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif parsed.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise InputError(f"device {device!r}: MPS is not available on this machine; use cpu")
-    elif parsed.type != "cpu":
-        raise InputError(f"device {device!r}: fisherlab runs on cpu, cuda or mps")
-    return device
+    return str(check(device))
 
 
 def _defaults(cls: type) -> dict[str, Any]:
@@ -239,7 +221,8 @@ class StudyConfig(RunConfig):
         refresh_every: Refresh interval of a reconstructed network when ``train_rule`` is ``sngd-*``.
         trajectory_rules: Rules measured along the trajectory.
         geometry_structures: Structures G whose preconditioned geometry is measured.
-        geometry_damping: λ values of the geometry part (each costs one eigendecomposition per structure).
+        geometry_damping: λ values of the geometry part (each costs one eigendecomposition per structure; default
+            the trajectory's λ, the middle of ``damping``, so that the report shows one λ throughout).
         spectrum_kinds: Fisher kinds whose spectra are computed.
         parts: Parts of the study to run.
     """
@@ -260,7 +243,7 @@ class StudyConfig(RunConfig):
     trajectory_rules: list[str] = field(default_factory=lambda: ["gd", "adam", "ngd", "block-ngd", "kfac", "diag",
                                                                  "empirical-ngd"])
     geometry_structures: list[str] = field(default_factory=lambda: ["block", "kfac", "diag"])
-    geometry_damping: list[float] = field(default_factory=lambda: [1e-3])
+    geometry_damping: list[float] | None = None
     spectrum_kinds: list[str] = field(default_factory=lambda: ["true", "mc", "empirical"])
     parts: list[str] = field(default_factory=lambda: list(PARTS))
 
@@ -278,7 +261,8 @@ class StudyConfig(RunConfig):
         with _about("train_rule"):
             self.train_rule = get_rule(self.train_rule).name
         self.damping = _positive_dampings("damping", self.damping)
-        self.geometry_damping = _positive_dampings("geometry_damping", self.geometry_damping)
+        self.geometry_damping = _positive_dampings(
+            "geometry_damping", [self.trajectory_damping] if self.geometry_damping is None else self.geometry_damping)
         for name in ("lr", "train_lr"):
             with _about(name):
                 setattr(self, name, check_lr(getattr(self, name), name))
@@ -289,6 +273,11 @@ class StudyConfig(RunConfig):
                                                 "structure")
         self.spectrum_kinds = _check_names("spectrum_kinds", self.spectrum_kinds, [k.value for k in FisherKind],
                                            "Fisher kind")
+
+    @property
+    def trajectory_damping(self) -> float:
+        """The λ of the trajectory part (and the geometry part's default): the middle of ``damping``."""
+        return self.damping[len(self.damping) // 2]
 
 
 @dataclass
@@ -564,7 +553,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
                                               **common),
         "trajectory": lambda: fidelity_trajectory(
             model, split, train_rule=cfg.train_rule, steps=cfg.steps, every=cfg.every,
-            rules=cfg.trajectory_rules, damping=cfg.damping[len(cfg.damping) // 2], lr=cfg.lr,
+            rules=cfg.trajectory_rules, damping=cfg.trajectory_damping, lr=cfg.lr,
             train_lr=cfg.train_lr, refresh_every=cfg.refresh_every, **common),
         "geometry": lambda: fisher_geometry(model, split, structures=cfg.geometry_structures,
                                             damping=cfg.geometry_damping,
@@ -577,9 +566,9 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
     with progress_bar(total=len(cfg.parts), desc="fidelity study", progress=progress) as parts:
         for part in cfg.parts:
             parts.set_postfix_str(part)
-            if store.has(part):
+            if store.has(part):  # reused only if it carries this configuration (a foreign part is refused)
+                results[part] = store.load(part, config=cfg.to_dict())
                 log(f"[{part}] already in {out}: kept (delete {store.path(part)} to recompute)")
-                results[part] = store.load(part)
             else:
                 start = time.perf_counter()
                 log(f"[{part}] running ...")

@@ -192,8 +192,9 @@ def test_help_shows_the_configuration_defaults(command, config, capsys, monkeypa
         if isinstance(default, bool):
             assert "(default" not in line
             continue
-        if default is None:
-            assert line.endswith("(default: all)")
+        if default is None:  # n_samples: all; geometry_damping: the trajectory's
+            assert line.endswith({"geometry_damping": "(default: the trajectory's λ, the middle --damping)"}.get(
+                f.name, "(default: all)")), line
             continue
         shown = " ".join(f"{v:g}" if isinstance(v, float) else str(v)
                          for v in (default if isinstance(default, list) else [default]))
