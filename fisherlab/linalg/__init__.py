@@ -3,8 +3,9 @@
 * :mod:`~fisherlab.linalg.solve` — :func:`damped_solve` (Cholesky) and :func:`condition_number`.
 * :mod:`~fisherlab.linalg.sqrtm` — G_λ^{±1/2} by eigh, Denman–Beavers or Newton–Schulz (:func:`sqrtm`,
   :func:`inv_sqrtm`).
-* :mod:`~fisherlab.linalg.krylov` — matrix-free :func:`cg`, :func:`lanczos`, stochastic Lanczos quadrature
-  (:func:`slq_density`, :func:`density_on_grid`, :func:`slq_trace_fn`).
+* :mod:`~fisherlab.linalg.krylov` — matrix-free :func:`cg`, :func:`cg_multishift` (all dampings from one Krylov
+  space), :func:`lanczos`, stochastic Lanczos quadrature (:func:`slq_density`, :func:`density_on_grid`,
+  :func:`slq_trace_fn`).
 * :mod:`~fisherlab.linalg.estimators` — Hutchinson / Hutch++ trace and diagonal estimators.
 * :mod:`~fisherlab.linalg.randomized` — :func:`top_eigh`, the largest eigenpairs by randomized subspace iteration.
 * :mod:`~fisherlab.linalg.kron` — Kronecker-factored (KFAC) products, damped solves and factor roots in
@@ -24,7 +25,16 @@ from fisherlab.linalg.kron import (
     kron_matmul,
     kron_to_dense,
 )
-from fisherlab.linalg.krylov import CGResult, cg, density_on_grid, lanczos, slq_density, slq_trace_fn
+from fisherlab.linalg.krylov import (
+    CGResult,
+    MultiShiftCGResult,
+    cg,
+    cg_multishift,
+    density_on_grid,
+    lanczos,
+    slq_density,
+    slq_trace_fn,
+)
 from fisherlab.linalg.randomized import top_eigh
 from fisherlab.linalg.solve import condition_number, damped_solve
 from fisherlab.linalg.sqrtm import (
@@ -45,8 +55,10 @@ __all__ = [
     "CGResult",
     "ConvergenceError",
     "KronEig",
+    "MultiShiftCGResult",
     "SqrtResult",
     "cg",
+    "cg_multishift",
     "condition_number",
     "damped_solve",
     "default_sqrt_tol",

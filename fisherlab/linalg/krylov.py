@@ -6,6 +6,10 @@ Everything here needs only products with a symmetric matrix A (a Fisher, a GGN, 
 
 * :func:`cg` solves (A + λI) x = b to a relative residual ‖b − (A + λI) x‖/‖b‖ ≤ tol (the exact-NGD solve of
   METHOD.md §3 when the Fisher is too large to form).
+* :func:`cg_multishift` solves (A + λ_i I) x_i = b for several dampings λ_i from one Krylov space: one matvec
+  per iteration serves every shift (Frommer 2003; Jegerlehner 1996). It is unpreconditioned: a preconditioner
+  M ≠ cI breaks the shift invariance K_k(M⁻¹(A + λI), M⁻¹b) = K_k(M⁻¹A, M⁻¹b) the method rests on (see its
+  docstring); for a preconditioned solve use :func:`cg` with ``preconditioner`` once per damping.
 * :func:`lanczos` gives the top-k eigenpairs by Lanczos with full reorthogonalisation.
 * :func:`slq_density` runs stochastic Lanczos quadrature (SLQ; Golub & Meurant 2009, Ubaru, Chen & Saad 2017,
   Ghorbani, Krishnan & Xiao 2019): for each random unit probe v, m Lanczos steps give a tridiagonal T with
@@ -28,10 +32,11 @@ import torch
 from torch import Tensor
 
 from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError
-from fisherlab.linalg.estimators import _apply, _check_pos_int, _generator, _probes, _resolve
+from fisherlab.linalg.estimators import _apply, _apply_columns, _check_pos_int, _generator, _probes, _resolve
 from fisherlab.linalg.solve import _check_damping, _check_finite, _check_float
 
-__all__ = ["CGResult", "cg", "density_on_grid", "lanczos", "slq_density", "slq_point_mass", "slq_trace_fn"]
+__all__ = ["CGResult", "MultiShiftCGResult", "cg", "cg_multishift", "density_on_grid", "lanczos", "slq_density",
+           "slq_point_mass", "slq_trace_fn"]
 
 Matvec = Callable[[Tensor], Tensor]
 
@@ -223,6 +228,174 @@ def cg(
         converged = true_rel <= tol
     return CGResult(x=x, converged=converged, iterations=it, residual=true_rel, tol=float(tol),
                     max_iter=max_iter, restarts=restarts, history=history)
+
+
+@dataclass
+class MultiShiftCGResult:
+    """Report of a multi-shift CG solve of (A + λ_i I) x_i = b for every damping λ_i.
+
+    Attributes:
+        shifts: One :class:`CGResult` per damping, in the order given. Its ``iterations`` are the iterations
+            (matvecs of the shared Krylov space) until that shift's recurrence residual reached tol, plus the
+            iterations of its CG refinement if any; ``residual`` and ``converged`` are the *true* relative
+            residual ‖b − (A + λ_i I) x_i‖/‖b‖, recomputed with matvecs at the end; ``restarts`` is 1 when the
+            shift was refined by :func:`cg` from its multi-shift solution (its recurrence residual reached tol
+            and the true one did not); ``history`` its recurrence relative residual |ζ_i|‖r‖/‖b‖ per iteration.
+        products: Matvecs (products A v, one per column) the whole solve used: the shared iterations, the final
+            residual checks (one per shift) and any refinements.
+        iterations: Iterations of the shared (seed) recurrence.
+    """
+
+    shifts: list[CGResult]
+    products: int
+    iterations: int
+
+
+def cg_multishift(
+    matvec: Matvec,
+    b: Tensor,
+    dampings: list[float] | tuple[float, ...],
+    *,
+    tol: float = 1e-6,
+    max_iter: int | None = None,
+    batched: bool = False,
+) -> MultiShiftCGResult:
+    """Solve (A + λ_i I) x_i = b for every damping λ_i from one Krylov space (multi-shift CG).
+
+    The Krylov space K_k(A + σI, b) does not depend on σ, and the CG residuals of all shifted systems are
+    collinear: r_k^{(i)} = ζ_k^{(i)} r_k. So CG is run on the seed system (A + λ_min I) x = b (the smallest, hardest
+    damping) and every other system with δ_i = λ_i − λ_min ≥ 0 follows by scalar recurrences (Jegerlehner 1996,
+    hep-lat/9612014; Frommer 2003), with α_k, β_k the seed's coefficients (p_{k+1} = r_{k+1} + β_k p_k):
+
+        ζ_{k+1} = ζ_k ζ_{k−1} α_{k−1} / (α_k β_{k−1} (ζ_{k−1} − ζ_k) + ζ_{k−1} α_{k−1} (1 + δ_i α_k)),
+        α_k^{(i)} = α_k ζ_{k+1}/ζ_k,  β_k^{(i)} = β_k (ζ_{k+1}/ζ_k)²,
+        x^{(i)} += α_k^{(i)} p^{(i)},  p^{(i)} ← ζ_{k+1} r_{k+1} + β_k^{(i)} p^{(i)}
+
+    (ζ_0 = ζ_{−1} = 1, α_{−1} = 1, β_{−1} = 0). One matvec per iteration serves all shifts; the memory is
+    2 + 2·len(dampings) vectors. Each shift has its own stopping rule: once its recurrence residual
+    |ζ^{(i)}| ‖r‖/‖b‖ is ≤ tol it stops updating; the seed recurrence runs until every shift has stopped (or
+    max_iter). At the end the true residuals are recomputed with one matvec per shift; a shift whose true
+    residual is still above tol (recurrence drift) is refined by :func:`cg` from its solution, within the
+    remaining iteration budget.
+
+    Preconditioning: a fixed preconditioner M breaks the shift invariance (M⁻¹(A + λI) = M⁻¹A + λM⁻¹ is not a
+    shift of M⁻¹A unless M ∝ I), and a damping-dependent M (KFAC at the same λ) gives each damping its own
+    Krylov space. So this solver is unpreconditioned; it wins when several dampings share one solve, while
+    preconditioned :func:`cg` (one solve per damping) wins when a good preconditioner cuts the iterations of
+    each solve by more than the number of dampings.
+
+    Args:
+        matvec: v (n,) ↦ A v (n,), A symmetric positive semi-definite; with ``batched`` also (n, k) ↦ A V.
+        b: Right-hand side (n,).
+        dampings: λ_i ≥ 0, at least one (repeats allowed).
+        tol: Relative residual tolerance of every shift.
+        max_iter: Cap on the seed iterations (default 10·n); refinements use what is left of it.
+        batched: Compute the final residual checks with one block matvec (n, k) instead of k calls.
+
+    Returns:
+        A :class:`MultiShiftCGResult`.
+
+    Raises:
+        InputError: Bad shapes/options, or a matvec returning the wrong shape.
+        NonFiniteError: NaN/inf in b or produced by matvec.
+        SingularMatrixError: Non-positive curvature pᵀ(A + λ_min I)p ≤ 0 of the seed system.
+    """
+    _check_float(b, "b")
+    if b.ndim != 1 or b.shape[0] == 0:
+        raise InputError(f"b must have shape (n,) with n >= 1, got {tuple(b.shape)}")
+    if isinstance(dampings, (int, float)) or len(dampings) == 0:
+        raise InputError(f"dampings must be a non-empty sequence of numbers >= 0, got {dampings!r}")
+    lams = [_check_damping(lam) for lam in dampings]
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise InputError(f"tol must be a positive finite number, got {tol!r}")
+    n = int(b.shape[0])
+    if max_iter is None:
+        max_iter = 10 * n
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise InputError(f"max_iter must be a non-negative int, got {max_iter!r}")
+    _check_finite(b, "b")
+    products = 0
+
+    def counted(v: Tensor) -> Tensor:
+        nonlocal products
+        products += 1 if v.ndim == 1 else int(v.shape[1])
+        return matvec(v)
+
+    k = len(lams)
+    seed = min(lams)
+    delta = [lam - seed for lam in lams]
+    dtype, device = b.dtype, b.device
+    bnorm = float(torch.linalg.vector_norm(b).item())
+    X = torch.zeros(n, k, dtype=dtype, device=device)
+    if bnorm == 0.0:
+        shifts = [CGResult(X[:, i].clone(), True, 0, 0.0, tol, max_iter) for i in range(k)]
+        return MultiShiftCGResult(shifts, 0, 0)
+    r = b.clone()
+    p = b.clone()
+    Pm = b[:, None].repeat(1, k)
+    rr = bnorm ** 2
+    zeta, zeta_prev = [1.0] * k, [1.0] * k
+    active = [True] * k
+    stopped_at = [0] * k
+    histories: list[list[float]] = [[1.0] for _ in range(k)]
+    alpha_prev, beta_prev = 1.0, 0.0
+    it = 0
+    while any(active) and it < max_iter:
+        Ap = _apply(counted, p)
+        if seed != 0.0:
+            Ap = Ap + seed * p
+        pAp, finite = torch.stack([p @ Ap, torch.isfinite(Ap).all().to(dtype)]).tolist()
+        if not finite:
+            raise NonFiniteError(f"matvec returned NaN/inf at multi-shift CG iteration {it + 1}")
+        if pAp <= 0:
+            raise SingularMatrixError(
+                f"A + damping·I (damping={seed:g}) has non-positive curvature pᵀ(A + λI)p = {pAp:.3e} at "
+                f"multi-shift CG iteration {it + 1}: it is not positive definite; "
+                + ("pass dampings > 0" if seed == 0.0 else f"increase the smallest damping (now {seed:g})"))
+        alpha = rr / pAp
+        zeta_new = list(zeta)
+        for i in range(k):
+            if active[i]:
+                den = alpha * beta_prev * (zeta_prev[i] - zeta[i]) + zeta_prev[i] * alpha_prev * (1 + delta[i] * alpha)
+                zeta_new[i] = zeta[i] * zeta_prev[i] * alpha_prev / den
+        ratio = [zn / z for zn, z in zip(zeta_new, zeta, strict=True)]
+        a_i = torch.tensor([alpha * q if act else 0.0 for q, act in zip(ratio, active, strict=True)], dtype=dtype,
+                           device=device)
+        X.add_(Pm * a_i)
+        r.sub_(alpha * Ap)
+        rr_new = float((r @ r).item())
+        beta = rr_new / rr
+        z_i = torch.tensor([zn if act else 0.0 for zn, act in zip(zeta_new, active, strict=True)], dtype=dtype,
+                           device=device)
+        b_i = torch.tensor([beta * q * q if act else 1.0 for q, act in zip(ratio, active, strict=True)], dtype=dtype,
+                           device=device)
+        Pm.mul_(b_i).add_(r[:, None] * z_i)
+        p = r + beta * p
+        it += 1
+        rnorm = math.sqrt(rr_new) / bnorm
+        for i in range(k):
+            if active[i]:
+                zeta_prev[i], zeta[i] = zeta[i], zeta_new[i]
+                rel_i = abs(zeta[i]) * rnorm
+                histories[i].append(rel_i)
+                if rel_i <= tol:
+                    active[i] = False
+                    stopped_at[i] = it
+        alpha_prev, beta_prev, rr = alpha, beta, rr_new
+    for i in range(k):
+        if active[i]:
+            stopped_at[i] = it
+    lam_t = torch.tensor(lams, dtype=dtype, device=device)
+    R = b[:, None] - (_apply_columns(counted, X, batched) + X * lam_t)
+    true_rel = (torch.linalg.vector_norm(R, dim=0) / bnorm).tolist()
+    shifts = []
+    for i in range(k):
+        x_i, its, rel_i, restarts = X[:, i].clone(), stopped_at[i], true_rel[i], 0
+        if rel_i > tol and not active[i] and it < max_iter:  # recurrence drift: finish with CG from x_i
+            refined = cg(counted, b, damping=lams[i], tol=tol, max_iter=max_iter - it, x0=x_i)
+            x_i, its, rel_i, restarts = refined.x, its + refined.iterations, refined.residual, 1
+        shifts.append(CGResult(x_i, rel_i <= tol, its, rel_i, tol, max_iter, restarts, histories[i]))
+    return MultiShiftCGResult(shifts, products, it)
 
 
 # --------------------------------------------------------------------------------------------------------
