@@ -59,13 +59,16 @@ def _key(folder: Path) -> Path:
     return Path(folder).expanduser().resolve()
 
 
-def _holder_text(fd: int) -> str:
-    try:
-        raw = os.pread(fd, 4096, 0).decode("utf-8", "replace")
-        info = json.loads(raw)
-        return f"process {info['pid']} on {info['host']} (since {info['since']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
+def _holder_text(fd: int, attempts: int = 10) -> str:
+    """Who holds the lock, from the lock file (retried briefly: the holder writes it just after locking)."""
+    for attempt in range(attempts):
+        try:
+            info = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+            return f"process {info['pid']} on {info['host']} (since {info['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            if attempt + 1 < attempts:
+                time.sleep(0.01)
+    return "another process"
 
 
 def _write_holder(fd: int) -> None:
