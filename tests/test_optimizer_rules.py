@@ -152,6 +152,25 @@ def test_param_groups_schedules_and_frozen_parameters(problem):
     assert opt.param_groups[0]["lr"] == 0.05 and schedule.last_epoch == 3
 
 
+class _ScalesItsGradient(torch.optim.SGD):
+    """SGD that doubles ``.grad`` in place before stepping (some optimizers write into the gradient)."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad.mul_(2)
+        return super().step(closure)
+
+
+def test_an_optimizer_that_writes_into_the_gradient_leaves_the_context_intact(problem):
+    model, X, y = problem
+    ctx = RuleContext(model, (X, y))
+    g = ctx.gradient.clone()
+    u = OptimizerRule(None, _ScalesItsGradient(model.parameters(), lr=0.1))(ctx, 1e-3, 0.1)
+    assert torch.equal(ctx.gradient, g)  # repaired: the other rules still see ∇L
+    assert ((u + 0.2 * g).abs() <= EPS * flat(model).abs()).all()
+
+
 # ------------------------------------------------------------------------------------- invisibility
 def _make(name, model, X, y):
     if name == "sgd":

@@ -189,16 +189,44 @@ def build_optimizer(factory: OptimizerFactory, params: list[Tensor], lr: float |
 
 
 # ------------------------------------------------------------------------------------------- dry runs
-def _clone(value: Any) -> Any:
-    """A copy of an optimizer-state value: tensors cloned, containers copied, other objects deep-copied."""
+class Scratch:
+    """Buffers a dry run copies into, kept between dry runs of one optimizer so that they allocate little.
+
+    Fresh multi-megabyte buffers cost the kernel's page faults and zeroing on every dry run (about two more
+    passes over each); reused ones cost the copy only. Holds a copy of the optimizer's state tensors (after a
+    dry run: its discarded results) and, where the gradient is copied, of ∇L. Only Δθ, the result, is new.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[Any, Tensor] = {}
+
+    def like(self, key: Any, tensor: Tensor) -> Tensor:
+        """A buffer of ``tensor``'s shape, dtype and device (reused when they match)."""
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype or buf.device != tensor.device:
+            buf = self.buffers[key] = torch.empty_like(tensor, memory_format=torch.preserve_format)
+        return buf
+
+    def flat(self, key: Any, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A contiguous buffer (numel,)."""
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() != numel or buf.dtype != dtype or buf.device != device:
+            buf = self.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf
+
+
+def _clone(value: Any, scratch: Scratch | None = None, key: Any = None) -> Any:
+    """A copy of an optimizer-state value: tensors (into ``scratch`` buffers), containers, other objects (deep)."""
     if isinstance(value, Tensor):
-        return value.clone()
+        if scratch is None or key is None:
+            return value.clone()
+        return scratch.like(key, value).copy_(value)
     if isinstance(value, _SCALARS):
         return value
     if isinstance(value, (list, tuple)):
-        return type(value)(_clone(v) for v in value)
+        return type(value)(_clone(v, scratch, None if key is None else (*key, i)) for i, v in enumerate(value))
     if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
+        return {k: _clone(v, scratch, None if key is None else (*key, k)) for k, v in value.items()}
     return copy.deepcopy(value)
 
 
@@ -249,13 +277,13 @@ def isolated_rng(devices: Iterable[torch.device] = ()) -> Iterator[None]:
 
 
 @contextmanager
-def _restored_state(optimizer: Any) -> Iterator[None]:
+def _restored_state(optimizer: Any, scratch: Scratch | None = None) -> Iterator[None]:
     """Run the block on copies of the optimizer's state, then put the original state objects back."""
     attrs = {k: v for k, v in vars(optimizer).items() if isinstance(v, _SCALARS)}
     standard = _standard_state(optimizer)
     if standard:
         state, groups = optimizer.state, optimizer.param_groups
-        optimizer.state = defaultdict(dict, {p: _clone(s) for p, s in state.items()})
+        optimizer.state = defaultdict(dict, {p: _clone(s, scratch, ("state", id(p))) for p, s in state.items()})
         optimizer.param_groups = [{k: v if k == "params" else _clone(v) for k, v in g.items()} for g in groups]
     else:
         saved = copy.deepcopy(optimizer.state_dict())
@@ -285,63 +313,74 @@ def _call_step(optimizer: Any, closure: Callable[[], Tensor] | None, name: str) 
         raise InputError(f"the step of {name} failed: {type(exc).__name__}: {exc}") from exc
 
 
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
 def dry_run(optimizer: Any, model: nn.Module, spec: ParamSpec, grad: Tensor,
-            closure: Callable[[], Tensor] | None, *, name: str = "the optimizer", restore: bool = True) -> Tensor:
+            closure: Callable[[], Tensor] | None, *, name: str = "the optimizer", restore: bool = True,
+            scratch: Scratch | None = None, copy_grad: bool = True) -> Tensor:
     """Δθ (P,) of one ``optimizer.step`` at the model's parameters with gradient ``grad`` (P,).
 
     Args:
         optimizer: An optimizer over ``model``'s trainable parameters (:func:`check_binding`).
         model: The model; its parameters are θ.
         spec: The parameter order of θ and Δθ (the model's trainable parameters).
-        grad: ∇L (P,), set as the parameters' ``.grad`` (a copy: the optimizer may change it in place).
+        grad: ∇L (P,), set as the parameters' ``.grad`` (a copy, unless ``copy_grad`` is False: the optimizer may
+            change its ``.grad`` in place).
         closure: Passed to ``step`` (for optimizers that need one), else None.
         name: The optimizer's name in error messages.
         restore: Put parameters, gradients, the optimizer's state and the random generators back afterwards
             (a measurement); with False the step is a real training step.
+        scratch: Buffers to copy into, reused from one dry run to the next (default: fresh ones).
+        copy_grad: Give the optimizer a copy of ``grad`` (False: views of ``grad`` itself, for a caller that
+            checks ``grad._version`` afterwards and repairs it if the step changed it).
 
     Returns:
-        θ_after − θ_before in ``spec`` order, in the parameters' dtype.
+        θ_after − θ_before in ``spec`` order (a new tensor), in the parameters' dtype.
     """
+    scratch = Scratch() if scratch is None else scratch
     named = dict(model.named_parameters())
     params = [named[n] for n in spec.names]
     others = [p for p in held_parameters(optimizer) if all(p is not q for q in params)]
     dtype, device = params[0].dtype, params[0].device
-    flat = torch.empty(spec.dim, dtype=dtype, device=device) if all(
-        p.dtype == dtype and p.device == device for p in params) else None
-    g = grad.detach().to(device, dtype, copy=True)
+    uniform = all(p.dtype == dtype and p.device == device for p in params)
+    # Δθ's vector first holds a copy of θ, which the step moves (restore) or which is θ_before (no restore)
+    delta = torch.empty(spec.dim, dtype=dtype, device=device) if uniform else None
+    if not copy_grad and grad.dtype == dtype and grad.device == device:
+        g = grad.detach()
+    else:
+        g = scratch.flat("grad", spec.dim, dtype, device).copy_(grad) if uniform else grad.detach().clone()
     saved_grads = [p.grad for p in params + others]
-    views, originals = [], []
+    slices = [slice(a, b) for a, b in zip(spec.offsets[:-1], spec.offsets[1:], strict=True)]
+    copies, originals = [], []
     with torch.no_grad():
-        for n, p in zip(spec.names, params, strict=True):
-            view = (flat[spec.slice(n)].view(p.shape) if flat is not None
-                    else torch.empty_like(p, memory_format=torch.contiguous_format))
-            view.copy_(p)
+        for p, sl in zip(params, slices, strict=True):
+            here = delta[sl].view(p.shape) if uniform else torch.empty_like(p, memory_format=torch.contiguous_format)
+            here.copy_(p)
             originals.append(p.data)
-            views.append(view)
+            copies.append(here)
             if restore:
-                p.data = view
-            p.grad = g[spec.slice(n)].view(p.shape).to(p.dtype)
+                p.data = here  # the step moves the copy; the original θ stays where the model had it
+            p.grad = g[sl].view(p.shape).to(p.dtype)
         frozen = [p.data for p in others]  # tensors the optimizer holds beyond θ (frozen): run on copies too
         if restore:
             for p in others:
-                p.data = p.data.clone()
-    # the step (for restore=False the parameters move; views hold θ_before)
+                p.data = scratch.like(("frozen", id(p)), p.data).copy_(p.data)
     try:
         with _quiet_hooks(optimizer) if restore else _nothing(), \
                 isolated_rng([device]) if restore else _nothing(), \
-                _restored_state(optimizer) if restore else _nothing():
+                _restored_state(optimizer, scratch) if restore else _nothing():
             _call_step(optimizer, closure, name)
             with torch.no_grad():
-                deltas = []
-                for p, view, orig in zip(params, views, originals, strict=True):
-                    after = p.data
-                    if restore:
-                        if after.data_ptr() != view.data_ptr():  # the optimizer replaced p.data
-                            view.copy_(after)
-                        view.sub_(orig)
-                    else:
-                        view.neg_().add_(after)
-                    deltas.append(view)
+                for p, here, orig in zip(params, copies, originals, strict=True):
+                    if not restore:
+                        torch.sub(p.data, here, out=here)  # θ_after − θ_before
+                    elif p.data.data_ptr() == here.data_ptr():
+                        here.sub_(orig)  # the step moved the copy in place
+                    else:  # the optimizer replaced p.data
+                        torch.sub(p.data, orig, out=here)
     finally:
         if restore:
             with torch.no_grad():
@@ -351,12 +390,7 @@ def dry_run(optimizer: Any, model: nn.Module, spec: ParamSpec, grad: Tensor,
                     p.data = orig
             for p, saved in zip(params + others, saved_grads, strict=True):
                 p.grad = saved
-    return flat if flat is not None else torch.cat([d.reshape(-1) for d in deltas])
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
+    return delta if uniform else torch.cat([d.reshape(-1) for d in copies])
 
 
 def loss_closure(model: nn.Module, ctx: RuleContext) -> Callable[[], Tensor]:
@@ -424,6 +458,7 @@ class OptimizerRule(Rule):
         if not isinstance(self.name, str) or not self.name:
             raise InputError(f"a rule name must be a non-empty string; got {self.name!r}")
         self._last: tuple[Any, Tensor, float | None] | None = None  # (weakref to the context, update, lr)
+        self._scratch = Scratch()  # the dry runs' copies of θ, ∇L and the state, reused
 
     def __repr__(self) -> str:
         what = type(self.optimizer).__name__ if self.bound else getattr(self.optimizer, "__name__", "factory")
@@ -481,7 +516,14 @@ class OptimizerRule(Rule):
             check_dense_gradients(model)
             check_binding(self.optimizer, model, spec)
             closure = loss_closure(model, ctx) if self.uses_closure(self.optimizer) else None
-            return dry_run(self.optimizer, model, spec, ctx.gradient, closure, name=self.name)
+            grad = ctx.gradient
+            version = grad._version
+            update = dry_run(self.optimizer, model, spec, grad, closure, name=self.name, scratch=self._scratch,
+                             copy_grad=False)
+            if grad._version != version:  # the step changed .grad in place: give the context its gradient back
+                with torch.no_grad():
+                    grad.copy_(ctx.engine().loss_and_gradient()[1])
+            return update
         return self._fresh_update(ctx, lr)
 
     def build(self, params: list[Tensor], lr: float | None = None) -> Any:
@@ -634,5 +676,5 @@ def optimizer_rules() -> dict[str, str]:
 
 
 __all__ = ["DEFAULT_WARMUP", "EXTRA_HINT", "OPTIMIZER_RULES", "MuonWithAdamW", "OptimizerFactory", "OptimizerRule",
-           "build_optimizer", "check_binding", "check_dense_gradients", "check_optimizer", "dry_run", "held_parameters",
-           "isolated_rng", "loss_closure", "needs_closure", "optimizer_name", "optimizer_rules"]
+           "Scratch", "build_optimizer", "check_binding", "check_dense_gradients", "check_optimizer", "dry_run",
+           "held_parameters", "isolated_rng", "loss_closure", "needs_closure", "optimizer_name", "optimizer_rules"]
