@@ -20,6 +20,10 @@ or stored (:mod:`~fisherlab.results.io`):
   come back as numpy arrays, string ones as lists, and a sequence of length one as a scalar); ``None``,
   dictionaries (encode them yourself with ``json.dumps``), empty or nested sequences, sequences of mixed types
   and integers outside int64 are refused with :class:`~fisherlab.errors.InputError`.
+* What readers may rely on: :data:`VALID_RANGES` (the documented range of a variable, by name: a cosine lies in
+  [-1, 1], a condition number is >= 1; :func:`out_of_range` finds values outside) and :data:`KIND_VARIABLES` (the
+  variables every Dataset of a kind holds); the attributes :data:`ATTR_CHECKSUM` (content checksum) and
+  :data:`ATTR_RUN` (the run that claimed the folder a file was written into) are written on save.
 * Variable attributes that netCDF/CF decoding would consume or act on (:data:`RESERVED_VAR_ATTRS`) are refused,
   and so is a ``units`` attribute containing ``" since "`` on a variable that is not a datetime (CF decoding
   would turn its numbers into dates on load) — :func:`check_variable_attrs`.
