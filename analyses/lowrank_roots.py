@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     save_dataset(combine({c["seed"]: done[k] for k, c in configs.items()}, cfg, args.seed), args.out / f"{NAME}.nc")
     return report.finish_analysis(args.out, KIND, plot, table, title="Low-rank local Fisher layers",
                                   summary="Fidelity to exact NGD of GD on networks reconstructed with rank-k roots of "
-                                  "the KFAC factors (sqrt='lowrank'), against exact roots (METHOD.md §4).")
+                                  "the KFAC factors (sqrt='lowrank'), against exact roots (docs/method.md).")
 
 
 if __name__ == "__main__":

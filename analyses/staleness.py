@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     save_dataset(combine(parts, cfg, args.seed), args.out / f"{NAME}.nc")
     return report.finish_analysis(args.out, KIND, plot, table, title="Staleness of reconstructed networks",
                                   summary="How closely GD on a reconstructed network tracks exact NGD as its metric "
-                                  "G goes stale between refreshes (METHOD.md §4, invariant 4).")
+                                  "G goes stale between refreshes (docs/method.md, invariant 4).")
 
 
 if __name__ == "__main__":

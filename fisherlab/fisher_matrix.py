@@ -31,7 +31,7 @@ def fisher(
     progress: bool | None = None,
     **options: Any,
 ) -> FisherMatrix:
-    """A Fisher matrix of ``model`` on ``data`` (METHOD.md §2).
+    """A Fisher matrix of ``model`` on ``data`` (docs/method.md).
 
     Args:
         model: Any ``nn.Module`` mapping (N, *input_shape) → (N, C), in eval mode if it has batch-norm or dropout.

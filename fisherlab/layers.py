@@ -1,7 +1,7 @@
 """Per-layer rules: how a weight layer's input and parameters map onto one combined matrix W̄ (BackPACK style).
 
 Kronecker-factored structures (KFAC, EKFAC, unit-wise blocks) and the reconstruction of local Fisher layers
-see every supported layer as one linear map applied at L locations (METHOD.md §4):
+see every supported layer as one linear map applied at L locations (docs/method.md):
 
     y_l = W̄ ā_l,   ā_l = [a_l; 1] (the 1 only when the layer's bias is selected),   l = 1 … L,
 

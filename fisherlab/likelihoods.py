@@ -1,6 +1,6 @@
 """Likelihoods p(y | z): the loss, its gradient in output space, the output-space Fisher Λ(z), sampling, and KL.
 
-METHOD.md §1. Each likelihood maps a batch of network outputs ``z`` of shape (N, C) to per-sample quantities.
+docs/method.md. Each likelihood maps a batch of network outputs ``z`` of shape (N, C) to per-sample quantities.
 Targets: categorical — int64 labels of shape (N,) in [0, C), C ≥ 2; Gaussian — floats of shape (N, C); Bernoulli —
 floats in {0, 1} of shape (N, C). Losses are the per-sample negative log-likelihoods without constants
 (the Gaussian loss is ‖z − y‖² / (2σ²)), so L(θ) is their mean.

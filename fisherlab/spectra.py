@@ -14,12 +14,12 @@ import numpy as np
 import torch
 import xarray as xr
 from torch import nn
-from tqdm.auto import tqdm
 
 from fisherlab import results
 from fisherlab.checks import check_dampings, parse_enum, renamed
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError
+from fisherlab.progress import bar as progress_bar
 from fisherlab.structures import BlockDiagonalFisher, FisherMatrix
 from fisherlab.structures import build as build_structure
 from fisherlab.vocabulary import FisherKind
@@ -91,7 +91,7 @@ def fisher_spectra(
     layer_eigs: dict[str, dict[str, np.ndarray]] = {}
     reference: torch.Tensor | None = None
     spec = None
-    bar = tqdm(total=len(kinds) * len(structure_names), desc="Fisher spectra", disable=progress is False)
+    bar = progress_bar(total=len(kinds) * len(structure_names), desc="Fisher spectra", progress=progress)
     for kind in kinds:
         engine = FisherEngine(model, data, likelihood, kind=kind, mc_samples=mc_samples, seed=seed, dtype=dtype,
                               device=device, memory_budget=memory_budget, progress=progress)

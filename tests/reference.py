@@ -3,7 +3,7 @@
 Nothing here uses ``torch.func`` or fisherlab's likelihood classes: per-sample Jacobians come from plain
 ``torch.autograd.grad`` loops over samples and outputs, the output-space Fishers Λ(z) and the losses are written
 out again from their textbook formulas, and loss Hessians in output space come from double backward. The Fisher
-variants (METHOD.md §2) are then assembled as explicit sums over samples:
+variants (docs/method.md) are then assembled as explicit sums over samples:
 
 - true:      (1/N) Σ_n J_nᵀ Λ(z_n) J_n
 - empirical: (1/N) Σ_n g_n g_nᵀ,            g_n = ∇θ ℓ(f(x_n), y_n)

@@ -1,4 +1,4 @@
-"""The Fisher engine against independent float64 references, closed forms and identities (METHOD.md §2).
+"""The Fisher engine against independent float64 references, closed forms and identities (docs/method.md).
 
 Tolerances: float64 engine vs brute-force reference ≤ 1e-10 relative (max norm over entries, relative to the
 largest reference entry); exact identities (chunking, DataLoader, same labels) ≤ 1e-12; float32 vs float64

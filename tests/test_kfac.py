@@ -1,4 +1,4 @@
-"""KFAC and the layer-rule registry against independent float64 references (METHOD.md §2, §4).
+"""KFAC and the layer-rule registry against independent float64 references (docs/method.md).
 
 References: brute-force KFC factors (patches by explicit slicing, output Jacobians by one backward per output,
 layer_reference.py), Kronecker blocks assembled entry by entry from the parameter shapes (not from
@@ -240,7 +240,7 @@ def test_inverse_square_root_factors(kfac_mlp):
         eye_a, eye_s = torch.eye(len(f.A), dtype=F64), torch.eye(len(f.S), dtype=F64)
         ref.assert_close(Ai @ (f.A + pi * math.sqrt(lam) * eye_a) @ Ai, eye_a, 1e-9, f"A {layer}")
         ref.assert_close(Si @ (f.S + math.sqrt(lam) / pi * eye_s) @ Si, eye_s, 1e-9, f"S {layer}")
-    # One GD step through the whitened layers is the pi-damped KFAC solve (METHOD.md §4, invariant 2).
+    # One GD step through the whitened layers is the pi-damped KFAC solve (docs/method.md, invariant 2).
     g = torch.randn(K.spec.dim, dtype=F64)
     step = torch.zeros_like(g)
     for layer, (Ai, Si) in roots.items():

@@ -1,4 +1,4 @@
-"""Likelihoods (METHOD.md §1) against closed forms written out independently, autograd, and brute-force KL.
+"""Likelihoods (docs/method.md) against closed forms written out independently, autograd, and brute-force KL.
 
 Tolerances (float64): closed forms 1e-12 relative (absolute 1e-15 where entries underflow at extreme logits);
 sampling moments within 5 standard errors at a fixed seed.

@@ -1,6 +1,6 @@
 """The reconstructed network's API: forms, parameters, buffers, coordinate maps, the original model, bad input.
 
-The invariants of METHOD.md §4 are in test_reconstruct_invariants.py; this file checks the machinery around them
+The invariants of docs/method.md are in test_reconstruct_invariants.py; this file checks the machinery around them
 (every value against an independent computation: explicit Kronecker products, eigh roots, plain nn layers).
 """
 

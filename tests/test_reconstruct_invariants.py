@@ -1,4 +1,4 @@
-"""Invariants 1–4 of METHOD.md §4 for reconstructed networks, against independent float64 references.
+"""Invariants 1–4 of docs/method.md for reconstructed networks, against independent float64 references.
 
 References: the true Fisher and gradients by brute-force autograd loops (tests/reference.py); G assembled densely
 in the test from them (full, block, diag) or from the structure objects' factors with the damping written out

@@ -1,4 +1,4 @@
-"""sqrt="lowrank": Kronecker factors replaced by their top-k eigen-part plus mean remainder (METHOD.md §4, Nyström
+"""sqrt="lowrank": Kronecker factors replaced by their top-k eigen-part plus mean remainder (docs/method.md, Nyström
 roots for large blocks), checked against a metric assembled here from the Fisher factors.
 
 The reference takes only the subspace U from the network (the randomized eigensolver is checked on its own in

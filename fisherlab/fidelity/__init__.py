@@ -1,4 +1,4 @@
-"""Fidelity: how closely update rules track exact natural gradient descent (METHOD.md §3, §5).
+"""Fidelity: how closely update rules track exact natural gradient descent (docs/fidelity.md).
 
 * :func:`evaluate_fidelity` — every rule's update at one state compared with exact NGD (cosine, relative and
   Fisher-norm errors, predicted vs measured KL, loss change), as an xarray Dataset.

@@ -1,4 +1,4 @@
-"""The geometry a reconstructed network sees: spectra of F + λI and of G^{-1/2} (F + λI) G^{-1/2} (METHOD.md §5).
+"""The geometry a reconstructed network sees: spectra of F + λI and of G^{-1/2} (F + λI) G^{-1/2} (docs/fidelity.md).
 
 For a structure s, G_λ is the damped matrix whose inverse the structure applies, G_λ⁻¹ g = ``s.solve(g, λ)``
 (so each structure's own damping convention counts, e.g. KFAC's split of λ between its factors). The

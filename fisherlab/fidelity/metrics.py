@@ -1,4 +1,4 @@
-"""Fidelity metrics: how closely a candidate update u tracks the exact NGD update v (METHOD.md §5).
+"""Fidelity metrics: how closely a candidate update u tracks the exact NGD update v (docs/fidelity.md).
 
 Pure functions on tensors. Updates are flat vectors in the original coordinates (the
 :class:`~fisherlab.params.ParamSpec` ordering). Every function accepts a single candidate u of shape (P,) or

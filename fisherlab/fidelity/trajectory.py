@@ -14,7 +14,7 @@ Training rules (a registered name or a :class:`~fisherlab.fidelity.rules.Rule` o
   structure and root method), whose metric G is recomputed (refreshed) only every R steps. The update the
   training actually takes is then measured too, as rule ``"train:<train_rule>"``, and the
   variable ``steps_since_refresh`` (dim ``step``) says how stale its G was: fidelity as a function of the
-  steps since the last refresh (METHOD.md §4, invariant 4).
+  steps since the last refresh (docs/method.md, invariant 4).
 
 Training with the user's **optimizer** (``optimizer=``: a ``torch.optim.Optimizer`` over the model's parameters,
 a factory ``params -> Optimizer``, or an :class:`~fisherlab.fidelity.optimizers.OptimizerRule`): each step is

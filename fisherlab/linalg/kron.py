@@ -198,7 +198,7 @@ def kron_inv_sqrt(
     """Inverse square roots of the damped factors: ((A + aI)^{-1/2}, (S + sI)^{-1/2}), (a, s) from ``split``.
 
     These are the input-whitening and output local-Fisher layers of the reconstructed linear layer
-    y = S^{-1/2} W' A^{-1/2} ā (METHOD.md §4), and (S + sI)^{-1/2} ⊗ (A + aI)^{-1/2} is the inverse square
+    y = S^{-1/2} W' A^{-1/2} ā (docs/method.md), and (S + sI)^{-1/2} ⊗ (A + aI)^{-1/2} is the inverse square
     root of (S + sI) ⊗ (A + aI) — *not* of S ⊗ A + λI (see the module docstring).
 
     Args:

@@ -1,7 +1,7 @@
 """Damped symmetric positive definite solves and condition numbers.
 
 The project's NGD step solves (G + λI) x = b for a symmetric positive (semi-)definite G (a Fisher or an
-approximation of it) and a damping λ ≥ 0 (METHOD.md §3). :func:`damped_solve` does this by Cholesky;
+approximation of it) and a damping λ ≥ 0 (docs/method.md). :func:`damped_solve` does this by Cholesky;
 :func:`condition_number` reports κ(G + λI) = (λ_max + λ)/(λ_min + λ).
 
 This module also holds the small validation helpers shared by the rest of :mod:`fisherlab.linalg`

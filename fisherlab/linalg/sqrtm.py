@@ -1,6 +1,6 @@
 """Matrix square roots G_λ^{1/2} and inverse square roots G_λ^{-1/2} of a damped SPD matrix.
 
-A local Fisher layer (METHOD.md §4) carries G^{-1/2} for G = F + λI (or a block / Kronecker factor of it),
+A local Fisher layer (docs/method.md) carries G^{-1/2} for G = F + λI (or a block / Kronecker factor of it),
 and the reconstructed parameters are θ' = G^{1/2} θ. This module computes both roots of
 
     G_λ = sym(G) + λ I,        sym(G) = (G + Gᵀ)/2,
@@ -344,7 +344,7 @@ def inv_sqrtm(
     tol: float | None = None,
     max_iter: int = 100,
 ) -> Tensor:
-    """G_λ^{-1/2} for G_λ = (G + Gᵀ)/2 + λI (the local Fisher layer of METHOD.md §4).
+    """G_λ^{-1/2} for G_λ = (G + Gᵀ)/2 + λI (the local Fisher layer of docs/method.md).
 
     Same methods and checks as :func:`sqrtm`; only the inverse root is formed (Denman–Beavers then skips the
     Y iterate).

@@ -1,4 +1,4 @@
-"""Reconstructed networks: local Fisher layers that turn plain GD into natural gradient descent (METHOD.md §4).
+"""Reconstructed networks: local Fisher layers that turn plain GD into natural gradient descent (docs/method.md).
 
 ``reconstruct(model, data, structure=...)`` returns a :class:`ReconstructedNetwork`: the same function written in
 coordinates θ' = G^{1/2} θ (or θ' = R θ for another root R with RᵀR = G, ``sqrt=`` in :data:`ROOT_METHODS`),

@@ -1,4 +1,4 @@
-"""``reconstruct(model, data, ...)``: rebuild a model around local Fisher layers (METHOD.md §4).
+"""``reconstruct(model, data, ...)``: rebuild a model around local Fisher layers (docs/method.md).
 
 Structures and the metric G each one reconstructs with (λ = ``damping``; every block is also the unit that
 holds its roots):

@@ -1,4 +1,4 @@
-"""The reconstructed network: the same function in coordinates θ' = G^{1/2} θ, where plain GD is NGD (METHOD.md §4).
+"""The reconstructed network: the same function in coordinates θ' = G^{1/2} θ, where plain GD is NGD (docs/method.md).
 
 A :class:`ReconstructedNetwork` wraps a rebuilt copy of a model (``.net``) whose parameters are the reconstructed
 coordinates θ' and whose local Fisher units (layer forms and parametrizations) hold the roots of a block of G as

@@ -1,6 +1,6 @@
 """The parametrization form of a local Fisher layer: W = unvec(G^{-1/2} vec(W')) for any parameter tensors.
 
-METHOD.md §4: any group of parameter tensors (an LSTM's weights, a norm's scale, an embedding, a user's bare
+docs/method.md: any group of parameter tensors (an LSTM's weights, a norm's scale, an embedding, a user's bare
 parameter, or the whole network) is rebuilt by ``torch.nn.utils.parametrize``: each tensor T_i of the group
 becomes a function of the group's reconstructed coordinates,
 

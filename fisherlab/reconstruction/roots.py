@@ -1,6 +1,6 @@
 """What every local Fisher unit shares: the group layout of its parameters and the damped roots G^{±1/2}.
 
-A **local Fisher unit** (METHOD.md §4) is one diagonal block G_g of the metric G — one layer, one parameter
+A **local Fisher unit** (docs/method.md) is one diagonal block G_g of the metric G — one layer, one parameter
 tensor, or (structure ``full``) the whole network — together with the reconstructed coordinates
 θ'_g = G_g^{1/2} θ_g it owns. Two forms exist: explicit layers around a Linear/Conv weight
 (:mod:`~fisherlab.reconstruction.local_layers`) and parametrizations of arbitrary tensors
@@ -11,7 +11,7 @@ vectors**: the unit's original tensors flattened row-major and concatenated in t
 **Roots.** A unit holds a matrix R with RᵀR = G_g (buffer ``sqrt``) and its inverse (``inv_sqrt``), and its
 coordinates are θ'_g = R θ_g. Then ∇θ' L = R^{-T} ∇θ L and one GD step on θ' moves θ by −η R^{-1} R^{-T} ∇θ L = −η
 G_g^{-1} ∇θ L whatever R is (invariant 2 needs only RᵀR = G). The methods of :data:`ROOT_METHODS`: ``"eigh"``
-(reference), ``"denman_beavers"``, ``"newton_schulz"`` give the symmetric root R = G^{1/2} of METHOD.md §4;
+(reference), ``"denman_beavers"``, ``"newton_schulz"`` give the symmetric root R = G^{1/2} of docs/method.md;
 ``"cholesky"`` gives the triangular factor R = Lᵀ (G = L Lᵀ): the same NGD steps in other coordinates θ', and about
 a quarter of the cost of an eigendecomposition at refresh (n³/3 flops for the factor, n³/3 for its inverse; measured
 40 against 175 ms for n = 1024). ``"lowrank"`` (:func:`lowrank_roots`) changes G itself: each Kronecker factor wider

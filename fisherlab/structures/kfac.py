@@ -1,4 +1,4 @@
-"""KFAC: per-layer Kronecker factors G_l ≈ S ⊗ A, block-diagonal across layers (METHOD.md §2, §4).
+"""KFAC: per-layer Kronecker factors G_l ≈ S ⊗ A, block-diagonal across layers (docs/method.md).
 
 For a supported layer (:mod:`fisherlab.layers`: Linear, Conv1d, Conv2d) with combined weight W̄ (out, width),
 expanded input rows ā_{n,l} (width,) and output-gradient rows δ_{n,r,l} = J_{l,n}ᵀ M_{n,r} (out,) — the engine's
@@ -154,7 +154,7 @@ class KFACFisher(LayerwiseFisher):
         """Per layer ((A + aI)^{-1/2}, (S + sI)^{-1/2}), (a, s) the ``split`` of λ (:func:`kron_damping_split`).
 
         These are the input-whitening and output local Fisher layers of the reconstructed layer
-        y = S^{-1/2} W' A^{-1/2} ā (METHOD.md §4).
+        y = S^{-1/2} W' A^{-1/2} ā (docs/method.md).
 
         Exact blocks of unsupported modules are not included (use :func:`fisherlab.linalg.inv_sqrtm` on
         ``exact_blocks``).

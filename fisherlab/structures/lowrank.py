@@ -13,7 +13,7 @@ The damped matrix UΛUᵀ + λI has every power in closed form (U has orthonorma
     (UΛUᵀ + λI)^p = U ((Λ + λ)^p − λ^p) Uᵀ + λ^p I,
 
 so :meth:`LowRankFisher.solve` (p = −1) is the Woodbury identity and :meth:`LowRankFisher.damped_power` with
-p = ±1/2 gives the square roots a reconstructed network with a Nyström local Fisher layer needs (METHOD.md §4).
+p = ±1/2 gives the square roots a reconstructed network with a Nyström local Fisher layer needs (docs/method.md).
 """
 
 from __future__ import annotations

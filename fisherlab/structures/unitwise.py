@@ -1,7 +1,7 @@
 """Unit-wise Fisher: one dense block per output unit (row i of W̄: the unit's weights and bias).
 
 For a supported layer with combined weight W̄ (out, width), the block of unit i couples the width parameters of
-row i only (Sun & Nielsen's relative Fisher of a neuron; Liu & Liu's SNGD, METHOD.md §6):
+row i only (Sun & Nielsen's relative Fisher of a neuron; Liu & Liu's SNGD, docs/method.md):
 
 ``variant="exact"``
     B_i = (1/N) Σ_n Σ_r g_{n,r,i} g_{n,r,i}ᵀ with g_{n,r} = Σ_l δ_{n,r,l,i} ā_{n,l} the row i of the per-sample
