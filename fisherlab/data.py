@@ -51,6 +51,7 @@ __all__ = [
     "load_digits",
     "load_mnist1d",
     "load_mnist_idx",
+    "make_sort_task",
     "make_synthetic",
 ]
 
@@ -93,7 +94,8 @@ class SplitData:
     """A train/test split of one dataset, with the facts a model builder needs.
 
     Attributes:
-        X_train: Training inputs, floating, shape ``(n_train, *input_shape)``.
+        X_train: Training inputs, floating, shape ``(n_train, *input_shape)``; for ``meta["layout"] == "tokens"``
+            int64 token ids of shape ``(n_train, T)`` in ``[0, meta["vocab"])``.
         y_train: Training targets: ``int64`` ``(n_train,)`` for multiclass, floating ``(n_train, 1)`` in
             ``{0, 1}`` for binary, floating ``(n_train, n_outputs)`` for regression.
         X_test: Test inputs, same dtype and per-sample shape as ``X_train``, shape ``(n_test, *input_shape)``.
@@ -130,7 +132,11 @@ class SplitData:
             y = getattr(self, f"y_{split}")
             if not (isinstance(X, torch.Tensor) and isinstance(y, torch.Tensor)):
                 raise InputError(f"SplitData.X_{split} and y_{split} must be torch tensors")
-            if not X.is_floating_point():
+            if self.meta.get("layout") == "tokens":
+                if X.dtype != torch.int64 or X.dim() != 2:
+                    raise InputError(f"SplitData.X_{split} of layout 'tokens' must be int64 token ids of shape "
+                                     f"(N, T), got {X.dtype} {tuple(X.shape)}")
+            elif not X.is_floating_point():
                 raise InputError(f"SplitData.X_{split} must be floating point, got {X.dtype}")
             if tuple(X.shape[1:]) != self.input_shape:
                 raise InputError(
@@ -173,7 +179,7 @@ class SplitData:
         Args:
             device: Target device; ``None`` keeps the current one.
             dtype: Floating dtype for the inputs, and for the targets of binary and regression tasks.
-                Multiclass labels stay ``int64``. ``None`` keeps the current dtype.
+                Multiclass labels and token ids stay ``int64``. ``None`` keeps the current dtype.
 
         Returns:
             A new :class:`SplitData`; ``self`` is unchanged.
@@ -184,11 +190,12 @@ class SplitData:
         if dtype is not None and not dtype.is_floating_point:
             raise InputError(f"SplitData.to: dtype must be a floating dtype, got {dtype}")
         y_dtype = None if self.task == "multiclass" else dtype
+        x_dtype = None if self.meta.get("layout") == "tokens" else dtype
         return dataclasses.replace(
             self,
-            X_train=self.X_train.to(device=device, dtype=dtype),
+            X_train=self.X_train.to(device=device, dtype=x_dtype),
             y_train=self.y_train.to(device=device, dtype=y_dtype),
-            X_test=self.X_test.to(device=device, dtype=dtype),
+            X_test=self.X_test.to(device=device, dtype=x_dtype),
             y_test=self.y_test.to(device=device, dtype=y_dtype),
             meta=dict(self.meta),
         )
@@ -515,6 +522,63 @@ def make_synthetic(
         input_shape=(n_features,),
         meta=meta,
     )
+
+
+def make_sort_task(
+    n_samples: int = 512,
+    length: int = 6,
+    n_values: int = 8,
+    seed: int = 0,
+    test_fraction: float = 0.25,
+) -> SplitData:
+    """A procedural token task with a known answer: the j-th smallest of ``length`` tokens (sorting, one position).
+
+    Each sample is a sequence of ``length + 1`` token ids: ``length`` values a_1..a_k drawn uniformly from
+    ``[0, n_values)``, then one query token ``n_values + j − 1`` asking for position j ∈ {1..k} of the sorted
+    sequence. The target is sorted(a)[j − 1], a class in ``[0, n_values)``: a deterministic function of the
+    inputs (Bayes error 0), which a causal transformer reads out at the last position (the query attends to the
+    values). Nothing is downloaded; all draws come from one local ``torch.Generator`` seeded with ``seed``.
+
+    Args:
+        n_samples: Total number of samples, at least 2.
+        length: k, values per sequence, at least 1.
+        n_values: Distinct values, at least 2 (the classes).
+        seed: Seed of the draws and the split.
+        test_fraction: Fraction of samples put in the test split, in ``(0, 1)``.
+
+    Returns:
+        A multiclass :class:`SplitData` named ``"sort"`` with int64 token ids ``X`` of shape (N, length + 1),
+        ``input_shape=(length + 1,)``, ``n_outputs = n_values`` and ``meta`` ``layout="tokens"``,
+        ``vocab = n_values + length`` (the embedding size a model needs).
+
+    Raises:
+        InputError: On out-of-range arguments.
+    """
+    where = "make_sort_task"
+    _check_fraction(test_fraction, where)
+    n_samples = _check_int(n_samples, "n_samples", where, 2)
+    length = _check_int(length, "length", where, 1)
+    n_values = _check_int(n_values, "n_values", where, 2)
+    n_test = int(round(n_samples * test_fraction))
+    if not 1 <= n_test <= n_samples - 1:
+        raise InputError(f"{where}: test_fraction={test_fraction} leaves {n_test} of {n_samples} samples for "
+                         "testing; both splits need at least one sample")
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, n_values, (n_samples, length), generator=g)
+    j = torch.randint(0, length, (n_samples,), generator=g)
+    X = torch.cat([values, (n_values + j).unsqueeze(1)], dim=1)
+    y = values.sort(dim=1).values.gather(1, j.unsqueeze(1)).squeeze(1)
+    perm = torch.randperm(n_samples, generator=g)
+    te, tr = perm[:n_test], perm[n_test:]
+    meta = {
+        "seed": seed,
+        "source": "fisherlab.data.make_sort_task (j-th smallest of length tokens)",
+        "layout": "tokens",
+        "vocab": n_values + length,
+        "test_fraction": float(test_fraction),
+    }
+    return SplitData(X_train=X[tr], y_train=y[tr], X_test=X[te], y_test=y[te], name="sort", task="multiclass",
+                     n_outputs=n_values, input_shape=(length + 1,), meta=meta)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -26,20 +26,31 @@ by a Python loop over the samples instead — the same rows, one VJP per sample,
 once with a :class:`~fisherlab.errors.FallbackWarning` (``sample_loop`` is then True). Matrix-free products need
 no per-sample ``vmap`` (one ``jvp`` and one ``vjp`` per chunk) and are unaffected.
 
+**Attention.** torch's fused attention kernels (the ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention``
+inference fast path, the flash and memory-efficient kernels of ``F.scaled_dot_product_attention``) have no
+forward-mode derivative and no batching rule. Every evaluation of the model by the engine therefore runs inside
+:func:`differentiable_attention` (MHA fast path off, SDPA on its math backend: the same function, in plain
+differentiable operations), which restores the caller's settings afterwards. An operation that still has no
+forward-mode rule (a custom ``autograd.Function`` without ``jvp``) gets its J v by two reverse passes instead,
+J v = ∂/∂u ⟨Jᵀu, v⟩ (the double-VJP trick, a :class:`~fisherlab.errors.FallbackWarning` once); one with neither
+rule is an :class:`~fisherlab.errors.UnsupportedLayerError`.
+
 Monte-Carlo labels are drawn once, in a no-grad pass over the data with a generator seeded by ``seed``, so the
 MC Fisher does not depend on the chunking and the same seed gives the same matrix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fisherlab.checks import check_device, check_dtype, check_model, low_precision_advice, parse_enum
 from fisherlab.datasource import DataSource
@@ -61,6 +72,34 @@ MATMAT_CACHE_BYTES = 256 * 2**20
 
 #: Dtypes with too little range or precision for some kinds (torch has no eigendecomposition in them).
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """Run attention on differentiable paths inside the context; the caller's settings are restored on exit.
+
+    Turns the ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` fast path off
+    (``torch.backends.mha.set_fastpath_enabled(False)``: it calls fused inference kernels with neither a
+    forward-mode derivative nor a vmap rule) and restricts ``F.scaled_dot_product_attention`` to its math backend
+    (``sdpa_kernel(SDPBackend.MATH)``: softmax(QKᵀ/√d + mask) V in ordinary operations, which every torch.func
+    transform differentiates). Both compute the same function as the fused kernels. Process-global while open, like
+    every torch backend flag.
+    """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _no_forward_rule(exc: BaseException) -> bool:
+    """Whether ``exc`` says an operation has no forward-mode derivative (torch words it several ways)."""
+    text = str(exc).lower()
+    return isinstance(exc, (NotImplementedError, RuntimeError)) and (
+        "forward ad" in text or "forward-mode" in text or "jvp" in text
+    )
 
 
 class FisherEngine:
@@ -151,6 +190,7 @@ class FisherEngine:
             chunk_size = max(1, self._working_bytes // (2 * row_bytes))
         self.chunk_size = int(chunk_size)
         self._activation_bytes: int | None = None
+        self._jvp_by_vjp = False  # set when an operation of the model has no forward-mode rule (see jv)
         self._matmat_cache: tuple[tuple, list[tuple[Any, Any, Tensor]]] | None = None  # (state key, entries)
         check_budget(2 * row_bytes * min(self.chunk_size, self.num_samples), "a chunk of factor rows",
                      self.memory_budget, "a smaller chunk_size")
@@ -229,7 +269,8 @@ class FisherEngine:
     # ------------------------------------------------------------------------------------------- evaluation
     def forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         """Z = f_θ(x), shape (n, C), for parameters ``params`` (names of the spec) and inputs (n, *input_shape)."""
-        z = functional_call(self.model, {**self._frozen, **params}, (x,))
+        with differentiable_attention():
+            z = functional_call(self.model, {**self._frozen, **params}, (x,))
         if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[0] != x.shape[0]:
             shape = tuple(z.shape) if isinstance(z, Tensor) else type(z)
             raise InputError(f"the model must return outputs of shape (N, C); got {shape} for N = {x.shape[0]}")
@@ -375,18 +416,86 @@ class FisherEngine:
         for f, vjp_fn, M in self._linearizations():
 
             def apply(v: Tensor, f=f, vjp_fn=vjp_fn, M=M) -> Tensor:
-                _, jv = jvp(f, (self.params,), (self.spec.unflatten(v),))
+                jv = self.jv(f, vjp_fn, M.shape[:1] + M.shape[2:], self.spec.unflatten(v))
                 w = torch.bmm(M.transpose(1, 2), torch.bmm(M, jv.unsqueeze(-1))).squeeze(-1)
                 return self.spec.flatten(vjp_fn(w)[0])
 
             step = self._column_block(M.shape[0])
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*batching rule.*")
-                parts = [apply(block[:, 0]).unsqueeze(1) if block.shape[1] == 1 else vmap(apply, 1, 1)(block)
-                         for block in cols.split(step, dim=1)]
+
+            def products(apply=apply, step=step) -> list[Tensor]:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*batching rule.*")
+                    return [apply(block[:, 0]).unsqueeze(1) if block.shape[1] == 1 else vmap(apply, 1, 1)(block)
+                            for block in cols.split(step, dim=1)]
+
+            parts = self._with_jvp_fallback(products, f, vjp_fn, M.shape[:1] + M.shape[2:])
             part = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             out = part if out is None else out.add_(part)
         return out if V.dim() == 2 else out.squeeze(1)
+
+    def jv(self, f: Callable[[dict[str, Tensor]], Tensor], vjp_fn: Any, out_shape: torch.Size,
+           tangent: dict[str, Tensor]) -> Tensor:
+        """J v of f at the engine's parameters for a tangent v (a dict like ``params``); shape ``out_shape``.
+
+        By forward mode (``jvp``), or, once an operation of the model turned out to have no forward-mode rule, by
+        two reverse passes through ``vjp_fn`` (the VJP of f at the engine's parameters): u ↦ Jᵀu is linear, so its
+        own VJP with cotangent v is J v, at any u (zero here). Costs about one more backward pass than ``jvp``.
+        """
+        if not self._jvp_by_vjp:
+            return jvp(f, (self.params,), (tangent,))[1]
+        zero = torch.zeros(out_shape, dtype=self.dtype, device=self.device)
+        _, transpose_fn = vjp(lambda u: vjp_fn(u)[0], zero)
+        return transpose_fn(tangent)[0]
+
+    def _with_jvp_fallback(self, compute: Callable[[], Any], f: Callable[[dict[str, Tensor]], Tensor],
+                           vjp_fn: Any, out_shape: torch.Size) -> Any:
+        """``compute()``; if an operation has no forward-mode rule, switch :meth:`jv` to two VJPs and retry.
+
+        The switch is checked once, on this chunk's f (``vjp_fn`` its VJP, ``out_shape`` its output shape), by
+        the adjoint identity ⟨u, J v⟩ = ⟨Jᵀu, v⟩ for random u and v: a backward that is not differentiable in its
+        cotangent (``@once_differentiable``, a detached gradient) makes the second VJP silently wrong, not fail.
+
+        Raises:
+            UnsupportedLayerError: An operation has neither a forward-mode rule nor a backward that torch can
+                differentiate (the message gives both reasons).
+        """
+        try:
+            return compute()
+        except (NotImplementedError, RuntimeError) as exc:
+            if self._jvp_by_vjp or not _no_forward_rule(exc):
+                raise
+            reason = str(exc).strip().rstrip(".")
+        self._jvp_by_vjp = True
+        try:
+            self._check_adjoint(f, vjp_fn, out_shape)
+            result = compute()
+        except (NotImplementedError, RuntimeError, UnsupportedLayerError) as exc:
+            self._jvp_by_vjp = False
+            raise UnsupportedLayerError(
+                f"the matrix-free product F·v is unavailable, because an operation of the model has no forward-mode "
+                f"derivative ({reason}) and its backward cannot be differentiated either ({str(exc).strip()}), so "
+                "J v can be computed neither by jvp nor by two VJPs; give the operation a jvp "
+                "(torch.autograd.Function.jvp) or a differentiable backward, or use a structure that needs only "
+                "per-sample gradients (dense, block, diag)"
+            ) from exc
+        warnings.warn(f"an operation of the model has no forward-mode derivative ({reason}); fisherlab computes "
+                      "J v by two reverse passes instead (the same products, about one more backward pass each)",
+                      FallbackWarning, stacklevel=4)
+        return result
+
+    def _check_adjoint(self, f: Callable[[dict[str, Tensor]], Tensor], vjp_fn: Any, out_shape: torch.Size) -> None:
+        """Refuse a :meth:`jv` that breaks ⟨u, J v⟩ = ⟨Jᵀu, v⟩ (random u, v; tolerance √eps, relative)."""
+        gen = torch.Generator(device=self.device).manual_seed(self.seed)
+        u = torch.randn(out_shape, generator=gen, dtype=self.dtype, device=self.device)
+        v = torch.randn(self.spec.dim, generator=gen, dtype=self.dtype, device=self.device)
+        jv = self.jv(f, vjp_fn, out_shape, self.spec.unflatten(v))
+        jtu = self.spec.flatten(vjp_fn(u)[0])
+        lhs, rhs = float((u * jv).sum()), float((jtu * v).sum())
+        scale = float(u.norm() * jv.norm() + jtu.norm() * v.norm())
+        if not abs(lhs - rhs) <= math.sqrt(torch.finfo(self.dtype).eps) * scale:
+            raise UnsupportedLayerError(f"J v by two VJPs fails the adjoint check: ⟨u, J v⟩ = {lhs:.6g} but "
+                                        f"⟨Jᵀu, v⟩ = {rhs:.6g} (a backward marked @once_differentiable, or one "
+                                        "that detaches its incoming gradient)")
 
     def matmat_chunk_size(self) -> int:
         """Samples per chunk of :meth:`matmat`.

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ACTIVATIONS",
     "CNN",
+    "GPT",
     "LSTMClassifier",
     "MLP",
     "MODELS",
@@ -59,7 +60,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 """Activation names accepted by the models, and their module classes."""
 
-MODELS: tuple[str, ...] = ("mlp", "cnn", "lstm", "resnet")
+MODELS: tuple[str, ...] = ("mlp", "cnn", "lstm", "resnet", "gpt")
 """Names accepted by :func:`build_model`."""
 
 REFERENCE_MLP_PARAMS: int = 3466
@@ -324,10 +325,69 @@ class ResNet(nn.Module):
         return self.head(h.mean(dim=self._pool_dims))
 
 
+class GPT(nn.Module):
+    """Decoder-only transformer: token and learned position embeddings, pre-LN causal blocks, a Linear head.
+
+    ``embed`` (:class:`torch.nn.Embedding`, vocab × d_model) plus ``position`` (Embedding, seq_len × d_model), then
+    ``layers``, a :class:`torch.nn.ModuleList` of ``n_layers`` :class:`torch.nn.TransformerEncoderLayer` (pre-LN
+    ``norm_first=True``, ``batch_first=True``, GELU, no dropout) under a causal mask (position t attends to
+    positions ≤ t), a final :class:`torch.nn.LayerNorm` ``norm`` and ``head`` (Linear d_model → n_outputs) read
+    out at the **last position**: the next-token logits of the sequence. With the defaults on
+    :func:`fisherlab.data.make_sort_task` (vocab 14, 7 tokens, 8 classes) it has 2,728 parameters; ``d_model=32,
+    n_layers=1`` about 9.5k. The mask is built in ``forward`` (a boolean tensor, not a buffer), so the model has
+    no buffers.
+
+    Args:
+        vocab: Token ids the embedding takes, ``[0, vocab)``.
+        seq_len: Longest sequence (rows of the position table).
+        n_outputs: Outputs of the head (default ``vocab``).
+        d_model: Width of the residual stream.
+        n_layers: Transformer blocks.
+        n_heads: Attention heads (must divide ``d_model``).
+        d_ff: Width of the feed-forward layers (default ``2 * d_model``).
+
+    Shapes:
+        input ``(B, T)`` int64 token ids with ``T ≤ seq_len``; output ``(B, n_outputs)``.
+    """
+
+    def __init__(self, vocab: int, seq_len: int, n_outputs: int | None = None, d_model: int = 16,
+                 n_layers: int = 1, n_heads: int = 2, d_ff: int | None = None) -> None:
+        super().__init__()
+        self.vocab = _positive_int(vocab, "GPT vocab")
+        self.seq_len = _positive_int(seq_len, "GPT seq_len")
+        self.n_outputs = self.vocab if n_outputs is None else _positive_int(n_outputs, "GPT n_outputs")
+        width = _positive_int(d_model, "GPT d_model")
+        heads = _positive_int(n_heads, "GPT n_heads")
+        if width % heads:
+            raise InputError(f"GPT n_heads={heads} must divide d_model={width}")
+        hidden = 2 * width if d_ff is None else _positive_int(d_ff, "GPT d_ff")
+        self.embed = nn.Embedding(self.vocab, width)
+        self.position = nn.Embedding(self.seq_len, width)
+        self.layers = nn.ModuleList([
+            nn.TransformerEncoderLayer(width, heads, hidden, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=True)
+            for _ in range(_positive_int(n_layers, "GPT n_layers"))
+        ])
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, self.n_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map token ids ``(B, T)`` to the logits at the last position, ``(B, n_outputs)``."""
+        if x.dim() != 2 or x.shape[1] > self.seq_len or x.is_floating_point():
+            raise InputError(f"GPT takes int64 token ids of shape (B, T) with T ≤ seq_len = {self.seq_len}; got "
+                             f"{x.dtype} {tuple(x.shape)}")
+        T = x.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)  # True: position may not attend
+        h = self.embed(x) + self.position(torch.arange(T, device=x.device))
+        for layer in self.layers:
+            h = layer(h, src_mask=causal, is_causal=True)
+        return self.head(self.norm(h[:, -1]))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------------------
-_CLASSES: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN, "lstm": LSTMClassifier, "resnet": ResNet}
+_CLASSES: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN, "lstm": LSTMClassifier, "resnet": ResNet, "gpt": GPT}
 
 # The layout each dataset needs for a channel (conv) model and for a sequence (LSTM) model.
 _CONV_LAYOUT = {"digits": "image", "mnist1d": "channels", "mnist": "image", "cifar10": "image"}
@@ -355,6 +415,11 @@ def _kwargs_from_data(name: str, data: SplitData) -> dict[str, Any]:
         if len(shape) not in (2, 3) or layout == "sequence":
             raise _layout_error(name, data, "(C, H, W) or (C, L)", _CONV_LAYOUT)
         return {"input_shape": shape, "n_outputs": data.n_outputs}
+    if name == "gpt":
+        if layout != "tokens":
+            raise InputError(f"build_model('gpt') needs token data (layout 'tokens', int64 ids), but dataset "
+                             f"{data.name!r} has layout {layout!r}; make some with fisherlab.data.make_sort_task")
+        return {"vocab": int(data.meta["vocab"]), "seq_len": shape[0], "n_outputs": data.n_outputs}
     # lstm
     if len(shape) != 2 or layout == "channels":
         raise _layout_error(name, data, "(T, features)", _SEQ_LAYOUT)
@@ -378,8 +443,9 @@ def build_model(
     Shapes are inferred from ``data`` when it is given: ``mlp`` takes ``in_features = prod(input_shape)``
     and ``out_features = n_outputs`` (any layout; inputs are flattened); ``cnn`` and ``resnet`` take
     ``input_shape`` (must be ``(C, H, W)`` or ``(C, L)``) and ``n_outputs``; ``lstm`` takes
-    ``input_size = input_shape[-1]`` (input_shape must be ``(T, features)``) and ``n_outputs``. Keywords
-    given explicitly override inferred values. Defaults beyond the class signatures: ``widths=(32, 32)``
+    ``input_size = input_shape[-1]`` (input_shape must be ``(T, features)``) and ``n_outputs``; ``gpt`` takes
+    ``vocab = meta["vocab"]``, ``seq_len = input_shape[0]`` and ``n_outputs`` (token data, ``layout="tokens"``).
+    Keywords given explicitly override inferred values. Defaults beyond the class signatures: ``widths=(32, 32)``
     for ``mlp`` and ``hidden_size=32`` for ``lstm``.
 
     Parameters are initialised by PyTorch's default initialisers inside :func:`seeded_init` (on the CPU, in
@@ -391,13 +457,13 @@ def build_model(
     ``.eval()`` before Fisher computations (required for ``resnet``).
 
     Args:
-        name: One of :data:`MODELS`: ``"mlp"``, ``"cnn"``, ``"lstm"``, ``"resnet"``.
+        name: One of :data:`MODELS`: ``"mlp"``, ``"cnn"``, ``"lstm"``, ``"resnet"``, ``"gpt"``.
         data: Optional :class:`~fisherlab.data.SplitData` to infer shapes from.
         seed: Initialisation seed.
         dtype: Floating dtype of parameters and buffers.
         device: Target device (``None``: CPU).
-        **kwargs: Constructor arguments of :class:`MLP`, :class:`CNN`, :class:`LSTMClassifier` or
-            :class:`ResNet`.
+        **kwargs: Constructor arguments of :class:`MLP`, :class:`CNN`, :class:`LSTMClassifier`,
+            :class:`ResNet` or :class:`GPT`.
 
     Returns:
         The model, an :class:`torch.nn.Module` mapping ``(B, *input_shape)`` to ``(B, n_outputs)``.

@@ -53,7 +53,7 @@ DTYPES: tuple[str, ...] = ("float32", "float64")
 
 #: Built-in networks (the names of :data:`fisherlab.models.MODELS`, kept here so that reading a configuration's
 #: options needs no torch; a test keeps the two equal).
-MODELS: tuple[str, ...] = ("mlp", "cnn", "lstm", "resnet")
+MODELS: tuple[str, ...] = ("mlp", "cnn", "lstm", "resnet", "gpt")
 
 #: Built-in data sets: those of :data:`fisherlab.data.DATASETS` that need no files on disk (a test keeps them in
 #: step).
