@@ -55,7 +55,8 @@ _EXPORTS: dict[str, str] = {
     "RootMethod": "fisherlab.vocabulary",
     **{name: "fisherlab.errors" for name in (
         "ConvergenceError", "FallbackWarning", "FisherlabError", "InputError", "MemoryBudgetError",
-        "NonFiniteError", "ResultsFileError", "SingularMatrixError", "UnsupportedLayerError")},
+        "NonFiniteError", "ResultsFileError", "ResultsIntegrityWarning", "SchemaUpgradeWarning", "SingularMatrixError",
+        "UnsupportedLayerError")},
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
