@@ -66,8 +66,8 @@ def test_layer_form_is_visible_and_parameters_are_reconstructed(mlp) -> None:
     assert text.count("LocalFisherLinear") == 3 and text.count("InputWhitening") == 3
     assert text.count("OutputFisher") == 3
     params = dict(net.named_parameters())
-    assert list(params) == ["net.0.weight", "net.2.weight", "net.4.weight"]  # W̄' = [W', b'] per layer
-    assert params["net.0.weight"].shape == (6, 5 + 1)
+    assert list(params) == ["net.0.weight_prime", "net.2.weight_prime", "net.4.weight_prime"]  # W̄' = [W', b']
+    assert params["net.0.weight_prime"].shape == (6, 5 + 1)
     assert sum(p.numel() for p in net.parameters()) == ParamSpec.from_model(model).dim
     inp = reconstruct(model, (X, y), structure="input", damping=LAM)
     assert "OutputFisher" not in repr(inp) and repr(inp).count("InputWhitening") == 3
@@ -116,9 +116,9 @@ def test_layer_form_fold_modes_agree() -> None:
         outs.append(layer(x).detach())
         # W̄' = S^{1/2} W̄ A^{1/2}, and the explicit form is S^{-1/2} W̄' (A^{-1/2} ā)
         Wbar = torch.cat([lin.weight, lin.bias[:, None]], 1).detach()
-        assert rel(layer.weight.detach(), sym_root(S, 0.5) @ Wbar @ sym_root(A, 0.5)) < 1e-12
+        assert rel(layer.weight_prime.detach(), sym_root(S, 0.5) @ Wbar @ sym_root(A, 0.5)) < 1e-12
     abar = torch.cat([x, torch.ones(9, 1, dtype=DT)], 1)
-    explicit = abar @ sym_root(A, -0.5) @ layer.weight.detach().T @ sym_root(S, -0.5)
+    explicit = abar @ sym_root(A, -0.5) @ layer.weight_prime.detach().T @ sym_root(S, -0.5)
     for y in outs:
         assert rel(y, lin(x).detach()) < 1e-12
         assert rel(y, explicit) < 1e-12

@@ -24,6 +24,8 @@ from fisherlab.engine import FisherEngine, differentiable_attention
 from fisherlab.errors import FallbackWarning, UnsupportedLayerError
 from fisherlab.models import build_model
 from fisherlab.ngd import solve_ngd
+from fisherlab.reconstruction import reconstruct
+from fisherlab.reconstruction.local_layers import LocalFisherLinear
 
 LAM = 0.1
 CAT = ref.RefLikelihood("categorical")
@@ -276,3 +278,39 @@ def test_evaluate_fidelity_on_the_gpt_by_the_implicit_path() -> None:
     assert math.isclose(float(ds.cosine.sel(rule="gd", damping=LAM)), cos_gd, rel_tol=1e-9)
     assert math.isclose(float(ds.cosine.sel(rule="diag", damping=LAM)), cos_diag, rel_tol=1e-9)
     assert math.isclose(float(ds.cosine.sel(rule="ngd", damping=LAM)), 1.0, rel_tol=1e-12)
+
+
+# ------------------------------------------------------------------------------------ reconstruction of the GPT
+def test_reconstructed_gpt_keeps_the_layer_interface_and_outputs() -> None:
+    model, X, y = _gpt()
+    net = reconstruct(model, (X, y), structure="kfac", unsupported="block", damping=LAM)
+    local = [n for n, m in net.net.named_modules() if isinstance(m, LocalFisherLinear)]
+    assert local == ["layers.0.linear1", "layers.0.linear2", "layers.1.linear1", "layers.1.linear2", "head"]
+    assert "LocalFisherLinear" in str(net)  # out_proj (a Linear subclass), attention, norms: dense blocks
+    inner, original = net.net.layers[0].linear1, model.layers[0].linear1
+    assert isinstance(inner, LocalFisherLinear)
+    assert (inner.in_features, inner.out_features) == (original.in_features, original.out_features)
+    ref.assert_close(inner.weight, original.weight, 1e-13, "effective linear1.weight")
+    ref.assert_close(inner.bias, original.bias, 1e-13, "effective linear1.bias")
+    with pytest.raises(AttributeError, match="read-only"):
+        inner.weight = original.weight.detach().clone()
+    with torch.no_grad():  # eval + no grad: torch's encoder fast path reads linear1.weight / .bias
+        ref.assert_close(net(X), model(X), 1e-12, "reconstructed outputs (no grad)")
+    ref.assert_close(net(X), model(X), 1e-12, "reconstructed outputs")
+
+
+@pytest.mark.parametrize("structure", ["dense", "diag", "kfac"])
+def test_reconstructed_gpt_gd_step_is_the_structures_ngd_step(structure: str) -> None:
+    model, X, y = _gpt()
+    lr = 0.3
+    g = ref.loss_gradients(model, X, y, CAT).mean(0)
+    options = {"unsupported": "block"} if structure == "kfac" else {}
+    net = reconstruct(model, (X, y), structure=structure, damping=LAM, **options)
+    if structure == "kfac":  # the structure's own solve (its factors are checked against references in test_kfac)
+        expected = -lr * fisher(model, (X, y), structure="kfac", unsupported="block", dtype=torch.float64).solve(
+            g, damping=LAM)
+    else:
+        F_ref = ref.true_fisher(model, X, CAT)
+        G = F_ref if structure == "dense" else torch.diag(torch.diagonal(F_ref))
+        expected = -lr * torch.linalg.solve(G + LAM * torch.eye(len(G), dtype=torch.float64), g)
+    ref.assert_close(net.gd_update((X, y), lr), expected, 1e-10, f"{structure}: GD on θ' vs NGD step")

@@ -5,10 +5,18 @@ metric G = (S + sI) ⊗ (A + aI) is rebuilt as
 
     y = S_s^{-1/2} · W̄' · (A_a^{-1/2} ā),        W̄' = S_s^{1/2} W̄ A_a^{1/2},
 
-three modules in sequence: :class:`InputWhitening` (A_a^{-1/2}), the weight W̄' — the layer's only parameter — and
-:class:`OutputFisher` (S_s^{-1/2}); with ``output=False`` (structure ``input``) the metric is I ⊗ (A + λI) and
-there is no output layer. ``print(net)`` shows them. One GD step on W̄' maps back to
+three modules in sequence: :class:`InputWhitening` (A_a^{-1/2}), the weight W̄' — the layer's only parameter,
+``weight_prime`` — and :class:`OutputFisher` (S_s^{-1/2}); with ``output=False`` (structure ``input``) the metric
+is I ⊗ (A + λI) and there is no output layer. ``print(net)`` shows them. One GD step on W̄' maps back to
 ΔW̄ = −η S_s^{-1} ∇W̄ L A_a^{-1}, the KFAC step.
+
+**The interface of the replaced layer.** A layer form keeps the attributes code reads from the layer it replaces:
+``weight`` and ``bias`` are the *effective* original-coordinate tensors (W̄ = S_s^{-1/2} W̄' A_a^{-1/2}, split back
+into the original weight and bias shapes; ``bias`` None without one), computed from W̄' and the roots on every read
+and differentiable in W̄', and read-only (assigning them raises AttributeError: train ``weight_prime``);
+``in_features``/``out_features`` (Linear), ``in_channels``/``out_channels`` (Conv) are kept too. So torch's own
+modules that read ``linear1.weight`` / ``linear1.bias`` (``nn.TransformerEncoderLayer``'s fast-path check and fused
+kernel) and user code that reads ``layer.weight`` work on a reconstructed network.
 
 With ``sqrt="cholesky"`` the symmetric roots are replaced by triangular factors (A_a = L_A L_Aᵀ, S_s = L_S L_Sᵀ):
 y = L_S^{-T} · W̄' · (L_A^{-1} ā), W̄' = L_Sᵀ W̄ L_A — InputWhitening applies the lower triangular L_A^{-1},
@@ -187,8 +195,9 @@ def kron_update(inp: FactorRoot, out: FactorRoot | None, stats: Mapping[str, Ten
 class LocalFisherLayer(LocalFisherUnit):
     """Base class of the layer forms: InputWhitening → W̄' → OutputFisher (see the module docstring).
 
-    The only parameter is ``weight``, W̄' of shape (out, n) = [W'_flat, b']. Group vectors (the unit's
-    restriction of the flat parameter vector) list the original weight row-major, then the bias.
+    The only parameter is ``weight_prime``, W̄' of shape (out, n) = [W'_flat, b']. Group vectors (the unit's
+    restriction of the flat parameter vector) list the original weight row-major, then the bias. ``weight`` and
+    ``bias`` are the read-only effective tensors of the original layer (module docstring).
 
     Args:
         shapes: Shapes of the original weight and (if any) bias.
@@ -208,7 +217,7 @@ class LocalFisherLayer(LocalFisherUnit):
         self.statistics = ("A", "S") if output else ("A",)
         m, n = self.layout.rows, self.layout.n
         self.input_whitening = InputWhitening(n, homogeneous=len(self.shapes) == 2, dtype=dtype, device=device)
-        self.weight = nn.Parameter(torch.zeros(m, n, dtype=dtype, device=device))
+        self.weight_prime = nn.Parameter(torch.zeros(m, n, dtype=dtype, device=device))
         self.output_fisher = OutputFisher(m, feature_dim, dtype, device) if output else None
 
     @property
@@ -216,8 +225,28 @@ class LocalFisherLayer(LocalFisherUnit):
         """Whether the layer has a bias (the last column of W̄)."""
         return len(self.shapes) == 2
 
+    @property
+    def weight(self) -> Tensor:
+        """The original layer's effective weight (its shape), from W̄' and the roots; read-only."""
+        return self.layout.from_matrix(self.effective_weight())[0]
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        raise AttributeError(f"{type(self).__name__}.weight is the effective original-coordinate weight "
+                             "S^{-1/2} W̄' A^{-1/2}, read-only; the trainable parameter is weight_prime (W̄')")
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The original layer's effective bias (None without one), from W̄' and the roots; read-only."""
+        return self.layout.from_matrix(self.effective_weight())[1] if self.has_bias else None
+
+    @bias.setter
+    def bias(self, value: Tensor | None) -> None:
+        raise AttributeError(f"{type(self).__name__}.bias is the effective original-coordinate bias, read-only; "
+                             "the trainable parameter is weight_prime (W̄')")
+
     def primes(self) -> list[Tensor]:
-        return [self.weight]
+        return [self.weight_prime]
 
     def primes_to_flat(self, tensors: Sequence[Tensor]) -> Tensor:
         return self.layout.matrix_to_flat(tensors[0])
@@ -245,20 +274,30 @@ class LocalFisherLayer(LocalFisherUnit):
 
     def effective_weight(self) -> Tensor:
         """W̄ = S^{-1/2} W̄' A^{-1/2} (out, n), the original layer's combined weight (differentiable in W̄')."""
-        return kron_apply(self.weight, self.input_whitening, self.output_fisher, -0.5)
+        return kron_apply(self.weight_prime, self.input_whitening, self.output_fisher, -0.5)
 
     def extra_repr(self) -> str:
         m, n = self.layout.rows, self.layout.n
-        return f"weight W̄' ({m}, {n}), bias={self.has_bias}, split={self.split!r}, fold={self.fold!r}"
+        return f"weight_prime W̄' ({m}, {n}), bias={self.has_bias}, split={self.split!r}, fold={self.fold!r}"
 
 
 class LocalFisherLinear(LocalFisherLayer):
     """Layer form of ``nn.Linear``: y = S^{-1/2} W̄' A^{-1/2} [x; 1], inputs (..., in) → (..., out)."""
 
+    @property
+    def in_features(self) -> int:
+        """Inputs of the replaced Linear."""
+        return self.layout.n - self.has_bias
+
+    @property
+    def out_features(self) -> int:
+        """Outputs of the replaced Linear."""
+        return self.layout.rows
+
     def forward(self, x: Tensor) -> Tensor:
         """The original layer's output, computed through the local Fisher layers."""
         fold_in, fold_out = self._folds(x.numel() // max(x.shape[-1], 1))
-        W = self.output_fisher.fold(self.weight) if fold_out else self.weight
+        W = self.output_fisher.fold(self.weight_prime) if fold_out else self.weight_prime
         if fold_in:
             W = self.input_whitening.fold(W)
             y = nnf.linear(x, W[:, :-1], W[:, -1]) if self.has_bias else nnf.linear(x, W)
@@ -288,11 +327,12 @@ class LocalFisherConv(LocalFisherLayer):
     def __init__(self, shapes: Sequence[torch.Size], conv: nn.Module, **kwargs):
         super().__init__(shapes, feature_dim=1, **kwargs)
         self._conv = (conv,)  # geometry only (stride, padding, ...): its weight and bias were removed
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
 
     def forward(self, x: Tensor) -> Tensor:
         """The original convolution's output, computed through the local Fisher layers."""
         _, fold_out = self._folds(x.shape[0] * x[0, 0].numel())
-        W = self.input_whitening.fold(self.weight)
+        W = self.input_whitening.fold(self.weight_prime)
         if fold_out:
             W = self.output_fisher.fold(W)
         parts = [p.contiguous() for p in self.layout.from_matrix(W)]  # strided weights make CPU convs ~10× slower
