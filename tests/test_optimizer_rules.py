@@ -269,6 +269,32 @@ def test_trajectory_follows_the_optimizer_and_measures_its_update(problem):
             torch.nn.utils.vector_to_parameters(flat(hand) + update, hand.parameters())
 
 
+def test_trajectory_with_lbfgs_steps_as_a_hand_written_closure_loop(problem):
+    model, X, y = problem
+    factory = lambda p: torch.optim.LBFGS(p, lr=0.5, max_iter=3, history_size=4)  # noqa: E731
+    ds = fidelity_trajectory(model, (X, y), optimizer=factory, rules=["gd"], steps=3, every=1, damping=1e-2,
+                             dtype=D)
+    hand = copy.deepcopy(model)
+    opt = factory(list(hand.parameters()))
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(hand(X), y)
+        loss.backward()
+        return loss
+
+    for step in range(4):
+        with torch.no_grad():
+            loss = float(F.cross_entropy(hand(X), y))
+        assert float(ds.loss.sel(step=step)) == pytest.approx(loss, rel=1e-10)
+        theta = flat(hand)
+        opt.step(closure)
+        if step < 3:  # the measured update is the step LBFGS then takes
+            norm = float((flat(hand) - theta).norm())
+            assert float(ds.update_norm.sel(step=step, rule="optimizer:LBFGS", damping=1e-2)) == pytest.approx(
+                norm, rel=1e-8)
+
+
 # ----------------------------------------------------------------------------------------- built-ins
 def test_builtin_rules_warm_up_from_the_current_state(problem):
     model, X, y = problem

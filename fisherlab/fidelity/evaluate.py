@@ -59,7 +59,7 @@ ANNOTATIONS: dict[str, tuple[str, ...]] = {
     "ngd_iterations": ("CG iterations of the exact NGD solve (0 for Cholesky)", "1"),
     "loss": ("loss L(theta) on the batch", *results.NATS),
     "grad_norm": ("gradient norm ||grad L||", *results.NATS),
-    "damping": ("damping lambda", "1"),
+    "damping": ("damping lambda of the exact NGD reference (and of the rules that damp)", "1"),
 }
 
 #: Metric variables with dims (rule, damping) [+ layer]; NaN where a rule is unavailable.

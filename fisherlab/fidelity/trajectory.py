@@ -257,7 +257,8 @@ def fidelity_trajectory(
         optimizer: Train with this optimizer instead (module docstring): an optimizer over ``model``'s
             parameters (copied with the model; not modified), a factory ``params -> Optimizer`` or an
             :class:`~fisherlab.fidelity.optimizers.OptimizerRule`. Its update is measured at each point as rule
-            ``"optimizer:<Class>"`` (first), with its own learning rate.
+            ``"optimizer:<Class>"`` (first), with its own learning rate. A learning-rate scheduler does not come
+            along (it belongs to a training loop): to measure a scheduled run, use :class:`FidelityProbe` in it.
         steps: Training steps.
         every: Measure at every ``every``-th step (and at the last).
         rules: Rules measured at each point (may be empty when ``optimizer`` is given).
