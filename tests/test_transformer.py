@@ -18,7 +18,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fisherlab import evaluate_fidelity, fisher
+from fisherlab import evaluate_fidelity, fisher, fisher_geometry
 from fisherlab.data import make_sort_task
 from fisherlab.engine import FisherEngine, differentiable_attention
 from fisherlab.errors import FallbackWarning, UnsupportedLayerError
@@ -314,3 +314,14 @@ def test_reconstructed_gpt_gd_step_is_the_structures_ngd_step(structure: str) ->
         G = F_ref if structure == "dense" else torch.diag(torch.diagonal(F_ref))
         expected = -lr * torch.linalg.solve(G + LAM * torch.eye(len(G), dtype=torch.float64), g)
     ref.assert_close(net.gd_update((X, y), lr), expected, 1e-10, f"{structure}: GD on θ' vs NGD step")
+
+
+def test_lanczos_geometry_on_the_gpt_matches_the_dense_spectrum() -> None:
+    model, X, y = _gpt()
+    F_ref = ref.true_fisher(model, X, CAT)
+    P = F_ref.shape[0]
+    expected = torch.linalg.eigvalsh(F_ref + LAM * torch.eye(P, dtype=torch.float64))[-5:]
+    ds = fisher_geometry(model, (X, y), structures=("diag",), damping=LAM, memory_budget=8 * P * P // 2,
+                         num_eigs=10, progress=False)  # the dense Fisher does not fit: Lanczos on F·v
+    got = torch.as_tensor(ds.eigenvalue.sel(structure="original", damping=LAM).values)
+    ref.assert_close(got[~got.isnan()][-5:], expected, 1e-8, "top eigenvalues of F + λI by Lanczos")
