@@ -7,32 +7,51 @@
 * ``woodbury`` — F = UᵀU with factor rows U (m, P): (UᵀU + λI)⁻¹ g = (g − Uᵀ (UUᵀ + λI)⁻¹ U g) / λ, a Cholesky
   factorisation of the m×m Gram matrix (needs λ > 0; cheaper than Cholesky when m < P);
 * ``cg`` — conjugate gradients on the implicit F to the relative residual ``cg_tol``;
+* ``multishift`` — multi-shift CG (:func:`fisherlab.linalg.cg_multishift`): with :func:`solve_ngd_all`, every
+  damping of a study from one Krylov space, one F·v product per iteration for all of them;
+* ``pcg-kfac`` — CG preconditioned by KFAC at the same damping, M⁻¹ = (K + λI)⁻¹ (``KFACFisher.solve``, the
+  factored ``split="pi"`` damping of the KFAC step), falling back to the diagonal when KFAC cannot be built
+  (a layer without a KFAC rule, or over the memory budget); a given ``preconditioner`` (e.g. the ``kfac``
+  rule's own KFAC, or an EKFAC) is used as it is;
+* ``pcg-diag`` — CG preconditioned by (diag F + λI)⁻¹;
 * ``auto`` — a given dense ``fisher``: Cholesky on it; a given implicit one: CG; otherwise CG when the factor rows
   (in float64) would take more than a quarter of the memory budget, else Woodbury when m < P and λ > 0, else
-  Cholesky.
+  Cholesky. :func:`solve_ngd_all` with several dampings takes ``multishift`` wherever ``auto`` would take CG.
+
+Every iterative solve stops on the relative residual of the *unpreconditioned* system ‖(F + λI)x − g‖/‖g‖ ≤
+``cg_tol`` (never on a preconditioned norm), checked with true products at the end.
+
+Preconditioning and multi-shift are not combined: a shifted Krylov space K_k(F + λI, g) is the same for every
+λ only without a preconditioner (M⁻¹(F + λI) is not a shift of M⁻¹F unless M ∝ I), and the natural
+preconditioner here, KFAC at the same λ, differs per damping anyway. So ``multishift`` is unpreconditioned and
+pays one Krylov space for all dampings (the iterations of the smallest λ), while ``pcg-*`` pay one solve per
+damping with fewer iterations each; which is cheaper depends on how well KFAC fits F (``bench_exact_ngd.py``).
 
 Assembled matrices are factorised in float64 (the result has g's dtype): in float32 the Cholesky factorisation
 of a matrix with condition number ‖F‖/λ ≈ 1e4–1e6 loses most digits. Every solve returns a :class:`SolveInfo`
-with the relative residual ‖(F + λI)x − g‖/‖g‖ (for the direct solvers measured on the dense matrix they used).
+with the relative residual ‖(F + λI)x − g‖/‖g‖ (for the direct solvers measured on the dense matrix they used),
+the preconditioner and the F·v products used.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
 import torch
 from torch import Tensor
 
-from fisherlab.checks import check_damping, parse_enum
+from fisherlab import structures
+from fisherlab.checks import check_damping, check_dampings, parse_enum
 from fisherlab.engine import FisherEngine
-from fisherlab.errors import InputError
-from fisherlab.linalg import cg, damped_solve
+from fisherlab.errors import InputError, MemoryBudgetError, UnsupportedLayerError
+from fisherlab.linalg import cg, cg_multishift, damped_solve
 from fisherlab.memory import dense_bytes
 from fisherlab.structures.base import FisherMatrix
 
-__all__ = ["NGDSolver", "SolveInfo", "solve_ngd"]
+__all__ = ["ITERATIVE_SOLVERS", "NGDSolver", "SolveInfo", "solve_ngd", "solve_ngd_all"]
 
 
 class NGDSolver(str, Enum):
@@ -42,6 +61,13 @@ class NGDSolver(str, Enum):
     CHOLESKY = "cholesky"
     WOODBURY = "woodbury"
     CG = "cg"
+    MULTISHIFT = "multishift"
+    PCG_KFAC = "pcg-kfac"
+    PCG_DIAG = "pcg-diag"
+
+
+#: Solvers that iterate with F·v products to ``cg_tol`` (the others are direct).
+ITERATIVE_SOLVERS = (NGDSolver.CG, NGDSolver.MULTISHIFT, NGDSolver.PCG_KFAC, NGDSolver.PCG_DIAG)
 
 
 @dataclass(frozen=True)
@@ -49,12 +75,18 @@ class SolveInfo:
     """How an exact solve (F + λI) x = g was done.
 
     Attributes:
-        solver: ``"cholesky"``, ``"woodbury"`` or ``"cg"``.
-        iterations: CG iterations (0 for the direct solvers).
-        residual: Relative residual ‖(F + λI) x − g‖ / ‖g‖ (NaN for Woodbury, which never forms F).
-        converged: Whether CG reached the tolerance (always True for the direct solvers).
+        solver: An :class:`NGDSolver` value other than ``"auto"``.
+        iterations: CG iterations (0 for the direct solvers); for ``multishift`` the shared iterations until this
+            damping's residual reached the tolerance (plus a CG refinement's, if one was needed).
+        residual: Relative residual ‖(F + λI) x − g‖ / ‖g‖ of the unpreconditioned system, from true products
+            (NaN for Woodbury, which never forms F).
+        converged: Whether the iterative solve reached the tolerance (always True for the direct solvers).
         tol: The CG tolerance (NaN for the direct solvers).
-        seconds: Wall time of the solve (assembling a given ``fisher`` is not included).
+        seconds: Wall time of the solve (assembling a given ``fisher`` or ``preconditioner`` is not included);
+            for ``multishift`` the whole shared solve, the same for every damping it served.
+        preconditioner: ``"kfac"``, ``"ekfac"``, ``"diag"``, ... (the structure used as M), or ``"none"``.
+        products: F·v products (one per column of a block product) used, residual checks included; 0 for the
+            direct solvers. A ``multishift`` solve's products serve all its dampings: each records the shared total.
     """
 
     solver: str
@@ -63,14 +95,76 @@ class SolveInfo:
     converged: bool
     tol: float
     seconds: float
+    preconditioner: str = "none"
+    products: int = 0
 
 
 def _relative_residual(F: Tensor, x: Tensor, g: Tensor, damping: float) -> float:
     return float(torch.linalg.vector_norm(F @ x + damping * x - g) / torch.linalg.vector_norm(g))
 
 
+def _auto(engine: FisherEngine, damping: float, fisher: FisherMatrix | None) -> NGDSolver:
+    """The solver ``auto`` takes for one damping (module docstring)."""
+    if fisher is not None:
+        return NGDSolver.CG if fisher.structure == "implicit" else NGDSolver.CHOLESKY
+    P = engine.spec.dim
+    m = engine.num_samples * engine.rows_per_sample
+    if dense_bytes(m, P, torch.float64) > engine.memory_budget // 4:
+        return NGDSolver.CG
+    return NGDSolver.WOODBURY if m < P and damping > 0 else NGDSolver.CHOLESKY
+
+
+class _Counted:
+    """v ↦ F v (v of shape (P,) or (P, k)) with the given Fisher or the engine, counting products (columns)."""
+
+    def __init__(self, engine: FisherEngine, fisher: FisherMatrix | None) -> None:
+        self.engine, self.fisher, self.products = engine, fisher, 0
+
+    def __call__(self, v: Tensor) -> Tensor:
+        self.products += 1 if v.ndim == 1 else int(v.shape[1])
+        if self.fisher is None:
+            return self.engine.matmat(v)
+        return self.fisher.matvec(v) if v.ndim == 1 else self.fisher.matmat(v)
+
+
+def _build_preconditioner(engine: FisherEngine, solver: NGDSolver) -> FisherMatrix:
+    """KFAC of the engine (diag when KFAC cannot be built) for ``pcg-kfac``, its diagonal for ``pcg-diag``."""
+    if solver is NGDSolver.PCG_KFAC:
+        try:
+            return structures.build("kfac", engine)
+        except (UnsupportedLayerError, MemoryBudgetError):
+            pass
+    return structures.build("diag", engine)
+
+
+def _apply_preconditioner(M: FisherMatrix, damping: float) -> Callable[[Tensor], Tensor]:
+    """The preconditioner r ↦ (M + λI)⁻¹ r, in r's dtype."""
+    return lambda r: M.solve(r, damping).to(r.dtype)
+
+
+def _iterative(engine: FisherEngine, g: Tensor, damping: float, solver: NGDSolver, fisher: FisherMatrix | None,
+               preconditioner: FisherMatrix | None, cg_tol: float,
+               cg_max_iter: int | None) -> tuple[Tensor, SolveInfo]:
+    """CG, multi-shift CG (one shift) or preconditioned CG; the timing includes building a preconditioner."""
+    start = time.perf_counter()
+    product = _Counted(engine, fisher)
+    if solver is NGDSolver.MULTISHIFT:
+        out = cg_multishift(product, g, [damping], tol=cg_tol, max_iter=cg_max_iter, batched=True)
+        result, name = out.shifts[0], "none"
+    else:
+        M = None
+        if solver in (NGDSolver.PCG_KFAC, NGDSolver.PCG_DIAG):
+            M = preconditioner if preconditioner is not None else _build_preconditioner(engine, solver)
+        name = "none" if M is None else M.structure
+        result = cg(product, g, damping=damping, tol=cg_tol, max_iter=cg_max_iter,
+                    preconditioner=None if M is None else _apply_preconditioner(M, damping))
+    info = SolveInfo(solver.value, result.iterations, float(result.residual), bool(result.converged), cg_tol,
+                     time.perf_counter() - start, name, product.products)
+    return result.x, info
+
+
 def solve_ngd(engine: FisherEngine, g: Tensor, damping: float, *, solver: str = "auto",
-              fisher: FisherMatrix | None = None, cg_tol: float = 1e-6,
+              fisher: FisherMatrix | None = None, preconditioner: FisherMatrix | None = None, cg_tol: float = 1e-6,
               cg_max_iter: int | None = None) -> tuple[Tensor, SolveInfo]:
     """(F + λI)⁻¹ g with the engine's Fisher on its data, solved exactly (module docstring).
 
@@ -80,7 +174,9 @@ def solve_ngd(engine: FisherEngine, g: Tensor, damping: float, *, solver: str = 
         damping: λ ≥ 0.
         solver: One of :class:`NGDSolver`.
         fisher: The engine's Fisher already built (dense or implicit), to solve with instead of assembling it.
-        cg_tol: Relative residual of CG.
+        preconditioner: For ``pcg-kfac`` / ``pcg-diag``: a structure of the same Fisher already built (KFAC,
+            EKFAC, diag, ...), used as M in M⁻¹ = (M + λI)⁻¹ instead of building one.
+        cg_tol: Relative residual ‖(F + λI)x − g‖/‖g‖ of the iterative solvers.
         cg_max_iter: CG iteration cap (default: CG's own).
 
     Returns:
@@ -88,21 +184,12 @@ def solve_ngd(engine: FisherEngine, g: Tensor, damping: float, *, solver: str = 
     """
     damping = check_damping(damping)
     solver = parse_enum(NGDSolver, solver, "NGD solver")
-    P = engine.spec.dim
-    m = engine.num_samples * engine.rows_per_sample
     if solver is NGDSolver.AUTO:
-        if fisher is not None:
-            solver = NGDSolver.CG if fisher.structure == "implicit" else NGDSolver.CHOLESKY
-        elif dense_bytes(m, P, torch.float64) > engine.memory_budget // 4:
-            solver = NGDSolver.CG
-        else:
-            solver = NGDSolver.WOODBURY if m < P and damping > 0 else NGDSolver.CHOLESKY
+        solver = _auto(engine, damping, fisher)
+    if solver in ITERATIVE_SOLVERS:
+        return _iterative(engine, g, damping, solver, fisher, preconditioner, cg_tol, cg_max_iter)
     start = time.perf_counter()
-    if solver is NGDSolver.CG:
-        product = fisher.matvec if fisher is not None else engine.matmat
-        result = cg(product, g, damping=damping, tol=cg_tol, max_iter=cg_max_iter)
-        info = (result.iterations, float(result.residual), bool(result.converged), cg_tol)
-        return result.x, SolveInfo(solver.value, *info, time.perf_counter() - start)
+    P = engine.spec.dim
     if fisher is not None and fisher.structure != "implicit" and solver is NGDSolver.CHOLESKY:
         # its quality is the residual recorded here (the estimate-based singularity check of damped_solve can
         # refuse a well-damped float32 matrix)
@@ -123,3 +210,44 @@ def solve_ngd(engine: FisherEngine, g: Tensor, damping: float, *, solver: str = 
         x = damped_solve(F64, g64, damping)
         residual = _relative_residual(F64, x, g64, damping)
     return x.to(g.dtype), SolveInfo(solver.value, 0, residual, True, float("nan"), time.perf_counter() - start)
+
+
+def solve_ngd_all(engine: FisherEngine, g: Tensor, dampings: float | Sequence[float], *, solver: str = "auto",
+                  fisher: FisherMatrix | None = None, preconditioner: FisherMatrix | None = None,
+                  cg_tol: float = 1e-6, cg_max_iter: int | None = None) -> dict[float, tuple[Tensor, SolveInfo]]:
+    """(F + λI)⁻¹ g for every damping of a study, sharing what the solver can share (module docstring).
+
+    ``multishift`` (and ``auto`` wherever it would take CG, when there are several dampings) runs one multi-shift
+    CG for all dampings; ``pcg-kfac`` / ``pcg-diag`` build their preconditioner once (unless given) and solve per
+    damping; the direct solvers solve per damping.
+
+    Args:
+        engine: The Fisher engine (kind, data, budget).
+        g: Right-hand side, shape (P,).
+        dampings: λ values, one or several (distinct, ≥ 0).
+        solver: One of :class:`NGDSolver`.
+        fisher: The engine's Fisher already built (dense or implicit).
+        preconditioner: For ``pcg-kfac`` / ``pcg-diag``: a structure already built, used for every damping.
+        cg_tol: Relative residual of the iterative solvers, per damping.
+        cg_max_iter: Iteration cap (of the shared iterations for ``multishift``).
+
+    Returns:
+        ``{λ: (x (P,) in g's dtype, SolveInfo)}`` in the order of ``dampings``.
+    """
+    dampings = check_dampings(dampings)
+    solver = parse_enum(NGDSolver, solver, "NGD solver")
+    if solver is NGDSolver.AUTO:
+        chosen = {_auto(engine, lam, fisher) for lam in dampings}
+        solver = NGDSolver.MULTISHIFT if NGDSolver.CG in chosen and len(dampings) > 1 else NGDSolver.AUTO
+    if solver is NGDSolver.MULTISHIFT:
+        start = time.perf_counter()
+        product = _Counted(engine, fisher)
+        out = cg_multishift(product, g, dampings, tol=cg_tol, max_iter=cg_max_iter, batched=True)
+        seconds = time.perf_counter() - start
+        return {lam: (r.x, SolveInfo(solver.value, r.iterations, float(r.residual), bool(r.converged), cg_tol,
+                                     seconds, "none", product.products))
+                for lam, r in zip(dampings, out.shifts, strict=True)}
+    if solver in (NGDSolver.PCG_KFAC, NGDSolver.PCG_DIAG) and preconditioner is None:
+        preconditioner = _build_preconditioner(engine, solver)
+    return {lam: solve_ngd(engine, g, lam, solver=solver.value, fisher=fisher, preconditioner=preconditioner,
+                           cg_tol=cg_tol, cg_max_iter=cg_max_iter) for lam in dampings}

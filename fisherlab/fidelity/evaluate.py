@@ -23,7 +23,7 @@ import xarray as xr
 from torch import Tensor, nn
 
 from fisherlab import results
-from fisherlab.checks import check_dampings, check_lr
+from fisherlab.checks import check_dampings, check_lr, parse_enum
 from fisherlab.errors import (
     InputError,
     MemoryBudgetError,
@@ -34,6 +34,7 @@ from fisherlab.errors import (
 from fisherlab.fidelity import metrics
 from fisherlab.fidelity.rules import Rule, RuleContext, UpdateRule, check_rules
 from fisherlab.likelihoods import Likelihood
+from fisherlab.ngd import ITERATIVE_SOLVERS, NGDSolver
 
 #: Errors that make one rule unavailable at a state without invalidating the others (its structure does not fit
 #: the budget, has no rule for a layer, or is numerically singular at this damping).
@@ -57,6 +58,10 @@ ANNOTATIONS: dict[str, tuple[str, ...]] = {
     "unavailable_reason": ("why the rule could not be evaluated", None),
     "ngd_residual": ("relative residual of the exact NGD solve ||(F + lambda I)x - g|| / ||g||", "1"),
     "ngd_iterations": ("CG iterations of the exact NGD solve (0 for Cholesky)", "1"),
+    "ngd_products": ("F.v products of the exact NGD solve (0 for the direct solvers)", "1",
+                     "a multishift solve serves every damping: each records the shared total"),
+    "ngd_solver": ("solver of the exact NGD solve (fisherlab.ngd.NGDSolver)", None),
+    "ngd_preconditioner": ("preconditioner of the exact NGD solve (a structure, or none)", None),
     "loss": ("loss L(theta) on the batch", *results.NATS),
     "grad_norm": ("gradient norm ||grad L||", *results.NATS),
     "damping": ("damping lambda of the exact NGD reference (and of the rules that damp)", "1"),
@@ -154,18 +159,28 @@ def measure(ctx: RuleContext, rules: Mapping[str, UpdateRule], dampings: Sequenc
     data["unavailable_reason"] = (("rule",), np.array(reasons, dtype=str))
     data["ngd_residual"] = (("damping",), np.array([s.residual for s in solves]))
     data["ngd_iterations"] = (("damping",), np.array([s.iterations for s in solves], dtype=np.int64))
+    data["ngd_products"] = (("damping",), np.array([s.products for s in solves], dtype=np.int64))
+    data["ngd_solver"] = (("damping",), np.array([s.solver for s in solves], dtype=str))
+    data["ngd_preconditioner"] = (("damping",), np.array([s.preconditioner for s in solves], dtype=str))
     data["loss"] = ((), np.array(float(loss)))
     data["grad_norm"] = ((), np.array(float(g.norm())))
     return data
 
 
 def solver_attrs(ctx: RuleContext, dampings: Sequence[float]) -> dict[str, Any]:
-    """Dataset attributes describing the exact NGD solves (``ngd_solver``, ``cg_tol``, convergence)."""
+    """Dataset attributes describing the exact NGD solves (``ngd_solver``, ``cg_tol``, convergence).
+
+    ``ngd_solver`` is the solver of every damping, or the distinct ones joined by ``","`` (the per-damping
+    variables ``ngd_solver`` / ``ngd_preconditioner`` say which); ``cg_tol`` is set when any solve iterated;
+    ``ngd_seconds`` (JSON list, one per damping in order) the wall time of each solve (a multishift solve serves
+    every damping: each records the shared total).
+    """
     solves = [ctx.solves[("true", lam)] for lam in dampings]
-    solver = solves[0].solver
-    attrs: dict[str, Any] = {"ngd_solver": solver, "ngd_converged": int(all(s.converged for s in solves))}
-    if solver == "cg":
+    solvers = list(dict.fromkeys(s.solver for s in solves))
+    attrs: dict[str, Any] = {"ngd_solver": ",".join(solvers), "ngd_converged": int(all(s.converged for s in solves))}
+    if any(s in {v.value for v in ITERATIVE_SOLVERS} for s in solvers):
         attrs["cg_tol"] = ctx.cg_tol
+    attrs["ngd_seconds"] = json.dumps([s.seconds for s in solves])
     return attrs
 
 
@@ -185,6 +200,7 @@ def evaluate_fidelity(
     chunk_size: int | None = None,
     cg_tol: float = 1e-6,
     cg_max_iter: int | None = None,
+    ngd_solver: str = "auto",
     skip_unavailable: bool = True,
     progress: bool | None = None,
     config: dict | None = None,
@@ -207,6 +223,10 @@ def evaluate_fidelity(
         chunk_size: Samples per chunk of the engines.
         cg_tol: Relative residual of CG solves.
         cg_max_iter: CG iteration cap (default 10·P).
+        ngd_solver: How exact NGD is solved (:class:`fisherlab.ngd.NGDSolver`): ``"auto"`` (Cholesky when the
+            dense Fisher fits the budget, else one multi-shift CG for all dampings, CG for one), ``"cholesky"``,
+            ``"cg"``, ``"multishift"``, ``"pcg-kfac"`` (CG preconditioned by the ``kfac`` rule's KFAC at each
+            damping), ``"pcg-diag"``; every iterative solve stops at the unpreconditioned residual ``cg_tol``.
         skip_unavailable: Record a rule that exceeds the budget or meets an unsupported layer as unavailable
             (NaN) instead of raising.
         progress: Progress bars (``None``: only on a terminal).
@@ -216,8 +236,10 @@ def evaluate_fidelity(
         A ``"fidelity"`` Dataset with dims ``rule``, ``damping``, ``layer`` and variables ``cosine``,
         ``cosine_layer``, ``rel_error``, ``fisher_rel_error``, ``kl_predicted``, ``kl_measured``,
         ``loss_change``, ``update_norm``, ``available``, ``unavailable_reason``, ``ngd_residual``,
-        ``ngd_iterations``, ``loss``, ``grad_norm``; attributes ``ngd_solver`` (``"cholesky"``/``"cg"``),
-        ``cg_tol`` (CG only), ``lr``, ``num_params``, ``num_samples``, ``timings`` (JSON, seconds per phase)
+        ``ngd_iterations``, ``ngd_products``, ``ngd_solver``, ``ngd_preconditioner`` (per damping), ``loss``,
+        ``grad_norm``; attributes ``ngd_solver`` (the solver(s) used), ``cg_tol`` (iterative solves only),
+        ``ngd_seconds`` (JSON, seconds of the solve per damping),
+        ``lr``, ``num_params``, ``num_samples``, ``timings`` (JSON, seconds per phase)
         and ``total_seconds``. Each metric variable has the attribute ``scale_dependent``: 0 for the cosines
         (unchanged when an update is scaled), 1 for the others (they depend on η — or, for an
         :class:`~fisherlab.fidelity.optimizers.OptimizerRule`, on the optimizer's own learning rate).
@@ -229,14 +251,15 @@ def evaluate_fidelity(
     rules = check_rules(rules)
     dampings = check_dampings(damping)
     lr = check_lr(lr)
+    ngd_solver = parse_enum(NGDSolver, ngd_solver, "NGD solver").value
     ctx = RuleContext(model, data, likelihood, dtype=dtype, device=device, seed=seed, mc_samples=mc_samples,
                       memory_budget=memory_budget, chunk_size=chunk_size, cg_tol=cg_tol, cg_max_iter=cg_max_iter,
-                      progress=progress)
+                      ngd_solver=ngd_solver, dampings=tuple(dampings), progress=progress)
     data_vars = measure(ctx, rules, dampings, lr, skip_unavailable=skip_unavailable)
     engine = ctx.engine()
     cfg = {"rules": list(rules), "damping": dampings, "lr": lr, "likelihood": repr(ctx.likelihood),
            "mc_samples": mc_samples, "memory_budget": ctx.memory_budget, "cg_tol": cg_tol,
-           "model": type(model).__name__, **(config or {})}
+           "ngd_solver": ngd_solver, "model": type(model).__name__, **(config or {})}
     attrs = {**solver_attrs(ctx, dampings), "lr": lr, "num_params": engine.spec.dim,
              "num_samples": engine.num_samples, "timings": json.dumps(ctx.timings),
              "total_seconds": time.perf_counter() - start}

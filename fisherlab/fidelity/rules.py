@@ -7,9 +7,10 @@ learning rate η to an update Δθ of shape (P,) in the *original* coordinates (
 The context computes each expensive object once and shares it between rules: the loss and gradient ∇L, one
 :class:`~fisherlab.engine.FisherEngine` per Fisher kind, each structured Fisher (block, KFAC, ...) built from
 the true-Fisher engine, and the exact solves (F_kind + λI)⁻¹ ∇L. Exact NGD (METHOD.md §3) uses the dense true
-Fisher and Cholesky when the dense solve fits the memory budget, else conjugate gradients on the implicit
-operator to the relative residual ``cg_tol``; :attr:`RuleContext.solves` records which (``"cholesky"`` /
-``"cg"``), the iterations and the relative residual ‖(F + λI)x − ∇L‖/‖∇L‖.
+Fisher and Cholesky when the dense solve fits the memory budget, else an iterative solve on the implicit
+operator to the relative residual ``cg_tol`` (``ngd_solver``, :class:`fisherlab.ngd.NGDSolver`; by default one
+multi-shift CG for all the context's ``dampings``); :attr:`RuleContext.solves` records which, the
+preconditioner, the iterations, F·v products and the relative residual ‖(F + λI)x − ∇L‖/‖∇L‖.
 
 Built-in rules (:data:`RULES`):
 
@@ -54,10 +55,10 @@ from torch import Tensor, nn
 from fisherlab import structures
 from fisherlab.checks import parse_enum
 from fisherlab.engine import FisherEngine
-from fisherlab.errors import InputError
+from fisherlab.errors import InputError, MemoryBudgetError, UnsupportedLayerError
 from fisherlab.likelihoods import Likelihood, get_likelihood
 from fisherlab.memory import dense_bytes, resolve_budget
-from fisherlab.ngd import SolveInfo, solve_ngd
+from fisherlab.ngd import NGDSolver, SolveInfo, solve_ngd_all
 from fisherlab.params import ParamSpec
 from fisherlab.structures.base import FisherMatrix
 from fisherlab.vocabulary import RECONSTRUCTIBLE, STRUCTURE_ALIASES, BlockBy, FisherKind, RootMethod, Structure
@@ -85,6 +86,11 @@ class RuleContext:
         chunk_size: Samples per chunk of the engines.
         cg_tol: Relative residual of the CG solves used when the dense Fisher does not fit.
         cg_max_iter: CG iteration cap (default: CG's own, 10·P).
+        ngd_solver: How exact NGD is solved (:class:`fisherlab.ngd.NGDSolver`); ``"auto"``: Cholesky when the dense
+            Fisher fits, else multi-shift CG for all ``dampings`` at once (CG for a single one). ``"pcg-kfac"``
+            preconditions with the ``kfac`` rule's KFAC (the true Fisher's, for every kind; diag when KFAC cannot
+            be built), ``"pcg-diag"`` with the ``diag`` rule's diagonal.
+        dampings: Every λ the context will be asked for (lets one multi-shift solve serve them all).
         progress: Progress bars (``None``: only on a terminal).
     """
 
@@ -99,6 +105,8 @@ class RuleContext:
     chunk_size: int | None = None
     cg_tol: float = 1e-6
     cg_max_iter: int | None = None
+    ngd_solver: str = "auto"
+    dampings: tuple[float, ...] = ()
     progress: bool | None = None
     solves: dict[tuple[str, float], SolveInfo] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -180,15 +188,41 @@ class RuleContext:
         return self._exact[kind]
 
     def exact_solve(self, kind: str, damping: float) -> Tensor:
-        """(F_kind + λI)⁻¹ ∇L, shape (P,), by Cholesky or CG (:func:`fisherlab.ngd.solve_ngd`); cached per λ."""
+        """(F_kind + λI)⁻¹ ∇L, shape (P,), by :func:`fisherlab.ngd.solve_ngd_all` with ``ngd_solver``; cached per λ.
+
+        A multi-shift solve (``auto`` on an implicit Fisher, or ``multishift``) solves every damping of
+        ``dampings`` not yet solved together with λ; its seconds are counted once in ``timings``.
+        """
         key = (kind, float(damping))
         if key not in self._solutions:
-            x, info = solve_ngd(self.engine(kind), self.gradient, damping, fisher=self.exact_fisher(kind),
-                                cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter)
-            self.timings[f"exact {kind} solve"] = self.timings.get(f"exact {kind} solve", 0.0) + info.seconds
-            self.solves[key] = info
-            self._solutions[key] = x
+            fisher = self.exact_fisher(kind)
+            solver = parse_enum(NGDSolver, self.ngd_solver, "NGD solver")
+            shared = solver is NGDSolver.MULTISHIFT or (solver is NGDSolver.AUTO and fisher.structure == "implicit")
+            lams = [float(damping)]
+            if shared:
+                lams = [lam for lam in dict.fromkeys([float(lam) for lam in self.dampings] + lams)
+                        if (kind, lam) not in self._solutions]
+            preconditioner = None
+            if solver in (NGDSolver.PCG_KFAC, NGDSolver.PCG_DIAG):
+                preconditioner = self._ngd_preconditioner(solver)
+            solved = solve_ngd_all(self.engine(kind), self.gradient, lams, solver=solver.value, fisher=fisher,
+                                   preconditioner=preconditioner, cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter)
+            infos = [info for _, info in solved.values()]
+            seconds = infos[0].seconds if infos[0].solver == NGDSolver.MULTISHIFT else sum(i.seconds for i in infos)
+            self.timings[f"exact {kind} solve"] = self.timings.get(f"exact {kind} solve", 0.0) + seconds
+            for lam, (x, info) in solved.items():
+                self.solves[(kind, lam)] = info
+                self._solutions[(kind, lam)] = x
         return self._solutions[key]
+
+    def _ngd_preconditioner(self, solver: NGDSolver) -> FisherMatrix:
+        """The ``kfac`` rule's KFAC (``pcg-kfac``; the diagonal when KFAC cannot be built) or the diagonal."""
+        if solver is NGDSolver.PCG_KFAC:
+            try:
+                return self.structure("kfac")
+            except (UnsupportedLayerError, MemoryBudgetError):
+                pass
+        return self.structure("diag")
 
     def natural_gradient(self, damping: float) -> Tensor:
         """(F + λI)⁻¹ ∇L with the true Fisher (the direction of exact NGD), shape (P,)."""
