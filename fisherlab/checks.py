@@ -172,12 +172,14 @@ def check_model(model: Any) -> None:
     """The checks every entry point makes of a user's model before using it.
 
     An ``nn.Module`` (with parameters), in eval mode where that matters (:func:`check_eval_mode`), whose
-    parameters and buffers hold values (not on the ``meta`` device) and are finite — buffers and frozen
-    parameters included, since they enter every output.
+    parameters and buffers hold values (not on the ``meta`` device) and are finite — frozen parameters included,
+    since they enter every output, and the running statistics of norm layers. Other buffers may hold ±inf (an
+    additive attention mask stores −inf, e.g. ``nn.Transformer.generate_square_subsequent_mask``) but no NaN; the
+    model's outputs are checked for finiteness separately, on the data.
 
     Raises:
         InputError: Not a module, no parameters, a tensor on the meta device, or a module in training mode.
-        NonFiniteError: A parameter or buffer holds NaN or infinite values (the message names it).
+        NonFiniteError: A parameter holds NaN or infinite values, or a buffer NaN (the message names it).
     """
     import torch
     from torch import nn
@@ -188,7 +190,10 @@ def check_model(model: Any) -> None:
     if not params:
         raise InputError(f"the model ({type(model).__name__}) has no parameters")
     tensors = [("parameter" if p.requires_grad else "frozen parameter", n, p) for n, p in params.items()]
-    tensors += [("buffer", n, b) for n, b in model.named_buffers(remove_duplicate=False)]
+    norms = [(m, mod) for m, mod in model.named_modules() if isinstance(mod, nn.modules.batchnorm._NormBase)]
+    stats = {f"{m}.{n}".lstrip(".") for m, mod in norms for n, _ in mod.named_buffers(recurse=False)}
+    tensors += [("statistics buffer" if n in stats else "buffer", n, b)
+                for n, b in model.named_buffers(remove_duplicate=False)]
     for what, name, t in tensors:
         if t.is_meta:
             raise InputError(f"{what} {name!r} is on the meta device (it has a shape but no values): materialise "
@@ -196,7 +201,9 @@ def check_model(model: Any) -> None:
     for what, name, t in tensors:
         if t.is_floating_point() or t.is_complex():
             with torch.no_grad():
-                if not bool(torch.isfinite(t).all()):
+                if what == "buffer" and bool(torch.isnan(t).any()):
+                    raise NonFiniteError(f"buffer {name!r} contains NaN values")
+                if what != "buffer" and not bool(torch.isfinite(t).all()):
                     raise NonFiniteError(f"{what} {name!r} contains NaN or infinite values")
     check_eval_mode(model)
 

@@ -198,9 +198,17 @@ class FisherEngine:
 
     # ----------------------------------------------------------------------------------------------- checks
     def _check_converted(self, named: dict[str, Tensor]) -> None:
-        """Parameters and buffers finite in the compute dtype (they are in the model's: :func:`check_model`)."""
+        """Parameters and buffers finite in the compute dtype where they are in the model's (:func:`check_model`:
+        a buffer may hold ±inf, e.g. an additive attention mask, but the conversion must not add any).
+        """
+        buffers = dict(self.model.named_buffers(remove_duplicate=False))
         for n, t in [*self.params.items(), *self._frozen.items()]:
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if not t.is_floating_point():
+                continue
+            finite = torch.isfinite(t)
+            if n in buffers and n not in named:
+                finite = finite | (torch.isinf(t) & torch.isinf(buffers[n].to(t.device)))
+            if not bool(finite.all()):
                 what = "buffer" if n not in named else "parameter" if named[n].requires_grad else "frozen parameter"
                 raise NonFiniteError(f"{what} {n!r} contains NaN or infinite values in the compute dtype "
                                      f"{self.dtype}{low_precision_advice(self.dtype)}")

@@ -7,6 +7,7 @@ the file runs in seconds.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import re
@@ -152,7 +153,7 @@ def poison(where: str, value: float) -> nn.Module:
 @pytest.mark.parametrize("entry", ALL)
 @pytest.mark.parametrize(("where", "value", "match"), [
     ("buffer", math.nan, r"buffer '1.running_var' contains NaN"),
-    ("buffer", math.inf, r"buffer '1.running_var' contains NaN or infinite"),
+    ("buffer", math.inf, r"statistics buffer '1.running_var' contains NaN or infinite"),
     ("frozen", math.nan, r"frozen parameter '0.weight' contains NaN"),
 ])
 def test_non_finite_buffers_and_frozen_parameters_are_named(entry, where, value, match):
@@ -507,3 +508,28 @@ def test_every_error_and_warning_class_is_exported_at_top_level():
     for cls in defined:
         assert getattr(fisherlab, cls.__name__) is cls and cls.__name__ in fisherlab.__all__
         assert issubclass(cls, (FisherlabError, Warning))
+
+
+def test_an_additive_attention_mask_buffer_may_hold_minus_inf():
+    """−inf in a mask buffer is how torch builds causal masks: accepted; the outputs are what must be finite."""
+    from fisherlab import fisher
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(3))
+
+        def forward(self, x):
+            return self.lin(x) + self.mask.clamp(min=-1e4)[0]
+
+    torch.manual_seed(0)
+    model = Masked().double().eval()
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    F = fisher(model, (X, y), structure="dense").to_dense()
+    # the mask's first row [0, -inf, -inf], clamped, shifts the logits by a constant: fold it into the bias
+    folded = copy.deepcopy(model.lin)
+    with torch.no_grad():
+        folded.bias += model.mask.clamp(min=-1e4)[0]
+    ref = fisher(folded, (X, y), structure="dense").to_dense()
+    torch.testing.assert_close(F, ref, rtol=1e-12, atol=1e-14)
