@@ -198,8 +198,10 @@ class FisherEngine:
 
     # ----------------------------------------------------------------------------------------------- checks
     def _check_converted(self, named: dict[str, Tensor]) -> None:
-        """Parameters and buffers finite in the compute dtype where they are in the model's (:func:`check_model`:
-        a buffer may hold ±inf, e.g. an additive attention mask, but the conversion must not add any).
+        """Parameters and buffers finite in the compute dtype where they are in the model's.
+
+        :func:`~fisherlab.checks.check_model` lets a buffer hold ±inf (an additive attention mask); the conversion
+        to the compute dtype must not add any.
         """
         buffers = dict(self.model.named_buffers(remove_duplicate=False))
         for n, t in [*self.params.items(), *self._frozen.items()]:
