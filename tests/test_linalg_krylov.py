@@ -11,6 +11,7 @@ import torch
 from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError
 from fisherlab.linalg import (
     cg,
+    cg_multishift,
     density_on_grid,
     hutchinson_diag,
     hutchinson_trace,
@@ -126,6 +127,82 @@ def test_cg_errors():
 
 
 # ---------------------------------------------------------------- Lanczos
+
+
+# ---------------------------------------------------------------- multi-shift CG
+
+SHIFTS = [1e-1, 1e-3, 1.0, 1e-2]  # unsorted: results come back in the given order
+
+
+def test_cg_multishift_matches_cholesky_and_separate_cg():
+    n = 150
+    A = spd(n, torch.logspace(0, -6, n), seed=3)  # PSD up to 1e-6: the shifts set the conditioning (κ ≤ 1e3)
+    b = vec(n, 4)
+    out = cg_multishift(lambda v: A @ v, b, SHIFTS, tol=1e-13)
+    separate = [cg(lambda v: A @ v, b, damping=lam, tol=1e-13) for lam in SHIFTS]
+    assert len(out.shifts) == len(SHIFTS)
+    for lam, res, sep in zip(SHIFTS, out.shifts, separate, strict=True):
+        M = A + lam * torch.eye(n, dtype=torch.float64)
+        L = torch.linalg.cholesky(M)
+        x_ref = torch.cholesky_solve(b[:, None], L)[:, 0]
+        assert res.converged and res.residual <= 1e-13
+        true_res = float(torch.linalg.vector_norm(b - M @ res.x) / torch.linalg.vector_norm(b))
+        assert res.residual == pytest.approx(true_res, rel=1e-9)  # the recorded residual is the true one
+        assert float((res.x - x_ref).norm() / x_ref.norm()) < 1e-10
+        assert float((res.x - sep.x).norm() / sep.x.norm()) < 1e-10
+        # a shift stops when its own residual reaches tol: about as many iterations as its own CG
+        assert abs(res.iterations - sep.iterations) <= max(3, sep.iterations // 10)
+    # one Krylov space: the iterations of the hardest shift, one residual check per shift (and any refinement)
+    assert out.iterations <= max(r.iterations for r in out.shifts)
+    refined = sum(r.iterations + 2 for r in out.shifts if r.restarts)  # x0 residual, iterations, final check
+    assert out.iterations + len(SHIFTS) <= out.products <= out.iterations + len(SHIFTS) + refined
+    assert out.products < sum(r.iterations for r in separate)
+
+
+def test_cg_multishift_counts_and_batches_products():
+    n = 60
+    A = spd(n, torch.logspace(0, -2, n), seed=5)
+    b = vec(n, 6)
+    calls = []
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        calls.append(1 if v.ndim == 1 else v.shape[1])
+        return A @ v
+
+    out = cg_multishift(matvec, b, [0.0, 1e-2], tol=1e-10, batched=True)
+    assert out.products == sum(calls) and calls[-1] == 2  # the final checks as one block product
+    assert all(r.converged for r in out.shifts) and out.shifts[0].history[0] == 1.0
+
+
+def test_cg_multishift_edge_cases():
+    A = spd(20, torch.logspace(0, -2, 20), seed=7)
+    zero = cg_multishift(lambda v: A @ v, torch.zeros(20, dtype=torch.float64), [1e-2, 1e-1])
+    assert zero.products == 0 and all(r.converged and r.residual == 0 and not r.x.any() for r in zero.shifts)
+    capped = cg_multishift(lambda v: A @ v, vec(20, 8), [1e-4, 1.0], tol=1e-12, max_iter=3)
+    assert capped.iterations == 3 and not capped.shifts[0].converged and capped.shifts[0].residual > 1e-12
+    with pytest.raises(InputError, match="dampings must be a non-empty sequence"):
+        cg_multishift(lambda v: A @ v, vec(20, 8), [])
+    with pytest.raises(InputError, match="b must have shape"):
+        cg_multishift(lambda v: A @ v, vec(20, 8, 2), [1.0])
+    with pytest.raises(SingularMatrixError, match="non-positive curvature"):
+        cg_multishift(lambda v: -(A @ v), vec(20, 8), [1e-3, 1e-2])
+    with pytest.raises(NonFiniteError, match="NaN/inf"):
+        cg_multishift(lambda v: v * float("nan"), vec(20, 8), [1e-3])
+
+
+def test_cg_multishift_float32_records_true_residuals():
+    """float32: the recurrence residuals drift from the true ones; the recorded residual and flag are the true ones."""
+    n = 200
+    A = spd(n, torch.logspace(1, -5, n), seed=1).float()
+    b = vec(n, 2).float()
+    lams = [1e-3, 1e-2, 1e-1]
+    out = cg_multishift(lambda v: A @ v, b, lams, tol=1e-4)
+    for lam, res in zip(lams, out.shifts, strict=True):
+        M = (A + lam * torch.eye(n)).double()
+        true_res = float(torch.linalg.vector_norm(b.double() - M @ res.x.double()) / b.double().norm())
+        assert res.residual == pytest.approx(true_res, rel=1e-2, abs=1e-6)
+        assert res.converged == (res.residual <= 1e-4)
+    assert out.shifts[2].converged and out.shifts[1].converged  # the better conditioned shifts reach 1e-4
 
 
 def test_lanczos_top5_matches_eigvalsh():
