@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
+import reference as ref
 import torch
 
 import fisherlab.ngd as ngd_module
-import reference as ref
-from fisherlab import fisher
+from fisherlab import evaluate_fidelity, fisher
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError
 from fisherlab.linalg import cg
-from fisherlab.models import MLP
-from fisherlab.ngd import solve_ngd
+from fisherlab.models import CNN, MLP
+from fisherlab.ngd import solve_ngd, solve_ngd_all
 
 LAM = 0.1
 
@@ -69,3 +70,97 @@ def test_bad_solver_and_damping(problem) -> None:
         solve_ngd(engine, g, 0.0, solver="woodbury")
     with pytest.raises(InputError, match="damping must be ≥ 0"):
         solve_ngd(engine, g, -1.0)
+
+
+# ------------------------------------------------------------------ several dampings, preconditioned CG
+
+DAMPINGS = [1e-2, 1e-1, 1.0, 1e-3]
+
+
+@pytest.fixture(scope="module", params=["mlp", "cnn"])
+def net_problem(request):
+    """A small float64 MLP or CNN, its gradient and its true Fisher by per-sample autograd (the reference)."""
+    torch.manual_seed(2)
+    if request.param == "mlp":
+        model, X = MLP(6, [7], 3).double().eval(), torch.randn(10, 6, dtype=torch.float64)
+    else:
+        model, X = CNN((1, 4, 4), 3, channels=(2, 3)).double().eval(), torch.randn(10, 1, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    lik = ref.RefLikelihood("categorical")
+    return model, X, y, ref.loss_gradients(model, X, y, lik).mean(0), ref.true_fisher(model, X, lik)
+
+
+def _residual(F: torch.Tensor, x: torch.Tensor, g: torch.Tensor, lam: float) -> float:
+    return float((F @ x + lam * x - g).norm() / g.norm())
+
+
+def test_multishift_matches_cholesky_and_separate_cg(net_problem) -> None:
+    model, X, y, g, F = net_problem
+    engine = FisherEngine(model, (X, y))
+    got = solve_ngd_all(engine, g, DAMPINGS, solver="multishift", cg_tol=1e-13)
+    separate = {lam: solve_ngd(engine, g, lam, solver="cg", cg_tol=1e-13) for lam in DAMPINGS}
+    assert list(got) == DAMPINGS
+    eye = torch.eye(len(F), dtype=torch.float64)
+    for lam, (x, info) in got.items():
+        expected = torch.cholesky_solve(g[:, None], torch.linalg.cholesky(F + lam * eye))[:, 0]
+        assert float((x - expected).norm() / expected.norm()) < 1e-10
+        assert float((x - separate[lam][0]).norm() / expected.norm()) < 1e-10
+        assert info.solver == "multishift" and info.preconditioner == "none" and info.converged
+        assert info.residual == pytest.approx(_residual(F, x, g, lam), rel=1e-3, abs=1e-15)
+    products = {info.products for _, info in got.values()}
+    assert len(products) == 1  # one shared solve: every damping records its total
+    assert products.pop() < sum(info.products for _, info in separate.values())
+
+
+@pytest.mark.parametrize("solver", ["pcg-kfac", "pcg-diag"])
+def test_preconditioned_cg_reaches_the_unpreconditioned_residual(net_problem, solver: str) -> None:
+    model, X, y, g, F = net_problem
+    engine = FisherEngine(model, (X, y))
+    for tol in (1e-4, 1e-9):
+        got = solve_ngd_all(engine, g, DAMPINGS, solver=solver, cg_tol=tol)
+        for lam, (x, info) in got.items():
+            own = _residual(F, x, g, lam)  # independently, with the reference Fisher
+            assert own <= tol * (1 + 1e-6) and info.converged
+            assert info.residual == pytest.approx(own, rel=1e-3, abs=1e-15)
+            assert info.preconditioner == solver.removeprefix("pcg-") and info.products > info.iterations > 0
+
+
+def test_kfac_preconditioner_given_is_used_and_diag_is_the_fallback(problem, monkeypatch) -> None:
+    model, X, y, g, F, _ = problem
+    engine = FisherEngine(model, (X, y))
+    kfac = fisher(model, (X, y), structure="kfac")
+    calls = []
+    monkeypatch.setattr(kfac, "solve", lambda v, lam: calls.append(lam) or type(kfac).solve(kfac, v, lam))
+    x, info = solve_ngd(engine, g, LAM, solver="pcg-kfac", preconditioner=kfac, cg_tol=1e-10)
+    assert calls and set(calls) == {LAM} and info.preconditioner == "kfac"
+    assert _residual(F, x, g, LAM) <= 1e-10
+    norm = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3)).double()
+    rhs = torch.randn(sum(p.numel() for p in norm.parameters()), dtype=torch.float64)
+    x, info = solve_ngd(FisherEngine(norm, (X, y)), rhs, LAM, solver="pcg-kfac")
+    assert info.preconditioner == "diag" and info.converged  # KFAC has no LayerNorm rule
+
+
+def test_solve_ngd_all_auto_and_context(problem) -> None:
+    model, X, y, g, F, _ = problem
+    engine = FisherEngine(model, (X, y))
+    implicit = fisher(model, (X, y), structure="implicit")
+    assert {i.solver for _, i in solve_ngd_all(engine, g, DAMPINGS, fisher=implicit).values()} == {"multishift"}
+    assert {i.solver for _, i in solve_ngd_all(engine, g, [LAM], fisher=implicit).values()} == {"cg"}
+    dense = fisher(model, (X, y), structure="dense")
+    assert {i.solver for _, i in solve_ngd_all(engine, g, DAMPINGS, fisher=dense).values()} == {"cholesky"}
+    # the fidelity Dataset records solver, preconditioner, products and seconds per damping
+    P = F.shape[0]
+    for solver, precond in (("auto", "none"), ("pcg-kfac", "kfac"), ("pcg-diag", "diag")):
+        ds = evaluate_fidelity(model, (X, y), rules=["gd", "ngd"], damping=DAMPINGS, dtype=torch.float64,
+                               memory_budget=3 * P * P * 8, cg_tol=1e-10, ngd_solver=solver)
+        expected_solver = "multishift" if solver == "auto" else solver
+        assert list(ds["ngd_solver"].values) == [expected_solver] * 4 and ds.attrs["ngd_solver"] == expected_solver
+        assert list(ds["ngd_preconditioner"].values) == [precond] * 4
+        assert (ds["ngd_products"].values > 0).all() and (ds["ngd_residual"].values <= 1e-10).all()
+        assert len(json.loads(ds.attrs["ngd_seconds"])) == 4
+        for lam in DAMPINGS:
+            expected = torch.linalg.solve(F + lam * torch.eye(P, dtype=torch.float64), g)
+            cos = float(ds["cosine"].sel(rule="gd", damping=lam))
+            assert cos == pytest.approx(float(g @ expected / (g.norm() * expected.norm())), abs=1e-8)
+    with pytest.raises(InputError, match="unknown NGD solver"):
+        evaluate_fidelity(model, (X, y), rules=["gd"], damping=LAM, ngd_solver="lu")

@@ -1,0 +1,118 @@
+"""Exact NGD for several dampings: separate CG solves vs one multi-shift CG vs KFAC-preconditioned CG (issue 13).
+
+Case: the wide MLP 64-1024-1024-10 (tanh, P = 1,126,410) on the first N standardized digits training samples
+(default N = 1024), categorical likelihood, true Fisher (implicit: matrix-free F·v with the cached
+linearisation), float32, dampings {1e-4, 1e-3, 1e-2, 1e-1}, relative residual 1e-4 of the unpreconditioned
+system ‖(F + λI)x − g‖/‖g‖ (every method checked against it with true products). Optionally (``--cnn``) the
+same table for a CNN on the 8×8 digits.
+
+Methods (all through :func:`fisherlab.ngd.solve_ngd_all`):
+
+* ``separate cg`` — one CG solve per damping (the reference, today's exact NGD);
+* ``multishift`` — one multi-shift CG for all four dampings;
+* ``pcg-kfac`` — CG preconditioned by KFAC at each damping, summed over the dampings; the KFAC (built once, as
+  the ``kfac`` rule of an evaluation builds it) is not in the solve time; its build time is printed in the note.
+
+Products are the F·v products (block columns counted) including the final residual checks; they are
+deterministic. Seconds: medians over ``--repeats`` interleaved rounds after one warm-up (``_common.time_methods``);
+ratios to ``separate cg`` are medians of the within-round ratios.
+
+    python benchmarks/bench_exact_ngd.py [--device cpu|cuda] [--repeats 3] [--quick] [--n 1024] [--cnn]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import header, parse_args, time_methods  # noqa: E402
+
+from fisherlab import structures  # noqa: E402
+from fisherlab.data import load_digits  # noqa: E402
+from fisherlab.engine import FisherEngine  # noqa: E402
+from fisherlab.models import CNN, MLP  # noqa: E402
+from fisherlab.ngd import solve_ngd_all  # noqa: E402
+
+DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1)
+TOL = 1e-4
+MAX_ITER = 2000
+BUDGET = 3 * 2**30
+
+
+def _extra_args() -> tuple[int, bool]:
+    """Pop ``--n N`` and ``--cnn`` before the shared parser sees the arguments."""
+    n, cnn = 1024, False
+    if "--cnn" in sys.argv:
+        sys.argv.remove("--cnn")
+        cnn = True
+    if "--n" in sys.argv:
+        i = sys.argv.index("--n")
+        n = int(sys.argv[i + 1])
+        del sys.argv[i:i + 2]
+    return n, cnn
+
+
+def bench_case(name: str, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device,
+               repeats: int) -> None:
+    engine = FisherEngine(model, batch, "categorical", dtype=torch.float32, device=device, memory_budget=BUDGET,
+                          progress=False)
+    g = engine.loss_and_gradient()[1]
+    implicit = structures.build("implicit", engine)
+    start = time.perf_counter()
+    kfac = structures.build("kfac", engine)
+    kfac_seconds = time.perf_counter() - start
+    last: dict[str, dict] = {}
+
+    def method(solver: str, **kw):
+        def run():
+            last[solver] = solve_ngd_all(engine, g, DAMPINGS, solver=solver, fisher=implicit, cg_tol=TOL,
+                                         cg_max_iter=MAX_ITER, **kw)
+        return run
+
+    methods = {"separate cg": method("cg"), "multishift": method("multishift"),
+               "pcg-kfac": method("pcg-kfac", preconditioner=kfac)}
+    times = time_methods(methods, device, repeats)
+    ref_products = sum(info.products for _, info in last["cg"].values())
+    print(f"-- {name}: P = {engine.spec.dim:,}, N = {engine.num_samples}, dampings {list(DAMPINGS)}, "
+          f"tol {TOL:g}, float32, {repeats} round(s)")
+    head = ("method", "products", "x products", "median s", "x time", "max residual", "iterations per damping")
+    rows = []
+    for label, solver in (("separate cg", "cg"), ("multishift", "multishift"), ("pcg-kfac", "pcg-kfac")):
+        infos = [info for _, info in last[solver].values()]
+        products = infos[0].products if solver == "multishift" else sum(i.products for i in infos)
+        ratio = statistics.median(t / r for t, r in zip(times[label], times["separate cg"], strict=True))
+        note = " ".join(f"{i.iterations}" for i in infos)
+        if not all(i.converged for i in infos):
+            note += " (NOT converged)"
+        rows.append((label, str(products), f"{products / ref_products:.2f}", f"{statistics.median(times[label]):.2f}",
+                     f"{ratio:.2f}", f"{max(i.residual for i in infos):.1e}", note))
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, strict=True)]
+    for line in (head, *rows):
+        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+    print(f"   KFAC build (shared with the kfac rule, not in pcg-kfac's time): {kfac_seconds:.2f} s\n")
+
+
+def main() -> None:
+    n, cnn = _extra_args()
+    args = parse_args(__doc__.splitlines()[0], default_repeats=3)
+    header("exact NGD for 4 dampings: separate CG, multi-shift CG, KFAC-preconditioned CG", args.device)
+    data = load_digits(dtype=torch.float32)
+    if args.quick:
+        n = min(n, 256)
+    batch = (data.X_train[:n], data.y_train[:n])
+    torch.manual_seed(0)
+    bench_case("MLP 64-1024-1024-10", MLP(64, [1024, 1024], 10, "tanh"), batch, args.device, args.repeats)
+    if cnn:
+        torch.manual_seed(0)
+        images = (batch[0].reshape(-1, 1, 8, 8), batch[1])
+        bench_case("CNN (32, 64) on 8x8 digits", CNN((1, 8, 8), 10, channels=(32, 64)), images, args.device,
+                   args.repeats)
+
+
+if __name__ == "__main__":
+    main()
