@@ -55,6 +55,20 @@ path/to/file.py:callable.
 The spec string is recorded in the results' configuration."""
 
 
+OPTIMIZER_HELP = """\
+Your own optimizers: --optimizer torch.optim.AdamW --optimizer-args lr=1e-3
+weight_decay=0.01 trains a second run with AdamW (same model, data, --steps and
+--every) and measures, every --every steps, the update AdamW takes there against
+exact NGD (rule optimizer:AdamW in trajectory.nc; the report draws it beside the
+rules of the --train-rule run). Repeat --optimizer for several, each followed by
+its own --optimizer-args; --optimizer A B adds several with their defaults.
+CLASS is a dotted class path (a torch.optim.Optimizer subclass) or
+module:factory / file.py:factory, a callable factory(params, **kwargs)
+returning one. Argument values are Python literals (nothing is evaluated).
+In a configuration file: optimizer = ["torch.optim.AdamW"],
+optimizer-args = [["lr=1e-3", "weight_decay=0.01"]]."""
+
+
 def paragraph(text: str) -> str:
     """``text`` filled to the help width (descriptions are shown as written)."""
     import textwrap
@@ -72,7 +86,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         default = action.default
-        if action.option_strings and default not in (None, argparse.SUPPRESS) and not isinstance(default, bool):
+        if (action.option_strings and default not in (None, argparse.SUPPRESS) and not isinstance(default, bool)
+                and default != []):
             text += f" (default: {show(default)})".replace("%", "%%")
         return text
 
@@ -130,6 +145,34 @@ def add_renamed(p: argparse.ArgumentParser, renamed: dict[str, str]) -> None:
                        metavar=a.metavar, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
+class OptimizerOption(argparse.Action):
+    """``--optimizer SPEC [SPEC ...]`` (repeatable): appends optimizers, each with an empty argument list."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        specs = list(getattr(namespace, "optimizer", None) or [])
+        args = [list(a) for a in getattr(namespace, "optimizer_args", None) or []]
+        args += [[] for _ in range(len(specs) - len(args))]
+        for spec in values:
+            specs.append(spec)
+            args.append([])
+        namespace.optimizer, namespace.optimizer_args = specs, args
+
+
+class OptimizerArgsOption(argparse.Action):
+    """``--optimizer-args KEY=VALUE ...``: keyword arguments of the optimizer named last before it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        specs = getattr(namespace, "optimizer", None) or []
+        if not specs:
+            raise argparse.ArgumentError(self, "comes after the --optimizer whose arguments it gives")
+        args = [list(a) for a in getattr(namespace, "optimizer_args", None) or []]
+        args += [[] for _ in range(len(specs) - len(args))]
+        args[-1] += list(values)
+        namespace.optimizer_args = args
+
+
 def add_common(p: argparse.ArgumentParser, defaults: dict[str, Any], *, out: str) -> None:
     """Options shared by the study subcommands: the fields of :class:`~fisherlab.study.RunConfig`, and more."""
     p.add_argument("--config", metavar="FILE", help="TOML or YAML file with option values (command line wins)")
@@ -177,6 +220,12 @@ def add_fidelity_options(p: argparse.ArgumentParser) -> None:
                    help=f"Fisher kinds of the spectrum part: {', '.join(kinds)}")
     p.add_argument("--parts", nargs="+", default=d["parts"], choices=PARTS, metavar="PART",
                    help=f"parts of the study to run: {', '.join(PARTS)}")
+    p.add_argument("--optimizer", nargs="+", action=OptimizerOption, default=None, metavar="CLASS",
+                   help="your optimizer(s) added to the trajectory part, each training its own run: a class path "
+                        "(torch.optim.AdamW) or module:factory; repeat the option for several")
+    p.add_argument("--optimizer-args", nargs="+", action=OptimizerArgsOption, default=None, metavar="KEY=VALUE",
+                   help="keyword arguments of the --optimizer named just before, each value a Python literal "
+                        "(lr=1e-3 betas=(0.9,0.95) nesterov=True)")
     add_renamed(p, {"--dampings": "--damping", "--train-method": "--train-rule",
                     "--geometry-dampings": "--geometry-damping"})
 
@@ -212,7 +261,7 @@ def build_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
             "initial parameters (fidelity.nc) and along a training run (trajectory.nc), the preconditioned geometry "
             "of each structure (geometry.nc) and the Fisher spectra (spectrum.nc); then draws the figures and "
             "writes report.html into --out. A rerun with the same options resumes: finished parts are kept."),
-        epilog=f"{OWN_MODEL_HELP}\n\n{CONFIG_HELP}")
+        epilog=f"{OWN_MODEL_HELP}\n\n{OPTIMIZER_HELP}\n\n{CONFIG_HELP}")
     add_fidelity_options(p)
     p.set_defaults(func=cmd_fidelity, command_parser=p)
     p = sub.add_parser(
@@ -319,8 +368,22 @@ def apply_config_file(args: argparse.Namespace, argv: Sequence[str]) -> None:
         action = actions[key]
         if isinstance(action, RenamedOption):
             print(f"fisherlab: {path}: {key} is deprecated; use {action.new[2:]}", file=sys.stderr)
-        if action.dest not in given:
+        if action.dest in given:
+            continue
+        if isinstance(action, OptimizerArgsOption):  # a list of key=value lists, one per optimizer (or one list)
+            setattr(args, action.dest, optimizer_args_value(value, f"{path}: {key}"))
+        else:
             setattr(args, action.dest, convert_config_value(action, value, f"{path}: {key}"))
+
+
+def optimizer_args_value(value: Any, where: str) -> list[Any]:
+    """``optimizer-args`` of a configuration file: ``["lr=1e-3"]`` (one optimizer) or ``[["lr=1e-3"], []]``."""
+    lists = value if isinstance(value, list) and value and all(isinstance(v, list) for v in value) else [value]
+    for items in lists:
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise InputError(f"{where}: --optimizer-args takes a list of \"key=value\" strings (or one such list "
+                             f"per optimizer), not {value!r}")
+    return lists
 
 
 def make_config(cls: type[RunConfig], args: argparse.Namespace) -> Any:

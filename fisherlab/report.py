@@ -337,21 +337,33 @@ def plot_trajectory(ds: xr.Dataset, damping: float | None = None) -> list[Figure
     """Cosine to exact NGD per rule and training loss along a trajectory.
 
     The cosine is drawn at ``damping`` (the nearest λ measured); the steps since the last refresh of G when
-    recorded.
+    recorded. A rule measured along its own training run (the user's optimizer: coordinate ``trained_with``) is
+    drawn dashed, labelled ``(own run)``, and its run's loss (``training_loss``) beside the main run's.
     """
+    from fisherlab.study import own_run_rules
+
+    own = own_run_rules(ds)
+    labels = {str(r): rule_label(r) + (" (own run)" if str(r) in own else "") for r in ds.rule.values}
     cos, lam = _trajectory_cosine(ds, damping)
-    df = cos.to_dataframe().reset_index()
-    df["rule"] = df.rule.map(rule_label)
+    df = cos.drop_vars("trained_with", errors="ignore").to_dataframe().reset_index()
+    df["rule"] = df.rule.map(lambda r: labels[str(r)])
+    df["run"] = np.where(df.rule.isin([labels[r] for r in own]), "own run", "main run")
     fig = new_figure(12, 4.0)
     axes = fig.subplots(1, 2, width_ratios=(1.6, 1))
-    sns.lineplot(df, x="step", y="cosine", hue="rule", hue_order=[rule_label(r) for r in ds.rule.values],
-                 marker="o", ax=axes[0])
+    sns.lineplot(df, x="step", y="cosine", hue="rule", hue_order=list(labels.values()), marker="o", ax=axes[0],
+                 style="run" if own else None, style_order=["main run", "own run"] if own else None)
     train = ds.attrs.get("train_rule", "")
-    axes[0].set(title=f"cosine to exact NGD while training with {train}" + (f" (λ = {lam:g})" if lam else ""),
+    axes[0].set(title=f"cosine to exact NGD while training with {train}" + (" (or its own run)" if own else "")
+                + (f" (λ = {lam:g})" if lam else ""),
                 ylabel=axis_label(ds.cosine, "cosine to exact NGD"), xlabel=axis_label(ds.step))
     legend_outside(axes[0])
-    axes[1].plot(ds.step.values, ds.loss.values, "k.-")
-    axes[1].set(title="training loss", ylabel=axis_label(ds.loss, "loss"), xlabel=axis_label(ds.step))
+    axes[1].plot(ds.step.values, ds.loss.values, "k.-", label=train)
+    for r in own:
+        axes[1].plot(ds.step.values, ds.training_loss.sel(rule=r).values, ".--", label=labels[r])
+    axes[1].set(title="training loss" + (" of each run" if own else ""), ylabel=axis_label(ds.loss, "loss"),
+                xlabel=axis_label(ds.step))
+    if own:
+        axes[1].legend(fontsize="small")
     if "steps_since_refresh" in ds:
         twin = axes[1].twinx()
         twin.plot(ds.step.values, ds.steps_since_refresh.values, "o:", color="gray")

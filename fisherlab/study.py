@@ -6,7 +6,8 @@ the output folder as soon as it finishes (a rerun after Ctrl-C resumes from the 
 1. ``fidelity.nc`` — every update rule against exact NGD at the initial parameters, for several dampings
    (:func:`fisherlab.evaluate_fidelity`);
 2. ``trajectory.nc`` — the same measurement every few steps along a training run
-   (:func:`fisherlab.fidelity_trajectory`);
+   (:func:`fisherlab.fidelity_trajectory`), and each of the user's optimizers (``optimizer``) measured along a
+   run it trains itself (:func:`with_optimizers`);
 3. ``geometry.nc`` — condition numbers of F + λI and of G^{-1/2}(F + λI)G^{-1/2} per structure
    (:func:`fisherlab.fisher_geometry`);
 4. ``spectrum.nc`` — spectra of the true, Monte-Carlo and empirical Fishers (:func:`fisherlab.fisher_spectra`).
@@ -225,6 +226,14 @@ class StudyConfig(RunConfig):
             the trajectory's λ, the middle of ``damping``, so that the report shows one λ throughout).
         spectrum_kinds: Fisher kinds whose spectra are computed.
         parts: Parts of the study to run.
+        optimizer: The user's optimizers added to the trajectory part, each a dotted class path
+            (``torch.optim.AdamW``) or ``module:factory`` / ``path/to/file.py:factory``: a
+            ``torch.optim.Optimizer`` subclass or a callable ``factory(params, **kwargs) -> Optimizer``. Each
+            trains its own trajectory (same model, data, steps and ``every``), along which its update is measured
+            against exact NGD as rule ``optimizer:<Class>`` (:func:`optimizer_rules_of`).
+        optimizer_args: One list of ``key=value`` keyword arguments per optimizer (empty: its defaults), each
+            value a Python literal read by ``ast.literal_eval`` (``lr=1e-3``, ``betas=(0.9, 0.95)``,
+            ``nesterov=True``; nothing is evaluated); stored normalised (``lr=0.001``).
     """
 
     command: ClassVar[str] = "fidelity"
@@ -246,6 +255,8 @@ class StudyConfig(RunConfig):
     geometry_damping: list[float] | None = None
     spectrum_kinds: list[str] = field(default_factory=lambda: ["true", "mc", "empirical"])
     parts: list[str] = field(default_factory=lambda: list(PARTS))
+    optimizer: list[str] = field(default_factory=list)
+    optimizer_args: list[list[str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -273,6 +284,21 @@ class StudyConfig(RunConfig):
                                                 "structure")
         self.spectrum_kinds = _check_names("spectrum_kinds", self.spectrum_kinds, [k.value for k in FisherKind],
                                            "Fisher kind")
+        self.optimizer, self.optimizer_args = _check_optimizers(self.optimizer, self.optimizer_args)
+        with _about("optimizer"):
+            clash = sorted(set(optimizer_rules_of(self)) & set(self.trajectory_rules))
+        if clash:
+            raise option_error("optimizer", f"rule name(s) {clash} are also in trajectory_rules")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as plain values; ``optimizer`` and ``optimizer_args`` only when optimizers are given.
+
+        (So that a folder written before optimizers existed resumes under the same configuration.)
+        """
+        out = super().to_dict()
+        if not self.optimizer:
+            del out["optimizer"], out["optimizer_args"]
+        return out
 
     @property
     def trajectory_damping(self) -> float:
@@ -317,6 +343,142 @@ class SpectraConfig(RunConfig):
         if not self.slq:
             del out["probes"], out["lanczos_steps"]
         return out
+
+
+# ------------------------------------------------------------------------------------------------ optimizers
+def parse_optimizer_args(items: Any, spec: str = "") -> dict[str, Any]:
+    """``["lr=1e-3", "betas=(0.9, 0.95)"]`` as keyword arguments, each value by ``ast.literal_eval`` (no eval).
+
+    Raises:
+        InputError: About ``optimizer_args`` (``.field``): an item that is not ``key=value`` with an identifier
+            key, a value that is not a Python literal (a string needs quotes: ``mode='max'``), a key given twice.
+    """
+    import ast
+
+    where = f" (of {spec})" if spec else ""
+    if isinstance(items, str) or not isinstance(items, (list, tuple)):
+        raise option_error("optimizer_args", f"must be a list of key=value{where}; got {items!r}")
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, text = str(item).partition("=")
+        key = key.strip()
+        if not eq or not key.isidentifier():
+            raise option_error("optimizer_args", f"{item!r}{where} is not key=value (e.g. lr=1e-3)")
+        if key in out:
+            raise option_error("optimizer_args", f"{key!r} given more than once{where}")
+        try:
+            out[key] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise option_error("optimizer_args", f"{item!r}{where}: {text.strip()!r} is not a Python literal "
+                                                 "(numbers, True/False/None, tuples, quoted strings)") from None
+    return out
+
+
+def load_optimizer(spec: str) -> Callable[..., Any]:
+    """The optimizer class or factory named by ``spec``.
+
+    ``spec`` is a dotted path (``torch.optim.AdamW``: the longest prefix that imports is the module) or
+    ``module:factory`` / ``path/to/file.py:factory`` (:func:`load_callable`).
+
+    Raises:
+        InputError: About ``optimizer``: nothing importable by that name, a class that is not a
+            ``torch.optim.Optimizer`` subclass, an object that is not callable.
+    """
+    import torch
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise option_error("optimizer", f"must be a class path or module:factory; got {spec!r}")
+    if is_spec(spec):
+        obj = load_callable(spec, "optimizer")
+    else:
+        parts = spec.split(".")
+        if len(parts) < 2 or not all(p.isidentifier() for p in parts):
+            raise option_error("optimizer", f"{spec!r} is not a dotted class path (torch.optim.AdamW) or "
+                                            "module:factory")
+        obj = None
+        for i in range(len(parts) - 1, 0, -1):
+            try:
+                module = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            obj = module
+            for attr in parts[i:]:
+                obj = getattr(obj, attr, None)
+            break
+        if obj is None:
+            raise option_error("optimizer", f"{spec!r}: no importable module holds it")
+        if not callable(obj):
+            raise option_error("optimizer", f"{spec!r} is a {type(obj).__name__}, not a class or factory")
+    if isinstance(obj, type) and not issubclass(obj, torch.optim.Optimizer):
+        raise option_error("optimizer", f"{spec!r} is the class {obj.__name__}, not a torch.optim.Optimizer "
+                                        "subclass")
+    return obj
+
+
+def _check_optimizers(specs: Any, args: Any) -> tuple[list[str], list[list[str]]]:
+    """``optimizer`` and ``optimizer_args`` validated: each built once on a test parameter, arguments normalised."""
+    import torch
+
+    from fisherlab.fidelity.optimizers import check_optimizer
+
+    specs = [] if specs is None else specs
+    args = [] if args is None else args
+    if isinstance(specs, str) or not isinstance(specs, (list, tuple)):
+        raise option_error("optimizer", f"must be a list of class paths or module:factory; got {specs!r}")
+    if isinstance(args, str) or not isinstance(args, (list, tuple)):
+        raise option_error("optimizer_args", f"must be a list of key=value lists, one per optimizer; got {args!r}")
+    if args and not specs:
+        raise option_error("optimizer_args", "given without an optimizer (--optimizer CLASS --optimizer-args ...)")
+    if args and all(isinstance(a, str) for a in args) and len(specs) == 1:
+        args = [args]  # one optimizer's arguments as a flat list
+    if args and len(args) != len(specs):
+        raise option_error("optimizer_args", f"{len(args)} argument lists for {len(specs)} optimizers: give one "
+                                             "--optimizer-args after each --optimizer that takes arguments")
+    args = [list(a) if isinstance(a, (list, tuple)) else a for a in (args or [[] for _ in specs])]
+    out: list[list[str]] = []
+    for spec, items in zip(specs, args, strict=True):
+        cls = load_optimizer(spec)
+        kwargs = parse_optimizer_args(items, spec)
+        test = torch.zeros(2, 2, requires_grad=True)
+        try:
+            built = cls([test], **kwargs)
+        except FisherlabError as exc:
+            raise option_error("optimizer", f"{spec!r}: {exc}") from None
+        except Exception as exc:
+            name = "optimizer_args" if kwargs and isinstance(exc, (TypeError, ValueError)) else "optimizer"
+            raise option_error(name, f"{spec}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) fails on a "
+                                     f"test parameter: {type(exc).__name__}: {exc}") from None
+        with _about("optimizer"):
+            check_optimizer(built, f"{spec!r}")
+        out.append([f"{k}={v!r}" for k, v in kwargs.items()])
+    pairs = [(s, tuple(a)) for s, a in zip(specs, out, strict=True)]
+    twice = sorted({s for s, a in pairs if pairs.count((s, a)) > 1})
+    if twice:
+        raise option_error("optimizer", f"{twice} given more than once with the same arguments")
+    return list(specs), out
+
+
+def optimizer_rules_of(cfg: StudyConfig) -> dict[str, Callable[..., Any]]:
+    """Rule name → factory ``params -> Optimizer`` of each of ``cfg``'s optimizers, in the order given.
+
+    The name is ``optimizer:<Class>`` (the factory's name for ``module:factory``); an optimizer given several
+    times with different arguments is named with them, ``optimizer:AdamW(lr=0.01)``.
+    """
+    import functools
+
+    from fisherlab.fidelity.optimizers import optimizer_name
+
+    built = [(optimizer_name(load_optimizer(s)), s, a) for s, a in zip(cfg.optimizer, cfg.optimizer_args,
+                                                                        strict=True)]
+    names = [n for n, _, _ in built]
+    out: dict[str, Callable[..., Any]] = {}
+    for name, spec, items in built:
+        if names.count(name) > 1:
+            name = f"{name}({', '.join(items)})"
+        if name in out:
+            raise option_error("optimizer", f"two optimizers are both named {name!r}")
+        out[name] = functools.partial(load_optimizer(spec), **parse_optimizer_args(items, spec))
+    return out
 
 
 # ------------------------------------------------------------------------------------------- model and data
@@ -538,6 +700,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
         ``{part: Dataset}`` for every part of ``cfg.parts``.
     """
     from fisherlab.fidelity import evaluate_fidelity, fidelity_trajectory, fisher_geometry
+    from fisherlab.fidelity.optimizers import OptimizerRule
     from fisherlab.progress import bar as progress_bar
     from fisherlab.results import ResultsStore, save_dataset
     from fisherlab.spectra import fisher_spectra
@@ -551,10 +714,13 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
     jobs: dict[str, Callable[[], xr.Dataset]] = {
         "fidelity": lambda: evaluate_fidelity(model, split, rules=cfg.rules, damping=cfg.damping, lr=cfg.lr,
                                               **common),
-        "trajectory": lambda: fidelity_trajectory(
+        "trajectory": lambda: with_optimizers(fidelity_trajectory(
             model, split, train_rule=cfg.train_rule, steps=cfg.steps, every=cfg.every,
             rules=cfg.trajectory_rules, damping=cfg.trajectory_damping, lr=cfg.lr,
-            train_lr=cfg.train_lr, refresh_every=cfg.refresh_every, **common),
+            train_lr=cfg.train_lr, refresh_every=cfg.refresh_every, **common), [
+            fidelity_trajectory(model, split, optimizer=OptimizerRule(name, factory), steps=cfg.steps,
+                                every=cfg.every, rules=[], damping=cfg.trajectory_damping, lr=cfg.lr, **common)
+            for name, factory in optimizer_rules_of(cfg).items()]),
         "geometry": lambda: fisher_geometry(model, split, structures=cfg.geometry_structures,
                                             damping=cfg.geometry_damping,
                                             **common),
@@ -580,6 +746,56 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
     return results
 
 
+def with_optimizers(main: xr.Dataset, runs: list[xr.Dataset]) -> xr.Dataset:
+    """The trajectory part: ``main`` (the ``train_rule`` run) with each optimizer's own run added as its rule.
+
+    Every variable with a ``rule`` dim gains the optimizers' rules (each optimizer's ``"optimizer:<Class>"`` row,
+    measured along the run it trained itself); the run-wide variables (``loss``, ``grad_norm``, the NGD solver's
+    diagnostics, ``steps_since_refresh``) and the attributes stay ``main``'s. Two variables say which run each
+    rule was measured along: the coordinate ``trained_with`` (rule; ``main``'s ``train_rule`` for the built-in
+    rules, the optimizer's rule for its own row) and ``training_loss`` (step, rule), the training loss of that
+    run at each step. Without optimizers, ``main`` is returned unchanged.
+
+    Args:
+        main: The ``fidelity_trajectory`` Dataset trained with the study's ``train_rule``.
+        runs: One ``fidelity_trajectory(optimizer=...)`` Dataset per optimizer, measuring only the optimizer's
+            rule, on the same steps and damping.
+    """
+    import xarray as xr
+
+    if not runs:
+        return main
+    for run in runs:
+        if list(run.step.values) != list(main.step.values) or list(run.damping.values) != list(main.damping.values):
+            raise InputError("an optimizer's trajectory was measured on other steps or dampings than the study's")
+    by_rule = [v for v in main.data_vars if "rule" in main[v].dims]
+    parts = [main[by_rule].assign_coords(trained_with=("rule", [main.attrs["train_rule"]] * main.sizes["rule"]))]
+    parts += [run[by_rule].assign_coords(trained_with=("rule", [run.attrs["train_rule"]] * run.sizes["rule"]))
+              for run in runs]
+    loss = [xr.DataArray(np.repeat(main.loss.values[:, None], main.sizes["rule"], axis=1), dims=("step", "rule"))]
+    loss += [xr.DataArray(run.loss.values[:, None].repeat(run.sizes["rule"], axis=1), dims=("step", "rule"))
+             for run in runs]
+    merged = xr.concat(parts, dim="rule", data_vars="all", coords="different", compat="equals", join="exact",
+                       combine_attrs="override")
+    out = main.drop_vars(by_rule).drop_dims("rule").merge(merged, combine_attrs="override")
+    out["training_loss"] = xr.concat(loss, dim="rule").assign_coords(rule=out.rule, step=out.step)
+    out["training_loss"].attrs.update({**main.loss.attrs, "long_name": "training loss of the run the rule was "
+                                       "measured along"})
+    out["trained_with"].attrs.update(long_name="the training run the rule was measured along")
+    out.attrs.update(main.attrs)
+    out.attrs["total_seconds"] = float(main.attrs["total_seconds"]) + sum(float(r.attrs["total_seconds"])
+                                                                         for r in runs)
+    return out
+
+
+def own_run_rules(ds: xr.Dataset) -> list[str]:
+    """The rules of a trajectory Dataset measured along a training run of their own (``trained_with``)."""
+    if "trained_with" not in ds.coords:
+        return []
+    train = ds.attrs.get("train_rule", "")
+    return [str(r) for r, t in zip(ds.rule.values, ds.trained_with.values, strict=True) if str(t) != train]
+
+
 def headline(results: dict[str, xr.Dataset], *, damping: float | None = None) -> tuple[list[str], list[list[str]]]:
     """What the study found, as a table with one row per rule, every column at one damping λ.
 
@@ -589,7 +805,9 @@ def headline(results: dict[str, xr.Dataset], *, damping: float | None = None) ->
     reconstructed network's stale metric G, is the row ``<rule> (as trained, stale G)``); the condition number κ
     of G^-1/2 (F + λI) G^-1/2, the Fisher plain GD sees on the network reconstructed with the rule's structure G
     (geometry part: ``gd`` is the original network, G = I; structure ``s`` is the rule ``sngd-<s>``). Each
-    column's header names its λ: the Datasets' damping nearest to ``damping``. Rows are sorted by the first
+    column's header names its λ: the Datasets' damping nearest to ``damping``. A rule measured along a training
+    run of its own (the user's optimizer, :func:`with_optimizers`) is the row ``<rule> (its own training run)``,
+    its trajectory value after as many steps of that run. Rows are sorted by the first
     column, the trained row right after its rule; "—": the part did not measure the rule; "n/a": the rule could
     not be evaluated; "diverged": the trajectory diverged before its last step.
 
@@ -647,5 +865,10 @@ def headline(results: dict[str, xr.Dataset], *, damping: float | None = None) ->
             return "—"
         return nan if np.isnan(values[rule]) else format(values[rule], fmt)
 
-    rows = [[rule_label(r), *[cell(r, *column[1:]) for column in columns]] for r in sorted(rules, key=order)]
+    own = set() if traj is None else own_run_rules(traj)
+
+    def label(rule: str) -> str:
+        return f"{rule_label(rule)} (its own training run)" if rule in own else rule_label(rule)
+
+    rows = [[label(r), *[cell(r, *column[1:]) for column in columns]] for r in sorted(rules, key=order)]
     return ["rule", *[column[0] for column in columns]], rows

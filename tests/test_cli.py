@@ -192,6 +192,9 @@ def test_help_shows_the_configuration_defaults(command, config, capsys, monkeypa
         if isinstance(default, bool):
             assert "(default" not in line
             continue
+        if default == []:  # optimizer, optimizer_args: none
+            assert "(default" not in line, line
+            continue
         if default is None:  # n_samples: all; geometry_damping: the trajectory's
             assert line.endswith({"geometry_damping": "(default: the trajectory's λ, the middle --damping)"}.get(
                 f.name, "(default: all)")), line
@@ -513,3 +516,81 @@ def test_old_option_spellings_say_the_new_name(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train_method is deprecated; use train-rule" in err and "dampings is deprecated; use damping" in err
     assert err.count("--geometry-dampings is deprecated") == 1
+
+
+# ----------------------------------------------------------------------------------------- own optimizers
+OWN_OPTIMIZER = ["--n-samples", "64", "--steps", "4", "--every", "2", "--parts", "trajectory", "--no-progress",
+                 "--train-rule", "gd", "--trajectory-rules", "gd", "--damping", "1e-2"]
+
+
+def test_own_optimizer_trains_its_own_trajectory(tmp_path):
+    from fisherlab import fidelity_trajectory
+    from fisherlab.study import headline, load_model_and_data
+
+    out = tmp_path / "run"
+    assert main(["fidelity", "--out", str(out), *OWN_OPTIMIZER, "--optimizer", "torch.optim.AdamW",
+                 "--optimizer-args", "lr=1e-3", "weight_decay=0.01"]) == 0
+    ds = load_dataset(out / "trajectory.nc", kind="fidelity_trajectory")
+    assert list(ds.rule.values) == ["gd", "optimizer:AdamW"]
+    assert list(ds.trained_with.values) == ["gd", "optimizer:AdamW"]
+    assert json.loads(ds.attrs["config"])["optimizer_args"] == [["lr=0.001", "weight_decay=0.01"]]
+    # independently: the library call with the user's own AdamW instance on the same settings
+    cfg = StudyConfig(n_samples=64, steps=4, every=2, parts=["trajectory"], damping=[1e-2])
+    model, split = load_model_and_data(cfg)
+    ref = fidelity_trajectory(model, split, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01),
+                              rules=[], steps=4, every=2, damping=1e-2, lr=cfg.lr, dtype=torch.float64, seed=0,
+                              progress=False)
+    own = ds.sel(rule="optimizer:AdamW")
+    np.testing.assert_allclose(own.cosine.values, ref.cosine.sel(rule="optimizer:AdamW").values, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(own.fisher_rel_error.values, ref.fisher_rel_error.sel(rule="optimizer:AdamW").values,
+                               rtol=1e-12)
+    np.testing.assert_allclose(own.training_loss.values, ref.loss.values, rtol=1e-12)
+    np.testing.assert_allclose(ds.training_loss.sel(rule="gd").values, ds.loss.values, rtol=0)  # gd: the main run
+    assert not np.allclose(ds.loss.values[1:], ref.loss.values[1:])  # two different runs
+    header, rows = headline({"trajectory": ds})
+    assert ["optimizer:AdamW (its own training run)", f"{float(own.cosine.isel(step=-1).squeeze()):.3f}"] in rows
+    assert "optimizer:AdamW (its own training run)" in (out / "report.html").read_text()  # the headline
+
+
+def test_several_optimizers_and_the_config_file_agree(tmp_path):
+    from fisherlab.cli import build_parser, make_config
+    from fisherlab.study import optimizer_rules_of
+
+    argv = ["fidelity", "--optimizer", "torch.optim.AdamW", "--optimizer-args", "lr=1e-3", "--optimizer",
+            "torch.optim.SGD", "--optimizer-args", "lr=0.1", "momentum=0.9", "--optimizer", "torch.optim.AdamW"]
+    cli = make_config(StudyConfig, build_parser().parse_args(argv))
+    assert cli.optimizer == ["torch.optim.AdamW", "torch.optim.SGD", "torch.optim.AdamW"]
+    assert cli.optimizer_args == [["lr=0.001"], ["lr=0.1", "momentum=0.9"], []]
+    assert list(optimizer_rules_of(cli)) == ["optimizer:AdamW(lr=0.001)", "optimizer:SGD", "optimizer:AdamW()"]
+    sgd = optimizer_rules_of(cli)["optimizer:SGD"]([torch.zeros(2, requires_grad=True)])
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
+    args = _args_from(tmp_path, 'optimizer = ["torch.optim.AdamW", "torch.optim.SGD", "torch.optim.AdamW"]\n'
+                                'optimizer-args = [["lr=1e-3"], ["lr=0.1", "momentum=0.9"], []]\n')
+    assert make_config(StudyConfig, args).to_dict() == cli.to_dict()
+    assert "optimizer" not in StudyConfig().to_dict()  # folders written without optimizers keep their config
+
+
+BAD_OPTIMIZER = [
+    (["--optimizer", "torch.optim.NoSuchOptimizer"], "--optimizer"),
+    (["--optimizer", "no_such_module_xyz.Opt"], "--optimizer"),
+    (["--optimizer", "no_such_module_xyz:make"], "--optimizer"),
+    (["--optimizer", "torch.nn.Linear"], "--optimizer"),  # a class, not an Optimizer
+    (["--optimizer", "os.sep"], "--optimizer"),  # not callable
+    (["--optimizer", "math:sqrt"], "--optimizer"),  # a callable that returns no optimizer
+    (["--optimizer", "torch.optim.AdamW", "--optimizer-args", "lr"], "--optimizer-args"),
+    (["--optimizer", "torch.optim.AdamW", "--optimizer-args", "lr=__import__('os').getcwd()"], "--optimizer-args"),
+    (["--optimizer", "torch.optim.AdamW", "--optimizer-args", "lrr=1e-3"], "--optimizer-args"),
+    (["--optimizer", "torch.optim.AdamW", "--optimizer-args", "lr=-1.0"], "--optimizer-args"),
+    (["--optimizer", "torch.optim.AdamW", "--optimizer-args", "lr=1", "lr=2"], "--optimizer-args"),
+    (["--optimizer-args", "lr=1e-3"], "--optimizer-args"),  # no optimizer before it
+    (["--optimizer", "torch.optim.SparseAdam"], "--optimizer"),
+    (["--optimizer", "torch.optim.AdamW", "--optimizer", "torch.optim.AdamW"], "--optimizer"),
+]
+
+
+@pytest.mark.parametrize(("bad", "option"), BAD_OPTIMIZER, ids=[" ".join(b) for b, _ in BAD_OPTIMIZER])
+def test_bad_optimizer_is_refused_before_the_folder_is_claimed(tmp_path, capsys, bad, option):
+    out = tmp_path / "run"
+    assert _status(["fidelity", "--out", str(out), *OWN_OPTIMIZER, *bad]) == 2
+    assert option in capsys.readouterr().err
+    assert not out.exists()
