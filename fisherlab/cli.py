@@ -298,7 +298,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     text = path.read_text()
     try:
         if path.suffix == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10: the same parser as the tomli package
+                import tomli as tomllib
 
             raw = tomllib.loads(text)
         else:
