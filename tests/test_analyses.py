@@ -145,3 +145,34 @@ def test_rerun_resumes(outputs, name: str) -> None:
     assert before
     run(name, out)
     assert mtimes(out / "store") == before
+
+
+def test_optimizer_naturalness(tmp_path) -> None:
+    from fisherlab import fidelity_trajectory
+    from fisherlab.data import load
+
+    out = tmp_path / "naturalness"
+    module = run("optimizer_naturalness", out)
+    cfg = module.QUICK
+    ds = load_dataset(out / "optimizer_naturalness.nc", kind="optimizer_naturalness",
+                      required_dims=("model", "optimizer", "seed", "step", "damping"))
+    assert ds.optimizer.values.tolist() == list(cfg.optimizers)
+    assert ds.damping.values.tolist() == list(cfg.damping)
+    assert ds.step.values.tolist() == list(range(0, cfg.steps + 1, cfg.every))
+    cos = ds.cosine.values
+    assert np.isfinite(cos).all() and (np.abs(cos) <= 1 + 1e-12).all()
+    # independently: torch.optim.SGD's own trajectory is plain GD trained by the built-in rule with the same η
+    split = load("digits", seed=0, layout="flat").train_subset(cfg.samples).to(dtype=torch.float64)
+    model = build_model("mlp", split, seed=0, dtype=torch.float64, widths=cfg.widths).eval()
+    ref = fidelity_trajectory(model, split, train_rule="gd", rules=["gd"], train_lr=cfg.sgd_lr, steps=cfg.steps,
+                              every=cfg.every, damping=list(cfg.damping), lr=cfg.lr, dtype=torch.float64,
+                              progress=False)
+    sgd = ds.sel(model="digits-mlp", optimizer="sgd", seed=0)
+    np.testing.assert_allclose(sgd.cosine.values, ref.cosine.sel(rule="gd").values, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(sgd.loss.values, ref.loss.values, rtol=1e-12)
+    # SGD's own η is the reference's here, so its Fisher-norm error is gd's too (a scale-dependent metric)
+    np.testing.assert_allclose(sgd.fisher_rel_error.values, ref.fisher_rel_error.sel(rule="gd").values, rtol=1e-10)
+    check_report(out)
+    before = mtimes(out / "store")
+    module.main(["--quick", "--threads", "1", "--out", str(out)])  # resumes: nothing recomputed
+    assert mtimes(out / "store") == before
