@@ -304,7 +304,7 @@ def fidelity_trajectory(
             raise InputError(f"{name} must be an integer >= {0 if name == 'steps' else 1}; got {value!r}")
     ctx_kwargs = dict(likelihood=likelihood, dtype=dtype, device=device, seed=seed, mc_samples=mc_samples,
                       memory_budget=memory_budget, chunk_size=chunk_size, cg_tol=cg_tol, cg_max_iter=cg_max_iter,
-                      progress=progress)
+                      progress=progress, dampings=tuple(dampings))  # one multi-shift solve serves every λ
     dtype, device = check_dtype(dtype), None if device is None else check_device(device)
     measured: dict[str, UpdateRule] = {}
     if optimizer is not None:
@@ -413,7 +413,7 @@ class FidelityProbe:
         self.skip_unavailable = skip_unavailable
         self._ctx_kwargs = dict(likelihood=likelihood, seed=seed, mc_samples=mc_samples,
                                 memory_budget=memory_budget, chunk_size=chunk_size, cg_tol=cg_tol,
-                                cg_max_iter=cg_max_iter, progress=progress)
+                                cg_max_iter=cg_max_iter, progress=progress, dampings=tuple(self.dampings))
         self._config = {"every": self.every, "rules": list(self.rules), "damping": self.dampings, "lr": self.lr,
                         "mc_samples": mc_samples, "cg_tol": cg_tol, "model": type(model).__name__,
                         **(config or {})}
