@@ -53,6 +53,10 @@ _EXPORTS: dict[str, str] = {
     "Structure": "fisherlab.vocabulary",
     "BlockBy": "fisherlab.vocabulary",
     "RootMethod": "fisherlab.vocabulary",
+    "KronSplit": "fisherlab.vocabulary",
+    "FoldMode": "fisherlab.vocabulary",
+    "Unsupported": "fisherlab.vocabulary",
+    "KFACPrecondition": "fisherlab.vocabulary",
     **{name: "fisherlab.errors" for name in (
         "ConvergenceError", "FallbackWarning", "FisherlabError", "InputError", "MemoryBudgetError",
         "NonFiniteError", "ResultsFileError", "ResultsIntegrityWarning", "SchemaUpgradeWarning", "SingularMatrixError",

@@ -71,14 +71,14 @@ from fisherlab.ngd import NGDSolver, solve_ngd
 from fisherlab.params import ParamSpec
 from fisherlab.progress import bar as progress_bar
 from fisherlab.results import NATS, annotate, new_dataset
-from fisherlab.vocabulary import FisherKind
+from fisherlab.vocabulary import FisherKind, KFACPrecondition
 
 __all__ = ["KFAC_PRECONDITION", "RULES", "best_runs", "compare", "sweep_lr", "train"]
 
 #: Training rules.
 RULES = ("sgd", "momentum", "adam", "ngd", "kfac-ngd", "sngd")
 #: How ``kfac-ngd`` applies the factor inverses (module docstring).
-KFAC_PRECONDITION = ("auto", "dense", "factored")
+KFAC_PRECONDITION: tuple[str, ...] = tuple(m.value for m in KFACPrecondition)
 
 _VARIABLES = {
     "loss": ("mean loss on the step's minibatch", *NATS),
@@ -287,8 +287,7 @@ def _stepper(rule: str, model: nn.Module, lik: Likelihood, lr: float, *, damping
         parse_enum(NGDSolver, ngd_solver, "ngd_solver")
         return _NGDStepper(model, lik, lr, damping, kind, ngd_solver, cg_tol)
     if rule == "kfac-ngd":
-        if kfac_precondition not in KFAC_PRECONDITION:
-            raise InputError(f"unknown kfac_precondition {kfac_precondition!r}; valid: {list(KFAC_PRECONDITION)}")
+        kfac_precondition = parse_enum(KFACPrecondition, kfac_precondition, "kfac_precondition").value
         return _KFACStepper(model, lik, lr, damping, kind, split, reconstruct_options["seed"],
                             kfac_precondition)
     options = {"structure": structure, "damping": damping, "kind": kind, "split": split,

@@ -85,6 +85,50 @@ class RootMethod(str, Enum):
     LOWRANK = "lowrank"
 
 
+class KronSplit(str, Enum):
+    """How KFAC splits λ between its factors, (S + sI) ⊗ (A + aI).
+
+    ``pi``: a = π√λ, s = √λ/π, π² the ratio of the factors' mean eigenvalues; ``sqrt``: a = s = √λ.
+    """
+
+    PI = "pi"
+    SQRT = "sqrt"
+
+
+class FoldMode(str, Enum):
+    """Where a layer form applies its roots.
+
+    The cheaper side (``auto``), on the activations (``never``, the paper's form) or folded into the weight
+    (``always``).
+    """
+
+    AUTO = "auto"
+    NEVER = "never"
+    ALWAYS = "always"
+
+
+class Unsupported(str, Enum):
+    """What a layer-wise structure does with a module that has no layer rule.
+
+    Refuse it (``error``) or keep an exact dense block for it (``block``).
+    """
+
+    ERROR = "error"
+    BLOCK = "block"
+
+
+class KFACPrecondition(str, Enum):
+    """How KFAC-NGD training forms S⁻¹ ∇W̄ A⁻¹.
+
+    From the gradient matrix (``dense``), from the layer's output gradients and inputs (``factored``), or the
+    cheaper of the two per layer and step (``auto``).
+    """
+
+    AUTO = "auto"
+    DENSE = "dense"
+    FACTORED = "factored"
+
+
 @dataclass(frozen=True)
 class StructureInfo:
     """One row of :data:`STRUCTURE_TABLE`.
@@ -123,4 +167,4 @@ RECONSTRUCTIBLE: tuple[str, ...] = tuple(s.value for s, info in STRUCTURE_TABLE.
 STRUCTURE_ALIASES: dict[str, str] = {"full": "dense"}
 
 __all__ = ["RECONSTRUCTIBLE", "STRUCTURE_ALIASES", "STRUCTURE_TABLE", "BlockBy", "FisherKind", "FisherType",
-           "RootMethod", "Structure", "StructureInfo"]
+           "FoldMode", "KFACPrecondition", "KronSplit", "RootMethod", "Structure", "StructureInfo", "Unsupported"]

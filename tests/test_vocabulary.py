@@ -149,3 +149,30 @@ def test_str_enums_accept_their_strings() -> None:
     assert fisherlab.FisherType is FisherKind
     with pytest.raises(InputError, match=r"unknown Fisher kind 'hessian'; valid: \['true', 'mc', 'empirical', 'ggn'\]"):
         fisherlab.fisher(MLP(2, [], 2).eval(), (torch.randn(3, 2), torch.tensor([0, 1, 0])), kind="hessian")
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda m, d: fisherlab.reconstruct(m, d, structure="kfac", split="half"),
+     r"unknown damping split 'half'; valid: \['pi', 'sqrt'\]"),
+    (lambda m, d: fisherlab.reconstruct(m, d, structure="kfac", fold="sometimes"),
+     r"unknown fold mode 'sometimes'; valid: \['auto', 'never', 'always'\]"),
+    (lambda m, d: fisherlab.fisher(m, d, structure="kfac", unsupported="skip"),
+     r"unknown unsupported= mode 'skip'; valid: \['error', 'block'\]"),
+    (lambda m, d: fisherlab.reconstruct(m, d, structure="kfac", sqrt="qr"),
+     r"unknown sqrt method 'qr'; valid: \['eigh', 'denman_beavers', 'newton_schulz', 'cholesky', 'lowrank'\]"),
+])
+def test_every_closed_option_set_lists_its_values(small, call, match) -> None:
+    model, data = small
+    with pytest.raises(InputError, match=match):
+        call(model, data)
+
+
+def test_enum_members_are_accepted_where_strings_are(small) -> None:
+    from fisherlab.vocabulary import FoldMode, KronSplit
+
+    model, data = small
+    a = fisherlab.reconstruct(model, data, structure=Structure.KFAC, split=KronSplit.SQRT, fold=FoldMode.NEVER,
+                              sqrt=RootMethod.CHOLESKY, kind=FisherKind.EMPIRICAL, damping=0.1)
+    b = fisherlab.reconstruct(model, data, structure="kfac", split="sqrt", fold="never", sqrt="cholesky",
+                              kind="empirical", damping=0.1)
+    torch.testing.assert_close(a.gd_update(data, 0.1), b.gd_update(data, 0.1), rtol=0, atol=0)

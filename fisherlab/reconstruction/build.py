@@ -39,9 +39,8 @@ from torch import nn
 from fisherlab.checks import check_damping, check_device, check_dtype, check_eval_mode, parse_enum, renamed
 from fisherlab.errors import InputError
 from fisherlab.likelihoods import Likelihood, get_likelihood
-from fisherlab.linalg import KRON_SPLITS
 from fisherlab.params import ParamSpec
-from fisherlab.reconstruction.local_layers import FOLD_MODES, LAYER_FORMS
+from fisherlab.reconstruction.local_layers import LAYER_FORMS
 from fisherlab.reconstruction.network import ReconstructConfig, ReconstructedNetwork, UnitPlan, compute_structure
 from fisherlab.reconstruction.parametrize import (
     DenseRoot,
@@ -53,7 +52,16 @@ from fisherlab.reconstruction.parametrize import (
     parametrize_group,
 )
 from fisherlab.structures.base import FisherMatrix
-from fisherlab.vocabulary import RECONSTRUCTIBLE, STRUCTURE_ALIASES, STRUCTURE_TABLE, FisherKind, RootMethod, Structure
+from fisherlab.vocabulary import (
+    RECONSTRUCTIBLE,
+    STRUCTURE_ALIASES,
+    STRUCTURE_TABLE,
+    FisherKind,
+    FoldMode,
+    KronSplit,
+    RootMethod,
+    Structure,
+)
 
 __all__ = ["STRUCTURES", "reconstruct"]
 
@@ -143,9 +151,8 @@ def reconstruct(
         raise InputError(f"model must be an nn.Module; got {type(model)}")
     kind = parse_enum(FisherKind, kind, "Fisher kind").value
     sqrt = parse_enum(RootMethod, sqrt, "sqrt method").value
-    for value, valid, what in ((split, KRON_SPLITS, "damping split"), (fold, FOLD_MODES, "fold mode")):
-        if value not in valid:
-            raise InputError(f"unknown {what} {value!r}; valid: {list(valid)}")
+    split = parse_enum(KronSplit, split, "damping split").value
+    fold = parse_enum(FoldMode, fold, "fold mode").value
     damping = check_damping(damping)
     if not (isinstance(root_rank, int) and root_rank >= 1):
         raise InputError(f"root_rank must be an integer ≥ 1; got {root_rank!r}")

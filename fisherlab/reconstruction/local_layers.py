@@ -47,9 +47,11 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
+from fisherlab.checks import parse_enum
 from fisherlab.errors import InputError
 from fisherlab.linalg import kron_damping_split
 from fisherlab.reconstruction.roots import CombinedLayout, LocalFisherUnit, LowRank, damped_roots, lowrank_roots
+from fisherlab.vocabulary import FoldMode
 
 __all__ = [
     "FOLD_MODES",
@@ -65,7 +67,7 @@ __all__ = [
 ]
 
 #: Where a layer form applies its roots: chosen by cost, on the activations, or folded into the weight.
-FOLD_MODES = ("auto", "never", "always")
+FOLD_MODES: tuple[str, ...] = tuple(m.value for m in FoldMode)
 
 
 class FactorRoot(nn.Module):
@@ -210,8 +212,7 @@ class LocalFisherLayer(LocalFisherUnit):
     def __init__(self, shapes: Sequence[torch.Size], *, output: bool, split: str, fold: str, feature_dim: int,
                  dtype: torch.dtype | None = None, device: torch.device | None = None):
         super().__init__(shapes)
-        if fold not in FOLD_MODES:
-            raise InputError(f"unknown fold mode {fold!r}; valid: {list(FOLD_MODES)}")
+        fold = parse_enum(FoldMode, fold, "fold mode").value
         self.layout = CombinedLayout(self.shapes)
         self.split, self.fold = split, fold
         self.statistics = ("A", "S") if output else ("A",)

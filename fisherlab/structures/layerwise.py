@@ -15,16 +15,17 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
-from fisherlab.checks import check_damping
+from fisherlab.checks import check_damping, parse_enum
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError
 from fisherlab.layers import LayerLayout, layer_layouts, unsupported_error
 from fisherlab.linalg import damped_solve
 from fisherlab.structures.base import FisherMatrix, accumulate_gram, eigvalsh, symmetrize_upper
 from fisherlab.structures.dense import engine_meta
+from fisherlab.vocabulary import Unsupported
 
 #: Ways to treat parameters of modules without a layer rule.
-UNSUPPORTED_MODES = ("error", "block")
+UNSUPPORTED_MODES: tuple[str, ...] = tuple(m.value for m in Unsupported)
 
 
 @dataclass(repr=False)
@@ -165,8 +166,7 @@ def prepare_layers(engine: FisherEngine, structure: str, unsupported: str = "err
         UnsupportedLayerError: ``unsupported="error"`` and a selected parameter belongs to a module without rule.
         InputError: Unknown ``unsupported`` mode.
     """
-    if unsupported not in UNSUPPORTED_MODES:
-        raise InputError(f"unknown unsupported={unsupported!r}; valid: {list(UNSUPPORTED_MODES)}")
+    unsupported = parse_enum(Unsupported, unsupported, "unsupported= mode").value
     layouts, others = layer_layouts(engine.model, engine.spec)
     if others and unsupported == "error":
         raise unsupported_error(engine.model, others, structure)
