@@ -410,7 +410,11 @@ def describe(exc: FisherlabError, args: argparse.Namespace | None) -> str:
 def output_folder(args: argparse.Namespace) -> Path:
     """``--out`` as a path that is not an existing file."""
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
+    try:
+        is_file = out.exists() and not out.is_dir()
+    except OSError as err:  # e.g. a name longer than the file system allows
+        raise InputError(f"--out: {str(out)[:80]}...: {err.strerror or err}") from None
+    if is_file:
         raise InputError(f"--out: {out} is a file, not a folder")
     return out
 

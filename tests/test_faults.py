@@ -533,3 +533,16 @@ def test_an_additive_attention_mask_buffer_may_hold_minus_inf():
         folded.bias += model.mask.clamp(min=-1e4)[0]
     ref = fisher(folded, (X, y), structure="dense").to_dense()
     torch.testing.assert_close(F, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_an_over_long_out_folder_is_a_named_error(tmp_path, capsys):
+    from fisherlab.cli import main
+    from fisherlab.results import guard_output_folder
+
+    long = tmp_path / ("a" * 300)
+    assert main(["spectra", "--n-samples", "16", "--kinds", "true", "--out", str(long)]) == 2
+    err = capsys.readouterr().err
+    assert "fisherlab: error: --out:" in err and "File name too long" in err and "Traceback" not in err
+    with pytest.raises(InputError, match="can't create the output folder .*File name too long"):
+        guard_output_folder(long, {"command": "test"})
+    assert not any(tmp_path.iterdir())
