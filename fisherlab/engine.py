@@ -37,6 +37,14 @@ rule is an :class:`~fisherlab.errors.UnsupportedLayerError`.
 
 Monte-Carlo labels are drawn once, in a no-grad pass over the data with a generator seeded by ``seed``, so the
 MC Fisher does not depend on the chunking and the same seed gives the same matrix.
+
+**Data-parallel.** Under ``torch.distributed`` (initialized, world size > 1, or an explicit ``process_group``) each
+rank passes its own shard of the data (:func:`fisherlab.distributed.shard`); N is the global sample count, and every
+average over samples — loss, gradient, F V — is a sum all-reduced over the ranks before the division by N
+(:meth:`FisherEngine.reduce_sum`; the structures reduce their accumulated sums the same way). The MC label of the
+global sample n depends on (seed, n) only: a rank first advances the generator past the draws of the samples before
+its shard (draws of dummy outputs; the built-in likelihoods consume the stream by shape, not by value), so the MC
+Fisher is the same for any number of ranks. docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fisherlab.checks import check_device, check_dtype, check_model, low_precision_advice, parse_enum
 from fisherlab.datasource import DataSource
+from fisherlab.distributed import active_group, all_reduce_sum, sample_offset
 from fisherlab.errors import FallbackWarning, InputError, NonFiniteError, UnsupportedLayerError
 from fisherlab.likelihoods import Likelihood, get_likelihood
 from fisherlab.memory import check_budget, dense_bytes, resolve_budget
@@ -127,6 +136,9 @@ class FisherEngine:
             matrix-free products then size their own chunks by activations, see :meth:`matmat_chunk_size`).
         memory_budget: Bytes any single dense object may take (default: half the available memory).
         progress: Show progress bars (``None``: only on a terminal).
+        process_group: The ``torch.distributed`` group to reduce over (default: the world group when
+            ``torch.distributed`` is initialized with more than one process; see the module docstring). ``data``
+            is then this rank's shard; every rank needs at least one sample.
 
     Raises:
         InputError: Bad options, model or data (the message names the tensor, option or sample).
@@ -148,6 +160,7 @@ class FisherEngine:
         chunk_size: int | None = None,
         memory_budget: int | None = None,
         progress: bool | None = None,
+        process_group: Any = None,
     ):
         check_model(model)
         self.kind = parse_enum(FisherKind, kind, "Fisher kind")
@@ -181,7 +194,10 @@ class FisherEngine:
         self._check_converted(named)
         self.data = DataSource(data, device=self.device, dtype=self.dtype)
         self._check_data()
-        self.num_samples = len(self.data)
+        self.group = active_group(process_group)
+        #: This rank's samples, the global index of its first one, and N, the samples of all ranks.
+        self.local_samples = len(self.data)
+        self.sample_offset, self.num_samples = sample_offset(self.local_samples, self.group, self.device)
         self.rows_per_sample = self._rows_per_sample()
         row_bytes = dense_bytes(self.rows_per_sample, self.spec.dim, self.dtype)
         self._working_bytes = min(DEFAULT_CHUNK_BYTES, self.memory_budget // 4)
@@ -192,7 +208,7 @@ class FisherEngine:
         self._activation_bytes: int | None = None
         self._jvp_by_vjp = False  # set when an operation of the model has no forward-mode rule (see jv)
         self._matmat_cache: tuple[tuple, list[tuple[Any, Any, Tensor]]] | None = None  # (state key, entries)
-        check_budget(2 * row_bytes * min(self.chunk_size, self.num_samples), "a chunk of factor rows",
+        check_budget(2 * row_bytes * min(self.chunk_size, self.local_samples), "a chunk of factor rows",
                      self.memory_budget, "a smaller chunk_size")
         self._labels = self._scan()
 
@@ -298,10 +314,16 @@ class FisherEngine:
         """One no-grad forward pass over all the data: every sample evaluates, to finite outputs, with valid targets.
 
         Draws the Monte-Carlo labels on the way (``kind="mc"``; in chunks of ``chunk_size``, by a generator seeded
-        with ``seed``) and returns them (else None).
+        with ``seed``) and returns them (else None). A rank whose shard starts at global sample s first draws (and
+        drops) labels for s dummy outputs, so its samples get the draws they get in a single process.
         """
         gen = torch.Generator(device=self.device).manual_seed(self.seed) if self.kind is FisherKind.MC else None
         draws = []
+        if gen is not None:
+            for start in range(0, self.sample_offset, self.chunk_size):
+                n = min(self.chunk_size, self.sample_offset - start)
+                dummy = torch.zeros(n, self.num_outputs, dtype=self.dtype, device=self.device)
+                self.likelihood.sample(dummy, self.mc_samples, gen)
         with torch.no_grad():
             for start, x, y in self.data.chunks(self.chunk_size):
                 z = self._forward_chunk(start, x)
@@ -336,7 +358,7 @@ class FisherEngine:
         less per sample, e.g. the layer-wise KFAC statistics; the MC labels do not depend on it.
         """
         chunk_size = chunk_size or self.chunk_size
-        total = math.ceil(self.num_samples / chunk_size)
+        total = math.ceil(self.local_samples / chunk_size)
         bar = progress_bar(total=total, desc=desc, progress=False if desc is None else self.progress, inner=True)
         for start, x, y in self.data.chunks(chunk_size):
             # every chunk's targets, not only the first samples': values (label range, 0/1) and canonical shape
@@ -394,7 +416,9 @@ class FisherEngine:
         The 1/√N scale is applied to the small output-space factors M, before the VJPs, so the P-wide rows are
         written once (a view of the vmapped VJP's output, no copy). With ``names`` (parameter names of the spec)
         the rows hold only those parameters' columns, in spec order, (n·R, P_names): the rows of the Fisher's
-        sub-matrix over them, at the cost of their VJPs alone.
+        sub-matrix over them, at the cost of their VJPs alone. Data-parallel, each rank yields its shard's rows
+        (scaled by the global 1/√N): F = Σ_ranks Σ_chunks UᵀU, so a consumer passes what it accumulated
+        to :meth:`reduce_sum`.
         """
         if names is not None:
             unknown = [n for n in names if n not in self.spec.names]
@@ -416,7 +440,7 @@ class FisherEngine:
         activation bytes per sample (:meth:`matmat_chunk_size`). The linearization of each chunk (its outputs, the
         saved activations of the VJP and M) is computed once and kept for later calls when the activations of all
         N samples fit in ``min(MATMAT_CACHE_BYTES, memory_budget/4)``; the engine's parameters are fixed, so it
-        stays valid.
+        stays valid. Data-parallel, the ranks' partial products are all-reduced (every rank gets F V).
         """
         if V.shape[0] != self.spec.dim or V.dim() > 2:
             raise InputError(f"expected a vector (P,) or matrix (P, k) with P = {self.spec.dim}; got {tuple(V.shape)}")
@@ -441,6 +465,7 @@ class FisherEngine:
             parts = self._with_jvp_fallback(products, f, vjp_fn, M.shape[:1] + M.shape[2:])
             part = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             out = part if out is None else out.add_(part)
+        self.reduce_sum([out])
         return out if V.dim() == 2 else out.squeeze(1)
 
     def jv(self, f: Callable[[dict[str, Tensor]], Tensor], vjp_fn: Any, out_shape: torch.Size,
@@ -515,7 +540,7 @@ class FisherEngine:
         """
         if self._chunk_size_given:
             return self.chunk_size
-        return int(max(1, min(self.num_samples, self._working_bytes // (3 * self.activation_bytes()))))
+        return int(max(1, min(self.local_samples, self._working_bytes // (3 * self.activation_bytes()))))
 
     def activation_bytes(self) -> int:
         """Bytes the autograd graph of one forward saves per sample (parameters and buffers excluded).
@@ -563,7 +588,7 @@ class FisherEngine:
             return
         self._matmat_cache = None
         chunk = self.matmat_chunk_size()
-        keep = self.activation_bytes() * self.num_samples <= min(MATMAT_CACHE_BYTES, self.memory_budget // 4)
+        keep = self.activation_bytes() * self.local_samples <= min(MATMAT_CACHE_BYTES, self.memory_budget // 4)
         entries = []
         for x, y, labels in self.chunks(chunk_size=chunk):
             def f(p: dict[str, Tensor], x: Tensor = x) -> Tensor:
@@ -578,7 +603,10 @@ class FisherEngine:
             self._matmat_cache = (key, entries)
 
     def loss_and_gradient(self, params: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """L(θ) = (1/N) Σ ℓ_n and ∇L(θ) of shape (P,), at ``params`` (default: the engine's parameters)."""
+        """L(θ) = (1/N) Σ ℓ_n and ∇L(θ) of shape (P,), at ``params`` (default: the engine's parameters).
+
+        Data-parallel, the sums are all-reduced before the division by the global N (every rank gets both).
+        """
         params = self.params if params is None else params
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         g = torch.zeros(self.spec.dim, dtype=self.dtype, device=self.device)
@@ -586,14 +614,23 @@ class FisherEngine:
             z, vjp_fn = vjp(lambda p, x=x: self.forward(p, x), params)
             total += self.likelihood.nll(z.detach(), y).sum()
             g += self.spec.flatten(vjp_fn(self.likelihood.grad_z(z.detach(), y))[0])
+        self.reduce_sum([total, g])
         return total / self.num_samples, g / self.num_samples
 
     def outputs(self, params: dict[str, Tensor] | None = None) -> Tensor:
-        """Model outputs on the whole dataset, shape (N, C)."""
+        """Model outputs on the whole dataset, shape (N, C) (data-parallel: this rank's shard, (N_rank, C))."""
         params = self.params if params is None else params
         with torch.no_grad():
             return torch.cat([self.forward(params, x)
                               for x, _, _ in self.chunks(chunk_size=self.matmat_chunk_size())])
+
+    def reduce_sum(self, tensors: Sequence[Tensor]) -> None:
+        """Sum each tensor over the ranks, in place (no-op in a single process): for accumulated sample sums.
+
+        Call it on the sums before normalising them; every rank must call it with tensors of the same shapes, in
+        the same order (:func:`fisherlab.distributed.all_reduce_sum`).
+        """
+        all_reduce_sum(tensors, self.group)
 
     def check_dense(self, rows: int, cols: int, what: str) -> None:
         """Refuse (with the number and the alternatives) a dense rows×cols object above the memory budget."""

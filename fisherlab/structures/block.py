@@ -41,6 +41,7 @@ class BlockDiagonalFisher(FisherMatrix):
         for U in engine.iter_factor_rows(desc=f"block {engine.kind.value} Fisher"):
             for k, ix in index.items():
                 accumulate_gram(acc[k], U.index_select(1, ix), num_splits=4)
+        engine.reduce_sum(list(acc.values()))  # data-parallel: the ranks' Gram sums
         meta = {**engine_meta(engine), "blocks_by": by}
         return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget, meta, index,
                    {k: symmetrize_upper(B) for k, B in acc.items()})

@@ -30,6 +30,7 @@ class DenseFisher(FisherMatrix):
         for U in engine.iter_factor_rows(desc=f"dense {engine.kind.value} Fisher"):
             accumulate_gram(F, U)
             del U  # not held while the next chunk's rows are computed
+        engine.reduce_sum([F])  # data-parallel: the ranks' Gram sums
         return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget,
                    engine_meta(engine), symmetrize_upper(F, inplace=True))
 

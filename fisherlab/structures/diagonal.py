@@ -50,6 +50,7 @@ class DiagonalFisher(FisherMatrix):
             index = engine.spec.indices(rest).to(engine.device)
             for U in engine.iter_factor_rows(desc=f"diagonal {engine.kind.value} Fisher", names=rest):
                 d.index_add_(0, index, (U * U).sum(0))
+        engine.reduce_sum([d])  # data-parallel: the ranks' partial sums (each already over the global N)
         return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget,
                    engine_meta(engine), d)
 

@@ -89,6 +89,7 @@ class EKFACFisher(LayerwiseFisher):
             for p, r in rows.items():
                 Q_A, Q_S = Q[p]
                 s[p] += squared_gradient_sum(r.grads @ Q_S, r.inputs @ Q_A)  # gradients in the eigenbasis
+        engine.reduce_sum([s[p] for p in kfac.factors])  # data-parallel: the ranks' sums
         N = engine.num_samples
         factors = {p: EKFACFactors(**vars_of(f), A=f.A, S=f.S, Q_A=Q[p][0], Q_S=Q[p][1], scaling=s[p] / N)
                    for p, f in kfac.factors.items()}

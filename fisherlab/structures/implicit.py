@@ -38,6 +38,7 @@ class ImplicitFisher(FisherMatrix):
         d = None
         for U in self.engine.iter_factor_rows():
             d = (U * U).sum(0) if d is None else d + (U * U).sum(0)
+        self.engine.reduce_sum([d])  # data-parallel: the ranks' partial sums
         return self.check_finite(d, "diagonal")
 
     def solve(self, g: Tensor, damping: float = 0.0, *, tol: float = 1e-6, max_iter: int | None = None) -> Tensor:

@@ -102,11 +102,13 @@ class KFACFisher(LayerwiseFisher):
                 _add_gram(A, p, r.inputs.reshape(-1, r.inputs.shape[-1]))
                 _add_gram(S, p, r.grads.reshape(-1, r.grads.shape[-1]))
         N = engine.num_samples
-        factors = {}
         for p, f in setup.layouts.items():  # a layer the forward pass never calls has zero factors
-            a = A[p] if p in A else _empty(f.width, engine)
-            s = S[p] if p in S else _empty(f.out_features, engine)
-            a, s = (symmetrize_upper(M, inplace=True) for M in (a, s))
+            A.setdefault(p, _empty(f.width, engine))
+            S.setdefault(p, _empty(f.out_features, engine))
+        engine.reduce_sum([M for p in setup.layouts for M in (A[p], S[p])])  # data-parallel: the ranks' sums
+        factors = {}
+        for p, f in setup.layouts.items():
+            a, s = (symmetrize_upper(M, inplace=True) for M in (A[p], S[p]))
             factors[p] = KroneckerFactors(**vars_of(f), A=a.mul_(1 / (N * locations[p])), S=s.mul_(1 / N))
         return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget,
                    {**setup.meta, "kfac_convention": "expand"}, factors, setup.index, setup.exact_blocks)

@@ -190,6 +190,7 @@ def exact_blocks(engine: FisherEngine, groups: Mapping[str, Sequence[str]]) -> d
     for U in engine.iter_factor_rows(desc="exact blocks of unsupported modules", names=names):
         for p, ix in index.items():
             accumulate_gram(acc[p], U.index_select(1, ix))
+    engine.reduce_sum([acc[p] for p in index])  # data-parallel: the ranks' Gram sums
     return {p: symmetrize_upper(B) for p, B in acc.items()}
 
 

@@ -103,6 +103,7 @@ class UnitwiseFisher(LayerwiseFisher):
                         blocks[p] += torch.einsum("rnoi,rnoj->oij", G, G)
         else:
             _sngd_accumulate(engine, layouts, blocks, chunk_size)
+        engine.reduce_sum([blocks[p] for p in layouts])  # data-parallel: the ranks' sums
         N = engine.num_samples
         for B in blocks.values():
             B /= N

@@ -1,0 +1,188 @@
+"""Data-parallel sums over torch.distributed (gloo, CPU): 2 and 3 ranks agree with one process to 1e-12 (float64).
+
+Each world size is one group of subprocesses (this file run as a script) on 127.0.0.1, a free port, a hard
+timeout; each rank takes its :func:`fisherlab.distributed.shard` of N = 23 samples (not divisible by 2 or 3: unequal
+shards), computes every quantity, and rank 0 writes them to a file the test compares with the single-process
+results computed here. Chunks of 5 samples, so shard boundaries fall inside chunks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fisherlab.distributed import active_group, all_reduce_sum, sample_offset, shard
+from fisherlab.errors import InputError
+
+N, CHUNK, DAMPING = 23, 5, 0.1
+TIMEOUT_S = 120
+
+
+def problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A float64 MLP 5-7-3 (P = 66) and N categorical samples, the same in every process."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    X = torch.randn(N, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (N,), generator=gen)
+    return model, X, y
+
+
+def compute(X: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every data-parallel quantity on the data (X, y) (this rank's shard when torch.distributed is on)."""
+    from fisherlab.engine import FisherEngine
+    from fisherlab.ngd import solve_ngd
+    from fisherlab.structures.block import BlockDiagonalFisher
+    from fisherlab.structures.dense import DenseFisher
+    from fisherlab.structures.diagonal import DiagonalFisher
+    from fisherlab.structures.ekfac import EKFACFisher
+    from fisherlab.structures.kfac import KFACFisher
+
+    model = problem()[0]
+    engine = FisherEngine(model, (X, y), "categorical", kind="true", chunk_size=CHUNK)
+    P = engine.spec.dim
+    V = torch.randn(P, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    loss, grad = engine.loss_and_gradient()
+    out = {"num_samples": torch.tensor(float(engine.num_samples)), "loss": loss, "gradient": grad,
+           "Fv": engine.matmat(V[:, 0]), "FV": engine.matmat(V),
+           "dense": DenseFisher.from_engine(engine).matrix,
+           "diag": DiagonalFisher.from_engine(engine).diagonal,
+           "block": BlockDiagonalFisher.from_engine(engine).to_dense()}
+    for p, f in KFACFisher.from_engine(engine).factors.items():
+        out[f"kfac_A_{p}"], out[f"kfac_S_{p}"] = f.A, f.S
+    for p, f in EKFACFisher.from_engine(engine).factors.items():
+        out[f"ekfac_scaling_{p}"] = f.scaling
+    out["ngd_cg"] = solve_ngd(engine, grad, DAMPING, solver="cg", cg_tol=1e-12)[0]
+    mc = FisherEngine(model, (X, y), "categorical", kind="mc", mc_samples=2, seed=7, chunk_size=CHUNK)
+    out["mc_dense"] = DenseFisher.from_engine(mc).matrix
+    out["mc_diag"] = DiagonalFisher.from_engine(mc).diagonal
+    return out
+
+
+def worker(rank: int, world: int, port: int, path: str) -> None:
+    """One rank: its shard, every quantity; rank 0 saves them."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    try:
+        _, X, y = problem()
+        ix = shard(N, rank, world)
+        out = compute(X[ix.start: ix.stop], y[ix.start: ix.stop])
+        if rank == 0:
+            torch.save(out, path)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_world(world: int, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """Run ``world`` gloo ranks of :func:`worker` as subprocesses; kill them all on failure or timeout."""
+    path = tmp_path / f"world{world}.pt"
+    port = free_port()
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), str(path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
+    try:
+        logs = [p.communicate(timeout=TIMEOUT_S)[0].decode(errors="replace") for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    failed = [(r, p.returncode, logs[r][-3000:]) for r, p in enumerate(procs) if p.returncode != 0]
+    assert not failed, failed
+    return torch.load(path)
+
+
+@pytest.fixture(scope="module")
+def single() -> dict[str, torch.Tensor]:
+    _, X, y = problem()
+    return compute(X, y)
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| / max |b| (the scale of the quantity)."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_agree_with_one_process(world: int, single: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    dist_out = run_world(world, tmp_path)
+    assert set(dist_out) == set(single)
+    assert float(dist_out["num_samples"]) == N
+    errors = {k: max_rel(dist_out[k], v) for k, v in single.items()}
+    print(f"world {world}: max relative differences", {k: f"{e:.1e}" for k, e in errors.items()})
+    tol = {"ngd_cg": 1e-9}  # CG iterates amplify the products' round-off by the condition number
+    bad = {k: e for k, e in errors.items() if not e <= tol.get(k, 1e-12)}
+    assert not bad, bad
+
+
+def test_single_process_references(single: dict[str, torch.Tensor]) -> None:
+    """The single-process results the ranks are compared with are themselves right (brute force, float64)."""
+    model, X, y = problem()
+    params = dict(model.named_parameters())
+    names = list(params)
+
+    def loss_fn(*flat: torch.Tensor) -> torch.Tensor:
+        z = torch.func.functional_call(model, dict(zip(names, flat, strict=True)), (X,))
+        return nn.functional.cross_entropy(z, y)
+
+    grads = torch.autograd.grad(loss_fn(*params.values()), list(params.values()))
+    torch.testing.assert_close(single["gradient"], torch.cat([g.reshape(-1) for g in grads]), rtol=1e-12, atol=0)
+    # the true Fisher by per-sample Jacobians and Λ = diag(p) − ppᵀ
+    F = torch.zeros_like(single["dense"])
+    for n in range(N):
+        def f(*flat: torch.Tensor, n: int = n) -> torch.Tensor:
+            return torch.func.functional_call(model, dict(zip(names, flat, strict=True)), (X[n: n + 1],))[0]
+        J = torch.cat([j.reshape(3, -1) for j in torch.autograd.functional.jacobian(f, tuple(params.values()))], 1)
+        p = torch.softmax(f(*params.values()), 0).detach()
+        F += J.T @ (torch.diag(p) - torch.outer(p, p)) @ J / N
+    torch.testing.assert_close(single["dense"], F, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(single["FV"][:, 0], single["Fv"], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(single["diag"], F.diagonal(), rtol=1e-12, atol=1e-14)
+    x = single["ngd_cg"]
+    P = F.shape[0]
+    assert float(((F + DAMPING * torch.eye(P, dtype=F.dtype)) @ x - single["gradient"]).norm()
+                 / single["gradient"].norm()) < 1e-10
+
+
+def test_shard_covers_the_data_in_order() -> None:
+    for n, world in [(23, 2), (23, 3), (9, 3), (5, 5)]:
+        parts = [shard(n, r, world) for r in range(world)]
+        assert [i for part in parts for i in part] == list(range(n))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(InputError, match="cannot be shared"):
+        shard(2, 0, 3)
+    with pytest.raises(InputError, match="rank"):
+        shard(5, 3, 3)
+
+
+def test_no_process_group_is_the_single_process_path() -> None:
+    assert active_group() is None
+    t = torch.ones(3)
+    all_reduce_sum([t], None)
+    assert t.tolist() == [1.0, 1.0, 1.0]
+    assert sample_offset(7, None) == (0, 7)
+    with pytest.raises(InputError, match="not initialized"):
+        active_group(object())
+
+
+if __name__ == "__main__":
+    worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
