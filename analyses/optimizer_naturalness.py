@@ -63,8 +63,8 @@ class Config:
     lr: float = 0.1
     sgd_lr: float = 0.1
     adam_lr: float = 3e-3
-    train_damping: float = 1e-2
-    ngd_lr: float = 0.5
+    train_damping: float = 1e-1
+    ngd_lr: float = 0.1
 
 
 FULL = Config()
