@@ -40,7 +40,7 @@ def problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 def compute(X: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every data-parallel quantity on the data (X, y) (this rank's shard when torch.distributed is on)."""
     from fisherlab.engine import FisherEngine
-    from fisherlab.ngd import solve_ngd
+    from fisherlab.ngd import solve_ngd, solve_ngd_all
     from fisherlab.structures.block import BlockDiagonalFisher
     from fisherlab.structures.dense import DenseFisher
     from fisherlab.structures.diagonal import DiagonalFisher
@@ -62,6 +62,9 @@ def compute(X: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     for p, f in EKFACFisher.from_engine(engine).factors.items():
         out[f"ekfac_scaling_{p}"] = f.scaling
     out["ngd_cg"] = solve_ngd(engine, grad, DAMPING, solver="cg", cg_tol=1e-12)[0]
+    out["ngd_pcg_kfac"] = solve_ngd(engine, grad, DAMPING, solver="pcg-kfac", cg_tol=1e-12)[0]
+    shifted = solve_ngd_all(engine, grad, [DAMPING, 10 * DAMPING], solver="multishift", cg_tol=1e-12)
+    out["ngd_multishift"] = torch.stack([x for x, _ in shifted.values()], 1)
     mc = FisherEngine(model, (X, y), "categorical", kind="mc", mc_samples=2, seed=7, chunk_size=CHUNK)
     out["mc_dense"] = DenseFisher.from_engine(mc).matrix
     out["mc_diag"] = DiagonalFisher.from_engine(mc).diagonal
@@ -80,6 +83,17 @@ def worker(rank: int, world: int, port: int, path: str) -> None:
         _, X, y = problem()
         ix = shard(N, rank, world)
         out = compute(X[ix.start: ix.stop], y[ix.start: ix.stop])
+        if world == 3:  # an explicit process group of ranks 0 and 1 (every rank creates it); rank 2 idles
+            from fisherlab.engine import FisherEngine
+            from fisherlab.structures.dense import DenseFisher
+
+            sub = dist.new_group([0, 1])
+            if rank < 2:
+                ix = shard(N, rank, 2)
+                engine = FisherEngine(problem()[0], (X[ix.start: ix.stop], y[ix.start: ix.stop]), "categorical",
+                                      kind="mc", mc_samples=2, seed=7, chunk_size=CHUNK, process_group=sub)
+                out["subgroup_mc_dense"] = DenseFisher.from_engine(engine).matrix
+                out["subgroup_gradient"] = engine.loss_and_gradient()[1]
         if rank == 0:
             torch.save(out, path)
     finally:
@@ -125,11 +139,14 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_agree_with_one_process(world: int, single: dict[str, torch.Tensor], tmp_path: Path) -> None:
     dist_out = run_world(world, tmp_path)
+    if world == 3:
+        single = {**single, "subgroup_mc_dense": single["mc_dense"], "subgroup_gradient": single["gradient"]}
     assert set(dist_out) == set(single)
     assert float(dist_out["num_samples"]) == N
     errors = {k: max_rel(dist_out[k], v) for k, v in single.items()}
     print(f"world {world}: max relative differences", {k: f"{e:.1e}" for k, e in errors.items()})
-    tol = {"ngd_cg": 1e-9}  # CG iterates amplify the products' round-off by the condition number
+    # CG iterates amplify the products' round-off by up to the condition number of F + λI
+    tol = dict.fromkeys(["ngd_cg", "ngd_pcg_kfac", "ngd_multishift"], 1e-9)
     bad = {k: e for k, e in errors.items() if not e <= tol.get(k, 1e-12)}
     assert not bad, bad
 
@@ -157,10 +174,12 @@ def test_single_process_references(single: dict[str, torch.Tensor]) -> None:
     torch.testing.assert_close(single["dense"], F, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(single["FV"][:, 0], single["Fv"], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(single["diag"], F.diagonal(), rtol=1e-12, atol=1e-14)
-    x = single["ngd_cg"]
-    P = F.shape[0]
-    assert float(((F + DAMPING * torch.eye(P, dtype=F.dtype)) @ x - single["gradient"]).norm()
-                 / single["gradient"].norm()) < 1e-10
+    eye = torch.eye(F.shape[0], dtype=F.dtype)
+    solves = [(single["ngd_cg"], DAMPING), (single["ngd_pcg_kfac"], DAMPING),
+              (single["ngd_multishift"][:, 0], DAMPING), (single["ngd_multishift"][:, 1], 10 * DAMPING)]
+    for x, lam in solves:
+        exact = torch.linalg.solve(F + lam * eye, single["gradient"])
+        torch.testing.assert_close(x, exact, rtol=1e-9, atol=1e-9 * float(exact.abs().max()))
 
 
 def test_shard_covers_the_data_in_order() -> None:
