@@ -89,6 +89,15 @@ def sample_offset(count: int, group: Any, device: torch.device | str = "cpu") ->
     return int(counts[: dist.get_rank(group)].sum()), int(counts.sum())
 
 
+def min_over_ranks(value: int, group: Any, device: torch.device | str = "cpu") -> int:
+    """The smallest of the ranks' ``value`` (``value`` itself without a group)."""
+    if group is None:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return int(t)
+
+
 def shard(n: int, rank: int, world: int) -> range:
     """The contiguous range of sample indices rank ``rank`` of ``world`` takes of n samples.
 
@@ -107,4 +116,4 @@ def shard(n: int, rank: int, world: int) -> range:
     return range(start, start + base + (rank < extra))
 
 
-__all__ = ["active_group", "all_reduce_sum", "rank", "sample_offset", "shard", "world_size"]
+__all__ = ["active_group", "all_reduce_sum", "min_over_ranks", "rank", "sample_offset", "shard", "world_size"]

@@ -42,9 +42,9 @@ MC Fisher does not depend on the chunking and the same seed gives the same matri
 rank passes its own shard of the data (:func:`fisherlab.distributed.shard`); N is the global sample count, and every
 average over samples — loss, gradient, F V — is a sum all-reduced over the ranks before the division by N
 (:meth:`FisherEngine.reduce_sum`; the structures reduce their accumulated sums the same way). The MC label of the
-global sample n depends on (seed, n) only: a rank first advances the generator past the draws of the samples before
-its shard (draws of dummy outputs; the built-in likelihoods consume the stream by shape, not by value), so the MC
-Fisher is the same for any number of ranks. docs/distributed.md.
+global sample n depends on (seed, n) only: a rank repeats the single process's draws chunk by chunk, with zeros for
+the other ranks' outputs (the built-in likelihoods consume the stream by shape, not by value), so the MC Fisher is the
+same for any number of ranks. docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fisherlab.checks import check_device, check_dtype, check_model, low_precision_advice, parse_enum
 from fisherlab.datasource import DataSource
-from fisherlab.distributed import active_group, all_reduce_sum, sample_offset
+from fisherlab.distributed import active_group, all_reduce_sum, min_over_ranks, sample_offset
 from fisherlab.errors import FallbackWarning, InputError, NonFiniteError, UnsupportedLayerError
 from fisherlab.likelihoods import Likelihood, get_likelihood
 from fisherlab.memory import check_budget, dense_bytes, resolve_budget
@@ -205,6 +205,8 @@ class FisherEngine:
         if chunk_size is None:
             chunk_size = max(1, self._working_bytes // (2 * row_bytes))
         self.chunk_size = int(chunk_size)
+        if self.group is not None:  # one chunk size on every rank (the MC draws follow it), the smallest
+            self.chunk_size = min_over_ranks(self.chunk_size, self.group, self.device)
         self._activation_bytes: int | None = None
         self._jvp_by_vjp = False  # set when an operation of the model has no forward-mode rule (see jv)
         self._matmat_cache: tuple[tuple, list[tuple[Any, Any, Tensor]]] | None = None  # (state key, entries)
@@ -314,24 +316,44 @@ class FisherEngine:
         """One no-grad forward pass over all the data: every sample evaluates, to finite outputs, with valid targets.
 
         Draws the Monte-Carlo labels on the way (``kind="mc"``; in chunks of ``chunk_size``, by a generator seeded
-        with ``seed``) and returns them (else None). A rank whose shard starts at global sample s first draws (and
-        drops) labels for s dummy outputs, so its samples get the draws they get in a single process.
+        with ``seed``) and returns them (else None); data-parallel, by :meth:`_draw_as_one_process`.
         """
         gen = torch.Generator(device=self.device).manual_seed(self.seed) if self.kind is FisherKind.MC else None
-        draws = []
-        if gen is not None:
-            for start in range(0, self.sample_offset, self.chunk_size):
-                n = min(self.chunk_size, self.sample_offset - start)
-                dummy = torch.zeros(n, self.num_outputs, dtype=self.dtype, device=self.device)
-                self.likelihood.sample(dummy, self.mc_samples, gen)
+        draws, outputs = [], []
         with torch.no_grad():
             for start, x, y in self.data.chunks(self.chunk_size):
-                z = self._forward_chunk(start, x)
-                self._check_outputs(z, start)
+                z = self._forward_chunk(self.sample_offset + start, x)
+                self._check_outputs(z, self.sample_offset + start)
                 self.likelihood.check_targets(z, y)
-                if gen is not None:
+                if gen is not None and self.group is None:
                     draws.append(self.likelihood.sample(z, self.mc_samples, gen))
+                elif gen is not None:
+                    outputs.append(z)
+            if outputs:
+                return self._draw_as_one_process(torch.cat(outputs), gen)  # type: ignore[arg-type]
         return torch.cat(draws) if draws else None
+
+    def _draw_as_one_process(self, z: Tensor, gen: torch.Generator) -> Tensor:
+        """The MC labels (N_rank, S, ...) of this rank's outputs z (N_rank, C), as one process draws them.
+
+        The rank repeats the single process's draws call by call — global chunks [k·c, (k+1)·c) of ``chunk_size``
+        c up to its last sample — with zeros in place of the other ranks' outputs, and keeps its own rows. A
+        likelihood whose ``sample`` consumes the random stream by the shape of its outputs, not their values (every
+        built-in one), so gives each global sample n the labels it gets in one process: they depend on (seed, n,
+        chunk size) only, whatever the number of ranks.
+        """
+        lo, hi = self.sample_offset, self.sample_offset + self.local_samples
+        mine = []
+        for a in range(0, hi, self.chunk_size):
+            b = min(a + self.chunk_size, self.num_samples)
+            full = z.new_zeros(b - a, z.shape[1])
+            s, e = max(a, lo), min(b, hi)
+            if e > s:
+                full[s - a: e - a] = z[s - lo: e - lo]
+            labels = self.likelihood.sample(full, self.mc_samples, gen)
+            if e > s:
+                mine.append(labels[s - a: e - a])
+        return torch.cat(mine)
 
     def _forward_chunk(self, start: int, x: Tensor) -> Tensor:
         """f_θ(x) for a chunk; a failure names the first sample the model cannot be evaluated on."""
