@@ -32,7 +32,8 @@ def active_group(group: Any = None) -> Any:
     when ``torch.distributed`` is initialized. A group (explicit or default) of size 1 gives None.
 
     Raises:
-        InputError: An explicit group while ``torch.distributed`` is not initialized.
+        InputError: An explicit group while ``torch.distributed`` is not initialized, or one this process is not a
+            member of.
     """
     if not dist.is_available() or not dist.is_initialized():
         if group is not None:
@@ -40,6 +41,9 @@ def active_group(group: Any = None) -> Any:
                              "(call torch.distributed.init_process_group first)")
         return None
     group = dist.group.WORLD if group is None else group
+    if group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise InputError(f"this process (rank {dist.get_rank()}) is not a member of process_group; build the "
+                         "engine on the group's members only")
     return group if dist.get_world_size(group) > 1 else None
 
 

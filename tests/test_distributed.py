@@ -100,6 +100,9 @@ def worker(rank: int, world: int, port: int, path: str) -> None:
                                       kind="mc", mc_samples=2, seed=7, chunk_size=CHUNK, process_group=sub)
                 out["subgroup_mc_dense"] = DenseFisher.from_engine(engine).matrix
                 out["subgroup_gradient"] = engine.loss_and_gradient()[1]
+            else:  # not a member: a named error, not a silent single-process run
+                with pytest.raises(InputError, match="not a member"):
+                    active_group(sub)
         if rank == 0:
             torch.save(out, path)
     finally:
