@@ -111,6 +111,8 @@ def _auto(engine: FisherEngine, damping: float, fisher: FisherMatrix | None) -> 
     m = engine.num_samples * engine.rows_per_sample
     if dense_bytes(m, P, torch.float64) > engine.memory_budget // 4:
         return NGDSolver.CG
+    if engine.group is not None:  # Woodbury needs every rank's rows; Cholesky all-reduces UᵀU (P×P per rank)
+        return NGDSolver.CHOLESKY if 2 * dense_bytes(P, P, torch.float64) <= engine.memory_budget else NGDSolver.CG
     return NGDSolver.WOODBURY if m < P and damping > 0 else NGDSolver.CHOLESKY
 
 
@@ -202,11 +204,15 @@ def solve_ngd(engine: FisherEngine, g: Tensor, damping: float, *, solver: str = 
     if solver is NGDSolver.WOODBURY:
         if damping <= 0:
             raise InputError("the Woodbury NGD solve needs damping > 0; use solver 'cholesky' or 'cg'")
+        if engine.group is not None:
+            raise InputError("the Woodbury NGD solve needs every sample's factor rows on one process; under "
+                             "torch.distributed use solver 'cholesky' or 'cg'")
         x = (g64 - U64.T @ damped_solve((U @ U.T).double(), U64 @ g64, damping)) / damping
         residual = float("nan")
     else:
         engine.check_dense(P, P, f"the dense {P}×{P} Fisher (use the 'cg' solver)")
         F64 = (U.T @ U).double()
+        engine.reduce_sum([F64])  # this rank's UᵀU → the sum over every rank's samples (no-op in one process)
         x = damped_solve(F64, g64, damping)
         residual = _relative_residual(F64, x, g64, damping)
     return x.to(g.dtype), SolveInfo(solver.value, 0, residual, True, float("nan"), time.perf_counter() - start)

@@ -64,6 +64,8 @@ def compute(X: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     for p, f in EKFACFisher.from_engine(engine).factors.items():
         out[f"ekfac_scaling_{p}"] = f.scaling
     out["ngd_cg"] = solve_ngd(engine, grad, DAMPING, solver="cg", cg_tol=1e-12)[0]
+    out["ngd_cholesky"] = solve_ngd(engine, grad, DAMPING, solver="cholesky")[0]  # all-reduced UᵀU
+    out["ngd_auto"] = solve_ngd(engine, grad, DAMPING)[0]  # Woodbury in one process, Cholesky under a group
     out["ngd_pcg_kfac"] = solve_ngd(engine, grad, DAMPING, solver="pcg-kfac", cg_tol=1e-12)[0]
     shifted = solve_ngd_all(engine, grad, [DAMPING, 10 * DAMPING], solver="multishift", cg_tol=1e-12)
     out["ngd_multishift"] = torch.stack([x for x, _ in shifted.values()], 1)
