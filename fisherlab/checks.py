@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 E = TypeVar("E", bound=Enum)
 
 __all__ = ["DTYPE_NAMES", "check_damping", "check_dampings", "check_device", "check_dtype", "check_eval_mode",
-           "check_fraction", "check_lr", "check_model", "check_positive_int", "low_precision_advice", "parse_enum",
+           "check_lr", "check_model", "check_positive_int", "low_precision_advice", "parse_enum",
            "renamed"]
 
 #: The dtype names every ``dtype=`` argument accepts as strings (besides ``torch.float32`` etc. themselves).
@@ -85,13 +85,6 @@ def check_positive_int(value: Any, what: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise InputError(f"{what} must be an integer ≥ {minimum}; got {value!r}")
     return int(value)
-
-
-def check_fraction(value: Any, what: str, *, closed: bool = False) -> float:
-    """A real number in [0, 1) (``closed``: [0, 1])."""
-    if not _real(value) or not (0 <= value <= 1 if closed else 0 <= value < 1):
-        raise InputError(f"{what} must be in [0, 1{']' if closed else ')'}; got {value!r}")
-    return float(value)
 
 
 def check_eval_mode(model: Any) -> None:

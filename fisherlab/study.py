@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from fisherlab.checks import check_dampings, check_lr, check_positive_int
+from fisherlab.checks import check_dampings, check_device, check_lr, check_positive_int
 from fisherlab.errors import FisherlabError, InputError
 from fisherlab.vocabulary import RECONSTRUCTIBLE, FisherKind
 
@@ -130,18 +130,6 @@ def _positive_dampings(name: str, values: Any) -> list[float]:
     return out
 
 
-def check_device(device: Any) -> str:
-    """``device`` as a string torch parses and this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ...).
-
-    Raises:
-        InputError: For a string torch does not parse, or a device that is not available here
-            (:func:`fisherlab.checks.check_device`).
-    """
-    from fisherlab.checks import check_device as check
-
-    return str(check(device))
-
-
 def _defaults(cls: type) -> dict[str, Any]:
     """Field name → default value of a configuration dataclass (factories called)."""
     out = {}
@@ -185,7 +173,7 @@ class RunConfig:
         with _about("seed"):
             self.seed = check_positive_int(self.seed, "seed", minimum=0)
         with _about("device"):
-            self.device = check_device(self.device)
+            self.device = str(check_device(self.device))
         if self.dtype not in DTYPES:
             raise option_error("dtype", f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
 
