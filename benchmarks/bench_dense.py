@@ -44,9 +44,9 @@ from _common import (
     time_methods,
 )
 
+from fisherlab import fisher
 from fisherlab.data import load_digits
 from fisherlab.engine import FisherEngine
-from fisherlab import fisher
 from fisherlab.models import reference_mlp
 
 N_REFERENCE = 1024

@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Row, header, optional_import, parse_args, print_table, time_methods  # noqa: E402
 from bench_dense import digits  # noqa: E402
 
-from fisherlab.engine import FisherEngine  # noqa: E402
 from fisherlab import fisher  # noqa: E402
+from fisherlab.engine import FisherEngine  # noqa: E402
 from fisherlab.linalg import cg  # noqa: E402
 from fisherlab.models import MLP  # noqa: E402
 from fisherlab.structures.kfac import KFACFisher  # noqa: E402
