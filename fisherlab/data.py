@@ -3,21 +3,25 @@
 Every loader returns a :class:`SplitData`. Conventions shared by all loaders:
 
 - Inputs ``X`` are floating tensors of shape ``(N, *input_shape)``, standardized with statistics of the
-  *training* split only (the test split is transformed with the same mean and standard deviation).
+  *training* split only (the test split is transformed with the same mean and standard deviation) — except
+  token data (``meta["layout"] == "tokens"``: :func:`make_sort_task`, :func:`make_sort_lm`, :func:`load_text`),
+  whose ``X`` are int64 token ids of shape ``(N, T)`` in ``[0, meta["vocab"])``.
 - Targets depend on the task:
 
   ========== ======================= ==========================================
   task       dtype                   shape / values
   ========== ======================= ==========================================
-  multiclass ``torch.int64``         ``(N,)``, labels in ``[0, n_outputs)``
+  multiclass ``torch.int64``         ``(N,)``, labels in ``[0, n_outputs)``; for token data also
+                                     ``(N, T)``: the next token at each position, :data:`IGNORE_INDEX`
+                                     (−100) where a position has no target
   binary     floating (as ``X``)     ``(N, 1)``, values in ``{0, 1}``
   regression floating (as ``X``)     ``(N, n_outputs)``
   ========== ======================= ==========================================
 
 - Randomness (splits, synthetic teachers, minibatch order) comes from local generators built from the
   ``seed`` argument; the global ``torch``, ``numpy`` and ``random`` states are never changed.
-- Nothing is downloaded. ``digits`` ships with scikit-learn, ``mnist1d`` is generated procedurally, and
-  ``mnist`` / ``cifar10`` are read from files the user already has on disk.
+- Nothing is downloaded. ``digits`` ships with scikit-learn, ``mnist1d``, ``sort`` and ``sort-lm`` are
+  generated procedurally, and ``mnist`` / ``cifar10`` / ``text`` are read from files the user already has on disk.
 - ``meta`` holds only JSON-friendly values (str, int, float, bool) so it can be written into results
   files as is.
 """
@@ -43,6 +47,7 @@ from fisherlab.errors import InputError
 __all__ = [
     "DATASETS",
     "DIGITS_STD_FLOOR",
+    "IGNORE_INDEX",
     "SplitData",
     "TASKS",
     "iterate_minibatches",
@@ -51,6 +56,8 @@ __all__ = [
     "load_digits",
     "load_mnist1d",
     "load_mnist_idx",
+    "load_text",
+    "make_sort_lm",
     "make_sort_task",
     "make_synthetic",
 ]
@@ -66,8 +73,18 @@ DATASETS: tuple[str, ...] = (
     "synthetic-multiclass",
     "mnist",
     "cifar10",
+    "sort",
+    "sort-lm",
+    "text",
 )
 """Names accepted by :func:`load`."""
+
+IGNORE_INDEX: int = -100
+"""Target value of a position that carries no prediction target (the prompt of :func:`make_sort_lm`).
+
+The same value as ``ignore_index`` of :func:`torch.nn.functional.cross_entropy`: such positions contribute
+nothing to the loss (a mean over the other tokens) or the Fisher.
+"""
 
 DIGITS_STD_FLOOR: float = 0.05
 """Floor on the per-pixel training standard deviation used to standardize ``digits``.
@@ -96,7 +113,8 @@ class SplitData:
     Attributes:
         X_train: Training inputs, floating, shape ``(n_train, *input_shape)``; for ``meta["layout"] == "tokens"``
             int64 token ids of shape ``(n_train, T)`` in ``[0, meta["vocab"])``.
-        y_train: Training targets: ``int64`` ``(n_train,)`` for multiclass, floating ``(n_train, 1)`` in
+        y_train: Training targets: ``int64`` ``(n_train,)`` for multiclass (token data also ``(n_train, T)``, the
+            target at each position in ``[0, n_outputs)`` or :data:`IGNORE_INDEX`), floating ``(n_train, 1)`` in
             ``{0, 1}`` for binary, floating ``(n_train, n_outputs)`` for regression.
         X_test: Test inputs, same dtype and per-sample shape as ``X_train``, shape ``(n_test, *input_shape)``.
         y_test: Test targets, same convention as ``y_train``.
@@ -132,10 +150,9 @@ class SplitData:
             y = getattr(self, f"y_{split}")
             if not (isinstance(X, torch.Tensor) and isinstance(y, torch.Tensor)):
                 raise InputError(f"SplitData.X_{split} and y_{split} must be torch tensors")
-            if self.meta.get("layout") == "tokens":
-                if X.dtype != torch.int64 or X.dim() != 2:
-                    raise InputError(f"SplitData.X_{split} of layout 'tokens' must be int64 token ids of shape "
-                                     f"(N, T), got {X.dtype} {tuple(X.shape)}")
+            tokens = self.meta.get("layout") == "tokens"
+            if tokens:
+                _check_tokens(X, y, self.meta, self.task, self.n_outputs, split)
             elif not X.is_floating_point():
                 raise InputError(f"SplitData.X_{split} must be floating point, got {X.dtype}")
             if tuple(X.shape[1:]) != self.input_shape:
@@ -148,10 +165,10 @@ class SplitData:
                     f"SplitData.X_{split} has {X.shape[0]} samples but y_{split} has {y.shape[0]}"
                 )
             if self.task == "multiclass":
-                if y.dtype != torch.int64 or y.dim() != 1:
+                if y.dtype != torch.int64 or not (y.dim() == 1 or tokens and y.shape == X.shape):
                     raise InputError(
-                        f"SplitData.y_{split} must be int64 of shape (N,) for multiclass, "
-                        f"got {y.dtype} {tuple(y.shape)}"
+                        f"SplitData.y_{split} must be int64 of shape (N,) for multiclass (or (N, T) = "
+                        f"{tuple(X.shape)} for token data), got {y.dtype} {tuple(y.shape)}"
                     )
             else:
                 want = 1 if self.task == "binary" else self.n_outputs
@@ -219,6 +236,25 @@ class SplitData:
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------
+def _check_tokens(X: torch.Tensor, y: torch.Tensor, meta: dict[str, Any], task: str, n_outputs: int,
+                  split: str) -> None:
+    """Token data: X int64 (N, T) ids in [0, meta["vocab"]); per-position targets in [0, n_outputs) or −100."""
+    if X.dtype != torch.int64 or X.dim() != 2:
+        raise InputError(f"SplitData.X_{split} of layout 'tokens' must be int64 token ids of shape (N, T), got "
+                         f"{X.dtype} {tuple(X.shape)}")
+    vocab = meta.get("vocab")
+    if not isinstance(vocab, int) or vocab < 1:
+        raise InputError(f"SplitData.meta['vocab'] of layout 'tokens' must be a positive int, got {vocab!r}")
+    if X.numel() and not 0 <= int(X.min()) <= int(X.max()) < vocab:
+        raise InputError(f"SplitData.X_{split} holds token ids from {int(X.min())} to {int(X.max())}, outside "
+                         f"[0, vocab = {vocab})")
+    if task == "multiclass" and y.dtype == torch.int64 and y.dim() == 2 and y.numel():
+        bad = (y != IGNORE_INDEX) & ((y < 0) | (y >= n_outputs))
+        if bool(bad.any()):
+            raise InputError(f"SplitData.y_{split} holds per-position target {int(y[bad][0])}; targets are in "
+                             f"[0, n_outputs = {n_outputs}) or IGNORE_INDEX = {IGNORE_INDEX}")
+
+
 def _check_dtype(dtype: torch.dtype, where: str) -> None:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InputError(f"{where}: dtype must be a floating torch dtype, got {dtype!r}")
@@ -239,6 +275,23 @@ def _check_int(value: Any, name: str, where: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise InputError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
     return int(value)
+
+
+def _n_test(n: int, test_fraction: float, where: str, what: str = "samples") -> int:
+    """``round(n · test_fraction)``, or InputError unless both splits keep at least one of the ``n`` ``what``."""
+    n_test = int(round(n * test_fraction))
+    if not 1 <= n_test <= n - 1:
+        raise InputError(f"{where}: test_fraction={test_fraction} leaves {n_test} of {n} {what} for testing; both "
+                         "splits need at least one")
+    return n_test
+
+
+def _token_split(X: torch.Tensor, y: torch.Tensor, train: torch.Tensor, test: torch.Tensor, name: str,
+                 n_outputs: int, meta: dict[str, Any]) -> SplitData:
+    """The multiclass token :class:`SplitData` of rows ``train`` and ``test`` of (X, y), ``meta`` plus the layout."""
+    return SplitData(X_train=X[train], y_train=y[train], X_test=X[test], y_test=y[test], name=name,
+                     task="multiclass", n_outputs=n_outputs, input_shape=(X.shape[1],),
+                     meta={"layout": "tokens", **meta})
 
 
 def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -479,12 +532,7 @@ def make_synthetic(
         raise InputError(f"{where}: binary tasks have n_outputs=1, got {n_outputs}")
     if task == "multiclass" and n_outputs < 2:
         raise InputError(f"{where}: multiclass tasks need n_outputs >= 2 classes, got {n_outputs}")
-    n_test = int(round(n_samples * test_fraction))
-    if not 1 <= n_test <= n_samples - 1:
-        raise InputError(
-            f"{where}: test_fraction={test_fraction} leaves {n_test} of {n_samples} samples for testing; "
-            "both splits need at least one sample"
-        )
+    n_test = _n_test(n_samples, test_fraction, where)
 
     g = torch.Generator().manual_seed(seed)
     f64 = torch.float64
@@ -559,26 +607,144 @@ def make_sort_task(
     n_samples = _check_int(n_samples, "n_samples", where, 2)
     length = _check_int(length, "length", where, 1)
     n_values = _check_int(n_values, "n_values", where, 2)
-    n_test = int(round(n_samples * test_fraction))
-    if not 1 <= n_test <= n_samples - 1:
-        raise InputError(f"{where}: test_fraction={test_fraction} leaves {n_test} of {n_samples} samples for "
-                         "testing; both splits need at least one sample")
+    n_test = _n_test(n_samples, test_fraction, where)
     g = torch.Generator().manual_seed(seed)
     values = torch.randint(0, n_values, (n_samples, length), generator=g)
     j = torch.randint(0, length, (n_samples,), generator=g)
     X = torch.cat([values, (n_values + j).unsqueeze(1)], dim=1)
     y = values.sort(dim=1).values.gather(1, j.unsqueeze(1)).squeeze(1)
     perm = torch.randperm(n_samples, generator=g)
-    te, tr = perm[:n_test], perm[n_test:]
     meta = {
         "seed": seed,
         "source": "fisherlab.data.make_sort_task (j-th smallest of length tokens)",
-        "layout": "tokens",
         "vocab": n_values + length,
         "test_fraction": float(test_fraction),
     }
-    return SplitData(X_train=X[tr], y_train=y[tr], X_test=X[te], y_test=y[te], name="sort", task="multiclass",
-                     n_outputs=n_values, input_shape=(length + 1,), meta=meta)
+    return _token_split(X, y, perm[n_test:], perm[:n_test], "sort", n_values, meta)
+
+
+def make_sort_lm(
+    n_samples: int = 512,
+    length: int = 6,
+    n_values: int = 8,
+    seed: int = 0,
+    test_fraction: float = 0.25,
+) -> SplitData:
+    """A procedural language-modelling task with a known answer: continue a prompt by its sorted values.
+
+    Each sequence is ``a_1 … a_k SEP s_1 … s_k`` (k = ``length``, 2k + 1 tokens): values a_i drawn uniformly and
+    independently from ``[0, n_values)``, the separator ``SEP = n_values``, then s = sorted(a). The inputs are
+    the first 2k tokens, ``X = seq[:-1]``, and the targets the next tokens, ``y = seq[1:]``, with
+    :data:`IGNORE_INDEX` (−100) at the first k positions (their next tokens a_2 … a_k, SEP belong to the
+    prompt). So position k − 1 + i (input SEP for i = 1, else s_{i−1}) has target s_i, k targets per sequence.
+
+    Known structure: every target is a deterministic function of the prompt a (Bayes error 0), so an ideal causal
+    model reaches a loss (mean cross-entropy over the target tokens) of 0; predicting the V = n_values + 1 tokens
+    uniformly costs ln V (2.197 with the defaults). Nothing is downloaded; all draws come from one local
+    ``torch.Generator`` seeded with ``seed`` (the split is a seeded random permutation).
+
+    Args:
+        n_samples: Total number of sequences, at least 2.
+        length: k, values per prompt, at least 1.
+        n_values: Distinct values, at least 2.
+        seed: Seed of the draws and the split.
+        test_fraction: Fraction of sequences put in the test split, in ``(0, 1)``.
+
+    Returns:
+        A multiclass :class:`SplitData` named ``"sort-lm"`` with int64 ``X`` and ``y`` of shape (N, 2k),
+        ``input_shape = (2k,)``, ``n_outputs = vocab = n_values + 1`` (next-token logits over every token) and
+        ``meta`` ``layout="tokens"``, ``vocab``, ``ignore_index = -100``, ``targets_per_sequence = k``.
+
+    Raises:
+        InputError: On out-of-range arguments.
+    """
+    where = "make_sort_lm"
+    _check_fraction(test_fraction, where)
+    n_samples = _check_int(n_samples, "n_samples", where, 2)
+    length = _check_int(length, "length", where, 1)
+    n_values = _check_int(n_values, "n_values", where, 2)
+    n_test = _n_test(n_samples, test_fraction, where)
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, n_values, (n_samples, length), generator=g)
+    sep = torch.full((n_samples, 1), n_values, dtype=torch.int64)
+    seq = torch.cat([values, sep, values.sort(dim=1).values], dim=1)
+    y = seq[:, 1:].clone()
+    y[:, :length] = IGNORE_INDEX
+    perm = torch.randperm(n_samples, generator=g)
+    meta = {
+        "seed": seed,
+        "source": "fisherlab.data.make_sort_lm (prompt, SEP, the prompt sorted)",
+        "vocab": n_values + 1,
+        "ignore_index": IGNORE_INDEX,
+        "targets_per_sequence": length,
+        "test_fraction": float(test_fraction),
+    }
+    return _token_split(seq[:, :-1], y, perm[n_test:], perm[:n_test], "sort-lm", n_values + 1, meta)
+
+
+def load_text(path: str | Path, seq_len: int = 64, test_fraction: float = 0.1, encoding: str = "utf-8") -> SplitData:
+    """Read a local text file as a character-level language-modelling task; nothing is downloaded.
+
+    The vocabulary is the sorted set of the file's characters (token id = rank; ``meta["chars"]`` holds them in
+    id order). The text c_0 … c_{n−1} is cut into W = (n − 1) // seq_len non-overlapping windows: window w has
+    inputs ``X[w] = c[w·T : (w+1)·T]`` and targets ``y[w] = c[w·T + 1 : (w+1)·T + 1]`` (T = seq_len, the next
+    character at every position; the last (n − 1) mod T characters are dropped). The test split is the last
+    ``round(W · test_fraction)`` windows, the training split the windows before them, both in text order (no
+    window of the test text is seen in training).
+
+    Args:
+        path: The text file.
+        seq_len: T, characters per window, at least 1.
+        test_fraction: Fraction of windows put in the test split, in ``(0, 1)``.
+        encoding: The file's encoding.
+
+    Returns:
+        A multiclass :class:`SplitData` named ``"text"`` with int64 ``X`` and ``y`` of shape (W, T),
+        ``input_shape = (T,)``, ``n_outputs = vocab`` = distinct characters, and ``meta`` ``layout="tokens"``,
+        ``vocab``, ``chars``, ``n_chars``, ``source``.
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a file.
+        InputError: If the file cannot be decoded with ``encoding``, is empty, has fewer than 2 distinct
+            characters, or is too short for one training and one test window of ``seq_len + 1`` characters.
+    """
+    where = "load_text"
+    seq_len = _check_int(seq_len, "seq_len", where, 1)
+    _check_fraction(test_fraction, where)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: text file {str(path)!r} not found")
+    try:
+        text = path.read_text(encoding=encoding)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{where}: {str(path)!r} is not {encoding} text ({exc}); pass encoding=") from None
+    if not text:
+        raise InputError(f"{where}: {str(path)!r} is empty")
+    chars = sorted(set(text))
+    if len(chars) < 2:
+        raise InputError(f"{where}: {str(path)!r} holds a single distinct character {chars[0]!r}; a language "
+                         "model needs at least 2")
+    n_windows = (len(text) - 1) // seq_len
+    if n_windows < 2:
+        raise InputError(f"{where}: {str(path)!r} holds {len(text)} characters, fewer than the {2 * seq_len + 1} "
+                         f"that one training and one test window of seq_len + 1 = {seq_len + 1} need; use a "
+                         "longer file or a smaller seq_len")
+    n_test = _n_test(n_windows, test_fraction, where, "windows")
+    rank = {c: i for i, c in enumerate(chars)}
+    ids = torch.tensor([rank[c] for c in text[: n_windows * seq_len + 1]], dtype=torch.int64)
+    X = ids[:-1].reshape(n_windows, seq_len)
+    y = ids[1:].reshape(n_windows, seq_len)
+    windows = torch.arange(n_windows)
+    meta = {
+        "seed": None,
+        "source": f"text file {str(path)}",
+        "vocab": len(chars),
+        "chars": "".join(chars),
+        "n_chars": len(text),
+        "test_fraction": float(test_fraction),
+    }
+    return _token_split(X, y, windows[: n_windows - n_test], windows[n_windows - n_test :], "text", len(chars),
+                        meta)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -794,7 +960,8 @@ def load(name: str, **kwargs: Any) -> SplitData:
             (:func:`load_mnist1d`), ``"synthetic-regression"`` / ``"synthetic-binary"`` /
             ``"synthetic-multiclass"`` (:func:`make_synthetic` with that task), ``"mnist"``
             (:func:`load_mnist_idx`, needs ``directory=``), ``"cifar10"`` (:func:`load_cifar10`, needs
-            ``directory=``).
+            ``directory=``), ``"sort"`` (:func:`make_sort_task`), ``"sort-lm"`` (:func:`make_sort_lm`),
+            ``"text"`` (:func:`load_text`, needs ``path=``).
         **kwargs: Passed on to the loader.
 
     Returns:
@@ -802,18 +969,23 @@ def load(name: str, **kwargs: Any) -> SplitData:
 
     Raises:
         InputError: On an unknown name (the message lists :data:`DATASETS`), a missing ``directory`` for
-            ``mnist``/``cifar10``, or a keyword the loader does not accept.
+            ``mnist``/``cifar10`` or ``path`` for ``text``, or a keyword the loader does not accept.
     """
     loaders = {
         "digits": load_digits,
         "mnist1d": load_mnist1d,
         "mnist": load_mnist_idx,
         "cifar10": load_cifar10,
+        "sort": make_sort_task,
+        "sort-lm": make_sort_lm,
+        "text": load_text,
     }
     if name not in DATASETS:
         raise InputError(f"unknown dataset {name!r}; valid names are {', '.join(DATASETS)}")
     if name in ("mnist", "cifar10") and "directory" not in kwargs:
         raise InputError(f"dataset {name!r} is read from local files: pass directory=<folder>")
+    if name == "text" and "path" not in kwargs:
+        raise InputError("dataset 'text' is read from a local file: pass path=<file>")
     if name.startswith("synthetic-"):
         if "task" in kwargs:
             raise InputError(f"dataset {name!r} fixes the task; do not pass task=")

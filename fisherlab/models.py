@@ -1,7 +1,10 @@
 """Seeded reference networks for fisherlab.
 
 Every model is a plain :class:`torch.nn.Module` whose ``forward`` maps a batch ``(B, *input_shape)`` to
-``(B, n_outputs)`` (logits for classification, means for regression). All of them can be evaluated per
+``(B, n_outputs)`` (logits for classification, means for regression) — except :class:`GPT` with
+``output="sequence"``, which maps token ids ``(B, T)`` to next-token logits ``(B, T, n_outputs)`` at every
+position. The two transformers (:class:`GPT`, :class:`EncoderClassifier`) take int64 token ids. All of them can be
+evaluated per
 sample with ``torch.func.functional_call`` inside ``torch.func.vmap`` (feed each sample as a batch of one,
 ``x.unsqueeze(0)``): the forwards use no in-place operation on inputs, no ``.item()`` and no control flow
 that depends on tensor values.
@@ -28,11 +31,14 @@ import inspect
 import math
 import numbers
 from collections.abc import Iterator, Sequence
+from enum import Enum
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from fisherlab.checks import parse_enum
 from fisherlab.errors import InputError
 
 if TYPE_CHECKING:
@@ -41,13 +47,17 @@ if TYPE_CHECKING:
 __all__ = [
     "ACTIVATIONS",
     "CNN",
+    "EncoderClassifier",
     "GPT",
+    "GPTOutput",
+    "GPT_SIZES",
     "LSTMClassifier",
     "MLP",
     "MODELS",
     "REFERENCE_MLP_PARAMS",
     "ResNet",
     "build_model",
+    "gpt_param_count",
     "reference_mlp",
     "seeded_init",
 ]
@@ -60,7 +70,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 """Activation names accepted by the models, and their module classes."""
 
-MODELS: tuple[str, ...] = ("mlp", "cnn", "lstm", "resnet", "gpt")
+MODELS: tuple[str, ...] = ("mlp", "cnn", "lstm", "resnet", "gpt", "encoder")
 """Names accepted by :func:`build_model`."""
 
 REFERENCE_MLP_PARAMS: int = 3466
@@ -325,33 +335,170 @@ class ResNet(nn.Module):
         return self.head(h.mean(dim=self._pool_dims))
 
 
-class GPT(nn.Module):
-    """Decoder-only transformer: token and learned position embeddings, pre-LN causal blocks, a Linear head.
+class GPTOutput(str, Enum):
+    """What :class:`GPT` returns: the logits at the last position, or at every position."""
 
-    ``embed`` (:class:`torch.nn.Embedding`, vocab × d_model) plus ``position`` (Embedding, seq_len × d_model), then
-    ``layers``, a :class:`torch.nn.ModuleList` of ``n_layers`` :class:`torch.nn.TransformerEncoderLayer` (pre-LN
-    ``norm_first=True``, ``batch_first=True``, GELU, no dropout) under a causal mask (position t attends to
-    positions ≤ t), a final :class:`torch.nn.LayerNorm` ``norm`` and ``head`` (Linear d_model → n_outputs) read
-    out at the **last position**: the next-token logits of the sequence. With the defaults on
-    :func:`fisherlab.data.make_sort_task` (vocab 14, 7 tokens, 8 classes) it has 2,728 parameters; ``d_model=32,
-    n_layers=1`` about 9.5k. The mask is built in ``forward`` (a boolean tensor, not a buffer), so the model has
-    no buffers.
+    LAST = "last"
+    SEQUENCE = "sequence"
+
+
+def _token_embeddings(embed: nn.Embedding, position: nn.Embedding, x: torch.Tensor, what: str) -> torch.Tensor:
+    """``embed(x) + position(p)`` with p = 0..T−1 for every sample, shape (B, T, d), after checking the ids ``x`` (B, T).
+
+    The position table is called on the (B, T) positions (not on one ``arange(T)`` broadcast over the batch), so
+    that per-layer statistics (KFAC's input factor of ``position``) see a per-sample input.
+
+    Raises InputError unless ``x`` is an int64 tensor of shape (B, T) with 1 ≤ T ≤ ``position.num_embeddings``
+    and every id in ``[0, embed.num_embeddings)``. The id range is read from the values (one device
+    synchronisation per call); it is skipped for tensors inside a ``torch.func`` transform (a vmapped sample
+    cannot be read) and on the meta device — fisherlab's engines evaluate every sample by a plain forward pass
+    before they differentiate, so bad ids are refused there.
+    """
+    vocab, seq_len = embed.num_embeddings, position.num_embeddings
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.int64 or x.dim() != 2 or not 1 <= x.shape[1] <= seq_len:
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise InputError(f"{what} takes int64 token ids of shape (B, T) with 1 ≤ T ≤ seq_len = {seq_len}; got {got}")
+    if x.numel() and x.device.type != "meta" and not torch._C._functorch.is_functorch_wrapped_tensor(x):
+        low, high = (int(v) for v in torch.aminmax(x))
+        if low < 0 or high >= vocab:
+            raise InputError(f"{what} takes token ids in [0, vocab = {vocab}); got ids from {low} to {high}")
+    positions = torch.arange(x.shape[1], device=x.device).expand(x.shape)  # per sample: layers see (B, T) ids
+    return embed(x) + position(positions)
+
+
+class _CausalSelfAttention(nn.Module):
+    """Causal multi-head self-attention: packed ``qkv`` (Linear d → 3d), SDPA with ``is_causal=True``, ``proj``.
+
+    The rows of ``qkv.weight`` are the q, k and v blocks (d rows each, in that order, as in
+    ``nn.MultiheadAttention.in_proj_weight``); within each block, head h owns rows ``h·d_h .. (h+1)·d_h − 1``
+    (``d_h = d / n_heads``). Heads are split and merged by reshapes, so every parameter sits in a Linear layer.
+    """
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.n_heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Map (B, T, d) to (B, T, d); position t attends to positions ≤ t."""
+        B, T, d = h.shape
+        q, k, v = self.qkv(h).reshape(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, n_heads, T, d_h)
+        return self.proj(a.transpose(1, 2).reshape(B, T, d))
+
+
+class _MLPBlock(nn.Module):
+    """``proj(GELU(fc(h)))``: Linear d → d_ff, exact GELU, Linear d_ff → d."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.proj = nn.Linear(hidden, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Map (B, T, d) to (B, T, d), position by position."""
+        return self.proj(self.act(self.fc(h)))
+
+
+class _Block(nn.Module):
+    """Pre-LN decoder block: ``h + attn(ln1(h))``, then ``h + mlp(ln2(h))``."""
+
+    def __init__(self, width: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = _CausalSelfAttention(width, heads)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = _MLPBlock(width, hidden)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Map (B, T, d) to (B, T, d)."""
+        h = h + self.attn(self.ln1(h))
+        return h + self.mlp(self.ln2(h))
+
+
+def gpt_param_count(vocab: int, seq_len: int, d_model: int = 16, n_layers: int = 1, d_ff: int | None = None,
+                    n_outputs: int | None = None, tie_embeddings: bool = False) -> int:
+    """The number of parameters of ``GPT(vocab, seq_len, n_outputs, d_model, n_layers, n_heads, d_ff, ...)``.
+
+    With V = vocab, S = seq_len, d = d_model, L = n_layers, F = d_ff (default 4d), O = n_outputs (default V)::
+
+        P = (V + S)·d  +  L·(4d² + 2dF + 9d + F)  +  2d  +  (d + 1)·O  −  [tie_embeddings]·V·d
+
+    (embeddings; per block: ``qkv`` 3d² + 3d, ``proj`` d² + d, ``fc`` dF + F, ``mlp.proj`` Fd + d, two
+    LayerNorms 4d; the final LayerNorm; the head; a tied head shares the embedding's V·d weights). The number of
+    heads does not enter. Arguments are not validated here (the constructor does that).
+    """
+    hidden = 4 * d_model if d_ff is None else d_ff
+    outputs = vocab if n_outputs is None else n_outputs
+    block = 4 * d_model**2 + 2 * d_model * hidden + 9 * d_model + hidden
+    tied = vocab * d_model if tie_embeddings else 0
+    return (vocab + seq_len) * d_model + n_layers * block + 2 * d_model + (d_model + 1) * outputs - tied
+
+
+GPT_SIZES: dict[str, dict[str, int]] = {
+    "10k": {"d_model": 16, "n_layers": 3, "n_heads": 2},
+    "1M": {"d_model": 128, "n_layers": 5, "n_heads": 4},
+    "10M": {"d_model": 384, "n_layers": 6, "n_heads": 6},
+}
+"""(d_model, n_layers, n_heads) of a GPT of about 10k, 1M and 10M parameters (``d_ff`` = 4·d_model).
+
+Pass one as keywords: ``build_model("gpt", data, **GPT_SIZES["1M"])``. The blocks hold 4d² + 2dF + 9d + F
+parameters each (:func:`gpt_param_count`): 3,280 at d = 16, 198,272 at d = 128 and 1,774,464 at d = 384; the
+embeddings and head add (V + S + 2 + O)·d + O. So on :func:`fisherlab.data.make_sort_lm` (V = O = 9, S = 12)
+"10k" has 10,361 parameters; on a character text (V = O = 65, S = 64) "1M" has 1,016,513 and "10M" 10,722,113
+(the 10M one is nanoGPT's character-level Shakespeare model). The last two are sized for batches of 32
+sequences of length 64.
+"""
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer (nanoGPT-style): token and learned position embeddings, pre-LN causal blocks, a head.
+
+    ``embed`` (:class:`torch.nn.Embedding`, V × d) plus ``position`` (Embedding, S × d), then ``blocks``, a
+    :class:`torch.nn.ModuleList` of ``n_layers`` pre-LN blocks, each ``h + attn.proj(SDPA(attn.qkv(ln1(h))))``
+    (causal: position t attends to positions ≤ t, through ``F.scaled_dot_product_attention(..., is_causal=True)``;
+    ``attn.qkv`` packs q, k, v) followed by ``h + mlp.proj(GELU(mlp.fc(ln2(h))))``; then the final
+    :class:`torch.nn.LayerNorm` ``norm`` and ``head`` (Linear d → n_outputs). Every parameter belongs to an
+    Embedding, a LayerNorm or a Linear layer (names ``blocks.i.ln1``, ``blocks.i.attn.qkv``, ``blocks.i.attn.proj``,
+    ``blocks.i.ln2``, ``blocks.i.mlp.fc``, ``blocks.i.mlp.proj``); there is no dropout and no buffer.
+
+    The parameter count is exactly (:func:`gpt_param_count`, V = vocab, S = seq_len, d = d_model, L = n_layers,
+    F = d_ff, O = n_outputs)::
+
+        P = (V + S)·d  +  L·(4d² + 2dF + 9d + F)  +  2d  +  (d + 1)·O  −  [tie_embeddings]·V·d
+
+    With the defaults on :func:`fisherlab.data.make_sort_task` (V = 14, S = 7, 8 classes) that is 3,784;
+    :data:`GPT_SIZES` lists configurations of about 10k, 1M and 10M parameters.
 
     Args:
         vocab: Token ids the embedding takes, ``[0, vocab)``.
         seq_len: Longest sequence (rows of the position table).
-        n_outputs: Outputs of the head (default ``vocab``).
+        n_outputs: Outputs of the head (default ``vocab``: next-token logits).
         d_model: Width of the residual stream.
         n_layers: Transformer blocks.
         n_heads: Attention heads (must divide ``d_model``).
-        d_ff: Width of the feed-forward layers (default ``2 * d_model``).
+        d_ff: Width of the MLP (default ``4 * d_model``).
+        output: ``"last"`` (:class:`GPTOutput`): the logits at the last position, (B, n_outputs) — a sequence
+            classifier or the next token after the sequence; ``"sequence"``: the logits at every position,
+            (B, T, n_outputs) — position t predicts token t + 1 (language modelling).
+        tie_embeddings: Make ``head.weight`` the very tensor ``embed.weight`` (needs ``n_outputs == vocab``);
+            the head keeps its own bias.
 
     Shapes:
-        input ``(B, T)`` int64 token ids with ``T ≤ seq_len``; output ``(B, n_outputs)``.
+        input ``(B, T)`` int64 token ids in ``[0, vocab)`` with ``1 ≤ T ≤ seq_len``; output ``(B, n_outputs)``
+        (``output="last"``) or ``(B, T, n_outputs)`` (``output="sequence"``).
+
+    Raises:
+        InputError: On bad sizes, ``n_heads`` not dividing ``d_model``, an unknown ``output``, tied embeddings with
+            ``n_outputs != vocab``; in ``forward``, on inputs that are not int64 (B, T) ids with T ≤ seq_len or
+            hold ids outside ``[0, vocab)``.
     """
 
     def __init__(self, vocab: int, seq_len: int, n_outputs: int | None = None, d_model: int = 16,
-                 n_layers: int = 1, n_heads: int = 2, d_ff: int | None = None) -> None:
+                 n_layers: int = 1, n_heads: int = 2, d_ff: int | None = None,
+                 output: GPTOutput | str = GPTOutput.LAST, tie_embeddings: bool = False) -> None:
         super().__init__()
         self.vocab = _positive_int(vocab, "GPT vocab")
         self.seq_len = _positive_int(seq_len, "GPT seq_len")
@@ -360,34 +507,91 @@ class GPT(nn.Module):
         heads = _positive_int(n_heads, "GPT n_heads")
         if width % heads:
             raise InputError(f"GPT n_heads={heads} must divide d_model={width}")
-        hidden = 2 * width if d_ff is None else _positive_int(d_ff, "GPT d_ff")
+        hidden = 4 * width if d_ff is None else _positive_int(d_ff, "GPT d_ff")
+        self.output = parse_enum(GPTOutput, output, "GPT output")
+        if not isinstance(tie_embeddings, bool):
+            raise InputError(f"GPT tie_embeddings must be a bool, got {tie_embeddings!r}")
+        if tie_embeddings and self.n_outputs != self.vocab:
+            raise InputError(f"GPT tie_embeddings needs n_outputs == vocab = {self.vocab}, got {self.n_outputs}")
         self.embed = nn.Embedding(self.vocab, width)
         self.position = nn.Embedding(self.seq_len, width)
-        self.layers = nn.ModuleList([
-            nn.TransformerEncoderLayer(width, heads, hidden, dropout=0.0, activation="gelu", batch_first=True,
-                                       norm_first=True)
-            for _ in range(_positive_int(n_layers, "GPT n_layers"))
-        ])
+        layers = _positive_int(n_layers, "GPT n_layers")
+        self.blocks = nn.ModuleList([_Block(width, heads, hidden) for _ in range(layers)])
         self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, self.n_outputs)
+        if tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map token ids (B, T) to logits (B, n_outputs) at the last position or (B, T, n_outputs) at every one."""
+        h = _token_embeddings(self.embed, self.position, x, "GPT")
+        for block in self.blocks:
+            h = block(h)
+        if self.output is GPTOutput.LAST:
+            h = h[:, -1]
+        return self.head(self.norm(h))
+
+
+class EncoderClassifier(nn.Module):
+    """Sequence classifier: token + position embeddings, an :class:`torch.nn.TransformerEncoder`, mean-pooled head.
+
+    ``embed`` (Embedding V × d) plus ``position`` (Embedding S × d), then ``encoder``, an
+    :class:`torch.nn.TransformerEncoder` of ``n_layers`` :class:`torch.nn.TransformerEncoderLayer` (post-LN as in
+    torch's default, ``batch_first=True``, GELU, no dropout, no mask: every position attends to every position;
+    each layer initialised on its own — ``nn.TransformerEncoder`` alone would deep-copy one layer), the mean over
+    the T positions, and ``head`` (Linear d → n_outputs). In eval mode without gradients torch may run the
+    encoder through its fused fast path; fisherlab's engines switch that path off inside their own calls.
+
+    Args:
+        vocab: Token ids the embedding takes, ``[0, vocab)``.
+        seq_len: Longest sequence (rows of the position table).
+        n_outputs: Classes.
+        d_model: Width.
+        n_layers: Encoder layers.
+        n_heads: Attention heads (must divide ``d_model``).
+        d_ff: Width of the feed-forward layers (default ``4 * d_model``).
+
+    Shapes:
+        input ``(B, T)`` int64 token ids in ``[0, vocab)`` with ``1 ≤ T ≤ seq_len``; output ``(B, n_outputs)``.
+
+    Raises:
+        InputError: On bad sizes or ``n_heads`` not dividing ``d_model``; in ``forward``, on bad token ids (as
+            :class:`GPT`).
+    """
+
+    def __init__(self, vocab: int, seq_len: int, n_outputs: int, d_model: int = 16, n_layers: int = 1,
+                 n_heads: int = 2, d_ff: int | None = None) -> None:
+        super().__init__()
+        self.vocab = _positive_int(vocab, "EncoderClassifier vocab")
+        self.seq_len = _positive_int(seq_len, "EncoderClassifier seq_len")
+        self.n_outputs = _positive_int(n_outputs, "EncoderClassifier n_outputs")
+        width = _positive_int(d_model, "EncoderClassifier d_model")
+        heads = _positive_int(n_heads, "EncoderClassifier n_heads")
+        if width % heads:
+            raise InputError(f"EncoderClassifier n_heads={heads} must divide d_model={width}")
+        hidden = 4 * width if d_ff is None else _positive_int(d_ff, "EncoderClassifier d_ff")
+        layers = _positive_int(n_layers, "EncoderClassifier n_layers")
+
+        def layer() -> nn.TransformerEncoderLayer:
+            return nn.TransformerEncoderLayer(width, heads, hidden, dropout=0.0, activation="gelu", batch_first=True)
+
+        self.embed = nn.Embedding(self.vocab, width)
+        self.position = nn.Embedding(self.seq_len, width)
+        self.encoder = nn.TransformerEncoder(layer(), layers, enable_nested_tensor=False)
+        self.encoder.layers = nn.ModuleList([self.encoder.layers[0], *(layer() for _ in range(layers - 1))])
         self.head = nn.Linear(width, self.n_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map token ids ``(B, T)`` to the logits at the last position, ``(B, n_outputs)``."""
-        if x.dim() != 2 or x.shape[1] > self.seq_len or x.is_floating_point():
-            raise InputError(f"GPT takes int64 token ids of shape (B, T) with T ≤ seq_len = {self.seq_len}; got "
-                             f"{x.dtype} {tuple(x.shape)}")
-        T = x.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)  # True: position may not attend
-        h = self.embed(x) + self.position(torch.arange(T, device=x.device))
-        for layer in self.layers:
-            h = layer(h, src_mask=causal, is_causal=True)
-        return self.head(self.norm(h[:, -1]))
+        """Map token ids (B, T) to class logits (B, n_outputs)."""
+        h = self.encoder(_token_embeddings(self.embed, self.position, x, "EncoderClassifier"))
+        return self.head(h.mean(dim=1))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------------------
-_CLASSES: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN, "lstm": LSTMClassifier, "resnet": ResNet, "gpt": GPT}
+_CLASSES: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN, "lstm": LSTMClassifier, "resnet": ResNet, "gpt": GPT,
+                                       "encoder": EncoderClassifier}
 
 # The layout each dataset needs for a channel (conv) model and for a sequence (LSTM) model.
 _CONV_LAYOUT = {"digits": "image", "mnist1d": "channels", "mnist": "image", "cifar10": "image"}
@@ -415,11 +619,17 @@ def _kwargs_from_data(name: str, data: SplitData) -> dict[str, Any]:
         if len(shape) not in (2, 3) or layout == "sequence":
             raise _layout_error(name, data, "(C, H, W) or (C, L)", _CONV_LAYOUT)
         return {"input_shape": shape, "n_outputs": data.n_outputs}
-    if name == "gpt":
+    if name in ("gpt", "encoder"):
         if layout != "tokens":
-            raise InputError(f"build_model('gpt') needs token data (layout 'tokens', int64 ids), but dataset "
-                             f"{data.name!r} has layout {layout!r}; make some with fisherlab.data.make_sort_task")
-        return {"vocab": int(data.meta["vocab"]), "seq_len": shape[0], "n_outputs": data.n_outputs}
+            raise InputError(f"build_model({name!r}) needs token data (layout 'tokens', int64 ids), but dataset "
+                             f"{data.name!r} has layout {layout!r}; make some with fisherlab.data.make_sort_task "
+                             "(a class per sequence), make_sort_lm or load_text (a next token per position)")
+        per_position = data.y_train.dim() == 2
+        if name == "encoder" and per_position:
+            raise InputError(f"build_model('encoder') classifies whole sequences, but dataset {data.name!r} has a "
+                             "target per position; use build_model('gpt', ...) (output='sequence') for it")
+        found = {"vocab": int(data.meta["vocab"]), "seq_len": shape[0], "n_outputs": data.n_outputs}
+        return {**found, "output": GPTOutput.SEQUENCE if per_position else GPTOutput.LAST} if name == "gpt" else found
     # lstm
     if len(shape) != 2 or layout == "channels":
         raise _layout_error(name, data, "(T, features)", _SEQ_LAYOUT)
@@ -443,8 +653,10 @@ def build_model(
     Shapes are inferred from ``data`` when it is given: ``mlp`` takes ``in_features = prod(input_shape)``
     and ``out_features = n_outputs`` (any layout; inputs are flattened); ``cnn`` and ``resnet`` take
     ``input_shape`` (must be ``(C, H, W)`` or ``(C, L)``) and ``n_outputs``; ``lstm`` takes
-    ``input_size = input_shape[-1]`` (input_shape must be ``(T, features)``) and ``n_outputs``; ``gpt`` takes
-    ``vocab = meta["vocab"]``, ``seq_len = input_shape[0]`` and ``n_outputs`` (token data, ``layout="tokens"``).
+    ``input_size = input_shape[-1]`` (input_shape must be ``(T, features)``) and ``n_outputs``; ``gpt`` and
+    ``encoder`` take ``vocab = meta["vocab"]``, ``seq_len = input_shape[0]`` and ``n_outputs`` (token data,
+    ``layout="tokens"``), and ``gpt`` takes ``output="sequence"`` when the targets are per position (y of shape
+    (N, T)), else ``output="last"``; ``encoder`` refuses per-position targets.
     Keywords given explicitly override inferred values. Defaults beyond the class signatures: ``widths=(32, 32)``
     for ``mlp`` and ``hidden_size=32`` for ``lstm``.
 
@@ -457,16 +669,17 @@ def build_model(
     ``.eval()`` before Fisher computations (required for ``resnet``).
 
     Args:
-        name: One of :data:`MODELS`: ``"mlp"``, ``"cnn"``, ``"lstm"``, ``"resnet"``, ``"gpt"``.
+        name: One of :data:`MODELS`: ``"mlp"``, ``"cnn"``, ``"lstm"``, ``"resnet"``, ``"gpt"``, ``"encoder"``.
         data: Optional :class:`~fisherlab.data.SplitData` to infer shapes from.
         seed: Initialisation seed.
         dtype: Floating dtype of parameters and buffers.
         device: Target device (``None``: CPU).
         **kwargs: Constructor arguments of :class:`MLP`, :class:`CNN`, :class:`LSTMClassifier`,
-            :class:`ResNet` or :class:`GPT`.
+            :class:`ResNet`, :class:`GPT` or :class:`EncoderClassifier` (e.g. ``**GPT_SIZES["1M"]``).
 
     Returns:
-        The model, an :class:`torch.nn.Module` mapping ``(B, *input_shape)`` to ``(B, n_outputs)``.
+        The model, an :class:`torch.nn.Module` mapping ``(B, *input_shape)`` to ``(B, n_outputs)`` (a sequence
+        GPT: to ``(B, T, n_outputs)``).
 
     Raises:
         InputError: On an unknown name (the message lists :data:`MODELS`), a data layout the model cannot

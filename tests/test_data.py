@@ -380,6 +380,9 @@ def test_load_registry():
         "synthetic-multiclass",
         "mnist",
         "cifar10",
+        "sort",
+        "sort-lm",
+        "text",
     )
     with pytest.raises(InputError) as info:
         D.load("imagenet")
@@ -389,6 +392,8 @@ def test_load_registry():
         D.load("mnist")
     with pytest.raises(InputError, match="directory"):
         D.load("cifar10")
+    with pytest.raises(InputError, match="path="):
+        D.load("text")
     with pytest.raises(InputError, match="unknown keyword"):
         D.load("digits", n_samples=10)
     with pytest.raises(InputError, match="task"):
@@ -396,6 +401,8 @@ def test_load_registry():
     d = D.load("synthetic-binary", n_samples=64, seed=2)
     assert d.task == "binary" and d.n_train + d.n_test == 64
     assert D.load("digits", layout="image").input_shape == (1, 8, 8)
+    assert D.load("sort-lm", n_samples=8, length=2).input_shape == (4,)
+    assert D.load("sort", n_samples=8, length=2).input_shape == (3,)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -202,7 +202,7 @@ def test_errors(datasets):
         M.build_model("transformer")
     for name in M.MODELS:
         assert name in str(info.value)
-    assert M.MODELS == ("mlp", "cnn", "lstm", "resnet", "gpt")
+    assert M.MODELS == ("mlp", "cnn", "lstm", "resnet", "gpt", "encoder")
     with pytest.raises(InputError, match='layout="image"'):
         M.build_model("cnn", datasets["digits-flat"])
     with pytest.raises(InputError, match='layout="image"'):

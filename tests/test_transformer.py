@@ -285,15 +285,26 @@ def test_reconstructed_gpt_keeps_the_layer_interface_and_outputs() -> None:
     model, X, y = _gpt()
     net = reconstruct(model, (X, y), structure="kfac", unsupported="block", damping=LAM)
     local = [n for n, m in net.net.named_modules() if isinstance(m, LocalFisherLinear)]
-    assert local == ["layers.0.linear1", "layers.0.linear2", "layers.1.linear1", "layers.1.linear2", "head"]
-    assert "LocalFisherLinear" in str(net)  # out_proj (a Linear subclass), attention, norms: dense blocks
-    inner, original = net.net.layers[0].linear1, model.layers[0].linear1
+    assert local == [f"blocks.{i}.{layer}" for i in range(2) for layer in ("attn.qkv", "attn.proj", "mlp.fc",
+                                                                           "mlp.proj")] + ["head"]
+    assert "LocalFisherLinear" in str(net)
+    inner, original = net.net.blocks[0].attn.qkv, model.blocks[0].attn.qkv
     assert isinstance(inner, LocalFisherLinear)
     assert (inner.in_features, inner.out_features) == (original.in_features, original.out_features)
-    ref.assert_close(inner.weight, original.weight, 1e-13, "effective linear1.weight")
-    ref.assert_close(inner.bias, original.bias, 1e-13, "effective linear1.bias")
+    ref.assert_close(inner.weight, original.weight, 1e-13, "effective attn.qkv.weight")
+    ref.assert_close(inner.bias, original.bias, 1e-13, "effective attn.qkv.bias")
     with pytest.raises(AttributeError, match="read-only"):
         inner.weight = original.weight.detach().clone()
+    ref.assert_close(net(X), model(X), 1e-12, "reconstructed outputs")
+
+
+def test_reconstructed_encoder_runs_torchs_fast_path_on_the_local_layers() -> None:
+    model, X, y = _case("encoder")
+    net = reconstruct(model, (X, y), structure="kfac", unsupported="block", damping=LAM)
+    inner, original = net.net.encoder.layers[0].linear1, model.encoder.layers[0].linear1
+    assert isinstance(inner, LocalFisherLinear) and "LocalFisherLinear" in str(net)
+    ref.assert_close(inner.weight, original.weight, 1e-13, "effective linear1.weight")
+    ref.assert_close(inner.bias, original.bias, 1e-13, "effective linear1.bias")
     with torch.no_grad():  # eval + no grad: torch's encoder fast path reads linear1.weight / .bias
         ref.assert_close(net(X), model(X), 1e-12, "reconstructed outputs (no grad)")
     ref.assert_close(net(X), model(X), 1e-12, "reconstructed outputs")
