@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fisherlab.errors import FisherlabError, InputError
-from fisherlab.study import DATA, DTYPES, MODELS, PARTS, RunConfig, SpectraConfig, StudyConfig
+from fisherlab.study import DATA, DTYPES, MODELS, PARTS, Backend, RunConfig, SpectraConfig, StudyConfig
 from fisherlab.vocabulary import RECONSTRUCTIBLE, FisherKind
 
 if TYPE_CHECKING:
@@ -75,6 +75,18 @@ def paragraph(text: str) -> str:
 
     return textwrap.fill(text, HELP_WIDTH)
 
+
+#: Default of ``--timeout``: seconds a rank of a run under torchrun waits in a collective for the others.
+DISTRIBUTED_TIMEOUT_S = 600.0
+
+TORCHRUN_HELP = """\
+Data-parallel: torchrun --nproc-per-node N -m fisherlab fidelity ... (or
+torchrun ... $(which fisherlab) fidelity ...) shards the training samples over
+the N ranks (and --nnodes nodes), computes on all of them and writes the results
+once, from rank 0, with world_size and backend in each Dataset's attributes; the
+values are those of one process. A rank that fails stops every rank with an
+error naming it; finished parts stay in --out. Rules on reconstructed networks
+(sngd-*) are not yet data-parallel: choose --rules and --train-rule without them."""
 
 #: Width of the hand-wrapped help texts.
 HELP_WIDTH = 80
@@ -226,6 +238,11 @@ def add_fidelity_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer-args", nargs="+", action=OptimizerArgsOption, default=None, metavar="KEY=VALUE",
                    help="keyword arguments of the --optimizer named just before, each value a Python literal "
                         "(lr=1e-3 betas=(0.9,0.95) nesterov=True)")
+    p.add_argument("--backend", default=Backend.AUTO.value, choices=[b.value for b in Backend],
+                   help="torch.distributed backend under torchrun: auto is nccl on cuda devices, else gloo")
+    p.add_argument("--timeout", type=float, default=DISTRIBUTED_TIMEOUT_S, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others in a collective before the run "
+                        "stops with an error naming the silent rank")
     add_renamed(p, {"--dampings": "--damping", "--train-method": "--train-rule",
                     "--geometry-dampings": "--geometry-damping"})
 
@@ -261,7 +278,7 @@ def build_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
             "initial parameters (fidelity.nc) and along a training run (trajectory.nc), the preconditioned geometry "
             "of each structure (geometry.nc) and the Fisher spectra (spectrum.nc); then draws the figures and "
             "writes report.html into --out. A rerun with the same options resumes: finished parts are kept."),
-        epilog=f"{OWN_MODEL_HELP}\n\n{OPTIMIZER_HELP}\n\n{CONFIG_HELP}")
+        epilog=f"{OWN_MODEL_HELP}\n\n{OPTIMIZER_HELP}\n\n{TORCHRUN_HELP}\n\n{CONFIG_HELP}")
     add_fidelity_options(p)
     p.set_defaults(func=cmd_fidelity, command_parser=p)
     p = sub.add_parser(
@@ -427,6 +444,11 @@ def model_parameters(model: nn.Module) -> int:
 
 def cmd_spectra(args: argparse.Namespace) -> int:
     """Compute and save Fisher spectra (or, with ``--slq``, their SLQ density); print a summary table."""
+    from fisherlab.distributed import launch_environment
+
+    if launch_environment() is not None:
+        raise InputError("fisherlab spectra does not yet run under torchrun (every rank would write); run it in "
+                         "one process, or use the spectrum part of fisherlab fidelity")
     cfg: SpectraConfig = make_config(SpectraConfig, args)
     out = output_folder(args)
     from fisherlab.report import build_report, print_table, table_spectral_density, table_spectrum
@@ -458,18 +480,34 @@ def cmd_spectra(args: argparse.Namespace) -> int:
 
 
 def cmd_fidelity(args: argparse.Namespace) -> int:
-    """Run the fidelity study (the main job) and write its Datasets, figures and report."""
+    """Run the fidelity study (the main job) and write its Datasets, figures and report.
+
+    Under torchrun every rank computes (:func:`fisherlab.study.run_study` shards the data) and rank 0 alone
+    claims the folder, writes and prints.
+    """
     cfg: StudyConfig = make_config(StudyConfig, args)
     out = output_folder(args)
+    from fisherlab.distributed import launched
+
+    with launched(args.backend, cfg.device, args.timeout) as env:
+        return _fidelity(cfg, out, args, lead=env is None or env.rank == 0)
+
+
+def _fidelity(cfg: StudyConfig, out: Path, args: argparse.Namespace, *, lead: bool) -> int:
+    """The body of :func:`cmd_fidelity` on one rank (``lead``: rank 0, or the only process)."""
+    from fisherlab.distributed import active_group, on_lead
     from fisherlab.report import build_report, print_table
     from fisherlab.results import guard_output_folder
     from fisherlab.study import headline, load_model_and_data, run_study
 
     model_and_data = load_model_and_data(cfg)  # a wrong model or data is refused before the folder is claimed
-    if guard_output_folder(out, cfg.to_dict(), overwrite=args.overwrite):
+    if on_lead(lambda: guard_output_folder(out, cfg.to_dict(), overwrite=args.overwrite), active_group()) and lead:
         print(f"{out} holds this configuration: resuming (finished parts are kept)")
     start = time.perf_counter()
-    results = run_study(cfg, out, progress=False if args.no_progress else None, model_and_data=model_and_data)
+    results = run_study(cfg, out, progress=False if args.no_progress or not lead else None,
+                        model_and_data=model_and_data)
+    if not lead:
+        return 0
     if "fidelity" in results:
         from fisherlab.report import table_fidelity
 
@@ -502,7 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 apply_config_file(args, argv)
             return int(args.func(args) or 0)
     except FisherlabError as exc:
-        print(f"fisherlab: error: {describe(exc, args)}", file=sys.stderr)
+        named = "" if isinstance(exc, InputError) else f"{type(exc).__name__}: "
+        print(f"fisherlab: error: {named}{describe(exc, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fisherlab: interrupted; finished results are kept in the output folder", file=sys.stderr)

@@ -10,19 +10,49 @@ Every average over samples is a sum, all-reduced, divided by the global count N 
 so unequal shards are right. With no process group, or a group of size 1, :func:`active_group` is None and no
 collective is called: the code path is the single-process one.
 
-Imported by the engine only (``import fisherlab`` stays torch-free).
+Launching (:func:`launched`): under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the command line
+initialises the default process group from the environment, with a timeout, and keeps a **status board** in the
+launcher's key-value store (``fisherlab/<attempt>/state/<rank>``: running, failed with a message, stopped, done).
+A collective that fails because a peer is gone (killed, crashed, or silent past the timeout) raises
+:class:`RankFailedError` on every surviving rank, naming the failed rank(s) from the board.
+
+Imported by the engine and the command line when they run (``import fisherlab`` stays torch-free).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fisherlab.errors import InputError
+from fisherlab.errors import FisherlabError, InputError
+
+T = TypeVar("T")
+
+#: Seconds a surviving rank waits for the other survivors to say so on the board before it names the failed ranks.
+PEER_GRACE_S = 1.0
+
+
+class RankFailedError(FisherlabError):
+    """A rank of a data-parallel run failed (an error, killed, or silent past the timeout): the run is stopped.
+
+    Raised on every surviving rank by the collective that found the peer gone; ``.failed`` holds
+    ``{rank: what the board says}`` of the ranks that failed (empty when the board could not be read).
+    """
+
+    def __init__(self, message: str, failed: Mapping[int, str] | None = None):
+        super().__init__(message)
+        self.failed = dict(failed or {})
 
 
 def active_group(group: Any = None) -> Any:
@@ -73,7 +103,8 @@ def all_reduce_sum(tensors: Sequence[Tensor], group: Any) -> None:
         by_kind.setdefault((t.dtype, t.device), []).append(t)
     for group_tensors in by_kind.values():
         flat = torch.cat([t.reshape(-1) for t in group_tensors])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        with collective("all_reduce"):
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         offset = 0
         for t in group_tensors:
             t.copy_(flat[offset: offset + t.numel()].view_as(t))
@@ -98,7 +129,8 @@ def min_over_ranks(value: int, group: Any, device: torch.device | str = "cpu") -
     if group is None:
         return value
     t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    with collective("all_reduce"):
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return int(t)
 
 
@@ -120,4 +152,199 @@ def shard(n: int, rank: int, world: int) -> range:
     return range(start, start + base + (rank < extra))
 
 
-__all__ = ["active_group", "all_reduce_sum", "min_over_ranks", "rank", "sample_offset", "shard", "world_size"]
+def broadcast_object(obj: T, group: Any, src: int = 0) -> T:
+    """``obj`` of rank ``src`` (any picklable object) on every rank of ``group`` (``obj`` itself without one)."""
+    if group is None:
+        return obj
+    box = [obj]
+    with collective("broadcast"):
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, src), group=group)
+    return box[0]
+
+
+def on_lead(fn: Callable[[], T], group: Any) -> T:
+    """``fn()`` run on rank 0 only; its result (picklable), or its fisherlab error, on every rank of ``group``.
+
+    For what one process must do for all (claim the output folder, read finished results): a fisherlab error of
+    rank 0 is raised on every rank, as the same class with the same message, so that every rank stops.
+    """
+    if group is None:
+        return fn()
+    outcome: tuple[bool, Any] = (True, None)
+    if dist.get_rank(group) == 0:
+        try:
+            outcome = (True, fn())
+        except FisherlabError as exc:
+            outcome = (False, exc)
+    ok, value = broadcast_object(outcome, group)
+    if not ok:
+        raise value
+    return value
+
+
+# ------------------------------------------------------------------------------------ launching and failures
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What ``torchrun`` (or any launcher following its conventions) tells a process in its environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    attempt: int
+
+
+def launch_environment(environ: Mapping[str, str] | None = None) -> LaunchEnv | None:
+    """The launcher's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` (None: not launched).
+
+    ``WORLD_SIZE`` unset or 1 is a single-process run. ``--nnodes`` and ``--node-rank`` of torchrun need nothing
+    more: they set ``RANK`` and ``WORLD_SIZE`` over all nodes (and ``LOCAL_RANK`` within this one).
+
+    Raises:
+        InputError: A variable that is missing or not an integer (named).
+    """
+    env = os.environ if environ is None else environ
+    if env.get("WORLD_SIZE", "1") in ("", "1"):
+        return None
+    values: dict[str, int] = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        text = env.get(name, "0" if name == "LOCAL_RANK" else "")
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise InputError(f"launched with WORLD_SIZE={env['WORLD_SIZE']}, but the environment variable {name} is "
+                             f"{text!r}, not an integer (run under torchrun, which sets it)") from None
+    if not 0 <= values["RANK"] < values["WORLD_SIZE"]:
+        raise InputError(f"RANK={values['RANK']} is outside 0..WORLD_SIZE-1 = {values['WORLD_SIZE'] - 1}")
+    return LaunchEnv(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"], env.get("MASTER_ADDR", "127.0.0.1"),
+                     values["MASTER_PORT"], int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0))
+
+
+class _Board:
+    """The ranks' states in the launcher's store: ``running``, ``failed: <why>``, ``stopped: <why>``, ``done``."""
+
+    def __init__(self, env: LaunchEnv, timeout: timedelta):
+        self.env = env
+        self.store = dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=timeout)
+        self.prefix = f"fisherlab/{env.attempt}/state/"
+
+    def mark(self, state: str) -> None:
+        """Set this rank's state (never raises: the store may be gone with its host)."""
+        try:
+            self.store.set(f"{self.prefix}{self.env.rank}", state)
+        except Exception:  # noqa: BLE001 - a dead store host must not hide the error being reported
+            pass
+
+    def states(self) -> dict[int, str]:
+        """Every rank's state (``"unreadable"`` for a rank whose state cannot be read)."""
+        out = {}
+        for r in range(self.env.world_size):
+            key = f"{self.prefix}{r}"
+            try:
+                out[r] = self.store.get(key).decode() if self.store.check([key]) else "not started"
+            except Exception:  # noqa: BLE001 - the store's host (rank 0 outside torchrun) may be the failed rank
+                out[r] = "unreadable"
+        return out
+
+
+_BOARD: _Board | None = None
+
+
+def _failure(what: str, exc: BaseException) -> RankFailedError:
+    """The :class:`RankFailedError` of this rank after collective ``what`` failed with ``exc``."""
+    if _BOARD is None:
+        return RankFailedError(f"rank {dist.get_rank()} of {dist.get_world_size()}: the collective {what} failed "
+                               f"(a peer rank stopped or is unreachable): {exc}")
+    _BOARD.mark(f"stopped: the collective {what} failed")
+    time.sleep(PEER_GRACE_S)  # the other survivors say so too
+    states = _BOARD.states()
+    me = _BOARD.env.rank
+    failed = {r: s for r, s in states.items() if r != me and not s.startswith(("stopped", "done"))}
+    named = "; ".join(f"rank {r} {'stopped without a word (killed, or silent past the timeout)' if s == 'running' else s}"
+                      for r, s in failed.items()) or "no rank says why"
+    return RankFailedError(f"rank {me} of {_BOARD.env.world_size} stopped: {named} (the collective {what} failed: "
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})", failed)
+
+
+@contextmanager
+def collective(what: str) -> Iterator[None]:
+    """Turn the error of a collective whose peer is gone into :class:`RankFailedError` (naming the failed ranks)."""
+    try:
+        yield
+    except RuntimeError as exc:  # gloo: connection closed by peer, timed out (DistBackendError is a RuntimeError)
+        raise _failure(what, exc) from exc
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """``backend`` (:class:`~fisherlab.study.Backend`) for ``device``: ``auto`` is NCCL on CUDA, else gloo.
+
+    Raises:
+        InputError: An unknown backend, or NCCL with a device that is not CUDA.
+    """
+    from fisherlab.checks import parse_enum
+    from fisherlab.study import Backend
+
+    chosen = parse_enum(Backend, backend, "backend")
+    cuda = torch.device(device).type == "cuda"
+    if chosen is Backend.AUTO:
+        return Backend.NCCL.value if cuda else Backend.GLOO.value
+    if chosen is Backend.NCCL and not cuda:
+        raise InputError(f"backend nccl runs on CUDA devices; the device is {str(device)!r} (use gloo)")
+    return chosen.value
+
+
+@contextmanager
+def launched(backend: str = "auto", device: torch.device | str = "cpu", timeout: float = 600.0
+             ) -> Iterator[LaunchEnv | None]:
+    """The default process group of a run under ``torchrun``, for the block (None, and nothing done, otherwise).
+
+    Initialises ``torch.distributed`` from the environment (:func:`launch_environment`) with ``backend``
+    (:func:`resolve_backend`; on CUDA each rank takes device ``LOCAL_RANK``) and ``timeout`` seconds for every
+    collective, marks this rank on the status board, and destroys the group at the end. An exception leaving the
+    block marks this rank failed (with the message) first, so that the peers' :class:`RankFailedError` names it;
+    SIGTERM (the launcher stopping the other ranks after one failed) raises :class:`RankFailedError` here.
+
+    Raises:
+        InputError: Bad launcher variables, backend or timeout; torch.distributed already initialised.
+    """
+    global _BOARD
+    env = launch_environment()
+    if env is None:
+        yield None
+        return
+    if not timeout > 0:
+        raise InputError(f"timeout must be > 0 seconds; got {timeout!r}")
+    if dist.is_initialized():
+        raise InputError("torch.distributed is already initialised in this process")
+    name = resolve_backend(backend, device)
+    if name == "nccl":
+        torch.cuda.set_device(env.local_rank)
+    limit = timedelta(seconds=float(timeout))
+    dist.init_process_group(name, init_method="env://", rank=env.rank, world_size=env.world_size, timeout=limit)
+    _BOARD = _Board(env, limit)
+    _BOARD.mark("running")
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise RankFailedError(f"rank {env.rank} of {env.world_size} stopped by SIGTERM (the launcher stops every "
+                              "rank when one fails)")
+
+    main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
+    try:
+        yield env
+        _BOARD.mark("done")
+    except BaseException as exc:
+        if not isinstance(exc, RankFailedError):
+            _BOARD.mark(f"failed: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+        _BOARD = None
+        dist.destroy_process_group()
+
+
+__all__ = ["PEER_GRACE_S", "LaunchEnv", "RankFailedError", "active_group", "all_reduce_sum", "broadcast_object",
+           "collective", "launch_environment", "launched", "min_over_ranks", "on_lead", "rank", "resolve_backend",
+           "sample_offset", "shard", "world_size"]

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -68,6 +69,17 @@ LAYOUTS: dict[tuple[str, str], str | None] = {
 }
 
 PARTS = ("fidelity", "trajectory", "geometry", "spectrum")
+
+
+class Backend(str, Enum):
+    """The ``torch.distributed`` backend of a run under ``torchrun``: ``auto`` is NCCL on CUDA devices, else gloo.
+
+    (Kept here, torch-free, so that ``fisherlab --help`` lists it; :func:`fisherlab.distributed.launched` uses it.)
+    """
+
+    AUTO = "auto"
+    GLOO = "gloo"
+    NCCL = "nccl"
 
 
 def option_error(name: str, message: str) -> InputError:
@@ -685,8 +697,16 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
         model_and_data: ``load_model_and_data(cfg)`` when the caller has it already.
 
     Returns:
-        ``{part: Dataset}`` for every part of ``cfg.parts``.
+        ``{part: Dataset}`` for every part of ``cfg.parts`` (on every rank of a data-parallel run).
+
+    **Data-parallel** (under ``torch.distributed`` with more than one process, e.g. ``torchrun``): every rank
+    loads the same model and data, takes its contiguous shard of the training samples
+    (:func:`fisherlab.distributed.shard`) and computes every part on it (the engines all-reduce sums and counts,
+    so the values are those of one process); rank 0 alone reads the finished parts, logs and writes, and the
+    Datasets carry ``world_size`` and ``backend``. Rules on reconstructed networks (``sngd-*``, and such a
+    ``train_rule``) are refused there (:func:`fisherlab.fidelity.evaluate.check_distributable`).
     """
+    from fisherlab.distributed import active_group, on_lead, rank
     from fisherlab.fidelity import evaluate_fidelity, fidelity_trajectory, fisher_geometry
     from fisherlab.fidelity.optimizers import OptimizerRule
     from fisherlab.progress import bar as progress_bar
@@ -696,6 +716,13 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
     out = Path(out)
     dtype = cfg.torch_dtype()
     model, split = load_model_and_data(cfg) if model_and_data is None else model_and_data
+    group = active_group()
+    lead = True
+    if group is not None:
+        _check_distributable(cfg)
+        split, lead = shard_split(split, group), rank(group) == 0
+        if not lead:
+            log, progress = _quiet, False
     lik = likelihood_for(split)
     common = {"likelihood": lik, "dtype": dtype, "device": cfg.device, "seed": cfg.seed, "progress": progress,
               "config": cfg.to_dict()}
@@ -716,22 +743,53 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
                                            device=cfg.device, progress=progress, config=cfg.to_dict()),
     }
     store = ResultsStore(out)
+    # reused only if it carries this configuration (a foreign part is refused); read by rank 0 for every rank
+    finished = on_lead(lambda: {part: store.load(part, config=cfg.to_dict()) for part in cfg.parts
+                                if store.has(part)}, group)
     results: dict[str, xr.Dataset] = {}
     with progress_bar(total=len(cfg.parts), desc="fidelity study", progress=progress) as parts:
         for part in cfg.parts:
             parts.set_postfix_str(part)
-            if store.has(part):  # reused only if it carries this configuration (a foreign part is refused)
-                results[part] = store.load(part, config=cfg.to_dict())
+            if part in finished:
+                results[part] = finished[part]
                 log(f"[{part}] already in {out}: kept (delete {store.path(part)} to recompute)")
             else:
                 start = time.perf_counter()
                 log(f"[{part}] running ...")
                 ds = jobs[part]()
-                save_dataset(ds, store.path(part))
+                if lead:
+                    save_dataset(ds, store.path(part))
                 results[part] = ds
                 log(f"[{part}] done in {time.perf_counter() - start:.1f} s -> {store.path(part)}")
             parts.update(1)
     return results
+
+
+def _quiet(message: str) -> None:
+    """The log of a rank other than 0 in a data-parallel run: nothing."""
+
+
+def shard_split(split: SplitData, group: Any) -> SplitData:
+    """This rank's contiguous shard of the training split (:func:`fisherlab.distributed.shard`); test split kept.
+
+    Raises:
+        InputError: Fewer training samples than ranks.
+    """
+    from fisherlab.distributed import rank, shard, world_size
+
+    mine = shard(split.n_train, rank(group), world_size(group))
+    return dataclasses.replace(split, X_train=split.X_train[mine.start: mine.stop],
+                               y_train=split.y_train[mine.start: mine.stop])
+
+
+def _check_distributable(cfg: StudyConfig) -> None:
+    """Refuse, before any part runs, the rules of ``cfg``'s parts that are not yet data-parallel."""
+    from fisherlab.fidelity.evaluate import check_distributable
+    from fisherlab.fidelity.rules import get_rule
+
+    names = [*(cfg.rules if "fidelity" in cfg.parts else []),
+             *([*cfg.trajectory_rules, cfg.train_rule] if "trajectory" in cfg.parts else [])]
+    check_distributable({name: get_rule(name) for name in names})
 
 
 def with_optimizers(main: xr.Dataset, runs: list[xr.Dataset]) -> xr.Dataset:

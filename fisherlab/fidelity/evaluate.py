@@ -32,7 +32,7 @@ from fisherlab.errors import (
     UnsupportedLayerError,
 )
 from fisherlab.fidelity import metrics
-from fisherlab.fidelity.rules import Rule, RuleContext, UpdateRule, check_rules
+from fisherlab.fidelity.rules import ReconstructedGD, Rule, RuleContext, UpdateRule, check_rules
 from fisherlab.likelihoods import Likelihood
 from fisherlab.ngd import ITERATIVE_SOLVERS, NGDSolver
 
@@ -94,6 +94,11 @@ def measure(ctx: RuleContext, rules: Mapping[str, UpdateRule], dampings: Sequenc
         InputError: If a rule returns an update of the wrong shape.
     """
     spec = ctx.spec
+    engine = ctx.engine()
+    group = engine.group
+    if group is not None:
+        check_distributable(rules)
+    count = None if group is None else engine.num_samples  # each rank's share of the global mean, then summed
     M, D, L = len(rules), len(dampings), len(spec.layers())
     out = {name: np.full((M, D), np.nan) for name in METRIC_VARS}
     out["cosine_layer"] = np.full((M, D, L), np.nan)
@@ -103,7 +108,7 @@ def measure(ctx: RuleContext, rules: Mapping[str, UpdateRule], dampings: Sequenc
     z0, y = ctx.outputs_and_targets()
     for j, lam in enumerate(dampings):
         v = -lr * ctx.natural_gradient(lam)
-        done, columns = [], []
+        done, columns, measured = [], [], []
         for i, (name, rule) in enumerate(rules.items()):
             if reasons[i]:
                 continue
@@ -124,12 +129,16 @@ def measure(ctx: RuleContext, rules: Mapping[str, UpdateRule], dampings: Sequenc
                                      f"damping {lam:g}")
             with ctx.timed("measured KL"):
                 z1 = ctx.outputs_after(u)
-                out["kl_measured"][i, j] = float(metrics.measured_kl(ctx.likelihood, z0, z1))
-                out["loss_change"][i, j] = float(metrics.loss_change(ctx.likelihood, z0, z1, y))
+                measured.append(torch.stack([metrics.measured_kl(ctx.likelihood, z0, z1, count),
+                                             metrics.loss_change(ctx.likelihood, z0, z1, y, count)]))
             done.append(i)
             columns.append(u)
         if not done:
             continue
+        sums = torch.stack(measured)  # (rules done, 2): the means over this rank's samples, or its share of them
+        engine.reduce_sum([sums])
+        sums = sums.detach().cpu().double().numpy()
+        out["kl_measured"][done, j], out["loss_change"][done, j] = sums[:, 0], sums[:, 1]
         U = torch.stack(columns, dim=1)
         with ctx.timed("metrics"):
             values = {
@@ -165,6 +174,21 @@ def measure(ctx: RuleContext, rules: Mapping[str, UpdateRule], dampings: Sequenc
     data["loss"] = ((), np.array(float(loss)))
     data["grad_norm"] = ((), np.array(float(g.norm())))
     return data
+
+
+def check_distributable(rules: Mapping[str, UpdateRule]) -> None:
+    """Refuse the rules that are not yet data-parallel (under a process group): the reconstructed-network rules.
+
+    A reconstructed network's gradient (``ReconstructedNetwork.prime_gradient``) is still the mean over this
+    rank's samples only, so ``sngd-*`` would measure each rank's own update (docs/distributed.md).
+
+    Raises:
+        InputError: Naming the rules, with what to do instead.
+    """
+    local = [name for name, rule in rules.items() if isinstance(rule, ReconstructedGD)]
+    if local:
+        raise InputError(f"rule(s) {local} (reconstructed networks) are not yet data-parallel: their gradient is "
+                         "each rank's own; run them in one process, or leave them out under torch.distributed")
 
 
 def solver_attrs(ctx: RuleContext, dampings: Sequence[float]) -> dict[str, Any]:
@@ -278,4 +302,4 @@ def fidelity_dataset(kind: str, data_vars: dict, coords: dict, **kwargs: Any) ->
 
 
 __all__ = ["ANNOTATIONS", "DEFAULT_RULES", "METRIC_VARS", "SCALE_FREE_METRICS", "UNAVAILABLE",
-           "evaluate_fidelity", "fidelity_dataset", "measure", "solver_attrs"]
+           "check_distributable", "evaluate_fidelity", "fidelity_dataset", "measure", "solver_attrs"]

@@ -128,20 +128,27 @@ def predicted_kl(u: Tensor, F: FisherOperator) -> Tensor:
     return q[0] if u.dim() == 1 else q
 
 
-def measured_kl(likelihood: object, z_before: Tensor, z_after: Tensor) -> Tensor:
+def _mean(per_sample: Tensor, count: int | None) -> Tensor:
+    """The mean of ``per_sample`` (N,), or its sum divided by ``count`` (a rank's share of a global mean)."""
+    return per_sample.mean() if count is None else per_sample.sum() / count
+
+
+def measured_kl(likelihood: object, z_before: Tensor, z_after: Tensor, count: int | None = None) -> Tensor:
     """Mean over the batch of KL(p(· | z_before) ‖ p(· | z_after)) (nats); 0-dim tensor.
 
     Args:
         likelihood: A :class:`~fisherlab.likelihoods.Likelihood` (its ``kl``).
         z_before: Outputs before the step, (N, C).
         z_after: Outputs after the step, (N, C).
+        count: Divide the sum over these N samples by ``count`` instead of N: in a data-parallel run, the global
+            number of samples, so that the ranks' results sum (all-reduced) to the global mean.
     """
     if z_before.shape != z_after.shape:
         raise InputError(f"outputs before {tuple(z_before.shape)} and after {tuple(z_after.shape)} the step differ")
-    return likelihood.kl(z_before, z_after).mean()  # type: ignore[attr-defined]
+    return _mean(likelihood.kl(z_before, z_after), count)  # type: ignore[attr-defined]
 
 
-def loss_change(likelihood: object, z_before: Tensor, z_after: Tensor, y: Tensor) -> Tensor:
+def loss_change(likelihood: object, z_before: Tensor, z_after: Tensor, y: Tensor, count: int | None = None) -> Tensor:
     """L(θ + u) − L(θ) with L the mean negative log-likelihood (nats per sample); negative is a decrease.
 
     Args:
@@ -149,9 +156,10 @@ def loss_change(likelihood: object, z_before: Tensor, z_after: Tensor, y: Tensor
         z_before: Outputs before the step, (N, C).
         z_after: Outputs after the step, (N, C).
         y: Targets (N, ...).
+        count: As for :func:`measured_kl`.
     """
     nll = likelihood.nll  # type: ignore[attr-defined]
-    return (nll(z_after, y) - nll(z_before, y)).mean()
+    return _mean(nll(z_after, y) - nll(z_before, y), count)
 
 
 __all__ = ["cosine", "fisher_product", "fisher_relative_error", "layer_cosines", "loss_change", "measured_kl",

@@ -19,6 +19,8 @@ attribute              meaning
 ``config``             the full configuration as JSON (sorted keys, see :func:`to_jsonable`)
 ``created``            UTC creation time, ISO 8601 to the second, e.g. ``"2026-01-31T12:00:00+00:00"``
 ``git_commit``         ``git rev-parse HEAD`` of the checkout holding fisherlab, else ``"unknown"``
+``world_size``         only under ``torch.distributed`` with more than one process: the number of processes
+``backend``            with ``world_size``: the ``torch.distributed`` backend (``"gloo"``, ``"nccl"``)
 =====================  ===================================================================
 
 and :func:`cf_attributes` the CF global attributes derived from them (``Conventions``, ``title``, ``history``,
@@ -386,7 +388,8 @@ def provenance(
     dtype: torch.dtype | str,
     kind: str | None = None,
 ) -> dict[str, str | int | float]:
-    """Provenance attributes for a results Dataset (the keys of :data:`PROVENANCE_KEYS`).
+    """Provenance attributes for a results Dataset (the keys of :data:`PROVENANCE_KEYS`, and
+    :func:`parallel_provenance` in a data-parallel run).
 
     Args:
         config: The full configuration of the run; converted by :func:`to_jsonable` and stored as JSON with
@@ -420,7 +423,20 @@ def provenance(
     }
     if kind is not None:
         attrs[ATTR_KIND] = check_kind(kind)
+    attrs.update(parallel_provenance())
     return attrs
+
+
+def parallel_provenance() -> dict[str, str | int]:
+    """``world_size`` and ``backend`` of the default ``torch.distributed`` group with more than one process, else {}.
+
+    (A single-process Dataset has neither, as before data-parallel runs existed.)
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return {}
+    return {"world_size": int(dist.get_world_size()), "backend": str(dist.get_backend())}
 
 
 def calling_function() -> str:
@@ -529,5 +545,5 @@ def merge_provenance(datasets: Iterable[xr.Dataset] | Mapping[str, xr.Dataset]) 
 
 
 __all__ = ["PROVENANCE_KEYS", "calling_function", "cf_attributes", "check_kind", "config_diff", "config_json",
-           "config_of", "default_title", "merge_provenance", "package_version", "provenance", "same_config",
-           "source_of", "to_jsonable"]
+           "config_of", "default_title", "merge_provenance", "package_version", "parallel_provenance", "provenance",
+           "same_config", "source_of", "to_jsonable"]
