@@ -277,12 +277,12 @@ def _check_int(value: Any, name: str, where: str, minimum: int) -> int:
     return int(value)
 
 
-def _n_test(n: int, test_fraction: float, where: str, what: str = "samples") -> int:
-    """``round(n · test_fraction)``, or InputError unless both splits keep at least one of the ``n`` ``what``."""
+def _n_test(n: int, test_fraction: float, where: str) -> int:
+    """``round(n · test_fraction)``, or InputError unless both splits keep at least one of the ``n`` samples."""
     n_test = int(round(n * test_fraction))
     if not 1 <= n_test <= n - 1:
-        raise InputError(f"{where}: test_fraction={test_fraction} leaves {n_test} of {n} {what} for testing; both "
-                         "splits need at least one")
+        raise InputError(f"{where}: test_fraction={test_fraction} leaves {n_test} of {n} samples for testing; both "
+                         "splits need at least one sample")
     return n_test
 
 
@@ -689,8 +689,8 @@ def load_text(path: str | Path, seq_len: int = 64, test_fraction: float = 0.1, e
     id order). The text c_0 … c_{n−1} is cut into W = (n − 1) // seq_len non-overlapping windows: window w has
     inputs ``X[w] = c[w·T : (w+1)·T]`` and targets ``y[w] = c[w·T + 1 : (w+1)·T + 1]`` (T = seq_len, the next
     character at every position; the last (n − 1) mod T characters are dropped). The test split is the last
-    ``round(W · test_fraction)`` windows, the training split the windows before them, both in text order (no
-    window of the test text is seen in training).
+    ``round(W · test_fraction)`` windows (at least 1, at most W − 1), the training split the windows before them,
+    both in text order (no window of the test text is seen in training).
 
     Args:
         path: The text file.
@@ -729,7 +729,7 @@ def load_text(path: str | Path, seq_len: int = 64, test_fraction: float = 0.1, e
         raise InputError(f"{where}: {str(path)!r} holds {len(text)} characters, fewer than the {2 * seq_len + 1} "
                          f"that one training and one test window of seq_len + 1 = {seq_len + 1} need; use a "
                          "longer file or a smaller seq_len")
-    n_test = _n_test(n_windows, test_fraction, where, "windows")
+    n_test = min(max(1, round(n_windows * test_fraction)), n_windows - 1)
     rank = {c: i for i, c in enumerate(chars)}
     ids = torch.tensor([rank[c] for c in text[: n_windows * seq_len + 1]], dtype=torch.int64)
     X = ids[:-1].reshape(n_windows, seq_len)

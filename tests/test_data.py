@@ -367,6 +367,92 @@ def test_cifar10_missing_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# token sequences: the sort language-modelling task and local text
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_sort_lm_targets_are_the_sorted_prompt_and_the_prompt_is_masked():
+    before = _rng_states()
+    d = D.make_sort_lm(40, length=4, n_values=5, seed=3)
+    _assert_rng_unchanged(before)
+    assert (d.name, d.task, d.n_outputs, d.input_shape, d.n_train, d.n_test) == ("sort-lm", "multiclass", 6, (8,), 30, 10)
+    assert d.meta["vocab"] == 6 and d.meta["layout"] == "tokens" and d.meta["targets_per_sequence"] == 4
+    for X, y in ((d.X_train, d.y_train), (d.X_test, d.y_test)):
+        assert X.dtype == y.dtype == torch.int64 and X.shape == y.shape
+        for xs, ys in zip(X.tolist(), y.tolist()):
+            prompt = xs[:4]
+            assert all(0 <= a < 5 for a in prompt) and xs[4] == 5  # values, then SEP
+            assert ys[:4] == [D.IGNORE_INDEX] * 4 and ys[4:] == sorted(prompt)  # plain Python sort
+            assert xs[5:] == ys[4:7]  # teacher forcing: the input at t + 1 is the target at t
+    # the ideal model (probability 1 on the answer) has loss 0 on the unmasked tokens; uniform guessing ln V
+    oracle = torch.nn.functional.one_hot(d.y_train.clamp_min(0), 6).double() * 1e4
+    assert torch.nn.functional.cross_entropy(oracle.transpose(1, 2), d.y_train) == 0.0
+    uniform = torch.nn.functional.cross_entropy(torch.zeros(d.n_train, 6, 8, dtype=torch.float64), d.y_train)
+    assert float(uniform) == pytest.approx(np.log(6), rel=1e-12)
+    again, other = D.make_sort_lm(40, length=4, n_values=5, seed=3), D.make_sort_lm(40, length=4, n_values=5, seed=4)
+    assert torch.equal(again.X_train, d.X_train) and torch.equal(again.y_test, d.y_test)
+    assert not torch.equal(other.X_train, d.X_train)
+    with pytest.raises(InputError, match="n_values"):
+        D.make_sort_lm(10, n_values=1)
+    with pytest.raises(InputError, match="both splits"):
+        D.make_sort_lm(3, test_fraction=0.1)
+
+
+def test_load_text_windows_decode_back_to_the_file(tmp_path):
+    text = "the quick brown fox jumps over the lazy dog\n" * 3  # 132 characters
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    d = D.load("text", path=path, seq_len=10, test_fraction=0.25)
+    chars = d.meta["chars"]
+    assert list(chars) == sorted(set(text)) and d.meta["vocab"] == d.n_outputs == len(chars) == 28
+    assert (d.n_train, d.n_test, d.input_shape) == (10, 3, (10,))  # 131 // 10 = 13 windows, the last 3 for testing
+    X, y = torch.cat([d.X_train, d.X_test]), torch.cat([d.y_train, d.y_test])
+    decode = "".join(chars[i] for i in X.reshape(-1).tolist())
+    assert decode == text[:130] and "".join(chars[i] for i in y.reshape(-1).tolist()) == text[1:131]
+    assert "".join(chars[i] for i in d.X_test[0].tolist()) == text[100:110]  # the test text follows the training text
+    assert D.load_text(path, seq_len=65, test_fraction=0.9).n_test == 1  # 131 // 65 = 2 windows: one each
+    assert D.load_text(path, seq_len=10, test_fraction=0.01).n_test == 1
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "one.txt").write_text("aaaaaaaaaa")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        D.load_text(tmp_path / "missing.txt", seq_len=4)
+    with pytest.raises(InputError, match="is empty"):
+        D.load_text(tmp_path / "empty.txt", seq_len=4)
+    with pytest.raises(InputError, match="single distinct character"):
+        D.load_text(tmp_path / "one.txt", seq_len=4)
+    with pytest.raises(InputError, match="holds 132 characters, fewer than the 133"):
+        D.load_text(path, seq_len=66)
+    with pytest.raises(InputError, match="not utf-8 text"):
+        D.load_text(tmp_path / "latin1.txt", seq_len=2)
+    assert D.load_text(tmp_path / "latin1.txt", seq_len=2, encoding="latin-1").meta["chars"][-1] == "\xe9"
+    with pytest.raises(InputError, match="seq_len"):
+        D.load_text(path, seq_len=0)
+
+
+def test_splitdata_validates_token_data():
+    X, y = torch.tensor([[0, 1, 2], [2, 1, 0]]), torch.tensor([[1, 2, -100], [1, 0, 2]])
+    meta = {"layout": "tokens", "vocab": 3}
+
+    def split(X=X, y=y, n_outputs=3, meta=meta):
+        return D.SplitData(X, y, X, y, "t", "multiclass", n_outputs, (3,), meta)
+
+    assert split().y_train.shape == (2, 3)
+    with pytest.raises(InputError, match="token ids from 0 to 3"):
+        split(X=torch.tensor([[0, 1, 3], [0, 0, 0]]))
+    with pytest.raises(InputError, match="per-position target 3"):
+        split(n_outputs=3, y=torch.tensor([[1, 3, -100], [0, 0, 0]]))
+    with pytest.raises(InputError, match="per-position target -1"):
+        split(y=torch.tensor([[1, -1, 0], [0, 0, 0]]))
+    with pytest.raises(InputError, match=r"\(N, T\) = \(2, 3\)"):
+        split(y=y[:, :2])
+    with pytest.raises(InputError, match="meta\\['vocab'\\]"):
+        split(meta={"layout": "tokens"})
+    with pytest.raises(InputError, match=r"shape \(N,\) for multiclass"):
+        D.SplitData(X.double(), y, X.double(), y, "t", "multiclass", 3, (3,), {})  # per position: token data only
+
+
+# ------------------------------------------------------------------------------------------------------------
 # registry
 # ------------------------------------------------------------------------------------------------------------
 
