@@ -5,22 +5,30 @@ see every supported layer as one linear map applied at L locations (docs/method.
 
     y_l = W̄ ā_l,   ā_l = [a_l; 1] (the 1 only when the layer's bias is selected),   l = 1 … L,
 
-with W̄ = [W_flat, b] of shape (out, in_eff [+ 1]). For ``nn.Linear`` L = 1 and a_l is the input; for
-``nn.Conv1d``/``nn.Conv2d`` a_l is the unfolded input patch at output location l (length in_eff =
-in_channels · ∏ kernel_size, in the order of ``weight.reshape(out, -1)``) and L is the number of output
-locations. The per-sample gradient of W̄ for an output-gradient row δ is Σ_l δ_l ā_lᵀ.
+with W̄ = [W_flat, b] of shape (out, in_eff [+ 1]). For ``nn.Linear`` on (n, in) inputs L = 1 and a_l is the
+input, on (n, T₁, …, in) inputs the L = T₁·… positions share W; for ``nn.Conv1d``/``nn.Conv2d`` a_l is the
+unfolded input patch at output location l (length in_eff = in_channels · ∏ kernel_size, in the order of
+``weight.reshape(out, -1)``) and L is the number of output locations; for ``nn.Embedding`` (y_l = E[x_l]) a_l is
+the one-hot vector of token x_l (in_eff = num_embeddings), W̄ = Eᵀ (embedding_dim, num_embeddings) — the weight
+*transposed* — and the rows are kept as token ids (:class:`OneHotRows`), never as one-hot vectors. The
+per-sample gradient of W̄ for an output-gradient row δ is Σ_l δ_l ā_lᵀ.
 
 **Flat ordering.** fisherlab's flat parameter vector (:mod:`fisherlab.params`) holds ``weight`` row-major, then
 ``bias`` (each in the module's ``named_parameters()`` order) — not the row-major order of W̄, where each bias
 entry follows its weight row. :meth:`LayerLayout.permutation` maps one to the other; :meth:`LayerLayout.gather`
 and :meth:`LayerLayout.scatter` move vectors between the two.
 
-**Registry.** :data:`LAYER_RULES` maps a module type to its :class:`LayerRule` (Linear, Conv1d, Conv2d);
+**Registry.** :data:`LAYER_RULES` maps a module type to its :class:`LayerRule` (Linear, Conv1d, Conv2d, Embedding);
 :func:`register_layer_rule` adds one for a user module (subclass :class:`LayerRule`). :func:`rule_for` raises
 :class:`~fisherlab.errors.UnsupportedLayerError` naming the module, its type and the structures that work for
 every module. :func:`iter_layer_rows` walks over the data of a :class:`~fisherlab.engine.FisherEngine` and yields,
 per chunk and layer, the expanded inputs ā, the pre-activation outputs and the output gradients δ of the
 engine's factor rows (the raw material of every Kronecker-factored structure).
+
+**Weight sharing that the rows cannot express** is refused with :class:`~fisherlab.errors.UnsupportedLayerError`:
+a module called twice per forward pass, a parameter tensor owned by two modules (tied input/output embeddings),
+and a layer called on an input without the batch dimension (e.g. a position table called on ``arange(T)``:
+call it on ``arange(T).expand(N, T)`` instead).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -43,6 +51,37 @@ from fisherlab.params import ParamSpec
 GENERIC_STRUCTURES = ("'dense', 'block', 'diag' and 'implicit' work for every module")
 
 
+@dataclass(frozen=True)
+class OneHotRows:
+    """Input rows ā_{n,l} = e_{ids[n, l]} (one-hot vectors of length ``width``), kept as their ids.
+
+    Attributes:
+        ids: Token ids (n, L), integers in [0, width).
+        width: in_eff, the length of a one-hot row (the vocabulary size).
+    """
+
+    ids: Tensor
+    width: int
+
+    @property
+    def shape(self) -> torch.Size:
+        """(n, L, width), the shape of the one-hot rows this stands for."""
+        return torch.Size((*self.ids.shape, self.width))
+
+    def numel(self) -> int:
+        """Scalars held (the ids), for memory estimates."""
+        return self.ids.numel()
+
+    def counts(self, dtype: torch.dtype) -> Tensor:
+        """Σ_{n,l} ā_{n,l} ā_{n,l}ᵀ's diagonal (width,): how often each id occurs (the rest is zero)."""
+        return torch.bincount(self.ids.reshape(-1), minlength=self.width).to(dtype)
+
+    def per_sample_counts(self, dtype: torch.dtype) -> Tensor:
+        """Σ_l ā_{n,l} (n, width): the ids' counts per sample."""
+        out = torch.zeros(self.ids.shape[0], self.width, dtype=dtype, device=self.ids.device)
+        return out.scatter_add_(1, self.ids, torch.ones(self.ids.shape, dtype=dtype, device=self.ids.device))
+
+
 class LayerRule:
     """How one module type maps onto the combined matrix W̄ = [W_flat, b] (out, in_eff [+ 1]).
 
@@ -53,6 +92,8 @@ class LayerRule:
 
     #: Local names of the parameters the rule understands, in the order of W̄'s columns.
     param_names: tuple[str, ...] = ("weight", "bias")
+    #: Whether W̄ is the weight transposed (weight (in_eff, out), as ``nn.Embedding``'s) instead of (out, *rest).
+    weight_transposed: bool = False
 
     def check(self, module: nn.Module, path: str) -> None:
         """Raise :class:`UnsupportedLayerError` if this instance's configuration is not covered by the rule."""
@@ -65,8 +106,8 @@ class LayerRule:
         """out, the number of rows of W̄."""
         raise NotImplementedError
 
-    def unfold_input(self, module: nn.Module, a: Tensor) -> Tensor:
-        """The module input (n, *input_shape) as rows (n, L, in_eff)."""
+    def unfold_input(self, module: nn.Module, a: Tensor) -> Tensor | OneHotRows:
+        """The module input (n, *input_shape) as rows (n, L, in_eff) (or their token ids, :class:`OneHotRows`)."""
         raise NotImplementedError
 
     def output_rows(self, module: nn.Module, g: Tensor, lead: int = 0) -> Tensor:
@@ -88,6 +129,38 @@ class LinearRule(LayerRule):
 
     def output_rows(self, module: nn.Module, g: Tensor, lead: int = 0) -> Tensor:
         return g.flatten(lead + 1, -2) if g.dim() > lead + 2 else g.unsqueeze(-2)
+
+
+class EmbeddingRule(LinearRule):
+    """``nn.Embedding`` (y_l = E[x_l]): a Linear layer without bias on one-hot inputs, W̄ = Eᵀ.
+
+    Token ids (n, T₁, …) (or (n,)) become :class:`OneHotRows` (n, L, num_embeddings). ``padding_idx`` (its row
+    gets no gradient), ``max_norm`` (the forward pass rescales rows of E in place) and ``scale_grad_by_freq`` (the
+    gradient depends on the batch) are refused.
+    """
+
+    param_names = ("weight",)
+    weight_transposed = True
+
+    def check(self, module: nn.Module, path: str) -> None:
+        refused = {"padding_idx": module.padding_idx, "max_norm": module.max_norm,
+                   "scale_grad_by_freq": module.scale_grad_by_freq or None}
+        given = {k: v for k, v in refused.items() if v is not None}
+        if given:
+            raise UnsupportedLayerError(
+                f"module {display_path(path)} (Embedding) has {given}; the Kronecker-factored Embedding rule "
+                f"covers padding_idx=None, max_norm=None, scale_grad_by_freq=False only. Structures "
+                f"{GENERIC_STRUCTURES}."
+            )
+
+    def in_features(self, module: nn.Module) -> int:
+        return int(module.num_embeddings)
+
+    def out_features(self, module: nn.Module) -> int:
+        return int(module.embedding_dim)
+
+    def unfold_input(self, module: nn.Module, a: Tensor) -> OneHotRows:
+        return OneHotRows(a.reshape(a.shape[0], -1), int(module.num_embeddings))
 
 
 class ConvRule(LayerRule):
@@ -134,6 +207,7 @@ LAYER_RULES: dict[type[nn.Module], LayerRule] = {
     nn.Linear: LinearRule(),
     nn.Conv1d: ConvRule(1),
     nn.Conv2d: ConvRule(2),
+    nn.Embedding: EmbeddingRule(),
 }
 
 
@@ -181,8 +255,8 @@ def out_features(module: nn.Module) -> int:
     return rule_for(module).out_features(module)
 
 
-def expand_input(module: nn.Module, a: Tensor, bias: bool | None = None) -> Tensor:
-    """The rows ā_l of the module input: (n, *input_shape) → (n, L, in_eff [+ 1]).
+def expand_input(module: nn.Module, a: Tensor, bias: bool | None = None) -> Tensor | OneHotRows:
+    """The rows ā_l of the module input: (n, *input_shape) → (n, L, in_eff [+ 1]) (ids for one-hot rows).
 
     Args:
         module: A supported module.
@@ -196,7 +270,12 @@ def expand_input(module: nn.Module, a: Tensor, bias: bool | None = None) -> Tens
 
 
 def to_combined(module: nn.Module, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """W̄ = [W_flat, b]: weight (*B, out, *rest), bias (*B, out) or None → (*B, out, in_eff [+ 1])."""
+    """W̄ = [W_flat, b]: weight (*B, out, *rest), bias (*B, out) or None → (*B, out, in_eff [+ 1]).
+
+    For a rule with ``weight_transposed`` (Embedding) the weight is (*B, in_eff, out) and W̄ its transpose.
+    """
+    if rule_for(module).weight_transposed:
+        return weight.mT
     w = weight.flatten(weight.dim() - module.weight.dim() + 1)
     return w if bias is None else torch.cat([w, bias.unsqueeze(-1)], dim=-1)
 
@@ -204,6 +283,8 @@ def to_combined(module: nn.Module, weight: Tensor, bias: Tensor | None) -> Tenso
 def from_combined(module: nn.Module, combined: Tensor, has_bias: bool | None = None) -> tuple[Tensor, Tensor | None]:
     """Split W̄ (*B, out, in_eff [+ 1]) into (weight (*B, *module.weight.shape), bias (*B, out) or None)."""
     has_bias = getattr(module, "bias", None) is not None if has_bias is None else has_bias
+    if rule_for(module).weight_transposed:
+        return combined.mT, None
     batch = combined.shape[:-2]
     w = combined[..., :-1] if has_bias else combined
     return w.reshape(*batch, *module.weight.shape), (combined[..., -1] if has_bias else None)
@@ -222,6 +303,8 @@ class LayerLayout:
         has_bias: Whether the bias is selected (W̄ then has a last column of biases, ā a trailing 1).
         in_features: in_eff.
         out_features: out.
+        weight_transposed: W̄ is the weight transposed (Embedding: weight (in_eff, out)).
+        one_hot: The input rows are one-hot (:class:`OneHotRows`), so Σ ā āᵀ is diagonal.
     """
 
     layer: str
@@ -231,6 +314,8 @@ class LayerLayout:
     has_bias: bool
     in_features: int
     out_features: int
+    weight_transposed: bool = field(default=False, kw_only=True)
+    one_hot: bool = field(default=False, kw_only=True)
 
     @property
     def width(self) -> int:
@@ -247,7 +332,8 @@ class LayerLayout:
         """Index map p (P_l,): entry j of the layer's flat block is W̄.flatten()[p[j]]."""
         out, w = self.out_features, self.width
         pos = torch.arange(out * w).reshape(out, w)
-        parts = {"weight": pos[:, : self.in_features].reshape(-1), "bias": pos[:, -1]}
+        weight = pos[:, : self.in_features]
+        parts = {"weight": (weight.T if self.weight_transposed else weight).reshape(-1), "bias": pos[:, -1]}
         return torch.cat([parts[name.rpartition(".")[2]] for name in self.param_names])
 
     def gather(self, V: Tensor) -> Tensor:
@@ -274,8 +360,10 @@ def layer_layouts(model: nn.Module, spec: ParamSpec) -> tuple[dict[str, LayerLay
         parameters are all ``weight``/``bias``; module path → parameter names for every other module.
 
     Raises:
-        UnsupportedLayerError: A module with a rule but a configuration it does not cover (e.g. groups > 1).
+        UnsupportedLayerError: A module with a rule but a configuration it does not cover (e.g. groups > 1), or a
+            selected parameter tensor that another module also owns (tied weights).
     """
+    _check_untied(model, spec)
     layouts: dict[str, LayerLayout] = {}
     unsupported: dict[str, list[str]] = {}
     for path, names in spec.layers().items():
@@ -286,8 +374,31 @@ def layer_layouts(model: nn.Module, spec: ParamSpec) -> tuple[dict[str, LayerLay
             continue
         rule = rule_for(module, path)
         layouts[path] = LayerLayout(path, type(module).__name__, tuple(names), "weight" in local, "bias" in local,
-                                    rule.in_features(module), rule.out_features(module))
+                                    rule.in_features(module), rule.out_features(module),
+                                    weight_transposed=rule.weight_transposed,
+                                    one_hot=isinstance(rule, EmbeddingRule))
     return layouts, unsupported
+
+
+def _check_untied(model: nn.Module, spec: ParamSpec) -> None:
+    """Raise UnsupportedLayerError if a selected parameter tensor is also a parameter of another module.
+
+    The spec holds a tied tensor under one name; per-layer statistics of its owner would miss the other
+    module's use of it.
+    """
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(tensor), []).append(name)
+    named = dict(model.named_parameters(remove_duplicate=False))
+    for name in spec.names:
+        tied = aliases[id(named[name])]
+        if len(tied) > 1:
+            modules = ", ".join(f"{display_path(n.rpartition('.')[0])} ({n.rpartition('.')[2]})" for n in tied)
+            raise UnsupportedLayerError(
+                f"parameter {name!r} is one tensor shared by modules {modules} (tied weights); layer-wise "
+                f"structures need each weight in one module. Structures {GENERIC_STRUCTURES} (with params=[...] "
+                "naming one of the tied names), or untie the weights."
+            )
 
 
 def unsupported_error(model: nn.Module, unsupported: Mapping[str, Sequence[str]], structure: str) -> Exception:
@@ -312,14 +423,14 @@ class LayerRows:
 
     Attributes:
         inputs: ā rows (n, L, width): the unfolded input, with the trailing 1 when the bias is selected (only
-            the 1 when the weight is not).
+            the 1 when the weight is not); :class:`OneHotRows` for a one-hot layer (Embedding).
         outputs: The layer output (pre-activation) as rows (n, L, out), detached.
         grads: δ rows (R, n, L, out): J_lᵀ M_{n,r}, the engine's output factor rows pulled back to the layer
             output (F = (1/N) Σ_n Σ_r of the outer products of the per-sample gradients Σ_l δ_l ā_lᵀ); None when
             no backward pass was asked for.
     """
 
-    inputs: Tensor
+    inputs: Tensor | OneHotRows
     outputs: Tensor
     grads: Tensor | None
 
@@ -392,6 +503,7 @@ def layer_rows(
         module, lay = model.get_submodule(path), layouts[path]
         rule = rule_for(module, path)
         a, out = cap.records[path]
+        _check_batched(path, module, a, out, x.shape[0])
         rows = expand_input(module, a.detach(), bias=lay.has_bias)
         if not lay.has_weight:  # bias alone: ā is the constant 1
             rows = rows[..., -1:]
@@ -400,20 +512,62 @@ def layer_rows(
     return result
 
 
-def squared_gradient_sum(grads: Tensor, inputs: Tensor) -> Tensor:
+def _check_batched(path: str, module: nn.Module, a: Tensor, out: Tensor, n: int) -> None:
+    """Raise UnsupportedLayerError unless the layer's input and output lead with the chunk's n samples."""
+    if a.dim() == 0 or out.dim() == 0 or a.shape[0] != n or out.shape[0] != n:
+        raise UnsupportedLayerError(
+            f"module {display_path(path)} ({type(module).__name__}) is called on an input of shape "
+            f"{tuple(a.shape)} (output {tuple(out.shape)}) in a chunk of {n} samples: its input has no per-sample "
+            "dimension (e.g. a position table called on arange(T)), so per-layer statistics cannot be read. Call "
+            f"it on inputs of shape (N, ...) (e.g. arange(T).expand(N, T)); structures {GENERIC_STRUCTURES}."
+        )
+
+
+def per_sample_gradients(grads: Tensor, inputs: Tensor | OneHotRows) -> Tensor:
+    """The per-sample (per-row) gradients G_{r,n} = Σ_l δ_{r,n,l} ā_{n,l}ᵀ, shape (R, n, out, width).
+
+    Args:
+        grads: δ rows (R, n, L, out).
+        inputs: ā rows (n, L, width), or :class:`OneHotRows` (then column v of G_{r,n} is the sum of δ_{r,n,l}
+            over the positions l with id v, gathered by ``index_add`` without one-hot vectors).
+    """
+    if isinstance(inputs, Tensor):
+        return torch.einsum("rnlo,nli->rnoi", grads, inputs)
+    R, n, L, out = grads.shape
+    flat = (torch.arange(n, device=grads.device).unsqueeze(1) * inputs.width + inputs.ids).reshape(-1)
+    G = grads.new_zeros(R, n * inputs.width, out).index_add_(1, flat, grads.reshape(R, n * L, out))
+    return G.reshape(R, n, inputs.width, out).mT
+
+
+def squared_gradient_sum(grads: Tensor, inputs: Tensor | OneHotRows) -> Tensor:
     """Σ_{r,n} G_{r,n} ⊙ G_{r,n} (out, width) for the per-sample gradients G_{r,n} = Σ_l δ_{r,n,l} ā_{n,l}ᵀ.
 
     Args:
         grads: δ rows (R, n, L, out) (:attr:`LayerRows.grads`, or rotated into an eigenbasis).
-        inputs: ā rows (n, L, width).
+        inputs: ā rows (n, L, width), or :class:`OneHotRows`.
 
     With one location (L = 1) each G_{r,n} is rank one and its square is (δ ⊙ δ)(ā ⊙ ā)ᵀ, so the sum is one
     (out × n)(n × width) product; with L > 1 the per-sample gradients are formed (R·n·out·width scalars: ask
-    :func:`iter_layer_rows` for ``per_sample_gradients``).
+    :func:`iter_layer_rows` for ``per_sample_gradients``). For one-hot rows only the nonzero columns of each
+    G_{r,n} are formed (one per distinct id of sample n: at most R·n·L·out scalars).
     """
+    if isinstance(inputs, OneHotRows):
+        R, n, L, out = grads.shape
+        keys = (torch.arange(n, device=grads.device).unsqueeze(1) * inputs.width + inputs.ids).reshape(-1)
+        distinct, where = torch.unique(keys, return_inverse=True)  # (sample, id) pairs present
+        G = grads.new_zeros(R, distinct.numel(), out).index_add_(1, where, grads.reshape(R, n * L, out))
+        total = grads.new_zeros(inputs.width, out).index_add_(0, distinct % inputs.width, G.square().sum(0))
+        return total.T
     if inputs.shape[1] == 1:
         return grads[:, :, 0].square().sum(0).T @ inputs[:, 0].square()
-    return torch.einsum("rnlo,nli->rnoi", grads, inputs).square().sum((0, 1))
+    return per_sample_gradients(grads, inputs).square().sum((0, 1))
+
+
+def reduce_inputs(inputs: Tensor | OneHotRows, dtype: torch.dtype) -> Tensor:
+    """KFAC-reduce's per-sample input ā_n = (1/L) Σ_l ā_{n,l}, shape (n, width) (one-hot rows: counts / L)."""
+    if isinstance(inputs, OneHotRows):
+        return inputs.per_sample_counts(dtype).div_(inputs.ids.shape[1])
+    return inputs.mean(1)
 
 
 def iter_layer_rows(
@@ -426,18 +580,20 @@ def iter_layer_rows(
     ``min(256 MiB, memory_budget / 4)``, plus, with ``per_sample_gradients``, the per-sample gradients a consumer
     forms one layer at a time (R·out·width scalars per sample for a layer with L > 1 locations, out·width for
     L = 1, where the R rows can be summed first). It is independent of the engine's own chunk size, which is
-    sized for P-wide factor rows; results do not depend on it (MC labels are drawn once by the engine).
+    sized for P-wide factor rows; results do not depend on it (MC labels are drawn once by the engine). A
+    one-sample forward probe runs first, whatever the chunk size: on it every layer's input and output must
+    lead with one sample (a layer called on a batch-free input is refused before any chunk).
     """
+    x, y = engine.data.first(1)
+    probe = layer_rows(engine, layouts, x, y, None, backward=False)
     if chunk_size is None:
-        chunk_size = _rows_chunk_size(engine, layouts, per_sample_gradients)
+        chunk_size = _rows_chunk_size(engine, probe, per_sample_gradients)
     for x, y, labels in engine.chunks(desc, chunk_size=chunk_size):
         yield layer_rows(engine, layouts, x, y, labels, backward=backward)
 
 
-def _rows_chunk_size(engine: FisherEngine, layouts: Mapping[str, LayerLayout], per_sample_gradients: bool) -> int:
-    """Samples per chunk from a one-sample forward probe (rows ×3 for autograd buffers and temporaries)."""
-    x, y = engine.data.first(1)
-    probe = layer_rows(engine, layouts, x, y, None, backward=False)
+def _rows_chunk_size(engine: FisherEngine, probe: Mapping[str, LayerRows], per_sample_gradients: bool) -> int:
+    """Samples per chunk from the one-sample probe's rows (×3 for autograd buffers and temporaries)."""
     R = engine.rows_per_sample
     scalars = 3 * sum(r.inputs.numel() + (R + 1) * r.outputs.numel() for r in probe.values())
     if per_sample_gradients:
@@ -448,6 +604,7 @@ def _rows_chunk_size(engine: FisherEngine, layouts: Mapping[str, LayerLayout], p
 
 
 __all__ = ["LAYER_RULES", "ConvRule", "LayerCapture", "LayerLayout", "LayerRows", "LayerRule", "LinearRule",
-           "display_path", "expand_input", "from_combined", "in_features_eff", "iter_layer_rows", "layer_layouts",
-           "layer_rows", "out_features", "register_layer_rule", "rule_for", "squared_gradient_sum", "to_combined",
+           "EmbeddingRule", "OneHotRows", "display_path", "expand_input", "from_combined", "in_features_eff",
+           "iter_layer_rows", "layer_layouts", "layer_rows", "out_features", "per_sample_gradients",
+           "reduce_inputs", "register_layer_rule", "rule_for", "squared_gradient_sum", "to_combined",
            "unsupported_error"]

@@ -17,7 +17,8 @@ structure    G                                                      fisher  reco
              or per parameter tensor (``by="tensor"``)
 ``diag``     diag(F)                                                 yes     yes          yes
 ``implicit`` F, products F·v only (never formed)                     yes     no           no
-``kfac``     S ⊗ A per Linear/Conv layer (Kronecker factors)         yes     yes          yes
+``kfac``     S ⊗ A per Linear/Conv/Embedding layer (Kronecker        yes     yes          yes
+             factors, ``approx="expand"`` or ``"reduce"``)
 ``input``    I ⊗ A per Linear/Conv layer (input whitening only)      no      yes          yes
 ``ekfac``    KFAC eigenbasis with re-fitted diagonal scaling         yes     yes          yes
 ``unit``     one dense block per output unit (row of [W, b])         yes     yes          yes
@@ -117,6 +118,20 @@ class Unsupported(str, Enum):
     BLOCK = "block"
 
 
+class KFACApprox(str, Enum):
+    """How KFAC treats a layer whose weight is shared over L positions (Eschenhagen et al. 2023).
+
+    ``expand``: positions are like extra samples, A = (1/(N·L)) Σ_{n,l} ā ā ᵀ, S = (1/N) Σ_{n,r,l} δ δᵀ (exact
+    for deep linear networks when the loss has a term per position, e.g. language modelling); ``reduce``: positions
+    are pooled first, ā_n = mean_l ā_{n,l}, δ_{n,r} = Σ_l δ_{n,r,l}, A = (1/N) Σ_n ā_n ā_nᵀ, S = (1/N) Σ_{n,r}
+    δ δᵀ (exact for deep linear networks when the positions are pooled before the loss, e.g. sequence
+    classification). The two coincide for L = 1.
+    """
+
+    EXPAND = "expand"
+    REDUCE = "reduce"
+
+
 class KFACPrecondition(str, Enum):
     """How KFAC-NGD training forms S⁻¹ ∇W̄ A⁻¹.
 
@@ -167,4 +182,5 @@ RECONSTRUCTIBLE: tuple[str, ...] = tuple(s.value for s, info in STRUCTURE_TABLE.
 STRUCTURE_ALIASES: dict[str, str] = {"full": "dense"}
 
 __all__ = ["RECONSTRUCTIBLE", "STRUCTURE_ALIASES", "STRUCTURE_TABLE", "BlockBy", "FisherKind", "FisherType",
-           "FoldMode", "KFACPrecondition", "KronSplit", "RootMethod", "Structure", "StructureInfo", "Unsupported"]
+           "FoldMode", "KFACApprox", "KFACPrecondition", "KronSplit", "RootMethod", "Structure", "StructureInfo",
+           "Unsupported"]

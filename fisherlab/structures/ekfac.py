@@ -13,6 +13,12 @@ the same basis is σ ⊗ α), and equal to F_l wherever KFAC is.
 
 Building it takes two passes over the data: the KFAC factors, then the scalings (for Linear layers (L = 1) the
 square of the rank-one G_{n,r} in the basis is the outer product of squares, so no per-sample gradient is formed).
+
+``approx`` (``"expand"`` or ``"reduce"``, :mod:`fisherlab.structures.kfac`) chooses the KFAC factors whose
+eigenbasis is used; the scalings always come from the exact per-sample gradients G_{n,r} above (as curvlinops'
+``EKFACLinearOperator(kfac_approx=...)``), so both are the best diagonal in their basis. For an Embedding under
+"expand" the input factor is diagonal and its eigenbasis the identity, stored as a 1-D ``Q_A`` of ones (width,):
+the rotation on that side is skipped and the one-hot rows are never formed.
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ from torch import Tensor
 
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError, SingularMatrixError
-from fisherlab.layers import iter_layer_rows, squared_gradient_sum
+from fisherlab.layers import OneHotRows, iter_layer_rows, squared_gradient_sum
 from fisherlab.linalg import kron_eig
-from fisherlab.structures.kfac import KFACFisher, KroneckerFactors
+from fisherlab.structures.kfac import KFACFisher, KroneckerFactors, diagonal_input
 from fisherlab.structures.layerwise import LayerwiseFisher, vars_of
+from fisherlab.vocabulary import KFACApprox
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,7 +43,8 @@ class EKFACFactors(KroneckerFactors):
     """EKFAC factors of one layer: block = (Q_S ⊗ Q_A) diag(vec scaling) (Q_S ⊗ Q_A)ᵀ in row-major W̄ order.
 
     Attributes:
-        Q_A: Eigenvectors of the basis's input factor (width, width), columns.
+        Q_A: Eigenvectors of the basis's input factor (width, width), columns; for a diagonal input factor the
+            identity, stored as its diagonal (width,) of ones.
         Q_S: Eigenvectors of the basis's output factor (out, out), columns.
         scaling: Re-fitted eigenvalues s (out, width).
         (A, S: the KFAC factors of the same data, kept for running averages and basis refreshes.)
@@ -63,20 +71,22 @@ class EKFACFisher(LayerwiseFisher):
     factors: dict[str, EKFACFactors] = field(default_factory=dict)
 
     @classmethod
-    def from_engine(cls, engine: FisherEngine, *, unsupported: str = "error", chunk_size: int | None = None,
-                    basis: LayerwiseFisher | None = None) -> EKFACFisher:
+    def from_engine(cls, engine: FisherEngine, *, approx: str | KFACApprox = "expand", unsupported: str = "error",
+                    chunk_size: int | None = None, basis: LayerwiseFisher | None = None) -> EKFACFisher:
         """KFAC factors (first pass), their eigenbasis, then the scalings (second pass).
 
         Args:
             engine: Model, data, likelihood and Fisher kind.
-            unsupported: ``"error"`` or ``"block"`` (exact dense blocks for modules without a layer rule).
+            approx: The KFAC factors whose eigenbasis is used, ``"expand"`` (default) or ``"reduce"``.
+            unsupported: ``"error"`` or ``"block"`` (exact dense blocks for modules without a layer rule;
+                LayerNorm/RMSNorm always get one).
             chunk_size: Samples per chunk (default from the memory budget).
             basis: Fit the scalings in this Fisher's eigenbasis instead of the new factors' — an
                 :class:`EKFACFisher` (its Q_A, Q_S) or a :class:`KFACFisher` (its factors' eigenvectors) over the
                 same parameters. Running averages of EKFAC scalings need a shared basis
                 (:func:`fisherlab.structures.running.ema_update`).
         """
-        kfac = KFACFisher.from_engine(engine, unsupported=unsupported, chunk_size=chunk_size)
+        kfac = KFACFisher.from_engine(engine, approx=approx, unsupported=unsupported, chunk_size=chunk_size)
         source = kfac if basis is None else basis
         if basis is not None and (basis.spec != kfac.spec or list(basis.factors) != list(kfac.factors)):
             raise InputError(f"basis must cover the same parameters and layers as the engine; got {basis!r} for "
@@ -88,7 +98,7 @@ class EKFACFisher(LayerwiseFisher):
                                     desc=f"EKFAC {engine.kind.value} scalings"):
             for p, r in rows.items():
                 Q_A, Q_S = Q[p]
-                s[p] += squared_gradient_sum(r.grads @ Q_S, r.inputs @ Q_A)  # gradients in the eigenbasis
+                s[p] += squared_gradient_sum(r.grads @ Q_S, _rotate_inputs(r.inputs, Q_A))  # in the eigenbasis
         engine.reduce_sum([s[p] for p in kfac.factors])  # data-parallel: the ranks' sums
         N = engine.num_samples
         factors = {p: EKFACFactors(**vars_of(f), A=f.A, S=f.S, Q_A=Q[p][0], Q_S=Q[p][1], scaling=s[p] / N)
@@ -99,24 +109,28 @@ class EKFACFisher(LayerwiseFisher):
 
     @staticmethod
     def _rotate(f: EKFACFactors, X: Tensor) -> Tensor:
-        """Coordinates of X (k, out, width) in the eigenbasis: Q_Sᵀ X Q_A."""
-        return f.Q_S.mT @ X @ f.Q_A
+        """Coordinates of X (k, out, width) in the eigenbasis: Q_Sᵀ X Q_A (Q_A = I when stored 1-D)."""
+        Y = f.Q_S.mT @ X
+        return Y if f.Q_A.dim() == 1 else Y @ f.Q_A
 
     @staticmethod
     def _unrotate(f: EKFACFactors, Y: Tensor) -> Tensor:
-        return f.Q_S @ Y @ f.Q_A.mT
+        X = f.Q_S @ Y
+        return X if f.Q_A.dim() == 1 else X @ f.Q_A.mT
 
     def _layer_matmat(self, f: EKFACFactors, X: Tensor) -> Tensor:
         return self._unrotate(f, f.scaling * self._rotate(f, X))
 
     def _layer_diag(self, f: EKFACFactors) -> Tensor:
-        return f.Q_S.square() @ f.scaling @ f.Q_A.square().T
+        left = f.Q_S.square() @ f.scaling
+        return left if f.Q_A.dim() == 1 else left @ f.Q_A.square().T
 
     def _layer_trace(self, f: EKFACFactors) -> Tensor:
         return f.scaling.sum()
 
     def _layer_dense(self, f: EKFACFactors) -> Tensor:
-        Q = torch.kron(f.Q_S, f.Q_A)
+        Q_A = torch.diag(f.Q_A) if f.Q_A.dim() == 1 else f.Q_A
+        Q = torch.kron(f.Q_S.contiguous(), Q_A.contiguous())  # torch.kron fails on mixed memory layouts
         return (Q * f.scaling.reshape(-1)) @ Q.T
 
     def _layer_eigvalsh(self, f: EKFACFactors) -> Tensor:
@@ -145,11 +159,20 @@ class EKFACFisher(LayerwiseFisher):
 
 
 def _eigenbasis(f: KroneckerFactors) -> tuple[Tensor, Tensor]:
-    """(Q_A, Q_S): the given EKFAC basis, or the eigenvectors of KFAC factors."""
+    """(Q_A, Q_S): the given EKFAC basis, or the eigenvectors of KFAC factors (a diagonal A: Q_A = ones, I)."""
     if isinstance(f, EKFACFactors):
         return f.Q_A, f.Q_S
+    if diagonal_input(f):
+        return torch.ones_like(f.A), kron_eig(f.S[:1, :1], f.S).s_eigvecs
     eig = kron_eig(f.A, f.S)
     return eig.a_eigvecs, eig.s_eigvecs
+
+
+def _rotate_inputs(inputs: Tensor | OneHotRows, Q_A: Tensor) -> Tensor | OneHotRows:
+    """ā Q_A, the input rows in the eigenbasis (unchanged for Q_A = I stored 1-D; one-hot rows: rows of Q_A)."""
+    if Q_A.dim() == 1:
+        return inputs
+    return Q_A[inputs.ids] if isinstance(inputs, OneHotRows) else inputs @ Q_A
 
 
 __all__ = ["EKFACFactors", "EKFACFisher"]

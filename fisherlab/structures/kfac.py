@@ -1,20 +1,43 @@
 """KFAC: per-layer Kronecker factors G_l ≈ S ⊗ A, block-diagonal across layers (docs/method.md).
 
-For a supported layer (:mod:`fisherlab.layers`: Linear, Conv1d, Conv2d) with combined weight W̄ (out, width),
-expanded input rows ā_{n,l} (width,) and output-gradient rows δ_{n,r,l} = J_{l,n}ᵀ M_{n,r} (out,) — the engine's
-output factor rows pulled back to the layer output, so that the true, Monte-Carlo, empirical and GGN kinds all
-come from the same code —
+For a supported layer (:mod:`fisherlab.layers`: Linear, Conv1d, Conv2d, Embedding) with combined weight W̄
+(out, width) shared over L positions (L = 1: a Linear layer on (N, in) inputs; the T₁·… positions of a Linear
+layer on (N, T₁, …, in) inputs; the output locations of a convolution; the tokens of an Embedding), expanded
+input rows ā_{n,l} (width,) and output-gradient rows δ_{n,r,l} = J_{l,n}ᵀ M_{n,r} (out,) — the engine's output
+factor rows pulled back to the layer output, so that the true, Monte-Carlo, empirical and GGN kinds all come
+from the same code — the two approximations of Eschenhagen et al. (2023, "Kronecker-Factored Approximate
+Curvature for Modern Neural Network Architectures"), ``approx=`` (:class:`~fisherlab.vocabulary.KFACApprox`):
 
-    A = (1/(N·L)) Σ_n Σ_l ā_{n,l} ā_{n,l}ᵀ,        S = (1/N) Σ_n Σ_r Σ_l δ_{n,r,l} δ_{n,r,l}ᵀ.
+``"expand"`` (default; the positions act as extra samples)
+    A = (1/(N·L)) Σ_n Σ_l ā_{n,l} ā_{n,l}ᵀ,        S = (1/N) Σ_n Σ_r Σ_l δ_{n,r,l} δ_{n,r,l}ᵀ;
 
-For convolutions this is the KFC approximation (Grosse & Martens 2016) in curvlinops' "expand" convention: the
-L = ∏ output spatial sizes locations are averaged in A and summed in S (for L = 1 — every Linear layer — the
-two conventions coincide). In fisherlab's row-major flat order of W̄ the layer block is S ⊗ A
-(``torch.kron(S, A)``), then permuted to the flat parameter order (weight row-major, then bias). KFAC equals
+``"reduce"`` (the positions are pooled first: ā_n = (1/L) Σ_l ā_{n,l}, δ_{n,r} = Σ_l δ_{n,r,l})
+    A = (1/N) Σ_n ā_n ā_nᵀ,                         S = (1/N) Σ_n Σ_r δ_{n,r} δ_{n,r}ᵀ.
+
+Both are curvlinops' ``KFACLinearOperator(kfac_approx="expand" | "reduce")``, scaling included (for
+convolutions "expand" is the KFC approximation of Grosse & Martens 2016). They coincide when L = 1. The exact
+per-sample gradient is Σ_l δ_{n,r,l} ā_{n,l}ᵀ; "reduce" replaces it by δ_{n,r} ā_nᵀ (L times the product of
+the means), which is exact when δ_{n,r,l} does not depend on l, and "expand" drops the cross terms l ≠ l'.
+Hence (Eschenhagen et al., their Propositions on deep linear networks, Gaussian likelihood) "expand" is exact
+in the *expand setting* — a loss term per position, the positions never mixed (language modelling, a per-token
+output) — and "reduce" in the *reduce setting* — the positions pooled (summed or averaged) before the loss
+(sequence classification) —, each for every layer of a deep linear network with weight sharing; and both are
+exact for one sample with L = 1. "reduce" is cheaper (N rows per factor instead of N·L).
+
+In fisherlab's row-major flat order of W̄ the layer block is S ⊗ A (``torch.kron(S, A)``), then permuted to the
+flat parameter order (weight row-major, then bias; an Embedding's W̄ is its weight transposed). KFAC equals
 the exact layer block when every sample has the same S-side (one sample; the output layer under a Gaussian
-likelihood; every layer of a deep linear network under a Gaussian likelihood with the true Fisher).
+likelihood; every layer of a deep linear network under a Gaussian likelihood with the true Fisher, in the
+setting that matches ``approx``).
 
-Parameters of modules without a layer rule raise :class:`~fisherlab.errors.UnsupportedLayerError`, or, with
+**Embedding** (one-hot inputs): under "expand" A is diagonal, the token counts (1/(N·L)) Σ_{n,l} e_{x_{n,l}},
+computed with ``bincount`` and stored as its diagonal (width,) — ``A.dim() == 1`` marks a diagonal factor, and
+products, solves, spectra and roots then take O(out²·width) work, never a width × width matrix (``to_dense``
+aside). Under "reduce" A = (1/(N·L²)) Σ_n c_n c_nᵀ from the per-sample count vectors c_n is dense.
+
+**Norms** (``nn.LayerNorm``, ``nn.RMSNorm``): their affine parameters get an exact dense block per module
+(:func:`~fisherlab.structures.layerwise.prepare_layers`, ``meta["norm_blocks"]``) without asking. Parameters of
+other modules without a layer rule raise :class:`~fisherlab.errors.UnsupportedLayerError`, or, with
 ``unsupported="block"``, keep an exact dense block (one per module) accumulated from the engine's factor rows
 (this costs a pass of P-wide per-sample rows, as ``structure="block"`` does).
 """
@@ -27,12 +50,22 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from fisherlab.checks import check_damping
+from fisherlab.checks import check_damping, parse_enum
 from fisherlab.engine import FisherEngine
-from fisherlab.layers import LayerLayout, iter_layer_rows
-from fisherlab.linalg import kron_damped_solve, kron_inv_sqrt, kron_matmul, kron_to_dense
+from fisherlab.errors import SingularMatrixError
+from fisherlab.layers import LayerLayout, LayerRows, OneHotRows, display_path, iter_layer_rows, reduce_inputs
+from fisherlab.linalg import (
+    inv_sqrtm,
+    kron_damped_solve,
+    kron_damping_split,
+    kron_eig,
+    kron_inv_sqrt,
+    kron_matmul,
+    kron_to_dense,
+)
 from fisherlab.structures.base import eigvalsh, symmetrize_upper
 from fisherlab.structures.layerwise import LayerwiseFisher, prepare_layers, vars_of
+from fisherlab.vocabulary import KFACApprox
 
 
 def _add_gram(acc: dict[str, Tensor], key: str, U: Tensor) -> None:
@@ -47,8 +80,40 @@ def _add_gram(acc: dict[str, Tensor], key: str, U: Tensor) -> None:
         acc[key] = U.T @ U
 
 
-def _empty(size: int, engine: FisherEngine) -> Tensor:
-    return torch.zeros(size, size, dtype=engine.dtype, device=engine.device)
+def _zeros(engine: FisherEngine, *shape: int) -> Tensor:
+    return torch.zeros(*shape, dtype=engine.dtype, device=engine.device)
+
+
+def _add(acc: dict[str, Tensor], key: str, value: Tensor) -> None:
+    """acc[key] += value (the first value is stored as it is)."""
+    if key in acc:
+        acc[key].add_(value)
+    else:
+        acc[key] = value
+
+
+def _accumulate(A: dict[str, Tensor], S: dict[str, Tensor], path: str, rows: LayerRows, approx: KFACApprox) -> None:
+    """Add one chunk's Σ ā āᵀ to A[path] and Σ δ δᵀ to S[path] (unnormalised; module docstring)."""
+    inputs, grads = rows.inputs, rows.grads
+    if approx is KFACApprox.REDUCE:
+        _add_gram(A, path, reduce_inputs(inputs, grads.dtype))
+        _add_gram(S, path, grads.sum(2).reshape(-1, grads.shape[-1]))
+        return
+    if isinstance(inputs, OneHotRows):  # diagonal: the token counts
+        _add(A, path, inputs.counts(grads.dtype))
+    else:
+        _add_gram(A, path, inputs.reshape(-1, inputs.shape[-1]))
+    _add_gram(S, path, grads.reshape(-1, grads.shape[-1]))
+
+
+def diagonal_input(f: KroneckerFactors) -> bool:
+    """Whether the layer's A is diagonal and stored as its diagonal (width,) (an Embedding under "expand")."""
+    return f.A.dim() == 1
+
+
+def _stand_in(a: Tensor) -> Tensor:
+    """A 1 × 1 factor with the mean eigenvalue of diag(a), for :func:`kron_damping_split` (which reads only that)."""
+    return a.mean().reshape(1, 1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,7 +121,8 @@ class KroneckerFactors(LayerLayout):
     """KFAC factors of one layer: block = S ⊗ A in row-major W̄ order (see the module docstring).
 
     Attributes:
-        A: Input factor (width, width), width = in_eff·[weight selected] + [bias selected].
+        A: Input factor (width, width), width = in_eff·[weight selected] + [bias selected]; for a one-hot layer
+            under "expand" its diagonal (width,) (the matrix is diagonal, :func:`diagonal_input`).
         S: Output-gradient factor (out, out).
     """
 
@@ -73,64 +139,93 @@ class KFACFisher(LayerwiseFisher):
 
     ``factors`` maps each module path to its :class:`KroneckerFactors`. ``matmat``, ``diag`` (diag S ⊗ diag A),
     ``trace`` (tr A · tr S), ``eigvalsh`` (products of the factors' eigenvalues) and ``solve`` never form a
-    Kronecker product; ``to_dense`` does (within the memory budget).
+    Kronecker product; ``to_dense`` does (within the memory budget). ``meta["kfac_convention"]`` is the
+    ``approx`` used.
     """
 
     structure = "kfac"
     factors: dict[str, KroneckerFactors] = field(default_factory=dict)
 
     @classmethod
-    def from_engine(cls, engine: FisherEngine, *, unsupported: str = "error",
+    def from_engine(cls, engine: FisherEngine, *, approx: str | KFACApprox = "expand", unsupported: str = "error",
                     chunk_size: int | None = None) -> KFACFisher:
         """Accumulate A and S in one pass over the data (one forward, one batched R-row backward per chunk).
 
         Args:
             engine: Model, data, likelihood and Fisher kind (true: closed-form output factor, "exact type-2";
                 mc; empirical; ggn).
-            unsupported: ``"error"`` (default) or ``"block"`` (exact dense blocks for modules without a rule).
+            approx: ``"expand"`` (default) or ``"reduce"`` for layers shared over positions (module docstring;
+                the same for L = 1).
+            unsupported: ``"error"`` (default) or ``"block"`` (exact dense blocks for modules without a rule;
+                LayerNorm/RMSNorm always get one).
             chunk_size: Samples per chunk (default: from the memory budget, see
                 :func:`~fisherlab.layers.iter_layer_rows`).
+
+        Raises:
+            InputError: Unknown ``approx`` or ``unsupported``.
+            UnsupportedLayerError: A module without a rule (``unsupported="error"``), tied weights, a layer called
+                twice or on an input without the batch dimension.
         """
+        approx = parse_enum(KFACApprox, approx, "KFAC approx=")
         setup = prepare_layers(engine, cls.structure, unsupported)
         A: dict[str, Tensor] = {}
         S: dict[str, Tensor] = {}
         locations = dict.fromkeys(setup.layouts, 1)
         for rows in iter_layer_rows(engine, setup.layouts, chunk_size=chunk_size,
-                                    desc=f"KFAC {engine.kind.value} factors"):
+                                    desc=f"KFAC-{approx.value} {engine.kind.value} factors"):
             for p, r in rows.items():
                 locations[p] = r.inputs.shape[1]
-                _add_gram(A, p, r.inputs.reshape(-1, r.inputs.shape[-1]))
-                _add_gram(S, p, r.grads.reshape(-1, r.grads.shape[-1]))
+                _accumulate(A, S, p, r, approx)
         N = engine.num_samples
         for p, f in setup.layouts.items():  # a layer the forward pass never calls has zero factors
-            A.setdefault(p, _empty(f.width, engine))
-            S.setdefault(p, _empty(f.out_features, engine))
+            diagonal = f.one_hot and approx is KFACApprox.EXPAND
+            A.setdefault(p, _zeros(engine, f.width) if diagonal else _zeros(engine, f.width, f.width))
+            S.setdefault(p, _zeros(engine, f.out_features, f.out_features))
         engine.reduce_sum([M for p in setup.layouts for M in (A[p], S[p])])  # data-parallel: the ranks' sums
         factors = {}
         for p, f in setup.layouts.items():
-            a, s = (symmetrize_upper(M, inplace=True) for M in (A[p], S[p]))
-            factors[p] = KroneckerFactors(**vars_of(f), A=a.mul_(1 / (N * locations[p])), S=s.mul_(1 / N))
+            a, s = (M if M.dim() == 1 else symmetrize_upper(M, inplace=True) for M in (A[p], S[p]))
+            scale = N * locations[p] if approx is KFACApprox.EXPAND else N
+            factors[p] = KroneckerFactors(**vars_of(f), A=a.mul_(1 / scale), S=s.mul_(1 / N))
         return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget,
-                   {**setup.meta, "kfac_convention": "expand"}, factors, setup.index, setup.exact_blocks)
+                   {**setup.meta, "kfac_convention": approx.value}, factors, setup.index, setup.exact_blocks)
 
     def _layer_matmat(self, f: KroneckerFactors, X: Tensor) -> Tensor:
-        return kron_matmul(f.A, f.S, X)
+        return f.S @ X * f.A if diagonal_input(f) else kron_matmul(f.A, f.S, X)
 
     def _layer_diag(self, f: KroneckerFactors) -> Tensor:
-        return f.S.diagonal().unsqueeze(1) * f.A.diagonal().unsqueeze(0)
+        a = f.A if diagonal_input(f) else f.A.diagonal()
+        return f.S.diagonal().unsqueeze(1) * a.unsqueeze(0)
 
     def _layer_trace(self, f: KroneckerFactors) -> Tensor:
-        return f.A.diagonal().sum() * f.S.diagonal().sum()
+        return self._layer_diag(f).sum() if diagonal_input(f) else f.A.diagonal().sum() * f.S.diagonal().sum()
 
     def _layer_dense(self, f: KroneckerFactors) -> Tensor:
-        return kron_to_dense(f.A, f.S)
+        return kron_to_dense(torch.diag(f.A) if diagonal_input(f) else f.A, f.S)
 
     def _layer_eigvalsh(self, f: KroneckerFactors) -> Tensor:
-        return torch.outer(eigvalsh(f.S), eigvalsh(f.A))
+        return torch.outer(eigvalsh(f.S), f.A if diagonal_input(f) else eigvalsh(f.A))
 
     def _layer_solve(self, f: KroneckerFactors, X: Tensor, damping: float, split: str = "pi",
                      method: str = "cholesky") -> Tensor:
-        return kron_damped_solve(f.A, f.S, X, damping, split, method=method)
+        if not diagonal_input(f):
+            return kron_damped_solve(f.A, f.S, X, damping, split, method=method)
+        # diagonal A: in the basis Q_S ⊗ I the block (or its damped factors) is diagonal
+        eig = kron_eig(_stand_in(f.A), f.S)
+        sigma, Q = eig.s_eigvals, eig.s_eigvecs
+        if split == "exact":
+            denom = sigma.unsqueeze(1) * f.A.unsqueeze(0) + damping
+        else:
+            a, s = kron_damping_split(_stand_in(f.A), f.S, damping, split)
+            denom = (sigma + s).unsqueeze(1) * (f.A + a).unsqueeze(0)
+        lo, hi = torch.stack([denom.min(), denom.abs().max()]).tolist()
+        threshold = denom.numel() * torch.finfo(denom.dtype).eps * hi if damping == 0 else 0.0
+        if not lo > threshold:
+            advice = "pass damping > 0" if damping == 0 else f"increase the damping (now {damping:g})"
+            raise SingularMatrixError(f"the KFAC block of layer {display_path(f.layer)} (split {split!r}) + damping "
+                                      f"is not numerically positive definite (smallest eigenvalue {lo:.3e} ≤ "
+                                      f"{threshold:.3e}; an id that never occurs has a zero input factor); {advice}")
+        return Q @ ((Q.mT @ X) / denom)
 
     def solve(self, g: Tensor, damping: float = 0.0, split: str = "pi", method: str = "cholesky") -> Tensor:
         """Factor-wise damped solve, layer by layer (exact blocks by Cholesky of B + λI).
@@ -159,7 +254,8 @@ class KFACFisher(LayerwiseFisher):
         y = S^{-1/2} W' A^{-1/2} ā (docs/method.md).
 
         Exact blocks of unsupported modules are not included (use :func:`fisherlab.linalg.inv_sqrtm` on
-        ``exact_blocks``).
+        ``exact_blocks``). For a layer with a diagonal A (:func:`diagonal_input`) the first root is its diagonal
+        (width,).
 
         Args:
             damping: λ ≥ 0.
@@ -167,8 +263,19 @@ class KFACFisher(LayerwiseFisher):
             split: ``"pi"`` or ``"sqrt"``.
         """
         damping = check_damping(damping)
-        return {p: kron_inv_sqrt(f.A, f.S, damping=damping, method=method, split=split)
+        return {p: _diagonal_inv_sqrt(f, damping, method, split) if diagonal_input(f)
+                else kron_inv_sqrt(f.A, f.S, damping=damping, method=method, split=split)
                 for p, f in self.factors.items()}
 
 
-__all__ = ["KFACFisher", "KroneckerFactors"]
+def _diagonal_inv_sqrt(f: KroneckerFactors, damping: float, method: str, split: str) -> tuple[Tensor, Tensor]:
+    """((A + aI)^{-1/2} as its diagonal (width,), (S + sI)^{-1/2}) for a diagonal A."""
+    a, s = kron_damping_split(_stand_in(f.A), f.S, damping, split)
+    low = float((f.A + a).min())
+    if not low > 0:
+        raise SingularMatrixError(f"the input factor of layer {display_path(f.layer)} + {a:g}·I is singular (smallest "
+                                  f"entry {low:.3e}: an id that never occurs); pass damping > 0")
+    return (f.A + a).rsqrt(), inv_sqrtm(f.S, method=method, damping=s)
+
+
+__all__ = ["KFACFisher", "KroneckerFactors", "diagonal_input"]

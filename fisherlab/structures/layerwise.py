@@ -1,10 +1,14 @@
 """Layer-wise Fisher structures: the base of KFAC, EKFAC and the unit-wise structure.
 
-A :class:`LayerwiseFisher` holds, per supported layer (:mod:`fisherlab.layers`: Linear, Conv1d, Conv2d), the
-statistics of its structure (Kronecker factors, an eigenbasis with scalings, unit blocks) and, for the parameters of
-modules without a layer rule, exact dense blocks (``unsupported="block"``, one per module, accumulated from the
-engine's factor rows of those parameters only) — or an :class:`~fisherlab.errors.UnsupportedLayerError` naming the
-module (``unsupported="error"``, the default). Products, solves, diagonals and dense forms work block by block.
+A :class:`LayerwiseFisher` holds, per supported layer (:mod:`fisherlab.layers`: Linear, Conv1d, Conv2d,
+Embedding), the statistics of its structure (Kronecker factors, an eigenbasis with scalings, unit blocks) and, for
+the parameters of modules without a layer rule, exact dense blocks (one per module, accumulated from the engine's
+factor rows of those parameters only). Normalisation layers (:data:`NORM_MODULES`: ``nn.LayerNorm``,
+``nn.RMSNorm``; a few affine scalars each, 2·d for LayerNorm) always get their exact block — the exact Fisher of
+those parameters within the module, at the cost of one pass of factor rows restricted to them; their paths are
+``meta["norm_blocks"]``. Any other module without a rule gets one with ``unsupported="block"``, or an
+:class:`~fisherlab.errors.UnsupportedLayerError` naming it (``unsupported="error"``, the default). Products,
+solves, diagonals and dense forms work block by block.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fisherlab.checks import check_damping, parse_enum
 from fisherlab.engine import FisherEngine
@@ -26,6 +30,9 @@ from fisherlab.vocabulary import Unsupported
 
 #: Ways to treat parameters of modules without a layer rule.
 UNSUPPORTED_MODES: tuple[str, ...] = tuple(m.value for m in Unsupported)
+
+#: Normalisation modules whose affine parameters layer-wise structures cover by exact dense blocks unasked.
+NORM_MODULES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
 
 
 @dataclass(repr=False)
@@ -160,20 +167,23 @@ class LayerSetup:
 
 
 def prepare_layers(engine: FisherEngine, structure: str, unsupported: str = "error") -> LayerSetup:
-    """Layouts of the supported layers and, with ``unsupported="block"``, exact blocks for the other modules.
+    """Layouts of the supported layers, exact blocks for norms and (``unsupported="block"``) the other modules.
 
     Raises:
-        UnsupportedLayerError: ``unsupported="error"`` and a selected parameter belongs to a module without rule.
+        UnsupportedLayerError: ``unsupported="error"`` and a selected parameter belongs to a module without rule
+            that is not a norm (:data:`NORM_MODULES`); tied weights (:func:`~fisherlab.layers.layer_layouts`).
         InputError: Unknown ``unsupported`` mode.
     """
     unsupported = parse_enum(Unsupported, unsupported, "unsupported= mode").value
     layouts, others = layer_layouts(engine.model, engine.spec)
-    if others and unsupported == "error":
-        raise unsupported_error(engine.model, others, structure)
+    norms = [p for p in others if isinstance(engine.model.get_submodule(p), NORM_MODULES)]
+    rest = {p: names for p, names in others.items() if p not in norms}
+    if rest and unsupported == "error":
+        raise unsupported_error(engine.model, rest, structure)
     blocks = engine.spec.blocks("layer")
     index = {p: blocks[p].to(engine.device) for p in [*layouts, *others]}
     exact = exact_blocks(engine, others) if others else {}
-    meta = {**engine_meta(engine), "unsupported": unsupported, "exact_blocks": list(others)}
+    meta = {**engine_meta(engine), "unsupported": unsupported, "exact_blocks": list(others), "norm_blocks": norms}
     return LayerSetup(layouts, index, exact, meta)
 
 
@@ -199,4 +209,5 @@ def vars_of(f: LayerLayout) -> dict:
     return {fl.name: getattr(f, fl.name) for fl in fields(LayerLayout)}
 
 
-__all__ = ["UNSUPPORTED_MODES", "LayerSetup", "LayerwiseFisher", "exact_blocks", "prepare_layers", "vars_of"]
+__all__ = ["NORM_MODULES", "UNSUPPORTED_MODES", "LayerSetup", "LayerwiseFisher", "exact_blocks", "prepare_layers",
+           "vars_of"]

@@ -1,7 +1,9 @@
 """Unit-wise Fisher: one dense block per output unit (row i of W̄: the unit's weights and bias).
 
-For a supported layer with combined weight W̄ (out, width), the block of unit i couples the width parameters of
-row i only (Sun & Nielsen's relative Fisher of a neuron; Liu & Liu's SNGD, docs/method.md):
+For a supported layer (Linear, Conv1d, Conv2d, Embedding — whose unit i is embedding coordinate i, coupling
+its num_embeddings entries; LayerNorm/RMSNorm get exact blocks, :mod:`fisherlab.structures.layerwise`) with
+combined weight W̄ (out, width), the block of unit i couples the width parameters of row i only (Sun & Nielsen's
+relative Fisher of a neuron; Liu & Liu's SNGD, docs/method.md):
 
 ``variant="exact"``
     B_i = (1/N) Σ_n Σ_r g_{n,r,i} g_{n,r,i}ᵀ with g_{n,r} = Σ_l δ_{n,r,l,i} ā_{n,l} the row i of the per-sample
@@ -37,7 +39,7 @@ from torch import Tensor
 from fisherlab.checks import check_damping
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError, SingularMatrixError, UnsupportedLayerError
-from fisherlab.layers import LayerLayout, LayerRows, display_path, iter_layer_rows
+from fisherlab.layers import LayerLayout, LayerRows, display_path, iter_layer_rows, per_sample_gradients
 from fisherlab.structures.base import eigvalsh
 from fisherlab.structures.layerwise import LayerwiseFisher, prepare_layers, vars_of
 
@@ -95,11 +97,11 @@ class UnitwiseFisher(LayerwiseFisher):
             for rows in iter_layer_rows(engine, layouts, chunk_size=chunk_size, per_sample_gradients=True,
                                         desc=f"unit-wise {engine.kind.value} blocks"):
                 for p, r in rows.items():
-                    if r.inputs.shape[1] == 1:  # rank-one per-sample gradients δ āᵀ: row i is δ_i ā
+                    if isinstance(r.inputs, Tensor) and r.inputs.shape[1] == 1:  # rank one δ āᵀ: row i is δ_i ā
                         x = r.inputs[:, 0]
                         blocks[p] += torch.einsum("no,ni,nj->oij", r.grads[:, :, 0].square().sum(0), x, x)
                     else:
-                        G = torch.einsum("rnlo,nli->rnoi", r.grads, r.inputs)  # per-sample gradients of W̄
+                        G = per_sample_gradients(r.grads, r.inputs)  # (R, n, out, width)
                         blocks[p] += torch.einsum("rnoi,rnoj->oij", G, G)
         else:
             _sngd_accumulate(engine, layouts, blocks, chunk_size)
