@@ -4,10 +4,10 @@ Every model is a plain :class:`torch.nn.Module` whose ``forward`` maps a batch `
 ``(B, n_outputs)`` (logits for classification, means for regression) — except :class:`GPT` with
 ``output="sequence"``, which maps token ids ``(B, T)`` to next-token logits ``(B, T, n_outputs)`` at every
 position. The two transformers (:class:`GPT`, :class:`EncoderClassifier`) take int64 token ids. All of them can be
-evaluated per
-sample with ``torch.func.functional_call`` inside ``torch.func.vmap`` (feed each sample as a batch of one,
-``x.unsqueeze(0)``): the forwards use no in-place operation on inputs, no ``.item()`` and no control flow
-that depends on tensor values.
+evaluated per sample with ``torch.func.functional_call`` inside ``torch.func.vmap`` (feed each sample as a batch
+of one, ``x.unsqueeze(0)``): the forwards use no in-place operation on inputs, no ``.item()`` and no control flow
+that depends on tensor values (the transformers' token-id range check reads values only outside ``torch.func``
+transforms).
 
 Two caveats the Fisher engines rely on:
 
@@ -448,8 +448,8 @@ Pass one as keywords: ``build_model("gpt", data, **GPT_SIZES["1M"])``. The block
 parameters each (:func:`gpt_param_count`): 3,280 at d = 16, 198,272 at d = 128 and 1,774,464 at d = 384; the
 embeddings and head add (V + S + 2 + O)·d + O. So on :func:`fisherlab.data.make_sort_lm` (V = O = 9, S = 12)
 "10k" has 10,361 parameters; on a character text (V = O = 65, S = 64) "1M" has 1,016,513 and "10M" 10,722,113
-(the 10M one is nanoGPT's character-level Shakespeare model). The last two are sized for batches of 32
-sequences of length 64.
+("10M" has the width, depth and heads of nanoGPT's character-level Shakespeare model). The last two are meant
+for batches of 32 sequences of length 64.
 """
 
 

@@ -84,9 +84,18 @@ class _Encoder(nn.Module):
         return self.head(self.encoder(x).flatten(1))
 
 
+def _classifier() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """fisherlab's EncoderClassifier (nn.TransformerEncoder over token + position embeddings, mean-pooled)."""
+    data = _tokens()
+    model = build_model("encoder", data, dtype=torch.float64, seed=2, d_model=8, d_ff=12).eval()
+    return model, data.X_train, data.y_train
+
+
 def _case(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     if name == "gpt":
         return _gpt()
+    if name == "classifier":
+        return _classifier()
     g = torch.Generator().manual_seed(5)
     torch.manual_seed(5)
     if name == "mha":
@@ -99,7 +108,7 @@ def _case(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
             torch.randint(0, 3, (6,), generator=g))
 
 
-CASES = ("gpt", "mha", "sdpa", "encoder")
+CASES = ("gpt", "classifier", "mha", "sdpa", "encoder")
 
 
 @pytest.fixture(scope="module", params=CASES)
