@@ -343,7 +343,7 @@ class GPTOutput(str, Enum):
 
 
 def _token_embeddings(embed: nn.Embedding, position: nn.Embedding, x: torch.Tensor, what: str) -> torch.Tensor:
-    """``embed(x) + position(p)`` with p = 0..T−1 for every sample, shape (B, T, d), after checking the ids ``x`` (B, T).
+    """``embed(x) + position(p)``, p = 0..T−1 for every sample, shape (B, T, d), after checking the ids ``x`` (B, T).
 
     The position table is called on the (B, T) positions (not on one ``arange(T)`` broadcast over the batch), so
     that per-layer statistics (KFAC's input factor of ``position``) see a per-sample input.

@@ -375,11 +375,12 @@ def test_sort_lm_targets_are_the_sorted_prompt_and_the_prompt_is_masked():
     before = _rng_states()
     d = D.make_sort_lm(40, length=4, n_values=5, seed=3)
     _assert_rng_unchanged(before)
-    assert (d.name, d.task, d.n_outputs, d.input_shape, d.n_train, d.n_test) == ("sort-lm", "multiclass", 6, (8,), 30, 10)
+    summary = (d.name, d.task, d.n_outputs, d.input_shape, d.n_train, d.n_test)
+    assert summary == ("sort-lm", "multiclass", 6, (8,), 30, 10)
     assert d.meta["vocab"] == 6 and d.meta["layout"] == "tokens" and d.meta["targets_per_sequence"] == 4
     for X, y in ((d.X_train, d.y_train), (d.X_test, d.y_test)):
         assert X.dtype == y.dtype == torch.int64 and X.shape == y.shape
-        for xs, ys in zip(X.tolist(), y.tolist()):
+        for xs, ys in zip(X.tolist(), y.tolist(), strict=True):
             prompt = xs[:4]
             assert all(0 <= a < 5 for a in prompt) and xs[4] == 5  # values, then SEP
             assert ys[:4] == [D.IGNORE_INDEX] * 4 and ys[4:] == sorted(prompt)  # plain Python sort
