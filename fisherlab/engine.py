@@ -15,7 +15,8 @@ empirical   ∇_z ℓ(z_n, y_n)ᵀ (observed labels)                     1
 ggn         K_nᵀ with ∇²_z ℓ(z_n, y_n) = K_n K_nᵀ (autograd+eigh) C
 =========== ====================================================== =========
 
-(∇θ log p = −J_nᵀ ∇_z ℓ, and the sign cancels in the outer product.) The engine never holds J_n for the whole
+(∇θ log p = −J_nᵀ ∇_z ℓ, and the sign cancels in the outer product; the likelihood builds M_n,
+:meth:`~fisherlab.likelihoods.Likelihood.output_factor`.) The engine never holds J_n for the whole
 dataset: it walks over chunks and yields the **factor rows** U_n = M_n J_n (R×P per sample, by one vmapped VJP
 per row), or applies F to vectors matrix-free: J v by forward mode (``jvp``), M_nᵀ M_n in output space, Jᵀ w by
 reverse mode (``vjp``).
@@ -34,6 +35,16 @@ differentiable operations), which restores the caller's settings afterwards. An 
 forward-mode rule (a custom ``autograd.Function`` without ``jvp``) gets its J v by two reverse passes instead,
 J v = ∂/∂u ⟨Jᵀu, v⟩ (the double-VJP trick, a :class:`~fisherlab.errors.FallbackWarning` once); one with neither
 rule is an :class:`~fisherlab.errors.UnsupportedLayerError`.
+
+**Sequence models** (docs/sequences.md). A model may return (N, T, C) — T tokens of C outputs, as in language
+modelling — with targets (N, T) (class labels; labels equal to the likelihood's ``ignore_index``, −100 by default,
+mark tokens that do not count, e.g. padding) or (N, T, C). The engine flattens the outputs to (N, T·C) (token-major)
+and wraps the likelihood in a :class:`~fisherlab.likelihoods.TokenLikelihood` with c = N / N_tok (N_tok: the counted
+tokens of all ranks): the loss is the mean over the counted tokens, L = (1/N_tok) Σ_n Σ_t m_nt ℓ(z_nt, y_nt), and
+F = (1/N_tok) Σ_n Σ_t m_nt J_ntᵀ Λ(z_nt) J_nt; per-sample quantities are per sequence (the empirical Fisher's row of
+sequence n is g_n = Σ_t m_nt ∇θ ℓ_nt). Every structure that divides its sums over samples by N so averages over
+tokens, unchanged. The true Fisher costs T·(C−1) factor rows per sequence; the matrix-free products apply the
+token blocks of M without forming the block-diagonal factor.
 
 Monte-Carlo labels are drawn once, in a no-grad pass over the data with a generator seeded by ``seed``, so the
 MC Fisher does not depend on the chunking and the same seed gives the same matrix.
@@ -64,7 +75,7 @@ from fisherlab.checks import check_device, check_dtype, check_model, low_precisi
 from fisherlab.datasource import DataSource
 from fisherlab.distributed import active_group, all_reduce_sum, min_over_ranks, sample_offset
 from fisherlab.errors import FallbackWarning, InputError, NonFiniteError, UnsupportedLayerError
-from fisherlab.likelihoods import Likelihood, get_likelihood
+from fisherlab.likelihoods import Likelihood, TokenLikelihood, get_likelihood
 from fisherlab.memory import check_budget, dense_bytes, resolve_budget
 from fisherlab.params import ParamSpec
 from fisherlab.progress import bar as progress_bar
@@ -121,7 +132,8 @@ class FisherEngine:
     (an ``nn.Embedding`` index out of range) or whose outputs are NaN or infinite is named.
 
     Args:
-        model: Any ``nn.Module`` mapping (B, *input_shape) → (B, C). It is not modified: parameters and buffers are
+        model: Any ``nn.Module`` mapping (B, *input_shape) → (B, C), or → (B, T, C) for a sequence model (see the
+            module docstring). It is not modified: parameters and buffers are
             passed through ``torch.func.functional_call`` as detached copies in ``dtype`` on ``device``.
         data: See :class:`fisherlab.datasource.DataSource`.
         likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or a :class:`Likelihood`.
@@ -182,6 +194,8 @@ class FisherEngine:
         self.seed = int(seed)
         self.progress = progress
         self.memory_budget = resolve_budget(memory_budget, self.device)
+        #: The model's outputs per sample, (C,) or (T, C) (set by the first evaluation, on the first samples).
+        self.output_shape: tuple[int, ...] | None = None
 
         named = dict(model.named_parameters(remove_duplicate=False))
         self.params = {n: named[n].detach().to(self.device, self.dtype) for n in self.spec.names}
@@ -212,7 +226,9 @@ class FisherEngine:
         self._matmat_cache: tuple[tuple, list[tuple[Any, Any, Tensor]]] | None = None  # (state key, entries)
         check_budget(2 * row_bytes * min(self.chunk_size, self.local_samples), "a chunk of factor rows",
                      self.memory_budget, "a smaller chunk_size")
-        self._labels = self._scan()
+        self._labels, local_tokens = self._scan()
+        #: N_tok, the counted tokens of all ranks (a sequence model), else N.
+        self.num_tokens = self._count_tokens(local_tokens)
 
     # ----------------------------------------------------------------------------------------------- checks
     def _check_converted(self, named: dict[str, Tensor]) -> None:
@@ -241,11 +257,15 @@ class FisherEngine:
                 "inputs to floats (e.g. X.float())"
             )
         try:
-            z = self.forward(self.params, x)
+            z = self._evaluate(self.params, x)
         except InputError:
             raise
         except Exception as exc:  # the message of the model's own failure is the useful part
             raise InputError(f"the model could not be evaluated on inputs of shape {tuple(x.shape)}: {exc}") from exc
+        self.output_shape = tuple(z.shape[1:])
+        if z.dim() == 3:  # c = 1 until the scan has counted the tokens (_count_tokens)
+            self.likelihood = TokenLikelihood(self.likelihood, z.shape[1], z.shape[2])
+        z = z.reshape(z.shape[0], -1)
         self._check_outputs(z, 0)
         with torch.no_grad():
             again = self.forward(self.params, x)
@@ -295,14 +315,32 @@ class FisherEngine:
         }[self.kind]
 
     # ------------------------------------------------------------------------------------------- evaluation
-    def forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        """Z = f_θ(x), shape (n, C), for parameters ``params`` (names of the spec) and inputs (n, *input_shape)."""
+    def _evaluate(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """The model's own outputs f_θ(x), (n, C) or (n, T, C), for inputs (n, *input_shape).
+
+        Raises:
+            InputError: Outputs of another rank, another sample count, or (after the first evaluation) another shape
+                per sample than the first samples' (sequences of one length T: pad them).
+        """
         with differentiable_attention():
             z = functional_call(self.model, {**self._frozen, **params}, (x,))
-        if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[0] != x.shape[0]:
+        if not isinstance(z, Tensor) or z.dim() not in (2, 3) or z.shape[0] != x.shape[0]:
             shape = tuple(z.shape) if isinstance(z, Tensor) else type(z)
-            raise InputError(f"the model must return outputs of shape (N, C); got {shape} for N = {x.shape[0]}")
+            raise InputError(f"the model must return outputs of shape (N, C), or (N, T, C) for a sequence model; got "
+                             f"{shape} for N = {x.shape[0]}")
+        if self.output_shape is not None and tuple(z.shape[1:]) != self.output_shape:
+            raise InputError(f"the model returned outputs of shape {tuple(z.shape)} for these inputs but "
+                             f"{self.output_shape} per sample for the first ones; sequences must share one length T "
+                             "(pad them, and give the padded positions the label ignore_index)")
         return z
+
+    def forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """Z = f_θ(x), shape (n, C), for parameters ``params`` (names of the spec) and inputs (n, *input_shape).
+
+        A sequence model's outputs (n, T, C) are flattened to (n, T·C), token-major (z[:, t·C:(t+1)·C] is token t).
+        """
+        z = self._evaluate(params, x)
+        return z.reshape(z.shape[0], -1)
 
     def _check_outputs(self, z: Tensor, start: int) -> None:
         """Refuse NaN / inf outputs, naming the first such sample (``start``: global index of z's first row)."""
@@ -312,26 +350,45 @@ class FisherEngine:
             raise NonFiniteError(f"the model's outputs for sample {i} contain NaN or infinite values (parameters, "
                                  f"buffers and inputs are finite){low_precision_advice(self.dtype)}")
 
-    def _scan(self) -> Tensor | None:
+    def _scan(self) -> tuple[Tensor | None, int]:
         """One no-grad forward pass over all the data: every sample evaluates, to finite outputs, with valid targets.
 
         Draws the Monte-Carlo labels on the way (``kind="mc"``; in chunks of ``chunk_size``, by a generator seeded
-        with ``seed``) and returns them (else None); data-parallel, by :meth:`_draw_as_one_process`.
+        with ``seed``; data-parallel, by :meth:`_draw_as_one_process`) and returns them (else None), with the number
+        of counted tokens of this rank's sequences (a sequence model; else its number of samples).
         """
         gen = torch.Generator(device=self.device).manual_seed(self.seed) if self.kind is FisherKind.MC else None
         draws, outputs = [], []
+        tokens = 0
         with torch.no_grad():
             for start, x, y in self.data.chunks(self.chunk_size):
                 z = self._forward_chunk(self.sample_offset + start, x)
                 self._check_outputs(z, self.sample_offset + start)
-                self.likelihood.check_targets(z, y)
+                y = self.likelihood.check_targets(z, y)
+                tokens += (int(self.likelihood.token_mask(y).sum()) if isinstance(self.likelihood, TokenLikelihood)
+                           else x.shape[0])
                 if gen is not None and self.group is None:
                     draws.append(self.likelihood.sample(z, self.mc_samples, gen))
                 elif gen is not None:
                     outputs.append(z)
             if outputs:
-                return self._draw_as_one_process(torch.cat(outputs), gen)  # type: ignore[arg-type]
-        return torch.cat(draws) if draws else None
+                return self._draw_as_one_process(torch.cat(outputs), gen), tokens  # type: ignore[arg-type]
+        return (torch.cat(draws) if draws else None), tokens
+
+    def _count_tokens(self, local_tokens: int) -> int:
+        """N_tok over all ranks; a sequence model's likelihood then gets its scale c = N / N_tok.
+
+        Raises:
+            InputError: Every token of every sequence is ignored.
+        """
+        if not isinstance(self.likelihood, TokenLikelihood):
+            return self.num_samples
+        counts = torch.tensor([local_tokens], dtype=torch.int64, device=self.device)
+        self.reduce_sum([counts])
+        lik = self.likelihood
+        self.likelihood = TokenLikelihood(lik.base, lik.seq_len, lik.num_classes, num_sequences=self.num_samples,
+                                          num_tokens=int(counts))
+        return self.likelihood.num_tokens
 
     def _draw_as_one_process(self, z: Tensor, gen: torch.Generator) -> Tensor:
         """The MC labels (N_rank, S, ...) of this rank's outputs z (N_rank, C), as one process draws them.
@@ -391,18 +448,24 @@ class FisherEngine:
         bar.close()
 
     def output_factor(self, z: Tensor, y: Tensor, labels: Tensor | None) -> Tensor:
-        """The output-space factors M_n of this kind for a chunk; shape (n, R, C)."""
+        """The output-space factors M_n of this kind for a chunk; shape (n, R, C) (C = T·C for a sequence model)."""
+        return self.likelihood.output_factor(self.kind, z, y, labels)
+
+    def _product_factor(self, z: Tensor, y: Tensor, labels: Tensor | None) -> Tensor:
+        """The factor :meth:`matmat` applies: M (n, R, C), or a sequence model's token blocks (n, T, R_token, C)
+        where M is block-diagonal over the tokens (``true``, ``ggn``), which costs T times less than M."""
         lik = self.likelihood
-        if self.kind is FisherKind.TRUE:
-            return lik.fisher_factor(z).transpose(-1, -2)
-        if self.kind is FisherKind.EMPIRICAL:
-            return lik.grad_z(z, y).unsqueeze(1)
-        if self.kind is FisherKind.GGN:
-            return lik.hessian_factor(z, y).transpose(-1, -2)
-        n, s = labels.shape[0], labels.shape[1]  # type: ignore[union-attr]
-        z_rep = z.unsqueeze(1).expand(n, s, z.shape[1]).reshape(n * s, -1)
-        g = lik.grad_z(z_rep, labels.reshape(n * s, *labels.shape[2:]))  # type: ignore[union-attr]
-        return g.reshape(n, s, -1) / math.sqrt(s)
+        if isinstance(lik, TokenLikelihood) and self.kind in TokenLikelihood.BLOCK_KINDS:
+            return lik.token_factor(self.kind, z, y, labels)
+        return self.output_factor(z, y, labels)
+
+    @staticmethod
+    def _gram(M: Tensor, jv: Tensor) -> Tensor:
+        """Mᵀ M (J v) per sample for a factor of :meth:`_product_factor` and J v of shape (n, C); returns (n, C)."""
+        if M.dim() == 4:  # token blocks (n, T, R, C): Σ_r per token
+            tokens = jv.reshape(M.shape[0], M.shape[1], M.shape[3])
+            return torch.einsum("ntrc,ntr->ntc", M, torch.einsum("ntrc,ntc->ntr", M, tokens)).reshape(jv.shape)
+        return torch.bmm(M.transpose(1, 2), torch.bmm(M, jv.unsqueeze(-1))).squeeze(-1)
 
     def factor_rows(self, x: Tensor, y: Tensor, labels: Tensor | None) -> Tensor:
         """U_n = M_n J_n for the samples of a chunk, shape (n, R, P), by one vmapped VJP per row."""
@@ -471,10 +534,11 @@ class FisherEngine:
         out = None
         for f, vjp_fn, M in self._linearizations():
 
-            def apply(v: Tensor, f=f, vjp_fn=vjp_fn, M=M) -> Tensor:
-                jv = self.jv(f, vjp_fn, M.shape[:1] + M.shape[2:], self.spec.unflatten(v))
-                w = torch.bmm(M.transpose(1, 2), torch.bmm(M, jv.unsqueeze(-1))).squeeze(-1)
-                return self.spec.flatten(vjp_fn(w)[0])
+            out_shape = torch.Size((M.shape[0], self.num_outputs))
+
+            def apply(v: Tensor, f=f, vjp_fn=vjp_fn, M=M, out_shape=out_shape) -> Tensor:
+                jv = self.jv(f, vjp_fn, out_shape, self.spec.unflatten(v))
+                return self.spec.flatten(vjp_fn(self._gram(M, jv))[0])
 
             step = self._column_block(M.shape[0])
 
@@ -484,7 +548,7 @@ class FisherEngine:
                     return [apply(block[:, 0]).unsqueeze(1) if block.shape[1] == 1 else vmap(apply, 1, 1)(block)
                             for block in cols.split(step, dim=1)]
 
-            parts = self._with_jvp_fallback(products, f, vjp_fn, M.shape[:1] + M.shape[2:])
+            parts = self._with_jvp_fallback(products, f, vjp_fn, out_shape)
             part = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             out = part if out is None else out.add_(part)
         self.reduce_sum([out])
@@ -599,8 +663,8 @@ class FisherEngine:
     def _linearizations(self) -> Iterator[tuple[Any, Any, Tensor]]:
         """Per chunk of :meth:`matmat_chunk_size` samples: (f, vjp_fn, M).
 
-        f(params) gives the chunk's outputs, vjp_fn is the VJP of f at the engine's parameters and M (n, R, C) the
-        output factors scaled by 1/√N (so that F V = Σ_chunks Jᵀ Mᵀ M J V); all of them are kept for later calls
+        f(params) gives the chunk's outputs, vjp_fn is the VJP of f at the engine's parameters and M the output
+        factors of :meth:`_product_factor` scaled by 1/√N (so that F V = Σ_chunks Jᵀ Mᵀ M J V); all of them are kept for later calls
         when every sample's activations fit. The cache is keyed on the identity and version counter of every
         parameter and buffer tensor, so replacing or modifying one in place rebuilds it.
         """
@@ -617,7 +681,7 @@ class FisherEngine:
                 return self.forward(p, x)
 
             z, vjp_fn = vjp(f, self.params)
-            entry = (f, vjp_fn, self.output_factor(z.detach(), y, labels) / math.sqrt(self.num_samples))
+            entry = (f, vjp_fn, self._product_factor(z.detach(), y, labels) / math.sqrt(self.num_samples))
             if keep:
                 entries.append(entry)
             yield entry
@@ -640,7 +704,10 @@ class FisherEngine:
         return total / self.num_samples, g / self.num_samples
 
     def outputs(self, params: dict[str, Tensor] | None = None) -> Tensor:
-        """Model outputs on the whole dataset, shape (N, C) (data-parallel: this rank's shard, (N_rank, C))."""
+        """Model outputs on the whole dataset, shape (N, C) (data-parallel: this rank's shard, (N_rank, C)).
+
+        A sequence model's are flattened as by :meth:`forward`, (N, T·C).
+        """
         params = self.params if params is None else params
         with torch.no_grad():
             return torch.cat([self.forward(params, x)

@@ -5,9 +5,16 @@ Targets: categorical — int64 labels of shape (N,) in [0, C), C ≥ 2; Gaussian
 floats in {0, 1} of shape (N, C). Losses are the per-sample negative log-likelihoods without constants
 (the Gaussian loss is ‖z − y‖² / (2σ²)), so L(θ) is their mean.
 
-The Fisher engines only need :meth:`Likelihood.fisher_factor` (a square root B of Λ = B Bᵀ) and
-:meth:`Likelihood.fisher_apply` (Λ w); the GGN uses the Hessian of the loss in ``z`` computed by autograd,
-independently of the closed forms, which is how the identity GGN = true Fisher is checked rather than assumed.
+The Fisher engines only need :meth:`Likelihood.output_factor` (the output-space factor M_n of each Fisher kind,
+built from :meth:`Likelihood.fisher_factor`, a square root B of Λ = B Bᵀ, or the gradients and Hessians of the
+loss); the GGN uses the Hessian of the loss in ``z`` computed by autograd, independently of the closed forms, which
+is how the identity GGN = true Fisher is checked rather than assumed.
+
+**Sequences** (docs/sequences.md). A model with outputs (N, T, C) — T tokens of C logits each, as in language
+modelling — is handled by :class:`TokenLikelihood`, which the engine wraps around the user's likelihood: it applies
+that likelihood to every token of the outputs flattened to (N, T·C), leaves out the tokens whose label is the
+categorical likelihood's ``ignore_index`` (−100, torch's convention), and scales per-sample quantities by
+c = N / N_tok so that every average over the N sequences is an average over the N_tok counted tokens.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from torch import Tensor
 from torch.func import grad, hessian, vmap
 
 from fisherlab.errors import InputError
+from fisherlab.vocabulary import FisherKind
 
 
 class Likelihood:
@@ -62,6 +70,25 @@ class Likelihood:
     def kl(self, z_p: Tensor, z_q: Tensor) -> Tensor:
         """KL(p(· | z_p) ‖ p(· | z_q)) per sample, shape (N,), in nats."""
         raise NotImplementedError
+
+    def output_factor(self, kind: FisherKind, z: Tensor, y: Tensor, labels: Tensor | None) -> Tensor:
+        """The output-space factor M_n of a Fisher kind (the engine's table, fisherlab.engine); shape (N, R, C).
+
+        true: B_nᵀ (:meth:`fisher_factor`); empirical: ∇_z ℓ(z_n, y_n)ᵀ; ggn: K_nᵀ (:meth:`hessian_factor`);
+        mc: the S rows ∇_z ℓ(z_n, ŷ_{n,s})ᵀ / √S for the sampled ``labels`` ŷ of shape (N, S, ...) (:meth:`sample`).
+        """
+        if kind is FisherKind.TRUE:
+            return self.fisher_factor(z).transpose(-1, -2)
+        if kind is FisherKind.EMPIRICAL:
+            return self.grad_z(z, y).unsqueeze(1)
+        if kind is FisherKind.GGN:
+            return self.hessian_factor(z, y).transpose(-1, -2)
+        if labels is None:
+            raise InputError("kind='mc' needs the sampled labels")
+        n, s = labels.shape[0], labels.shape[1]
+        z_rep = z.unsqueeze(1).expand(n, s, z.shape[1]).reshape(n * s, -1)
+        g = self.grad_z(z_rep, labels.reshape(n * s, *labels.shape[2:]))
+        return g.reshape(n, s, -1) / math.sqrt(s)
 
     def hessian_factor(self, z: Tensor, y: Tensor) -> Tensor:
         """A factor H_n = K_n K_nᵀ of ∇²_z ℓ(z_n, y_n), by autograd and eigh; shape (N, C, C).
@@ -107,10 +134,25 @@ def _check_same_shape(z: Tensor, y: Tensor, what: str) -> Tensor:
     return y.to(z.dtype)
 
 
+#: torch's ``ignore_index`` of ``nn.CrossEntropyLoss``: labels equal to it mark tokens that do not count.
+IGNORE_INDEX = -100
+
+
 class Categorical(Likelihood):
-    """Categorical likelihood p = softmax(z); loss = cross-entropy; Λ(z) = diag(p) − p pᵀ."""
+    """Categorical likelihood p = softmax(z); loss = cross-entropy; Λ(z) = diag(p) − p pᵀ.
+
+    Args:
+        ignore_index: For sequence outputs (N, T, C) (:class:`TokenLikelihood`), the label value of tokens that do
+            not count (padding), as in ``nn.CrossEntropyLoss``; it must lie outside [0, C). Outputs (N, C) have no
+            tokens to leave out: there every label must be a class.
+    """
 
     name = "categorical"
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX):
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise InputError(f"ignore_index must be an integer label value; got {ignore_index!r}")
+        self.ignore_index = int(ignore_index)
 
     def check_targets(self, z: Tensor, y: Tensor) -> Tensor:
         _check_outputs(z)
@@ -125,7 +167,11 @@ class Categorical(Likelihood):
         if y.shape != z.shape[:1]:
             raise InputError(f"categorical targets must have shape (N,) = ({z.shape[0]},); got {tuple(y.shape)}")
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= z.shape[1]):
-            raise InputError(f"labels must lie in [0, {z.shape[1]}); got range [{int(y.min())}, {int(y.max())}]")
+            hint = (f" (labels equal to ignore_index = {self.ignore_index} are left out only for sequence outputs "
+                    "(N, T, C); with outputs (N, C) drop the sample instead)"
+                    if bool((y == self.ignore_index).any()) else "")
+            raise InputError(f"labels must lie in [0, {z.shape[1]}); got range [{int(y.min())}, {int(y.max())}]"
+                             f"{hint}")
         return y.long()
 
     def nll(self, z: Tensor, y: Tensor) -> Tensor:
@@ -162,6 +208,9 @@ class Categorical(Likelihood):
     def kl(self, z_p: Tensor, z_q: Tensor) -> Tensor:
         logp, logq = torch.log_softmax(z_p, -1), torch.log_softmax(z_q, -1)
         return (logp.exp() * (logp - logq)).sum(-1)
+
+    def __repr__(self) -> str:
+        return "Categorical()" if self.ignore_index == IGNORE_INDEX else f"Categorical(ignore_index={self.ignore_index})"
 
 
 class Gaussian(Likelihood):
@@ -246,6 +295,209 @@ class Bernoulli(Likelihood):
         return (p * (lp - lq) + (1 - p) * (l1p - l1q)).sum(-1)
 
 
+class TokenLikelihood(Likelihood):
+    """A likelihood of sequences: ``base`` applied to each of the T tokens of the outputs, averaged over tokens.
+
+    The engine flattens a sequence model's outputs (N, T, C) to z of shape (N, T·C), token-major
+    (z[:, t·C:(t+1)·C] holds token t), and wraps the user's likelihood in this class (docs/sequences.md). With
+    m_nt ∈ {0, 1} the token mask (0 where the label equals ``base.ignore_index``; every token counts for a
+    likelihood without one, e.g. Gaussian and Bernoulli), N_tok = Σ_nt m_nt over all the data and c = N / N_tok:
+
+    - per-sample loss ℓ̃_n = c Σ_t m_nt ℓ(z_nt, y_nt), so L = (1/N) Σ_n ℓ̃_n = (1/N_tok) Σ_nt m_nt ℓ_nt, the mean over
+      the counted tokens (``nn.CrossEntropyLoss(ignore_index=…)`` on the flattened (N·T, C) logits, for one batch);
+    - the output-space factors of every Fisher kind (:meth:`output_factor`) carry √(c m_nt) on the columns of token
+      t, so (1/N) Σ_n J_nᵀ M_nᵀ M_n J_n averages over tokens as well. For ``true`` and ``ggn`` M_n is block-diagonal
+      over the tokens (R = T·(C−1) rows for the categorical true Fisher, T·C for the GGN):
+      F = (1/N_tok) Σ_n Σ_t m_nt J_ntᵀ Λ(z_nt) J_nt. For ``empirical`` and ``mc`` the rows are gradients of the whole
+      sequence's loss, one per sequence (or per sequence and draw): g_n = Σ_t m_nt ∇θ ℓ_nt and
+      F_emp = (1/N_tok) Σ_n g_n g_nᵀ; F_mc = (1/(N_tok S)) Σ_n Σ_s g_ns g_nsᵀ with labels drawn per token, unbiased
+      for F because the tokens' draws are independent given z (the cross-token terms vanish in expectation).
+
+    Every method takes the flattened z (n, T·C) and the canonical targets of :meth:`check_targets`: labels (n, T)
+    (ignored tokens keep ``ignore_index``) or floats (n, T, C). :meth:`fisher_factor`, :meth:`fisher_apply` and
+    :meth:`sample` see no targets, so they count every token (the engine applies the mask through
+    :meth:`output_factor`); :meth:`kl` takes the targets for the mask.
+
+    Args:
+        base: The likelihood of one token, outputs (n, C).
+        seq_len: T, tokens per sequence.
+        num_classes: C, outputs per token.
+        num_sequences: N, sequences in the data (all ranks).
+        num_tokens: N_tok, counted tokens in the data (all ranks); default N·T (nothing masked).
+
+    Raises:
+        InputError: ``base.ignore_index`` inside [0, C) (it would hide a class), no token counted, or counts that do
+            not fit (N_tok > N·T).
+    """
+
+    #: Kinds whose factor is block-diagonal over the tokens (closed-form expectation, loss Hessian).
+    BLOCK_KINDS = (FisherKind.TRUE, FisherKind.GGN)
+
+    def __init__(self, base: Likelihood, seq_len: int, num_classes: int, *, num_sequences: int = 1,
+                 num_tokens: int | None = None):
+        if isinstance(base, TokenLikelihood):
+            raise InputError("a TokenLikelihood takes the likelihood of one token, not another TokenLikelihood")
+        self.base = base
+        self.name = base.name  # type: ignore[misc]
+        self.ggn_equals_fisher = base.ggn_equals_fisher  # type: ignore[misc]
+        self.seq_len, self.num_classes = int(seq_len), int(num_classes)
+        self.ignore_index: int | None = getattr(base, "ignore_index", None)
+        if self.ignore_index is not None and 0 <= self.ignore_index < self.num_classes:
+            raise InputError(f"ignore_index = {self.ignore_index} is a class label of outputs with C = "
+                             f"{self.num_classes} classes per token; choose a value outside [0, {self.num_classes}) "
+                             f"(torch's convention is {IGNORE_INDEX})")
+        self.num_sequences = int(num_sequences)
+        self.num_tokens = self.num_sequences * self.seq_len if num_tokens is None else int(num_tokens)
+        if self.num_tokens < 1:
+            raise InputError(f"every token of the {self.num_sequences} sequences is ignored (label "
+                             f"{self.ignore_index}): there is no loss and no Fisher; check the labels and ignore_index")
+        if self.num_tokens > self.num_sequences * self.seq_len:
+            raise InputError(f"{self.num_tokens} counted tokens exceed N·T = {self.num_sequences}·{self.seq_len}")
+        #: c = N / N_tok: per-sample sums over tokens times c average over tokens when divided by N.
+        self.scale = self.num_sequences / self.num_tokens
+
+    # ------------------------------------------------------------------------------------------ layout
+    def _tokens(self, z: Tensor) -> Tensor:
+        """z (n, T·C) → (n·T, C)."""
+        if z.dim() != 2 or z.shape[1] != self.seq_len * self.num_classes:
+            raise InputError(f"expected flattened sequence outputs (n, T·C) = (n, {self.seq_len * self.num_classes});"
+                             f" got {tuple(z.shape)}")
+        return z.reshape(-1, self.num_classes)
+
+    def token_mask(self, y: Tensor) -> Tensor:
+        """m (n, T), True for the tokens that count, for canonical targets y."""
+        if self.ignore_index is None:
+            return torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
+        return y != self.ignore_index
+
+    def _token_targets(self, y: Tensor) -> Tensor:
+        """Canonical targets (n, T, ...) → (n·T, ...) for ``base``, ignored labels replaced by class 0."""
+        if self.ignore_index is not None:
+            y = torch.where(y == self.ignore_index, torch.zeros_like(y), y)
+        return y.reshape(-1, *y.shape[2:])
+
+    def _weights(self, y: Tensor, dtype: torch.dtype) -> Tensor:
+        """c m_nt, shape (n, T)."""
+        return self.token_mask(y).to(dtype) * self.scale
+
+    def _per_token(self, values: Tensor, n: int) -> Tensor:
+        """(n·T, ...) → (n, T, ...)."""
+        return values.unflatten(0, (n, self.seq_len))
+
+    # ------------------------------------------------------------------------------------------ targets
+    def check_targets(self, z: Tensor, y: Tensor) -> Tensor:
+        """Labels (n, T) — integers in [0, C) or ``ignore_index`` — or targets (n, T, C) (or (n, T) when C = 1).
+
+        Returns labels (n, T) int64 or floats (n, T, C).
+        """
+        n, T, C = z.shape[0], self.seq_len, self.num_classes
+        z_tok = self._tokens(z)
+        if self.ignore_index is not None:
+            if y.is_floating_point() or y.dtype == torch.bool:
+                raise InputError(f"{self.name} targets of a sequence model must be integer class labels of shape "
+                                 f"(N, T) with T = {T}; got dtype {y.dtype}")
+            if tuple(y.shape) != (n, T):
+                raise InputError(f"{self.name} targets of a sequence model (outputs (N, T, C) with T = {T}, C = {C}) "
+                                 f"must be class labels of shape (N, T); got {tuple(y.shape)} for {n} sequences")
+            bad = (y != self.ignore_index) & ((y < 0) | (y >= C))
+            if bool(bad.any()):
+                i, t = (int(v) for v in bad.nonzero()[0])
+                raise InputError(f"labels must lie in [0, {C}) or equal ignore_index = {self.ignore_index}; got "
+                                 f"{int(y[i, t])} at position {t} of sequence {i} of the chunk")
+            kept = self._check_tokens(z_tok, self._token_targets(y))
+            return torch.where(y == self.ignore_index, y.long(), kept.reshape(n, T))
+        if tuple(y.shape) not in ((n, T), (n, T, C)):
+            raise InputError(f"{self.name} targets of a sequence model (outputs (N, T, C) with T = {T}, C = {C}) "
+                             f"must have shape (N, T, C) (or (N, T) when C = 1); got {tuple(y.shape)} for {n} "
+                             "sequences")
+        kept = self._check_tokens(z_tok, y.reshape(n * T, *y.shape[2:]))
+        return kept.reshape(n, T, *kept.shape[1:])
+
+    def _check_tokens(self, z_tok: Tensor, y_tok: Tensor) -> Tensor:
+        """``base.check_targets`` on the N·T tokens; its error says that it speaks of tokens."""
+        try:
+            return self.base.check_targets(z_tok, y_tok)
+        except InputError as exc:
+            raise InputError(f"{exc} (checked per token: the N·T tokens of a sequence model with T = "
+                             f"{self.seq_len}, C = {self.num_classes})") from exc
+
+    # ------------------------------------------------------------------------------------------ losses
+    def nll(self, z: Tensor, y: Tensor) -> Tensor:
+        """ℓ̃_n = c Σ_t m_nt ℓ(z_nt, y_nt), shape (n,)."""
+        per_token = self._per_token(self.base.nll(self._tokens(z), self._token_targets(y)), z.shape[0])
+        return (per_token * self._weights(y, z.dtype)).sum(-1)
+
+    def grad_z(self, z: Tensor, y: Tensor) -> Tensor:
+        """∇_z ℓ̃_n: c m_nt ∇ℓ(z_nt, y_nt) at the columns of token t, shape (n, T·C)."""
+        g = self._per_token(self.base.grad_z(self._tokens(z), self._token_targets(y)), z.shape[0])
+        return (g * self._weights(y, z.dtype).unsqueeze(-1)).reshape(z.shape)
+
+    def kl(self, z_p: Tensor, z_q: Tensor, y: Tensor | None = None) -> Tensor:
+        """c Σ_t m_nt KL(p(· | z_p,nt) ‖ p(· | z_q,nt)) per sequence, shape (n,), in nats.
+
+        Its mean over the N sequences is the mean KL per counted token. ``y`` (canonical targets) gives the mask.
+
+        Raises:
+            InputError: ``y`` is None although the data has ignored tokens (their KL would be counted).
+        """
+        if y is None and self.num_tokens < self.num_sequences * self.seq_len:
+            raise InputError("the KL of a sequence model with ignored tokens needs the targets (their mask): "
+                             "call kl(z_p, z_q, y)")
+        per_token = self._per_token(self.base.kl(self._tokens(z_p), self._tokens(z_q)), z_p.shape[0])
+        weights = self.scale if y is None else self._weights(y, z_p.dtype)
+        return (per_token * weights).sum(-1)
+
+    # ------------------------------------------------------------------------------------------ Fisher factors
+    def _block_diagonal(self, blocks: Tensor) -> Tensor:
+        """Token blocks (n, T, a, b) → the block-diagonal matrices (n, T·a, T·b)."""
+        n, T, a, b = blocks.shape
+        eye = torch.eye(T, dtype=blocks.dtype, device=blocks.device)
+        return torch.einsum("ntab,ts->ntasb", blocks, eye).reshape(n, T * a, T * b)
+
+    def fisher_factor(self, z: Tensor) -> Tensor:
+        """B_n with B_n B_nᵀ = c · blockdiag_t Λ(z_nt), every token counted; shape (n, T·C, T·R)."""
+        B = self._per_token(self.base.fisher_factor(self._tokens(z)), z.shape[0])
+        return self._block_diagonal(B * math.sqrt(self.scale))
+
+    def fisher_apply(self, z: Tensor, w: Tensor) -> Tensor:
+        """c Λ(z_nt) w_nt for every token, w of shape (n, T·C); returns (n, T·C)."""
+        return self.scale * self.base.fisher_apply(self._tokens(z), self._tokens(w)).reshape(z.shape)
+
+    def hessian_factor(self, z: Tensor, y: Tensor) -> Tensor:
+        """K_n with K_n K_nᵀ = ∇²_z ℓ̃_n = blockdiag_t c m_nt ∇²ℓ(z_nt, y_nt); shape (n, T·C, T·C)."""
+        K = self._per_token(self.base.hessian_factor(self._tokens(z), self._token_targets(y)), z.shape[0])
+        return self._block_diagonal(K * self._weights(y, z.dtype).sqrt()[..., None, None])
+
+    def token_factor(self, kind: FisherKind, z: Tensor, y: Tensor, labels: Tensor | None) -> Tensor:
+        """The base likelihood's factor rows of every token times √(c m_nt), shape (n, T, R, C).
+
+        ``labels``: the MC draws (n, S, T, ...) of :meth:`sample`.
+        """
+        n = z.shape[0]
+        token_labels = None if labels is None else labels.movedim(2, 1).flatten(0, 1)
+        M = self._per_token(self.base.output_factor(kind, self._tokens(z), self._token_targets(y), token_labels), n)
+        return M * self._weights(y, z.dtype).sqrt()[..., None, None]
+
+    def output_factor(self, kind: FisherKind, z: Tensor, y: Tensor, labels: Tensor | None) -> Tensor:
+        """M_n (n, R, T·C): block-diagonal over tokens for ``true`` / ``ggn`` (R = T·R_token), one row per sequence
+        (``empirical``) or per sequence and draw (``mc``) whose token-t columns are that token's row (the class
+        docstring)."""
+        M = self.token_factor(kind, z, y, labels)
+        if kind in self.BLOCK_KINDS:
+            return self._block_diagonal(M)
+        return M.transpose(1, 2).reshape(z.shape[0], M.shape[2], -1)
+
+    # ------------------------------------------------------------------------------------------ sampling
+    def sample(self, z: Tensor, num_samples: int, generator: torch.Generator | None) -> Tensor:
+        """Targets drawn per token, independently: (n, S, T) labels or (n, S, T, C) (every token draws)."""
+        draws = self._per_token(self.base.sample(self._tokens(z), num_samples, generator), z.shape[0])
+        return draws.movedim(2, 1)
+
+    def __repr__(self) -> str:
+        return (f"TokenLikelihood({self.base!r}, seq_len={self.seq_len}, num_classes={self.num_classes}, "
+                f"num_sequences={self.num_sequences}, num_tokens={self.num_tokens})")
+
+
 LIKELIHOODS: dict[str, type[Likelihood]] = {c.name: c for c in (Categorical, Gaussian, Bernoulli)}
 
 
@@ -257,7 +509,7 @@ def register(cls: type[Likelihood]) -> type[Likelihood]:
     return cls
 
 
-def get_likelihood(spec: str | Likelihood, **kwargs: float) -> Likelihood:
+def get_likelihood(spec: str | Likelihood, **kwargs: float | int) -> Likelihood:
     """Resolve a likelihood from its name (``"categorical"``, ``"gaussian"``, ``"bernoulli"``) or pass one through.
 
     Raises:
