@@ -18,7 +18,7 @@ from fisherlab import fisher
 from fisherlab import models as M
 from fisherlab.data import make_sort_lm, make_sort_task, make_synthetic
 from fisherlab.engine import differentiable_attention
-from fisherlab.errors import InputError
+from fisherlab.errors import InputError, UnsupportedLayerError
 
 F64 = torch.float64
 
@@ -221,17 +221,11 @@ def test_bad_ids_are_refused_through_fisher_and_bad_options_at_construction() ->
         M.EncoderClassifier(7, 6, 3, n_layers=0)
 
 
-def test_sequence_gpt_on_sort_lm_has_the_token_mean_fisher() -> None:
-    """End to end with fisherlab's engine: (N, T, C) outputs, −100 on the prompt (the engine's sequence likelihood).
-
-    Reference: F = (1/N_tok) Σ_n Σ_{t: y_nt ≠ −100} J_ntᵀ (diag p_nt − p_nt p_ntᵀ) J_nt, by one autograd call per
-    logit of every counted token.
-    """
-    data = make_sort_lm(6, length=3, n_values=4, seed=0)
-    model = M.build_model("gpt", data, dtype=F64, d_model=8, d_ff=8).eval()
-    X, y = data.X_train, data.y_train
-    params = list(model.parameters())
-    F_ref = torch.zeros(sum(p.numel() for p in params), sum(p.numel() for p in params), dtype=F64)
+def _token_mean_fisher(model: M.GPT, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """F = (1/N_tok) Σ_n Σ_{t: y_nt ≠ −100} J_ntᵀ (diag p_nt − p_nt p_ntᵀ) J_nt, one autograd call per logit."""
+    params = list(model.parameters())  # a tied tensor once: its gradient sums both uses
+    P = sum(p.numel() for p in params)
+    F_ref = torch.zeros(P, P, dtype=F64)
     for n in range(X.shape[0]):
         z = model(X[n : n + 1])[0]
         for t in (y[n] != -100).nonzero()[:, 0].tolist():
@@ -239,9 +233,23 @@ def test_sequence_gpt_on_sort_lm_has_the_token_mean_fisher() -> None:
                              for c in range(z.shape[1])])
             p = torch.softmax(z[t], 0).detach()
             F_ref += J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
-    F_ref /= int((y != -100).sum())
-    dense = fisher(model, (X, y), "categorical", structure="dense", dtype=F64).to_dense()
+    return F_ref / int((y != -100).sum())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_sequence_gpt_on_sort_lm_has_the_token_mean_fisher(tied: bool) -> None:
+    """End to end with fisherlab's engine: (N, T, C) outputs, −100 on the prompt (the engine's sequence likelihood)."""
+    data = make_sort_lm(6, length=3, n_values=4, seed=0)
+    model = M.build_model("gpt", data, dtype=F64, d_model=8, d_ff=8, tie_embeddings=tied).eval()
+    X, y = data.X_train, data.y_train
+    F_ref = _token_mean_fisher(model, X, y)
+    names = [n for n, _ in model.named_parameters()]  # a tied tensor once, as embed.weight
+    dense = fisher(model, (X, y), "categorical", structure="dense", dtype=F64, params=names).to_dense()
     torch.testing.assert_close(dense, F_ref, rtol=0, atol=1e-12 * float(F_ref.abs().max()))
+    if tied:  # a layer-wise structure cannot split one tensor between two layers: refused by name
+        with pytest.raises(UnsupportedLayerError, match="tied weights"):
+            fisher(model, (X, y), "categorical", structure="kfac", dtype=F64, params=names)
+        return
     v = torch.randn(F_ref.shape[0], generator=torch.Generator().manual_seed(0), dtype=F64)
     implicit = fisher(model, (X, y), "categorical", structure="implicit", dtype=F64)
     torch.testing.assert_close(implicit @ v, F_ref @ v, rtol=0, atol=1e-10 * float((F_ref @ v).abs().max()))
