@@ -76,7 +76,7 @@ def reference_factors(model: nn.Module, X: Tensor, y: Tensor, lik: ref.RefLikeli
     acc: dict[str, dict[str, Tensor]] = {p: {} for p in layers}
     for n in range(X.shape[0]):
         store: dict[str, tuple[Tensor, Tensor]] = {}
-        hooks = [model.get_submodule(p).register_forward_hook(lambda m, i, o, p=p: store.update({p: (i[0], o)}))
+        hooks = [model.get_submodule(p).register_forward_hook(lambda m, i, o, p=p, s=store: s.update({p: (i[0], o)}))
                  for p in layers]
         z = model(X[n: n + 1])[0]
         for h in hooks:
