@@ -704,7 +704,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
     (:func:`fisherlab.distributed.shard`) and computes every part on it (the engines all-reduce sums and counts,
     so the values are those of one process); rank 0 alone reads the finished parts, logs and writes, and the
     Datasets carry ``world_size`` and ``backend``. Rules on reconstructed networks (``sngd-*``, and such a
-    ``train_rule``) are refused there (:func:`fisherlab.fidelity.evaluate.check_distributable`).
+    ``train_rule``) are refused there (:func:`check_data_parallel`).
     """
     from fisherlab.distributed import active_group, on_lead, rank
     from fisherlab.fidelity import evaluate_fidelity, fidelity_trajectory, fisher_geometry
@@ -719,7 +719,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
     group = active_group()
     lead = True
     if group is not None:
-        _check_distributable(cfg)
+        check_data_parallel(cfg)
         split, lead = shard_split(split, group), rank(group) == 0
         if not lead:
             log, progress = _quiet, False
@@ -782,8 +782,12 @@ def shard_split(split: SplitData, group: Any) -> SplitData:
                                y_train=split.y_train[mine.start: mine.stop])
 
 
-def _check_distributable(cfg: StudyConfig) -> None:
-    """Refuse, before any part runs, the rules of ``cfg``'s parts that are not yet data-parallel."""
+def check_data_parallel(cfg: StudyConfig) -> None:
+    """Refuse the rules of ``cfg``'s parts that are not yet data-parallel (before anything runs or is claimed).
+
+    Raises:
+        InputError: Naming the rules (:func:`fisherlab.fidelity.evaluate.check_distributable`).
+    """
     from fisherlab.fidelity.evaluate import check_distributable
     from fisherlab.fidelity.rules import get_rule
 

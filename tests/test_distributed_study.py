@@ -167,12 +167,23 @@ def test_a_killed_rank_stops_the_other_with_a_named_error(tiny: str, tmp_path: P
 
 
 @pytest.mark.slow
-def test_rules_that_are_not_data_parallel_are_refused_on_every_rank(tiny: str, tmp_path: Path) -> None:
+def test_refusals_reach_every_rank(tiny: str, tmp_path: Path) -> None:
+    """Rules not yet data-parallel are refused before the folder is claimed; rank 0's refusal of a folder holding
+    another configuration is raised on both ranks."""
+    from fisherlab.results import guard_output_folder, release_output_folder
+
     done = torchrun(argv({**OPTIONS, "rules": ["gd", "sngd-kfac"], "parts": ["fidelity"]}, tiny, tmp_path / "x"))
     assert done.returncode != 0
     assert done.stdout.count("fisherlab: error: rule(s) ['sngd-kfac'] (reconstructed networks) are not yet "
                              "data-parallel") == 2, done.stdout[-3000:]
-    assert not (tmp_path / "x" / "fidelity.nc").exists()
+    assert not (tmp_path / "x").exists()
+    other = tmp_path / "other"
+    guard_output_folder(other, {"command": "fidelity", "seed": 99})
+    release_output_folder(other)
+    done = torchrun(argv({**OPTIONS, "parts": ["fidelity"]}, tiny, other))
+    assert done.returncode != 0
+    assert done.stdout.count("holds results of a different configuration") == 2, done.stdout[-3000:]
+    assert not (other / "fidelity.nc").exists()
 
 
 def test_launch_environment_reads_torchrun_variables() -> None:
