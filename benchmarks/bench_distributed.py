@@ -150,6 +150,7 @@ def main() -> None:
     if args.worker:
         worker(args.rank, args.world, args.port, args, args.out)
         return
+    torch.set_num_threads(args.threads)  # the header shows a rank's threads
     header(f"data-parallel F·v and CG, MLP 64-{WIDTHS[0]}-{WIDTHS[1]}-10 tanh, N={args.n}, float32, gloo",
            torch.device("cpu"))
     import tempfile
