@@ -452,8 +452,10 @@ class FisherEngine:
         return self.likelihood.output_factor(self.kind, z, y, labels)
 
     def _product_factor(self, z: Tensor, y: Tensor, labels: Tensor | None) -> Tensor:
-        """The factor :meth:`matmat` applies: M (n, R, C), or a sequence model's token blocks (n, T, R_token, C)
-        where M is block-diagonal over the tokens (``true``, ``ggn``), which costs T times less than M."""
+        """The factor :meth:`matmat` applies: M (n, R, C), or token blocks (n, T, R_token, C) where M is block-diagonal.
+
+        A sequence model's M is block-diagonal over the tokens for ``true`` and ``ggn``; its blocks cost T times less.
+        """
         lik = self.likelihood
         if isinstance(lik, TokenLikelihood) and self.kind in TokenLikelihood.BLOCK_KINDS:
             return lik.token_factor(self.kind, z, y, labels)
@@ -664,9 +666,9 @@ class FisherEngine:
         """Per chunk of :meth:`matmat_chunk_size` samples: (f, vjp_fn, M).
 
         f(params) gives the chunk's outputs, vjp_fn is the VJP of f at the engine's parameters and M the output
-        factors of :meth:`_product_factor` scaled by 1/√N (so that F V = Σ_chunks Jᵀ Mᵀ M J V); all of them are kept for later calls
-        when every sample's activations fit. The cache is keyed on the identity and version counter of every
-        parameter and buffer tensor, so replacing or modifying one in place rebuilds it.
+        factors of :meth:`_product_factor` scaled by 1/√N (so that F V = Σ_chunks Jᵀ Mᵀ M J V); all of them are kept
+        for later calls when every sample's activations fit. The cache is keyed on the identity and version counter
+        of every parameter and buffer tensor, so replacing or modifying one in place rebuilds it.
         """
         key = tuple((id(t), t._version) for t in [*self.params.values(), *self._frozen.values()])
         if self._matmat_cache is not None and self._matmat_cache[0] == key:

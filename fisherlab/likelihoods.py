@@ -210,7 +210,9 @@ class Categorical(Likelihood):
         return (logp.exp() * (logp - logq)).sum(-1)
 
     def __repr__(self) -> str:
-        return "Categorical()" if self.ignore_index == IGNORE_INDEX else f"Categorical(ignore_index={self.ignore_index})"
+        if self.ignore_index == IGNORE_INDEX:
+            return "Categorical()"
+        return f"Categorical(ignore_index={self.ignore_index})"
 
 
 class Gaussian(Likelihood):
@@ -358,14 +360,14 @@ class TokenLikelihood(Likelihood):
 
     # ------------------------------------------------------------------------------------------ layout
     def _tokens(self, z: Tensor) -> Tensor:
-        """z (n, T·C) → (n·T, C)."""
+        """Z (n, T·C) → (n·T, C)."""
         if z.dim() != 2 or z.shape[1] != self.seq_len * self.num_classes:
             raise InputError(f"expected flattened sequence outputs (n, T·C) = (n, {self.seq_len * self.num_classes});"
                              f" got {tuple(z.shape)}")
         return z.reshape(-1, self.num_classes)
 
     def token_mask(self, y: Tensor) -> Tensor:
-        """m (n, T), True for the tokens that count, for canonical targets y."""
+        """M (n, T), True for the tokens that count, for canonical targets y."""
         if self.ignore_index is None:
             return torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
         return y != self.ignore_index
@@ -377,7 +379,7 @@ class TokenLikelihood(Likelihood):
         return y.reshape(-1, *y.shape[2:])
 
     def _weights(self, y: Tensor, dtype: torch.dtype) -> Tensor:
-        """c m_nt, shape (n, T)."""
+        """C m_nt, shape (n, T)."""
         return self.token_mask(y).to(dtype) * self.scale
 
     def _per_token(self, values: Tensor, n: int) -> Tensor:
@@ -433,7 +435,7 @@ class TokenLikelihood(Likelihood):
         return (g * self._weights(y, z.dtype).unsqueeze(-1)).reshape(z.shape)
 
     def kl(self, z_p: Tensor, z_q: Tensor, y: Tensor | None = None) -> Tensor:
-        """c Σ_t m_nt KL(p(· | z_p,nt) ‖ p(· | z_q,nt)) per sequence, shape (n,), in nats.
+        """C Σ_t m_nt KL(p(· | z_p,nt) ‖ p(· | z_q,nt)) per sequence, shape (n,), in nats.
 
         Its mean over the N sequences is the mean KL per counted token. ``y`` (canonical targets) gives the mask.
 
@@ -460,7 +462,7 @@ class TokenLikelihood(Likelihood):
         return self._block_diagonal(B * math.sqrt(self.scale))
 
     def fisher_apply(self, z: Tensor, w: Tensor) -> Tensor:
-        """c Λ(z_nt) w_nt for every token, w of shape (n, T·C); returns (n, T·C)."""
+        """C Λ(z_nt) w_nt for every token, w of shape (n, T·C); returns (n, T·C)."""
         return self.scale * self.base.fisher_apply(self._tokens(z), self._tokens(w)).reshape(z.shape)
 
     def hessian_factor(self, z: Tensor, y: Tensor) -> Tensor:
@@ -479,9 +481,11 @@ class TokenLikelihood(Likelihood):
         return M * self._weights(y, z.dtype).sqrt()[..., None, None]
 
     def output_factor(self, kind: FisherKind, z: Tensor, y: Tensor, labels: Tensor | None) -> Tensor:
-        """M_n (n, R, T·C): block-diagonal over tokens for ``true`` / ``ggn`` (R = T·R_token), one row per sequence
-        (``empirical``) or per sequence and draw (``mc``) whose token-t columns are that token's row (the class
-        docstring)."""
+        """M_n (n, R, T·C) of a Fisher kind, from the token rows of :meth:`token_factor`.
+
+        Block-diagonal over tokens for ``true`` / ``ggn`` (R = T·R_token); for ``empirical`` (one row per sequence)
+        and ``mc`` (one per sequence and draw) the columns of token t hold that token's row (the class docstring).
+        """
         M = self.token_factor(kind, z, y, labels)
         if kind in self.BLOCK_KINDS:
             return self._block_diagonal(M)

@@ -17,7 +17,17 @@ from scipy import integrate
 from torch import Tensor
 
 from fisherlab.errors import InputError
-from fisherlab.likelihoods import LIKELIHOODS, Bernoulli, Categorical, Gaussian, Likelihood, get_likelihood, register
+from fisherlab.likelihoods import (
+    LIKELIHOODS,
+    Bernoulli,
+    Categorical,
+    Gaussian,
+    Likelihood,
+    TokenLikelihood,
+    get_likelihood,
+    register,
+)
+from fisherlab.vocabulary import FisherKind
 
 F64 = torch.float64
 SIGMA = 0.6
@@ -194,3 +204,71 @@ def test_registry():
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(InputError, match="sigma must be positive and finite"):
             Gaussian(bad)
+
+
+# ------------------------------------------------------------------------------------------------ sequences
+@pytest.mark.parametrize("name", list(LIKS))
+def test_token_likelihood_against_per_token_closed_forms(name):
+    """TokenLikelihood on (n, T·C): c Σ_t m_t ℓ_t, its gradient and Hessian by autograd, c · blockdiag Λ, KL."""
+    n, T, C = 3, 4, 4
+    base, z = LIKS[name], logits(n=n * T, c=C, seed=8).reshape(n, T * C)
+    y = targets(name, z.reshape(n * T, C), seed=9)
+    y = y.reshape(n, T) if name == "categorical" else y.reshape(n, T, C)
+    if name == "categorical":
+        y[0, 2:] = -100
+    mask = (y != -100) if name == "categorical" else torch.ones(n, T, dtype=torch.bool)
+    tok = TokenLikelihood(base, T, C, num_sequences=5, num_tokens=int(mask.sum()) + 7)  # counts of "all ranks"
+    c = 5 / (int(mask.sum()) + 7)
+    assert tok.scale == pytest.approx(c) and torch.equal(tok.token_mask(tok.check_targets(z, y)), mask)
+    rlik = ref.RefLikelihood(name, SIGMA)
+    zt = z.reshape(n, T, C)
+    expected = [c * sum(float(rlik.nll(zt[i, t], y[i, t])) for t in range(T) if mask[i, t]) for i in range(n)]
+    np.testing.assert_allclose(tok.nll(z, y).numpy(), expected, rtol=1e-13)
+    zz = z.clone().requires_grad_(True)
+    (auto,) = torch.autograd.grad(tok.nll(zz, y).sum(), zz)
+    np.testing.assert_allclose(tok.grad_z(z, y).numpy(), auto.numpy(), rtol=1e-12, atol=1e-15)
+    lam = closed_form_lambda(name, zt.reshape(-1, C).numpy()).reshape(n, T, C, C)
+    block = np.zeros((n, T * C, T * C))
+    for t in range(T):
+        block[:, t * C:(t + 1) * C, t * C:(t + 1) * C] = c * lam[:, t]
+    B = tok.fisher_factor(z)
+    assert B.shape == (n, T * C, T * (C - 1) if name == "categorical" else T * C)
+    np.testing.assert_allclose((B @ B.transpose(1, 2)).numpy(), block, rtol=1e-12, atol=1e-15)
+    w = logits(n=n, c=T * C, seed=10, scale=1.0)
+    np.testing.assert_allclose(tok.fisher_apply(z, w).numpy(), np.einsum("nij,nj->ni", block, w.numpy()),
+                               rtol=1e-12, atol=1e-15)
+    K = tok.hessian_factor(z, y)
+    for i in range(n):
+        hess = torch.autograd.functional.hessian(lambda zi, i=i: tok.nll(zi.unsqueeze(0), y[i: i + 1])[0], z[i])
+        np.testing.assert_allclose((K[i] @ K[i].T).numpy(), hess.numpy(), atol=1e-13)
+    zq = z + 0.2 * logits(n=n, c=T * C, seed=11, scale=1.0)
+    kl = [c * sum(kl_brute_force(name, zt[i, t].numpy(), zq.reshape(n, T, C)[i, t].numpy())
+                  for t in range(T) if mask[i, t]) for i in range(n)]
+    np.testing.assert_allclose(tok.kl(z, zq, y).numpy(), kl, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", list(LIKS))
+def test_token_likelihood_factors_and_draws_are_per_token(name):
+    """true / ggn factors block-diagonal over tokens, empirical / mc rows per sequence, draws per token."""
+    n, T, C, S = 2, 3, 4, 5
+    base, z = LIKS[name], logits(n=n * T, c=C, seed=12).reshape(n, T * C)
+    y = targets(name, z.reshape(n * T, C), seed=13)
+    y = y.reshape(n, T) if name == "categorical" else y.reshape(n, T, C)
+    tok = TokenLikelihood(base, T, C, num_sequences=n)
+    draws = tok.sample(z, S, torch.Generator().manual_seed(1))
+    per_token = base.sample(z.reshape(n * T, C), S, torch.Generator().manual_seed(1))
+    assert draws.shape == (n, S, T, *per_token.shape[2:])
+    for i in range(n):
+        for t in range(T):
+            assert torch.equal(draws[i, :, t], per_token[i * T + t])
+    for kind in FisherKind:
+        M = tok.output_factor(kind, z, y, draws)
+        MtM = (M.transpose(1, 2) @ M).numpy()
+        if kind in (FisherKind.TRUE, FisherKind.GGN):
+            other = tok.fisher_factor(z) if kind is FisherKind.TRUE else tok.hessian_factor(z, y)
+            np.testing.assert_allclose(MtM, (other @ other.transpose(1, 2)).numpy(), rtol=1e-12, atol=1e-15)
+            continue
+        g = tok.grad_z(z, y) if kind is FisherKind.EMPIRICAL else torch.stack(
+            [tok.grad_z(z, draws[:, s]) for s in range(S)], 1) / math.sqrt(S)
+        g = g.reshape(n, -1, T * C)  # rows of the whole sequence's loss: ∇_z ℓ̃_n / √c
+        np.testing.assert_allclose(M.numpy(), g.numpy() / math.sqrt(tok.scale), rtol=1e-12, atol=1e-15)
