@@ -49,12 +49,12 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
     import datetime
 
     import torch.distributed as dist
+    from bench_dense import digits
 
     from fisherlab.distributed import shard
     from fisherlab.engine import FisherEngine
     from fisherlab.models import MLP
     from fisherlab.ngd import solve_ngd
-    from bench_dense import digits
 
     torch.set_num_threads(args.threads)
     if world > 1:

@@ -261,8 +261,8 @@ def _failure(what: str, exc: BaseException) -> RankFailedError:
     states = _BOARD.states()
     me = _BOARD.env.rank
     failed = {r: s for r, s in states.items() if r != me and not s.startswith(("stopped", "done"))}
-    named = "; ".join(f"rank {r} {'stopped without a word (killed, or silent past the timeout)' if s == 'running' else s}"
-                      for r, s in failed.items()) or "no rank says why"
+    silent = "stopped without a word (killed, or silent past the timeout)"
+    named = "; ".join(f"rank {r} {silent if s == 'running' else s}" for r, s in failed.items()) or "no rank says why"
     return RankFailedError(f"rank {me} of {_BOARD.env.world_size} stopped: {named} (the collective {what} failed: "
                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})", failed)
 

@@ -770,7 +770,9 @@ def _quiet(message: str) -> None:
 
 
 def shard_split(split: SplitData, group: Any) -> SplitData:
-    """This rank's contiguous shard of the training split (:func:`fisherlab.distributed.shard`); test split kept.
+    """The contiguous shard of the training split this rank takes (:func:`fisherlab.distributed.shard`).
+
+    The test split is kept whole.
 
     Raises:
         InputError: Fewer training samples than ranks.

@@ -388,8 +388,9 @@ def provenance(
     dtype: torch.dtype | str,
     kind: str | None = None,
 ) -> dict[str, str | int | float]:
-    """Provenance attributes for a results Dataset (the keys of :data:`PROVENANCE_KEYS`, and
-    :func:`parallel_provenance` in a data-parallel run).
+    """Provenance attributes for a results Dataset: the keys of :data:`PROVENANCE_KEYS` (and more in parallel).
+
+    In a data-parallel run, also ``world_size`` and ``backend`` (:func:`parallel_provenance`).
 
     Args:
         config: The full configuration of the run; converted by :func:`to_jsonable` and stored as JSON with
