@@ -196,7 +196,7 @@ def solve_ngd(engine: FisherEngine, g: Tensor, damping: float, *, solver: str = 
         # its quality is the residual recorded here (the estimate-based singularity check of damped_solve can
         # refuse a well-damped float32 matrix)
         F = fisher.to_dense()
-        x = damped_solve(F, g, damping, check_singular=False)
+        x = damped_solve(F, g, damping, check_singular=False, checked=fisher.structure == "dense")
         return x, SolveInfo(solver.value, 0, _relative_residual(F, x, g, damping), True, float("nan"),
                             time.perf_counter() - start)
     U = torch.cat(list(engine.iter_factor_rows()))

@@ -8,7 +8,7 @@ the relative Frobenius distance of each to the dense true Fisher (how far an app
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from fisherlab.progress import bar as progress_bar
 from fisherlab.structures import BlockDiagonalFisher, FisherMatrix
 from fisherlab.structures import build as build_structure
 from fisherlab.vocabulary import FisherKind
+
+if TYPE_CHECKING:
+    from fisherlab.fidelity.rules import RuleContext
 
 #: Structures whose full spectrum is affordable whenever the dense Fisher is.
 SPECTRUM_STRUCTURES = ("dense", "block", "diag")
@@ -48,6 +51,7 @@ def fisher_spectra(
     memory_budget: int | None = None,
     progress: bool | None = None,
     config: dict | None = None,
+    context: RuleContext | None = None,
     **deprecated: Any,
 ) -> xr.Dataset:
     """Spectra of the requested Fisher kinds and structures of ``model`` on ``data``.
@@ -67,6 +71,11 @@ def fisher_spectra(
         memory_budget: Bytes a dense object may take (default: half the available memory).
         progress: Progress bars (``None``: only on a terminal).
         config: Extra configuration recorded in the provenance attrs.
+        context: A :class:`~fisherlab.fidelity.rules.RuleContext` of ``model`` on ``data`` with these settings,
+            already used elsewhere (e.g. by :func:`~fisherlab.evaluate_fidelity`): its engines, dense Fishers and
+            their eigenvalues are used instead of computing them again (refused, with an InputError, when its data,
+            parameters or settings differ). Without one, a block structure is still read off the dense matrix
+            of the same kind when that was built first.
         **deprecated: The old spellings named above.
 
     Returns:
@@ -91,15 +100,31 @@ def fisher_spectra(
     layer_eigs: dict[str, dict[str, np.ndarray]] = {}
     reference: torch.Tensor | None = None
     spec = None
+    if context is not None:
+        context.check_shares(model, data, likelihood=likelihood, mc_samples=mc_samples, seed=seed, dtype=dtype,
+                             device=device, memory_budget=memory_budget)
     bar = progress_bar(total=len(kinds) * len(structure_names), desc="Fisher spectra", progress=progress)
     for kind in kinds:
-        engine = FisherEngine(model, data, likelihood, kind=kind, mc_samples=mc_samples, seed=seed, dtype=dtype,
-                              device=device, memory_budget=memory_budget, progress=progress)
+        shared = context is not None and context.exact_fisher(kind).structure == "dense"
+        if shared:
+            engine = context.engine(kind)
+        else:
+            engine = FisherEngine(model, data, likelihood, kind=kind, mc_samples=mc_samples, seed=seed, dtype=dtype,
+                                  device=device, memory_budget=memory_budget, progress=progress)
         spec = engine.spec
+        built: FisherMatrix | None = context.exact_fisher(kind) if shared else None  # the kind's dense Fisher
         for structure in structure_names:
             bar.set_postfix_str(f"{kind}/{structure}")
-            F: FisherMatrix = build_structure(structure, engine)
-            eigs[kind, structure] = F.eigvalsh().cpu().double().numpy()
+            if structure == "dense" and built is not None:
+                F: FisherMatrix = built
+            elif structure == "block" and built is not None:
+                F = BlockDiagonalFisher.from_dense(built)
+            else:
+                F = build_structure(structure, engine)
+            if structure == "dense":
+                built = F
+            ev = context.eigenvalues(kind) if shared and structure == "dense" else F.eigvalsh()
+            eigs[kind, structure] = ev.cpu().double().numpy()
             dense = F.to_dense()
             if kind == "true" and structure == "dense":
                 reference = dense

@@ -86,6 +86,62 @@ def condition(ev: Tensor) -> float:
     return hi / lo if lo > 0 else math.inf
 
 
+def preconditioned_block_eigvalsh(A: Tensor, G: dict[str, Tensor], index: dict[str, Tensor]) -> Tensor:
+    """Eigenvalues (ascending) of G^{-1/2} A G^{-1/2} for a block-diagonal SPD G, via the Cholesky factor of each block.
+
+    The same matrix L⁻¹ A L⁻ᵀ as :func:`preconditioned_eigvalsh` (G = L Lᵀ, L block-diagonal), with the triangular
+    solves done block row by block row and no P×P factorisation.
+
+    Args:
+        A: Symmetric (n, n).
+        G: Block name → SPD block (n_b, n_b).
+        index: Block name → indices of the block in A (together: every index once).
+
+    Raises:
+        SingularMatrixError: If a block of G is not positive definite.
+    """
+    A = 0.5 * (A + A.T)
+    factors = {}
+    for k, B in G.items():
+        L, info = torch.linalg.cholesky_ex(0.5 * (B + B.T))
+        if int(info) != 0:
+            raise SingularMatrixError(f"the damped structure G is not positive definite (Cholesky of block {k!r} "
+                                      f"failed at pivot {int(info)} of {B.shape[0]}); increase the damping")
+        factors[k] = L
+
+    def solve_rows(X: Tensor) -> Tensor:  # L⁻¹ X, one block row at a time
+        out = torch.empty_like(X)
+        for k, ix in index.items():
+            out[ix] = torch.linalg.solve_triangular(factors[k], X[ix], upper=False)
+        return out
+
+    M = solve_rows(solve_rows(A).T)
+    return torch.linalg.eigvalsh(0.5 * (M + M.T))
+
+
+def damped_blocks(ctx: RuleContext, structure: str, damping: float) -> dict[str, Tensor] | None:
+    """G_λ's diagonal blocks by layer, when G_λ is block-diagonal by layer (else None: use :func:`damped_matrix`).
+
+    Block l is the inverse of the block of g ↦ ``structure.solve(g, λ)`` applied to layer l's unit vectors; G_λ is
+    taken to be block-diagonal when every such solve is exactly zero outside its layer.
+    """
+    G = ctx.structure(structure)
+    engine = ctx.engine()
+    P = ctx.spec.dim
+    blocks = {}
+    for k, ix in ctx.spec.blocks("layer").items():
+        ix = ix.to(engine.device)
+        E = torch.zeros(P, len(ix), dtype=engine.dtype, device=engine.device)
+        E[ix, torch.arange(len(ix), device=engine.device)] = 1.0
+        cols = G.solve(E, damping)
+        block = cols[ix]
+        cols[ix] = 0.0
+        if bool(cols.any()):
+            return None
+        blocks[k] = torch.linalg.inv(0.5 * (block + block.T))
+    return blocks
+
+
 def damped_matrix(ctx: RuleContext, structure: str, damping: float) -> Tensor:
     """G_λ as a dense (P, P) matrix: the inverse of g ↦ ``structure.solve(g, λ)``."""
     G = ctx.structure(structure)
@@ -107,7 +163,7 @@ def _dense_geometry(ctx: RuleContext, names: list[str], dampings: list[float], s
            "layer_eigenvalue": np.full((S, D, L, width), np.nan), "layer_condition_number": np.full((S, D, L), np.nan)}
     reasons = [""] * S
     eye = torch.eye(P, dtype=F.dtype, device=F.device)
-    base = torch.linalg.eigvalsh(F)
+    base = ctx.eigenvalues("true")
     base_layer = [torch.linalg.eigvalsh(F[ix][:, ix]) for ix in blocks]
     for i, name in enumerate(names):
         for j, lam in enumerate(dampings):
@@ -116,15 +172,21 @@ def _dense_geometry(ctx: RuleContext, names: list[str], dampings: list[float], s
             else:
                 try:
                     with ctx.timed(f"geometry {name}"):
-                        G = damped_matrix(ctx, name, lam)
+                        G_blocks = damped_blocks(ctx, name, lam)
+                        G = damped_matrix(ctx, name, lam) if G_blocks is None else None
                 except UNAVAILABLE as exc:
                     if not skip_unavailable:
                         raise
                     reasons[i] = f"{type(exc).__name__}: {exc}"
                     break
                 A = F + lam * eye
-                ev = preconditioned_eigvalsh(A, G)
-                layer_ev = [preconditioned_eigvalsh(A[ix][:, ix], G[ix][:, ix]) for ix in blocks]
+                if G_blocks is None:
+                    ev = preconditioned_eigvalsh(A, G)
+                    layer_G = [G[ix][:, ix] for ix in blocks]
+                else:
+                    ev = preconditioned_block_eigvalsh(A, G_blocks, dict(zip(G_blocks, blocks, strict=True)))
+                    layer_G = list(G_blocks.values())
+                layer_ev = [preconditioned_eigvalsh(A[ix][:, ix], B) for ix, B in zip(blocks, layer_G, strict=True)]
             out["eigenvalue"][i, j] = ev.cpu().double().numpy()
             out["condition_number"][i, j] = condition(ev)
             for k, e in enumerate(layer_ev):
@@ -213,6 +275,7 @@ def fisher_geometry(
     skip_unavailable: bool = True,
     progress: bool | None = None,
     config: dict | None = None,
+    context: RuleContext | None = None,
 ) -> xr.Dataset:
     """Spectra and condition numbers of F + λI and of G_λ^{-1/2}(F + λI)G_λ^{-1/2} for each structure.
 
@@ -233,6 +296,10 @@ def fisher_geometry(
             unavailable instead of raising.
         progress: Progress bars (``None``: only on a terminal).
         config: Extra configuration stored in the provenance.
+        context: A :class:`~fisherlab.fidelity.rules.RuleContext` of ``model`` on ``data`` with these settings,
+            already used elsewhere (e.g. by :func:`~fisherlab.evaluate_fidelity`): its Fisher, structures and
+            eigenvalues are used instead of computing them again (refused, with an InputError, when its data,
+            parameters or settings differ).
 
     Returns:
         A ``"geometry"`` Dataset with dims ``structure``, ``damping``, ``eig``, ``layer``, ``layer_eig``
@@ -243,8 +310,11 @@ def fisher_geometry(
     start = time.perf_counter()
     dampings = check_dampings(damping)
     names = ["original", *[s for s in structures if s != "original"]]
-    ctx = RuleContext(model, data, likelihood, dtype=dtype, device=device, seed=seed,
-                      memory_budget=memory_budget, chunk_size=chunk_size, progress=progress)
+    settings = dict(likelihood=likelihood, dtype=dtype, device=device, seed=seed, memory_budget=memory_budget,
+                    chunk_size=chunk_size)
+    if context is not None:
+        context.check_shares(model, data, **settings)
+    ctx = RuleContext(model, data, **settings, progress=progress) if context is None else context
     dense = ctx.dense_fits()
     if dense:
         arrays, reasons = _dense_geometry(ctx, names, dampings, skip_unavailable)

@@ -41,6 +41,8 @@ lowrank``          top-64 eigen-part plus mean remainder (``reconstructed_rule("
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import time
 import warnings
@@ -61,6 +63,7 @@ from fisherlab.memory import dense_bytes, resolve_budget
 from fisherlab.ngd import NGDSolver, SolveInfo, solve_ngd_all
 from fisherlab.params import ParamSpec
 from fisherlab.structures.base import FisherMatrix
+from fisherlab.structures.block import BlockDiagonalFisher
 from fisherlab.vocabulary import RECONSTRUCTIBLE, STRUCTURE_ALIASES, BlockBy, FisherKind, RootMethod, Structure
 
 #: A rule: (context, damping λ, learning rate η) → update Δθ of shape (P,), original coordinates.
@@ -114,12 +117,45 @@ class RuleContext:
     _structures: dict[str, FisherMatrix] = field(default_factory=dict, repr=False)
     _exact: dict[str, FisherMatrix] = field(default_factory=dict, repr=False)
     _solutions: dict[tuple[str, float], Tensor] = field(default_factory=dict, repr=False)
+    _networks: dict[str, Any] = field(default_factory=dict, repr=False)
+    _eigenvalues: dict[str, Tensor] = field(default_factory=dict, repr=False)
     _loss_grad: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
     _batch: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.likelihood = get_likelihood(self.likelihood)
         self.memory_budget = resolve_budget(self.memory_budget, self.device)
+
+    def check_shares(self, model: nn.Module, data: Any, **settings: Any) -> None:
+        """Refuse to stand in for ``RuleContext(model, data, **settings)`` unless it is that context's state.
+
+        The same ``data`` object, parameters equal to ``model``'s (in the compute dtype) and every setting
+        given equal to the context's (``dampings`` and ``progress`` are not compared: any λ can be solved; a
+        ``dtype``, ``device`` or ``memory_budget`` of None is the default, the context's).
+
+        Raises:
+            InputError: Naming the first thing that differs.
+        """
+        engine = self.engine()
+        if data is not self.data:
+            raise InputError("a shared RuleContext must be of the same data object")
+        for name, value in settings.items():
+            if name in ("dampings", "progress"):
+                continue
+            mine = getattr(self, name)
+            if name == "likelihood":
+                value, mine = repr(get_likelihood(value)), repr(mine)
+            elif name in ("dtype", "device", "memory_budget"):
+                if value is None:  # the default: the context's
+                    continue
+                mine = getattr(engine, name) if name != "memory_budget" else mine
+                value = torch.device(value) if name == "device" else value
+            if value != mine:
+                raise InputError(f"a shared RuleContext has {name}={mine!r}, not {value!r}")
+        named = dict(model.named_parameters())
+        if set(named) != set(engine.params) or not all(
+                torch.equal(named[n].detach().to(p.device, p.dtype), p) for n, p in engine.params.items()):
+            raise InputError("a shared RuleContext must be at the model's current parameters")
 
     @contextmanager
     def timed(self, what: str) -> Iterator[None]:
@@ -161,18 +197,44 @@ class RuleContext:
     def structure(self, name: str, **options: Any) -> FisherMatrix:
         """The true Fisher in structure ``name`` (``"block"``, ``"kfac"``, ...), built once per options.
 
-        ``"dense"`` is the exact Fisher of :meth:`exact_fisher`; EKFAC reuses the KFAC eigenbasis when KFAC was
-        built first.
+        ``"dense"`` is the exact Fisher of :meth:`exact_fisher`; ``"block"`` is read off the dense true Fisher
+        when that is already built (its diagonal blocks: no pass over the data); EKFAC reuses the KFAC
+        eigenbasis when KFAC was built first.
         """
         if name == "dense" and not options:
             return self.exact_fisher("true")
+        if name == Structure.BLOCK.value:
+            options = {"by": BlockBy.LAYER.value, **options}  # one entry for block-ngd, sngd-block and geometry
         key = f"{name}:{json.dumps(options, sort_keys=True)}"
         if key not in self._structures:
             kfac = self._structures.get("kfac:{}")
             extra = {"basis": kfac} if name == "ekfac" and kfac is not None and "basis" not in options else {}
+            dense = self._exact.get("true")
             with self.timed(f"structure {name}"):
-                self._structures[key] = structures.build(name, self.engine(), **options, **extra)
+                if name == Structure.BLOCK.value and dense is not None and dense.structure == "dense":
+                    self._structures[key] = BlockDiagonalFisher.from_dense(dense, **options)
+                else:
+                    self._structures[key] = structures.build(name, self.engine(), **options, **extra)
         return self._structures[key]
+
+    def reconstructed(self, rule: ReconstructedGD, damping: float) -> Any:
+        """The context's model reconstructed with ``rule``'s G at λ (a network of its own, to read a step from).
+
+        The first λ asked for reconstructs (:meth:`ReconstructedGD.network`); every other λ re-roots a copy of
+        that network with the context's own structure (:meth:`structure`, the one the structured rules use)
+        at the new λ, so that G is computed once per state, not once per damping.
+        """
+        base = self._networks.get(rule.name)
+        if base is None:
+            base = self._networks[rule.name] = rule.network(self, damping)
+        if base.damping == float(damping):
+            return base
+        with self.timed(f"reconstruct {rule.name}"):
+            net = copy.deepcopy(base)
+            net.config = dataclasses.replace(base.config, damping=float(damping))
+            theta = self.spec.flatten(dict(self.engine().params))
+            net.set_metric(self.structure(base.config.fisher_structure, **base.config.options), theta=theta)
+        return net
 
     def dense_fits(self) -> bool:
         """Whether a dense Cholesky solve with P×P matrices fits the memory budget."""
@@ -186,6 +248,20 @@ class RuleContext:
             with self.timed(f"exact {kind} Fisher"):
                 self._exact[kind] = structures.build(structure, self.engine(kind))
         return self._exact[kind]
+
+    def eigenvalues(self, kind: str = "true") -> Tensor:
+        """All eigenvalues (P,), ascending, of the dense Fisher of ``kind`` (:meth:`exact_fisher`), computed once.
+
+        Raises:
+            MemoryBudgetError: If the dense Fisher does not fit the memory budget.
+        """
+        if kind not in self._eigenvalues:
+            F = self.exact_fisher(kind)
+            if F.structure != "dense":
+                F.check_dense_budget()
+            with self.timed(f"eigenvalues {kind} Fisher"):
+                self._eigenvalues[kind] = F.eigvalsh()
+        return self._eigenvalues[kind]
 
     def exact_solve(self, kind: str, damping: float) -> Tensor:
         """(F_kind + λI)⁻¹ ∇L, shape (P,), by :func:`fisherlab.ngd.solve_ngd_all` with ``ngd_solver``; cached per λ.
@@ -347,7 +423,7 @@ class ReconstructedGD(Rule):
                                memory_budget=ctx.memory_budget, **self.options)
 
     def __call__(self, ctx: RuleContext, damping: float, lr: float) -> Tensor:
-        return self.network(ctx, damping).gd_update(ctx.data, lr)
+        return ctx.reconstructed(self, damping).gd_update(ctx.data, lr)
 
 
 # --------------------------------------------------------------------------------------------- registry

@@ -243,6 +243,7 @@ def fidelity_trajectory(
     skip_unavailable: bool = True,
     progress: bool | None = None,
     config: dict | None = None,
+    context: RuleContext | None = None,
     **deprecated: Any,
 ) -> xr.Dataset:
     """Train with ``train_rule`` or ``optimizer`` and measure the fidelity of every rule every ``every`` steps.
@@ -279,6 +280,10 @@ def fidelity_trajectory(
         skip_unavailable: Record unavailable rules as NaN instead of raising.
         progress: Progress bar (``None``: only on a terminal).
         config: Extra configuration stored in the provenance.
+        context: A :class:`~fisherlab.fidelity.rules.RuleContext` of ``model`` on ``data`` with these settings,
+            already used elsewhere (e.g. by :func:`~fisherlab.evaluate_fidelity` at the same parameters): step 0
+            is measured with it, so its Fishers, structures and solves are not computed again (refused, with an
+            InputError, when its data, parameters or settings differ).
         **deprecated: ``train_method=`` (now ``train_rule``).
 
     Returns:
@@ -324,6 +329,11 @@ def fidelity_trajectory(
         else:
             trainer = RuleTrainer(trained, train_damping, train_lr)
     measured.update(rules)
+    if context is not None:
+        if trainer.in_place:
+            raise InputError("context= shares the work of rule training; an optimizer trains a model of its own")
+        context.check_shares(work, data, **ctx_kwargs)
+    spec = ParamSpec.from_model(work)  # the update's ordering at every step (an engine only where one measures)
     stale = trainer.as_rule()
     if stale is not None:
         measured[f"train:{trained_name}"] = stale
@@ -332,7 +342,8 @@ def fidelity_trajectory(
     bar = progress_bar(total=steps + 1, desc=f"trajectory ({trained_name})", progress=progress)
     diverged_at = -1
     for step in range(steps + 1):
-        ctx = RuleContext(work, data, **ctx_kwargs)
+        ctx = context if step == 0 and context is not None else RuleContext(work, data, **ctx_kwargs)
+        before = dict(ctx.timings)  # a shared context comes with the timings of its earlier use
         if step in points:
             with isolated_rng([ctx.engine().device]):  # measuring never changes what training draws next
                 records.append(measure(ctx, measured, dampings, lr, skip_unavailable=skip_unavailable))
@@ -341,12 +352,12 @@ def fidelity_trajectory(
         if step < steps:
             update = trainer.step(ctx)
             if not trainer.in_place:
-                _apply(work, ctx.spec, update)
+                _apply(work, spec, update)
             if not _finite_state(work, update):  # training left the finite numbers: the rest is NaN
                 diverged_at = step + 1
                 break
         for k, v in ctx.timings.items():
-            timings[k] = timings.get(k, 0.0) + v
+            timings[k] = timings.get(k, 0.0) + v - before.get(k, 0.0)
         bar.update(1)
     bar.close()
     blank = {k: (dims, _blank(a)) for k, (dims, a) in records[0].items()}

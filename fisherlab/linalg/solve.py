@@ -159,7 +159,8 @@ def _spd_cholesky(Gd: Tensor, *, damping: float, name: str) -> Tensor:
 # --------------------------------------------------------------------------------------------------------
 
 
-def damped_solve(G: Tensor, b: Tensor, damping: float = 0.0, *, check_singular: bool = True) -> Tensor:
+def damped_solve(G: Tensor, b: Tensor, damping: float = 0.0, *, check_singular: bool = True,
+                 checked: bool = False) -> Tensor:
     """Solve (G + λI) x = b for symmetric positive (semi-)definite G by Cholesky.
 
     G is symmetrised first, G ← (G + Gᵀ)/2, then factorised as G + λI = L Lᵀ
@@ -174,6 +175,9 @@ def damped_solve(G: Tensor, b: Tensor, damping: float = 0.0, *, check_singular: 
             to succeed (smallest eigenvalue, estimated from tr((G + λI)⁻¹), at most n·eps·‖G + λI‖_F).
             Costs one extra triangular inverse (≈ the factorisation). Without it a singular PSD G with
             λ = 0 can return a huge, meaningless x.
+        checked: G is known to be finite and exactly symmetric (e.g. the matrix of a
+            :class:`~fisherlab.structures.DenseFisher`, checked when it was built): skip the finiteness check and
+            the symmetrisation of G, two passes over it that would not change a bit of the result.
 
     Returns:
         x with the shape of ``b`` and the promoted dtype of G and b.
@@ -194,9 +198,10 @@ def damped_solve(G: Tensor, b: Tensor, damping: float = 0.0, *, check_singular: 
     dtype = _compute_dtype(out_dtype)
     Gc = G.to(dtype)
     bc = b.to(dtype)
-    _check_finite(Gc, "G")
+    if not checked:
+        _check_finite(Gc, "G")
     _check_finite(bc, "b")
-    Gd = _add_damping(_symmetrize(Gc), lam)
+    Gd = _add_damping(Gc if checked else _symmetrize(Gc), lam)
     if check_singular:
         L = _spd_cholesky(Gd, damping=lam, name="G")
     else:

@@ -46,6 +46,22 @@ class BlockDiagonalFisher(FisherMatrix):
         return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget, meta, index,
                    {k: symmetrize_upper(B) for k, B in acc.items()})
 
+    @classmethod
+    def from_dense(cls, dense: FisherMatrix, by: str = "layer") -> BlockDiagonalFisher:
+        """The diagonal blocks of a dense Fisher already built (no pass over the data; the same blocks as
+        :meth:`from_engine` on its engine, to round-off: the sums are only ordered differently).
+
+        Args:
+            dense: A :class:`~fisherlab.structures.dense.DenseFisher` (any structure whose ``to_dense`` is cheap).
+            by: ``"layer"`` or ``"tensor"`` (:class:`BlockBy`).
+        """
+        by = parse_enum(BlockBy, by, "block grouping").value
+        F = dense.to_dense()
+        index = {k: v.to(dense.device) for k, v in dense.spec.blocks(by).items()}
+        blocks = {k: F.index_select(0, ix).index_select(1, ix) for k, ix in index.items()}
+        return cls(dense.spec, dense.kind, dense.dtype, dense.device, dense.memory_budget,
+                   {**dense.meta, "blocks_by": by}, index, blocks)
+
     def matmat(self, V: Tensor) -> Tensor:
         V = self._check_operand(V)
         out = torch.zeros_like(V)

@@ -1,0 +1,116 @@
+"""The default main job, ``fisherlab fidelity``, of this tree against an earlier commit, run back to back (issue 13).
+
+Both trees run the same command (``python -m fisherlab fidelity --out DIR --overwrite`` plus ``--args``) as a
+fresh process each, alternately (base, new, base, new, ...), so that a change in machine load hits both alike;
+the table gives the median of each part's seconds (the ``[part] done in`` lines of the job), of the rest (imports,
+report with its figures, headline) and of the wall time, the ratio new/base of the medians, and the load average
+before each run. The base tree is a temporary ``git worktree`` of ``--base`` (removed at the end); the new tree is
+this repository, or ``--new``. Each process imports the fisherlab of its own tree (run from it, with it first on
+PYTHONPATH). After the last round the Datasets of the two last runs are compared variable by variable (max
+relative difference |new − base| / max(|base|, tiny) over finite entries; non-finite entries must agree).
+
+    python benchmarks/bench_main_job.py [--base HEAD~1] [--repeats 3] [--new PATH] [--args "--steps 20"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PARTS = ("fidelity", "trajectory", "geometry", "spectrum")
+DONE = re.compile(r"^\[(\w+)\] done in ([0-9.]+) s", re.MULTILINE)
+
+
+def run_job(tree: Path, out: Path, args: list[str]) -> dict[str, float]:
+    """Run the main job of ``tree`` into ``out``; seconds per part, ``rest`` and ``total`` (wall)."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "fisherlab", "fidelity", "--out", str(out), "--overwrite", *args],
+                          cwd=tree, env=env, capture_output=True, text=True)
+    total = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"the main job of {tree} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    parts = {name: float(sec) for name, sec in DONE.findall(proc.stdout)}
+    return {**{p: parts.get(p, float("nan")) for p in PARTS}, "rest": total - sum(parts.values()), "total": total}
+
+
+def compare(base: Path, new: Path) -> list[tuple[str, str, float]]:
+    """(file, variable, max relative difference) of every numeric variable of the two folders' Datasets."""
+    import xarray as xr
+
+    rows = []
+    for f in sorted(base.glob("*.nc")):
+        with xr.open_dataset(f) as a, xr.open_dataset(new / f.name) as b:
+            for name in a.data_vars:
+                x = np.asarray(a[name].values)
+                if x.dtype.kind not in "fiu":
+                    same = name in b and np.array_equal(x, np.asarray(b[name].values))
+                    rows.append((f.stem, name, 0.0 if same else float("inf")))
+                    continue
+                y = np.asarray(b[name].values, dtype=float)
+                x = x.astype(float)
+                finite = np.isfinite(x)
+                if x.shape != y.shape or not np.array_equal(finite, np.isfinite(y)):
+                    rows.append((f.stem, name, float("inf")))
+                    continue
+                scale = np.maximum(np.abs(x[finite]), np.finfo(float).tiny)
+                diff = np.abs(y[finite] - x[finite]) / scale
+                rows.append((f.stem, name, float(diff.max()) if diff.size else 0.0))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="HEAD~1", help="git revision of the base tree (default HEAD~1)")
+    parser.add_argument("--new", type=Path, default=Path(__file__).resolve().parents[1],
+                        help="the new tree (default: this repository)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each tree (default 3)")
+    parser.add_argument("--args", default="", help="extra options of fisherlab fidelity, one string")
+    opts = parser.parse_args()
+    repo = Path(__file__).resolve().parents[1]
+    extra = shlex.split(opts.args)
+    with tempfile.TemporaryDirectory(prefix="bench_main_job_") as tmp:
+        base = Path(tmp) / "base"
+        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(base), opts.base], check=True,
+                       capture_output=True)
+        try:
+            commit = subprocess.run(["git", "-C", str(base), "rev-parse", "--short", "HEAD"], check=True,
+                                    capture_output=True, text=True).stdout.strip()
+            print(f"== fisherlab fidelity {' '.join(extra)}: base {opts.base} ({commit}) vs {opts.new}")
+            print(f"   {os.cpu_count()} cores, {opts.repeats} runs each, alternating")
+            times: dict[str, list[dict[str, float]]] = {"base": [], "new": []}
+            for k in range(opts.repeats):
+                for label, tree in (("base", base), ("new", opts.new)):
+                    load = os.getloadavg()[0]
+                    t = run_job(tree, Path(tmp) / f"out_{label}", extra)
+                    times[label].append(t)
+                    print(f"   run {k + 1} {label:4s} load {load:4.1f}: "
+                          + "  ".join(f"{p} {t[p]:6.1f}" for p in (*PARTS, "rest", "total")), flush=True)
+            print(f"\n{'part':12s} {'base s':>8s} {'new s':>8s} {'new/base':>9s}   (medians)")
+            for p in (*PARTS, "rest", "total"):
+                b = statistics.median(t[p] for t in times["base"])
+                n = statistics.median(t[p] for t in times["new"])
+                print(f"{p:12s} {b:8.1f} {n:8.1f} {n / b:9.2f}")
+            rows = compare(Path(tmp) / "out_base", Path(tmp) / "out_new")
+            worst = max(rows, key=lambda r: r[2])
+            print(f"\nDatasets, max relative difference new vs base per variable (worst: {worst[0]}.{worst[1]} "
+                  f"{worst[2]:.2e}):")
+            for f, name, d in rows:
+                print(f"   {f:10s} {name:28s} {d:.2e}")
+        finally:
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(base)], check=False,
+                           capture_output=True)
+
+
+if __name__ == "__main__":
+    main()
