@@ -306,7 +306,8 @@ def launched(backend: str = "auto", device: torch.device | str = "cpu", timeout:
     SIGTERM (the launcher stopping the other ranks after one failed) raises :class:`RankFailedError` here.
 
     Raises:
-        InputError: Bad launcher variables, backend or timeout; torch.distributed already initialised.
+        InputError: Bad launcher variables, backend, timeout or a CUDA device with an index; torch.distributed
+            already initialised.
     """
     global _BOARD
     env = launch_environment()
@@ -318,7 +319,10 @@ def launched(backend: str = "auto", device: torch.device | str = "cpu", timeout:
     if dist.is_initialized():
         raise InputError("torch.distributed is already initialised in this process")
     name = resolve_backend(backend, device)
-    if name == "nccl":
+    if torch.device(device).type == "cuda":
+        if torch.device(device).index is not None:
+            raise InputError(f"device {str(device)!r}: under torchrun give the device type only (cuda); each rank "
+                             "takes cuda:LOCAL_RANK")
         torch.cuda.set_device(env.local_rank)
     limit = timedelta(seconds=float(timeout))
     dist.init_process_group(name, init_method="env://", rank=env.rank, world_size=env.world_size, timeout=limit)

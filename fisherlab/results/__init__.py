@@ -19,7 +19,8 @@ The package is the base layer every step of fisherlab may use; one module per co
 * :mod:`~fisherlab.results.manifest` — the manifest of an output folder (:data:`MANIFEST`, :func:`read_manifest`);
 * :mod:`~fisherlab.results.store` — :class:`ResultsStore` (one file per key), :func:`guard_output_folder` /
   :func:`release_output_folder`, :func:`check_config` and :func:`load_output_folder`;
-* :mod:`~fisherlab.results.sweep` — :func:`run_sweep`, sweeps that resume after an interruption.
+* :mod:`~fisherlab.results.sweep` — :func:`run_sweep`, sweeps that resume after an interruption, and
+  :func:`open_sweep`, their files combined lazily (sharded results).
 """
 
 from fisherlab.results.builders import new_dataset
@@ -60,7 +61,7 @@ from fisherlab.results.store import (
     load_output_folder,
     release_output_folder,
 )
-from fisherlab.results.sweep import SWEEP_ATTR, config_key, run_sweep
+from fisherlab.results.sweep import SWEEP_ATTR, config_key, open_sweep, run_sweep
 
 __all__ = [
     "ACCEPTED_UNITS",
@@ -94,6 +95,7 @@ __all__ = [
     "merge_provenance",
     "netcdf_attr_value",
     "new_dataset",
+    "open_sweep",
     "provenance",
     "read_manifest",
     "release_output_folder",

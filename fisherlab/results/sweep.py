@@ -9,6 +9,10 @@ same key is refused (naming the file and the differing keys) rather than silentl
 store's folder (:meth:`~fisherlab.results.store.ResultsStore.lock`) while it runs: a second sweep into the same
 store at the same time is refused (or waits ``wait`` seconds), and temporary files of a sweep killed while saving
 are removed.
+
+Sharded results: a sweep too large to hold in memory stays one file per configuration; :func:`open_sweep`
+combines them lazily (xarray ``open_mfdataset`` on dask) into one Dataset along a ``config`` dim, reading values
+only when they are computed.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import xarray as xr
 from fisherlab.errors import InputError, ResultsFileError
 from fisherlab.progress import bar as progress_bar
 from fisherlab.results.metadata import config_diff, config_json, to_jsonable
+from fisherlab.results.schema import ATTR_KIND, ATTR_SCHEMA, SCHEMA_VERSION
 from fisherlab.results.store import ResultsStore
 
 #: Dataset attribute holding the sweep configuration (JSON with sorted keys).
@@ -116,4 +121,59 @@ def run_sweep(
     return out
 
 
-__all__ = ["SWEEP_ATTR", "config_key", "run_sweep"]
+def open_sweep(store: ResultsStore, keys: Iterable[str] | None = None, *, dim: str = "config") -> xr.Dataset:
+    """The store's configurations as one Dataset along ``dim``, opened lazily: each file stays on disk.
+
+    ``xarray.open_mfdataset`` (dask arrays, one chunk per file) concatenates the entries of ``keys`` along ``dim``;
+    values are read when computed (``.compute()``, ``.values``, a plot), so a sweep larger than memory can be
+    reduced (``ds.cosine.mean("config")``) file by file. Variables present in every entry get the ``dim``;
+    coordinates that differ between entries (e.g. other dampings) are aligned by outer join, NaN where an entry
+    lacks a label. Coordinates added: ``dim`` (the keys) and ``sweep_config`` (``dim``; each entry's configuration
+    as JSON, or ``""`` for an entry not written by :func:`run_sweep`). Attributes: those every entry agrees on.
+
+    Files are not checksum-verified here (that reads every value): ``store.load(key)`` verifies one.
+
+    Args:
+        store: The store (e.g. of :func:`run_sweep`).
+        keys: The entries, in order (default: every key, sorted).
+        dim: Name of the new dim.
+
+    Raises:
+        InputError: dask missing, no entries, a key not in the store, or entries of different kinds.
+        ResultsFileError: An entry of another schema version (``store.load`` upgrades it; save it again) or not a
+            fisherlab results file.
+    """
+    try:
+        import dask  # noqa: F401 - xarray's lazy combination runs on it
+    except ImportError:
+        raise InputError("open_sweep needs dask to combine the files lazily (pip install dask); "
+                         "store.load_all() loads them eagerly") from None
+    keys = store.keys() if keys is None else [str(k) for k in keys]
+    if not keys:
+        raise InputError(f"store {store.directory} holds no entries to open")
+    missing = [k for k in keys if not store.has(k)]
+    if missing:
+        raise InputError(f"store {store.directory} has no entries {missing}; it has {store.keys()}")
+    configs: list[str] = []
+    kinds: set[str] = set()
+
+    def check(ds: xr.Dataset) -> xr.Dataset:
+        source = ds.encoding.get("source", "?")
+        if ds.attrs.get(ATTR_SCHEMA) != SCHEMA_VERSION:
+            raise ResultsFileError(f"{source}: schema {ds.attrs.get(ATTR_SCHEMA)!r}, not {SCHEMA_VERSION} (not a "
+                                   "fisherlab results file, or an old one: store.load upgrades it, then save it again)")
+        kinds.add(str(ds.attrs.get(ATTR_KIND)))
+        configs.append(str(ds.attrs.get(SWEEP_ATTR, "")))
+        return ds
+
+    combined = xr.open_mfdataset([store.path(k) for k in keys], engine="h5netcdf", combine="nested", concat_dim=dim,
+                                 preprocess=check, data_vars="all", join="outer", combine_attrs="drop_conflicts")
+    if len(kinds) > 1:
+        combined.close()
+        raise InputError(f"store {store.directory} mixes results of kinds {sorted(kinds)}; open each kind's keys")
+    combined = combined.assign_coords({dim: keys, "sweep_config": (dim, configs)})
+    combined.attrs.pop(SWEEP_ATTR, None)
+    return combined
+
+
+__all__ = ["SWEEP_ATTR", "config_key", "open_sweep", "run_sweep"]
