@@ -10,12 +10,20 @@ Definitions checked (m_nt = 0 for labels equal to −100, N_tok = Σ m_nt):
 - empirical: (1/N_tok) Σ_n g_n g_nᵀ
 - mc:        (1/(N_tok S)) Σ_n Σ_s g_ns g_nsᵀ, g_ns with the engine's labels drawn per token
 
+Data-parallel (2 gloo ranks, unequal shards and unequal token counts): every quantity equals the single process's
+to 1e-12.
+
 Tolerances: 1e-10 relative (max norm over entries, relative to the largest reference entry) in float64; exact
 identities (chunking, padding that no counted token sees) 1e-12; the MC Fisher at S = 2000 draws per token within
 0.1 of the true Fisher in Frobenius norm (measured 0.04; the error falls as 1/√S, checked between S = 20 and 2000).
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import reference as ref
@@ -331,3 +339,72 @@ def test_bad_ignore_index_and_outputs(model, data):
     pooled = nn.Sequential(model, nn.Flatten())  # outputs (N, T·C): a classifier, whose labels must be classes
     with pytest.raises(InputError, match="left out only for sequence outputs"):
         fisher(pooled, (X, torch.tensor([0, 1, IGNORE, 2])), "categorical")
+
+
+# ------------------------------------------------------------------------------------------------ data-parallel
+def dp_problem() -> tuple[nn.Module, Tensor, Tensor]:
+    """5 sequences (shards of 3 and 2 on two ranks), the padding mostly on the second rank."""
+    X, y, _ = make_data(seed=6)
+    X, y = torch.cat([X, X[:1]]), torch.cat([y, y[:1]])
+    y[3:, 2:] = IGNORE
+    return make_model(3), X, y
+
+
+def dp_compute(X: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """Loss, gradient, N_tok, dense true / mc / empirical Fishers and F·V (this rank's shard under a group)."""
+    model = dp_problem()[0]
+    engine = FisherEngine(model, (X, y), "categorical", chunk_size=2)
+    V = torch.randn(engine.spec.dim, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    loss, grad = engine.loss_and_gradient()
+    out = {"num_tokens": torch.tensor(float(engine.num_tokens)), "loss": loss, "gradient": grad,
+           "FV": engine.matmat(V)}
+    for kind in ("true", "mc", "empirical"):
+        out[kind] = fisher(model, (X, y), "categorical", kind=kind, mc_samples=2, seed=4, chunk_size=2).to_dense()
+    return out
+
+
+def dp_worker(rank: int, world: int, port: int, path: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from fisherlab.distributed import shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        _, X, y = dp_problem()
+        ix = shard(len(X), rank, world)
+        out = dp_compute(X[ix.start: ix.stop], y[ix.start: ix.stop])
+        if rank == 0:
+            torch.save(out, path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_data_parallel_token_counts(tmp_path: Path):
+    from test_distributed import free_port
+
+    path, port, world = tmp_path / "dp.pt", free_port(), 2
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), str(path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
+    try:
+        logs = [p.communicate(timeout=180)[0].decode(errors="replace") for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), [log[-3000:] for log in logs]
+    got, (_, X, y) = torch.load(path), dp_problem()
+    single = dp_compute(X, y)
+    assert float(got["num_tokens"]) == int((y != IGNORE).sum()) == 15
+    errors = {key: ref.rel_err(got[key], value) for key, value in single.items()}
+    print("2 ranks vs one process, max relative differences:", {k: f"{e:.1e}" for k, e in errors.items()})
+    assert all(e <= EXACT_RTOL for e in errors.values()), errors
+
+
+if __name__ == "__main__":
+    dp_worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
