@@ -341,3 +341,36 @@ def test_linear_over_positions_and_conv_reduce_match_the_reference() -> None:
         S = S + J.sum(2).T @ Q @ J.sum(2) / 4
     ref.assert_close(kf.factors["0"].A, A, RTOL, "conv A (reduce)")
     ref.assert_close(kf.factors["0"].S, S, RTOL, "conv S (reduce)")
+
+
+def module_flat(model: nn.Module, path: str) -> Tensor:
+    """Flat indices of a module's own parameters (model order)."""
+    off = offsets(model)
+    prefix = f"{path}." if path else ""
+    return torch.cat([off[prefix + n] + torch.arange(t.numel())
+                      for n, t in model.get_submodule(path).named_parameters(recurse=False)])
+
+
+def test_the_gpt_needs_no_block_fallback() -> None:
+    """fisherlab's GPT (Embedding, positions, LayerNorm, qkv/proj/MLP Linear over T, head): every structure builds
+    with unsupported="error"; norms get their exact blocks; EKFAC ≤ KFAC per layer (both approximations)."""
+    from fisherlab.data import make_sort_task
+    from fisherlab.models import build_model
+
+    data = make_sort_task(5, length=3, n_values=4, seed=1, test_fraction=0.2)
+    model = build_model("gpt", data, dtype=F64, seed=3, n_layers=1, d_model=4, d_ff=6).eval()
+    X, y = data.X_train, data.y_train
+    exact = ref.true_fisher(model, X, CAT)
+    norms = [p for p, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+    for approx in ("expand", "reduce"):
+        kf = fisher(model, (X, y), structure="kfac", approx=approx, dtype=F64)
+        ek = fisher(model, (X, y), structure="ekfac", approx=approx, dtype=F64)
+        K, E = kf.to_dense(), ek.to_dense()
+        assert kf.meta["norm_blocks"] == kf.meta["exact_blocks"] == norms and "embed" in kf.factors
+        for p in norms:
+            ref.assert_close(sub(K, module_flat(model, p)), sub(exact, module_flat(model, p)), RTOL, f"block of {p}")
+        for p in kf.factors:
+            ix, F_l = module_flat(model, p), sub(exact, module_flat(model, p))
+            assert lref.rel_fro(sub(E, ix), F_l) <= lref.rel_fro(sub(K, ix), F_l) + 1e-12, (approx, p)
+    unit = fisher(model, (X, y), structure="unit", dtype=F64)
+    assert unit.meta["norm_blocks"] == norms
