@@ -287,3 +287,47 @@ def test_dataset_layout(result):
                  "loss_change"):
         assert "long_name" in result[name].attrs and "units" in result[name].attrs
     assert result["cosine_layer"].dims == ("rule", "damping", "layer")
+
+
+def test_shared_context_reads_block_and_eigenvalues_off_the_dense_fisher(problem):
+    """Block (by layer) = the reference F's diagonal blocks; eigenvalues = numpy's of the reference F; once each."""
+    ctx = RuleContext(problem["model"], (problem["X"], problem["y"]), "categorical", dtype=D)
+    ctx.fisher()
+    block = ctx.structure("block")
+    assert ctx.structure("block", by="layer") is block  # one object for block-ngd, sngd-block and geometry
+    F = problem["F"]
+    for B, ix in zip(block.blocks.values(), layer_blocks(problem["model"]), strict=True):
+        np.testing.assert_allclose(B.numpy(), F[np.ix_(ix, ix)], rtol=1e-10, atol=1e-14)
+    ev = ctx.eigenvalues("true")
+    assert ctx.eigenvalues("true") is ev
+    np.testing.assert_allclose(ev.numpy(), np.linalg.eigvalsh(F), rtol=1e-9, atol=1e-13)
+
+
+def test_spectra_in_a_shared_context_against_numpy(problem):
+    from fisherlab.spectra import fisher_spectra
+
+    data = (problem["X"], problem["y"])
+    ctx = RuleContext(problem["model"], data, "categorical", dtype=D)
+    ds = fisher_spectra(problem["model"], data, "categorical", kinds=["true", "empirical"], dtype=D, context=ctx)
+    assert torch.equal(torch.from_numpy(ds.eigenvalue.sel(kind="true", structure="dense").values),
+                       ctx.eigenvalues("true"))
+    F, E = problem["F"], problem["G"].T @ problem["G"] / len(problem["G"])
+    np.testing.assert_allclose(ds.eigenvalue.sel(kind="true", structure="dense"), np.linalg.eigvalsh(F),
+                               rtol=1e-8, atol=1e-13)
+    np.testing.assert_allclose(ds.eigenvalue.sel(kind="empirical", structure="dense"), np.linalg.eigvalsh(E),
+                               rtol=1e-8, atol=1e-13)
+    blocks = np.sort(np.concatenate([np.linalg.eigvalsh(F[np.ix_(ix, ix)]) for ix in layer_blocks(problem["model"])]))
+    np.testing.assert_allclose(ds.eigenvalue.sel(kind="true", structure="block"), blocks, rtol=1e-8, atol=1e-13)
+    with pytest.raises(InputError, match="mc_samples"):
+        fisher_spectra(problem["model"], data, "categorical", kinds=["true"], dtype=D, context=ctx, mc_samples=2)
+
+
+def test_shared_context_refuses_other_parameters(problem):
+    data = (problem["X"], problem["y"])
+    ctx = RuleContext(problem["model"], data, "categorical", dtype=D)
+    moved = copy.deepcopy(problem["model"])
+    with torch.no_grad():
+        next(moved.parameters()).add_(1e-3)
+    with pytest.raises(InputError, match="parameters"):
+        ctx.check_shares(moved, data, dtype=D)
+    ctx.check_shares(copy.deepcopy(problem["model"]), data, dtype=D, likelihood="categorical")  # the same state

@@ -153,3 +153,26 @@ def test_run_sweep_refuses_entry_from_other_config(tmp_path):
         run_sweep({"a": {"lr": 0.2}}, store, small_dataset, progress=False)
     with pytest.raises(InputError, match="duplicate"):
         run_sweep([{"lr": 0.1}, {"lr": 0.1}], store, small_dataset, progress=False)
+
+
+def test_trajectory_in_a_shared_context_measures_the_same(problem):
+    """Step 0 measured in a context already used (its Fisher and solves reused) gives the same Dataset."""
+    from fisherlab.fidelity.rules import RuleContext
+
+    model, X, y = problem
+    data = (X, y)
+    kwargs = dict(train_rule="sngd-kfac", steps=4, every=2, refresh_every=3, rules=["gd", "ngd", "block-ngd"],
+                  damping=[1e-1], lr=0.05, train_lr=0.5, dtype=D)
+    alone = fidelity_trajectory(model, data, **kwargs)
+    ctx = RuleContext(model, data, "categorical", dtype=D, dampings=(1e-2, 1e-1))
+    ctx.natural_gradient(1e-1)  # work of an earlier part: the solve at step 0 is not repeated
+    solved = dict(ctx.solves)
+    shared = fidelity_trajectory(model, data, **kwargs, context=ctx)
+    for var in METRICS + ["loss", "grad_norm"]:
+        np.testing.assert_allclose(shared[var].values, alone[var].values, rtol=1e-11, atol=1e-14)
+    assert ctx.solves == solved  # step 0 took the context's solve
+    with pytest.raises(InputError, match="same data"):
+        fidelity_trajectory(model, (X, y), **kwargs, context=ctx)
+    with pytest.raises(InputError, match="optimizer"):
+        fidelity_trajectory(model, data, optimizer=lambda p: torch.optim.SGD(p, lr=0.1), steps=2, every=1, rules=[],
+                            damping=[1e-1], dtype=D, context=ctx)

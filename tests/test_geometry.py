@@ -120,3 +120,58 @@ def test_lanczos_path_beyond_the_budget(n):
     assert ds["available"].sel(structure="dense").item() == 0
     assert "budget" in str(ds.sel(structure="dense")["unavailable_reason"].values)
     assert ds["available"].sel(structure="block").item() == 1
+
+
+def test_preconditioned_block_eigvalsh_against_scipy():
+    from fisherlab.fidelity.geometry import preconditioned_block_eigvalsh
+
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(9, 9, generator=g, dtype=D)
+    A = A @ A.T
+    index = {"a": torch.arange(0, 4), "b": torch.arange(4, 9)}
+    blocks = {}
+    for k, ix in index.items():
+        B = torch.randn(len(ix), len(ix), generator=g, dtype=D)
+        blocks[k] = B @ B.T + 0.3 * torch.eye(len(ix), dtype=D)
+    G = scipy.linalg.block_diag(blocks["a"].numpy(), blocks["b"].numpy())
+    np.testing.assert_allclose(preconditioned_block_eigvalsh(A, blocks, index).numpy(), generalized(A.numpy(), G),
+                               rtol=1e-10)
+    with pytest.raises(SingularMatrixError):
+        preconditioned_block_eigvalsh(A, {"a": blocks["a"], "b": -blocks["b"]}, index)
+
+
+@pytest.mark.parametrize("structure", ["kfac", "diag", "dense"])
+def test_damped_blocks_are_the_blocks_of_the_inverted_solve(structure):
+    """G_λ block by block: the layer blocks of (the solve's matrix)⁻¹ when that is block-diagonal, else None."""
+    from fisherlab.fidelity.geometry import damped_blocks
+    from fisherlab.fidelity.rules import RuleContext
+
+    model, X, y = make(32)
+    ctx = RuleContext(model, (X, y), "categorical", dtype=D)
+    S = ctx.structure(structure)
+    Ginv = np.stack([S.solve(e, 1e-2).numpy() for e in torch.eye(53, dtype=D)], axis=1)  # column by column
+    blocks = damped_blocks(ctx, structure, 1e-2)
+    if structure == "dense":
+        assert blocks is None
+        return
+    G = np.linalg.inv(0.5 * (Ginv + Ginv.T))
+    for B, ix in zip(blocks.values(), [np.arange(0, 35), np.arange(35, 53)], strict=True):
+        np.testing.assert_allclose(B.numpy(), G[np.ix_(ix, ix)], rtol=1e-9, atol=1e-12)
+
+
+def test_geometry_in_a_shared_context_is_the_same_and_refuses_other_data(case):
+    from fisherlab.errors import InputError
+    from fisherlab.fidelity.rules import RuleContext
+
+    _, ds, _ = case
+    model, X, y = make(32)
+    data = (X, y)
+    ctx = RuleContext(model, data, "categorical", dtype=D, dampings=tuple(DAMPINGS))
+    ctx.structure("block")  # work done before, reused
+    shared = fisher_geometry(model, data, structures=["dense", "block", "diag"], damping=DAMPINGS, context=ctx)
+    for var in ("eigenvalue", "condition_number", "layer_eigenvalue", "layer_condition_number"):
+        np.testing.assert_allclose(shared[var].values, ds[var].values, rtol=1e-10, atol=1e-13)
+    with pytest.raises(InputError, match="same data"):
+        fisher_geometry(model, (X, y), structures=["block"], damping=DAMPINGS, context=ctx)
+    with pytest.raises(InputError, match="seed"):
+        fisher_geometry(model, data, structures=["block"], damping=DAMPINGS, context=ctx, seed=1)

@@ -109,3 +109,14 @@ def test_condition_number_singular_is_inf():
     assert condition_number(torch.tensor([-1.0, 1.0, 2.0]), 2.0) == pytest.approx(4.0 / 1.0)
     with pytest.raises(InputError):
         condition_number(torch.ones(2, 2, 2))
+
+
+def test_checked_symmetric_matrix_skips_passes_not_bits():
+    """checked=True (a finite, exactly symmetric G) solves as numpy does, bit for bit as the checked path."""
+    n = 30
+    G = spd(n, torch.logspace(0, -4, n), seed=3)
+    G = torch.triu(G) + torch.triu(G, 1).T  # exactly symmetric
+    b = torch.from_numpy(rng(4).standard_normal(n))
+    x = damped_solve(G, b, 1e-3, checked=True)
+    assert torch.equal(x, damped_solve(G, b, 1e-3))
+    np.testing.assert_allclose(x.numpy(), np.linalg.solve(G.numpy() + 1e-3 * np.eye(n), b.numpy()), rtol=1e-9)
