@@ -10,15 +10,19 @@ input, on (n, T₁, …, in) inputs the L = T₁·… positions share W; for ``n
 unfolded input patch at output location l (length in_eff = in_channels · ∏ kernel_size, in the order of
 ``weight.reshape(out, -1)``) and L is the number of output locations; for ``nn.Embedding`` (y_l = E[x_l]) a_l is
 the one-hot vector of token x_l (in_eff = num_embeddings), W̄ = Eᵀ (embedding_dim, num_embeddings) — the weight
-*transposed* — and the rows are kept as token ids (:class:`OneHotRows`), never as one-hot vectors. The
-per-sample gradient of W̄ for an output-gradient row δ is Σ_l δ_l ā_lᵀ.
+*transposed* — and the rows are kept as token ids (:class:`OneHotRows`), never as one-hot vectors; for
+self-attention ``nn.MultiheadAttention`` W̄ = [in_proj_weight, in_proj_bias] (3E × (E + 1), q, k, v rows) maps each
+position's input to its packed q, k, v (a capture recomputes the attention in module-visible steps,
+:class:`MultiheadAttentionRule`), and ``out_proj`` is a Linear layer. The per-sample gradient of W̄ for an
+output-gradient row δ is Σ_l δ_l ā_lᵀ.
 
 **Flat ordering.** fisherlab's flat parameter vector (:mod:`fisherlab.params`) holds ``weight`` row-major, then
 ``bias`` (each in the module's ``named_parameters()`` order) — not the row-major order of W̄, where each bias
 entry follows its weight row. :meth:`LayerLayout.permutation` maps one to the other; :meth:`LayerLayout.gather`
 and :meth:`LayerLayout.scatter` move vectors between the two.
 
-**Registry.** :data:`LAYER_RULES` maps a module type to its :class:`LayerRule` (Linear, Conv1d, Conv2d, Embedding);
+**Registry.** :data:`LAYER_RULES` maps a module type to its :class:`LayerRule` (Linear, Conv1d, Conv2d, Embedding,
+MultiheadAttention and its out_proj);
 :func:`register_layer_rule` adds one for a user module (subclass :class:`LayerRule`). :func:`rule_for` raises
 :class:`~fisherlab.errors.UnsupportedLayerError` naming the module, its type and the structures that work for
 every module. :func:`iter_layer_rows` walks over the data of a :class:`~fisherlab.engine.FisherEngine` and yields,
@@ -92,6 +96,8 @@ class LayerRule:
 
     #: Local names of the parameters the rule understands, in the order of W̄'s columns.
     param_names: tuple[str, ...] = ("weight", "bias")
+    #: Whether a capture replaces the module's output by :meth:`recompute` (internals that are no module calls).
+    recomputes: bool = False
     #: Whether W̄ is the weight transposed (weight (in_eff, out), as ``nn.Embedding``'s) instead of (out, *rest).
     weight_transposed: bool = False
 
@@ -163,6 +169,78 @@ class EmbeddingRule(LinearRule):
         return OneHotRows(a.reshape(a.shape[0], -1), int(module.num_embeddings))
 
 
+class MultiheadAttentionRule(LinearRule):
+    """Self-attention ``nn.MultiheadAttention``: its packed input projection as one Linear layer over T positions.
+
+    W̄ = [in_proj_weight, in_proj_bias] (3E, E + 1): rows 0..E−1 are q, E..2E−1 k, 2E..3E−1 v, all of one
+    input x, so qkv_t = W̄ [x_t; 1] and the Kronecker factors are those of a Linear layer with 3E outputs (as the
+    ``qkv`` Linear of :class:`fisherlab.models.GPT`). ``out_proj`` is a Linear layer of its own. torch computes
+    both inside one functional call, so a capture replaces the module's output by :meth:`recompute` — the same
+    attention, decomposed into module-visible steps: x → qkv (recorded) → softmax(q kᵀ/√d_h + mask) v per head →
+    ``out_proj(·)`` (a module call, so its own hook records it).
+
+    Refused (:class:`~fisherlab.errors.UnsupportedLayerError`): separate q/k/v weights (``kdim``/``vdim``),
+    ``add_bias_kv``, ``add_zero_attn``, dropout in training mode, a ``key_padding_mask``, cross-attention (query,
+    key and value not one tensor) and unbatched (T, E) inputs.
+    """
+
+    param_names = ("in_proj_weight", "in_proj_bias")
+    recomputes = True
+
+    def check(self, module: nn.Module, path: str) -> None:
+        refused = [name for name, bad in (("kdim/vdim different from embed_dim", not module._qkv_same_embed_dim),
+                                          ("add_bias_kv", module.bias_k is not None),
+                                          ("add_zero_attn", module.add_zero_attn),
+                                          ("dropout in training mode", module.training and module.dropout > 0))
+                   if bad]
+        if refused:
+            raise UnsupportedLayerError(
+                f"module {display_path(path)} (MultiheadAttention) has {', '.join(refused)}; the Kronecker-factored "
+                f"rule covers packed self-attention projections only. Structures {GENERIC_STRUCTURES}."
+            )
+
+    def in_features(self, module: nn.Module) -> int:
+        return int(module.embed_dim)
+
+    def out_features(self, module: nn.Module) -> int:
+        return 3 * int(module.embed_dim)
+
+    def recompute(self, module: nn.Module, path: str, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, tuple]:
+        """(x (n, T, E), qkv (n, T, 3E), the module's output) for the call ``module(*args, **kwargs)``."""
+        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+                 "is_causal")
+        call = {"key_padding_mask": None, "need_weights": True, "attn_mask": None, "average_attn_weights": True,
+                "is_causal": False, **dict(zip(names[:len(args)], args, strict=True)), **kwargs}
+        x = call["query"]
+        problem = ("cross-attention (query, key and value are not one tensor)"
+                   if not (x is call["key"] is call["value"]) else
+                   "a key_padding_mask" if call["key_padding_mask"] is not None else
+                   f"an unbatched input of shape {tuple(x.shape)}" if x.dim() != 3 else None)
+        if problem:
+            raise UnsupportedLayerError(
+                f"module {display_path(path)} (MultiheadAttention) is called with {problem}; the Kronecker-factored "
+                f"rule covers batched self-attention without key_padding_mask. Structures {GENERIC_STRUCTURES}."
+            )
+        x = x if module.batch_first else x.transpose(0, 1)  # (n, T, E)
+        n, T, E = x.shape
+        H = module.num_heads
+        qkv = nnf.linear(x, module.in_proj_weight, module.in_proj_bias)
+        q, k, v = (t.reshape(n, T, H, E // H).transpose(1, 2) for t in qkv.chunk(3, dim=-1))  # (n, H, T, d_h)
+        scores = q @ k.mT / math.sqrt(E // H)
+        mask = call["attn_mask"]
+        if call["is_causal"] and not call["need_weights"]:  # torch then ignores attn_mask (a causal hint)
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+        if mask is not None:
+            mask = mask.reshape(n, H, T, T) if mask.dim() == 3 else mask  # (n·H, T, T): per sample and head
+            scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        weights = torch.softmax(scores, dim=-1)
+        out = module.out_proj((weights @ v).transpose(1, 2).reshape(n, T, E))
+        out = out if module.batch_first else out.transpose(0, 1)
+        if not call["need_weights"]:
+            return x, qkv, (out, None)
+        return x, qkv, (out, weights.mean(1) if call["average_attn_weights"] else weights)
+
+
 class ConvRule(LayerRule):
     """``nn.Conv1d`` / ``nn.Conv2d`` (groups = 1): patches of the padded input, one row per output location.
 
@@ -208,6 +286,9 @@ LAYER_RULES: dict[type[nn.Module], LayerRule] = {
     nn.Conv1d: ConvRule(1),
     nn.Conv2d: ConvRule(2),
     nn.Embedding: EmbeddingRule(),
+    nn.MultiheadAttention: MultiheadAttentionRule(),
+    # nn.MultiheadAttention's out_proj (called as a module only inside MultiheadAttentionRule.recompute)
+    nn.modules.linear.NonDynamicallyQuantizableLinear: LinearRule(),
 }
 
 
@@ -334,7 +415,7 @@ class LayerLayout:
         pos = torch.arange(out * w).reshape(out, w)
         weight = pos[:, : self.in_features]
         parts = {"weight": (weight.T if self.weight_transposed else weight).reshape(-1), "bias": pos[:, -1]}
-        return torch.cat([parts[name.rpartition(".")[2]] for name in self.param_names])
+        return torch.cat([parts["bias" if name.endswith("bias") else "weight"] for name in self.param_names])
 
     def gather(self, V: Tensor) -> Tensor:
         """The layer's flat block (P_l, k) of a matrix in fisherlab order → (k, out, width) in W̄ layout."""
@@ -368,12 +449,13 @@ def layer_layouts(model: nn.Module, spec: ParamSpec) -> tuple[dict[str, LayerLay
     unsupported: dict[str, list[str]] = {}
     for path, names in spec.layers().items():
         module = model.get_submodule(path)
-        local = [n.rpartition(".")[2] for n in names]
+        local = [n.rpartition(".")[2] for n in names]  # every rule's names end in "weight" or "bias"
         if type(module) not in LAYER_RULES or not set(local) <= set(LAYER_RULES[type(module)].param_names):
             unsupported[path] = list(names)
             continue
         rule = rule_for(module, path)
-        layouts[path] = LayerLayout(path, type(module).__name__, tuple(names), "weight" in local, "bias" in local,
+        layouts[path] = LayerLayout(path, type(module).__name__, tuple(names),
+                                    any(n.endswith("weight") for n in local), any(n.endswith("bias") for n in local),
                                     rule.in_features(module), rule.out_features(module),
                                     weight_transposed=rule.weight_transposed,
                                     one_hot=isinstance(rule, EmbeddingRule))
@@ -440,7 +522,10 @@ class LayerCapture:
 
     ``records[path]`` = (input, output) of the layer at ``path``; the output is the tensor the layer produced
     (the forward pass continues from a clone), so ``torch.autograd.grad(loss, output)`` is the output gradient.
-    A layer called twice in one forward pass raises UnsupportedLayerError.
+    A module whose rule ``recomputes`` (``nn.MultiheadAttention``) has its output replaced by the rule's
+    decomposed recomputation — numerically the same attention — whenever it or a submodule (``out_proj``) is
+    captured; its record is the rule's (input, output) pair. A layer called twice in one forward pass raises
+    UnsupportedLayerError.
     """
 
     def __init__(self, model: nn.Module, paths: Sequence[str]):
@@ -449,24 +534,44 @@ class LayerCapture:
         self.handles: list = []
 
     def __enter__(self) -> LayerCapture:
+        recomputed = {p for p, m in self.model.named_modules()
+                      if getattr(LAYER_RULES.get(type(m)), "recomputes", False)
+                      and any(q == p or q.startswith(f"{p}.") for q in self.paths)}
+        for path in recomputed:
+            module = self.model.get_submodule(path)
+            self.handles.append(module.register_forward_hook(self._recompute_hook(path), with_kwargs=True))
         for path in self.paths:
-            self.handles.append(self.model.get_submodule(path).register_forward_hook(self._hook(path)))
+            if path not in recomputed:
+                self.handles.append(self.model.get_submodule(path).register_forward_hook(self._hook(path)))
         return self
 
     def __exit__(self, *exc: object) -> None:
         for h in self.handles:
             h.remove()
 
+    def _record(self, path: str, module: nn.Module, a: Tensor, out: Tensor) -> None:
+        if path in self.records:
+            raise UnsupportedLayerError(
+                f"module {display_path(path)} ({type(module).__name__}) is called more than once per forward "
+                f"pass (shared weights); Kronecker-factored structures need one call. Structures "
+                f"{GENERIC_STRUCTURES}."
+            )
+        self.records[path] = (a, out)
+
     def _hook(self, path: str):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-            if path in self.records:
-                raise UnsupportedLayerError(
-                    f"module {display_path(path)} ({type(module).__name__}) is called more than once per forward "
-                    f"pass (shared weights); Kronecker-factored structures need one call. Structures "
-                    f"{GENERIC_STRUCTURES}."
-                )
-            self.records[path] = (inputs[0], output)
+            self._record(path, module, inputs[0], output)
             return output.clone()  # later in-place ops (e.g. ReLU(inplace=True)) must not alter the captured output
+
+        return hook
+
+    def _recompute_hook(self, path: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+            rule = rule_for(module, path)
+            a, out, result = rule.recompute(module, path, args, kwargs)
+            if path in self.paths:
+                self._record(path, module, a, out)
+            return result
 
         return hook
 
@@ -604,7 +709,7 @@ def _rows_chunk_size(engine: FisherEngine, probe: Mapping[str, LayerRows], per_s
 
 
 __all__ = ["LAYER_RULES", "ConvRule", "LayerCapture", "LayerLayout", "LayerRows", "LayerRule", "LinearRule",
-           "EmbeddingRule", "OneHotRows", "display_path", "expand_input", "from_combined", "in_features_eff",
+           "EmbeddingRule", "MultiheadAttentionRule", "OneHotRows", "display_path", "expand_input", "from_combined", "in_features_eff",
            "iter_layer_rows", "layer_layouts", "layer_rows", "out_features", "per_sample_gradients",
            "reduce_inputs", "register_layer_rule", "rule_for", "squared_gradient_sum", "to_combined",
            "unsupported_error"]

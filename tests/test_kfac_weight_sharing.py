@@ -374,3 +374,88 @@ def test_the_gpt_needs_no_block_fallback() -> None:
             assert lref.rel_fro(sub(E, ix), F_l) <= lref.rel_fro(sub(K, ix), F_l) + 1e-12, (approx, p)
     unit = fisher(model, (X, y), structure="unit", dtype=F64)
     assert unit.meta["norm_blocks"] == norms
+
+
+class Attention(nn.Module):
+    """Embedding → nn.MultiheadAttention (self-attention, optional causal mask) → mean over T → Linear."""
+
+    def __init__(self, batch_first: bool, causal: bool, need_weights: bool) -> None:
+        super().__init__()
+        self.embed, self.attn = nn.Embedding(VOCAB, WIDTH), nn.MultiheadAttention(WIDTH, 2, batch_first=batch_first)
+        self.head = nn.Linear(WIDTH, CLASSES)
+        self.batch_first, self.causal, self.need_weights = batch_first, causal, need_weights
+        self.weights: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x) if self.batch_first else self.embed(x).transpose(0, 1)
+        T = x.shape[1]
+        mask = torch.ones(T, T, dtype=torch.bool).triu(1) if self.causal else None
+        a, self.weights = self.attn(h, h, h, attn_mask=mask, need_weights=self.need_weights,
+                                    is_causal=self.causal and not self.need_weights)
+        return self.head((a if self.batch_first else a.transpose(0, 1)).mean(1))
+
+
+@pytest.mark.parametrize(("batch_first", "causal", "need_weights"),
+                         [(True, True, False), (False, True, True), (True, False, True)])
+def test_multihead_attention_rule_against_the_exact_fisher(batch_first: bool, causal: bool,
+                                                           need_weights: bool) -> None:
+    """in_proj (q, k, v rows of one Linear over T) and out_proj: unit blocks = exact sub-blocks (so the recorded
+    inputs and output gradients give the exact per-sample gradients), EKFAC ≤ KFAC, the recomputed attention
+    equals torch's (outputs and weights)."""
+    from fisherlab.layers import LayerCapture
+
+    torch.manual_seed(3)
+    model = Attention(batch_first, causal, need_weights).to(F64).eval()
+    X, y = torch.randint(0, VOCAB, (5, 4)), torch.randint(0, CLASSES, (5,))
+    with torch.no_grad():
+        z, weights = model(X), model.weights
+        with LayerCapture(model, ["attn", "attn.out_proj"]):
+            ref.assert_close(model(X), z, 1e-12, "outputs under the capture")
+        if need_weights:
+            ref.assert_close(model.weights, weights, 1e-12, "attention weights under the capture")
+    exact = ref.true_fisher(model, X, CAT)
+    off = offsets(model)
+    in_proj = torch.cat([off["attn.in_proj_weight"] + torch.arange(3 * WIDTH * WIDTH),
+                         off["attn.in_proj_bias"] + torch.arange(3 * WIDTH)])
+    rows = torch.cat([torch.arange(3 * WIDTH * WIDTH) // WIDTH, torch.arange(3 * WIDTH)])  # W̄ row of each entry
+    unit = fisher(model, (X, y), structure="unit", dtype=F64)
+    for i in range(3 * WIDTH):
+        ix = in_proj[rows == i]
+        ref.assert_close(sub(unit.to_dense(), ix), sub(exact, ix), RTOL, f"unit {i} of in_proj")
+    kf = fisher(model, (X, y), structure="kfac", dtype=F64)
+    ek = fisher(model, (X, y), structure="ekfac", dtype=F64)
+    assert set(kf.factors) == {"embed", "attn", "attn.out_proj", "head"} and not kf.exact_blocks
+    for ix in (in_proj, module_flat(model, "attn.out_proj")):
+        F_l = sub(exact, ix)
+        assert lref.rel_fro(sub(ek.to_dense(), ix), F_l) <= lref.rel_fro(sub(kf.to_dense(), ix), F_l) + 1e-12
+    ref.assert_close(ek.trace(), exact.trace(), RTOL, "EKFAC trace = exact trace")
+
+
+def test_multihead_attention_exact_for_one_position_and_refusals() -> None:
+    torch.manual_seed(4)
+    model = Attention(True, False, False).to(F64).eval()
+    X, y = torch.randint(0, VOCAB, (1, 1)), torch.randint(0, CLASSES, (1,))
+    exact, kf = ref.true_fisher(model, X, CAT), fisher(model, (X, y), structure="kfac", approx="reduce", dtype=F64)
+    for p in ("attn", "attn.out_proj"):
+        b = module_flat(model, p)
+        ref.assert_close(sub(kf.to_dense(), b), sub(exact, b), RTOL, f"KFAC block of {p}, one sequence of length 1")
+
+    class Cross(nn.Module):
+        def __init__(self, **kw: object) -> None:
+            super().__init__()
+            self.attn, self.head = nn.MultiheadAttention(WIDTH, 2, batch_first=True, **kw), nn.Linear(WIDTH, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            memory = x.flip(1)[..., : self.attn.kdim]
+            return self.head(self.attn(x, memory, memory, need_weights=False)[0].mean(1))
+
+    class Padded(Cross):
+        def forward(self, x: Tensor) -> Tensor:
+            pad = torch.zeros(x.shape[:2], dtype=torch.bool)
+            return self.head(self.attn(x, x, x, key_padding_mask=pad, need_weights=False)[0].mean(1))
+
+    Xf, yf = torch.randn(3, 4, WIDTH, dtype=F64), torch.randint(0, 2, (3,))
+    for model, match in ((Cross(), "cross-attention"), (Padded(), "key_padding_mask"),
+                         (Cross(add_bias_kv=True), "add_bias_kv"), (Cross(kdim=3, vdim=3), "kdim")):
+        with pytest.raises(UnsupportedLayerError, match=match):
+            fisher(model.to(F64), (Xf, yf), structure="kfac", dtype=F64)

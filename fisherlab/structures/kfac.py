@@ -1,8 +1,9 @@
 """KFAC: per-layer Kronecker factors G_l ≈ S ⊗ A, block-diagonal across layers (docs/method.md).
 
-For a supported layer (:mod:`fisherlab.layers`: Linear, Conv1d, Conv2d, Embedding) with combined weight W̄
-(out, width) shared over L positions (L = 1: a Linear layer on (N, in) inputs; the T₁·… positions of a Linear
-layer on (N, T₁, …, in) inputs; the output locations of a convolution; the tokens of an Embedding), expanded
+For a supported layer (:mod:`fisherlab.layers`: Linear, Conv1d, Conv2d, Embedding, self-attention
+MultiheadAttention's packed q/k/v projection and its out_proj) with combined weight W̄ (out, width) shared over L
+positions (L = 1: a Linear layer on (N, in) inputs; the T₁·… positions of a Linear layer on (N, T₁, …, in) inputs
+or of an attention projection; the output locations of a convolution; the tokens of an Embedding), expanded
 input rows ā_{n,l} (width,) and output-gradient rows δ_{n,r,l} = J_{l,n}ᵀ M_{n,r} (out,) — the engine's output
 factor rows pulled back to the layer output, so that the true, Monte-Carlo, empirical and GGN kinds all come
 from the same code — the two approximations of Eschenhagen et al. (2023, "Kronecker-Factored Approximate
