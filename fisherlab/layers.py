@@ -708,8 +708,8 @@ def _rows_chunk_size(engine: FisherEngine, probe: Mapping[str, LayerRows], per_s
     return max(1, min(DEFAULT_CHUNK_BYTES, engine.memory_budget // 4) // max(per_sample, 1))
 
 
-__all__ = ["LAYER_RULES", "ConvRule", "LayerCapture", "LayerLayout", "LayerRows", "LayerRule", "LinearRule",
-           "EmbeddingRule", "MultiheadAttentionRule", "OneHotRows", "display_path", "expand_input", "from_combined", "in_features_eff",
-           "iter_layer_rows", "layer_layouts", "layer_rows", "out_features", "per_sample_gradients",
-           "reduce_inputs", "register_layer_rule", "rule_for", "squared_gradient_sum", "to_combined",
-           "unsupported_error"]
+__all__ = ["LAYER_RULES", "ConvRule", "EmbeddingRule", "LayerCapture", "LayerLayout", "LayerRows", "LayerRule",
+           "LinearRule", "MultiheadAttentionRule", "OneHotRows", "display_path", "expand_input", "from_combined",
+           "in_features_eff", "iter_layer_rows", "layer_layouts", "layer_rows", "out_features",
+           "per_sample_gradients", "reduce_inputs", "register_layer_rule", "rule_for", "squared_gradient_sum",
+           "to_combined", "unsupported_error"]
