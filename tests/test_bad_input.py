@@ -168,19 +168,27 @@ def test_tied_parameters():
         fisher(model, (X, y))
 
 
-class ThreeD(nn.Module):
-    def __init__(self):
+class Reshaped(nn.Module):
+    """Linear(5, 6) with its outputs reshaped to (N, *shape)."""
+
+    def __init__(self, *shape: int):
         super().__init__()
-        self.lin = nn.Linear(5, 6)
+        self.lin, self.shape = nn.Linear(5, 6), shape
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.lin(x).reshape(x.shape[0], 3, 2)
+        return self.lin(x).reshape(x.shape[0], *self.shape)
 
 
-def test_three_dimensional_output():
+def test_sequence_output_with_per_sample_targets():
+    _, X, y = build()  # (N, T, C) outputs take (N, T) labels; (N,) labels are named as the mismatch
+    with pytest.raises(InputError, match=r"must be class labels of shape \(N, T\); got \(2,\)"):
+        fisher(Reshaped(3, 2).double(), (X, y))
+
+
+def test_four_dimensional_output():
     _, X, y = build()
-    with pytest.raises(InputError, match=r"must return outputs of shape \(N, C\); got \(2, 3, 2\)"):
-        fisher(ThreeD().double(), (X, y))
+    with pytest.raises(InputError, match=r"outputs of shape \(N, C\), or \(N, T, C\) .*got \(2, 3, 1, 2\)"):
+        fisher(Reshaped(3, 1, 2).double(), (X, y))
 
 
 class Doubling(torch.autograd.Function):
