@@ -251,20 +251,19 @@ class _Board:
 _BOARD: _Board | None = None
 
 
-def _failure(what: str, exc: BaseException) -> RankFailedError:
-    """The :class:`RankFailedError` of this rank after collective ``what`` failed with ``exc``."""
+def _failure(cause: str) -> RankFailedError:
+    """The :class:`RankFailedError` of this rank, stopped by ``cause``, naming the failed ranks from the board."""
     if _BOARD is None:
-        return RankFailedError(f"rank {dist.get_rank()} of {dist.get_world_size()}: the collective {what} failed "
-                               f"(a peer rank stopped or is unreachable): {exc}")
-    _BOARD.mark(f"stopped: the collective {what} failed")
+        return RankFailedError(f"rank {dist.get_rank()} of {dist.get_world_size()} stopped: {cause} (a peer rank "
+                               "stopped or is unreachable)")
+    _BOARD.mark(f"stopped: {cause}")
     time.sleep(PEER_GRACE_S)  # the other survivors say so too
     states = _BOARD.states()
     me = _BOARD.env.rank
     failed = {r: s for r, s in states.items() if r != me and not s.startswith(("stopped", "done"))}
     silent = "stopped without a word (killed, or silent past the timeout)"
     named = "; ".join(f"rank {r} {silent if s == 'running' else s}" for r, s in failed.items()) or "no rank says why"
-    return RankFailedError(f"rank {me} of {_BOARD.env.world_size} stopped: {named} (the collective {what} failed: "
-                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})", failed)
+    return RankFailedError(f"rank {me} of {_BOARD.env.world_size} stopped: {named} ({cause})", failed)
 
 
 @contextmanager
@@ -273,7 +272,8 @@ def collective(what: str) -> Iterator[None]:
     try:
         yield
     except RuntimeError as exc:  # gloo: connection closed by peer, timed out (DistBackendError is a RuntimeError)
-        raise _failure(what, exc) from exc
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise _failure(f"the collective {what} failed: {first}") from exc
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
@@ -330,8 +330,7 @@ def launched(backend: str = "auto", device: torch.device | str = "cpu", timeout:
     _BOARD.mark("running")
 
     def on_sigterm(signum: int, frame: Any) -> None:
-        raise RankFailedError(f"rank {env.rank} of {env.world_size} stopped by SIGTERM (the launcher stops every "
-                              "rank when one fails)")
+        raise _failure("SIGTERM from the launcher, which stops every rank when one fails")
 
     main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
     previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None

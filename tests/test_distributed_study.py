@@ -120,15 +120,40 @@ def test_two_ranks_write_what_one_process_computes(tiny: str, tmp_path: Path) ->
     assert sorted(p.name for p in (tmp_path / "two").glob("*.nc")) == sorted(f"{p}.nc" for p in PARTS)
 
 
+#: A user model whose rank 1 raises once the fidelity part is saved (``OUT`` is replaced by the output folder).
+FAILING = """\
+import os
+from pathlib import Path
+
+from torch import nn
+
+
+class Failing(nn.Sequential):
+    def forward(self, x):
+        if os.environ["RANK"] == "1" and Path("OUT", "fidelity.nc").exists():
+            raise RuntimeError("boom on rank 1")
+        return super().forward(x)
+
+
+def model(split):
+    return Failing(nn.Linear(split.X_train.shape[1], 5), nn.Tanh(), nn.Linear(5, split.n_outputs))
+"""
+
+
 @pytest.mark.slow
-def test_a_killed_rank_stops_the_other_with_a_named_error(tiny: str, tmp_path: Path) -> None:
-    """Rank 1 is SIGKILLed once rank 0 has saved the fidelity part; rank 0 names it and exits; the part is intact."""
+@pytest.mark.parametrize("how", ["killed", "raises"])
+def test_a_failed_rank_stops_the_other_with_a_named_error(how: str, tiny: str, tmp_path: Path) -> None:
+    """Once rank 0 has saved the fidelity part, rank 1 is SIGKILLed (or its model raises); rank 0 names rank 1 and
+    exits; the saved part is intact and the folder resumes."""
     import socket
 
     from fisherlab.results import ResultsStore, guard_output_folder, release_output_folder
 
-    options = {**OPTIONS, "steps": 400, "every": 200}  # a long trajectory: the kill lands inside it
+    options = {**OPTIONS, "steps": 400, "every": 200}  # a long trajectory: the failure lands inside it
     out = tmp_path / "run"
+    if how == "raises":
+        (tmp_path / "failing.py").write_text(FAILING.replace("OUT", str(out)))
+        tiny = f"{tmp_path / 'failing.py'}:model"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -142,21 +167,26 @@ def test_a_killed_rank_stops_the_other_with_a_named_error(tiny: str, tmp_path: P
     try:
         deadline = time.monotonic() + TIMEOUT_S
         while not (out / "fidelity.nc").exists():
-            assert time.monotonic() < deadline and procs[1].poll() is None, "the fidelity part was never saved"
+            assert time.monotonic() < deadline and procs[0].poll() is None, "the fidelity part was never saved"
             time.sleep(0.05)
-        procs[1].kill()
-        killed_at = time.monotonic()
-        log = procs[0].communicate(timeout=60)[0].decode(errors="replace")
-        took = time.monotonic() - killed_at
+        if how == "killed":
+            procs[1].kill()
+        failed_at = time.monotonic()
+        logs = [p.communicate(timeout=60)[0].decode(errors="replace") for p in procs]
+        took = time.monotonic() - failed_at
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-    print(f"rank 0 stopped {took:.1f} s after rank 1 was killed:", log.splitlines()[-1])
+    log = logs[0]
+    print(f"rank 0 stopped {took:.1f} s after rank 1 {how}:", log.splitlines()[-1])
     assert procs[0].returncode == 2, log[-3000:]
-    assert "RankFailedError: rank 0 of 2 stopped: rank 1 stopped without a word" in log, log[-3000:]
+    named = "stopped without a word" if how == "killed" else "failed: InputError: "
+    assert f"RankFailedError: rank 0 of 2 stopped: rank 1 {named}" in log, log[-3000:]
     assert "Traceback" not in log
+    if how == "raises":
+        assert procs[1].returncode == 2 and "boom on rank 1" in logs[1] and "boom on rank 1" in log, logs[1][-3000:]
     cfg = StudyConfig(model=tiny, **options)
     store = ResultsStore(out)
     assert store.has("fidelity") and not store.has("trajectory")
