@@ -1,0 +1,389 @@
+"""Gradient, F·v and KFAC factors on the GPT at ~1M and ~10M parameters, against curvlinops (issue 11, Performance).
+
+Case: :class:`fisherlab.models.GPT` with ``GPT_SIZES["1M"]`` / ``["10M"]`` and ``output="sequence"`` (logits
+(N, T, C) at every position, loss the mean over tokens), on N = 32 sequences of T = 64 tokens over V = 65 symbols
+(:func:`fisherlab.data.make_sort_lm` with 32 values per prompt and 64 distinct values, so V = S = 64 + 1, 64 as
+in the docstring of ``GPT_SIZES``), categorical likelihood, float32. The targets are the next token at *every*
+position (the prompt's −100 replaced by its next tokens), so every token counts: curvlinops' KFAC divides by
+N·T, not by the counted tokens. Timed, round-robin after one warm-up (:func:`_common.time_methods`, medians, and
+the ratio of each method to its reference within each round):
+
+* **gradient** — ``FisherEngine.loss_and_gradient`` (fisherlab), curvlinops' ``gradient_and_loss`` and plain
+  torch (forward + ``torch.autograd.grad`` of the loss).
+* **F·v** — the true Fisher (= the GGN for softmax cross-entropy) times a vector: ``ImplicitFisher @ v``
+  (fisherlab; the engine's ``matmat``, the linearization cached after the first product), the first product of a
+  new operator (engine construction and linearization included), and curvlinops' ``GGNLinearOperator @ v``.
+* **KFAC factors** — ``KFACFisher.from_engine`` with ``approx="expand"`` and ``"reduce"``, for the empirical
+  and the Monte-Carlo (1 label per token) kinds, against ``KFACLinearOperator(kfac_approx=…, fisher_type=…)
+  .compute_kronecker_factors()`` (weight and bias in one factor per layer, as fisherlab). curvlinops covers only
+  the Linear layers (its KFAC refuses Embedding and LayerNorm parameters), fisherlab every parameter: the
+  Embedding factors and the LayerNorms' exact blocks are included in its time. The true Fisher's KFAC needs
+  T·(C − 1) = 4032 output rows per sequence here (docs/sequences.md), curvlinops' type-2 C = 65 with the class
+  index shared across the tokens (a different matrix, docs/method.md): neither is timed at these sizes.
+
+Checks in the same run, relative differences ‖a − b‖/‖b‖ (curvlinops as b): the gradient; F·v on the same v (and
+once more with the −100 prompt mask, where only the GGN can be compared); the empirical KFAC factors A and S of
+every Linear layer (stacked); the Monte-Carlo A (its S depends on the drawn labels).
+
+Floors: the FLOPs of the arithmetic divided by the machine's GEMM rate, measured in the same rounds by a
+``torch.matmul`` of the model's MLP shape (N·T × d) @ (d × 4d). With P_lin the weights of the Linear layers
+(embeddings do no arithmetic), one forward costs F = 2·P_lin·N·T + 4·N·T²·d·L FLOPs (the matmuls, and QKᵀ and
+A·V over all T² pairs, as the math SDPA backend computes them); a reverse pass 2F (input and weight gradients);
+the tangent pass of a jvp 2F. So gradient ≥ 3F, F·v ≥ 4F (tangent + reverse; the primal forward is cached by
+fisherlab, recomputed by curvlinops: +F), KFAC factors ≥ 3F + the Gram products (2·N·T·(width² + out²) per
+layer under "expand", 2·N·(…) under "reduce"). Softmax, GELU, LayerNorm and the loss are not counted.
+
+With ``--fidelity`` (default on; ``--no-fidelity`` skips it) one :func:`fisherlab.evaluate_fidelity` on the
+first size, timed, with its split by phase from the Dataset's ``timings`` attribute. Rules: ``gd``, ``adam``,
+``ngd`` (CG on the implicit true Fisher, capped at ``--cg-iters`` iterations: the residual is printed) and KFAC
+on the Monte-Carlo Fisher, expand and reduce (:class:`~fisherlab.fidelity.rules.FunctionRule`; the built-in
+``kfac``/``ekfac``/``diag``/``unit``/``block-ngd``/``lowrank``/``sngd-*`` rules use the true Fisher's 4032 rows
+per sequence and are not applicable at this size on a CPU).
+
+When curvlinops imports (the peers venv, benchmarks/README.md) it runs in the same rounds; without it the
+tables show fisherlab against plain torch and the floors.
+
+    python benchmarks/bench_transformer.py [--sizes 1M,10M] [--device cpu|cuda] [--repeats 3] [--quick]
+        [--no-fidelity] [--cg-iters 20]
+
+``--quick``: the "10k" GPT on 8 sequences of 12 tokens (a smoke run, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/README.md (spinning threads on a shared CPU)
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Row, header, optional_import, parse_args, print_table, rel_diff, time_methods  # noqa: E402
+
+from fisherlab import evaluate_fidelity, fisher  # noqa: E402
+from fisherlab.data import make_sort_lm  # noqa: E402
+from fisherlab.engine import FisherEngine, differentiable_attention  # noqa: E402
+from fisherlab.fidelity.rules import StructuredNGD  # noqa: E402
+from fisherlab.models import GPT, GPT_SIZES  # noqa: E402
+from fisherlab.structures.kfac import KFACFisher  # noqa: E402
+
+APPROXES = ("expand", "reduce")
+KINDS = ("empirical", "mc")  # one output row per sequence (empirical) or per token draw (mc); see the docstring
+DAMPING = 1e-2
+
+
+# ------------------------------------------------------------------------------------------------ the case
+def lm_batch(n: int, length: int, n_values: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Token ids X (n, 2·length), next-token targets at every position, and the targets with the prompt masked.
+
+    From :func:`make_sort_lm` (vocabulary n_values + 1): its targets carry −100 on the prompt; the unmasked
+    targets put the prompt's own next tokens there.
+    """
+    data = make_sort_lm(n_samples=2 * n, length=length, n_values=n_values, seed=0, test_fraction=0.25)
+    X, y_masked = data.X_train[:n].to(device), data.y_train[:n].to(device)
+    y = torch.cat([X[:, 1:], y_masked[:, -1:]], dim=1)
+    return X, y, y_masked
+
+
+class ClassesSecond(nn.Module):
+    """The model with logits (N, C, T): the layout ``nn.CrossEntropyLoss`` and curvlinops take (same parameters)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x).transpose(1, 2)
+
+
+def linear_params(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the model's Linear layers (curvlinops' KFAC refuses the others)."""
+    return [p for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters()]
+
+
+# ------------------------------------------------------------------------------------------------ floors
+def forward_flops(model: GPT, n: int, t: int) -> float:
+    """F = 2·P_lin·N·T + 4·N·T²·d·L (module docstring)."""
+    p_lin = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    d, layers = model.embed.embedding_dim, len(model.blocks)
+    return 2.0 * p_lin * n * t + 4.0 * n * t * t * d * layers
+
+
+def gram_flops(model: GPT, n: int, t: int, approx: str) -> float:
+    """2·rows·(width² + out²) summed over the Linear layers (width with the bias column); rows N·T or N."""
+    rows = n * t if approx == "expand" else n
+    return sum(2.0 * rows * ((m.in_features + 1) ** 2 + m.out_features ** 2)
+               for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def gemm_probe(model: GPT, n: int, t: int, device: torch.device) -> tuple[Callable[[], Tensor], float]:
+    """A matmul of the MLP's shape (N·T × d) @ (d × 4d) and its FLOPs."""
+    fc = model.blocks[0].mlp.fc
+    a = torch.randn(n * t, fc.in_features, device=device)
+    b = torch.randn(fc.in_features, fc.out_features, device=device)
+    return (lambda: a @ b), 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+
+
+def plain_gradient(model: nn.Module, X: Tensor, y: Tensor) -> Callable[[], tuple[Tensor, ...]]:
+    """Plain torch: the token-mean cross-entropy and its gradient (forward + one reverse pass)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run() -> tuple[Tensor, ...]:
+        z = model(X)
+        return torch.autograd.grad(nn.functional.cross_entropy(z.flatten(0, 1), y.flatten()), params)
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ fisherlab
+#: The engine's construction checks a chunk of P-wide factor rows against the budget even for products that never
+#: form them: T·(C − 1) = 4032 rows per sequence of the true Fisher need 15.5 GiB a sequence at 1M parameters. The
+#: budget is raised past that check; the chunks and the linearization cache of F·v are capped on their own
+#: (256 MiB each, engine.DEFAULT_CHUNK_BYTES and MATMAT_CACHE_BYTES), so nothing else changes.
+ROWS_BUDGET = 2**40
+
+
+def engine(model: nn.Module, X: Tensor, y: Tensor, kind: str) -> FisherEngine:
+    return FisherEngine(model, (X, y), "categorical", kind=kind, dtype=torch.float32, device=X.device,
+                        memory_budget=ROWS_BUDGET if kind == "true" else None, progress=False)
+
+
+def implicit(model: nn.Module, X: Tensor, y: Tensor) -> Any:
+    return fisher(model, (X, y), "categorical", kind="true", structure="implicit", dtype=torch.float32,
+                  device=X.device, memory_budget=ROWS_BUDGET, progress=False)
+
+
+def stacked_factors(factors: dict[str, tuple[Tensor, Tensor]], which: int) -> Tensor:
+    """Factor ``which`` (0: A, 1: S) of every layer, flattened and concatenated (layers in sorted order)."""
+    return torch.cat([factors[k][which].reshape(-1) for k in sorted(factors)])
+
+
+def fisherlab_linear_factors(K: KFACFisher, model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
+    """fisherlab's (A, S) of the model's Linear layers, keyed by module path."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return {n: (K.factors[n].A, K.factors[n].S) for n in names}
+
+
+# ------------------------------------------------------------------------------------------------ curvlinops
+class Peer:
+    """curvlinops' operators on the same model and batch (None members when curvlinops does not import)."""
+
+    def __init__(self, model: nn.Module, X: Tensor, y: Tensor, y_masked: Tensor):
+        self.lib = optional_import("curvlinops")
+        self.wrapped = ClassesSecond(model)
+        self.X, self.y, self.y_masked = X, y, y_masked
+
+    @property
+    def available(self) -> bool:
+        return self.lib is not None
+
+    def ggn(self, y: Tensor) -> Any:
+        params = [p for p in self.wrapped.parameters() if p.requires_grad]
+        return self.lib.GGNLinearOperator(self.wrapped, nn.CrossEntropyLoss(), params, [(self.X, y)],
+                                          check_deterministic=False)
+
+    def kfac(self, kind: str, approx: str) -> Any:
+        return self.lib.KFACLinearOperator(self.wrapped, nn.CrossEntropyLoss(), linear_params(self.wrapped),
+                                           [(self.X, self.y)], fisher_type=kind, kfac_approx=approx,
+                                           check_deterministic=False, separate_weight_and_bias=False)
+
+    @staticmethod
+    def factors(op: Any) -> dict[str, tuple[Tensor, Tensor]]:
+        """curvlinops' (A, S) per Linear layer, keyed by the path in the unwrapped model."""
+        return {k.removeprefix("model."): (op._input_covariances[k], op._gradient_covariances[k])
+                for k in op._input_covariances}
+
+
+def with_math_sdpa(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` under fisherlab's differentiable attention (math SDPA): curvlinops' double-backward needs it."""
+    def run() -> Any:
+        with differentiable_attention():
+            return fn()
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ one size
+def bench_size(size: str, n: int, length: int, n_values: int, args: argparse.Namespace) -> tuple[list[Row], dict]:
+    device = args.device
+    torch.manual_seed(0)
+    X, y, y_masked = lm_batch(n, length, n_values, device)
+    T, V = X.shape[1], n_values + 1
+    model = GPT(V, T, output="sequence", **GPT_SIZES[size]).to(device).eval()
+    P = sum(p.numel() for p in model.parameters())
+    case = f"GPT {size} P={P:,} N={n} T={T}"
+    engines = {kind: engine(model, X, y, kind) for kind in ("true", *args.kfac_kinds)}
+    F = implicit(model, X, y)
+    v = torch.randn(P, device=device)
+    fv = F @ v
+    _, grad = engines["true"].loss_and_gradient()
+    peer = Peer(model, X, y, y_masked)
+
+    gemm, gemm_flops = gemm_probe(model, n, T, device)
+    methods: dict[str, Callable[[], Any]] = {
+        "GEMM probe (N·T × d) @ (d × 4d)": gemm,
+        "plain torch forward (no_grad)": lambda: _no_grad(model, X),
+        "plain torch gradient": plain_gradient(model, X, y),
+        "fisherlab gradient (engine.loss_and_gradient)": engines["true"].loss_and_gradient,
+        "fisherlab F @ v (implicit, cached linearization)": lambda: F @ v,
+        "fisherlab first F @ v (build + @ v)": lambda: implicit(model, X, y) @ v,
+    }
+    for approx in APPROXES:
+        for kind in args.kfac_kinds:
+            methods[f"fisherlab KFAC {approx} {kind}"] = (
+                lambda approx=approx, kind=kind: KFACFisher.from_engine(engines[kind], approx=approx))
+    checks: dict[str, str] = {}
+    if peer.available:
+        ggn = peer.ggn(y)
+        methods["curvlinops gradient_and_loss"] = with_math_sdpa(ggn.gradient_and_loss)
+        methods["curvlinops GGN @ v"] = with_math_sdpa(lambda: ggn @ v)
+        g_peer = torch.cat([g.reshape(-1) for g in with_math_sdpa(ggn.gradient_and_loss)()[0]])
+        checks["curvlinops gradient_and_loss"] = f"rel. diff of ∇L to fisherlab {rel_diff(grad, g_peer):.1e}"
+        checks["curvlinops GGN @ v"] = f"rel. diff of F·v {rel_diff(fv, with_math_sdpa(lambda: ggn @ v)()):.1e}"
+        masked = peer.ggn(y_masked)
+        fv_masked = implicit(model, X, y_masked) @ v
+        checks["curvlinops GGN @ v"] += (f"; with the prompt masked (−100) "
+                                         f"{rel_diff(fv_masked, with_math_sdpa(lambda: masked @ v)()):.1e}")
+        for approx in APPROXES:
+            for kind in args.kfac_kinds:
+                op = peer.kfac(kind, approx)
+                name = f"curvlinops KFAC {approx} {kind}"
+                methods[name] = with_math_sdpa(op.compute_kronecker_factors)
+                methods[name]()
+                theirs = Peer.factors(op)
+                mine = fisherlab_linear_factors(KFACFisher.from_engine(engines[kind], approx=approx), model)
+                diff = f"A {rel_diff(stacked_factors(mine, 0), stacked_factors(theirs, 0)):.1e}"
+                if kind == "empirical":
+                    diff += f", S {rel_diff(stacked_factors(mine, 1), stacked_factors(theirs, 1)):.1e}"
+                checks[name] = f"rel. diff of {diff} ({len(theirs)} Linear layers)"
+
+    times = time_methods(methods, device, args.repeats)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    rate = gemm_flops / med["GEMM probe (N·T × d) @ (d × 4d)"]
+    fwd = forward_flops(model, n, T)
+    floors = {"gradient": 3 * fwd, "F·v": 4 * fwd,
+              **{f"KFAC {a}": 3 * fwd + gram_flops(model, n, T, a) for a in APPROXES}}
+    info = {"P": P, "rate": rate, "forward_flops": fwd, "floors": {k: f / rate for k, f in floors.items()}}
+
+    def row(group: str, name: str, reference: str | None, floor: str | None) -> Row:
+        ratio = None
+        if reference is not None and reference in times:
+            ratio = statistics.median(a / b for a, b in zip(times[name], times[reference], strict=True))
+        notes = []
+        if floor is not None:
+            notes.append(f"{med[name] / info['floors'][floor]:.1f}× FLOP floor")
+        if name in checks:
+            notes.append(checks[name])
+        return Row(f"{case} {group}", name, med[name], ratio, note="; ".join(notes))
+
+    peer_ref = "curvlinops gradient_and_loss" if peer.available else "plain torch gradient"
+    rows = [row("gradient", "plain torch gradient", peer_ref if peer.available else None, "gradient"),
+            row("gradient", "fisherlab gradient (engine.loss_and_gradient)", peer_ref, "gradient")]
+    if peer.available:
+        rows.append(row("gradient", "curvlinops gradient_and_loss", None, "gradient"))
+    fv_ref = "curvlinops GGN @ v" if peer.available else None
+    rows += [row("F·v", "fisherlab F @ v (implicit, cached linearization)", fv_ref, "F·v"),
+             row("F·v", "fisherlab first F @ v (build + @ v)", fv_ref, "F·v")]
+    if peer.available:
+        rows.append(row("F·v", "curvlinops GGN @ v", None, "F·v"))
+    for approx in APPROXES:
+        for kind in args.kfac_kinds:
+            ref = f"curvlinops KFAC {approx} {kind}"
+            rows.append(row(f"KFAC {approx}", f"fisherlab KFAC {approx} {kind}", ref if peer.available else None,
+                            f"KFAC {approx}"))
+            if peer.available:
+                rows.append(row(f"KFAC {approx}", ref, None, f"KFAC {approx}"))
+    rows.append(row("probe", "plain torch forward (no_grad)", None, None))
+    rows[-1].note = f"{fwd / med['plain torch forward (no_grad)'] / 1e9:.1f} GFLOP/s on F"
+    rows.append(row("probe", "GEMM probe (N·T × d) @ (d × 4d)", None, None))
+    rows[-1].note = f"{rate / 1e9:.1f} GFLOP/s"
+    return rows, info
+
+
+def _no_grad(model: nn.Module, X: Tensor) -> Tensor:
+    with torch.no_grad():
+        return model(X)
+
+
+# ------------------------------------------------------------------------------------------------ fidelity
+def fidelity_rules() -> list[str | StructuredNGD]:
+    """gd, adam, exact NGD (CG), KFAC expand and reduce and EKFAC, all on the true Fisher."""
+    return ["gd", "adam", "ngd", "kfac", StructuredNGD("kfac-reduce", "kfac", {"approx": "reduce"}), "ekfac"]
+
+
+def bench_fidelity(size: str, n: int, length: int, n_values: int, args: argparse.Namespace) -> None:
+    """One evaluate_fidelity on the GPT with ``output="last"`` (same weights), timed, with its split by phase."""
+    torch.manual_seed(0)
+    X, y, _ = lm_batch(n, length, n_values, args.device)
+    T, V = X.shape[1], n_values + 1
+    model = GPT(V, T, output="last", **GPT_SIZES[size]).to(args.device).eval()
+    start = time.perf_counter()
+    ds = evaluate_fidelity(model, (X, y[:, -1]), "categorical", rules=fidelity_rules(), damping=DAMPING,
+                           dtype=torch.float32, device=args.device, cg_max_iter=args.cg_iters, ngd_solver="cg",
+                           progress=False)
+    wall = time.perf_counter() - start
+    timings = json.loads(ds.attrs["timings"])
+    print(f"== evaluate_fidelity on GPT {size} (output='last': evaluate_fidelity does not take (N, T, C) outputs "
+          f"yet, docs/sequences.md), P = {ds.attrs['num_params']:,}, N = {n}, T = {T}, λ = {DAMPING}, float32")
+    print(f"   {wall:.1f} s wall (total_seconds {ds.attrs['total_seconds']:.1f}); exact NGD by CG: "
+          f"{int(ds.ngd_iterations[0])} iterations (cap {args.cg_iters}), relative residual "
+          f"{float(ds.ngd_residual[0]):.1e}")
+    print("   split (Dataset attribute 'timings', s): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in sorted(timings.items(), key=lambda kv: -kv[1])))
+    print("   cosine to exact NGD: " + ", ".join(
+        f"{r} {float(c):.3f}" if int(a) else f"{r} unavailable ({reason})"
+        for r, c, a, reason in zip(ds.rule.values, ds.cosine.values[:, 0], ds.available.values,
+                                   ds.unavailable_reason.values, strict=True)))
+    print()
+
+
+# ------------------------------------------------------------------------------------------------ main
+def parse() -> argparse.Namespace:
+    """``--sizes``, ``--no-fidelity`` and ``--cg-iters`` here; ``--device``, ``--repeats``, ``--quick`` by _common."""
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--sizes", default="1M,10M", help="comma-separated GPT_SIZES keys (default 1M,10M)")
+    own.add_argument("--parts", default="products,fidelity",
+                     help="products (gradient, F·v, KFAC) and/or fidelity (default both)")
+    own.add_argument("--kfac-kinds", default=",".join(KINDS), help="Fisher kinds of the KFAC rows (default "
+                     "empirical,mc)")
+    own.add_argument("--cg-iters", type=int, default=20, help="CG cap of the fidelity's exact NGD (default 20)")
+    mine, rest = own.parse_known_args()
+    sys.argv = [sys.argv[0], *rest]
+    args = parse_args(__doc__.splitlines()[0], default_repeats=3)
+    args.sizes = ["10k"] if args.quick else [s for s in mine.sizes.split(",") if s]
+    for s in args.sizes:
+        if s not in GPT_SIZES:
+            raise SystemExit(f"--sizes: unknown size {s!r}; valid: {sorted(GPT_SIZES)}")
+    args.parts, args.cg_iters = set(mine.parts.split(",")), mine.cg_iters
+    args.kfac_kinds = [k for k in mine.kfac_kinds.split(",") if k]
+    if not args.parts <= {"products", "fidelity"} or not set(args.kfac_kinds) <= set(KINDS):
+        raise SystemExit(f"--parts: products, fidelity; --kfac-kinds: {', '.join(KINDS)}")
+    return args
+
+
+def main() -> None:
+    args = parse()
+    n, length, n_values = (8, 6, 8) if args.quick else (32, 32, 64)
+    header(f"GPT (output='sequence', token-mean cross-entropy): gradient, F·v, KFAC factors vs curvlinops, "
+           f"N={n} T={2 * length} V={n_values + 1}, float32", args.device)
+    for size in args.sizes if "products" in args.parts else ():
+        rows, info = bench_size(size, n, length, n_values, args)
+        print(f"GPT {size}: P = {info['P']:,}; forward F = {info['forward_flops'] / 1e9:.2f} GFLOP; GEMM rate "
+              f"{info['rate'] / 1e9:.1f} GFLOP/s; FLOP floors (s): "
+              + ", ".join(f"{k} {v:.4f}" for k, v in info["floors"].items()))
+        print_table(rows, "× curvlinops" if optional_import("curvlinops") else "× ref")
+    if "fidelity" in args.parts:
+        bench_fidelity(args.sizes[0], n, length, n_values, args)
+
+
+if __name__ == "__main__":
+    main()
