@@ -81,12 +81,13 @@ DISTRIBUTED_TIMEOUT_S = 600.0
 
 TORCHRUN_HELP = """\
 Data-parallel: torchrun --nproc-per-node N -m fisherlab fidelity ... (or
-torchrun ... $(which fisherlab) fidelity ...) shards the training samples over
-the N ranks (and --nnodes nodes), computes on all of them and writes the results
-once, from rank 0, with world_size and backend in each Dataset's attributes; the
-values are those of one process. A rank that fails stops every rank with an
-error naming it; finished parts stay in --out. Rules on reconstructed networks
-(sngd-*) are not yet data-parallel: choose --rules and --train-rule without them."""
+torchrun --no-python ... fisherlab fidelity ...) shards the training samples
+over the N ranks (and --nnodes nodes), computes on all of them and writes the
+results once, from rank 0, with world_size and backend in each Dataset's
+attributes; the values are those of one process. A rank that fails stops every
+rank with an error naming it; finished parts stay in --out. Rules on
+reconstructed networks (sngd-*) are not yet data-parallel: choose --rules and
+--train-rule without them."""
 
 #: Width of the hand-wrapped help texts.
 HELP_WIDTH = 80
