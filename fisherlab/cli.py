@@ -9,7 +9,9 @@ Subcommands (their help texts are plain text, written for the terminal; this doc
 * ``fisherlab report FOLDER`` — rebuild the HTML report of a folder from its saved Datasets.
 
 Every option of a study subcommand is a field of its configuration (:class:`~fisherlab.study.StudyConfig`,
-:class:`~fisherlab.study.SpectraConfig`), whose defaults the help shows. Options also come from a TOML or YAML
+:class:`~fisherlab.study.SpectraConfig`), whose defaults the help shows — except how a run under ``torchrun`` talks
+(``--backend``, ``--timeout`` of ``fisherlab fidelity``, :func:`fisherlab.distributed.launched`), which does not
+change the results. Options also come from a TOML or YAML
 file (``--config``); its values go through the same argparse conversion (type, choices, nargs) as flags, and the
 configuration is built and fully validated before the output folder is claimed.
 
