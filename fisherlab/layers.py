@@ -22,7 +22,7 @@ entry follows its weight row. :meth:`LayerLayout.permutation` maps one to the ot
 and :meth:`LayerLayout.scatter` move vectors between the two.
 
 **Registry.** :data:`LAYER_RULES` maps a module type to its :class:`LayerRule` (Linear, Conv1d, Conv2d, Embedding,
-MultiheadAttention and its out_proj);
+and, after :func:`register_attention_rules`, MultiheadAttention and its out_proj);
 :func:`register_layer_rule` adds one for a user module (subclass :class:`LayerRule`). :func:`rule_for` raises
 :class:`~fisherlab.errors.UnsupportedLayerError` naming the module, its type and the structures that work for
 every module. :func:`iter_layer_rows` walks over the data of a :class:`~fisherlab.engine.FisherEngine` and yields,
@@ -286,10 +286,19 @@ LAYER_RULES: dict[type[nn.Module], LayerRule] = {
     nn.Conv1d: ConvRule(1),
     nn.Conv2d: ConvRule(2),
     nn.Embedding: EmbeddingRule(),
-    nn.MultiheadAttention: MultiheadAttentionRule(),
-    # nn.MultiheadAttention's out_proj (called as a module only inside MultiheadAttentionRule.recompute)
-    nn.modules.linear.NonDynamicallyQuantizableLinear: LinearRule(),
 }
+
+
+def register_attention_rules() -> None:
+    """Give self-attention ``nn.MultiheadAttention`` (and its ``out_proj``) Kronecker-factored rules.
+
+    Opt-in for now (the default treats attention as a module without a rule: ``unsupported="block"``), because
+    the reconstruction's layer forms and the diagonal's layer-wise fast path do not read the packed
+    ``in_proj_weight`` / ``in_proj_bias`` yet. Registers :class:`MultiheadAttentionRule` and a Linear rule for
+    ``out_proj`` (a ``NonDynamicallyQuantizableLinear``, called as a module only inside the rule's recomputation).
+    """
+    register_layer_rule(nn.MultiheadAttention, MultiheadAttentionRule())
+    register_layer_rule(nn.modules.linear.NonDynamicallyQuantizableLinear, LinearRule())
 
 
 def register_layer_rule(cls: type[nn.Module], rule: LayerRule) -> None:
@@ -711,5 +720,5 @@ def _rows_chunk_size(engine: FisherEngine, probe: Mapping[str, LayerRows], per_s
 __all__ = ["LAYER_RULES", "ConvRule", "EmbeddingRule", "LayerCapture", "LayerLayout", "LayerRows", "LayerRule",
            "LinearRule", "MultiheadAttentionRule", "OneHotRows", "display_path", "expand_input", "from_combined",
            "in_features_eff", "iter_layer_rows", "layer_layouts", "layer_rows", "out_features",
-           "per_sample_gradients", "reduce_inputs", "register_layer_rule", "rule_for", "squared_gradient_sum",
-           "to_combined", "unsupported_error"]
+           "per_sample_gradients", "reduce_inputs", "register_attention_rules", "register_layer_rule", "rule_for",
+           "squared_gradient_sum", "to_combined", "unsupported_error"]

@@ -395,6 +395,19 @@ class Attention(nn.Module):
         return self.head((a if self.batch_first else a.transpose(0, 1)).mean(1))
 
 
+@pytest.fixture
+def attention_rules():
+    """The opt-in attention rules, registered for one test (the registry restored afterwards)."""
+    from fisherlab.layers import LAYER_RULES, register_attention_rules
+
+    before = dict(LAYER_RULES)
+    register_attention_rules()
+    yield
+    LAYER_RULES.clear()
+    LAYER_RULES.update(before)
+
+
+@pytest.mark.usefixtures("attention_rules")
 @pytest.mark.parametrize(("batch_first", "causal", "need_weights"),
                          [(True, True, False), (False, True, True), (True, False, True)])
 def test_multihead_attention_rule_against_the_exact_fisher(batch_first: bool, causal: bool,
@@ -431,6 +444,7 @@ def test_multihead_attention_rule_against_the_exact_fisher(batch_first: bool, ca
     ref.assert_close(ek.trace(), exact.trace(), RTOL, "EKFAC trace = exact trace")
 
 
+@pytest.mark.usefixtures("attention_rules")
 def test_multihead_attention_exact_for_one_position_and_refusals() -> None:
     torch.manual_seed(4)
     model = Attention(True, False, False).to(F64).eval()
