@@ -237,18 +237,23 @@ class _Board:
             pass
 
     def states(self) -> dict[int, str]:
-        """Every rank's state (``"unreadable"`` for a rank whose state cannot be read)."""
+        """Every rank's state (``UNREADABLE`` for a rank whose state cannot be read)."""
         out = {}
         for r in range(self.env.world_size):
             key = f"{self.prefix}{r}"
             try:
                 out[r] = self.store.get(key).decode() if self.store.check([key]) else "not started"
             except Exception:  # noqa: BLE001 - the store's host (rank 0 outside torchrun) may be the failed rank
-                out[r] = "unreadable"
+                out[r] = UNREADABLE
         return out
 
 
 _BOARD: _Board | None = None
+
+#: The board's word for a rank whose state cannot be read: the store is gone with its host (rank 0 when the
+#: launcher does not host it, e.g. variables set by hand), so rank 0 is the likely failed rank.
+UNREADABLE = ("is unreachable (its state cannot be read: the key-value store is gone with its host, rank 0 unless "
+              "torchrun hosts it)")
 
 
 def _failure(cause: str) -> RankFailedError:
