@@ -35,7 +35,14 @@ from fisherlab.reconstruction.parametrize import (
     UnitRoot,
     parametrize_group,
 )
-from fisherlab.reconstruction.roots import ROOT_METHODS, CombinedLayout, LocalFisherUnit, lowrank_roots
+from fisherlab.reconstruction.roots import (
+    ROOT_METHODS,
+    CombinedLayout,
+    LocalFisherUnit,
+    ReadOnlyTensorError,
+    TransposedLayout,
+    lowrank_roots,
+)
 
 __all__ = [
     "FOLD_MODES",
@@ -55,8 +62,10 @@ __all__ = [
     "LocalFisherLinear",
     "LocalFisherUnit",
     "OutputFisher",
+    "ReadOnlyTensorError",
     "ReconstructConfig",
     "ReconstructedNetwork",
+    "TransposedLayout",
     "UnitPlan",
     "UnitRoot",
     "lowrank_roots",

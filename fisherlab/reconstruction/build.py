@@ -52,6 +52,7 @@ from fisherlab.reconstruction.parametrize import (
     parametrize_group,
 )
 from fisherlab.structures.base import FisherMatrix
+from fisherlab.structures.kfac import diagonal_input
 from fisherlab.vocabulary import (
     RECONSTRUCTIBLE,
     STRUCTURE_ALIASES,
@@ -238,6 +239,7 @@ def _build_layerwise(net: nn.Module, spec: ParamSpec, struct: FisherMatrix, conf
     kwargs = {"split": config.split, "output": output} if kronecker else {}
     plans = []
     for path, f in struct.factors.items():  # type: ignore[attr-defined]
+        layout = {"transposed": f.weight_transposed, **({"diagonal_input": diagonal_input(f)} if kronecker else {})}
         module = net.get_submodule(path)
         names = tuple(f.param_names)
         factory = LAYER_FORMS.get(type(module))
@@ -246,7 +248,7 @@ def _build_layerwise(net: nn.Module, spec: ParamSpec, struct: FisherMatrix, conf
             net = _replace(net, path, factory(module, output=output, split=config.split, fold=config.fold))
             plans.append(UnitPlan(path, names, ("factors", path), "layer"))
         else:
-            plans.append(_group(net, spec, names, root_cls, ("factors", path), **kwargs))
+            plans.append(_group(net, spec, names, root_cls, ("factors", path), **kwargs, **layout))
     plans += [_group(net, spec, spec.layers()[path], DenseRoot, ("exact_blocks", path))
               for path in struct.exact_blocks]  # type: ignore[attr-defined]
     return net, plans

@@ -13,7 +13,8 @@ is I ⊗ (A + λI) and there is no output layer. ``print(net)`` shows them. One 
 **The interface of the replaced layer.** A layer form keeps the attributes code reads from the layer it replaces:
 ``weight`` and ``bias`` are the *effective* original-coordinate tensors (W̄ = S_s^{-1/2} W̄' A_a^{-1/2}, split back
 into the original weight and bias shapes; ``bias`` None without one), computed from W̄' and the roots on every read
-and differentiable in W̄', and read-only (assigning them raises AttributeError: train ``weight_prime``);
+and differentiable in W̄', and read-only (assigning them raises
+:class:`~fisherlab.reconstruction.ReadOnlyTensorError`, an AttributeError: train ``weight_prime``);
 ``in_features``/``out_features`` (Linear), ``in_channels``/``out_channels`` (Conv) are kept too. So torch's own
 modules that read ``linear1.weight`` / ``linear1.bias`` (``nn.TransformerEncoderLayer``'s fast-path check and fused
 kernel) and user code that reads ``layer.weight`` work on a reconstructed network.
@@ -50,7 +51,15 @@ from torch import Tensor, nn
 from fisherlab.checks import parse_enum
 from fisherlab.errors import InputError
 from fisherlab.linalg import kron_damping_split
-from fisherlab.reconstruction.roots import CombinedLayout, LocalFisherUnit, LowRank, damped_roots, lowrank_roots
+from fisherlab.reconstruction.roots import (
+    CombinedLayout,
+    LocalFisherUnit,
+    LowRank,
+    ReadOnlyTensorError,
+    damped_roots,
+    lowrank_roots,
+    positive_roots,
+)
 from fisherlab.vocabulary import FoldMode
 
 __all__ = [
@@ -71,19 +80,25 @@ FOLD_MODES: tuple[str, ...] = tuple(m.value for m in FoldMode)
 
 
 class FactorRoot(nn.Module):
-    """One Kronecker factor's roots (buffers ``sqrt``, ``inv_sqrt`` of shape (n, n)).
+    """One Kronecker factor's roots (buffers ``sqrt``, ``inv_sqrt`` of shape (n, n), or (n,) when ``diagonal``).
 
     ``inv_sqrt`` is the matrix the module applies (M^{-1/2}, or a triangular factor of M⁻¹ with ``sqrt="cholesky"``)
-    and ``sqrt`` its inverse. A low-rank root (``sqrt="lowrank"``) also keeps ``inv_sqrt`` = s·I + U diag(c) Uᵀ in
-    that form (buffers ``basis`` U (n, k), ``coef`` c (k,), ``shift`` s; None otherwise), which the forward pass
-    and the fold use. The form is a cache of ``inv_sqrt`` and is left out of ``state_dict`` (a state dict loads into
-    a network built with any root method; the dense roots it carries compute the same function).
+    and ``sqrt`` its inverse. A diagonal factor (``diagonal=True``: the input factor of an Embedding under KFAC's
+    "expand", the token frequencies) keeps both roots as their diagonals (n,), so that no n × n matrix is formed
+    (every root method gives the same, exact, diagonal roots). A low-rank root (``sqrt="lowrank"``) also keeps
+    ``inv_sqrt`` = s·I + U diag(c) Uᵀ in that form (buffers ``basis`` U (n, k), ``coef`` c (k,), ``shift`` s; None
+    otherwise), which the forward pass and the fold use. The form is a cache of ``inv_sqrt`` and is left out of
+    ``state_dict`` (a state dict loads into a network built with any root method; the dense roots it carries
+    compute the same function).
     """
 
-    def __init__(self, n: int, dtype: torch.dtype | None = None, device: torch.device | None = None):
+    def __init__(self, n: int, dtype: torch.dtype | None = None, device: torch.device | None = None,
+                 diagonal: bool = False):
         super().__init__()
-        self.register_buffer("sqrt", torch.eye(n, dtype=dtype, device=device))
-        self.register_buffer("inv_sqrt", torch.eye(n, dtype=dtype, device=device))
+        self.diagonal = diagonal
+        one = torch.ones(n, dtype=dtype, device=device) if diagonal else torch.eye(n, dtype=dtype, device=device)
+        self.register_buffer("sqrt", one)
+        self.register_buffer("inv_sqrt", one.clone())
         for name in ("basis", "coef", "shift"):  # a cache of inv_sqrt: not in state_dict, which stays root-agnostic
             self.register_buffer(name, None, persistent=False)
 
@@ -99,13 +114,18 @@ class FactorRoot(nn.Module):
         self.sqrt, self.inv_sqrt = sqrt.to(self.sqrt), inv_sqrt.to(self.inv_sqrt)
         self.basis, self.coef, self.shift = (None,) * 3 if lowrank is None else (t.to(self.sqrt) for t in lowrank)
 
+    def right(self, M: Tensor, power: float, cols: slice = slice(None)) -> Tensor:
+        """M R[:, cols] for matrices M (*B, ·, n), R = :meth:`root` (power); a diagonal R scales M's columns."""
+        R = self.root(power)
+        return M[..., cols] * R[cols] if self.diagonal else M @ R[:, cols]
+
     def _lowrank_rows(self, x: Tensor) -> Tensor:
         """Rows v of x (..., n) ↦ (s·I + U diag(c) Uᵀ) v, in 4nk multiply-adds per row."""
         return self.shift * x + ((x @ self.basis) * self.coef) @ self.basis.mT
 
     def extra_repr(self) -> str:
         rank = "" if self.basis is None else f", rank={self.basis.shape[1]}"
-        return f"size={self.sqrt.shape[0]}{rank}"
+        return f"size={self.sqrt.shape[0]}{rank}{', diagonal' if self.diagonal else ''}"
 
 
 class InputWhitening(FactorRoot):
@@ -115,15 +135,20 @@ class InputWhitening(FactorRoot):
         width: n, the length of ā.
         homogeneous: Whether ā = [a; 1] ends with the constant 1 (the layer has a bias): the module then maps
             inputs (..., n − 1) to (..., n).
+        diagonal: Whether A is diagonal (roots stored as diagonals, :class:`FactorRoot`); not with ``homogeneous``.
     """
 
     def __init__(self, width: int, homogeneous: bool, dtype: torch.dtype | None = None,
-                 device: torch.device | None = None):
-        super().__init__(width, dtype, device)
+                 device: torch.device | None = None, diagonal: bool = False):
+        if diagonal and homogeneous:
+            raise InputError("a diagonal input factor belongs to a layer without bias (one-hot inputs)")
+        super().__init__(width, dtype, device, diagonal)
         self.homogeneous = homogeneous
 
     def forward(self, a: Tensor) -> Tensor:
         """A^{-1/2} ā for inputs a (..., n − homogeneous); returns (..., n)."""
+        if self.diagonal:
+            return a * self.inv_sqrt
         if self.basis is not None:
             return self._lowrank_rows(nnf.pad(a, (0, 1), value=1.0) if self.homogeneous else a)
         Z = self.inv_sqrt
@@ -131,7 +156,7 @@ class InputWhitening(FactorRoot):
 
     def fold(self, W: Tensor) -> Tensor:
         """W A^{-1/2} for a weight W (out, n): the same map applied through the weight."""
-        return W @ self.inv_sqrt if self.basis is None else self._lowrank_rows(W)  # a low-rank root is symmetric
+        return self.right(W, -0.5) if self.basis is None else self._lowrank_rows(W)  # a low-rank root is symmetric
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, homogeneous={self.homogeneous}"
@@ -165,7 +190,7 @@ class OutputFisher(FactorRoot):
 
 def kron_apply(M: Tensor, inp: FactorRoot, out: FactorRoot | None, power: float) -> Tensor:
     """(S^p ⊗ A^p) on combined matrices M (*B, m, n): S^p M A^p (S = I when ``out`` is None)."""
-    M = M @ inp.root(power)
+    M = inp.right(M, power)
     return M if out is None else out.root(power) @ M
 
 
@@ -184,12 +209,26 @@ def kron_update(inp: FactorRoot, out: FactorRoot | None, stats: Mapping[str, Ten
                 method: str, split: str, rank: int = 64) -> None:
     """Set the roots of (S + sI) ⊗ (A + aI) ((a, s) = ``split`` of λ), or of I ⊗ (A + λI) when ``out`` is None.
 
-    ``rank``: k of ``method="lowrank"``.
+    ``rank``: k of ``method="lowrank"``. A diagonal ``inp`` takes A as its diagonal (n,) (an Embedding's token
+    frequencies; its π uses tr A / dim A = mean of the diagonal) and gets the exact roots (A + aI)^{±1/2} whatever
+    ``method``.
+
+    Raises:
+        InputError: A is a diagonal (n,) for a dense ``inp`` or a matrix for a diagonal one.
+        SingularMatrixError: A damped factor is not positive definite.
     """
     A = stats["A"].to(inp.sqrt)
-    da, ds = (damping, 0.0) if out is None else kron_damping_split(A, stats["S"].to(out.sqrt), damping, split)
-    sqrt, inv_sqrt, lowrank = factor_roots(A, da, method, rank)
-    inp.set_roots(sqrt.mT, inv_sqrt.mT, lowrank)  # W̄ = W̄' R_A^{-T}: the input side is transposed
+    if A.dim() != inp.sqrt.dim():
+        raise InputError(f"{type(inp).__name__} ({'diagonal' if inp.diagonal else 'dense'}) got an input factor of "
+                         f"shape {tuple(A.shape)}")
+    trace_like = A.mean().reshape(1, 1) if inp.diagonal else A  # the split reads only tr A / dim A
+    da, ds = (damping, 0.0) if out is None else kron_damping_split(trace_like, stats["S"].to(out.sqrt), damping,
+                                                                    split)
+    if inp.diagonal:
+        inp.set_roots(*positive_roots(A, da, "the diagonal input factor A (token frequencies)"))
+    else:
+        sqrt, inv_sqrt, lowrank = factor_roots(A, da, method, rank)
+        inp.set_roots(sqrt.mT, inv_sqrt.mT, lowrank)  # W̄ = W̄' R_A^{-T}: the input side is transposed
     if out is not None:
         out.set_roots(*factor_roots(stats["S"].to(out.sqrt), ds, method, rank))
 
@@ -231,20 +270,19 @@ class LocalFisherLayer(LocalFisherUnit):
         """The original layer's effective weight (its shape), from W̄' and the roots; read-only."""
         return self.layout.from_matrix(self.effective_weight())[0]
 
-    @weight.setter
-    def weight(self, value: Tensor) -> None:
-        raise AttributeError(f"{type(self).__name__}.weight is the effective original-coordinate weight "
-                             "S^{-1/2} W̄' A^{-1/2}, read-only; the trainable parameter is weight_prime (W̄')")
-
     @property
     def bias(self) -> Tensor | None:
         """The original layer's effective bias (None without one), from W̄' and the roots; read-only."""
         return self.layout.from_matrix(self.effective_weight())[1] if self.has_bias else None
 
-    @bias.setter
-    def bias(self, value: Tensor | None) -> None:
-        raise AttributeError(f"{type(self).__name__}.bias is the effective original-coordinate bias, read-only; "
-                             "the trainable parameter is weight_prime (W̄')")
+    def __setattr__(self, name: str, value: object) -> None:
+        """Refuse ``weight`` / ``bias`` (tensors, parameters or None) with :class:`ReadOnlyTensorError`."""
+        if name in ("weight", "bias"):
+            raise ReadOnlyTensorError(
+                f"{type(self).__name__}.{name} is the effective original-coordinate {name} (from "
+                "S^{-1/2} W̄' A^{-1/2}), read-only: train weight_prime (W̄'), or set θ with "
+                "ReconstructedNetwork.load_original")
+        super().__setattr__(name, value)
 
     def primes(self) -> list[Tensor]:
         return [self.weight_prime]

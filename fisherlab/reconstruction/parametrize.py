@@ -18,6 +18,8 @@ Roots (G_g + λI in each case, except Kronecker: see :class:`KroneckerRoot`), wi
 * :class:`DenseRoot` — any SPD matrix over the group vector; ``G`` (P_g, P_g).
 * :class:`DiagonalRoot` — diag(d); ``diagonal`` (P_g,).
 * :class:`KroneckerRoot` — (S + sI) ⊗ (A + aI) on the row-major W̄ = [W_flat, b]; ``A`` (n, n), ``S`` (m, m).
+  An Embedding's W̄ is its weight transposed (``transposed=True``) and, under KFAC's "expand", its A is diagonal
+  (``diagonal_input=True``: ``A`` given as its diagonal (n,)).
 * :class:`EigenbasisRoot` — (Q_S ⊗ Q_A) diag(vec D) (Q_S ⊗ Q_A)ᵀ on W̄; ``Q_A``, ``Q_S``, ``scaling`` D (m, n).
 * :class:`UnitRoot` — one dense (n, n) block per row of W̄ (output unit); ``blocks`` (m, n, n).
 
@@ -39,6 +41,8 @@ from fisherlab.reconstruction.local_layers import InputWhitening, OutputFisher, 
 from fisherlab.reconstruction.roots import (
     CombinedLayout,
     LocalFisherUnit,
+    ReadOnlyTensorError,
+    TransposedLayout,
     batched_damped_roots,
     damped_roots,
     flatten,
@@ -137,11 +141,17 @@ class DiagonalRoot(FisherRoot):
 
 
 class _MatrixRoot(FisherRoot):
-    """A root acting on the combined matrix W̄ (m, n) of tensors that share their leading dimension."""
+    """A root acting on the combined matrix W̄ (m, n) of tensors that share their leading dimension.
 
-    def __init__(self, shapes: Sequence[torch.Size], dtype: torch.dtype, device: torch.device | None = None):
+    ``transposed``: the group is one 2-D weight whose W̄ is its transpose (:class:`TransposedLayout`, an Embedding).
+    """
+
+    def __init__(self, shapes: Sequence[torch.Size], dtype: torch.dtype, device: torch.device | None = None,
+                 transposed: bool = False):
         super().__init__(shapes, dtype, device)
-        self.layout = CombinedLayout(self.shapes)
+        if transposed and len(self.shapes) != 1:
+            raise InputError(f"a transposed W̄ is one weight; got shapes {[tuple(s) for s in self.shapes]}")
+        self.layout = TransposedLayout(self.shapes[0]) if transposed else CombinedLayout(self.shapes)
 
     def _apply_rows(self, V: Tensor, power: float) -> Tensor:
         return self.layout.matrix_to_flat(self._apply_matrix(self.layout.flat_to_matrix(V), power))
@@ -165,14 +175,17 @@ class KroneckerRoot(_MatrixRoot):
         device: Buffer device.
         split: Damping split between A and S.
         output: Whether the metric has an output factor S (False: input whitening only).
+        transposed: W̄ is the one member transposed (an Embedding's weight (V, d): W̄ (d, V)).
+        diagonal_input: A is diagonal and given as its diagonal (n,) (an Embedding under "expand").
     """
 
     def __init__(self, shapes: Sequence[torch.Size], dtype: torch.dtype, device: torch.device | None = None,
-                 *, split: str = "pi", output: bool = True):
-        super().__init__(shapes, dtype, device)
+                 *, split: str = "pi", output: bool = True, transposed: bool = False, diagonal_input: bool = False):
+        super().__init__(shapes, dtype, device, transposed)
         self.split = split
         self.statistics = ("A", "S") if output else ("A",)
-        self.input_whitening = InputWhitening(self.layout.n, homogeneous=False, dtype=dtype, device=device)
+        self.input_whitening = InputWhitening(self.layout.n, homogeneous=False, dtype=dtype, device=device,
+                                              diagonal=diagonal_input)
         self.output_fisher = OutputFisher(self.layout.rows, dtype=dtype, device=device) if output else None
 
     def _apply_matrix(self, M: Tensor, power: float) -> Tensor:
@@ -180,10 +193,10 @@ class KroneckerRoot(_MatrixRoot):
 
     def member(self, k: int, primes: Sequence[Tensor]) -> Tensor:
         a, b = self.layout.edges[k], self.layout.edges[k + 1]
-        out = self.layout.to_matrix(primes) @ self.input_whitening.inv_sqrt[:, a:b]
+        out = self.input_whitening.right(self.layout.to_matrix(primes), -0.5, slice(a, b))
         if self.output_fisher is not None:
             out = self.output_fisher.fold(out)
-        return out.reshape(self.shapes[k])
+        return self.layout.member_from_columns(k, out)
 
     def update(self, stats: Mapping[str, Tensor], damping: float, method: str, rank: int = 64) -> None:
         self._check_stats(stats)
@@ -200,8 +213,9 @@ class EigenbasisRoot(_MatrixRoot):
 
     statistics = ("Q_A", "Q_S", "scaling")
 
-    def __init__(self, shapes: Sequence[torch.Size], dtype: torch.dtype, device: torch.device | None = None):
-        super().__init__(shapes, dtype, device)
+    def __init__(self, shapes: Sequence[torch.Size], dtype: torch.dtype, device: torch.device | None = None,
+                 transposed: bool = False):
+        super().__init__(shapes, dtype, device, transposed)
         m, n = self.layout.rows, self.layout.n
         self.register_buffer("q_a", self._eye(n))
         self.register_buffer("q_s", self._eye(m))
@@ -215,7 +229,7 @@ class EigenbasisRoot(_MatrixRoot):
     def member(self, k: int, primes: Sequence[Tensor]) -> Tensor:
         a, b = self.layout.edges[k], self.layout.edges[k + 1]
         inner = (self.q_s.T @ self.layout.to_matrix(primes) @ self.q_a) * self.scaling_inv_sqrt
-        return (self.q_s @ inner @ self.q_a[a:b].T).reshape(self.shapes[k])
+        return self.layout.member_from_columns(k, self.q_s @ inner @ self.q_a[a:b].T)
 
     def update(self, stats: Mapping[str, Tensor], damping: float, method: str, rank: int = 64) -> None:
         self._check_stats(stats)
@@ -232,8 +246,9 @@ class UnitRoot(_MatrixRoot):
 
     statistics = ("blocks",)
 
-    def __init__(self, shapes: Sequence[torch.Size], dtype: torch.dtype, device: torch.device | None = None):
-        super().__init__(shapes, dtype, device)
+    def __init__(self, shapes: Sequence[torch.Size], dtype: torch.dtype, device: torch.device | None = None,
+                 transposed: bool = False):
+        super().__init__(shapes, dtype, device, transposed)
         m, n = self.layout.rows, self.layout.n
         self.register_buffer("sqrt", self._eye(n).expand(m, n, n).clone())
         self.register_buffer("inv_sqrt", self._eye(n).expand(m, n, n).clone())
@@ -245,7 +260,7 @@ class UnitRoot(_MatrixRoot):
     def member(self, k: int, primes: Sequence[Tensor]) -> Tensor:
         a, b = self.layout.edges[k], self.layout.edges[k + 1]
         out = torch.einsum("mij,mj->mi", self.inv_sqrt[:, a:b], self.layout.to_matrix(primes))
-        return out.reshape(self.shapes[k])
+        return self.layout.member_from_columns(k, out)
 
     def update(self, stats: Mapping[str, Tensor], damping: float, method: str, rank: int = 64) -> None:
         self._check_stats(stats)
@@ -260,8 +275,9 @@ class FisherParametrization(nn.Module):
 
     Registered with ``torch.nn.utils.parametrize`` (the module's ``original`` is T'). The root is a submodule of
     member 0's parametrization only (the others refer to it without registering it), so its buffers appear once
-    in ``named_buffers()`` and ``state_dict()`` and are never tied. Assigning to the parametrized tensor is not
-    supported (use :meth:`~fisherlab.reconstruction.ReconstructedNetwork.load_original`).
+    in ``named_buffers()`` and ``state_dict()`` and are never tied. The parametrized tensor is read-only: assigning
+    it raises :class:`~fisherlab.reconstruction.ReadOnlyTensorError` (use
+    :meth:`~fisherlab.reconstruction.ReconstructedNetwork.load_original`).
     """
 
     def __init__(self, root: FisherRoot, index: int):
@@ -271,6 +287,7 @@ class FisherParametrization(nn.Module):
         else:
             self._root = (root,)
         self.index = index
+        self.registered = False  # set by parametrize_group once registered: assignments are refused from then on
 
     @property
     def group(self) -> FisherRoot:
@@ -282,6 +299,19 @@ class FisherParametrization(nn.Module):
         root = self.group
         primes = [original if i == self.index else m.original for i, m in enumerate(root._members)]
         return root.member(self.index, primes).contiguous()  # e.g. a strided conv weight is much slower
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        """Refuse assignment to the parametrized tensor (ReadOnlyTensorError); at registration, the identity.
+
+        ``torch.nn.utils.parametrize`` calls this once while registering (θ' is then set by
+        :func:`parametrize_group`) and on every later assignment ``module.<name> = value``.
+        """
+        if self.registered:
+            raise ReadOnlyTensorError(
+                f"this tensor is the effective original-coordinate tensor T = [G^{{-1/2}} θ']_{self.index} of a "
+                f"{type(self.group).__name__} local Fisher unit, read-only: train its parametrizations.<name>."
+                "original (θ'), or set θ with ReconstructedNetwork.load_original")
+        return value
 
     def extra_repr(self) -> str:
         return f"member {self.index} of {type(self.group).__name__}"
@@ -316,6 +346,8 @@ def parametrize_group(model: nn.Module, names: Sequence[str], root: FisherRoot) 
     for k, name in enumerate(names):
         owner, _, attr = name.rpartition(".")
         module = model.get_submodule(owner)
-        parametrize.register_parametrization(module, attr, FisherParametrization(root, k), unsafe=True)
+        parametrization = FisherParametrization(root, k)
+        parametrize.register_parametrization(module, attr, parametrization, unsafe=True)
+        parametrization.registered = True
         root._members.append(module.parametrizations[attr])
     root.load_theta(flatten(theta, root.shapes))

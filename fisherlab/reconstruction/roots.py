@@ -20,7 +20,8 @@ vector instead of O(n²); every other block gets eigh roots.
 
 :class:`CombinedLayout` writes tensors that share their leading dimension m (a weight (m, ...) and its bias (m,))
 as one matrix W̄ = [W.reshape(m, -1), b] of shape (m, n): the layout of Kronecker, eigenbasis and unit-wise
-metrics, whose factors act on the rows (S, m×m) and columns (A, n×n) of W̄.
+metrics, whose factors act on the rows (S, m×m) and columns (A, n×n) of W̄. :class:`TransposedLayout` is the
+layout of a single weight whose W̄ is its transpose (``nn.Embedding``: weight (V, d), W̄ = weightᵀ (d, V)).
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ from torch import Tensor, nn
 from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError
 from fisherlab.linalg import ConvergenceError, sqrtm, top_eigh
 from fisherlab.vocabulary import RootMethod
+
+
+class ReadOnlyTensorError(InputError, AttributeError):
+    """Assignment to an effective original-coordinate tensor of a reconstructed network (``layer.weight``).
+
+    Such a tensor is computed from the reconstructed coordinates θ' and the roots on every read; set θ with
+    :meth:`~fisherlab.reconstruction.ReconstructedNetwork.load_original` or train θ'. An InputError and an
+    AttributeError (what assigning a read-only attribute raises in Python).
+    """
+
 
 #: Exponents a unit's root can be applied with: R ~ G^{1/2} (original → reconstructed) and R⁻¹ ~ G^{-1/2} (back).
 POWERS = (0.5, -0.5)
@@ -236,6 +247,10 @@ class CombinedLayout:
         spans = zip(self.edges[:-1], self.edges[1:], self.shapes, strict=True)
         return [M[..., a:b].reshape(*batch, *s) for a, b, s in spans]
 
+    def member_from_columns(self, k: int, M: Tensor) -> Tensor:
+        """Tensor k (its shape) from the columns ``edges[k]:edges[k+1]`` of W̄ (m, n_k)."""
+        return M.reshape(self.shapes[k])
+
     def flat_to_matrix(self, v: Tensor) -> Tensor:
         """Group vectors (*B, P_g) (tensors flattened and concatenated) → W̄ (*B, m, n)."""
         return self.to_matrix(unflatten(v, self.shapes))
@@ -243,6 +258,31 @@ class CombinedLayout:
     def matrix_to_flat(self, M: Tensor) -> Tensor:
         """W̄ (*B, m, n) → group vectors (*B, P_g)."""
         return flatten(self.from_matrix(M), self.shapes)
+
+
+class TransposedLayout(CombinedLayout):
+    """One weight T of shape (n, m) viewed as W̄ = Tᵀ (m, n) (an ``nn.Embedding``'s weight (V, d): W̄ (d, V)).
+
+    ``shapes`` is T's shape (group vectors list T row-major); ``rows`` = m and ``n`` are those of W̄.
+
+    Args:
+        shape: T's shape (n, m).
+    """
+
+    def __init__(self, shape: torch.Size):
+        if len(shape) != 2:
+            raise InputError(f"a transposed layout needs one 2-D weight; got shape {tuple(shape)}")
+        super().__init__([torch.Size((shape[1], shape[0]))])
+        self.shapes = (torch.Size(shape),)
+
+    def to_matrix(self, tensors: Sequence[Tensor]) -> Tensor:
+        return tensors[0].transpose(-1, -2)
+
+    def from_matrix(self, M: Tensor) -> list[Tensor]:
+        return [M.transpose(-1, -2)]
+
+    def member_from_columns(self, k: int, M: Tensor) -> Tensor:
+        return M.transpose(-1, -2)
 
 
 def flatten(tensors: Sequence[Tensor], shapes: Sequence[torch.Size]) -> Tensor:
