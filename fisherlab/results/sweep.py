@@ -146,8 +146,8 @@ def open_sweep(store: ResultsStore, keys: Iterable[str] | None = None, *, dim: s
     try:
         import dask  # noqa: F401 - xarray's lazy combination runs on it
     except ImportError:
-        raise InputError("open_sweep needs dask to combine the files lazily (pip install "fisherlab[sweeps]", or pip install dask); "
-                         "store.load_all() loads them eagerly") from None
+        raise InputError("open_sweep needs dask to combine the files lazily (pip install 'fisherlab[sweeps]', or "
+                         "pip install dask); store.load_all() loads them eagerly") from None
     keys = store.keys() if keys is None else [str(k) for k in keys]
     if not keys:
         raise InputError(f"store {store.directory} holds no entries to open")
