@@ -87,6 +87,16 @@ def test_golden(golden):
 PLUGIN_ARGS = ("-p", "no:fisherlab", "-p", "fisherlab.pytest_plugin", "-p", "no:cacheprovider")
 
 
+@pytest.fixture(autouse=True)
+def no_other_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inner sessions load only the plugin under test: no other installed pytest11 plugin autoloads.
+
+    pytester's in-process runs drop the modules they imported afterwards, so an autoloaded plugin that imports
+    its package late (hypothesis: ~150 modules, assertion-rewritten) was imported again by every run.
+    """
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+
+
 def test_plugin_writes_compares_and_reports(pytester):
     pytester.makepyfile(test_demo=TEST_FILE.format(value=0.5))
     missing = pytester.runpytest(*PLUGIN_ARGS)
