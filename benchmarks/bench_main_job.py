@@ -3,11 +3,12 @@
 Both trees run the same command (``python -m fisherlab fidelity --out DIR --overwrite`` plus ``--args``) as a
 fresh process each, alternately (base, new, base, new, ...), so that a change in machine load hits both alike;
 the table gives the median of each part's seconds (the ``[part] done in`` lines of the job), of the rest (imports,
-report with its figures, headline) and of the wall time, the ratio new/base of the medians, and the load average
-before each run. The base tree is a temporary ``git worktree`` of ``--base`` (removed at the end); the new tree is
-this repository, or ``--new``. Each process imports the fisherlab of its own tree (run from it, with it first on
-PYTHONPATH). After the last round the Datasets of the two last runs are compared variable by variable (max
-relative difference |new − base| / max(|base|, tiny) over finite entries; non-finite entries must agree).
+report with its figures, headline), of the wall time and of the CPU time (user + system, all threads), the ratio
+new/base of the medians, and the load average before each run. The base tree is a temporary ``git worktree`` of
+``--base`` (removed at the end); the new tree is this repository, or ``--new``. Each process imports the
+fisherlab of its own tree (run from it, with it first on PYTHONPATH). After the last round the Datasets of the two
+last runs are compared variable by variable (max relative difference |new − base| / max(|base|, tiny) over finite
+entries; non-finite entries must agree).
 
     python benchmarks/bench_main_job.py [--base HEAD~1] [--repeats 3] [--new PATH] [--args "--steps 20"]
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shlex
 import statistics
 import subprocess
@@ -28,20 +30,29 @@ from pathlib import Path
 import numpy as np
 
 PARTS = ("fidelity", "trajectory", "geometry", "spectrum")
+COLUMNS = (*PARTS, "rest", "total", "cpu")
 DONE = re.compile(r"^\[(\w+)\] done in ([0-9.]+) s", re.MULTILINE)
 
 
 def run_job(tree: Path, out: Path, args: list[str]) -> dict[str, float]:
-    """Run the main job of ``tree`` into ``out``; seconds per part, ``rest`` and ``total`` (wall)."""
+    """Run the main job of ``tree`` into ``out``; seconds per part, ``rest``, ``total`` (wall) and ``cpu``.
+
+    ``cpu``: the process's user + system CPU seconds (all its threads), less sensitive to the machine's load than
+    the wall time when other processes compete for the cores.
+    """
     env = {**os.environ, "PYTHONPATH": str(tree)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "fisherlab", "fidelity", "--out", str(out), "--overwrite", *args],
                           cwd=tree, env=env, capture_output=True, text=True)
     total = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         sys.exit(f"the main job of {tree} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     parts = {name: float(sec) for name, sec in DONE.findall(proc.stdout)}
-    return {**{p: parts.get(p, float("nan")) for p in PARTS}, "rest": total - sum(parts.values()), "total": total}
+    return {**{p: parts.get(p, float("nan")) for p in PARTS}, "rest": total - sum(parts.values()), "total": total,
+            "cpu": cpu}
 
 
 def compare(base: Path, new: Path) -> list[tuple[str, str, float]]:
@@ -67,6 +78,21 @@ def compare(base: Path, new: Path) -> list[tuple[str, str, float]]:
                 diff = np.abs(y[finite] - x[finite]) / scale
                 rows.append((f.stem, name, float(diff.max()) if diff.size else 0.0))
     return rows
+
+
+def phases(base: Path, new: Path, top: int = 8) -> None:
+    """Print the ``timings`` attribute (seconds per phase) of each part of the last runs, the longest first."""
+    import json
+
+    import xarray as xr
+
+    for f in sorted(base.glob("*.nc")):
+        with xr.open_dataset(f) as a, xr.open_dataset(new / f.name) as b:
+            if "timings" not in a.attrs or "timings" not in b.attrs:
+                continue
+            ta, tb = json.loads(a.attrs["timings"]), json.loads(b.attrs["timings"])
+        print(f"   {f.stem}: " + ", ".join(f"{k} {ta.get(k, 0.0):.1f} → {tb.get(k, 0.0):.1f}"
+                                         for k in sorted(set(ta) | set(tb), key=lambda k: -ta.get(k, 0.0))[:top]))
 
 
 def main() -> None:
@@ -95,9 +121,9 @@ def main() -> None:
                     t = run_job(tree, Path(tmp) / f"out_{label}", extra)
                     times[label].append(t)
                     print(f"   run {k + 1} {label:4s} load {load:4.1f}: "
-                          + "  ".join(f"{p} {t[p]:6.1f}" for p in (*PARTS, "rest", "total")), flush=True)
+                          + "  ".join(f"{p} {t[p]:6.1f}" for p in COLUMNS), flush=True)
             print(f"\n{'part':12s} {'base s':>8s} {'new s':>8s} {'new/base':>9s}   (medians)")
-            for p in (*PARTS, "rest", "total"):
+            for p in COLUMNS:
                 b = statistics.median(t[p] for t in times["base"])
                 n = statistics.median(t[p] for t in times["new"])
                 print(f"{p:12s} {b:8.1f} {n:8.1f} {n / b:9.2f}")
@@ -107,6 +133,8 @@ def main() -> None:
                   f"{worst[2]:.2e}):")
             for f, name, d in rows:
                 print(f"   {f:10s} {name:28s} {d:.2e}")
+            print("\nlongest phases of the last runs (Dataset attribute timings, s, base → new):")
+            phases(Path(tmp) / "out_base", Path(tmp) / "out_new")
         finally:
             subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(base)], check=False,
                            capture_output=True)

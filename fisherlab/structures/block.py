@@ -48,8 +48,9 @@ class BlockDiagonalFisher(FisherMatrix):
 
     @classmethod
     def from_dense(cls, dense: FisherMatrix, by: str = "layer") -> BlockDiagonalFisher:
-        """The diagonal blocks of a dense Fisher already built (no pass over the data; the same blocks as
-        :meth:`from_engine` on its engine, to round-off: the sums are only ordered differently).
+        """The diagonal blocks of a dense Fisher already built, with no pass over the data.
+
+        The same blocks as :meth:`from_engine` on its engine, to round-off (the sums are only ordered differently).
 
         Args:
             dense: A :class:`~fisherlab.structures.dense.DenseFisher` (any structure whose ``to_dense`` is cheap).
