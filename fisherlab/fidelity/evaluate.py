@@ -33,7 +33,7 @@ from fisherlab.errors import (
 )
 from fisherlab.fidelity import metrics
 from fisherlab.fidelity.rules import ReconstructedGD, Rule, RuleContext, UpdateRule, check_rules
-from fisherlab.likelihoods import Likelihood
+from fisherlab.likelihoods import Likelihood, TokenLikelihood
 from fisherlab.ngd import ITERATIVE_SOLVERS, NGDSolver
 
 #: Errors that make one rule unavailable at a state without invalidating the others (its structure does not fit
@@ -102,7 +102,7 @@ def measure(ctx: RuleContext, rules: Mapping[str, UpdateRule], dampings: Sequenc
     M, D, L = len(rules), len(dampings), len(spec.layers())
     out = {name: np.full((M, D), np.nan) for name in METRIC_VARS}
     out["cosine_layer"] = np.full((M, D, L), np.nan)
-    reasons = [""] * M
+    reasons = [sequence_reason(rule, engine) for rule in rules.values()]
     F = ctx.fisher()
     loss, g = ctx.loss_and_gradient()
     z0, y = ctx.outputs_and_targets()
@@ -129,8 +129,8 @@ def measure(ctx: RuleContext, rules: Mapping[str, UpdateRule], dampings: Sequenc
                                      f"damping {lam:g}")
             with ctx.timed("measured KL"):
                 z1 = ctx.outputs_after(u)
-                measured.append(torch.stack([metrics.measured_kl(ctx.likelihood, z0, z1, count),
-                                             metrics.loss_change(ctx.likelihood, z0, z1, y, count)]))
+                measured.append(torch.stack([metrics.measured_kl(engine.likelihood, z0, z1, count, y),
+                                             metrics.loss_change(engine.likelihood, z0, z1, y, count)]))
             done.append(i)
             columns.append(u)
         if not done:
@@ -174,6 +174,18 @@ def measure(ctx: RuleContext, rules: Mapping[str, UpdateRule], dampings: Sequenc
     data["loss"] = ((), np.array(float(loss)))
     data["grad_norm"] = ((), np.array(float(g.norm())))
     return data
+
+
+def sequence_reason(rule: UpdateRule, engine: Any) -> str:
+    """Why ``rule`` cannot run on the engine's model: a reconstructed network on a sequence model; else ``""``.
+
+    The training of reconstructed networks does not take sequence outputs (N, T, C) yet (docs/sequences.md), so
+    the ``sngd-*`` rules are recorded unavailable there rather than raising mid-evaluation.
+    """
+    if isinstance(rule, ReconstructedGD) and isinstance(engine.likelihood, TokenLikelihood):
+        return ("reconstructed networks do not take sequence outputs (N, T, C) yet: their training "
+                "(ReconstructedNetwork.prime_gradient) refuses them (docs/sequences.md)")
+    return ""
 
 
 def check_distributable(rules: Mapping[str, UpdateRule]) -> None:
@@ -302,4 +314,5 @@ def fidelity_dataset(kind: str, data_vars: dict, coords: dict, **kwargs: Any) ->
 
 
 __all__ = ["ANNOTATIONS", "DEFAULT_RULES", "METRIC_VARS", "SCALE_FREE_METRICS", "UNAVAILABLE",
-           "check_distributable", "evaluate_fidelity", "fidelity_dataset", "measure", "solver_attrs"]
+           "check_distributable", "evaluate_fidelity", "fidelity_dataset", "measure", "sequence_reason",
+           "solver_attrs"]

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fisherlab.errors import InputError
+from fisherlab.likelihoods import TokenLikelihood
 from fisherlab.params import ParamSpec
 
 #: Anything that multiplies (P, k) matrices by the Fisher: a tensor, a FisherMatrix, or a callable W -> F W.
@@ -133,29 +134,41 @@ def _mean(per_sample: Tensor, count: int | None) -> Tensor:
     return per_sample.mean() if count is None else per_sample.sum() / count
 
 
-def measured_kl(likelihood: object, z_before: Tensor, z_after: Tensor, count: int | None = None) -> Tensor:
+def measured_kl(likelihood: object, z_before: Tensor, z_after: Tensor, count: int | None = None,
+                y: Tensor | None = None) -> Tensor:
     """Mean over the batch of KL(p(· | z_before) ‖ p(· | z_after)) (nats); 0-dim tensor.
+
+    For a sequence model (``likelihood`` a :class:`~fisherlab.likelihoods.TokenLikelihood`, outputs flattened to
+    (N, T·C)) each sample's KL is c Σ_t m_nt KL_nt with c = N / N_tok, so the mean is the mean KL per counted token
+    (docs/sequences.md); ``y`` gives the token mask m.
 
     Args:
         likelihood: A :class:`~fisherlab.likelihoods.Likelihood` (its ``kl``).
-        z_before: Outputs before the step, (N, C).
-        z_after: Outputs after the step, (N, C).
+        z_before: Outputs before the step, (N, C) (a sequence model: (N, T·C)).
+        z_after: Outputs after the step, same shape.
         count: Divide the sum over these N samples by ``count`` instead of N: in a data-parallel run, the global
             number of samples, so that the ranks' results sum (all-reduced) to the global mean.
+        y: Canonical targets (``likelihood.check_targets``), passed on to a likelihood whose ``kl`` takes them
+            (a TokenLikelihood: for its mask of ignored tokens); ignored by the others.
     """
     if z_before.shape != z_after.shape:
         raise InputError(f"outputs before {tuple(z_before.shape)} and after {tuple(z_after.shape)} the step differ")
+    if isinstance(likelihood, TokenLikelihood):
+        return _mean(likelihood.kl(z_before, z_after, y), count)
     return _mean(likelihood.kl(z_before, z_after), count)  # type: ignore[attr-defined]
 
 
 def loss_change(likelihood: object, z_before: Tensor, z_after: Tensor, y: Tensor, count: int | None = None) -> Tensor:
     """L(θ + u) − L(θ) with L the mean negative log-likelihood (nats per sample); negative is a decrease.
 
+    For a sequence model (a :class:`~fisherlab.likelihoods.TokenLikelihood` on outputs (N, T·C)) L is the mean
+    over the counted tokens, as the training loss.
+
     Args:
         likelihood: A :class:`~fisherlab.likelihoods.Likelihood` (its ``nll``).
-        z_before: Outputs before the step, (N, C).
-        z_after: Outputs after the step, (N, C).
-        y: Targets (N, ...).
+        z_before: Outputs before the step, (N, C) (a sequence model: (N, T·C)).
+        z_after: Outputs after the step, same shape.
+        y: Canonical targets (N, ...) (``likelihood.check_targets``; a sequence model: labels (N, T)).
         count: As for :func:`measured_kl`.
     """
     nll = likelihood.nll  # type: ignore[attr-defined]
