@@ -17,7 +17,9 @@ batches in the same order. Rules (λ = ``damping``, η = ``lr``, g = the batch g
               ``"dense"`` multiplies the inverses into the gradient matrix (out·n·(out + n) multiply-adds, as K-FAC
               implementations do); ``"factored"`` (Linear layers) uses ∇W̄ = Δᵀ Ā, the layer's output gradients
               Δ and inputs Ā (rows × out, rows × n), as (S⁻¹Δᵀ)(Ā A⁻¹) — rows·(out² + n² + out·n); ``"auto"``
-              (default) takes the cheaper per layer and step
+              (default) takes the cheaper per layer and step. An Embedding's A is diagonal (token counts) and is
+              inverted as one; the exact blocks B that KFAC keeps for LayerNorm/RMSNorm take (B + λI)⁻¹ g_B, so
+              every parameter is updated
 ``sngd``      plain SGD on :func:`fisherlab.reconstruction.reconstruct` (``structure``), built on the first batch and
               refreshed on the current batch every ``refresh_every`` steps
 ============  =====================================================================================================
@@ -64,13 +66,14 @@ from fisherlab.data import SplitData, iterate_minibatches
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError
 from fisherlab.fisher_matrix import fisher
-from fisherlab.layers import LayerCapture, expand_input, from_combined, to_combined
+from fisherlab.layers import LayerCapture, LayerLayout, expand_input
 from fisherlab.likelihoods import Likelihood, get_likelihood
 from fisherlab.linalg import damped_solve, kron_damping_split
 from fisherlab.ngd import NGDSolver, solve_ngd
 from fisherlab.params import ParamSpec
 from fisherlab.progress import bar as progress_bar
 from fisherlab.results import NATS, annotate, new_dataset
+from fisherlab.structures.kfac import diagonal_input
 from fisherlab.vocabulary import FisherKind, KFACPrecondition
 
 __all__ = ["KFAC_PRECONDITION", "RULES", "best_runs", "compare", "sweep_lr", "train"]
@@ -135,7 +138,20 @@ def _evaluate(model: nn.Module, lik: Likelihood, X: Tensor, y: Tensor, task: str
 
 
 def _damped_inverse(M: Tensor, damping: float) -> Tensor:
-    """(M + λI)⁻¹ by Cholesky in float64 (as the reconstructed network's roots), returned in M's dtype."""
+    """(M + λI)⁻¹ by Cholesky in float64 (as the reconstructed network's roots), returned in M's dtype.
+
+    A diagonal M given as its diagonal (n,) gives the diagonal of the inverse (n,).
+
+    Raises:
+        SingularMatrixError: M + λI is not (numerically) positive definite.
+    """
+    if M.dim() == 1:
+        shifted = M.double() + damping
+        low = float(shifted.min())
+        if not low > 0:
+            raise SingularMatrixError(f"a diagonal KFAC factor + {damping:g}·I is singular (smallest entry {low:.3e}: "
+                                      "an Embedding id that never occurs in the batch); pass damping > 0")
+        return shifted.reciprocal().to(M.dtype)
     eye = torch.eye(M.shape[0], dtype=torch.float64, device=M.device)
     return damped_solve(M.double(), eye, damping).to(M.dtype)
 
@@ -179,31 +195,40 @@ class _NGDStepper(_Stepper):
 
 
 class _LayerInverses(NamedTuple):
-    """A KFAC layer and its damped factor inverses (A + aI)⁻¹ (n, n) and (S + sI)⁻¹ (out, out)."""
+    """A KFAC layer, its flat indices (P_l,) and damped factor inverses.
+
+    ``A_inv`` is (A + aI)⁻¹ (width, width), or for a diagonal A (an Embedding's token counts, stored as its
+    diagonal) the diagonal of (A + aI)⁻¹ (width,); ``S_inv`` is (S + sI)⁻¹ (out, out).
+    """
 
     module: nn.Module
-    has_bias: bool
+    layout: LayerLayout
+    index: Tensor
     A_inv: Tensor
     S_inv: Tensor
 
-    def params(self) -> list[Tensor]:
-        """The layer's weight and (if any) bias, in W̄ column order."""
-        return [self.module.weight, self.module.bias] if self.has_bias else [self.module.weight]
+
+def _times_A_inv(M: Tensor, A_inv: Tensor) -> Tensor:
+    """M (rows, width) times (A + aI)⁻¹, given as a matrix (width, width) or as its diagonal (width,)."""
+    return M * A_inv if A_inv.dim() == 1 else M @ A_inv
 
 
 class _KFACStepper(_Stepper):
-    """KFAC-NGD with the damped factor inverses cached between refreshes; updates each layer's W̄ in place.
+    """KFAC-NGD with the damped inverses cached between refreshes; every parameter of the model is updated.
 
-    ``precondition`` (:data:`KFAC_PRECONDITION`) says how S⁻¹ ∇W̄ A⁻¹ is formed: from the gradient matrix
-    (``"dense"``), or for Linear layers from the output-gradient and input rows (``"factored"``), or the cheaper of
-    the two per layer (``"auto"``); all give the same step.
+    Layers with Kronecker factors take (S + sI)⁻¹ ∇W̄ (A + aI)⁻¹; the exact blocks B that KFAC keeps for
+    LayerNorm/RMSNorm parameters take (B + λI)⁻¹ g_B. ``precondition`` (:data:`KFAC_PRECONDITION`) says how
+    S⁻¹ ∇W̄ A⁻¹ is formed: from the gradient matrix (``"dense"``), or for Linear layers from the output-gradient
+    and input rows (``"factored"``), or the cheaper of the two per layer (``"auto"``); all give the same step.
     """
 
     def __init__(self, model: nn.Module, lik: Likelihood, lr: float, damping: float, kind: str, split: str,
                  seed: int, precondition: str = "auto"):
         self.model, self.lik, self.lr, self.damping, self.kind, self.split = model, lik, lr, damping, kind, split
         self.seed, self.refreshes, self.precondition = seed, 0, precondition
+        self.spec = ParamSpec.from_model(model)
         self.inverses: dict[str, _LayerInverses] = {}
+        self.exact: dict[str, tuple[Tensor, Tensor]] = {}  # path → (flat indices, (B + λI)⁻¹)
 
     def _refresh(self, x: Tensor, y: Tensor) -> None:
         """Factors on the batch (MC labels of refresh k seeded with seed + k, as a reconstructed network's)."""
@@ -211,11 +236,13 @@ class _KFACStepper(_Stepper):
         self.refreshes += 1
         self.inverses = {}
         for path, f in kfac.factors.items():
-            module = self.model.get_submodule(path)
-            if not f.has_weight or f.has_bias != (getattr(module, "bias", None) is not None):
-                raise InputError(f"kfac-ngd updates whole layers; layer {path!r} has a frozen weight or bias")
-            a, s = kron_damping_split(f.A, f.S, self.damping, self.split)
-            self.inverses[path] = _LayerInverses(module, f.has_bias, _damped_inverse(f.A, a), _damped_inverse(f.S, s))
+            # the π split reads A only through tr A / dim A: a diagonal A enters as its mean (1 × 1)
+            a, s = kron_damping_split(f.A.mean().reshape(1, 1) if diagonal_input(f) else f.A, f.S, self.damping,
+                                      self.split)
+            self.inverses[path] = _LayerInverses(self.model.get_submodule(path), f, kfac.index[path],
+                                                 _damped_inverse(f.A, a), _damped_inverse(f.S, s))
+        self.exact = {path: (kfac.index[path], _damped_inverse(B, self.damping))
+                      for path, B in kfac.exact_blocks.items()}
 
     def _factored(self, inputs: Tensor, layer: _LayerInverses) -> bool:
         """Whether (S⁻¹Δᵀ)(ĀA⁻¹) is used for a Linear layer with these input rows (cheaper, or forced)."""
@@ -225,32 +252,39 @@ class _KFACStepper(_Stepper):
         return rows * (m * m + n * n + m * n) < m * n * (m + n)
 
     def step(self, x: Tensor, y: Tensor, refresh: bool) -> tuple[Tensor, bool]:
-        if refresh or not self.inverses:
+        if refresh or self.refreshes == 0:
             self._refresh(x, y)
             refresh = True
-        linear = [p for p, layer in self.inverses.items() if type(layer.module) is nn.Linear]
+        spec = self.spec
+        linear = [p for p, layer in self.inverses.items()
+                  if type(layer.module) is nn.Linear and layer.layout.has_weight]
         with LayerCapture(self.model, [] if self.precondition == "dense" else linear) as cap:
             loss = self.lik.nll(self.model(x), y).mean()
         factored = [p for p, (inputs, _) in cap.records.items() if self._factored(inputs, self.inverses[p])]
-        dense = [p for p in self.inverses if p not in factored]
-        params = [t for p in dense for t in self.inverses[p].params()]
-        grads = iter(torch.autograd.grad(loss, [cap.records[p][1] for p in factored] + params))
+        skip = {n for p in factored for n in self.inverses[p].layout.param_names}
+        rest = [n for n in spec.names if n not in skip]
+        params = dict(self.model.named_parameters())
+        grads = torch.autograd.grad(loss, [cap.records[p][1] for p in factored] + [params[n] for n in rest])
         with torch.no_grad():
+            g = loss.new_zeros(spec.dim)  # the parameter gradient, zero in the factored layers
+            for name, grad in zip(rest, grads[len(factored):], strict=True):
+                g[spec.slice(name)] = grad.reshape(-1)
             steps = {}
-            for p in factored:  # ∇W̄ = Δᵀ Ā over the rows (samples × any leading dims)
-                module, has_bias, A_inv, S_inv = self.inverses[p]
-                delta = next(grads).reshape(-1, S_inv.shape[0])
-                a_bar = expand_input(module, cap.records[p][0].detach(), bias=has_bias).reshape(-1, A_inv.shape[0])
-                steps[p] = (delta @ S_inv).T @ (a_bar @ A_inv)  # S⁻¹ is symmetric: (Δ S⁻¹)ᵀ = S⁻¹ Δᵀ
-            for p in dense:
-                module, has_bias, A_inv, S_inv = self.inverses[p]
-                grad = to_combined(module, next(grads), next(grads) if has_bias else None)
-                steps[p] = S_inv @ grad @ A_inv
-            for p, step in steps.items():
+            for p, delta in zip(factored, grads, strict=False):  # ∇W̄ = Δᵀ Ā over the rows (samples × leading dims)
                 layer = self.inverses[p]
-                for param, delta in zip(layer.params(), from_combined(layer.module, step, layer.has_bias),
-                                        strict=False):
-                    param.sub_(self.lr * delta)
+                delta = delta.reshape(-1, layer.S_inv.shape[0])
+                a_bar = expand_input(layer.module, cap.records[p][0].detach(), bias=layer.layout.has_bias)
+                steps[p] = (delta @ layer.S_inv).T @ (a_bar.reshape(-1, layer.A_inv.shape[0]) @ layer.A_inv)
+            for p in self.inverses.keys() - set(factored):
+                layer = self.inverses[p]
+                steps[p] = _times_A_inv(layer.S_inv @ layer.layout.gather(g[layer.index].unsqueeze(1))[0],
+                                        layer.A_inv)
+            update = torch.zeros_like(g)
+            for p, step in steps.items():
+                update[self.inverses[p].index] = self.inverses[p].layout.scatter(step.unsqueeze(0)).squeeze(1)
+            for index, B_inv in self.exact.values():
+                update[index] = B_inv @ g[index]
+        _add_(self.model, spec, -self.lr * update)
         return loss.detach(), refresh
 
 
