@@ -132,3 +132,17 @@ def test_unseen_token_without_damping_is_singular(setup) -> None:
     assert torch.bincount(x.reshape(-1), minlength=model.embed.num_embeddings).min() == 0
     with pytest.raises(SingularMatrixError, match="never occurs"):
         stepper.step(x, y, True)
+
+
+def test_kfac_ngd_with_frozen_weight_and_bias(setup) -> None:
+    """A frozen head bias and a frozen MLP weight stay as they are; the rest takes the reference step."""
+    model, _, batch = setup
+    model = copy.deepcopy(model)
+    model.head.bias.requires_grad_(False)
+    model.blocks[0].mlp.fc.weight.requires_grad_(False)
+    reference, g = _reference_step(model, batch)
+    work = copy.deepcopy(model)
+    _KFACStepper(work, get_likelihood("categorical"), LR, LAM, "true", "pi", 0, "factored").step(*batch, True)
+    _check(_moved(model, work), reference, g, ParamSpec.from_model(model))
+    assert torch.equal(work.head.bias, model.head.bias)
+    assert torch.equal(work.blocks[0].mlp.fc.weight, model.blocks[0].mlp.fc.weight)
