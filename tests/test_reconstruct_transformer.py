@@ -10,6 +10,9 @@ factors are computed here from forward hooks (inputs ā, one-hot token rows for 
 gradients δ = Jᵀ m_r (m_r the columns of a root of Λ(z)), with the modules that have no Kronecker rule (norms,
 nn.MultiheadAttention) as exact blocks of F; solves and roots by torch.linalg.
 
+Also ekfac, unit and input on the GPT (Embedding through the transposed layout there too), and a slow test at
+P = 2,079.
+
 Forms (what each structure maps each tensor to; ``fisherlab.reconstruction.build`` documents the same table):
 dense/block/diag: every tensor a parametrization (DenseRoot over all / per module, DiagonalRoot per tensor);
 kfac: nn.Linear a LocalFisherLinear layer form, nn.Embedding a KroneckerRoot parametrization (W̄ = weightᵀ, a
@@ -162,8 +165,12 @@ CASES = {
     "kfac-reduce": ("kfac", {"approx": "reduce", "unsupported": "block"}, False),
     "kfac-attention": ("kfac", {}, True),
     "kfac-attention-reduce": ("kfac", {"approx": "reduce"}, True),
+    "ekfac": ("ekfac", {}, False),
+    "unit": ("unit", {}, False),
+    "input": ("input", {}, False),
 }
-GRID = ([("gpt", c) for c in ("dense", "block", "diag", "kfac", "kfac-fallback", "kfac-reduce")]
+GRID = ([("gpt", c) for c in ("dense", "block", "diag", "kfac", "kfac-fallback", "kfac-reduce", "ekfac", "unit",
+                              "input")]
         + [("encoder", c) for c in ("dense", "block", "diag", "kfac-fallback", "kfac-reduce", "kfac-attention",
                                     "kfac-attention-reduce")])
 
@@ -304,15 +311,35 @@ def reference_metric(model: nn.Module, X: Tensor, case: str) -> Tensor:
     for path, (A, S) in kfac_factors(model, X, opts.get("approx", "expand"), attention).items():
         members = [n for n in names if owner(n) == path]
         ix = torch.cat([torch.arange(offsets[n], offsets[n] + model.get_parameter(n).numel()) for n in members])
-        a, s = pi_split(A, S, LAM)
-        block = torch.kron(S + s * torch.eye(len(S), dtype=DT), A + a * torch.eye(len(A), dtype=DT))
         if isinstance(mods[path], nn.Embedding):  # W̄ = weightᵀ (d, V): weight[v, i] sits at W̄[i, v]
             V, d = mods[path].weight.shape
             p = torch.arange(d * V).reshape(d, V).T.reshape(-1)
         else:
             p = wbar_permutation([model.get_parameter(n).shape for n in members])
+        exact = torch.empty(len(p), len(p), dtype=DT)  # F_l in row-major W̄ order
+        exact[p.unsqueeze(1), p.unsqueeze(0)] = Fm[ix.unsqueeze(1), ix.unsqueeze(0)]
+        block = layer_block(structure, A, S, exact, isinstance(mods[path], nn.Embedding))
         G[ix.unsqueeze(1), ix.unsqueeze(0)] = block[p][:, p]
     return G
+
+
+def layer_block(structure: str, A: Tensor, S: Tensor, exact: Tensor, embedding: bool) -> Tensor:
+    """G_l + damping in row-major W̄ order: kfac (S + sI) ⊗ (A + aI) (π split); input I ⊗ (A + λI); unit: the
+    exact (width × width) blocks of F_l per row of W̄, + λI; ekfac: (Q_S ⊗ Q_A) diag(s + λ) (Q_S ⊗ Q_A)ᵀ, Q the
+    factors' eigenvectors (Q_A = I for an Embedding, whose A is diagonal), s = diag((Q_S ⊗ Q_A)ᵀ F_l (Q_S ⊗ Q_A)).
+    """
+    m, n = len(S), len(A)
+    if structure == "kfac":
+        a, s = pi_split(A, S, LAM)
+        return torch.kron(S + s * torch.eye(m, dtype=DT), A + a * torch.eye(n, dtype=DT))
+    if structure == "input":
+        return torch.kron(torch.eye(m, dtype=DT), A + LAM * torch.eye(n, dtype=DT))
+    if structure == "unit":
+        mask = torch.block_diag(*[torch.ones(n, n, dtype=DT)] * m).bool()
+        return torch.where(mask, exact, 0.0) + LAM * torch.eye(m * n, dtype=DT)
+    Q_A = torch.eye(n, dtype=DT) if embedding else torch.linalg.eigh(A)[1]
+    Q = torch.kron(torch.linalg.eigh(S)[1].contiguous(), Q_A.contiguous())  # (kron fails on eigh's strides)
+    return Q @ torch.diag((Q.T @ exact @ Q).diagonal() + LAM) @ Q.T
 
 
 @cache
@@ -376,6 +403,19 @@ def test_invariant_4_refresh_keeps_the_function_and_reexpresses(name: str, case:
     R = coordinate_map(net)
     check_root(R, reference_metric(moved, X2, case), "eigh")
     assert rel(net.reconstructed_vector(), R @ theta) < 1e-10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["dense", "block", "diag", "kfac"])
+def test_invariants_1_and_2_on_a_gpt_of_2k_parameters(case: str) -> None:
+    """The same function and GD on θ' = −η G⁻¹ ∇L (reference G, 1e-10) on the GPT with P = 2,079."""
+    model, X, y, _, _ = problem("gpt-2k")
+    structure, opts, _ = CASES[case]
+    net = reconstruct(model, (X, y), structure=structure, damping=LAM, **opts)
+    assert rel(net(X), model(X)) < 1e-10
+    G = reference_metric(model, X, case)
+    g = ref.loss_gradients(model, X, y, CAT).mean(0)
+    assert rel(net.gd_update((X, y), LR), -LR * torch.linalg.solve(G, g)) < 1e-10
 
 
 # ------------------------------------------------------------------------------------------------ interface

@@ -22,8 +22,30 @@ other tensor, and every tensor under the other structures, gets the **parametriz
 :data:`fisherlab.layers.LAYER_RULES`) but no layer form (:data:`~fisherlab.reconstruction.LAYER_FORMS`), or whose
 weight or bias is not trainable, gets a :class:`~fisherlab.reconstruction.KroneckerRoot` parametrization with the
 same G. Under ``kfac``/``input``/``ekfac``/``unit`` a module without a
-Kronecker rule (an LSTM, a norm, a user module) raises :class:`~fisherlab.errors.UnsupportedLayerError`
+Kronecker rule (an LSTM, a user module) raises :class:`~fisherlab.errors.UnsupportedLayerError`
 naming it; pass ``unsupported="block"`` to give such modules an exact dense block (a dense parametrization) instead.
+
+Transformer modules under the layer-wise structures (``dense``/``block``/``diag``: every tensor a parametrization):
+
+========================================  =====================================================================
+module                                    form under ``kfac`` / ``input`` (``ekfac``, ``unit``: the same roots'
+                                          parametrizations, EigenbasisRoot / UnitRoot)
+========================================  =====================================================================
+``nn.Linear`` (also over positions)       layer form :class:`~fisherlab.reconstruction.LocalFisherLinear`
+``nn.Embedding``                          KroneckerRoot parametrization of ``weight``, W̄ = weightᵀ
+                                          (:class:`~fisherlab.reconstruction.TransposedLayout`); under "expand"
+                                          its A is diagonal and its roots are kept as (V,) vectors
+``nn.LayerNorm`` / ``nn.RMSNorm``         DenseRoot parametrization of weight and bias (the exact block the
+                                          structures keep for norms without asking)
+``nn.MultiheadAttention``                 ``in_proj_weight``/``in_proj_bias`` and ``out_proj`` are read by torch
+                                          functionally, so always parametrizations: KroneckerRoots once
+                                          :func:`fisherlab.layers.register_attention_rules` is called, else
+                                          (``unsupported="block"``) DenseRoots per module
+========================================  =====================================================================
+
+Every effective original-coordinate tensor — a layer form's ``weight``/``bias``, a parametrized tensor — reads θ
+and is read-only: assigning it raises :class:`~fisherlab.reconstruction.ReadOnlyTensorError` (for a parametrized
+tensor an ``nn.Parameter`` value is refused by torch itself with a KeyError, "attribute already exists").
 """
 
 from __future__ import annotations
@@ -239,7 +261,8 @@ def _build_layerwise(net: nn.Module, spec: ParamSpec, struct: FisherMatrix, conf
     kwargs = {"split": config.split, "output": output} if kronecker else {}
     plans = []
     for path, f in struct.factors.items():  # type: ignore[attr-defined]
-        layout = {"transposed": f.weight_transposed, **({"diagonal_input": diagonal_input(f)} if kronecker else {})}
+        diagonal = {"diagonal_input": diagonal_input(f)} if config.structure != "unit" else {}
+        layout = {"transposed": f.weight_transposed, **diagonal}
         module = net.get_submodule(path)
         names = tuple(f.param_names)
         factory = LAYER_FORMS.get(type(module))

@@ -208,31 +208,41 @@ class EigenbasisRoot(_MatrixRoot):
 
     Statistics: ``Q_A`` (n, n) and ``Q_S`` (m, m), orthogonal eigenbases of the KFAC factors, and ``scaling``
     D (m, n), the second moments of the gradient in that basis. G^p W̄ = Q_S [(Q_Sᵀ W̄ Q_A) ⊙ (D + λ)^p] Q_Aᵀ.
-    Buffers ``q_a``, ``q_s``, ``scaling_sqrt`` and ``scaling_inv_sqrt``.
+    Buffers ``q_a``, ``q_s``, ``scaling_sqrt`` and ``scaling_inv_sqrt``. With ``diagonal_input`` (an Embedding under
+    "expand", whose A is diagonal) Q_A is diagonal and given as its diagonal (n,) (ones), never as n × n.
     """
 
     statistics = ("Q_A", "Q_S", "scaling")
 
     def __init__(self, shapes: Sequence[torch.Size], dtype: torch.dtype, device: torch.device | None = None,
-                 transposed: bool = False):
+                 transposed: bool = False, diagonal_input: bool = False):
         super().__init__(shapes, dtype, device, transposed)
         m, n = self.layout.rows, self.layout.n
-        self.register_buffer("q_a", self._eye(n))
+        self.register_buffer("q_a", torch.ones(n, **self._factory) if diagonal_input else self._eye(n))
         self.register_buffer("q_s", self._eye(m))
         self.register_buffer("scaling_sqrt", torch.ones(m, n, **self._factory))
         self.register_buffer("scaling_inv_sqrt", torch.ones(m, n, **self._factory))
 
+    def _basis(self, M: Tensor, transpose: bool, cols: slice = slice(None)) -> Tensor:
+        """M Q_A (``transpose`` False) or M (Q_A[cols])ᵀ (True) for matrices M (*B, m, ·); a diagonal Q_A scales."""
+        if self.q_a.dim() == 1:
+            return M[..., cols] * self.q_a[cols]
+        return M @ (self.q_a[cols].T if transpose else self.q_a)
+
     def _apply_matrix(self, M: Tensor, power: float) -> Tensor:
         D = self.scaling_sqrt if power > 0 else self.scaling_inv_sqrt
-        return self.q_s @ ((self.q_s.T @ M @ self.q_a) * D) @ self.q_a.T
+        return self._basis(self.q_s @ (self._basis(self.q_s.T @ M, False) * D), True)
 
     def member(self, k: int, primes: Sequence[Tensor]) -> Tensor:
         a, b = self.layout.edges[k], self.layout.edges[k + 1]
-        inner = (self.q_s.T @ self.layout.to_matrix(primes) @ self.q_a) * self.scaling_inv_sqrt
-        return self.layout.member_from_columns(k, self.q_s @ inner @ self.q_a[a:b].T)
+        inner = self._basis(self.q_s.T @ self.layout.to_matrix(primes), False) * self.scaling_inv_sqrt
+        return self.layout.member_from_columns(k, self._basis(self.q_s @ inner, True, slice(a, b)))
 
     def update(self, stats: Mapping[str, Tensor], damping: float, method: str, rank: int = 64) -> None:
         self._check_stats(stats)
+        if stats["Q_A"].dim() != self.q_a.dim():
+            raise InputError(f"EigenbasisRoot ({'diagonal' if self.q_a.dim() == 1 else 'dense'} input basis) got Q_A "
+                             f"of shape {tuple(stats['Q_A'].shape)}")
         self.scaling_sqrt, self.scaling_inv_sqrt = positive_roots(stats["scaling"].to(self.q_a), damping,
                                                                   "the EKFAC scaling")
         self.q_a, self.q_s = stats["Q_A"].to(self.q_a), stats["Q_S"].to(self.q_a)
