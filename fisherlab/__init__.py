@@ -57,6 +57,7 @@ _EXPORTS: dict[str, str] = {
     "FoldMode": "fisherlab.vocabulary",
     "Unsupported": "fisherlab.vocabulary",
     "KFACPrecondition": "fisherlab.vocabulary",
+    "KFACApprox": "fisherlab.vocabulary",
     **{name: "fisherlab.errors" for name in (
         "ConvergenceError", "FallbackWarning", "FisherlabError", "InputError", "MemoryBudgetError",
         "NonFiniteError", "ResultsFileError", "ResultsIntegrityWarning", "SchemaUpgradeWarning", "SingularMatrixError",
