@@ -62,6 +62,13 @@ def _reference_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) 
     return -LR * torch.linalg.solve(G, g), g
 
 
+@pytest.fixture(scope="module")
+def reference(setup) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference step and gradient at the setup's model and batch."""
+    model, _, batch = setup
+    return _reference_step(model, batch)
+
+
 def _moved(before: nn.Module, after: nn.Module) -> torch.Tensor:
     spec = ParamSpec.from_model(before)
     return spec.vector(after) - spec.vector(before)
@@ -84,9 +91,9 @@ def test_setup_has_every_kind_of_block(setup) -> None:
 
 
 @pytest.mark.parametrize("precondition", ["dense", "factored", "auto"])
-def test_kfac_ngd_step_is_the_damped_kfac_solve(setup, precondition) -> None:
+def test_kfac_ngd_step_is_the_damped_kfac_solve(setup, reference, precondition) -> None:
     model, _, batch = setup
-    reference, g = _reference_step(model, batch)
+    reference, g = reference
     work = copy.deepcopy(model)
     stepper = _KFACStepper(work, get_likelihood("categorical"), LR, LAM, "true", "pi", 0, precondition)
     stepper.step(*batch, True)
@@ -95,10 +102,10 @@ def test_kfac_ngd_step_is_the_damped_kfac_solve(setup, precondition) -> None:
     assert stepper.refreshes == 1
 
 
-def test_train_kfac_ngd_first_step(setup) -> None:
+def test_train_kfac_ngd_first_step(setup, reference) -> None:
     """train's recorded losses after one update are those of θ − η G⁻¹ g (the public entry point, end to end)."""
-    model, data, batch = setup
-    reference, _ = _reference_step(model, batch)
+    model, data, _ = setup
+    reference, _ = reference
     moved = copy.deepcopy(model)
     spec = ParamSpec.from_model(model)
     with torch.no_grad():
@@ -113,9 +120,9 @@ def test_train_kfac_ngd_first_step(setup) -> None:
     assert abs(expected - start) > 1e-3  # the step is large enough for the comparison to mean something
 
 
-def test_sngd_kfac_step_is_the_damped_kfac_solve(setup) -> None:
+def test_sngd_kfac_step_is_the_damped_kfac_solve(setup, reference) -> None:
     model, _, batch = setup
-    reference, g = _reference_step(model, batch)
+    reference, g = reference
     work = copy.deepcopy(model)
     opt = SNGD(work, batch, "categorical", lr=LR, structure="kfac", damping=LAM)
     get_likelihood("categorical").nll(work(batch[0]), batch[1]).mean().backward()
