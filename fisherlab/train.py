@@ -274,8 +274,9 @@ class _KFACStepper(_Stepper):
                 layer = self.inverses[p]
                 delta = delta.reshape(-1, layer.S_inv.shape[0])
                 a_bar = expand_input(layer.module, cap.records[p][0].detach(), bias=layer.layout.has_bias)
+                # S⁻¹ is symmetric: (Δ S⁻¹)ᵀ = S⁻¹ Δᵀ
                 steps[p] = (delta @ layer.S_inv).T @ (a_bar.reshape(-1, layer.A_inv.shape[0]) @ layer.A_inv)
-            for p in self.inverses.keys() - set(factored):
+            for p in [p for p in self.inverses if p not in factored]:
                 layer = self.inverses[p]
                 steps[p] = _times_A_inv(layer.S_inv @ layer.layout.gather(g[layer.index].unsqueeze(1))[0],
                                         layer.A_inv)
