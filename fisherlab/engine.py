@@ -64,6 +64,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -87,7 +88,7 @@ from fisherlab.vocabulary import FisherKind
 #: their arithmetic (benchmarks/README.md).
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
-#: Upper bound on the bytes of activations :meth:`FisherEngine.matmat` keeps between calls (see there).
+#: Upper bound on the bytes of output-space factors :meth:`FisherEngine.matmat` keeps between calls (see there).
 MATMAT_CACHE_BYTES = 256 * 2**20
 
 #: Dtypes with too little range or precision for some kinds (torch has no eigendecomposition in them).
@@ -223,7 +224,7 @@ class FisherEngine:
             self.chunk_size = min_over_ranks(self.chunk_size, self.group, self.device)
         self._activation_bytes: int | None = None
         self._jvp_by_vjp = False  # set when an operation of the model has no forward-mode rule (see jv)
-        self._matmat_cache: tuple[tuple, list[tuple[Any, Any, Tensor]]] | None = None  # (state key, entries)
+        self._factor_cache: tuple[tuple, list[Tensor]] | None = None  # matmat's (state key, M per chunk)
         check_budget(2 * row_bytes * min(self.chunk_size, self.local_samples), "a chunk of factor rows",
                      self.memory_budget, "a smaller chunk_size")
         self._labels, local_tokens = self._scan()
@@ -356,24 +357,36 @@ class FisherEngine:
         Draws the Monte-Carlo labels on the way (``kind="mc"``; in chunks of ``chunk_size``, by a generator seeded
         with ``seed``; data-parallel, by :meth:`_draw_as_one_process`) and returns them (else None), with the number
         of counted tokens of this rank's sequences (a sequence model; else its number of samples).
+
+        The pass holds no factor rows, so it runs in chunks of :meth:`_scan_chunk_size` samples (a multiple of
+        ``chunk_size``: the labels of each ``chunk_size`` piece are drawn as before).
         """
         gen = torch.Generator(device=self.device).manual_seed(self.seed) if self.kind is FisherKind.MC else None
         draws, outputs = [], []
         tokens = 0
         with torch.no_grad():
-            for start, x, y in self.data.chunks(self.chunk_size):
+            for start, x, y in self.data.chunks(self._scan_chunk_size()):
                 z = self._forward_chunk(self.sample_offset + start, x)
                 self._check_outputs(z, self.sample_offset + start)
                 y = self.likelihood.check_targets(z, y)
                 tokens += (int(self.likelihood.token_mask(y).sum()) if isinstance(self.likelihood, TokenLikelihood)
                            else x.shape[0])
                 if gen is not None and self.group is None:
-                    draws.append(self.likelihood.sample(z, self.mc_samples, gen))
+                    draws += [self.likelihood.sample(piece, self.mc_samples, gen)
+                              for piece in z.split(self.chunk_size)]
                 elif gen is not None:
                     outputs.append(z)
             if outputs:
                 return self._draw_as_one_process(torch.cat(outputs), gen), tokens  # type: ignore[arg-type]
         return (torch.cat(draws) if draws else None), tokens
+
+    def _scan_chunk_size(self) -> int:
+        """Samples per chunk of the scan: the largest multiple of ``chunk_size`` within :meth:`matmat_chunk_size`.
+
+        ``chunk_size`` is sized for P-wide factor rows (3 samples of a 1.1M-parameter MLP with R = 9: 171 forward
+        passes over 512 samples, 0.2 s of a 0.22 s construction); a no-grad forward holds at most its activations.
+        """
+        return self.chunk_size * max(1, self.matmat_chunk_size() // self.chunk_size)
 
     def _count_tokens(self, local_tokens: int) -> int:
         """N_tok over all ranks; a sequence model's likelihood then gets its scale c = N / N_tok.
@@ -463,11 +476,14 @@ class FisherEngine:
 
     @staticmethod
     def _gram(M: Tensor, jv: Tensor) -> Tensor:
-        """Mᵀ M (J v) per sample for a factor of :meth:`_product_factor` and J v of shape (n, C); returns (n, C)."""
+        """Mᵀ M (J v) per column and sample for a factor of :meth:`_product_factor` and J v of shape (k, n, C).
+
+        Returns (k, n, C).
+        """
         if M.dim() == 4:  # token blocks (n, T, R, C): Σ_r per token
-            tokens = jv.reshape(M.shape[0], M.shape[1], M.shape[3])
-            return torch.einsum("ntrc,ntr->ntc", M, torch.einsum("ntrc,ntc->ntr", M, tokens)).reshape(jv.shape)
-        return torch.bmm(M.transpose(1, 2), torch.bmm(M, jv.unsqueeze(-1))).squeeze(-1)
+            tokens = jv.reshape(jv.shape[0], M.shape[0], M.shape[1], M.shape[3])
+            return torch.einsum("ntrc,kntr->kntc", M, torch.einsum("ntrc,kntc->kntr", M, tokens)).reshape(jv.shape)
+        return torch.einsum("nrc,knr->knc", M, torch.einsum("nrc,knc->knr", M, jv))
 
     def factor_rows(self, x: Tensor, y: Tensor, labels: Tensor | None) -> Tensor:
         """U_n = M_n J_n for the samples of a chunk, shape (n, R, P), by one vmapped VJP per row."""
@@ -522,39 +538,74 @@ class FisherEngine:
     def matmat(self, V: Tensor) -> Tensor:
         """F V without forming F: V of shape (P,) or (P, k) → same shape.
 
-        Per chunk: one jvp, the output-space product M_nᵀ M_n and one vjp, vmapped over blocks of columns. The
-        chunks here hold activations, not P-wide rows, so unless ``chunk_size`` was given they are sized by the
-        activation bytes per sample (:meth:`matmat_chunk_size`). The linearization of each chunk (its outputs, the
-        saved activations of the VJP and M) is computed once and kept for later calls when the activations of all
-        N samples fit in ``min(MATMAT_CACHE_BYTES, memory_budget/4)``; the engine's parameters are fixed, so it
-        stays valid. Data-parallel, the ranks' partial products are all-reduced (every rank gets F V).
+        Per chunk and block of columns, one pass (:meth:`_chunk_product`): a forward pass that records the outputs'
+        autograd graph and carries the tangents J v alongside (a ``vjp`` of a ``jvp``: one primal evaluation serves
+        both), the output-space product Mᵀ M J v, and one reverse pass through the recorded graph — about five
+        forward passes of arithmetic per column (primal 1, tangents 2, reverse 2), where a ``jvp`` and a separate
+        ``vjp`` cost six. The chunks hold activations, not P-wide rows, so unless ``chunk_size`` was given they are
+        sized by the activation bytes per sample (:meth:`matmat_chunk_size`). Each chunk's output-space factor M
+        (:meth:`_product_factor` scaled by 1/√N; no activations) is computed from the outputs of the first product
+        and kept for later calls when the factors of all chunks fit in ``min(MATMAT_CACHE_BYTES, memory_budget/4)``
+        (keyed as in :meth:`_state_key`). Data-parallel, the ranks' partial products are all-reduced (every rank
+        gets F V).
         """
         if V.shape[0] != self.spec.dim or V.dim() > 2:
             raise InputError(f"expected a vector (P,) or matrix (P, k) with P = {self.spec.dim}; got {tuple(V.shape)}")
         V = V.to(self.device, self.dtype)
         cols = V if V.dim() == 2 else V.unsqueeze(1)
+        key = self._state_key()
+        cached = self._factor_cache[1] if self._factor_cache is not None and self._factor_cache[0] == key else None
+        factors: list[Tensor] = []
         out = None
-        for f, vjp_fn, M in self._linearizations():
-
-            out_shape = torch.Size((M.shape[0], self.num_outputs))
-
-            def apply(v: Tensor, f=f, vjp_fn=vjp_fn, M=M, out_shape=out_shape) -> Tensor:
-                jv = self.jv(f, vjp_fn, out_shape, self.spec.unflatten(v))
-                return self.spec.flatten(vjp_fn(self._gram(M, jv))[0])
-
-            step = self._column_block(M.shape[0])
-
-            def products(apply=apply, step=step) -> list[Tensor]:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=".*batching rule.*")
-                    return [apply(block[:, 0]).unsqueeze(1) if block.shape[1] == 1 else vmap(apply, 1, 1)(block)
-                            for block in cols.split(step, dim=1)]
-
-            parts = self._with_jvp_fallback(products, f, vjp_fn, out_shape)
+        for i, (x, y, labels) in enumerate(self.chunks(chunk_size=self.matmat_chunk_size())):
+            M = None if cached is None else cached[i]
+            parts = []
+            for block in cols.split(self._column_block(x.shape[0]), dim=1):
+                part, M = self._with_jvp_fallback(partial(self._chunk_product, x, y, labels, M, block), x)
+                parts.append(part)
+            factors.append(M)
             part = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             out = part if out is None else out.add_(part)
+        factor_bytes = sum(M.numel() * M.element_size() for M in factors)
+        if cached is None and factor_bytes <= min(MATMAT_CACHE_BYTES, self.memory_budget // 4):
+            self._factor_cache = (key, factors)
         self.reduce_sum([out])
         return out if V.dim() == 2 else out.squeeze(1)
+
+    def _chunk_product(self, x: Tensor, y: Tensor, labels: Tensor | None, M: Tensor | None,
+                       block: Tensor) -> tuple[Tensor, Tensor]:
+        """F_chunk V for the chunk's inputs x and a block V of k columns (P, k); returns (P, k) and the chunk's M.
+
+        M is the scaled output-space factor of :meth:`matmat` (computed from this pass's outputs when None). The
+        forward pass runs once, recording the graph of the outputs z for the reverse pass while forward mode
+        carries the k tangents (vmapped over the columns; the primal is not batched), or, once an operation
+        turned out to have no forward-mode rule, J v comes from two reverse passes (:meth:`jv`).
+        """
+        def f(p: dict[str, Tensor]) -> Tensor:
+            return self.forward(p, x)
+
+        k = block.shape[1]
+        if self._jvp_by_vjp:
+            z, vjp_fn = vjp(f, self.params)
+            jv = vmap(lambda v: self.jv(f, vjp_fn, z.shape, self.spec.unflatten(v)), in_dims=1)(block)
+        else:
+            def primal_and_tangents(p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+                def one(v: Tensor) -> tuple[Tensor, Tensor]:
+                    return jvp(f, (p,), (self.spec.unflatten(v),))
+
+                if k == 1:
+                    z, jv = one(block[:, 0])
+                    return z, jv.unsqueeze(0)
+                return vmap(one, in_dims=1, out_dims=(None, 0))(block)
+
+            z, vjp_fn, jv = vjp(primal_and_tangents, self.params, has_aux=True)
+        if M is None:
+            M = self._product_factor(z.detach(), y, labels) / math.sqrt(self.num_samples)
+        W = self._gram(M, jv)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*batching rule.*")
+            grads = vjp_fn(W[0]) if k == 1 else vmap(vjp_fn)(W)
+        return self.spec.flatten(grads[0]).reshape(k, -1).T, M
 
     def jv(self, f: Callable[[dict[str, Tensor]], Tensor], vjp_fn: Any, out_shape: torch.Size,
            tangent: dict[str, Tensor]) -> Tensor:
@@ -570,13 +621,12 @@ class FisherEngine:
         _, transpose_fn = vjp(lambda u: vjp_fn(u)[0], zero)
         return transpose_fn(tangent)[0]
 
-    def _with_jvp_fallback(self, compute: Callable[[], Any], f: Callable[[dict[str, Tensor]], Tensor],
-                           vjp_fn: Any, out_shape: torch.Size) -> Any:
+    def _with_jvp_fallback(self, compute: Callable[[], Any], x: Tensor) -> Any:
         """``compute()``; if an operation has no forward-mode rule, switch :meth:`jv` to two VJPs and retry.
 
-        The switch is checked once, on this chunk's f (``vjp_fn`` its VJP, ``out_shape`` its output shape), by
-        the adjoint identity ⟨u, J v⟩ = ⟨Jᵀu, v⟩ for random u and v: a backward that is not differentiable in its
-        cotangent (``@once_differentiable``, a detached gradient) makes the second VJP silently wrong, not fail.
+        The switch is checked once, on the chunk with inputs x, by the adjoint identity ⟨u, J v⟩ = ⟨Jᵀu, v⟩ for
+        random u and v: a backward that is not differentiable in its cotangent (``@once_differentiable``, a
+        detached gradient) makes the second VJP silently wrong, not fail.
 
         Raises:
             UnsupportedLayerError: An operation has neither a forward-mode rule nor a backward that torch can
@@ -590,7 +640,7 @@ class FisherEngine:
             reason = str(exc).strip().rstrip(".")
         self._jvp_by_vjp = True
         try:
-            self._check_adjoint(f, vjp_fn, out_shape)
+            self._check_adjoint(x)
             result = compute()
         except (NotImplementedError, RuntimeError, UnsupportedLayerError) as exc:
             self._jvp_by_vjp = False
@@ -606,12 +656,16 @@ class FisherEngine:
                       FallbackWarning, stacklevel=4)
         return result
 
-    def _check_adjoint(self, f: Callable[[dict[str, Tensor]], Tensor], vjp_fn: Any, out_shape: torch.Size) -> None:
-        """Refuse a :meth:`jv` that breaks ⟨u, J v⟩ = ⟨Jᵀu, v⟩ (random u, v; tolerance √eps, relative)."""
+    def _check_adjoint(self, x: Tensor) -> None:
+        """Refuse a :meth:`jv` that breaks ⟨u, J v⟩ = ⟨Jᵀu, v⟩ on inputs x (random u, v; tolerance √eps, relative)."""
+        def f(p: dict[str, Tensor]) -> Tensor:
+            return self.forward(p, x)
+
+        z, vjp_fn = vjp(f, self.params)
         gen = torch.Generator(device=self.device).manual_seed(self.seed)
-        u = torch.randn(out_shape, generator=gen, dtype=self.dtype, device=self.device)
+        u = torch.randn(z.shape, generator=gen, dtype=self.dtype, device=self.device)
         v = torch.randn(self.spec.dim, generator=gen, dtype=self.dtype, device=self.device)
-        jv = self.jv(f, vjp_fn, out_shape, self.spec.unflatten(v))
+        jv = self.jv(f, vjp_fn, z.shape, self.spec.unflatten(v))
         jtu = self.spec.flatten(vjp_fn(u)[0])
         lhs, rhs = float((u * jv).sum()), float((jtu * v).sum())
         scale = float(u.norm() * jv.norm() + jtu.norm() * v.norm())
@@ -623,12 +677,14 @@ class FisherEngine:
     def matmat_chunk_size(self) -> int:
         """Samples per chunk of :meth:`matmat`.
 
-        ``chunk_size`` if it was given, else as many as fit three times their activations (cached graph, tangents,
-        cotangents) in ``min(DEFAULT_CHUNK_BYTES, memory_budget/4)``.
+        ``chunk_size`` if it was given, else as many as fit three times their activations (recorded graph,
+        tangents, cotangents) in ``min(DEFAULT_CHUNK_BYTES, memory_budget/4)``, balanced: the N samples of this
+        rank in ⌈N / that⌉ chunks of nearly equal size (no small last chunk).
         """
         if self._chunk_size_given:
             return self.chunk_size
-        return int(max(1, min(self.local_samples, self._working_bytes // (3 * self.activation_bytes()))))
+        fit = int(max(1, min(self.local_samples, self._working_bytes // (3 * self.activation_bytes()))))
+        return math.ceil(self.local_samples / math.ceil(self.local_samples / fit))
 
     def activation_bytes(self) -> int:
         """Bytes the autograd graph of one forward saves per sample (parameters and buffers excluded).
@@ -662,33 +718,12 @@ class FisherEngine:
         per_column = 2 * n * self.activation_bytes() + 3 * dense_bytes(1, self.spec.dim, self.dtype)
         return int(max(1, self._working_bytes // per_column))
 
-    def _linearizations(self) -> Iterator[tuple[Any, Any, Tensor]]:
-        """Per chunk of :meth:`matmat_chunk_size` samples: (f, vjp_fn, M).
+    def _state_key(self) -> tuple:
+        """The identity and version counter of every parameter and buffer tensor.
 
-        f(params) gives the chunk's outputs, vjp_fn is the VJP of f at the engine's parameters and M the output
-        factors of :meth:`_product_factor` scaled by 1/√N (so that F V = Σ_chunks Jᵀ Mᵀ M J V); all of them are kept
-        for later calls when every sample's activations fit. The cache is keyed on the identity and version counter
-        of every parameter and buffer tensor, so replacing or modifying one in place rebuilds it.
+        Replacing or modifying one in place changes it (the cache of :meth:`matmat` is then rebuilt).
         """
-        key = tuple((id(t), t._version) for t in [*self.params.values(), *self._frozen.values()])
-        if self._matmat_cache is not None and self._matmat_cache[0] == key:
-            yield from self._matmat_cache[1]
-            return
-        self._matmat_cache = None
-        chunk = self.matmat_chunk_size()
-        keep = self.activation_bytes() * self.local_samples <= min(MATMAT_CACHE_BYTES, self.memory_budget // 4)
-        entries = []
-        for x, y, labels in self.chunks(chunk_size=chunk):
-            def f(p: dict[str, Tensor], x: Tensor = x) -> Tensor:
-                return self.forward(p, x)
-
-            z, vjp_fn = vjp(f, self.params)
-            entry = (f, vjp_fn, self._product_factor(z.detach(), y, labels) / math.sqrt(self.num_samples))
-            if keep:
-                entries.append(entry)
-            yield entry
-        if keep:
-            self._matmat_cache = (key, entries)
+        return tuple((id(t), t._version) for t in [*self.params.values(), *self._frozen.values()])
 
     def loss_and_gradient(self, params: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """L(θ) = (1/N) Σ ℓ_n and ∇L(θ) of shape (P,), at ``params`` (default: the engine's parameters).
