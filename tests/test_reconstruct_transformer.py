@@ -114,6 +114,16 @@ class NanoGPT(nn.Module):
         return self.head(self.norm(h[:, -1]))
 
 
+class SequenceGPT(NanoGPT):
+    """The same GPT returning the logits at every position (N, T, vocab): language modelling."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x) + self.position(torch.arange(x.shape[1], device=x.device).expand(x.shape))
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h))
+
+
 class EncoderWithHead(nn.TransformerEncoder):
     """nn.TransformerEncoder (2 post-LN ReLU layers, batch_first, dropout 0: torch's fast-path configuration),
     then the mean over positions and a Linear ``head``: (N, T, d) → (N, classes)."""
@@ -131,15 +141,21 @@ class EncoderWithHead(nn.TransformerEncoder):
 def problem(name: str) -> tuple[nn.Module, Tensor, Tensor, Tensor, Tensor]:
     """(model, X, y, X2, y2) in float64, eval mode; (X2, y2) a second batch for refreshes.
 
-    ``"gpt"``: P = 835 (the invariant grid); ``"gpt-2k"``: P = 2,079 (the slow test); ``"encoder"``: P = 625.
+    ``"gpt"``: P = 835 (the invariant grid); ``"gpt-2k"``: P = 2,079 (the slow test); ``"gpt-seq"``: the P = 835
+    GPT with logits at every position, labels (N, T), the first token and one more ignored (−100);
+    ``"encoder"``: P = 625.
     """
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(7)
     if name.startswith("gpt"):
-        model = NanoGPT() if name == "gpt" else NanoGPT(vocab=9, length=5, d=10, hidden=20)
+        model = {"gpt": NanoGPT, "gpt-seq": SequenceGPT}.get(name, lambda: NanoGPT(9, 5, 10, hidden=20))()
         V, T = model.embed.num_embeddings, model.position.num_embeddings
-        draw = [(torch.randint(0, V, (6, T), generator=gen), torch.randint(0, V, (6,), generator=gen))
+        shape = (6, T) if name == "gpt-seq" else (6,)
+        draw = [(torch.randint(0, V, (6, T), generator=gen), torch.randint(0, V, shape, generator=gen))
                 for _ in range(2)]
+        if name == "gpt-seq":
+            for _, y in draw:
+                y[:, 0] = y[1, 2] = -100
     else:
         model = EncoderWithHead()
         draw = [(torch.randn(6, 4, 6, generator=gen, dtype=DT), torch.randint(0, 3, (6,), generator=gen))
@@ -171,6 +187,7 @@ CASES = {
 }
 GRID = ([("gpt", c) for c in ("dense", "block", "diag", "kfac", "kfac-fallback", "kfac-reduce", "ekfac", "unit",
                               "input")]
+        + [("gpt-seq", c) for c in ("dense", "block", "diag", "kfac")]
         + [("encoder", c) for c in ("dense", "block", "diag", "kfac-fallback", "kfac-reduce", "kfac-attention",
                                     "kfac-attention-reduce")])
 
@@ -242,15 +259,48 @@ def capture(model: nn.Module, mods: dict[str, nn.Module], seen: dict) -> list:
     return hooks
 
 
-def kfac_factors(model: nn.Module, X: Tensor, approx: str, attention: bool) -> dict[str, tuple[Tensor, Tensor]]:
+def loss(out: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy over samples, or over the counted tokens of (N, T, C) outputs (torch's ignore_index)."""
+    return F.cross_entropy(out.flatten(0, -2), y.flatten())
+
+
+def output_fisher(z: Tensor, y: Tensor, scale: float) -> Tensor:
+    """Λ_n for one sample's outputs z (C,) or (T, C): Λ(z), or scale · blockdiag_t m_t Λ(z_t) (m_t: label ≠ −100)."""
+    if z.dim() == 1:
+        return CAT.output_fisher(z)
+    return torch.block_diag(*[scale * float(t != -100) * CAT.output_fisher(zt) for zt, t in zip(z, y, strict=True)])
+
+
+def true_fisher(model: nn.Module, X: Tensor, y: Tensor) -> Tensor:
+    """(1/N) Σ_n J_nᵀ Λ_n J_n: tests/reference.py, or for a sequence model the token mean (scale c = N / N_tok)."""
+    if y.dim() == 1:
+        return ref.true_fisher(model, X, CAT)
+    J = ref.jacobians(nn.Sequential(model, nn.Flatten(1)), X)  # (N, T·C, P)
+    c = len(X) / int((y != -100).sum())
+    Z = ref.outputs(model, X)
+    return sum(J[n].T @ output_fisher(Z[n], y[n], c) @ J[n] for n in range(len(X))) / len(X)
+
+
+def mean_gradient(model: nn.Module, X: Tensor, y: Tensor) -> Tensor:
+    """∇L: per-sample loop gradients averaged (tests/reference.py), or for a sequence model autograd of the token
+    mean (torch's cross-entropy with ignore_index)."""
+    if y.dim() == 1:
+        return ref.loss_gradients(model, X, y, CAT).mean(0)
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss(model(X), y), list(model.parameters()))])
+
+
+def kfac_factors(model: nn.Module, X: Tensor, y: Tensor, approx: str,
+                 attention: bool) -> dict[str, tuple[Tensor, Tensor]]:
     """Per Kronecker module (A, S) from hooks and per-sample loops (Eschenhagen et al. 2023, expand/reduce).
 
     ā_{n,l}: the layer input at position l with a trailing 1 (bias), or the one-hot token row (Embedding);
-    δ_{n,r,l} = ∂(m_rᵀ z_n)/∂y_{n,l}, m_r the columns of Λ(z_n)^{1/2}, y the layer output (q|k|v for an MHA).
+    δ_{n,r,l} = ∂(m_rᵀ z_n)/∂y_{n,l}, m_r the columns of Λ_n^{1/2} (:func:`output_fisher`; z_n flattened for a
+    sequence model), y the layer output (q|k|v for an MHA).
     expand: A = Σ ā āᵀ/(N L), S = Σ δ δᵀ/N; reduce: ā_n = mean_l ā_{n,l}, δ_{n,r} = Σ_l δ_{n,r,l},
     A = Σ ā_n ā_nᵀ/N, S = Σ δ_{n,r} δ_{n,r}ᵀ/N.
     """
     mods = kronecker_modules(model, attention)
+    scale = len(X) / int((y != -100).sum())
     seen: dict[str, tuple[Tensor, Tensor]] = {}
     hooks = capture(model, mods, seen)
     A = {p: 0.0 for p in mods}
@@ -258,7 +308,8 @@ def kfac_factors(model: nn.Module, X: Tensor, approx: str, attention: bool) -> d
     try:
         for n in range(len(X)):
             z = model(X[n: n + 1])[0]
-            w, Q = torch.linalg.eigh(CAT.output_fisher(z.detach()))
+            w, Q = torch.linalg.eigh(output_fisher(z.detach(), y[n], scale))
+            z = z.reshape(-1)
             root = Q * w.clamp_min(0).sqrt()
             outs = [seen[p][1] for p in mods]
             deltas = [torch.autograd.grad(z @ root[:, r], outs, retain_graph=True) for r in range(len(z))]
@@ -290,14 +341,14 @@ def layer_mask(names: list[str], shapes: list[torch.Size]) -> Tensor:
     return torch.tensor([[a == b for b in owners] for a in owners])
 
 
-def reference_metric(model: nn.Module, X: Tensor, case: str) -> Tensor:
+def reference_metric(model: nn.Module, X: Tensor, y: Tensor, case: str) -> Tensor:
     """G (P, P) in parameter order for ``case`` at the model's current parameters."""
     structure, opts, attention = CASES[case]
     names, params = zip(*model.named_parameters(), strict=True)
     shapes = [p.shape for p in params]
     P = sum(p.numel() for p in params)
     eye = torch.eye(P, dtype=DT)
-    Fm = ref.true_fisher(model, X, CAT)
+    Fm = true_fisher(model, X, y)
     if structure == "dense":
         return Fm + LAM * eye
     if structure == "diag":
@@ -308,7 +359,7 @@ def reference_metric(model: nn.Module, X: Tensor, case: str) -> Tensor:
     offsets = dict(zip(names, torch.cumsum(torch.tensor([0] + [math.prod(s) for s in shapes]), 0).tolist(),
                        strict=False))
     mods = kronecker_modules(model, attention)
-    for path, (A, S) in kfac_factors(model, X, opts.get("approx", "expand"), attention).items():
+    for path, (A, S) in kfac_factors(model, X, y, opts.get("approx", "expand"), attention).items():
         members = [n for n in names if owner(n) == path]
         ix = torch.cat([torch.arange(offsets[n], offsets[n] + model.get_parameter(n).numel()) for n in members])
         if isinstance(mods[path], nn.Embedding):  # W̄ = weightᵀ (d, V): weight[v, i] sits at W̄[i, v]
@@ -346,7 +397,7 @@ def layer_block(structure: str, A: Tensor, S: Tensor, exact: Tensor, embedding: 
 def reference(name: str, case: str) -> tuple[Tensor, Tensor]:
     """(G, mean gradient ∇L) at the model's initial parameters."""
     model, X, y, _, _ = problem(name)
-    return reference_metric(model, X, case), ref.loss_gradients(model, X, y, CAT).mean(0)
+    return reference_metric(model, X, y, case), mean_gradient(model, X, y)
 
 
 # ------------------------------------------------------------------------------------------------ invariants
@@ -389,7 +440,7 @@ def test_invariant_4_refresh_keeps_the_function_and_reexpresses(name: str, case:
     net.attach(opt)
     for _ in range(2):  # move θ away from where G was computed
         opt.zero_grad()
-        F.cross_entropy(net(X), y).backward()
+        loss(net(X), y).backward()
         opt.step()
     moved = net.load_into(copy.deepcopy(model))
     with torch.no_grad():
@@ -401,7 +452,7 @@ def test_invariant_4_refresh_keeps_the_function_and_reexpresses(name: str, case:
         assert rel(net(X), before) < 1e-10
     assert rel(net.original_vector(), theta) < 1e-10
     R = coordinate_map(net)
-    check_root(R, reference_metric(moved, X2, case), "eigh")
+    check_root(R, reference_metric(moved, X2, y2, case), "eigh")
     assert rel(net.reconstructed_vector(), R @ theta) < 1e-10
 
 
@@ -413,8 +464,8 @@ def test_invariants_1_and_2_on_a_gpt_of_2k_parameters(case: str) -> None:
     structure, opts, _ = CASES[case]
     net = reconstruct(model, (X, y), structure=structure, damping=LAM, **opts)
     assert rel(net(X), model(X)) < 1e-10
-    G = reference_metric(model, X, case)
-    g = ref.loss_gradients(model, X, y, CAT).mean(0)
+    G = reference_metric(model, X, y, case)
+    g = mean_gradient(model, X, y)
     assert rel(net.gd_update((X, y), LR), -LR * torch.linalg.solve(G, g)) < 1e-10
 
 
@@ -466,7 +517,7 @@ def test_effective_tensors_are_the_original_coordinates_after_a_step(name: str, 
     net = build(name, case)
     G, g = reference(name, case)
     net.zero_grad()
-    F.cross_entropy(net(X), y).backward()
+    loss(net(X), y).backward()
     with torch.no_grad():
         for p in net.parameters():
             p -= LR * p.grad

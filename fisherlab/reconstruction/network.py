@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from fisherlab.datasource import DataSource
 from fisherlab.errors import InputError, NonFiniteError
 from fisherlab.fisher_matrix import fisher as build_fisher
-from fisherlab.likelihoods import Likelihood
+from fisherlab.likelihoods import Likelihood, TokenLikelihood
 from fisherlab.params import ParamSpec
 from fisherlab.reconstruction.roots import LocalFisherUnit
 from fisherlab.structures.base import FisherMatrix
@@ -266,6 +266,10 @@ class ReconstructedNetwork(nn.Module):
     def prime_gradient(self, data: Any) -> tuple[Tensor, Tensor]:
         """Mean loss L over ``data`` and ∇θ' L (P,), by autograd through the reconstructed network.
 
+        For a sequence model (outputs (N, T, C)) L is the mean over the counted tokens of all of ``data`` (labels
+        equal to the likelihood's ``ignore_index`` left out), the loss whose Fisher the engine computes
+        (:class:`~fisherlab.likelihoods.TokenLikelihood`).
+
         Args:
             data: ``(X, y)``, a SplitData (training split) or an iterable of batches; targets are checked as
                 :func:`fisherlab.fisher` checks them (``likelihood.check_targets``: shape, dtype, label range).
@@ -276,28 +280,44 @@ class ReconstructedNetwork(nn.Module):
             NonFiniteError: NaN or infinite inputs, targets or outputs.
         """
         source = DataSource(data, **self._like())
-        n = len(source)
         plans, units = zip(*self.units(), strict=True)
         params = [unit.primes() for unit in units]
         flat = [p for ps in params for p in ps]
         grads = [torch.zeros_like(p) for p in flat]
         loss = torch.zeros((), **self._like())
-        lik = self.config.likelihood
+        count = 0  # samples, or counted tokens of a sequence model: the sums are divided by it at the end
         for start, x, y in source.chunks(self.config.chunk_size):
             z = self(x)
-            y = lik.check_targets(z.detach(), y)
             if not bool(torch.isfinite(z).all()):
                 raise NonFiniteError(f"the reconstructed network's outputs for samples {start}–{start + len(x) - 1} "
                                      "contain NaN or infinite values")
-            chunk_loss = lik.nll(z, y).sum() / n
+            lik, z = self._chunk_likelihood(z)
+            y = lik.check_targets(z.detach(), y)
+            count += int(lik.token_mask(y).sum()) if isinstance(lik, TokenLikelihood) else len(x)
+            chunk_loss = lik.nll(z, y).sum()  # Σ_n ℓ_n, or Σ_nt m_nt ℓ_nt (c = 1)
             for acc, g in zip(grads, torch.autograd.grad(chunk_loss, flat), strict=True):
                 acc += g
             loss += chunk_loss.detach()
+        if count == 0:
+            raise InputError("the data has no counted token (every label equals ignore_index)")
+        grads = [g / count for g in grads]
+        loss = loss / count
         pieces, start = [], 0
         for plan, unit, ps in zip(plans, units, params, strict=True):
             pieces.append((plan, unit.primes_to_flat(grads[start: start + len(ps)])))
             start += len(ps)
         return loss, self._assemble(iter(pieces))
+
+    def _chunk_likelihood(self, z: Tensor) -> tuple[Likelihood, Tensor]:
+        """The likelihood of a chunk's outputs and the outputs it takes.
+
+        The configured one on (n, C); for sequence outputs (n, T, C) a TokenLikelihood with c = N / N_tok = 1
+        (per-sequence sums over the counted tokens) on the flattened (n, T·C).
+        """
+        if z.dim() != 3:
+            return self.config.likelihood, z
+        n, T, C = z.shape
+        return TokenLikelihood(self.config.likelihood, T, C, num_sequences=n, num_tokens=n), z.reshape(n, -1)
 
     def gd_update(self, data: Any, lr: float) -> Tensor:
         """The update of θ (P,) caused by one plain GD step on θ' with the mean loss over ``data``.
