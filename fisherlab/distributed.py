@@ -35,24 +35,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fisherlab.errors import FisherlabError, InputError
+from fisherlab.errors import FisherlabError, InputError, RankFailedError  # RankFailedError: re-exported
 
 T = TypeVar("T")
 
 #: Seconds a surviving rank waits for the other survivors to say so on the board before it names the failed ranks.
 PEER_GRACE_S = 1.0
-
-
-class RankFailedError(FisherlabError):
-    """A rank of a data-parallel run failed (an error, killed, or silent past the timeout): the run is stopped.
-
-    Raised on every surviving rank by the collective that found the peer gone; ``.failed`` holds
-    ``{rank: what the board says}`` of the ranks that failed (empty when the board could not be read).
-    """
-
-    def __init__(self, message: str, failed: Mapping[int, str] | None = None):
-        super().__init__(message)
-        self.failed = dict(failed or {})
 
 
 def active_group(group: Any = None) -> Any:

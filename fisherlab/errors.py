@@ -6,6 +6,8 @@ it without reading the source.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class FisherlabError(Exception):
     """Base class of every fisherlab error."""
@@ -40,6 +42,19 @@ class ConvergenceError(FisherlabError, ArithmeticError):
 
     Functions that can report convergence (``sqrtm``, ``cg``) return a result with ``converged=False`` instead.
     """
+
+
+class RankFailedError(FisherlabError):
+    """A rank of a data-parallel run failed (an error, killed, or silent past the timeout): the run is stopped.
+
+    Raised on every surviving rank by the collective that found the peer gone (:mod:`fisherlab.distributed`,
+    which re-exports it); ``.failed`` holds ``{rank: what the board says}`` of the ranks that failed (empty when the
+    board could not be read).
+    """
+
+    def __init__(self, message: str, failed: Mapping[int, str] | None = None):
+        super().__init__(message)
+        self.failed = dict(failed or {})
 
 
 class FallbackWarning(UserWarning):
