@@ -29,7 +29,7 @@ single steps of every method slow down by up to 100× (measured: SGD on the MNIS
 
 Run time (measured, one thread, 2-core machine, otherwise quiet): 5.5 minutes in full mode, of which the wide MLP
 takes about 3.5 and exact NGD on the digits MLP 0.7. ``--quick`` (4 steps, 2 learning rates, 2 seeds, 400
-MNIST-1D signals; for tests) takes 17 s.
+MNIST-1D signals, the wide MLP 256 wide, no warm-up runs; for tests) takes 17 s.
 ``--resume`` reuses the ``runs_<problem>.nc`` files of the same settings (those problems are not rerun).
 
     python analyses/training_comparison.py [--out results/training_comparison] [--quick] [--threads 1] [--resume]
@@ -70,11 +70,11 @@ WIDE = ("sgd", "adam", "kfac-ngd", "sngd-kfac-cholesky", "sngd-kfac-lowrank")
 
 @dataclass(frozen=True)
 class Problem:
-    """A dataset, a model builder (seed → model) and the methods run on it."""
+    """A dataset (quick → data), a model builder (data, seed, quick → model) and the methods run on it."""
 
     name: str
     data: Callable[[bool], SplitData]
-    model: Callable[[SplitData, int], torch.nn.Module]
+    model: Callable[[SplitData, int, bool], torch.nn.Module]
     methods: tuple[str, ...]
 
 
@@ -83,13 +83,14 @@ def _mnist1d(layout: str) -> Callable[[bool], SplitData]:
 
 
 PROBLEMS = (
-    Problem("digits-mlp", lambda quick: load_digits(seed=0), lambda data, seed: reference_mlp(seed),
+    Problem("digits-mlp", lambda quick: load_digits(seed=0), lambda data, seed, quick: reference_mlp(seed),
             tuple(m for m in METHODS if m not in ("sngd-kfac-cholesky", "sngd-kfac-lowrank"))),
     Problem("digits-wide", lambda quick: load_digits(seed=0),
-            lambda data, seed: build_model("mlp", data, seed=seed, widths=(1024, 1024)), WIDE),
-    Problem("mnist1d-mlp", _mnist1d("flat"), lambda data, seed: build_model("mlp", data, seed=seed),
+            lambda data, seed, quick: build_model("mlp", data, seed=seed, widths=(256, 256) if quick else (1024, 1024)),
+            WIDE),
+    Problem("mnist1d-mlp", _mnist1d("flat"), lambda data, seed, quick: build_model("mlp", data, seed=seed),
             ("sgd", "adam", "kfac-ngd", "sngd-kfac", "sngd-unit")),
-    Problem("mnist1d-cnn", _mnist1d("channels"), lambda data, seed: build_model("cnn", data, seed=seed),
+    Problem("mnist1d-cnn", _mnist1d("channels"), lambda data, seed, quick: build_model("cnn", data, seed=seed),
             ("sgd", "adam", "kfac-ngd", "sngd-kfac", "sngd-unit")),
 )
 
@@ -102,22 +103,25 @@ def lr_grid(problem: Problem, lrs: int | None) -> dict[str, list[float]]:
 def run_problem(problem: Problem, common: dict[str, Any], seeds: list[int], lrs: int | None,
                 out: Path) -> xr.Dataset:
     """Sweep on seeds[0], rerun the best lr on the other seeds; save both; return the runs (seed, rule, step)."""
-    data = problem.data(common.pop("quick"))
+    quick = common.pop("quick")
+    data = problem.data(quick)
     methods = {m: METHODS[m][0] for m in problem.methods}
     grid = lr_grid(problem, lrs)
-    model = problem.model(data, seeds[0]).eval()
-    compare(model, data, {m: {**kw, "lr": 1e-3} for m, kw in methods.items()},
-            **{**common, "steps": 2, "eval_every": 2})  # warm-up: first calls of eigh, vmap, ... are slow
+    model = problem.model(data, seeds[0], quick).eval()
+    if not quick:  # warm-up (for the times; quick runs time nothing): first calls of eigh, vmap, ... are slow
+        compare(model, data, {m: {**kw, "lr": 1e-3} for m, kw in methods.items()},
+                **{**common, "steps": 2, "eval_every": 2})
     sweep = sweep_lr(model, data, methods, grid, seed=seeds[0], **common)
     save_dataset(sweep, out / f"sweep_{problem.name}.nc")
     best = best_runs(sweep)
     chosen = {m: {**methods[m], "lr": float(best["lr"].sel({"rule": m}))} for m in problem.methods}
     runs = [best]
     for seed in seeds[1:]:
-        runs.append(compare(problem.model(data, seed).eval(), data, chosen, seed=seed, **common))
+        runs.append(compare(problem.model(data, seed, quick).eval(), data, chosen, seed=seed, **common))
     stacked = xr.concat([r.drop_attrs() for r in runs], dim="seed", combine_attrs="drop")
     ds = new_dataset("training", dict(stacked.data_vars), {**dict(stacked.coords), "seed": seeds},
-                     config={"problem": problem.name, "common": common, "runs": chosen, "lr_grid": grid,
+                     config={"problem": problem.name, "num_params": sum(p.numel() for p in model.parameters()),
+                             "common": common, "runs": chosen, "lr_grid": grid,
                              "selection": "lowest final train loss on seed 0"},
                      seed=seeds[0], device="cpu", dtype="float32", attrs={"problem": problem.name})
     for name, var in best.variables.items():
