@@ -7,8 +7,9 @@ report with its figures, headline), of the wall time and of the CPU time (user +
 new/base of the medians, and the load average before each run. The base tree is a temporary ``git worktree`` of
 ``--base`` (removed at the end); the new tree is this repository, or ``--new``. Each process imports the
 fisherlab of its own tree (run from it, with it first on PYTHONPATH). After the last round the Datasets of the two
-last runs are compared variable by variable (max relative difference |new − base| / max(|base|, tiny) over finite
-entries; non-finite entries must agree).
+last runs are compared variable by variable (max relative difference |new − base| / max(|base|, 1e-10 · max|base|)
+over finite entries, so that round-off eigenvalues of a null space count in units of the largest; non-finite
+entries must agree).
 
     python benchmarks/bench_main_job.py [--base HEAD~1] [--repeats 3] [--new PATH] [--args "--steps 20"]
 """
@@ -31,6 +32,9 @@ import numpy as np
 
 PARTS = ("fidelity", "trajectory", "geometry", "spectrum")
 COLUMNS = (*PARTS, "rest", "total", "cpu")
+#: Entries of a variable below FLOOR × its largest magnitude (e.g. the round-off eigenvalues of a Fisher's null
+#: space) are compared in units of FLOOR × that magnitude.
+FLOOR = 1e-10
 DONE = re.compile(r"^\[(\w+)\] done in ([0-9.]+) s", re.MULTILINE)
 
 
@@ -74,7 +78,8 @@ def compare(base: Path, new: Path) -> list[tuple[str, str, float]]:
                 if x.shape != y.shape or not np.array_equal(finite, np.isfinite(y)):
                     rows.append((f.stem, name, float("inf")))
                     continue
-                scale = np.maximum(np.abs(x[finite]), np.finfo(float).tiny)
+                top = float(np.abs(x[finite]).max()) if finite.any() else 0.0
+                scale = np.maximum(np.abs(x[finite]), max(FLOOR * top, np.finfo(float).tiny))
                 diff = np.abs(y[finite] - x[finite]) / scale
                 rows.append((f.stem, name, float(diff.max()) if diff.size else 0.0))
     return rows
