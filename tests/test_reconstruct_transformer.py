@@ -532,7 +532,7 @@ def test_effective_tensors_are_the_original_coordinates_after_a_step(name: str, 
         assert rel(value.reshape(-1), expected[n]) < 1e-10, n
 
 
-@pytest.mark.parametrize("case", ["dense", "kfac-fallback"])
+@pytest.mark.parametrize("case", ["dense", "diag", "kfac-fallback", "kfac-attention"])
 def test_encoder_fast_path_under_no_grad(case: str) -> None:
     """Eval + no grad: torch's fused encoder kernel runs (once per layer) on the effective tensors."""
     model, X, _, _, _ = problem("encoder")
@@ -558,6 +558,20 @@ def test_effective_tensors_are_read_only(case: str) -> None:
                 setattr(qkv, attr, v)
     model, X, _, _, _ = problem("gpt")
     assert rel(net(X), model(X)) < 1e-10  # nothing was changed
+
+
+@pytest.mark.parametrize("case", ["dense", "kfac-fallback", "kfac-attention"])
+def test_attention_tensors_are_read_only(case: str) -> None:
+    """MHA's in_proj_weight / in_proj_bias / out_proj.weight (parametrizations under every structure) and a layer
+    form's linear1.bias refuse assignment by name; the function is unchanged."""
+    model, X, _, _, _ = problem("encoder")
+    net = build("encoder", case)
+    layer = net.net.layers[0]
+    for module, attr in ((layer.self_attn, "in_proj_weight"), (layer.self_attn, "in_proj_bias"),
+                         (layer.self_attn.out_proj, "weight"), (layer.linear1, "bias")):
+        with pytest.raises(ReadOnlyTensorError, match="read-only"):
+            setattr(module, attr, torch.zeros_like(getattr(module, attr).detach()))
+    assert rel(net(X), model(X)) < 1e-10
 
 
 # ------------------------------------------------------------------------------------------------ bad input
