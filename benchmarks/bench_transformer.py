@@ -18,8 +18,12 @@ the ratio of each method to its reference within each round):
   .compute_kronecker_factors()`` (weight and bias in one factor per layer, as fisherlab). curvlinops covers only
   the Linear layers (its KFAC refuses Embedding and LayerNorm parameters), fisherlab every parameter: the
   Embedding factors and the LayerNorms' exact blocks are included in its time. The true Fisher's KFAC needs
-  T·(C − 1) = 4032 output rows per sequence here (docs/sequences.md), curvlinops' type-2 C = 65 with the class
+  T·(C − 1) = 4096 output rows per sequence here (docs/sequences.md), curvlinops' type-2 C = 65 with the class
   index shared across the tokens (a different matrix, docs/method.md): neither is timed at these sizes.
+
+fisherlab's engines run attention on the math SDPA backend (``differentiable_attention``); plain torch and
+curvlinops' gradient and KFAC on torch's default CPU kernel (flash attention), curvlinops' GGN product on the math
+backend too (it uses forward-mode AD, which the flash kernel lacks).
 
 Checks in the same run, relative differences ‖a − b‖/‖b‖ (curvlinops as b): the gradient; F·v on the same v (and
 once more with the −100 prompt mask, where only the GGN can be compared); the empirical KFAC factors A and S of
@@ -33,18 +37,18 @@ the tangent pass of a jvp 2F. So gradient ≥ 3F, F·v ≥ 4F (tangent + reverse
 fisherlab, recomputed by curvlinops: +F), KFAC factors ≥ 3F + the Gram products (2·N·T·(width² + out²) per
 layer under "expand", 2·N·(…) under "reduce"). Softmax, GELU, LayerNorm and the loss are not counted.
 
-With ``--fidelity`` (default on; ``--no-fidelity`` skips it) one :func:`fisherlab.evaluate_fidelity` on the
-first size, timed, with its split by phase from the Dataset's ``timings`` attribute. Rules: ``gd``, ``adam``,
-``ngd`` (CG on the implicit true Fisher, capped at ``--cg-iters`` iterations: the residual is printed) and KFAC
-on the Monte-Carlo Fisher, expand and reduce (:class:`~fisherlab.fidelity.rules.FunctionRule`; the built-in
-``kfac``/``ekfac``/``diag``/``unit``/``block-ngd``/``lowrank``/``sngd-*`` rules use the true Fisher's 4032 rows
-per sequence and are not applicable at this size on a CPU).
+``--parts fidelity`` (default: ``products,fidelity``): one :func:`fisherlab.evaluate_fidelity` on the first size,
+timed, with its split by phase from the Dataset's ``timings`` attribute. It runs the GPT with ``output="last"``
+(the same weights; the next token after each sequence, (N, C) logits), since evaluate_fidelity does not take
+(N, T, C) outputs yet (docs/sequences.md); there the true Fisher has C − 1 = 64 rows per sequence. Rules:
+``gd``, ``adam``, ``ngd`` (CG on the implicit true Fisher, capped at ``--cg-iters`` iterations: the residual is
+printed), ``kfac`` (expand), ``kfac-reduce`` and ``ekfac``.
 
 When curvlinops imports (the peers venv, benchmarks/README.md) it runs in the same rounds; without it the
 tables show fisherlab against plain torch and the floors.
 
     python benchmarks/bench_transformer.py [--sizes 1M,10M] [--device cpu|cuda] [--repeats 3] [--quick]
-        [--no-fidelity] [--cg-iters 20]
+        [--parts products,fidelity] [--kfac-kinds empirical,mc] [--cg-iters 20]
 
 ``--quick``: the "10k" GPT on 8 sequences of 12 tokens (a smoke run, seconds).
 """
@@ -146,7 +150,7 @@ def plain_gradient(model: nn.Module, X: Tensor, y: Tensor) -> Callable[[], tuple
 
 # ------------------------------------------------------------------------------------------------ fisherlab
 #: The engine's construction checks a chunk of P-wide factor rows against the budget even for products that never
-#: form them: T·(C − 1) = 4032 rows per sequence of the true Fisher need 15.5 GiB a sequence at 1M parameters. The
+#: form them: T·(C − 1) = 4096 rows per sequence of the true Fisher need 15.5 GiB a sequence at 1M parameters. The
 #: budget is raised past that check; the chunks and the linearization cache of F·v are capped on their own
 #: (256 MiB each, engine.DEFAULT_CHUNK_BYTES and MATMAT_CACHE_BYTES), so nothing else changes.
 ROWS_BUDGET = 2**40
@@ -204,7 +208,8 @@ class Peer:
 
 
 def with_math_sdpa(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """``fn`` under fisherlab's differentiable attention (math SDPA): curvlinops' double-backward needs it."""
+    """``fn`` under fisherlab's differentiable attention (math SDPA): curvlinops' GGN product needs it (forward-mode
+    AD; the default CPU flash kernel has none). Its gradient and KFAC run on torch's default backend."""
     def run() -> Any:
         with differentiable_attention():
             return fn()
@@ -244,9 +249,9 @@ def bench_size(size: str, n: int, length: int, n_values: int, args: argparse.Nam
     checks: dict[str, str] = {}
     if peer.available:
         ggn = peer.ggn(y)
-        methods["curvlinops gradient_and_loss"] = with_math_sdpa(ggn.gradient_and_loss)
+        methods["curvlinops gradient_and_loss"] = ggn.gradient_and_loss
         methods["curvlinops GGN @ v"] = with_math_sdpa(lambda: ggn @ v)
-        g_peer = torch.cat([g.reshape(-1) for g in with_math_sdpa(ggn.gradient_and_loss)()[0]])
+        g_peer = torch.cat([g.reshape(-1) for g in ggn.gradient_and_loss()[0]])
         checks["curvlinops gradient_and_loss"] = f"rel. diff of ∇L to fisherlab {rel_diff(grad, g_peer):.1e}"
         checks["curvlinops GGN @ v"] = f"rel. diff of F·v {rel_diff(fv, with_math_sdpa(lambda: ggn @ v)()):.1e}"
         masked = peer.ggn(y_masked)
@@ -257,7 +262,7 @@ def bench_size(size: str, n: int, length: int, n_values: int, args: argparse.Nam
             for kind in args.kfac_kinds:
                 op = peer.kfac(kind, approx)
                 name = f"curvlinops KFAC {approx} {kind}"
-                methods[name] = with_math_sdpa(op.compute_kronecker_factors)
+                methods[name] = op.compute_kronecker_factors
                 methods[name]()
                 theirs = Peer.factors(op)
                 mine = fisherlab_linear_factors(KFACFisher.from_engine(engines[kind], approx=approx), model)
@@ -275,10 +280,11 @@ def bench_size(size: str, n: int, length: int, n_values: int, args: argparse.Nam
     info = {"P": P, "rate": rate, "forward_flops": fwd, "floors": {k: f / rate for k, f in floors.items()}}
 
     def row(group: str, name: str, reference: str | None, floor: str | None) -> Row:
-        ratio = None
+        ratio, notes = None, []
         if reference is not None and reference in times:
-            ratio = statistics.median(a / b for a, b in zip(times[name], times[reference], strict=True))
-        notes = []
+            rounds = [a / b for a, b in zip(times[name], times[reference], strict=True)]
+            ratio = statistics.median(rounds)
+            notes.append(f"rounds {min(rounds):.2f}–{max(rounds):.2f}")
         if floor is not None:
             notes.append(f"{med[name] / info['floors'][floor]:.1f}× FLOP floor")
         if name in checks:
