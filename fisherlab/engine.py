@@ -689,7 +689,8 @@ class FisherEngine:
     def activation_bytes(self) -> int:
         """Bytes the autograd graph of one forward saves per sample (parameters and buffers excluded).
 
-        Measured once, on the first two samples, with saved-tensor hooks (each stored tensor counted once).
+        Measured once, on the first two samples, with saved-tensor hooks (each stored tensor counted once), with
+        gradients enabled whatever the caller's mode (the no-grad scan asks for it).
         """
         if self._activation_bytes is None:
             x, _ = self.data.first(2)
@@ -703,7 +704,7 @@ class FisherEngine:
                 return t
 
             leaves = {n: p.detach().requires_grad_() for n, p in self.params.items()}
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 z = self.forward(leaves, x)
             total = sum(seen.values()) + z.numel() * z.element_size()
             self._activation_bytes = max(1, math.ceil(total / x.shape[0]))
