@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from fisherlab.datasource import DataSource
+from fisherlab.distributed import active_group, all_reduce_sum, sample_offset
 from fisherlab.errors import InputError, NonFiniteError
 from fisherlab.fisher_matrix import fisher as build_fisher
 from fisherlab.likelihoods import Likelihood, TokenLikelihood
@@ -268,7 +269,8 @@ class ReconstructedNetwork(nn.Module):
 
         For a sequence model (outputs (N, T, C)) L is the mean over the counted tokens of all of ``data`` (labels
         equal to the likelihood's ``ignore_index`` left out), the loss whose Fisher the engine computes
-        (:class:`~fisherlab.likelihoods.TokenLikelihood`).
+        (:class:`~fisherlab.likelihoods.TokenLikelihood`). Under ``torch.distributed`` (docs/distributed.md)
+        ``data`` is this rank's shard and the sums and counts are all-reduced: every rank gets the global mean.
 
         Args:
             data: ``(X, y)``, a SplitData (training split) or an iterable of batches; targets are checked as
@@ -280,16 +282,19 @@ class ReconstructedNetwork(nn.Module):
             NonFiniteError: NaN or infinite inputs, targets or outputs.
         """
         source = DataSource(data, **self._like())
+        group = active_group()  # under torch.distributed: data is this rank's shard; sums and counts all-reduced
+        offset, _ = sample_offset(len(source), group, self._like()["device"])
         plans, units = zip(*self.units(), strict=True)
         params = [unit.primes() for unit in units]
         flat = [p for ps in params for p in ps]
         grads = [torch.zeros_like(p) for p in flat]
         loss = torch.zeros((), **self._like())
-        count = 0  # samples, or counted tokens of a sequence model: the sums are divided by it at the end
+        count = torch.zeros((), **self._like())  # samples, or counted tokens of a sequence model: the divisor
         for start, x, y in source.chunks(self.config.chunk_size):
             z = self(x)
             if not bool(torch.isfinite(z).all()):
-                raise NonFiniteError(f"the reconstructed network's outputs for samples {start}–{start + len(x) - 1} "
+                first = offset + start
+                raise NonFiniteError(f"the reconstructed network's outputs for samples {first}–{first + len(x) - 1} "
                                      "contain NaN or infinite values")
             lik, z = self._chunk_likelihood(z)
             y = lik.check_targets(z.detach(), y)
@@ -298,7 +303,8 @@ class ReconstructedNetwork(nn.Module):
             for acc, g in zip(grads, torch.autograd.grad(chunk_loss, flat), strict=True):
                 acc += g
             loss += chunk_loss.detach()
-        if count == 0:
+        all_reduce_sum([loss, count, *grads], group)
+        if float(count) == 0:
             raise InputError("the data has no counted token (every label equals ignore_index)")
         grads = [g / count for g in grads]
         loss = loss / count
