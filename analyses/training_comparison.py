@@ -29,7 +29,8 @@ single steps of every method slow down by up to 100× (measured: SGD on the MNIS
 
 Run time (measured, one thread, 2-core machine, otherwise quiet): 5.5 minutes in full mode, of which the wide MLP
 takes about 3.5 and exact NGD on the digits MLP 0.7. ``--quick`` (4 steps, 2 learning rates, 2 seeds, 400
-MNIST-1D signals, the wide MLP 256 wide, no warm-up runs; for tests) takes 17 s.
+MNIST-1D signals, the wide MLP 256 wide, no warm-up runs; for tests) takes 65 s on the 2-core machine at load ~10
+(190 s before these reductions, same conditions), about half of it drawing the figure.
 ``--resume`` reuses the ``runs_<problem>.nc`` files of the same settings (those problems are not rerun).
 
     python analyses/training_comparison.py [--out results/training_comparison] [--quick] [--threads 1] [--resume]
