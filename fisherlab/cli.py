@@ -22,6 +22,7 @@ what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 import warnings
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fisherlab.errors import FisherlabError, InputError
-from fisherlab.study import DATA, DTYPES, MODELS, PARTS, Backend, RunConfig, SpectraConfig, StudyConfig
+from fisherlab.study import DATA, DTYPES, MODELS, PARTS, Backend, RunConfig, SpectraConfig, StudyConfig, model_defaults
 from fisherlab.vocabulary import RECONSTRUCTIBLE, FisherKind
 
 if TYPE_CHECKING:
@@ -192,7 +193,9 @@ def add_common(p: argparse.ArgumentParser, defaults: dict[str, Any], *, out: str
     """Options shared by the study subcommands: the fields of :class:`~fisherlab.study.RunConfig`, and more."""
     p.add_argument("--config", metavar="FILE", help="TOML or YAML file with option values (command line wins)")
     p.add_argument("--model", default=defaults["model"],
-                   help=f"network: {', '.join(MODELS)}, or your own as module:callable or file.py:callable")
+                   help=f"network: {', '.join(MODELS)}, or your own as module:callable or file.py:callable "
+                        "(gpt and encoder take token data and change the defaults of the options not given: "
+                        "gpt data sort-lm, encoder data sort, 32 sequences, a short trajectory trained by kfac)")
     p.add_argument("--data", default=defaults["data"],
                    help=f"data set: {', '.join(DATA)}, or your own as module:callable or file.py:callable")
     n = defaults["n_samples"]
@@ -376,8 +379,11 @@ def convert_config_value(action: argparse.Action, value: Any, where: str) -> Any
     return out if many else out[0]
 
 
-def apply_config_file(args: argparse.Namespace, argv: Sequence[str]) -> None:
-    """Fill ``args`` from its ``--config`` file: file values replace defaults, options given in ``argv`` win."""
+def apply_config_file(args: argparse.Namespace, argv: Sequence[str]) -> set[str]:
+    """Fill ``args`` from its ``--config`` file: file values replace defaults, options given in ``argv`` win.
+
+    Returns the destinations (field names) the file set.
+    """
     path = Path(args.config)
     values = load_config_file(path)
     actions = {opt[2:].replace("-", "_"): a for a in args.command_parser._actions for opt in a.option_strings
@@ -386,7 +392,8 @@ def apply_config_file(args: argparse.Namespace, argv: Sequence[str]) -> None:
     if unknown:
         valid = sorted(k for k, a in actions.items() if not isinstance(a, RenamedOption))
         raise InputError(f"unknown option(s) {unknown} in {path}; valid: {valid}")
-    given = set(vars(build_parser(defaults=False).parse_args(argv)))
+    given = given_options(argv)
+    done = set()
     for key, value in values.items():
         action = actions[key]
         if isinstance(action, RenamedOption):
@@ -397,6 +404,26 @@ def apply_config_file(args: argparse.Namespace, argv: Sequence[str]) -> None:
             setattr(args, action.dest, optimizer_args_value(value, f"{path}: {key}"))
         else:
             setattr(args, action.dest, convert_config_value(action, value, f"{path}: {key}"))
+        done.add(action.dest)
+    return done
+
+
+def given_options(argv: Sequence[str]) -> set[str]:
+    """The destinations of the options written in ``argv``."""
+    return set(vars(build_parser(defaults=False).parse_args(argv)))
+
+
+def apply_model_defaults(args: argparse.Namespace, given: set[str]) -> None:
+    """Give the options not in ``given`` the defaults of the chosen built-in model (:data:`study.MODEL_DEFAULTS`).
+
+    (The GPT takes data sort-lm, 32 sequences and a short trajectory unless told otherwise.)
+    """
+    cls = {"fidelity": StudyConfig, "spectra": SpectraConfig}.get(args.command)
+    if cls is None:
+        return
+    for name, value in model_defaults(cls, args.model).items():
+        if name not in given:
+            setattr(args, name, copy.deepcopy(value))
 
 
 def optimizer_args_value(value: Any, where: str) -> list[Any]:
@@ -541,8 +568,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():  # deprecated spellings (a rule name, ...) are said on the command line
             warnings.filterwarnings("default", category=DeprecationWarning, module=r"fisherlab(\.|$)")
+            given = given_options(argv)
             if getattr(args, "config", None):
-                apply_config_file(args, argv)
+                given |= apply_config_file(args, argv)
+            apply_model_defaults(args, given)
             return int(args.func(args) or 0)
     except FisherlabError as exc:
         named = "" if isinstance(exc, InputError) else f"{type(exc).__name__}: "

@@ -55,11 +55,35 @@ DTYPES: tuple[str, ...] = ("float32", "float64")
 
 #: Built-in networks (the names of :data:`fisherlab.models.MODELS`, kept here so that reading a configuration's
 #: options needs no torch; a test keeps the two equal).
-MODELS: tuple[str, ...] = ("mlp", "cnn", "lstm", "resnet", "gpt")
+MODELS: tuple[str, ...] = ("mlp", "cnn", "lstm", "resnet", "gpt", "encoder")
 
 #: Built-in data sets: those of :data:`fisherlab.data.DATASETS` that need no files on disk (a test keeps them in
-#: step).
-DATA: tuple[str, ...] = ("digits", "mnist1d", "synthetic-regression", "synthetic-binary", "synthetic-multiclass")
+#: step). ``"text"`` is left out: it reads a file the command line has no option for; load it as your own data,
+#: ``file.py:callable`` returning ``fisherlab.data.load_text(path)``.
+DATA: tuple[str, ...] = ("digits", "mnist1d", "synthetic-regression", "synthetic-binary", "synthetic-multiclass",
+                         "sort", "sort-lm")
+
+#: Built-in models that take token ids, and the built-in data sets of token ids (each model takes only the other's
+#: kind; the encoder classifies a sequence, so it takes ``sort`` but not the per-position targets of ``sort-lm``).
+TOKEN_MODELS: tuple[str, ...] = ("gpt", "encoder")
+TOKEN_DATA: dict[str, tuple[str, ...]] = {"gpt": ("sort", "sort-lm"), "encoder": ("sort",)}
+
+#: Defaults of the options a command line leaves unset, per built-in model where the general ones do not fit
+#: (:func:`model_defaults`). A sequence costs far more per sample than a digit: the true Fisher of the GPT on
+#: sort-lm has T·(C − 1) = 96 factor rows per sequence, so the study takes 32 sequences and a short trajectory, and
+#: trains with KFAC (reconstructed networks do not train on sequence outputs yet).
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt": {"data": "sort-lm", "n_samples": 16, "steps": 4, "every": 2, "train_rule": "kfac", "train_lr": 0.1},
+    "encoder": {"data": "sort", "n_samples": 32, "steps": 4, "every": 2, "train_rule": "kfac", "train_lr": 0.1},
+}
+
+#: Constructor arguments of the built-in models in a study (:func:`fisherlab.models.build_model`'s defaults
+#: otherwise): a GPT of two blocks of width 8 (P = 2,009 on sort-lm), small enough that the dense Fishers, their
+#: Cholesky solves and eigendecompositions of the study take seconds.
+MODEL_OPTIONS: dict[str, dict[str, Any]] = {
+    "gpt": {"d_model": 8, "n_layers": 2, "n_heads": 2},
+    "encoder": {"d_model": 8, "n_layers": 1, "n_heads": 2},
+}
 
 #: The data layout each built-in model takes on the built-in image / sequence data (None: not supported).
 LAYOUTS: dict[tuple[str, str], str | None] = {
@@ -116,6 +140,25 @@ def _check_name(name: str, value: Any, builtins: tuple[str, ...]) -> None:
     elif value not in builtins:
         raise option_error(name, f"unknown {name} {value!r}; built-in: {', '.join(builtins)}; "
                                  "or your own as module:callable or path/to/file.py:callable")
+
+
+def _check_tokens(model: str, data: str) -> None:
+    """Refuse a built-in model and built-in data of different kinds (token ids or not), naming what fits."""
+    if is_spec(model) or is_spec(data):
+        return
+    tokens = {d for ds in TOKEN_DATA.values() for d in ds}
+    if model in TOKEN_MODELS and data not in TOKEN_DATA[model]:
+        raise option_error("data", f"model {model!r} takes token data: {', '.join(TOKEN_DATA[model])}; "
+                                   f"got {data!r}")
+    if model not in TOKEN_MODELS and data in tokens:
+        raise option_error("data", f"data {data!r} holds token ids, which model {model!r} does not take; use "
+                                   f"model {' or '.join(m for m in TOKEN_MODELS if data in TOKEN_DATA[m])}")
+
+
+def model_defaults(cls: type[RunConfig], model: str) -> dict[str, Any]:
+    """The defaults of ``cls``'s fields that :data:`MODEL_DEFAULTS` changes for built-in ``model`` (else ``{}``)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in MODEL_DEFAULTS.get(model, {}).items() if k in fields}
 
 
 def _check_names(name: str, values: Any, valid: Any = None, what: str = "") -> list[str]:
@@ -179,6 +222,7 @@ class RunConfig:
         _check_name("data", self.data, DATA)
         if (self.model, self.data) in LAYOUTS and LAYOUTS[self.model, self.data] is None:
             raise option_error("data", f"model {self.model!r} does not take data {self.data!r}; use data mnist1d")
+        _check_tokens(self.model, self.data)
         if self.n_samples is not None:
             with _about("n_samples"):
                 self.n_samples = check_positive_int(self.n_samples, "n_samples")
@@ -668,7 +712,8 @@ def load_model_and_data(cfg: RunConfig) -> tuple[torch.nn.Module, SplitData]:
         net = _user_model(cfg, split).to(device=cfg.device, dtype=dtype).eval()
         _check_forward(cfg, net, split)
     else:
-        net = build_model(cfg.model, split, seed=cfg.seed, dtype=dtype, device=cfg.device).eval()
+        net = build_model(cfg.model, split, seed=cfg.seed, dtype=dtype, device=cfg.device,
+                          **MODEL_OPTIONS.get(cfg.model, {})).eval()
     return net, split
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fisherlab.cli import main
+from fisherlab.errors import InputError
 from fisherlab.results import load_dataset
 from fisherlab.study import SpectraConfig, StudyConfig
 
@@ -219,7 +220,55 @@ def test_builtin_names_agree_with_the_registries():
     from fisherlab.models import MODELS
 
     assert study.MODELS == MODELS
-    assert study.DATA == tuple(d for d in DATASETS if d not in ("mnist", "cifar10"))
+    assert study.DATA == tuple(d for d in DATASETS if d not in ("mnist", "cifar10", "text"))  # these need files
+
+
+# ------------------------------------------------------------------------------------------- sequence models
+def test_gpt_takes_its_own_defaults_unless_told(tmp_path):
+    from fisherlab.cli import apply_model_defaults, build_parser, given_options, make_config
+
+    def config(*argv):
+        argv = ["fidelity", *argv]
+        args = build_parser().parse_args(argv)
+        apply_model_defaults(args, given_options(argv))
+        return make_config(StudyConfig, args)
+
+    cfg = config("--model", "gpt")
+    assert (cfg.data, cfg.n_samples, cfg.steps, cfg.train_rule) == ("sort-lm", 16, 4, "kfac")
+    cfg = config("--model", "gpt", "--data", "sort", "--n-samples", "8", "--steps", "2")
+    assert (cfg.data, cfg.n_samples, cfg.steps, cfg.every) == ("sort", 8, 2, 2)
+    assert config().data == "digits" and config().n_samples == 512  # the other models keep the general defaults
+    (tmp_path / "run.toml").write_text('n-samples = 4\n')
+    argv = ["fidelity", "--model", "gpt", "--config", str(tmp_path / "run.toml")]
+    from fisherlab.cli import apply_config_file
+
+    args = build_parser().parse_args(argv)
+    apply_model_defaults(args, given_options(argv) | apply_config_file(args, argv))
+    assert args.n_samples == 4 and args.data == "sort-lm"  # a config file's value is a given one
+
+
+@pytest.mark.parametrize(("model", "data", "named"), [("mlp", "sort-lm", "use model gpt"),
+                                                     ("gpt", "digits", "takes token data: sort, sort-lm"),
+                                                     ("encoder", "sort-lm", "takes token data: sort")])
+def test_token_models_and_token_data_are_paired(model, data, named):
+    with pytest.raises(InputError, match=named) as info:
+        StudyConfig(model=model, data=data)
+    assert info.value.field == "data"
+
+
+@pytest.mark.slow  # 47 s on the loaded 2-core machine (report figures included)
+def test_main_job_on_a_gpt_language_model(tmp_path):
+    """The smallest GPT study (2 sequences of sort-lm, P = 2,009): exact NGD's cosine to itself is 1."""
+    out = tmp_path / "gpt"
+    assert main(["fidelity", "--model", "gpt", "--out", str(out), "--n-samples", "2", "--no-progress",
+                 "--rules", "gd", "ngd", "kfac", "sngd-kfac", "--damping", "0.1", "--steps", "1", "--every", "1",
+                 "--trajectory-rules", "gd", "ngd", "--parts", "fidelity", "trajectory"]) == 0
+    fid, traj = load_dataset(out / "fidelity.nc"), load_dataset(out / "trajectory.nc")
+    assert fid.attrs["num_params"] == 2009 and fid.attrs["num_samples"] == 2
+    assert np.abs(fid.cosine.sel(rule="ngd").values - 1).max() < 1e-10
+    assert np.abs(traj.cosine.sel(rule="ngd").values - 1).max() < 1e-10
+    assert fid.available.sel(rule=["gd", "ngd", "kfac", "sngd-kfac"]).values.tolist() == [1, 1, 1, 0]
+    assert json.loads(fid.attrs["config"])["data"] == "sort-lm"
 
 
 # -------------------------------------------------------------------------------------------- config files
