@@ -124,3 +124,23 @@ def test_shape_errors():
         metrics.relative_error(rand(4), rand(3))
     with pytest.raises(InputError, match="differ"):
         metrics.measured_kl(Categorical(), rand(2, 3), rand(3, 3))
+
+
+def test_measured_kl_and_loss_change_of_a_sequence_likelihood_are_token_means():
+    """TokenLikelihood on (N, T·C): KL and loss change averaged over the counted tokens only (by hand)."""
+    from fisherlab.likelihoods import TokenLikelihood
+
+    N, T, C = 3, 4, 5
+    z0, z1 = rand(N, T, C, seed=4), rand(N, T, C, seed=5)
+    y = torch.randint(0, C, (N, T), generator=torch.Generator().manual_seed(6))
+    y[0, 2:] = y[2, 0] = -100
+    mask = y != -100
+    lik = TokenLikelihood(Categorical(), T, C, num_sequences=N, num_tokens=int(mask.sum()))
+    lp0, lp1 = z0.log_softmax(-1), z1.log_softmax(-1)
+    kl = (lp0.exp() * (lp0 - lp1)).sum(-1)[mask].mean()
+    nll = [-lp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)[mask].mean() for lp in (lp0, lp1)]
+    flat0, flat1 = z0.reshape(N, T * C), z1.reshape(N, T * C)
+    assert float(metrics.measured_kl(lik, flat0, flat1, y=y)) == pytest.approx(float(kl), rel=1e-13)
+    assert float(metrics.loss_change(lik, flat0, flat1, y)) == pytest.approx(float(nll[1] - nll[0]), rel=1e-12)
+    with pytest.raises(InputError, match="needs the targets"):
+        metrics.measured_kl(lik, flat0, flat1)
