@@ -14,8 +14,8 @@ unavailable (reconstructed networks do not train on sequence outputs yet). Outpu
 ``damping``, ``layer``), the finished configuration under ``store/`` (a rerun resumes), figures, ``report.html``,
 and a markdown table (rule × λ, cosine to exact NGD) printed at the end.
 
-Run time on this machine (2 CPU cores shared with other jobs, load ~10, ``--threads 1``), full mode: 129 s
-(18 s of CPU); ``--quick``: 10 s of CPU.
+Run time on this machine (2 CPU cores shared with other jobs, ``--threads 1``), full mode: 48 s
+(17 s of CPU); ``--quick``: 10 s of CPU.
 
     python analyses/transformer_fidelity.py [--out results/transformer_fidelity] [--quick] [--seed 0]
         [--threads 1]
