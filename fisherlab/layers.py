@@ -707,12 +707,17 @@ def iter_layer_rows(
 
 
 def _rows_chunk_size(engine: FisherEngine, probe: Mapping[str, LayerRows], per_sample_gradients: bool) -> int:
-    """Samples per chunk from the one-sample probe's rows (×3 for autograd buffers and temporaries)."""
+    """Samples per chunk from the one-sample probe's rows (×3 for autograd buffers and temporaries).
+
+    ``per_sample_gradients`` adds the R·out·width scalars per sample that :func:`squared_gradient_sum` forms for
+    a layer of dense rows at L > 1 locations (one layer at a time); at L = 1, and for one-hot rows, it forms
+    nothing larger than the rows.
+    """
     R = engine.rows_per_sample
     scalars = 3 * sum(r.inputs.numel() + (R + 1) * r.outputs.numel() for r in probe.values())
     if per_sample_gradients:
-        scalars += max((r.outputs.shape[-1] * r.inputs.shape[-1] * (R if r.inputs.shape[1] > 1 else 1)
-                        for r in probe.values()), default=0)
+        scalars += max((R * r.outputs.shape[-1] * r.inputs.shape[-1] for r in probe.values()
+                        if isinstance(r.inputs, Tensor) and r.inputs.shape[1] > 1), default=0)
     per_sample = scalars * torch.empty((), dtype=engine.dtype).element_size()
     return max(1, min(DEFAULT_CHUNK_BYTES, engine.memory_budget // 4) // max(per_sample, 1))
 

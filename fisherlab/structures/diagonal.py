@@ -116,7 +116,7 @@ def _write_combined(engine: FisherEngine, layout: LayerLayout, W: Tensor, d: Ten
     is W̄ᵀ), the bias's slice W̄'s last column.
     """
     for name in layout.param_names:
-        if name.rpartition(".")[2] == "weight":
+        if name.endswith("weight"):  # also in_proj_weight of nn.MultiheadAttention
             part = W[:, : layout.in_features]
             part = part.T if layout.weight_transposed else part
         else:

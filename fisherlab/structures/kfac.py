@@ -65,21 +65,18 @@ from fisherlab.linalg import (
     kron_matmul,
     kron_to_dense,
 )
-from fisherlab.structures.base import eigvalsh, symmetrize_upper
+from fisherlab.structures.base import accumulate_gram, eigvalsh, symmetrize_upper
 from fisherlab.structures.layerwise import LayerwiseFisher, prepare_layers, vars_of
 from fisherlab.vocabulary import KFACApprox
 
 
 def _add_gram(acc: dict[str, Tensor], key: str, U: Tensor) -> None:
-    """acc[key] += UᵀU for rows U (m, d); the first chunk's product is stored without a zero accumulator.
-
-    A blocked GEMM need not compute entries (i, j) and (j, i) of UᵀU in the same order (MKL on AVX-512 AMD CPUs does
-    not), so the caller symmetrises the finished sum once (:func:`symmetrize_upper`).
+    """acc[key] += UᵀU for rows U (m, d), its upper triangle only (:func:`accumulate_gram`: 3/4 of the work for
+    d ≥ 768, a plain product below); the caller symmetrises the finished sum once (:func:`symmetrize_upper`).
     """
-    if key in acc:
-        acc[key].addmm_(U.T, U)
-    else:
-        acc[key] = U.T @ U
+    if key not in acc:
+        acc[key] = U.new_zeros(U.shape[1], U.shape[1])
+    accumulate_gram(acc[key], U)
 
 
 def _zeros(engine: FisherEngine, *shape: int) -> Tensor:
