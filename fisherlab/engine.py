@@ -88,7 +88,7 @@ from fisherlab.vocabulary import FisherKind
 #: their arithmetic (benchmarks/README.md).
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
-#: Upper bound on the bytes of output-space factors :meth:`FisherEngine.matmat` keeps between calls (see there).
+#: Upper bound on the bytes of output-space state (outputs or factors) :meth:`FisherEngine.matmat` keeps between calls.
 MATMAT_CACHE_BYTES = 256 * 2**20
 
 #: Dtypes with too little range or precision for some kinds (torch has no eigendecomposition in them).
@@ -224,7 +224,7 @@ class FisherEngine:
             self.chunk_size = min_over_ranks(self.chunk_size, self.group, self.device)
         self._activation_bytes: int | None = None
         self._jvp_by_vjp = False  # set when an operation of the model has no forward-mode rule (see jv)
-        self._factor_cache: tuple[tuple, list[Tensor]] | None = None  # matmat's (state key, M per chunk)
+        self._output_cache: tuple[tuple, list[Tensor]] | None = None  # matmat's (state key, S per chunk)
         check_budget(2 * row_bytes * min(self.chunk_size, self.local_samples), "a chunk of factor rows",
                      self.memory_budget, "a smaller chunk_size")
         self._labels, local_tokens = self._scan()
@@ -474,6 +474,39 @@ class FisherEngine:
             return lik.token_factor(self.kind, z, y, labels)
         return self.output_factor(z, y, labels)
 
+    def _closed_form(self) -> bool:
+        """Whether :meth:`matmat` applies Λ(z) by the likelihood's ``fisher_apply`` rather than by the factor M.
+
+        So for kind ``true`` when the likelihood (a sequence model's: the base likelihood of one token) has one.
+        """
+        lik = self.likelihood.base if isinstance(self.likelihood, TokenLikelihood) else self.likelihood
+        return self.kind is FisherKind.TRUE and type(lik).fisher_apply is not Likelihood.fisher_apply
+
+    def _output_state(self, z: Tensor, y: Tensor, labels: Tensor | None) -> Tensor:
+        """What :meth:`matmat` keeps of a chunk's outputs z (detached), for :meth:`_output_product`.
+
+        z itself where Λ(z) is applied in closed form (:meth:`_closed_form`), else the factor of
+        :meth:`_product_factor` scaled by 1/√N.
+        """
+        if self._closed_form():
+            return z
+        return self._product_factor(z, y, labels) / math.sqrt(self.num_samples)
+
+    def _output_product(self, S: Tensor, y: Tensor, jv: Tensor) -> Tensor:
+        """(1/N) M_nᵀ M_n (J v)_n per column and sample: jv (k, n, C) → (k, n, C), S from :meth:`_output_state`.
+
+        In closed form Λ(z_n) w costs O(C) per sample (categorical: p ⊙ w − p (pᵀw); a sequence model's tokens
+        weighted by c m_nt), where the token blocks of M cost O(T·C²) per sequence.
+        """
+        if not self._closed_form():
+            return self._gram(S, jv)
+        lik = self.likelihood
+
+        def apply(w: Tensor) -> Tensor:
+            return lik.fisher_apply(S, w, y) if isinstance(lik, TokenLikelihood) else lik.fisher_apply(S, w)
+
+        return (apply(jv[0]).unsqueeze(0) if jv.shape[0] == 1 else vmap(apply)(jv)) / self.num_samples
+
     @staticmethod
     def _gram(M: Tensor, jv: Tensor) -> Tensor:
         """Mᵀ M (J v) per column and sample for a factor of :meth:`_product_factor` and J v of shape (k, n, C).
@@ -543,40 +576,41 @@ class FisherEngine:
         both), the output-space product Mᵀ M J v, and one reverse pass through the recorded graph — about five
         forward passes of arithmetic per column (primal 1, tangents 2, reverse 2), where a ``jvp`` and a separate
         ``vjp`` cost six. The chunks hold activations, not P-wide rows, so unless ``chunk_size`` was given they are
-        sized by the activation bytes per sample (:meth:`matmat_chunk_size`). Each chunk's output-space factor M
-        (:meth:`_product_factor` scaled by 1/√N; no activations) is computed from the outputs of the first product
-        and kept for later calls when the factors of all chunks fit in ``min(MATMAT_CACHE_BYTES, memory_budget/4)``
-        (keyed as in :meth:`_state_key`). Data-parallel, the ranks' partial products are all-reduced (every rank
-        gets F V).
+        sized by the activation bytes per sample (:meth:`matmat_chunk_size`). What the output-space product needs
+        of each chunk (:meth:`_output_state`: its outputs z for the true Fisher's Λ(z) in closed form, else the
+        factor M; no activations) is computed from the outputs of the first product and kept for later calls when
+        it fits, for all chunks, in ``min(MATMAT_CACHE_BYTES, memory_budget/4)`` (keyed as in :meth:`_state_key`).
+        Data-parallel, the ranks' partial products are all-reduced (every rank gets F V).
         """
         if V.shape[0] != self.spec.dim or V.dim() > 2:
             raise InputError(f"expected a vector (P,) or matrix (P, k) with P = {self.spec.dim}; got {tuple(V.shape)}")
         V = V.to(self.device, self.dtype)
         cols = V if V.dim() == 2 else V.unsqueeze(1)
         key = self._state_key()
-        cached = self._factor_cache[1] if self._factor_cache is not None and self._factor_cache[0] == key else None
-        factors: list[Tensor] = []
+        cached = self._output_cache[1] if self._output_cache is not None and self._output_cache[0] == key else None
+        states: list[Tensor] = []
         out = None
         for i, (x, y, labels) in enumerate(self.chunks(chunk_size=self.matmat_chunk_size())):
-            M = None if cached is None else cached[i]
+            S = None if cached is None else cached[i]
             parts = []
             for block in cols.split(self._column_block(x.shape[0]), dim=1):
-                part, M = self._with_jvp_fallback(partial(self._chunk_product, x, y, labels, M, block), x)
+                part, S = self._with_jvp_fallback(partial(self._chunk_product, x, y, labels, S, block), x)
                 parts.append(part)
-            factors.append(M)
+            states.append(S)
             part = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             out = part if out is None else out.add_(part)
-        factor_bytes = sum(M.numel() * M.element_size() for M in factors)
-        if cached is None and factor_bytes <= min(MATMAT_CACHE_BYTES, self.memory_budget // 4):
-            self._factor_cache = (key, factors)
+        state_bytes = sum(S.numel() * S.element_size() for S in states)
+        if cached is None and state_bytes <= min(MATMAT_CACHE_BYTES, self.memory_budget // 4):
+            self._output_cache = (key, states)
         self.reduce_sum([out])
         return out if V.dim() == 2 else out.squeeze(1)
 
-    def _chunk_product(self, x: Tensor, y: Tensor, labels: Tensor | None, M: Tensor | None,
+    def _chunk_product(self, x: Tensor, y: Tensor, labels: Tensor | None, S: Tensor | None,
                        block: Tensor) -> tuple[Tensor, Tensor]:
-        """F_chunk V for the chunk's inputs x and a block V of k columns (P, k); returns (P, k) and the chunk's M.
+        """F_chunk V for the chunk's inputs x and a block V of k columns (P, k); returns (P, k) and the chunk's S.
 
-        M is the scaled output-space factor of :meth:`matmat` (computed from this pass's outputs when None). The
+        S is what the output-space product needs (:meth:`_output_state`, computed from this pass's outputs when
+        None). The
         forward pass runs once, recording the graph of the outputs z for the reverse pass while forward mode
         carries the k tangents (vmapped over the columns; the primal is not batched), or, once an operation
         turned out to have no forward-mode rule, J v comes from two reverse passes (:meth:`jv`).
@@ -599,13 +633,13 @@ class FisherEngine:
                 return vmap(one, in_dims=1, out_dims=(None, 0))(block)
 
             z, vjp_fn, jv = vjp(primal_and_tangents, self.params, has_aux=True)
-        if M is None:
-            M = self._product_factor(z.detach(), y, labels) / math.sqrt(self.num_samples)
-        W = self._gram(M, jv)
+        if S is None:
+            S = self._output_state(z.detach(), y, labels)
+        W = self._output_product(S, y, jv)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*batching rule.*")
             grads = vjp_fn(W[0]) if k == 1 else vmap(vjp_fn)(W)
-        return self.spec.flatten(grads[0]).reshape(k, -1).T, M
+        return self.spec.flatten(grads[0]).reshape(k, -1).T, S
 
     def jv(self, f: Callable[[dict[str, Tensor]], Tensor], vjp_fn: Any, out_shape: torch.Size,
            tangent: dict[str, Tensor]) -> Tensor:

@@ -316,9 +316,9 @@ class TokenLikelihood(Likelihood):
       for F because the tokens' draws are independent given z (the cross-token terms vanish in expectation).
 
     Every method takes the flattened z (n, T·C) and the canonical targets of :meth:`check_targets`: labels (n, T)
-    (ignored tokens keep ``ignore_index``) or floats (n, T, C). :meth:`fisher_factor`, :meth:`fisher_apply` and
-    :meth:`sample` see no targets, so they count every token (the engine applies the mask through
-    :meth:`output_factor`); :meth:`kl` takes the targets for the mask.
+    (ignored tokens keep ``ignore_index``) or floats (n, T, C). :meth:`fisher_factor` and :meth:`sample` see no
+    targets, so they count every token (the engine applies the mask through :meth:`output_factor`); :meth:`kl`
+    and :meth:`fisher_apply` take the targets for the mask (without them, every token counts).
 
     Args:
         base: The likelihood of one token, outputs (n, C).
@@ -461,9 +461,15 @@ class TokenLikelihood(Likelihood):
         B = self._per_token(self.base.fisher_factor(self._tokens(z)), z.shape[0])
         return self._block_diagonal(B * math.sqrt(self.scale))
 
-    def fisher_apply(self, z: Tensor, w: Tensor) -> Tensor:
-        """C Λ(z_nt) w_nt for every token, w of shape (n, T·C); returns (n, T·C)."""
-        return self.scale * self.base.fisher_apply(self._tokens(z), self._tokens(w)).reshape(z.shape)
+    def fisher_apply(self, z: Tensor, w: Tensor, y: Tensor | None = None) -> Tensor:
+        """The products c m_nt Λ(z_nt) w_nt of every token, w of shape (n, T·C); returns (n, T·C).
+
+        ``y`` (canonical targets) gives the mask m; without it every token counts (m = 1).
+        """
+        out = self.base.fisher_apply(self._tokens(z), self._tokens(w))
+        if y is None:
+            return self.scale * out.reshape(z.shape)
+        return (self._per_token(out, z.shape[0]) * self._weights(y, z.dtype).unsqueeze(-1)).reshape(z.shape)
 
     def hessian_factor(self, z: Tensor, y: Tensor) -> Tensor:
         """K_n with K_n K_nᵀ = ∇²_z ℓ̃_n = blockdiag_t c m_nt ∇²ℓ(z_nt, y_nt); shape (n, T·C, T·C)."""
