@@ -430,3 +430,35 @@ def test_factor_rows_of_a_subset_of_parameters(problems):
     ref.assert_close(sub, p.reference("true")[ix][:, ix], REF_RTOL, "sub-matrix")
     with pytest.raises(InputError, match="unknown parameter names"):
         next(engine.iter_factor_rows(names=["nope"]))
+
+
+def test_masked_token_fisher_apply_equals_brute_force_blocks():
+    """TokenLikelihood.fisher_apply with targets: c m_nt (diag p − p pᵀ) w_nt per token, against an explicit loop."""
+    from fisherlab.likelihoods import TokenLikelihood, get_likelihood
+
+    n, T, C = 3, 4, 5
+    gen = torch.Generator().manual_seed(4)
+    z, w = torch.randn(n, T * C, generator=gen, dtype=F64), torch.randn(n, T * C, generator=gen, dtype=F64)
+    y = torch.randint(0, C, (n, T), generator=gen)
+    y[1, 1:] = -100
+    tok = TokenLikelihood(get_likelihood("categorical"), T, C, num_sequences=n, num_tokens=int((y != -100).sum()))
+    expected = torch.zeros(n, T, C, dtype=F64)
+    for i in range(n):
+        for t in range(T):
+            if y[i, t] != -100:
+                p = torch.softmax(z[i, t * C:(t + 1) * C], 0)
+                expected[i, t] = tok.scale * (torch.diag(p) - torch.outer(p, p)) @ w[i, t * C:(t + 1) * C]
+    ref.assert_close(tok.fisher_apply(z, w, y), expected.reshape(n, T * C), EXACT_RTOL, "masked fisher_apply")
+
+
+def test_implicit_products_follow_parameter_changes(problems):
+    """The outputs matmat keeps between calls are rebuilt when a parameter is modified in place."""
+    p = problems("mlp")
+    engine = p.engine()
+    v = torch.randn(engine.spec.dim, generator=torch.Generator().manual_seed(1), dtype=F64)
+    engine.matmat(v)
+    with torch.no_grad():
+        next(iter(engine.params.values())).mul_(1.5)
+    fresh = p.engine()
+    fresh.params = {k: t.clone() for k, t in engine.params.items()}
+    ref.assert_close(engine.matmat(v), fresh.matmat(v), EXACT_RTOL, "after an in-place change")
