@@ -88,9 +88,7 @@ torchrun --no-python ... fisherlab fidelity ...) shards the training samples
 over the N ranks (and --nnodes nodes), computes on all of them and writes the
 results once, from rank 0, with world_size and backend in each Dataset's
 attributes; the values are those of one process. A rank that fails stops every
-rank with an error naming it; finished parts stay in --out. Rules on
-reconstructed networks (sngd-*) are not yet data-parallel: choose --rules and
---train-rule without them."""
+rank with an error naming it; finished parts stay in --out."""
 
 #: Width of the hand-wrapped help texts.
 HELP_WIDTH = 80
@@ -528,10 +526,8 @@ def _fidelity(cfg: StudyConfig, out: Path, args: argparse.Namespace, *, lead: bo
     from fisherlab.distributed import active_group, on_lead
     from fisherlab.report import build_report, print_table
     from fisherlab.results import guard_output_folder
-    from fisherlab.study import check_data_parallel, headline, load_model_and_data, run_study
+    from fisherlab.study import headline, load_model_and_data, run_study
 
-    if active_group() is not None:
-        check_data_parallel(cfg)
     model_and_data = load_model_and_data(cfg)  # a wrong model or data is refused before the folder is claimed
     if on_lead(lambda: guard_output_folder(out, cfg.to_dict(), overwrite=args.overwrite), active_group()) and lead:
         print(f"{out} holds this configuration: resuming (finished parts are kept)")

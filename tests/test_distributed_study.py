@@ -31,10 +31,10 @@ from torch import nn
 def model(split):
     return nn.Sequential(nn.Linear(split.X_train.shape[1], 5), nn.Tanh(), nn.Linear(5, split.n_outputs))
 """
-#: Every built-in rule that is data-parallel (all but the reconstructed networks' sngd-*), two dampings.
+#: Every kind of built-in rule (a reconstructed network's: sngd-kfac), two dampings.
 OPTIONS = {"data": "synthetic-multiclass", "n_samples": N, "damping": [1e-3, 1e-1], "train_rule": "ngd",
            "rules": ["gd", "adam", "ngd", "block-ngd", "kfac", "ekfac", "unit", "diag", "empirical-ngd", "mc-ngd",
-                     "lowrank"],
+                     "lowrank", "sngd-kfac"],
            "steps": 2, "every": 1, "trajectory_rules": ["gd", "ngd", "kfac", "mc-ngd"]}
 #: Variables that are round-off themselves (relative residuals of direct solves, about 1e-16): compared absolutely.
 ROUND_OFF = ("ngd_residual",)
@@ -99,12 +99,15 @@ def assert_same_values(one: xr.Dataset, two: xr.Dataset, rtol: float = 1e-12) ->
 
 @pytest.mark.slow
 def test_two_ranks_write_what_one_process_computes(tiny: str, tmp_path: Path) -> None:
+    """Every part, with a reconstructed network's rule measured (sngd-kfac) and trained along the trajectory."""
     from fisherlab.results import load_dataset
     from fisherlab.study import run_study
 
-    cfg = StudyConfig(model=tiny, **OPTIONS)
+    options = {**OPTIONS, "train_rule": "sngd-kfac", "trajectory_rules": [*OPTIONS["trajectory_rules"], "sngd-kfac"]}
+    cfg = StudyConfig(model=tiny, **options)
     single = run_study(cfg, tmp_path / "one", progress=False, log=lambda message: None)
-    done = torchrun(argv(OPTIONS, tiny, tmp_path / "two"))
+    assert single["fidelity"].available.sel(rule="sngd-kfac") == 1
+    done = torchrun(argv(options, tiny, tmp_path / "two"))
     assert done.returncode == 0, done.stdout[-4000:]
     assert done.stdout.count("[fidelity] running") == 1  # rank 0 alone logs
     worst = {}
@@ -194,17 +197,6 @@ def test_a_failed_rank_stops_the_other_with_a_named_error(how: str, tiny: str, t
     assert not list(out.glob("*.tmp*"))
     assert guard_output_folder(out, cfg.to_dict()) is True  # the folder is free again and resumes
     release_output_folder(out)
-
-
-def test_rules_on_reconstructed_networks_are_refused_for_data_parallel_runs(tiny: str) -> None:
-    """(The command line calls this on every rank before rank 0 claims the folder.)"""
-    from fisherlab.study import check_data_parallel
-
-    check_data_parallel(StudyConfig(model=tiny, **OPTIONS))
-    for options in ({"rules": ["gd", "sngd-kfac"]}, {"train_rule": "sngd-block"}):
-        with pytest.raises(InputError, match=r"\['sngd-.*'\] \(reconstructed networks\) are not yet data-parallel"):
-            check_data_parallel(StudyConfig(model=tiny, **{**OPTIONS, **options}))
-    check_data_parallel(StudyConfig(model=tiny, **{**OPTIONS, "train_rule": "sngd-block", "parts": ["fidelity"]}))
 
 
 @pytest.mark.slow

@@ -32,8 +32,8 @@ from fisherlab.errors import (
     UnsupportedLayerError,
 )
 from fisherlab.fidelity import metrics
-from fisherlab.fidelity.rules import ReconstructedGD, Rule, RuleContext, UpdateRule, check_rules
-from fisherlab.likelihoods import Likelihood, TokenLikelihood
+from fisherlab.fidelity.rules import Rule, RuleContext, UpdateRule, check_rules
+from fisherlab.likelihoods import Likelihood
 from fisherlab.ngd import ITERATIVE_SOLVERS, NGDSolver
 
 #: Errors that make one rule unavailable at a state without invalidating the others (its structure does not fit
@@ -95,14 +95,11 @@ def measure(ctx: RuleContext, rules: Mapping[str, UpdateRule], dampings: Sequenc
     """
     spec = ctx.spec
     engine = ctx.engine()
-    group = engine.group
-    if group is not None:
-        check_distributable(rules)
-    count = None if group is None else engine.num_samples  # each rank's share of the global mean, then summed
+    count = None if engine.group is None else engine.num_samples  # each rank's share of the global mean, then summed
     M, D, L = len(rules), len(dampings), len(spec.layers())
     out = {name: np.full((M, D), np.nan) for name in METRIC_VARS}
     out["cosine_layer"] = np.full((M, D, L), np.nan)
-    reasons = [sequence_reason(rule, engine) for rule in rules.values()]
+    reasons = [""] * M
     F = ctx.fisher()
     loss, g = ctx.loss_and_gradient()
     z0, y = ctx.outputs_and_targets()
@@ -174,33 +171,6 @@ def measure(ctx: RuleContext, rules: Mapping[str, UpdateRule], dampings: Sequenc
     data["loss"] = ((), np.array(float(loss)))
     data["grad_norm"] = ((), np.array(float(g.norm())))
     return data
-
-
-def sequence_reason(rule: UpdateRule, engine: Any) -> str:
-    """Why ``rule`` cannot run on the engine's model: a reconstructed network on a sequence model; else ``""``.
-
-    The training of reconstructed networks does not take sequence outputs (N, T, C) yet (docs/sequences.md), so
-    the ``sngd-*`` rules are recorded unavailable there rather than raising mid-evaluation.
-    """
-    if isinstance(rule, ReconstructedGD) and isinstance(engine.likelihood, TokenLikelihood):
-        return ("reconstructed networks do not take sequence outputs (N, T, C) yet: their training "
-                "(ReconstructedNetwork.prime_gradient) refuses them (docs/sequences.md)")
-    return ""
-
-
-def check_distributable(rules: Mapping[str, UpdateRule]) -> None:
-    """Refuse the rules that are not yet data-parallel (under a process group): the reconstructed-network rules.
-
-    A reconstructed network's gradient (``ReconstructedNetwork.prime_gradient``) is still the mean over this
-    rank's samples only, so ``sngd-*`` would measure each rank's own update (docs/distributed.md).
-
-    Raises:
-        InputError: Naming the rules, with what to do instead.
-    """
-    local = [name for name, rule in rules.items() if isinstance(rule, ReconstructedGD)]
-    if local:
-        raise InputError(f"rule(s) {local} (reconstructed networks) are not yet data-parallel: their gradient is "
-                         "each rank's own; run them in one process, or leave them out under torch.distributed")
 
 
 def solver_attrs(ctx: RuleContext, dampings: Sequence[float]) -> dict[str, Any]:
@@ -314,5 +284,4 @@ def fidelity_dataset(kind: str, data_vars: dict, coords: dict, **kwargs: Any) ->
 
 
 __all__ = ["ANNOTATIONS", "DEFAULT_RULES", "METRIC_VARS", "SCALE_FREE_METRICS", "UNAVAILABLE",
-           "check_distributable", "evaluate_fidelity", "fidelity_dataset", "measure", "sequence_reason",
-           "solver_attrs"]
+           "evaluate_fidelity", "fidelity_dataset", "measure", "solver_attrs"]
