@@ -8,14 +8,15 @@ are token means (docs/sequences.md). Every rule that runs on a sequence model is
 −η (F + λI)⁻¹ ∇L on the same batch (:func:`fisherlab.fidelity.evaluate_fidelity`, Cholesky): GD, Adam, the
 true / MC / empirical exact solves, block, KFAC with the *expand* and the *reduce* approximation of Eschenhagen
 et al. (2023) for the layers shared over positions (``kfac`` is expand, ``kfac-reduce`` is defined here), EKFAC
-(expand), unit-wise, diagonal and low-rank; ``sngd-kfac`` is listed to record why it is
-unavailable (reconstructed networks do not train on sequence outputs yet). Output:
+(expand), unit-wise, diagonal and low-rank, and GD on the KFAC-reconstructed network ``sngd-kfac`` (by
+invariant 2 the step of ``kfac``). Output:
 ``transformer_fidelity.nc`` (kind ``transformer_fidelity``, the variables of a ``fidelity`` Dataset; dims ``rule``,
 ``damping``, ``layer``), the finished configuration under ``store/`` (a rerun resumes), figures, ``report.html``,
 and a markdown table (rule × λ, cosine to exact NGD) printed at the end.
 
 Run time on this machine (2 CPU cores shared with other jobs, ``--threads 1``), full mode: 48 s
-(17 s of CPU); ``--quick``: 10 s of CPU.
+(17 s of CPU) measured before ``sngd-kfac`` ran (it adds one reconstruction per damping); ``--quick``: 10 s of
+CPU.
 
     python analyses/transformer_fidelity.py [--out results/transformer_fidelity] [--quick] [--seed 0]
         [--threads 1]
