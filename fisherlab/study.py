@@ -754,6 +754,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
     from fisherlab.distributed import active_group, on_lead, rank
     from fisherlab.fidelity import evaluate_fidelity, fidelity_trajectory, fisher_geometry
     from fisherlab.fidelity.optimizers import OptimizerRule
+    from fisherlab.fidelity.rules import RuleContext
     from fisherlab.progress import bar as progress_bar
     from fisherlab.results import ResultsStore, save_dataset
     from fisherlab.spectra import fisher_spectra
@@ -768,23 +769,28 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
         if not lead:
             log, progress = _quiet, False
     lik = likelihood_for(split)
+    # one context at the initial parameters: the trajectory's step 0, the geometry and the spectra reuse the
+    # Fishers, structures, solves and eigenvalues the fidelity part computed (each computed once, when first asked)
+    shared = RuleContext(model, split, lik, dtype=dtype, device=cfg.device, seed=cfg.seed, progress=progress,
+                         dampings=tuple(cfg.damping))
     common = {"likelihood": lik, "dtype": dtype, "device": cfg.device, "seed": cfg.seed, "progress": progress,
               "config": cfg.to_dict()}
     jobs: dict[str, Callable[[], xr.Dataset]] = {
         "fidelity": lambda: evaluate_fidelity(model, split, rules=cfg.rules, damping=cfg.damping, lr=cfg.lr,
-                                              **common),
+                                              context=shared, **common),
         "trajectory": lambda: with_optimizers(fidelity_trajectory(
             model, split, train_rule=cfg.train_rule, steps=cfg.steps, every=cfg.every,
             rules=cfg.trajectory_rules, damping=cfg.trajectory_damping, lr=cfg.lr,
-            train_lr=cfg.train_lr, refresh_every=cfg.refresh_every, **common), [
+            train_lr=cfg.train_lr, refresh_every=cfg.refresh_every, context=shared, **common), [
             fidelity_trajectory(model, split, optimizer=OptimizerRule(name, factory), steps=cfg.steps,
                                 every=cfg.every, rules=[], damping=cfg.trajectory_damping, lr=cfg.lr, **common)
             for name, factory in optimizer_rules_of(cfg).items()]),
         "geometry": lambda: fisher_geometry(model, split, structures=cfg.geometry_structures,
-                                            damping=cfg.geometry_damping,
+                                            damping=cfg.geometry_damping, context=shared,
                                             **common),
         "spectrum": lambda: fisher_spectra(model, split, lik, kinds=cfg.spectrum_kinds, seed=cfg.seed, dtype=dtype,
-                                           device=cfg.device, progress=progress, config=cfg.to_dict()),
+                                           device=cfg.device, progress=progress, config=cfg.to_dict(),
+                                           context=shared),
     }
     store = ResultsStore(out)
     # reused only if it carries this configuration (a foreign part is refused); read by rank 0 for every rank

@@ -210,6 +210,7 @@ def evaluate_fidelity(
     skip_unavailable: bool = True,
     progress: bool | None = None,
     config: dict | None = None,
+    context: RuleContext | None = None,
 ) -> xr.Dataset:
     """Compare every rule's update with exact NGD at the model's current parameters (METHOD.md §5).
 
@@ -237,6 +238,9 @@ def evaluate_fidelity(
             (NaN) instead of raising.
         progress: Progress bars (``None``: only on a terminal).
         config: Extra configuration stored in the provenance.
+        context: A :class:`~fisherlab.fidelity.rules.RuleContext` of ``model`` on ``data`` with these settings to
+            evaluate in (and to keep what it computes, for the trajectory, geometry and spectrum parts of a study
+            at the same parameters); refused, with an InputError, when its data, parameters or settings differ.
 
     Returns:
         A ``"fidelity"`` Dataset with dims ``rule``, ``damping``, ``layer`` and variables ``cosine``,
@@ -258,9 +262,12 @@ def evaluate_fidelity(
     dampings = check_dampings(damping)
     lr = check_lr(lr)
     ngd_solver = parse_enum(NGDSolver, ngd_solver, "NGD solver").value
-    ctx = RuleContext(model, data, likelihood, dtype=dtype, device=device, seed=seed, mc_samples=mc_samples,
-                      memory_budget=memory_budget, chunk_size=chunk_size, cg_tol=cg_tol, cg_max_iter=cg_max_iter,
-                      ngd_solver=ngd_solver, dampings=tuple(dampings), progress=progress)
+    settings = dict(likelihood=likelihood, dtype=dtype, device=device, seed=seed, mc_samples=mc_samples,
+                    memory_budget=memory_budget, chunk_size=chunk_size, cg_tol=cg_tol, cg_max_iter=cg_max_iter,
+                    ngd_solver=ngd_solver, dampings=tuple(dampings))
+    if context is not None:
+        context.check_shares(model, data, **settings)
+    ctx = RuleContext(model, data, **settings, progress=progress) if context is None else context
     data_vars = measure(ctx, rules, dampings, lr, skip_unavailable=skip_unavailable)
     engine = ctx.engine()
     cfg = {"rules": list(rules), "damping": dampings, "lr": lr, "likelihood": repr(ctx.likelihood),
