@@ -125,6 +125,17 @@ def test_preconditioned_cg_reaches_the_unpreconditioned_residual(net_problem, so
             assert info.preconditioner == solver.removeprefix("pcg-") and info.products > info.iterations > 0
 
 
+class _Scale(torch.nn.Module):
+    """x ⊙ w, a module without a KFAC layer rule."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w
+
+
 def test_kfac_preconditioner_given_is_used_and_diag_is_the_fallback(problem, monkeypatch) -> None:
     model, X, y, g, F, _ = problem
     engine = FisherEngine(model, (X, y))
@@ -134,10 +145,10 @@ def test_kfac_preconditioner_given_is_used_and_diag_is_the_fallback(problem, mon
     x, info = solve_ngd(engine, g, LAM, solver="pcg-kfac", preconditioner=kfac, cg_tol=1e-10)
     assert calls and set(calls) == {LAM} and info.preconditioner == "kfac"
     assert _residual(F, x, g, LAM) <= 1e-10
-    norm = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3)).double()
-    rhs = torch.randn(sum(p.numel() for p in norm.parameters()), dtype=torch.float64)
-    x, info = solve_ngd(FisherEngine(norm, (X, y)), rhs, LAM, solver="pcg-kfac")
-    assert info.preconditioner == "diag" and info.converged  # KFAC has no LayerNorm rule
+    scaled = torch.nn.Sequential(torch.nn.Linear(6, 5), _Scale(5), torch.nn.Linear(5, 3)).double()
+    rhs = torch.randn(sum(p.numel() for p in scaled.parameters()), dtype=torch.float64)
+    x, info = solve_ngd(FisherEngine(scaled, (X, y)), rhs, LAM, solver="pcg-kfac")
+    assert info.preconditioner == "diag" and info.converged  # KFAC has no rule for _Scale
 
 
 def test_solve_ngd_all_auto_and_context(problem) -> None:

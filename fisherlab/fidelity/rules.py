@@ -20,8 +20,10 @@ Built-in rules (:data:`RULES`):
                    (m̂₁ = ∇L, v̂₁ = ∇L², elementwise; λ is not used)
 ``ngd``            exact NGD, −η (F + λI)⁻¹ ∇L with the true Fisher
 ``block-ngd``      −η (F_block + λI)⁻¹ ∇L, one dense block per layer
-``kfac``           KFAC, ``fisher(..., structure="kfac").solve``
-``ekfac``          EKFAC, ``structure="ekfac"``
+``kfac``           KFAC, ``fisher(..., structure="kfac").solve`` (the *expand* approximation for layers
+                   shared over positions; ``kfac-expand`` is the same rule by name)
+``kfac-reduce``    KFAC with ``approx="reduce"`` (Eschenhagen et al. 2023; = ``kfac`` without weight sharing)
+``ekfac``          EKFAC, ``structure="ekfac"`` (expand); ``ekfac-reduce`` in the reduce KFAC's eigenbasis
 ``unit``           unit-wise blocks, ``structure="unit"``
 ``lowrank``        low-rank (Nyström) plus damping, ``structure="lowrank"``
 ``diag``           −η (diag F + λI)⁻¹ ∇L
@@ -64,7 +66,8 @@ from fisherlab.ngd import NGDSolver, SolveInfo, solve_ngd_all
 from fisherlab.params import ParamSpec
 from fisherlab.structures.base import FisherMatrix
 from fisherlab.structures.block import BlockDiagonalFisher
-from fisherlab.vocabulary import RECONSTRUCTIBLE, STRUCTURE_ALIASES, BlockBy, FisherKind, RootMethod, Structure
+from fisherlab.vocabulary import (RECONSTRUCTIBLE, STRUCTURE_ALIASES, BlockBy, FisherKind, KFACApprox, RootMethod,
+                                  Structure)
 
 #: A rule: (context, damping λ, learning rate η) → update Δθ of shape (P,), original coordinates.
 UpdateRule = Callable[["RuleContext", float, float], Tensor]
@@ -207,7 +210,7 @@ class RuleContext:
             options = {"by": BlockBy.LAYER.value, **options}  # one entry for block-ngd, sngd-block and geometry
         key = f"{name}:{json.dumps(options, sort_keys=True)}"
         if key not in self._structures:
-            kfac = self._structures.get("kfac:{}")
+            kfac = self._structures.get(f"kfac:{json.dumps(options, sort_keys=True)}")  # same approx= as EKFAC's
             extra = {"basis": kfac} if name == "ekfac" and kfac is not None and "basis" not in options else {}
             dense = self._exact.get("true")
             with self.timed(f"structure {name}"):
@@ -502,6 +505,9 @@ register_rule(ExactNGD("ngd", FisherKind.TRUE))
 register_rule(StructuredNGD("block-ngd", Structure.BLOCK, {"by": BlockBy.LAYER.value}))
 for _s in (Structure.KFAC, Structure.EKFAC, Structure.UNIT, Structure.LOWRANK, Structure.DIAG):
     register_rule(StructuredNGD(_s.value, _s))
+register_rule(StructuredNGD("kfac-expand", Structure.KFAC))  # the structure of "kfac" (one build serves both)
+for _s in (Structure.KFAC, Structure.EKFAC):
+    register_rule(StructuredNGD(f"{_s.value}-reduce", _s, {"approx": KFACApprox.REDUCE.value}))
 register_rule(ExactNGD("empirical-ngd", FisherKind.EMPIRICAL))
 register_rule(ExactNGD("mc-ngd", FisherKind.MC))
 for _s in map(Structure, RECONSTRUCTIBLE):
