@@ -60,8 +60,8 @@ _EXPORTS: dict[str, str] = {
     "KFACApprox": "fisherlab.vocabulary",
     **{name: "fisherlab.errors" for name in (
         "ConvergenceError", "FallbackWarning", "FisherlabError", "InputError", "MemoryBudgetError",
-        "NonFiniteError", "ResultsFileError", "ResultsIntegrityWarning", "SchemaUpgradeWarning", "SingularMatrixError",
-        "UnsupportedLayerError")},
+        "NonFiniteError", "RankFailedError", "ReadOnlyTensorError", "ResultsFileError", "ResultsIntegrityWarning",
+        "SchemaUpgradeWarning", "SingularMatrixError", "UnsupportedLayerError")},
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

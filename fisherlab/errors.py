@@ -44,6 +44,15 @@ class ConvergenceError(FisherlabError, ArithmeticError):
     """
 
 
+class ReadOnlyTensorError(InputError, AttributeError):
+    """Assignment to an effective original-coordinate tensor of a reconstructed network (``layer.weight``).
+
+    Such a tensor is computed from the reconstructed coordinates θ' and the roots on every read; set θ with
+    :meth:`~fisherlab.reconstruction.ReconstructedNetwork.load_original` or train θ'. An InputError and an
+    AttributeError (what assigning a read-only attribute raises in Python).
+    """
+
+
 class RankFailedError(FisherlabError):
     """A rank of a data-parallel run failed (an error, killed, or silent past the timeout): the run is stopped.
 

@@ -454,11 +454,12 @@ def test_masked_token_fisher_apply_equals_brute_force_blocks():
 def test_implicit_products_follow_parameter_changes(problems):
     """The outputs matmat keeps between calls are rebuilt when a parameter is modified in place."""
     p = problems("mlp")
-    engine = p.engine()
+    model = copy.deepcopy(p.model)  # the engine's parameters may share the model's storage: keep the session's
+    engine = FisherEngine(model, p.data, p.likelihood)
     v = torch.randn(engine.spec.dim, generator=torch.Generator().manual_seed(1), dtype=F64)
     engine.matmat(v)
     with torch.no_grad():
         next(iter(engine.params.values())).mul_(1.5)
-    fresh = p.engine()
+    fresh = FisherEngine(copy.deepcopy(model), p.data, p.likelihood)
     fresh.params = {k: t.clone() for k, t in engine.params.items()}
     ref.assert_close(engine.matmat(v), fresh.matmat(v), EXACT_RTOL, "after an in-place change")

@@ -13,6 +13,7 @@ Example:
     >>> net.load_into(model)  # write θ back into the original model
 """
 
+from fisherlab.errors import ReadOnlyTensorError
 from fisherlab.reconstruction.build import STRUCTURES, reconstruct
 from fisherlab.reconstruction.local_layers import (
     FOLD_MODES,
@@ -39,7 +40,6 @@ from fisherlab.reconstruction.roots import (
     ROOT_METHODS,
     CombinedLayout,
     LocalFisherUnit,
-    ReadOnlyTensorError,
     TransposedLayout,
     lowrank_roots,
 )

@@ -49,13 +49,12 @@ import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from fisherlab.checks import parse_enum
-from fisherlab.errors import InputError
+from fisherlab.errors import InputError, ReadOnlyTensorError
 from fisherlab.linalg import kron_damping_split
 from fisherlab.reconstruction.roots import (
     CombinedLayout,
     LocalFisherUnit,
     LowRank,
-    ReadOnlyTensorError,
     damped_roots,
     lowrank_roots,
     positive_roots,

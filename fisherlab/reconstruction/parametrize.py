@@ -36,12 +36,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from fisherlab.errors import InputError
+from fisherlab.errors import InputError, ReadOnlyTensorError
 from fisherlab.reconstruction.local_layers import InputWhitening, OutputFisher, kron_apply, kron_update
 from fisherlab.reconstruction.roots import (
     CombinedLayout,
     LocalFisherUnit,
-    ReadOnlyTensorError,
     TransposedLayout,
     batched_damped_roots,
     damped_roots,

@@ -37,16 +37,6 @@ from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError
 from fisherlab.linalg import ConvergenceError, sqrtm, top_eigh
 from fisherlab.vocabulary import RootMethod
 
-
-class ReadOnlyTensorError(InputError, AttributeError):
-    """Assignment to an effective original-coordinate tensor of a reconstructed network (``layer.weight``).
-
-    Such a tensor is computed from the reconstructed coordinates θ' and the roots on every read; set θ with
-    :meth:`~fisherlab.reconstruction.ReconstructedNetwork.load_original` or train θ'. An InputError and an
-    AttributeError (what assigning a read-only attribute raises in Python).
-    """
-
-
 #: Exponents a unit's root can be applied with: R ~ G^{1/2} (original → reconstructed) and R⁻¹ ~ G^{-1/2} (back).
 POWERS = (0.5, -0.5)
 
