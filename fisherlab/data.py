@@ -572,6 +572,18 @@ def make_synthetic(
     )
 
 
+def _sort_draws(where: str, n_samples: int, length: int, n_values: int, seed: int, test_fraction: float,
+                ) -> tuple[int, int, int, int, torch.Generator, torch.Tensor]:
+    """Checked sizes of a sort task, its test count, its seeded generator and the prompt values (N, length)."""
+    _check_fraction(test_fraction, where)
+    n_samples = _check_int(n_samples, "n_samples", where, 2)
+    length = _check_int(length, "length", where, 1)
+    n_values = _check_int(n_values, "n_values", where, 2)
+    n_test = _n_test(n_samples, test_fraction, where)
+    g = torch.Generator().manual_seed(seed)
+    return n_samples, length, n_values, n_test, g, torch.randint(0, n_values, (n_samples, length), generator=g)
+
+
 def make_sort_task(
     n_samples: int = 512,
     length: int = 6,
@@ -602,14 +614,8 @@ def make_sort_task(
     Raises:
         InputError: On out-of-range arguments.
     """
-    where = "make_sort_task"
-    _check_fraction(test_fraction, where)
-    n_samples = _check_int(n_samples, "n_samples", where, 2)
-    length = _check_int(length, "length", where, 1)
-    n_values = _check_int(n_values, "n_values", where, 2)
-    n_test = _n_test(n_samples, test_fraction, where)
-    g = torch.Generator().manual_seed(seed)
-    values = torch.randint(0, n_values, (n_samples, length), generator=g)
+    n_samples, length, n_values, n_test, g, values = _sort_draws("make_sort_task", n_samples, length, n_values,
+                                                                 seed, test_fraction)
     j = torch.randint(0, length, (n_samples,), generator=g)
     X = torch.cat([values, (n_values + j).unsqueeze(1)], dim=1)
     y = values.sort(dim=1).values.gather(1, j.unsqueeze(1)).squeeze(1)
@@ -658,14 +664,8 @@ def make_sort_lm(
     Raises:
         InputError: On out-of-range arguments.
     """
-    where = "make_sort_lm"
-    _check_fraction(test_fraction, where)
-    n_samples = _check_int(n_samples, "n_samples", where, 2)
-    length = _check_int(length, "length", where, 1)
-    n_values = _check_int(n_values, "n_values", where, 2)
-    n_test = _n_test(n_samples, test_fraction, where)
-    g = torch.Generator().manual_seed(seed)
-    values = torch.randint(0, n_values, (n_samples, length), generator=g)
+    n_samples, length, n_values, n_test, g, values = _sort_draws("make_sort_lm", n_samples, length, n_values,
+                                                                 seed, test_fraction)
     sep = torch.full((n_samples, 1), n_values, dtype=torch.int64)
     seq = torch.cat([values, sep, values.sort(dim=1).values], dim=1)
     y = seq[:, 1:].clone()
