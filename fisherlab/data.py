@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from fisherlab.errors import InputError
+from fisherlab.vocabulary import IGNORE_INDEX
 
 __all__ = [
     "DATASETS",
@@ -79,12 +80,6 @@ DATASETS: tuple[str, ...] = (
 )
 """Names accepted by :func:`load`."""
 
-IGNORE_INDEX: int = -100
-"""Target value of a position that carries no prediction target (the prompt of :func:`make_sort_lm`).
-
-The same value as ``ignore_index`` of :func:`torch.nn.functional.cross_entropy`: such positions contribute
-nothing to the loss (a mean over the other tokens) or the Fisher.
-"""
 
 DIGITS_STD_FLOOR: float = 0.05
 """Floor on the per-pixel training standard deviation used to standardize ``digits``.

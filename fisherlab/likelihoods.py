@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.func import grad, hessian, vmap
 
 from fisherlab.errors import InputError
-from fisherlab.vocabulary import FisherKind
+from fisherlab.vocabulary import IGNORE_INDEX, FisherKind
 
 
 class Likelihood:
@@ -134,8 +134,6 @@ def _check_same_shape(z: Tensor, y: Tensor, what: str) -> Tensor:
     return y.to(z.dtype)
 
 
-#: torch's ``ignore_index`` of ``nn.CrossEntropyLoss``: labels equal to it mark tokens that do not count.
-IGNORE_INDEX = -100
 
 
 class Categorical(Likelihood):

@@ -73,7 +73,6 @@ from fisherlab.ngd import NGDSolver, solve_ngd
 from fisherlab.params import ParamSpec
 from fisherlab.progress import bar as progress_bar
 from fisherlab.results import NATS, annotate, new_dataset
-from fisherlab.structures.kfac import diagonal_input
 from fisherlab.vocabulary import FisherKind, KFACPrecondition
 
 __all__ = ["KFAC_PRECONDITION", "RULES", "best_runs", "compare", "sweep_lr", "train"]
@@ -236,9 +235,7 @@ class _KFACStepper(_Stepper):
         self.refreshes += 1
         self.inverses = {}
         for path, f in kfac.factors.items():
-            # the π split reads A only through tr A / dim A: a diagonal A enters as its mean (1 × 1)
-            a, s = kron_damping_split(f.A.mean().reshape(1, 1) if diagonal_input(f) else f.A, f.S, self.damping,
-                                      self.split)
+            a, s = kron_damping_split(f.A, f.S, self.damping, self.split)  # A dense or diagonal (Embedding)
             self.inverses[path] = _LayerInverses(self.model.get_submodule(path), f, kfac.index[path],
                                                  _damped_inverse(f.A, a), _damped_inverse(f.S, s))
         self.exact = {path: (kfac.index[path], _damped_inverse(B, self.damping))

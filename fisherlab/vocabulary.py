@@ -178,9 +178,14 @@ STRUCTURE_TABLE: dict[Structure, StructureInfo] = {
 #: Structures :func:`fisherlab.reconstruct` accepts, in table order.
 RECONSTRUCTIBLE: tuple[str, ...] = tuple(s.value for s, info in STRUCTURE_TABLE.items() if info.reconstructible)
 
+#: Target label of a token that carries no prediction target (a prompt or padding position): torch's
+#: ``ignore_index`` of ``nn.CrossEntropyLoss``. Such tokens contribute nothing to the loss (a mean over the
+#: other tokens) or to any Fisher (docs/sequences.md).
+IGNORE_INDEX: int = -100
+
 #: Deprecated spellings → the name that replaced them.
 STRUCTURE_ALIASES: dict[str, str] = {"full": "dense"}
 
-__all__ = ["RECONSTRUCTIBLE", "STRUCTURE_ALIASES", "STRUCTURE_TABLE", "BlockBy", "FisherKind", "FisherType",
-           "FoldMode", "KFACApprox", "KFACPrecondition", "KronSplit", "RootMethod", "Structure", "StructureInfo",
-           "Unsupported"]
+__all__ = ["IGNORE_INDEX", "RECONSTRUCTIBLE", "STRUCTURE_ALIASES", "STRUCTURE_TABLE", "BlockBy", "FisherKind",
+           "FisherType", "FoldMode", "KFACApprox", "KFACPrecondition", "KronSplit", "RootMethod", "Structure",
+           "StructureInfo", "Unsupported"]

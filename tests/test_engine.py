@@ -19,10 +19,9 @@ from cases import MLP, SoftplusGaussian, mlp
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fisherlab import structures
+from fisherlab import fisher, structures
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError, MemoryBudgetError
-from fisherlab import fisher
 from fisherlab.likelihoods import Gaussian
 
 F64 = torch.float64

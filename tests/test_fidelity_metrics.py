@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from fisherlab.vocabulary import FisherKind
 from fisherlab.errors import InputError
 from fisherlab.fidelity import metrics
 from fisherlab.likelihoods import Categorical, Gaussian
 from fisherlab.params import ParamSpec
 from fisherlab.structures import DenseFisher
+from fisherlab.vocabulary import FisherKind
 
 D = torch.float64
 

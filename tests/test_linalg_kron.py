@@ -156,3 +156,16 @@ def test_kron_eig_reconstructs(AS):
     # eigenvalues of S ⊗ A are the outer products
     outer = (e.s_eigvals[:, None] * e.a_eigvals[None, :]).reshape(-1).sort().values
     torch.testing.assert_close(outer, torch.linalg.eigvalsh(kron_to_dense(A, S)), rtol=1e-9, atol=1e-12)
+
+
+def test_damping_split_takes_a_diagonal_input_factor_as_its_diagonal():
+    """A diagonal A (an Embedding's token counts) passed as (in,): π = sqrt(mean(a) / (tr S / dim S)), closed form."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(7, generator=g, dtype=torch.float64) + 0.1
+    B = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    S = B @ B.T + 0.1 * torch.eye(4, dtype=torch.float64)
+    lam = 0.3
+    pi = math.sqrt(float(a.mean()) / float(torch.trace(S) / 4))
+    got = kron_damping_split(a, S, lam, "pi")
+    assert got == pytest.approx((pi * math.sqrt(lam), math.sqrt(lam) / pi), rel=1e-14)
+    assert kron_damping_split(a, S, lam, "sqrt") == (math.sqrt(lam), math.sqrt(lam))

@@ -66,8 +66,15 @@ from fisherlab.ngd import NGDSolver, SolveInfo, solve_ngd_all
 from fisherlab.params import ParamSpec
 from fisherlab.structures.base import FisherMatrix
 from fisherlab.structures.block import BlockDiagonalFisher
-from fisherlab.vocabulary import (RECONSTRUCTIBLE, STRUCTURE_ALIASES, BlockBy, FisherKind, KFACApprox, RootMethod,
-                                  Structure)
+from fisherlab.vocabulary import (
+    RECONSTRUCTIBLE,
+    STRUCTURE_ALIASES,
+    BlockBy,
+    FisherKind,
+    KFACApprox,
+    RootMethod,
+    Structure,
+)
 
 #: A rule: (context, damping λ, learning rate η) → update Δθ of shape (P,), original coordinates.
 UpdateRule = Callable[["RuleContext", float, float], Tensor]

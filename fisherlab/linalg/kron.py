@@ -157,7 +157,7 @@ def kron_damping_split(A: Tensor, S: Tensor, damping: float, split: str = "pi") 
     2015, §6.3). λ = 0 gives (0, 0) for both splits.
 
     Args:
-        A: Input factor (in, in).
+        A: Input factor (in, in), or a diagonal one as its diagonal (in,) (an Embedding's token counts).
         S: Output factor (out, out).
         damping: λ ≥ 0.
         split: ``"pi"`` or ``"sqrt"``.
@@ -169,7 +169,12 @@ def kron_damping_split(A: Tensor, S: Tensor, damping: float, split: str = "pi") 
         InputError: Bad shapes, split or damping.
         SingularMatrixError: ``"pi"`` with a factor of non-positive trace (π undefined; use ``"sqrt"``).
     """
-    din, dout = _check_factors(A, S)
+    diagonal = A.dim() == 1
+    if diagonal:
+        _check_float(A, "A")
+        din, dout = A.shape[0], _check_square(S, "S")
+    else:
+        din, dout = _check_factors(A, S)
     _check_option(split, KRON_SPLITS, "split")
     lam = _check_damping(damping)
     if lam == 0.0:
@@ -177,7 +182,8 @@ def kron_damping_split(A: Tensor, S: Tensor, damping: float, split: str = "pi") 
     root = math.sqrt(lam)
     if split == "sqrt":
         return root, root
-    ta, ts = torch.stack([torch.diagonal(A).sum() / din, torch.diagonal(S).sum().to(A.dtype) / dout]).tolist()
+    trace_a = A.sum() if diagonal else torch.diagonal(A).sum()
+    ta, ts = torch.stack([trace_a / din, torch.diagonal(S).sum().to(A.dtype) / dout]).tolist()
     if not (math.isfinite(ta) and math.isfinite(ts) and ta > 0 and ts > 0):
         raise SingularMatrixError(
             f"pi-damping needs factors with positive finite traces, got tr(A)/dim(A)={ta:.3e}, "

@@ -220,9 +220,7 @@ def kron_update(inp: FactorRoot, out: FactorRoot | None, stats: Mapping[str, Ten
     if A.dim() != inp.sqrt.dim():
         raise InputError(f"{type(inp).__name__} ({'diagonal' if inp.diagonal else 'dense'}) got an input factor of "
                          f"shape {tuple(A.shape)}")
-    trace_like = A.mean().reshape(1, 1) if inp.diagonal else A  # the split reads only tr A / dim A
-    da, ds = (damping, 0.0) if out is None else kron_damping_split(trace_like, stats["S"].to(out.sqrt), damping,
-                                                                    split)
+    da, ds = (damping, 0.0) if out is None else kron_damping_split(A, stats["S"].to(out.sqrt), damping, split)
     if inp.diagonal:
         inp.set_roots(*positive_roots(A, da, "the diagonal input factor A (token frequencies)"))
     else:

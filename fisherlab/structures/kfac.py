@@ -71,8 +71,10 @@ from fisherlab.vocabulary import KFACApprox
 
 
 def _add_gram(acc: dict[str, Tensor], key: str, U: Tensor) -> None:
-    """acc[key] += UᵀU for rows U (m, d), its upper triangle only (:func:`accumulate_gram`: 3/4 of the work for
-    d ≥ 768, a plain product below); the caller symmetrises the finished sum once (:func:`symmetrize_upper`).
+    """acc[key] += UᵀU for rows U (m, d), its upper triangle only.
+
+    :func:`accumulate_gram` does 3/4 of the work for d ≥ 768 and a plain product below; the caller symmetrises the
+    finished sum once (:func:`symmetrize_upper`).
     """
     if key not in acc:
         acc[key] = U.new_zeros(U.shape[1], U.shape[1])
@@ -111,7 +113,7 @@ def diagonal_input(f: KroneckerFactors) -> bool:
 
 
 def _stand_in(a: Tensor) -> Tensor:
-    """A 1 × 1 factor with the mean eigenvalue of diag(a), for :func:`kron_damping_split` (which reads only that)."""
+    """A 1 × 1 stand-in for a diagonal A (its mean), so that :func:`kron_eig` decomposes S alone."""
     return a.mean().reshape(1, 1)
 
 
@@ -215,7 +217,7 @@ class KFACFisher(LayerwiseFisher):
         if split == "exact":
             denom = sigma.unsqueeze(1) * f.A.unsqueeze(0) + damping
         else:
-            a, s = kron_damping_split(_stand_in(f.A), f.S, damping, split)
+            a, s = kron_damping_split(f.A, f.S, damping, split)
             denom = (sigma + s).unsqueeze(1) * (f.A + a).unsqueeze(0)
         lo, hi = torch.stack([denom.min(), denom.abs().max()]).tolist()
         threshold = denom.numel() * torch.finfo(denom.dtype).eps * hi if damping == 0 else 0.0
@@ -269,7 +271,7 @@ class KFACFisher(LayerwiseFisher):
 
 def _diagonal_inv_sqrt(f: KroneckerFactors, damping: float, method: str, split: str) -> tuple[Tensor, Tensor]:
     """((A + aI)^{-1/2} as its diagonal (width,), (S + sI)^{-1/2}) for a diagonal A."""
-    a, s = kron_damping_split(_stand_in(f.A), f.S, damping, split)
+    a, s = kron_damping_split(f.A, f.S, damping, split)
     low = float((f.A + a).min())
     if not low > 0:
         raise SingularMatrixError(f"the input factor of layer {display_path(f.layer)} + {a:g}·I is singular (smallest "
