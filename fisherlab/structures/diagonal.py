@@ -21,7 +21,7 @@ from torch import Tensor
 from fisherlab.checks import check_damping
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import UnsupportedLayerError
-from fisherlab.layers import LayerLayout, iter_layer_rows, layer_layouts, layer_rows, squared_gradient_sum
+from fisherlab.layers import LayerLayout, iter_layer_rows, layer_layouts, squared_gradient_sum
 from fisherlab.structures.base import FisherMatrix
 from fisherlab.structures.dense import engine_meta
 
@@ -80,8 +80,8 @@ class DiagonalFisher(FisherMatrix):
 def _add_layerwise(engine: FisherEngine, d: Tensor) -> list[str]:
     """Write the diagonal of every layer with a rule into d (P,); returns the names of the other parameters.
 
-    One pass over the data in chunks of :func:`~fisherlab.layers.iter_layer_rows`, sized for the per-sample
-    gradients only when a layer has several locations (L > 1: a convolution, a Linear on sequences); with L = 1
+    One pass over the data in chunks of :func:`~fisherlab.layers.iter_layer_rows`, which counts the per-sample
+    gradients only for layers at several locations (L > 1: a convolution, a Linear on sequences); with L = 1
     the squares need no more than the rows, so a chunk holds as many samples as the rows allow.
     """
     layouts, others = layer_layouts(engine.model, engine.spec)
@@ -90,23 +90,13 @@ def _add_layerwise(engine: FisherEngine, d: Tensor) -> list[str]:
         return rest
     sums = {p: torch.zeros(f.out_features, f.width, dtype=engine.dtype, device=engine.device)
             for p, f in layouts.items()}
-    for rows in iter_layer_rows(engine, layouts, per_sample_gradients=_has_locations(engine, layouts),
+    for rows in iter_layer_rows(engine, layouts, per_sample_gradients=True,
                                 desc=f"diagonal {engine.kind.value} Fisher (layers)"):
         for p, r in rows.items():
             sums[p] += squared_gradient_sum(r.grads, r.inputs)
     for p, f in layouts.items():
         _write_combined(engine, f, sums[p] / engine.num_samples, d)
     return rest
-
-
-def _has_locations(engine: FisherEngine, layouts: dict[str, LayerLayout]) -> bool:
-    """Whether some layer applies W̄ at L > 1 locations per sample (read from a one-sample forward pass).
-
-    One-hot rows (an Embedding) do not count: their squares form only the columns of the ids present.
-    """
-    x, y = engine.data.first(1)
-    probe = layer_rows(engine, layouts, x, y, None, backward=False)
-    return any(r.inputs.shape[1] > 1 and not layouts[p].one_hot for p, r in probe.items())
 
 
 def _write_combined(engine: FisherEngine, layout: LayerLayout, W: Tensor, d: Tensor) -> None:
