@@ -58,6 +58,8 @@ _EXPORTS: dict[str, str] = {
     "Unsupported": "fisherlab.vocabulary",
     "KFACPrecondition": "fisherlab.vocabulary",
     "KFACApprox": "fisherlab.vocabulary",
+    "GPTOutput": "fisherlab.vocabulary",
+    "Backend": "fisherlab.vocabulary",
     **{name: "fisherlab.errors" for name in (
         "ConvergenceError", "FallbackWarning", "FisherlabError", "InputError", "MemoryBudgetError",
         "NonFiniteError", "RankFailedError", "ReadOnlyTensorError", "ResultsFileError", "ResultsIntegrityWarning",

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fisherlab.errors import FisherlabError, InputError
-from fisherlab.study import DATA, DTYPES, MODELS, PARTS, Backend, RunConfig, SpectraConfig, StudyConfig, model_defaults
-from fisherlab.vocabulary import RECONSTRUCTIBLE, FisherKind
+from fisherlab.study import DATA, DTYPES, MODELS, PARTS, RunConfig, SpectraConfig, StudyConfig, model_defaults
+from fisherlab.vocabulary import RECONSTRUCTIBLE, Backend, FisherKind
 
 if TYPE_CHECKING:
     from torch import nn

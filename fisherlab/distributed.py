@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fisherlab.errors import FisherlabError, InputError, RankFailedError  # RankFailedError: re-exported
+from fisherlab.vocabulary import Backend
 
 T = TypeVar("T")
 
@@ -270,13 +271,12 @@ def collective(what: str) -> Iterator[None]:
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """``backend`` (:class:`~fisherlab.study.Backend`) for ``device``: ``auto`` is NCCL on CUDA, else gloo.
+    """``backend`` (:class:`~fisherlab.vocabulary.Backend`) for ``device``: ``auto`` is NCCL on CUDA, else gloo.
 
     Raises:
         InputError: An unknown backend, or NCCL with a device that is not CUDA.
     """
     from fisherlab.checks import parse_enum
-    from fisherlab.study import Backend
 
     chosen = parse_enum(Backend, backend, "backend")
     cuda = torch.device(device).type == "cuda"

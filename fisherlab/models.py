@@ -31,7 +31,6 @@ import inspect
 import math
 import numbers
 from collections.abc import Iterator, Sequence
-from enum import Enum
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -40,6 +39,7 @@ from torch import nn
 
 from fisherlab.checks import parse_enum
 from fisherlab.errors import InputError
+from fisherlab.vocabulary import GPTOutput
 
 if TYPE_CHECKING:
     from fisherlab.data import SplitData
@@ -333,13 +333,6 @@ class ResNet(nn.Module):
         """Map ``(B, *input_shape)`` to ``(B, n_outputs)``."""
         h = self.blocks(self.stem(x))
         return self.head(h.mean(dim=self._pool_dims))
-
-
-class GPTOutput(str, Enum):
-    """What :class:`GPT` returns: the logits at the last position, or at every position."""
-
-    LAST = "last"
-    SEQUENCE = "sequence"
 
 
 def _token_embeddings(embed: nn.Embedding, position: nn.Embedding, x: torch.Tensor, what: str) -> torch.Tensor:

@@ -34,7 +34,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -93,17 +92,6 @@ LAYOUTS: dict[tuple[str, str], str | None] = {
 }
 
 PARTS = ("fidelity", "trajectory", "geometry", "spectrum")
-
-
-class Backend(str, Enum):
-    """The ``torch.distributed`` backend of a run under ``torchrun``: ``auto`` is NCCL on CUDA devices, else gloo.
-
-    (Kept here, torch-free, so that ``fisherlab --help`` lists it; :func:`fisherlab.distributed.launched` uses it.)
-    """
-
-    AUTO = "auto"
-    GLOO = "gloo"
-    NCCL = "nccl"
 
 
 def option_error(name: str, message: str) -> InputError:

@@ -178,6 +178,21 @@ STRUCTURE_TABLE: dict[Structure, StructureInfo] = {
 #: Structures :func:`fisherlab.reconstruct` accepts, in table order.
 RECONSTRUCTIBLE: tuple[str, ...] = tuple(s.value for s, info in STRUCTURE_TABLE.items() if info.reconstructible)
 
+class GPTOutput(str, Enum):
+    """What :class:`fisherlab.models.GPT` returns: the logits at the last position, or at every position."""
+
+    LAST = "last"
+    SEQUENCE = "sequence"
+
+
+class Backend(str, Enum):
+    """The ``torch.distributed`` backend of a run under ``torchrun``: ``auto`` is NCCL on CUDA devices, else gloo."""
+
+    AUTO = "auto"
+    GLOO = "gloo"
+    NCCL = "nccl"
+
+
 #: Target label of a token that carries no prediction target (a prompt or padding position): torch's
 #: ``ignore_index`` of ``nn.CrossEntropyLoss``. Such tokens contribute nothing to the loss (a mean over the
 #: other tokens) or to any Fisher (docs/sequences.md).
@@ -186,6 +201,6 @@ IGNORE_INDEX: int = -100
 #: Deprecated spellings → the name that replaced them.
 STRUCTURE_ALIASES: dict[str, str] = {"full": "dense"}
 
-__all__ = ["IGNORE_INDEX", "RECONSTRUCTIBLE", "STRUCTURE_ALIASES", "STRUCTURE_TABLE", "BlockBy", "FisherKind",
-           "FisherType", "FoldMode", "KFACApprox", "KFACPrecondition", "KronSplit", "RootMethod", "Structure",
-           "StructureInfo", "Unsupported"]
+__all__ = ["IGNORE_INDEX", "RECONSTRUCTIBLE", "STRUCTURE_ALIASES", "STRUCTURE_TABLE", "Backend", "BlockBy",
+           "FisherKind", "FisherType", "FoldMode", "GPTOutput", "KFACApprox", "KFACPrecondition", "KronSplit",
+           "RootMethod", "Structure", "StructureInfo", "Unsupported"]
