@@ -41,13 +41,13 @@ class LayerwiseFisher(FisherMatrix):
 
     Subclasses store per-layer factors (a :class:`~fisherlab.layers.LayerLayout` subclass) and say how one layer
     block acts on a batch of matrices X (k, out, width) in W̄ layout; the base class does the permutations to and
-    from the flat parameter order, and handles the exact dense blocks kept for unsupported modules.
+    from the flat parameter order, and handles the exact dense blocks kept for modules without a layer rule.
 
     Attributes:
         factors: Module path → that layer's factors.
         index: Module path → flat parameter indices (ascending) of every block, layers and exact blocks alike.
-        exact_blocks: Module path → exact dense Fisher block of a module without a layer rule (only with
-            ``unsupported="block"``), in flat order.
+        exact_blocks: Module path → exact dense Fisher block, in flat order, of a module without a layer rule:
+            every LayerNorm/RMSNorm (``meta["norm_blocks"]``) and, with ``unsupported="block"``, any other.
     """
 
     factors: dict[str, LayerLayout] = field(default_factory=dict)
