@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fisherlab.errors import InputError, NonFiniteError
+from fisherlab.errors import InputError, NonFiniteError, UnsupportedLayerError
 
 if TYPE_CHECKING:
     import torch
@@ -168,11 +168,14 @@ def check_model(model: Any) -> None:
     parameters and buffers hold values (not on the ``meta`` device) and are finite — frozen parameters included,
     since they enter every output, and the running statistics of norm layers. Other buffers may hold ±inf (an
     additive attention mask stores −inf, e.g. ``nn.Transformer.generate_square_subsequent_mask``) but no NaN; the
-    model's outputs are checked for finiteness separately, on the data.
+    model's outputs are checked for finiteness separately, on the data. No ``nn.Embedding`` with ``max_norm``:
+    torch renormalises its weight rows in place in every forward pass, and fisherlab's computations read the
+    model's own tensors, so the first evaluation would alter the user's model; it is refused before any.
 
     Raises:
         InputError: Not a module, no parameters, a tensor on the meta device, or a module in training mode.
         NonFiniteError: A parameter holds NaN or infinite values, or a buffer NaN (the message names it).
+        UnsupportedLayerError: An ``nn.Embedding`` with ``max_norm`` set.
     """
     import torch
     from torch import nn
@@ -182,6 +185,14 @@ def check_model(model: Any) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     if not params:
         raise InputError(f"the model ({type(model).__name__}) has no parameters")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and module.max_norm is not None:
+            raise UnsupportedLayerError(
+                f"module {name or '<root>'!r} (Embedding) has max_norm={module.max_norm}: torch renormalises its "
+                "weight rows in place in every forward pass, so evaluating it would alter your model, and the "
+                "Fisher of a function that rewrites its own parameters is not defined. Renormalise once yourself "
+                "(with torch.no_grad(): emb.weight.renorm_(2, 0, max_norm)) and set emb.max_norm = None"
+            )
     tensors = [("parameter" if p.requires_grad else "frozen parameter", n, p) for n, p in params.items()]
     norms = [(m, mod) for m, mod in model.named_modules() if isinstance(mod, nn.modules.batchnorm._NormBase)]
     stats = {f"{m}.{n}".lstrip(".") for m, mod in norms for n, _ in mod.named_buffers(recurse=False)}

@@ -22,7 +22,7 @@ entry follows its weight row. :meth:`LayerLayout.permutation` maps one to the ot
 and :meth:`LayerLayout.scatter` move vectors between the two.
 
 **Registry.** :data:`LAYER_RULES` maps a module type to its :class:`LayerRule` (Linear, Conv1d, Conv2d, Embedding,
-and, after :func:`register_attention_rules`, MultiheadAttention and its out_proj);
+self-attention MultiheadAttention and its out_proj, a ``NonDynamicallyQuantizableLinear``);
 :func:`register_layer_rule` adds one for a user module (subclass :class:`LayerRule`). :func:`rule_for` raises
 :class:`~fisherlab.errors.UnsupportedLayerError` naming the module, its type and the structures that work for
 every module. :func:`iter_layer_rows` walks over the data of a :class:`~fisherlab.engine.FisherEngine` and yields,
@@ -141,21 +141,20 @@ class EmbeddingRule(LinearRule):
     """``nn.Embedding`` (y_l = E[x_l]): a Linear layer without bias on one-hot inputs, W̄ = Eᵀ.
 
     Token ids (n, T₁, …) (or (n,)) become :class:`OneHotRows` (n, L, num_embeddings). ``padding_idx`` (its row
-    gets no gradient), ``max_norm`` (the forward pass rescales rows of E in place) and ``scale_grad_by_freq`` (the
-    gradient depends on the batch) are refused.
+    gets no gradient) and ``scale_grad_by_freq`` (the gradient depends on the batch) are refused (``max_norm``, which
+    rescales rows of E in place in the forward pass, already by :func:`fisherlab.checks.check_model`).
     """
 
     param_names = ("weight",)
     weight_transposed = True
 
     def check(self, module: nn.Module, path: str) -> None:
-        refused = {"padding_idx": module.padding_idx, "max_norm": module.max_norm,
-                   "scale_grad_by_freq": module.scale_grad_by_freq or None}
+        refused = {"padding_idx": module.padding_idx, "scale_grad_by_freq": module.scale_grad_by_freq or None}
         given = {k: v for k, v in refused.items() if v is not None}
         if given:
             raise UnsupportedLayerError(
                 f"module {display_path(path)} (Embedding) has {given}; the Kronecker-factored Embedding rule "
-                f"covers padding_idx=None, max_norm=None, scale_grad_by_freq=False only. Structures "
+                f"covers padding_idx=None, scale_grad_by_freq=False only. Structures "
                 f"{GENERIC_STRUCTURES}."
             )
 
@@ -179,9 +178,11 @@ class MultiheadAttentionRule(LinearRule):
     attention, decomposed into module-visible steps: x → qkv (recorded) → softmax(q kᵀ/√d_h + mask) v per head →
     ``out_proj(·)`` (a module call, so its own hook records it).
 
-    Refused (:class:`~fisherlab.errors.UnsupportedLayerError`): separate q/k/v weights (``kdim``/``vdim``),
-    ``add_bias_kv``, ``add_zero_attn``, dropout in training mode, a ``key_padding_mask``, cross-attention (query,
-    key and value not one tensor) and unbatched (T, E) inputs.
+    ``attn_mask`` (bool or additive, (T, T) or (n·H, T, T)), ``is_causal`` and ``key_padding_mask`` (bool or additive,
+    (n, T)) are applied as torch applies them. Refused (:class:`~fisherlab.errors.UnsupportedLayerError`): separate
+    q/k/v weights (``kdim``/``vdim``), ``add_bias_kv``, ``add_zero_attn``, dropout in training mode (these by
+    :meth:`check`: such a module counts as one without a rule, so ``unsupported="block"`` and the generic structures
+    cover it), and at call time cross-attention (query, key and value not one tensor) and unbatched (T, E) inputs.
     """
 
     param_names = ("in_proj_weight", "in_proj_bias")
@@ -214,12 +215,11 @@ class MultiheadAttentionRule(LinearRule):
         x = call["query"]
         problem = ("cross-attention (query, key and value are not one tensor)"
                    if not (x is call["key"] is call["value"]) else
-                   "a key_padding_mask" if call["key_padding_mask"] is not None else
                    f"an unbatched input of shape {tuple(x.shape)}" if x.dim() != 3 else None)
         if problem:
             raise UnsupportedLayerError(
                 f"module {display_path(path)} (MultiheadAttention) is called with {problem}; the Kronecker-factored "
-                f"rule covers batched self-attention without key_padding_mask. Structures {GENERIC_STRUCTURES}."
+                f"rule covers batched self-attention. Structures {GENERIC_STRUCTURES}."
             )
         x = x if module.batch_first else x.transpose(0, 1)  # (n, T, E)
         n, T, E = x.shape
@@ -233,6 +233,10 @@ class MultiheadAttentionRule(LinearRule):
         if mask is not None:
             mask = mask.reshape(n, H, T, T) if mask.dim() == 3 else mask  # (n·H, T, T): per sample and head
             scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        padding = call["key_padding_mask"]
+        if padding is not None:  # (n, T) over the keys
+            padding = padding.reshape(n, 1, 1, T)
+            scores = scores.masked_fill(padding, float("-inf")) if padding.dtype == torch.bool else scores + padding
         weights = torch.softmax(scores, dim=-1)
         out = module.out_proj((weights @ v).transpose(1, 2).reshape(n, T, E))
         out = out if module.batch_first else out.transpose(0, 1)
@@ -286,19 +290,10 @@ LAYER_RULES: dict[type[nn.Module], LayerRule] = {
     nn.Conv1d: ConvRule(1),
     nn.Conv2d: ConvRule(2),
     nn.Embedding: EmbeddingRule(),
+    nn.MultiheadAttention: MultiheadAttentionRule(),
+    # MHA's out_proj: called as a module only inside MultiheadAttentionRule.recompute
+    nn.modules.linear.NonDynamicallyQuantizableLinear: LinearRule(),
 }
-
-
-def register_attention_rules() -> None:
-    """Give self-attention ``nn.MultiheadAttention`` (and its ``out_proj``) Kronecker-factored rules.
-
-    Opt-in for now (the default treats attention as a module without a rule: ``unsupported="block"``), because
-    the reconstruction's layer forms and the diagonal's layer-wise fast path do not read the packed
-    ``in_proj_weight`` / ``in_proj_bias`` yet. Registers :class:`MultiheadAttentionRule` and a Linear rule for
-    ``out_proj`` (a ``NonDynamicallyQuantizableLinear``, called as a module only inside the rule's recomputation).
-    """
-    register_layer_rule(nn.MultiheadAttention, MultiheadAttentionRule())
-    register_layer_rule(nn.modules.linear.NonDynamicallyQuantizableLinear, LinearRule())
 
 
 def register_layer_rule(cls: type[nn.Module], rule: LayerRule) -> None:
@@ -449,9 +444,12 @@ def layer_layouts(model: nn.Module, spec: ParamSpec) -> tuple[dict[str, LayerLay
         ``(layouts, unsupported)``: path → :class:`LayerLayout` for modules with a rule whose selected
         parameters are all ``weight``/``bias``; module path → parameter names for every other module.
 
+    A module whose rule refuses its configuration (e.g. a convolution with groups > 1, a MultiheadAttention with
+    kdim ≠ embed_dim), or that only such a module's recomputation would call (that MultiheadAttention's out_proj,
+    which torch reads functionally), counts as one without a rule (:func:`unsupported_error` gives the reason).
+
     Raises:
-        UnsupportedLayerError: A module with a rule but a configuration it does not cover (e.g. groups > 1), or a
-            selected parameter tensor that another module also owns (tied weights).
+        UnsupportedLayerError: A selected parameter tensor that another module also owns (tied weights).
     """
     _check_untied(model, spec)
     layouts: dict[str, LayerLayout] = {}
@@ -462,13 +460,30 @@ def layer_layouts(model: nn.Module, spec: ParamSpec) -> tuple[dict[str, LayerLay
         if type(module) not in LAYER_RULES or not set(local) <= set(LAYER_RULES[type(module)].param_names):
             unsupported[path] = list(names)
             continue
-        rule = rule_for(module, path)
+        try:
+            rule = _covered_rule(model, path)
+        except UnsupportedLayerError:
+            unsupported[path] = list(names)
+            continue
         layouts[path] = LayerLayout(path, type(module).__name__, tuple(names),
                                     any(n.endswith("weight") for n in local), any(n.endswith("bias") for n in local),
                                     rule.in_features(module), rule.out_features(module),
                                     weight_transposed=rule.weight_transposed,
                                     one_hot=isinstance(rule, EmbeddingRule))
     return layouts, unsupported
+
+
+def _covered_rule(model: nn.Module, path: str) -> LayerRule:
+    """:func:`rule_for` of the module at ``path``, also checking the parent whose recomputation calls it.
+
+    Raises:
+        UnsupportedLayerError: The module's rule, or the rule of a recomputing parent (a MultiheadAttention
+            calling ``out_proj``), refuses its configuration; the message says why.
+    """
+    parent = path.rpartition(".")[0]
+    if path and getattr(LAYER_RULES.get(type(model.get_submodule(parent))), "recomputes", False):
+        rule_for(model.get_submodule(parent), parent)
+    return rule_for(model.get_submodule(path), path)
 
 
 def _check_untied(model: nn.Module, spec: ParamSpec) -> None:
@@ -499,7 +514,7 @@ def unsupported_error(model: nn.Module, unsupported: Mapping[str, Sequence[str]]
     others = sum(len(v) for v in unsupported.values()) - len(names)
     more = f" (and {others} more parameter(s) in {len(unsupported) - 1} other module(s))" if others else ""
     try:
-        rule_for(module, path)
+        _covered_rule(model, path)
         reason = f"parameters {list(names)} of module {display_path(path)} ({type(module).__name__}) are not " \
                  f"its weight/bias"
     except UnsupportedLayerError as exc:
@@ -593,13 +608,16 @@ def layer_rows(
 
     One forward pass with hooks, then the R rows of the engine's output factor M (n, R, C) are pulled back to all
     layer outputs at once (one batched reverse pass, ``torch.autograd.grad(is_grads_batched=True)``). Layers that
-    the forward pass does not call are absent from the result (their Fisher block is zero).
+    the forward pass does not call are absent from the result (their Fisher block is zero); if the forward pass
+    reads such a layer's parameters anyway (``position.weight[:T]``), :func:`_check_uncalled` refuses it.
     """
     model = engine.model
     params = {n: p.detach().requires_grad_(backward) for n, p in engine.params.items()}
     with torch.enable_grad(), LayerCapture(model, list(layouts)) as cap:
         z = engine.forward(params, x)
     called = [p for p in layouts if p in cap.records]
+    if len(called) < len(layouts):
+        _check_uncalled(engine, {p: f for p, f in layouts.items() if p not in cap.records}, x)
     grads: list[Tensor | None] = [None] * len(called)
     if backward and called:
         M = engine.output_factor(z.detach(), y, labels).transpose(0, 1)  # (R, n, C)
@@ -624,6 +642,31 @@ def layer_rows(
         result[path] = LayerRows(rows, rule.output_rows(module, out.detach()),
                                  None if g is None else rule.output_rows(module, g, lead=1))
     return result
+
+
+def _check_uncalled(engine: FisherEngine, uncalled: Mapping[str, LayerLayout], x: Tensor) -> None:
+    """Raise UnsupportedLayerError if the forward pass reads a parameter of a layer it does not call.
+
+    Per-layer statistics come from the layer's calls; a tensor read directly (a position table used as
+    ``position.weight[:T]``, the out_proj of an attention computed functionally) would get a zero block. One
+    forward and backward pass on the chunk's first sample, only when some layer was not called.
+    """
+    names = [n for f in uncalled.values() for n in f.param_names]
+    params = {n: p.detach().requires_grad_(n in names) for n, p in engine.params.items()}
+    with torch.enable_grad():
+        z = engine.forward(params, x[:1])
+    if not z.requires_grad:
+        return
+    grads = torch.autograd.grad(z.sum(), [params[n] for n in names], allow_unused=True)
+    read = [n for n, g in zip(names, grads, strict=True) if g is not None]
+    if read:
+        path = next(p for p, f in uncalled.items() if read[0] in f.param_names)
+        raise UnsupportedLayerError(
+            f"parameter {read[0]!r} of module {display_path(path)} ({uncalled[path].module_type}) is read by the "
+            "forward pass without a call of the module (e.g. position.weight[:T]), so per-layer statistics cannot "
+            f"see it. Call the module on inputs of shape (N, ...) (e.g. position(arange(T).expand(N, T))); "
+            f"structures {GENERIC_STRUCTURES}."
+        )
 
 
 def _check_batched(path: str, module: nn.Module, a: Tensor, out: Tensor, n: int) -> None:
@@ -725,5 +768,5 @@ def _rows_chunk_size(engine: FisherEngine, probe: Mapping[str, LayerRows], per_s
 __all__ = ["LAYER_RULES", "ConvRule", "EmbeddingRule", "LayerCapture", "LayerLayout", "LayerRows", "LayerRule",
            "LinearRule", "MultiheadAttentionRule", "OneHotRows", "display_path", "expand_input", "from_combined",
            "in_features_eff", "iter_layer_rows", "layer_layouts", "layer_rows", "out_features",
-           "per_sample_gradients", "reduce_inputs", "register_attention_rules", "register_layer_rule", "rule_for",
+           "per_sample_gradients", "reduce_inputs", "register_layer_rule", "rule_for",
            "squared_gradient_sum", "to_combined", "unsupported_error"]

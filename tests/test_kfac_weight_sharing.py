@@ -395,19 +395,6 @@ class Attention(nn.Module):
         return self.head((a if self.batch_first else a.transpose(0, 1)).mean(1))
 
 
-@pytest.fixture
-def attention_rules():
-    """The opt-in attention rules, registered for one test (the registry restored afterwards)."""
-    from fisherlab.layers import LAYER_RULES, register_attention_rules
-
-    before = dict(LAYER_RULES)
-    register_attention_rules()
-    yield
-    LAYER_RULES.clear()
-    LAYER_RULES.update(before)
-
-
-@pytest.mark.usefixtures("attention_rules")
 @pytest.mark.parametrize(("batch_first", "causal", "need_weights"),
                          [(True, True, False), (False, True, True), (True, False, True)])
 def test_multihead_attention_rule_against_the_exact_fisher(batch_first: bool, causal: bool,
@@ -444,7 +431,6 @@ def test_multihead_attention_rule_against_the_exact_fisher(batch_first: bool, ca
     ref.assert_close(ek.trace(), exact.trace(), RTOL, "EKFAC trace = exact trace")
 
 
-@pytest.mark.usefixtures("attention_rules")
 def test_multihead_attention_exact_for_one_position_and_refusals() -> None:
     torch.manual_seed(4)
     model = Attention(True, False, False).to(F64).eval()
@@ -463,13 +449,8 @@ def test_multihead_attention_exact_for_one_position_and_refusals() -> None:
             memory = x.flip(1)[..., : self.attn.kdim]
             return self.head(self.attn(x, memory, memory, need_weights=False)[0].mean(1))
 
-    class Padded(Cross):
-        def forward(self, x: Tensor) -> Tensor:
-            pad = torch.zeros(x.shape[:2], dtype=torch.bool)
-            return self.head(self.attn(x, x, x, key_padding_mask=pad, need_weights=False)[0].mean(1))
-
     Xf, yf = torch.randn(3, 4, WIDTH, dtype=F64), torch.randint(0, 2, (3,))
-    for model, match in ((Cross(), "cross-attention"), (Padded(), "key_padding_mask"),
-                         (Cross(add_bias_kv=True), "add_bias_kv"), (Cross(kdim=3, vdim=3), "kdim")):
+    for model, match in ((Cross(), "cross-attention"), (Cross(add_bias_kv=True), "add_bias_kv"),
+                         (Cross(kdim=3, vdim=3), "kdim")):
         with pytest.raises(UnsupportedLayerError, match=match):
             fisher(model.to(F64), (Xf, yf), structure="kfac", dtype=F64)

@@ -6,27 +6,26 @@ The models are defined here (the GPT exactly as ``fisherlab.models.GPT`` is laid
 tests do not depend on fisherlab.models. References are independent of fisherlab's structure code: the true
 Fisher F and the gradients by per-sample autograd loops (tests/reference.py); G = F + λI (dense), its layer
 blocks (block: one per owning module, grouped here by parameter name), its diagonal (diag); for kfac the Kronecker
-factors are computed here from forward hooks (inputs ā, one-hot token rows for an Embedding) and per-sample output
-gradients δ = Jᵀ m_r (m_r the columns of a root of Λ(z)), with the modules that have no Kronecker rule (norms,
-nn.MultiheadAttention) as exact blocks of F; solves and roots by torch.linalg.
+factors are computed here from forward hooks (inputs ā, one-hot token rows for an Embedding, the input x of a
+self-attention nn.MultiheadAttention whose packed in_proj gives q|k|v) and per-sample output gradients δ = Jᵀ m_r
+(m_r the columns of a root of Λ(z)), with the norms (no Kronecker rule) as exact blocks of F; solves and roots by
+torch.linalg.
 
-Also ekfac, unit and input on the GPT (Embedding through the transposed layout there too), and a slow test at
-P = 2,079.
+Also ekfac, unit and input on the GPT (Embedding through the transposed layout there too), ekfac and unit on the
+encoder (attention through fisherlab's default MultiheadAttention rule, no fallback), and a slow test at P = 2,079.
 
 Forms (what each structure maps each tensor to; ``fisherlab.reconstruction.build`` documents the same table):
 dense/block/diag: every tensor a parametrization (DenseRoot over all / per module, DiagonalRoot per tensor);
 kfac: nn.Linear a LocalFisherLinear layer form, nn.Embedding a KroneckerRoot parametrization (W̄ = weightᵀ, a
 diagonal input factor under "expand"), LayerNorm a DenseRoot (exact block), nn.MultiheadAttention's
-``in_proj_weight``/``in_proj_bias`` and ``out_proj`` DenseRoots (``unsupported="block"``: they have no
-Kronecker rule and are read functionally by torch, so no module swap is possible there).
+``in_proj_weight``/``in_proj_bias`` and ``out_proj`` KroneckerRoot parametrizations (torch reads them
+functionally, so no module swap is possible there).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import cache
 from unittest import mock
 
@@ -39,7 +38,6 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from fisherlab.errors import InputError, UnsupportedLayerError
-from fisherlab.layers import LAYER_RULES, register_attention_rules
 from fisherlab.reconstruction import (
     DenseRoot,
     DiagonalRoot,
@@ -170,53 +168,26 @@ def problem(name: str) -> tuple[nn.Module, Tensor, Tensor, Tensor, Tensor]:
     return model, X, y, X2, y2
 
 
-#: Reconstruction cases: id → (structure, options, whether fisherlab's opt-in attention rules are registered).
-#: Without them, nn.MultiheadAttention (and its out_proj) has no Kronecker rule: kfac needs unsupported="block".
+#: Reconstruction cases: id → (structure, options). None needs ``unsupported="block"``: every module of the GPT
+#: and the encoder (nn.MultiheadAttention and its out_proj included) has a Kronecker rule or is a norm.
 CASES = {
-    "dense": ("dense", {}, False),
-    "block": ("block", {}, False),
-    "diag": ("diag", {}, False),
-    "kfac": ("kfac", {}, False),
-    "kfac-fallback": ("kfac", {"unsupported": "block"}, False),
-    "kfac-reduce": ("kfac", {"approx": "reduce", "unsupported": "block"}, False),
-    "kfac-attention": ("kfac", {}, True),
-    "kfac-attention-reduce": ("kfac", {"approx": "reduce"}, True),
-    "ekfac": ("ekfac", {}, False),
-    "unit": ("unit", {}, False),
-    "input": ("input", {}, False),
+    "dense": ("dense", {}),
+    "block": ("block", {}),
+    "diag": ("diag", {}),
+    "kfac": ("kfac", {}),
+    "kfac-reduce": ("kfac", {"approx": "reduce"}),
+    "ekfac": ("ekfac", {}),
+    "unit": ("unit", {}),
+    "input": ("input", {}),
 }
-GRID = ([("gpt", c) for c in ("dense", "block", "diag", "kfac", "kfac-fallback", "kfac-reduce", "ekfac", "unit",
-                              "input")]
+GRID = ([("gpt", c) for c in ("dense", "block", "diag", "kfac", "kfac-reduce", "ekfac", "unit", "input")]
         + [("gpt-seq", c) for c in ("dense", "block", "diag", "kfac")]
-        + [("encoder", c) for c in ("dense", "block", "diag", "kfac-fallback", "kfac-reduce", "kfac-attention",
-                                    "kfac-attention-reduce")])
-
-
-@contextmanager
-def attention_rules(on: bool = True) -> Iterator[None]:
-    """fisherlab.layers.register_attention_rules() inside the context (LAYER_RULES restored after)."""
-    saved = dict(LAYER_RULES)
-    if on:
-        register_attention_rules()
-    try:
-        yield
-    finally:
-        LAYER_RULES.clear()
-        LAYER_RULES.update(saved)
-
-
-@pytest.fixture(autouse=True)
-def _rules_of_the_case(request: pytest.FixtureRequest) -> Iterator[None]:
-    """A test parametrized with a ``case`` that uses the attention rules runs with them registered."""
-    callspec = getattr(request.node, "callspec", None)
-    case = callspec.params.get("case") if callspec is not None else None
-    with attention_rules(case is not None and CASES[case][2]):
-        yield
+        + [("encoder", c) for c in ("dense", "block", "diag", "kfac", "kfac-reduce", "ekfac", "unit")])
 
 
 def build(name: str, case: str, **kw) -> nn.Module:
     model, X, y, _, _ = problem(name)
-    structure, opts, _ = CASES[case]
+    structure, opts = CASES[case]
     return reconstruct(model, (X, y), structure=structure, damping=LAM, **opts, **kw)
 
 
@@ -225,11 +196,10 @@ def owner(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def kronecker_modules(model: nn.Module, attention: bool) -> dict[str, nn.Module]:
-    """Modules KFAC factorises: Linear, Embedding and, with the attention rules, self-attention MHA (its packed
-    in_proj) and MHA's out_proj (a NonDynamicallyQuantizableLinear)."""
-    types = (nn.Linear, nn.Embedding) + (
-        (nn.MultiheadAttention, nn.modules.linear.NonDynamicallyQuantizableLinear) if attention else ())
+def kronecker_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules KFAC factorises: Linear, Embedding, self-attention MHA (its packed in_proj) and MHA's out_proj (a
+    NonDynamicallyQuantizableLinear)."""
+    types = (nn.Linear, nn.Embedding, nn.MultiheadAttention, nn.modules.linear.NonDynamicallyQuantizableLinear)
     return {p: m for p, m in model.named_modules() if type(m) in types}
 
 
@@ -289,8 +259,7 @@ def mean_gradient(model: nn.Module, X: Tensor, y: Tensor) -> Tensor:
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss(model(X), y), list(model.parameters()))])
 
 
-def kfac_factors(model: nn.Module, X: Tensor, y: Tensor, approx: str,
-                 attention: bool) -> dict[str, tuple[Tensor, Tensor]]:
+def kfac_factors(model: nn.Module, X: Tensor, y: Tensor, approx: str) -> dict[str, tuple[Tensor, Tensor]]:
     """Per Kronecker module (A, S) from hooks and per-sample loops (Eschenhagen et al. 2023, expand/reduce).
 
     ā_{n,l}: the layer input at position l with a trailing 1 (bias), or the one-hot token row (Embedding);
@@ -299,7 +268,7 @@ def kfac_factors(model: nn.Module, X: Tensor, y: Tensor, approx: str,
     expand: A = Σ ā āᵀ/(N L), S = Σ δ δᵀ/N; reduce: ā_n = mean_l ā_{n,l}, δ_{n,r} = Σ_l δ_{n,r,l},
     A = Σ ā_n ā_nᵀ/N, S = Σ δ_{n,r} δ_{n,r}ᵀ/N.
     """
-    mods = kronecker_modules(model, attention)
+    mods = kronecker_modules(model)
     scale = len(X) / int((y != -100).sum())
     seen: dict[str, tuple[Tensor, Tensor]] = {}
     hooks = capture(model, mods, seen)
@@ -343,7 +312,7 @@ def layer_mask(names: list[str], shapes: list[torch.Size]) -> Tensor:
 
 def reference_metric(model: nn.Module, X: Tensor, y: Tensor, case: str) -> Tensor:
     """G (P, P) in parameter order for ``case`` at the model's current parameters."""
-    structure, opts, attention = CASES[case]
+    structure, opts = CASES[case]
     names, params = zip(*model.named_parameters(), strict=True)
     shapes = [p.shape for p in params]
     P = sum(p.numel() for p in params)
@@ -358,8 +327,8 @@ def reference_metric(model: nn.Module, X: Tensor, y: Tensor, case: str) -> Tenso
         return G
     offsets = dict(zip(names, torch.cumsum(torch.tensor([0] + [math.prod(s) for s in shapes]), 0).tolist(),
                        strict=False))
-    mods = kronecker_modules(model, attention)
-    for path, (A, S) in kfac_factors(model, X, y, opts.get("approx", "expand"), attention).items():
+    mods = kronecker_modules(model)
+    for path, (A, S) in kfac_factors(model, X, y, opts.get("approx", "expand")).items():
         members = [n for n in names if owner(n) == path]
         ix = torch.cat([torch.arange(offsets[n], offsets[n] + model.get_parameter(n).numel()) for n in members])
         if isinstance(mods[path], nn.Embedding):  # W̄ = weightᵀ (d, V): weight[v, i] sits at W̄[i, v]
@@ -461,7 +430,7 @@ def test_invariant_4_refresh_keeps_the_function_and_reexpresses(name: str, case:
 def test_invariants_1_and_2_on_a_gpt_of_2k_parameters(case: str) -> None:
     """The same function and GD on θ' = −η G⁻¹ ∇L (reference G, 1e-10) on the GPT with P = 2,079."""
     model, X, y, _, _ = problem("gpt-2k")
-    structure, opts, _ = CASES[case]
+    structure, opts = CASES[case]
     net = reconstruct(model, (X, y), structure=structure, damping=LAM, **opts)
     assert rel(net(X), model(X)) < 1e-10
     G = reference_metric(model, X, y, case)
@@ -491,20 +460,19 @@ def test_gpt_kfac_forms_and_print() -> None:
         assert word in text
 
 
-@pytest.mark.parametrize("case", ["dense", "block", "diag", "kfac-fallback", "kfac-attention"])
+@pytest.mark.parametrize("case", ["dense", "block", "diag", "kfac"])
 def test_encoder_forms_cover_attention_norms_and_linears(case: str) -> None:
     """in_proj_weight/in_proj_bias/out_proj and LayerNorms are parametrized under every structure (torch reads
     them functionally), linear1/linear2/head are layer forms under kfac; the roots are the documented ones."""
     net = build("encoder", case)
     layer = net.net.layers[0]
-    root = {"dense": DenseRoot, "block": DenseRoot, "diag": DiagonalRoot, "kfac-fallback": DenseRoot,
-            "kfac-attention": KroneckerRoot}[case]
-    norm = DenseRoot if case.startswith("kfac") else root
+    root = {"dense": DenseRoot, "block": DenseRoot, "diag": DiagonalRoot, "kfac": KroneckerRoot}[case]
+    norm = DenseRoot if case == "kfac" else root
     for module, attr, expected in ((layer.self_attn, "in_proj_weight", root), (layer.self_attn, "in_proj_bias", root),
                                    (layer.self_attn.out_proj, "weight", root), (layer.norm1, "bias", norm)):
         assert parametrize.is_parametrized(module, attr)
         assert isinstance(module.parametrizations[attr][0].group, expected)
-    kfac = case.startswith("kfac")
+    kfac = case == "kfac"
     assert isinstance(layer.linear1, LocalFisherLinear) == kfac and isinstance(net.net.head, LocalFisherLinear) == kfac
     assert ("LocalFisherLinear" in str(net)) == kfac
     assert "FisherParametrization" in str(net)
@@ -532,7 +500,7 @@ def test_effective_tensors_are_the_original_coordinates_after_a_step(name: str, 
         assert rel(value.reshape(-1), expected[n]) < 1e-10, n
 
 
-@pytest.mark.parametrize("case", ["dense", "diag", "kfac-fallback", "kfac-attention"])
+@pytest.mark.parametrize("case", ["dense", "diag", "kfac"])
 def test_encoder_fast_path_under_no_grad(case: str) -> None:
     """Eval + no grad: torch's fused encoder kernel runs (once per layer) on the effective tensors."""
     model, X, _, _, _ = problem("encoder")
@@ -560,7 +528,7 @@ def test_effective_tensors_are_read_only(case: str) -> None:
     assert rel(net(X), model(X)) < 1e-10  # nothing was changed
 
 
-@pytest.mark.parametrize("case", ["dense", "kfac-fallback", "kfac-attention"])
+@pytest.mark.parametrize("case", ["dense", "kfac"])
 def test_attention_tensors_are_read_only(case: str) -> None:
     """MHA's in_proj_weight / in_proj_bias / out_proj.weight (parametrizations under every structure) and a layer
     form's linear1.bias refuse assignment by name; the function is unchanged."""
@@ -598,13 +566,11 @@ class CrossAttention(nn.Module):
 
 
 def test_attention_without_a_kronecker_rule_is_refused_by_name() -> None:
-    """kfac refuses an MHA it has no rule for, naming it (no rule registered; the attention rule refuses kdim);
+    """kfac refuses an MHA its rule does not cover (kdim ≠ embed_dim), naming it and the reason;
     unsupported="block" gives it an exact block of F."""
     model = CrossAttention().to(DT).eval()
     X, y = torch.randn(5, 3, 10, dtype=DT), torch.tensor([0, 1, 2, 0, 1])
-    with pytest.raises(UnsupportedLayerError, match=r"'attn' \(MultiheadAttention\) has no Kronecker"):
-        reconstruct(model, (X, y), structure="kfac", damping=LAM)
-    with attention_rules(), pytest.raises(UnsupportedLayerError, match=r"'attn' \(MultiheadAttention\).*kdim"):
+    with pytest.raises(UnsupportedLayerError, match=r"'attn' \(MultiheadAttention\) has kdim"):
         reconstruct(model, (X, y), structure="kfac", damping=LAM)
     net = reconstruct(model, (X, y), structure="kfac", damping=LAM, unsupported="block")
     assert isinstance(net.net.attn.parametrizations.q_proj_weight[0].root, DenseRoot)

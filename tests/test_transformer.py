@@ -292,7 +292,7 @@ def test_evaluate_fidelity_on_the_gpt_by_the_implicit_path() -> None:
 # ------------------------------------------------------------------------------------ reconstruction of the GPT
 def test_reconstructed_gpt_keeps_the_layer_interface_and_outputs() -> None:
     model, X, y = _gpt()
-    net = reconstruct(model, (X, y), structure="kfac", unsupported="block", damping=LAM)
+    net = reconstruct(model, (X, y), structure="kfac", damping=LAM)
     local = [n for n, m in net.net.named_modules() if isinstance(m, LocalFisherLinear)]
     assert local == [f"blocks.{i}.{layer}" for i in range(2) for layer in ("attn.qkv", "attn.proj", "mlp.fc",
                                                                            "mlp.proj")] + ["head"]
@@ -309,7 +309,7 @@ def test_reconstructed_gpt_keeps_the_layer_interface_and_outputs() -> None:
 
 def test_reconstructed_encoder_runs_torchs_fast_path_on_the_local_layers() -> None:
     model, X, y = _case("encoder")
-    net = reconstruct(model, (X, y), structure="kfac", unsupported="block", damping=LAM)
+    net = reconstruct(model, (X, y), structure="kfac", damping=LAM)
     inner, original = net.net.encoder.layers[0].linear1, model.encoder.layers[0].linear1
     assert isinstance(inner, LocalFisherLinear) and "LocalFisherLinear" in str(net)
     ref.assert_close(inner.weight, original.weight, 1e-13, "effective linear1.weight")
@@ -324,10 +324,9 @@ def test_reconstructed_gpt_gd_step_is_the_structures_ngd_step(structure: str) ->
     model, X, y = _gpt()
     lr = 0.3
     g = ref.loss_gradients(model, X, y, CAT).mean(0)
-    options = {"unsupported": "block"} if structure == "kfac" else {}
-    net = reconstruct(model, (X, y), structure=structure, damping=LAM, **options)
+    net = reconstruct(model, (X, y), structure=structure, damping=LAM)  # no fallback: every module has a rule
     if structure == "kfac":  # the structure's own solve (its factors are checked against references in test_kfac)
-        expected = -lr * fisher(model, (X, y), structure="kfac", unsupported="block", dtype=torch.float64).solve(
+        expected = -lr * fisher(model, (X, y), structure="kfac", dtype=torch.float64).solve(
             g, damping=LAM)
     else:
         F_ref = ref.true_fisher(model, X, CAT)

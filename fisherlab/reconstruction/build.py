@@ -38,9 +38,9 @@ module                                    form under ``kfac`` / ``input`` (``ekf
 ``nn.LayerNorm`` / ``nn.RMSNorm``         DenseRoot parametrization of weight and bias (the exact block the
                                           structures keep for norms without asking)
 ``nn.MultiheadAttention``                 ``in_proj_weight``/``in_proj_bias`` and ``out_proj`` are read by torch
-                                          functionally, so always parametrizations: KroneckerRoots once
-                                          :func:`fisherlab.layers.register_attention_rules` is called, else
-                                          (``unsupported="block"``) DenseRoots per module
+                                          functionally, so always parametrizations: KroneckerRoots (the
+                                          packed q/k/v rows one W̄); a configuration the rule refuses
+                                          (``kdim``, ``unsupported="block"``): DenseRoots per module
 ========================================  =====================================================================
 
 Every effective original-coordinate tensor — a layer form's ``weight``/``bias``, a parametrized tensor — reads θ

@@ -1,8 +1,7 @@
 """KFAC: per-layer Kronecker factors G_l ≈ S ⊗ A, block-diagonal across layers (docs/method.md).
 
-For a supported layer (:mod:`fisherlab.layers`: Linear, Conv1d, Conv2d, Embedding; after
-:func:`~fisherlab.layers.register_attention_rules` also self-attention MultiheadAttention's packed q/k/v projection
-and its out_proj) with combined weight W̄ (out, width) shared over L
+For a supported layer (:mod:`fisherlab.layers`: Linear, Conv1d, Conv2d, Embedding, self-attention
+MultiheadAttention's packed q/k/v projection and its out_proj) with combined weight W̄ (out, width) shared over L
 positions (L = 1: a Linear layer on (N, in) inputs; the T₁·… positions of a Linear layer on (N, T₁, …, in) inputs
 or of an attention projection; the output locations of a convolution; the tokens of an Embedding), expanded
 input rows ā_{n,l} (width,) and output-gradient rows δ_{n,r,l} = J_{l,n}ᵀ M_{n,r} (out,) — the engine's output
