@@ -24,6 +24,13 @@ batches in the same order. Rules (λ = ``damping``, η = ``lr``, g = the batch g
               refreshed on the current batch every ``refresh_every`` steps
 ============  =====================================================================================================
 
+**Sequence models** (outputs (N, T, C), targets (N, T), e.g. :class:`fisherlab.models.GPT` with
+``output="sequence"`` on :func:`fisherlab.data.make_sort_lm`): the loss is the mean over the counted tokens
+(labels equal to the likelihood's ``ignore_index``, −100, left out), as
+:class:`~fisherlab.likelihoods.TokenLikelihood` defines it, so g is the gradient of that token mean and every
+curvature (``ngd``'s F_B, ``kfac-ngd``'s factors, ``sngd``'s reconstruction) is the batch's per-token Fisher;
+losses and accuracies are per counted token.
+
 Recorded per step s = 0 … steps (the parameters θ_s before update s): ``loss`` (mean loss on batch s), ``time``
 (wall-clock seconds spent in updates 0 … s−1, refreshes included, evaluation excluded; CUDA is synchronised),
 ``cpu_time`` (the same span in CPU seconds of this process, all threads: on a shared CPU machine usually less
@@ -67,7 +74,7 @@ from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError
 from fisherlab.fisher_matrix import fisher
 from fisherlab.layers import LayerCapture, LayerLayout, expand_input
-from fisherlab.likelihoods import Likelihood, get_likelihood
+from fisherlab.likelihoods import Likelihood, TokenLikelihood, get_likelihood
 from fisherlab.linalg import damped_solve, kron_damping_split
 from fisherlab.ngd import NGDSolver, solve_ngd
 from fisherlab.params import ParamSpec
@@ -83,11 +90,11 @@ RULES = ("sgd", "momentum", "adam", "ngd", "kfac-ngd", "sngd")
 KFAC_PRECONDITION: tuple[str, ...] = tuple(m.value for m in KFACPrecondition)
 
 _VARIABLES = {
-    "loss": ("mean loss on the step's minibatch", *NATS),
-    "train_loss": ("mean loss on the training split", *NATS),
-    "train_accuracy": ("accuracy on the training split", "1"),
-    "test_loss": ("mean loss on the test split", *NATS),
-    "test_accuracy": ("accuracy on the test split", "1"),
+    "loss": ("mean loss on the step's minibatch (per counted token for a sequence model)", *NATS),
+    "train_loss": ("mean loss on the training split (per counted token for a sequence model)", *NATS),
+    "train_accuracy": ("accuracy on the training split (over the counted tokens for a sequence model)", "1"),
+    "test_loss": ("mean loss on the test split (per counted token for a sequence model)", *NATS),
+    "test_accuracy": ("accuracy on the test split (over the counted tokens for a sequence model)", "1"),
     "time": ("wall-clock time spent in updates before this step", "s"),
     "cpu_time": ("CPU time of this process (all threads) spent in updates before this step", "s"),
     "refresh": ("curvature recomputed during this step's update", "1"),
@@ -103,11 +110,40 @@ def _batches(data: SplitData, batch_size: int, seed: int) -> Iterator[tuple[Tens
         epoch += 1
 
 
+def _loss_sum(lik: Likelihood, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor | int, Tensor]:
+    """(Σ of the losses, their count, the counted targets' mask) of outputs z and targets y.
+
+    Outputs (n, C): the n per-sample losses, all counted. Sequence outputs (n, T, C): the per-token losses of the
+    tokens whose label is not the likelihood's ``ignore_index`` (:class:`TokenLikelihood` with c = 1), the mask
+    (n, T).
+    """
+    if z.dim() != 3:
+        return lik.nll(z, y).sum(), z.shape[0], torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+    n, T, C = z.shape
+    tokens = TokenLikelihood(lik, T, C, num_sequences=n, num_tokens=n)  # c = 1: per-sequence sums
+    mask = tokens.token_mask(y)
+    return tokens.nll(z.reshape(n, -1), y).sum(), mask.sum(), mask
+
+
+def _mean_loss(lik: Likelihood, z: Tensor, y: Tensor) -> Tensor:
+    """The training objective: the mean loss per sample, or per counted token of sequence outputs (n, T, C)."""
+    total, count, _ = _loss_sum(lik, z, y)
+    return total / count
+
+
+def _check_targets(lik: Likelihood, output_shape: torch.Size, y: Tensor, dtype: torch.dtype) -> None:
+    """The targets as :func:`fisherlab.fisher` checks them, for outputs of ``output_shape`` (C,) or (T, C)."""
+    if len(output_shape) == 2:
+        T, C = output_shape
+        lik = TokenLikelihood(lik, T, C, num_sequences=len(y))
+    lik.check_targets(torch.empty(len(y), math.prod(output_shape), dtype=dtype, device=y.device), y)
+
+
 def _batch_loss_grad(model: nn.Module, spec: ParamSpec, lik: Likelihood, x: Tensor,
                      y: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean batch loss and its gradient (P,) in ParamSpec order."""
+    """Mean batch loss (:func:`_mean_loss`) and its gradient (P,) in ParamSpec order."""
     params = dict(model.named_parameters())
-    loss = lik.nll(model(x), y).mean()
+    loss = _mean_loss(lik, model(x), y)
     grads = torch.autograd.grad(loss, [params[n] for n in spec.names])
     return loss.detach(), spec.flatten(grads)
 
@@ -122,18 +158,22 @@ def _add_(model: nn.Module, spec: ParamSpec, delta: Tensor) -> None:
 @torch.no_grad()
 def _evaluate(model: nn.Module, lik: Likelihood, X: Tensor, y: Tensor, task: str,
               chunk: int = 4096) -> tuple[float, float]:
-    """(mean loss, accuracy) on (X, y); accuracy is NaN for regression."""
-    total, correct = 0.0, 0.0
+    """(mean loss, accuracy) on (X, y); accuracy is NaN for regression.
+
+    Per sample, or for sequence outputs (n, T, C) per counted token (labels ≠ ``ignore_index``): the token-mean
+    loss and the fraction of counted tokens predicted right.
+    """
+    total, count, correct = 0.0, 0, 0.0
     for i in range(0, X.shape[0], chunk):
         z = model(X[i: i + chunk])
         yi = y[i: i + chunk]
-        total += float(lik.nll(z, yi).sum())
+        loss, n, mask = _loss_sum(lik, z, yi)
+        total, count = total + float(loss), count + int(n)
         if task == "multiclass":
-            correct += float((z.argmax(-1) == yi).sum())
-        elif task == "binary":
-            correct += float(((z > 0).to(yi.dtype) == yi).sum())
-    n = X.shape[0]
-    return total / n, (correct / n if task != "regression" else math.nan)
+            correct += float(((z.argmax(-1) == yi) & mask).sum())
+        elif task == "binary":  # every token counts (the Bernoulli likelihood ignores none)
+            correct += float(((z > 0).to(yi.dtype) == yi.reshape(z.shape)).sum())
+    return total / count, (correct / count if task != "regression" else math.nan)
 
 
 def _damped_inverse(M: Tensor, damping: float) -> Tensor:
@@ -172,7 +212,7 @@ class _OptimizerStepper(_Stepper):
 
     def step(self, x: Tensor, y: Tensor, refresh: bool) -> tuple[Tensor, bool]:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.lik.nll(self.model(x), y).mean()
+        loss = _mean_loss(self.lik, self.model(x), y)
         loss.backward()
         self.optimizer.step()
         return loss.detach(), False
@@ -256,7 +296,7 @@ class _KFACStepper(_Stepper):
         linear = [p for p, layer in self.inverses.items()
                   if type(layer.module) is nn.Linear and layer.layout.has_weight]
         with LayerCapture(self.model, [] if self.precondition == "dense" else linear) as cap:
-            loss = self.lik.nll(self.model(x), y).mean()
+            loss = _mean_loss(self.lik, self.model(x), y)
         factored = [p for p, (inputs, _) in cap.records.items() if self._factored(inputs, self.inverses[p])]
         skip = {n for p in factored for n in self.inverses[p].layout.param_names}
         rest = [n for n in spec.names if n not in skip]
@@ -408,8 +448,8 @@ def train(
     data = data.to(device=device, dtype=dtype)
     work = copy.deepcopy(model).to(device=device, dtype=dtype)
     with torch.no_grad():  # the targets as fisher checks them (shape, label range, C ≥ 2 for categorical)
-        C = work(data.X_train[:1]).shape[-1]
-    lik.check_targets(data.X_train.new_empty(len(data.y_train), C), data.y_train)
+        output_shape = work(data.X_train[:1]).shape[1:]
+    _check_targets(lik, output_shape, data.y_train, dtype)
     stepper = _stepper(rule, work, lik, lr, damping=damping, momentum=momentum, kind=kind,
                        ngd_solver=ngd_solver, cg_tol=cg_tol, split=split, structure=structure,
                        kfac_precondition=kfac_precondition, reconstruct_options={"seed": seed, **reconstruct_options})
