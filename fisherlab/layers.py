@@ -476,13 +476,26 @@ def layer_layouts(model: nn.Module, spec: ParamSpec) -> tuple[dict[str, LayerLay
 def _covered_rule(model: nn.Module, path: str) -> LayerRule:
     """:func:`rule_for` of the module at ``path``, also checking the parent whose recomputation calls it.
 
+    torch's own cross-attention, ``nn.TransformerDecoderLayer.multihead_attn`` (queries from the target, keys and
+    values from the memory), is known before any call: it and its out_proj count as modules without a rule.
+
     Raises:
         UnsupportedLayerError: The module's rule, or the rule of a recomputing parent (a MultiheadAttention
-            calling ``out_proj``), refuses its configuration; the message says why.
+            calling ``out_proj``), refuses its configuration, or the module is a decoder's cross-attention; the
+            message says why.
     """
-    parent = path.rpartition(".")[0]
-    if path and getattr(LAYER_RULES.get(type(model.get_submodule(parent))), "recomputes", False):
-        rule_for(model.get_submodule(parent), parent)
+    if path:
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        if getattr(LAYER_RULES.get(type(parent)), "recomputes", False):
+            _covered_rule(model, parent_path)
+        if isinstance(parent, nn.TransformerDecoderLayer) and name == "multihead_attn":
+            raise UnsupportedLayerError(
+                f"module {display_path(path)} (MultiheadAttention) is the cross-attention of a "
+                "TransformerDecoderLayer (keys and values from the memory); the Kronecker-factored rule covers "
+                f"self-attention only. Structures {GENERIC_STRUCTURES}; for kfac/ekfac/unit pass "
+                "unsupported='block' to keep an exact dense block for it."
+            )
     return rule_for(model.get_submodule(path), path)
 
 

@@ -135,8 +135,18 @@ class Decoder(nn.Module):
         return self.head(self.layer(x, x.flip(1)).mean(1))
 
 
-def test_cross_attention_is_refused_by_name() -> None:
+def test_decoder_cross_attention_is_named_or_an_exact_block() -> None:
+    """A TransformerDecoderLayer's multihead_attn is cross-attention: refused by name, or under
+    unsupported="block" an exact block of F (with its out_proj), while its self_attn is factorised."""
     model = Decoder().to(DT).eval()
     X, y = torch.randn(3, 4, 6, dtype=DT), torch.tensor([0, 1, 2])
     with pytest.raises(UnsupportedLayerError, match=r"'layer\.multihead_attn' \(MultiheadAttention\).*cross"):
         fisher(model, (X, y), structure="kfac", dtype=DT)
+    kf = fisher(model, (X, y), structure="kfac", unsupported="block", dtype=DT)
+    assert {"layer.multihead_attn", "layer.multihead_attn.out_proj"} <= set(kf.exact_blocks)
+    assert "layer.self_attn" in kf.factors
+    owners = [n.rpartition(".")[0] for n, p in model.named_parameters() for _ in range(p.numel())]
+    Fm = ref.true_fisher(model, X, CAT)
+    for path in ("layer.multihead_attn", "layer.multihead_attn.out_proj"):
+        ix = torch.tensor([i for i, o in enumerate(owners) if o == path])
+        ref.assert_close(kf.to_dense()[ix][:, ix], Fm[ix][:, ix], TOL, path)
