@@ -31,8 +31,9 @@ engine's factor rows (the raw material of every Kronecker-factored structure).
 
 **Weight sharing that the rows cannot express** is refused with :class:`~fisherlab.errors.UnsupportedLayerError`:
 a module called twice per forward pass, a parameter tensor owned by two modules (tied input/output embeddings),
-and a layer called on an input without the batch dimension (e.g. a position table called on ``arange(T)``:
-call it on ``arange(T).expand(N, T)`` instead).
+a layer called on an input without the batch dimension (e.g. a position table called on ``arange(T)``: call it
+on ``arange(T).expand(N, T)`` instead), and a layer whose parameters the forward pass reads without calling it
+(``position.weight[:T]``).
 """
 
 from __future__ import annotations
