@@ -197,6 +197,7 @@ class FisherEngine:
         self.memory_budget = resolve_budget(memory_budget, self.device)
         #: The model's outputs per sample, (C,) or (T, C) (set by the first evaluation, on the first samples).
         self.output_shape: tuple[int, ...] | None = None
+        self._sample_loop: bool | None = None  # probed when first needed (sample_loop)
 
         named = dict(model.named_parameters(remove_duplicate=False))
         self.params = {n: named[n].detach().to(self.device, self.dtype) for n in self.spec.names}
@@ -240,8 +241,10 @@ class FisherEngine:
         """
         buffers = dict(self.model.named_buffers(remove_duplicate=False))
         for n, t in [*self.params.items(), *self._frozen.items()]:
-            if not t.is_floating_point():
-                continue
+            source = named.get(n, buffers.get(n))
+            if not t.is_floating_point() or (source is not None and t.data_ptr() == source.data_ptr()
+                                             and t.dtype == source.dtype):
+                continue  # unconverted: check_model has checked these very values
             finite = torch.isfinite(t)
             if n in buffers and n not in named:
                 finite = finite | (torch.isinf(t) & torch.isinf(buffers[n].to(t.device)))
@@ -268,8 +271,21 @@ class FisherEngine:
             self.likelihood = TokenLikelihood(self.likelihood, z.shape[1], z.shape[2])
         z = z.reshape(z.shape[0], -1)
         self._check_outputs(z, 0)
-        with torch.no_grad():
-            again = self.forward(self.params, x)
+        self._first_outputs = z.detach()  # the scan's first chunk evaluates these samples again (_check_deterministic)
+        self.likelihood.check_targets(z, y)
+        self.num_outputs = int(z.shape[1])
+
+    def _check_deterministic(self, again: Tensor) -> None:
+        """Refuse a random model: ``again``, a second evaluation of the first samples (leading rows), must agree.
+
+        The scan's first chunk is that second evaluation (no extra forward pass unless it holds fewer samples);
+        tolerance √eps, relative.
+        """
+        z, self._first_outputs = self._first_outputs, None
+        if again.shape[0] < z.shape[0]:  # a first chunk smaller than the first samples: evaluate them again
+            with torch.no_grad():
+                again = self.forward(self.params, self.data.first(z.shape[0])[0])
+        again = again[: z.shape[0]]
         tol = math.sqrt(torch.finfo(self.dtype).eps)
         if not bool(torch.allclose(again, z, rtol=tol, atol=tol * float(z.abs().max()))):
             raise InputError(
@@ -278,9 +294,26 @@ class FisherEngine:
                 f"{self.model.training}; e.g. F.dropout(x, p, self.training) in training mode). Per-sample Fishers "
                 "of a random function are undefined: call model.eval(), or remove the randomness"
             )
-        self.likelihood.check_targets(z, y)
-        self.num_outputs = int(z.shape[1])
-        self.sample_loop = False
+
+    @property
+    def sample_loop(self) -> bool:
+        """Whether per-sample differentiation loops over the samples (the model cannot be vmapped over them).
+
+        Probed on the first samples when first needed — by the factor rows (:meth:`_rows`), not by the layer-wise
+        structures, which never vmap over samples — so an engine that never differentiates per sample skips it.
+
+        Raises:
+            InputError: The model calls a random operation (seen by vmap).
+            UnsupportedLayerError: Neither vmap nor the per-sample loop can differentiate the model.
+        """
+        if self._sample_loop is None:
+            self._probe_rows()
+        return self._sample_loop
+
+    def _probe_rows(self) -> None:
+        """Set :attr:`sample_loop` by differentiating the first samples per sample under vmap, else in a loop."""
+        x, _ = self.data.first()
+        self._sample_loop = False
         M = torch.ones(x.shape[0], 1, self.num_outputs, dtype=self.dtype, device=self.device)
         try:  # the engines differentiate the model per sample under vmap; probe that on these few samples
             self._rows(x, M)
@@ -291,7 +324,7 @@ class FisherEngine:
                                  f"operation is active (model.training is {self.model.training}). Per-sample "
                                  "Fishers of a random function are undefined: call model.eval(), or remove the "
                                  "randomness") from exc
-            self.sample_loop = True
+            self._sample_loop = True
             try:
                 self._rows(x, M)
             except RuntimeError as loop_exc:
@@ -300,20 +333,22 @@ class FisherEngine:
                     f"one sample at a time ({str(loop_exc).rstrip('.')}); avoid in-place updates of inputs, .item() "
                     "and operations without a derivative"
                 ) from loop_exc
-            warnings.warn(
-                f"the model cannot be differentiated per sample under torch.func.vmap ({reason}); fisherlab loops "
-                "over the samples instead (the same results, one VJP per sample: slower). Fused kernels such as "
-                "nn.LSTM / nn.GRU have no batching rule; an unrolled recurrence (nn.LSTMCell, or "
-                "fisherlab.models.LSTMClassifier) is vmapped", FallbackWarning, stacklevel=4)
+            self._warn_sample_loop(reason)
 
     def _rows_per_sample(self) -> int:
+        """R, the rows of M_n (module docstring); for ``true``, the width of the likelihood's factor at z = 0.
+
+        A sequence model's factor is block-diagonal over its T tokens: T times one token's width (the (T·C × T·R)
+        factor itself is not formed).
+        """
+        if self.kind is not FisherKind.TRUE:
+            return {FisherKind.MC: self.mc_samples, FisherKind.EMPIRICAL: 1, FisherKind.GGN: self.num_outputs}[self.kind]
+        lik = self.likelihood
+        if isinstance(lik, TokenLikelihood):
+            z = torch.zeros(1, lik.num_classes, dtype=self.dtype, device=self.device)
+            return lik.seq_len * int(lik.base.fisher_factor(z).shape[-1])
         z = torch.zeros(1, self.num_outputs, dtype=self.dtype, device=self.device)
-        return {
-            FisherKind.TRUE: int(self.likelihood.fisher_factor(z).shape[-1]),
-            FisherKind.MC: self.mc_samples,
-            FisherKind.EMPIRICAL: 1,
-            FisherKind.GGN: self.num_outputs,
-        }[self.kind]
+        return int(lik.fisher_factor(z).shape[-1])
 
     # ------------------------------------------------------------------------------------------- evaluation
     def _evaluate(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -367,6 +402,8 @@ class FisherEngine:
         with torch.no_grad():
             for start, x, y in self.data.chunks(self._scan_chunk_size()):
                 z = self._forward_chunk(self.sample_offset + start, x)
+                if start == 0:
+                    self._check_deterministic(z)
                 self._check_outputs(z, self.sample_offset + start)
                 y = self.likelihood.check_targets(z, y)
                 tokens += (int(self.likelihood.token_mask(y).sum()) if isinstance(self.likelihood, TokenLikelihood)
@@ -540,11 +577,35 @@ class FisherEngine:
             (rows,) = vmap(vjp_fn)(Mi)
             return torch.cat([rows[k].reshape(Mi.shape[0], -1) for k in keys], dim=-1)
 
+        def loop() -> Tensor:
+            return torch.stack([per_sample(xi, Mi) for xi, Mi in zip(x, M, strict=True)])
+
+        looped = self.sample_loop  # the probe, if not yet made, says its fallback outside the filter below
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*batching rule.*")
-            if self.sample_loop:
-                return torch.stack([per_sample(xi, Mi) for xi, Mi in zip(x, M, strict=True)])
-            return vmap(per_sample)(x, M)
+            if looped:
+                return loop()
+            expected = (x.shape[0], M.shape[1], sum(self.params[k].numel() for k in keys))
+            try:
+                rows = vmap(per_sample)(x, M)
+                if tuple(rows.shape) == expected:
+                    return rows
+                reason = f"its per-sample gradients came out of shape {tuple(rows.shape)}, not {expected}"
+            except RuntimeError as exc:  # past the probe: e.g. nn.PReLU's batching rule with R > 1 rows
+                if "random" in str(exc).lower():
+                    raise
+                reason = str(exc).rstrip(".")
+            self._sample_loop = True
+        self._warn_sample_loop(reason)
+        return loop()
+
+    def _warn_sample_loop(self, reason: str) -> None:
+        """Say once (a FallbackWarning) that the engine now loops over the samples, and why."""
+        warnings.warn(
+            f"the model cannot be differentiated per sample under torch.func.vmap ({reason}); fisherlab loops "
+            "over the samples instead (the same results, one VJP per sample: slower). Fused kernels such as "
+            "nn.LSTM / nn.GRU have no batching rule; an unrolled recurrence (nn.LSTMCell, or "
+            "fisherlab.models.LSTMClassifier) is vmapped", FallbackWarning, stacklevel=4)
 
     def iter_factor_rows(self, desc: str | None = None, names: Sequence[str] | None = None) -> Iterator[Tensor]:
         """Yield factor rows scaled so that F = Σ_chunks UᵀU; each U has shape (n·R, P).

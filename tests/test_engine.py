@@ -462,3 +462,15 @@ def test_implicit_products_follow_parameter_changes(problems):
     fresh = FisherEngine(copy.deepcopy(model), p.data, p.likelihood)
     fresh.params = {k: t.clone() for k, t in engine.params.items()}
     ref.assert_close(engine.matmat(v), fresh.matmat(v), EXACT_RTOL, "after an in-place change")
+
+
+def test_rows_per_sample_of_a_sequence_model_is_the_width_of_its_block_diagonal_factor():
+    """R of the true Fisher from one token's factor × T equals the width of the (T·C × T·R) factor itself."""
+    from fisherlab.models import GPT
+
+    torch.manual_seed(0)
+    model = GPT(7, 5, output="sequence").double().eval()
+    X = torch.randint(0, 7, (3, 5))
+    engine = FisherEngine(model, (X, X))
+    z = torch.zeros(1, engine.num_outputs, dtype=torch.float64)
+    assert engine.rows_per_sample == engine.likelihood.fisher_factor(z).shape[-1] == 5 * 6

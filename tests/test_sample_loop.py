@@ -66,8 +66,9 @@ def test_fused_recurrent_fishers_match_brute_force(cell: str, kind: str) -> None
 
 def test_the_fallback_says_so_once_per_engine_and_vmap_models_do_not_use_it() -> None:
     model, X, y = problem()
+    engine = FisherEngine(model, (X, y))  # the vmap probe runs when per-sample rows are first needed
     with pytest.warns(FallbackWarning, match=r"(?s)loops over the samples.*nn.LSTM"):
-        FisherEngine(model, (X, y))
+        assert engine.sample_loop
     unrolled = LSTMClassifier(2, 3, 3).double().eval()
     assert not FisherEngine(unrolled, (X, y)).sample_loop
 
@@ -109,3 +110,28 @@ def test_reconstructed_fused_lstm_is_ngd() -> None:
     G[:P_rnn, P_rnn:] = 0
     G[P_rnn:, :P_rnn] = 0
     assert rel(net.gd_update((X, y), LR), -LR * torch.linalg.solve(G + LAM * eye, g)) < 1e-9
+
+
+def prelu_problem(conv: bool) -> tuple[nn.Module, Tensor, Tensor]:
+    """nn.PReLU, whose batching rule fails (R > 1 rows) or gives per-sample gradients of the wrong shape (a Conv2d)."""
+    torch.manual_seed(0)
+    if conv:
+        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.PReLU(2), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
+        X = torch.randn(6, 1, 5, 5, dtype=DT)
+    else:
+        model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 3))
+        X = torch.randn(6, 3, dtype=DT)
+    return model.double().eval(), X, torch.randint(0, 3, (6,))
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("structure", ["dense", "diag"])
+def test_prelu_falls_back_to_the_sample_loop(conv: bool, structure: str) -> None:
+    """diag differentiates only the PReLU weight by factor rows (the subset rows), dense all parameters; both at
+    R = 2 rows per sample, where vmap fails: the engine loops instead, with a FallbackWarning, exactly."""
+    model, X, y = prelu_problem(conv)
+    expected = ref.true_fisher(model, X, LIK)
+    with pytest.warns(FallbackWarning, match="loops over the samples"):
+        F = fisher(model, (X, y), structure=structure)
+    got = F.to_dense() if structure == "dense" else F.diag()
+    assert rel(got, expected if structure == "dense" else expected.diagonal()) < 1e-10
