@@ -5,7 +5,13 @@ Models (float32, digits, categorical likelihood, the first N standardized traini
 * ``mlp``: MLP 64-1024-1024-10 tanh (P = 1,126,410); the dense row uses the reference MLP 64-32-32-10
   (P = 3,466), whose P×P matrix fits;
 * ``cnn``: CNN Conv2d 1→32→64 (3×3, ReLU, average pooling) + Linear on the 8×8 images (P = 21,386); the dense
-  row uses the default CNN (8, 16) channels (P = 1,898).
+  row uses the default CNN (8, 16) channels (P = 1,898);
+* ``gpt``: ``fisherlab.models.GPT`` preset "1M" (P = 1,016,513), ``output="sequence"``, 32 sequences × 64 tokens of
+  ``make_sort_lm`` (vocabulary 65; quick: preset "10k", 8 × 16), against curvlinops only, on the rows of
+  ``GPT_OPS``: ``grad`` (loss and gradient), ``fv``, ``kfac-emp`` / ``kfac-reduce`` (empirical KFAC factors,
+  expand / reduce; compared on the Linear layers, the only ones curvlinops covers — fisherlab's also cover the
+  Embedding and LayerNorm parameters), ``cg`` (10 iterations). curvlinops sees the logits as (N, C, T)
+  (``bench_transformer.ClassesSecond``) and its GGN product runs on the math SDPA kernel (forward-mode AD).
 
 Rows (``--ops``): ``dense`` (true Fisher, P×P), ``diag`` (exact diagonal of the true Fisher = GGN), ``diag-mc``
 (1 sampled label per input), ``kfac``, ``kfac-mc``, ``kfac-emp`` (KFAC factors, "expand", weight and bias in one
@@ -60,17 +66,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header, optional_import, rel_diff, synchronize, time_methods
 from bench_dense import digits
 from bench_kfac import fisher_vector_floor
+from bench_transformer import ROWS_BUDGET, Peer, fisherlab_linear_factors, lm_batch, stacked_factors, with_math_sdpa
 
 from fisherlab import fisher
 from fisherlab.data import load_digits
 from fisherlab.engine import FisherEngine
 from fisherlab.linalg import cg, hutchinson_trace, lanczos
-from fisherlab.models import CNN, MLP, reference_mlp
+from fisherlab.models import CNN, GPT, GPT_SIZES, MLP, reference_mlp
 from fisherlab.structures import build
+from fisherlab.structures.kfac import KFACFisher
 
 OPS = ("dense", "diag", "diag-mc", "kfac", "kfac-mc", "kfac-emp", "ekfac", "ekfac-mc", "fv", "fV", "cg",
-       "lanczos", "trace")
-MODELS = ("mlp", "cnn")
+       "lanczos", "trace", "grad", "kfac-reduce")
+MODELS = ("mlp", "cnn", "gpt")
+#: The rows of the GPT (curvlinops is its only peer): gradient, F·v, KFAC factors (empirical, expand / reduce), CG.
+GPT_OPS = ("grad", "fv", "kfac-emp", "kfac-reduce", "cg")
 DAMPING = 1e-3
 COLUMNS, CG_STEPS, TOP_K, LANCZOS_STEPS, PROBES = 16, 10, 5, 20, 16
 CURVLINOPS_SEED = 2147483647  # curvlinops' default label seed
@@ -129,6 +139,11 @@ def images(n: int, device: torch.device) -> tuple[Tensor, Tensor]:
 
 def problem(name: str, n: int, quick: bool, device: torch.device) -> Problem:
     torch.manual_seed(0)
+    if name == "gpt":  # sequences: n_values + 1 = 65 tokens, 2·length positions
+        seqs, length = (8, 8) if quick else (32, 32)
+        X, y, _ = lm_batch(seqs, length, 64, device)
+        model = GPT(65, X.shape[1], output="sequence", **GPT_SIZES["10k" if quick else "1M"]).to(device).eval()
+        return Problem(name, model, X, y, model, X, y)
     if name == "mlp":
         widths = (256, 256) if quick else (1024, 1024)
         X, y = digits(n, device)
@@ -258,6 +273,8 @@ def curvlinops_ggn(p: Problem) -> Any:
 
 def make_op(p: Problem, op: str) -> Op:
     """The methods of row ``op`` on problem ``p``."""
+    if p.name == "gpt":
+        return make_gpt_op(p, op)
     device = p.X.device
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(p.P, generator=gen).to(device)
@@ -354,6 +371,55 @@ def make_op(p: Problem, op: str) -> Op:
     return Op(ours, floor, peers=peers, note="estimates vs the exact trace")
 
 
+
+def make_gpt_op(p: Problem, op: str) -> Op:
+    """The methods of row ``op`` (one of ``GPT_OPS``) on the GPT; curvlinops through ``bench_transformer.Peer``."""
+    device = p.X.device
+    v = torch.randn(p.P, generator=torch.Generator().manual_seed(0)).to(device)
+    peer = Peer(p.model, p.X, p.y, p.y)
+    peers: dict[str, Method] = {}
+    if op == "grad":
+        eng = engine(p, "true")
+        if peer.available:
+            G = peer.ggn(p.y)
+            peers["curvlinops gradient_and_loss"] = Method(G.gradient_and_loss, lambda r: flat(list(r[0])))
+        return Op(Method(eng.loss_and_gradient, lambda r: r[1]), peers=peers, note="engine built")
+    if op in ("kfac-emp", "kfac-reduce"):
+        approx = "expand" if op == "kfac-emp" else "reduce"
+
+        def linear(K: KFACFisher) -> Tensor:
+            factors = fisherlab_linear_factors(K, p.model)
+            return torch.cat([stacked_factors(factors, 0), stacked_factors(factors, 1)])
+
+        eng = engine(p, "empirical")
+        ours = Method(lambda: fisherlab_fisher(p, "empirical", "kfac", approx=approx), linear)
+        if peer.available:
+            def run() -> Any:
+                K = peer.kfac("empirical", approx)
+                K.compute_kronecker_factors()
+                return K
+
+            peers[f"curvlinops KFAC {approx} (empirical, Linear layers)"] = Method(
+                run, lambda K: torch.cat([stacked_factors(Peer.factors(K), 0), stacked_factors(Peer.factors(K), 1)]))
+        return Op(ours, built=lambda: KFACFisher.from_engine(eng, approx=approx), peers=peers)
+    F = fisher(p.model, (p.X, p.y), "categorical", kind="true", structure="implicit", dtype=torch.float32,
+               device=device, memory_budget=ROWS_BUDGET, progress=False)
+    F @ v  # the linearisation cached, as curvlinops' operator is built
+    G = peer.ggn(p.y) if peer.available else None
+    if op == "fv":
+        if G is not None:
+            peers["curvlinops GGN @ v (math SDPA)"] = Method(with_math_sdpa(lambda: G @ v), lambda r: r)
+        return Op(Method(lambda: F @ v, lambda r: r), peers=peers)
+    _, grad = engine(p, "true").loss_and_gradient()
+
+    def solve(matvec: Callable[[Tensor], Tensor]) -> Method:
+        return Method(lambda: cg(matvec, grad, damping=DAMPING, tol=1e-12, max_iter=CG_STEPS).x, lambda x: x)
+
+    if G is not None:
+        peers[f"curvlinops GGN @ v in the same CG ({CG_STEPS} it)"] = solve(lambda x: with_math_sdpa(lambda: G @ x)())
+    return Op(solve(F.matvec), peers=peers, note=f"{CG_STEPS} iterations, λ = {DAMPING}")
+
+
 # ---------------------------------------------------------------------------------------------------- table
 def run_op(p: Problem, name: str, op: Op, repeats: int, device: torch.device) -> list[list[str]]:
     methods: dict[str, Callable[[], Any]] = {"fisherlab": op.fisherlab.run}
@@ -429,6 +495,8 @@ def main() -> None:
         print(f"\n{model_name}: {type(p.model).__name__}, P = {p.P:,}, N = {len(p.X)}")
         rows: list[list[str]] = []
         for op_name in args.ops:
+            if (model_name == "gpt") != (op_name in GPT_OPS) and op_name not in ("fv", "cg", "kfac-emp"):
+                continue  # the GPT's rows are GPT_OPS; grad and kfac-reduce are GPT rows only
             rows += run_op(p, op_name, make_op(p, op_name), args.repeats, args.device)
             synchronize(args.device)
             print_rows(rows)

@@ -342,7 +342,8 @@ class FisherEngine:
         factor itself is not formed).
         """
         if self.kind is not FisherKind.TRUE:
-            return {FisherKind.MC: self.mc_samples, FisherKind.EMPIRICAL: 1, FisherKind.GGN: self.num_outputs}[self.kind]
+            other = {FisherKind.MC: self.mc_samples, FisherKind.EMPIRICAL: 1, FisherKind.GGN: self.num_outputs}
+            return other[self.kind]
         lik = self.likelihood
         if isinstance(lik, TokenLikelihood):
             z = torch.zeros(1, lik.num_classes, dtype=self.dtype, device=self.device)
