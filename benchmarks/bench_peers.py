@@ -379,7 +379,7 @@ def make_gpt_op(p: Problem, op: str) -> Op:
     peer = Peer(p.model, p.X, p.y, p.y)
     peers: dict[str, Method] = {}
     if op == "grad":
-        eng = engine(p, "true")
+        eng = engine(p, "empirical")
         if peer.available:
             G = peer.ggn(p.y)
             peers["curvlinops gradient_and_loss"] = Method(G.gradient_and_loss, lambda r: flat(list(r[0])))
@@ -410,7 +410,7 @@ def make_gpt_op(p: Problem, op: str) -> Op:
         if G is not None:
             peers["curvlinops GGN @ v (math SDPA)"] = Method(with_math_sdpa(lambda: G @ v), lambda r: r)
         return Op(Method(lambda: F @ v, lambda r: r), peers=peers)
-    _, grad = engine(p, "true").loss_and_gradient()
+    _, grad = engine(p, "empirical").loss_and_gradient()  # (the true Fisher's rows would not fit the budget)
 
     def solve(matvec: Callable[[Tensor], Tensor]) -> Method:
         return Method(lambda: cg(matvec, grad, damping=DAMPING, tol=1e-12, max_iter=CG_STEPS).x, lambda x: x)
