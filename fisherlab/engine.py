@@ -24,8 +24,11 @@ reverse mode (``vjp``).
 **Per-sample differentiation.** The factor rows come from ``vmap`` over the samples of a chunk. A model that
 cannot be vmapped over samples (fused ``nn.LSTM`` / ``nn.GRU`` kernels have no batching rule) is differentiated
 by a Python loop over the samples instead — the same rows, one VJP per sample, slower — and the engine says so
-once with a :class:`~fisherlab.errors.FallbackWarning` (``sample_loop`` is then True). Matrix-free products need
-no per-sample ``vmap`` (one ``jvp`` and one ``vjp`` per chunk) and are unaffected.
+once with a :class:`~fisherlab.errors.FallbackWarning` (``sample_loop`` is then True). vmap is probed on the first
+samples when factor rows are first needed, and a later chunk on which it fails or returns per-sample gradients of
+the wrong shape (``nn.PReLU``'s batching rule with several rows per sample) switches the engine to the loop too.
+Matrix-free products and the layer-wise structures need no per-sample ``vmap`` (one ``jvp`` and one ``vjp`` per
+chunk; one batched reverse pass) and are unaffected.
 
 **Attention.** torch's fused attention kernels (the ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention``
 inference fast path, the flash and memory-efficient kernels of ``F.scaled_dot_product_attention``) have no
