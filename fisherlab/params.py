@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -63,12 +64,12 @@ class ParamSpec:
                 )
         return cls(tuple(chosen), tuple(all_params[n].shape for n in chosen))
 
-    @property
+    @cached_property
     def numels(self) -> tuple[int, ...]:
         """Number of scalars in each tensor."""
         return tuple(int(torch.Size(s).numel()) for s in self.shapes)
 
-    @property
+    @cached_property
     def offsets(self) -> tuple[int, ...]:
         """Start index of each tensor in the flat vector (length ``len(names) + 1``; the last entry is P)."""
         out = [0]
@@ -76,7 +77,7 @@ class ParamSpec:
             out.append(out[-1] + n)
         return tuple(out)
 
-    @property
+    @cached_property
     def dim(self) -> int:
         """P, the total number of scalar parameters."""
         return self.offsets[-1]
