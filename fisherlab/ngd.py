@@ -6,6 +6,11 @@
 * ``cholesky`` — the dense F + λI (given as ``fisher``, or assembled as UᵀU from the factor rows U);
 * ``woodbury`` — F = UᵀU with factor rows U (m, P): (UᵀU + λI)⁻¹ g = (g − Uᵀ (UUᵀ + λI)⁻¹ U g) / λ, a Cholesky
   factorisation of the m×m Gram matrix (needs λ > 0; cheaper than Cholesky when m < P);
+* ``gram`` — the same identity in sample space without U (:mod:`fisherlab.gram`): K = UUᵀ, U g and Uᵀ y from
+  the per-layer rows (inputs ā and output gradients δ of every layer with a rule, K_layer = (δδᵀ) ∘ (āāᵀ) at one
+  location), explicit rows only for the parameters outside the rules; one float64 Cholesky factorisation of K + λI
+  per damping and no F·v product but one per damping for the residual check (needs λ > 0, one process, K and the
+  rows of all samples within the memory budget);
 * ``cg`` — conjugate gradients on the implicit F to the relative residual ``cg_tol``;
 * ``multishift`` — multi-shift CG (:func:`fisherlab.linalg.cg_multishift`): with :func:`solve_ngd_all`, every
   damping of a study from one Krylov space, one F·v product per iteration for all of them;
@@ -14,9 +19,15 @@
   (a layer without a KFAC rule, or over the memory budget); a given ``preconditioner`` (e.g. the ``kfac``
   rule's own KFAC, or an EKFAC) is used as it is;
 * ``pcg-diag`` — CG preconditioned by (diag F + λI)⁻¹;
-* ``auto`` — a given dense ``fisher``: Cholesky on it; a given implicit one: CG; otherwise CG when the factor rows
-  (in float64) would take more than a quarter of the memory budget, else Woodbury when m < P and λ > 0, else
-  Cholesky. :func:`solve_ngd_all` with several dampings takes ``multishift`` wherever ``auto`` would take CG.
+* ``auto`` — a given dense ``fisher``: Cholesky on it; otherwise (no ``fisher``, or an implicit one) ``gram``
+  when m < P, every λ > 0, one process and :func:`fisherlab.gram.gram_bytes` ≤ the memory budget; else, for a
+  given implicit ``fisher``, CG; else CG when the factor rows (in float64) would take more than a quarter of the
+  memory budget, else Woodbury when m < P and λ > 0, else Cholesky. :func:`solve_ngd_all` with several dampings
+  takes ``multishift`` wherever ``auto`` would take CG.
+
+A ``gram`` solve is exact up to rounding; its residual is measured with one true F·v product per damping (one
+block product for all), and should it exceed ``cg_tol`` (float32 products, extreme λ) CG preconditioned by the
+sample-space inverse itself refines it from there (a step or two, counted in ``iterations`` and ``products``).
 
 Every iterative solve stops on the relative residual of the *unpreconditioned* system ‖(F + λI)x − g‖/‖g‖ ≤
 ``cg_tol`` (never on a preconditioned norm), checked with true products at the end.
@@ -46,6 +57,7 @@ from torch import Tensor
 from fisherlab import structures
 from fisherlab.checks import check_damping, check_dampings, parse_enum
 from fisherlab.engine import FisherEngine
+from fisherlab.gram import build_gram, gram_bytes
 from fisherlab.errors import InputError, MemoryBudgetError, UnsupportedLayerError
 from fisherlab.linalg import cg, cg_multishift, damped_solve
 from fisherlab.memory import dense_bytes
@@ -60,6 +72,7 @@ class NGDSolver(str, Enum):
     AUTO = "auto"
     CHOLESKY = "cholesky"
     WOODBURY = "woodbury"
+    GRAM = "gram"
     CG = "cg"
     MULTISHIFT = "multishift"
     PCG_KFAC = "pcg-kfac"
@@ -76,17 +89,20 @@ class SolveInfo:
 
     Attributes:
         solver: An :class:`NGDSolver` value other than ``"auto"``.
-        iterations: CG iterations (0 for the direct solvers); for ``multishift`` the shared iterations until this
+        iterations: CG iterations (0 for the direct solvers; for ``gram`` its refinement's, usually 0); for ``multishift`` the shared iterations until this
             damping's residual reached the tolerance (plus a CG refinement's, if one was needed).
         residual: Relative residual ‖(F + λI) x − g‖ / ‖g‖ of the unpreconditioned system, from true products
             (NaN for Woodbury, which never forms F).
-        converged: Whether the iterative solve reached the tolerance (always True for the direct solvers).
-        tol: The CG tolerance (NaN for the direct solvers).
+        converged: Whether the iterative solve reached the tolerance (always True for ``cholesky`` and
+            ``woodbury``; for ``gram`` whether the measured residual is ≤ ``tol``).
+        tol: The CG tolerance (NaN for ``cholesky`` and ``woodbury``).
         seconds: Wall time of the solve (assembling a given ``fisher`` or ``preconditioner`` is not included);
-            for ``multishift`` the whole shared solve, the same for every damping it served.
+            for ``multishift`` the whole shared solve, the same for every damping it served; for ``gram`` this
+            damping's share of building K (an equal share per damping) plus its own factorisation and check, so
+            the dampings' seconds add up to the whole.
         preconditioner: ``"kfac"``, ``"ekfac"``, ``"diag"``, ... (the structure used as M), or ``"none"``.
-        products: F·v products (one per column of a block product) used, residual checks included; 0 for the
-            direct solvers. A ``multishift`` solve's products serve all its dampings: each records the shared total.
+        products: F·v products (one per column of a block product) used, residual checks included; 0 for
+            ``cholesky`` and ``woodbury``, 1 per damping for ``gram`` (its residual check, plus any refinement's). A ``multishift`` solve's products serve all its dampings: each records the shared total.
     """
 
     solver: str
@@ -103,8 +119,22 @@ def _relative_residual(F: Tensor, x: Tensor, g: Tensor, damping: float) -> float
     return float(torch.linalg.vector_norm(F @ x + damping * x - g) / torch.linalg.vector_norm(g))
 
 
+def _gram_applies(engine: FisherEngine, dampings: Sequence[float], fisher: FisherMatrix | None) -> bool:
+    """Whether ``auto`` takes ``gram`` for these dampings (module docstring)."""
+    if fisher is not None and fisher.structure != "implicit":
+        return False
+    if engine.group is not None or min(dampings) <= 0:
+        return False
+    if engine.num_samples * engine.rows_per_sample >= engine.spec.dim:
+        return False
+    try:
+        return gram_bytes(engine) <= engine.memory_budget
+    except UnsupportedLayerError:
+        return False
+
+
 def _auto(engine: FisherEngine, damping: float, fisher: FisherMatrix | None) -> NGDSolver:
-    """The solver ``auto`` takes for one damping (module docstring)."""
+    """The solver ``auto`` takes for one damping, ``gram`` aside (module docstring)."""
     if fisher is not None:
         return NGDSolver.CG if fisher.structure == "implicit" else NGDSolver.CHOLESKY
     P = engine.spec.dim
@@ -165,6 +195,41 @@ def _iterative(engine: FisherEngine, g: Tensor, damping: float, solver: NGDSolve
     return result.x, info
 
 
+def _gram(engine: FisherEngine, g: Tensor, dampings: Sequence[float], fisher: FisherMatrix | None, cg_tol: float,
+          cg_max_iter: int | None) -> dict[float, tuple[Tensor, SolveInfo]]:
+    """The sample-space solve for every damping, its residual checked with one block of true F·v products."""
+    if min(dampings) <= 0:
+        raise InputError("the sample-space ('gram') NGD solve needs damping > 0; use solver 'cholesky' or 'cg'")
+    start = time.perf_counter()
+    gram = build_gram(engine)
+    share = (time.perf_counter() - start) / len(dampings)
+    xs, seconds = [], []
+    for lam in dampings:
+        start = time.perf_counter()
+        xs.append(gram.solve(g, lam).to(g.dtype))
+        seconds.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    product = _Counted(engine, fisher)
+    X = torch.stack(xs, dim=1)
+    R = product(X) + X * torch.tensor(dampings, dtype=X.dtype, device=X.device) - g[:, None]
+    residuals = (torch.linalg.vector_norm(R, dim=0) / torch.linalg.vector_norm(g)).tolist()
+    check = (time.perf_counter() - start) / len(dampings)
+    out = {}
+    for j, lam in enumerate(dampings):
+        x, residual, iterations, products = xs[j], residuals[j], 0, 1
+        start = time.perf_counter()
+        if not residual <= cg_tol:  # refine: CG preconditioned by the sample-space inverse, from x
+            before = product.products
+            result = cg(product, g, damping=lam, tol=cg_tol, max_iter=cg_max_iter, x0=x,
+                        preconditioner=lambda r, lam=lam: gram.solve(r, lam).to(r.dtype))
+            x, residual, iterations = result.x, float(result.residual), result.iterations
+            products += product.products - before
+        seconds[j] += share + check + time.perf_counter() - start
+        out[lam] = (x, SolveInfo(NGDSolver.GRAM.value, iterations, residual, residual <= cg_tol, cg_tol,
+                                 seconds[j], "none", products))
+    return out
+
+
 def solve_ngd(engine: FisherEngine, g: Tensor, damping: float, *, solver: str = "auto",
               fisher: FisherMatrix | None = None, preconditioner: FisherMatrix | None = None, cg_tol: float = 1e-6,
               cg_max_iter: int | None = None) -> tuple[Tensor, SolveInfo]:
@@ -187,7 +252,9 @@ def solve_ngd(engine: FisherEngine, g: Tensor, damping: float, *, solver: str = 
     damping = check_damping(damping)
     solver = parse_enum(NGDSolver, solver, "NGD solver")
     if solver is NGDSolver.AUTO:
-        solver = _auto(engine, damping, fisher)
+        solver = NGDSolver.GRAM if _gram_applies(engine, [damping], fisher) else _auto(engine, damping, fisher)
+    if solver is NGDSolver.GRAM:
+        return _gram(engine, g, [damping], fisher, cg_tol, cg_max_iter)[damping]
     if solver in ITERATIVE_SOLVERS:
         return _iterative(engine, g, damping, solver, fisher, preconditioner, cg_tol, cg_max_iter)
     start = time.perf_counter()
@@ -223,8 +290,8 @@ def solve_ngd_all(engine: FisherEngine, g: Tensor, dampings: float | Sequence[fl
                   cg_tol: float = 1e-6, cg_max_iter: int | None = None) -> dict[float, tuple[Tensor, SolveInfo]]:
     """(F + λI)⁻¹ g for every damping of a study, sharing what the solver can share (module docstring).
 
-    ``multishift`` (and ``auto`` wherever it would take CG, when there are several dampings) runs one multi-shift
-    CG for all dampings; ``pcg-kfac`` / ``pcg-diag`` build their preconditioner once (unless given) and solve per
+    ``gram`` (and ``auto`` where it applies) builds K once for all dampings; ``multishift`` (and ``auto`` wherever
+    it would take CG, when there are several dampings) runs one multi-shift CG for all dampings; ``pcg-kfac`` / ``pcg-diag`` build their preconditioner once (unless given) and solve per
     damping; the direct solvers solve per damping.
 
     Args:
@@ -242,9 +309,13 @@ def solve_ngd_all(engine: FisherEngine, g: Tensor, dampings: float | Sequence[fl
     """
     dampings = check_dampings(dampings)
     solver = parse_enum(NGDSolver, solver, "NGD solver")
+    if solver is NGDSolver.AUTO and _gram_applies(engine, dampings, fisher):
+        solver = NGDSolver.GRAM
     if solver is NGDSolver.AUTO:
         chosen = {_auto(engine, lam, fisher) for lam in dampings}
         solver = NGDSolver.MULTISHIFT if NGDSolver.CG in chosen and len(dampings) > 1 else NGDSolver.AUTO
+    if solver is NGDSolver.GRAM:
+        return _gram(engine, g, dampings, fisher, cg_tol, cg_max_iter)
     if solver is NGDSolver.MULTISHIFT:
         start = time.perf_counter()
         product = _Counted(engine, fisher)

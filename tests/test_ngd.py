@@ -32,17 +32,17 @@ def problem():
     return model, X, y, g, F, expected
 
 
-@pytest.mark.parametrize("solver", ["woodbury", "cholesky", "cg", "auto", "auto-small-budget"])
+@pytest.mark.parametrize("solver", ["woodbury", "gram", "cholesky", "cg", "auto", "auto-small-budget"])
 def test_every_solver_is_exact_ngd(problem, solver: str, monkeypatch: pytest.MonkeyPatch) -> None:
     model, X, y, g, F, expected = problem
     calls = []
     monkeypatch.setattr(ngd_module, "cg", lambda *a, **k: calls.append(1) or cg(*a, **k))
-    budget = 8000 if solver == "auto-small-budget" else None  # the factor rows U would take > budget / 4: CG
+    budget = 3000 if solver == "auto-small-budget" else None  # neither the Gram (3.6 kB) nor U fits: CG
     engine = FisherEngine(model, (X, y), memory_budget=budget)
     got, info = solve_ngd(engine, g, LAM, solver=solver.removesuffix("-small-budget"), cg_tol=1e-12)
     assert bool(calls) == (solver in ("cg", "auto-small-budget"))
     assert float((got - expected).norm() / expected.norm()) < 1e-9
-    assert info.solver == {"auto": "woodbury", "auto-small-budget": "cg"}.get(solver, solver)
+    assert info.solver == {"auto": "gram", "auto-small-budget": "cg"}.get(solver, solver)
     if info.solver != "woodbury":  # the recorded residual, checked against the reference Fisher
         own = float((F @ got + LAM * got - g).norm() / g.norm())
         assert info.residual == pytest.approx(own, rel=1e-3, abs=1e-14)
@@ -51,14 +51,15 @@ def test_every_solver_is_exact_ngd(problem, solver: str, monkeypatch: pytest.Mon
 
 @pytest.mark.parametrize("structure", ["dense", "implicit"])
 def test_a_given_fisher_is_used_as_it_is(problem, structure: str) -> None:
-    """The rules' path: the context's dense (Cholesky) or implicit (CG) Fisher."""
+    """The rules' path: the context's dense Fisher (Cholesky), or its implicit one (the sample-space solve)."""
     model, X, y, g, F, expected = problem
     engine = FisherEngine(model, (X, y))
     built = fisher(model, (X, y), structure=structure)
     got, info = solve_ngd(engine, g, LAM, fisher=built, cg_tol=1e-12)
-    assert info.solver == ("cholesky" if structure == "dense" else "cg")
+    assert info.solver == ("cholesky" if structure == "dense" else "gram")
     assert float((got - expected).norm() / expected.norm()) < 1e-9
-    assert (info.iterations > 0) == (structure == "implicit") and math.isnan(info.tol) == (structure == "dense")
+    assert info.iterations == 0 and info.products == (structure == "implicit")  # gram: its residual check
+    assert math.isnan(info.tol) == (structure == "dense")
 
 
 def test_bad_solver_and_damping(problem) -> None:
@@ -155,8 +156,10 @@ def test_solve_ngd_all_auto_and_context(problem) -> None:
     model, X, y, g, F, _ = problem
     engine = FisherEngine(model, (X, y))
     implicit = fisher(model, (X, y), structure="implicit")
-    assert {i.solver for _, i in solve_ngd_all(engine, g, DAMPINGS, fisher=implicit).values()} == {"multishift"}
-    assert {i.solver for _, i in solve_ngd_all(engine, g, [LAM], fisher=implicit).values()} == {"cg"}
+    assert {i.solver for _, i in solve_ngd_all(engine, g, DAMPINGS, fisher=implicit).values()} == {"gram"}
+    small = FisherEngine(model, (X, y), memory_budget=2000)  # the sample-space Gram does not fit: CG
+    assert {i.solver for _, i in solve_ngd_all(small, g, DAMPINGS, fisher=implicit).values()} == {"multishift"}
+    assert {i.solver for _, i in solve_ngd_all(small, g, [LAM], fisher=implicit).values()} == {"cg"}
     dense = fisher(model, (X, y), structure="dense")
     assert {i.solver for _, i in solve_ngd_all(engine, g, DAMPINGS, fisher=dense).values()} == {"cholesky"}
     # the fidelity Dataset records solver, preconditioner, products and seconds per damping
@@ -164,7 +167,7 @@ def test_solve_ngd_all_auto_and_context(problem) -> None:
     for solver, precond in (("auto", "none"), ("pcg-kfac", "kfac"), ("pcg-diag", "diag")):
         ds = evaluate_fidelity(model, (X, y), rules=["gd", "ngd"], damping=DAMPINGS, dtype=torch.float64,
                                memory_budget=3 * P * P * 8, cg_tol=1e-10, ngd_solver=solver)
-        expected_solver = "multishift" if solver == "auto" else solver
+        expected_solver = "gram" if solver == "auto" else solver
         assert list(ds["ngd_solver"].values) == [expected_solver] * 4 and ds.attrs["ngd_solver"] == expected_solver
         assert list(ds["ngd_preconditioner"].values) == [precond] * 4
         assert (ds["ngd_products"].values > 0).all() and (ds["ngd_residual"].values <= 1e-10).all()
