@@ -25,17 +25,6 @@ output) — and "reduce" in the *reduce setting* — the positions pooled (summe
 (sequence classification) —, each for every layer of a deep linear network with weight sharing; and both are
 exact for one sample with L = 1. "reduce" is cheaper (N rows per factor instead of N·L).
 
-**Positions without gradient** (right padding of a causal model, tokens whose target is
-:data:`~fisherlab.vocabulary.IGNORE_INDEX` at the layers that only feed their own position's logits): a location
-(n, l) whose δ_{n,r,l} is zero for every row r adds nothing to the exact block Σ_n Σ_r vec(G_{n,r}) vec(G_{n,r})ᵀ, so
-it is left out of A and of its normalisation, per layer. With M the number of live (n, l) pairs, "expand"'s
-(1/N) Σ_{live} (δδᵀ) ⊗ (āāᵀ) ≈ [(1/N) Σ δδᵀ] ⊗ [(1/M) Σ_{live} āāᵀ] (the independence step over the M live pairs
-instead of all N·L), and "reduce" pools each sample's live positions, ā_n = (1/L_n) Σ_{l live} ā_{n,l}, with A
-normalised by the K samples that have one (S is unchanged: dead rows are zero). Without dead locations M = N·L,
-K = N (curvlinops' factors); the exactness statements above then also hold for padded batches (the dead rows drop
-out of both sides). Convolutions keep every location (KFC: a location without gradient there comes from max
-pooling or ReLU, not from the data). A token's ids at a dead position change nothing.
-
 In fisherlab's row-major flat order of W̄ the layer block is S ⊗ A (``torch.kron(S, A)``), then permuted to the
 flat parameter order (weight row-major, then bias; an Embedding's W̄ is its weight transposed). KFAC equals
 the exact layer block when every sample has the same S-side (one sample; the output layer under a Gaussian
@@ -65,7 +54,7 @@ from torch import Tensor
 from fisherlab.checks import check_damping, parse_enum
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import SingularMatrixError
-from fisherlab.layers import LAYER_RULES, ConvRule, LayerLayout, LayerRows, OneHotRows, display_path, iter_layer_rows
+from fisherlab.layers import LayerLayout, LayerRows, OneHotRows, display_path, iter_layer_rows, reduce_inputs
 from fisherlab.linalg import (
     inv_sqrtm,
     kron_damped_solve,
@@ -92,7 +81,7 @@ def _add_gram(acc: dict[str, Tensor], key: str, U: Tensor) -> None:
 
 
 def _zeros(engine: FisherEngine, *shape: int) -> Tensor:
-    return torch.zeros(shape, dtype=engine.dtype, device=engine.device)
+    return torch.zeros(*shape, dtype=engine.dtype, device=engine.device)
 
 
 def _add(acc: dict[str, Tensor], key: str, value: Tensor) -> None:
@@ -103,39 +92,17 @@ def _add(acc: dict[str, Tensor], key: str, value: Tensor) -> None:
         acc[key] = value
 
 
-def _live(grads: Tensor, masked: bool) -> Tensor:
-    """The live locations (n, L) of a chunk: where some δ row is nonzero (``masked``), else all (convolutions)."""
-    if masked:
-        return grads.ne(0).any(-1).any(0)
-    return grads.new_ones(grads.shape[1:3], dtype=torch.bool)
-
-
-def _accumulate(A: dict[str, Tensor], S: dict[str, Tensor], count: dict[str, Tensor], path: str, rows: LayerRows,
-                approx: KFACApprox, masked: bool) -> None:
-    """Add one chunk's Σ ā āᵀ to A[path], Σ δ δᵀ to S[path] and its live count to count[path] (module docstring).
-
-    Only live locations (:func:`_live`) enter A: "expand" counts live (n, l) pairs, "reduce" averages each sample's
-    live positions and counts samples with at least one.
-    """
+def _accumulate(A: dict[str, Tensor], S: dict[str, Tensor], path: str, rows: LayerRows, approx: KFACApprox) -> None:
+    """Add one chunk's Σ ā āᵀ to A[path] and Σ δ δᵀ to S[path] (unnormalised; module docstring)."""
     inputs, grads = rows.inputs, rows.grads
-    live = _live(grads, masked)
-    weight = live.to(grads.dtype)  # (n, L)
     if approx is KFACApprox.REDUCE:
-        per_sample = weight.sum(1)  # L_n, live positions of sample n
-        if isinstance(inputs, OneHotRows):
-            pooled = grads.new_zeros(inputs.ids.shape[0], inputs.width).scatter_add_(1, inputs.ids, weight)
-        else:
-            pooled = torch.einsum("nl,nli->ni", weight, inputs)
-        _add_gram(A, path, pooled / per_sample.clamp(min=1).unsqueeze(1))
-        _add(count, path, per_sample.gt(0).sum().to(grads.dtype))
+        _add_gram(A, path, reduce_inputs(inputs, grads.dtype))
         _add_gram(S, path, grads.sum(2).reshape(-1, grads.shape[-1]))
         return
     if isinstance(inputs, OneHotRows):  # diagonal: the token counts
-        _add(A, path, torch.bincount(inputs.ids.reshape(-1), weights=weight.reshape(-1),
-                                     minlength=inputs.width).to(grads.dtype))
+        _add(A, path, inputs.counts(grads.dtype))
     else:
-        _add_gram(A, path, (inputs * weight.unsqueeze(-1)).reshape(-1, inputs.shape[-1]))
-    _add(count, path, weight.sum())
+        _add_gram(A, path, inputs.reshape(-1, inputs.shape[-1]))
     _add_gram(S, path, grads.reshape(-1, grads.shape[-1]))
 
 
@@ -203,25 +170,23 @@ class KFACFisher(LayerwiseFisher):
         setup = prepare_layers(engine, cls.structure, unsupported)
         A: dict[str, Tensor] = {}
         S: dict[str, Tensor] = {}
-        count: dict[str, Tensor] = {}
-        masked = {p: not isinstance(LAYER_RULES.get(type(engine.model.get_submodule(p))), ConvRule)
-                  for p in setup.layouts}
+        locations = dict.fromkeys(setup.layouts, 1)
         for rows in iter_layer_rows(engine, setup.layouts, chunk_size=chunk_size,
                                     desc=f"KFAC-{approx.value} {engine.kind.value} factors"):
             for p, r in rows.items():
-                _accumulate(A, S, count, p, r, approx, masked[p])
+                locations[p] = r.inputs.shape[1]
+                _accumulate(A, S, p, r, approx)
         N = engine.num_samples
         for p, f in setup.layouts.items():  # a layer the forward pass never calls has zero factors
             diagonal = f.one_hot and approx is KFACApprox.EXPAND
             A.setdefault(p, _zeros(engine, f.width) if diagonal else _zeros(engine, f.width, f.width))
             S.setdefault(p, _zeros(engine, f.out_features, f.out_features))
-            count.setdefault(p, _zeros(engine))
-        engine.reduce_sum([M for p in setup.layouts for M in (A[p], S[p], count[p])])  # data-parallel: the sums
+        engine.reduce_sum([M for p in setup.layouts for M in (A[p], S[p])])  # data-parallel: the ranks' sums
         factors = {}
         for p, f in setup.layouts.items():
             a, s = (M if M.dim() == 1 else symmetrize_upper(M, inplace=True) for M in (A[p], S[p]))
-            # no live location at all: S = 0 and A = 0 (the layer's exact block is zero)
-            factors[p] = KroneckerFactors(**vars_of(f), A=a.div_(count[p].clamp(min=1)), S=s.mul_(1 / N))
+            scale = N * locations[p] if approx is KFACApprox.EXPAND else N
+            factors[p] = KroneckerFactors(**vars_of(f), A=a.mul_(1 / scale), S=s.mul_(1 / N))
         return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget,
                    {**setup.meta, "kfac_convention": approx.value}, factors, setup.index, setup.exact_blocks)
 
