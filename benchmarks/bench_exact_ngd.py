@@ -10,6 +10,8 @@ Methods (all through :func:`fisherlab.ngd.solve_ngd_all`):
 
 * ``separate cg`` — one CG solve per damping (the reference, today's exact NGD);
 * ``multishift`` — one multi-shift CG for all four dampings;
+* ``gram`` — the sample-space solve (:mod:`fisherlab.gram`): K = UUᵀ from per-layer rows, one float64 Cholesky
+  of K + λI per damping, one F·v product per damping for the residual check (what ``auto`` takes here);
 * ``pcg-kfac`` — CG preconditioned by KFAC at each damping, summed over the dampings; the KFAC (built once, as
   the ``kfac`` rule of an evaluation builds it) is not in the solve time; its build time is printed in the note.
 
@@ -75,14 +77,15 @@ def bench_case(name: str, model: torch.nn.Module, batch: tuple[torch.Tensor, tor
         return run
 
     methods = {"separate cg": method("cg"), "multishift": method("multishift"),
-               "pcg-kfac": method("pcg-kfac", preconditioner=kfac)}
+               "pcg-kfac": method("pcg-kfac", preconditioner=kfac), "gram": method("gram")}
     times = time_methods(methods, device, repeats)
     ref_products = sum(info.products for _, info in last["cg"].values())
     print(f"-- {name}: P = {engine.spec.dim:,}, N = {engine.num_samples}, dampings {list(DAMPINGS)}, "
           f"tol {TOL:g}, float32, {repeats} round(s)")
     head = ("method", "products", "x products", "median s", "x time", "max residual", "iterations per damping")
     rows = []
-    for label, solver in (("separate cg", "cg"), ("multishift", "multishift"), ("pcg-kfac", "pcg-kfac")):
+    for label, solver in (("separate cg", "cg"), ("multishift", "multishift"), ("pcg-kfac", "pcg-kfac"),
+                          ("gram", "gram")):
         infos = [info for _, info in last[solver].values()]
         products = infos[0].products if solver == "multishift" else sum(i.products for i in infos)
         ratio = statistics.median(t / r for t, r in zip(times[label], times["separate cg"], strict=True))
