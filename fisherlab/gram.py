@@ -38,8 +38,15 @@ from torch import Tensor
 
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError, SingularMatrixError, UnsupportedLayerError
-from fisherlab.layers import (LayerLayout, LayerRows, OneHotRows, iter_layer_rows, layer_layouts, layer_rows,
-                              per_sample_gradients)
+from fisherlab.layers import (
+    LayerLayout,
+    LayerRows,
+    OneHotRows,
+    iter_layer_rows,
+    layer_layouts,
+    layer_rows,
+    per_sample_gradients,
+)
 from fisherlab.memory import check_budget, dense_bytes
 
 __all__ = ["SampleGram", "build_gram", "gram_bytes"]
@@ -150,7 +157,7 @@ class SampleGram:
 
     @property
     def rows_count(self) -> int:
-        """m = N·R."""
+        """M = N·R."""
         return int(self.K.shape[0])
 
     def rows(self, V: Tensor) -> Tensor:

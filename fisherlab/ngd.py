@@ -57,8 +57,8 @@ from torch import Tensor
 from fisherlab import structures
 from fisherlab.checks import check_damping, check_dampings, parse_enum
 from fisherlab.engine import FisherEngine
-from fisherlab.gram import build_gram, gram_bytes
 from fisherlab.errors import InputError, MemoryBudgetError, UnsupportedLayerError
+from fisherlab.gram import build_gram, gram_bytes
 from fisherlab.linalg import cg, cg_multishift, damped_solve
 from fisherlab.memory import dense_bytes
 from fisherlab.structures.base import FisherMatrix
@@ -89,7 +89,8 @@ class SolveInfo:
 
     Attributes:
         solver: An :class:`NGDSolver` value other than ``"auto"``.
-        iterations: CG iterations (0 for the direct solvers; for ``gram`` its refinement's, usually 0); for ``multishift`` the shared iterations until this
+        iterations: CG iterations (0 for the direct solvers; for ``gram`` its refinement's, usually 0); for
+            ``multishift`` the shared iterations until this
             damping's residual reached the tolerance (plus a CG refinement's, if one was needed).
         residual: Relative residual ‖(F + λI) x − g‖ / ‖g‖ of the unpreconditioned system, from true products
             (NaN for Woodbury, which never forms F).
@@ -102,7 +103,8 @@ class SolveInfo:
             the dampings' seconds add up to the whole.
         preconditioner: ``"kfac"``, ``"ekfac"``, ``"diag"``, ... (the structure used as M), or ``"none"``.
         products: F·v products (one per column of a block product) used, residual checks included; 0 for
-            ``cholesky`` and ``woodbury``, 1 per damping for ``gram`` (its residual check, plus any refinement's). A ``multishift`` solve's products serve all its dampings: each records the shared total.
+            ``cholesky`` and ``woodbury``, 1 per damping for ``gram`` (its residual check, plus any refinement's).
+            A ``multishift`` solve's products serve all its dampings: each records the shared total.
     """
 
     solver: str
@@ -291,7 +293,8 @@ def solve_ngd_all(engine: FisherEngine, g: Tensor, dampings: float | Sequence[fl
     """(F + λI)⁻¹ g for every damping of a study, sharing what the solver can share (module docstring).
 
     ``gram`` (and ``auto`` where it applies) builds K once for all dampings; ``multishift`` (and ``auto`` wherever
-    it would take CG, when there are several dampings) runs one multi-shift CG for all dampings; ``pcg-kfac`` / ``pcg-diag`` build their preconditioner once (unless given) and solve per
+    it would take CG, when there are several dampings) runs one multi-shift CG for all dampings; ``pcg-kfac`` /
+    ``pcg-diag`` build their preconditioner once (unless given) and solve per
     damping; the direct solvers solve per damping.
 
     Args:
