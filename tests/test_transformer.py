@@ -277,16 +277,21 @@ def test_evaluate_fidelity_on_the_gpt_by_the_implicit_path() -> None:
     F_ref = ref.true_fisher(model, X, CAT)
     g = ref.loss_gradients(model, X, y, CAT).mean(0)
     x = torch.linalg.solve(F_ref + LAM * torch.eye(P, dtype=torch.float64), g)
-    budget = 8 * P * P // 2  # the dense P×P Fisher does not fit: exact NGD by CG on F·v
+    budget = 8 * P * P // 2  # the dense P×P Fisher does not fit: exact NGD matrix-free (CG on F·v)
     ds = evaluate_fidelity(model, (X, y), rules=("gd", "ngd", "diag"), damping=LAM, dtype=torch.float64,
-                           memory_budget=budget, cg_tol=1e-12, progress=False)
+                           memory_budget=budget, cg_tol=1e-12, ngd_solver="cg", progress=False)
     assert ds.attrs["ngd_solver"] == "cg" and bool(ds.available.all())
+    # auto takes the sample-space solve from layer rows there (m = N·C < P); same exact NGD
+    auto = evaluate_fidelity(model, (X, y), rules=("gd",), damping=LAM, dtype=torch.float64, memory_budget=budget,
+                             cg_tol=1e-12, progress=False)
+    assert auto.attrs["ngd_solver"] == "gram"
     cos_gd = float(g @ x / (g.norm() * x.norm()))
     diag = g / (torch.diagonal(F_ref) + LAM)
     cos_diag = float(diag @ x / (diag.norm() * x.norm()))
     assert math.isclose(float(ds.cosine.sel(rule="gd", damping=LAM)), cos_gd, rel_tol=1e-9)
     assert math.isclose(float(ds.cosine.sel(rule="diag", damping=LAM)), cos_diag, rel_tol=1e-9)
     assert math.isclose(float(ds.cosine.sel(rule="ngd", damping=LAM)), 1.0, rel_tol=1e-12)
+    assert math.isclose(float(auto.cosine.sel(rule="gd", damping=LAM)), cos_gd, rel_tol=1e-9)
 
 
 # ------------------------------------------------------------------------------------ reconstruction of the GPT
