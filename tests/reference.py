@@ -162,3 +162,24 @@ def assert_close(actual: Tensor, expected: Tensor, rtol: float, what: str = "") 
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     err = rel_err(actual, expected)
     assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.1e}"
+
+
+def damped_kfac_dense(kfac, damping: float) -> Tensor:
+    """The dense (P, P) matrix of a KFAC structure damped as the KFAC step damps it (split "pi").
+
+    Per layer (S + sI) ⊗ (A + aI) with a = π√λ, s = √λ/π, π² = (tr A/dim A)/(tr S/dim S) (a diagonal A of an
+    Embedding gets a added to its diagonal); exact norm blocks B + λI. Written from the formula, not from the
+    library's damping code.
+    """
+    import dataclasses
+    import math
+
+    factors = {}
+    for path, f in kfac.factors.items():
+        tr_a = f.A.sum() / f.A.numel() if f.A.dim() == 1 else f.A.trace() / f.A.shape[0]
+        pi = math.sqrt(float(tr_a) / float(f.S.trace() / f.S.shape[0]))
+        a, s = pi * math.sqrt(damping), math.sqrt(damping) / pi
+        A = f.A + a if f.A.dim() == 1 else f.A + a * torch.eye(f.A.shape[0], dtype=f.A.dtype)
+        factors[path] = dataclasses.replace(f, A=A, S=f.S + s * torch.eye(f.S.shape[0], dtype=f.S.dtype))
+    exact = {p: B + damping * torch.eye(B.shape[0], dtype=B.dtype) for p, B in kfac.exact_blocks.items()}
+    return dataclasses.replace(kfac, factors=factors, exact_blocks=exact).to_dense()

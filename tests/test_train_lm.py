@@ -11,8 +11,6 @@ token-mean loss, and the token accuracy is the fraction of counted tokens predic
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
 
 import pytest
 import reference as ref
@@ -77,16 +75,7 @@ def token_fisher(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 def damped_kfac(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     """Per layer (S + sI) ⊗ (A + aI), a = π√λ, s = √λ/π, π² = (tr A/dim A)/(tr S/dim S); norms B + λI; dense."""
-    kfac = fisher(model, batch, "categorical", structure="kfac")
-    factors = {}
-    for path, f in kfac.factors.items():
-        tr_a = f.A.sum() / f.A.numel() if f.A.dim() == 1 else f.A.trace() / f.A.shape[0]
-        pi = math.sqrt(float(tr_a) / float(f.S.trace() / f.S.shape[0]))
-        a, s = pi * math.sqrt(LAM), math.sqrt(LAM) / pi
-        A = f.A + a if f.A.dim() == 1 else f.A + a * torch.eye(f.A.shape[0], dtype=DT)
-        factors[path] = dataclasses.replace(f, A=A, S=f.S + s * torch.eye(f.S.shape[0], dtype=DT))
-    exact = {p: B + LAM * torch.eye(B.shape[0], dtype=DT) for p, B in kfac.exact_blocks.items()}
-    return dataclasses.replace(kfac, factors=factors, exact_blocks=exact).to_dense()
+    return ref.damped_kfac_dense(fisher(model, batch, "categorical", structure="kfac"), LAM)
 
 
 def reference_update(rule: str, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:

@@ -9,10 +9,9 @@ LayerNorm blocks B + λI, formed densely with ``to_dense`` and solved with ``tor
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
 
 import pytest
+import reference as ref
 import torch
 from torch import nn
 
@@ -45,16 +44,7 @@ def setup() -> tuple[GPT, object, tuple[torch.Tensor, torch.Tensor]]:
 
 def _reference_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(−η G⁻¹ g, g), both (P,), with G the damped KFAC of the batch as a dense matrix (module docstring)."""
-    kfac = fisher(model, batch, "categorical", structure="kfac")
-    factors = {}
-    for path, f in kfac.factors.items():
-        tr_a = f.A.sum() / f.A.numel() if f.A.dim() == 1 else f.A.trace() / f.A.shape[0]
-        pi = math.sqrt(float(tr_a) / float(f.S.trace() / f.S.shape[0]))
-        a, s = pi * math.sqrt(LAM), math.sqrt(LAM) / pi
-        A = f.A + a if f.A.dim() == 1 else f.A + a * torch.eye(f.A.shape[0], dtype=F64)
-        factors[path] = dataclasses.replace(f, A=A, S=f.S + s * torch.eye(f.S.shape[0], dtype=F64))
-    exact = {p: B + LAM * torch.eye(B.shape[0], dtype=F64) for p, B in kfac.exact_blocks.items()}
-    G = dataclasses.replace(kfac, factors=factors, exact_blocks=exact).to_dense()
+    G = ref.damped_kfac_dense(fisher(model, batch, "categorical", structure="kfac"), LAM)
     spec = ParamSpec.from_model(model)
     params = dict(model.named_parameters())
     loss = get_likelihood("categorical").nll(model(batch[0]), batch[1]).mean()
