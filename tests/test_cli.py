@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +31,17 @@ def fidelity_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fid") / "run"
     assert main(["fidelity", "--out", str(out), *FIDELITY_SMALL]) == 0
     return out
+
+
+@pytest.fixture
+def without_report(monkeypatch):
+    """The commands skip drawing report.html (most of a small run's time: ~20 s of figure layout under load), for
+    the tests that assert on the Datasets, the exit status and the messages only; the report itself is tested on
+    the main job above, by test_report_rebuilds_from_saved_datasets, test_own_model_and_data_through_the_main_job,
+    test_own_optimizer_trains_its_own_trajectory and tests/test_report.py."""
+    from fisherlab import report
+
+    monkeypatch.setattr(report, "build_report", lambda folder, **_: Path(folder) / "report.html")
 
 
 def test_main_job_writes_every_part_figures_and_report(fidelity_run):
@@ -59,14 +71,14 @@ def test_main_job_results_are_consistent(fidelity_run):
     assert float(spec.rel_frobenius_to_true.sel(kind="true", structure="dense")) == 0.0
 
 
-def test_rerun_resumes_without_recomputing(fidelity_run, capsys):
+def test_rerun_resumes_without_recomputing(fidelity_run, capsys, without_report):
     before = {p.name: p.stat().st_mtime_ns for p in fidelity_run.glob("*.nc")}
     assert main(["fidelity", "--out", str(fidelity_run), *FIDELITY_SMALL]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in fidelity_run.glob("*.nc")} == before
     assert "resuming" in capsys.readouterr().out
 
 
-def test_different_configuration_is_not_overwritten(fidelity_run, capsys):
+def test_different_configuration_is_not_overwritten(fidelity_run, capsys, without_report):
     before = {p.name: p.stat().st_mtime_ns for p in fidelity_run.glob("*.nc")}
     args = ["fidelity", "--out", str(fidelity_run), *FIDELITY_SMALL]
     args[args.index("--n-samples") + 1] = "40"
@@ -107,7 +119,7 @@ def test_unknown_model_lists_the_valid_ones(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_spectra_command_and_config_file(tmp_path, capsys):
+def test_spectra_command_and_config_file(tmp_path, capsys, without_report):
     cfg = tmp_path / "run.toml"
     cfg.write_text('data = "synthetic-multiclass"\nn-samples = 32\nkinds = ["true", "empirical"]\n'
                    "damping = [0.001, 0.1]\n")
@@ -122,7 +134,7 @@ def test_spectra_command_and_config_file(tmp_path, capsys):
     assert "colour" in capsys.readouterr().err
 
 
-def test_spectra_slq(tmp_path, capsys):
+def test_spectra_slq(tmp_path, capsys, without_report):
     out = tmp_path / "slq"
     assert main(["spectra", "--slq", "--kinds", "true", "empirical", "--probes", "3", "--lanczos-steps", "12",
                  "--n-samples", "64", "--out", str(out), "--no-progress"]) == 0
@@ -323,7 +335,7 @@ def test_bad_config_values_name_the_file_and_option(tmp_path, capsys, text, word
     assert not out.exists()
 
 
-def test_config_overwrite_no_keeps_existing_results(tmp_path, capsys):
+def test_config_overwrite_no_keeps_existing_results(tmp_path, capsys, without_report):
     out = tmp_path / "s"
     small = ["--data", "synthetic-multiclass", "--n-samples", "24", "--kinds", "true", "--no-progress"]
     assert main(["spectra", "--out", str(out), *small]) == 0
@@ -394,7 +406,7 @@ def test_bad_spectra_option_is_refused_before_the_folder_is_claimed(tmp_path, ca
     assert not out.exists()
 
 
-def test_corrected_rerun_after_a_refused_option_succeeds(tmp_path, capsys):
+def test_corrected_rerun_after_a_refused_option_succeeds(tmp_path, capsys, without_report):
     out = tmp_path / "run"
     good = ["fidelity", "--out", str(out), *SMALL, "--parts", "fidelity", "--rules", "gd", "ngd", "--damping", "0.1"]
     assert main([*good, "--device", NO_CUDA]) == 2
@@ -485,7 +497,7 @@ def _reference_fisher_and_gradient(make_net, X, y, seed):
     return F, g
 
 
-def test_own_model_and_data_through_the_main_job(tmp_path):
+def test_own_model_and_data_through_the_main_job(tmp_path, monkeypatch):
     mine = tmp_path / "mine.py"
     mine.write_text(OWN)
     out = tmp_path / "own"
@@ -506,7 +518,8 @@ def test_own_model_and_data_through_the_main_job(tmp_path):
     np.testing.assert_allclose(float(fid.cosine.sel(rule="ngd", damping=0.01)), 1.0, atol=1e-12)
     assert (out / "report.html").is_file()
 
-    # the same model and data through spectra: the dense true Fisher's largest eigenvalue
+    # the same model and data through spectra: the dense true Fisher's largest eigenvalue (its report not drawn)
+    monkeypatch.setattr("fisherlab.report.build_report", lambda folder, **_: Path(folder) / "report.html")
     assert main(["spectra", "--model", f"{mine}:net_without_data", "--data", data_spec, "--seed", "2",
                  "--kinds", "true", "--damping", "0.1", "--out", str(tmp_path / "spec"), "--no-progress"]) == 0
     spec = load_dataset(tmp_path / "spec" / "spectrum.nc", kind="spectrum")
@@ -538,7 +551,7 @@ def test_own_model_and_data_are_checked_before_the_folder_is_claimed(tmp_path, c
     assert not out.exists()
 
 
-def test_own_model_from_an_importable_module(tmp_path, monkeypatch):
+def test_own_model_from_an_importable_module(tmp_path, monkeypatch, without_report):
     (tmp_path / "my_fisher_models.py").write_text(OWN)
     monkeypatch.chdir(tmp_path)  # module:callable finds modules in the working directory
     monkeypatch.delitem(sys.modules, "my_fisher_models", raising=False)
