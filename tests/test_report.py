@@ -105,11 +105,30 @@ def test_report_opens_with_title_and_headline_then_figures_then_configuration(st
     assert page.count("<img") == len(list((study / "figures").glob("*.png")))
 
 
-def test_report_command_rebuilds_the_same_page(study, capsys):
+@pytest.fixture(scope="module")
+def rebuilt(study):
+    """One rebuild of the study's page by ``fisherlab report``, with a figure of the user's open: the page before
+    and after, pyplot's figure numbers and matplotlib's rcParams around it (one report build serves the two tests
+    below; each is most of a minute of figure layout on the loaded machine)."""
+    import matplotlib.pyplot as plt
+
     first = (study / "report.html").read_bytes()
     (study / "report.html").unlink()
-    assert main(["report", str(study)]) == 0
-    assert (study / "report.html").read_bytes() == first  # title and headline included: nothing from the run
+    mine = plt.figure()  # a figure of the user's: kept open
+    style = dict(matplotlib.rcParams)
+    try:
+        status = main(["report", str(study)])
+        state = {"status": status, "first": first, "again": (study / "report.html").read_bytes(),
+                 "mine": mine.number, "fignums": plt.get_fignums(), "style": style,
+                 "style_after": dict(matplotlib.rcParams)}
+    finally:
+        plt.close(mine)
+    return state
+
+
+def test_report_command_rebuilds_the_same_page(rebuilt):
+    assert rebuilt["status"] == 0
+    assert rebuilt["again"] == rebuilt["first"]  # title and headline included: nothing from the run
 
 
 def test_spectra_command_writes_a_report(tmp_path, capsys):
@@ -197,17 +216,10 @@ def test_importing_the_report_changes_no_matplotlib_state():
     assert proc.returncode == 0, proc.stderr
 
 
-def test_building_a_report_leaves_pyplot_and_style_alone(study):
-    import matplotlib.pyplot as plt
-
-    mine = plt.figure()  # a figure of the user's: kept open
-    style = dict(matplotlib.rcParams)
-    try:
-        report.build_report(study)
-        assert plt.get_fignums() == [mine.number]
-        assert dict(matplotlib.rcParams) == style
-    finally:
-        plt.close(mine)
+def test_building_a_report_leaves_pyplot_and_style_alone(rebuilt):
+    assert rebuilt["status"] == 0
+    assert rebuilt["fignums"] == [rebuilt["mine"]]
+    assert rebuilt["style_after"] == rebuilt["style"]
 
 
 # ------------------------------------------------------------------------------------------- browser
