@@ -54,6 +54,15 @@ def mtimes(folder: Path) -> dict[str, int]:
     return {f.name: f.stat().st_mtime_ns for f in sorted(folder.glob("*.nc"))}
 
 
+@pytest.fixture
+def without_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rerun skips drawing report.html again (most of a resumed quick run's time): the resume tests assert on the
+    store only, and each first run's report is checked by check_report."""
+    from fisherlab import report
+
+    monkeypatch.setattr(report, "build_report", lambda out, **_: Path(out) / "report.html")
+
+
 def test_spectra_during_training(outputs) -> None:
     module, out = outputs["spectra_during_training"]
     cfg = module.QUICK
@@ -139,7 +148,7 @@ def test_lowrank_roots(outputs) -> None:
 
 @pytest.mark.parametrize("name", ["fidelity_vs_damping_batch", "staleness", "spectra_during_training",
                                   "lowrank_roots"])
-def test_rerun_resumes(outputs, name: str) -> None:
+def test_rerun_resumes(outputs, name: str, without_report: None) -> None:
     _, out = outputs[name]
     before = mtimes(out / "store")
     assert before
@@ -147,7 +156,7 @@ def test_rerun_resumes(outputs, name: str) -> None:
     assert mtimes(out / "store") == before
 
 
-def test_optimizer_naturalness(tmp_path) -> None:
+def test_optimizer_naturalness(tmp_path, request: pytest.FixtureRequest) -> None:
     from fisherlab import fidelity_trajectory
     from fisherlab.data import load
 
@@ -174,5 +183,6 @@ def test_optimizer_naturalness(tmp_path) -> None:
     np.testing.assert_allclose(sgd.fisher_rel_error.values, ref.fisher_rel_error.sel(rule="gd").values, rtol=1e-10)
     check_report(out)
     before = mtimes(out / "store")
-    module.main(["--quick", "--threads", "1", "--out", str(out)])  # resumes: nothing recomputed
+    request.getfixturevalue("without_report")
+    module.main(["--quick", "--threads", "1", "--out", str(out)])  # resumes: nothing recomputed (report not redrawn)
     assert mtimes(out / "store") == before
