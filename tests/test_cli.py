@@ -497,7 +497,7 @@ def _reference_fisher_and_gradient(make_net, X, y, seed):
     return F, g
 
 
-def test_own_model_and_data_through_the_main_job(tmp_path, monkeypatch):
+def test_own_model_and_data_through_the_main_job(tmp_path, request):
     mine = tmp_path / "mine.py"
     mine.write_text(OWN)
     out = tmp_path / "own"
@@ -519,7 +519,7 @@ def test_own_model_and_data_through_the_main_job(tmp_path, monkeypatch):
     assert (out / "report.html").is_file()
 
     # the same model and data through spectra: the dense true Fisher's largest eigenvalue (its report not drawn)
-    monkeypatch.setattr("fisherlab.report.build_report", lambda folder, **_: Path(folder) / "report.html")
+    request.getfixturevalue("without_report")
     assert main(["spectra", "--model", f"{mine}:net_without_data", "--data", data_spec, "--seed", "2",
                  "--kinds", "true", "--damping", "0.1", "--out", str(tmp_path / "spec"), "--no-progress"]) == 0
     spec = load_dataset(tmp_path / "spec" / "spectrum.nc", kind="spectrum")
