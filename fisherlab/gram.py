@@ -157,7 +157,7 @@ class SampleGram:
 
     @property
     def rows_count(self) -> int:
-        """M = N·R."""
+        """m = N·R, the number of factor rows."""
         return int(self.K.shape[0])
 
     def rows(self, V: Tensor) -> Tensor:
