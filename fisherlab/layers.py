@@ -27,7 +27,9 @@ self-attention MultiheadAttention and its out_proj, a ``NonDynamicallyQuantizabl
 :class:`~fisherlab.errors.UnsupportedLayerError` naming the module, its type and the structures that work for
 every module. :func:`iter_layer_rows` walks over the data of a :class:`~fisherlab.engine.FisherEngine` and yields,
 per chunk and layer, the expanded inputs ā, the pre-activation outputs and the output gradients δ of the
-engine's factor rows (the raw material of every Kronecker-factored structure).
+engine's factor rows (the raw material of every Kronecker-factored structure) and, when asked, the per-sample
+gradients of normalisation modules' affine parameters (:data:`NORM_TYPES`, :func:`norm_gradients`) from the same
+pass.
 
 **Weight sharing that the rows cannot express** is refused with :class:`~fisherlab.errors.UnsupportedLayerError`:
 a module called twice per forward pass, a parameter tensor owned by two modules (tied input/output embeddings),
@@ -555,6 +557,84 @@ class LayerRows:
     grads: Tensor | None
 
 
+class ChunkRows(dict):
+    """One chunk's :class:`LayerRows` by layer path (a dict), and those of the captured norm modules.
+
+    Attributes:
+        norms: Norm module path (:func:`captured_norms`) → its rows: inputs x̂ (n, L, d), the input normalised
+            without the affine map (:func:`normalized_input`), outputs (n, L, d) and δ rows (R, n, L, d), with
+            d = ∏ normalized_shape and L the positions the module normalises; empty unless :func:`layer_rows` was
+            given ``norms``. :func:`norm_gradients` turns them into per-sample gradients.
+    """
+
+    def __init__(self, rows: Mapping[str, LayerRows] = (), norms: Mapping[str, LayerRows] = ()) -> None:
+        super().__init__(rows)
+        self.norms: dict[str, LayerRows] = dict(norms)
+
+
+# ------------------------------------------------------------------------------------------------ norm modules
+#: Normalisation modules whose affine parameters' per-sample gradients the layer rows can carry (exact types: a
+#: subclass may change the forward pass).
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
+
+
+def normalized_input(module: nn.Module, a: Tensor) -> Tensor:
+    """x̂, the input a (…, *normalized_shape) of a :data:`NORM_TYPES` module normalised without its affine map.
+
+    LayerNorm: (a − mean) / √(var + ε); RMSNorm: a / √(mean(a²) + ε) (ε = ``eps``, torch's default when None);
+    the module's output is x̂ ⊙ weight (+ bias).
+    """
+    shape = tuple(module.normalized_shape)
+    if isinstance(module, nn.LayerNorm):
+        return nnf.layer_norm(a, shape, None, None, module.eps)
+    return nnf.rms_norm(a, shape, None, module.eps)
+
+
+def norm_gradients(rows: LayerRows, names: Sequence[str]) -> Tensor:
+    """Per-sample (per-row) gradients (R, n, P_m) of a norm module's parameters, from its :attr:`ChunkRows.norms`.
+
+    For y_l = x̂_l ⊙ γ + β at the L positions of a sample: ∂/∂γ = Σ_l δ_l ⊙ x̂_l (γ flattened), ∂/∂β = Σ_l δ_l.
+
+    Args:
+        rows: The module's rows (inputs x̂ (n, L, d), δ rows (R, n, L, d)).
+        names: Its selected local parameter names (``"weight"``, ``"bias"``), in flat order.
+    """
+    parts = {"weight": lambda: torch.einsum("rnld,nld->rnd", rows.grads, rows.inputs),
+             "bias": lambda: rows.grads.sum(2)}
+    return torch.cat([parts[name]() for name in names], dim=-1)
+
+
+def captured_norms(engine: FisherEngine, groups: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
+    """The groups (module path → parameter names) whose per-sample gradients :func:`layer_rows` can carry.
+
+    Those of :data:`NORM_TYPES` modules (exact type) that one forward pass over the first (up to) two samples
+    calls exactly once, on an input and with an output that lead with those samples. Any other (a norm called
+    twice, or not called because the forward pass reads its parameters directly) needs the engine's factor rows.
+    """
+    candidates = {p: tuple(names) for p, names in groups.items()
+                  if type(engine.model.get_submodule(p)) in NORM_TYPES}
+    if not candidates:
+        return {}
+    x, _ = engine.data.first(2)
+    calls: dict[str, list[bool]] = {p: [] for p in candidates}
+
+    def hook(path: str):
+        def record(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            a = inputs[0]
+            calls[path].append(a.dim() > 0 and output.dim() > 0 and a.shape[0] == output.shape[0] == x.shape[0])
+
+        return record
+
+    handles = [engine.model.get_submodule(p).register_forward_hook(hook(p)) for p in candidates]
+    try:
+        with torch.no_grad():
+            engine.forward(engine.params, x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {p: names for p, names in candidates.items() if calls[p] == [True]}
+
+
 class LayerCapture:
     """Forward hooks that record each layer's input and output (called once per forward pass).
 
@@ -616,26 +696,31 @@ class LayerCapture:
 
 def layer_rows(
     engine: FisherEngine, layouts: Mapping[str, LayerLayout], x: Tensor, y: Tensor, labels: Tensor | None,
-    *, backward: bool = True,
-) -> dict[str, LayerRows]:
+    *, backward: bool = True, norms: Mapping[str, Sequence[str]] | None = None,
+) -> ChunkRows:
     """Inputs, outputs and output-gradient rows of every layer in ``layouts`` for one chunk.
 
     One forward pass with hooks, then the R rows of the engine's output factor M (n, R, C) are pulled back to all
     layer outputs at once (one batched reverse pass, ``torch.autograd.grad(is_grads_batched=True)``). Layers that
     the forward pass does not call are absent from the result (their Fisher block is zero); if the forward pass
     reads such a layer's parameters anyway (``position.weight[:T]``), :func:`_check_uncalled` refuses it.
+
+    ``norms`` (module path → selected parameter names, from :func:`captured_norms`) adds those modules' outputs to
+    the same reverse pass; their per-sample gradients are :attr:`ChunkRows.norm_gradients`.
     """
     model = engine.model
+    norms = dict(norms or {})
     params = {n: p.detach().requires_grad_(backward) for n, p in engine.params.items()}
-    with torch.enable_grad(), LayerCapture(model, list(layouts)) as cap:
+    with torch.enable_grad(), LayerCapture(model, [*layouts, *norms]) as cap:
         z = engine.forward(params, x)
     called = [p for p in layouts if p in cap.records]
+    called_norms = [p for p in norms if p in cap.records]
     if len(called) < len(layouts):
         _check_uncalled(engine, {p: f for p, f in layouts.items() if p not in cap.records}, x)
-    grads: list[Tensor | None] = [None] * len(called)
-    if backward and called:
+    grads: list[Tensor | None] = [None] * (len(called) + len(called_norms))
+    if backward and grads:
         M = engine.output_factor(z.detach(), y, labels).transpose(0, 1)  # (R, n, C)
-        outs = [cap.records[p][1] for p in called]
+        outs = [cap.records[p][1] for p in [*called, *called_norms]]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*batching rule.*")
             if M.shape[0] == 1:
@@ -644,8 +729,8 @@ def layer_rows(
             else:
                 grads = list(torch.autograd.grad(z, outs, M.contiguous(), is_grads_batched=True, allow_unused=True,
                                                  materialize_grads=True))
-    result = {}
-    for path, g in zip(called, grads, strict=True):
+    result = ChunkRows()
+    for path, g in zip(called, grads[:len(called)], strict=True):
         module, lay = model.get_submodule(path), layouts[path]
         rule = rule_for(module, path)
         a, out = cap.records[path]
@@ -655,6 +740,14 @@ def layer_rows(
             rows = rows[..., -1:]
         result[path] = LayerRows(rows, rule.output_rows(module, out.detach()),
                                  None if g is None else rule.output_rows(module, g, lead=1))
+    for path, g in zip(called_norms, grads[len(called):], strict=True):
+        module = model.get_submodule(path)
+        a, out = cap.records[path]
+        _check_batched(path, module, a, out, x.shape[0])
+        d = math.prod(module.normalized_shape)
+        result.norms[path] = LayerRows(normalized_input(module, a.detach()).reshape(x.shape[0], -1, d),
+                                       out.detach().reshape(x.shape[0], -1, d),
+                                       None if g is None else g.reshape(*g.shape[:2], -1, d))
     return result
 
 
@@ -744,8 +837,9 @@ def reduce_inputs(inputs: Tensor | OneHotRows, dtype: torch.dtype) -> Tensor:
 def iter_layer_rows(
     engine: FisherEngine, layouts: Mapping[str, LayerLayout], *, backward: bool = True,
     per_sample_gradients: bool = False, chunk_size: int | None = None, desc: str | None = None,
-) -> Iterator[dict[str, LayerRows]]:
-    """Yield :func:`layer_rows` chunk by chunk over the engine's data.
+    norms: Mapping[str, Sequence[str]] | None = None,
+) -> Iterator[ChunkRows]:
+    """Yield :func:`layer_rows` (with the ``norms``' per-sample gradients) chunk by chunk over the engine's data.
 
     The chunk size (unless given) is chosen so that one chunk's rows take at most
     ``min(256 MiB, memory_budget / 4)``, plus, with ``per_sample_gradients``, the per-sample gradients a consumer
@@ -756,22 +850,23 @@ def iter_layer_rows(
     lead with one sample (a layer called on a batch-free input is refused before any chunk).
     """
     x, y = engine.data.first(1)
-    probe = layer_rows(engine, layouts, x, y, None, backward=False)
+    probe = layer_rows(engine, layouts, x, y, None, backward=False, norms=norms)
     if chunk_size is None:
         chunk_size = _rows_chunk_size(engine, probe, per_sample_gradients)
     for x, y, labels in engine.chunks(desc, chunk_size=chunk_size):
-        yield layer_rows(engine, layouts, x, y, labels, backward=backward)
+        yield layer_rows(engine, layouts, x, y, labels, backward=backward, norms=norms)
 
 
-def _rows_chunk_size(engine: FisherEngine, probe: Mapping[str, LayerRows], per_sample_gradients: bool) -> int:
-    """Samples per chunk from the one-sample probe's rows (×3 for autograd buffers and temporaries).
+def _rows_chunk_size(engine: FisherEngine, probe: ChunkRows, per_sample_gradients: bool) -> int:
+    """Samples per chunk from the one-sample probe's rows, norms' included (×3 for autograd buffers, temporaries).
 
     ``per_sample_gradients`` adds the R·out·width scalars per sample that :func:`squared_gradient_sum` forms for
     a layer of dense rows at L > 1 locations (one layer at a time); at L = 1, and for one-hot rows, it forms
     nothing larger than the rows.
     """
     R = engine.rows_per_sample
-    scalars = 3 * sum(r.inputs.numel() + (R + 1) * r.outputs.numel() for r in probe.values())
+    rows = [*probe.values(), *probe.norms.values()]
+    scalars = 3 * sum(r.inputs.numel() + (R + 1) * r.outputs.numel() for r in rows)
     if per_sample_gradients:
         scalars += max((R * r.outputs.shape[-1] * r.inputs.shape[-1] for r in probe.values()
                         if isinstance(r.inputs, Tensor) and r.inputs.shape[1] > 1), default=0)
@@ -779,8 +874,9 @@ def _rows_chunk_size(engine: FisherEngine, probe: Mapping[str, LayerRows], per_s
     return max(1, min(DEFAULT_CHUNK_BYTES, engine.memory_budget // 4) // max(per_sample, 1))
 
 
-__all__ = ["LAYER_RULES", "ConvRule", "EmbeddingRule", "LayerCapture", "LayerLayout", "LayerRows", "LayerRule",
-           "LinearRule", "MultiheadAttentionRule", "OneHotRows", "display_path", "expand_input", "from_combined",
-           "in_features_eff", "iter_layer_rows", "layer_layouts", "layer_rows", "out_features",
-           "per_sample_gradients", "reduce_inputs", "register_layer_rule", "rule_for",
-           "squared_gradient_sum", "to_combined", "unsupported_error"]
+__all__ = ["LAYER_RULES", "NORM_TYPES", "ChunkRows", "ConvRule", "EmbeddingRule", "LayerCapture", "LayerLayout",
+           "LayerRows", "LayerRule", "LinearRule", "MultiheadAttentionRule", "OneHotRows", "captured_norms",
+           "display_path", "expand_input", "from_combined", "in_features_eff", "iter_layer_rows", "layer_layouts",
+           "layer_rows", "norm_gradients", "normalized_input", "out_features", "per_sample_gradients",
+           "reduce_inputs", "register_layer_rule", "rule_for", "squared_gradient_sum", "to_combined",
+           "unsupported_error"]

@@ -454,3 +454,82 @@ def test_multihead_attention_exact_for_one_position_and_refusals() -> None:
                          (Cross(kdim=3, vdim=3), "kdim")):
         with pytest.raises(UnsupportedLayerError, match=match):
             fisher(model.to(F64), (Xf, yf), structure="kfac", dtype=F64)
+
+
+class NormZoo(nn.Module):
+    """Token ids (N, T) → Embedding → LayerNorm → Linear (tanh) → LayerNorm over (2, 3) → RMSNorm (eps None) →
+    LayerNorm without bias → one LayerNorm called twice → one whose parameters are read without a call → mean over
+    T → Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 6)
+        self.ln = nn.LayerNorm(6)
+        self.fc = nn.Linear(6, 6)
+        self.ln2d = nn.LayerNorm((2, 3))
+        self.rms = nn.RMSNorm(6)
+        self.nobias = nn.LayerNorm(6, bias=False)
+        self.twice = nn.LayerNorm(6)
+        self.functional = nn.LayerNorm(6)
+        self.head = nn.Linear(6, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.fc(self.ln(self.embed(x))))
+        h = self.ln2d(h.reshape(*h.shape[:-1], 2, 3)).reshape(h.shape)
+        h = self.twice(torch.tanh(self.twice(self.nobias(self.rms(h)))))
+        f = self.functional
+        h = nn.functional.layer_norm(h, f.normalized_shape, f.weight, f.bias, f.eps)
+        return self.head(h.mean(1))
+
+
+NORM_PATHS = ("ln", "ln2d", "rms", "nobias", "twice", "functional")
+
+
+def norm_zoo(seed: int = 5) -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(seed)
+    model = NormZoo().to(F64).eval()
+    with torch.no_grad():  # affine parameters away from (1, 0)
+        for m in (model.get_submodule(p) for p in NORM_PATHS):
+            for q in m.parameters():
+                q.add_(0.4 * torch.randn_like(q))
+    return model, torch.randint(0, VOCAB, (5, 4)), torch.randint(0, CLASSES, (5,))
+
+
+@pytest.mark.parametrize("kind", ["true", "empirical", "ggn", "mc"])
+def test_norm_blocks_from_the_layer_pass_equal_the_exact_blocks(kind: str) -> None:
+    """LayerNorm (1-d and 2-d normalized_shape, without bias), RMSNorm: the blocks accumulated in KFAC's pass of
+    layer rows (per-sample Σ_l δ_l ⊙ x̂_l, Σ_l δ_l) equal the sub-blocks of the per-sample autograd Fisher of each
+    kind, over several chunks; a norm called twice, or read without a call, takes the factor rows instead (same
+    result); EKFAC and the unit-wise structure carry the same blocks."""
+    from fisherlab.layers import captured_norms
+
+    model, X, y = norm_zoo()
+    engine = FisherEngine(model, (X, y), "categorical", kind=kind, mc_samples=2, seed=1, dtype=F64)
+    groups = {p: [n for n in engine.spec.names if n.startswith(f"{p}.")] for p in NORM_PATHS}
+    assert set(captured_norms(engine, groups)) == set(NORM_PATHS) - {"twice", "functional"}
+    exact = ref.fisher(kind, model, X, y, CAT, labels=engine._labels)
+    structures = [KFACFisher.from_engine(engine, approx=a, chunk_size=2) for a in ("expand", "reduce")]
+    structures += [EKFACFisher.from_engine(engine, chunk_size=3), UnitwiseFisher.from_engine(engine, chunk_size=2)]
+    for F in structures:
+        assert F.meta["norm_blocks"] == list(NORM_PATHS) == list(F.exact_blocks)
+        for p in NORM_PATHS:
+            ix = module_flat(model, p)
+            ref.assert_close(F.exact_blocks[p], sub(exact, ix), RTOL, f"{F.structure} {kind} block of {p}")
+
+
+def test_norm_blocks_of_a_selection_of_norm_parameters() -> None:
+    """params=[...] naming a norm's weight only (or bias only): the block is that parameter's exact sub-block."""
+    model, X, y = norm_zoo(seed=6)
+    names = ["ln.weight", "ln2d.bias", "rms.weight", "fc.weight", "head.weight", "head.bias"]
+    kf = fisher(model, (X, y), structure="kfac", params=names, dtype=F64)
+    exact = ref.true_fisher(model, X, CAT, names)
+    off, start = {}, 0
+    for n in names_in_order(model, names):
+        off[n], start = start, start + model.get_parameter(n).numel()
+    for p, n in (("ln", "ln.weight"), ("ln2d", "ln2d.bias"), ("rms", "rms.weight")):
+        ix = off[n] + torch.arange(model.get_parameter(n).numel())
+        ref.assert_close(kf.exact_blocks[p], sub(exact, ix), RTOL, f"block of {n} alone")
+
+
+def names_in_order(model: nn.Module, names: list[str]) -> list[str]:
+    return [n for n, _ in model.named_parameters() if n in names]

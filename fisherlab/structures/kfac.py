@@ -37,7 +37,8 @@ products, solves, spectra and roots then take O(out²·width) work, never a widt
 aside). Under "reduce" A = (1/(N·L²)) Σ_n c_n c_nᵀ from the per-sample count vectors c_n is dense.
 
 **Norms** (``nn.LayerNorm``, ``nn.RMSNorm``): their affine parameters get an exact dense block per module
-(:func:`~fisherlab.structures.layerwise.prepare_layers`, ``meta["norm_blocks"]``) without asking. Parameters of
+(:func:`~fisherlab.structures.layerwise.prepare_layers`, ``meta["norm_blocks"]``) without asking, accumulated in
+the same pass as the factors (:class:`~fisherlab.structures.layerwise.NormBlocks`). Parameters of
 other modules without a layer rule raise :class:`~fisherlab.errors.UnsupportedLayerError`, or, with
 ``unsupported="block"``, keep an exact dense block (one per module) accumulated from the engine's factor rows
 (this costs a pass of P-wide per-sample rows, as ``structure="block"`` does).
@@ -65,7 +66,7 @@ from fisherlab.linalg import (
     kron_to_dense,
 )
 from fisherlab.structures.base import accumulate_gram, eigvalsh, symmetrize_upper
-from fisherlab.structures.layerwise import LayerwiseFisher, prepare_layers, vars_of
+from fisherlab.structures.layerwise import LayerwiseFisher, NormBlocks, prepare_layers, vars_of
 from fisherlab.vocabulary import KFACApprox
 
 
@@ -149,7 +150,7 @@ class KFACFisher(LayerwiseFisher):
     @classmethod
     def from_engine(cls, engine: FisherEngine, *, approx: str | KFACApprox = "expand", unsupported: str = "error",
                     chunk_size: int | None = None) -> KFACFisher:
-        """Accumulate A and S in one pass over the data (one forward, one batched R-row backward per chunk).
+        """Accumulate A, S and the norms' exact blocks in one pass (one forward, one batched R-row backward per chunk).
 
         Args:
             engine: Model, data, likelihood and Fisher kind (true: closed-form output factor, "exact type-2";
@@ -171,8 +172,10 @@ class KFACFisher(LayerwiseFisher):
         A: dict[str, Tensor] = {}
         S: dict[str, Tensor] = {}
         locations = dict.fromkeys(setup.layouts, 1)
-        for rows in iter_layer_rows(engine, setup.layouts, chunk_size=chunk_size,
+        norms = NormBlocks(engine, setup.norms)
+        for rows in iter_layer_rows(engine, setup.layouts, chunk_size=chunk_size, norms=setup.norms,
                                     desc=f"KFAC-{approx.value} {engine.kind.value} factors"):
+            norms.add(rows)
             for p, r in rows.items():
                 locations[p] = r.inputs.shape[1]
                 _accumulate(A, S, p, r, approx)
@@ -188,7 +191,8 @@ class KFACFisher(LayerwiseFisher):
             scale = N * locations[p] if approx is KFACApprox.EXPAND else N
             factors[p] = KroneckerFactors(**vars_of(f), A=a.mul_(1 / scale), S=s.mul_(1 / N))
         return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget,
-                   {**setup.meta, "kfac_convention": approx.value}, factors, setup.index, setup.exact_blocks)
+                   {**setup.meta, "kfac_convention": approx.value}, factors, setup.index,
+                   setup.blocks(norms.finish()))
 
     def _layer_matmat(self, f: KroneckerFactors, X: Tensor) -> Tensor:
         return f.S @ X * f.A if diagonal_input(f) else kron_matmul(f.A, f.S, X)

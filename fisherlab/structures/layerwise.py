@@ -5,8 +5,11 @@ Embedding), the statistics of its structure (Kronecker factors, an eigenbasis wi
 the parameters of modules without a layer rule, exact dense blocks (one per module, accumulated from the engine's
 factor rows of those parameters only). Normalisation layers (:data:`NORM_MODULES`: ``nn.LayerNorm``,
 ``nn.RMSNorm``; a few affine scalars each, 2·d for LayerNorm) always get their exact block — the exact Fisher of
-those parameters within the module, at the cost of one pass of factor rows restricted to them; their paths are
-``meta["norm_blocks"]``. Any other module without a rule gets one with ``unsupported="block"``, or an
+those parameters within the module; their paths are ``meta["norm_blocks"]``. A norm that the forward pass calls
+once (:func:`~fisherlab.layers.captured_norms`) has its block accumulated in the structure's own pass of layer
+rows, from the per-sample gradients Σ_l δ_l ⊙ x̂_l (weight) and Σ_l δ_l (bias) (:class:`NormBlocks`); any other
+(called twice, or its parameters read without a call) from a pass of the engine's factor rows restricted to its
+parameters. Any other module without a rule gets one with ``unsupported="block"``, or an
 :class:`~fisherlab.errors.UnsupportedLayerError` naming it (``unsupported="error"``, the default). Products,
 solves, diagonals and dense forms work block by block.
 """
@@ -22,7 +25,7 @@ from torch import Tensor, nn
 from fisherlab.checks import check_damping, parse_enum
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError
-from fisherlab.layers import LayerLayout, layer_layouts, unsupported_error
+from fisherlab.layers import ChunkRows, LayerLayout, captured_norms, layer_layouts, norm_gradients, unsupported_error
 from fisherlab.linalg import damped_solve
 from fisherlab.structures.base import FisherMatrix, accumulate_gram, eigvalsh, symmetrize_upper
 from fisherlab.structures.dense import engine_meta
@@ -158,16 +161,37 @@ class LayerwiseFisher(FisherMatrix):
 
 @dataclass(frozen=True)
 class LayerSetup:
-    """What every layer-wise structure needs before its own pass: layouts, flat indices and exact blocks."""
+    """What every layer-wise structure needs before its own pass: layouts, flat indices and exact blocks.
+
+    Attributes:
+        layouts: Module path → layout of each supported layer.
+        index: Module path → flat parameter indices (ascending) of every block.
+        exact_blocks: Module path → exact block, for the modules without a rule whose block is computed up front
+            (from factor rows); the norms of ``norms`` are missing until the structure's pass (:meth:`blocks`).
+        meta: The structure's metadata (``meta["exact_blocks"]``: every module with an exact block, in order).
+        norms: Norm module path → selected parameter names, for the norms whose exact blocks the structure's pass
+            of layer rows accumulates (:class:`NormBlocks`; ``iter_layer_rows(..., norms=setup.norms)``).
+    """
 
     layouts: dict[str, LayerLayout]
     index: dict[str, Tensor]
     exact_blocks: dict[str, Tensor]
     meta: dict
+    norms: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def blocks(self, norm_blocks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Every exact block in ``meta["exact_blocks"]`` order: the precomputed ones and ``norm_blocks``."""
+        return {p: self.exact_blocks[p] if p in self.exact_blocks else norm_blocks[p]
+                for p in self.meta["exact_blocks"]}
 
 
-def prepare_layers(engine: FisherEngine, structure: str, unsupported: str = "error") -> LayerSetup:
+def prepare_layers(engine: FisherEngine, structure: str, unsupported: str = "error", *,
+                   capture_norms: bool = True) -> LayerSetup:
     """Layouts of the supported layers, exact blocks for norms and (``unsupported="block"``) the other modules.
+
+    With ``capture_norms`` (for a structure whose pass has a backward pass) the norms that
+    :func:`~fisherlab.layers.captured_norms` finds are left to that pass (``LayerSetup.norms``); every other exact
+    block is computed here, from the engine's factor rows.
 
     Raises:
         UnsupportedLayerError: ``unsupported="error"`` and a selected parameter belongs to a module without rule
@@ -182,9 +206,38 @@ def prepare_layers(engine: FisherEngine, structure: str, unsupported: str = "err
         raise unsupported_error(engine.model, rest, structure)
     blocks = engine.spec.blocks("layer")
     index = {p: blocks[p].to(engine.device) for p in [*layouts, *others]}
-    exact = exact_blocks(engine, others) if others else {}
+    captured = captured_norms(engine, {p: others[p] for p in norms}) if capture_norms else {}
+    upfront = {p: names for p, names in others.items() if p not in captured}
+    exact = exact_blocks(engine, upfront) if upfront else {}
     meta = {**engine_meta(engine), "unsupported": unsupported, "exact_blocks": list(others), "norm_blocks": norms}
-    return LayerSetup(layouts, index, exact, meta)
+    return LayerSetup(layouts, index, exact, meta, captured)
+
+
+class NormBlocks:
+    """Exact blocks (1/N) Σ_n Σ_r u_{n,r} u_{n,r}ᵀ of norm modules from the per-sample gradients u of a layer pass.
+
+    u_{n,r} = :func:`~fisherlab.layers.norm_gradients` of the module's :attr:`ChunkRows.norms` rows (the engine's
+    output factor rows pulled back to the module's output), in flat order — the same rows as the engine's factor
+    rows restricted to the module's parameters, so the block is the exact Fisher block of the engine's kind.
+    """
+
+    def __init__(self, engine: FisherEngine, norms: Mapping[str, Sequence[str]]) -> None:
+        self.engine = engine
+        self.names = {p: [n.rpartition(".")[2] for n in names] for p, names in norms.items()}
+        sizes = {p: len(engine.spec.indices(names)) for p, names in norms.items()}
+        engine.check_dense(sum(k ** 2 for k in sizes.values()), 1, f"the exact blocks of {list(norms)}")
+        self.sums = {p: torch.zeros(k, k, dtype=engine.dtype, device=engine.device) for p, k in sizes.items()}
+
+    def add(self, rows: ChunkRows) -> None:
+        """Add one chunk's Σ u uᵀ (upper triangles)."""
+        for p, r in rows.norms.items():
+            U = norm_gradients(r, self.names[p])
+            accumulate_gram(self.sums[p], U.reshape(-1, U.shape[-1]))
+
+    def finish(self) -> dict[str, Tensor]:
+        """The blocks: summed over the ranks (data-parallel), symmetrised and divided by N."""
+        self.engine.reduce_sum(list(self.sums.values()))
+        return {p: symmetrize_upper(B, inplace=True).div_(self.engine.num_samples) for p, B in self.sums.items()}
 
 
 def exact_blocks(engine: FisherEngine, groups: Mapping[str, Sequence[str]]) -> dict[str, Tensor]:
@@ -209,5 +262,5 @@ def vars_of(f: LayerLayout) -> dict:
     return {fl.name: getattr(f, fl.name) for fl in fields(LayerLayout)}
 
 
-__all__ = ["NORM_MODULES", "UNSUPPORTED_MODES", "LayerSetup", "LayerwiseFisher", "exact_blocks", "prepare_layers",
-           "vars_of"]
+__all__ = ["NORM_MODULES", "UNSUPPORTED_MODES", "LayerSetup", "LayerwiseFisher", "NormBlocks", "exact_blocks",
+           "prepare_layers", "vars_of"]

@@ -41,7 +41,7 @@ from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError, SingularMatrixError, UnsupportedLayerError
 from fisherlab.layers import LayerLayout, LayerRows, display_path, iter_layer_rows, per_sample_gradients
 from fisherlab.structures.base import eigvalsh
-from fisherlab.structures.layerwise import LayerwiseFisher, prepare_layers, vars_of
+from fisherlab.structures.layerwise import LayerwiseFisher, NormBlocks, prepare_layers, vars_of
 
 #: Unit-wise variants.
 VARIANTS = ("exact", "sngd")
@@ -87,15 +87,17 @@ class UnitwiseFisher(LayerwiseFisher):
         if variant not in VARIANTS:
             raise InputError(f"unknown unit-wise variant {variant!r}; valid: {list(VARIANTS)}")
         relative_damping = check_damping(relative_damping, "relative_damping")
-        setup = prepare_layers(engine, cls.structure, unsupported)
+        setup = prepare_layers(engine, cls.structure, unsupported, capture_norms=variant == "exact")
         layouts = setup.layouts
         sizes = sum(f.out_features * f.width ** 2 for f in layouts.values())
         engine.check_dense(sizes, 1, f"the unit-wise blocks of {len(layouts)} layer(s)")
         blocks = {p: torch.zeros(f.out_features, f.width, f.width, dtype=engine.dtype, device=engine.device)
                   for p, f in layouts.items()}
+        norms = NormBlocks(engine, setup.norms)
         if variant == "exact":
             for rows in iter_layer_rows(engine, layouts, chunk_size=chunk_size, per_sample_gradients=True,
-                                        desc=f"unit-wise {engine.kind.value} blocks"):
+                                        norms=setup.norms, desc=f"unit-wise {engine.kind.value} blocks"):
+                norms.add(rows)
                 for p, r in rows.items():
                     if isinstance(r.inputs, Tensor) and r.inputs.shape[1] == 1:  # rank one δ āᵀ: row i is δ_i ā
                         x = r.inputs[:, 0]
@@ -114,7 +116,7 @@ class UnitwiseFisher(LayerwiseFisher):
         factors = {p: UnitBlocks(**vars_of(f), blocks=blocks[p]) for p, f in layouts.items()}
         return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget,
                    {**setup.meta, "variant": variant, "relative_damping": float(relative_damping)}, factors,
-                   setup.index, setup.exact_blocks)
+                   setup.index, setup.blocks(norms.finish()))
 
     def _layer_matmat(self, f: UnitBlocks, X: Tensor) -> Tensor:
         return torch.einsum("oij,koj->koi", f.blocks, X)
