@@ -49,8 +49,11 @@ sequence n is g_n = Σ_t m_nt ∇θ ℓ_nt). Every structure that divides its su
 tokens, unchanged. The true Fisher costs T·(C−1) factor rows per sequence; the matrix-free products apply the
 token blocks of M without forming the block-diagonal factor.
 
-Monte-Carlo labels are drawn once, in a no-grad pass over the data with a generator seeded by ``seed``, so the
-MC Fisher does not depend on the chunking and the same seed gives the same matrix.
+**The first pass.** Every sample's outputs are checked (finite; the model deterministic) and the Monte-Carlo labels
+drawn once, with a generator seeded by ``seed``, on the first pass over the data that a computation makes — on
+its own evaluation of the model, so no separate pass is made (BackPACK and curvlinops make one pass too;
+:meth:`FisherEngine.chunks`). The labels are drawn per piece of ``chunk_size`` samples, in order, whatever chunks
+that pass takes, so the MC Fisher does not depend on the chunking and the same seed gives the same matrix.
 
 **Data-parallel.** Under ``torch.distributed`` (initialized, world size > 1, or an explicit ``process_group``) each
 rank passes its own shard of the data (:func:`fisherlab.distributed.shard`); N is the global sample count, and every
@@ -68,7 +71,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -118,6 +121,24 @@ def differentiable_attention() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
+@contextlib.contextmanager
+def forward_hooks_suspended(model: nn.Module) -> Iterator[None]:
+    """Evaluate ``model`` without its modules' forward hooks inside the context; they are restored on exit.
+
+    For the evaluations that find the sample a failed evaluation of a chunk fails on (:meth:`FisherEngine.forward`):
+    hooks that record one call per layer (:class:`fisherlab.layers.LayerCapture`, still registered while the
+    failure propagates) must not see them. Forward pre-hooks stay.
+    """
+    saved = [(m, m._forward_hooks) for m in model.modules() if m._forward_hooks]
+    try:
+        for m, hooks in saved:
+            m._forward_hooks = type(hooks)()
+        yield
+    finally:
+        for m, hooks in saved:
+            m._forward_hooks = hooks
+
+
 def _no_forward_rule(exc: BaseException) -> bool:
     """Whether ``exc`` says an operation has no forward-mode derivative (torch words it several ways)."""
     text = str(exc).lower()
@@ -126,14 +147,32 @@ def _no_forward_rule(exc: BaseException) -> bool:
     )
 
 
+class UncheckedChunk(NamedTuple):
+    """A chunk of the engine's first pass over the data whose outputs are not checked yet (:meth:`FisherEngine.chunks`).
+
+    Yielded in place of the chunk's MC labels; :meth:`FisherEngine.output_factor` checks the outputs and uses the
+    labels. The chunk is samples [start + offset, start + offset + size) of this rank, within its block of the
+    first pass, samples [start, start + len(inputs)).
+    """
+
+    start: int
+    inputs: Tensor
+    offset: int
+    size: int
+
+
 class FisherEngine:
     """Per-sample factor rows, matrix-free products and gradients for one model, likelihood, data and kind.
 
-    Construction checks everything the computations rely on, once (:func:`fisherlab.checks.check_model`, then the
-    data): parameters *and* buffers are finite; the model is deterministic (two evaluations of the first samples
-    agree, so dropout left active — also ``F.dropout(x, p, self.training)`` — is refused); and one forward pass over
-    all the data (which also draws the Monte-Carlo labels) evaluates every sample, so a sample the model cannot take
-    (an ``nn.Embedding`` index out of range) or whose outputs are NaN or infinite is named.
+    Everything the computations rely on is checked once. Construction checks the options, the model
+    (:func:`fisherlab.checks.check_model`: parameters *and* buffers are finite), the data and the first samples'
+    outputs and targets (a sequence model's targets all: its tokens are counted). The first pass over the data that
+    a computation makes checks the rest on its own evaluation of the model, with no pass of its own (:meth:`chunks`):
+    every sample evaluates, so a sample the model cannot take (an ``nn.Embedding`` index out of range) or whose
+    outputs are NaN or infinite is named; every chunk's targets are valid; the model is deterministic (the first
+    samples' outputs equal their first evaluation, so dropout left active — also ``F.dropout(x, p, self.training)``
+    — is refused); and the Monte-Carlo labels are drawn. (Data-parallel with ``kind="mc"`` that pass is made at
+    construction, without grad: the labels of a rank are drawn from all its outputs, :meth:`_draw_as_one_process`.)
 
     Args:
         model: Any ``nn.Module`` mapping (B, *input_shape) → (B, C), or → (B, T, C) for a sequence model (see the
@@ -157,8 +196,11 @@ class FisherEngine:
             is then this rank's shard; every rank needs at least one sample.
 
     Raises:
-        InputError: Bad options, model or data (the message names the tensor, option or sample).
-        NonFiniteError: NaN or infinite values in a parameter, buffer, the data, or the outputs of a sample.
+        InputError: Bad options, model or data (the message names the tensor, option or sample). A sample the model
+            cannot be evaluated on, invalid targets of a later chunk and a random model are found by the first pass
+            over the data, so raised by the computation that makes it (a structure, a product, the gradient).
+        NonFiniteError: NaN or infinite values in a parameter, buffer, the data, or the outputs of a sample (those of
+            a later sample raised by the first pass, as above).
     """
 
     def __init__(
@@ -231,9 +273,16 @@ class FisherEngine:
         self._output_cache: tuple[tuple, list[Tensor]] | None = None  # matmat's (state key, S per chunk)
         check_budget(2 * row_bytes * min(self.chunk_size, self.local_samples), "a chunk of factor rows",
                      self.memory_budget, "a smaller chunk_size")
-        self._labels, local_tokens = self._scan()
+        # The first pass over the data checks every sample's outputs and draws the MC labels (see _check_block).
+        self._generator = (torch.Generator(device=self.device).manual_seed(self.seed)
+                           if self.kind is FisherKind.MC else None)
+        self._checked = 0  # this rank's leading samples whose outputs are checked (and MC labels drawn)
+        self._draws: list[Tensor] = []  # the MC labels of those samples, per chunk_size piece, in order
+        self._unchecked: tuple[Tensor, int] | None = None  # inputs of the chunk being checked, its global start
+        if self._generator is not None and self.group is not None:
+            self._scan_as_one_process()
         #: N_tok, the counted tokens of all ranks (a sequence model), else N.
-        self.num_tokens = self._count_tokens(local_tokens)
+        self.num_tokens = self._count_tokens()
 
     # ----------------------------------------------------------------------------------------------- checks
     def _check_converted(self, named: dict[str, Tensor]) -> None:
@@ -270,18 +319,18 @@ class FisherEngine:
         except Exception as exc:  # the message of the model's own failure is the useful part
             raise InputError(f"the model could not be evaluated on inputs of shape {tuple(x.shape)}: {exc}") from exc
         self.output_shape = tuple(z.shape[1:])
-        if z.dim() == 3:  # c = 1 until the scan has counted the tokens (_count_tokens)
+        if z.dim() == 3:  # c = 1 until the tokens are counted (_count_tokens)
             self.likelihood = TokenLikelihood(self.likelihood, z.shape[1], z.shape[2])
         z = z.reshape(z.shape[0], -1)
         self._check_outputs(z, 0)
-        self._first_outputs = z.detach()  # the scan's first chunk evaluates these samples again (_check_deterministic)
+        self._first_outputs = z.detach()  # the first pass evaluates these samples again (_check_deterministic)
         self.likelihood.check_targets(z, y)
         self.num_outputs = int(z.shape[1])
 
     def _check_deterministic(self, again: Tensor) -> None:
         """Refuse a random model: ``again``, a second evaluation of the first samples (leading rows), must agree.
 
-        The scan's first chunk is that second evaluation (no extra forward pass unless it holds fewer samples);
+        The first pass's first chunk is that second evaluation (no extra forward pass unless it holds fewer samples);
         tolerance √eps, relative.
         """
         z, self._first_outputs = self._first_outputs, None
@@ -378,8 +427,19 @@ class FisherEngine:
         """Z = f_θ(x), shape (n, C), for parameters ``params`` (names of the spec) and inputs (n, *input_shape).
 
         A sequence model's outputs (n, T, C) are flattened to (n, T·C), token-major (z[:, t·C:(t+1)·C] is token t).
+
+        Raises:
+            InputError: x is the inputs of a chunk of the first pass (:meth:`chunks`) and the model fails on one of
+                its samples alone (named by its global index); other failures propagate as they are.
         """
-        z = self._evaluate(params, x)
+        try:
+            z = self._evaluate(params, x)
+        except InputError:
+            raise
+        except Exception:
+            if self._unchecked is not None and x is self._unchecked[0]:
+                self._name_failing_sample(self._unchecked[1], x)
+            raise
         return z.reshape(z.shape[0], -1)
 
     def _check_outputs(self, z: Tensor, start: int) -> None:
@@ -390,56 +450,87 @@ class FisherEngine:
             raise NonFiniteError(f"the model's outputs for sample {i} contain NaN or infinite values (parameters, "
                                  f"buffers and inputs are finite){low_precision_advice(self.dtype)}")
 
-    def _scan(self) -> tuple[Tensor | None, int]:
-        """One no-grad forward pass over all the data: every sample evaluates, to finite outputs, with valid targets.
+    # ------------------------------------------------------------------------------------------- first pass
+    def _check_block(self, start: int, z: Tensor) -> None:
+        """Check the outputs z (n, C) of this rank's samples [start, start + n), at the engine's parameters.
 
-        Draws the Monte-Carlo labels on the way (``kind="mc"``; in chunks of ``chunk_size``, by a generator seeded
-        with ``seed``; data-parallel, by :meth:`_draw_as_one_process`) and returns them (else None), with the number
-        of counted tokens of this rank's sequences (a sequence model; else its number of samples).
-
-        The pass holds no factor rows, so it runs in chunks of :meth:`_scan_chunk_size` samples (a multiple of
-        ``chunk_size``: the labels of each ``chunk_size`` piece are drawn as before).
+        Only the rows of samples not checked before (blocks come in order: those from ``_checked`` on) are checked:
+        finite, and the first samples' equal to their first evaluation (:meth:`_check_deterministic`). For kind
+        ``mc`` (one process) their labels are drawn on the way, piece by piece of ``chunk_size`` samples, by the
+        generator seeded with ``seed``: every block of the first pass starts at a piece (:meth:`_first_pass`), so
+        the labels depend on (seed, chunk_size) only, not on which pass or chunking checks them.
         """
-        gen = torch.Generator(device=self.device).manual_seed(self.seed) if self.kind is FisherKind.MC else None
-        draws, outputs = [], []
-        tokens = 0
-        with torch.no_grad():
-            for start, x, y in self.data.chunks(self._scan_chunk_size()):
-                z = self._forward_chunk(self.sample_offset + start, x)
-                if start == 0:
-                    self._check_deterministic(z)
-                self._check_outputs(z, self.sample_offset + start)
-                y = self.likelihood.check_targets(z, y)
-                tokens += (int(self.likelihood.token_mask(y).sum()) if isinstance(self.likelihood, TokenLikelihood)
-                           else x.shape[0])
-                if gen is not None and self.group is None:
-                    draws += [self.likelihood.sample(piece, self.mc_samples, gen)
-                              for piece in z.split(self.chunk_size)]
-                elif gen is not None:
-                    outputs.append(z)
-            if outputs:
-                return self._draw_as_one_process(torch.cat(outputs), gen), tokens  # type: ignore[arg-type]
-        return (torch.cat(draws) if draws else None), tokens
+        new = self._checked - start
+        if new >= z.shape[0]:
+            return
+        fresh = z[new:]
+        if self._checked == 0:
+            self._check_deterministic(z)
+        self._check_outputs(fresh, self.sample_offset + self._checked)
+        if self._generator is not None and self.group is None:
+            self._draws += [self.likelihood.sample(piece, self.mc_samples, self._generator)
+                            for piece in fresh.split(self.chunk_size)]
+        self._checked = start + z.shape[0]
+        if self._checked == self.local_samples and len(self._draws) > 1:
+            self._draws = [torch.cat(self._draws)]
+
+    def _label_range(self, start: int, n: int) -> Tensor | None:
+        """The MC labels of this rank's checked samples [start, start + n) (kind ``mc``; else None)."""
+        if self._generator is None:
+            return None
+        labels = self._draws[0] if len(self._draws) == 1 else torch.cat(self._draws)
+        return labels[start: start + n]
+
+    @property
+    def _labels(self) -> Tensor | None:
+        """The MC labels of this rank's samples, (N_rank, S) or (N_rank, S, C) (kind ``mc``; else None).
+
+        Drawn by the first pass over the data; before one has covered every sample, a no-grad pass over the
+        rest draws them now (and checks their outputs).
+        """
+        if self._generator is None:
+            return None
+        if self._checked < self.local_samples:
+            for _ in self.chunks(chunk_size=self._scan_chunk_size()):
+                pass
+        return self._draws[0]
+
+    def _scan_as_one_process(self) -> None:
+        """The first pass of kind ``mc`` under ``torch.distributed``, made at construction (no grad).
+
+        Every sample is checked (:meth:`_check_block`) and the labels are drawn as one process draws them
+        (:meth:`_draw_as_one_process`), which needs all of this rank's outputs at once.
+        """
+        outputs = []
+        for start, x, _ in self.data.chunks(self._scan_chunk_size()):
+            z = self._evaluate_unchecked(self.sample_offset + start, x)
+            self._check_block(start, z)
+            outputs.append(z)
+        self._draws = [self._draw_as_one_process(torch.cat(outputs), self._generator)]  # type: ignore[arg-type]
 
     def _scan_chunk_size(self) -> int:
-        """Samples per chunk of the scan: the largest multiple of ``chunk_size`` within :meth:`matmat_chunk_size`.
+        """Samples per chunk of a no-grad pass: the largest multiple of ``chunk_size`` in :meth:`matmat_chunk_size`.
 
         ``chunk_size`` is sized for P-wide factor rows (3 samples of a 1.1M-parameter MLP with R = 9: 171 forward
-        passes over 512 samples, 0.2 s of a 0.22 s construction); a no-grad forward holds at most its activations.
+        passes over 512 samples); a no-grad forward holds at most its activations.
         """
         return self.chunk_size * max(1, self.matmat_chunk_size() // self.chunk_size)
 
-    def _count_tokens(self, local_tokens: int) -> int:
-        """N_tok over all ranks; a sequence model's likelihood then gets its scale c = N / N_tok.
+    def _count_tokens(self) -> int:
+        """N_tok over all ranks (a sequence model's counted tokens; else N); the likelihood then gets c = N / N_tok.
+
+        One pass over the targets (the model is not evaluated).
 
         Raises:
             InputError: Every token of every sequence is ignored.
         """
-        if not isinstance(self.likelihood, TokenLikelihood):
-            return self.num_samples
-        counts = torch.tensor([local_tokens], dtype=torch.int64, device=self.device)
-        self.reduce_sum([counts])
         lik = self.likelihood
+        if not isinstance(lik, TokenLikelihood):
+            return self.num_samples
+        local = sum(int(lik.token_mask(self._canonical_targets(x, y, start)).sum())
+                    for start, x, y in self.data.chunks(self._scan_chunk_size()))
+        counts = torch.tensor([local], dtype=torch.int64, device=self.device)
+        self.reduce_sum([counts])
         self.likelihood = TokenLikelihood(lik.base, lik.seq_len, lik.num_classes, num_sequences=self.num_samples,
                                           num_tokens=int(counts))
         return self.likelihood.num_tokens
@@ -466,43 +557,132 @@ class FisherEngine:
                 mine.append(labels[s - a: e - a])
         return torch.cat(mine)
 
-    def _forward_chunk(self, start: int, x: Tensor) -> Tensor:
-        """f_θ(x) for a chunk; a failure names the first sample the model cannot be evaluated on."""
-        try:
-            return self.forward(self.params, x)
-        except InputError:
-            raise
-        except Exception as exc:  # e.g. an nn.Embedding index out of range: find the sample
+    def _name_failing_sample(self, start: int, x: Tensor) -> None:
+        """Raise InputError naming the first sample of x (global index ``start`` + i) the model fails on, if any.
+
+        Nothing is raised when the chunk itself evaluates (no grad): then the failure was the caller's transform's
+        (e.g. an operation without a forward-mode rule, which :meth:`_with_jvp_fallback` handles). These
+        evaluations run without the model's forward hooks (:func:`forward_hooks_suspended`).
+        """
+        with torch.no_grad(), forward_hooks_suspended(self.model):
+            try:
+                self._evaluate(self.params, x)
+                return
+            except Exception:  # the chunk fails in plain evaluation too: find the sample below
+                pass
             for i in range(x.shape[0]):
                 try:
-                    self.forward(self.params, x[i: i + 1])
-                except Exception as one:
+                    self._evaluate(self.params, x[i: i + 1])
+                except Exception as one:  # e.g. an nn.Embedding index out of range
                     raise InputError(f"the model could not be evaluated on sample {start + i} (inputs of shape "
                                      f"{tuple(x[i].shape)}): {type(one).__name__}: {one}") from one
+
+    def _evaluate_unchecked(self, start: int, x: Tensor) -> Tensor:
+        """f_θ(x) without gradients for a chunk not yet checked (global index ``start``); a failure names the sample."""
+        try:
+            with torch.no_grad():
+                return self.forward(self.params, x)
+        except InputError:
+            raise
+        except Exception as exc:  # the message of the model's own failure is the useful part
+            self._name_failing_sample(start, x)
             raise InputError(f"the model could not be evaluated on samples {start}–{start + x.shape[0] - 1}: "
                              f"{type(exc).__name__}: {exc}") from exc
 
+    def _canonical_targets(self, x: Tensor, y: Tensor, start: int | None = None) -> Tensor:
+        """A chunk's targets checked (label range, 0/1, shape) and in canonical shape.
+
+        Only the outputs' shape is read, so the stand-in outputs are one zero-stride scalar. With ``start`` (the
+        chunk's first sample, not yet evaluated) bad targets have the model evaluated on the chunk first, whose
+        own error (a sample it cannot take, sequences of another length) is the clearer one.
+        """
+        stand_in = torch.zeros((), dtype=self.dtype, device=x.device).expand(x.shape[0], self.num_outputs)
+        try:
+            return self.likelihood.check_targets(stand_in, y)
+        except InputError:
+            if start is not None:
+                self._evaluate_unchecked(self.sample_offset + start, x)
+            raise
+
     def chunks(
         self, desc: str | None = None, chunk_size: int | None = None
-    ) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor | UncheckedChunk | None]]:
         """Yield ``(x, y, labels)`` per chunk; ``labels`` are the MC draws of these samples (else None).
 
         ``chunk_size`` overrides the engine's (which is sized for P-wide factor rows) for consumers that hold
-        less per sample, e.g. the layer-wise KFAC statistics; the MC labels do not depend on it.
+        less per sample, e.g. the layer-wise KFAC statistics; the MC labels do not depend on it. Every chunk's
+        targets are checked.
+
+        **The first pass** over the data checks every sample's outputs (finite; the first samples' those of their
+        first evaluation, so a random model is refused) and draws the MC labels on the consumer's own evaluation,
+        without a pass of its own: until a chunk is checked, ``labels`` is an :class:`UncheckedChunk`, which
+        :meth:`output_factor` takes with the chunk's outputs at the engine's parameters (it checks them and uses
+        the labels), and a failure of the model on the chunk names its sample (:meth:`forward`). A chunk its
+        consumer did not check so is checked by a no-grad evaluation before the next one is yielded; an
+        interrupted pass leaves the next to go on from its first unchecked sample. Kind ``mc`` draws labels per
+        piece of ``chunk_size`` samples, so its first pass takes chunks of a multiple of it (a smaller
+        ``chunk_size`` splits each piece further, and the consumer's first chunk of a piece has the whole piece
+        evaluated again, without grad).
         """
         chunk_size = chunk_size or self.chunk_size
+        passing = self._first_pass(chunk_size) if self._checked < self.local_samples else self._later_pass(chunk_size)
         total = math.ceil(self.local_samples / chunk_size)
         bar = progress_bar(total=total, desc=desc, progress=False if desc is None else self.progress, inner=True)
-        for start, x, y in self.data.chunks(chunk_size):
-            # every chunk's targets, not only the first samples': values (label range, 0/1) and canonical shape
-            y = self.likelihood.check_targets(x.new_empty((x.shape[0], self.num_outputs), dtype=self.dtype), y)
-            labels = None if self._labels is None else self._labels[start: start + x.shape[0]]
-            yield x, y, labels
+        for chunk in passing:
+            yield chunk
             bar.update(1)
         bar.close()
 
-    def output_factor(self, z: Tensor, y: Tensor, labels: Tensor | None) -> Tensor:
-        """The output-space factors M_n of this kind for a chunk; shape (n, R, C) (C = T·C for a sequence model)."""
+    def _later_pass(self, chunk_size: int) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+        """The chunks of a pass once every sample is checked (:meth:`chunks`)."""
+        for start, x, y in self.data.chunks(chunk_size):
+            yield x, self._canonical_targets(x, y), self._label_range(start, x.shape[0])
+
+    def _first_pass(self, chunk_size: int) -> Iterator[tuple[Tensor, Tensor, Tensor | UncheckedChunk | None]]:
+        """The chunks of a pass while samples are unchecked (:meth:`chunks`), in blocks of whole label pieces."""
+        block = chunk_size
+        if self._generator is not None and chunk_size < self.local_samples:
+            block = self.chunk_size * max(1, chunk_size // self.chunk_size)
+        for start, xb, yb in self.data.chunks(block):
+            yb = self._canonical_targets(xb, yb, start if self._checked < start + xb.shape[0] else None)
+            for offset in range(0, xb.shape[0], chunk_size):
+                x, y = xb[offset: offset + chunk_size], yb[offset: offset + chunk_size]
+                if self._checked >= start + xb.shape[0]:  # checked (by an earlier pass, or on this block's first chunk)
+                    yield x, y, self._label_range(start + offset, x.shape[0])
+                    continue
+                chunk = UncheckedChunk(start, xb, offset, x.shape[0])
+                self._unchecked = (x, self.sample_offset + start + offset)
+                try:
+                    yield x, y, chunk
+                finally:
+                    self._unchecked = None
+                self._check_chunk(chunk)
+
+    def _check_chunk(self, chunk: UncheckedChunk, z: Tensor | None = None) -> Tensor | None:
+        """Check a chunk's block of the first pass (once: :meth:`_check_block`) and return the chunk's MC labels.
+
+        z: the chunk's outputs at the engine's parameters, which serve when the chunk is its whole block;
+        otherwise (or without z) the block is evaluated here, without grad.
+        """
+        size = chunk.inputs.shape[0]
+        if self._checked < chunk.start + size:
+            if z is None or chunk.size < size:
+                z = self._evaluate_unchecked(self.sample_offset + chunk.start, chunk.inputs)
+            self._check_block(chunk.start, z.detach())
+        return self._label_range(chunk.start + chunk.offset, chunk.size)
+
+    def output_factor(self, z: Tensor, y: Tensor, labels: Tensor | UncheckedChunk | None) -> Tensor:
+        """The output-space factors M_n of this kind for a chunk; shape (n, R, C) (C = T·C for a sequence model).
+
+        ``labels``: the chunk's, from :meth:`chunks`. On the first pass an :class:`UncheckedChunk`: z must then be
+        the chunk's outputs at the engine's parameters; they are checked here and its MC labels drawn.
+
+        Raises:
+            NonFiniteError: On the first pass, NaN or infinite outputs of a sample (named).
+            InputError: On the first pass, outputs that differ from the first evaluation (a random model).
+        """
+        if isinstance(labels, UncheckedChunk):
+            labels = self._check_chunk(labels, z)
         return self.likelihood.output_factor(self.kind, z, y, labels)
 
     def _product_factor(self, z: Tensor, y: Tensor, labels: Tensor | None) -> Tensor:
@@ -523,12 +703,14 @@ class FisherEngine:
         lik = self.likelihood.base if isinstance(self.likelihood, TokenLikelihood) else self.likelihood
         return self.kind is FisherKind.TRUE and type(lik).fisher_apply is not Likelihood.fisher_apply
 
-    def _output_state(self, z: Tensor, y: Tensor, labels: Tensor | None) -> Tensor:
+    def _output_state(self, z: Tensor, y: Tensor, labels: Tensor | UncheckedChunk | None) -> Tensor:
         """What :meth:`matmat` keeps of a chunk's outputs z (detached), for :meth:`_output_product`.
 
         z itself where Λ(z) is applied in closed form (:meth:`_closed_form`), else the factor of
-        :meth:`_product_factor` scaled by 1/√N.
+        :meth:`_product_factor` scaled by 1/√N. On the first pass z is checked here (:meth:`output_factor`).
         """
+        if isinstance(labels, UncheckedChunk):
+            labels = self._check_chunk(labels, z)
         if self._closed_form():
             return z
         return self._product_factor(z, y, labels) / math.sqrt(self.num_samples)
@@ -789,7 +971,7 @@ class FisherEngine:
         """Bytes the autograd graph of one forward saves per sample (parameters and buffers excluded).
 
         Measured once, on the first two samples, with saved-tensor hooks (each stored tensor counted once), with
-        gradients enabled whatever the caller's mode (the no-grad scan asks for it).
+        gradients enabled whatever the caller's mode (the no-grad passes ask for it).
         """
         if self._activation_bytes is None:
             x, _ = self.data.first(2)
@@ -833,8 +1015,10 @@ class FisherEngine:
         params = self.params if params is None else params
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         g = torch.zeros(self.spec.dim, dtype=self.dtype, device=self.device)
-        for x, y, _ in self.chunks(chunk_size=self.matmat_chunk_size()):
+        for x, y, labels in self.chunks(chunk_size=self.matmat_chunk_size()):
             z, vjp_fn = vjp(lambda p, x=x: self.forward(p, x), params)
+            if isinstance(labels, UncheckedChunk) and params is self.params:  # the first pass checks these outputs
+                self._check_chunk(labels, z)
             total += self.likelihood.nll(z.detach(), y).sum()
             g += self.spec.flatten(vjp_fn(self.likelihood.grad_z(z.detach(), y))[0])
         self.reduce_sum([total, g])
@@ -846,9 +1030,13 @@ class FisherEngine:
         A sequence model's are flattened as by :meth:`forward`, (N, T·C).
         """
         params = self.params if params is None else params
+        outputs = []
         with torch.no_grad():
-            return torch.cat([self.forward(params, x)
-                              for x, _, _ in self.chunks(chunk_size=self.matmat_chunk_size())])
+            for x, _, labels in self.chunks(chunk_size=self.matmat_chunk_size()):
+                outputs.append(self.forward(params, x))
+                if isinstance(labels, UncheckedChunk) and params is self.params:  # the first pass checks them
+                    self._check_chunk(labels, outputs[-1])
+        return torch.cat(outputs)
 
     def reduce_sum(self, tensors: Sequence[Tensor]) -> None:
         """Sum each tensor over the ranks, in place (no-op in a single process): for accumulated sample sums.

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fisherlab import fisher, structures
 from fisherlab.engine import FisherEngine
-from fisherlab.errors import InputError, MemoryBudgetError
+from fisherlab.errors import InputError, MemoryBudgetError, NonFiniteError
 from fisherlab.likelihoods import Gaussian
 
 F64 = torch.float64
@@ -474,3 +474,119 @@ def test_rows_per_sample_of_a_sequence_model_is_the_width_of_its_block_diagonal_
     engine = FisherEngine(model, (X, X))
     z = torch.zeros(1, engine.num_outputs, dtype=torch.float64)
     assert engine.rows_per_sample == engine.likelihood.fisher_factor(z).shape[-1] == 5 * 6
+
+
+# ------------------------------------------------------------------------------------------- the first pass
+FIRST_PASS_N, FIRST_PASS_CHUNK = 13, 5  # label pieces of 5, 5, 3 samples
+
+
+def first_pass_problem() -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(FIRST_PASS_N, 4, generator=gen, dtype=F64)
+    return mlp(4, 6, 3).double(), X, torch.randint(0, 3, (FIRST_PASS_N,), generator=gen)
+
+
+def mc_engine(model: nn.Module, X: Tensor, y: Tensor) -> FisherEngine:
+    return FisherEngine(model, (X, y), kind="mc", mc_samples=MC_SAMPLES, seed=MC_SEED, chunk_size=FIRST_PASS_CHUNK)
+
+
+#: Computations that can make an engine's first pass over the data, each in its own chunking.
+FIRST_PASSES = {
+    "kfac (one chunk)": lambda e: structures.KFACFisher.from_engine(e).to_dense(),
+    "kfac (chunks of 2, within label pieces)": lambda e: structures.KFACFisher.from_engine(e, chunk_size=2).to_dense(),
+    "kfac (chunks of 7)": lambda e: structures.KFACFisher.from_engine(e, chunk_size=7).to_dense(),
+    "diag": lambda e: structures.DiagonalFisher.from_engine(e).diagonal,
+    "dense": lambda e: structures.DenseFisher.from_engine(e).matrix,
+    "implicit": lambda e: e.matmat(torch.eye(e.spec.dim, dtype=F64)),
+    "gradient": lambda e: e.loss_and_gradient()[1],
+    "outputs": lambda e: e.outputs(),
+}
+
+
+@pytest.mark.parametrize("first", FIRST_PASSES)
+def test_first_pass_draws_the_labels_of_seeded_pieces_whatever_computation_makes_it(first):
+    """The MC labels are those of one generator seeded with ``seed`` drawn piece by piece of chunk_size samples
+    (drawn here from the model itself), whichever computation makes the first pass and in which chunks; what that
+    pass computes equals the same computation on a later pass, and the MC Fisher the reference's at those labels."""
+    model, X, y = first_pass_problem()
+    gen = torch.Generator().manual_seed(MC_SEED)
+    with torch.no_grad():
+        expected = torch.cat([torch.multinomial(torch.softmax(model(x), -1), MC_SAMPLES, replacement=True,
+                                                generator=gen) for x in X.split(FIRST_PASS_CHUNK)])
+    engine = mc_engine(model, X, y)
+    on_first_pass = FIRST_PASSES[first](engine)
+    assert torch.equal(engine._labels, expected)
+    ref.assert_close(on_first_pass, FIRST_PASSES[first](engine), EXACT_RTOL, f"{first}: first and later pass")
+    F = structures.DenseFisher.from_engine(engine).matrix
+    ref.assert_close(F, ref.mc_fisher(model, X, expected, ref.RefLikelihood("categorical")), REF_RTOL, "mc Fisher")
+
+
+def test_an_interrupted_first_pass_is_continued_by_the_next():
+    """A first pass left after its first chunk (a consumer that stopped, or failed) leaves the next to go on."""
+    model, X, y = first_pass_problem()
+    whole = mc_engine(model, X, y)
+    expected = structures.DenseFisher.from_engine(whole).matrix
+    engine = mc_engine(model, X, y)
+    x, y0, chunk = next(iter(engine.chunks(chunk_size=7)))
+    engine.output_factor(engine.forward(engine.params, x), y0, chunk)  # checks the first block (5 samples)
+    ref.assert_close(structures.DenseFisher.from_engine(engine).matrix, expected, EXACT_RTOL, "continued")
+    assert torch.equal(engine._labels, whole._labels)
+
+
+@pytest.mark.parametrize("structure", ["kfac", "diag", "dense", "implicit"])
+def test_the_first_pass_is_the_only_pass_over_the_data(structure):
+    """fisher(..., kind="mc") evaluates the model on each sample once, plus probes on its first samples (the
+    construction's, the layer rows' or the vmap probe's, the implicit product's activation count)."""
+    model, X, y = first_pass_problem()
+    evaluated = []
+    model.register_forward_hook(lambda m, inputs, out: evaluated.append(inputs[0].shape[0]))
+    F = fisher(model, (X, y), kind="mc", structure=structure, chunk_size=FIRST_PASS_CHUNK)
+    if structure == "implicit":
+        F @ torch.ones(F.spec.dim, dtype=F64)
+    assert FIRST_PASS_N <= sum(evaluated) <= FIRST_PASS_N + 6, evaluated
+
+
+class LogOfFirstInput(nn.Module):
+    """Finite parameters, but outputs log(x₀): NaN for a sample with a negative first input."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 3).to(F64)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x) + torch.log(x[:, :1])
+
+
+class Bag(nn.Module):
+    """Embedding bag of 10 tokens: an index ≥ 10 cannot be evaluated."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(10, 4).to(F64), nn.Linear(4, 3).to(F64)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.emb(x).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["true", "mc"])
+@pytest.mark.parametrize("first", [*FIRST_PASSES, "labels"])
+def test_bad_late_samples_are_named_by_the_first_pass(first, kind):
+    """A late sample whose outputs are NaN, or that the model cannot take, passes construction and is named by
+    whichever computation makes the first pass (NonFiniteError / InputError with its index)."""
+    run = (lambda e: e._labels) if first == "labels" else FIRST_PASSES[first]
+    X, y = first_pass_problem()[1:]
+    X[:, 0] = X[:, 0].abs() + 0.1
+    X[9, 0] = -1.0
+    tokens = torch.randint(0, 10, (FIRST_PASS_N, 3), generator=torch.Generator().manual_seed(2))
+    tokens[10, 1] = 12
+    for model, data, error, match in [(LogOfFirstInput(), (X, y), NonFiniteError, "outputs for sample 9 contain NaN"),
+                                      (Bag(), (tokens, y), InputError, "could not be evaluated on sample 10 .*index")]:
+        engine = FisherEngine(model, data, kind=kind, chunk_size=FIRST_PASS_CHUNK)
+        if first == "labels" and kind == "true":
+            assert engine._labels is None
+            continue
+        with pytest.raises(error, match=match):
+            run(engine)
