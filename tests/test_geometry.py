@@ -99,7 +99,7 @@ def test_lanczos_path_beyond_the_budget(n):
     model, X, y = make(n)
     F = ref.true_fisher(model, X, ref.RefLikelihood("categorical")).numpy()
     ds = fisher_geometry(model, (X, y), structures=["dense", "block", "diag"], damping=DAMPINGS,
-                         memory_budget=20_000, num_eigs=5, chunk_size=4)
+                         memory_budget=20_000, num_eigs=5, chunk_size=8)
     assert ds.attrs["spectrum_method"] == "lanczos" and ds.sizes["eig"] == 5
     ev = np.linalg.eigvalsh(F)
     eye = np.eye(len(F))
