@@ -58,12 +58,12 @@ from fisherlab import structures
 from fisherlab.checks import check_damping, check_dampings, parse_enum
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError, MemoryBudgetError, UnsupportedLayerError
-from fisherlab.gram import build_gram, gram_bytes
+from fisherlab.gram import SampleGram, build_gram, gram_bytes
 from fisherlab.linalg import cg, cg_multishift, damped_solve
 from fisherlab.memory import dense_bytes
 from fisherlab.structures.base import FisherMatrix
 
-__all__ = ["ITERATIVE_SOLVERS", "NGDSolver", "SolveInfo", "solve_ngd", "solve_ngd_all"]
+__all__ = ["ITERATIVE_SOLVERS", "NGDSolver", "SolveInfo", "gram_applies", "solve_ngd", "solve_ngd_all"]
 
 
 class NGDSolver(str, Enum):
@@ -121,8 +121,12 @@ def _relative_residual(F: Tensor, x: Tensor, g: Tensor, damping: float) -> float
     return float(torch.linalg.vector_norm(F @ x + damping * x - g) / torch.linalg.vector_norm(g))
 
 
-def _gram_applies(engine: FisherEngine, dampings: Sequence[float], fisher: FisherMatrix | None) -> bool:
-    """Whether ``auto`` takes ``gram`` for these dampings (module docstring)."""
+def gram_applies(engine: FisherEngine, dampings: Sequence[float], fisher: FisherMatrix | None) -> bool:
+    """Whether ``auto`` takes ``gram`` for these dampings (module docstring).
+
+    No dense ``fisher`` given, m < P, every λ > 0, one process, :func:`~fisherlab.gram.gram_bytes` within the
+    engine's memory budget.
+    """
     if fisher is not None and fisher.structure != "implicit":
         return False
     if engine.group is not None or min(dampings) <= 0:
@@ -198,12 +202,15 @@ def _iterative(engine: FisherEngine, g: Tensor, damping: float, solver: NGDSolve
 
 
 def _gram(engine: FisherEngine, g: Tensor, dampings: Sequence[float], fisher: FisherMatrix | None, cg_tol: float,
-          cg_max_iter: int | None) -> dict[float, tuple[Tensor, SolveInfo]]:
-    """The sample-space solve for every damping, its residual checked with one block of true F·v products."""
+          cg_max_iter: int | None, gram: SampleGram | None = None) -> dict[float, tuple[Tensor, SolveInfo]]:
+    """The sample-space solve for every damping, its residual checked with one block of true F·v products.
+
+    ``gram``: the engine's :class:`~fisherlab.gram.SampleGram` already built (its seconds are then not counted).
+    """
     if min(dampings) <= 0:
         raise InputError("the sample-space ('gram') NGD solve needs damping > 0; use solver 'cholesky' or 'cg'")
     start = time.perf_counter()
-    gram = build_gram(engine)
+    gram = build_gram(engine) if gram is None else gram
     share = (time.perf_counter() - start) / len(dampings)
     xs, seconds = [], []
     for lam in dampings:
@@ -254,7 +261,7 @@ def solve_ngd(engine: FisherEngine, g: Tensor, damping: float, *, solver: str = 
     damping = check_damping(damping)
     solver = parse_enum(NGDSolver, solver, "NGD solver")
     if solver is NGDSolver.AUTO:
-        solver = NGDSolver.GRAM if _gram_applies(engine, [damping], fisher) else _auto(engine, damping, fisher)
+        solver = NGDSolver.GRAM if gram_applies(engine, [damping], fisher) else _auto(engine, damping, fisher)
     if solver is NGDSolver.GRAM:
         return _gram(engine, g, [damping], fisher, cg_tol, cg_max_iter)[damping]
     if solver in ITERATIVE_SOLVERS:
@@ -289,7 +296,8 @@ def solve_ngd(engine: FisherEngine, g: Tensor, damping: float, *, solver: str = 
 
 def solve_ngd_all(engine: FisherEngine, g: Tensor, dampings: float | Sequence[float], *, solver: str = "auto",
                   fisher: FisherMatrix | None = None, preconditioner: FisherMatrix | None = None,
-                  cg_tol: float = 1e-6, cg_max_iter: int | None = None) -> dict[float, tuple[Tensor, SolveInfo]]:
+                  cg_tol: float = 1e-6, cg_max_iter: int | None = None,
+                  gram: SampleGram | None = None) -> dict[float, tuple[Tensor, SolveInfo]]:
     """(F + λI)⁻¹ g for every damping of a study, sharing what the solver can share (module docstring).
 
     ``gram`` (and ``auto`` where it applies) builds K once for all dampings; ``multishift`` (and ``auto`` wherever
@@ -306,19 +314,22 @@ def solve_ngd_all(engine: FisherEngine, g: Tensor, dampings: float | Sequence[fl
         preconditioner: For ``pcg-kfac`` / ``pcg-diag``: a structure already built, used for every damping.
         cg_tol: Relative residual of the iterative solvers, per damping.
         cg_max_iter: Iteration cap (of the shared iterations for ``multishift``).
+        gram: For ``gram``: the engine's :func:`~fisherlab.gram.build_gram` already built (e.g. kept for its
+            eigenvalues), used instead of building it; with ``gram``, a dense ``fisher`` only serves the residual
+            checks.
 
     Returns:
         ``{λ: (x (P,) in g's dtype, SolveInfo)}`` in the order of ``dampings``.
     """
     dampings = check_dampings(dampings)
     solver = parse_enum(NGDSolver, solver, "NGD solver")
-    if solver is NGDSolver.AUTO and _gram_applies(engine, dampings, fisher):
+    if solver is NGDSolver.AUTO and gram_applies(engine, dampings, fisher):
         solver = NGDSolver.GRAM
     if solver is NGDSolver.AUTO:
         chosen = {_auto(engine, lam, fisher) for lam in dampings}
         solver = NGDSolver.MULTISHIFT if NGDSolver.CG in chosen and len(dampings) > 1 else NGDSolver.AUTO
     if solver is NGDSolver.GRAM:
-        return _gram(engine, g, dampings, fisher, cg_tol, cg_max_iter)
+        return _gram(engine, g, dampings, fisher, cg_tol, cg_max_iter, gram)
     if solver is NGDSolver.MULTISHIFT:
         start = time.perf_counter()
         product = _Counted(engine, fisher)

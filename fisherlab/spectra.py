@@ -123,14 +123,17 @@ def fisher_spectra(
                 F = build_structure(structure, engine)
             if structure == "dense":
                 built = F
-            ev = context.eigenvalues(kind) if shared and structure == "dense" else F.eigvalsh()
+            if structure == "block" and isinstance(F, BlockDiagonalFisher):  # each block's eigvalsh once
+                blocks = context.layer_eigenvalues(kind) if shared else F.block_eigvalsh()
+                layer_eigs[kind] = {k: v.cpu().double().numpy() for k, v in blocks.items()}
+                ev = torch.sort(torch.cat(list(blocks.values()))).values  # = F.eigvalsh()
+            else:
+                ev = context.eigenvalues(kind) if shared and structure == "dense" else F.eigvalsh()
             eigs[kind, structure] = ev.cpu().double().numpy()
             dense = F.to_dense()
             if kind == "true" and structure == "dense":
                 reference = dense
             rel[kind, structure] = float(torch.linalg.norm(dense - reference) / torch.linalg.norm(reference))
-            if structure == "block" and isinstance(F, BlockDiagonalFisher):
-                layer_eigs[kind] = {k: v.cpu().double().numpy() for k, v in F.block_eigvalsh().items()}
             bar.update(1)
     bar.close()
     assert spec is not None

@@ -322,6 +322,34 @@ def test_spectra_in_a_shared_context_against_numpy(problem):
         fisher_spectra(problem["model"], data, "categorical", kinds=["true"], dtype=D, context=ctx, mc_samples=2)
 
 
+def test_empirical_fisher_solved_and_decomposed_in_sample_space(problem):
+    """m = N = 24 < P = 69: the empirical Fisher's solves and eigenvalues come from its 24×24 Gram matrix, and
+    agree with numpy on the dense reference E = GᵀG/N; the true Fisher (m = N·C = 96 > P) keeps its dense path."""
+    data = (problem["X"], problem["y"])
+    ctx = RuleContext(problem["model"], data, "categorical", dtype=D, dampings=tuple(DAMPINGS))
+    assert ctx.sample_gram("true") is None
+    gram = ctx.sample_gram("empirical")
+    assert gram is not None and gram.K.shape == (24, 24) and ctx.sample_gram("empirical") is gram
+    G = problem["G"]
+    E = G.T @ G / len(G)
+    for lam in DAMPINGS:
+        want = np.linalg.solve(E + lam * np.eye(len(E)), problem["g"])
+        got = ctx.exact_solve("empirical", lam).numpy()
+        assert np.abs(got - want).max() / np.abs(want).max() <= 1e-10
+        assert ctx.solves[("empirical", lam)].solver == "gram"
+    assert "empirical" not in ctx._exact  # no dense P×P empirical Fisher was formed
+    ev, want = ctx.eigenvalues("empirical").numpy(), np.linalg.eigvalsh(E)
+    assert np.abs(ev - want).max() <= 1e-12 * want[-1]
+    assert (ev[: len(E) - 24] == 0).all()  # the null space beyond rank m, exactly
+    layers = ctx.layer_eigenvalues("true")
+    assert ctx.layer_eigenvalues("true") is layers
+    for e, ix in zip(layers.values(), layer_blocks(problem["model"]), strict=True):
+        w = np.linalg.eigvalsh(problem["F"][np.ix_(ix, ix)])
+        assert np.abs(e.numpy() - w).max() <= 1e-12 * w[-1]
+    cholesky = RuleContext(problem["model"], data, "categorical", dtype=D, ngd_solver="cholesky")
+    assert cholesky.sample_gram("empirical") is None
+
+
 def test_shared_context_refuses_other_parameters(problem):
     data = (problem["X"], problem["y"])
     ctx = RuleContext(problem["model"], data, "categorical", dtype=D)

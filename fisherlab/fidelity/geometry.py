@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,8 @@ from fisherlab.errors import SingularMatrixError, UnsupportedLayerError
 from fisherlab.fidelity.evaluate import UNAVAILABLE
 from fisherlab.fidelity.rules import RuleContext
 from fisherlab.likelihoods import Likelihood
+from fisherlab.linalg.threads import concurrently
+from fisherlab.structures.base import eigvalsh
 from fisherlab.vocabulary import RECONSTRUCTIBLE, RootMethod, Structure
 
 #: Structures measured by default (each the true Fisher in that structure).
@@ -58,8 +61,8 @@ ANNOTATIONS = {
 }
 
 
-def preconditioned_eigvalsh(A: Tensor, G: Tensor | None) -> Tensor:
-    """Eigenvalues (ascending) of G^{-1/2} A G^{-1/2} for SPD G (or of A when G is None), via Cholesky of G.
+def preconditioned_matrix(A: Tensor, G: Tensor | None) -> Tensor:
+    """The symmetric L⁻¹ A L⁻ᵀ (n, n) with G = L Lᵀ (Cholesky), similar to G^{-1/2} A G^{-1/2}; A itself when G is None.
 
     Args:
         A: Symmetric (n, n).
@@ -70,14 +73,27 @@ def preconditioned_eigvalsh(A: Tensor, G: Tensor | None) -> Tensor:
     """
     A = 0.5 * (A + A.T)
     if G is None:
-        return torch.linalg.eigvalsh(A)
+        return A
     L, info = torch.linalg.cholesky_ex(0.5 * (G + G.T))
     if int(info) != 0:
         raise SingularMatrixError(f"the damped structure G is not positive definite (Cholesky failed at pivot "
                                   f"{int(info)} of {G.shape[0]}); increase the damping")
     X = torch.linalg.solve_triangular(L, A, upper=False)
     M = torch.linalg.solve_triangular(L, X.T, upper=False)
-    return torch.linalg.eigvalsh(0.5 * (M + M.T))
+    return 0.5 * (M + M.T)
+
+
+def preconditioned_eigvalsh(A: Tensor, G: Tensor | None) -> Tensor:
+    """Eigenvalues (ascending) of G^{-1/2} A G^{-1/2} for SPD G (or of A when G is None), via Cholesky of G.
+
+    Args:
+        A: Symmetric (n, n).
+        G: SPD (n, n), or None for the identity.
+
+    Raises:
+        SingularMatrixError: If G is not positive definite.
+    """
+    return eigvalsh(preconditioned_matrix(A, G))
 
 
 def condition(ev: Tensor) -> float:
@@ -86,11 +102,12 @@ def condition(ev: Tensor) -> float:
     return hi / lo if lo > 0 else math.inf
 
 
-def preconditioned_block_eigvalsh(A: Tensor, G: dict[str, Tensor], index: dict[str, Tensor]) -> Tensor:
-    """Eigenvalues (ascending) of G^{-1/2} A G^{-1/2} for a block-diagonal SPD G, via the Cholesky factor of each block.
+def preconditioned_block_matrix(A: Tensor, G: dict[str, Tensor], index: dict[str, Tensor]) -> Tensor:
+    """L⁻¹ A L⁻ᵀ (n, n) for a block-diagonal SPD G = L Lᵀ, from the Cholesky factor of each block.
 
-    The same matrix L⁻¹ A L⁻ᵀ as :func:`preconditioned_eigvalsh` (G = L Lᵀ, L block-diagonal), with the triangular
-    solves done block row by block row and no P×P factorisation.
+    The matrix of :func:`preconditioned_matrix`, with the triangular solves done block row by block row and no
+    n×n factorisation. Its diagonal block of ``index[k]`` is L_k⁻¹ A_kk L_k⁻ᵀ, the block's own preconditioned
+    matrix (L is block-diagonal).
 
     Args:
         A: Symmetric (n, n).
@@ -116,7 +133,16 @@ def preconditioned_block_eigvalsh(A: Tensor, G: dict[str, Tensor], index: dict[s
         return out
 
     M = solve_rows(solve_rows(A).T)
-    return torch.linalg.eigvalsh(0.5 * (M + M.T))
+    return 0.5 * (M + M.T)
+
+
+def preconditioned_block_eigvalsh(A: Tensor, G: dict[str, Tensor], index: dict[str, Tensor]) -> Tensor:
+    """Eigenvalues (ascending) of G^{-1/2} A G^{-1/2} for a block-diagonal SPD G (:func:`preconditioned_block_matrix`).
+
+    Raises:
+        SingularMatrixError: If a block of G is not positive definite.
+    """
+    return eigvalsh(preconditioned_block_matrix(A, G, index))
 
 
 def damped_blocks(ctx: RuleContext, structure: str, damping: float) -> dict[str, Tensor] | None:
@@ -163,36 +189,67 @@ def _dense_geometry(ctx: RuleContext, names: list[str], dampings: list[float], s
            "layer_eigenvalue": np.full((S, D, L, width), np.nan), "layer_condition_number": np.full((S, D, L), np.nan)}
     reasons = [""] * S
     eye = torch.eye(P, dtype=F.dtype, device=F.device)
-    base = ctx.eigenvalues("true")
-    base_layer = [torch.linalg.eigvalsh(F[ix][:, ix]) for ix in blocks]
+    # the preconditioned matrices of every structure and damping are formed first (held up to a quarter of the
+    # memory budget), then their spectra are computed together with the true Fisher's, each on one thread
+    # (fisherlab.linalg.threads.concurrently)
+    pending: list[tuple[int, int, Tensor, list[Tensor]]] = []
+    held = 0
+
+    def flush(first: Sequence[Any] = ()) -> list[Any]:
+        nonlocal pending, held
+        tasks = [*first, *[partial(eigvalsh, m) for *_, M, layer_M in pending for m in (M, *layer_M)]]
+        with ctx.timed("geometry eigenvalues"):
+            done = concurrently(tasks, F.device)
+        spectra = iter(done[len(first):])
+        for i, j, _, layer_M in pending:
+            ev = next(spectra)
+            _store(out, i, j, ev, [next(spectra) for _ in layer_M])
+        pending, held = [], 0
+        return done[: len(first)]
+
+    true_spectra = [partial(ctx.eigenvalues, "true"), partial(ctx.layer_eigenvalues, "true")]
     for i, name in enumerate(names):
+        if name == "original":
+            continue
         for j, lam in enumerate(dampings):
-            if name == "original":
-                ev, layer_ev = base + lam, [e + lam for e in base_layer]
-            else:
-                try:
-                    with ctx.timed(f"geometry {name}"):
-                        G_blocks = damped_blocks(ctx, name, lam)
-                        G = damped_matrix(ctx, name, lam) if G_blocks is None else None
-                except UNAVAILABLE as exc:
-                    if not skip_unavailable:
-                        raise
-                    reasons[i] = f"{type(exc).__name__}: {exc}"
-                    break
-                A = F + lam * eye
-                if G_blocks is None:
-                    ev = preconditioned_eigvalsh(A, G)
-                    layer_G = [G[ix][:, ix] for ix in blocks]
-                else:
-                    ev = preconditioned_block_eigvalsh(A, G_blocks, dict(zip(G_blocks, blocks, strict=True)))
-                    layer_G = list(G_blocks.values())
-                layer_ev = [preconditioned_eigvalsh(A[ix][:, ix], B) for ix, B in zip(blocks, layer_G, strict=True)]
-            out["eigenvalue"][i, j] = ev.cpu().double().numpy()
-            out["condition_number"][i, j] = condition(ev)
-            for k, e in enumerate(layer_ev):
-                out["layer_eigenvalue"][i, j, k, : len(e)] = e.cpu().double().numpy()
-                out["layer_condition_number"][i, j, k] = condition(e)
+            try:
+                with ctx.timed(f"geometry {name}"):
+                    G_blocks = damped_blocks(ctx, name, lam)
+                    G = damped_matrix(ctx, name, lam) if G_blocks is None else None
+                    A = F + lam * eye
+                    if G_blocks is None:
+                        M = preconditioned_matrix(A, G)
+                        layer_M = [preconditioned_matrix(A[ix][:, ix], G[ix][:, ix]) for ix in blocks]
+                    else:  # L is block-diagonal: each layer's L_l⁻¹ A_ll L_l⁻ᵀ is a diagonal block of M
+                        M = preconditioned_block_matrix(A, G_blocks, dict(zip(G_blocks, blocks, strict=True)))
+                        layer_M = [M[ix][:, ix] for ix in blocks]
+                    del A, G, G_blocks
+            except UNAVAILABLE as exc:
+                if not skip_unavailable:
+                    raise
+                reasons[i] = f"{type(exc).__name__}: {exc}"
+                break
+            pending.append((i, j, M, layer_M))
+            held += sum(m.numel() * m.element_size() for m in (M, *layer_M))
+            if held > ctx.memory_budget // 4:
+                flush(true_spectra)  # the true Fisher's spectra (cached by the context) go with the first batch
+                true_spectra = []
+    flush(true_spectra)
+    base = ctx.eigenvalues("true")
+    base_layer = list(ctx.layer_eigenvalues("true").values())  # spec.blocks("layer") order
+    i = names.index("original")
+    for j, lam in enumerate(dampings):
+        _store(out, i, j, base + lam, [e + lam for e in base_layer])
     return out, reasons
+
+
+def _store(out: dict[str, np.ndarray], i: int, j: int, ev: Tensor, layer_ev: Sequence[Tensor]) -> None:
+    """Write one (structure, damping) cell: the spectrum, its κ, and each layer's spectrum and κ."""
+    out["eigenvalue"][i, j] = ev.cpu().double().numpy()
+    out["condition_number"][i, j] = condition(ev)
+    for k, e in enumerate(layer_ev):
+        out["layer_eigenvalue"][i, j, k, : len(e)] = e.cpu().double().numpy()
+        out["layer_condition_number"][i, j, k] = condition(e)
 
 
 def _lanczos_spectrum(matvec: Any, P: int, k: int, seed: int, dtype: torch.dtype, device: torch.device,
@@ -342,4 +399,5 @@ def fisher_geometry(
     return results.annotate(ds, ANNOTATIONS)
 
 
-__all__ = ["DEFAULT_STRUCTURES", "condition", "damped_matrix", "fisher_geometry", "preconditioned_eigvalsh"]
+__all__ = ["DEFAULT_STRUCTURES", "condition", "damped_matrix", "fisher_geometry", "preconditioned_eigvalsh",
+           "preconditioned_matrix"]

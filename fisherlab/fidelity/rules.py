@@ -10,7 +10,10 @@ the true-Fisher engine, and the exact solves (F_kind + λI)⁻¹ ∇L. Exact NGD
 Fisher and Cholesky when the dense solve fits the memory budget, else an iterative solve on the implicit
 operator to the relative residual ``cg_tol`` (``ngd_solver``, :class:`fisherlab.ngd.NGDSolver`; by default one
 multi-shift CG for all the context's ``dampings``); :attr:`RuleContext.solves` records which, the
-preconditioner, the iterations, F·v products and the relative residual ‖(F + λI)x − ∇L‖/‖∇L‖.
+preconditioner, the iterations, F·v products and the relative residual ‖(F + λI)x − ∇L‖/‖∇L‖. The empirical and
+Monte-Carlo Fishers (whose dense matrices no metric needs) are solved in sample space by default
+(:meth:`RuleContext.sample_gram`: the ``gram`` solver, one m×m Cholesky per damping, m = N·R < P) whenever that
+applies, and their eigenvalues come from the same m×m Gram matrix.
 
 Built-in rules (:data:`RULES`):
 
@@ -60,11 +63,12 @@ from fisherlab import structures
 from fisherlab.checks import parse_enum
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError, MemoryBudgetError, UnsupportedLayerError
+from fisherlab.gram import SampleGram, build_gram
 from fisherlab.likelihoods import Likelihood, get_likelihood
 from fisherlab.memory import dense_bytes, resolve_budget
-from fisherlab.ngd import NGDSolver, SolveInfo, solve_ngd_all
+from fisherlab.ngd import NGDSolver, SolveInfo, gram_applies, solve_ngd_all
 from fisherlab.params import ParamSpec
-from fisherlab.structures.base import FisherMatrix
+from fisherlab.structures.base import FisherMatrix, eigvalsh
 from fisherlab.structures.block import BlockDiagonalFisher
 from fisherlab.vocabulary import (
     RECONSTRUCTIBLE,
@@ -129,6 +133,8 @@ class RuleContext:
     _solutions: dict[tuple[str, float], Tensor] = field(default_factory=dict, repr=False)
     _networks: dict[str, Any] = field(default_factory=dict, repr=False)
     _eigenvalues: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    _layer_eigenvalues: dict[str, dict[str, Tensor]] = field(default_factory=dict, repr=False)
+    _grams: dict[str, SampleGram | None] = field(default_factory=dict, repr=False)
     _loss_grad: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
     _batch: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
@@ -259,13 +265,45 @@ class RuleContext:
                 self._exact[kind] = structures.build(structure, self.engine(kind))
         return self._exact[kind]
 
+    def sample_gram(self, kind: str) -> SampleGram | None:
+        """K = UUᵀ (m × m, :func:`fisherlab.gram.build_gram`) of the Fisher of ``kind``, built once, or None.
+
+        Only for the empirical and Monte-Carlo Fishers under ``ngd_solver="auto"`` (or ``"gram"``), and only where
+        the sample-space solve applies (:func:`fisherlab.ngd.gram_applies`: m = N·R < P, every damping of
+        ``dampings`` > 0, one process, within the memory budget); None otherwise (the true Fisher's dense matrix,
+        which the metrics use, serves its own solves and eigenvalues).
+        """
+        kind = parse_enum(FisherKind, kind, "Fisher kind").value
+        if kind not in self._grams:
+            solver = parse_enum(NGDSolver, self.ngd_solver, "NGD solver")
+            engine = self.engine(kind)
+            use = (kind in (FisherKind.EMPIRICAL.value, FisherKind.MC.value)
+                   and solver in (NGDSolver.AUTO, NGDSolver.GRAM)
+                   and gram_applies(engine, list(self.dampings) or [1.0], None))
+            if use:
+                with self.timed(f"gram {kind} Fisher"):
+                    self._grams[kind] = build_gram(engine)
+            else:
+                self._grams[kind] = None
+        return self._grams[kind]
+
     def eigenvalues(self, kind: str = "true") -> Tensor:
         """All eigenvalues (P,), ascending, of the dense Fisher of ``kind`` (:meth:`exact_fisher`), computed once.
+
+        With a :meth:`sample_gram` (m < P), the P − m eigenvalues of F = UᵀU beyond rank m are exactly 0 and the
+        others are those of K = UUᵀ: eigvalsh of the m×m K, with P − m zeros, instead of the P×P matrix.
 
         Raises:
             MemoryBudgetError: If the dense Fisher does not fit the memory budget.
         """
         if kind not in self._eigenvalues:
+            gram = self.sample_gram(kind)
+            if gram is not None:
+                with self.timed(f"eigenvalues {kind} Fisher"):
+                    ev = eigvalsh(gram.K).to(self.engine(kind).dtype)
+                    zeros = ev.new_zeros(self.spec.dim - ev.shape[0])
+                    self._eigenvalues[kind] = torch.sort(torch.cat([zeros, ev])).values
+                return self._eigenvalues[kind]
             F = self.exact_fisher(kind)
             if F.structure != "dense":
                 F.check_dense_budget()
@@ -273,17 +311,42 @@ class RuleContext:
                 self._eigenvalues[kind] = F.eigvalsh()
         return self._eigenvalues[kind]
 
+    def layer_eigenvalues(self, kind: str = "true") -> dict[str, Tensor]:
+        """Eigenvalues (ascending) of each layer block F_ll of the dense Fisher of ``kind``, by layer, computed once.
+
+        The blocks of :meth:`structure` ``("block")`` for the true Fisher, else read off the kind's dense matrix
+        (:meth:`~fisherlab.structures.BlockDiagonalFisher.from_dense`).
+
+        Raises:
+            MemoryBudgetError: If the dense Fisher does not fit the memory budget.
+        """
+        if kind not in self._layer_eigenvalues:
+            F = self.exact_fisher(kind)
+            if F.structure != "dense":
+                F.check_dense_budget()
+            blocks = self.structure("block") if kind == FisherKind.TRUE.value else BlockDiagonalFisher.from_dense(F)
+            with self.timed(f"eigenvalues {kind} Fisher blocks"):
+                self._layer_eigenvalues[kind] = blocks.block_eigvalsh()
+        return self._layer_eigenvalues[kind]
+
     def exact_solve(self, kind: str, damping: float) -> Tensor:
         """(F_kind + λI)⁻¹ ∇L, shape (P,), by :func:`fisherlab.ngd.solve_ngd_all` with ``ngd_solver``; cached per λ.
 
         A multi-shift solve (``auto`` on an implicit Fisher, or ``multishift``) solves every damping of
-        ``dampings`` not yet solved together with λ; its seconds are counted once in ``timings``.
+        ``dampings`` not yet solved together with λ; its seconds are counted once in ``timings``. Where the kind
+        has a :meth:`sample_gram` (empirical and MC Fishers, m < P) every such damping is solved with it
+        (``gram``: one m×m Cholesky each; the dense matrix, when built, checks the residuals).
         """
         key = (kind, float(damping))
         if key not in self._solutions:
-            fisher = self.exact_fisher(kind)
+            gram = self.sample_gram(kind) if float(damping) > 0 else None
             solver = parse_enum(NGDSolver, self.ngd_solver, "NGD solver")
-            shared = solver is NGDSolver.MULTISHIFT or (solver is NGDSolver.AUTO and fisher.structure == "implicit")
+            if gram is not None:  # every damping at once, the dense matrix (if built) for the residual checks
+                fisher, solver = self._exact.get(kind), NGDSolver.GRAM
+            else:
+                fisher = self.exact_fisher(kind)
+            shared = (solver in (NGDSolver.MULTISHIFT, NGDSolver.GRAM)
+                      or (solver is NGDSolver.AUTO and fisher.structure == "implicit"))
             lams = [float(damping)]
             if shared:
                 lams = [lam for lam in dict.fromkeys([float(lam) for lam in self.dampings] + lams)
@@ -292,7 +355,8 @@ class RuleContext:
             if solver in (NGDSolver.PCG_KFAC, NGDSolver.PCG_DIAG):
                 preconditioner = self._ngd_preconditioner(solver)
             solved = solve_ngd_all(self.engine(kind), self.gradient, lams, solver=solver.value, fisher=fisher,
-                                   preconditioner=preconditioner, cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter)
+                                   preconditioner=preconditioner, cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter,
+                                   gram=gram)
             infos = [info for _, info in solved.values()]
             seconds = infos[0].seconds if infos[0].solver == NGDSolver.MULTISHIFT else sum(i.seconds for i in infos)
             self.timings[f"exact {kind} solve"] = self.timings.get(f"exact {kind} solve", 0.0) + seconds

@@ -10,6 +10,8 @@
 * :mod:`~fisherlab.linalg.randomized` — :func:`top_eigh`, the largest eigenpairs by randomized subspace iteration.
 * :mod:`~fisherlab.linalg.kron` — Kronecker-factored (KFAC) products, damped solves and factor roots in
   fisherlab's row-major parameter ordering.
+* :mod:`~fisherlab.linalg.threads` — eigenvalue problems on one thread each (:func:`~fisherlab.linalg.threads.serial`,
+  :func:`~fisherlab.linalg.threads.concurrently`): the symmetric eigensolver's barriers stall shared cores.
 """
 
 from fisherlab.linalg.estimators import PROBE_DISTRIBUTIONS, hutchinson_diag, hutchinson_trace, hutchpp_trace

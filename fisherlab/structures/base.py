@@ -159,10 +159,16 @@ def eigvalsh(M: Tensor) -> Tensor:
     """Eigenvalues of symmetric M (..., n, n), ascending, in M's dtype; float16 / bfloat16 are computed in float32.
 
     (torch has no eigendecomposition in half precision; the solves of :mod:`fisherlab.linalg` promote the same way.)
+    On the CPU on one intra-op thread (:func:`fisherlab.linalg.threads.serial`: the reduction's per-column barriers
+    stall the threads of shared cores 3–4×; :func:`fisherlab.linalg.threads.concurrently` runs independent
+    spectra side by side).
     """
-    if M.dtype in (torch.float16, torch.bfloat16):
-        return torch.linalg.eigvalsh(M.float()).to(M.dtype)
-    return torch.linalg.eigvalsh(M)
+    from fisherlab.linalg.threads import serial
+
+    with serial(M.device):
+        if M.dtype in (torch.float16, torch.bfloat16):
+            return torch.linalg.eigvalsh(M.float()).to(M.dtype)
+        return torch.linalg.eigvalsh(M)
 
 
 def _stored_tensors(struct: FisherMatrix) -> Iterator[tuple[str, Tensor]]:

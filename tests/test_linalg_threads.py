@@ -1,0 +1,64 @@
+"""Eigenvalues on one thread and several spectra side by side, against numpy.linalg.eigvalsh (float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fisherlab.linalg.threads import concurrently, serial
+from fisherlab.structures.base import eigvalsh
+
+D = torch.float64
+CPU = torch.device("cpu")
+
+
+def symmetric(n: int, seed: int) -> torch.Tensor:
+    A = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=D)
+    return A + A.T
+
+
+def with_denormals(n: int, seed: int) -> torch.Tensor:
+    """A near-identity matrix (the geometry's block-structure case) whose off-diagonal holds subnormal entries."""
+    M = torch.eye(n, dtype=D) + 1e-16 * symmetric(n, seed)
+    M[0, 1:] = M[1:, 0] = 3e-310  # below the smallest normal float64, 2.2e-308
+    assert 0 < float(M[0, 1]) < np.finfo(np.float64).tiny
+    return M
+
+
+def relative(actual: torch.Tensor, expected: np.ndarray) -> float:
+    return float(np.abs(actual.numpy() - expected).max() / np.abs(expected).max())
+
+
+def test_eigvalsh_against_numpy_including_subnormal_entries():
+    threads = torch.get_num_threads()
+    for M in (symmetric(60, 0), with_denormals(60, 1)):
+        assert relative(eigvalsh(M), np.linalg.eigvalsh(M.numpy())) <= 1e-12
+    assert torch.get_num_threads() == threads
+    batch = torch.stack([symmetric(9, s) for s in range(3)])
+    want = np.stack([np.linalg.eigvalsh(B.numpy()) for B in batch])
+    assert relative(eigvalsh(batch), want) <= 1e-12
+    half = symmetric(6, 4).to(torch.bfloat16)
+    assert eigvalsh(half).dtype == torch.bfloat16
+
+
+def test_concurrently_keeps_order_and_values_and_the_thread_count():
+    threads = torch.get_num_threads()
+    mats = [symmetric(n, n) for n in (80, 5, 40, 1)] + [with_denormals(30, 7)]
+    spectra = concurrently([lambda M=M: eigvalsh(M) for M in mats], CPU)
+    assert torch.get_num_threads() == threads
+    for M, ev in zip(mats, spectra, strict=True):
+        assert relative(ev, np.linalg.eigvalsh(M.numpy())) <= 1e-12
+    assert concurrently([], CPU) == []
+    seen = concurrently([torch.get_num_threads, torch.get_num_threads], CPU)
+    assert seen == [1, 1]  # each task on one intra-op thread
+
+
+def test_serial_restores_the_thread_count_after_an_error():
+    threads = torch.get_num_threads()
+    try:
+        with serial(CPU):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("inside")
+    except RuntimeError:
+        pass
+    assert torch.get_num_threads() == threads
