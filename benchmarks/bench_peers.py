@@ -20,12 +20,14 @@ iterations on (F + λI) x = ∇L, λ = 1e-3, tolerance 1e-12: not reached; the p
 fisherlab's CG), ``lanczos`` (top 5 eigenvalues from 20 Lanczos
 steps, the peer's product in fisherlab's Lanczos), ``trace`` (Hutchinson, 16 Rademacher probes).
 
-Every call is end to end, as a user makes it: fisherlab's ``fisher(...)`` builds its engine (the data checks and
-the scan over all samples) and then the structure; a peer builds its operator and computes. For the matrix-free
-rows the operators are built once, outside the timing (products reuse them). "fisherlab (engine built)" rows time
-the structure alone on an engine built beforehand. Each row's methods are warmed up once, then run round-robin
-``--repeats`` times (``_common.time_methods``); the table gives medians, the ratio to the floor (plain torch:
-see each floor's name) and ``fisherlab / best peer`` as the median over rounds of the ratio within a round.
+Every call is end to end, as a user makes it: fisherlab's ``fisher(...)`` builds its engine (the options, model and
+first samples checked) and then the structure, whose pass over the data also checks every sample and draws the MC
+labels (the engine's first pass); a peer builds its operator and computes. For the matrix-free rows the operators
+are built once, outside the timing (products reuse them). "fisherlab (engine built)" rows time the structure alone
+on an engine built beforehand (its first pass made by the warm-up). Each row's methods are warmed up once, then
+run round-robin ``--repeats`` times (``_common.time_methods``); the table gives medians, the ratio to the floor
+(plain torch: see each floor's name) and ``fisherlab / best peer`` as the median over rounds of the ratio within a
+round.
 
 Checks, against fisherlab's result on the same inputs (relative Frobenius difference, float64 arithmetic):
 dense matrices; diagonals; KFAC/EKFAC operators applied to one random vector; products; CG iterates;
