@@ -14,8 +14,10 @@ import contextlib
 import hashlib
 import json
 import os
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -45,9 +47,17 @@ from fisherlab.study import StudyConfig, run_study
 
 CONFIG = {"command": "faults", "seed": 0, "lr": 0.1}
 PARTS = ("a", "b", "c")
-# A fidelity study small enough for a subprocess: two parts, about a second.
+# A fidelity study small enough for a subprocess: two parts, a user's model of 3 hidden units (P = 45; the built-in
+# mlp's P = 1,507 dense Fisher and its eigendecomposition cost ten times the CPU and prove nothing more here).
 STUDY = {"data": "synthetic-multiclass", "n_samples": 16, "parts": ["fidelity", "spectrum"], "rules": ["gd", "ngd"],
          "damping": [1e-2], "spectrum_kinds": ["true"]}
+TINY = """\
+from torch import nn
+
+
+def model(split):
+    return nn.Sequential(nn.Linear(split.X_train.shape[1], 3), nn.Tanh(), nn.Linear(3, split.n_outputs))
+"""
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -99,16 +109,160 @@ def hidden(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
-def python(code: str, *args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+#: The forking server of :class:`Spawner`: imports what the children use once, then forks one child per request
+#: (its stdin, stdout and stderr the pipes sent with the request), reports each child's pid and exit code, and on
+#: EOF kills the children still running and exits. A child runs its code as ``python -c CODE ARGS`` would and ends
+#: through the interpreter's own exit (atexit handlers, h5py's cleanup), not ``os._exit``.
+SPAWNER = """
+    import json, os, select, signal, socket, sys, traceback
+    sys.path.insert(0, sys.argv[2])
+    import fisherlab.results.io, fisherlab.results.lock, fisherlab.study, test_results_faults  # noqa: F401
+    conn, children = socket.socket(fileno=int(sys.argv[1])), set()
+    while True:
+        readable = select.select([conn], [], [], 0.02)[0]
+        while children and (ended := os.waitpid(-1, os.WNOHANG))[0]:
+            children.discard(ended[0])
+            conn.send(json.dumps({"pid": ended[0], "rc": os.waitstatus_to_exitcode(ended[1])}).encode())
+        if not readable:
+            continue
+        msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        if not msg:  # the test closed its end
+            for pid in children:
+                os.kill(pid, signal.SIGKILL)
+            break
+        request = json.loads(msg)
+        if (pid := os.fork()) == 0:
+            conn.close()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target)
+                os.close(fd)
+            sys.argv = ["-c", *request["argv"]]
+            try:
+                exec(compile(request["code"], "<child>", "exec"), {"__name__": "__main__"})
+            except SystemExit:
+                raise
+            except BaseException:
+                traceback.print_exc()
+                sys.exit(1)
+            sys.exit(0)
+        for fd in fds:
+            os.close(fd)
+        children.add(pid)
+        conn.send(json.dumps({"started": pid}).encode())
+"""
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+class Child:
+    """A child of the :class:`Spawner`, used like a :class:`subprocess.Popen` with text pipes."""
+
+    def __init__(self, spawner: Spawner, pid: int, stdin: int, stdout: int, stderr: int) -> None:
+        self.spawner, self.pid, self.returncode = spawner, pid, None
+        self.stdin = open(stdin, "w")  # noqa: SIM115 - closed by communicate
+        # unbuffered, so that a readline takes no more than its line from what communicate reads
+        self.stdout, self.stderr = open(stdout, "rb", buffering=0), open(stderr, "rb", buffering=0)  # noqa: SIM115
+
+    def poll(self) -> int | None:
+        self.spawner.collect(0.0)
+        self.returncode = self.spawner.exits.get(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"child {self.pid}", timeout)
+            self.spawner.collect(0.05)
+        return self.returncode
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+    def communicate(self, timeout: float = 60.0) -> tuple[str, str]:
+        """Close stdin, wait (bounded) for the end, and return (stdout, stderr)."""
+        with contextlib.suppress(OSError):
+            self.stdin.close()
+        deadline, chunks = time.monotonic() + timeout, {self.stdout: [], self.stderr: []}
+        open_ = list(chunks)
+        while open_:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(f"child {self.pid}", timeout)
+            for f in select.select(open_, [], [], left)[0]:
+                data = os.read(f.fileno(), 1 << 16)
+                if data:
+                    chunks[f].append(data)
+                else:
+                    open_.remove(f)
+        self.wait(max(deadline - time.monotonic(), 1.0))
+        out, err = (b"".join(chunks[f]).decode(errors="replace") for f in (self.stdout, self.stderr))
+        for f in chunks:
+            f.close()
+        return out, err
+
+
+class Spawner:
+    """Children forked from one server process that imported fisherlab once (a child of its own costs 5-7 CPU s
+    of imports); each is a process of its own (its own pid, lock and ``kill -9``), ended by its own exit."""
+
+    def __init__(self) -> None:
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.server = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SPAWNER), str(theirs.fileno()),
+                                        str(Path(__file__).parent)], pass_fds=[theirs.fileno()],
+                                       stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.exits: dict[int, int] = {}
+        self.started: list[int] = []
+
+    def collect(self, timeout: float) -> None:
+        """Read the server's reports for up to ``timeout`` seconds (0: those already sent)."""
+        while select.select([self.sock], [], [], timeout)[0]:
+            msg = self.sock.recv(1 << 16)
+            assert msg, f"the spawner ended (rc {self.server.poll()})"
+            report = json.loads(msg)
+            if "started" in report:
+                self.started.append(report["started"])
+            else:
+                self.exits[report["pid"]] = report["rc"]
+            timeout = 0.0
+
+    def spawn(self, code: str, *args: str) -> Child:
+        """A child running ``python -c code args`` (dedented), its stdio pipes to this process."""
+        stdin, stdout, stderr = os.pipe(), os.pipe(), os.pipe()
+        theirs = [stdin[0], stdout[1], stderr[1]]
+        socket.send_fds(self.sock, [json.dumps({"code": textwrap.dedent(code), "argv": args}).encode()], theirs)
+        for fd in theirs:
+            os.close(fd)
+        deadline = time.monotonic() + 60
+        while not self.started:
+            assert time.monotonic() < deadline, "the spawner did not fork"
+            self.collect(0.1)
+        return Child(self, self.started.pop(0), stdin[1], stdout[0], stderr[0])
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.server.wait(30)
+        finally:
+            if self.server.poll() is None:
+                self.server.kill()
+                self.server.wait()
+
+
+@pytest.fixture(scope="module")
+def spawner() -> Spawner:
+    server = Spawner()
+    yield server
+    server.close()
+
+
+def wait_for(path: Path, proc: Child, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"child ended (rc {proc.returncode}) before {path.name}: {proc.stderr.read()}")
+            raise AssertionError(f"child ended (rc {proc.returncode}) before {path.name}: "
+                                 f"{proc.stderr.read().decode(errors='replace')}")
         assert time.monotonic() < deadline, f"{path.name} never appeared"
         time.sleep(0.02)
 
@@ -151,10 +305,10 @@ KILLED = """
 """
 
 
-def _kill_while_saving(tmp_path: Path, point: str, *args: str) -> tuple[Path, dict[str, str]]:
+def _kill_while_saving(spawner: Spawner, tmp_path: Path, point: str, *args: str) -> tuple[Path, dict[str, str]]:
     """Run ``KILLED`` until it is saving its last part, ``kill -9`` it; the folder and its finished files."""
     out, ready = tmp_path / "run", tmp_path / "ready"
-    child = python(KILLED, str(out), point, str(ready), str(Path(__file__).parent), *args)
+    child = spawner.spawn(KILLED, str(out), point, str(ready), str(Path(__file__).parent), *args)
     try:
         wait_for(ready, child)
         before = digests(out)
@@ -171,8 +325,8 @@ def _kill_while_saving(tmp_path: Path, point: str, *args: str) -> tuple[Path, di
 
 
 @pytest.mark.parametrize("point", ["half written", "before the rename"])
-def test_kill_9_while_saving_keeps_finished_parts_and_the_rerun_completes(tmp_path, point):
-    out, before = _kill_while_saving(tmp_path, point, "mini")
+def test_kill_9_while_saving_keeps_finished_parts_and_the_rerun_completes(spawner, tmp_path, point):
+    out, before = _kill_while_saving(spawner, tmp_path, point, "mini")
     assert list(before) == ["a.nc", "b.nc"] and not (out / "c.nc").exists()
     assert mini_run(out, CONFIG) == (True, ["c"])  # the kill released the lock: claimed at once, resumed
     assert_intact(out, before)
@@ -180,11 +334,18 @@ def test_kill_9_while_saving_keeps_finished_parts_and_the_rerun_completes(tmp_pa
     assert read_manifest(out)["files"] == ["a.nc", "b.nc", "c.nc"]
 
 
+@pytest.fixture
+def study(tmp_path: Path) -> dict:
+    """:data:`STUDY` on the model of :data:`TINY`."""
+    (tmp_path / "tiny.py").write_text(TINY)
+    return {**STUDY, "model": f"{tmp_path / 'tiny.py'}:model"}
+
+
 @pytest.mark.slow
-def test_kill_9_while_run_study_saves(tmp_path):
-    out, before = _kill_while_saving(tmp_path, "before the rename", "study", json.dumps(STUDY))
+def test_kill_9_while_run_study_saves(spawner, tmp_path, study):
+    out, before = _kill_while_saving(spawner, tmp_path, "before the rename", "study", json.dumps(study))
     assert list(before) == ["fidelity.nc"] and not (out / "spectrum.nc").exists()
-    cfg = StudyConfig(**STUDY)
+    cfg = StudyConfig(**study)
     log: list[str] = []
     assert guard_output_folder(out, cfg.to_dict()) is True
     try:
@@ -229,12 +390,12 @@ CLAIMER = """
 """
 
 
-def _race(root: Path, trials: list[tuple[float, float, float, bool]]) -> list[list]:
+def _race(spawner: Spawner, root: Path, trials: list[tuple[float, float, float, bool]]) -> list[list]:
     """Two processes claim ``root/trial<k>`` at the same instant, for each trial ``(start, hold, wait, same)``."""
-    procs = [python(CLAIMER, str(root), name, json.dumps(trials), stdin=subprocess.PIPE) for name in ("p", "q")]
+    procs = [spawner.spawn(CLAIMER, str(root), name, json.dumps(trials)) for name in ("p", "q")]
     try:
         for p in procs:
-            assert p.stdout.readline().strip() == "ready", p.stderr.read()
+            assert p.stdout.readline().decode().strip() == "ready", p.stderr.read()
         t0 = f"{time.time() + 0.2}\n"
         for p in procs:
             p.stdin.write(t0)
@@ -248,12 +409,12 @@ def _race(root: Path, trials: list[tuple[float, float, float, bool]]) -> list[li
     return [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
 
 
-def test_concurrent_claims_one_run_per_folder(tmp_path):
+def test_concurrent_claims_one_run_per_folder(spawner, tmp_path):
     """20 pairs of processes claim a folder for different configurations at the same instant, 8 for the same."""
     n_other, n_same = 20, 8
     trials = [(0.15 * k, 0.08, 0.0, False) for k in range(n_other)]
     trials += [(0.15 * n_other + 0.25 * k, 0.08, 5.0, True) for k in range(n_same)]
-    p, q = _race(tmp_path, trials)
+    p, q = _race(spawner, tmp_path, trials)
     in_use = 0
     for k, (a, b) in enumerate(zip(p[:n_other], q[:n_other], strict=True)):
         outcome = sorted([a[0], b[0]])
@@ -274,11 +435,11 @@ def test_concurrent_claims_one_run_per_folder(tmp_path):
         assert sorted([a, b]) == [["accepted", False], ["accepted", True]]
 
 
-def test_a_held_folder_is_refused_until_its_holder_dies(tmp_path):
+def test_a_held_folder_is_refused_until_its_holder_dies(spawner, tmp_path):
     out = tmp_path / "run"
     (out / "store").mkdir(parents=True)
     held = tmp_path / "held"
-    child = python("""
+    child = spawner.spawn("""
         import sys, time
         from pathlib import Path
         from fisherlab.results.lock import hold_folder
@@ -344,13 +505,16 @@ FULL_DISK = """
 """
 
 
-def test_disk_full_while_saving_is_a_named_error_and_the_process_continues(small_disk):
+def test_disk_full_while_saving_is_a_named_error_and_the_process_continues(spawner, small_disk):
     out = small_disk / "run"
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(FULL_DISK), str(out)], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])  # was 139: a segfault in h5py's cleanup
-    assert "refused: could not write results file" in r.stdout and "big.nc" in r.stdout
-    assert "No space left on device" in r.stdout and "continued" in r.stdout
+    child = spawner.spawn(FULL_DISK, str(out))
+    try:
+        stdout, stderr = child.communicate(120)
+    finally:
+        child.kill()
+    assert child.returncode == 0, (child.returncode, stderr[-2000:])  # was 139: a segfault in h5py's cleanup
+    assert "refused: could not write results file" in stdout and "big.nc" in stdout
+    assert "No space left on device" in stdout and "continued" in stdout
     assert not (out / "big.nc").exists() and hidden(out) == [".fisherlab.lock"]  # nothing partial
     assert read_manifest(out)["files"] == ["after.nc", "small.nc"]
     before = digests(out)
@@ -464,9 +628,9 @@ def test_a_part_copied_in_from_another_configuration_is_refused(tmp_path, capsys
     assert mini_run(mine, CONFIG) == (True, ["b"])
 
 
-def test_run_study_refuses_a_part_of_another_configuration(tmp_path, capsys):
+def test_run_study_refuses_a_part_of_another_configuration(tmp_path, capsys, study):
     """A part written outside any claimed folder (no stamp) is still checked by its ``config`` on resume."""
-    a, b = StudyConfig(**{**STUDY, "parts": ["fidelity"]}), StudyConfig(**{**STUDY, "parts": ["fidelity"],
+    a, b = StudyConfig(**{**study, "parts": ["fidelity"]}), StudyConfig(**{**study, "parts": ["fidelity"],
                                                                             "n_samples": 12})
     run_study(a, tmp_path / "a", progress=False, log=lambda m: None)
     (tmp_path / "b").mkdir()
@@ -474,9 +638,9 @@ def test_run_study_refuses_a_part_of_another_configuration(tmp_path, capsys):
     with pytest.raises(InputError, match=r"b/fidelity\.nc holds results of a different configuration \(differs in: "
                                          r"n_samples\)"):
         run_study(b, tmp_path / "b", progress=False, log=lambda m: None)
-    args = ["fidelity", "--out", str(tmp_path / "b"), "--data", "synthetic-multiclass", "--n-samples", "12",
-            "--parts", "fidelity", "--rules", "gd", "ngd", "--damping", "1e-2", "--spectrum-kinds", "true",
-            "--no-progress"]
+    args = ["fidelity", "--out", str(tmp_path / "b"), "--model", study["model"], "--data", "synthetic-multiclass",
+            "--n-samples", "12", "--parts", "fidelity", "--rules", "gd", "ngd", "--damping", "1e-2",
+            "--spectrum-kinds", "true", "--no-progress"]
     assert main(args) == 2
     assert "fidelity.nc holds results of a different configuration (differs in: n_samples)" in capsys.readouterr().err
     (tmp_path / "b" / "fidelity.nc").unlink()
