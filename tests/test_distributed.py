@@ -1,17 +1,22 @@
 """Data-parallel sums over torch.distributed (gloo, CPU): 2 and 3 ranks agree with one process to 1e-12 (float64).
 
-Each world size is one group of subprocesses (this file run as a script) on 127.0.0.1, a free port, a hard
-timeout; each rank takes its :func:`fisherlab.distributed.shard` of N = 23 samples (not divisible by 2 or 3: unequal
-shards), computes every quantity, and rank 0 writes them to a file the test compares with the single-process
-results computed here. Chunks of 5 samples, so shard boundaries fall inside chunks.
+One subprocess (this file run as a script, in a session of its own, killed on a hard timeout) imports torch and
+fisherlab once and forks ranks 1 and 2 (each a process of its own, on 127.0.0.1 with gloo, free ports): the three
+serve both world sizes, a process group of 3 ranks, destroyed, then a new one of ranks 0 and 1 (rank 2 exits). In each world every rank takes its :func:`fisherlab.distributed.shard` of N = 23
+samples (not divisible by 2 or 3: unequal shards), computes every quantity, and rank 0 writes them to a file the
+test compares with the single-process results computed here. Chunks of 5 samples, so shard boundaries fall inside
+chunks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -80,7 +85,7 @@ def compute(X: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def worker(rank: int, world: int, port: int, path: str) -> None:
-    """One rank: its shard, every quantity; rank 0 saves them."""
+    """One rank of a new default process group of ``world`` ranks: its shard, every quantity; rank 0 saves them."""
     import datetime
 
     import torch.distributed as dist
@@ -117,23 +122,64 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_world(world: int, tmp_path: Path) -> dict[str, torch.Tensor]:
-    """Run ``world`` gloo ranks of :func:`worker` as subprocesses; kill them all on failure or timeout."""
-    path = tmp_path / f"world{world}.pt"
-    port = free_port()
+WORLDS = (3, 2)
+
+
+def run_worlds(tmp_path: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """Run gloo ranks of :func:`worker` as subprocesses, a world of each size of :data:`WORLDS` in turn (a
+    process takes part in those it has a rank in); kill them all on failure or timeout. World size → rank 0's
+    results."""
+    paths = {world: tmp_path / f"world{world}.pt" for world in WORLDS}
+    worlds = [f"{world}:{free_port()}:{paths[world]}" for world in WORLDS]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), str(path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
+    proc = subprocess.Popen([sys.executable, __file__, *worlds], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        logs = [p.communicate(timeout=TIMEOUT_S)[0].decode(errors="replace") for p in procs]
+        log = proc.communicate(timeout=2 * TIMEOUT_S)[0].decode(errors="replace")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    failed = [(r, p.returncode, logs[r][-3000:]) for r, p in enumerate(procs) if p.returncode != 0]
-    assert not failed, failed
-    return torch.load(path)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the forked ranks too
+        proc.wait()
+    assert proc.returncode == 0, log[-6000:]
+    return {world: torch.load(path) for world, path in paths.items()}
+
+
+def ranks(worlds: list[str]) -> int:
+    """Fork ranks 1 .. max world size − 1 of ``worlds`` (``WORLD:PORT:PATH`` each), run rank 0 here; the exit code."""
+
+    def run(rank: int) -> None:
+        for spec in worlds:  # one world after another
+            world, port, path = spec.split(":", 2)
+            if rank < int(world):
+                worker(rank, int(world), int(port), path)
+
+    children = []
+    for rank in range(1, max(int(spec.split(":")[0]) for spec in worlds)):
+        if (pid := os.fork()) == 0:
+            code = 0
+            try:
+                run(rank)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        children.append(pid)
+    try:
+        run(0)
+    except BaseException:
+        for pid in children:  # they would wait for rank 0 until the group's timeout
+            os.kill(pid, signal.SIGKILL)
+        raise
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+    print("ranks 1.. exited with", codes, flush=True)
+    return int(any(codes))
+
+
+@pytest.fixture(scope="module")
+def distributed(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, torch.Tensor]]:
+    return run_worlds(tmp_path_factory.mktemp("worlds"))
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +194,9 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_ranks_agree_with_one_process(world: int, single: dict[str, torch.Tensor], tmp_path: Path) -> None:
-    dist_out = run_world(world, tmp_path)
+def test_ranks_agree_with_one_process(world: int, single: dict[str, torch.Tensor],
+                                      distributed: dict[int, dict[str, torch.Tensor]]) -> None:
+    dist_out = distributed[world]
     if world == 3:
         single = {**single, "subgroup_mc_dense": single["mc_dense"], "subgroup_gradient": single["gradient"]}
     assert set(dist_out) == set(single)
@@ -213,4 +260,9 @@ def test_no_process_group_is_the_single_process_path() -> None:
 
 
 if __name__ == "__main__":
-    worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    # what compute() imports, once before the fork (torch.func's first call imports torch._dynamo: ~3 CPU s)
+    import torch._dynamo  # noqa: F401
+
+    import fisherlab.engine, fisherlab.linalg, fisherlab.ngd, fisherlab.structures.lowrank  # noqa: E401, F401
+
+    sys.exit(ranks(sys.argv[1:]))
