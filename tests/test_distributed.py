@@ -2,10 +2,10 @@
 
 One subprocess (this file run as a script, in a session of its own, killed on a hard timeout) imports torch and
 fisherlab once and forks ranks 1 and 2 (each a process of its own, on 127.0.0.1 with gloo, free ports): the three
-serve both world sizes, a process group of 3 ranks, destroyed, then a new one of ranks 0 and 1 (rank 2 exits). In each world every rank takes its :func:`fisherlab.distributed.shard` of N = 23
-samples (not divisible by 2 or 3: unequal shards), computes every quantity, and rank 0 writes them to a file the
-test compares with the single-process results computed here. Chunks of 5 samples, so shard boundaries fall inside
-chunks.
+serve both world sizes, a process group of 3 ranks, destroyed, then a new one of ranks 0 and 1 (rank 2 exits). In
+each world every rank takes its :func:`fisherlab.distributed.shard` of N = 23 samples (not divisible by 2 or 3:
+unequal shards), computes every quantity, and rank 0 writes them to a file the test compares with the
+single-process results computed here. Chunks of 5 samples, so shard boundaries fall inside chunks.
 """
 
 from __future__ import annotations
@@ -263,6 +263,9 @@ if __name__ == "__main__":
     # what compute() imports, once before the fork (torch.func's first call imports torch._dynamo: ~3 CPU s)
     import torch._dynamo  # noqa: F401
 
-    import fisherlab.engine, fisherlab.linalg, fisherlab.ngd, fisherlab.structures.lowrank  # noqa: E401, F401
+    import fisherlab.engine  # noqa: F401
+    import fisherlab.linalg  # noqa: F401
+    import fisherlab.ngd  # noqa: F401
+    import fisherlab.structures.lowrank  # noqa: F401
 
     sys.exit(ranks(sys.argv[1:]))

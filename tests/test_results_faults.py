@@ -14,13 +14,9 @@ import contextlib
 import hashlib
 import json
 import os
-import select
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -28,6 +24,7 @@ import h5py
 import numpy as np
 import pytest
 import xarray as xr
+from forked import Child, Spawner
 
 from fisherlab.cli import main
 from fisherlab.errors import InputError, ResultsFileError, ResultsIntegrityWarning
@@ -109,150 +106,10 @@ def hidden(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
-#: The forking server of :class:`Spawner`: imports what the children use once, then forks one child per request
-#: (its stdin, stdout and stderr the pipes sent with the request), reports each child's pid and exit code, and on
-#: EOF kills the children still running and exits. A child runs its code as ``python -c CODE ARGS`` would and ends
-#: through the interpreter's own exit (atexit handlers, h5py's cleanup), not ``os._exit``.
-SPAWNER = """
-    import json, os, select, signal, socket, sys, traceback
-    sys.path.insert(0, sys.argv[2])
-    import fisherlab.results.io, fisherlab.results.lock, fisherlab.study, test_results_faults  # noqa: F401
-    conn, children = socket.socket(fileno=int(sys.argv[1])), set()
-    while True:
-        readable = select.select([conn], [], [], 0.02)[0]
-        while children and (ended := os.waitpid(-1, os.WNOHANG))[0]:
-            children.discard(ended[0])
-            conn.send(json.dumps({"pid": ended[0], "rc": os.waitstatus_to_exitcode(ended[1])}).encode())
-        if not readable:
-            continue
-        msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
-        if not msg:  # the test closed its end
-            for pid in children:
-                os.kill(pid, signal.SIGKILL)
-            break
-        request = json.loads(msg)
-        if (pid := os.fork()) == 0:
-            conn.close()
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            for target, fd in enumerate(fds):
-                os.dup2(fd, target)
-                os.close(fd)
-            sys.argv = ["-c", *request["argv"]]
-            try:
-                exec(compile(request["code"], "<child>", "exec"), {"__name__": "__main__"})
-            except SystemExit:
-                raise
-            except BaseException:
-                traceback.print_exc()
-                sys.exit(1)
-            sys.exit(0)
-        for fd in fds:
-            os.close(fd)
-        children.add(pid)
-        conn.send(json.dumps({"started": pid}).encode())
-"""
-
-
-class Child:
-    """A child of the :class:`Spawner`, used like a :class:`subprocess.Popen` with text pipes."""
-
-    def __init__(self, spawner: Spawner, pid: int, stdin: int, stdout: int, stderr: int) -> None:
-        self.spawner, self.pid, self.returncode = spawner, pid, None
-        self.stdin = open(stdin, "w")  # noqa: SIM115 - closed by communicate
-        # unbuffered, so that a readline takes no more than its line from what communicate reads
-        self.stdout, self.stderr = open(stdout, "rb", buffering=0), open(stderr, "rb", buffering=0)  # noqa: SIM115
-
-    def poll(self) -> int | None:
-        self.spawner.collect(0.0)
-        self.returncode = self.spawner.exits.get(self.pid)
-        return self.returncode
-
-    def wait(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while self.poll() is None:
-            if time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"child {self.pid}", timeout)
-            self.spawner.collect(0.05)
-        return self.returncode
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-
-    def communicate(self, timeout: float = 60.0) -> tuple[str, str]:
-        """Close stdin, wait (bounded) for the end, and return (stdout, stderr)."""
-        with contextlib.suppress(OSError):
-            self.stdin.close()
-        deadline, chunks = time.monotonic() + timeout, {self.stdout: [], self.stderr: []}
-        open_ = list(chunks)
-        while open_:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise subprocess.TimeoutExpired(f"child {self.pid}", timeout)
-            for f in select.select(open_, [], [], left)[0]:
-                data = os.read(f.fileno(), 1 << 16)
-                if data:
-                    chunks[f].append(data)
-                else:
-                    open_.remove(f)
-        self.wait(max(deadline - time.monotonic(), 1.0))
-        out, err = (b"".join(chunks[f]).decode(errors="replace") for f in (self.stdout, self.stderr))
-        for f in chunks:
-            f.close()
-        return out, err
-
-
-class Spawner:
-    """Children forked from one server process that imported fisherlab once (a child of its own costs 5-7 CPU s
-    of imports); each is a process of its own (its own pid, lock and ``kill -9``), ended by its own exit."""
-
-    def __init__(self) -> None:
-        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.server = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SPAWNER), str(theirs.fileno()),
-                                        str(Path(__file__).parent)], pass_fds=[theirs.fileno()],
-                                       stdin=subprocess.DEVNULL)
-        theirs.close()
-        self.exits: dict[int, int] = {}
-        self.started: list[int] = []
-
-    def collect(self, timeout: float) -> None:
-        """Read the server's reports for up to ``timeout`` seconds (0: those already sent)."""
-        while select.select([self.sock], [], [], timeout)[0]:
-            msg = self.sock.recv(1 << 16)
-            assert msg, f"the spawner ended (rc {self.server.poll()})"
-            report = json.loads(msg)
-            if "started" in report:
-                self.started.append(report["started"])
-            else:
-                self.exits[report["pid"]] = report["rc"]
-            timeout = 0.0
-
-    def spawn(self, code: str, *args: str) -> Child:
-        """A child running ``python -c code args`` (dedented), its stdio pipes to this process."""
-        stdin, stdout, stderr = os.pipe(), os.pipe(), os.pipe()
-        theirs = [stdin[0], stdout[1], stderr[1]]
-        socket.send_fds(self.sock, [json.dumps({"code": textwrap.dedent(code), "argv": args}).encode()], theirs)
-        for fd in theirs:
-            os.close(fd)
-        deadline = time.monotonic() + 60
-        while not self.started:
-            assert time.monotonic() < deadline, "the spawner did not fork"
-            self.collect(0.1)
-        return Child(self, self.started.pop(0), stdin[1], stdout[0], stderr[0])
-
-    def close(self) -> None:
-        self.sock.close()
-        try:
-            self.server.wait(30)
-        finally:
-            if self.server.poll() is None:
-                self.server.kill()
-                self.server.wait()
-
-
 @pytest.fixture(scope="module")
 def spawner() -> Spawner:
-    server = Spawner()
+    """Children forked from one process that imported what they use (fisherlab, this module) once."""
+    server = Spawner(["fisherlab.results.io", "fisherlab.results.lock", "fisherlab.study", "test_results_faults"])
     yield server
     server.close()
 
