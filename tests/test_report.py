@@ -203,6 +203,35 @@ def test_axis_labels_carry_the_units_of_the_attrs(study):
     assert report.axis_label(seconds) == "wall time (s)"
 
 
+def _log_figure():
+    """Two log-log panels under the report's theme: one spanning 8 decades, one within a decade."""
+    fig = report.new_figure(7, 3)
+    wide, narrow = fig.subplots(1, 2)
+    wide.plot(np.logspace(-6, 2, 30), np.logspace(0, -8, 30))
+    narrow.plot([2.0, 3.0, 5.0], [1.5, 2.5, 4.0])
+    for ax in (wide, narrow):
+        ax.set(xscale="log", yscale="log")
+    return fig, wide, narrow
+
+
+def test_dropping_invisible_minor_ticks_changes_no_pixel(tmp_path, monkeypatch):
+    from matplotlib import rc_context
+    from PIL import Image
+
+    with rc_context(report._theme()):
+        with monkeypatch.context() as m:  # the same figure saved with every minor tick matplotlib makes
+            m.setattr(report, "_drop_invisible_minor_ticks", lambda fig: None)
+            report.save_figure(_log_figure()[0], tmp_path / "as_matplotlib_draws_it")
+        fig, wide, narrow = _log_figure()
+        report.save_figure(fig, tmp_path / "saved")
+    assert len(wide.xaxis.get_minor_locator().tick_values(1e-6, 1e2)) == 0  # the wide axes lost theirs ...
+    assert len(narrow.xaxis.get_minor_locator().tick_values(2.0, 5.0)) > 0  # ... the one-decade axes keep theirs
+    assert any(t.get_text() for t in narrow.xaxis.get_minorticklabels())  # they carry its only labels
+    want, got = (np.asarray(Image.open(tmp_path / name).convert("RGB"))
+                 for name in ("as_matplotlib_draws_it.png", "saved.png"))
+    np.testing.assert_array_equal(got, want)
+
+
 # -------------------------------------------------------------------------------------------- globals
 def test_importing_the_report_changes_no_matplotlib_state():
     code = ("import matplotlib, sys\n"
