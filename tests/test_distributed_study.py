@@ -1,15 +1,17 @@
 """The fidelity study under torchrun (gloo, CPU): the same Datasets as one process, a killed rank, refusals.
 
-The 2-rank runs are subprocesses on 127.0.0.1 (``torchrun --standalone``, or the launcher's environment variables
+The 2-rank runs are processes on 127.0.0.1 (``torchrun --standalone``, or the launcher's environment variables
 set by hand, so that the surviving rank's own error handling is what is tested), each bounded by a timeout and
-killed on failure. A tiny user model (``tiny.py:model``, 5 hidden units) on 23 synthetic samples: the shards have
-12 and 11 samples.
+killed on failure. Ranks launched by hand are ``python -m fisherlab`` forked from one process that imported torch
+and fisherlab once (:mod:`forked`). A tiny user model (``tiny.py:model``, 5 hidden units) on 23 synthetic samples:
+the shards have 12 and 11 samples.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from forked import Child, Spawner
 
 from fisherlab.errors import InputError
 from fisherlab.study import PARTS, StudyConfig
@@ -68,6 +71,39 @@ def torchrun(args: list[str]) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --standalone --nproc-per-node 2 -m fisherlab ARGS``."""
     return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "fisherlab", *args], quiet_env())
+
+
+#: ``python -m fisherlab ARGS`` in a child of the :class:`~forked.Spawner`.
+FISHERLAB = "import runpy; runpy.run_module('fisherlab', run_name='__main__', alter_sys=True)"
+
+
+@pytest.fixture(scope="module")
+def spawner() -> Spawner:
+    """Ranks forked from one process that imported what ``fisherlab fidelity`` uses (and torch._dynamo, which
+    torch.func's first call imports) once."""
+    server = Spawner(["torch._dynamo", "fisherlab.cli", "fisherlab.study", "fisherlab.distributed",
+                      "fisherlab.fidelity", "fisherlab.results"], env=quiet_env())
+    yield server
+    server.close()
+
+
+def ranks_by_hand(spawner: Spawner, args: list[str]) -> list[Child]:
+    """``fisherlab ARGS`` as ranks 0 and 1 of 2, the launcher's environment variables set by hand (a free port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [spawner.spawn(FISHERLAB, *args, env={"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                                                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+            for rank in (0, 1)]
+
+
+def logs_of(procs: list[Child], timeout: float = 60.0) -> list[str]:
+    """Each rank's stdout and stderr once it ended (bounded: a rank still running is killed)."""
+    try:
+        return ["".join(p.communicate(timeout=timeout)) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
 
 
 @pytest.fixture
@@ -123,9 +159,11 @@ def test_two_ranks_write_what_one_process_computes(tiny: str, tmp_path: Path) ->
     assert sorted(p.name for p in (tmp_path / "two").glob("*.nc")) == sorted(f"{p}.nc" for p in PARTS)
 
 
-#: A user model whose rank 1 raises once the fidelity part is saved (``OUT`` is replaced by the output folder).
+#: A user model whose rank 1, once the fidelity part is saved, raises (``HOW`` "raises") or stops until it is killed
+#: (``OUT`` is replaced by the output folder): the failure lands inside the trajectory part, however fast the rest.
 FAILING = """\
 import os
+import time
 from pathlib import Path
 
 from torch import nn
@@ -134,7 +172,9 @@ from torch import nn
 class Failing(nn.Sequential):
     def forward(self, x):
         if os.environ["RANK"] == "1" and Path("OUT", "fidelity.nc").exists():
-            raise RuntimeError("boom on rank 1")
+            if "HOW" == "raises":
+                raise RuntimeError("boom on rank 1")
+            time.sleep(600)  # until the test kills it
         return super().forward(x)
 
 
@@ -145,28 +185,17 @@ def model(split):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["killed", "raises"])
-def test_a_failed_rank_stops_the_other_with_a_named_error(how: str, tiny: str, tmp_path: Path) -> None:
+def test_a_failed_rank_stops_the_other_with_a_named_error(how: str, spawner: Spawner, tmp_path: Path) -> None:
     """Once rank 0 has saved the fidelity part, rank 1 is SIGKILLed (or its model raises); rank 0 names rank 1 and
     exits; the saved part is intact and the folder resumes."""
-    import socket
-
     from fisherlab.results import ResultsStore, guard_output_folder, release_output_folder
 
-    options = {**OPTIONS, "steps": 400, "every": 200}  # a long trajectory: the failure lands inside it
+    # two rules, a 2-step trajectory: the failure is made to land inside it by the model (FAILING)
+    options = {**OPTIONS, "rules": ["gd", "ngd"], "trajectory_rules": ["gd", "ngd"]}
     out = tmp_path / "run"
-    if how == "raises":
-        (tmp_path / "failing.py").write_text(FAILING.replace("OUT", str(out)))
-        tiny = f"{tmp_path / 'failing.py'}:model"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in (0, 1):
-        env = {**quiet_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "fisherlab", *argv(options, tiny, out),
-                                       "--timeout", "60"], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, start_new_session=True))
+    (tmp_path / "failing.py").write_text(FAILING.replace("OUT", str(out)).replace("HOW", how))
+    tiny = f"{tmp_path / 'failing.py'}:model"
+    procs = ranks_by_hand(spawner, [*argv(options, tiny, out), "--timeout", "60"])
     try:
         deadline = time.monotonic() + TIMEOUT_S
         while not (out / "fidelity.nc").exists():
@@ -175,13 +204,11 @@ def test_a_failed_rank_stops_the_other_with_a_named_error(how: str, tiny: str, t
         if how == "killed":
             procs[1].kill()
         failed_at = time.monotonic()
-        logs = [p.communicate(timeout=60)[0].decode(errors="replace") for p in procs]
+        logs = logs_of(procs)
         took = time.monotonic() - failed_at
     finally:
         for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+            p.kill()
     log = logs[0]
     print(f"rank 0 stopped {took:.1f} s after rank 1 {how}:", log.splitlines()[-1])
     assert procs[0].returncode == 2, log[-3000:]
@@ -200,16 +227,18 @@ def test_a_failed_rank_stops_the_other_with_a_named_error(how: str, tiny: str, t
 
 
 @pytest.mark.slow
-def test_rank_zeros_refusal_reaches_every_rank(tiny: str, tmp_path: Path) -> None:
+def test_rank_zeros_refusal_reaches_every_rank(spawner: Spawner, tiny: str, tmp_path: Path) -> None:
     """Rank 0's refusal of a folder holding another configuration is raised on both ranks."""
     from fisherlab.results import guard_output_folder, release_output_folder
 
     other = tmp_path / "other"
     guard_output_folder(other, {"command": "fidelity", "seed": 99})
     release_output_folder(other)
-    done = torchrun(argv({**OPTIONS, "parts": ["fidelity"]}, tiny, other))
-    assert done.returncode != 0
-    assert done.stdout.count("holds results of a different configuration") == 2, done.stdout[-3000:]
+    procs = ranks_by_hand(spawner, argv({**OPTIONS, "parts": ["fidelity"]}, tiny, other))
+    logs = logs_of(procs, TIMEOUT_S)
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode != 0
+        assert log.count("holds results of a different configuration") == 1, log[-3000:]
     assert not (other / "fidelity.nc").exists()
 
 
