@@ -25,6 +25,16 @@ output) — and "reduce" in the *reduce setting* — the positions pooled (summe
 (sequence classification) —, each for every layer of a deep linear network with weight sharing; and both are
 exact for one sample with L = 1. "reduce" is cheaper (N rows per factor instead of N·L).
 
+**Padding** (right padding of a causal model: tokens whose target is :data:`~fisherlab.vocabulary.IGNORE_INDEX`
+after a sample's last counted token): a position (n, l) whose δ_{n,r,l} is zero for every row r in *every* layer
+that is not a convolution and has the same L > 1 positions adds nothing to any exact block, so it is left out of A
+and of A's normalisation: "expand" divides by M, the number of live (n, l) pairs, instead of N·L; "reduce" pools
+each sample's live positions, ā_n = (1/L_n) Σ_{l live} ā_{n,l}, and divides by the number of samples with one. S is
+unchanged (its rows there are zero). A position that feeds some counted token through attention (an ignored token
+before the last counted one, every position of an ``output="last"`` model) is live in the layers below that
+attention, so it stays in every layer; without padding the factors are curvlinops'. Convolutions keep every
+location (KFC), and so does a layer with one position.
+
 In fisherlab's row-major flat order of W̄ the layer block is S ⊗ A (``torch.kron(S, A)``), then permuted to the
 flat parameter order (weight row-major, then bias; an Embedding's W̄ is its weight transposed). KFAC equals
 the exact layer block when every sample has the same S-side (one sample; the output layer under a Gaussian
@@ -46,6 +56,7 @@ other modules without a layer rule raise :class:`~fisherlab.errors.UnsupportedLa
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -55,7 +66,16 @@ from torch import Tensor
 from fisherlab.checks import check_damping, parse_enum
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import SingularMatrixError
-from fisherlab.layers import LayerLayout, LayerRows, OneHotRows, display_path, iter_layer_rows, reduce_inputs
+from fisherlab.layers import (
+    ConvRule,
+    LayerLayout,
+    LayerRows,
+    OneHotRows,
+    display_path,
+    iter_layer_rows,
+    reduce_inputs,
+    rule_for,
+)
 from fisherlab.linalg import (
     inv_sqrtm,
     kron_damped_solve,
@@ -82,7 +102,7 @@ def _add_gram(acc: dict[str, Tensor], key: str, U: Tensor) -> None:
 
 
 def _zeros(engine: FisherEngine, *shape: int) -> Tensor:
-    return torch.zeros(*shape, dtype=engine.dtype, device=engine.device)
+    return torch.zeros(shape, dtype=engine.dtype, device=engine.device)
 
 
 def _add(acc: dict[str, Tensor], key: str, value: Tensor) -> None:
@@ -93,17 +113,51 @@ def _add(acc: dict[str, Tensor], key: str, value: Tensor) -> None:
         acc[key] = value
 
 
-def _accumulate(A: dict[str, Tensor], S: dict[str, Tensor], path: str, rows: LayerRows, approx: KFACApprox) -> None:
-    """Add one chunk's Σ ā āᵀ to A[path] and Σ δ δᵀ to S[path] (unnormalised; module docstring)."""
+def _padding_masks(rows: Mapping[str, LayerRows], sequence: Collection[str]) -> dict[int, Tensor | None]:
+    """Per number of positions L > 1, the live positions (n, L) of a chunk's sequence layers (None: all live).
+
+    A position (n, l) is padding when δ_{n,r,l} = 0 for every row r in *every* sequence layer (``sequence``: the
+    layers that are not convolutions) with L positions; it is live if some δ row is nonzero there in one of them.
+    """
+    masks: dict[int, Tensor] = {}
+    for p in sequence:
+        if p in rows and rows[p].grads.shape[2] > 1:
+            g = rows[p].grads
+            live = g.ne(0).any(-1).any(0)
+            masks[g.shape[2]] = masks[g.shape[2]] | live if g.shape[2] in masks else live
+    return {L: None if bool(m.all()) else m for L, m in masks.items()}
+
+
+def _accumulate(A: dict[str, Tensor], S: dict[str, Tensor], count: dict[str, Tensor], path: str, rows: LayerRows,
+                approx: KFACApprox, live: Tensor | None) -> None:
+    """Add one chunk's Σ ā āᵀ to A[path], Σ δ δᵀ to S[path] and A's count to count[path] (module docstring).
+
+    ``live`` (n, L) (None: every position) restricts A: "expand" sums and counts the live (n, l) pairs, "reduce"
+    averages each sample's live positions and counts the samples with one.
+    """
     inputs, grads = rows.inputs, rows.grads
+    n, L = grads.shape[1:3]
+    weight = None if live is None else live.to(grads.dtype)  # (n, L)
     if approx is KFACApprox.REDUCE:
-        _add_gram(A, path, reduce_inputs(inputs, grads.dtype))
+        if weight is None:
+            _add_gram(A, path, reduce_inputs(inputs, grads.dtype))
+            _add(count, path, grads.new_tensor(float(n)))
+        else:
+            per_sample = weight.sum(1)  # L_n, the live positions of sample n
+            if isinstance(inputs, OneHotRows):
+                pooled = grads.new_zeros(n, inputs.width).scatter_add_(1, inputs.ids, weight)
+            else:
+                pooled = torch.einsum("nl,nli->ni", weight, inputs)
+            _add_gram(A, path, pooled / per_sample.clamp(min=1).unsqueeze(1))
+            _add(count, path, per_sample.gt(0).sum().to(grads.dtype))
         _add_gram(S, path, grads.sum(2).reshape(-1, grads.shape[-1]))
         return
     if isinstance(inputs, OneHotRows):  # diagonal: the token counts
-        _add(A, path, inputs.counts(grads.dtype))
+        _add(A, path, inputs.counts(grads.dtype) if weight is None else torch.bincount(
+            inputs.ids.reshape(-1), weights=weight.reshape(-1), minlength=inputs.width).to(grads.dtype))
     else:
-        _add_gram(A, path, inputs.reshape(-1, inputs.shape[-1]))
+        _add_gram(A, path, (inputs if weight is None else inputs * weight.unsqueeze(-1)).reshape(-1, inputs.shape[-1]))
+    _add(count, path, grads.new_tensor(float(n * L)) if weight is None else weight.sum())
     _add_gram(S, path, grads.reshape(-1, grads.shape[-1]))
 
 
@@ -171,25 +225,30 @@ class KFACFisher(LayerwiseFisher):
         setup = prepare_layers(engine, cls.structure, unsupported)
         A: dict[str, Tensor] = {}
         S: dict[str, Tensor] = {}
-        locations = dict.fromkeys(setup.layouts, 1)
+        count: dict[str, Tensor] = {}
+        sequence = [p for p in setup.layouts
+                    if not isinstance(rule_for(engine.model.get_submodule(p), p), ConvRule)]
         norms = NormBlocks(engine, setup.norms)
         for rows in iter_layer_rows(engine, setup.layouts, chunk_size=chunk_size, norms=setup.norms,
                                     desc=f"KFAC-{approx.value} {engine.kind.value} factors"):
             norms.add(rows)
+            masks = _padding_masks(rows, sequence)
             for p, r in rows.items():
-                locations[p] = r.inputs.shape[1]
-                _accumulate(A, S, p, r, approx)
+                live = masks.get(r.grads.shape[2]) if p in sequence else None
+                _accumulate(A, S, count, p, r, approx, live)
         N = engine.num_samples
         for p, f in setup.layouts.items():  # a layer the forward pass never calls has zero factors
             diagonal = f.one_hot and approx is KFACApprox.EXPAND
             A.setdefault(p, _zeros(engine, f.width) if diagonal else _zeros(engine, f.width, f.width))
             S.setdefault(p, _zeros(engine, f.out_features, f.out_features))
-        engine.reduce_sum([M for p in setup.layouts for M in (A[p], S[p])])  # data-parallel: the ranks' sums
+            count.setdefault(p, _zeros(engine))
+        engine.reduce_sum([M for p in setup.layouts for M in (A[p], S[p], count[p])])  # data-parallel: the sums
         factors = {}
         for p, f in setup.layouts.items():
             a, s = (M if M.dim() == 1 else symmetrize_upper(M, inplace=True) for M in (A[p], S[p]))
-            scale = N * locations[p] if approx is KFACApprox.EXPAND else N
-            factors[p] = KroneckerFactors(**vars_of(f), A=a.mul_(1 / scale), S=s.mul_(1 / N))
+            # no live position at all: A = 0 and S = 0 (the layer's exact block is zero)
+            factors[p] = KroneckerFactors(**vars_of(f), A=a.mul_(count[p].clamp(min=1).reciprocal()),
+                                          S=s.mul_(1 / N))
         return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget,
                    {**setup.meta, "kfac_convention": approx.value}, factors, setup.index,
                    setup.blocks(norms.finish()))
