@@ -839,9 +839,9 @@ def iter_layer_rows(
     per_sample_gradients: bool = False, chunk_size: int | None = None, desc: str | None = None,
     norms: Mapping[str, Sequence[str]] | None = None,
 ) -> Iterator[ChunkRows]:
-    """Yield :func:`layer_rows` (with the ``norms``' per-sample gradients) chunk by chunk over the engine's data.
+    """Yield :func:`layer_rows` (and the ``norms``' rows, :attr:`ChunkRows.norms`) chunk by chunk over the data.
 
-    The chunk size (unless given) is chosen so that one chunk's rows take at most
+    The chunk size (unless given) is chosen so that one chunk's rows (the norms' included) take at most
     ``min(256 MiB, memory_budget / 4)``, plus, with ``per_sample_gradients``, the per-sample gradients a consumer
     forms one layer at a time (R·out·width scalars per sample for a layer with L > 1 locations, out·width for
     L = 1, where the R rows can be summed first). It is independent of the engine's own chunk size, which is
