@@ -30,7 +30,7 @@ Built-in rules (:data:`RULES`):
 ``unit``           unit-wise blocks, ``structure="unit"``
 ``lowrank``        low-rank (Nyström) plus damping, ``structure="lowrank"``
 ``diag``           −η (diag F + λI)⁻¹ ∇L
-``empirical-ngd``  exact solve with the empirical Fisher (dense, or CG beyond the budget)
+``empirical-ngd``  exact solve with the empirical Fisher (sample space when m < P, else dense or CG)
 ``mc-ngd``         exact solve with the Monte-Carlo Fisher (``mc_samples`` labels per input)
 ``sngd-<s>``       one plain GD step on the network reconstructed with structure ``s``
                    (:func:`fisherlab.reconstruction.reconstruct`), mapped back to the original coordinates; roots
