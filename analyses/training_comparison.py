@@ -178,32 +178,35 @@ LABELS = {"step": "step", "time": "wall-clock time (s)", "cpu_time": "CPU time (
 
 
 def plot(all_runs: dict[str, xr.Dataset], out: Path) -> None:
-    """Training loss and test accuracy against steps, wall time and CPU time, one row per problem (PNG, SVG)."""
-    import matplotlib
+    """Training loss and test accuracy against steps, wall time and CPU time, one row per problem (PNG, SVG).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn outside pyplot under seaborn's whitegrid style, applied only while drawing, and saved by the report's
+    :func:`~fisherlab.report.save_figure` (one layout for both files).
+    """
     import seaborn as sns
+    from matplotlib import rc_context
 
-    sns.set_theme(style="whitegrid", context="paper")
-    fig, axes = plt.subplots(len(all_runs), len(AXES), figsize=(4 * len(AXES), 3.4 * len(all_runs)), squeeze=False)
-    palette = dict(zip(METHODS, sns.color_palette("tab10", len(METHODS)), strict=True))
-    for row, (name, ds) in zip(axes, all_runs.items(), strict=True):
-        frame = ds[["train_loss", "test_accuracy", "time", "cpu_time"]].to_dataframe().reset_index().dropna(
-            subset=["train_loss"])
-        for ax, (x, y) in zip(row, AXES, strict=True):
-            if x == "step":  # mean over seeds, band from min to max
-                sns.lineplot(frame, x=x, y=y, hue="rule", palette=palette, errorbar=("pi", 100), ax=ax)
-            else:  # median over seeds of both the time (robust to load spikes) and the metric at each evaluation
-                median = frame.groupby(["rule", "step"], sort=False)[[x, y]].median().reset_index()
-                sns.lineplot(median, x=x, y=y, hue="rule", palette=palette, sort=False, ax=ax)
-            ax.set(title=name, xlabel=LABELS[x], ylabel=y.replace("_", " "),
-                   yscale="log" if y == "train_loss" else "linear")
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    for ext in ("png", "svg"):
-        fig.savefig(out / f"training_comparison.{ext}", dpi=110)
-    plt.close(fig)
+    from fisherlab.report import legend_outside, new_figure, save_figure
+
+    with rc_context({**sns.axes_style("whitegrid"), **sns.plotting_context("paper")}):
+        fig = new_figure(4 * len(AXES), 3.4 * len(all_runs))
+        axes = fig.subplots(len(all_runs), len(AXES), squeeze=False)
+        palette = dict(zip(METHODS, sns.color_palette("tab10", len(METHODS)), strict=True))
+        for row, (name, ds) in zip(axes, all_runs.items(), strict=True):
+            frame = ds[["train_loss", "test_accuracy", "time", "cpu_time"]].to_dataframe().reset_index().dropna(
+                subset=["train_loss"])
+            for ax, (x, y) in zip(row, AXES, strict=True):
+                legend = ax is row[-1]  # one legend a problem (its methods), right of its row
+                if x == "step":  # mean over seeds, band from min to max
+                    sns.lineplot(frame, x=x, y=y, hue="rule", palette=palette, errorbar=("pi", 100), ax=ax,
+                                 legend=legend)
+                else:  # median over seeds of both the time (robust to load spikes) and the metric at each evaluation
+                    median = frame.groupby(["rule", "step"], sort=False)[[x, y]].median().reset_index()
+                    sns.lineplot(median, x=x, y=y, hue="rule", palette=palette, sort=False, ax=ax, legend=legend)
+                ax.set(title=name, xlabel=LABELS[x], ylabel=y.replace("_", " "),
+                       yscale="log" if y == "train_loss" else "linear")
+            legend_outside(row[-1], "method")
+        save_figure(fig, out / "training_comparison")
 
 
 def main(argv: list[str] | None = None) -> xr.Dataset:
