@@ -125,6 +125,25 @@ def test_solve_matches_torch_linalg_solve(built, name):
     ref.assert_close(F.solve(G, lam), torch.linalg.solve(A, G), 1e-10, f"{name} solve matrix")
 
 
+def test_block_solves_factorise_each_block_once_per_damping(built, monkeypatch):
+    """Repeated block solves at one λ reuse its Cholesky factors: one factorisation per block and λ, same answers."""
+    D = built[2]["dense"]
+    F = BlockDiagonalFisher.from_dense(D)
+    calls = []
+    factorise = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda A, **kw: calls.append(A.shape) or factorise(A, **kw))
+    lam = solve_damping(built)
+    M = expected_dense(built, "block_layer")
+    for damping in (lam, 10 * lam):
+        A = M + damping * torch.eye(M.shape[0], dtype=F64)
+        for seed in range(3):
+            g, G = rand(M.shape[0], seed=seed), rand(M.shape[0], 4, seed=seed + 10)
+            ref.assert_close(F.solve(g, damping), torch.linalg.solve(A, g), 1e-10, f"block solve λ={damping:g}")
+            ref.assert_close(F.solve(G, damping), torch.linalg.solve(A, G), 1e-10, f"block solve λ={damping:g}")
+    assert len(calls) == 2 * len(F.blocks)
+    assert sorted(calls) == sorted([B.shape for B in F.blocks.values()] * 2)
+
+
 def test_implicit_solve_by_cg(built):
     F, D, lam = built[2]["implicit"], built[2]["dense"].matrix, solve_damping(built)
     g = rand(D.shape[0], seed=2)

@@ -27,6 +27,12 @@ class BlockDiagonalFisher(FisherMatrix):
     index: dict[str, Tensor] = field(default_factory=dict)
     blocks: dict[str, Tensor] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        #: λ → block name → lower Cholesky factor of block + λI (:meth:`damped_factors`; the blocks are never
+        #: changed after construction, so a factor stays valid).
+        self._factors: dict[float, dict[str, Tensor]] = {}
+
     @classmethod
     def from_engine(cls, engine: FisherEngine, by: str = "layer") -> BlockDiagonalFisher:
         """Accumulate each block Uᵀ_b U_b from the engine's factor rows (one pass over the data).
@@ -92,13 +98,34 @@ class BlockDiagonalFisher(FisherMatrix):
         """Eigenvalues of each block, ascending."""
         return {k: eigvalsh(B) for k, B in self.blocks.items()}
 
-    def solve(self, g: Tensor, damping: float = 0.0) -> Tensor:
-        """(F + λI)⁻¹ g block by block (Cholesky of each block)."""
-        from fisherlab.linalg import damped_solve
+    def damped_factors(self, damping: float = 0.0) -> dict[str, Tensor]:
+        """Block name → lower Cholesky factor L_b (P_b, P_b) of sym(F_b) + λI, factorised once per λ and kept.
+
+        In the compute dtype of :func:`fisherlab.linalg.damped_solve` (float16/bfloat16 in float32), with its
+        checks (a failed factorisation, and at λ = 0 a numerically singular block, raise SingularMatrixError).
+        Every later :meth:`solve` at this λ reuses them; the kept factors take as much memory as the blocks, per λ.
+        """
+        from fisherlab.linalg.solve import _add_damping, _compute_dtype, _spd_cholesky, _symmetrize
 
         damping = check_damping(damping)
+        if damping not in self._factors:
+            dtype = _compute_dtype(self.dtype)
+            self._factors[damping] = {
+                k: _spd_cholesky(_add_damping(_symmetrize(B.to(dtype)), damping), damping=damping, name="G")
+                for k, B in self.blocks.items()}
+        return self._factors[damping]
+
+    def solve(self, g: Tensor, damping: float = 0.0) -> Tensor:
+        """(F + λI)⁻¹ g for g (P,) or (P, k), block by block with the Cholesky factors of :meth:`damped_factors`."""
+        from fisherlab.linalg.solve import _check_finite
+
         g = self._check_operand(g)
+        _check_finite(g, "g")
+        factors = self.damped_factors(damping)
         out = torch.empty_like(g)
         for k, ix in self.index.items():
-            out[ix] = damped_solve(self.blocks[k], g[ix], damping)
+            rhs = g[ix].to(factors[k].dtype)
+            x = torch.cholesky_solve(rhs.unsqueeze(-1) if rhs.ndim == 1 else rhs, factors[k], upper=False)
+            out[ix] = (x.squeeze(-1) if rhs.ndim == 1 else x).to(out.dtype)
+        _check_finite(out, "the solution x of (F + damping·I) x = g")
         return out
