@@ -28,6 +28,7 @@ from fisherlab.reconstruction import (
     KroneckerRoot,
     LocalFisherConv,
     LocalFisherLinear,
+    MetricMismatchError,
     OutputFisher,
     parametrize_group,
     reconstruct,
@@ -350,6 +351,46 @@ def test_singular_metric_without_damping() -> None:
                             ("block", "cholesky")):
         with pytest.raises(SingularMatrixError, match="damping > 0"):
             reconstruct(mlp, (X, y), structure=structure, damping=0.0, sqrt=sqrt)
+
+
+@pytest.mark.parametrize("structure", ["dense", "block"])
+def test_given_metric_is_used_and_not_computed_again(mlp, monkeypatch, structure: str) -> None:
+    """metric=: no pass over the data for G; the GD step is −η (G + λI)⁻¹ ∇L with G from the per-sample reference."""
+    import fisherlab.reconstruction.build as build
+
+    model, X, y = mlp
+    metric = fisher(model, (X, y), structure=structure)
+    F = ref.true_fisher(model, X, ref.RefLikelihood("categorical"))
+    if structure == "block":
+        mask = torch.zeros_like(F)
+        for ix in ParamSpec.from_model(model).blocks("layer").values():
+            mask[ix.unsqueeze(1), ix.unsqueeze(0)] = 1
+        F = F * mask
+    grad = ref.loss_gradients(model, X, y, ref.RefLikelihood("categorical")).mean(0)
+    monkeypatch.setattr(build, "compute_structure", lambda *a, **k: pytest.fail("G computed again"))
+    lam, lr = 0.05, 0.3
+    net = reconstruct(model, (X, y), structure=structure, damping=lam, sqrt="cholesky", metric=metric)
+    expected = -lr * torch.linalg.solve(F + lam * torch.eye(len(F), dtype=DT), grad)
+    ref.assert_close(net.gd_update((X, y), lr), expected, 1e-10, f"{structure} step with a given metric")
+    with torch.no_grad():
+        assert rel(net(X), model(X)) < 1e-12
+
+
+def test_mismatched_metric_is_refused(mlp) -> None:
+    model, X, y = mlp
+    other, X2, y2 = CNN2D.build(DT)
+    cases = [
+        (fisher(model, (X, y), structure="kfac"), {"structure": "dense"}, "structure 'kfac'"),
+        (fisher(model, (X, y), structure="dense", kind="empirical"), {"structure": "dense"}, "kind 'empirical'"),
+        (fisher(other, (X2, y2), structure="dense"), {"structure": "dense"}, "other parameters"),
+        (fisher(model, (X, y), structure="dense"), {"structure": "dense", "dtype": torch.float32}, "dtype"),
+        (fisher(model, (X, y), structure="block", by="tensor"), {"structure": "block"}, "block grouping"),
+        ("not a structure", {"structure": "dense"}, "FisherMatrix"),
+    ]
+    for metric, kwargs, match in cases:
+        with pytest.raises(MetricMismatchError, match=match):
+            reconstruct(model, (X, y), metric=metric, **kwargs)
+    assert issubclass(MetricMismatchError, InputError)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

@@ -14,7 +14,7 @@ Example:
 """
 
 from fisherlab.errors import ReadOnlyTensorError
-from fisherlab.reconstruction.build import STRUCTURES, reconstruct
+from fisherlab.reconstruction.build import STRUCTURES, MetricMismatchError, reconstruct
 from fisherlab.reconstruction.local_layers import (
     FOLD_MODES,
     LAYER_FORMS,
@@ -61,6 +61,7 @@ __all__ = [
     "LocalFisherLayer",
     "LocalFisherLinear",
     "LocalFisherUnit",
+    "MetricMismatchError",
     "OutputFisher",
     "ReadOnlyTensorError",
     "ReconstructConfig",

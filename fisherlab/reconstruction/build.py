@@ -63,7 +63,13 @@ from fisherlab.errors import InputError
 from fisherlab.likelihoods import Likelihood, get_likelihood
 from fisherlab.params import ParamSpec
 from fisherlab.reconstruction.local_layers import LAYER_FORMS
-from fisherlab.reconstruction.network import ReconstructConfig, ReconstructedNetwork, UnitPlan, compute_structure
+from fisherlab.reconstruction.network import (
+    ReconstructConfig,
+    ReconstructedNetwork,
+    UnitPlan,
+    _describe,
+    compute_structure,
+)
 from fisherlab.reconstruction.parametrize import (
     DenseRoot,
     DiagonalRoot,
@@ -86,7 +92,7 @@ from fisherlab.vocabulary import (
     Structure,
 )
 
-__all__ = ["STRUCTURES", "reconstruct"]
+__all__ = ["STRUCTURES", "MetricMismatchError", "reconstruct"]
 
 #: Reconstruction structure → (fisherlab.fisher structure, its default options), from the one structure table.
 STRUCTURES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -116,6 +122,7 @@ def reconstruct(
     root_rank: int = 64,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
+    metric: FisherMatrix | None = None,
     **options: Any,
 ) -> ReconstructedNetwork:
     """Rebuild ``model`` in coordinates θ' = G^{1/2} θ so that plain GD on it is NGD with metric G.
@@ -151,6 +158,13 @@ def reconstruct(
         root_rank: k of ``sqrt="lowrank"``.
         chunk_size: Samples per chunk in Fisher computations and gradients.
         memory_budget: Bytes any dense object may take (default: half the available memory).
+        metric: The Fisher structure G is read from, already built (e.g. a
+            :class:`~fisherlab.fidelity.rules.RuleContext`'s), instead of computing it from ``data``: a P×P
+            structure over ``model``'s parameters (its ``spec``: the same names and shapes, P = ``spec.dim``) at
+            their current values, of the structure ``structure`` is computed from (``STRUCTURES[structure][0]``,
+            e.g. ``"dense"``, ``"block"``, ``"kfac"``), of Fisher kind ``kind``, in ``dtype`` on ``device``, with
+            the structure's options (``by`` of a block Fisher). The damping is not part of it (λ = ``damping``).
+            ``refresh`` still recomputes G from the data.
         **options: Options of the Fisher structure (e.g. ``unsupported="block"`` for kfac/ekfac/unit).
 
     Returns:
@@ -162,6 +176,8 @@ def reconstruct(
             ``unsupported="block"``).
         SingularMatrixError: G is singular at ``damping`` (e.g. 0): pass damping > 0.
         MemoryBudgetError: A dense block would exceed the memory budget.
+        MetricMismatchError: ``metric`` is not a structure this reconstruction could have computed (names what
+            differs: its structure, parameters, kind, dtype, device or block grouping).
     """
     kind = renamed(options, "fisher", "kind", kind, "true", "reconstruct")
     if structure in STRUCTURE_ALIASES:
@@ -193,12 +209,39 @@ def reconstruct(
                                mc_samples, seed, ema_decay, split, fold, layer_form, chunk_size, memory_budget,
                                {**defaults, **options}, root_rank)
     template = copy.deepcopy(model).to(device=device, dtype=dtype)
-    struct = compute_structure(template, data, config, seed)
+    struct = compute_structure(template, data, config, seed) if metric is None else _check_metric(
+        metric, spec, config, dtype, device)
     net = model.to(device=device, dtype=dtype) if inplace else copy.deepcopy(template)
     net, plans = _BUILDERS[structure](net, spec, struct, config)
     network = ReconstructedNetwork(net, template, spec, plans, config, data)
     network.set_metric(struct)
     return network
+
+
+class MetricMismatchError(InputError):
+    """A ``metric`` given to :func:`reconstruct` is not the structure that reconstruction would compute."""
+
+
+def _check_metric(metric: Any, spec: ParamSpec, config: ReconstructConfig, dtype: torch.dtype,
+                  device: torch.device) -> FisherMatrix:
+    """``metric`` if it can stand for :func:`compute_structure` of ``config``; else MetricMismatchError."""
+    if not isinstance(metric, FisherMatrix):
+        raise MetricMismatchError(f"metric must be a Fisher structure (FisherMatrix); got {type(metric)}")
+    want = {"structure": config.fisher_structure, "kind": config.kind, "dtype": dtype, "device": device}
+    have = {"structure": metric.structure, "kind": metric.kind.value, "dtype": metric.dtype,
+            "device": metric.device}
+    if "by" in config.options:
+        want["block grouping"], have["block grouping"] = config.options["by"], metric.meta.get("blocks_by")
+    for what, value in want.items():
+        if have[what] != value:
+            raise MetricMismatchError(f"the metric given to reconstruct has {what} {have[what]!r}; this "
+                                      f"reconstruction needs {value!r}")
+    if _describe(metric.spec) != _describe(spec):
+        raise MetricMismatchError(
+            f"the metric given to reconstruct is over other parameters ({metric.spec.dim} in "
+            f"{len(metric.spec.names)} tensors) than the model's ({spec.dim} in {len(spec.names)} tensors), or in "
+            "another order; build it from this model")
+    return metric
 
 
 def _check_unshared(model: nn.Module) -> None:
