@@ -206,3 +206,16 @@ CUSTOM = Case("custom", lambda: GatedNet(4, 5, 2), (4,), "gaussian", 2, sigma=0.
 #: Every case; the engine-against-reference tests run on all of them.
 CASES: tuple[Case, ...] = (LINREG, LOGREG, SOFTMAX, MLP, MLP_GAUSS, MLP_BERN, CNN2D, CNN1D, LSTM, RESNET, CUSTOM)
 CASES_BY_NAME: dict[str, Case] = {c.name: c for c in CASES}
+
+
+class Bag(nn.Module):
+    """Mean of 10 token embeddings, then a linear head: (N, T) int64 → (N, 3), float64; an index ≥ 10 cannot be
+    evaluated."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(10, 4).double(), nn.Linear(4, 3).double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.emb(x).mean(1))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import reference as ref
 import torch
-from cases import MLP, SoftplusGaussian, mlp
+from cases import MLP, Bag, SoftplusGaussian, mlp
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -557,18 +557,6 @@ class LogOfFirstInput(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.lin(x) + torch.log(x[:, :1])
-
-
-class Bag(nn.Module):
-    """Embedding bag of 10 tokens: an index ≥ 10 cannot be evaluated."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb, self.head = nn.Embedding(10, 4).to(F64), nn.Linear(4, 3).to(F64)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.emb(x).mean(1))
 
 
 @pytest.mark.parametrize("kind", ["true", "mc"])

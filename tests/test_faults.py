@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as nnf
+from cases import Bag
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -413,18 +414,6 @@ def test_dtype_names_are_accepted_and_a_bad_one_is_named(entry):
         assert by_name.dtype == F64 and torch.equal(by_name.to_dense(), by_dtype.to_dense())
     else:
         call(entry, mlp(dtype=torch.float32), batch(), dtype="float64")
-
-
-class Bag(nn.Module):
-    """Mean of token embeddings, then a linear head: (N, T) int64 → (N, 3)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb, self.head = nn.Embedding(10, 4).to(F64), nn.Linear(4, 3).to(F64)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.emb(x).mean(1))
 
 
 @pytest.mark.parametrize("entry", ENTRY)  # (train takes float inputs only: SplitData)
