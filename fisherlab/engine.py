@@ -34,7 +34,9 @@ chunk; one batched reverse pass) and are unaffected.
 inference fast path, the flash and memory-efficient kernels of ``F.scaled_dot_product_attention``) have no
 forward-mode derivative and no batching rule. Every evaluation of the model by the engine therefore runs inside
 :func:`differentiable_attention` (MHA fast path off, SDPA on its math backend: the same function, in plain
-differentiable operations), which restores the caller's settings afterwards. An operation that still has no
+differentiable operations), which restores the caller's settings afterwards; a pass that only one plain reverse pass
+differentiates (the layer-wise structures' rows with one row per sample, :func:`fisherlab.layers.layer_rows`) keeps
+the caller's SDPA backends, whose fused kernels have a backward. An operation that still has no
 forward-mode rule (a custom ``autograd.Function`` without ``jvp``) gets its J v by two reverse passes instead,
 J v = ∂/∂u ⟨Jᵀu, v⟩ (the double-VJP trick, a :class:`~fisherlab.errors.FallbackWarning` once); one with neither
 rule is an :class:`~fisherlab.errors.UnsupportedLayerError`.
@@ -102,7 +104,7 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @contextlib.contextmanager
-def differentiable_attention() -> Iterator[None]:
+def differentiable_attention(reverse_only: bool = False) -> Iterator[None]:
     """Run attention on differentiable paths inside the context; the caller's settings are restored on exit.
 
     Turns the ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` fast path off
@@ -111,11 +113,16 @@ def differentiable_attention() -> Iterator[None]:
     (``sdpa_kernel(SDPBackend.MATH)``: softmax(QKᵀ/√d + mask) V in ordinary operations, which every torch.func
     transform differentiates). Both compute the same function as the fused kernels. Process-global while open, like
     every torch backend flag.
+
+    Args:
+        reverse_only: Whether the pass is differentiated by plain reverse-mode autograd only (at most one
+            ``torch.autograd.grad`` without ``is_grads_batched``, no torch.func transform): then SDPA keeps the
+            caller's backends (the flash / memory-efficient kernels have a backward and are faster).
     """
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with sdpa_kernel(SDPBackend.MATH):
+        with contextlib.nullcontext() if reverse_only else sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -268,7 +275,7 @@ class FisherEngine:
         self.chunk_size = int(chunk_size)
         if self.group is not None:  # one chunk size on every rank (the MC draws follow it), the smallest
             self.chunk_size = min_over_ranks(self.chunk_size, self.group, self.device)
-        self._activation_bytes: int | None = None
+        self._activation_bytes: dict[bool, int] = {}
         self._jvp_by_vjp = False  # set when an operation of the model has no forward-mode rule (see jv)
         self._output_cache: tuple[tuple, list[Tensor]] | None = None  # matmat's (state key, S per chunk)
         check_budget(2 * row_bytes * min(self.chunk_size, self.local_samples), "a chunk of factor rows",
@@ -404,14 +411,16 @@ class FisherEngine:
         return int(lik.fisher_factor(z).shape[-1])
 
     # ------------------------------------------------------------------------------------------- evaluation
-    def _evaluate(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+    def _evaluate(self, params: dict[str, Tensor], x: Tensor, reverse_only: bool = False) -> Tensor:
         """The model's own outputs f_θ(x), (n, C) or (n, T, C), for inputs (n, *input_shape).
+
+        ``reverse_only``: of :func:`differentiable_attention`.
 
         Raises:
             InputError: Outputs of another rank, another sample count, or (after the first evaluation) another shape
                 per sample than the first samples' (sequences of one length T: pad them).
         """
-        with differentiable_attention():
+        with differentiable_attention(reverse_only):
             z = functional_call(self.model, {**self._frozen, **params}, (x,))
         if not isinstance(z, Tensor) or z.dim() not in (2, 3) or z.shape[0] != x.shape[0]:
             shape = tuple(z.shape) if isinstance(z, Tensor) else type(z)
@@ -423,17 +432,19 @@ class FisherEngine:
                              "(pad them, and give the padded positions the label ignore_index)")
         return z
 
-    def forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+    def forward(self, params: dict[str, Tensor], x: Tensor, *, reverse_only: bool = False) -> Tensor:
         """Z = f_θ(x), shape (n, C), for parameters ``params`` (names of the spec) and inputs (n, *input_shape).
 
         A sequence model's outputs (n, T, C) are flattened to (n, T·C), token-major (z[:, t·C:(t+1)·C] is token t).
+        ``reverse_only``: the caller differentiates Z by one plain reverse pass at most (no torch.func transform, no
+        batched gradients), so attention may run on fused SDPA kernels (:func:`differentiable_attention`).
 
         Raises:
             InputError: x is the inputs of a chunk of the first pass (:meth:`chunks`) and the model fails on one of
                 its samples alone (named by its global index); other failures propagate as they are.
         """
         try:
-            z = self._evaluate(params, x)
+            z = self._evaluate(params, x, reverse_only)
         except InputError:
             raise
         except Exception:
@@ -967,13 +978,14 @@ class FisherEngine:
         fit = int(max(1, min(self.local_samples, self._working_bytes // (3 * self.activation_bytes()))))
         return math.ceil(self.local_samples / math.ceil(self.local_samples / fit))
 
-    def activation_bytes(self) -> int:
+    def activation_bytes(self, reverse_only: bool = False) -> int:
         """Bytes the autograd graph of one forward saves per sample (parameters and buffers excluded).
 
-        Measured once, on the first two samples, with saved-tensor hooks (each stored tensor counted once), with
-        gradients enabled whatever the caller's mode (the no-grad passes ask for it).
+        Measured once (per ``reverse_only``: the attention kernels, :func:`differentiable_attention`), on the first
+        two samples, with saved-tensor hooks (each stored tensor counted once), with gradients enabled whatever the
+        caller's mode (the no-grad passes ask for it).
         """
-        if self._activation_bytes is None:
+        if reverse_only not in self._activation_bytes:
             x, _ = self.data.first(2)
             own = {t.untyped_storage().data_ptr() for t in [*self.params.values(), *self._frozen.values()]}
             seen: dict[tuple[int, int], int] = {}
@@ -986,10 +998,10 @@ class FisherEngine:
 
             leaves = {n: p.detach().requires_grad_() for n, p in self.params.items()}
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                z = self.forward(leaves, x)
+                z = self.forward(leaves, x, reverse_only=reverse_only)
             total = sum(seen.values()) + z.numel() * z.element_size()
-            self._activation_bytes = max(1, math.ceil(total / x.shape[0]))
-        return self._activation_bytes
+            self._activation_bytes[reverse_only] = max(1, math.ceil(total / x.shape[0]))
+        return self._activation_bytes[reverse_only]
 
     def _column_block(self, n: int) -> int:
         """Columns per vmapped product for a chunk of n samples.
