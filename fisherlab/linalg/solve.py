@@ -24,7 +24,7 @@ from torch import Tensor
 
 from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError
 
-__all__ = ["condition_number", "damped_solve"]
+__all__ = ["cholesky_factor_solve", "condition_number", "damped_cholesky", "damped_solve"]
 
 # --------------------------------------------------------------------------------------------------------
 # shared helpers (private; used by sqrtm, krylov, estimators and kron)
@@ -159,6 +159,43 @@ def _spd_cholesky(Gd: Tensor, *, damping: float, name: str) -> Tensor:
 # --------------------------------------------------------------------------------------------------------
 
 
+def damped_cholesky(G: Tensor, damping: float = 0.0, *, check_singular: bool = True, checked: bool = False) -> Tensor:
+    """The lower Cholesky factor L (n, n) of sym(G) + λI, in the compute dtype (float16/bfloat16: float32).
+
+    The factorisation of :func:`damped_solve`, for a caller that solves several right-hand sides at one damping
+    (options and errors as there).
+
+    Raises:
+        InputError: G not square and floating, or a negative damping.
+        NonFiniteError: NaN/inf in G (unless ``checked``).
+        SingularMatrixError: G + λI is not (numerically) positive definite.
+    """
+    n = _check_square(G, "G")
+    lam = _check_damping(damping)
+    Gc = G.to(_compute_dtype(G.dtype))
+    if not checked:
+        _check_finite(Gc, "G")
+    Gd = _add_damping(Gc if checked else _symmetrize(Gc), lam)
+    if check_singular:
+        return _spd_cholesky(Gd, damping=lam, name="G")
+    L, info = torch.linalg.cholesky_ex(Gd)
+    info_v = int(info.item())
+    if info_v != 0:
+        raise SingularMatrixError(
+            f"G + damping·I (damping={lam:g}) is not positive definite: the Cholesky factorisation "
+            f"failed at pivot {info_v} of {n}; "
+            + ("pass damping > 0" if lam == 0.0 else f"increase the damping (now {lam:g})")
+        )
+    return L
+
+
+def cholesky_factor_solve(L: Tensor, b: Tensor) -> Tensor:
+    """The solution L⁻ᵀ L⁻¹ b for a lower Cholesky factor L (n, n) and b (n,) or (n, k), in L's dtype."""
+    rhs = b.to(L.dtype)
+    x = torch.cholesky_solve(rhs.unsqueeze(-1) if rhs.ndim == 1 else rhs, L, upper=False)
+    return x.squeeze(-1) if rhs.ndim == 1 else x
+
+
 def damped_solve(G: Tensor, b: Tensor, damping: float = 0.0, *, check_singular: bool = True,
                  checked: bool = False) -> Tensor:
     """Solve (G + λI) x = b for symmetric positive (semi-)definite G by Cholesky.
@@ -193,30 +230,11 @@ def damped_solve(G: Tensor, b: Tensor, damping: float = 0.0, *, check_singular: 
     if b.ndim not in (1, 2) or b.shape[0] != n:
         raise InputError(f"b must have shape ({n},) or ({n}, k) to match G of shape {tuple(G.shape)}, "
                          f"got {tuple(b.shape)}")
-    lam = _check_damping(damping)
     out_dtype = torch.promote_types(G.dtype, b.dtype)
-    dtype = _compute_dtype(out_dtype)
-    Gc = G.to(dtype)
-    bc = b.to(dtype)
-    if not checked:
-        _check_finite(Gc, "G")
+    L = damped_cholesky(G.to(out_dtype), damping, check_singular=check_singular, checked=checked)
+    bc = b.to(L.dtype)
     _check_finite(bc, "b")
-    Gd = _add_damping(Gc if checked else _symmetrize(Gc), lam)
-    if check_singular:
-        L = _spd_cholesky(Gd, damping=lam, name="G")
-    else:
-        L, info = torch.linalg.cholesky_ex(Gd)
-        info_v = int(info.item())
-        if info_v != 0:
-            raise SingularMatrixError(
-                f"G + damping·I (damping={lam:g}) is not positive definite: the Cholesky factorisation "
-                f"failed at pivot {info_v} of {n}; "
-                + ("pass damping > 0" if lam == 0.0 else f"increase the damping (now {lam:g})")
-            )
-    rhs = bc.unsqueeze(-1) if bc.ndim == 1 else bc
-    x = torch.cholesky_solve(rhs, L, upper=False)
-    if bc.ndim == 1:
-        x = x.squeeze(-1)
+    x = cholesky_factor_solve(L, bc)
     _check_finite(x, "the solution x of (G + damping·I) x = b")
     return x.to(out_dtype)
 

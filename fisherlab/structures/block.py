@@ -105,27 +105,22 @@ class BlockDiagonalFisher(FisherMatrix):
         checks (a failed factorisation, and at λ = 0 a numerically singular block, raise SingularMatrixError).
         Every later :meth:`solve` at this λ reuses them; the kept factors take as much memory as the blocks, per λ.
         """
-        from fisherlab.linalg.solve import _add_damping, _compute_dtype, _spd_cholesky, _symmetrize
+        from fisherlab.linalg.solve import damped_cholesky
 
         damping = check_damping(damping)
         if damping not in self._factors:
-            dtype = _compute_dtype(self.dtype)
-            self._factors[damping] = {
-                k: _spd_cholesky(_add_damping(_symmetrize(B.to(dtype)), damping), damping=damping, name="G")
-                for k, B in self.blocks.items()}
+            self._factors[damping] = {k: damped_cholesky(B, damping) for k, B in self.blocks.items()}
         return self._factors[damping]
 
     def solve(self, g: Tensor, damping: float = 0.0) -> Tensor:
         """(F + λI)⁻¹ g for g (P,) or (P, k), block by block with the Cholesky factors of :meth:`damped_factors`."""
-        from fisherlab.linalg.solve import _check_finite
+        from fisherlab.linalg.solve import _check_finite, cholesky_factor_solve
 
         g = self._check_operand(g)
         _check_finite(g, "g")
         factors = self.damped_factors(damping)
         out = torch.empty_like(g)
         for k, ix in self.index.items():
-            rhs = g[ix].to(factors[k].dtype)
-            x = torch.cholesky_solve(rhs.unsqueeze(-1) if rhs.ndim == 1 else rhs, factors[k], upper=False)
-            out[ix] = (x.squeeze(-1) if rhs.ndim == 1 else x).to(out.dtype)
+            out[ix] = cholesky_factor_solve(factors[k], g[ix]).to(out.dtype)
         _check_finite(out, "the solution x of (F + damping·I) x = g")
         return out
