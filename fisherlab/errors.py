@@ -53,6 +53,13 @@ class ReadOnlyTensorError(InputError, AttributeError):
     """
 
 
+class MetricMismatchError(InputError):
+    """A ``metric`` given to :func:`~fisherlab.reconstruction.reconstruct` is not the structure it would compute.
+
+    It differs in structure, kind, dtype, device, block grouping or parameters (the message says which).
+    """
+
+
 class RankFailedError(FisherlabError):
     """A rank of a data-parallel run failed (an error, killed, or silent past the timeout): the run is stopped.
 

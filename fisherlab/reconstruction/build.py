@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from fisherlab.checks import check_damping, check_device, check_dtype, check_eval_mode, parse_enum, renamed
-from fisherlab.errors import InputError
+from fisherlab.errors import InputError, MetricMismatchError
 from fisherlab.likelihoods import Likelihood, get_likelihood
 from fisherlab.params import ParamSpec
 from fisherlab.reconstruction.local_layers import LAYER_FORMS
@@ -216,10 +216,6 @@ def reconstruct(
     network = ReconstructedNetwork(net, template, spec, plans, config, data)
     network.set_metric(struct)
     return network
-
-
-class MetricMismatchError(InputError):
-    """A ``metric`` given to :func:`reconstruct` is not the structure that reconstruction would compute."""
 
 
 def _check_metric(metric: Any, spec: ParamSpec, config: ReconstructConfig, dtype: torch.dtype,
