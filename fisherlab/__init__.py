@@ -62,8 +62,8 @@ _EXPORTS: dict[str, str] = {
     "Backend": "fisherlab.vocabulary",
     **{name: "fisherlab.errors" for name in (
         "ConvergenceError", "FallbackWarning", "FisherlabError", "InputError", "MemoryBudgetError",
-        "NonFiniteError", "RankFailedError", "ReadOnlyTensorError", "ResultsFileError", "ResultsIntegrityWarning",
-        "SchemaUpgradeWarning", "SingularMatrixError", "UnsupportedLayerError")},
+        "MetricMismatchError", "NonFiniteError", "RankFailedError", "ReadOnlyTensorError", "ResultsFileError",
+        "ResultsIntegrityWarning", "SchemaUpgradeWarning", "SingularMatrixError", "UnsupportedLayerError")},
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
