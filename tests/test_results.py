@@ -166,6 +166,21 @@ def test_roundtrip_is_identical(tmp_path):
     xr.testing.assert_identical(R.load_dataset(path), expected)
 
 
+def test_reading_checking_and_saving_results_does_not_import_torch(tmp_path):
+    """A report, a lock or an upgrade works on saved Datasets: it never pays torch's import (the results layer
+    recognises torch objects only once torch is loaded)."""
+    import subprocess
+    import sys
+
+    path = R.save_dataset(make_ds(), tmp_path / "fid.nc")
+    code = ("import sys; import fisherlab.report; from fisherlab import results as R; "
+            f"ds = R.load_dataset({str(path)!r}, kind='fidelity'); R.save_dataset(ds, {str(tmp_path / 'again.nc')!r}); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    xr.testing.assert_identical(R.load_dataset(tmp_path / "again.nc"), R.load_dataset(path))
+
+
 def test_save_does_not_mutate_input_and_drops_encoding(tmp_path):
     ds = make_ds()
     ds["cosine"].encoding["dtype"] = np.dtype("float16")  # stale encoding must not change stored values

@@ -11,9 +11,8 @@ Label its variables with :func:`~fisherlab.results.schema.annotate`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import xarray as xr
 
 from fisherlab.errors import InputError
@@ -24,11 +23,15 @@ from fisherlab.results.schema import (
     annotate_coordinates,
     check_variable_attrs,
     clean_attrs,
+    is_tensor,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _tensor_to_numpy(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
+    if is_tensor(value):
         return value.detach().cpu().numpy()
     if isinstance(value, tuple):
         return tuple(_tensor_to_numpy(v) if i == 1 else v for i, v in enumerate(value))

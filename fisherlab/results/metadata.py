@@ -44,10 +44,9 @@ import sys
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path, PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import xarray as xr
 
 from fisherlab.errors import InputError, ResultsFileError
@@ -59,8 +58,13 @@ from fisherlab.results.schema import (
     INT64_MAX,
     INT64_MIN,
     SCHEMA_VERSION,
+    is_tensor,
+    loaded_torch,
     python_attr,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 #: Dataset attributes returned by :func:`provenance` (``fisherlab_kind`` is added when a kind is given).
 PROVENANCE_KEYS: tuple[str, ...] = (
@@ -124,9 +128,10 @@ def to_jsonable(obj: Any, *, name: str = "config") -> Any:
         if isinstance(obj, np.str_):
             return str(obj)
         raise InputError(f"{name}: numpy value of type {type(obj).__name__} is not JSON-serialisable")
-    if isinstance(obj, torch.dtype):
+    torch = loaded_torch()
+    if torch is not None and isinstance(obj, torch.dtype):
         return _dtype_name(obj)
-    if isinstance(obj, torch.device):
+    if torch is not None and isinstance(obj, torch.device):
         return str(obj)
     if isinstance(obj, PurePath):
         return str(obj)
@@ -152,7 +157,7 @@ def to_jsonable(obj: Any, *, name: str = "config") -> Any:
             return sorted(items)
         except TypeError as err:
             raise InputError(f"{name}: a set of mixed types can't be ordered for JSON") from err
-    if isinstance(obj, torch.Tensor):
+    if is_tensor(obj):
         return to_jsonable(obj.detach().cpu().numpy(), name=name)
     if isinstance(obj, np.ndarray):
         if obj.dtype.kind not in "biuf":
@@ -337,6 +342,8 @@ def package_version() -> str:
 
 
 def _device_str(device: Any) -> str:
+    import torch
+
     if isinstance(device, torch.device):
         return str(device)
     if isinstance(device, str):
@@ -348,6 +355,8 @@ def _device_str(device: Any) -> str:
 
 
 def _dtype_str(dtype: Any) -> str:
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return _dtype_name(dtype)
     if isinstance(dtype, str):
@@ -407,6 +416,8 @@ def provenance(
         InputError: If the config holds a value that is not JSON-serialisable (the message names its key), or
             if seed, device, dtype or kind is invalid.
     """
+    import torch  # provenance is written where torch computed the results
+
     attrs: dict[str, str | int | float] = {
         ATTR_SCHEMA: SCHEMA_VERSION,
         "fisherlab_version": package_version(),

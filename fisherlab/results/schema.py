@@ -31,14 +31,31 @@ or stored (:mod:`~fisherlab.results.io`):
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
+from types import ModuleType
 from typing import Any, Union
 
 import numpy as np
-import torch
 import xarray as xr
 
 from fisherlab.errors import InputError
+
+
+def loaded_torch() -> ModuleType | None:
+    """The torch module if this process has imported it, else None.
+
+    A value can only be a torch object once torch is imported, so the results layer never imports torch to
+    recognise one: loading, checking and saving results (the report, the lock and upgrade paths) do not pay
+    torch's import.
+    """
+    return sys.modules.get("torch")
+
+
+def is_tensor(value: Any) -> bool:
+    """Whether ``value`` is a ``torch.Tensor`` (without importing torch)."""
+    torch = loaded_torch()
+    return torch is not None and isinstance(value, torch.Tensor)
 
 #: Version of the results-file layout written by fisherlab; :func:`~fisherlab.results.load_dataset` reads
 #: versions 1..this. Version 2 renamed the dims ``method`` -> ``rule`` and ``fisher_kind`` -> ``kind``, made
@@ -281,7 +298,7 @@ def netcdf_attr_value(value: Any, where: str = "attribute") -> AttrValue:
         raise InputError(
             f"{where}: a mapping can't be stored in a netCDF attribute; store json.dumps(...) of it"
         )
-    if isinstance(value, torch.Tensor):
+    if is_tensor(value):
         value = value.detach().cpu().numpy()
     if isinstance(value, (list, tuple, np.ndarray)):
         try:
