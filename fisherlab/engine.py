@@ -35,8 +35,9 @@ inference fast path, the flash and memory-efficient kernels of ``F.scaled_dot_pr
 forward-mode derivative and no batching rule. Every evaluation of the model by the engine therefore runs inside
 :func:`differentiable_attention` (MHA fast path off, SDPA on its math backend: the same function, in plain
 differentiable operations), which restores the caller's settings afterwards; a pass that only one plain reverse pass
-differentiates (the layer-wise structures' rows with one row per sample, :func:`fisherlab.layers.layer_rows`) keeps
-the caller's SDPA backends, whose fused kernels have a backward. An operation that still has no
+differentiates (the layer-wise structures' rows with one row per sample, :func:`fisherlab.layers.layer_rows`, and
+the gradient, :meth:`FisherEngine.loss_and_gradient`) keeps the caller's SDPA backends, whose fused kernels have a
+backward. An operation that still has no
 forward-mode rule (a custom ``autograd.Function`` without ``jvp``) gets its J v by two reverse passes instead,
 J v = ∂/∂u ⟨Jᵀu, v⟩ (the double-VJP trick, a :class:`~fisherlab.errors.FallbackWarning` once); one with neither
 rule is an :class:`~fisherlab.errors.UnsupportedLayerError`.
@@ -970,12 +971,29 @@ class FisherEngine:
         """Samples per chunk of :meth:`matmat`.
 
         ``chunk_size`` if it was given, else as many as fit three times their activations (recorded graph,
-        tangents, cotangents) in ``min(DEFAULT_CHUNK_BYTES, memory_budget/4)``, balanced: the N samples of this
-        rank in ⌈N / that⌉ chunks of nearly equal size (no small last chunk).
+        tangents, cotangents) in ``min(DEFAULT_CHUNK_BYTES, memory_budget/4)``, balanced (:meth:`_fitting_chunk`).
+        """
+        return self._fitting_chunk(3 * self.activation_bytes())
+
+    def gradient_chunk_size(self) -> int:
+        """Samples per chunk of :meth:`loss_and_gradient`.
+
+        ``chunk_size`` if it was given, else as many as fit twice the graph of a forward on the caller's attention
+        kernels (:meth:`activation_bytes` with ``reverse_only``: the saved graph, and the activations' gradients of
+        the one reverse pass) in ``min(DEFAULT_CHUNK_BYTES, memory_budget/4)``, balanced as in
+        :meth:`matmat_chunk_size`. No tangents: GPT 1M, 32 × 64 tokens, 2 × 2.6 MiB a sample, so one chunk of 32
+        where a product's 3 × 2.9 MiB take two of 16.
+        """
+        return self._fitting_chunk(2 * self.activation_bytes(reverse_only=True))
+
+    def _fitting_chunk(self, per_sample: int) -> int:
+        """``chunk_size`` if given, else the samples of ``per_sample`` bytes that fit the working bytes, balanced.
+
+        Balanced: the N samples of this rank in ⌈N / fit⌉ chunks of nearly equal size (no small last chunk).
         """
         if self._chunk_size_given:
             return self.chunk_size
-        fit = int(max(1, min(self.local_samples, self._working_bytes // (3 * self.activation_bytes()))))
+        fit = int(max(1, min(self.local_samples, self._working_bytes // per_sample)))
         return math.ceil(self.local_samples / math.ceil(self.local_samples / fit))
 
     def activation_bytes(self, reverse_only: bool = False) -> int:
@@ -1022,17 +1040,23 @@ class FisherEngine:
     def loss_and_gradient(self, params: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """L(θ) = (1/N) Σ ℓ_n and ∇L(θ) of shape (P,), at ``params`` (default: the engine's parameters).
 
-        Data-parallel, the sums are all-reduced before the division by the global N (every rank gets both).
+        Per chunk (:meth:`gradient_chunk_size`) one forward and one plain reverse pass (``torch.autograd.grad``,
+        no torch.func transform), so attention runs on the caller's SDPA kernels (``reverse_only``,
+        :func:`differentiable_attention`). Data-parallel, the sums are all-reduced before the division by the
+        global N (every rank gets both).
         """
         params = self.params if params is None else params
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         g = torch.zeros(self.spec.dim, dtype=self.dtype, device=self.device)
-        for x, y, labels in self.chunks(chunk_size=self.matmat_chunk_size()):
-            z, vjp_fn = vjp(lambda p, x=x: self.forward(p, x), params)
+        for x, y, labels in self.chunks(chunk_size=self.gradient_chunk_size()):
+            leaves = {n: params[n].detach().requires_grad_() for n in self.spec.names}
+            with torch.enable_grad():
+                z = self.forward(leaves, x, reverse_only=True)
             if isinstance(labels, UncheckedChunk) and params is self.params:  # the first pass checks these outputs
                 self._check_chunk(labels, z)
             total += self.likelihood.nll(z.detach(), y).sum()
-            g += self.spec.flatten(vjp_fn(self.likelihood.grad_z(z.detach(), y))[0])
+            grads = torch.autograd.grad(z, list(leaves.values()), self.likelihood.grad_z(z.detach(), y))
+            g += self.spec.flatten(grads)
         self.reduce_sum([total, g])
         return total / self.num_samples, g / self.num_samples
 

@@ -185,6 +185,41 @@ def test_callers_attention_settings_are_restored(fastpath: bool) -> None:
     assert model.seen and set(model.seen) == {(False, False, False, True, False)}  # inside: math only
 
 
+def test_gradient_equals_the_per_sample_reference(case) -> None:
+    """loss_and_gradient (one plain reverse pass on the caller's attention kernels) against autograd per sample."""
+    name, model, X, y, _ = case
+    engine = FisherEngine(model, (X, y), dtype=torch.float64, chunk_size=3)  # several chunks, and one (default)
+    default = FisherEngine(model, (X, y), dtype=torch.float64)
+    assert default.gradient_chunk_size() == X.shape[0] and engine.gradient_chunk_size() == 3
+    expected = ref.loss_gradients(model, X, y, CAT).mean(0)
+    z = ref.outputs(model, X)
+    expected_loss = sum(CAT.nll(z[n], y[n]) for n in range(X.shape[0])) / X.shape[0]
+    for e in (engine, default):
+        loss, g = e.loss_and_gradient()
+        ref.assert_close(g, expected, 1e-10, f"{name}: gradient")
+        assert abs(float(loss - expected_loss)) <= 1e-12 * abs(float(expected_loss)), name
+
+
+def test_gradient_runs_on_the_callers_sdpa_kernels() -> None:
+    """The gradient's forward keeps the caller's SDPA backends (MHA fast path off); products stay on math SDPA."""
+    before_all = torch.backends.mha.get_fastpath_enabled()
+    model = _Probe().double()
+    X, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            caller = _attention_settings()
+            engine = FisherEngine(model, (X, y), dtype=torch.float64)
+            model.seen.clear()
+            engine.loss_and_gradient()
+            assert set(model.seen) == {(False, *caller[1:])}
+            model.seen.clear()
+            engine.matmat(torch.ones(engine.spec.dim, dtype=torch.float64))
+            assert set(model.seen) == {(False, False, False, True, False)}
+            assert _attention_settings() == caller
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before_all)
+
+
 def test_encoder_dense_path_agrees_and_fast_path_is_what_failed() -> None:
     """The fused encoder kernel has no forward-mode rule (what used to fail); fisherlab's path gives the reference."""
     model, X, y = _case("encoder")
