@@ -1055,7 +1055,8 @@ class FisherEngine:
             if isinstance(labels, UncheckedChunk) and params is self.params:  # the first pass checks these outputs
                 self._check_chunk(labels, z)
             total += self.likelihood.nll(z.detach(), y).sum()
-            grads = torch.autograd.grad(z, list(leaves.values()), self.likelihood.grad_z(z.detach(), y))
+            grads = torch.autograd.grad(z, list(leaves.values()), self.likelihood.grad_z(z.detach(), y),
+                                        allow_unused=True, materialize_grads=True)  # unused: ∂L/∂θ = 0
             g += self.spec.flatten(grads)
         self.reduce_sum([total, g])
         return total / self.num_samples, g / self.num_samples

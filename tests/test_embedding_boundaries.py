@@ -95,6 +95,22 @@ def test_an_unused_embedding_is_no_false_alarm() -> None:
     ref.assert_close(got, expected, 1e-10, "unit diagonal")
 
 
+def test_an_unused_parameter_has_zero_gradient() -> None:
+    """∇L of a model with a never-called table: the autograd loss gradient, with zeros for the unused one."""
+    from fisherlab.engine import FisherEngine
+
+    X, y = data()
+    m = model("batched")
+    loss = torch.nn.functional.cross_entropy(m(X), y)
+    params = [p for p in m.parameters()]
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        loss, params, allow_unused=True, materialize_grads=True)])
+    value, got = FisherEngine(m, (X, y), "categorical", dtype=DT).loss_and_gradient()
+    assert not expected[32:40].any()  # unused.weight
+    ref.assert_close(got, expected, 1e-12, "gradient")
+    assert abs(float(value) - float(loss)) < 1e-12
+
+
 def _entry_points(m: nn.Module, X: Tensor, y: Tensor) -> dict:
     split = SplitData(X, y, X, y, name="toy", task="multiclass", n_outputs=3, input_shape=(3,),
                       meta={"layout": "tokens", "vocab": 5})
