@@ -97,7 +97,8 @@ from fisherlab.vocabulary import FisherKind
 #: their arithmetic (benchmarks/README.md).
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
-#: Upper bound on the bytes of output-space state (outputs or factors) :meth:`FisherEngine.matmat` keeps between calls.
+#: Upper bound on the bytes :meth:`FisherEngine.matmat` keeps between calls: the output-space state (outputs or
+#: factors) and, when they fit too, the recorded graphs of the chunks' forward passes (:class:`Linearisation`).
 MATMAT_CACHE_BYTES = 256 * 2**20
 
 #: Dtypes with too little range or precision for some kinds (torch has no eigendecomposition in them).
@@ -167,6 +168,18 @@ class UncheckedChunk(NamedTuple):
     inputs: Tensor
     offset: int
     size: int
+
+
+class Linearisation(NamedTuple):
+    """What :meth:`FisherEngine.matmat` keeps of one chunk between products (at the parameters of its state key).
+
+    ``state``: what the output-space product needs (:meth:`FisherEngine._output_state`: the outputs z, (n, C), or
+    the factor M); ``vjp_fn``: the VJP of the chunk's forward pass (its recorded graph, ``torch.func.vjp``), or
+    None where the graphs of all chunks did not fit the cache.
+    """
+
+    state: Tensor
+    vjp_fn: Callable[[Tensor], tuple[dict[str, Tensor]]] | None
 
 
 class FisherEngine:
@@ -278,7 +291,7 @@ class FisherEngine:
             self.chunk_size = min_over_ranks(self.chunk_size, self.group, self.device)
         self._activation_bytes: dict[bool, int] = {}
         self._jvp_by_vjp = False  # set when an operation of the model has no forward-mode rule (see jv)
-        self._output_cache: tuple[tuple, list[Tensor]] | None = None  # matmat's (state key, S per chunk)
+        self._output_cache: tuple[tuple, list[Linearisation]] | None = None  # matmat's (state key, per chunk)
         check_budget(2 * row_bytes * min(self.chunk_size, self.local_samples), "a chunk of factor rows",
                      self.memory_budget, "a smaller chunk_size")
         # The first pass over the data checks every sample's outputs and draws the MC labels (see _check_block).
@@ -830,57 +843,73 @@ class FisherEngine:
     def matmat(self, V: Tensor) -> Tensor:
         """F V without forming F: V of shape (P,) or (P, k) → same shape.
 
-        Per chunk and block of columns, one pass (:meth:`_chunk_product`): a forward pass that records the outputs'
-        autograd graph and carries the tangents J v alongside (a ``vjp`` of a ``jvp``: one primal evaluation serves
-        both), the output-space product Mᵀ M J v, and one reverse pass through the recorded graph — about five
-        forward passes of arithmetic per column (primal 1, tangents 2, reverse 2), where a ``jvp`` and a separate
-        ``vjp`` cost six. The chunks hold activations, not P-wide rows, so unless ``chunk_size`` was given they are
-        sized by the activation bytes per sample (:meth:`matmat_chunk_size`). What the output-space product needs
-        of each chunk (:meth:`_output_state`: its outputs z for the true Fisher's Λ(z) in closed form, else the
-        factor M; no activations) is computed from the outputs of the first product and kept for later calls when
-        it fits, for all chunks, in ``min(MATMAT_CACHE_BYTES, memory_budget/4)`` (keyed as in :meth:`_state_key`).
-        Data-parallel, the ranks' partial products are all-reduced (every rank gets F V).
+        Per chunk and block of columns, one pass (:meth:`_chunk_product`): the tangents J v by forward mode, the
+        output-space product Mᵀ M J v, and one reverse pass through the recorded graph of the chunk's outputs. The
+        chunks hold activations, not P-wide rows, so unless ``chunk_size`` was given they are sized by the
+        activation bytes per sample (:meth:`matmat_chunk_size`). The first product's pass over the data keeps its
+        **linearisation** for later calls (:class:`Linearisation`, keyed as in :meth:`_state_key`) when it fits in
+        ``min(MATMAT_CACHE_BYTES, memory_budget/4)``: what the output-space product needs of each chunk
+        (:meth:`_output_state`: its outputs z for the true Fisher's Λ(z) in closed form, else the factor M), and,
+        when the graphs of all chunks fit too (:meth:`activation_bytes` per sample), the VJP of each chunk's
+        forward. A product on a kept graph is one ``jvp`` (primal and tangents, nothing recorded) and a reverse
+        pass through the kept graph; without it, a ``vjp`` of a ``jvp`` (one primal evaluation serving both, the
+        tangent operations recorded too). Both are about five forward passes of arithmetic per column (primal 1,
+        tangents 2, reverse 2); not recording the tangents saves about a tenth of a product's time (GPT 1M, 32 × 64
+        tokens: 0.54 against 0.58 CPU-s, benchmarks/README.md). The product that records the graphs to keep runs
+        the forward pass twice (the recorded primal, and the ``jvp``). Data-parallel, the ranks' partial products
+        are all-reduced (every rank gets F V).
         """
         if V.shape[0] != self.spec.dim or V.dim() > 2:
             raise InputError(f"expected a vector (P,) or matrix (P, k) with P = {self.spec.dim}; got {tuple(V.shape)}")
         V = V.to(self.device, self.dtype)
         cols = V if V.dim() == 2 else V.unsqueeze(1)
         key = self._state_key()
-        cached = self._output_cache[1] if self._output_cache is not None and self._output_cache[0] == key else None
-        states: list[Tensor] = []
+        if self._output_cache is not None and self._output_cache[0] != key:
+            self._output_cache = None  # stale: its graphs are released before the new ones are recorded
+        cached = None if self._output_cache is None else self._output_cache[1]
+        limit = min(MATMAT_CACHE_BYTES, self.memory_budget // 4)
+        keep = cached is None and self.activation_bytes() * self.local_samples <= limit
+        kept: list[Linearisation] = []
         out = None
         for i, (x, y, labels) in enumerate(self.chunks(chunk_size=self.matmat_chunk_size())):
-            S = None if cached is None else cached[i]
+            lin = None if cached is None else cached[i]
             parts = []
             for block in cols.split(self._column_block(x.shape[0]), dim=1):
-                part, S = self._with_jvp_fallback(partial(self._chunk_product, x, y, labels, S, block), x)
+                part, lin = self._with_jvp_fallback(partial(self._chunk_product, x, y, labels, lin, block, keep), x)
                 parts.append(part)
-            states.append(S)
+            kept.append(lin)
             part = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             out = part if out is None else out.add_(part)
-        state_bytes = sum(S.numel() * S.element_size() for S in states)
-        if cached is None and state_bytes <= min(MATMAT_CACHE_BYTES, self.memory_budget // 4):
-            self._output_cache = (key, states)
+        if cached is None:
+            state_bytes = sum(lin.state.numel() * lin.state.element_size() for lin in kept)
+            if keep and state_bytes + self.activation_bytes() * self.local_samples > limit:
+                kept = [lin._replace(vjp_fn=None) for lin in kept]
+            if state_bytes <= limit:
+                self._output_cache = (key, kept)
         self.reduce_sum([out])
         return out if V.dim() == 2 else out.squeeze(1)
 
-    def _chunk_product(self, x: Tensor, y: Tensor, labels: Tensor | None, S: Tensor | None,
-                       block: Tensor) -> tuple[Tensor, Tensor]:
-        """F_chunk V for the chunk's inputs x and a block V of k columns (P, k); returns (P, k) and the chunk's S.
+    def _chunk_product(self, x: Tensor, y: Tensor, labels: Tensor | None, lin: Linearisation | None,
+                       block: Tensor, keep: bool) -> tuple[Tensor, Linearisation]:
+        """F_chunk V for the chunk's inputs x and a block V of k columns (P, k): (P, k), and a :class:`Linearisation`.
 
-        S is what the output-space product needs (:meth:`_output_state`, computed from this pass's outputs when
-        None). The
-        forward pass runs once, recording the graph of the outputs z for the reverse pass while forward mode
-        carries the k tangents (vmapped over the columns; the primal is not batched), or, once an operation
-        turned out to have no forward-mode rule, J v comes from two reverse passes (:meth:`jv`).
+        ``lin``: the chunk's kept linearisation (None: none yet; its state S is then computed from this pass's
+        outputs). ``keep``: record the chunk's graph apart from the tangents, to keep it (returned in ``lin``). On a
+        kept or kept-to-be graph, or once an operation turned out to have no forward-mode rule (:meth:`jv` by two
+        reverse passes through that graph), the tangents J v come from :meth:`jv`, vmapped over the k columns;
+        otherwise the forward pass runs once, recording the graph of the outputs z for the reverse pass while
+        forward mode carries the k tangents (vmapped over the columns; the primal is not batched).
         """
         def f(p: dict[str, Tensor]) -> Tensor:
             return self.forward(p, x)
 
         k = block.shape[1]
-        if self._jvp_by_vjp:
+        out_shape = torch.Size((x.shape[0], self.num_outputs))
+        z = jv = None
+        if lin is not None and lin.vjp_fn is not None:
+            vjp_fn = lin.vjp_fn
+        elif keep or self._jvp_by_vjp:
             z, vjp_fn = vjp(f, self.params)
-            jv = vmap(lambda v: self.jv(f, vjp_fn, z.shape, self.spec.unflatten(v)), in_dims=1)(block)
         else:
             def primal_and_tangents(p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
                 def one(v: Tensor) -> tuple[Tensor, Tensor]:
@@ -892,13 +921,18 @@ class FisherEngine:
                 return vmap(one, in_dims=1, out_dims=(None, 0))(block)
 
             z, vjp_fn, jv = vjp(primal_and_tangents, self.params, has_aux=True)
-        if S is None:
-            S = self._output_state(z.detach(), y, labels)
+        if jv is None:  # on a graph recorded apart: the tangents by jvp alone (or two VJPs)
+            def tangent(v: Tensor) -> Tensor:
+                return self.jv(f, vjp_fn, out_shape, self.spec.unflatten(v))
+
+            jv = tangent(block[:, 0]).unsqueeze(0) if k == 1 else vmap(tangent, in_dims=1)(block)
+        S = lin.state if lin is not None else self._output_state(z.detach(), y, labels)
         W = self._output_product(S, y, jv)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*batching rule.*")
             grads = vjp_fn(W[0]) if k == 1 else vmap(vjp_fn)(W)
-        return self.spec.flatten(grads[0]).reshape(k, -1).T, S
+        kept = keep or (lin is not None and lin.vjp_fn is not None)
+        return self.spec.flatten(grads[0]).reshape(k, -1).T, Linearisation(S, vjp_fn if kept else None)
 
     def jv(self, f: Callable[[dict[str, Tensor]], Tensor], vjp_fn: Any, out_shape: torch.Size,
            tangent: dict[str, Tensor]) -> Tensor:

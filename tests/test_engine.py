@@ -464,6 +464,34 @@ def test_implicit_products_follow_parameter_changes(problems):
     ref.assert_close(engine.matmat(v), fresh.matmat(v), EXACT_RTOL, "after an in-place change")
 
 
+@pytest.mark.parametrize("kind", ["true", "mc", "ggn"])
+@pytest.mark.parametrize("kept", ["graphs and states", "states only", "nothing"])
+def test_products_on_the_kept_linearisation_equal_the_reference(problems, monkeypatch, kind, kept):
+    """Successive F·v and F·V (several chunks) equal the per-sample reference, whatever matmat keeps between calls:
+    the graphs and output states (tangents by forward mode alone), the states only (a vjp of a jvp), or nothing."""
+    p = problems("cnn1d")
+
+    def engine() -> FisherEngine:
+        return FisherEngine(p.model, p.data, p.likelihood, kind=kind, seed=2, mc_samples=2, chunk_size=3)
+
+    probe = engine()
+    probe.matmat(torch.zeros(probe.spec.dim, dtype=F64))
+    states = sum(lin.state.numel() * lin.state.element_size() for lin in probe._output_cache[1])
+    assert probe.activation_bytes() * p.case.n > 0
+    monkeypatch.setattr("fisherlab.engine.MATMAT_CACHE_BYTES",
+                        {"graphs and states": 2**40, "states only": states, "nothing": 0}[kept])
+    e = engine()
+    gen = torch.Generator().manual_seed(3)
+    for V in (torch.randn(e.spec.dim, generator=gen, dtype=F64), torch.randn(e.spec.dim, 3, generator=gen, dtype=F64),
+              torch.randn(e.spec.dim, generator=gen, dtype=F64)):
+        expected = p.reference(kind, labels=e._labels if kind == "mc" else None) @ V
+        ref.assert_close(e.matmat(V), expected, REF_RTOL, f"{kind}, kept: {kept}")
+    cache = e._output_cache
+    assert (cache is None) == (kept == "nothing")
+    if cache is not None:
+        assert len(cache[1]) > 1 and all((lin.vjp_fn is not None) == (kept == "graphs and states") for lin in cache[1])
+
+
 def test_rows_per_sample_of_a_sequence_model_is_the_width_of_its_block_diagonal_factor():
     """R of the true Fisher from one token's factor × T equals the width of the (T·C × T·R) factor itself."""
     from fisherlab.models import GPT
@@ -542,8 +570,14 @@ def test_the_first_pass_is_the_only_pass_over_the_data(structure):
     evaluated = []
     model.register_forward_hook(lambda m, inputs, out: evaluated.append(inputs[0].shape[0]))
     F = fisher(model, (X, y), kind="mc", structure=structure, chunk_size=FIRST_PASS_CHUNK)
-    if structure == "implicit":
+    if structure == "implicit":  # the first product records each chunk's graph (kept) and runs forward mode apart
         F @ torch.ones(F.spec.dim, dtype=F64)
+        assert F.engine._output_cache[1][0].vjp_fn is not None
+        assert FIRST_PASS_N <= sum(evaluated) - FIRST_PASS_N <= FIRST_PASS_N + 6, evaluated
+        evaluated.clear()
+        F @ torch.ones(F.spec.dim, dtype=F64)  # on the kept graphs: forward mode alone
+        assert sum(evaluated) == FIRST_PASS_N, evaluated
+        return
     assert FIRST_PASS_N <= sum(evaluated) <= FIRST_PASS_N + 6, evaluated
 
 
