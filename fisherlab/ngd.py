@@ -3,7 +3,10 @@
 :func:`solve_ngd` solves with the Fisher of an engine's kind on the engine's data, by one of
 :class:`NGDSolver`:
 
-* ``cholesky`` — the dense F + λI (given as ``fisher``, or assembled as UᵀU from the factor rows U);
+* ``cholesky`` — the dense F + λI (given as ``fisher``, or assembled as UᵀU from the factor rows U); a given
+  :class:`~fisherlab.structures.DenseFisher` is solved with its kept factor
+  (:meth:`~fisherlab.structures.DenseFisher.damped_factor`: one factorisation per λ for every solve and
+  Cholesky root of that matrix);
 * ``woodbury`` — F = UᵀU with factor rows U (m, P): (UᵀU + λI)⁻¹ g = (g − Uᵀ (UUᵀ + λI)⁻¹ U g) / λ, a Cholesky
   factorisation of the m×m Gram matrix (needs λ > 0; cheaper than Cholesky when m < P);
 * ``gram`` — the same identity in sample space without U (:mod:`fisherlab.gram`): K = UUᵀ, U g and Uᵀ y from
@@ -60,8 +63,10 @@ from fisherlab.engine import FisherEngine
 from fisherlab.errors import InputError, MemoryBudgetError, UnsupportedLayerError
 from fisherlab.gram import SampleGram, build_gram, gram_bytes
 from fisherlab.linalg import cg, cg_multishift, damped_solve
+from fisherlab.linalg.solve import _check_finite, cholesky_factor_solve
 from fisherlab.memory import dense_bytes
 from fisherlab.structures.base import FisherMatrix
+from fisherlab.structures.dense import DenseFisher
 
 __all__ = ["ITERATIVE_SOLVERS", "NGDSolver", "SolveInfo", "gram_applies", "solve_ngd", "solve_ngd_all"]
 
@@ -272,7 +277,13 @@ def solve_ngd(engine: FisherEngine, g: Tensor, damping: float, *, solver: str = 
         # its quality is the residual recorded here (the estimate-based singularity check of damped_solve can
         # refuse a well-damped float32 matrix)
         F = fisher.to_dense()
-        x = damped_solve(F, g, damping, check_singular=False, checked=fisher.structure == "dense")
+        if isinstance(fisher, DenseFisher):  # its kept factor of F + λI (shared with the Cholesky roots at λ)
+            _check_finite(g, "g")
+            x = cholesky_factor_solve(fisher.damped_factor(damping), g)
+            _check_finite(x, "the solution x of (G + damping·I) x = b")
+            x = x.to(torch.promote_types(F.dtype, g.dtype))
+        else:
+            x = damped_solve(F, g, damping, check_singular=False)
         return x, SolveInfo(solver.value, 0, _relative_residual(F, x, g, damping), True, float("nan"),
                             time.perf_counter() - start)
     U = torch.cat(list(engine.iter_factor_rows()))

@@ -359,3 +359,89 @@ def test_shared_context_refuses_other_parameters(problem):
     with pytest.raises(InputError, match="parameters"):
         ctx.check_shares(moved, data, dtype=D)
     ctx.check_shares(copy.deepcopy(problem["model"]), data, dtype=D, likelihood="categorical")  # the same state
+
+
+def _count_factorisations(monkeypatch, n: int) -> list[int]:
+    """Patch torch.linalg.cholesky_ex to count the factorisations of matrices n wide (a list to read the count)."""
+    calls, cholesky_ex = [], torch.linalg.cholesky_ex
+
+    def counted(A, *args, **kwargs):
+        if A.shape[-1] == n:
+            calls.append(n)
+        return cholesky_ex(A, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", counted)
+    return calls
+
+
+@pytest.mark.parametrize("structure", ["dense", "block"])
+def test_sngd_in_a_context_reads_its_structure_and_shares_the_cholesky_factor(problem, structure, monkeypatch):
+    """sngd-dense/-block in a context: G from the context's structure (no reconstruction from the data), the root
+    from the Cholesky factor exact NGD / block-ngd already made, and the step −η (G + λI)⁻¹∇L of the reference
+    Fisher (per-sample autograd), as a fresh reconstruct gives it."""
+    import fisherlab.reconstruction.build as build
+    from fisherlab.reconstruction import reconstruct
+
+    model, data, F, g = problem["model"], (problem["X"], problem["y"]), problem["F"], problem["g"]
+    fresh = {lam: reconstruct(model, data, structure=structure, sqrt="cholesky", damping=lam,
+                              dtype=D).gd_update(data, LR).numpy() for lam in DAMPINGS}
+    G = F if structure == "dense" else np.zeros_like(F)
+    if structure == "block":
+        for ix in layer_blocks(model):
+            G[np.ix_(ix, ix)] = F[np.ix_(ix, ix)]
+    ctx = RuleContext(model, data, "categorical", dtype=D, dampings=tuple(DAMPINGS))
+    shared_rule = RULES["ngd" if structure == "dense" else "block-ngd"]
+    widest = F.shape[0] if structure == "dense" else max(len(ix) for ix in layer_blocks(model))
+    calls = _count_factorisations(monkeypatch, widest)
+    monkeypatch.setattr(build, "compute_structure", lambda *a, **k: pytest.fail("G computed again from the data"))
+    for lam in DAMPINGS:
+        shared_rule(ctx, lam, LR)  # factorises G + λI
+        before = len(calls)
+        u = RULES[f"sngd-{structure}"](ctx, lam, LR).numpy()
+        assert len(calls) == before, "the root factorised G + λI again"
+        want = -LR * np.linalg.solve(G + lam * np.eye(len(G)), g)
+        np.testing.assert_allclose(u, want, rtol=1e-9, atol=1e-13)
+        np.testing.assert_allclose(u, fresh[lam], rtol=1e-10, atol=1e-14)
+    assert len(calls) == len(DAMPINGS)  # one factorisation of the widest matrix per λ, for both rules
+
+
+def test_dense_factor_is_one_per_damping_and_exact_ngd_solves_with_it(problem, monkeypatch):
+    """DenseFisher.damped_factor: L Lᵀ = F + λI of the reference F; kept per λ (dropped oldest first beyond the
+    budget); exact NGD through it = numpy's solve."""
+    ctx = RuleContext(problem["model"], (problem["X"], problem["y"]), "categorical", dtype=D)
+    F = ctx.exact_fisher("true")
+    P = F.spec.dim
+    calls = _count_factorisations(monkeypatch, P)
+    for lam in DAMPINGS:
+        L = F.damped_factor(lam)
+        assert F.damped_factor(lam) is L
+        np.testing.assert_allclose((L @ L.T).numpy(), problem["F"] + lam * np.eye(P), rtol=1e-10, atol=1e-13)
+        x = ctx.natural_gradient(lam).numpy()
+        np.testing.assert_allclose(x, -ngd_by_hand(problem, lam) / LR, rtol=1e-9, atol=1e-12)
+    assert len(calls) == len(DAMPINGS)
+    F.memory_budget = 3 * L.numel() * L.element_size()  # F, one kept factor and the new one
+    F.damped_factor(0.5)
+    assert list(F._factors) == [DAMPINGS[-1], 0.5]
+    F.memory_budget = 2 * L.numel() * L.element_size()  # F and the new one
+    F.damped_factor(0.7)
+    assert list(F._factors) == [0.7]
+
+
+def test_sngd_metric_is_the_context_structure_or_none_and_a_wrong_one_is_refused(problem):
+    """The rule reads G off the context only where reconstruct would compute that very structure; a structure of
+    another grouping, or the implicit Fisher for sngd-dense, is refused by reconstruct (MetricMismatchError)."""
+    from fisherlab.errors import MetricMismatchError
+    from fisherlab.reconstruction import reconstruct
+
+    model, data = problem["model"], (problem["X"], problem["y"])
+    ctx = RuleContext(model, data, "categorical", dtype=D)
+    assert RULES["sngd-block"].metric(ctx) is ctx.structure("block")
+    assert RULES["sngd-kfac"].metric(ctx) is ctx.structure("kfac")
+    assert RULES["sngd-dense"].metric(ctx) is ctx.exact_fisher("true")
+    with pytest.raises(MetricMismatchError, match="block grouping"):
+        reconstruct(model, data, structure="block", metric=ctx.structure("block", by="tensor"), dtype=D)
+    small = RuleContext(model, data, "categorical", dtype=D, memory_budget=20_000)
+    assert small.exact_fisher("true").structure == "implicit"
+    assert RULES["sngd-dense"].metric(small) is None
+    with pytest.raises(MetricMismatchError, match="structure"):
+        reconstruct(model, data, structure="dense", metric=small.exact_fisher("true"), dtype=D)

@@ -7,6 +7,10 @@ identity when G_λ = F + λI, and the better conditioned the closer G_λ is to F
 the generalised problem (F + λI) x = μ G_λ x, computed stably as the eigenvalues of L⁻¹ (F + λI) L⁻ᵀ with
 G_λ = L Lᵀ (Cholesky). The row ``structure="original"`` is F + λI itself (G = I).
 
+A dense, block (by layer) or diagonal structure gives its own Cholesky factor of G_λ (:func:`kept_factors`: the
+one its solves, exact NGD and the Cholesky roots use at that λ), so G_λ is neither recovered from solves nor
+factorised again; the other structures' G_λ is the inverse of their solve.
+
 Per layer, A_l = F_ll + λI and G_l = (G_λ)_ll, the layer's diagonal blocks (what the layer's local Fisher layer
 would see if the rebuild were local to it).
 
@@ -37,13 +41,16 @@ from torch import Tensor, nn
 
 from fisherlab import results
 from fisherlab.checks import check_dampings
-from fisherlab.errors import SingularMatrixError, UnsupportedLayerError
+from fisherlab.errors import InputError, SingularMatrixError, UnsupportedLayerError
 from fisherlab.fidelity.evaluate import UNAVAILABLE
 from fisherlab.fidelity.rules import RuleContext
 from fisherlab.likelihoods import Likelihood
 from fisherlab.linalg.threads import concurrently
 from fisherlab.structures.base import eigvalsh
-from fisherlab.vocabulary import RECONSTRUCTIBLE, RootMethod, Structure
+from fisherlab.structures.block import BlockDiagonalFisher
+from fisherlab.structures.dense import DenseFisher
+from fisherlab.structures.diagonal import DiagonalFisher
+from fisherlab.vocabulary import RECONSTRUCTIBLE, BlockBy, RootMethod, Structure
 
 #: Structures measured by default (each the true Fisher in that structure).
 DEFAULT_STRUCTURES = ("dense", "block", "kfac", "ekfac", "unit", "diag")
@@ -61,6 +68,23 @@ ANNOTATIONS = {
 }
 
 
+def _factor(G: Tensor, block: str | None = None) -> Tensor:
+    """The lower Cholesky factor of sym(G), or SingularMatrixError naming ``block``."""
+    L, info = torch.linalg.cholesky_ex(0.5 * (G + G.T))
+    if int(info) != 0:
+        which = "" if block is None else f" of block {block!r}"
+        raise SingularMatrixError(f"the damped structure G is not positive definite (Cholesky{which} failed at pivot "
+                                  f"{int(info)} of {G.shape[0]}); increase the damping")
+    return L
+
+
+def factor_transform(A: Tensor, L: Tensor) -> Tensor:
+    """The symmetric L⁻¹ A L⁻ᵀ (n, n) for symmetric A (n, n) and a lower triangular L (n, n)."""
+    X = torch.linalg.solve_triangular(L, 0.5 * (A + A.T), upper=False)
+    M = torch.linalg.solve_triangular(L, X.T, upper=False)
+    return 0.5 * (M + M.T)
+
+
 def preconditioned_matrix(A: Tensor, G: Tensor | None) -> Tensor:
     """The symmetric L⁻¹ A L⁻ᵀ (n, n) with G = L Lᵀ (Cholesky), similar to G^{-1/2} A G^{-1/2}; A itself when G is None.
 
@@ -71,16 +95,9 @@ def preconditioned_matrix(A: Tensor, G: Tensor | None) -> Tensor:
     Raises:
         SingularMatrixError: If G is not positive definite.
     """
-    A = 0.5 * (A + A.T)
     if G is None:
-        return A
-    L, info = torch.linalg.cholesky_ex(0.5 * (G + G.T))
-    if int(info) != 0:
-        raise SingularMatrixError(f"the damped structure G is not positive definite (Cholesky failed at pivot "
-                                  f"{int(info)} of {G.shape[0]}); increase the damping")
-    X = torch.linalg.solve_triangular(L, A, upper=False)
-    M = torch.linalg.solve_triangular(L, X.T, upper=False)
-    return 0.5 * (M + M.T)
+        return 0.5 * (A + A.T)
+    return factor_transform(A, _factor(G))
 
 
 def preconditioned_eigvalsh(A: Tensor, G: Tensor | None) -> Tensor:
@@ -106,8 +123,7 @@ def preconditioned_block_matrix(A: Tensor, G: dict[str, Tensor], index: dict[str
     """L⁻¹ A L⁻ᵀ (n, n) for a block-diagonal SPD G = L Lᵀ, from the Cholesky factor of each block.
 
     The matrix of :func:`preconditioned_matrix`, with the triangular solves done block row by block row and no
-    n×n factorisation. Its diagonal block of ``index[k]`` is L_k⁻¹ A_kk L_k⁻ᵀ, the block's own preconditioned
-    matrix (L is block-diagonal).
+    n×n factorisation (:func:`block_factor_transform`).
 
     Args:
         A: Symmetric (n, n).
@@ -117,22 +133,26 @@ def preconditioned_block_matrix(A: Tensor, G: dict[str, Tensor], index: dict[str
     Raises:
         SingularMatrixError: If a block of G is not positive definite.
     """
-    A = 0.5 * (A + A.T)
-    factors = {}
-    for k, B in G.items():
-        L, info = torch.linalg.cholesky_ex(0.5 * (B + B.T))
-        if int(info) != 0:
-            raise SingularMatrixError(f"the damped structure G is not positive definite (Cholesky of block {k!r} "
-                                      f"failed at pivot {int(info)} of {B.shape[0]}); increase the damping")
-        factors[k] = L
+    return block_factor_transform(A, {k: _factor(B, k) for k, B in G.items()}, index)
 
+
+def block_factor_transform(A: Tensor, factors: dict[str, Tensor], index: dict[str, Tensor]) -> Tensor:
+    """L⁻¹ A L⁻ᵀ (n, n) for symmetric A and a block-diagonal lower triangular L with blocks ``factors``.
+
+    Its diagonal block of ``index[k]`` is L_k⁻¹ A_kk L_k⁻ᵀ, the block's own preconditioned matrix.
+
+    Args:
+        A: Symmetric (n, n).
+        factors: Block name → lower triangular L_k (n_b, n_b).
+        index: Block name → indices of the block in A (together: every index once).
+    """
     def solve_rows(X: Tensor) -> Tensor:  # L⁻¹ X, one block row at a time
         out = torch.empty_like(X)
         for k, ix in index.items():
             out[ix] = torch.linalg.solve_triangular(factors[k], X[ix], upper=False)
         return out
 
-    M = solve_rows(solve_rows(A).T)
+    M = solve_rows(solve_rows(0.5 * (A + A.T)).T)
     return 0.5 * (M + M.T)
 
 
@@ -143,6 +163,56 @@ def preconditioned_block_eigvalsh(A: Tensor, G: dict[str, Tensor], index: dict[s
         SingularMatrixError: If a block of G is not positive definite.
     """
     return eigvalsh(preconditioned_block_matrix(A, G, index))
+
+
+def kept_factors(ctx: RuleContext, structure: str, damping: float) -> Tensor | dict[str, Tensor] | None:
+    """The Cholesky factors of G_λ that the structure itself solves with (factorised once per λ), or None.
+
+    A dense Fisher: its lower factor L (P, P) of F + λI (:meth:`~fisherlab.structures.DenseFisher.damped_factor`,
+    the one exact NGD and the Cholesky roots use); a block Fisher by layer: layer → its factor of F_ll + λI
+    (:meth:`~fisherlab.structures.BlockDiagonalFisher.damped_factors`, ``block-ngd``'s); a diagonal Fisher: the
+    (P,) vector (diag F + λ)^{1/2}, the factor of a diagonal G_λ. Any other structure: None (G_λ then comes from
+    its solve, :func:`damped_blocks` / :func:`damped_matrix`).
+
+    Raises:
+        SingularMatrixError: G_λ is not positive definite.
+    """
+    G = ctx.structure(structure)
+    if isinstance(G, DenseFisher):
+        return G.damped_factor(damping)
+    if isinstance(G, BlockDiagonalFisher) and G.meta.get("blocks_by") == BlockBy.LAYER.value:
+        return G.damped_factors(damping)
+    if isinstance(G, DiagonalFisher):
+        d = G.diagonal + damping
+        if not bool((d > 0).all()):
+            raise SingularMatrixError(f"{int((d <= 0).sum())} diagonal entries of F + λI are ≤ 0 at damping "
+                                      f"{damping}; pass damping > 0")
+        return d.sqrt()
+    return None
+
+
+def kept_preconditioned(A: Tensor, factors: Tensor | dict[str, Tensor], blocks: list[Tensor],
+                        G: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+    """L⁻¹ A L⁻ᵀ (P, P) for the factors of :func:`kept_factors`, and each layer's preconditioned block.
+
+    A layer's matrix is that of its own block G_ll of G_λ = L Lᵀ: the diagonal block of the whole one when L is
+    block-diagonal (block, diagonal), else :func:`preconditioned_matrix` of A_ll and G_ll.
+
+    Args:
+        A: F + λI (P, P).
+        factors: The (P, P) factor, the layers' factors (in ``blocks`` order) or the (P,) diagonal factor.
+        blocks: Each layer's parameter indices, ``spec.blocks("layer")`` order.
+        G: G_λ (P, P), for a (P, P) factor (its layer blocks).
+    """
+    if isinstance(factors, dict):
+        M = block_factor_transform(A, factors, dict(zip(factors, blocks, strict=True)))
+    elif factors.ndim == 1:
+        M = 0.5 * (A + A.T) / (factors.unsqueeze(1) * factors.unsqueeze(0))
+    else:
+        if G is None:
+            raise InputError("kept_preconditioned needs G_λ for a dense factor (its layer blocks)")
+        return factor_transform(A, factors), [preconditioned_matrix(A[ix][:, ix], G[ix][:, ix]) for ix in blocks]
+    return M, [M[ix][:, ix] for ix in blocks]
 
 
 def damped_blocks(ctx: RuleContext, structure: str, damping: float) -> dict[str, Tensor] | None:
@@ -214,16 +284,21 @@ def _dense_geometry(ctx: RuleContext, names: list[str], dampings: list[float], s
         for j, lam in enumerate(dampings):
             try:
                 with ctx.timed(f"geometry {name}"):
-                    G_blocks = damped_blocks(ctx, name, lam)
-                    G = damped_matrix(ctx, name, lam) if G_blocks is None else None
                     A = F + lam * eye
-                    if G_blocks is None:
+                    kept = kept_factors(ctx, name, lam)
+                    G_blocks = damped_blocks(ctx, name, lam) if kept is None else None
+                    G = damped_matrix(ctx, name, lam) if kept is None and G_blocks is None else None
+                    if kept is not None:  # the structure's own factors of G_λ (shared with its solves)
+                        dense = isinstance(kept, Tensor) and kept.ndim == 2  # G_λ = G + λI, G the structure's
+                        G = ctx.structure(name).to_dense() + lam * eye if dense else None
+                        M, layer_M = kept_preconditioned(A, kept, blocks, G)
+                    elif G_blocks is None:
                         M = preconditioned_matrix(A, G)
                         layer_M = [preconditioned_matrix(A[ix][:, ix], G[ix][:, ix]) for ix in blocks]
                     else:  # L is block-diagonal: each layer's L_l⁻¹ A_ll L_l⁻ᵀ is a diagonal block of M
                         M = preconditioned_block_matrix(A, G_blocks, dict(zip(G_blocks, blocks, strict=True)))
                         layer_M = [M[ix][:, ix] for ix in blocks]
-                    del A, G, G_blocks
+                    del A, G, G_blocks, kept
             except UNAVAILABLE as exc:
                 if not skip_unavailable:
                     raise

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import json
 import time
 import warnings
@@ -485,20 +486,50 @@ class ReconstructedGD(Rule):
         object.__setattr__(self, "structure", structure)
         object.__setattr__(self, "sqrt", parse_enum(RootMethod, self.sqrt, "sqrt method"))
 
+    def metric(self, ctx: RuleContext) -> FisherMatrix | None:
+        """The context's structure that :func:`~fisherlab.reconstruction.reconstruct` would compute G from, or None.
+
+        :meth:`RuleContext.structure` of ``STRUCTURES[structure]`` with its options (and this rule's options that
+        are structure options, not arguments of ``reconstruct``): the one the structured rules and the geometry
+        use. None for ``dense`` when the context's exact Fisher is implicit (reconstruct then builds its own).
+        """
+        from fisherlab.reconstruction import STRUCTURES
+
+        fisher_structure, defaults = STRUCTURES[self.structure.value]
+        if fisher_structure == Structure.DENSE.value and ctx.exact_fisher("true").structure != "dense":
+            return None
+        options = {k: v for k, v in self.options.items() if k not in _RECONSTRUCT_ARGUMENTS}
+        return ctx.structure(fisher_structure, **{**defaults, **options})
+
     def network(self, ctx: RuleContext, damping: float) -> Any:
-        """The context's model reconstructed with this rule's G at λ (true Fisher of the context's data)."""
+        """The context's model reconstructed with this rule's G at λ (true Fisher of the context's data).
+
+        G is read from :meth:`metric` (built once by the context, its time counted under ``structure <name>``
+        or ``exact true Fisher``), and a Cholesky root from the kept factor of G + λI of a dense or block
+        structure (exact NGD's and ``block-ngd``'s, counted where it was first factorised).
+        """
         from fisherlab.reconstruction import reconstruct
 
         engine = ctx.engine()
+        metric = self.metric(ctx)
         with ctx.timed(f"reconstruct {self.name}"):
             return reconstruct(ctx.model, ctx.data, ctx.likelihood, structure=self.structure.value, kind="true",
                                damping=damping, sqrt=self.sqrt.value, mc_samples=ctx.mc_samples, seed=ctx.seed,
                                dtype=engine.dtype, device=engine.device, chunk_size=ctx.chunk_size,
-                               memory_budget=ctx.memory_budget, **self.options)
+                               memory_budget=ctx.memory_budget, metric=metric, **self.options)
 
     def __call__(self, ctx: RuleContext, damping: float, lr: float) -> Tensor:
         return ctx.reconstructed(self, damping).gd_update(ctx.data, lr)
 
+
+def _reconstruct_arguments() -> frozenset[str]:
+    """The named arguments of :func:`~fisherlab.reconstruction.reconstruct` (its other options go to the structure)."""
+    from fisherlab.reconstruction import reconstruct
+
+    return frozenset(inspect.signature(reconstruct).parameters) - {"options"}
+
+
+_RECONSTRUCT_ARGUMENTS = _reconstruct_arguments()
 
 # --------------------------------------------------------------------------------------------- registry
 RULES: dict[str, Rule] = {}

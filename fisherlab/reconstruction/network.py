@@ -32,9 +32,11 @@ from fisherlab.likelihoods import Likelihood, TokenLikelihood
 from fisherlab.params import ParamSpec
 from fisherlab.reconstruction.roots import LocalFisherUnit
 from fisherlab.structures.base import FisherMatrix
+from fisherlab.structures.block import BlockDiagonalFisher
+from fisherlab.structures.dense import DenseFisher
 
-__all__ = ["STRUCTURE_SOURCES", "ReconstructConfig", "ReconstructedNetwork", "UnitPlan", "compute_structure",
-           "unit_statistics"]
+__all__ = ["FACTOR_SOURCES", "STRUCTURE_SOURCES", "ReconstructConfig", "ReconstructedNetwork", "UnitPlan",
+           "compute_structure", "shared_factor", "unit_statistics"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,25 @@ STRUCTURE_SOURCES: dict[str, Any] = {
     "factors": _factors,
     "exact_blocks": _whole("G", lambda s, k: s.exact_blocks[k]),
 }
+
+
+#: Where a structure keeps its lower Cholesky factors of sym(G) + λI (one factorisation per λ, shared with its own
+#: solves): source field → (structure, key, λ) → the factor of that unit's G, for ``sqrt="cholesky"``.
+FACTOR_SOURCES: dict[str, Any] = {
+    "matrix": lambda s, k, lam: s.damped_factor(lam) if isinstance(s, DenseFisher) else None,
+    "blocks": lambda s, k, lam: s.damped_factors(lam)[k] if isinstance(s, BlockDiagonalFisher) else None,
+}
+
+
+def shared_factor(struct: FisherMatrix, plan: UnitPlan, damping: float) -> Tensor | None:
+    """The structure's kept float64 Cholesky factor of ``plan``'s sym(G) + λI (:data:`FACTOR_SOURCES`), or None.
+
+    None unless λ > 0 and the structure is float64 (the roots' compute dtype) with factors of its own.
+    """
+    read = FACTOR_SOURCES.get(plan.source[0])
+    if read is None or not damping > 0 or struct.dtype != torch.float64:
+        return None
+    return read(struct, plan.source[1], damping)
 
 
 def unit_statistics(struct: FisherMatrix, plan: UnitPlan) -> tuple[dict[str, Tensor], tuple[str, ...]]:
@@ -410,10 +431,14 @@ class ReconstructedNetwork(nn.Module):
         for plan, unit in self.units():
             stats, averaged = unit_statistics(struct, plan)
             old = self._stats.get(plan.path)
-            if average and beta is not None and old is not None:
+            mixed = average and beta is not None and old is not None
+            if mixed:
                 stats = {k: beta * old[k].to(v) + (1 - beta) * v if k in averaged else v for k, v in stats.items()}
             if beta is not None:
                 self._stats[plan.path] = {k: v.detach().clone() for k, v in stats.items()}
+            if not mixed and self.config.sqrt == "cholesky":  # G is the structure's: its kept factor, if any
+                factor = shared_factor(struct, plan, self.config.damping)
+                stats = stats if factor is None else {**stats, "cholesky": factor}
             theta_g = unit.theta_vector() if theta is None else theta[self._index[plan.path].to(theta.device)]
             unit.update(stats, self.config.damping, self.config.sqrt, self.config.root_rank)
             unit.load_theta(theta_g)

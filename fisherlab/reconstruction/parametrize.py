@@ -96,7 +96,9 @@ class DenseRoot(FisherRoot):
     """Dense G_g = G + λI over the group vector (structures ``full`` and ``block``).
 
     Buffers ``sqrt`` and ``inv_sqrt`` of shape (P_g, P_g). A member reads only its rows of G^{-1/2}, so one forward
-    pass costs one (P_g × P_g) product for the whole group.
+    pass costs one (P_g × P_g) product for the whole group. Optional statistic ``"cholesky"``: the structure's
+    lower Cholesky factor of sym(G) + λI at this λ, which the Cholesky root uses instead of factorising
+    (:func:`~fisherlab.reconstruction.roots.damped_roots`).
     """
 
     statistics = ("G",)
@@ -115,7 +117,7 @@ class DenseRoot(FisherRoot):
 
     def update(self, stats: Mapping[str, Tensor], damping: float, method: str, rank: int = 64) -> None:
         self._check_stats(stats)
-        self.sqrt, self.inv_sqrt = damped_roots(stats["G"].to(self.sqrt), damping, method)
+        self.sqrt, self.inv_sqrt = damped_roots(stats["G"].to(self.sqrt), damping, method, stats.get("cholesky"))
 
 
 class DiagonalRoot(FisherRoot):

@@ -48,8 +48,12 @@ ROOT_METHODS: tuple[str, ...] = tuple(m.value for m in RootMethod)
 LowRank = tuple[Tensor, Tensor, Tensor]
 
 
-def damped_roots(G: Tensor, damping: float, method: str) -> tuple[Tensor, Tensor]:
+def damped_roots(G: Tensor, damping: float, method: str, factor: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(R, R⁻¹) with RᵀR = G_λ = G + λI, both (n, n) in G's dtype (see the module docstring).
+
+    ``factor``: for ``"cholesky"`` with λ > 0, the float64 lower Cholesky factor L of sym(G) + λI already at hand
+    (e.g. :meth:`~fisherlab.structures.DenseFisher.damped_factor`, which exact NGD solves with): R = Lᵀ from it
+    instead of factorising again (the same L the factorisation here would give); ignored otherwise.
 
     ``"lowrank"`` means ``"eigh"`` here (it serves Kronecker factors only, :func:`lowrank_roots`).
     ``"eigh"`` and ``"cholesky"``: :func:`batched_damped_roots` on a batch of one (float64, with its positivity
@@ -67,6 +71,9 @@ def damped_roots(G: Tensor, damping: float, method: str) -> tuple[Tensor, Tensor
         NonFiniteError: G contains NaN or inf.
         ConvergenceError: An iterative method did not converge.
     """
+    if method == "cholesky" and damping > 0 and factor is not None and factor.dtype == torch.float64:
+        sqrt, inv_sqrt = cholesky_roots(factor)
+        return sqrt.to(G.dtype), inv_sqrt.to(G.dtype)
     if method in ("eigh", "cholesky", "lowrank"):
         sqrt, inv_sqrt = batched_damped_roots(G.unsqueeze(0), damping, method)
         return sqrt[0], inv_sqrt[0]
@@ -139,13 +146,20 @@ def batched_damped_roots(G: Tensor, damping: float, method: str) -> tuple[Tensor
                                       f"(damping={damping:g}); {_advice(damping)}")
         if damping == 0:
             _refuse_singular(torch.linalg.eigvalsh(Gd), damping, b)
-        R = L.mT
-        return R.to(G.dtype), torch.linalg.solve_triangular(R, eye, upper=True).to(G.dtype)
+        R, R_inv = cholesky_roots(L)
+        return R.to(G.dtype), R_inv.to(G.dtype)
     w, Q = torch.linalg.eigh(Gd)
     _refuse_singular(w, damping, b)
     sqrt = (Q * w.sqrt().unsqueeze(-2)) @ Q.mT
     inv_sqrt = (Q * w.rsqrt().unsqueeze(-2)) @ Q.mT
     return sqrt.to(G.dtype), inv_sqrt.to(G.dtype)
+
+
+def cholesky_roots(L: Tensor) -> tuple[Tensor, Tensor]:
+    """(R, R⁻¹) with R = Lᵀ (upper triangular, RᵀR = L Lᵀ) for lower Cholesky factors L (..., n, n)."""
+    R = L.mT
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
+    return R, torch.linalg.solve_triangular(R, eye, upper=True)
 
 
 def lowrank_roots(M: Tensor, damping: float, rank: int) -> tuple[Tensor, Tensor, LowRank | None]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fisherlab.checks import check_damping
 from fisherlab.engine import FisherEngine
 from fisherlab.structures.base import FisherMatrix, accumulate_gram, symmetrize_upper
 
@@ -17,6 +18,12 @@ class DenseFisher(FisherMatrix):
 
     structure = "dense"
     matrix: Tensor = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        #: λ → lower Cholesky factor of F + λI (:meth:`damped_factor`; ``matrix`` is never changed after
+        #: construction, so a factor stays valid), oldest first.
+        self._factors: dict[float, Tensor] = {}
 
     @classmethod
     def from_engine(cls, engine: FisherEngine) -> DenseFisher:
@@ -42,6 +49,31 @@ class DenseFisher(FisherMatrix):
 
     def to_dense(self) -> Tensor:
         return self.matrix
+
+    def damped_factor(self, damping: float = 0.0) -> Tensor:
+        """The lower Cholesky factor L (P, P) of sym(F) + λI, factorised once per λ and kept.
+
+        :func:`fisherlab.linalg.damped_cholesky` without the estimate-based singularity check (a failed
+        factorisation raises SingularMatrixError; exact NGD records the residual of its solve instead), in its
+        compute dtype (float16/bfloat16 in float32). Exact NGD's Cholesky solve, the dense and block roots of
+        ``sqrt="cholesky"`` and the geometry's preconditioned matrix at this λ all use the same factor. The
+        factors are kept while F and all of them fit ``memory_budget`` (the oldest is dropped first; the newest
+        is always kept).
+
+        Raises:
+            SingularMatrixError: F + λI is not positive definite.
+            NonFiniteError: F holds NaN or inf.
+        """
+        from fisherlab.linalg.solve import damped_cholesky
+
+        damping = check_damping(damping)
+        if damping not in self._factors:
+            factor = damped_cholesky(self.matrix, damping, check_singular=False)
+            size = factor.numel() * factor.element_size()
+            while self._factors and (len(self._factors) + 2) * size > self.memory_budget:
+                del self._factors[next(iter(self._factors))]
+            self._factors[damping] = factor
+        return self._factors[damping]
 
 
 def engine_meta(engine: FisherEngine) -> dict:
