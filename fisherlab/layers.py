@@ -822,11 +822,11 @@ def squared_gradient_sum(grads: Tensor, inputs: Tensor | OneHotRows) -> Tensor:
         keys = (torch.arange(n, device=grads.device).unsqueeze(1) * inputs.width + inputs.ids).reshape(-1)
         distinct, where = torch.unique(keys, return_inverse=True)  # (sample, id) pairs present
         G = grads.new_zeros(R, distinct.numel(), out).index_add_(1, where, grads.reshape(R, n * L, out))
-        total = grads.new_zeros(inputs.width, out).index_add_(0, distinct % inputs.width, G.square().sum(0))
+        total = grads.new_zeros(inputs.width, out).index_add_(0, distinct % inputs.width, G.square_().sum(0))
         return total.T
     if inputs.shape[1] == 1:
         return grads[:, :, 0].square().sum(0).T @ inputs[:, 0].square()
-    return per_sample_gradients(grads, inputs).square().sum((0, 1))
+    return per_sample_gradients(grads, inputs).square_().sum((0, 1))
 
 
 def reduce_inputs(inputs: Tensor | OneHotRows, dtype: torch.dtype) -> Tensor:

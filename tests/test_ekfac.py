@@ -15,8 +15,9 @@ import torch
 
 from fisherlab import fisher
 from fisherlab.engine import FisherEngine
-from fisherlab.errors import InputError, SingularMatrixError
-from fisherlab.structures.ekfac import EKFACFisher
+from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError
+from fisherlab.linalg.kron import kron_eig, kron_eigs
+from fisherlab.structures.ekfac import EKFACFisher, _rotated_square_sum
 from fisherlab.structures.kfac import KFACFisher
 from fisherlab.structures.running import RunningFisher, ema_update
 
@@ -44,10 +45,23 @@ def wbar_order(problem, layer: str, names: list[str]) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ["softmax", "mlp", "cnn2d", "cnn1d"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_scalings_are_the_exact_blocks_diagonal_in_the_kfac_basis(problems, name, kind):
+@pytest.mark.parametrize("keep", [True, False], ids=["rows-kept", "second-pass"])
+def test_scalings_are_the_exact_blocks_diagonal_in_the_kfac_basis(problems, name, kind, keep):
+    """The scalings from the KFAC pass's kept rows and, with a budget whose quarter is one byte short of the
+    rows, from a second pass."""
     problem = problems(name)
     engine = engine_for(problem, kind)
-    E = EKFACFisher.from_engine(engine)
+    if keep:
+        E = EKFACFisher.from_engine(engine)
+    else:
+        rows = KFACFisher.factor_pass(engine, "expand", "error", None, keep_bytes=engine.memory_budget)[1]
+        held = sum((a.numel() + g.numel()) * g.element_size() for chunk in rows for a, g in chunk.values())
+        small = FisherEngine(problem.model, problem.data, problem.likelihood, kind=kind, mc_samples=MC_SAMPLES,
+                             seed=MC_SEED, memory_budget=4 * held - 4)
+        assert KFACFisher.factor_pass(small, "expand", "error", None, keep_bytes=held - 1)[1] is None
+        if kind == "mc":  # the same sampled labels, so the same Fisher
+            assert torch.equal(small._labels, engine._labels)
+        E = dataclasses.replace(EKFACFisher.from_engine(small), memory_budget=engine.memory_budget)
     K = KFACFisher.from_engine(engine)
     F = exact_fisher(problem, engine)
     D_e, D_k = E.to_dense(), K.to_dense()
@@ -145,3 +159,40 @@ def test_running_average_in_a_shared_basis(problems):
         ref.assert_close(f2.scaling.reshape(-1), (Q.T @ Fl @ Q).diagonal(), RTOL, f"scalings in given basis {layer}")
         ref.assert_close(fa.scaling, 0.8 * f1.scaling + 0.2 * f2.scaling, 1e-14, f"EMA {layer}")
         ref.assert_close(fa.A, 0.8 * f1.A + 0.2 * f2.A, 1e-14, f"EMA A {layer}")
+
+
+def test_scaling_sum_in_sample_slices_against_a_per_sample_loop():
+    """Rows kept from the KFAC pass are taken in slices of samples (working bytes for 2 samples' gradients):
+    Σ_{r,n} [Q_Sᵀ G_{r,n} Q_A]² against an explicit float64 loop over rows, samples and positions."""
+    g = torch.Generator().manual_seed(0)
+    R, n, L, out, width = 2, 5, 3, 4, 6
+    grads = torch.randn(R, n, L, out, generator=g, dtype=F64)
+    inputs = torch.randn(n, L, width, generator=g, dtype=F64)
+    Q_A = torch.linalg.qr(torch.randn(width, width, generator=g, dtype=F64))[0]
+    Q_S = torch.linalg.qr(torch.randn(out, out, generator=g, dtype=F64))[0]
+    expected = torch.zeros(out, width, dtype=F64)
+    for r in range(R):
+        for i in range(n):
+            G = sum(torch.outer(grads[r, i, t], inputs[i, t]) for t in range(L))
+            expected += (Q_S.T @ G @ Q_A).square()
+    working = 2 * R * out * width * 8
+    ref.assert_close(_rotated_square_sum(inputs, grads, Q_A, Q_S, working), expected, 1e-13, "two-sample slices")
+    ref.assert_close(_rotated_square_sum(inputs, grads, Q_A, Q_S, 1), expected, 1e-13, "one-sample slices")
+
+
+def test_kron_eigs_of_exactly_symmetric_factors_side_by_side():
+    """kron_eigs(symmetric=True) decomposes each factor as it is: Q diag(w) Qᵀ = M and QᵀQ = I in float64, and
+    the same bits as kron_eig's symmetrised decomposition; a non-finite factor is refused."""
+    g = torch.Generator().manual_seed(1)
+    pairs = []
+    for din, dout in ((7, 3), (2, 5), (9, 9)):
+        B, C = (torch.randn(d, d + 2, generator=g, dtype=F64) for d in (din, dout))
+        pairs.append((B @ B.T, C @ C.T))
+    for (A, S), e in zip(pairs, kron_eigs(pairs, symmetric=True), strict=True):
+        for M, w, Q in ((A, e.a_eigvals, e.a_eigvecs), (S, e.s_eigvals, e.s_eigvecs)):
+            ref.assert_close((Q * w) @ Q.T, M, 1e-12, "reconstruction")
+            ref.assert_close(Q.T @ Q, torch.eye(len(M), dtype=F64), 1e-12, "orthonormal")
+            assert torch.all(w[1:] >= w[:-1])
+        assert all(torch.equal(x, y) for x, y in zip(e, kron_eig(A, S), strict=True))
+    with pytest.raises(NonFiniteError):
+        kron_eigs([(pairs[0][0], torch.full((3, 3), float("nan"), dtype=F64))], symmetric=True)

@@ -30,6 +30,8 @@ a = π√λ, s = √λ/π with π = sqrt((tr A / dim A) / (tr S / dim S)), which
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -49,6 +51,7 @@ from fisherlab.linalg.solve import (
     _symmetrize,
 )
 from fisherlab.linalg.sqrtm import SQRT_METHODS, inv_sqrtm
+from fisherlab.linalg.threads import concurrently
 
 __all__ = [
     "KRON_DENSE_ORDERS",
@@ -58,6 +61,7 @@ __all__ = [
     "kron_damped_solve",
     "kron_damping_split",
     "kron_eig",
+    "kron_eigs",
     "kron_inv_sqrt",
     "kron_matmul",
     "kron_to_dense",
@@ -329,11 +333,44 @@ def kron_eig(A: Tensor, S: Tensor) -> KronEig:
         InputError: Bad shapes.
         NonFiniteError: NaN/inf in a factor.
     """
-    _check_factors(A, S)
-    out = []
-    for M, name in ((A, "A"), (S, "S")):
+    return kron_eigs([(A, S)])[0]
+
+
+def kron_eigs(factors: Sequence[tuple[Tensor, Tensor]], *, symmetric: bool = False) -> list[KronEig]:
+    """:func:`kron_eig` of several layers' factors (A, S), the eigendecompositions side by side.
+
+    On the CPU every ``torch.linalg.eigh`` runs on one intra-op thread, as many at once as torch has threads
+    (:func:`fisherlab.linalg.threads.concurrently`, largest first): its tridiagonal reduction synchronises the
+    threads once per column, which stalls on shared cores (2 cores, load ≈ 3: two 1,025² and two 1,024² float32
+    decompositions 2.6–3.1 s one after the other on 2 threads, 0.97–1.16 s side by side on one thread each).
+
+    Args:
+        factors: Pairs (A (in, in), S (out, out)).
+        symmetric: The factors are exactly symmetric (KFAC's, mirrored by
+            :func:`~fisherlab.structures.base.symmetrize_upper`): skip (M + Mᵀ)/2, which leaves such a matrix
+            unchanged bit for bit ((m + m)/2 = m), and decompose M as it is.
+
+    Returns:
+        One :class:`KronEig` per pair, in order.
+
+    Raises:
+        InputError: Bad shapes.
+        NonFiniteError: NaN/inf in a factor.
+    """
+    matrices: list[tuple[Tensor, str]] = []
+    for A, S in factors:
+        _check_factors(A, S)
+        matrices.extend(((A, "A"), (S, "S")))
+
+    def decompose(M: Tensor, name: str) -> tuple[Tensor, Tensor]:
         Mc = M.to(_compute_dtype(M.dtype))
         _check_finite(Mc, name)
-        w, Q = torch.linalg.eigh(_symmetrize(Mc))
-        out.extend([w.to(M.dtype), Q.to(M.dtype)])
-    return KronEig(*out)
+        w, Q = torch.linalg.eigh(Mc if symmetric else _symmetrize(Mc))
+        return w.to(M.dtype), Q.to(M.dtype)
+
+    if not matrices:
+        return []
+    order = sorted(range(len(matrices)), key=lambda i: -matrices[i][0].shape[0])
+    done = dict(zip(order, concurrently([partial(decompose, *matrices[i]) for i in order], matrices[0][0].device),
+                    strict=True))
+    return [KronEig(*done[2 * k], *done[2 * k + 1]) for k in range(len(factors))]

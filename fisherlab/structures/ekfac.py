@@ -11,8 +11,10 @@ vec(G_{n,r}) vec(G_{n,r})ᵀ is the exact layer block F_l of the same Fisher kin
 Q_A)): the Frobenius-optimal diagonal in that basis, hence never farther from F_l than KFAC (whose diagonal in
 the same basis is σ ⊗ α), and equal to F_l wherever KFAC is.
 
-Building it takes two passes over the data: the KFAC factors, then the scalings (for Linear layers (L = 1) the
-square of the rank-one G_{n,r} in the basis is the outer product of squares, so no per-sample gradient is formed).
+Building it takes the KFAC factors' pass over the data, the eigendecompositions (all factors side by side), then
+the scalings — from the first pass's layer rows when all of them fit in min(256 MiB, memory budget / 4), else
+from a second pass (for Linear layers (L = 1) the square of the rank-one G_{n,r} in the basis is the outer
+product of squares, so no per-sample gradient is formed).
 
 ``approx`` (``"expand"`` or ``"reduce"``, :mod:`fisherlab.structures.kfac`) chooses the KFAC factors whose
 eigenbasis is used; the scalings always come from the exact per-sample gradients G_{n,r} above (as curvlinops'
@@ -23,16 +25,17 @@ the rotation on that side is skipped and the one-hot rows are never formed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from fisherlab.engine import FisherEngine
+from fisherlab.engine import DEFAULT_CHUNK_BYTES, FisherEngine
 from fisherlab.errors import InputError, SingularMatrixError
 from fisherlab.layers import OneHotRows, iter_layer_rows, squared_gradient_sum
-from fisherlab.linalg import kron_eig
+from fisherlab.linalg.kron import kron_eigs
 from fisherlab.structures.kfac import KFACFisher, KroneckerFactors, diagonal_input
 from fisherlab.structures.layerwise import LayerwiseFisher, vars_of
 from fisherlab.vocabulary import KFACApprox
@@ -73,7 +76,7 @@ class EKFACFisher(LayerwiseFisher):
     @classmethod
     def from_engine(cls, engine: FisherEngine, *, approx: str | KFACApprox = "expand", unsupported: str = "error",
                     chunk_size: int | None = None, basis: LayerwiseFisher | None = None) -> EKFACFisher:
-        """KFAC factors (first pass), their eigenbasis, then the scalings (second pass).
+        """KFAC factors (first pass), their eigenbasis, then the scalings (first pass's rows, or a second pass).
 
         Args:
             engine: Model, data, likelihood and Fisher kind.
@@ -86,19 +89,18 @@ class EKFACFisher(LayerwiseFisher):
                 same parameters. Running averages of EKFAC scalings need a shared basis
                 (:func:`fisherlab.structures.running.ema_update`).
         """
-        kfac = KFACFisher.from_engine(engine, approx=approx, unsupported=unsupported, chunk_size=chunk_size)
+        working = min(DEFAULT_CHUNK_BYTES, engine.memory_budget // 4)
+        kfac, kept = KFACFisher.factor_pass(engine, approx, unsupported, chunk_size, keep_bytes=working)
         source = kfac if basis is None else basis
         if basis is not None and (basis.spec != kfac.spec or list(basis.factors) != list(kfac.factors)):
             raise InputError(f"basis must cover the same parameters and layers as the engine; got {basis!r} for "
                              f"layers {list(kfac.factors)}")
-        Q = {p: _eigenbasis(f) for p, f in source.factors.items()}
+        Q = _eigenbases(source.factors, symmetric=basis is None)  # KFAC's own factors are exactly symmetric
         s = {p: torch.zeros(f.out_features, f.width, dtype=engine.dtype, device=engine.device)
              for p, f in kfac.factors.items()}
-        for rows in iter_layer_rows(engine, kfac.factors, chunk_size=chunk_size, per_sample_gradients=True,
-                                    desc=f"EKFAC {engine.kind.value} scalings"):
-            for p, r in rows.items():
-                Q_A, Q_S = Q[p]
-                s[p] += squared_gradient_sum(r.grads @ Q_S, _rotate_inputs(r.inputs, Q_A))  # in the eigenbasis
+        for rows in kept if kept is not None else _scaling_rows(engine, kfac, chunk_size):
+            for p, (inputs, grads) in rows.items():
+                s[p] += _rotated_square_sum(inputs, grads, *Q[p], working)
         engine.reduce_sum([s[p] for p in kfac.factors])  # data-parallel: the ranks' sums
         N = engine.num_samples
         factors = {p: EKFACFactors(**vars_of(f), A=f.A, S=f.S, Q_A=Q[p][0], Q_S=Q[p][1], scaling=s[p] / N)
@@ -158,14 +160,50 @@ class EKFACFisher(LayerwiseFisher):
         return super().solve(g, damping)
 
 
-def _eigenbasis(f: KroneckerFactors) -> tuple[Tensor, Tensor]:
-    """(Q_A, Q_S): the given EKFAC basis, or the eigenvectors of KFAC factors (a diagonal A: Q_A = ones, I)."""
-    if isinstance(f, EKFACFactors):
-        return f.Q_A, f.Q_S
-    if diagonal_input(f):
-        return torch.ones_like(f.A), kron_eig(f.S[:1, :1], f.S).s_eigvecs
-    eig = kron_eig(f.A, f.S)
-    return eig.a_eigvecs, eig.s_eigvecs
+def _eigenbases(factors: Mapping[str, KroneckerFactors], symmetric: bool) -> dict[str, tuple[Tensor, Tensor]]:
+    """(Q_A, Q_S) per layer: a given EKFAC basis, or the eigenvectors of KFAC factors (a diagonal A: Q_A = ones).
+
+    All layers' factors are decomposed side by side (:func:`~fisherlab.linalg.kron.kron_eigs`; ``symmetric``: as
+    it is, without (M + Mᵀ)/2, for exactly symmetric factors).
+    """
+    todo = [p for p, f in factors.items() if not isinstance(f, EKFACFactors)]
+    pairs = [(factors[p].S[:1, :1] if diagonal_input(factors[p]) else factors[p].A, factors[p].S) for p in todo]
+    eigs = dict(zip(todo, kron_eigs(pairs, symmetric=symmetric), strict=True))
+    out = {}
+    for p, f in factors.items():
+        if isinstance(f, EKFACFactors):
+            out[p] = f.Q_A, f.Q_S
+        else:
+            out[p] = torch.ones_like(f.A) if diagonal_input(f) else eigs[p].a_eigvecs, eigs[p].s_eigvecs
+    return out
+
+
+def _scaling_rows(engine: FisherEngine, kfac: KFACFisher,
+                  chunk_size: int | None) -> Iterator[dict[str, tuple[Tensor | OneHotRows, Tensor]]]:
+    """The second pass over the data: per chunk and layer (ā rows (n, L, width), δ rows (R, n, L, out))."""
+    for rows in iter_layer_rows(engine, kfac.factors, chunk_size=chunk_size, per_sample_gradients=True,
+                                desc=f"EKFAC {engine.kind.value} scalings"):
+        yield {p: (r.inputs, r.grads) for p, r in rows.items()}
+
+
+def _rotated_square_sum(inputs: Tensor | OneHotRows, grads: Tensor, Q_A: Tensor, Q_S: Tensor,
+                        working: int) -> Tensor:
+    """Σ_{r,n} [Q_Sᵀ G_{r,n} Q_A]² (out, width) over one chunk's rows (inputs (n, L, width), grads (R, n, L, out)).
+
+    Dense rows at L > 1 locations form the rotated per-sample gradients (R·out·width scalars a sample), so they
+    are taken in slices of samples whose gradients fit in ``working`` bytes (a chunk kept from the KFAC pass was
+    sized without them).
+    """
+    R, n, L, out = grads.shape
+    step = n
+    if isinstance(inputs, Tensor) and L > 1:
+        step = max(1, working // (R * out * inputs.shape[-1] * grads.element_size()))
+    if step >= n:
+        return squared_gradient_sum(grads @ Q_S, _rotate_inputs(inputs, Q_A))
+    total = grads.new_zeros(out, inputs.shape[-1])
+    for i in range(0, n, step):
+        total += squared_gradient_sum(grads[:, i: i + step] @ Q_S, _rotate_inputs(inputs[i: i + step], Q_A))
+    return total
 
 
 def _rotate_inputs(inputs: Tensor | OneHotRows, Q_A: Tensor) -> Tensor | OneHotRows:

@@ -221,6 +221,24 @@ class KFACFisher(LayerwiseFisher):
             UnsupportedLayerError: A module without a rule (``unsupported="error"``), tied weights, a layer called
                 twice or on an input without the batch dimension.
         """
+        return cls.factor_pass(engine, approx, unsupported, chunk_size, keep_bytes=0)[0]
+
+    @classmethod
+    def factor_pass(cls, engine: FisherEngine, approx: str | KFACApprox, unsupported: str, chunk_size: int | None,
+                    keep_bytes: int) -> tuple[KFACFisher, list[dict[str, tuple[Tensor | OneHotRows, Tensor]]] | None]:
+        """:meth:`from_engine`'s pass, which can also hand its layer rows on (EKFAC's scalings reuse them).
+
+        Args:
+            engine: As :meth:`from_engine`.
+            approx: As :meth:`from_engine`.
+            unsupported: As :meth:`from_engine`.
+            chunk_size: As :meth:`from_engine`.
+            keep_bytes: Keep every chunk's (ā rows (n, L, width), δ rows (R, n, L, out)) per layer if all of them
+                together take at most this many bytes (ids of one-hot rows counted as δ's scalars; 0: keep none).
+
+        Returns:
+            The KFAC Fisher, and the chunks' rows in pass order (None when they did not fit in ``keep_bytes``).
+        """
         approx = parse_enum(KFACApprox, approx, "KFAC approx=")
         setup = prepare_layers(engine, cls.structure, unsupported)
         A: dict[str, Tensor] = {}
@@ -229,6 +247,8 @@ class KFACFisher(LayerwiseFisher):
         sequence = [p for p in setup.layouts
                     if not isinstance(rule_for(engine.model.get_submodule(p), p), ConvRule)]
         norms = NormBlocks(engine, setup.norms)
+        kept: list[dict[str, tuple[Tensor | OneHotRows, Tensor]]] | None = [] if keep_bytes > 0 else None
+        held = 0
         for rows in iter_layer_rows(engine, setup.layouts, chunk_size=chunk_size, norms=setup.norms,
                                     desc=f"KFAC-{approx.value} {engine.kind.value} factors"):
             norms.add(rows)
@@ -236,6 +256,12 @@ class KFACFisher(LayerwiseFisher):
             for p, r in rows.items():
                 live = masks.get(r.grads.shape[2]) if p in sequence else None
                 _accumulate(A, S, count, p, r, approx, live)
+            if kept is not None:
+                held += sum((r.inputs.numel() + r.grads.numel()) * r.grads.element_size() for r in rows.values())
+                if held <= keep_bytes:
+                    kept.append({p: (r.inputs, r.grads) for p, r in rows.items()})
+                else:
+                    kept = None  # recomputed by the caller's own pass
         N = engine.num_samples
         for p, f in setup.layouts.items():  # a layer the forward pass never calls has zero factors
             diagonal = f.one_hot and approx is KFACApprox.EXPAND
@@ -251,7 +277,7 @@ class KFACFisher(LayerwiseFisher):
                                           S=s.mul_(1 / N))
         return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget,
                    {**setup.meta, "kfac_convention": approx.value}, factors, setup.index,
-                   setup.blocks(norms.finish()))
+                   setup.blocks(norms.finish())), kept
 
     def _layer_matmat(self, f: KroneckerFactors, X: Tensor) -> Tensor:
         return f.S @ X * f.A if diagonal_input(f) else kron_matmul(f.A, f.S, X)
