@@ -544,17 +544,30 @@ class LayerRows:
     """One chunk's raw material for one layer.
 
     Attributes:
-        inputs: ā rows (n, L, width): the unfolded input, with the trailing 1 when the bias is selected (only
-            the 1 when the weight is not); :class:`OneHotRows` for a one-hot layer (Embedding).
+        unfolded: The unfolded input rows a_l (n, L, in_eff) without the bias's 1 ((n, L, 0) when the weight is not
+            selected); :class:`OneHotRows` for a one-hot layer (Embedding).
         outputs: The layer output (pre-activation) as rows (n, L, out), detached.
         grads: δ rows (R, n, L, out): J_lᵀ M_{n,r}, the engine's output factor rows pulled back to the layer
             output (F = (1/N) Σ_n Σ_r of the outer products of the per-sample gradients Σ_l δ_l ā_lᵀ); None when
             no backward pass was asked for.
+        bias: Whether ā ends with the constant 1 (the bias is selected).
     """
 
-    inputs: Tensor | OneHotRows
+    unfolded: Tensor | OneHotRows
     outputs: Tensor
     grads: Tensor | None
+    bias: bool = False
+
+    @cached_property
+    def inputs(self) -> Tensor | OneHotRows:
+        """ā rows (n, L, width): ``unfolded`` with the trailing 1 when the bias is selected, formed on first use.
+
+        KFAC adds the bias's row and column of A from ``unfolded`` without forming it.
+        """
+        if not self.bias:
+            return self.unfolded
+        a = self.unfolded
+        return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
 
 
 class ChunkRows(dict):
@@ -737,11 +750,11 @@ def layer_rows(
         rule = rule_for(module, path)
         a, out = cap.records[path]
         _check_batched(path, module, a, out, x.shape[0])
-        rows = expand_input(module, a.detach(), bias=lay.has_bias)
+        unfolded = rule.unfold_input(module, a.detach())
         if not lay.has_weight:  # bias alone: ā is the constant 1
-            rows = rows[..., -1:]
-        result[path] = LayerRows(rows, rule.output_rows(module, out.detach()),
-                                 None if g is None else rule.output_rows(module, g, lead=1))
+            unfolded = unfolded[..., :0]
+        result[path] = LayerRows(unfolded, rule.output_rows(module, out.detach()),
+                                 None if g is None else rule.output_rows(module, g, lead=1), bias=lay.has_bias)
     for path, g in zip(called_norms, grads[len(called):], strict=True):
         module = model.get_submodule(path)
         a, out = cap.records[path]
@@ -846,10 +859,11 @@ def iter_layer_rows(
     The chunk size (unless given) is chosen so that one chunk's rows (the norms' included) and its forward pass's
     autograd graph take at most ``min(256 MiB, memory_budget / 4)``, plus, with ``per_sample_gradients``, the
     per-sample gradients a consumer forms one layer at a time (R·out·width scalars per sample for a layer with
-    L > 1 locations, out·width for L = 1, where the R rows can be summed first). It is independent of the engine's own chunk size, which is
-    sized for P-wide factor rows; results do not depend on it (MC labels are drawn once by the engine). A
-    one-sample forward probe runs first, whatever the chunk size: on it every layer's input and output must
-    lead with one sample (a layer called on a batch-free input is refused before any chunk).
+    L > 1 locations, out·width for L = 1, where the R rows can be summed first). It is independent of the
+    engine's own chunk size, which is sized for P-wide factor rows; results do not depend on it (MC labels are
+    drawn once by the engine). A one-sample forward probe runs first, whatever the chunk size: on it every
+    layer's input and output must lead with one sample (a layer called on a batch-free input is refused before
+    any chunk).
     """
     x, y = engine.data.first(1)
     probe = layer_rows(engine, layouts, x, y, None, backward=False, norms=norms)

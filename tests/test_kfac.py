@@ -32,7 +32,8 @@ from fisherlab.layers import (
     rule_for,
     to_combined,
 )
-from fisherlab.structures.kfac import KFACFisher
+from fisherlab.structures.base import symmetrize_upper
+from fisherlab.structures.kfac import KFACFisher, _add_gram
 from fisherlab.structures.running import RunningFisher, ema_update
 
 F64 = torch.float64
@@ -349,3 +350,17 @@ def test_kfac_on_gpu_matches_cpu(problems):
     assert gpu.device.type == "cuda"
     ref.assert_close(gpu.to_dense().cpu(), cpu, 1e-10, "cuda")
 
+
+
+@pytest.mark.parametrize("width", [4, 0], ids=["weight-and-bias", "bias-only"])
+def test_bias_row_and_column_summed_without_the_expanded_rows(width):
+    """A's bias row and column (Uᵀc, cᵀc) added from the unfolded rows U and the bias's column c (ones, or the
+    live-position weights) over two chunks, against Σ_m v_m v_mᵀ with v_m = [u_m, c_m] formed row by row."""
+    g = torch.Generator().manual_seed(2)
+    U = torch.randn(7, width, generator=g, dtype=F64)
+    for c in (torch.ones(7, dtype=F64), torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0], dtype=F64)):
+        acc: dict[str, torch.Tensor] = {}
+        _add_gram(acc, "A", U[:3], c[:3])
+        _add_gram(acc, "A", U[3:], c[3:])
+        expected = sum(torch.outer(torch.cat([U[m], c[m:m + 1]]), torch.cat([U[m], c[m:m + 1]])) for m in range(7))
+        ref.assert_close(symmetrize_upper(acc["A"]), expected, 1e-14, f"bias column {c.tolist()}")

@@ -90,15 +90,22 @@ from fisherlab.structures.layerwise import LayerwiseFisher, NormBlocks, prepare_
 from fisherlab.vocabulary import KFACApprox
 
 
-def _add_gram(acc: dict[str, Tensor], key: str, U: Tensor) -> None:
-    """acc[key] += UᵀU for rows U (m, d), its upper triangle only.
+def _add_gram(acc: dict[str, Tensor], key: str, U: Tensor, c: Tensor | None = None) -> None:
+    """acc[key] += VᵀV for the rows V = [U, c] (m, d) (c (m,): the bias's column; None: V = U), upper triangle only.
 
-    :func:`accumulate_gram` does 3/4 of the work for d ≥ 768 and a plain product below; the caller symmetrises the
-    finished sum once (:func:`symmetrize_upper`).
+    :func:`accumulate_gram` does 3/4 of the work for d ≥ 768 and a plain product below; the bias's column Uᵀc and
+    corner cᵀc are added without forming V. The caller symmetrises the finished sum once (:func:`symmetrize_upper`).
     """
+    d = U.shape[1] + (c is not None)
     if key not in acc:
-        acc[key] = U.new_zeros(U.shape[1], U.shape[1])
-    accumulate_gram(acc[key], U)
+        acc[key] = U.new_zeros(d, d)
+    if c is None:
+        accumulate_gram(acc[key], U)
+        return
+    M = acc[key]
+    accumulate_gram(M[:-1, :-1], U)
+    M[:-1, -1].addmv_(U.T, c)
+    M[-1, -1] += c.dot(c)
 
 
 def _zeros(engine: FisherEngine, *shape: int) -> Tensor:
@@ -135,12 +142,13 @@ def _accumulate(A: dict[str, Tensor], S: dict[str, Tensor], count: dict[str, Ten
     ``live`` (n, L) (None: every position) restricts A: "expand" sums and counts the live (n, l) pairs, "reduce"
     averages each sample's live positions and counts the samples with one.
     """
-    inputs, grads = rows.inputs, rows.grads
+    inputs, grads = rows.unfolded, rows.grads
     n, L = grads.shape[1:3]
     weight = None if live is None else live.to(grads.dtype)  # (n, L)
     if approx is KFACApprox.REDUCE:
         if weight is None:
-            _add_gram(A, path, reduce_inputs(inputs, grads.dtype))
+            ones = grads.new_ones(n) if rows.bias else None  # the bias's pooled 1
+            _add_gram(A, path, reduce_inputs(inputs, grads.dtype), ones)
             _add(count, path, grads.new_tensor(float(n)))
         else:
             per_sample = weight.sum(1)  # L_n, the live positions of sample n
@@ -148,7 +156,8 @@ def _accumulate(A: dict[str, Tensor], S: dict[str, Tensor], count: dict[str, Ten
                 pooled = grads.new_zeros(n, inputs.width).scatter_add_(1, inputs.ids, weight)
             else:
                 pooled = torch.einsum("nl,nli->ni", weight, inputs)
-            _add_gram(A, path, pooled / per_sample.clamp(min=1).unsqueeze(1))
+            scale = per_sample.clamp(min=1)
+            _add_gram(A, path, pooled / scale.unsqueeze(1), per_sample / scale if rows.bias else None)
             _add(count, path, per_sample.gt(0).sum().to(grads.dtype))
         _add_gram(S, path, grads.sum(2).reshape(-1, grads.shape[-1]))
         return
@@ -156,7 +165,9 @@ def _accumulate(A: dict[str, Tensor], S: dict[str, Tensor], count: dict[str, Ten
         _add(A, path, inputs.counts(grads.dtype) if weight is None else torch.bincount(
             inputs.ids.reshape(-1), weights=weight.reshape(-1), minlength=inputs.width).to(grads.dtype))
     else:
-        _add_gram(A, path, (inputs if weight is None else inputs * weight.unsqueeze(-1)).reshape(-1, inputs.shape[-1]))
+        U = (inputs if weight is None else inputs * weight.unsqueeze(-1)).reshape(n * L, inputs.shape[-1])
+        c = None if not rows.bias else grads.new_ones(n * L) if weight is None else weight.reshape(-1)
+        _add_gram(A, path, U, c)  # the bias's entries of ā·weight are the weights
     _add(count, path, grads.new_tensor(float(n * L)) if weight is None else weight.sum())
     _add_gram(S, path, grads.reshape(-1, grads.shape[-1]))
 
@@ -263,11 +274,11 @@ class KFACFisher(LayerwiseFisher):
                 else:
                     kept = None  # recomputed by the caller's own pass
         N = engine.num_samples
-        for p, f in setup.layouts.items():  # a layer the forward pass never calls has zero factors
-            diagonal = f.one_hot and approx is KFACApprox.EXPAND
-            A.setdefault(p, _zeros(engine, f.width) if diagonal else _zeros(engine, f.width, f.width))
-            S.setdefault(p, _zeros(engine, f.out_features, f.out_features))
-            count.setdefault(p, _zeros(engine))
+        for p, f in setup.layouts.items():
+            if p not in S:  # a layer the forward pass never calls has zero factors
+                diagonal = f.one_hot and approx is KFACApprox.EXPAND
+                A[p] = _zeros(engine, f.width) if diagonal else _zeros(engine, f.width, f.width)
+                S[p], count[p] = _zeros(engine, f.out_features, f.out_features), _zeros(engine)
         engine.reduce_sum([M for p in setup.layouts for M in (A[p], S[p], count[p])])  # data-parallel: the sums
         factors = {}
         for p, f in setup.layouts.items():
