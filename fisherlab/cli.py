@@ -524,7 +524,6 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
 def _fidelity(cfg: StudyConfig, out: Path, args: argparse.Namespace, *, lead: bool) -> int:
     """The body of :func:`cmd_fidelity` on one rank (``lead``: rank 0, or the only process)."""
     from fisherlab.distributed import active_group, on_lead
-    from fisherlab.report import build_report, print_table
     from fisherlab.results import guard_output_folder
     from fisherlab.study import headline, load_model_and_data, run_study
 
@@ -536,6 +535,8 @@ def _fidelity(cfg: StudyConfig, out: Path, args: argparse.Namespace, *, lead: bo
                         model_and_data=model_and_data)
     if not lead:
         return 0
+    from fisherlab.report import build_report, print_table  # rank 0 alone pays matplotlib's and seaborn's import
+
     if "fidelity" in results:
         from fisherlab.report import table_fidelity
 

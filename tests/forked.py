@@ -22,14 +22,17 @@ import textwrap
 import time
 from pathlib import Path
 
-#: The server: imports the modules named in argv[3] (comma-separated), then forks one child per request (its
-#: stdin, stdout and stderr the pipes sent with the request, its environment updated with the request's), reports
-#: each child's pid and exit code, and on EOF kills the children still running and exits.
+#: The server: imports the modules named in argv[3] (comma-separated) and moves what they made out of the garbage
+#: collector's reach (``gc.freeze``: a child's exit then costs ~0.7 CPU s instead of ~2.2, its collection no longer
+#: visiting, and copying, every page of the inherited heap), then forks one child per request (its stdin, stdout
+#: and stderr the pipes sent with the request, its environment updated with the request's), reports each child's
+#: pid and exit code, and on EOF kills the children still running and exits.
 SERVER = """
-    import json, os, select, signal, socket, sys, traceback
+    import gc, json, os, select, signal, socket, sys, traceback
     sys.path.insert(0, sys.argv[2])
     for name in filter(None, sys.argv[3].split(",")):
         __import__(name)
+    gc.freeze()
     conn, children = socket.socket(fileno=int(sys.argv[1])), set()
     while True:
         readable = select.select([conn], [], [], 0.02)[0]

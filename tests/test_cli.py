@@ -13,24 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shared_runs import MAIN_JOB, SMALL, main_job_copy, report_rebuild
 
 from fisherlab.cli import main
 from fisherlab.errors import InputError
 from fisherlab.results import load_dataset
 from fisherlab.study import SpectraConfig, StudyConfig
 
-SMALL = ["--data", "synthetic-multiclass", "--n-samples", "48", "--no-progress"]
-FIDELITY_SMALL = [*SMALL, "--rules", "gd", "ngd", "block-ngd", "kfac", "sngd-kfac", "--damping", "1e-3", "1e-1",
-                  "--steps", "4", "--every", "2", "--refresh-every", "2", "--trajectory-rules", "gd", "ngd", "kfac",
-                  "--geometry-structures", "block", "kfac", "--geometry-damping", "1e-2",
-                  "--spectrum-kinds", "true", "empirical"]
-
 
 @pytest.fixture(scope="module")
 def fidelity_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fid") / "run"
-    assert main(["fidelity", "--out", str(out), *FIDELITY_SMALL]) == 0
-    return out
+    """The main job on :data:`shared_runs.MAIN_JOB` (run once per session, shared with tests/test_report.py): a
+    copy of this module's own, which its tests change."""
+    return main_job_copy(tmp_path_factory, "fid")
 
 
 @pytest.fixture
@@ -73,14 +68,14 @@ def test_main_job_results_are_consistent(fidelity_run):
 
 def test_rerun_resumes_without_recomputing(fidelity_run, capsys, without_report):
     before = {p.name: p.stat().st_mtime_ns for p in fidelity_run.glob("*.nc")}
-    assert main(["fidelity", "--out", str(fidelity_run), *FIDELITY_SMALL]) == 0
+    assert main(["fidelity", "--out", str(fidelity_run), *MAIN_JOB]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in fidelity_run.glob("*.nc")} == before
     assert "resuming" in capsys.readouterr().out
 
 
 def test_different_configuration_is_not_overwritten(fidelity_run, capsys, without_report):
     before = {p.name: p.stat().st_mtime_ns for p in fidelity_run.glob("*.nc")}
-    args = ["fidelity", "--out", str(fidelity_run), *FIDELITY_SMALL]
+    args = ["fidelity", "--out", str(fidelity_run), *MAIN_JOB]
     args[args.index("--n-samples") + 1] = "40"
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -88,10 +83,10 @@ def test_different_configuration_is_not_overwritten(fidelity_run, capsys, withou
     assert {p.name: p.stat().st_mtime_ns for p in fidelity_run.glob("*.nc")} == before
 
 
-def test_report_rebuilds_from_saved_datasets(fidelity_run):
-    (fidelity_run / "report.html").unlink()
-    assert main(["report", str(fidelity_run)]) == 0
-    assert "fidelity.nc" in (fidelity_run / "report.html").read_text()
+def test_report_rebuilds_from_saved_datasets(tmp_path_factory):
+    rebuilt = report_rebuild(tmp_path_factory)  # the main job's report.html deleted, then `fisherlab report`
+    assert rebuilt["status"] == 0
+    assert "fidelity.nc" in rebuilt["again"].decode()
 
 
 def test_report_refuses_corrupt_and_foreign_files(tmp_path, capsys):
@@ -583,8 +578,10 @@ def test_old_option_spellings_say_the_new_name(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------- own optimizers
-OWN_OPTIMIZER = ["--n-samples", "64", "--steps", "4", "--every", "2", "--parts", "trajectory", "--no-progress",
-                 "--train-rule", "gd", "--trajectory-rules", "gd", "--damping", "1e-2"]
+#: On the synthetic data (P = 1,507; on digits P = 3,466 and each exact-NGD Cholesky costs ~12x as much).
+OWN_OPTIMIZER = ["--data", "synthetic-multiclass", "--n-samples", "64", "--steps", "4", "--every", "2",
+                 "--parts", "trajectory", "--no-progress", "--train-rule", "gd", "--trajectory-rules", "gd",
+                 "--damping", "1e-2"]
 
 
 def test_own_optimizer_trains_its_own_trajectory(tmp_path):
@@ -599,7 +596,8 @@ def test_own_optimizer_trains_its_own_trajectory(tmp_path):
     assert list(ds.trained_with.values) == ["gd", "optimizer:AdamW"]
     assert json.loads(ds.attrs["config"])["optimizer_args"] == [["lr=0.001", "weight_decay=0.01"]]
     # independently: the library call with the user's own AdamW instance on the same settings
-    cfg = StudyConfig(n_samples=64, steps=4, every=2, parts=["trajectory"], damping=[1e-2])
+    cfg = StudyConfig(data="synthetic-multiclass", n_samples=64, steps=4, every=2, parts=["trajectory"],
+                      damping=[1e-2])
     model, split = load_model_and_data(cfg)
     ref = fidelity_trajectory(model, split, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01),
                               rules=[], steps=4, every=2, damping=1e-2, lr=cfg.lr, dtype=torch.float64, seed=0,

@@ -79,10 +79,12 @@ FISHERLAB = "import runpy; runpy.run_module('fisherlab', run_name='__main__', al
 
 @pytest.fixture(scope="module")
 def spawner() -> Spawner:
-    """Ranks forked from one process that imported what ``fisherlab fidelity`` uses (and torch._dynamo, which
-    torch.func's first call imports) once."""
+    """Ranks forked from one process that imported what ``fisherlab fidelity`` uses (torch._dynamo, which
+    torch.func's first call imports; the report's matplotlib, seaborn and scipy.stats; what saving a Dataset
+    imports) once."""
     server = Spawner(["torch._dynamo", "fisherlab.cli", "fisherlab.study", "fisherlab.distributed",
-                      "fisherlab.fidelity", "fisherlab.results"], env=quiet_env())
+                      "fisherlab.fidelity", "fisherlab.results", "fisherlab.report", "h5netcdf", "dask.array"],
+                     env=quiet_env())
     yield server
     server.close()
 

@@ -10,28 +10,23 @@ import subprocess
 import sys
 from itertools import combinations
 
-import matplotlib
 import numpy as np
 import pytest
 import xarray as xr
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from shared_runs import SMALL, main_job, report_rebuild
 
 from fisherlab import report
 from fisherlab.cli import main
 from fisherlab.results import NATS_COMMENT, load_dataset
 from fisherlab.study import headline
 
-SMALL = ["--data", "synthetic-multiclass", "--n-samples", "48", "--no-progress"]
-STUDY = [*SMALL, "--rules", "gd", "ngd", "kfac", "sngd-kfac", "--damping", "1e-3", "1e-2", "1e-1", "--steps", "4",
-         "--every", "2", "--refresh-every", "3", "--trajectory-rules", "gd", "ngd", "kfac", "--geometry-structures",
-         "block", "kfac", "--geometry-damping", "1e-2", "--spectrum-kinds", "true", "empirical"]
-
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    out = tmp_path_factory.mktemp("report") / "run"
-    assert main(["fidelity", "--out", str(out), *STUDY]) == 0
-    return out
+    """The main job on :data:`shared_runs.MAIN_JOB` (run once per session, shared with tests/test_cli.py; the
+    tests here only read it)."""
+    return main_job(tmp_path_factory)
 
 
 def datasets(folder):
@@ -106,24 +101,12 @@ def test_report_opens_with_title_and_headline_then_figures_then_configuration(st
 
 
 @pytest.fixture(scope="module")
-def rebuilt(study):
+def rebuilt(tmp_path_factory):
     """One rebuild of the study's page by ``fisherlab report``, with a figure of the user's open: the page before
-    and after, pyplot's figure numbers and matplotlib's rcParams around it (one report build serves the two tests
-    below; each is most of a minute of figure layout on the loaded machine)."""
-    import matplotlib.pyplot as plt
-
-    first = (study / "report.html").read_bytes()
-    (study / "report.html").unlink()
-    mine = plt.figure()  # a figure of the user's: kept open
-    style = dict(matplotlib.rcParams)
-    try:
-        status = main(["report", str(study)])
-        state = {"status": status, "first": first, "again": (study / "report.html").read_bytes(),
-                 "mine": mine.number, "fignums": plt.get_fignums(), "style": style,
-                 "style_after": dict(matplotlib.rcParams)}
-    finally:
-        plt.close(mine)
-    return state
+    and after, pyplot's figure numbers and matplotlib's rcParams around it (one report build, once per session,
+    serves the two tests below and tests/test_cli.py; each is most of a minute of figure layout on the loaded
+    machine)."""
+    return report_rebuild(tmp_path_factory)
 
 
 def test_report_command_rebuilds_the_same_page(rebuilt):
@@ -247,7 +230,7 @@ def test_importing_the_report_changes_no_matplotlib_state():
 
 def test_building_a_report_leaves_pyplot_and_style_alone(rebuilt):
     assert rebuilt["status"] == 0
-    assert rebuilt["fignums"] == [rebuilt["mine"]]
+    assert rebuilt["mine"] in rebuilt["fignums"] and rebuilt["fignums"] == rebuilt["open_before"]
     assert rebuilt["style_after"] == rebuilt["style"]
 
 

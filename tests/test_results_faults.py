@@ -108,8 +108,10 @@ def hidden(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def spawner() -> Spawner:
-    """Children forked from one process that imported what they use (fisherlab, this module) once."""
-    server = Spawner(["fisherlab.results.io", "fisherlab.results.lock", "fisherlab.study", "test_results_faults"])
+    """Children forked from one process that imported what they use (fisherlab, this module; torch, which making a
+    Dataset imports, and what saving one imports) once."""
+    server = Spawner(["torch", "h5netcdf", "dask.array", "fisherlab.results.io", "fisherlab.results.lock",
+                      "fisherlab.study", "test_results_faults"])
     yield server
     server.close()
 

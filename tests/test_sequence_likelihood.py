@@ -21,8 +21,6 @@ identities (chunking, padding that no counted token sees) 1e-12; the MC Fisher a
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -382,21 +380,28 @@ def dp_worker(rank: int, world: int, port: int, path: str) -> None:
         dist.destroy_process_group()
 
 
+#: Rank ``sys.argv[1]`` of ``sys.argv[2]`` (port ``sys.argv[3]``) saving to ``sys.argv[4]``, in a child of a Spawner.
+DP_RANK = "import sys; from test_sequence_likelihood import dp_worker; dp_worker(*map(int, sys.argv[1:4]), sys.argv[4])"
+
+
 @pytest.mark.slow
 def test_data_parallel_token_counts(tmp_path: Path):
+    """Two gloo ranks, forked from one process that imported torch, fisherlab and this module once."""
+    from forked import Spawner
     from test_distributed import free_port
 
     path, port, world = tmp_path / "dp.pt", free_port(), 2
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), str(path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
+    spawner = Spawner(["torch._dynamo", "test_sequence_likelihood"], env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        logs = [p.communicate(timeout=180)[0].decode(errors="replace") for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
+        procs = [spawner.spawn(DP_RANK, str(r), str(world), str(port), str(path),
+                               env={"GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}) for r in range(world)]
+        try:
+            logs = ["".join(p.communicate(timeout=180)) for p in procs]
+        finally:
+            for p in procs:
                 p.kill()
-                p.wait()
+    finally:
+        spawner.close()
     assert all(p.returncode == 0 for p in procs), [log[-3000:] for log in logs]
     got, (_, X, y) = torch.load(path), dp_problem()
     single = dp_compute(X, y)
@@ -404,7 +409,3 @@ def test_data_parallel_token_counts(tmp_path: Path):
     errors = {key: ref.rel_err(got[key], value) for key, value in single.items()}
     print("2 ranks vs one process, max relative differences:", {k: f"{e:.1e}" for k, e in errors.items()})
     assert all(e <= EXACT_RTOL for e in errors.values()), errors
-
-
-if __name__ == "__main__":
-    dp_worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
