@@ -89,7 +89,10 @@ class ParamSpec:
 
     def indices(self, names: Iterable[str]) -> Tensor:
         """Flat indices (LongTensor) of the tensors ``names``, concatenated in the order given."""
-        return torch.cat([torch.arange(self.slice(n).start, self.slice(n).stop) for n in names])
+        slices = [self.slice(n) for n in names]
+        if all(a.stop == b.start for a, b in zip(slices, slices[1:], strict=False)):  # one run (weight, bias): no cat
+            return torch.arange(slices[0].start if slices else 0, slices[-1].stop if slices else 0)
+        return torch.cat([torch.arange(s.start, s.stop) for s in slices])
 
     def layers(self) -> dict[str, tuple[str, ...]]:
         """Parameter names grouped by owning module, in order: ``{"layers.0": ("layers.0.weight", ...)}``."""
