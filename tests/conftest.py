@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -10,6 +12,7 @@ import pytest
 import reference as ref
 import torch
 from cases import CASES, CASES_BY_NAME, Case
+from forked import PRELOADED, Spawner
 from torch import Tensor, nn
 
 from fisherlab import structures
@@ -87,3 +90,13 @@ def problem(request: pytest.FixtureRequest) -> Problem:
 def problems():
     """``problems(name)`` → the built case ``name`` (shared across tests; do not modify it)."""
     return get_problem
+
+
+@pytest.fixture(scope="session")
+def spawner() -> Iterator[Spawner]:
+    """Children forked from one process per test worker that imported :data:`forked.PRELOADED` once (a fresh
+    interpreter pays 8-9 CPU s for them), single-threaded, Agg plots, gloo on the loopback interface."""
+    server = Spawner(PRELOADED, env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg",
+                                     "GLOO_SOCKET_IFNAME": "lo"})
+    yield server
+    server.close()

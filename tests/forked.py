@@ -70,6 +70,15 @@ SERVER = """
 """
 
 
+#: What the tests' shared spawner (the ``spawner`` fixture of tests/conftest.py) imports before forking: what its
+#: children use (``fisherlab fidelity`` and the report, data-parallel engines, saving and loading results) and what
+#: their first calls import (torch._dynamo, by torch.func; h5netcdf and dask, by saving a Dataset).
+PRELOADED = ["pytest", "torch._dynamo", "h5netcdf", "dask.array", "fisherlab.cli", "fisherlab.study",
+             "fisherlab.distributed", "fisherlab.engine", "fisherlab.fidelity", "fisherlab.linalg", "fisherlab.ngd",
+             "fisherlab.structures.lowrank", "fisherlab.results", "fisherlab.results.io", "fisherlab.results.lock",
+             "fisherlab.report"]
+
+
 class Child:
     """A child of a :class:`Spawner`, used like a :class:`subprocess.Popen` (stdin text, stdout and stderr bytes,
     unbuffered, so that a ``readline`` takes no more than its line from what :meth:`communicate` reads)."""

@@ -1,11 +1,11 @@
 """Data-parallel sums over torch.distributed (gloo, CPU): 2 and 3 ranks agree with one process to 1e-12 (float64).
 
-One subprocess (this file run as a script, in a session of its own, killed on a hard timeout) imports torch and
-fisherlab once and forks ranks 1 and 2 (each a process of its own, on 127.0.0.1 with gloo, free ports): the three
-serve both world sizes, a process group of 3 ranks, destroyed, then a new one of ranks 0 and 1 (rank 2 exits). In
-each world every rank takes its :func:`fisherlab.distributed.shard` of N = 23 samples (not divisible by 2 or 3:
-unequal shards), computes every quantity, and rank 0 writes them to a file the test compares with the
-single-process results computed here. Chunks of 5 samples, so shard boundaries fall inside chunks.
+One child of the ``spawner`` fixture (tests/conftest.py: forked from a process that imported torch and fisherlab once;
+in a session of its own, killed with its ranks on a hard timeout) forks ranks 1 and 2 (each a process of its own, on
+127.0.0.1 with gloo, free ports): the three serve both world sizes, a process group of 3 ranks, destroyed, then a new
+one of ranks 0 and 1 (rank 2 exits). In each world every rank takes its :func:`fisherlab.distributed.shard` of N = 23
+samples (not divisible by 2 or 3: unequal shards), computes every quantity, and rank 0 writes them to a file the test
+compares with the single-process results computed here. Chunks of 5 samples, so shard boundaries fall inside chunks.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
 import sys
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
+from forked import Spawner
 from torch import nn
 
 from fisherlab.distributed import active_group, all_reduce_sum, sample_offset, shard
@@ -125,21 +125,22 @@ def free_port() -> int:
 WORLDS = (3, 2)
 
 
-def run_worlds(tmp_path: Path) -> dict[int, dict[str, torch.Tensor]]:
-    """Run gloo ranks of :func:`worker` as subprocesses, a world of each size of :data:`WORLDS` in turn (a
-    process takes part in those it has a rank in); kill them all on failure or timeout. World size → rank 0's
-    results."""
+#: :func:`ranks` on the worlds ``sys.argv[1:]``, in a session of its own (its ranks are killed with it).
+RANKS = "import os, sys; os.setsid(); from test_distributed import ranks; sys.exit(ranks(sys.argv[1:]))"
+
+
+def run_worlds(spawner: Spawner, tmp_path: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """Run gloo ranks of :func:`worker` as processes, a world of each size of :data:`WORLDS` in turn (a process
+    takes part in those it has a rank in); kill them all on failure or timeout. World size → rank 0's results."""
     paths = {world: tmp_path / f"world{world}.pt" for world in WORLDS}
     worlds = [f"{world}:{free_port()}:{paths[world]}" for world in WORLDS]
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, __file__, *worlds], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = spawner.spawn(RANKS, *worlds, env={"MASTER_ADDR": "127.0.0.1"})
     try:
-        log = proc.communicate(timeout=2 * TIMEOUT_S)[0].decode(errors="replace")
+        log = "".join(proc.communicate(timeout=2 * TIMEOUT_S))
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the forked ranks too
-        proc.wait()
+        proc.kill()
     assert proc.returncode == 0, log[-6000:]
     return {world: torch.load(path) for world, path in paths.items()}
 
@@ -178,8 +179,8 @@ def ranks(worlds: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def distributed(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, torch.Tensor]]:
-    return run_worlds(tmp_path_factory.mktemp("worlds"))
+def distributed(spawner: Spawner, tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, torch.Tensor]]:
+    return run_worlds(spawner, tmp_path_factory.mktemp("worlds"))
 
 
 @pytest.fixture(scope="module")
@@ -258,14 +259,3 @@ def test_no_process_group_is_the_single_process_path() -> None:
     with pytest.raises(InputError, match="not initialized"):
         active_group(object())
 
-
-if __name__ == "__main__":
-    # what compute() imports, once before the fork (torch.func's first call imports torch._dynamo: ~3 CPU s)
-    import torch._dynamo  # noqa: F401
-
-    import fisherlab.engine  # noqa: F401
-    import fisherlab.linalg  # noqa: F401
-    import fisherlab.ngd  # noqa: F401
-    import fisherlab.structures.lowrank  # noqa: F401
-
-    sys.exit(ranks(sys.argv[1:]))

@@ -73,20 +73,8 @@ def torchrun(args: list[str]) -> subprocess.CompletedProcess:
                 "-m", "fisherlab", *args], quiet_env())
 
 
-#: ``python -m fisherlab ARGS`` in a child of the :class:`~forked.Spawner`.
+#: ``python -m fisherlab ARGS`` in a child of the ``spawner`` fixture (tests/conftest.py).
 FISHERLAB = "import runpy; runpy.run_module('fisherlab', run_name='__main__', alter_sys=True)"
-
-
-@pytest.fixture(scope="module")
-def spawner() -> Spawner:
-    """Ranks forked from one process that imported what ``fisherlab fidelity`` uses (torch._dynamo, which
-    torch.func's first call imports; the report's matplotlib, seaborn and scipy.stats; what saving a Dataset
-    imports) once."""
-    server = Spawner(["torch._dynamo", "fisherlab.cli", "fisherlab.study", "fisherlab.distributed",
-                      "fisherlab.fidelity", "fisherlab.results", "fisherlab.report", "h5netcdf", "dask.array"],
-                     env=quiet_env())
-    yield server
-    server.close()
 
 
 def ranks_by_hand(spawner: Spawner, args: list[str]) -> list[Child]:

@@ -106,16 +106,6 @@ def hidden(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
-@pytest.fixture(scope="module")
-def spawner() -> Spawner:
-    """Children forked from one process that imported what they use (fisherlab, this module; torch, which making a
-    Dataset imports, and what saving one imports) once."""
-    server = Spawner(["torch", "h5netcdf", "dask.array", "fisherlab.results.io", "fisherlab.results.lock",
-                      "fisherlab.study", "test_results_faults"])
-    yield server
-    server.close()
-
-
 def wait_for(path: Path, proc: Child, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():

@@ -20,7 +20,6 @@ identities (chunking, padding that no counted token sees) 1e-12; the MC Fisher a
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -380,28 +379,23 @@ def dp_worker(rank: int, world: int, port: int, path: str) -> None:
         dist.destroy_process_group()
 
 
-#: Rank ``sys.argv[1]`` of ``sys.argv[2]`` (port ``sys.argv[3]``) saving to ``sys.argv[4]``, in a child of a Spawner.
+#: Rank ``sys.argv[1]`` of ``sys.argv[2]`` (port ``sys.argv[3]``) saving to ``sys.argv[4]``.
 DP_RANK = "import sys; from test_sequence_likelihood import dp_worker; dp_worker(*map(int, sys.argv[1:4]), sys.argv[4])"
 
 
 @pytest.mark.slow
-def test_data_parallel_token_counts(tmp_path: Path):
-    """Two gloo ranks, forked from one process that imported torch, fisherlab and this module once."""
-    from forked import Spawner
+def test_data_parallel_token_counts(spawner, tmp_path: Path):
+    """Two gloo ranks, children of the ``spawner`` fixture (tests/conftest.py)."""
     from test_distributed import free_port
 
     path, port, world = tmp_path / "dp.pt", free_port(), 2
-    spawner = Spawner(["torch._dynamo", "test_sequence_likelihood"], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    procs = [spawner.spawn(DP_RANK, str(r), str(world), str(port), str(path), env={"MASTER_ADDR": "127.0.0.1"})
+             for r in range(world)]
     try:
-        procs = [spawner.spawn(DP_RANK, str(r), str(world), str(port), str(path),
-                               env={"GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}) for r in range(world)]
-        try:
-            logs = ["".join(p.communicate(timeout=180)) for p in procs]
-        finally:
-            for p in procs:
-                p.kill()
+        logs = ["".join(p.communicate(timeout=180)) for p in procs]
     finally:
-        spawner.close()
+        for p in procs:
+            p.kill()
     assert all(p.returncode == 0 for p in procs), [log[-3000:] for log in logs]
     got, (_, X, y) = torch.load(path), dp_problem()
     single = dp_compute(X, y)
