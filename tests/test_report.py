@@ -145,8 +145,14 @@ def all_figures(results):
             for name, fig in report.PLOTTERS[ds.attrs["fisherlab_kind"]](ds, lam)]
 
 
-def test_legends_cover_no_axes(study):
-    figures = all_figures(datasets(study))
+@pytest.fixture(scope="module")
+def figures(study):
+    """Every figure of the study's page as (name, figure), drawn at the page's damping (λ = 0.01) once for the two
+    tests below."""
+    return all_figures(datasets(study))
+
+
+def test_legends_cover_no_axes(figures):
     assert {name for name, _ in figures} >= {"fidelity_rules", "kl_predicted_vs_measured", "fidelity_layers",
                                              "trajectory_cosine", "geometry_spectra", "spectrum",
                                              "condition_number"}
@@ -161,10 +167,9 @@ def test_legends_cover_no_axes(study):
     assert renderer_checked >= 6
 
 
-def test_heatmap_labels_do_not_overlap_and_use_the_report_damping(study):
+def test_heatmap_labels_do_not_overlap_and_use_the_report_damping(study, figures):
     results = datasets(study)
-    figures = dict(report.plot_fidelity(results["fidelity"], 1e-2))
-    ax = drawn(figures["fidelity_layers"]).axes[0]
+    ax = dict(figures)["fidelity_layers"].axes[0]
     assert ax.get_title() == "per-layer cosine to exact NGD (λ = 0.01)"
     for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
         boxes = [t.get_window_extent() for t in labels]
