@@ -11,8 +11,10 @@ the ratio of each method to its reference within each round):
 * **gradient** — ``FisherEngine.loss_and_gradient`` (fisherlab), curvlinops' ``gradient_and_loss`` and plain
   torch (forward + ``torch.autograd.grad`` of the loss).
 * **F·v** — the true Fisher (= the GGN for softmax cross-entropy) times a vector: ``ImplicitFisher @ v``
-  (fisherlab; the engine's ``matmat``, the linearization cached after the first product), the first product of a
-  new operator (engine construction and linearization included), and curvlinops' ``GGNLinearOperator @ v``.
+  (fisherlab; the engine's ``matmat`` on the linearization kept by the first product: the output states and, where
+  they fit, the recorded forward graphs, so a product is one ``jvp`` and a reverse pass through the kept graph), the
+  first product of a new operator (engine construction, and the graphs recorded apart from the ``jvp``: 6F), and
+  curvlinops' ``GGNLinearOperator @ v`` (a ``jvp``, then a ``vjp`` with its own forward: 6F).
 * **KFAC factors** — ``KFACFisher.from_engine`` with ``approx="expand"`` and ``"reduce"``, for the empirical
   and the Monte-Carlo (1 label per token) kinds, against ``KFACLinearOperator(kfac_approx=…, fisher_type=…)
   .compute_kronecker_factors()`` (weight and bias in one factor per layer, as fisherlab). curvlinops covers only
@@ -21,9 +23,10 @@ the ratio of each method to its reference within each round):
   T·(C − 1) = 4096 output rows per sequence here (docs/sequences.md), curvlinops' type-2 C = 65 with the class
   index shared across the tokens (a different matrix, docs/method.md): neither is timed at these sizes.
 
-fisherlab's engines run attention on the math SDPA backend (``differentiable_attention``); plain torch and
-curvlinops' gradient and KFAC on torch's default CPU kernel (flash attention), curvlinops' GGN product on the math
-backend too (it uses forward-mode AD, which the flash kernel lacks).
+Attention kernels: the passes that one plain reverse pass differentiates — fisherlab's gradient and its KFAC layer
+rows with one row per sample (empirical, mc with one label), plain torch, curvlinops' gradient and KFAC — run on
+torch's default CPU kernel (flash attention); the products on the math SDPA backend (fisherlab's
+``differentiable_attention``, and around curvlinops' GGN product: forward-mode AD, which the flash kernel lacks).
 
 Checks in the same run, relative differences ‖a − b‖/‖b‖ (curvlinops as b): the gradient; F·v on the same v (and
 once more with the −100 prompt mask, where only the GGN can be compared); the empirical KFAC factors A and S of
@@ -33,8 +36,9 @@ Floors: the FLOPs of the arithmetic divided by the machine's GEMM rate, measured
 ``torch.matmul`` of the model's MLP shape (N·T × d) @ (d × 4d). With P_lin the weights of the Linear layers
 (embeddings do no arithmetic), one forward costs F = 2·P_lin·N·T + 4·N·T²·d·L FLOPs (the matmuls, and QKᵀ and
 A·V over all T² pairs, as the math SDPA backend computes them); a reverse pass 2F (input and weight gradients);
-the tangent pass of a jvp 2F. So gradient ≥ 3F, F·v ≥ 4F (tangent + reverse; the primal forward is cached by
-fisherlab, recomputed by curvlinops: +F), KFAC factors ≥ 3F + the Gram products (2·N·T·(width² + out²) per
+the tangent pass of a jvp 2F. So gradient ≥ 3F, F·v ≥ 4F (tangent + reverse; a jvp evaluates the primal too,
++F, in fisherlab's product on the kept graph as in curvlinops', which also records a forward of its own: +F),
+KFAC factors ≥ 3F + the Gram products (2·N·T·(width² + out²) per
 layer under "expand", 2·N·(…) under "reduce"). Softmax, GELU, LayerNorm and the loss are not counted.
 
 ``--parts fidelity`` (default: ``products,fidelity``): one :func:`fisherlab.evaluate_fidelity` on the first size,

@@ -855,9 +855,9 @@ class FisherEngine:
         pass through the kept graph; without it, a ``vjp`` of a ``jvp`` (one primal evaluation serving both, the
         tangent operations recorded too). Both are about five forward passes of arithmetic per column (primal 1,
         tangents 2, reverse 2); not recording the tangents saves about a tenth of a product's time (GPT 1M, 32 × 64
-        tokens: 0.54 against 0.58 CPU-s, benchmarks/README.md). The product that records the graphs to keep runs
-        the forward pass twice (the recorded primal, and the ``jvp``). Data-parallel, the ranks' partial products
-        are all-reduced (every rank gets F V).
+        tokens: median per-round ratios 0.87–0.92, benchmarks/README.md). The product that records the graphs to
+        keep runs the forward pass twice (the recorded primal, and the ``jvp``). Data-parallel, the ranks' partial
+        products are all-reduced (every rank gets F V).
         """
         if V.shape[0] != self.spec.dim or V.dim() > 2:
             raise InputError(f"expected a vector (P,) or matrix (P, k) with P = {self.spec.dim}; got {tuple(V.shape)}")
