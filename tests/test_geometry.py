@@ -141,22 +141,66 @@ def test_preconditioned_block_eigvalsh_against_scipy():
 
 
 @pytest.mark.parametrize("structure", ["kfac", "diag", "dense"])
-def test_damped_blocks_are_the_blocks_of_the_inverted_solve(structure):
-    """G_λ block by block: the layer blocks of (the solve's matrix)⁻¹ when that is block-diagonal, else None."""
-    from fisherlab.fidelity.geometry import damped_blocks
+def test_inverse_blocks_are_the_blocks_of_the_solve(structure):
+    """G_λ⁻¹ block by block: the layer blocks of the solve's matrix when that is block-diagonal, else None."""
+    from fisherlab.fidelity.geometry import inverse_blocks
     from fisherlab.fidelity.rules import RuleContext
 
     model, X, y = make(32)
     ctx = RuleContext(model, (X, y), "categorical", dtype=D)
     S = ctx.structure(structure)
     Ginv = np.stack([S.solve(e, 1e-2).numpy() for e in torch.eye(53, dtype=D)], axis=1)  # column by column
-    blocks = damped_blocks(ctx, structure, 1e-2)
+    blocks = inverse_blocks(ctx, structure, 1e-2)
     if structure == "dense":
         assert blocks is None
         return
-    G = np.linalg.inv(0.5 * (Ginv + Ginv.T))
+    Ginv = 0.5 * (Ginv + Ginv.T)
     for B, ix in zip(blocks.values(), [np.arange(0, 35), np.arange(35, 53)], strict=True):
-        np.testing.assert_allclose(B.numpy(), G[np.ix_(ix, ix)], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(B.numpy(), Ginv[np.ix_(ix, ix)], rtol=1e-12, atol=1e-15)
+
+
+def test_kfac_geometry_against_the_kfac_formula():
+    """A structure seen through its solve (KFAC: G_λ⁻¹ block-diagonal by layer, Kᵀ(F + λI)K): the generalised
+    eigenvalues of F + λI (per-sample reference) against (S + sI) ⊗ (A + aI) written from the formula, and per
+    layer those of the layer blocks."""
+    from fisherlab.fidelity.rules import RuleContext
+
+    model, X, y = make(32)
+    F = ref.true_fisher(model, X, ref.RefLikelihood("categorical")).numpy()
+    data = (X, y)
+    ctx = RuleContext(model, data, "categorical", dtype=D)
+    ds = fisher_geometry(model, data, structures=["kfac"], damping=DAMPINGS, context=ctx)
+    eye = np.eye(len(F))
+    for lam in DAMPINGS:
+        G = ref.damped_kfac_dense(ctx.structure("kfac"), lam).numpy()
+        at = ds.sel(structure="kfac", damping=lam)
+        np.testing.assert_allclose(at["eigenvalue"].values, generalized(F + lam * eye, G), rtol=1e-9)
+        for k, ix in enumerate([np.arange(0, 35), np.arange(35, 53)]):
+            want = generalized(F[np.ix_(ix, ix)] + lam * np.eye(len(ix)), G[np.ix_(ix, ix)])
+            np.testing.assert_allclose(at["layer_eigenvalue"].values[k, : len(ix)], want, rtol=1e-9)
+
+
+def test_block_congruence_against_scipy():
+    """Kᵀ A K with K_k K_kᵀ = G_kk⁻¹ has the generalised eigenvalues of (A, G) (scipy), and its diagonal blocks
+    those of (A_kk, G_kk)."""
+    from fisherlab.fidelity.geometry import block_congruence
+
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(9, 9, generator=g, dtype=D)
+    A = A @ A.T
+    index = {"a": torch.arange(0, 4), "b": torch.arange(4, 9)}
+    blocks = {}
+    for k, ix in index.items():
+        B = torch.randn(len(ix), len(ix), generator=g, dtype=D)
+        blocks[k] = B @ B.T + 0.3 * torch.eye(len(ix), dtype=D)
+    factors = {k: torch.linalg.cholesky(torch.linalg.inv(B)) for k, B in blocks.items()}
+    M = block_congruence(A, factors, index)
+    G = scipy.linalg.block_diag(blocks["a"].numpy(), blocks["b"].numpy())
+    np.testing.assert_allclose(np.linalg.eigvalsh(M.numpy()), generalized(A.numpy(), G), rtol=1e-10)
+    for k, ix in index.items():
+        sub = A[ix][:, ix].numpy()
+        np.testing.assert_allclose(np.linalg.eigvalsh(M[ix][:, ix].numpy()),
+                                   generalized(sub, blocks[k].numpy()), rtol=1e-10)
 
 
 def test_geometry_in_a_shared_context_is_the_same_and_refuses_other_data(case):

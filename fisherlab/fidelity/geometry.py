@@ -9,7 +9,9 @@ G_λ = L Lᵀ (Cholesky). The row ``structure="original"`` is F + λI itself (G 
 
 A dense, block (by layer) or diagonal structure gives its own Cholesky factor of G_λ (:func:`kept_factors`: the
 one its solves, exact NGD and the Cholesky roots use at that λ), so G_λ is neither recovered from solves nor
-factorised again; the other structures' G_λ is the inverse of their solve.
+factorised again. For the other structures, G_λ⁻¹ is read off their solve; when it is block-diagonal by layer
+its blocks' Cholesky factors K_l (K_l K_lᵀ = G_l⁻¹) give the similar matrix Kᵀ (F + λI) K by products alone
+(:func:`block_congruence`), else G_λ is inverted (:func:`damped_matrix`).
 
 Per layer, A_l = F_ll + λI and G_l = (G_λ)_ll, the layer's diagonal blocks (what the layer's local Fisher layer
 would see if the rebuild were local to it).
@@ -172,7 +174,7 @@ def kept_factors(ctx: RuleContext, structure: str, damping: float) -> Tensor | d
     the one exact NGD and the Cholesky roots use); a block Fisher by layer: layer → its factor of F_ll + λI
     (:meth:`~fisherlab.structures.BlockDiagonalFisher.damped_factors`, ``block-ngd``'s); a diagonal Fisher: the
     (P,) vector (diag F + λ)^{1/2}, the factor of a diagonal G_λ. Any other structure: None (G_λ then comes from
-    its solve, :func:`damped_blocks` / :func:`damped_matrix`).
+    its solve, :func:`inverse_blocks` / :func:`damped_matrix`).
 
     Raises:
         SingularMatrixError: G_λ is not positive definite.
@@ -215,11 +217,11 @@ def kept_preconditioned(A: Tensor, factors: Tensor | dict[str, Tensor], blocks: 
     return M, [M[ix][:, ix] for ix in blocks]
 
 
-def damped_blocks(ctx: RuleContext, structure: str, damping: float) -> dict[str, Tensor] | None:
-    """G_λ's diagonal blocks by layer, when G_λ is block-diagonal by layer (else None: use :func:`damped_matrix`).
+def inverse_blocks(ctx: RuleContext, structure: str, damping: float) -> dict[str, Tensor] | None:
+    """G_λ⁻¹'s diagonal blocks by layer, when it is block-diagonal by layer (else None: use :func:`damped_matrix`).
 
-    Block l is the inverse of the block of g ↦ ``structure.solve(g, λ)`` applied to layer l's unit vectors; G_λ is
-    taken to be block-diagonal when every such solve is exactly zero outside its layer.
+    Block l is sym of the block of g ↦ ``structure.solve(g, λ)`` applied to layer l's unit vectors; G_λ⁻¹ is taken
+    to be block-diagonal when every such solve is exactly zero outside its layer.
     """
     G = ctx.structure(structure)
     engine = ctx.engine()
@@ -234,8 +236,25 @@ def damped_blocks(ctx: RuleContext, structure: str, damping: float) -> dict[str,
         cols[ix] = 0.0
         if bool(cols.any()):
             return None
-        blocks[k] = torch.linalg.inv(0.5 * (block + block.T))
+        blocks[k] = 0.5 * (block + block.T)
     return blocks
+
+
+def block_congruence(A: Tensor, factors: dict[str, Tensor], index: dict[str, Tensor]) -> Tensor:
+    """Kᵀ A K (n, n) for symmetric A and a block-diagonal K with blocks ``factors`` (products only).
+
+    With K_k K_kᵀ = (G_kk)⁻¹ (the Cholesky factor of a block of G⁻¹), Kᵀ A K is similar to G^{-1/2} A G^{-1/2}
+    (Kᵀ A K ~ A K Kᵀ = A G⁻¹), and its diagonal block of ``index[k]`` to G_kk^{-1/2} A_kk G_kk^{-1/2}: the
+    preconditioned matrix without inverting G⁻¹ or a triangular solve.
+    """
+    A = 0.5 * (A + A.T)
+    X = torch.empty_like(A)
+    for k, ix in index.items():
+        X[ix] = factors[k].T @ A[ix]
+    M = torch.empty_like(A)
+    for k, ix in index.items():
+        M[:, ix] = X[:, ix] @ factors[k]
+    return 0.5 * (M + M.T)
 
 
 def damped_matrix(ctx: RuleContext, structure: str, damping: float) -> Tensor:
@@ -286,19 +305,20 @@ def _dense_geometry(ctx: RuleContext, names: list[str], dampings: list[float], s
                 with ctx.timed(f"geometry {name}"):
                     A = F + lam * eye
                     kept = kept_factors(ctx, name, lam)
-                    G_blocks = damped_blocks(ctx, name, lam) if kept is None else None
-                    G = damped_matrix(ctx, name, lam) if kept is None and G_blocks is None else None
+                    inverse = inverse_blocks(ctx, name, lam) if kept is None else None
+                    G = damped_matrix(ctx, name, lam) if kept is None and inverse is None else None
                     if kept is not None:  # the structure's own factors of G_λ (shared with its solves)
                         dense = isinstance(kept, Tensor) and kept.ndim == 2  # G_λ = G + λI, G the structure's
                         G = ctx.structure(name).to_dense() + lam * eye if dense else None
                         M, layer_M = kept_preconditioned(A, kept, blocks, G)
-                    elif G_blocks is None:
+                    elif inverse is None:
                         M = preconditioned_matrix(A, G)
                         layer_M = [preconditioned_matrix(A[ix][:, ix], G[ix][:, ix]) for ix in blocks]
-                    else:  # L is block-diagonal: each layer's L_l⁻¹ A_ll L_l⁻ᵀ is a diagonal block of M
-                        M = preconditioned_block_matrix(A, G_blocks, dict(zip(G_blocks, blocks, strict=True)))
+                    else:  # K is block-diagonal: each layer's K_lᵀ A_ll K_l is a diagonal block of M
+                        factors = {k: _factor(B, k) for k, B in inverse.items()}
+                        M = block_congruence(A, factors, dict(zip(inverse, blocks, strict=True)))
                         layer_M = [M[ix][:, ix] for ix in blocks]
-                    del A, G, G_blocks, kept
+                    del A, G, inverse, kept
             except UNAVAILABLE as exc:
                 if not skip_unavailable:
                     raise

@@ -47,8 +47,12 @@ def _check_float(x: Tensor, name: str) -> None:
 
 
 def _check_finite(x: Tensor, name: str) -> None:
-    """Raise NonFiniteError if ``x`` holds a NaN or an infinity (one device sync)."""
-    if not bool(torch.isfinite(x).all()):
+    """Raise NonFiniteError if ``x`` holds a NaN or an infinity (one device sync).
+
+    From ``amax`` and ``amin`` (they propagate NaN and keep ±inf): two read-only passes, where
+    ``isfinite(x).all()`` makes an n-sized mask first (≈ 5× the time on a P×P matrix).
+    """
+    if x.numel() and not bool(torch.isfinite(torch.stack([x.amax(), x.amin()])).all()):
         raise NonFiniteError(f"{name} contains NaN or inf values")
 
 

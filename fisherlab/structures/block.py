@@ -102,14 +102,15 @@ class BlockDiagonalFisher(FisherMatrix):
         """Block name → lower Cholesky factor L_b (P_b, P_b) of sym(F_b) + λI, factorised once per λ and kept.
 
         In the compute dtype of :func:`fisherlab.linalg.damped_solve` (float16/bfloat16 in float32), with its
-        checks (a failed factorisation, and at λ = 0 a numerically singular block, raise SingularMatrixError).
+        checks (a failed factorisation, and at λ = 0 a numerically singular block, raise SingularMatrixError) but
+        for the finiteness and symmetrisation of the blocks (finite, checked at construction, and symmetric).
         Every later :meth:`solve` at this λ reuses them; the kept factors take as much memory as the blocks, per λ.
         """
         from fisherlab.linalg.solve import damped_cholesky
 
         damping = check_damping(damping)
         if damping not in self._factors:
-            self._factors[damping] = {k: damped_cholesky(B, damping) for k, B in self.blocks.items()}
+            self._factors[damping] = {k: damped_cholesky(B, damping, checked=True) for k, B in self.blocks.items()}
         return self._factors[damping]
 
     def solve(self, g: Tensor, damping: float = 0.0) -> Tensor:

@@ -53,7 +53,8 @@ class DenseFisher(FisherMatrix):
     def damped_factor(self, damping: float = 0.0) -> Tensor:
         """The lower Cholesky factor L (P, P) of sym(F) + λI, factorised once per λ and kept.
 
-        :func:`fisherlab.linalg.damped_cholesky` without the estimate-based singularity check (a failed
+        :func:`fisherlab.linalg.damped_cholesky` of F + λI as it is (``matrix`` is finite, checked at
+        construction, and symmetric: sym(F) = F) and without the estimate-based singularity check (a failed
         factorisation raises SingularMatrixError; exact NGD records the residual of its solve instead), in its
         compute dtype (float16/bfloat16 in float32). Exact NGD's Cholesky solve, the dense and block roots of
         ``sqrt="cholesky"`` and the geometry's preconditioned matrix at this λ all use the same factor. The
@@ -62,13 +63,12 @@ class DenseFisher(FisherMatrix):
 
         Raises:
             SingularMatrixError: F + λI is not positive definite.
-            NonFiniteError: F holds NaN or inf.
         """
         from fisherlab.linalg.solve import damped_cholesky
 
         damping = check_damping(damping)
         if damping not in self._factors:
-            factor = damped_cholesky(self.matrix, damping, check_singular=False)
+            factor = damped_cholesky(self.matrix, damping, check_singular=False, checked=True)
             size = factor.numel() * factor.element_size()
             while self._factors and (len(self._factors) + 2) * size > self.memory_budget:
                 del self._factors[next(iter(self._factors))]
