@@ -101,6 +101,21 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 #: factors) and, when they fit too, the recorded graphs of the chunks' forward passes (:class:`Linearisation`).
 MATMAT_CACHE_BYTES = 256 * 2**20
 
+#: Working bytes of one chunk of :meth:`FisherEngine.matmat` per sample, a + b·k activation bytes A
+#: (:meth:`FisherEngine.activation_bytes`) for a block of k columns, by how the chunk runs:
+#: ``"vjp of jvp"`` (the recorded graph holds the tangent operations of every column too), ``"recording"`` (the
+#: primal graph recorded apart, to keep, and the tangents by ``jvp``; also J v by two VJPs, not measured) and
+#: ``"kept"`` (a ``jvp`` and a reverse pass through a kept graph, which the cache's bytes count). Upper bounds of
+#: the peak tensor bytes one chunk allocates (torch profiler, ``profile_memory``; 4 and 8 samples, 1 and 4 columns,
+#: float32), per sample: vjp of jvp 0.70–1.24 + 1.6–2.4·k (GPT 1M: 1.06 + 1.75·k; GPT d = 16 × 3 layers:
+#: 1.24 + 2.41·k; CNN: 0.70 + 1.61·k), recording 1.16–1.7 + 0.05–1.36·k (the CNN highest), kept 0.16–0.7 +
+#: 0.06–1.37·k; beside them at most two P-wide tensors per column (the gradient and its flattening; the MLP's
+#: activations are negligible). Models: fisherlab.models.MLP 784-256-256-10, CNN of 16 and 32 channels on 28 × 28,
+#: GPTs on 64 tokens of 65 (d × layers 16 × 3, 64 × 2, 128 × 5 = "1M"); measured peaks against the estimate:
+#: :meth:`FisherEngine.product_bytes`.
+PRODUCT_WORKING: dict[str, tuple[float, float]] = {"vjp of jvp": (1.25, 2.5), "recording": (1.75, 1.5),
+                                                    "kept": (0.75, 1.5)}
+
 #: Dtypes with too little range or precision for some kinds (torch has no eigendecomposition in them).
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -873,8 +888,10 @@ class FisherEngine:
         out = None
         for i, (x, y, labels) in enumerate(self.chunks(chunk_size=self.matmat_chunk_size())):
             lin = None if cached is None else cached[i]
+            path = ("kept" if lin is not None and lin.vjp_fn is not None
+                    else "recording" if keep or self._jvp_by_vjp else "vjp of jvp")
             parts = []
-            for block in cols.split(self._column_block(x.shape[0]), dim=1):
+            for block in cols.split(self._column_block(x.shape[0], path), dim=1):
                 part, lin = self._with_jvp_fallback(partial(self._chunk_product, x, y, labels, lin, block, keep), x)
                 parts.append(part)
             kept.append(lin)
@@ -1004,30 +1021,62 @@ class FisherEngine:
     def matmat_chunk_size(self) -> int:
         """Samples per chunk of :meth:`matmat`.
 
-        ``chunk_size`` if it was given, else as many as fit three times their activations (recorded graph,
-        tangents, cotangents) in ``min(DEFAULT_CHUNK_BYTES, memory_budget/4)``, balanced (:meth:`_fitting_chunk`).
+        ``chunk_size`` if it was given, else as many as fit the working bytes of one column on the costliest path
+        (:meth:`product_bytes` with k = 1: 3.75 activations a sample, the ``vjp`` of a ``jvp``) in
+        ``min(DEFAULT_CHUNK_BYTES, memory_budget/4)``, balanced (:meth:`_fitting_chunk`). One rule for every path,
+        so the chunks of a product on the kept linearisation are those that recorded it. GPT 1M, 32 × 64 tokens:
+        two chunks of 16 (measured peak 134 MiB of tensors for one column, against 186 MiB budgeted).
         """
-        return self._fitting_chunk(3 * self.activation_bytes())
+        a, b = max(PRODUCT_WORKING.values(), key=sum)
+        return self._fitting_chunk((a + b) * self.activation_bytes(), self._p_wide(3))
+
+    def product_bytes(self, n: int, k: int, path: str) -> int:
+        """Bytes one chunk of :meth:`matmat` works in: n samples, a block of k columns, run as ``path``.
+
+        n·A·(a + b·k) (:data:`PRODUCT_WORKING`, A = :meth:`activation_bytes`) and three P-wide tensors per column
+        (the gradient, its flattening, the block's share of the sum). An upper bound: the measured peak of a chunk
+        (torch profiler, 16 samples, 1 and 4 columns, float32) is, of it, for the vjp of a jvp 0.68–0.72 on the 1M
+        GPT, 0.80–0.97 on GPTs of d = 64 × 2 and 16 × 3 layers, 0.61–0.62 on a CNN and an MLP (P-wide tensors
+        only); recording 0.25–0.54 on the GPTs, 0.88–0.91 on the CNN, 0.62–0.64 on the MLP; kept 0.15–0.35 on the
+        GPTs, 0.87–0.89 on the CNN, 0.63–0.64 on the MLP (the coefficients per column are the CNN's: a GPT's
+        tangents cost it far less).
+        """
+        a, b = PRODUCT_WORKING[path]
+        return math.ceil(n * self.activation_bytes() * (a + b * k)) + k * self._p_wide(3)
 
     def gradient_chunk_size(self) -> int:
         """Samples per chunk of :meth:`loss_and_gradient`.
 
-        ``chunk_size`` if it was given, else as many as fit twice the graph of a forward on the caller's attention
-        kernels (:meth:`activation_bytes` with ``reverse_only``: the saved graph, and the activations' gradients of
-        the one reverse pass) in ``min(DEFAULT_CHUNK_BYTES, memory_budget/4)``, balanced as in
-        :meth:`matmat_chunk_size`. No tangents: GPT 1M, 32 × 64 tokens, 2 × 2.6 MiB a sample, so one chunk of 32
-        where a product's 3 × 2.9 MiB take two of 16.
+        ``chunk_size`` if it was given, else as many as fit :meth:`gradient_bytes` in
+        ``min(DEFAULT_CHUNK_BYTES, memory_budget/4)``, balanced as in :meth:`matmat_chunk_size`. No tangents:
+        GPT 1M, 32 × 64 tokens, one chunk of 32 where a product's take two of 16.
         """
-        return self._fitting_chunk(2 * self.activation_bytes(reverse_only=True))
+        return self._fitting_chunk(2 * self.activation_bytes(reverse_only=True), self._p_wide(3))
 
-    def _fitting_chunk(self, per_sample: int) -> int:
+    def gradient_bytes(self, n: int) -> int:
+        """Bytes one chunk of n samples of :meth:`loss_and_gradient` works in.
+
+        Twice the graph of a forward on the caller's attention kernels (:meth:`activation_bytes` with
+        ``reverse_only``: the saved graph, and the activations' gradients of the one reverse pass) per sample, and
+        three P-wide tensors (the parameters' gradients, their flattening, the sum). An upper bound: measured peaks
+        (torch profiler, 16 samples, float32) 1.04–1.53 graphs a sample (GPT 1M lowest, the CNN highest), of it
+        0.55 on the 1M GPT, 0.58–0.68 on smaller GPTs, 0.82 on a CNN, 0.95 on an MLP.
+        """
+        return 2 * n * self.activation_bytes(reverse_only=True) + self._p_wide(3)
+
+    def _p_wide(self, count: int) -> int:
+        """Bytes of ``count`` P-wide tensors of the compute dtype."""
+        return dense_bytes(count, self.spec.dim, self.dtype)
+
+    def _fitting_chunk(self, per_sample: float, fixed: int = 0) -> int:
         """``chunk_size`` if given, else the samples of ``per_sample`` bytes that fit the working bytes, balanced.
 
-        Balanced: the N samples of this rank in ⌈N / fit⌉ chunks of nearly equal size (no small last chunk).
+        ``fixed``: bytes a chunk takes whatever its size (P-wide tensors). Balanced: the N samples of this rank in
+        ⌈N / fit⌉ chunks of nearly equal size (no small last chunk).
         """
         if self._chunk_size_given:
             return self.chunk_size
-        fit = int(max(1, min(self.local_samples, self._working_bytes // per_sample)))
+        fit = int(max(1, min(self.local_samples, (self._working_bytes - fixed) // per_sample)))
         return math.ceil(self.local_samples / math.ceil(self.local_samples / fit))
 
     def activation_bytes(self, reverse_only: bool = False) -> int:
@@ -1055,14 +1104,14 @@ class FisherEngine:
             self._activation_bytes[reverse_only] = max(1, math.ceil(total / x.shape[0]))
         return self._activation_bytes[reverse_only]
 
-    def _column_block(self, n: int) -> int:
-        """Columns per vmapped product for a chunk of n samples.
+    def _column_block(self, n: int, path: str) -> int:
+        """Columns per vmapped product for a chunk of n samples run as ``path``.
 
-        Per column: tangents and cotangents (2 activations per sample) and the P-wide result (×3 for the gradient,
-        its flattening and the sum).
+        As many as :meth:`product_bytes` fits in the working bytes, at least one.
         """
-        per_column = 2 * n * self.activation_bytes() + 3 * dense_bytes(1, self.spec.dim, self.dtype)
-        return int(max(1, self._working_bytes // per_column))
+        a, b = PRODUCT_WORKING[path]
+        per_column = n * self.activation_bytes() * b + self._p_wide(3)
+        return int(max(1, (self._working_bytes - n * self.activation_bytes() * a) // per_column))
 
     def _state_key(self) -> tuple:
         """The identity and version counter of every parameter and buffer tensor.

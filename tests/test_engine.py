@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import pytest
@@ -490,6 +492,58 @@ def test_products_on_the_kept_linearisation_equal_the_reference(problems, monkey
     assert (cache is None) == (kept == "nothing")
     if cache is not None:
         assert len(cache[1]) > 1 and all((lin.vjp_fn is not None) == (kept == "graphs and states") for lin in cache[1])
+
+
+def allocated_peak(fn: Callable[[], object]) -> int:
+    """Peak bytes of tensors allocated while ``fn()`` runs above those alive at its start: the running sum of the
+    allocation and free events the torch profiler records (``profile_memory``), a count, not a timing."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
+def working_bytes_problems() -> dict[str, tuple[nn.Module, Tensor, Tensor]]:
+    """An MLP (its P-wide tensors dominate) and a small GPT (its activations do), float64, 8 samples each."""
+    from fisherlab.models import GPT
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 11, (8, 12), generator=gen)
+    return {"mlp": (mlp(20, 64, 5).double(), torch.randn(8, 20, generator=gen, dtype=F64),
+                    torch.randint(0, 5, (8,), generator=gen)),
+            "gpt": (GPT(11, 12, d_model=16, n_layers=2, n_heads=2, output="sequence").double().eval(), tokens,
+                    torch.randint(0, 11, (8, 12), generator=gen))}
+
+
+@pytest.mark.parametrize("name", ["mlp", "gpt"])
+def test_a_chunk_works_within_the_bytes_it_is_sized_for(name: str) -> None:
+    """The peak tensor bytes one chunk of a product allocates (profiler events, every path, 1 and 3 columns) stay
+    within product_bytes, and the gradient's within gradient_bytes; on the GPT the estimate of the vjp of a jvp (the
+    path that sizes the chunks) is within 2× of its peak."""
+    model, X, y = working_bytes_problems()[name]
+    engine = FisherEngine(model, (X, y), chunk_size=X.shape[0])
+    list(engine.chunks())  # the first pass (its checks are no part of a later chunk)
+    gen = torch.Generator().manual_seed(2)
+    for k in (1, 3):
+        V = torch.randn(engine.spec.dim, k, generator=gen, dtype=F64)
+        _, lin = engine._chunk_product(X, y, None, None, V, True)
+        for path, kept, keep in (("vjp of jvp", None, False), ("recording", None, True), ("kept", lin, False)):
+            chunk = partial(engine._chunk_product, X, y, None, kept, V, keep)
+            chunk()  # warm: lazily built state of torch and the engine
+            peak, estimate = allocated_peak(chunk), engine.product_bytes(X.shape[0], k, path)
+            assert 0 < peak <= estimate, f"{name}, {path}, k = {k}: {peak} B > {estimate} B"
+            if name == "gpt" and path == "vjp of jvp":  # the path the chunks are sized by (matmat_chunk_size)
+                assert estimate <= 2 * peak, f"{name}, {path}, k = {k}: {estimate} B > 2 × {peak} B"
+    engine.loss_and_gradient()
+    peak, estimate = allocated_peak(engine.loss_and_gradient), engine.gradient_bytes(X.shape[0])
+    assert 0 < peak <= estimate, f"{name}, gradient: {peak} B > {estimate} B"
 
 
 def test_rows_per_sample_of_a_sequence_model_is_the_width_of_its_block_diagonal_factor():
