@@ -110,6 +110,14 @@ class RuleContext:
             be built), ``"pcg-diag"`` with the ``diag`` rule's diagonal.
         dampings: Every λ the context will be asked for (lets one multi-shift solve serve them all).
         progress: Progress bars (``None``: only on a terminal).
+
+    Attributes:
+        timings: Wall seconds per phase (:meth:`timed`). Work shared between rules is counted once, in the phase
+            that does it first: a structure under ``structure <name>`` (or ``exact true Fisher``) whichever rule
+            or reconstruction asks for it; the dense Cholesky factor of F + λI under ``exact true solve`` (exact
+            NGD at λ, before the rules) and reused by ``sngd-dense`` and the geometry; the block factors under the
+            first of ``rule block-ngd`` / ``reconstruct sngd-block`` / ``geometry block`` at that λ. A ``rule <name>``
+            phase includes the phases it triggers.
     """
 
     model: nn.Module
