@@ -29,8 +29,9 @@ single steps of every method slow down by up to 100× (measured: SGD on the MNIS
 
 Run time (measured, one thread, 2-core machine, otherwise quiet): 5.5 minutes in full mode, of which the wide MLP
 takes about 3.5 and exact NGD on the digits MLP 0.7. ``--quick`` (4 steps, 2 learning rates, 2 seeds, 400
-MNIST-1D signals, the wide MLP 256 wide, no warm-up runs; for tests) takes 65 s on the 2-core machine at load ~10
-(190 s before these reductions, same conditions), about half of it drawing the figure.
+MNIST-1D signals, the wide MLP 256 wide, no warm-up runs, a figure of 2 panels a problem — training loss against
+steps and test accuracy against CPU time — instead of 6; for tests) takes about 20 CPU-s on the loaded 2-core
+machine, 3–5 of them drawing the figure (11 for the 6-panel figure of the same runs).
 ``--resume`` reuses the ``runs_<problem>.nc`` files of the same settings (those problems are not rerun).
 
     python analyses/training_comparison.py [--out results/training_comparison] [--quick] [--threads 1] [--resume]
@@ -174,11 +175,16 @@ def print_summary(summary: xr.Dataset) -> None:
 
 AXES = [("step", "train_loss"), ("time", "train_loss"), ("cpu_time", "train_loss"), ("step", "test_accuracy"),
         ("time", "test_accuracy"), ("cpu_time", "test_accuracy")]
+#: The panels of ``--quick`` (one of each kind: band over seeds against steps on a log scale, medians against a
+#: time on a linear scale): drawing the 24 panels of the full figure took most of a quick run.
+QUICK_AXES = [("step", "train_loss"), ("cpu_time", "test_accuracy")]
 LABELS = {"step": "step", "time": "wall-clock time (s)", "cpu_time": "CPU time (s)"}
 
 
-def plot(all_runs: dict[str, xr.Dataset], out: Path) -> None:
+def plot(all_runs: dict[str, xr.Dataset], out: Path, panels: list[tuple[str, str]] = AXES) -> None:
     """Training loss and test accuracy against steps, wall time and CPU time, one row per problem (PNG, SVG).
+
+    ``panels``: the (x, y) of each column (default :data:`AXES`, every combination).
 
     Drawn outside pyplot under seaborn's whitegrid style, applied only while drawing, and saved by the report's
     :func:`~fisherlab.report.save_figure` (one layout for both files).
@@ -189,13 +195,13 @@ def plot(all_runs: dict[str, xr.Dataset], out: Path) -> None:
     from fisherlab.report import legend_outside, new_figure, save_figure
 
     with rc_context({**sns.axes_style("whitegrid"), **sns.plotting_context("paper")}):
-        fig = new_figure(4 * len(AXES), 3.4 * len(all_runs))
-        axes = fig.subplots(len(all_runs), len(AXES), squeeze=False)
+        fig = new_figure(4 * len(panels), 3.4 * len(all_runs))
+        axes = fig.subplots(len(all_runs), len(panels), squeeze=False)
         palette = dict(zip(METHODS, sns.color_palette("tab10", len(METHODS)), strict=True))
         for row, (name, ds) in zip(axes, all_runs.items(), strict=True):
             frame = ds[["train_loss", "test_accuracy", "time", "cpu_time"]].to_dataframe().reset_index().dropna(
                 subset=["train_loss"])
-            for ax, (x, y) in zip(row, AXES, strict=True):
+            for ax, (x, y) in zip(row, panels, strict=True):
                 legend = ax is row[-1]  # one legend a problem (its methods), right of its row
                 if x == "step":  # mean over seeds, band from min to max
                     sns.lineplot(frame, x=x, y=y, hue="rule", palette=palette, errorbar=("pi", 100), ax=ax,
@@ -238,7 +244,7 @@ def main(argv: list[str] | None = None) -> xr.Dataset:
             all_runs[p.name] = run_problem(p, {**common, "quick": args.quick}, seeds, lrs, args.out)
     summary = summarize(all_runs)
     save_dataset(summary, args.out / "summary.nc")
-    plot(all_runs, args.out)
+    plot(all_runs, args.out, QUICK_AXES if args.quick else AXES)
     print_summary(summary)
     print(f"\ntotal {time.perf_counter() - start:.0f} s; results in {args.out}")
     return summary
