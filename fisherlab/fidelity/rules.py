@@ -37,8 +37,8 @@ Built-in rules (:data:`RULES`):
                    by Cholesky (``sqrt="cholesky"``: the mapped-back step is −η G⁻¹∇L whatever root R with
                    RᵀR = G the network uses, and Cholesky is the cheapest)
 ``sngd-kfac-       ``sngd-kfac`` with ``sqrt="lowrank"``: every Kronecker factor wider than 128 replaced by its
-lowrank``          top-64 eigen-part plus mean remainder (``reconstructed_rule("kfac", sqrt="lowrank",
-                   root_rank=k)`` registers another rank)
+lowrank``          top-64 eigen-part plus mean remainder (``register_rule(ReconstructedGD(name, "kfac",
+                   "lowrank", {"root_rank": k}))`` registers another rank)
 =================  ==================================================================================
 
 :func:`register_rule` adds a rule; :func:`get_rule` resolves a name (an unknown one lists the valid ones).
