@@ -14,8 +14,8 @@ empirical one, has rank at most 512 where the true Fisher has rank up to 9 · 51
 The checkpoints come from a replay of the same run (same optimiser, seed and minibatch order as ``train``; the
 script checks that its batch losses equal the logged ones), since ``train`` returns only the log.
 
-Run time on this machine (2 shared CPU cores under load, ``--threads 1``), full mode: 63 s measured; ``--quick``:
-about 10 seconds.
+Run time on this machine (2 shared CPU cores under load, ``--threads 1``), full mode: 63 s measured; ``--quick``
+(8 hidden units, 20 steps, checkpoints 0 and 20, 32 samples): 3–4 CPU-s.
 
     python analyses/spectra_during_training.py [--out results/spectra_during_training] [--quick] [--seed 0]
         [--threads 1]
@@ -68,7 +68,7 @@ class Config:
 
 
 FULL = Config()
-QUICK = Config(widths=(8,), steps=20, checkpoint_every=10, fisher_samples=32)
+QUICK = Config(widths=(8,), steps=20, checkpoint_every=20, fisher_samples=32)  # checkpoints 0 and 20
 
 
 def checkpoints(model: nn.Module, data: SplitData, cfg: Config, seed: int) -> tuple[dict[int, Tensor], np.ndarray]:
