@@ -122,10 +122,9 @@ def test_lanczos_path_beyond_the_budget(n):
     assert ds["available"].sel(structure="block").item() == 1
 
 
-def test_preconditioned_block_eigvalsh_against_scipy():
-    from fisherlab.fidelity.geometry import preconditioned_block_eigvalsh
-
-    g = torch.Generator().manual_seed(3)
+def block_problem(seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A random PSD A (9, 9) and SPD diagonal blocks of G on the index sets a = 0..3, b = 4..8."""
+    g = torch.Generator().manual_seed(seed)
     A = torch.randn(9, 9, generator=g, dtype=D)
     A = A @ A.T
     index = {"a": torch.arange(0, 4), "b": torch.arange(4, 9)}
@@ -133,6 +132,13 @@ def test_preconditioned_block_eigvalsh_against_scipy():
     for k, ix in index.items():
         B = torch.randn(len(ix), len(ix), generator=g, dtype=D)
         blocks[k] = B @ B.T + 0.3 * torch.eye(len(ix), dtype=D)
+    return A, blocks, index
+
+
+def test_preconditioned_block_eigvalsh_against_scipy():
+    from fisherlab.fidelity.geometry import preconditioned_block_eigvalsh
+
+    A, blocks, index = block_problem(3)
     G = scipy.linalg.block_diag(blocks["a"].numpy(), blocks["b"].numpy())
     np.testing.assert_allclose(preconditioned_block_eigvalsh(A, blocks, index).numpy(), generalized(A.numpy(), G),
                                rtol=1e-10)
@@ -185,14 +191,7 @@ def test_block_congruence_against_scipy():
     those of (A_kk, G_kk)."""
     from fisherlab.fidelity.geometry import block_congruence
 
-    g = torch.Generator().manual_seed(4)
-    A = torch.randn(9, 9, generator=g, dtype=D)
-    A = A @ A.T
-    index = {"a": torch.arange(0, 4), "b": torch.arange(4, 9)}
-    blocks = {}
-    for k, ix in index.items():
-        B = torch.randn(len(ix), len(ix), generator=g, dtype=D)
-        blocks[k] = B @ B.T + 0.3 * torch.eye(len(ix), dtype=D)
+    A, blocks, index = block_problem(4)
     factors = {k: torch.linalg.cholesky(torch.linalg.inv(B)) for k, B in blocks.items()}
     M = block_congruence(A, factors, index)
     G = scipy.linalg.block_diag(blocks["a"].numpy(), blocks["b"].numpy())
