@@ -127,12 +127,16 @@ def _padding_masks(rows: Mapping[str, LayerRows], sequence: Collection[str]) -> 
     layers that are not convolutions) with L positions; it is live if some δ row is nonzero there in one of them.
     """
     masks: dict[int, Tensor] = {}
+    full: set[int] = set()  # L whose positions are all live already: the other layers cannot change that
     for p in sequence:
-        if p in rows and rows[p].grads.shape[2] > 1:
+        if p in rows and rows[p].grads.shape[2] > 1 and rows[p].grads.shape[2] not in full:
             g = rows[p].grads
+            L = g.shape[2]
             live = g.ne(0).any(-1).any(0)
-            masks[g.shape[2]] = masks[g.shape[2]] | live if g.shape[2] in masks else live
-    return {L: None if bool(m.all()) else m for L, m in masks.items()}
+            masks[L] = masks[L] | live if L in masks else live
+            if bool(masks[L].all()):
+                full.add(L)
+    return {L: None if L in full else m for L, m in masks.items()}
 
 
 def _accumulate(A: dict[str, Tensor], S: dict[str, Tensor], count: dict[str, Tensor], path: str, rows: LayerRows,
