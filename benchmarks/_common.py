@@ -31,10 +31,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 
-def parse_args(description: str, default_repeats: int = 5) -> argparse.Namespace:
+def parse_args(description: str, default_repeats: int = 5,
+               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
     """Parse ``--device``, ``--repeats`` (default ``default_repeats``) and ``--quick`` (2 repeats, smaller side
-    cases)."""
+    cases), and a benchmark's own options (``add_arguments(parser)`` adds them, so ``--help`` lists them)."""
     parser = argparse.ArgumentParser(description=description)
+    if add_arguments is not None:
+        add_arguments(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--repeats", type=int, default=None,

@@ -24,6 +24,7 @@ ratios to ``separate cg`` are medians of the within-round ratios.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -46,17 +47,9 @@ MAX_ITER = 2000
 BUDGET = 3 * 2**30
 
 
-def _extra_args() -> tuple[int, bool]:
-    """Pop ``--n N`` and ``--cnn`` before the shared parser sees the arguments."""
-    n, cnn = 1024, False
-    if "--cnn" in sys.argv:
-        sys.argv.remove("--cnn")
-        cnn = True
-    if "--n" in sys.argv:
-        i = sys.argv.index("--n")
-        n = int(sys.argv[i + 1])
-        del sys.argv[i:i + 2]
-    return n, cnn
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n", type=int, default=1024, help="samples of the batch (default 1024; quick: ≤ 256)")
+    parser.add_argument("--cnn", action="store_true", help="also the CNN (32, 64) on the 8×8 digits")
 
 
 def bench_case(name: str, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device,
@@ -101,8 +94,8 @@ def bench_case(name: str, model: torch.nn.Module, batch: tuple[torch.Tensor, tor
 
 
 def main() -> None:
-    n, cnn = _extra_args()
-    args = parse_args(__doc__.splitlines()[0], default_repeats=3)
+    args = parse_args(__doc__.splitlines()[0], default_repeats=3, add_arguments=_options)
+    n, cnn = args.n, args.cnn
     header("exact NGD for 4 dampings: separate CG, multi-shift CG, KFAC-preconditioned CG", args.device)
     data = load_digits(dtype=torch.float32)
     if args.quick:

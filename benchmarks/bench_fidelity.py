@@ -77,10 +77,9 @@ def print_rows(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    skip_large = "--skip-large" in sys.argv
-    if skip_large:
-        sys.argv.remove("--skip-large")
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__.splitlines()[0], add_arguments=lambda parser: parser.add_argument(
+        "--skip-large", action="store_true", help="leave out the large case (timed once)"))
+    skip_large = args.skip_large
     header("fidelity evaluation: all rules at one state, share of exact NGD", args.device)
     data = load_digits(dtype=torch.float32)
     batch = (data.X_train[:N], data.y_train[:N]) if not args.quick else (data.X_train[:256], data.y_train[:256])
