@@ -1027,8 +1027,8 @@ class FisherEngine:
         so the chunks of a product on the kept linearisation are those that recorded it. GPT 1M, 32 × 64 tokens:
         two chunks of 16 (measured peak 134 MiB of tensors for one column, against 186 MiB budgeted).
         """
-        a, b = max(PRODUCT_WORKING.values(), key=sum)
-        return self._fitting_chunk((a + b) * self.activation_bytes(), self._p_wide(3))
+        costliest = max(PRODUCT_WORKING, key=lambda path: sum(PRODUCT_WORKING[path]))
+        return self._fitting_chunk(lambda n: self.product_bytes(n, 1, costliest))
 
     def product_bytes(self, n: int, k: int, path: str) -> int:
         """Bytes one chunk of :meth:`matmat` works in: n samples, a block of k columns, run as ``path``.
@@ -1051,7 +1051,7 @@ class FisherEngine:
         ``min(DEFAULT_CHUNK_BYTES, memory_budget/4)``, balanced as in :meth:`matmat_chunk_size`. No tangents:
         GPT 1M, 32 × 64 tokens, one chunk of 32 where a product's take two of 16.
         """
-        return self._fitting_chunk(2 * self.activation_bytes(reverse_only=True), self._p_wide(3))
+        return self._fitting_chunk(self.gradient_bytes)
 
     def gradient_bytes(self, n: int) -> int:
         """Bytes one chunk of n samples of :meth:`loss_and_gradient` works in.
@@ -1068,15 +1068,16 @@ class FisherEngine:
         """Bytes of ``count`` P-wide tensors of the compute dtype."""
         return dense_bytes(count, self.spec.dim, self.dtype)
 
-    def _fitting_chunk(self, per_sample: float, fixed: int = 0) -> int:
-        """``chunk_size`` if given, else the samples of ``per_sample`` bytes that fit the working bytes, balanced.
+    def _fitting_chunk(self, bytes_of: Callable[[int], int]) -> int:
+        """``chunk_size`` if given, else the most samples whose ``bytes_of(n)`` fit the working bytes, balanced.
 
-        ``fixed``: bytes a chunk takes whatever its size (P-wide tensors). Balanced: the N samples of this rank in
-        ⌈N / fit⌉ chunks of nearly equal size (no small last chunk).
+        ``bytes_of`` is affine in n (:meth:`product_bytes`, :meth:`gradient_bytes`); at least one sample. Balanced:
+        the N samples of this rank in ⌈N / fit⌉ chunks of nearly equal size (no small last chunk).
         """
         if self._chunk_size_given:
             return self.chunk_size
-        fit = int(max(1, min(self.local_samples, (self._working_bytes - fixed) // per_sample)))
+        fixed = bytes_of(0)
+        fit = int(max(1, min(self.local_samples, (self._working_bytes - fixed) // (bytes_of(1) - fixed))))
         return math.ceil(self.local_samples / math.ceil(self.local_samples / fit))
 
     def activation_bytes(self, reverse_only: bool = False) -> int:
@@ -1109,9 +1110,8 @@ class FisherEngine:
 
         As many as :meth:`product_bytes` fits in the working bytes, at least one.
         """
-        a, b = PRODUCT_WORKING[path]
-        per_column = n * self.activation_bytes() * b + self._p_wide(3)
-        return int(max(1, (self._working_bytes - n * self.activation_bytes() * a) // per_column))
+        base = self.product_bytes(n, 0, path)
+        return int(max(1, (self._working_bytes - base) // (self.product_bytes(n, 1, path) - base)))
 
     def _state_key(self) -> tuple:
         """The identity and version counter of every parameter and buffer tensor.
