@@ -232,6 +232,60 @@ def test_undamped_singular_solve_raises():
         K.solve(torch.ones(K.spec.dim, dtype=F64), 0.0, split="exact")
 
 
+def _dense_damped_kfac(problem, K: KFACFisher, lam: float, split: str) -> torch.Tensor:
+    """The P × P block-diagonal of (S + sI) ⊗ (A + aI) (a·s = λ, closed-form split) or, for "exact", S ⊗ A + λI,
+    each layer by torch.kron in row-major W̄ order and mapped to the flat order by the W̄ coordinates."""
+    G = torch.zeros(K.spec.dim, K.spec.dim, dtype=F64)
+    for layer, ix in K.spec.blocks("layer").items():
+        f = K.factors[layer]
+        eye_a, eye_s = torch.eye(len(f.A), dtype=F64), torch.eye(len(f.S), dtype=F64)
+        if split == "exact":
+            D = torch.kron(f.S, f.A) + lam * torch.eye(len(f.S) * len(f.A), dtype=F64)
+        else:
+            pi = math.sqrt((f.A.trace() / len(f.A)) / (f.S.trace() / len(f.S))) if split == "pi" else 1.0
+            D = torch.kron(f.S + math.sqrt(lam) / pi * eye_s, f.A + pi * math.sqrt(lam) * eye_a)
+        rows, cols, width = lref.wbar_coords(problem.model, layer, list(K.spec.layers()[layer]))
+        pos = rows * width + cols
+        G[ix.unsqueeze(1), ix] = D[pos][:, pos]
+    return G
+
+
+def test_kept_damped_factorisations_solve_like_dense_in_and_out_of_cache_order(problems):
+    """Solves at a sequence of dampings that revisits kept ones and evicts others (KFACFisher.damped_kept = 4),
+    each against torch.linalg.solve of the damped matrix; the same λ gives the same factorisation objects, another
+    λ other ones, and a failed or refused setting evicts nothing."""
+    problem = problems("mlp")
+    K = KFACFisher.from_engine(engine_for(problem, "true"))
+    assert K.damped_kept == 4
+    g = torch.randn(K.spec.dim, 2, dtype=F64, generator=torch.Generator().manual_seed(40))
+    dense = {}
+    for lam in (1e-1, 1e-3, 1e-1, 1e-2, 1e-4, 3e-3, 1e-3, 1e-1, 3e-3):  # 3e-3 evicts 1e-3, which evicts 1e-1
+        for split, method in (("pi", "cholesky"), ("exact", "cholesky"), ("sqrt", "eigh")):
+            G = dense.setdefault((lam, split), _dense_damped_kfac(problem, K, lam, split))
+            ref.assert_close(K.solve(g, lam, split=split, method=method), torch.linalg.solve(G, g), 1e-9,
+                             f"{split} {method} at {lam}")
+    first = K.damped_factors(1e-2)
+    again = K.damped_factors(1e-2)
+    assert list(first) == list(K.factors)
+    assert all(again[p] is first[p] for p in first)  # kept: not factorised again
+    other = K.damped_factors(1e-4)
+    assert all(other[p].s_factor is not first[p].s_factor for p in first)
+    assert not torch.equal(other["0"].s_factor, first["0"].s_factor)
+    with pytest.raises(InputError, match="damping"):
+        K.solve(g, -1e-3)
+    with pytest.raises(InputError, match="split"):
+        K.solve(g, 1e-2, split="half")
+    with pytest.raises(SingularMatrixError, match="damping"):
+        K.damped_factors(0.0, split="exact")  # rank-deficient S of the output layer
+    for lam in (1e-2, 1e-4):  # neither the refused nor the singular setting evicted these
+        assert K.damped_factors(lam)["0"].s_factor is (first if lam == 1e-2 else other)["0"].s_factor
+    for lam in (0.5, 0.7, 0.9, 1.1):  # four new settings evict 1e-2: factorised again, to the same values
+        K.damped_factors(lam)
+    recomputed = K.damped_factors(1e-2)
+    assert all(recomputed[p] is not first[p] and torch.equal(recomputed[p].s_factor, first[p].s_factor)
+               for p in first)
+
+
 def test_inverse_square_root_factors(kfac_mlp):
     K, lam = kfac_mlp, 1e-2
     roots = K.inv_sqrt_factors(lam, method="eigh", split="pi")

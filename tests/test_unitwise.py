@@ -5,6 +5,8 @@ Fisher from per-sample autograd; the SNGD variant equals its metric computed by 
 
 from __future__ import annotations
 
+import dataclasses
+
 import layer_reference as lref
 import pytest
 import reference as ref
@@ -114,6 +116,36 @@ def test_operations_against_dense_and_ema(problems):
     for layer in U.factors:
         ref.assert_close(avg.factors[layer].blocks,
                          0.995 * U.factors[layer].blocks + 0.005 * W.factors[layer].blocks, 1e-14, "EMA")
+
+
+def test_kept_unit_factorisations_solve_like_dense_in_and_out_of_cache_order(problems):
+    """Solves at dampings that revisit kept ones and evict others against torch.linalg.solve of the reference
+    Fisher's unit sub-blocks + λI; kept factors are reused, the budget bounds how many dampings are kept."""
+    problem = problems("mlp")
+    engine = FisherEngine(problem.model, problem.data, problem.likelihood, kind="true")
+    U = UnitwiseFisher.from_engine(engine)
+    F = ref.fisher("true", problem.model, problem.X, problem.y, problem.ref_likelihood, labels=engine._labels)
+    B = torch.zeros_like(F)
+    for layer in U.factors:
+        for pos in unit_positions(problem, engine.spec, layer):
+            B[pos.unsqueeze(1), pos] = F[pos][:, pos]
+    V = torch.randn(U.spec.dim, 2, dtype=F64, generator=torch.Generator().manual_seed(41))
+    eye = torch.eye(len(B), dtype=F64)
+    for lam in (1e-1, 1e-3, 1e-1, 1e-2, 1e-4, 3e-3, 1e-3, 1e-1):  # 3e-3 evicts 1e-3 (damped_kept = 4)
+        ref.assert_close(U.solve(V, lam), torch.linalg.solve(B + lam * eye, V), 1e-9, f"solve at {lam}")
+    first = U.damped_factors(1e-2)
+    assert all(U.damped_factors(1e-2)[p] is first[p] for p in first)
+    assert not torch.equal(U.damped_factors(1e-4)["0"], first["0"])
+    with pytest.raises(InputError, match="damping"):
+        U.solve(V, -1.0)
+    assert U.damped_factors(1e-2)["0"] is first["0"]  # the refused damping evicted nothing
+    # a budget for the blocks and one setting: each new damping replaces the last
+    size = sum(L.numel() * L.element_size() for L in first.values())
+    small = dataclasses.replace(U, memory_budget=2 * size)
+    one = small.damped_factors(1e-2)
+    small.damped_factors(1e-1)
+    again = small.damped_factors(1e-2)
+    assert again["0"] is not one["0"] and torch.equal(again["0"], one["0"])
 
 
 def test_unsupported_block(problems):

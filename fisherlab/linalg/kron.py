@@ -25,6 +25,11 @@ which differs from S ⊗ A + λI by the cross terms a (S ⊗ I) + s (I ⊗ A). T
 a = π√λ, s = √λ/π with π = sqrt((tr A / dim A) / (tr S / dim S)), which balances the two cross terms
 (it minimises a bound on their norm). :func:`kron_damped_solve` also offers ``split="exact"``, the true
 (S ⊗ A + λI)⁻¹ via the eigendecompositions of both factors.
+
+**Repeated solves.** :func:`kron_damped_solve` is :func:`kron_damped_factor` (symmetrise, damp and factorise both
+factors: O(in³ + out³)) followed by :func:`kron_factor_solve` (O(out·in·(out + in)) per right-hand side); a
+caller that solves with the same damped block many times (a preconditioner inside CG) keeps the
+:class:`KronFactorization` and calls :func:`kron_factor_solve` alone.
 """
 
 from __future__ import annotations
@@ -58,10 +63,13 @@ __all__ = [
     "KRON_SOLVE_METHODS",
     "KRON_SPLITS",
     "KronEig",
+    "KronFactorization",
+    "kron_damped_factor",
     "kron_damped_solve",
     "kron_damping_split",
     "kron_eig",
     "kron_eigs",
+    "kron_factor_solve",
     "kron_inv_sqrt",
     "kron_matmul",
     "kron_to_dense",
@@ -236,6 +244,135 @@ def kron_inv_sqrt(
     return inv_sqrtm(A, method=method, damping=a), inv_sqrtm(S, method=method, damping=s)
 
 
+class KronFactorization(NamedTuple):
+    """A damped Kronecker block factorised once for many solves (:func:`kron_damped_factor`, :func:`kron_factor_solve`).
+
+    ``denom`` None (``method="cholesky"``): ``a_factor``, ``s_factor`` are the lower Cholesky factors L_A of
+    A + aI (in, in) and L_S of S + sI (out, out). Otherwise (``method="eigh"``, ``split="exact"``) they are the
+    eigenvectors Q_A (in, in), Q_S (out, out) and ``denom`` (out, in) the damped block's eigenvalues in the basis
+    Q_S ⊗ Q_A: (σ_i + s)(α_j + a), or σ_i α_j + λ for ``"exact"``; ``a_factor`` None there means Q_A = I (a
+    diagonal A, whose entries are in ``denom``). The tensors are in the compute dtype; ``out_dtype`` is the
+    factors' own (promoted with the right-hand side's, the solution's dtype).
+    """
+
+    a_factor: Tensor | None
+    s_factor: Tensor
+    denom: Tensor | None
+    out_dtype: torch.dtype
+
+
+def kron_damped_factor(
+    A: Tensor,
+    S: Tensor,
+    damping: float = 0.0,
+    split: str = "pi",
+    *,
+    method: str = "cholesky",
+    dtype: torch.dtype | None = None,
+) -> KronFactorization:
+    """Factorise the damped Kronecker block once: what :func:`kron_damped_solve` solves with, for many solves.
+
+    ``split`` ``"pi"`` / ``"sqrt"``: (S + sI) ⊗ (A + aI) by the Cholesky factors (``method="cholesky"``) or the
+    eigendecompositions (``"eigh"``) of both damped factors; ``"exact"``: S ⊗ A + λI by the eigendecompositions
+    of S and A (always eigh). The factors are symmetrised ((M + Mᵀ)/2) first. Costs O(in³ + out³); each
+    :func:`kron_factor_solve` then costs O(out·in·(out + in)).
+
+    Args:
+        A: Input factor (in, in), symmetric PSD.
+        S: Output factor (out, out), symmetric PSD.
+        damping: λ ≥ 0.
+        split: ``"pi"``, ``"sqrt"`` (factor damping, see :func:`kron_damping_split`) or ``"exact"``.
+        method: ``"cholesky"`` (default) or ``"eigh"`` for the factor-damped splits.
+        dtype: Factorise in at least this dtype (promoted with the factors'; e.g. the right-hand sides' dtype).
+            float16/bfloat16 are computed in float32.
+
+    Returns:
+        The :class:`KronFactorization`.
+
+    Raises:
+        InputError: Bad shapes or options.
+        NonFiniteError: NaN/inf in a factor.
+        SingularMatrixError: A damped factor (or S ⊗ A + λI) is not numerically SPD.
+    """
+    din, dout = _check_factors(A, S)
+    _check_option(split, (*KRON_SPLITS, "exact"), "split")
+    _check_option(method, KRON_SOLVE_METHODS, "method")
+    lam = _check_damping(damping)
+    out_dtype = torch.promote_types(A.dtype, S.dtype)
+    dtype = _compute_dtype(out_dtype if dtype is None else torch.promote_types(out_dtype, dtype))
+    Ac, Sc = A.to(dtype), S.to(dtype)
+    _check_finite(Ac, "A")
+    _check_finite(Sc, "S")
+    As, Ss = _symmetrize(Ac), _symmetrize(Sc)
+
+    if split == "exact":
+        ea, Qa = torch.linalg.eigh(As)
+        es, Qs = torch.linalg.eigh(Ss)
+        denom = es[:, None] * ea[None, :] + lam
+        lo, hi = torch.stack([denom.min(), denom.abs().max()]).tolist()
+        thr = din * dout * _eps(dtype) * hi if lam == 0.0 else 0.0  # damped: positivity is enough
+        if not lo > thr:
+            raise SingularMatrixError(
+                f"S ⊗ A + damping·I (damping={lam:g}) is not numerically positive definite: smallest "
+                f"eigenvalue {lo:.3e} ≤ {thr:.3e}; "
+                + ("pass damping > 0" if lam == 0.0 else "increase the damping")
+            )
+        return KronFactorization(Qa, Qs, denom, out_dtype)
+    a, s = kron_damping_split(Ac, Sc, lam, split)
+    Ad, Sd = _add_damping(As, a), _add_damping(Ss, s)
+    if method == "cholesky":
+        La = _spd_cholesky(Ad, damping=a, name="A")
+        Ls = _spd_cholesky(Sd, damping=s, name="S")
+        return KronFactorization(La, Ls, None, out_dtype)
+    ea, Qa = torch.linalg.eigh(Ad)
+    es, Qs = torch.linalg.eigh(Sd)
+    for name, ev, d in (("A", ea, a), ("S", es, s)):
+        lo, hi = torch.stack([ev.min(), ev.abs().max()]).tolist()
+        thr = ev.numel() * _eps(dtype) * hi if d == 0.0 else 0.0
+        if not lo > thr:
+            raise SingularMatrixError(
+                f"{name} + {d:g}·I is not numerically positive definite: smallest eigenvalue "
+                f"{lo:.3e} ≤ {thr:.3e}; "
+                + ("pass damping > 0" if lam == 0.0 else "increase the damping")
+            )
+    return KronFactorization(Qa, Qs, es[:, None] * ea[None, :], out_dtype)
+
+
+def kron_factor_solve(factor: KronFactorization, W: Tensor) -> Tensor:
+    """Solve with a factorised damped Kronecker block: the block's inverse applied to W in row-major order.
+
+    Cholesky factors: (S + sI)⁻¹ W (A + aI)⁻¹ by two triangular solves per side; eigendecompositions:
+    Q_S [(Q_Sᵀ W Q_A) / denom] Q_Aᵀ (Q_A = I when ``a_factor`` is None).
+
+    Args:
+        factor: From :func:`kron_damped_factor` (or a structure's own, e.g. KFAC's for a diagonal A).
+        W: Right-hand side (out, in) or a batch (..., out, in); computed in the factor's dtype.
+
+    Returns:
+        The solution, W's shape, in W's dtype promoted with ``factor.out_dtype``.
+
+    Raises:
+        InputError: W's shape does not match the factors.
+        NonFiniteError: NaN/inf in W or the solution.
+    """
+    dout = factor.s_factor.shape[0]
+    din = factor.denom.shape[1] if factor.a_factor is None else factor.a_factor.shape[0]
+    _check_weight(W, din, dout)
+    out_dtype = torch.promote_types(factor.out_dtype, W.dtype)
+    Wc = W.to(factor.s_factor.dtype)
+    _check_finite(Wc, "W")
+    Fa, Fs = factor.a_factor, factor.s_factor  # Cholesky factors, or eigenvectors
+    if factor.denom is None:
+        Y = torch.cholesky_solve(Wc, Fs)  # (S + sI)⁻¹ W
+        X = torch.cholesky_solve(Y.mT, Fa).mT  # · (A + aI)⁻¹
+    else:
+        Y = Fs.mT @ Wc
+        X = Fs @ ((Y if Fa is None else Y @ Fa) / factor.denom)
+        X = X if Fa is None else X @ Fa.mT
+    _check_finite(X, "the Kronecker solve result")
+    return X.to(out_dtype)
+
+
 def kron_damped_solve(
     A: Tensor,
     S: Tensor,
@@ -249,7 +386,9 @@ def kron_damped_solve(
 
     In row-major flattening this is ((S + sI) ⊗ (A + aI))⁻¹ W.reshape(-1). With ``split="exact"`` it is
     instead the exact (S ⊗ A + λI)⁻¹ W.reshape(-1) = Q_S [(Q_Sᵀ W Q_A) / (σ_i α_j + λ)] Q_Aᵀ from the factor
-    eigendecompositions (σ, α the eigenvalues of S, A; always eigh).
+    eigendecompositions (σ, α the eigenvalues of S, A; always eigh). One :func:`kron_damped_factor` (in the
+    dtype of A, S and W promoted) and one :func:`kron_factor_solve`: to solve with the same block many times,
+    keep the factorisation and call :func:`kron_factor_solve` instead.
 
     Args:
         A: Input factor (in, in), symmetric PSD.
@@ -269,53 +408,8 @@ def kron_damped_solve(
     """
     din, dout = _check_factors(A, S)
     _check_weight(W, din, dout)
-    _check_option(split, (*KRON_SPLITS, "exact"), "split")
-    _check_option(method, KRON_SOLVE_METHODS, "method")
-    lam = _check_damping(damping)
-    out_dtype = torch.promote_types(torch.promote_types(A.dtype, S.dtype), W.dtype)
-    dtype = _compute_dtype(out_dtype)
-    Ac, Sc, Wc = A.to(dtype), S.to(dtype), W.to(dtype)
-    _check_finite(Ac, "A")
-    _check_finite(Sc, "S")
-    _check_finite(Wc, "W")
-    As, Ss = _symmetrize(Ac), _symmetrize(Sc)
-
-    if split == "exact":
-        ea, Qa = torch.linalg.eigh(As)
-        es, Qs = torch.linalg.eigh(Ss)
-        denom = es[:, None] * ea[None, :] + lam
-        lo, hi = torch.stack([denom.min(), denom.abs().max()]).tolist()
-        thr = din * dout * _eps(dtype) * hi if lam == 0.0 else 0.0  # damped: positivity is enough
-        if not lo > thr:
-            raise SingularMatrixError(
-                f"S ⊗ A + damping·I (damping={lam:g}) is not numerically positive definite: smallest "
-                f"eigenvalue {lo:.3e} ≤ {thr:.3e}; "
-                + ("pass damping > 0" if lam == 0.0 else "increase the damping")
-            )
-        X = Qs @ ((Qs.mT @ Wc @ Qa) / denom) @ Qa.mT
-    else:
-        a, s = kron_damping_split(Ac, Sc, lam, split)
-        Ad, Sd = _add_damping(As, a), _add_damping(Ss, s)
-        if method == "cholesky":
-            La = _spd_cholesky(Ad, damping=a, name="A")
-            Ls = _spd_cholesky(Sd, damping=s, name="S")
-            Y = torch.cholesky_solve(Wc, Ls)  # (S + sI)⁻¹ W
-            X = torch.cholesky_solve(Y.mT, La).mT  # · (A + aI)⁻¹
-        else:
-            ea, Qa = torch.linalg.eigh(Ad)
-            es, Qs = torch.linalg.eigh(Sd)
-            for name, ev, d in (("A", ea, a), ("S", es, s)):
-                lo, hi = torch.stack([ev.min(), ev.abs().max()]).tolist()
-                thr = ev.numel() * _eps(dtype) * hi if d == 0.0 else 0.0
-                if not lo > thr:
-                    raise SingularMatrixError(
-                        f"{name} + {d:g}·I is not numerically positive definite: smallest eigenvalue "
-                        f"{lo:.3e} ≤ {thr:.3e}; "
-                        + ("pass damping > 0" if lam == 0.0 else "increase the damping")
-                    )
-            X = Qs @ ((Qs.mT @ Wc @ Qa) / (es[:, None] * ea[None, :])) @ Qa.mT
-    _check_finite(X, "the Kronecker solve result")
-    return X.to(out_dtype)
+    factor = kron_damped_factor(A, S, damping, split, method=method, dtype=W.dtype)
+    return kron_factor_solve(factor, W)
 
 
 def kron_eig(A: Tensor, S: Tensor) -> KronEig:

@@ -66,6 +66,14 @@ class UnitwiseFisher(LayerwiseFisher):
 
     structure = "unit"
     factors: dict[str, UnitBlocks] = field(default_factory=dict)
+    #: How many dampings :meth:`damped_factors` keeps factorised at most (fewer when they exceed the budget).
+    damped_kept: ClassVar[int] = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        #: λ → layer path → (its blocks, their lower Cholesky factors of B_i + λI), least recently used first
+        #: (:meth:`damped_factors`).
+        self._damped: dict[float, dict[str, tuple[UnitBlocks, Tensor]]] = {}
 
     @classmethod
     def from_engine(cls, engine: FisherEngine, *, variant: str = "exact", unsupported: str = "error",
@@ -130,18 +138,34 @@ class UnitwiseFisher(LayerwiseFisher):
     def _layer_eigvalsh(self, f: UnitBlocks) -> Tensor:
         return eigvalsh(f.blocks)
 
+    def damped_factors(self, damping: float = 0.0) -> dict[str, Tensor]:
+        """Layer path → the lower Cholesky factors (out, width, width) of its unit blocks B_i + λI, kept per λ.
+
+        What :meth:`solve` solves with: factorised once per λ (batched Cholesky, in float32 for half-precision
+        blocks), so that every later solve at that λ (a preconditioner inside CG, the geometry's per-layer solves)
+        costs two triangular solves per unit. At most :attr:`damped_kept` dampings are kept, and only while the
+        blocks and all kept factors (each setting the size of the blocks) fit ``memory_budget``; the least
+        recently used is dropped first and the newest always kept. The blocks never change after construction.
+
+        Raises:
+            InputError: A bad damping.
+            SingularMatrixError: A unit block + λI is not positive definite (pass damping > 0).
+        """
+        damping = check_damping(damping)
+        kept = dict(self._damped.get(damping, {}))
+        for p, f in self.factors.items():
+            if p not in kept or kept[p][0] is not f:
+                kept[p] = f, _unit_cholesky(f, damping)
+        self._damped.pop(damping, None)  # kept only once every layer is factorised; most recently used last
+        self._damped[damping] = kept
+        size = sum(L.numel() * L.element_size() for _, L in kept.values())
+        while len(self._damped) > 1 and (len(self._damped) > self.damped_kept
+                                         or (len(self._damped) + 1) * size > self.memory_budget):
+            del self._damped[next(iter(self._damped))]
+        return {p: L for p, (_, L) in kept.items()}
+
     def _layer_solve(self, f: UnitBlocks, X: Tensor, damping: float) -> Tensor:
-        low = f.blocks.dtype in (torch.float16, torch.bfloat16)  # no Cholesky in half precision: float32
-        blocks = f.blocks.float() if low else f.blocks
-        B = blocks + damping * torch.eye(f.width, dtype=blocks.dtype, device=blocks.device)
-        L, info = torch.linalg.cholesky_ex(B)
-        bad = torch.nonzero(info).reshape(-1)
-        if bad.numel():
-            advice = "pass damping > 0" if damping == 0 else f"increase the damping (now {damping:g})"
-            raise SingularMatrixError(
-                f"{bad.numel()} unit block(s) of layer {display_path(f.layer)} (first: unit {int(bad[0])}) + "
-                f"damping·I are not positive definite; {advice}"
-            )
+        L = self.damped_factors(damping)[f.layer]
         Y = torch.cholesky_solve(X.permute(1, 2, 0).to(L.dtype), L)  # (out, width, k)
         return Y.permute(2, 0, 1).to(X.dtype)
 
@@ -152,6 +176,22 @@ class UnitwiseFisher(LayerwiseFisher):
             SingularMatrixError: A unit block + λI is not positive definite (pass damping > 0).
         """
         return super().solve(g, damping)
+
+
+def _unit_cholesky(f: UnitBlocks, damping: float) -> Tensor:
+    """Lower Cholesky factors (out, width, width) of the layer's B_i + λI (float32 for half-precision blocks)."""
+    low = f.blocks.dtype in (torch.float16, torch.bfloat16)  # no Cholesky in half precision: float32
+    blocks = f.blocks.float() if low else f.blocks
+    B = blocks + damping * torch.eye(f.width, dtype=blocks.dtype, device=blocks.device)
+    L, info = torch.linalg.cholesky_ex(B)
+    bad = torch.nonzero(info).reshape(-1)
+    if bad.numel():
+        advice = "pass damping > 0" if damping == 0 else f"increase the damping (now {damping:g})"
+        raise SingularMatrixError(
+            f"{bad.numel()} unit block(s) of layer {display_path(f.layer)} (first: unit {int(bad[0])}) + "
+            f"damping·I are not positive definite; {advice}"
+        )
+    return L
 
 
 def _sngd_accumulate(engine: FisherEngine, layouts: dict[str, LayerLayout], blocks: dict[str, Tensor],
