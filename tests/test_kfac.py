@@ -9,6 +9,7 @@ Frobenius error to the exact layer block is reported and bounded by the measured
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import layer_reference as lref
@@ -20,19 +21,21 @@ from torch import nn
 
 from fisherlab import fisher
 from fisherlab.engine import FisherEngine
-from fisherlab.errors import InputError, SingularMatrixError, UnsupportedLayerError
+from fisherlab.errors import InputError, NonFiniteError, SingularMatrixError, UnsupportedLayerError
 from fisherlab.layers import (
     LAYER_RULES,
     LinearRule,
     expand_input,
     from_combined,
     in_features_eff,
+    layer_layouts,
+    layer_rows,
     out_features,
     register_layer_rule,
     rule_for,
     to_combined,
 )
-from fisherlab.structures.base import symmetrize_upper
+from fisherlab.structures.base import accumulate_gram, symmetrize_upper
 from fisherlab.structures.kfac import KFACFisher, _add_gram
 from fisherlab.structures.running import RunningFisher, ema_update
 
@@ -373,6 +376,68 @@ def test_inplace_activation_does_not_corrupt_capture():
     for layer, ix in K.index.items():
         ref.assert_close(K.to_dense()[ix][:, ix], exact[ix][:, ix], RTOL, f"in-place ReLU, layer {layer}")
     assert K.factors["0"].S.abs().max() > 0
+
+
+def test_layer_outputs_copied_only_when_the_model_alters_one_in_place():
+    """The layer pass copies no layer output unless an in-place operation alters one (then the chunk is captured
+    again on clones): with and without ``ReLU(inplace=True)`` the captured pre-activations are those of a forward
+    hook on the same model without in-place operations, and the KFAC factors those of the brute-force reference
+    (per-sample loops on that model)."""
+    torch.manual_seed(0)
+    X, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 2, dtype=F64)
+    plain = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).to(F64)
+    store: dict[str, torch.Tensor] = {}
+    handle = plain[0].register_forward_hook(lambda m, i, o: store.update(out=o.detach().clone()))
+    plain(X)
+    handle.remove()
+    lik = ref.RefLikelihood("gaussian")
+    for inplace in (False, True):
+        model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=inplace), nn.Linear(4, 2)).to(F64)
+        model.load_state_dict(plain.state_dict())
+        eng = FisherEngine(model, (X, y), "gaussian", kind="empirical")
+        layouts, _ = layer_layouts(model, eng.spec)
+        rows = layer_rows(eng, layouts, X, y, None)  # clone_outputs=False: the pass finds the alteration itself
+        assert rows.cloned_outputs is inplace
+        ref.assert_close(rows["0"].outputs[:, 0], store["out"], 1e-15, f"captured pre-activation, inplace={inplace}")
+        K = KFACFisher.from_engine(eng)
+        for layer in ("0", "2"):
+            A, S = lref.kfac_factors(plain, layer, X, y, lik, "empirical")
+            ref.assert_close(K.factors[layer].A, A, RTOL, f"A of layer {layer}, inplace={inplace}")
+            ref.assert_close(K.factors[layer].S, S, RTOL, f"S of layer {layer}, inplace={inplace}")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_triangular_gram_blocks_on_one_and_two_threads(threads):
+    """accumulate_gram's upper triangle (narrower default blocks on one CPU thread) against Σ_m u_m u_mᵀ formed row
+    by row, for widths below, at and above a few blocks."""
+    g = torch.Generator().manual_seed(3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for width in (5, 191, 192, 1025):
+            U = torch.randn(6, width, generator=g, dtype=F64)
+            out = torch.zeros(width, width, dtype=F64)
+            accumulate_gram(out, U)
+            expected = sum(torch.outer(U[m], U[m]) for m in range(6))
+            ref.assert_close(symmetrize_upper(out), expected, 1e-14, f"width {width}, {threads} thread(s)")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_finite_check_of_stored_factors_exact_beyond_overflowing_sums():
+    """A structure whose factors hold huge finite float32 entries (their sum overflows) is accepted; one NaN or
+    infinity is refused naming the factor."""
+    model, X, y = MLP.build()
+    K = fisher(model.float(), (X.float(), y), "categorical", structure="kfac", dtype=torch.float32)
+    f = K.factors["0"]
+    huge = torch.full_like(f.A, 3e38)
+    assert not torch.isfinite(huge.sum())
+    dataclasses.replace(K, factors={**K.factors, "0": dataclasses.replace(f, A=huge)})
+    for bad in (float("nan"), float("inf")):
+        S = f.S.clone()
+        S[0, 1] = bad
+        with pytest.raises(NonFiniteError, match=r"NaN or infinite entries \(factors\['0'\]\.S"):
+            dataclasses.replace(K, factors={**K.factors, "0": dataclasses.replace(f, S=S)})
 
 
 # ------------------------------------------------------------------------------------------- running

@@ -27,6 +27,10 @@ from fisherlab.vocabulary import FisherKind
 #: Least columns per block of the triangular Gram products: wide enough for efficient GEMMs, and few of them
 #: (each is a parallel region; see benchmarks/README.md).
 GRAM_BLOCK = 384
+#: The same on one intra-op CPU thread, where a block is no parallel region: narrower blocks skip more of the lower
+#: triangle (1-thread CPU minima, (m, d) rows → d × d: (512, 1024) 10.6 ms in one block, 8.2 in 2, 5.4 in 8;
+#: (2048, 512) 10.5, 5.9 in 4; (2048, 384) 6.1, 3.1 in 4).
+GRAM_BLOCK_SERIAL = 96
 
 
 @dataclass
@@ -57,7 +61,12 @@ class FisherMatrix:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for where, t in _stored_tensors(self):
+        stored = [(where, t) for where, t in _stored_tensors(self) if t.is_floating_point() and t.numel()]
+        # one reduction a tensor and one synchronisation in all: the sums are finite when every entry is (a sum
+        # that overflows sends the check to the entries)
+        if stored and bool(torch.isfinite(torch.stack([t.sum(dtype=_sum_dtype(t)) for _, t in stored])).all()):
+            return
+        for where, t in stored:
             self.check_finite(t, where)
 
     def check_finite(self, t: Tensor, where: str) -> Tensor:
@@ -171,6 +180,11 @@ def eigvalsh(M: Tensor) -> Tensor:
         return torch.linalg.eigvalsh(M)
 
 
+def _sum_dtype(t: Tensor) -> torch.dtype:
+    """The dtype :meth:`FisherMatrix.__post_init__` sums ``t`` in (float32 for half precision: no early overflow)."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
 def _stored_tensors(struct: FisherMatrix) -> Iterator[tuple[str, Tensor]]:
     """(where, tensor) for every tensor a structure stores: its fields, their dict values and dataclass members."""
 
@@ -198,12 +212,13 @@ def accumulate_gram(out: Tensor, U: Tensor, num_splits: int | None = None) -> No
     Args:
         out: (P, P) accumulator; only its upper triangle is meaningful until :func:`symmetrize_upper`.
         U: (m, P) rows.
-        num_splits: Column blocks s (default: blocks of about :data:`GRAM_BLOCK` columns, at most 16; one block,
-            a plain product, below 2 · GRAM_BLOCK columns).
+        num_splits: Column blocks s (default: blocks of about :data:`GRAM_BLOCK` columns — :data:`GRAM_BLOCK_SERIAL`
+            on one CPU thread —, at most 16; one block, a plain product, below two blocks' columns).
     """
     P = U.shape[1]
     if num_splits is None:
-        num_splits = min(16, max(1, P // GRAM_BLOCK))
+        serial = U.device.type == "cpu" and torch.get_num_threads() == 1
+        num_splits = min(16, max(1, P // (GRAM_BLOCK_SERIAL if serial else GRAM_BLOCK)))
     step = max(1, -(-P // num_splits))
     for a in range(0, P, step):
         b = min(a + step, P)
