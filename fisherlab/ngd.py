@@ -18,9 +18,10 @@
 * ``multishift`` — multi-shift CG (:func:`fisherlab.linalg.cg_multishift`): with :func:`solve_ngd_all`, every
   damping of a study from one Krylov space, one F·v product per iteration for all of them;
 * ``pcg-kfac`` — CG preconditioned by KFAC at the same damping, M⁻¹ = (K + λI)⁻¹ (``KFACFisher.solve``, the
-  factored ``split="pi"`` damping of the KFAC step), falling back to the diagonal when KFAC cannot be built
-  (a layer without a KFAC rule, or over the memory budget); a given ``preconditioner`` (e.g. the ``kfac``
-  rule's own KFAC, or an EKFAC) is used as it is;
+  factored ``split="pi"`` damping of the KFAC step; its damped factors are factorised once per damping and kept,
+  :meth:`~fisherlab.structures.KFACFisher.damped_factors`, so an application is two triangular solves per factor),
+  falling back to the diagonal when KFAC cannot be built (a layer without a KFAC rule, or over the memory
+  budget); a given ``preconditioner`` (e.g. the ``kfac`` rule's own KFAC, or an EKFAC) is used as it is;
 * ``pcg-diag`` — CG preconditioned by (diag F + λI)⁻¹;
 * ``auto`` — a given dense ``fisher``: Cholesky on it; otherwise (no ``fisher``, or an implicit one) ``gram``
   when m < P, every λ > 0, one process and :func:`fisherlab.gram.gram_bytes` ≤ the memory budget; else, for a
