@@ -7,9 +7,10 @@ system ‖(F + λI)x − g‖/‖g‖ (every method checked against it with true
 same table for a CNN on the 8×8 digits, and (``--gpt``) for :class:`fisherlab.models.GPT` (``GPT_SIZES``
 preset ``--gpt-size``, default "1M", ``output="sequence"``: a next-token loss at every position) on
 ``--gpt-n`` sequences of :func:`fisherlab.data.make_sort_lm` (length 2·``--gpt-length`` tokens, 64 values:
-V = 65), as ``bench_transformer.py`` builds it; there m = N·T·(C − 1) > P, so ``gram`` does not apply and is
-left out, and the KFAC preconditioner is that of the Monte-Carlo Fisher (one draw per token: the true Fisher's
-KFAC pulls T·(C − 1) = 4096 output rows per sequence back through every layer, 368 s for N = 8 on 2 cores).
+V = 65), as ``bench_transformer.py`` builds it. There m = N·T·(C − 1) rows (T = 64: 32,768 at N = 8, K alone
+8.6 GB float64, each Cholesky m³/3 ≈ 12 TFLOP), so ``gram`` is left out, and the KFAC preconditioner is that of
+the Monte-Carlo Fisher (one draw per token: the true Fisher's KFAC pulls T·(C − 1) = 4096 output rows per
+sequence back through every layer, 368 s for N = 8 on 2 cores).
 
 Methods (all through :func:`fisherlab.ngd.solve_ngd_all`):
 
@@ -116,7 +117,8 @@ def bench_case(name: str, model: torch.nn.Module, batch: tuple[torch.Tensor, tor
         print("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
     print(f"   KFAC ({kfac_kind} Fisher) build (shared with the kfac rule, not in pcg-kfac's time): "
           f"{kfac_seconds:.2f} s"
-          + ("" if gram else "; gram left out (m = N·T·(C − 1) > P)") + "\n")
+          + ("" if gram else f"; gram left out (m = N·T·(C − 1) = {engine.num_samples * engine.rows_per_sample:,})")
+          + "\n")
 
 
 def main() -> None:
