@@ -305,6 +305,10 @@ class FisherEngine:
         if self.group is not None:  # one chunk size on every rank (the MC draws follow it), the smallest
             self.chunk_size = min_over_ranks(self.chunk_size, self.group, self.device)
         self._activation_bytes: dict[bool, int] = {}
+        #: What the layer-row passes (:mod:`fisherlab.layers`) found on the first samples, by what they asked: the
+        #: norms a pass can carry (``captured_norms``) and each probe's chunk size and cloning (``iter_layer_rows``).
+        #: Kept like the activation bytes: the model's structure is the engine's from its first pass on.
+        self._layer_probes: dict[tuple, Any] = {}
         self._jvp_by_vjp = False  # set when an operation of the model has no forward-mode rule (see jv)
         self._output_cache: tuple[tuple, list[Linearisation]] | None = None  # matmat's (state key, per chunk)
         check_budget(2 * row_bytes * min(self.chunk_size, self.local_samples), "a chunk of factor rows",

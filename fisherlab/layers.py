@@ -628,11 +628,21 @@ def captured_norms(engine: FisherEngine, groups: Mapping[str, Sequence[str]]) ->
     Those of :data:`NORM_TYPES` modules (exact type) that one forward pass over the first (up to) two samples
     calls exactly once, on an input and with an output that lead with those samples. Any other (a norm called
     twice, or not called because the forward pass reads its parameters directly) needs the engine's factor rows.
+    The answer is kept on the engine (``FisherEngine._layer_probes``): a later structure of the same engine asks
+    without a forward pass.
     """
     candidates = {p: tuple(names) for p, names in groups.items()
                   if type(engine.model.get_submodule(p)) in NORM_TYPES}
     if not candidates:
         return {}
+    key = ("captured_norms", tuple(candidates.items()))
+    if key not in engine._layer_probes:
+        engine._layer_probes[key] = _called_once(engine, candidates)
+    return dict(engine._layer_probes[key])
+
+
+def _called_once(engine: FisherEngine, candidates: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """:func:`captured_norms`' forward pass over the first (up to) two samples, hooks on the ``candidates``."""
     x, _ = engine.data.first(2)
     calls: dict[str, list[bool]] = {p: [] for p in candidates}
 
@@ -882,15 +892,21 @@ def iter_layer_rows(
     drawn once by the engine). A one-sample forward probe runs first, whatever the chunk size: on it every
     layer's input and output must lead with one sample (a layer called on a batch-free input is refused before
     any chunk), and it tells whether the model alters a layer's output in place (then every chunk captures the
-    outputs on clones, :func:`layer_rows`).
+    outputs on clones, :func:`layer_rows`). What it found (the chunk size, the cloning) is kept on the engine
+    (``FisherEngine._layer_probes``, by layers, norms and ``per_sample_gradients``): a later pass of the same
+    engine over the same layers runs no probe.
     """
-    x, y = engine.data.first(1)
-    probe = layer_rows(engine, layouts, x, y, None, backward=False, norms=norms)
-    if chunk_size is None:
-        chunk_size = _rows_chunk_size(engine, probe, per_sample_gradients)
-    for x, y, labels in engine.chunks(desc, chunk_size=chunk_size):
-        yield layer_rows(engine, layouts, x, y, labels, backward=backward, norms=norms,
-                         clone_outputs=probe.cloned_outputs)
+    key = ("iter_layer_rows", tuple((p, f.has_weight, f.has_bias) for p, f in layouts.items()),
+           tuple((norms or {}).items()), per_sample_gradients)
+    fit, cloned = engine._layer_probes.get(key, (None, None))
+    if cloned is None or (fit is None and chunk_size is None):  # (a given chunk size needs no fit)
+        x, y = engine.data.first(1)
+        probe = layer_rows(engine, layouts, x, y, None, backward=False, norms=norms)
+        fit = None if chunk_size is not None else _rows_chunk_size(engine, probe, per_sample_gradients)
+        cloned = probe.cloned_outputs
+        engine._layer_probes[key] = fit, cloned
+    for x, y, labels in engine.chunks(desc, chunk_size=chunk_size or fit):
+        yield layer_rows(engine, layouts, x, y, labels, backward=backward, norms=norms, clone_outputs=cloned)
 
 
 def _rows_chunk_size(engine: FisherEngine, probe: ChunkRows, per_sample_gradients: bool) -> int:

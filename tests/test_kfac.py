@@ -406,6 +406,40 @@ def test_layer_outputs_copied_only_when_the_model_alters_one_in_place():
             ref.assert_close(K.factors[layer].S, S, RTOL, f"S of layer {layer}, inplace={inplace}")
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_later_structures_of_an_engine_run_no_probe_forward(inplace):
+    """The layer passes' probes (which norms the pass carries, the chunk size, the cloning of in-place-altered
+    outputs) are kept on the engine: a second KFAC of the same engine, and a KFAC-reduce after it, run one
+    forward pass per chunk and nothing else, and their factors and LayerNorm block are the per-sample references'
+    (brute-force Kronecker factors and the exact empirical Fisher of the same model without in-place operations)."""
+    torch.manual_seed(0)
+    X, y = torch.randn(6, 3, dtype=F64), torch.randn(6, 2, dtype=F64)
+    plain = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 2)).to(F64)
+    with torch.no_grad():
+        plain[1].weight.uniform_(0.5, 1.5), plain[1].bias.uniform_(-0.5, 0.5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.ReLU(inplace=inplace), nn.Linear(4, 2)).to(F64)
+    model.load_state_dict(plain.state_dict())
+    lik = ref.RefLikelihood("gaussian")
+    exact = ref.empirical_fisher(plain, X, y, lik)
+    eng = FisherEngine(model, (X, y), "gaussian", kind="empirical", chunk_size=2)
+    KFACFisher.from_engine(eng, chunk_size=3)  # the first: probes (norms, cloning), two chunks of 3
+    calls = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        for approx in ("expand", "reduce"):
+            calls.clear()
+            K = KFACFisher.from_engine(eng, approx=approx, chunk_size=3)
+            assert calls == [3, 3], (approx, calls)  # the chunks alone: no probe, no capture again on clones
+            ix = K.index["1"]
+            ref.assert_close(K.exact_blocks["1"], exact[ix][:, ix], RTOL, f"LayerNorm block, {approx}")
+            for layer in ("0", "3"):  # L = 1: expand and reduce agree
+                A, S = lref.kfac_factors(plain, layer, X, y, lik, "empirical")
+                ref.assert_close(K.factors[layer].A, A, RTOL, f"A of layer {layer}, {approx}, inplace={inplace}")
+                ref.assert_close(K.factors[layer].S, S, RTOL, f"S of layer {layer}, {approx}, inplace={inplace}")
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_triangular_gram_blocks_on_one_and_two_threads(threads):
     """accumulate_gram's upper triangle (narrower default blocks on one CPU thread) against Σ_m u_m u_mᵀ formed row
