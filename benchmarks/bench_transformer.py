@@ -357,24 +357,25 @@ def bench_fidelity(size: str, n: int, length: int, n_values: int, args: argparse
 
 
 # ------------------------------------------------------------------------------------------------ main
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--sizes``, ``--parts``, ``--kfac-kinds`` and ``--cg-iters`` to ``parser`` (so ``--help`` lists them)."""
+    parser.add_argument("--sizes", default="1M,10M", help="comma-separated GPT_SIZES keys (default 1M,10M)")
+    parser.add_argument("--parts", default="products,fidelity",
+                        help="products (gradient, F·v, KFAC) and/or fidelity (default both)")
+    parser.add_argument("--kfac-kinds", default=",".join(KINDS), help="Fisher kinds of the KFAC rows (default "
+                        "empirical,mc)")
+    parser.add_argument("--cg-iters", type=int, default=20, help="CG cap of the fidelity's exact NGD (default 20)")
+
+
 def parse() -> argparse.Namespace:
-    """``--sizes``, ``--no-fidelity`` and ``--cg-iters`` here; ``--device``, ``--repeats``, ``--quick`` by _common."""
-    own = argparse.ArgumentParser(add_help=False)
-    own.add_argument("--sizes", default="1M,10M", help="comma-separated GPT_SIZES keys (default 1M,10M)")
-    own.add_argument("--parts", default="products,fidelity",
-                     help="products (gradient, F·v, KFAC) and/or fidelity (default both)")
-    own.add_argument("--kfac-kinds", default=",".join(KINDS), help="Fisher kinds of the KFAC rows (default "
-                     "empirical,mc)")
-    own.add_argument("--cg-iters", type=int, default=20, help="CG cap of the fidelity's exact NGD (default 20)")
-    mine, rest = own.parse_known_args()
-    sys.argv = [sys.argv[0], *rest]
-    args = parse_args(__doc__.splitlines()[0], default_repeats=3)
-    args.sizes = ["10k"] if args.quick else [s for s in mine.sizes.split(",") if s]
+    """This benchmark's options (:func:`add_arguments`) and ``--device``, ``--repeats``, ``--quick`` (_common)."""
+    args = parse_args(__doc__.splitlines()[0], default_repeats=3, add_arguments=add_arguments)
+    args.sizes = ["10k"] if args.quick else [s for s in args.sizes.split(",") if s]
     for s in args.sizes:
         if s not in GPT_SIZES:
             raise SystemExit(f"--sizes: unknown size {s!r}; valid: {sorted(GPT_SIZES)}")
-    args.parts, args.cg_iters = set(mine.parts.split(",")), mine.cg_iters
-    args.kfac_kinds = [k for k in mine.kfac_kinds.split(",") if k]
+    args.parts = set(args.parts.split(","))
+    args.kfac_kinds = [k for k in args.kfac_kinds.split(",") if k]
     if not args.parts <= {"products", "fidelity"} or not set(args.kfac_kinds) <= set(KINDS):
         raise SystemExit(f"--parts: products, fidelity; --kfac-kinds: {', '.join(KINDS)}")
     return args
