@@ -43,8 +43,9 @@ layer under "expand", 2·N·(…) under "reduce"). Softmax, GELU, LayerNorm and 
 
 ``--parts fidelity`` (default: ``products,fidelity``): one :func:`fisherlab.evaluate_fidelity` on the first size,
 timed, with its split by phase from the Dataset's ``timings`` attribute. It runs the GPT with ``output="last"``
-(the same weights; the next token after each sequence, (N, C) logits), since evaluate_fidelity does not take
-(N, T, C) outputs yet (docs/sequences.md); there the true Fisher has C − 1 = 64 rows per sequence. Rules:
+(the same weights; the next token after each sequence, (N, C) logits): evaluate_fidelity takes (N, T, C) outputs
+too (analyses/transformer_fidelity.py), but there the true Fisher's KFAC and EKFAC need T·(C − 1) = 4096 output
+rows per sequence (docs/sequences.md), out of reach at these sizes; with ``output="last"`` C − 1 = 64. Rules:
 ``gd``, ``adam``, ``ngd`` (CG on the implicit true Fisher, capped at ``--cg-iters`` iterations: the residual is
 printed), ``kfac`` (expand), ``kfac-reduce`` and ``ekfac``.
 
@@ -342,8 +343,8 @@ def bench_fidelity(size: str, n: int, length: int, n_values: int, args: argparse
                            progress=False)
     wall = time.perf_counter() - start
     timings = json.loads(ds.attrs["timings"])
-    print(f"== evaluate_fidelity on GPT {size} (output='last': evaluate_fidelity does not take (N, T, C) outputs "
-          f"yet, docs/sequences.md), P = {ds.attrs['num_params']:,}, N = {n}, T = {T}, λ = {DAMPING}, float32")
+    print(f"== evaluate_fidelity on GPT {size} (output='last': the true Fisher's KFAC of (N, T, C) "
+          f"outputs needs T·(C − 1) rows a sequence, docs/sequences.md), P = {ds.attrs['num_params']:,}, N = {n}, T = {T}, λ = {DAMPING}, float32")
     print(f"   {wall:.1f} s wall (total_seconds {ds.attrs['total_seconds']:.1f}); exact NGD by CG: "
           f"{int(ds.ngd_iterations[0])} iterations (cap {args.cg_iters}), relative residual "
           f"{float(ds.ngd_residual[0]):.1e}")
