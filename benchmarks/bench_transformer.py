@@ -343,8 +343,9 @@ def bench_fidelity(size: str, n: int, length: int, n_values: int, args: argparse
                            progress=False)
     wall = time.perf_counter() - start
     timings = json.loads(ds.attrs["timings"])
-    print(f"== evaluate_fidelity on GPT {size} (output='last': the true Fisher's KFAC of (N, T, C) "
-          f"outputs needs T·(C − 1) rows a sequence, docs/sequences.md), P = {ds.attrs['num_params']:,}, N = {n}, T = {T}, λ = {DAMPING}, float32")
+    print(f"== evaluate_fidelity on GPT {size} (output='last': the true Fisher's KFAC of (N, T, C) outputs needs "
+          f"T·(C − 1) rows a sequence, docs/sequences.md), P = {ds.attrs['num_params']:,}, N = {n}, T = {T}, "
+          f"λ = {DAMPING}, float32")
     print(f"   {wall:.1f} s wall (total_seconds {ds.attrs['total_seconds']:.1f}); exact NGD by CG: "
           f"{int(ds.ngd_iterations[0])} iterations (cap {args.cg_iters}), relative residual "
           f"{float(ds.ngd_residual[0]):.1e}")
