@@ -207,6 +207,7 @@ def evaluate_fidelity(
     cg_tol: float = 1e-6,
     cg_max_iter: int | None = None,
     ngd_solver: str = "auto",
+    structure_kind: str = "auto",
     skip_unavailable: bool = True,
     progress: bool | None = None,
     config: dict | None = None,
@@ -234,6 +235,13 @@ def evaluate_fidelity(
             dense Fisher fits the budget, else one multi-shift CG for all dampings, CG for one), ``"cholesky"``,
             ``"cg"``, ``"multishift"``, ``"pcg-kfac"`` (CG preconditioned by the ``kfac`` rule's KFAC at each
             damping), ``"pcg-diag"``; every iterative solve stops at the unpreconditioned residual ``cg_tol``.
+        structure_kind: Fisher kind of the structures built from layer rows (the ``kfac``, ``kfac-reduce``,
+            ``ekfac``, ``unit``, ``diag``, ``block-ngd`` rules, their ``sngd-*`` and the ``pcg-kfac``
+            preconditioner): ``"auto"`` takes the true Fisher's unless it has more than
+            :data:`~fisherlab.fidelity.rules.TRUE_ROWS_MAX` output rows per sample and its dense matrix does not
+            fit the budget (a language model: T·(C − 1) rows a sequence), then the Monte-Carlo Fisher's
+            (``mc_samples`` labels per token); or ``"true"``, ``"mc"``, ``"empirical"``. Exact NGD (the reference)
+            and the metrics always use the true Fisher.
         skip_unavailable: Record a rule that exceeds the budget or meets an unsupported layer as unavailable
             (NaN) instead of raising.
         progress: Progress bars (``None``: only on a terminal).
@@ -248,6 +256,8 @@ def evaluate_fidelity(
         ``loss_change``, ``update_norm``, ``available``, ``unavailable_reason``, ``ngd_residual``,
         ``ngd_iterations``, ``ngd_products``, ``ngd_solver``, ``ngd_preconditioner`` (per damping), ``loss``,
         ``grad_norm``; attributes ``ngd_solver`` (the solver(s) used), ``cg_tol`` (iterative solves only),
+        ``structure_kind`` (the setting), ``rule_kinds`` (JSON ``{rule: Fisher kind of its update}``, "" for a
+        rule without one),
         ``ngd_seconds`` (JSON, seconds of the solve per damping),
         ``lr``, ``num_params``, ``num_samples``, ``timings`` (JSON, seconds per phase)
         and ``total_seconds``. Each metric variable has the attribute ``scale_dependent``: 0 for the cosines
@@ -264,7 +274,7 @@ def evaluate_fidelity(
     ngd_solver = parse_enum(NGDSolver, ngd_solver, "NGD solver").value
     settings = dict(likelihood=likelihood, dtype=dtype, device=device, seed=seed, mc_samples=mc_samples,
                     memory_budget=memory_budget, chunk_size=chunk_size, cg_tol=cg_tol, cg_max_iter=cg_max_iter,
-                    ngd_solver=ngd_solver, dampings=tuple(dampings))
+                    ngd_solver=ngd_solver, dampings=tuple(dampings), structure_kind=structure_kind)
     if context is not None:
         context.check_shares(model, data, **settings)
     ctx = RuleContext(model, data, **settings, progress=progress) if context is None else context
@@ -272,8 +282,11 @@ def evaluate_fidelity(
     engine = ctx.engine()
     cfg = {"rules": list(rules), "damping": dampings, "lr": lr, "likelihood": repr(ctx.likelihood),
            "mc_samples": mc_samples, "memory_budget": ctx.memory_budget, "cg_tol": cg_tol,
-           "ngd_solver": ngd_solver, "model": type(model).__name__, **(config or {})}
-    attrs = {**solver_attrs(ctx, dampings), "lr": lr, "num_params": engine.spec.dim,
+           "ngd_solver": ngd_solver, "structure_kind": structure_kind, "model": type(model).__name__,
+           **(config or {})}
+    attrs = {**solver_attrs(ctx, dampings), "structure_kind": structure_kind,
+             "rule_kinds": json.dumps({name: rule.fisher_kind(ctx) for name, rule in rules.items()}),
+             "lr": lr, "num_params": engine.spec.dim,
              "num_samples": engine.num_samples, "timings": json.dumps(ctx.timings),
              "total_seconds": time.perf_counter() - start}
     return fidelity_dataset("fidelity", data_vars, {"rule": list(rules), "damping": dampings,

@@ -87,6 +87,23 @@ UpdateRule = Callable[["RuleContext", float, float], Tensor]
 #: Dense P×P copies a Cholesky solve holds at its peak (F, F + λI, L, L⁻¹ in the singularity check).
 DENSE_SOLVE_COPIES = 4
 
+#: Structures built from per-sample layer rows (one reverse pass per output factor row of a sample): the ones whose
+#: Fisher kind :meth:`RuleContext.structure_kind_for` chooses. ``lowrank`` (products), ``dense`` and ``implicit``
+#: (exact NGD's own Fisher) are always the true Fisher's.
+ROW_STRUCTURES = (Structure.KFAC.value, Structure.EKFAC.value, Structure.UNIT.value, Structure.DIAG.value,
+                  Structure.BLOCK.value)
+
+#: ``structure_kind="auto"`` takes the Monte-Carlo Fisher for :data:`ROW_STRUCTURES` when the true Fisher has more
+#: output factor rows per sample than this and its dense matrix does not fit the budget (so nothing else pays for
+#: those rows). Building them costs ≈ R reverse passes per sample (R = T·(C − 1) = 4096 on a 64-token sequence over
+#: 65 classes: 368 s for the true KFAC of the 1M GPT on 8 sequences) against ``mc_samples`` for the Monte-Carlo
+#: Fisher; above 256 rows the true factor pass costs more than the ~100 F·v products (≈ 2 reverse passes each) of a
+#: typical exact NGD solve. Classifiers up to 257 classes keep the true Fisher.
+TRUE_ROWS_MAX = 256
+
+#: Values of ``structure_kind``: ``auto`` (the rule above) or a Fisher kind for every row structure.
+STRUCTURE_KINDS = ("auto", FisherKind.TRUE.value, FisherKind.MC.value, FisherKind.EMPIRICAL.value)
+
 
 @dataclass
 class RuleContext:
@@ -106,9 +123,16 @@ class RuleContext:
         cg_max_iter: CG iteration cap (default: CG's own, 10·P).
         ngd_solver: How exact NGD is solved (:class:`fisherlab.ngd.NGDSolver`); ``"auto"``: Cholesky when the dense
             Fisher fits, else multi-shift CG for all ``dampings`` at once (CG for a single one). ``"pcg-kfac"``
-            preconditions with the ``kfac`` rule's KFAC (the true Fisher's, for every kind; diag when KFAC cannot
-            be built), ``"pcg-diag"`` with the ``diag`` rule's diagonal.
+            preconditions with the ``kfac`` rule's KFAC (of ``structure_kind``'s Fisher, for every kind solved; diag
+            when KFAC cannot be built), ``"pcg-diag"`` with the ``diag`` rule's diagonal.
         dampings: Every λ the context will be asked for (lets one multi-shift solve serve them all).
+        structure_kind: The Fisher kind of the structures built from layer rows (:data:`ROW_STRUCTURES`: the
+            ``kfac``, ``ekfac``, ``unit``, ``diag`` and ``block`` rules, their ``sngd-*`` networks, the
+            ``pcg-kfac`` preconditioner): ``"auto"`` (default) the true Fisher's unless it has more than
+            :data:`TRUE_ROWS_MAX` output rows per sample and its dense matrix does not fit (a sequence model:
+            T·(C − 1) rows a sequence), then the Monte-Carlo Fisher's (``mc_samples`` labels per token, ``seed``;
+            the ``mc-ngd`` rule's Fisher); or ``"true"``, ``"mc"``, ``"empirical"`` for all of them. Exact NGD, the
+            metrics and ``lowrank`` always use the true Fisher. :meth:`structure_kind_for` says which applies.
         progress: Progress bars (``None``: only on a terminal).
 
     Attributes:
@@ -133,6 +157,7 @@ class RuleContext:
     cg_max_iter: int | None = None
     ngd_solver: str = "auto"
     dampings: tuple[float, ...] = ()
+    structure_kind: str = "auto"
     progress: bool | None = None
     solves: dict[tuple[str, float], SolveInfo] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -150,6 +175,8 @@ class RuleContext:
     def __post_init__(self) -> None:
         self.likelihood = get_likelihood(self.likelihood)
         self.memory_budget = resolve_budget(self.memory_budget, self.device)
+        if self.structure_kind not in STRUCTURE_KINDS:
+            raise InputError(f"unknown structure kind {self.structure_kind!r}; valid: {list(STRUCTURE_KINDS)}")
 
     def check_shares(self, model: nn.Module, data: Any, **settings: Any) -> None:
         """Refuse to stand in for ``RuleContext(model, data, **settings)`` unless it is that context's state.
@@ -219,27 +246,44 @@ class RuleContext:
         """∇L(θ), shape (P,)."""
         return self.loss_and_gradient()[1]
 
-    def structure(self, name: str, **options: Any) -> FisherMatrix:
-        """The true Fisher in structure ``name`` (``"block"``, ``"kfac"``, ...), built once per options.
+    def structure_kind_for(self, name: str) -> str:
+        """The Fisher kind :meth:`structure` builds structure ``name`` of by default.
 
-        ``"dense"`` is the exact Fisher of :meth:`exact_fisher`; ``"block"`` is read off the dense true Fisher
-        when that is already built (its diagonal blocks: no pass over the data); EKFAC reuses the KFAC
-        eigenbasis when KFAC was built first.
+        ``structure_kind`` (its ``"auto"`` rule: class docstring) for :data:`ROW_STRUCTURES`; "true" for the others.
         """
+        if name not in ROW_STRUCTURES:
+            return FisherKind.TRUE.value
+        if self.structure_kind != "auto":
+            return self.structure_kind
+        if self.engine().rows_per_sample > TRUE_ROWS_MAX and not self.dense_fits():
+            return FisherKind.MC.value
+        return FisherKind.TRUE.value
+
+    def structure(self, name: str, kind: str | None = None, **options: Any) -> FisherMatrix:
+        """The Fisher of ``kind`` in structure ``name`` (``"block"``, ``"kfac"``, ...), built once per options.
+
+        ``kind`` defaults to :meth:`structure_kind_for` (the true Fisher unless ``structure_kind`` says otherwise).
+        ``"dense"`` is the exact Fisher of :meth:`exact_fisher`; ``"block"`` of the true Fisher is read off the
+        dense true Fisher when that is already built (its diagonal blocks: no pass over the data); EKFAC reuses
+        the KFAC eigenbasis of its kind when KFAC was built first. Timed under ``structure <name>`` (true Fisher)
+        or ``structure <name> <kind>``.
+        """
+        kind = self.structure_kind_for(name) if kind is None else parse_enum(FisherKind, kind, "Fisher kind").value
         if name == "dense" and not options:
-            return self.exact_fisher("true")
+            return self.exact_fisher(kind)
         if name == Structure.BLOCK.value:
             options = {"by": BlockBy.LAYER.value, **options}  # one entry for block-ngd, sngd-block and geometry
-        key = f"{name}:{json.dumps(options, sort_keys=True)}"
+        tag = "" if kind == FisherKind.TRUE.value else f" {kind}"
+        key = f"{name}{tag}:{json.dumps(options, sort_keys=True)}"
         if key not in self._structures:
-            kfac = self._structures.get(f"kfac:{json.dumps(options, sort_keys=True)}")  # same approx= as EKFAC's
+            kfac = self._structures.get(f"kfac{tag}:{json.dumps(options, sort_keys=True)}")  # EKFAC's approx=
             extra = {"basis": kfac} if name == "ekfac" and kfac is not None and "basis" not in options else {}
-            dense = self._exact.get("true")
-            with self.timed(f"structure {name}"):
+            dense = self._exact.get(kind)
+            with self.timed(f"structure {name}{tag}"):
                 if name == Structure.BLOCK.value and dense is not None and dense.structure == "dense":
                     self._structures[key] = BlockDiagonalFisher.from_dense(dense, **options)
                 else:
-                    self._structures[key] = structures.build(name, self.engine(), **options, **extra)
+                    self._structures[key] = structures.build(name, self.engine(kind), **options, **extra)
         return self._structures[key]
 
     def reconstructed(self, rule: ReconstructedGD, damping: float) -> Any:
@@ -333,7 +377,8 @@ class RuleContext:
             F = self.exact_fisher(kind)
             if F.structure != "dense":
                 F.check_dense_budget()
-            blocks = self.structure("block") if kind == FisherKind.TRUE.value else BlockDiagonalFisher.from_dense(F)
+            blocks = (self.structure("block", kind) if kind == FisherKind.TRUE.value
+                      else BlockDiagonalFisher.from_dense(F))
             with self.timed(f"eigenvalues {kind} Fisher blocks"):
                 self._layer_eigenvalues[kind] = blocks.block_eigvalsh()
         return self._layer_eigenvalues[kind]
@@ -375,7 +420,10 @@ class RuleContext:
         return self._solutions[key]
 
     def _ngd_preconditioner(self, solver: NGDSolver) -> FisherMatrix:
-        """The ``kfac`` rule's KFAC (``pcg-kfac``; the diagonal when KFAC cannot be built) or the diagonal."""
+        """The ``kfac`` rule's KFAC (``pcg-kfac``; the diagonal when KFAC cannot be built) or the ``diag`` rule's.
+
+        Of the kind :meth:`structure_kind_for` chooses (the rules' own structures).
+        """
         if solver is NGDSolver.PCG_KFAC:
             try:
                 return self.structure("kfac")
@@ -432,6 +480,10 @@ class Rule:
     def __call__(self, ctx: RuleContext, damping: float, lr: float) -> Tensor:
         raise NotImplementedError
 
+    def fisher_kind(self, ctx: RuleContext) -> str:
+        """The Fisher kind the rule's update is built from in ``ctx`` ("" for a rule without one: gd, adam, ...)."""
+        return ""
+
 
 @dataclass(frozen=True, eq=False)
 class FunctionRule(Rule):
@@ -457,10 +509,17 @@ class ExactNGD(Rule):
     def __call__(self, ctx: RuleContext, damping: float, lr: float) -> Tensor:
         return -lr * ctx.exact_solve(self.kind.value, damping)
 
+    def fisher_kind(self, ctx: RuleContext) -> str:
+        return self.kind.value
+
 
 @dataclass(frozen=True, eq=False)
 class StructuredNGD(Rule):
-    """−η (G + λI)⁻¹ ∇L with G the true Fisher in ``structure`` (``G.solve``), built with ``options``."""
+    """−η (G + λI)⁻¹ ∇L with G the Fisher in ``structure`` (``G.solve``), built with ``options``.
+
+    G is of the kind :meth:`RuleContext.structure_kind_for` chooses: the true Fisher, or for a row structure on a
+    model with more than :data:`TRUE_ROWS_MAX` true output rows per sample (a language model) the Monte-Carlo one.
+    """
 
     name: str
     structure: Structure
@@ -471,6 +530,9 @@ class StructuredNGD(Rule):
 
     def __call__(self, ctx: RuleContext, damping: float, lr: float) -> Tensor:
         return -lr * ctx.structure(self.structure.value, **self.options).solve(ctx.gradient, damping)
+
+    def fisher_kind(self, ctx: RuleContext) -> str:
+        return ctx.structure_kind_for(self.structure.value)
 
 
 @dataclass(frozen=True, eq=False)
@@ -509,8 +571,13 @@ class ReconstructedGD(Rule):
         options = {k: v for k, v in self.options.items() if k not in _RECONSTRUCT_ARGUMENTS}
         return ctx.structure(fisher_structure, **{**defaults, **options})
 
+    def fisher_kind(self, ctx: RuleContext) -> str:
+        from fisherlab.reconstruction import STRUCTURES
+
+        return ctx.structure_kind_for(STRUCTURES[self.structure.value][0])
+
     def network(self, ctx: RuleContext, damping: float) -> Any:
-        """The context's model reconstructed with this rule's G at λ (true Fisher of the context's data).
+        """The context's model reconstructed with this rule's G at λ (Fisher of :meth:`fisher_kind`, context's data).
 
         G is read from :meth:`metric` (built once by the context, its time counted under ``structure <name>``
         or ``exact true Fisher``), and a Cholesky root from the kept factor of G + λI of a dense or block
@@ -521,7 +588,8 @@ class ReconstructedGD(Rule):
         engine = ctx.engine()
         metric = self.metric(ctx)
         with ctx.timed(f"reconstruct {self.name}"):
-            return reconstruct(ctx.model, ctx.data, ctx.likelihood, structure=self.structure.value, kind="true",
+            return reconstruct(ctx.model, ctx.data, ctx.likelihood, structure=self.structure.value,
+                               kind=self.fisher_kind(ctx),
                                damping=damping, sqrt=self.sqrt.value, mc_samples=ctx.mc_samples, seed=ctx.seed,
                                dtype=engine.dtype, device=engine.device, chunk_size=ctx.chunk_size,
                                memory_budget=ctx.memory_budget, metric=metric, **self.options)
@@ -624,5 +692,6 @@ for _s in map(Structure, RECONSTRUCTIBLE):
     register_rule(ReconstructedGD(f"sngd-{_s.value}", _s))
 register_rule(ReconstructedGD("sngd-kfac-lowrank", Structure.KFAC, RootMethod.LOWRANK))
 
-__all__ = ["DENSE_SOLVE_COPIES", "RULES", "ExactNGD", "FunctionRule", "ReconstructedGD", "Rule", "RuleContext",
-           "SolveInfo", "StructuredNGD", "UpdateRule", "adam", "check_rules", "get_rule", "gd", "register_rule"]
+__all__ = ["DENSE_SOLVE_COPIES", "ROW_STRUCTURES", "RULES", "STRUCTURE_KINDS", "TRUE_ROWS_MAX", "ExactNGD",
+           "FunctionRule", "ReconstructedGD", "Rule", "RuleContext", "SolveInfo", "StructuredNGD", "UpdateRule", "adam",
+           "check_rules", "get_rule", "gd", "register_rule"]
