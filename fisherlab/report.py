@@ -20,6 +20,7 @@ import base64
 import html
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import xarray as xr
 from matplotlib import rc_context
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure as MplFigure
-from matplotlib.ticker import NullLocator
+from matplotlib.ticker import LogFormatterSciNotation, NullLocator
 
 from fisherlab.errors import InputError
 from fisherlab.results import NATS_COMMENT, guard_output_folder, load_output_folder, read_manifest
@@ -529,16 +530,58 @@ def _drop_invisible_minor_ticks(fig: MplFigure) -> None:
                 axis.set_minor_locator(NullLocator())
 
 
+#: Digits, sign and point as superscripts (the exponent of a plain-text log tick label).
+_SUPERSCRIPT = str.maketrans("0123456789-.", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻·")
+#: A label of :class:`~matplotlib.ticker.LogFormatterSciNotation`: ``$\mathdefault{...}$``.
+_MATHDEFAULT = re.compile(r"^\$\\mathdefault\{(.*)\}\$$")
+
+
+class PlainLogFormatter(LogFormatterSciNotation):
+    """The labels of :class:`~matplotlib.ticker.LogFormatterSciNotation` as plain text: 10⁻³, 2×10⁻³, 10⁰.
+
+    The same ticks are labelled (its ``labelOnlyBase``, ``minor_thresholds`` and sublabel rules); only the text
+    differs, unicode superscripts and × instead of mathtext, so that laying a label out needs no mathtext parse
+    (each parse cost more than the rest of the label's layout; a log-log figure has dozens of labels, laid out
+    once per layout pass and once per saved file).
+    """
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        """The label of tick value ``x`` (``''`` where the mathtext formatter gives none)."""
+        label = super().__call__(x, pos)
+        match = _MATHDEFAULT.match(label)
+        if match is None:
+            return label
+        body = match.group(1).replace(r"\times", "×")
+        body = re.sub(r"\^\{([^}]*)\}", lambda m: m.group(1).translate(_SUPERSCRIPT), body)
+        return body.replace("-", "−")  # the mantissa's sign, as mathtext draws it
+
+
+def plain_log_labels(fig: MplFigure) -> None:
+    """Give every log axis of ``fig`` labelled by mathtext (matplotlib's default) a :class:`PlainLogFormatter`."""
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() != "log":
+                continue
+            for get, set_ in ((axis.get_major_formatter, axis.set_major_formatter),
+                              (axis.get_minor_formatter, axis.set_minor_formatter)):
+                old = get()
+                if type(old) is LogFormatterSciNotation:
+                    set_(PlainLogFormatter(base=old._base, labelOnlyBase=old.labelOnlyBase,
+                                           minor_thresholds=old.minor_thresholds, linthresh=old._linthresh))
+
+
 def save_figure(fig: MplFigure, stem: Path, *, dpi: float = 110) -> None:
     """Save ``fig`` as ``stem.svg`` and ``stem.png`` (``dpi``), both cropped to its tight bounding box, and close it.
 
     The layout (constrained) and the tight box are computed once, by one draw without rendering, and then frozen:
     each file costs one rendering pass instead of two layouts, a tight-box search and a rendering pass each.
-    Minor ticks that draw nothing are dropped first (:func:`_drop_invisible_minor_ticks`).
+    Minor ticks that draw nothing are dropped first (:func:`_drop_invisible_minor_ticks`), and log axes are
+    labelled in plain text (:func:`plain_log_labels`).
     """
     from matplotlib import rcParams
 
     _drop_invisible_minor_ticks(fig)
+    plain_log_labels(fig)
     fig.draw_without_rendering()
     box = fig.get_tightbbox().padded(rcParams["savefig.pad_inches"])
     fig.set_layout_engine(None)  # keep the positions just computed (no layout engine: no layout draw per file)

@@ -220,6 +220,41 @@ def test_dropping_invisible_minor_ticks_changes_no_pixel(tmp_path, monkeypatch):
     np.testing.assert_array_equal(got, want)
 
 
+def _label_value(label: str) -> float:
+    """The number a plain-text log label such as ``2×10⁻³`` or ``−10⁵`` reads as."""
+    digits = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻·−", "0123456789-.-")
+    mantissa, _, power = label.partition("10")
+    coeff = mantissa.rstrip("×").translate(digits)
+    return float(coeff if coeff not in ("", "-") else coeff + "1") * 10.0 ** int(power.translate(digits) or 0)
+
+
+def test_log_axes_are_labelled_in_plain_text_at_the_ticks_matplotlib_labels(tmp_path):
+    from matplotlib import rc_context
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    with rc_context(report._theme()):
+        fig, wide, narrow = _log_figure()
+        report.save_figure(fig, tmp_path / "saved")
+    for axis in (wide.xaxis, wide.yaxis, narrow.xaxis, narrow.yaxis):
+        for which, get, formatter in (("major", axis.get_majorticklabels, axis.get_major_formatter()),
+                                      ("minor", axis.get_minorticklabels, axis.get_minor_formatter())):
+            assert isinstance(formatter, report.PlainLogFormatter)
+            ticks = [t for t in get() if t.get_visible()]
+            reference = LogFormatterSciNotation(labelOnlyBase=formatter.labelOnlyBase,
+                                                minor_thresholds=formatter.minor_thresholds)
+            reference.set_axis(axis)
+            reference.set_locs([t.get_position()[axis.axis_name == "y"] for t in ticks])
+            for t in ticks:
+                value = t.get_position()[axis.axis_name == "y"]
+                text = t.get_text()
+                assert "$" not in text
+                assert bool(text) == bool(reference(value)), (which, value, text)
+                if text:
+                    assert _label_value(text) == pytest.approx(value, rel=1e-12), (text, value)
+    assert "10⁻⁶" in [t.get_text() for t in wide.xaxis.get_majorticklabels()]
+    assert "−10⁻³" == report.PlainLogFormatter()(-1e-3)
+
+
 # -------------------------------------------------------------------------------------------- globals
 def test_importing_the_report_changes_no_matplotlib_state():
     code = ("import matplotlib, sys\n"
