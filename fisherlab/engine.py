@@ -94,12 +94,15 @@ from fisherlab.vocabulary import FisherKind
 #: Upper bound on the bytes of one chunk's working set (two copies of its factor rows, or the activations of a
 #: matrix-free product) when the caller gives no chunk size. Large chunks mean few, large kernels: on a CPU shared
 #: with other jobs every parallel region waits for its slowest thread, so many small chunks cost far more than
-#: their arithmetic (benchmarks/README.md).
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+#: their arithmetic (benchmarks/README.md). 1 GiB: at 256 MiB the three P-wide tensors of a 10M-parameter GPT took
+#: half of it, so its products ran in chunks of 3 sequences and its gradient in chunks of 7 (32 × 64 tokens;
+#: 1-thread CPU time of F·v 4.52 → 3.28 s and of the gradient 2.09 → 1.81 s with chunks of 16 and 32).
+DEFAULT_CHUNK_BYTES = 2**30
 
 #: Upper bound on the bytes :meth:`FisherEngine.matmat` keeps between calls: the output-space state (outputs or
 #: factors) and, when they fit too, the recorded graphs of the chunks' forward passes (:class:`Linearisation`).
-MATMAT_CACHE_BYTES = 256 * 2**20
+#: 1 GiB: the graphs of a 10M-parameter GPT on 32 × 64 tokens (312 MB) are kept.
+MATMAT_CACHE_BYTES = 2**30
 
 #: Working bytes of one chunk of :meth:`FisherEngine.matmat` per sample, a + b·k activation bytes A
 #: (:meth:`FisherEngine.activation_bytes`) for a block of k columns, by how the chunk runs:
@@ -223,8 +226,9 @@ class FisherEngine:
         dtype: Compute dtype, a floating ``torch.dtype`` or its name (``"float32"``, ``"float64"``; default: the
             model's parameter dtype). ``kind="ggn"`` needs float32 or float64.
         device: Compute device (default: the model's parameter device).
-        chunk_size: Samples per chunk (default: as many as fit in ``min(256 MiB, budget/4)`` of factor rows; the
-            matrix-free products then size their own chunks by activations, see :meth:`matmat_chunk_size`).
+        chunk_size: Samples per chunk (default: as many as fit in ``min(DEFAULT_CHUNK_BYTES, budget/4)`` of factor
+            rows, 1 GiB at most; the matrix-free products then size their own chunks by activations, see
+            :meth:`matmat_chunk_size`).
         memory_budget: Bytes any single dense object may take (default: half the available memory).
         progress: Show progress bars (``None``: only on a terminal).
         process_group: The ``torch.distributed`` group to reduce over (default: the world group when
@@ -1028,8 +1032,9 @@ class FisherEngine:
         ``chunk_size`` if it was given, else as many as fit the working bytes of one column on the costliest path
         (:meth:`product_bytes` with k = 1: 3.75 activations a sample, the ``vjp`` of a ``jvp``) in
         ``min(DEFAULT_CHUNK_BYTES, memory_budget/4)``, balanced (:meth:`_fitting_chunk`). One rule for every path,
-        so the chunks of a product on the kept linearisation are those that recorded it. GPT 1M, 32 × 64 tokens:
-        two chunks of 16 (measured peak 134 MiB of tensors for one column, against 186 MiB budgeted).
+        so the chunks of a product on the kept linearisation are those that recorded it. 32 × 64 tokens: one chunk
+        of 32 on the GPT 1M (measured peak of a chunk of 16: 134 MiB of tensors for one column, against 186 MiB
+        budgeted), two of 16 on the GPT 10M.
         """
         costliest = max(PRODUCT_WORKING, key=lambda path: sum(PRODUCT_WORKING[path]))
         return self._fitting_chunk(lambda n: self.product_bytes(n, 1, costliest))
@@ -1053,7 +1058,7 @@ class FisherEngine:
 
         ``chunk_size`` if it was given, else as many as fit :meth:`gradient_bytes` in
         ``min(DEFAULT_CHUNK_BYTES, memory_budget/4)``, balanced as in :meth:`matmat_chunk_size`. No tangents:
-        GPT 1M, 32 × 64 tokens, one chunk of 32 where a product's take two of 16.
+        one chunk of 32 on the GPT 10M, 32 × 64 tokens, where a product's take two of 16.
         """
         return self._fitting_chunk(self.gradient_bytes)
 

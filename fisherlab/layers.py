@@ -885,9 +885,9 @@ def iter_layer_rows(
     """Yield :func:`layer_rows` (and the ``norms``' rows, :attr:`ChunkRows.norms`) chunk by chunk over the data.
 
     The chunk size (unless given) is chosen so that one chunk's rows (the norms' included) and its forward pass's
-    autograd graph take at most ``min(256 MiB, memory_budget / 4)``, plus, with ``per_sample_gradients``, the
-    per-sample gradients a consumer forms one layer at a time (R·out·width scalars per sample for a layer with
-    L > 1 locations, out·width for L = 1, where the R rows can be summed first). It is independent of the
+    autograd graph take at most ``min(DEFAULT_CHUNK_BYTES, memory_budget / 4)``, plus, with ``per_sample_gradients``,
+    the per-sample gradients a consumer forms one layer at a time (R·out·width scalars per sample for a layer with L > 1
+    locations, out·width for L = 1, where the R rows can be summed first). It is independent of the
     engine's own chunk size, which is sized for P-wide factor rows; results do not depend on it (MC labels are
     drawn once by the engine). A one-sample forward probe runs first, whatever the chunk size: on it every
     layer's input and output must lead with one sample (a layer called on a batch-free input is refused before

@@ -11,10 +11,10 @@ vec(G_{n,r}) vec(G_{n,r})ᵀ is the exact layer block F_l of the same Fisher kin
 Q_A)): the Frobenius-optimal diagonal in that basis, hence never farther from F_l than KFAC (whose diagonal in
 the same basis is σ ⊗ α), and equal to F_l wherever KFAC is.
 
-Building it takes the KFAC factors' pass over the data, the eigendecompositions (all factors side by side), then
-the scalings — from the first pass's layer rows when all of them fit in min(256 MiB, memory budget / 4), else
-from a second pass (for Linear layers (L = 1) the square of the rank-one G_{n,r} in the basis is the outer
-product of squares, so no per-sample gradient is formed).
+Building it takes the KFAC factors' pass over the data, the eigendecompositions (all factors side by side), then the
+scalings — from the first pass's layer rows when all of them fit in min(DEFAULT_CHUNK_BYTES, memory budget / 4) (1 GiB
+at most), else from a second pass (for Linear layers (L = 1) the square of the rank-one G_{n,r} in the basis is the
+outer product of squares, so no per-sample gradient is formed).
 
 ``approx`` (``"expand"`` or ``"reduce"``, :mod:`fisherlab.structures.kfac`) chooses the KFAC factors whose
 eigenbasis is used; the scalings always come from the exact per-sample gradients G_{n,r} above (as curvlinops'
