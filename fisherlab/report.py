@@ -204,6 +204,11 @@ def _rotate_xticks(ax: Axes, degrees: float = 45) -> None:
         label.set(rotation=degrees, ha="right", rotation_mode="anchor")
 
 
+#: Options of a seaborn line plot whose every (x, hue, style) holds one value: the points drawn as they are, with
+#: no per-x aggregation or bootstrap of a band that a single value does not have (the same lines).
+ONE_VALUE_LINES: dict[str, Any] = {"estimator": None, "errorbar": None}
+
+
 def _no_data(ax: Axes, what: str) -> None:
     ax.text(0.5, 0.5, f"no finite {what}", ha="center", va="center", transform=ax.transAxes, color="gray")
 
@@ -229,7 +234,7 @@ def plot_spectrum(ds: xr.Dataset, damping: float | None = None) -> list[Figure]:
                 _no_data(ax, y.replace("_", " "))
             else:
                 sns.lineplot(sub, x=x, y=y, hue="kind", hue_order=kinds, marker="o" if x == "damping" else None,
-                             ax=ax, legend=ax is axes[-1])
+                             ax=ax, legend=ax is axes[-1], **ONE_VALUE_LINES)
                 ax.set(xscale="log", yscale="log")
             ax.set(title=st, ylabel=axis_label(ds[y], "eigenvalue" if y == "eigenvalue" else "κ(F + λI)"),
                    xlabel="rank (descending)" if x == "rank" else axis_label(ds.damping))
@@ -264,7 +269,8 @@ def plot_fidelity(ds: xr.Dataset, damping: float | None = None) -> list[Figure]:
     df["rule"], df["λ"] = df.rule.map(rule_label), [f"{d:g}" for d in df.damping]
     fig = new_figure(13, 4.6)
     axes = fig.subplots(1, 2)
-    common = {"x": "rule", "hue": "λ", "order": order, "hue_order": dampings, "palette": "viridis"}
+    common = {"x": "rule", "hue": "λ", "order": order, "hue_order": dampings, "palette": "viridis",
+              "errorbar": None}  # one value a bar: no bootstrap interval
     sns.barplot(df, y="cosine", ax=axes[0], **common)
     low = float(np.nanmin(df.cosine)) if np.isfinite(df.cosine).any() else 0.0
     axes[0].set(title="cosine to exact NGD at the initial parameters", ylim=(min(0.0, low), 1.02),
@@ -353,7 +359,8 @@ def plot_trajectory(ds: xr.Dataset, damping: float | None = None) -> list[Figure
     fig = new_figure(12, 4.0)
     axes = fig.subplots(1, 2, width_ratios=(1.6, 1))
     sns.lineplot(df, x="step", y="cosine", hue="rule", hue_order=list(labels.values()), marker="o", ax=axes[0],
-                 style="run" if own else None, style_order=["main run", "own run"] if own else None)
+                 style="run" if own else None, style_order=["main run", "own run"] if own else None,
+                 **ONE_VALUE_LINES)
     train = ds.attrs.get("train_rule", "")
     axes[0].set(title=f"cosine to exact NGD while training with {train}" + (" (or its own run)" if own else "")
                 + (f" (λ = {lam:g})" if lam else ""),
@@ -397,7 +404,7 @@ def plot_geometry(ds: xr.Dataset, damping: float | None = None) -> list[Figure]:
     fig = new_figure(8, 4.2)
     ax = fig.subplots()
     sns.lineplot(ev, x="rank", y="eigenvalue", hue="structure",
-                 hue_order=[_structure_label(s) for s in ds.structure.values], ax=ax)
+                 hue_order=[_structure_label(s) for s in ds.structure.values], ax=ax, **ONE_VALUE_LINES)
     ax.set(xscale="log", yscale="log", xlabel="rank (descending)",
            ylabel=axis_label(ds.eigenvalue, "eigenvalue of G^-1/2 (F + λI) G^-1/2"),
            title=f"the Fisher GD sees on each reconstructed network, λ = {lam:g}")

@@ -152,6 +152,29 @@ def figures(study):
     return all_figures(datasets(study))
 
 
+def test_line_plots_drawn_without_aggregation_match_seaborns_aggregated_lines(study, monkeypatch):
+    """ONE_VALUE_LINES (no per-x estimator or band) draws the very pixels of seaborn's default mean-and-CI lines,
+    because every (x, hue) of the report's line plots holds one value."""
+    from matplotlib import rc_context
+
+    results = datasets(study)
+    lam = report.study_damping(results.values())
+
+    def pixels():
+        with rc_context(report._theme()):
+            return {name: np.asarray(drawn(fig).canvas.buffer_rgba()).copy()
+                    for kind in ("spectrum", "geometry", "fidelity_trajectory")
+                    for ds in results.values() if ds.attrs["fisherlab_kind"] == kind
+                    for name, fig in report.PLOTTERS[kind](ds, lam)}
+
+    fast = pixels()
+    monkeypatch.setattr(report, "ONE_VALUE_LINES", {})
+    aggregated = pixels()
+    assert set(fast) == {"spectrum", "condition_number", "geometry_spectra", "trajectory_cosine"}
+    for name in fast:
+        np.testing.assert_array_equal(fast[name], aggregated[name], err_msg=name)
+
+
 def test_legends_cover_no_axes(figures):
     assert {name for name, _ in figures} >= {"fidelity_rules", "kl_predicted_vs_measured", "fidelity_layers",
                                              "trajectory_cosine", "geometry_spectra", "spectrum",
