@@ -213,3 +213,32 @@ def test_structure_kind_settings(lm_case):
     assert float((u - v).norm() / v.norm()) < 1e-9
     with pytest.raises(InputError, match="structure kind"):
         RuleContext(c["model"], data, "categorical", structure_kind="gauss")
+
+
+def test_fisher_metrics_from_one_product_against_explicit_quadratic_forms():
+    """fisher_rel_error and kl_predicted of k updates from one product F [U v] (k + 1 columns, counted) equal the
+    explicit √((u−v)ᵀF(u−v)) / √(vᵀFv) and ½uᵀFu; u = v gives 0; vᵀFv = 0 gives NaN, as the metrics module."""
+    from fisherlab.fidelity.evaluate import fisher_metrics
+
+    gen = torch.Generator().manual_seed(6)
+    J = torch.randn(7, 30, generator=gen, dtype=D)
+    F = J.T @ J / 7
+    U = torch.randn(30, 4, generator=gen, dtype=D)
+    v = torch.randn(30, generator=gen, dtype=D)
+    U[:, 0] = v
+    columns = []
+
+    def product(W: torch.Tensor) -> torch.Tensor:
+        columns.append(W.shape[1])
+        return F @ W
+
+    err, kl = fisher_metrics(U, v, product)
+    assert columns == [5]
+    for i in range(4):
+        d = U[:, i] - v
+        np.testing.assert_allclose(float(err[i]), math.sqrt(float(d @ F @ d) / float(v @ F @ v)), rtol=1e-12,
+                                   atol=1e-15)
+        np.testing.assert_allclose(float(kl[i]), 0.5 * float(U[:, i] @ F @ U[:, i]), rtol=1e-12)
+    assert float(err[0]) == 0.0
+    null = torch.linalg.eigh(F).eigenvectors[:, 0]  # F has rank 7 < 30: vᵀFv = 0
+    assert bool(torch.isnan(fisher_metrics(U, null, F)[0]).all())

@@ -5,15 +5,15 @@ learning rate η to an update Δθ of shape (P,) in the *original* coordinates (
 :class:`~fisherlab.params.ParamSpec` ordering), so that θ + Δθ is the parameter after one step.
 
 The context computes each expensive object once and shares it between rules: the loss and gradient ∇L, one
-:class:`~fisherlab.engine.FisherEngine` per Fisher kind, each structured Fisher (block, KFAC, ...) built from
-the true-Fisher engine, and the exact solves (F_kind + λI)⁻¹ ∇L. Exact NGD (METHOD.md §3) uses the dense true
-Fisher and Cholesky when the dense solve fits the memory budget, else an iterative solve on the implicit
-operator to the relative residual ``cg_tol`` (``ngd_solver``, :class:`fisherlab.ngd.NGDSolver`; by default one
-multi-shift CG for all the context's ``dampings``); :attr:`RuleContext.solves` records which, the
-preconditioner, the iterations, F·v products and the relative residual ‖(F + λI)x − ∇L‖/‖∇L‖. The empirical and
-Monte-Carlo Fishers (whose dense matrices no metric needs) are solved in sample space by default
-(:meth:`RuleContext.sample_gram`: the ``gram`` solver, one m×m Cholesky per damping, m = N·R < P) whenever that
-applies, and their eigenvalues come from the same m×m Gram matrix.
+:class:`~fisherlab.engine.FisherEngine` per Fisher kind, each structured Fisher (block, KFAC, ...) built from the
+true-Fisher engine (the Monte-Carlo one on long sequences: ``structure_kind``), and the exact solves (F_kind + λI)⁻¹
+∇L. Exact NGD (METHOD.md §3) uses the dense true Fisher and Cholesky when the dense solve fits the memory budget,
+else an iterative solve on the implicit operator to the relative residual ``cg_tol`` (``ngd_solver``,
+:class:`fisherlab.ngd.NGDSolver`; by default one multi-shift CG for all the context's ``dampings``);
+:attr:`RuleContext.solves` records which, the preconditioner, the iterations, F·v products and the relative residual
+‖(F + λI)x − ∇L‖/‖∇L‖. The empirical and Monte-Carlo Fishers (whose dense matrices no metric needs) are solved in
+sample space by default (:meth:`RuleContext.sample_gram`: the ``gram`` solver, one m×m Cholesky per damping, m = N·R
+< P) whenever that applies, and their eigenvalues come from the same m×m Gram matrix.
 
 Built-in rules (:data:`RULES`):
 
@@ -24,7 +24,9 @@ Built-in rules (:data:`RULES`):
 ``ngd``            exact NGD, −η (F + λI)⁻¹ ∇L with the true Fisher
 ``block-ngd``      −η (F_block + λI)⁻¹ ∇L, one dense block per layer
 ``kfac``           KFAC, ``fisher(..., structure="kfac").solve`` (the *expand* approximation for layers
-                   shared over positions; ``kfac-expand`` is the same rule by name)
+                   shared over positions; ``kfac-expand`` is the same rule by name); this and the other
+                   structures built from layer rows are of the Monte-Carlo Fisher where the true Fisher has
+                   more than :data:`TRUE_ROWS_MAX` rows a sample (``structure_kind``, :class:`RuleContext`)
 ``kfac-reduce``    KFAC with ``approx="reduce"`` (Eschenhagen et al. 2023; = ``kfac`` without weight sharing)
 ``ekfac``          EKFAC, ``structure="ekfac"`` (expand); ``ekfac-reduce`` in the reduce KFAC's eigenbasis
 ``unit``           unit-wise blocks, ``structure="unit"``
