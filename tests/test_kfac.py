@@ -36,7 +36,7 @@ from fisherlab.layers import (
     to_combined,
 )
 from fisherlab.structures.base import accumulate_gram, symmetrize_upper
-from fisherlab.structures.kfac import KFACFisher, _add_gram
+from fisherlab.structures.kfac import GramSums, KFACFisher, run_grams
 from fisherlab.structures.running import RunningFisher, ema_update
 
 F64 = torch.float64
@@ -512,8 +512,40 @@ def test_bias_row_and_column_summed_without_the_expanded_rows(width):
     g = torch.Generator().manual_seed(2)
     U = torch.randn(7, width, generator=g, dtype=F64)
     for c in (torch.ones(7, dtype=F64), torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0], dtype=F64)):
-        acc: dict[str, torch.Tensor] = {}
-        _add_gram(acc, "A", U[:3], c[:3])
-        _add_gram(acc, "A", U[3:], c[3:])
+        acc = GramSums()
+        acc.add("A", U[:3], c[:3])
+        acc.add("A", U[3:], c[3:])
         expected = sum(torch.outer(torch.cat([U[m], c[m:m + 1]]), torch.cat([U[m], c[m:m + 1]])) for m in range(7))
-        ref.assert_close(symmetrize_upper(acc["A"]), expected, 1e-14, f"bias column {c.tolist()}")
+        run_grams([acc], torch.device("cpu"))
+        ref.assert_close(acc.finish("A", 1.0)(), expected, 1e-14, f"bias column {c.tolist()}")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gram_sums_side_by_side_over_chunks_against_row_sums(threads):
+    """GramSums over three chunks of several keys (widths 0 to 300, with and without a bias column; run side by side
+    on two threads, one after the other on one) into uninitialised sums, against Σ_m v_m v_mᵀ formed row by row;
+    accumulate_gram(fresh=True) overwrites a NaN-filled upper triangle."""
+    g = torch.Generator().manual_seed(5)
+    widths = {"a": (300, True), "b": (290, False), "c": (0, True), "d": (7, False)}
+    chunks = [{k: torch.randn(m, w, generator=g, dtype=F64) for k, (w, _) in widths.items()} for m in (5, 1, 9)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        acc = GramSums()
+        for chunk in chunks:
+            for k, U in chunk.items():
+                acc.add(k, U, torch.full((U.shape[0],), 0.5, dtype=F64) if widths[k][1] else None)
+            run_grams([acc], torch.device("cpu"))
+        for k, (_, bias) in widths.items():
+            V = torch.cat([torch.cat([c[k], torch.full((c[k].shape[0], 1), 0.5, dtype=F64)], 1) if bias else c[k]
+                           for c in chunks])
+            expected = sum(torch.outer(v, v) for v in V)
+            got = acc.finish(k, 2.0)()
+            ref.assert_close(got, 2 * expected, 1e-14, f"key {k}, {threads} thread(s)")
+            assert torch.equal(got, got.T)
+    finally:
+        torch.set_num_threads(before)
+    U = chunks[0]["a"]
+    out = torch.full((300, 300), float("nan"), dtype=F64)
+    accumulate_gram(out, U, fresh=True)
+    ref.assert_close(symmetrize_upper(out), sum(torch.outer(u, u) for u in U), 1e-14, "fresh over NaN")

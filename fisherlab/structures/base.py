@@ -203,7 +203,7 @@ def _stored_tensors(struct: FisherMatrix) -> Iterator[tuple[str, Tensor]]:
             yield from walk(f.name, getattr(struct, f.name))
 
 
-def accumulate_gram(out: Tensor, U: Tensor, num_splits: int | None = None) -> None:
+def accumulate_gram(out: Tensor, U: Tensor, num_splits: int | None = None, *, fresh: bool = False) -> None:
     """out[i, j] += (UᵀU)[i, j] for j ≥ i only (upper triangle, in column blocks): about half the arithmetic.
 
     Block row [a, b) gets U[:, a:b]ᵀ U[:, a:] added in place (one GEMM into a strided view of ``out``, no
@@ -214,6 +214,8 @@ def accumulate_gram(out: Tensor, U: Tensor, num_splits: int | None = None) -> No
         U: (m, P) rows.
         num_splits: Column blocks s (default: blocks of about :data:`GRAM_BLOCK` columns — :data:`GRAM_BLOCK_SERIAL`
             on one CPU thread —, at most 16; one block, a plain product, below two blocks' columns).
+        fresh: Overwrite the upper triangle instead of adding to it (β = 0 in every GEMM: ``out`` may be
+            uninitialised memory, ``torch.empty``, so no zero fill is needed).
     """
     P = U.shape[1]
     if num_splits is None:
@@ -222,7 +224,7 @@ def accumulate_gram(out: Tensor, U: Tensor, num_splits: int | None = None) -> No
     step = max(1, -(-P // num_splits))
     for a in range(0, P, step):
         b = min(a + step, P)
-        out[a:b, a:].addmm_(U[:, a:b].T, U[:, a:])
+        out[a:b, a:].addmm_(U[:, a:b].T, U[:, a:], beta=0 if fresh else 1)
 
 
 def symmetrize_upper(M: Tensor, inplace: bool = False) -> Tensor:
