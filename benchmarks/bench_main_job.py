@@ -2,9 +2,13 @@
 
 Both trees run the same command (``python -m fisherlab fidelity --out DIR --overwrite`` plus ``--args``) as a
 fresh process each, alternately (base, new, base, new, ...), so that a change in machine load hits both alike;
-the table gives the median of each part's seconds (the ``[part] done in`` lines of the job), of the rest (imports,
-report with its figures, headline), of the wall time and of the CPU time (user + system, all threads), the ratio
-new/base of the medians, and the load average before each run. The base tree is a temporary ``git worktree`` of
+the table gives the median of each part's seconds (the ``[part] done in`` lines of the job; ``report``: the
+tables, figures and page with the import of matplotlib and seaborn, where the job prints that line), of the rest
+(imports, data; in a tree without a ``[report]`` line, the report too), of ``after`` (report and rest: what
+the job spends outside the four computing parts, alike in both trees), of the wall time and of the CPU
+time (user + system, all threads), the ratio new/base of the medians, and the load average before each run; a
+second table gives the CPU seconds of each part where the job prints them (``(… CPU-s``), the CPU time that moves
+least with the machine's load. The base tree is a temporary ``git worktree`` of
 ``--base`` (removed at the end); the new tree is this repository, or ``--new``. Each process imports the
 fisherlab of its own tree (run from it, with it first on PYTHONPATH). After the last round the Datasets of the two
 last runs are compared variable by variable (max relative difference |new − base| / max(|base|, 1e-10 · max|base|)
@@ -30,19 +34,20 @@ from pathlib import Path
 
 import numpy as np
 
-PARTS = ("fidelity", "trajectory", "geometry", "spectrum")
-COLUMNS = (*PARTS, "rest", "total", "cpu")
+PARTS = ("fidelity", "trajectory", "geometry", "spectrum", "report")
+COLUMNS = (*PARTS, "rest", "after", "total", "cpu")
 #: Entries of a variable below FLOOR × its largest magnitude (e.g. the round-off eigenvalues of a Fisher's null
 #: space) are compared in units of FLOOR × that magnitude.
 FLOOR = 1e-10
-DONE = re.compile(r"^\[(\w+)\] done in ([0-9.]+) s", re.MULTILINE)
+DONE = re.compile(r"^\[(\w+)\] done in ([0-9.]+) s(?: \(([0-9.]+) CPU-s)?", re.MULTILINE)
 
 
 def run_job(tree: Path, out: Path, args: list[str]) -> dict[str, float]:
     """Run the main job of ``tree`` into ``out``; seconds per part, ``rest``, ``total`` (wall) and ``cpu``.
 
     ``cpu``: the process's user + system CPU seconds (all its threads), less sensitive to the machine's load than
-    the wall time when other processes compete for the cores.
+    the wall time when other processes compete for the cores; ``cpu:<part>``: a part's CPU seconds as the job
+    prints them (NaN where it does not), ``cpu:rest`` the remainder.
     """
     env = {**os.environ, "PYTHONPATH": str(tree)}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -54,9 +59,13 @@ def run_job(tree: Path, out: Path, args: list[str]) -> dict[str, float]:
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         sys.exit(f"the main job of {tree} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    parts = {name: float(sec) for name, sec in DONE.findall(proc.stdout)}
-    return {**{p: parts.get(p, float("nan")) for p in PARTS}, "rest": total - sum(parts.values()), "total": total,
-            "cpu": cpu}
+    found = DONE.findall(proc.stdout)
+    parts = {name: float(sec) for name, sec, _ in found}
+    cpus = {name: float(c) if c else float("nan") for name, _, c in found}
+    part_cpu = {f"cpu:{p}": cpus.get(p, float("nan")) for p in PARTS}
+    after = total - sum(sec for name, sec in parts.items() if name != "report")
+    return {**{p: parts.get(p, float("nan")) for p in PARTS}, "rest": total - sum(parts.values()), "after": after,
+            "total": total, "cpu": cpu, **part_cpu, "cpu:rest": cpu - sum(cpus.values())}
 
 
 def compare(base: Path, new: Path) -> list[tuple[str, str, float]]:
@@ -127,11 +136,12 @@ def main() -> None:
                     times[label].append(t)
                     print(f"   run {k + 1} {label:4s} load {load:4.1f}: "
                           + "  ".join(f"{p} {t[p]:6.1f}" for p in COLUMNS), flush=True)
-            print(f"\n{'part':12s} {'base s':>8s} {'new s':>8s} {'new/base':>9s}   (medians)")
-            for p in COLUMNS:
-                b = statistics.median(t[p] for t in times["base"])
-                n = statistics.median(t[p] for t in times["new"])
-                print(f"{p:12s} {b:8.1f} {n:8.1f} {n / b:9.2f}")
+            for unit, columns in (("s", COLUMNS), ("CPU-s", (*[f"cpu:{p}" for p in PARTS], "cpu:rest", "cpu"))):
+                print(f"\n{'part':12s} {'base ' + unit:>10s} {'new ' + unit:>10s} {'new/base':>9s}   (medians)")
+                for p in columns:
+                    b = statistics.median(t[p] for t in times["base"])
+                    n = statistics.median(t[p] for t in times["new"])
+                    print(f"{p:12s} {b:10.1f} {n:10.1f} {n / b:9.2f}")
             rows = compare(Path(tmp) / "out_base", Path(tmp) / "out_new")
             worst = max(rows, key=lambda r: r[2])
             print(f"\nDatasets, max relative difference new vs base per variable (worst: {worst[0]}.{worst[1]} "

@@ -792,13 +792,14 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
                 results[part] = finished[part]
                 log(f"[{part}] already in {out}: kept (delete {store.path(part)} to recompute)")
             else:
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 log(f"[{part}] running ...")
                 ds = jobs[part]()
                 if lead:
                     save_dataset(ds, store.path(part))
                 results[part] = ds
-                log(f"[{part}] done in {time.perf_counter() - start:.1f} s -> {store.path(part)}")
+                log(f"[{part}] done in {time.perf_counter() - start:.1f} s ({time.process_time() - cpu:.1f} CPU-s, "
+                    f"all threads) -> {store.path(part)}")
             parts.update(1)
     return results
 
