@@ -321,7 +321,7 @@ class FisherEngine:
         self._generator = (torch.Generator(device=self.device).manual_seed(self.seed)
                            if self.kind is FisherKind.MC else None)
         self._checked = 0  # this rank's leading samples whose outputs are checked (and MC labels drawn)
-        self._draws: list[Tensor] = []  # the MC labels of those samples, per chunk_size piece, in order
+        self._draws: list[Tensor] = []  # the MC labels of those samples, per checked block, in order
         self._unchecked: tuple[Tensor, int] | None = None  # inputs of the chunk being checked, its global start
         if self._generator is not None and self.group is not None:
             self._scan_as_one_process()
@@ -516,8 +516,7 @@ class FisherEngine:
             self._check_deterministic(z)
         self._check_outputs(fresh, self.sample_offset + self._checked)
         if self._generator is not None and self.group is None:
-            self._draws += [self.likelihood.sample(piece, self.mc_samples, self._generator)
-                            for piece in fresh.split(self.chunk_size)]
+            self._draws.append(self.likelihood.sample_pieces(fresh, self.chunk_size, self.mc_samples, self._generator))
         self._checked = start + z.shape[0]
         if self._checked == self.local_samples and len(self._draws) > 1:
             self._draws = [torch.cat(self._draws)]

@@ -67,6 +67,10 @@ class Likelihood:
         """Targets drawn from p(· | z_n): shape (N, S) for labels, (N, S, C) otherwise."""
         raise NotImplementedError
 
+    def sample_pieces(self, z: Tensor, size: int, num_samples: int, generator: torch.Generator | None) -> Tensor:
+        """:meth:`sample` of each piece of ``size`` rows of z in turn, concatenated (one generator, piece by piece)."""
+        return torch.cat([self.sample(piece, num_samples, generator) for piece in z.split(size)])
+
     def kl(self, z_p: Tensor, z_q: Tensor) -> Tensor:
         """KL(p(· | z_p) ‖ p(· | z_q)) per sample, shape (N,), in nats."""
         raise NotImplementedError
@@ -202,6 +206,20 @@ class Categorical(Likelihood):
     def sample(self, z: Tensor, num_samples: int, generator: torch.Generator | None) -> Tensor:
         p = torch.softmax(z, dim=-1)
         return torch.multinomial(p, num_samples, replacement=True, generator=generator)
+
+    def sample_pieces(self, z: Tensor, size: int, num_samples: int, generator: torch.Generator | None) -> Tensor:
+        """The labels of :meth:`sample` piece by piece, bit for bit, with one softmax, division and argmax for all.
+
+        For one sample torch's ``multinomial`` draws q ~ Exp(1) of the probabilities' shape and takes argmax p / q
+        (the exponential race); only the draws are made piece by piece (1-thread minima, 512 × 10 logits in pieces
+        of 29: 0.77–1.15 ms as ``sample`` per piece, 0.41–0.53 ms so; ``tests/test_likelihoods.py`` checks the bits
+        on the CPU). Several samples, and other devices: :meth:`sample` per piece.
+        """
+        if num_samples != 1 or z.device.type != "cpu":
+            return super().sample_pieces(z, size, num_samples, generator)
+        p = torch.softmax(z, dim=-1)
+        q = torch.cat([torch.empty_like(piece).exponential_(1, generator=generator) for piece in p.split(size)])
+        return (p / q).argmax(-1, keepdim=True)
 
     def kl(self, z_p: Tensor, z_q: Tensor) -> Tensor:
         logp, logq = torch.log_softmax(z_p, -1), torch.log_softmax(z_q, -1)

@@ -186,6 +186,21 @@ def test_gaussian_sample_is_independent_of_batching():
     assert torch.equal(whole, parts)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_categorical_pieces_draw_the_labels_of_multinomial_piece_by_piece(dtype):
+    """sample_pieces equals torch.multinomial on the softmax, piece by piece with one generator, bit for bit (rows
+    with zero probabilities included, 1 and 3 samples), and leaves the generator where those draws leave it."""
+    z = logits(n=41, c=7, seed=2, scale=3.0).to(dtype)
+    z[::4, 2] = -300.0  # probability 0 after the softmax
+    lik = Categorical()
+    for size, S in ((5, 1), (41, 1), (1, 1), (6, 3)):
+        gen, again = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+        expected = torch.cat([torch.multinomial(torch.softmax(piece, -1), S, replacement=True, generator=again)
+                              for piece in z.split(size)])
+        assert torch.equal(lik.sample_pieces(z, size, S, gen), expected), (size, S)
+        assert torch.equal(torch.rand(4, generator=gen), torch.rand(4, generator=again))
+
+
 def test_registry():
     assert isinstance(get_likelihood("categorical"), Categorical)
     g = Gaussian(0.3)
