@@ -41,19 +41,24 @@ the tangent pass of a jvp 2F. So gradient ≥ 3F, F·v ≥ 4F (tangent + reverse
 KFAC factors ≥ 3F + the Gram products (2·N·T·(width² + out²) per
 layer under "expand", 2·N·(…) under "reduce"). Softmax, GELU, LayerNorm and the loss are not counted.
 
-``--parts fidelity`` (default: ``products,fidelity``): one :func:`fisherlab.evaluate_fidelity` on the first size,
-timed, with its split by phase from the Dataset's ``timings`` attribute. It runs the GPT with ``output="last"``
-(the same weights; the next token after each sequence, (N, C) logits): evaluate_fidelity takes (N, T, C) outputs
-too (analyses/transformer_fidelity.py), but there the true Fisher's KFAC and EKFAC need T·(C − 1) = 4096 output
-rows per sequence (docs/sequences.md), out of reach at these sizes; with ``output="last"`` C − 1 = 64. Rules:
-``gd``, ``adam``, ``ngd`` (CG on the implicit true Fisher, capped at ``--cg-iters`` iterations: the residual is
-printed), ``kfac`` (expand), ``kfac-reduce`` and ``ekfac``.
+``--parts fidelity`` (default: ``products,fidelity``): the fidelity evaluation of issue 13 on the first size —
+one :func:`fisherlab.evaluate_fidelity` of the same GPT (``output="sequence"``, the same batch and targets), every
+rule of the fidelity table (:data:`FIDELITY_RULES`) but those whose dense objects exceed the memory
+(:func:`too_large`, printed), dampings {1e-4, 1e-3, 1e-2, 1e-1}, exact NGD to the relative residual 1e-4 (``auto``:
+one multi-shift CG on the implicit true Fisher for the four dampings), float32 — timed end to end (wall and CPU
+seconds, load before and after), with the split by rule and phase from the Dataset's ``timings`` attribute, the
+exact solve's products, and its iterations and relative residual per damping. The structures built from layer rows
+(KFAC expand and reduce, EKFAC, the diagonal, unit-wise; their ``sngd-*``) are of the Monte-Carlo Fisher here
+(``structure_kind="auto"``: the true Fisher has T·(C − 1) = 4096 output rows a sequence, docs/sequences.md; the
+Dataset's ``rule_kinds`` says which, printed). Every further size of ``--sizes`` gets a projection
+(:func:`project_fidelity`): one F·v product there, timed, beside its FLOP floor 4F, times the products the first
+size's solve took.
 
 When curvlinops imports (the peers venv, benchmarks/README.md) it runs in the same rounds; without it the
 tables show fisherlab against plain torch and the floors.
 
     python benchmarks/bench_transformer.py [--sizes 1M,10M] [--device cpu|cuda] [--repeats 3] [--quick]
-        [--parts products,fidelity] [--kfac-kinds empirical,mc] [--cg-iters 20]
+        [--parts products,fidelity] [--kfac-kinds empirical,mc]
 
 ``--quick``: the "10k" GPT on 8 sequences of 12 tokens (a smoke run, seconds).
 """
@@ -81,13 +86,12 @@ from _common import Row, header, optional_import, parse_args, print_table, rel_d
 from fisherlab import evaluate_fidelity, fisher  # noqa: E402
 from fisherlab.data import make_sort_lm  # noqa: E402
 from fisherlab.engine import FisherEngine, differentiable_attention  # noqa: E402
-from fisherlab.fidelity.rules import StructuredNGD  # noqa: E402
+from fisherlab.memory import resolve_budget  # noqa: E402
 from fisherlab.models import GPT, GPT_SIZES  # noqa: E402
 from fisherlab.structures.kfac import KFACFisher  # noqa: E402
 
 APPROXES = ("expand", "reduce")
 KINDS = ("empirical", "mc")  # one output row per sequence (empirical) or per token draw (mc); see the docstring
-DAMPING = 1e-2
 
 
 # ------------------------------------------------------------------------------------------------ the case
@@ -326,47 +330,123 @@ def _no_grad(model: nn.Module, X: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ fidelity
-def fidelity_rules() -> list[str | StructuredNGD]:
-    """gd, adam, exact NGD (CG), KFAC expand and reduce and EKFAC, all on the true Fisher."""
-    return ["gd", "adam", "ngd", "kfac", StructuredNGD("kfac-reduce", "kfac", {"approx": "reduce"}), "ekfac"]
+#: The fidelity part's rules: every rule of the fidelity table (docs/fidelity.md; the optimizers aside), ``kfac`` by
+#: its name ``kfac-expand`` (one structure). :func:`too_large` leaves out those whose objects exceed the memory.
+FIDELITY_RULES = ("gd", "adam", "ngd", "block-ngd", "kfac-expand", "kfac-reduce", "ekfac", "ekfac-reduce", "unit",
+                  "diag", "lowrank", "empirical-ngd", "mc-ngd", "sngd-dense", "sngd-block", "sngd-diag", "sngd-kfac",
+                  "sngd-input", "sngd-ekfac", "sngd-unit", "sngd-kfac-lowrank")
+FIDELITY_DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1)
+FIDELITY_TOL = 1e-4
 
 
-def bench_fidelity(size: str, n: int, length: int, n_values: int, args: argparse.Namespace) -> None:
-    """One evaluate_fidelity on the GPT with ``output="last"`` (same weights), timed, with its split by phase."""
+def too_large(model: nn.Module, P: int, budget: int) -> dict[str, str]:
+    """Rules whose dense objects exceed ``budget`` bytes (float32), with the bytes: their structures' own checks.
+
+    The evaluation runs under :data:`ROWS_BUDGET` (the true engine's construction checks a chunk of its
+    T·(C − 1)-row factor rows although nothing forms them), so the structures' budget checks would let these pass
+    and exhaust the memory: the dense F (``sngd-dense``: 4 P×P copies of a Cholesky solve), the layer blocks
+    Σ_l P_l² (``block-ngd``, ``sngd-block``), the unit-wise blocks Σ out·width² (``unit``, ``sngd-unit``) and the
+    rank-256 Nyström sketch 3·P·256 (``lowrank``).
+    """
+    def fmt(n: float) -> str:
+        return f"{n / 2**30:.1f} GiB"
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    block = sum(sum(p.numel() for p in m.parameters()) ** 2 for m in layers)
+    unit = sum(m.out_features * (m.in_features + 1) ** 2 if isinstance(m, nn.Linear)
+               else m.embedding_dim * m.num_embeddings ** 2 for m in layers)
+    need = {"sngd-dense": 4 * P * P, "block-ngd": block, "sngd-block": block, "unit": unit, "sngd-unit": unit,
+            "lowrank": 3 * P * 256}
+    return {rule: f"needs {fmt(4 * n)} > budget {fmt(budget)}" for rule, n in need.items() if 4 * n > budget}
+
+
+def bench_fidelity(size: str, n: int, length: int, n_values: int, args: argparse.Namespace) -> dict[str, float]:
+    """One evaluate_fidelity in the issue-13 setting (module docstring), timed; returns its product counts."""
     torch.manual_seed(0)
     X, y, _ = lm_batch(n, length, n_values, args.device)
     T, V = X.shape[1], n_values + 1
-    model = GPT(V, T, output="last", **GPT_SIZES[size]).to(args.device).eval()
-    start = time.perf_counter()
-    ds = evaluate_fidelity(model, (X, y[:, -1]), "categorical", rules=fidelity_rules(), damping=DAMPING,
-                           dtype=torch.float32, device=args.device, cg_max_iter=args.cg_iters, ngd_solver="cg",
-                           progress=False)
-    wall = time.perf_counter() - start
+    model = GPT(V, T, output="sequence", **GPT_SIZES[size]).to(args.device).eval()
+    P = sum(p.numel() for p in model.parameters())
+    left = too_large(model, P, resolve_budget(None, args.device))
+    rules = [r for r in FIDELITY_RULES if r not in left]
+    load = os.getloadavg()
+    wall, cpu = time.perf_counter(), time.process_time()
+    ds = evaluate_fidelity(model, (X, y), "categorical", rules=rules, damping=FIDELITY_DAMPINGS, dtype=torch.float32,
+                           device=args.device, cg_tol=FIDELITY_TOL, memory_budget=ROWS_BUDGET, progress=False)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     timings = json.loads(ds.attrs["timings"])
-    print(f"== evaluate_fidelity on GPT {size} (output='last': the true Fisher's KFAC of (N, T, C) outputs needs "
-          f"T·(C − 1) rows a sequence, docs/sequences.md), P = {ds.attrs['num_params']:,}, N = {n}, T = {T}, "
-          f"λ = {DAMPING}, float32")
-    print(f"   {wall:.1f} s wall (total_seconds {ds.attrs['total_seconds']:.1f}); exact NGD by CG: "
-          f"{int(ds.ngd_iterations[0])} iterations (cap {args.cg_iters}), relative residual "
-          f"{float(ds.ngd_residual[0]):.1e}")
-    print("   split (Dataset attribute 'timings', s): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in sorted(timings.items(), key=lambda kv: -kv[1])))
-    print("   cosine to exact NGD: " + ", ".join(
-        f"{r} {float(c):.3f}" if int(a) else f"{r} unavailable ({reason})"
-        for r, c, a, reason in zip(ds.rule.values, ds.cosine.values[:, 0], ds.available.values,
-                                   ds.unavailable_reason.values, strict=True)))
+    kinds = json.loads(ds.attrs["rule_kinds"])
+    print(f"== evaluate_fidelity on GPT {size} (output='sequence'), P = {P:,}, N = {n}, T = {T}, V = {V}, float32, "
+          f"dampings {list(FIDELITY_DAMPINGS)}, exact NGD to {FIDELITY_TOL:g}")
+    print(f"   {wall:.1f} s wall, {cpu:.1f} s CPU (total_seconds {ds.attrs['total_seconds']:.1f}); load "
+          f"{' '.join(f'{x:.1f}' for x in load)} → {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"   structure_kind {ds.attrs['structure_kind']}: " + ", ".join(
+        f"{r} {k}" for r, k in kinds.items() if k))
+    print("   left out (memory): " + ("; ".join(f"{r} {why}" for r, why in left.items()) or "none"))
+    solve = timings.get("exact true solve", float("nan"))
+    products = int(ds.ngd_products.values.max())
+    per = f" ({solve / products:.2f} s a product)" if products else ""
+    print(f"   exact NGD: {ds.attrs['ngd_solver']}, {products} F·v products, {solve:.1f} s{per}; per damping λ: "
+          "iterations / relative residual / solver")
+    for j, lam in enumerate(FIDELITY_DAMPINGS):
+        print(f"     λ = {lam:g}: {int(ds.ngd_iterations[j])} / {float(ds.ngd_residual[j]):.1e} / "
+              f"{str(ds.ngd_solver.values[j])} (preconditioner {str(ds.ngd_preconditioner.values[j])})")
+    print("   split (Dataset attribute 'timings', s; a rule includes the structures it builds first): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in sorted(timings.items(), key=lambda kv: -kv[1])))
+    print("   cosine to exact NGD at λ = 1e-2 / 1e-4: " + ", ".join(
+        f"{r} {float(ds.cosine.sel(rule=r)[2]):.3f} / {float(ds.cosine.sel(rule=r)[0]):.3f}" if int(a)
+        else f"{r} unavailable ({reason[:60]})"
+        for r, a, reason in zip(ds.rule.values, ds.available.values, ds.unavailable_reason.values, strict=True)))
     print()
+    return {"products": products, "solve": solve, "wall": wall, "P": P}
+
+
+def project_fidelity(size: str, n: int, length: int, n_values: int, measured: dict[str, float],
+                     args: argparse.Namespace) -> None:
+    """The exact-NGD time of ``size`` in the same setting: the products the measured size needed × one product here.
+
+    One F·v on the kept linearisation, after the one that records it (2 products, timed), beside its FLOP floor
+    4F at the GEMM rate of the MLP shape; exact NGD alone takes products × that (its Krylov iterations grow with
+    the conditioning, not the size: the measured size's count is a lower-end guess).
+    """
+    torch.manual_seed(0)
+    X, y, _ = lm_batch(n, length, n_values, args.device)
+    T, V = X.shape[1], n_values + 1
+    model = GPT(V, T, output="sequence", **GPT_SIZES[size]).to(args.device).eval()
+    F = implicit(model, X, y)
+    v = torch.randn(F.spec.dim, device=args.device)
+    F @ v
+    start = time.perf_counter()
+    F @ v
+    product = time.perf_counter() - start
+    gemm, gemm_flops = gemm_probe(model, n, T, args.device)
+    rate = gemm_flops / min(_timed(gemm) for _ in range(3))
+    fwd = forward_flops(model, n, T)
+    need = measured["products"] * product
+    print(f"== projection: exact NGD on GPT {size} (P = {F.spec.dim:,}, N = {n}, T = {T}) in the same setting")
+    print(f"   forward F = {fwd / 1e9:.1f} GFLOP; F·v floor 4F = {4 * fwd / 1e9:.1f} GFLOP = {4 * fwd / rate:.2f} s at "
+          f"{rate / 1e9:.1f} GFLOP/s (GEMM probe); measured F·v {product:.2f} s (load "
+          f"{os.getloadavg()[0]:.1f})")
+    print(f"   × {measured['products']} products (GPT {args.sizes[0]}'s multi-shift solve) = {need:.0f} s "
+          f"({need / 60:.1f} min) for exact NGD alone; floor {measured['products'] * 4 * fwd / rate:.0f} s; "
+          f"a 10-minute evaluation allows {600 / product:.0f} products of this size")
+    print()
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 # ------------------------------------------------------------------------------------------------ main
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--sizes``, ``--parts``, ``--kfac-kinds`` and ``--cg-iters`` to ``parser`` (so ``--help`` lists them)."""
+    """Add ``--sizes``, ``--parts`` and ``--kfac-kinds`` to ``parser`` (so ``--help`` lists them)."""
     parser.add_argument("--sizes", default="1M,10M", help="comma-separated GPT_SIZES keys (default 1M,10M)")
     parser.add_argument("--parts", default="products,fidelity",
                         help="products (gradient, F·v, KFAC) and/or fidelity (default both)")
     parser.add_argument("--kfac-kinds", default=",".join(KINDS), help="Fisher kinds of the KFAC rows (default "
                         "empirical,mc)")
-    parser.add_argument("--cg-iters", type=int, default=20, help="CG cap of the fidelity's exact NGD (default 20)")
 
 
 def parse() -> argparse.Namespace:
@@ -395,7 +475,9 @@ def main() -> None:
               + ", ".join(f"{k} {v:.4f}" for k, v in info["floors"].items()))
         print_table(rows, "× curvlinops" if optional_import("curvlinops") else "× ref")
     if "fidelity" in args.parts:
-        bench_fidelity(args.sizes[0], n, length, n_values, args)
+        measured = bench_fidelity(args.sizes[0], n, length, n_values, args)
+        for size in args.sizes[1:]:
+            project_fidelity(size, n, length, n_values, measured, args)
 
 
 if __name__ == "__main__":
