@@ -72,9 +72,9 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -98,6 +98,8 @@ from fisherlab.vocabulary import FisherKind
 #: half of it, so its products ran in chunks of 3 sequences and its gradient in chunks of 7 (32 × 64 tokens;
 #: 1-thread CPU time of F·v 4.52 → 3.28 s and of the gradient 2.09 → 1.81 s with chunks of 16 and 32).
 DEFAULT_CHUNK_BYTES = 2**30
+
+T = TypeVar("T")
 
 #: Upper bound on the bytes :meth:`FisherEngine.matmat` keeps between calls: the output-space state (outputs or
 #: factors) and, when they fit too, the recorded graphs of the chunks' forward passes (:class:`Linearisation`).
@@ -309,10 +311,7 @@ class FisherEngine:
         if self.group is not None:  # one chunk size on every rank (the MC draws follow it), the smallest
             self.chunk_size = min_over_ranks(self.chunk_size, self.group, self.device)
         self._activation_bytes: dict[bool, int] = {}
-        #: What the layer-row passes (:mod:`fisherlab.layers`) found on the first samples, by what they asked: the
-        #: norms a pass can carry (``captured_norms``) and each probe's chunk size and cloning (``iter_layer_rows``).
-        #: Kept like the activation bytes: the model's structure is the engine's from its first pass on.
-        self._layer_probes: dict[tuple, Any] = {}
+        self._probes: dict[Hashable, Any] = {}  # what probed() found, by key
         self._jvp_by_vjp = False  # set when an operation of the model has no forward-mode rule (see jv)
         self._output_cache: tuple[tuple, list[Linearisation]] | None = None  # matmat's (state key, per chunk)
         check_budget(2 * row_bytes * min(self.chunk_size, self.local_samples), "a chunk of factor rows",
@@ -1087,6 +1086,17 @@ class FisherEngine:
         fixed = bytes_of(0)
         fit = int(max(1, min(self.local_samples, (self._working_bytes - fixed) // (bytes_of(1) - fixed))))
         return math.ceil(self.local_samples / math.ceil(self.local_samples / fit))
+
+    def probed(self, key: Hashable, find: Callable[[], T]) -> T:
+        """``find()``, run once per engine and ``key``: what a probe of the model on its first samples found.
+
+        Kept like :meth:`activation_bytes` (the model's structure is the engine's from its first pass on), so a
+        later computation of the same engine runs no probe: the layer-row passes of :mod:`fisherlab.layers` keep so
+        the norms a pass can carry (``captured_norms``) and each probe's chunk size and cloning (``iter_layer_rows``).
+        """
+        if key not in self._probes:
+            self._probes[key] = find()
+        return self._probes[key]
 
     def activation_bytes(self, reverse_only: bool = False) -> int:
         """Bytes the autograd graph of one forward saves per sample (parameters and buffers excluded).

@@ -628,17 +628,14 @@ def captured_norms(engine: FisherEngine, groups: Mapping[str, Sequence[str]]) ->
     Those of :data:`NORM_TYPES` modules (exact type) that one forward pass over the first (up to) two samples
     calls exactly once, on an input and with an output that lead with those samples. Any other (a norm called
     twice, or not called because the forward pass reads its parameters directly) needs the engine's factor rows.
-    The answer is kept on the engine (``FisherEngine._layer_probes``): a later structure of the same engine asks
+    The answer is kept on the engine (:meth:`FisherEngine.probed`): a later structure of the same engine asks
     without a forward pass.
     """
     candidates = {p: tuple(names) for p, names in groups.items()
                   if type(engine.model.get_submodule(p)) in NORM_TYPES}
     if not candidates:
         return {}
-    key = ("captured_norms", tuple(candidates.items()))
-    if key not in engine._layer_probes:
-        engine._layer_probes[key] = _called_once(engine, candidates)
-    return dict(engine._layer_probes[key])
+    return dict(engine.probed(("captured_norms", tuple(candidates.items())), lambda: _called_once(engine, candidates)))
 
 
 def _called_once(engine: FisherEngine, candidates: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
@@ -892,32 +889,30 @@ def iter_layer_rows(
     drawn once by the engine). A one-sample forward probe runs first, whatever the chunk size: on it every
     layer's input and output must lead with one sample (a layer called on a batch-free input is refused before
     any chunk), and it tells whether the model alters a layer's output in place (then every chunk captures the
-    outputs on clones, :func:`layer_rows`). What it found (the chunk size, the cloning) is kept on the engine
-    (``FisherEngine._layer_probes``, by layers, norms and ``per_sample_gradients``): a later pass of the same
-    engine over the same layers runs no probe.
+    outputs on clones, :func:`layer_rows`). What it found (the rows' size, the cloning) is kept on the engine
+    (:meth:`FisherEngine.probed`, by layers, norms and ``per_sample_gradients``): a later pass of the same engine
+    over the same layers runs no probe.
     """
     key = ("iter_layer_rows", tuple((p, f.has_weight, f.has_bias) for p, f in layouts.items()),
            tuple((norms or {}).items()), per_sample_gradients)
-    fit, cloned = engine._layer_probes.get(key, (None, None))
-    if cloned is None or (fit is None and chunk_size is None):  # (a given chunk size needs no fit)
+
+    def probe() -> tuple[int, bool]:
         x, y = engine.data.first(1)
-        probe = layer_rows(engine, layouts, x, y, None, backward=False, norms=norms)
-        fit = None if chunk_size is not None else _rows_chunk_size(engine, probe, per_sample_gradients)
-        cloned = probe.cloned_outputs
-        engine._layer_probes[key] = fit, cloned
-    for x, y, labels in engine.chunks(desc, chunk_size=chunk_size or fit):
+        rows = layer_rows(engine, layouts, x, y, None, backward=False, norms=norms)
+        return _row_scalars(engine, rows, per_sample_gradients), rows.cloned_outputs
+
+    scalars, cloned = engine.probed(key, probe)
+    for x, y, labels in engine.chunks(desc, chunk_size=chunk_size or _rows_chunk_size(engine, scalars)):
         yield layer_rows(engine, layouts, x, y, labels, backward=backward, norms=norms, clone_outputs=cloned)
 
 
-def _rows_chunk_size(engine: FisherEngine, probe: ChunkRows, per_sample_gradients: bool) -> int:
-    """Samples per chunk from the one-sample probe's rows (norms' included) and the forward's autograd graph.
+def _row_scalars(engine: FisherEngine, probe: ChunkRows, per_sample_gradients: bool) -> int:
+    """Scalars a sample adds to the peak of :func:`layer_rows`, from the one-sample probe's rows (norms' included).
 
-    The peak of :func:`layer_rows` is the rows it returns (inputs, outputs, R gradient rows) plus the graph the
-    forward pass saves for the reverse pass (:meth:`FisherEngine.activation_bytes`, measured with the same
-    attention kernels; GPT 1M, 32 × 64 tokens, R = 1: rows 4.1 MiB + graph 2.6 MiB a sample, against a measured
-    peak resident growth of 6.9 MiB a sample, with 4× headroom under the memory budget). ``per_sample_gradients``
-    adds the R·out·width scalars per sample that :func:`squared_gradient_sum` forms for a layer of dense rows at
-    L > 1 locations (one layer at a time); at L = 1, and for one-hot rows, it forms nothing larger than the rows.
+    That peak is the rows it returns (inputs, outputs, R gradient rows) plus the graph the forward pass saves for
+    the reverse pass (:func:`_rows_chunk_size`). ``per_sample_gradients`` adds the R·out·width scalars per sample
+    that :func:`squared_gradient_sum` forms for a layer of dense rows at L > 1 locations (one layer at a time); at
+    L = 1, and for one-hot rows, it forms nothing larger than the rows.
     """
     R = engine.rows_per_sample
     rows = [*probe.values(), *probe.norms.values()]
@@ -925,7 +920,17 @@ def _rows_chunk_size(engine: FisherEngine, probe: ChunkRows, per_sample_gradient
     if per_sample_gradients:
         scalars += max((R * r.outputs.shape[-1] * r.inputs.shape[-1] for r in probe.values()
                         if isinstance(r.inputs, Tensor) and r.inputs.shape[1] > 1), default=0)
-    graph = engine.activation_bytes(reverse_only=R == 1)  # the kernels layer_rows runs attention on
+    return scalars
+
+
+def _rows_chunk_size(engine: FisherEngine, scalars: int) -> int:
+    """Samples per chunk from the rows' scalars per sample (:func:`_row_scalars`) and the forward's autograd graph.
+
+    The graph is :meth:`FisherEngine.activation_bytes`, measured with the same attention kernels (GPT 1M, 32 × 64
+    tokens, R = 1: rows 4.1 MiB + graph 2.6 MiB a sample, against a measured peak resident growth of 6.9 MiB a
+    sample, with 4× headroom under the memory budget).
+    """
+    graph = engine.activation_bytes(reverse_only=engine.rows_per_sample == 1)  # the kernels layer_rows runs
     per_sample = scalars * torch.empty((), dtype=engine.dtype).element_size() + graph
     return max(1, min(DEFAULT_CHUNK_BYTES, engine.memory_budget // 4) // max(per_sample, 1))
 
