@@ -1148,7 +1148,7 @@ class FisherEngine:
         """
         params = self.params if params is None else params
         total = torch.zeros((), dtype=self.dtype, device=self.device)
-        g = torch.zeros(self.spec.dim, dtype=self.dtype, device=self.device)
+        sums: list[Tensor] | None = None  # per parameter, flattened once at the end (no P-wide zeros, adds, copies)
         for x, y, labels in self.chunks(chunk_size=self.gradient_chunk_size()):
             leaves = {n: params[n].detach().requires_grad_() for n in self.spec.names}
             with torch.enable_grad():
@@ -1158,9 +1158,14 @@ class FisherEngine:
             total += self.likelihood.nll(z.detach(), y).sum()
             grads = torch.autograd.grad(z, list(leaves.values()), self.likelihood.grad_z(z.detach(), y),
                                         allow_unused=True, materialize_grads=True)  # unused: ∂L/∂θ = 0
-            g += self.spec.flatten(grads)
+            if sums is None:
+                sums = list(grads)
+            else:
+                for s, chunk_grad in zip(sums, grads, strict=True):
+                    s.add_(chunk_grad)
+        g = self.spec.flatten(sums)
         self.reduce_sum([total, g])
-        return total / self.num_samples, g / self.num_samples
+        return total / self.num_samples, g.div_(self.num_samples)
 
     def outputs(self, params: dict[str, Tensor] | None = None) -> Tensor:
         """Model outputs on the whole dataset, shape (N, C) (data-parallel: this rank's shard, (N_rank, C)).
