@@ -36,7 +36,7 @@ from fisherlab.layers import (
     to_combined,
 )
 from fisherlab.structures.base import accumulate_gram, symmetrize_upper
-from fisherlab.structures.kfac import GramSums, KFACFisher, run_grams
+from fisherlab.structures.kfac import SPLIT_ROWS, GramSums, KFACFisher, run_grams
 from fisherlab.structures.running import RunningFisher, ema_update
 
 F64 = torch.float64
@@ -549,3 +549,27 @@ def test_gram_sums_side_by_side_over_chunks_against_row_sums(threads):
     out = torch.full((300, 300), float("nan"), dtype=F64)
     accumulate_gram(out, U, fresh=True)
     ref.assert_close(symmetrize_upper(out), sum(torch.outer(u, u) for u in U), 1e-14, "fresh over NaN")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_gram_sums_split_a_dominant_product_over_the_threads(threads):
+    """A product over 1/threads of a chunk's work with enough rows (SPLIT_ROWS a thread) is split over the threads'
+    rows (scratch sums added afterwards): over two chunks (the first into the uninitialised sum), with a bias column,
+    beside a small key, against Σ_m v_m v_mᵀ formed row by row."""
+    g = torch.Generator().manual_seed(8)
+    big = [torch.randn(m, 40, generator=g, dtype=F64) for m in (SPLIT_ROWS * 3 + 5, SPLIT_ROWS * 2)]
+    small = [torch.randn(4, 6, generator=g, dtype=F64) for _ in big]
+    weights = [torch.rand(U.shape[0], generator=g, dtype=F64) for U in big]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        acc = GramSums()
+        for U, c, W in zip(big, weights, small, strict=True):
+            acc.add("big", U, c)
+            acc.add("small", W)
+            run_grams([acc], torch.device("cpu"))
+    finally:
+        torch.set_num_threads(before)
+    V = torch.cat([torch.cat([U, c.unsqueeze(1)], 1) for U, c in zip(big, weights, strict=True)])
+    ref.assert_close(acc.finish("big", 1.0)(), sum(torch.outer(v, v) for v in V), 1e-13, f"{threads} threads")
+    ref.assert_close(acc.finish("small", 1.0)(), sum(torch.outer(w, w) for W in small for w in W), 1e-14, "small")

@@ -91,43 +91,51 @@ from fisherlab.structures.layerwise import LayerwiseFisher, NormBlocks, prepare_
 from fisherlab.vocabulary import KFACApprox
 
 
+def _gram_into(M: Tensor, U: Tensor, c: Tensor | None, fresh: bool) -> None:
+    """M += VᵀV for the rows V = [U, c] (m, d), upper triangle only (``fresh``: M is overwritten, β = 0).
+
+    :func:`accumulate_gram` does about half the arithmetic of a full product; the bias's column Uᵀc and corner cᵀc
+    are added without forming V (Uᵀc formed contiguous, then stored: 512 × 1024 rows, 1 thread, 0.05 ms; 0.54 ms as
+    an addmv_ into the strided column).
+    """
+    accumulate_gram(M if c is None else M[:-1, :-1], U, fresh=fresh)
+    if c is not None:
+        column, corner = U.T @ c, c.dot(c)
+        M[:-1, -1] = column if fresh else M[:-1, -1] + column
+        M[-1, -1] = corner if fresh else M[-1, -1] + corner
+
+
 class GramSums(dict[str, Tensor]):
     """key → Σ over chunks of VᵀV (d, d), a chunk's rows V = [U, c] (m, d), or a value summed by :func:`_add`.
 
     (c (m,): the bias's column; None: V = U. The values summed by :func:`_add`: an Embedding's diagonal A.)
     :meth:`add` does no arithmetic: it allocates a new key's sum uninitialised (its first chunk overwrites it, β = 0
-    in every GEMM: no zero fill) and queues the chunk's products, which :func:`run_grams` runs with the chunk's other
-    queued products. A product adds the upper triangle only (:func:`accumulate_gram`, about half the arithmetic)
-    and the bias's column Uᵀc and corner cᵀc without forming V; :meth:`finish` mirrors the finished sum and scales it.
+    in every GEMM: no zero fill) and queues the chunk's product (:func:`_gram_into`, the upper triangle), which
+    :func:`run_grams` runs with the chunk's other queued products; :meth:`finish` mirrors the finished sum and
+    scales it.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        #: key → its queued products (work m·d², task), in order, run by :func:`run_grams`.
-        self.pending: dict[str, list[tuple[int, Callable[[], None]]]] = {}
+        #: key → its queued products (U, c, fresh), in order, run by :func:`run_grams`.
+        self.pending: dict[str, list[tuple[Tensor, Tensor | None, bool]]] = {}
 
     def add(self, key: str, U: Tensor, c: Tensor | None = None) -> None:
         """Queue self[key] += VᵀV (upper triangle) for the rows V = [U, c] (U (m, width), c (m,) or None)."""
-        d = U.shape[1] + (c is not None)
-        first = key not in self
-        if first:
+        fresh = key not in self
+        if fresh:
+            d = U.shape[1] + (c is not None)
             self[key] = U.new_empty(d, d)
-        M = self[key]
-
-        def task() -> None:
-            accumulate_gram(M if c is None else M[:-1, :-1], U, fresh=first)
-            if c is not None:  # Uᵀc formed contiguous, then stored (512 × 1024 rows, 1 thread: 0.05 ms; 0.54 ms
-                # as an addmv_ into the strided column)
-                column, corner = U.T @ c, c.dot(c)
-                M[:-1, -1] = column if first else M[:-1, -1] + column
-                M[-1, -1] = corner if first else M[-1, -1] + corner
-
-        self.pending.setdefault(key, []).append((U.shape[0] * d * d, task))
+        self.pending.setdefault(key, []).append((U, c, fresh))
 
     def finish(self, key: str, scale: Tensor | float) -> Callable[[], Tensor]:
         """A task that returns scale · self[key], a Gram sum mirrored in place (:func:`symmetrize_upper`)."""
         M = self[key]
         return lambda: (M if M.dim() == 1 else symmetrize_upper(M, inplace=True)).mul_(scale)
+
+
+#: Least rows of each part when :func:`run_grams` splits one product's rows over the CPU threads.
+SPLIT_ROWS = 256
 
 
 def run_grams(sums: Sequence[GramSums], device: torch.device) -> None:
@@ -139,18 +147,37 @@ def run_grams(sums: Sequence[GramSums], device: torch.device) -> None:
     them a parallel region with its barrier. Four 1,025² Grams of 512 rows (the MLP 64-1024-1024-10's), 2 threads on
     2 shared cores (load 6), wall minima of 25 rounds: zero-filled and triangular one after the other 199 ms, full
     products into uninitialised sums 127 ms, triangular side by side 95 ms (mirrors included; 1 thread, CPU time:
-    43.3, 46.5, 41.6 ms). Otherwise they run one after the other on every thread.
+    43.3, 46.5, 41.6 ms). A single product over 1/threads of the work, queued once with at least
+    :data:`SPLIT_ROWS` rows a thread, has its rows split over the threads (the parts after the first into scratch
+    sums, added afterwards): the CNN's second convolution, 8,192 rows of width 289, 87% of its Grams. Otherwise the
+    products run one after the other on every thread.
     """
-    work = sorted(((sum(w for w, _ in queue), queue) for G in sums for queue in G.pending.values()),
-                  key=lambda item: -item[0])
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    jobs = sorted(((sum(U.shape[0] * M.shape[0] ** 2 for U, _, _ in queue), M, queue)
+                   for G in sums for M, queue in ((G[k], q) for k, q in G.pending.items())),
+                  key=lambda job: -job[0])
     for G in sums:
         G.pending = {}
-    tasks = [lambda queue=queue: [task() for _, task in queue] for _, queue in work]  # a key's products in order
-    if work and work[0][0] * torch.get_num_threads() <= sum(w for w, _ in work):
-        concurrently(tasks, device)
+    pieces = [(work, lambda M=M, queue=queue: [_gram_into(M, *item) for item in queue]) for work, M, queue in jobs]
+    total = sum(work for work, _, _ in jobs)
+    scratch: list[tuple[Tensor, Tensor]] = []
+    if threads > 1 and jobs and jobs[0][0] * threads > total and len(jobs[0][2]) == 1 \
+            and jobs[0][2][0][0].shape[0] >= SPLIT_ROWS * threads:
+        work, M, [(U, c, fresh)] = jobs[0]
+        rows = [(U[a: a + step], None if c is None else c[a: a + step])
+                for step in [-(-U.shape[0] // threads)] for a in range(0, U.shape[0], step)]
+        scratch = [(M, torch.empty_like(M)) for _ in rows[1:]]
+        pieces[:1] = [(work // len(rows), lambda: _gram_into(M, *rows[0], fresh))] + [
+            (work // len(rows), lambda S=S, part=part: _gram_into(S, *part, True))
+            for (_, S), part in zip(scratch, rows[1:], strict=True)]
+        pieces.sort(key=lambda piece: -piece[0])
+    if pieces and max(work for work, _ in pieces) * threads <= total:
+        concurrently([task for _, task in pieces], device)
     else:
-        for task in tasks:
+        for _, task in pieces:
             task()
+    for M, S in scratch:
+        M.add_(S)
 
 
 def _zeros(engine: FisherEngine, *shape: int) -> Tensor:
