@@ -68,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header, optional_import, rel_diff, synchronize, time_methods
 from bench_dense import digits
 from bench_kfac import fisher_vector_floor
-from bench_transformer import ROWS_BUDGET, Peer, fisherlab_linear_factors, lm_batch, stacked_factors, with_math_sdpa
+from bench_transformer import Peer, fisherlab_linear_factors, lm_batch, stacked_factors, with_math_sdpa
 
 from fisherlab import fisher
 from fisherlab.data import load_digits
@@ -405,7 +405,7 @@ def make_gpt_op(p: Problem, op: str) -> Op:
                 run, lambda K: torch.cat([stacked_factors(Peer.factors(K), 0), stacked_factors(Peer.factors(K), 1)]))
         return Op(ours, built=lambda: KFACFisher.from_engine(eng, approx=approx), peers=peers)
     F = fisher(p.model, (p.X, p.y), "categorical", kind="true", structure="implicit", dtype=torch.float32,
-               device=device, memory_budget=ROWS_BUDGET, progress=False)
+               device=device, progress=False)
     F @ v  # the linearisation cached, as curvlinops' operator is built
     G = peer.ggn(p.y) if peer.available else None
     if op == "fv":

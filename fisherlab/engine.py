@@ -314,8 +314,6 @@ class FisherEngine:
         self._probes: dict[Hashable, Any] = {}  # what probed() found, by key
         self._jvp_by_vjp = False  # set when an operation of the model has no forward-mode rule (see jv)
         self._output_cache: tuple[tuple, list[Linearisation]] | None = None  # matmat's (state key, per chunk)
-        check_budget(2 * row_bytes * min(self.chunk_size, self.local_samples), "a chunk of factor rows",
-                     self.memory_budget, "a smaller chunk_size")
         # The first pass over the data checks every sample's outputs and draws the MC labels (see _check_block).
         self._generator = (torch.Generator(device=self.device).manual_seed(self.seed)
                            if self.kind is FisherKind.MC else None)
@@ -789,6 +787,7 @@ class FisherEngine:
 
     def factor_rows(self, x: Tensor, y: Tensor, labels: Tensor | None) -> Tensor:
         """U_n = M_n J_n for the samples of a chunk, shape (n, R, P), by one vmapped VJP per row."""
+        self._check_rows_budget(self.spec.dim, x.shape[0])
         with torch.no_grad():
             M = self.output_factor(self.forward(self.params, x), y, labels)
         return self._rows(x, M)
@@ -839,6 +838,17 @@ class FisherEngine:
             "nn.LSTM / nn.GRU have no batching rule; an unrolled recurrence (nn.LSTMCell, or "
             "fisherlab.models.LSTMClassifier) is vmapped", FallbackWarning, stacklevel=4)
 
+    def _check_rows_budget(self, width: int, n: int | None = None) -> None:
+        """Refuse a chunk of n samples' factor rows (default: :attr:`chunk_size`), R·width each, above the budget.
+
+        Checked where rows are formed, not when the engine is built: the matrix-free products, the gradient and the
+        layer-row structures (KFAC, EKFAC, ...) never form P-wide rows, so an engine whose rows could not fit (a
+        GPT's T·(C − 1) = 4096 rows a sequence of the true Fisher) serves them under the default budget.
+        """
+        n = min(self.chunk_size, self.local_samples) if n is None else n
+        check_budget(2 * n * dense_bytes(self.rows_per_sample, width, self.dtype), "a chunk of factor rows",
+                     self.memory_budget, "a smaller chunk_size")
+
     def iter_factor_rows(self, desc: str | None = None, names: Sequence[str] | None = None) -> Iterator[Tensor]:
         """Yield factor rows scaled so that F = Σ_chunks UᵀU; each U has shape (n·R, P).
 
@@ -855,6 +865,7 @@ class FisherEngine:
                 raise InputError(f"unknown parameter names {unknown}; the engine has {list(self.spec.names)}")
             names = [n for n in self.spec.names if n in set(names)]
         width = self.spec.dim if names is None else len(self.spec.indices(names))
+        self._check_rows_budget(width)
         scale = 1.0 / math.sqrt(self.num_samples)
         for x, y, labels in self.chunks(desc):
             with torch.no_grad():

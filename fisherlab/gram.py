@@ -157,7 +157,7 @@ class SampleGram:
 
     @property
     def rows_count(self) -> int:
-        """m = N·R, the number of factor rows."""
+        """The number of factor rows, m = N·R."""
         return int(self.K.shape[0])
 
     def rows(self, V: Tensor) -> Tensor:

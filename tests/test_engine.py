@@ -384,8 +384,11 @@ def test_dense_refuses_above_budget_with_number_and_alternatives(problems):
     implicit = structures.build("implicit", engine)
     with pytest.raises(MemoryBudgetError, match="76.6 KiB"):
         implicit.to_dense()
+    big_chunks = p.engine("true", memory_budget=budget, chunk_size=8)  # rows are checked where they are formed
+    v = torch.randn(p.reference("true").shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref.assert_close(big_chunks.matmat(v), p.reference("true") @ v, REF_RTOL, "F·v forms no rows")
     with pytest.raises(MemoryBudgetError, match="chunk of factor rows.*smaller chunk_size"):
-        p.engine("true", memory_budget=budget, chunk_size=8)
+        structures.build("block", big_chunks, by="tensor")
 
 
 def test_chunk_memory_bound_follows_budget():

@@ -12,9 +12,8 @@ import pytest
 import reference as ref
 import torch
 
-from fisherlab import structures
+from fisherlab import fisher, structures
 from fisherlab.engine import FisherEngine
-from fisherlab import fisher
 
 pytestmark = pytest.mark.gpu
 

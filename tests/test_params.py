@@ -14,8 +14,8 @@ from cases import CASES_BY_NAME, GatedNet
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from fisherlab.errors import InputError
 from fisherlab import fisher
+from fisherlab.errors import InputError
 from fisherlab.params import ParamSpec, layer_of
 
 
