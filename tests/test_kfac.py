@@ -16,6 +16,7 @@ import layer_reference as lref
 import pytest
 import reference as ref
 import torch
+import torch.nn.functional as nnf
 from cases import MLP, MLP_GAUSS, SOFTMAX, Case
 from torch import nn
 
@@ -573,3 +574,40 @@ def test_gram_sums_split_a_dominant_product_over_the_threads(threads):
     V = torch.cat([torch.cat([U, c.unsqueeze(1)], 1) for U, c in zip(big, weights, strict=True)])
     ref.assert_close(acc.finish("big", 1.0)(), sum(torch.outer(v, v) for v in V), 1e-13, f"{threads} threads")
     ref.assert_close(acc.finish("small", 1.0)(), sum(torch.outer(w, w) for W in small for w in W), 1e-14, "small")
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(3, 4, 3, padding=1),
+    nn.Conv2d(1, 2, (2, 3), stride=(2, 1), dilation=(1, 2)),
+    nn.Conv2d(2, 3, 3, padding="same", padding_mode="reflect"),
+    nn.Conv2d(5, 2, 1),
+    nn.Conv1d(3, 2, 5, stride=2, dilation=2, padding=3),
+], ids=["3x3-pad", "strided-dilated", "same-reflect", "1x1", "conv1d"])
+def test_conv_rows_in_float32_equal_patches_gathered_by_index(conv):
+    """ConvRule.unfold_input in float32 on the CPU (patches copied by a grouped one-hot convolution) equals the
+    patches gathered index by index from the padded input, bit for bit, in weight.reshape(out, -1) order."""
+    from fisherlab.layers import ConvRule, _patches_by_convolution
+
+    g = torch.Generator().manual_seed(4)
+    shape = (3, conv.in_channels, 7, 9) if isinstance(conv, nn.Conv2d) else (3, conv.in_channels, 11)
+    a = torch.randn(shape, generator=g)
+    rule = ConvRule(a.dim() - 2)
+    rows = rule.unfold_input(conv, a)
+    assert _patches_by_convolution(a)
+    padded = nnf.pad(a, conv._reversed_padding_repeated_twice,
+                     mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+    if a.dim() == 3:
+        padded = padded.unsqueeze(2)
+    kh, kw = (1, *conv.kernel_size) if a.dim() == 3 else conv.kernel_size
+    dh, dw = (1, *conv.dilation) if a.dim() == 3 else conv.dilation
+    sh, sw = (1, *conv.stride) if a.dim() == 3 else conv.stride
+    out = conv(a)
+    H, W = (1, out.shape[-1]) if a.dim() == 3 else out.shape[-2:]
+    expected = torch.stack([torch.stack([
+        torch.stack([padded[n, c, h * sh + i * dh, w * sw + j * dw] for c in range(a.shape[1])
+                     for i in range(kh) for j in range(kw)]) for h in range(H) for w in range(W)])
+        for n in range(a.shape[0])])
+    assert rows.shape == expected.shape and torch.equal(rows, expected)
+    weight = conv.weight.detach().reshape(conv.out_channels, -1)
+    ref.assert_close((rows @ weight.T + conv.bias.detach()).double(),
+                     out.detach().reshape(3, conv.out_channels, -1).transpose(1, 2).double(), 1e-5, "rows reproduce")
