@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import pickle
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -93,6 +95,24 @@ def test_digits_deterministic_and_seed_dependent(digits_flat):
     assert torch.equal(again.X_train, digits_flat.X_train) and torch.equal(again.y_test, digits_flat.y_test)
     other = D.load_digits(seed=1)
     assert not torch.equal(other.y_train, digits_flat.y_train)
+
+
+def test_digits_table_is_sklearns_without_importing_it():
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    table = D._digits_table()
+    assert table.dtype == np.float64 and table.shape == (1797, 65)
+    assert np.array_equal(table[:, :-1], bunch.data) and np.array_equal(table[:, -1].astype(np.int64), bunch.target)
+    code = "import sys; from fisherlab import data; data.load_digits(); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_digits_table_missing_sklearn(monkeypatch):
+    monkeypatch.setattr(D.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(InputError, match="scikit-learn"):
+        D.load_digits()
 
 
 def test_digits_dtype_and_errors():
