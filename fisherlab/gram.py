@@ -172,6 +172,21 @@ class SampleGram:
             p.rows_t(Y.to(GRAM_DTYPE), out)
         return out
 
+    def block_gram(self, indices: Tensor) -> Tensor | None:
+        """K_b = U_b U_bᵀ (m, m), float64, of the parameters at flat ``indices`` (ascending), or None.
+
+        Only when the indices are exactly one part's (a layer with a rule, or the group of parameters outside the
+        rules); then F_bb = U_bᵀ U_b has K_b's nonzero eigenvalues and P_b − m zeros more when m < P_b. None
+        for any other set (a block that cuts across parts).
+        """
+        for part in self.parts:
+            if part.indices.shape == indices.shape and torch.equal(part.indices.sort().values,
+                                                                   indices.to(part.indices.device)):
+                K = torch.zeros_like(self.K)
+                part.gram_into(K)
+                return K
+        return None
+
     def cholesky(self, damping: float) -> Tensor:
         """The lower Cholesky factor of K + λI (m, m), λ > 0; the latest damping's is kept for the next call."""
         if not damping > 0:

@@ -350,6 +350,25 @@ def test_empirical_fisher_solved_and_decomposed_in_sample_space(problem):
     assert cholesky.sample_gram("empirical") is None
 
 
+def test_empirical_layer_spectra_from_the_sample_gram(problem):
+    """Layer 1 (P_1 = 45 > m = 24): its eigenvalues from its 24×24 sample Gram, with 21 exact zeros; layer 2
+    (P_2 = 24 = m): its dense block's; both against numpy's eigvalsh of the reference E = GᵀG/N's blocks."""
+    data = (problem["X"], problem["y"])
+    ctx = RuleContext(problem["model"], data, "categorical", dtype=D, dampings=tuple(DAMPINGS))
+    G = problem["G"]
+    E = G.T @ G / len(G)
+    gram = ctx.sample_gram("empirical")
+    (ix1, ix2) = layer_blocks(problem["model"])
+    K1 = gram.block_gram(torch.from_numpy(ix1))
+    np.testing.assert_allclose(K1.numpy(), G[:, ix1] @ G[:, ix1].T / len(G), rtol=1e-10, atol=1e-14)
+    assert gram.block_gram(torch.from_numpy(np.concatenate([ix1, ix2[:3]]))) is None  # not one part's
+    layers = ctx.layer_eigenvalues("empirical")
+    for e, ix in zip(layers.values(), (ix1, ix2), strict=True):
+        w = np.linalg.eigvalsh(E[np.ix_(ix, ix)])
+        assert e.shape == (len(ix),) and np.abs(e.numpy() - w).max() <= 1e-12 * w[-1]
+    assert (layers[next(iter(layers))][: len(ix1) - 24] == 0).all()
+
+
 def test_shared_context_refuses_other_parameters(problem):
     data = (problem["X"], problem["y"])
     ctx = RuleContext(problem["model"], data, "categorical", dtype=D)

@@ -370,7 +370,10 @@ class RuleContext:
         """Eigenvalues (ascending) of each layer block F_ll of the dense Fisher of ``kind``, by layer, computed once.
 
         The blocks of :meth:`structure` ``("block")`` for the true Fisher, else read off the kind's dense matrix
-        (:meth:`~fisherlab.structures.BlockDiagonalFisher.from_dense`).
+        (:meth:`~fisherlab.structures.BlockDiagonalFisher.from_dense`). With a :meth:`sample_gram` (m rows), a
+        layer of P_l > m parameters has rank ≤ m: its eigenvalues are those of its m × m sample Gram
+        K_l = U_l U_lᵀ (:meth:`~fisherlab.gram.SampleGram.block_gram`) with P_l − m exact zeros, instead of
+        the P_l × P_l block's (as :meth:`eigenvalues` does for the whole Fisher).
 
         Raises:
             MemoryBudgetError: If the dense Fisher does not fit the memory budget.
@@ -381,8 +384,17 @@ class RuleContext:
                 F.check_dense_budget()
             blocks = (self.structure("block", kind) if kind == FisherKind.TRUE.value
                       else BlockDiagonalFisher.from_dense(F))
+            gram = self.sample_gram(kind)
             with self.timed(f"eigenvalues {kind} Fisher blocks"):
-                self._layer_eigenvalues[kind] = blocks.block_eigvalsh()
+                out = {}
+                for name, B in blocks.blocks.items():
+                    K = None if gram is None or gram.rows_count >= B.shape[0] else gram.block_gram(blocks.index[name])
+                    if K is None:
+                        out[name] = eigvalsh(B)
+                    else:
+                        ev = eigvalsh(K).to(B.dtype)
+                        out[name] = torch.sort(torch.cat([ev.new_zeros(B.shape[0] - ev.shape[0]), ev])).values
+                self._layer_eigenvalues[kind] = out
         return self._layer_eigenvalues[kind]
 
     def exact_solve(self, kind: str, damping: float) -> Tensor:
