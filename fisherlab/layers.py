@@ -302,8 +302,10 @@ def _patches_by_convolution(a: Tensor) -> bool:
     """
     if a.device.type != "cpu" or a.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return False
-    conv = getattr(torch.backends.mkldnn, "conv", None)
-    return getattr(conv, "fp32_precision", "none") in ("none", "ieee")
+    mkldnn = torch.backends.mkldnn  # a precision of "none" is its parent's; IEEE when none is set
+    chain = (getattr(getattr(mkldnn, "conv", None), "fp32_precision", "none"),
+             getattr(mkldnn, "fp32_precision", "none"), getattr(torch.backends, "fp32_precision", "none"))
+    return next((p for p in chain if p != "none"), "ieee") == "ieee"
 
 
 def _conv_patches(a: Tensor, kernel: Sequence[int], dilation: Sequence[int], stride: Sequence[int]) -> Tensor:

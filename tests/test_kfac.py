@@ -611,3 +611,22 @@ def test_conv_rows_in_float32_equal_patches_gathered_by_index(conv):
     weight = conv.weight.detach().reshape(conv.out_channels, -1)
     ref.assert_close((rows @ weight.T + conv.bias.detach()).double(),
                      out.detach().reshape(3, conv.out_channels, -1).transpose(1, 2).double(), 1e-5, "rows reproduce")
+
+
+def test_conv_rows_fall_back_to_unfold_off_ieee_float32():
+    """With a bf16 oneDNN convolution precision set, or in float64, the rows come from F.unfold (the grouped
+    convolution would round), equal to the float32 IEEE path's."""
+    from fisherlab.layers import ConvRule, _patches_by_convolution
+
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    a = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(6))
+    ieee = ConvRule(2).unfold_input(conv, a)
+    assert not _patches_by_convolution(a.double())
+    assert torch.equal(ConvRule(2).unfold_input(conv, a.double()), ieee.double())
+    before = torch.backends.mkldnn.conv.fp32_precision
+    torch.backends.mkldnn.conv.fp32_precision = "bf16"
+    try:
+        assert not _patches_by_convolution(a)
+        assert torch.equal(ConvRule(2).unfold_input(conv, a), ieee)
+    finally:
+        torch.backends.mkldnn.conv.fp32_precision = before
