@@ -318,6 +318,20 @@ def test_bad_sequence_targets(model, data, targets, match):
         fisher(model, (X, targets(y)), "categorical")
 
 
+def test_bad_targets_of_a_later_sequence_are_named_after_the_model_s_own_error(model, data):
+    """Bad targets past the first samples (found by the token count at construction): the model's own error on a
+    sample it cannot take comes first, else the targets' error."""
+    X, y, _ = data
+    bad_y = y.clone()
+    bad_y[3, 0] = V
+    with pytest.raises(InputError, match=r"\[0, 7\) or equal ignore_index = -100; got 7"):
+        fisher(model, (X, bad_y), "categorical")
+    bad_x = X.clone()
+    bad_x[3, 1] = V  # no embedding row
+    with pytest.raises(InputError, match=r"could not be evaluated on sample 3 .*index out of range"):
+        fisher(model, (bad_x, bad_y), "categorical")
+
+
 def test_bad_ignore_index_and_outputs(model, data):
     X, y, _ = data
     with pytest.raises(InputError, match="is a class label"):
