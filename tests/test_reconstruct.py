@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import reference as ref
 import torch
@@ -299,6 +300,31 @@ def test_copies_and_state_dict(mlp) -> None:
     with torch.no_grad():
         full_copy.net[0].parametrizations.bias.original.add_(1.0)  # the copy's peers are the copy's tensors
         assert rel(full(X), model(X)) < 1e-10 and not torch.allclose(full_copy(X), model(X))
+
+
+def test_dense_cholesky_root_applies_its_inverse_by_triangular_solves(mlp) -> None:
+    """sqrt="cholesky" (dense): R = Lᵀ of the reference F + λI, no R⁻¹ formed; θ = R⁻¹θ' by numpy's solve; the GD
+    step is −η (F + λI)⁻¹ ∇L; state dicts load between the eigh and Cholesky forms with the same function."""
+    model, X, y = mlp
+    chol = reconstruct(model, (X, y), structure="dense", damping=LAM, sqrt="cholesky")
+    eigh = reconstruct(model, (X, y), structure="dense", damping=LAM)
+    (root,) = [m for m in chol.modules() if isinstance(m, DenseRoot)]
+    F = ref.true_fisher(model, X, ref.RefLikelihood("categorical")) + LAM * torch.eye(root.dim, dtype=DT)
+    assert root.inv_sqrt.shape == (0,)
+    assert rel(root.sqrt, torch.linalg.cholesky(F).T) < 1e-10
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    want = torch.from_numpy(np.linalg.solve(root.sqrt.numpy(), root.prime_vector().numpy()))
+    assert rel(root.theta_vector(), want) < 1e-12 and rel(want, theta) < 1e-10
+    with torch.no_grad():
+        assert rel(chol(X), model(X)) < 1e-10
+    g = ref.loss_gradients(model, X, y, ref.RefLikelihood("categorical")).mean(0)
+    assert rel(chol.gd_update((X, y), 0.1), -0.1 * torch.linalg.solve(F, g)) < 1e-9
+    for into, source in ((copy.deepcopy(eigh), chol), (copy.deepcopy(chol), eigh)):
+        into.load_state_dict(source.state_dict())
+        (loaded,) = [m for m in into.modules() if isinstance(m, DenseRoot)]
+        assert loaded.inv_sqrt.shape == [m for m in source.modules() if isinstance(m, DenseRoot)][0].inv_sqrt.shape
+        with torch.no_grad():
+            assert rel(into(X), model(X)) < 1e-10
 
 
 def test_reconstructed_network_is_a_model_for_the_fisher_engine(mlp) -> None:

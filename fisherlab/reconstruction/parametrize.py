@@ -31,6 +31,7 @@ roots themselves: they are buffers.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -43,8 +44,9 @@ from fisherlab.reconstruction.roots import (
     LocalFisherUnit,
     TransposedLayout,
     batched_damped_roots,
-    damped_roots,
+    damped_root,
     flatten,
+    inverse_root_rows,
     positive_roots,
 )
 
@@ -96,9 +98,12 @@ class DenseRoot(FisherRoot):
     """Dense G_g = G + λI over the group vector (structures ``full`` and ``block``).
 
     Buffers ``sqrt`` and ``inv_sqrt`` of shape (P_g, P_g). A member reads only its rows of G^{-1/2}, so one forward
-    pass costs one (P_g × P_g) product for the whole group. Optional statistic ``"cholesky"``: the structure's
-    lower Cholesky factor of sym(G) + λI at this λ, which the Cholesky root uses instead of factorising
-    (:func:`~fisherlab.reconstruction.roots.damped_roots`).
+    pass costs one (P_g × P_g) product for the whole group. With ``sqrt="cholesky"`` ``sqrt`` is the upper
+    triangular R = Lᵀ and ``inv_sqrt`` is empty (0,): R⁻¹ is applied by triangular solves, not formed
+    (:func:`~fisherlab.reconstruction.roots.damped_root`; member k solves the trailing block R[a:, a:] of its
+    offset a); a state dict says which by the shape of its ``inv_sqrt`` and loads into either. Optional statistic
+    ``"cholesky"``: the structure's lower Cholesky factor of sym(G) + λI at this λ, which the Cholesky root uses
+    instead of factorising.
     """
 
     statistics = ("G",)
@@ -109,15 +114,27 @@ class DenseRoot(FisherRoot):
         self.register_buffer("inv_sqrt", self._eye(self.dim))
 
     def _apply_rows(self, V: Tensor, power: float) -> Tensor:
+        if power < 0 and self.inv_sqrt.numel() == 0:
+            return inverse_root_rows(self.sqrt, V)
         return V @ (self.sqrt if power > 0 else self.inv_sqrt).mT
 
     def member(self, k: int, primes: Sequence[Tensor]) -> Tensor:
-        rows = self.inv_sqrt[self.offsets[k]: self.offsets[k + 1]]
-        return (rows @ flatten(primes, self.shapes)).reshape(self.shapes[k])
+        a, b = self.offsets[k], self.offsets[k + 1]
+        theta = flatten(primes, self.shapes)
+        if self.inv_sqrt.numel() == 0:  # (R⁻¹θ')[a:b] = R[a:, a:]⁻¹ θ'[a:] restricted to its first b − a entries
+            return inverse_root_rows(self.sqrt[a:, a:], theta[a:].unsqueeze(0))[0, : b - a].reshape(self.shapes[k])
+        return (self.inv_sqrt[a:b] @ theta).reshape(self.shapes[k])
 
     def update(self, stats: Mapping[str, Tensor], damping: float, method: str, rank: int = 64) -> None:
         self._check_stats(stats)
-        self.sqrt, self.inv_sqrt = damped_roots(stats["G"].to(self.sqrt), damping, method, stats.get("cholesky"))
+        sqrt, inv_sqrt = damped_root(stats["G"].to(self.sqrt), damping, method, stats.get("cholesky"))
+        self.sqrt, self.inv_sqrt = sqrt, self.sqrt.new_empty(0) if inv_sqrt is None else inv_sqrt
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Tensor], prefix: str, *args: Any) -> None:
+        inv_sqrt = state_dict.get(prefix + "inv_sqrt")
+        if inv_sqrt is not None and inv_sqrt.shape != self.inv_sqrt.shape:  # the other root form: take its shape
+            self.inv_sqrt = self.inv_sqrt.new_empty(inv_sqrt.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 class DiagonalRoot(FisherRoot):

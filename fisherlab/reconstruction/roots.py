@@ -14,7 +14,8 @@ G_g^{-1} ∇θ L whatever R is (invariant 2 needs only RᵀR = G). The methods o
 (reference), ``"denman_beavers"``, ``"newton_schulz"`` give the symmetric root R = G^{1/2} of docs/method.md;
 ``"cholesky"`` gives the triangular factor R = Lᵀ (G = L Lᵀ): the same NGD steps in other coordinates θ', and about
 a quarter of the cost of an eigendecomposition at refresh (n³/3 flops for the factor, n³/3 for its inverse; measured
-40 against 175 ms for n = 1024). ``"lowrank"`` (:func:`lowrank_roots`) changes G itself: each Kronecker factor wider
+40 against 175 ms for n = 1024; a dense unit does not form the inverse: :func:`damped_root`, R⁻¹ by triangular
+solves). ``"lowrank"`` (:func:`lowrank_roots`) changes G itself: each Kronecker factor wider
 than twice the rank k is replaced by its top-k eigen-part plus an isotropic remainder, whose roots cost O(n·k) per
 vector instead of O(n²); every other block gets eigh roots.
 
@@ -86,6 +87,31 @@ def damped_roots(G: Tensor, damping: float, method: str, factor: Tensor | None =
     return res.sqrt.to(G.dtype), res.inv_sqrt.to(G.dtype)  # type: ignore[union-attr]
 
 
+def damped_root(G: Tensor, damping: float, method: str, factor: Tensor | None = None
+                ) -> tuple[Tensor, Tensor | None]:
+    """(R, R⁻¹) as :func:`damped_roots`, except that ``"cholesky"`` gives (R, None): R⁻¹ is not formed.
+
+    R = Lᵀ is upper triangular, so R⁻¹ V is a triangular solve (:func:`inverse_root_rows`, n² flops a vector)
+    where forming R⁻¹ costs n³ (1.2 one-thread CPU s at n = 3,466, per damping). Same checks, ``factor`` and
+    float64 computation as :func:`damped_roots`; R in G's dtype.
+
+    Raises:
+        SingularMatrixError: G_λ is not numerically positive definite.
+        NonFiniteError: G contains NaN or inf.
+        ConvergenceError: An iterative method did not converge.
+    """
+    if method != "cholesky":
+        return damped_roots(G, damping, method, factor)
+    if damping > 0 and factor is not None and factor.dtype == torch.float64:
+        return factor.mT.to(G.dtype), None
+    return _damped_cholesky(G.unsqueeze(0), damping)[0].mT.to(G.dtype), None
+
+
+def inverse_root_rows(R: Tensor, V: Tensor) -> Tensor:
+    """V R^{-T} for an upper triangular R (n, n) and rows V (k, n): R⁻¹ on each row, by one triangular solve."""
+    return torch.linalg.solve_triangular(R.mT, V, upper=False, left=False)
+
+
 def _advice(damping: float) -> str:
     return "pass damping > 0" if damping == 0 else f"increase the damping (now {damping:g})"
 
@@ -132,27 +158,36 @@ def batched_damped_roots(G: Tensor, damping: float, method: str) -> tuple[Tensor
     if method not in ("eigh", "cholesky", "lowrank"):
         roots = [damped_roots(B, damping, method) for B in G]
         return torch.stack([r[0] for r in roots]), torch.stack([r[1] for r in roots])
-    if not bool(torch.isfinite(G).all()):
-        raise NonFiniteError("a Fisher block to take square roots of contains NaN or inf values")
-    b, n = G.shape[0], G.shape[-1]
-    eye = torch.eye(n, dtype=torch.float64, device=G.device)
-    Gd = 0.5 * (G + G.mT).double() + damping * eye
     if method == "cholesky":
-        L, info = torch.linalg.cholesky_ex(Gd)
-        failed = info != 0
-        if bool(failed.any()):
-            _refuse_singular(torch.linalg.eigvalsh(Gd[failed]), damping, b)  # names the smallest eigenvalue
-            raise SingularMatrixError(f"the Cholesky factorisation of a block + damping·I failed "
-                                      f"(damping={damping:g}); {_advice(damping)}")
-        if damping == 0:
-            _refuse_singular(torch.linalg.eigvalsh(Gd), damping, b)
-        R, R_inv = cholesky_roots(L)
+        R, R_inv = cholesky_roots(_damped_cholesky(G, damping))
         return R.to(G.dtype), R_inv.to(G.dtype)
-    w, Q = torch.linalg.eigh(Gd)
-    _refuse_singular(w, damping, b)
+    w, Q = torch.linalg.eigh(_damped(G, damping))
+    _refuse_singular(w, damping, G.shape[0])
     sqrt = (Q * w.sqrt().unsqueeze(-2)) @ Q.mT
     inv_sqrt = (Q * w.rsqrt().unsqueeze(-2)) @ Q.mT
     return sqrt.to(G.dtype), inv_sqrt.to(G.dtype)
+
+
+def _damped(G: Tensor, damping: float) -> Tensor:
+    """sym(G) + λI in float64 for blocks G (b, n, n), refused when G is not finite."""
+    if not bool(torch.isfinite(G).all()):
+        raise NonFiniteError("a Fisher block to take square roots of contains NaN or inf values")
+    eye = torch.eye(G.shape[-1], dtype=torch.float64, device=G.device)
+    return 0.5 * (G + G.mT).double() + damping * eye
+
+
+def _damped_cholesky(G: Tensor, damping: float) -> Tensor:
+    """Lower Cholesky factors L (b, n, n), float64, of sym(G_b) + λI, refused as :func:`batched_damped_roots` says."""
+    Gd = _damped(G, damping)
+    L, info = torch.linalg.cholesky_ex(Gd)
+    failed = info != 0
+    if bool(failed.any()):
+        _refuse_singular(torch.linalg.eigvalsh(Gd[failed]), damping, G.shape[0])  # names the smallest eigenvalue
+        raise SingularMatrixError(f"the Cholesky factorisation of a block + damping·I failed "
+                                  f"(damping={damping:g}); {_advice(damping)}")
+    if damping == 0:
+        _refuse_singular(torch.linalg.eigvalsh(Gd), damping, G.shape[0])
+    return L
 
 
 def cholesky_roots(L: Tensor) -> tuple[Tensor, Tensor]:
