@@ -36,6 +36,7 @@ from fisherlab.layers import (
     rule_for,
     to_combined,
 )
+from fisherlab.structures import kfac as kfac_module
 from fisherlab.structures.base import accumulate_gram, symmetrize_upper
 from fisherlab.structures.kfac import SPLIT_ROWS, GramSums, KFACFisher, run_grams
 from fisherlab.structures.running import RunningFisher, ema_update
@@ -522,10 +523,11 @@ def test_bias_row_and_column_summed_without_the_expanded_rows(width):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_gram_sums_side_by_side_over_chunks_against_row_sums(threads):
+def test_gram_sums_side_by_side_over_chunks_against_row_sums(threads, monkeypatch):
     """GramSums over three chunks of several keys (widths 0 to 300, with and without a bias column; run side by side
     on two threads, one after the other on one) into uninitialised sums, against Σ_m v_m v_mᵀ formed row by row;
     accumulate_gram(fresh=True) overwrites a NaN-filled upper triangle."""
+    monkeypatch.setattr(kfac_module, "SIDE_BY_SIDE_WORK", 0)  # side by side for so little work too
     g = torch.Generator().manual_seed(5)
     widths = {"a": (300, True), "b": (290, False), "c": (0, True), "d": (7, False)}
     chunks = [{k: torch.randn(m, w, generator=g, dtype=F64) for k, (w, _) in widths.items()} for m in (5, 1, 9)]
@@ -553,10 +555,11 @@ def test_gram_sums_side_by_side_over_chunks_against_row_sums(threads):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_gram_sums_split_a_dominant_product_over_the_threads(threads):
+def test_gram_sums_split_a_dominant_product_over_the_threads(threads, monkeypatch):
     """A product over 1/threads of a chunk's work with enough rows (SPLIT_ROWS a thread) is split over the threads'
     rows (scratch sums added afterwards): over two chunks (the first into the uninitialised sum), with a bias column,
     beside a small key, against Σ_m v_m v_mᵀ formed row by row."""
+    monkeypatch.setattr(kfac_module, "SIDE_BY_SIDE_WORK", 0)
     g = torch.Generator().manual_seed(8)
     big = [torch.randn(m, 40, generator=g, dtype=F64) for m in (SPLIT_ROWS * 3 + 5, SPLIT_ROWS * 2)]
     small = [torch.randn(4, 6, generator=g, dtype=F64) for _ in big]

@@ -136,6 +136,10 @@ class GramSums(dict[str, Tensor]):
 
 #: Least rows of each part when :func:`run_grams` splits one product's rows over the CPU threads.
 SPLIT_ROWS = 256
+#: Least work (multiply-adds, Σ m·d²) of a chunk's queued products that :func:`run_grams` runs side by side: below
+#: it a thread pool costs more than the parallel regions it saves (GPT 1M KFAC-reduce, 32 sequences, ~10⁸: 2-thread
+#: wall minima 195 ms one after the other, 205 ms side by side; the MLP's 2·10⁹ and the CNN's 8·10⁸ gain).
+SIDE_BY_SIDE_WORK = 2**28
 
 
 def run_grams(sums: Sequence[GramSums], device: torch.device) -> None:
@@ -149,8 +153,8 @@ def run_grams(sums: Sequence[GramSums], device: torch.device) -> None:
     products into uninitialised sums 127 ms, triangular side by side 95 ms (mirrors included; 1 thread, CPU time:
     43.3, 46.5, 41.6 ms). A single product over 1/threads of the work, queued once with at least
     :data:`SPLIT_ROWS` rows a thread, has its rows split over the threads (the parts after the first into scratch
-    sums, added afterwards): the CNN's second convolution, 8,192 rows of width 289, 87% of its Grams. Otherwise the
-    products run one after the other on every thread.
+    sums, added afterwards): the CNN's second convolution, 8,192 rows of width 289, 87% of its Grams. Otherwise, and
+    below :data:`SIDE_BY_SIDE_WORK` in all, the products run one after the other on every thread.
     """
     threads = torch.get_num_threads() if device.type == "cpu" else 1
     jobs = sorted(((sum(U.shape[0] * M.shape[0] ** 2 for U, _, _ in queue), M, queue)
@@ -161,6 +165,7 @@ def run_grams(sums: Sequence[GramSums], device: torch.device) -> None:
     pieces = [(work, lambda M=M, queue=queue: [_gram_into(M, *item) for item in queue]) for work, M, queue in jobs]
     total = sum(work for work, _, _ in jobs)
     scratch: list[tuple[Tensor, Tensor]] = []
+    threads = threads if total >= SIDE_BY_SIDE_WORK else 1
     if threads > 1 and jobs and jobs[0][0] * threads > total and len(jobs[0][2]) == 1 \
             and jobs[0][2][0][0].shape[0] >= SPLIT_ROWS * threads:
         work, M, [(U, c, fresh)] = jobs[0]
@@ -171,7 +176,7 @@ def run_grams(sums: Sequence[GramSums], device: torch.device) -> None:
             (work // len(rows), lambda S=S, part=part: _gram_into(S, *part, True))
             for (_, S), part in zip(scratch, rows[1:], strict=True)]
         pieces.sort(key=lambda piece: -piece[0])
-    if pieces and max(work for work, _ in pieces) * threads <= total:
+    if threads > 1 and max(work for work, _ in pieces) * threads <= total:
         concurrently([task for _, task in pieces], device)
     else:
         for _, task in pieces:
