@@ -69,6 +69,30 @@ def test_exact_reconstruction_sees_the_identity(case):
     np.testing.assert_allclose(ds.sel(structure="block")["layer_condition_number"].values, 1.0, atol=1e-7)
 
 
+def test_block_layer_spectra_are_ones_in_closed_form(case):
+    """Under ``block`` read off the same F, a layer's spectrum is stored as P_l exact ones (own_blocks); numpy's
+    eigvalsh of L_l⁻¹ (F_ll + λI) L_l⁻ᵀ from the reference F gives 1 to round-off; other block sets are not F's."""
+    from fisherlab import fisher
+    from fisherlab.fidelity.geometry import own_blocks
+    from fisherlab.structures.block import BlockDiagonalFisher
+
+    F, ds, blocks = case
+    for lam in DAMPINGS:
+        at = ds.sel(structure="block", damping=lam)["layer_eigenvalue"].values
+        for k, ix in enumerate(blocks):
+            A = F[np.ix_(ix, ix)] + lam * np.eye(len(ix))
+            L = np.linalg.cholesky(A)
+            M = np.linalg.solve(L, np.linalg.solve(L, A).T)
+            np.testing.assert_allclose(np.linalg.eigvalsh(M), 1.0, atol=1e-10)
+            assert (at[k, : len(ix)] == 1.0).all() and np.isnan(at[k, len(ix):]).all()
+    model, X, y = make(32)
+    dense = fisher(model, (X, y), structure="dense")
+    Ft, index = dense.to_dense(), [torch.from_numpy(ix) for ix in blocks]
+    block = BlockDiagonalFisher.from_dense(dense)
+    assert own_blocks(Ft, block, index)
+    assert not own_blocks(Ft * (1 + 1e-12), block, index) and not own_blocks(Ft, dense, index)
+
+
 @pytest.mark.parametrize("structure", ["block", "diag"])
 def test_structured_reconstruction_against_generalized_eigenproblem(case, structure):
     F, ds, blocks = case

@@ -14,7 +14,8 @@ its blocks' Cholesky factors K_l (K_l K_lᵀ = G_l⁻¹) give the similar matrix
 (:func:`block_congruence`), else G_λ is inverted (:func:`damped_matrix`).
 
 Per layer, A_l = F_ll + λI and G_l = (G_λ)_ll, the layer's diagonal blocks (what the layer's local Fisher layer
-would see if the rebuild were local to it).
+would see if the rebuild were local to it). Under the ``block`` structure read off the same F, G_l = A_l and the
+layer's spectrum is P_l ones in closed form (:func:`own_blocks`), not an eigendecomposition of the identity.
 
 When the dense P×P matrices fit the memory budget everything is exact (``eigvalsh``). Otherwise the spectra are
 computed matrix-free by Lanczos (:func:`fisherlab.linalg.lanczos`): the top ``num_eigs`` eigenvalues and the
@@ -48,7 +49,7 @@ from fisherlab.fidelity.evaluate import UNAVAILABLE
 from fisherlab.fidelity.rules import RuleContext
 from fisherlab.likelihoods import Likelihood
 from fisherlab.linalg.threads import concurrently
-from fisherlab.structures.base import eigvalsh
+from fisherlab.structures.base import FisherMatrix, eigvalsh
 from fisherlab.structures.block import BlockDiagonalFisher
 from fisherlab.structures.dense import DenseFisher
 from fisherlab.structures.diagonal import DiagonalFisher
@@ -193,6 +194,17 @@ def kept_factors(ctx: RuleContext, structure: str, damping: float) -> Tensor | d
     return None
 
 
+def own_blocks(F: Tensor, G: FisherMatrix, blocks: list[Tensor]) -> bool:
+    """Whether G is block-diagonal by layer with exactly F's diagonal blocks (``blocks``: ``spec.blocks("layer")``).
+
+    Then each layer's preconditioned block L_l⁻¹ (F_ll + λI) L_l⁻ᵀ, L_l L_lᵀ = F_ll + λI, is the identity: its
+    spectrum is P_l ones in closed form (an eigendecomposition would give 1 to round-off).
+    """
+    if not isinstance(G, BlockDiagonalFisher) or G.meta.get("blocks_by") != BlockBy.LAYER.value:
+        return False
+    return all(torch.equal(B, F[ix][:, ix]) for B, ix in zip(G.blocks.values(), blocks, strict=True))
+
+
 def kept_preconditioned(A: Tensor, factors: Tensor | dict[str, Tensor], blocks: list[Tensor],
                         G: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
     """L⁻¹ A L⁻ᵀ (P, P) for the factors of :func:`kept_factors`, and each layer's preconditioned block.
@@ -286,7 +298,8 @@ def _dense_geometry(ctx: RuleContext, names: list[str], dampings: list[float], s
 
     def flush(first: Sequence[Any] = ()) -> list[Any]:
         nonlocal pending, held
-        tasks = [*first, *[partial(eigvalsh, m) for *_, M, layer_M in pending for m in (M, *layer_M)]]
+        tasks = [*first, *[partial(eigvalsh, m) if m.ndim == 2 else partial(Tensor.clone, m)
+                           for *_, M, layer_M in pending for m in (M, *layer_M)]]
         with ctx.timed("geometry eigenvalues"):
             done = concurrently(tasks, F.device)
         spectra = iter(done[len(first):])
@@ -311,6 +324,8 @@ def _dense_geometry(ctx: RuleContext, names: list[str], dampings: list[float], s
                         dense = isinstance(kept, Tensor) and kept.ndim == 2  # G_λ = G + λI, G the structure's
                         G = ctx.structure(name).to_dense() + lam * eye if dense else None
                         M, layer_M = kept_preconditioned(A, kept, blocks, G)
+                        if name == Structure.BLOCK.value and own_blocks(F, ctx.structure(name), blocks):
+                            layer_M = [torch.ones(len(ix), dtype=F.dtype, device=F.device) for ix in blocks]
                     elif inverse is None:
                         M = preconditioned_matrix(A, G)
                         layer_M = [preconditioned_matrix(A[ix][:, ix], G[ix][:, ix]) for ix in blocks]
