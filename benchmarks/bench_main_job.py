@@ -25,6 +25,7 @@ import os
 import re
 import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -132,7 +133,9 @@ def main() -> None:
             for k in range(opts.repeats):
                 for label, tree in (("base", base), ("new", opts.new)):
                     load = os.getloadavg()[0]
-                    t = run_job(tree, Path(tmp) / f"out_{label}", extra)
+                    out = Path(tmp) / f"out_{label}"
+                    shutil.rmtree(out, ignore_errors=True)  # every run computes every part (none reused)
+                    t = run_job(tree, out, extra)
                     times[label].append(t)
                     print(f"   run {k + 1} {label:4s} load {load:4.1f}: "
                           + "  ".join(f"{p} {t[p]:6.1f}" for p in COLUMNS), flush=True)
