@@ -3,11 +3,9 @@
 import dataclasses
 import importlib.metadata
 import json
-import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -145,15 +143,6 @@ def _run_python(code, timeout=300):
     return r.stdout
 
 
-def _best_time(cmd, repeats):
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        subprocess.run(cmd, capture_output=True, check=True, timeout=300)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def test_help_and_version_import_no_torch():
     out = _run_python(
         "import contextlib, io, json, sys\n"
@@ -163,17 +152,12 @@ def test_help_and_version_import_no_torch():
         "        main(argv)\n"
         "    if argv == ['--version']:\n"
         "        version = f.getvalue()\n"
-        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'xarray', 'scipy', 'matplotlib'})\n"
+        "heavy = {'torch', 'xarray', 'pandas', 'scipy', 'sklearn', 'matplotlib', 'seaborn'}\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & heavy)\n"
         "print(json.dumps([version, heavy]))\n")
     version, heavy = json.loads(out)
     assert heavy == []
     assert version.strip() == f"fisherlab {importlib.metadata.version('fisherlab')}"
-
-
-def test_help_answers_well_under_the_time_of_import_torch():
-    help_s = _best_time([sys.executable, "-m", "fisherlab", "fidelity", "--help"], 3)
-    torch_s = _best_time([sys.executable, "-c", "import torch"], 2)
-    assert help_s < 0.5 * torch_s, f"fisherlab fidelity --help {help_s:.2f} s, import torch {torch_s:.2f} s"
 
 
 def _help(command, capsys, monkeypatch):
