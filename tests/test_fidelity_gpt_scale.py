@@ -218,7 +218,7 @@ def test_structure_kind_settings(lm_case):
 def test_fisher_metrics_from_one_product_against_explicit_quadratic_forms():
     """fisher_rel_error and kl_predicted of k updates from one product F [U v] (k + 1 columns, counted) equal the
     explicit √((u−v)ᵀF(u−v)) / √(vᵀFv) and ½uᵀFu; u = v gives 0; vᵀFv = 0 gives NaN, as the metrics module."""
-    from fisherlab.fidelity.evaluate import fisher_metrics
+    from fisherlab.fidelity.metrics import fisher_metrics
 
     gen = torch.Generator().manual_seed(6)
     J = torch.randn(7, 30, generator=gen, dtype=D)

@@ -138,7 +138,7 @@ def measure(ctx: RuleContext, rules: Mapping[str, UpdateRule], dampings: Sequenc
         out["kl_measured"][done, j], out["loss_change"][done, j] = sums[:, 0], sums[:, 1]
         U = torch.stack(columns, dim=1)
         with ctx.timed("metrics"):
-            fisher_rel_error, kl_predicted = fisher_metrics(U, v, F)
+            fisher_rel_error, kl_predicted = metrics.fisher_metrics(U, v, F)
             values = {
                 "cosine": metrics.cosine(U, v),
                 "rel_error": metrics.relative_error(U, v),
@@ -172,22 +172,6 @@ def measure(ctx: RuleContext, rules: Mapping[str, UpdateRule], dampings: Sequenc
     data["loss"] = ((), np.array(float(loss)))
     data["grad_norm"] = ((), np.array(float(g.norm())))
     return data
-
-
-def fisher_metrics(U: Tensor, v: Tensor, F: metrics.FisherOperator) -> tuple[Tensor, Tensor]:
-    """``fisher_relative_error`` and ``predicted_kl`` (:mod:`~fisherlab.fidelity.metrics`) in one product F [U v].
-
-    Of the columns of U (P, k) against v (P,); both (k,). F(u − v) = Fu − Fv, so the two metrics' 2k + 1 columns
-    of products (k + 1 and k) are k + 1: on an implicit Fisher every column is a matrix-free product, as costly as
-    an iteration of the exact solve.
-    """
-    W = torch.cat([U, v[:, None]], dim=1)
-    FW = metrics.fisher_product(F, W)
-    FU, Fv = FW[:, :-1], FW[:, -1:]
-    vFv = (v * Fv[:, 0]).sum().clamp_min(0)
-    err = ((U - v[:, None]) * (FU - Fv)).sum(0).clamp_min(0)
-    fisher_rel_error = torch.where(vFv > 0, err.sqrt() / torch.where(vFv > 0, vFv, 1).sqrt(), torch.nan)
-    return fisher_rel_error, 0.5 * (U * FU).sum(0)
 
 
 def solver_attrs(ctx: RuleContext, dampings: Sequence[float]) -> dict[str, Any]:
@@ -321,4 +305,4 @@ def fidelity_dataset(kind: str, data_vars: dict, coords: dict, **kwargs: Any) ->
 
 
 __all__ = ["ANNOTATIONS", "DEFAULT_RULES", "METRIC_VARS", "SCALE_FREE_METRICS", "UNAVAILABLE",
-           "evaluate_fidelity", "fidelity_dataset", "fisher_metrics", "measure", "solver_attrs"]
+           "evaluate_fidelity", "fidelity_dataset", "measure", "solver_attrs"]
