@@ -50,6 +50,19 @@ class FisherKind(str, Enum):
 FisherType = FisherKind
 
 
+class StructureKind(str, Enum):
+    """Which Fisher a fidelity evaluation builds its layer-row structures of (KFAC, EKFAC, unit, diag, block).
+
+    ``auto``: the true Fisher's, or the Monte-Carlo one where the true Fisher has too many output rows a sample
+    (:data:`fisherlab.fidelity.rules.TRUE_ROWS_MAX`); else one Fisher kind for all of them.
+    """
+
+    AUTO = "auto"
+    TRUE = "true"
+    MC = "mc"
+    EMPIRICAL = "empirical"
+
+
 class Structure(str, Enum):
     """How a Fisher is stored or approximated (module docstring table)."""
 
@@ -203,4 +216,4 @@ STRUCTURE_ALIASES: dict[str, str] = {"full": "dense"}
 
 __all__ = ["IGNORE_INDEX", "RECONSTRUCTIBLE", "STRUCTURE_ALIASES", "STRUCTURE_TABLE", "Backend", "BlockBy",
            "FisherKind", "FisherType", "FoldMode", "GPTOutput", "KFACApprox", "KFACPrecondition", "KronSplit",
-           "RootMethod", "Structure", "StructureInfo", "Unsupported"]
+           "RootMethod", "Structure", "StructureInfo", "StructureKind", "Unsupported"]

@@ -283,9 +283,9 @@ def evaluate_fidelity(
     engine = ctx.engine()
     cfg = {"rules": list(rules), "damping": dampings, "lr": lr, "likelihood": repr(ctx.likelihood),
            "mc_samples": mc_samples, "memory_budget": ctx.memory_budget, "cg_tol": cg_tol,
-           "ngd_solver": ngd_solver, "structure_kind": structure_kind, "model": type(model).__name__,
+           "ngd_solver": ngd_solver, "structure_kind": ctx.structure_kind, "model": type(model).__name__,
            **(config or {})}
-    attrs = {**solver_attrs(ctx, dampings), "structure_kind": structure_kind,
+    attrs = {**solver_attrs(ctx, dampings), "structure_kind": ctx.structure_kind,
              "rule_kinds": json.dumps({name: rule.fisher_kind(ctx) for name, rule in rules.items()}),
              "lr": lr, "num_params": engine.spec.dim,
              "num_samples": engine.num_samples, "timings": json.dumps(ctx.timings),

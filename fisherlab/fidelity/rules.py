@@ -81,6 +81,7 @@ from fisherlab.vocabulary import (
     KFACApprox,
     RootMethod,
     Structure,
+    StructureKind,
 )
 
 #: A rule: (context, damping λ, learning rate η) → update Δθ of shape (P,), original coordinates.
@@ -102,9 +103,6 @@ ROW_STRUCTURES = (Structure.KFAC.value, Structure.EKFAC.value, Structure.UNIT.va
 #: Fisher; above 256 rows the true factor pass costs more than the ~100 F·v products (≈ 2 reverse passes each) of a
 #: typical exact NGD solve. Classifiers up to 257 classes keep the true Fisher.
 TRUE_ROWS_MAX = 256
-
-#: Values of ``structure_kind``: ``auto`` (the rule above) or a Fisher kind for every row structure.
-STRUCTURE_KINDS = ("auto", FisherKind.TRUE.value, FisherKind.MC.value, FisherKind.EMPIRICAL.value)
 
 
 @dataclass
@@ -128,13 +126,13 @@ class RuleContext:
             preconditions with the ``kfac`` rule's KFAC (of ``structure_kind``'s Fisher, for every kind solved; diag
             when KFAC cannot be built), ``"pcg-diag"`` with the ``diag`` rule's diagonal.
         dampings: Every λ the context will be asked for (lets one multi-shift solve serve them all).
-        structure_kind: The Fisher kind of the structures built from layer rows (:data:`ROW_STRUCTURES`: the
-            ``kfac``, ``ekfac``, ``unit``, ``diag`` and ``block`` rules, their ``sngd-*`` networks, the
-            ``pcg-kfac`` preconditioner): ``"auto"`` (default) the true Fisher's unless it has more than
-            :data:`TRUE_ROWS_MAX` output rows per sample and its dense matrix does not fit (a sequence model:
-            T·(C − 1) rows a sequence), then the Monte-Carlo Fisher's (``mc_samples`` labels per token, ``seed``;
-            the ``mc-ngd`` rule's Fisher); or ``"true"``, ``"mc"``, ``"empirical"`` for all of them. Exact NGD, the
-            metrics and ``lowrank`` always use the true Fisher. :meth:`structure_kind_for` says which applies.
+        structure_kind: The Fisher kind (:class:`~fisherlab.vocabulary.StructureKind`) of the structures built from
+            layer rows (:data:`ROW_STRUCTURES`: the ``kfac``, ``ekfac``, ``unit``, ``diag`` and ``block`` rules, their
+            ``sngd-*`` networks, the ``pcg-kfac`` preconditioner): ``"auto"`` (default) the true Fisher's unless it has
+            more than :data:`TRUE_ROWS_MAX` output rows per sample and its dense matrix does not fit (a sequence model:
+            T·(C − 1) rows a sequence), then the Monte-Carlo Fisher's (``mc_samples`` labels per token, ``seed``; the
+            ``mc-ngd`` rule's Fisher); or ``"true"``, ``"mc"``, ``"empirical"`` for all of them. Exact NGD, the metrics
+            and ``lowrank`` always use the true Fisher. :meth:`structure_kind_for` says which applies.
         progress: Progress bars (``None``: only on a terminal).
 
     Attributes:
@@ -177,8 +175,7 @@ class RuleContext:
     def __post_init__(self) -> None:
         self.likelihood = get_likelihood(self.likelihood)
         self.memory_budget = resolve_budget(self.memory_budget, self.device)
-        if self.structure_kind not in STRUCTURE_KINDS:
-            raise InputError(f"unknown structure kind {self.structure_kind!r}; valid: {list(STRUCTURE_KINDS)}")
+        self.structure_kind = parse_enum(StructureKind, self.structure_kind, "structure kind").value
 
     def check_shares(self, model: nn.Module, data: Any, **settings: Any) -> None:
         """Refuse to stand in for ``RuleContext(model, data, **settings)`` unless it is that context's state.
@@ -255,7 +252,7 @@ class RuleContext:
         """
         if name not in ROW_STRUCTURES:
             return FisherKind.TRUE.value
-        if self.structure_kind != "auto":
+        if self.structure_kind != StructureKind.AUTO.value:
             return self.structure_kind
         if self.engine().rows_per_sample > TRUE_ROWS_MAX and not self.dense_fits():
             return FisherKind.MC.value
@@ -706,6 +703,6 @@ for _s in map(Structure, RECONSTRUCTIBLE):
     register_rule(ReconstructedGD(f"sngd-{_s.value}", _s))
 register_rule(ReconstructedGD("sngd-kfac-lowrank", Structure.KFAC, RootMethod.LOWRANK))
 
-__all__ = ["DENSE_SOLVE_COPIES", "ROW_STRUCTURES", "RULES", "STRUCTURE_KINDS", "TRUE_ROWS_MAX", "ExactNGD",
+__all__ = ["DENSE_SOLVE_COPIES", "ROW_STRUCTURES", "RULES", "TRUE_ROWS_MAX", "ExactNGD",
            "FunctionRule", "ReconstructedGD", "Rule", "RuleContext", "SolveInfo", "StructuredNGD", "UpdateRule", "adam",
            "check_rules", "get_rule", "gd", "register_rule"]
