@@ -249,7 +249,9 @@ class StudyConfig(RunConfig):
         lr: Learning rate η of every measured step.
         train_rule: The rule the training trajectory trains with (``sngd-<structure>``: a reconstructed
             network).
-        train_lr: Learning rate of the trajectory's training steps.
+        train_lr: Learning rate of the trajectory's training steps (default 0.1: on the default study the
+            training loss falls at every one of the 40 steps, 2.35 → 0.011; 0.15 and above overshoot,
+            0.5 to a loss of 31 at step 5, after which the run is chaotic under round-off).
         steps: Training steps of the trajectory.
         every: Measure fidelity every ``every`` steps.
         refresh_every: Refresh interval of a reconstructed network when ``train_rule`` is ``sngd-*``.
@@ -278,7 +280,7 @@ class StudyConfig(RunConfig):
     damping: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
     lr: float = 0.1
     train_rule: str = "sngd-kfac"
-    train_lr: float = 0.5
+    train_lr: float = 0.1
     steps: int = 40
     every: int = 4
     refresh_every: int = 10
