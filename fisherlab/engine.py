@@ -1117,7 +1117,8 @@ class FisherEngine:
 
         Kept like :meth:`activation_bytes` (the model's structure is the engine's from its first pass on), so a
         later computation of the same engine runs no probe: the layer-row passes of :mod:`fisherlab.layers` keep so
-        the norms a pass can carry (``captured_norms``) and each probe's chunk size and cloning (``iter_layer_rows``).
+        the norms a pass can carry (``captured_norms``) and each probe's chunk size and cloning (``iter_layer_rows``),
+        all found by one forward pass (``find`` may keep findings under other keys too).
         """
         if key not in self._probes:
             self._probes[key] = find()
@@ -1126,27 +1127,37 @@ class FisherEngine:
     def activation_bytes(self, reverse_only: bool = False) -> int:
         """Bytes the autograd graph of one forward saves per sample (parameters and buffers excluded).
 
-        Measured once (per ``reverse_only``: the attention kernels, :func:`differentiable_attention`), on the first
-        two samples, with saved-tensor hooks (each stored tensor counted once), with gradients enabled whatever the
-        caller's mode (the no-grad passes ask for it).
+        Measured once (per ``reverse_only``: the attention kernels, :func:`differentiable_attention`) by
+        :meth:`first_forward`, with gradients enabled whatever the caller's mode (the no-grad passes ask for it).
         """
         if reverse_only not in self._activation_bytes:
-            x, _ = self.data.first(2)
-            own = {t.untyped_storage().data_ptr() for t in [*self.params.values(), *self._frozen.values()]}
-            seen: dict[tuple[int, int], int] = {}
-
-            def pack(t: Tensor) -> Tensor:
-                key = (t.untyped_storage().data_ptr(), t.storage_offset())
-                if key[0] not in own:
-                    seen[key] = max(seen.get(key, 0), t.numel() * t.element_size())
-                return t
-
-            leaves = {n: p.detach().requires_grad_() for n, p in self.params.items()}
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                z = self.forward(leaves, x, reverse_only=reverse_only)
-            total = sum(seen.values()) + z.numel() * z.element_size()
-            self._activation_bytes[reverse_only] = max(1, math.ceil(total / x.shape[0]))
+            self.first_forward(reverse_only)
         return self._activation_bytes[reverse_only]
+
+    def first_forward(self, reverse_only: bool = False) -> Tensor:
+        """Z = f_θ(x) (n, C) of the first (up to) two samples, with its graph; measures :meth:`activation_bytes`.
+
+        The graph's saved tensors (each stored tensor counted once, parameters and buffers not) and Z, per sample,
+        are kept as ``activation_bytes(reverse_only)``. Gradients are enabled whatever the caller's mode, the
+        parameters are leaves that require them. A probe's forward hooks that leave the outputs as they are see the
+        pass as it is (the layer-row probe, :mod:`fisherlab.layers`, measures this way on its own pass).
+        """
+        x, _ = self.data.first(2)
+        own = {t.untyped_storage().data_ptr() for t in [*self.params.values(), *self._frozen.values()]}
+        seen: dict[tuple[int, int], int] = {}
+
+        def pack(t: Tensor) -> Tensor:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset())
+            if key[0] not in own:
+                seen[key] = max(seen.get(key, 0), t.numel() * t.element_size())
+            return t
+
+        leaves = {n: p.detach().requires_grad_() for n, p in self.params.items()}
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            z = self.forward(leaves, x, reverse_only=reverse_only)
+        total = sum(seen.values()) + z.numel() * z.element_size()
+        self._activation_bytes[reverse_only] = max(1, math.ceil(total / x.shape[0]))
+        return z
 
     def _column_block(self, n: int, path: str) -> int:
         """Columns per vmapped product for a chunk of n samples run as ``path``.

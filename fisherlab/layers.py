@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -657,42 +657,23 @@ def norm_gradients(rows: LayerRows, names: Sequence[str]) -> Tensor:
     return torch.cat([parts[name]() for name in names], dim=-1)
 
 
-def captured_norms(engine: FisherEngine, groups: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
+def captured_norms(engine: FisherEngine, groups: Mapping[str, Sequence[str]],
+                   layouts: Mapping[str, LayerLayout]) -> dict[str, tuple[str, ...]]:
     """The groups (module path → parameter names) whose per-sample gradients :func:`layer_rows` can carry.
 
     Those of :data:`NORM_TYPES` modules (exact type) that one forward pass over the first (up to) two samples
     calls exactly once, on an input and with an output that lead with those samples. Any other (a norm called
     twice, or not called because the forward pass reads its parameters directly) needs the engine's factor rows.
-    The answer is kept on the engine (:meth:`FisherEngine.probed`): a later structure of the same engine asks
-    without a forward pass.
+    That forward pass is the probe of the layer-row passes over ``layouts`` (:func:`_probe_layers`); the answer is
+    kept on the engine (:meth:`FisherEngine.probed`): a later structure of the same engine asks without a forward
+    pass.
     """
     candidates = {p: tuple(names) for p, names in groups.items()
                   if type(engine.model.get_submodule(p)) in NORM_TYPES}
     if not candidates:
         return {}
-    return dict(engine.probed(("captured_norms", tuple(candidates.items())), lambda: _called_once(engine, candidates)))
-
-
-def _called_once(engine: FisherEngine, candidates: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-    """:func:`captured_norms`' forward pass over the first (up to) two samples, hooks on the ``candidates``."""
-    x, _ = engine.data.first(2)
-    calls: dict[str, list[bool]] = {p: [] for p in candidates}
-
-    def hook(path: str):
-        def record(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            a = inputs[0]
-            calls[path].append(a.dim() > 0 and output.dim() > 0 and a.shape[0] == output.shape[0] == x.shape[0])
-
-        return record
-
-    handles = [engine.model.get_submodule(p).register_forward_hook(hook(p)) for p in candidates]
-    try:
-        with torch.no_grad():
-            engine.forward(engine.params, x, reverse_only=True)
-    finally:
-        for h in handles:
-            h.remove()
-    return {p: names for p, names in candidates.items() if calls[p] == [True]}
+    key = ("captured_norms", tuple(candidates.items()))
+    return dict(engine.probed(key, lambda: _probe_layers(engine, layouts, candidates)[key]))
 
 
 class LayerCapture:
@@ -705,24 +686,29 @@ class LayerCapture:
     operation did alter one (then the records are stale: capture again with ``clone``). A module whose rule
     ``recomputes`` (``nn.MultiheadAttention``) has its output replaced by the rule's decomposed recomputation —
     numerically the same attention — whenever it or a submodule (``out_proj``) is captured; its record is the
-    rule's (input, output) pair. A layer called twice in one forward pass raises UnsupportedLayerError.
+    rule's (input, output) pair. A layer called twice in one forward pass raises UnsupportedLayerError, unless its
+    path is ``repeatable``: then its first call is recorded and ``calls`` counts them all.
     """
 
-    def __init__(self, model: nn.Module, paths: Sequence[str], *, clone: bool = True):
-        self.model, self.paths, self.clone = model, list(paths), clone
+    def __init__(self, model: nn.Module, paths: Sequence[str], *, clone: bool = True,
+                 repeatable: Collection[str] = ()):
+        self.model, self.paths, self.clone, self.repeatable = model, list(paths), clone, set(repeatable)
         self.records: dict[str, tuple[Tensor, Tensor]] = {}
+        self.calls: dict[str, int] = {}  # calls of each recorded path
         self.versions: dict[str, int] = {}  # each recorded output's version counter when it was recorded
         self.handles: list = []
+        #: The modules whose output the capture replaces by their rule's recomputation (set on entering).
+        self.recomputed: set[str] = set()
 
     def __enter__(self) -> LayerCapture:
-        recomputed = {p for p, m in self.model.named_modules()
-                      if getattr(LAYER_RULES.get(type(m)), "recomputes", False)
-                      and any(q == p or q.startswith(f"{p}.") for q in self.paths)}
-        for path in recomputed:
+        self.recomputed = {p for p, m in self.model.named_modules()
+                           if getattr(LAYER_RULES.get(type(m)), "recomputes", False)
+                           and any(q == p or q.startswith(f"{p}.") for q in self.paths)}
+        for path in self.recomputed:
             module = self.model.get_submodule(path)
             self.handles.append(module.register_forward_hook(self._recompute_hook(path), with_kwargs=True))
         for path in self.paths:
-            if path not in recomputed:
+            if path not in self.recomputed:
                 self.handles.append(self.model.get_submodule(path).register_forward_hook(self._hook(path)))
         return self
 
@@ -731,6 +717,9 @@ class LayerCapture:
             h.remove()
 
     def _record(self, path: str, module: nn.Module, a: Tensor, out: Tensor) -> None:
+        if path in self.records and path in self.repeatable:
+            self.calls[path] += 1
+            return
         if path in self.records:
             raise UnsupportedLayerError(
                 f"module {display_path(path)} ({type(module).__name__}) is called more than once per forward "
@@ -738,11 +727,13 @@ class LayerCapture:
                 f"{GENERIC_STRUCTURES}."
             )
         self.records[path] = (a, out)
+        self.calls[path] = 1
         self.versions[path] = out._version
 
-    def modified(self) -> list[str]:
-        """The paths whose recorded output an in-place operation has altered since it was recorded."""
-        return [p for p, (_, out) in self.records.items() if out._version != self.versions[p]]
+    def modified(self, paths: Collection[str] | None = None) -> list[str]:
+        """The paths (of ``paths``; default all) whose recorded output an in-place operation has altered since."""
+        return [p for p, (_, out) in self.records.items()
+                if (paths is None or p in paths) and out._version != self.versions[p]]
 
     def _hook(self, path: str):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
@@ -804,12 +795,22 @@ def layer_rows(
             else:
                 grads = list(torch.autograd.grad(z, outs, M.contiguous(), is_grads_batched=True, allow_unused=True,
                                                  materialize_grads=True))
-    result = ChunkRows(cloned_outputs=clone_outputs)
+    return _chunk_rows(model, layouts, cap, called, called_norms, grads, x.shape[0], clone_outputs)
+
+
+def _chunk_rows(model: nn.Module, layouts: Mapping[str, LayerLayout], cap: LayerCapture, called: Sequence[str],
+                called_norms: Sequence[str], grads: Sequence[Tensor | None], n: int, cloned: bool) -> ChunkRows:
+    """:func:`layer_rows`' result from a capture of n samples: the rows of the ``called`` layers and norms.
+
+    ``grads``: the δ rows (R, n, *output shape) of ``[*called, *called_norms]``, in that order (None: no backward
+    pass). Raises UnsupportedLayerError unless every input and output leads with the n samples.
+    """
+    result = ChunkRows(cloned_outputs=cloned)
     for path, g in zip(called, grads[:len(called)], strict=True):
         module, lay = model.get_submodule(path), layouts[path]
         rule = rule_for(module, path)
         a, out = cap.records[path]
-        _check_batched(path, module, a, out, x.shape[0])
+        _check_batched(path, module, a, out, n)
         unfolded = rule.unfold_input(module, a.detach())
         if not lay.has_weight:  # bias alone: ā is the constant 1
             unfolded = unfolded[..., :0]
@@ -818,10 +819,10 @@ def layer_rows(
     for path, g in zip(called_norms, grads[len(called):], strict=True):
         module = model.get_submodule(path)
         a, out = cap.records[path]
-        _check_batched(path, module, a, out, x.shape[0])
+        _check_batched(path, module, a, out, n)
         d = math.prod(module.normalized_shape)
-        result.norms[path] = LayerRows(normalized_input(module, a.detach()).reshape(x.shape[0], -1, d),
-                                       out.detach().reshape(x.shape[0], -1, d),
+        result.norms[path] = LayerRows(normalized_input(module, a.detach()).reshape(n, -1, d),
+                                       out.detach().reshape(n, -1, d),
                                        None if g is None else g.reshape(*g.shape[:2], -1, d))
     return result
 
@@ -851,9 +852,14 @@ def _check_uncalled(engine: FisherEngine, uncalled: Mapping[str, LayerLayout], x
         )
 
 
+def _leads_with(a: Tensor, out: Tensor, n: int) -> bool:
+    """Whether a module's input and output lead with the n samples of the pass."""
+    return a.dim() > 0 and out.dim() > 0 and a.shape[0] == out.shape[0] == n
+
+
 def _check_batched(path: str, module: nn.Module, a: Tensor, out: Tensor, n: int) -> None:
     """Raise UnsupportedLayerError unless the layer's input and output lead with the chunk's n samples."""
-    if a.dim() == 0 or out.dim() == 0 or a.shape[0] != n or out.shape[0] != n:
+    if not _leads_with(a, out, n):
         raise UnsupportedLayerError(
             f"module {display_path(path)} ({type(module).__name__}) is called on an input of shape "
             f"{tuple(a.shape)} (output {tuple(out.shape)}) in a chunk of {n} samples: its input has no per-sample "
@@ -921,28 +927,78 @@ def iter_layer_rows(
     the per-sample gradients a consumer forms one layer at a time (R·out·width scalars per sample for a layer with L > 1
     locations, out·width for L = 1, where the R rows can be summed first). It is independent of the
     engine's own chunk size, which is sized for P-wide factor rows; results do not depend on it (MC labels are
-    drawn once by the engine). A one-sample forward probe runs first, whatever the chunk size: on it every
-    layer's input and output must lead with one sample (a layer called on a batch-free input is refused before
-    any chunk), and it tells whether the model alters a layer's output in place (then every chunk captures the
-    outputs on clones, :func:`layer_rows`). What it found (the rows' size, the cloning) is kept on the engine
+    drawn once by the engine). The probe of :func:`_probe_layers` (one forward pass over the first two samples)
+    runs first, whatever the chunk size, unless :func:`captured_norms` ran it: on it every layer's input and output
+    must lead with the samples (a layer called on a batch-free input is refused before any chunk), and it tells
+    whether the model alters a layer's output in place (then every chunk captures the outputs on clones,
+    :func:`layer_rows`). What it found (the rows' size, the cloning) is kept on the engine
     (:meth:`FisherEngine.probed`, by layers, norms and ``per_sample_gradients``): a later pass of the same engine
     over the same layers runs no probe.
     """
-    key = ("iter_layer_rows", tuple((p, f.has_weight, f.has_bias) for p, f in layouts.items()),
-           tuple((norms or {}).items()), per_sample_gradients)
-
-    def probe() -> tuple[int, bool]:
-        x, y = engine.data.first(1)
-        rows = layer_rows(engine, layouts, x, y, None, backward=False, norms=norms)
-        return _row_scalars(engine, rows, per_sample_gradients), rows.cloned_outputs
-
-    scalars, cloned = engine.probed(key, probe)
+    key = _rows_key(layouts, norms or {}, per_sample_gradients)
+    scalars, cloned = engine.probed(key, lambda: _probe_layers(engine, layouts, norms or {})[key])
     for x, y, labels in engine.chunks(desc, chunk_size=chunk_size or _rows_chunk_size(engine, scalars)):
         yield layer_rows(engine, layouts, x, y, labels, backward=backward, norms=norms, clone_outputs=cloned)
 
 
-def _row_scalars(engine: FisherEngine, probe: ChunkRows, per_sample_gradients: bool) -> int:
-    """Scalars a sample adds to the peak of :func:`layer_rows`, from the one-sample probe's rows (norms' included).
+def _rows_key(layouts: Mapping[str, LayerLayout], norms: Mapping[str, Sequence[str]],
+              per_sample_gradients: bool) -> tuple:
+    """The key under which :func:`_probe_layers` keeps what :func:`iter_layer_rows` needs (rows' size, cloning)."""
+    return ("iter_layer_rows", tuple((p, f.has_weight, f.has_bias) for p, f in layouts.items()),
+            tuple((p, tuple(names)) for p, names in norms.items()), per_sample_gradients)
+
+
+def _probe_layers(engine: FisherEngine, layouts: Mapping[str, LayerLayout],
+                  candidates: Mapping[str, Sequence[str]]) -> dict[Hashable, object]:
+    """The probe of the layer-row passes over ``layouts``: one forward pass over the first (up to) two samples.
+
+    The pass is :meth:`FisherEngine.first_forward` (which measures the activation bytes of the graph on the way:
+    the forward hooks leave it as it is, unless a rule recomputes a module, whose graph is then not the model's),
+    with the hooks of a :class:`LayerCapture` on the layers and on the norm ``candidates`` (module path → parameter
+    names; those may be called more than once). It finds the candidates that :func:`captured_norms` keeps (called
+    once, input and output leading with the samples), checks the layers as :func:`layer_rows` does (called once, on
+    inputs that lead with the samples; an uncalled layer's parameters not read, :func:`_check_uncalled`), whether
+    the model alters a captured output in place, and the rows' scalars per sample (:func:`_row_scalars`).
+
+    Returns:
+        What it found by :meth:`FisherEngine.probed` key, all of it kept on the engine: the captured norms (under
+        :func:`captured_norms`' key) and, for :func:`iter_layer_rows` over ``layouts`` with those norms or none,
+        with and without ``per_sample_gradients`` (:func:`_rows_key`), the scalars and whether to clone.
+
+    Raises:
+        UnsupportedLayerError: A layer called twice, on an input without the batch dimension, or whose parameters
+            the forward pass reads without calling it.
+    """
+    x, _ = engine.data.first(2)
+    n = x.shape[0]
+    reverse_only = engine.rows_per_sample == 1  # the attention kernels of the pass (layer_rows)
+    with LayerCapture(engine.model, [*layouts, *candidates], clone=False, repeatable=candidates) as cap:
+        if cap.recomputed:
+            with torch.enable_grad():
+                engine.forward(engine.params, x, reverse_only=reverse_only)
+        else:
+            engine.first_forward(reverse_only)
+    captured = {p: tuple(names) for p, names in candidates.items()
+                if cap.calls.get(p) == 1 and _leads_with(*cap.records[p], n)}
+    called = [p for p in layouts if p in cap.records]
+    if len(called) < len(layouts):
+        _check_uncalled(engine, {p: f for p, f in layouts.items() if p not in cap.records}, x)
+    found: dict[Hashable, object] = {}
+    if candidates:
+        found[("captured_norms", tuple((p, tuple(v)) for p, v in candidates.items()))] = captured
+    for norms in ({}, captured):
+        rows = _chunk_rows(engine.model, layouts, cap, called, list(norms), [None] * (len(called) + len(norms)), n,
+                           cloned=False)
+        cloned = bool(cap.modified([*called, *norms]))
+        for per_sample in (False, True):
+            found[_rows_key(layouts, norms, per_sample)] = (_row_scalars(engine, rows, n, per_sample), cloned)
+    for key, value in found.items():
+        engine.probed(key, lambda value=value: value)
+    return found
+
+
+def _row_scalars(engine: FisherEngine, probe: ChunkRows, n: int, per_sample_gradients: bool) -> int:
+    """Scalars a sample adds to the peak of :func:`layer_rows`, from the probe's rows of n samples (norms' included).
 
     That peak is the rows it returns (inputs, outputs, R gradient rows) plus the graph the forward pass saves for
     the reverse pass (:func:`_rows_chunk_size`). ``per_sample_gradients`` adds the R·out·width scalars per sample
@@ -951,7 +1007,7 @@ def _row_scalars(engine: FisherEngine, probe: ChunkRows, per_sample_gradients: b
     """
     R = engine.rows_per_sample
     rows = [*probe.values(), *probe.norms.values()]
-    scalars = sum(r.inputs.numel() + (R + 1) * r.outputs.numel() for r in rows)
+    scalars = sum(r.inputs.numel() + (R + 1) * r.outputs.numel() for r in rows) // n
     if per_sample_gradients:
         scalars += max((R * r.outputs.shape[-1] * r.inputs.shape[-1] for r in probe.values()
                         if isinstance(r.inputs, Tensor) and r.inputs.shape[1] > 1), default=0)

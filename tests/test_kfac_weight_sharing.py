@@ -501,12 +501,13 @@ def test_norm_blocks_from_the_layer_pass_equal_the_exact_blocks(kind: str) -> No
     layer rows (per-sample Σ_l δ_l ⊙ x̂_l, Σ_l δ_l) equal the sub-blocks of the per-sample autograd Fisher of each
     kind, over several chunks; a norm called twice, or read without a call, takes the factor rows instead (same
     result); EKFAC and the unit-wise structure carry the same blocks."""
-    from fisherlab.layers import captured_norms
+    from fisherlab.layers import captured_norms, layer_layouts
 
     model, X, y = norm_zoo()
     engine = FisherEngine(model, (X, y), "categorical", kind=kind, mc_samples=2, seed=1, dtype=F64)
     groups = {p: [n for n in engine.spec.names if n.startswith(f"{p}.")] for p in NORM_PATHS}
-    assert set(captured_norms(engine, groups)) == set(NORM_PATHS) - {"twice", "functional"}
+    captured = captured_norms(engine, groups, layer_layouts(model, engine.spec)[0])
+    assert set(captured) == set(NORM_PATHS) - {"twice", "functional"}
     exact = ref.fisher(kind, model, X, y, CAT, labels=engine._labels)
     structures = [KFACFisher.from_engine(engine, approx=a, chunk_size=2) for a in ("expand", "reduce")]
     structures += [EKFACFisher.from_engine(engine, chunk_size=3), UnitwiseFisher.from_engine(engine, chunk_size=2)]

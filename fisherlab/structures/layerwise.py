@@ -206,7 +206,7 @@ def prepare_layers(engine: FisherEngine, structure: str, unsupported: str = "err
         raise unsupported_error(engine.model, rest, structure)
     blocks = engine.spec.blocks("layer")
     index = {p: blocks[p].to(engine.device) for p in [*layouts, *others]}
-    captured = captured_norms(engine, {p: others[p] for p in norms}) if capture_norms else {}
+    captured = captured_norms(engine, {p: others[p] for p in norms}, layouts) if capture_norms else {}
     upfront = {p: names for p, names in others.items() if p not in captured}
     exact = exact_blocks(engine, upfront) if upfront else {}
     meta = {**engine_meta(engine), "unsupported": unsupported, "exact_blocks": list(others), "norm_blocks": norms}
