@@ -213,11 +213,15 @@ class NotDifferentiablePerSample(nn.Module):
 
 
 def test_model_that_cannot_be_differentiated_per_sample():
-    """Neither vmap nor the per-sample loop works (a fused LSTM does work: tests/test_sample_loop.py)."""
+    """Neither vmap nor the per-sample loop works (a fused LSTM does work: tests/test_sample_loop.py).
+
+    The empirical Fisher (one row per sample) needs the engine's factor rows; the true one of this network of
+    linear layers is assembled from per-layer rows by plain autograd (tests/test_dense_kronecker.py).
+    """
     X, y = torch.randn(4, 2, dtype=F64), torch.zeros(4, dtype=torch.long)
     match = r"(?s)cannot be differentiated per sample, neither under torch.func.vmap.*nor one sample at a time"
     with pytest.raises(UnsupportedLayerError, match=match):
-        fisher(NotDifferentiablePerSample().double().eval(), (X, y))
+        fisher(NotDifferentiablePerSample().double().eval(), (X, y), kind="empirical")
 
 
 # --------------------------------------------------------------------------------------------- structures
