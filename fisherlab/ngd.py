@@ -23,6 +23,12 @@
   falling back to the diagonal when KFAC cannot be built (a layer without a KFAC rule, or over the memory
   budget); a given ``preconditioner`` (e.g. the ``kfac`` rule's own KFAC, or an EKFAC) is used as it is;
 * ``pcg-diag`` — CG preconditioned by (diag F + λI)⁻¹;
+* ``pcg-nystrom`` — CG preconditioned by the randomized Nyström preconditioner (Frangella, Tropp & Udell 2023)
+  of a rank-k sketch of the same Fisher, U diag(Λ) Uᵀ (:class:`~fisherlab.structures.LowRankFisher`, the
+  ``lowrank`` structure: k = min(P, N·R, 256) products F Ω): P_λ⁻¹ = (λ_k + λ) U (Λ + λI)⁻¹ Uᵀ + (I − UUᵀ)
+  (:meth:`~fisherlab.structures.LowRankFisher.precondition`), one solve per damping; a given ``preconditioner``
+  (e.g. the ``lowrank`` rule's own sketch, whose products are then shared) is used as it is, and any given
+  LowRankFisher is applied in this form;
 * ``auto`` — a given dense ``fisher``: Cholesky on it; otherwise (no ``fisher``, or an implicit one) ``gram``
   when m < P, every λ > 0, one process and :func:`fisherlab.gram.gram_bytes` ≤ the memory budget; else, for a
   given implicit ``fisher``, CG; else CG when the factor rows (in float64) would take more than a quarter of the
@@ -41,6 +47,9 @@ Preconditioning and multi-shift are not combined: a shifted Krylov space K_k(F +
 preconditioner here, KFAC at the same λ, differs per damping anyway. So ``multishift`` is unpreconditioned and
 pays one Krylov space for all dampings (the iterations of the smallest λ), while ``pcg-*`` pay one solve per
 damping with fewer iterations each; which is cheaper depends on how well KFAC fits F (``bench_exact_ngd.py``).
+The Nyström preconditioner needs no layer structure and no sampled labels (its sketch is of the exact F), and its
+iterations fall with λ_k / λ; its k sketch products are paid once for every damping, and nothing when the sketch
+is already built (the fidelity evaluation's ``lowrank`` rule: :meth:`fisherlab.fidelity.RuleContext.exact_solve`).
 
 Assembled matrices are factorised in float64 (the result has g's dtype): in float32 the Cholesky factorisation
 of a matrix with condition number ‖F‖/λ ≈ 1e4–1e6 loses most digits. Every solve returns a :class:`SolveInfo`
@@ -50,6 +59,7 @@ the preconditioner and the F·v products used.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,8 +78,10 @@ from fisherlab.linalg.solve import _check_finite, cholesky_factor_solve
 from fisherlab.memory import dense_bytes
 from fisherlab.structures.base import FisherMatrix
 from fisherlab.structures.dense import DenseFisher
+from fisherlab.structures.lowrank import LowRankFisher
 
-__all__ = ["ITERATIVE_SOLVERS", "NGDSolver", "SolveInfo", "gram_applies", "solve_ngd", "solve_ngd_all"]
+__all__ = ["ITERATIVE_SOLVERS", "PRECONDITIONED_SOLVERS", "NGDSolver", "SolveInfo", "gram_applies", "solve_ngd",
+           "solve_ngd_all"]
 
 
 class NGDSolver(str, Enum):
@@ -83,10 +95,14 @@ class NGDSolver(str, Enum):
     MULTISHIFT = "multishift"
     PCG_KFAC = "pcg-kfac"
     PCG_DIAG = "pcg-diag"
+    PCG_NYSTROM = "pcg-nystrom"
 
+
+#: Solvers preconditioned by a structure of the Fisher (:func:`solve_ngd`'s ``preconditioner``).
+PRECONDITIONED_SOLVERS = (NGDSolver.PCG_KFAC, NGDSolver.PCG_DIAG, NGDSolver.PCG_NYSTROM)
 
 #: Solvers that iterate with F·v products to ``cg_tol`` (the others are direct).
-ITERATIVE_SOLVERS = (NGDSolver.CG, NGDSolver.MULTISHIFT, NGDSolver.PCG_KFAC, NGDSolver.PCG_DIAG)
+ITERATIVE_SOLVERS = (NGDSolver.CG, NGDSolver.MULTISHIFT, *PRECONDITIONED_SOLVERS)
 
 
 @dataclass(frozen=True)
@@ -107,10 +123,15 @@ class SolveInfo:
             for ``multishift`` the whole shared solve, the same for every damping it served; for ``gram`` this
             damping's share of building K (an equal share per damping) plus its own factorisation and check, so
             the dampings' seconds add up to the whole.
-        preconditioner: ``"kfac"``, ``"ekfac"``, ``"diag"``, ... (the structure used as M), or ``"none"``.
+        preconditioner: ``"kfac"``, ``"ekfac"``, ``"diag"``, ``"lowrank"``, ... (the structure used as M), or
+            ``"none"``.
         products: F·v products (one per column of a block product) used, residual checks included; 0 for
             ``cholesky`` and ``woodbury``, 1 per damping for ``gram`` (its residual check, plus any refinement's).
-            A ``multishift`` solve's products serve all its dampings: each records the shared total.
+            A ``multishift`` solve's products serve all its dampings: each records the shared total. Building a
+            preconditioner is not counted here (``preconditioner_products``).
+        preconditioner_products: F·v products of building the preconditioner, shared by every damping it served
+            (k for a Nyström sketch built by the solve; 0 for none, for KFAC or the diagonal, which take no
+            products, and for a given ``preconditioner`` built elsewhere).
     """
 
     solver: str
@@ -121,6 +142,7 @@ class SolveInfo:
     seconds: float
     preconditioner: str = "none"
     products: int = 0
+    preconditioner_products: int = 0
 
 
 def _relative_residual(F: Tensor, x: Tensor, g: Tensor, damping: float) -> float:
@@ -172,7 +194,13 @@ class _Counted:
 
 
 def _build_preconditioner(engine: FisherEngine, solver: NGDSolver) -> FisherMatrix:
-    """KFAC of the engine (diag when KFAC cannot be built) for ``pcg-kfac``, its diagonal for ``pcg-diag``."""
+    """The preconditioner of ``solver``, built from the engine.
+
+    KFAC (diag when KFAC cannot be built) for ``pcg-kfac``, the diagonal for ``pcg-diag``, the Nyström sketch
+    (``lowrank``, default rank) for ``pcg-nystrom``.
+    """
+    if solver is NGDSolver.PCG_NYSTROM:
+        return structures.build("lowrank", engine)
     if solver is NGDSolver.PCG_KFAC:
         try:
             return structures.build("kfac", engine)
@@ -182,8 +210,15 @@ def _build_preconditioner(engine: FisherEngine, solver: NGDSolver) -> FisherMatr
 
 
 def _apply_preconditioner(M: FisherMatrix, damping: float) -> Callable[[Tensor], Tensor]:
-    """The preconditioner r ↦ (M + λI)⁻¹ r, in r's dtype."""
+    """The preconditioner r ↦ (M + λI)⁻¹ r, in r's dtype; for a Nyström M, r ↦ P_λ⁻¹ r (module docstring)."""
+    if isinstance(M, LowRankFisher):
+        return lambda r: M.precondition(r, damping).to(r.dtype)
     return lambda r: M.solve(r, damping).to(r.dtype)
+
+
+def _sketch_products(M: FisherMatrix) -> int:
+    """F·v products that building the preconditioner M took: a Nyström sketch's rank, else 0."""
+    return int(M.meta["rank"]) if isinstance(M, LowRankFisher) else 0
 
 
 def _iterative(engine: FisherEngine, g: Tensor, damping: float, solver: NGDSolver, fisher: FisherMatrix | None,
@@ -192,18 +227,22 @@ def _iterative(engine: FisherEngine, g: Tensor, damping: float, solver: NGDSolve
     """CG, multi-shift CG (one shift) or preconditioned CG; the timing includes building a preconditioner."""
     start = time.perf_counter()
     product = _Counted(engine, fisher)
+    built = 0
     if solver is NGDSolver.MULTISHIFT:
         out = cg_multishift(product, g, [damping], tol=cg_tol, max_iter=cg_max_iter, batched=True)
         result, name = out.shifts[0], "none"
     else:
         M = None
-        if solver in (NGDSolver.PCG_KFAC, NGDSolver.PCG_DIAG):
-            M = preconditioner if preconditioner is not None else _build_preconditioner(engine, solver)
+        if solver in PRECONDITIONED_SOLVERS:
+            M = preconditioner
+            if M is None:
+                M = _build_preconditioner(engine, solver)
+                built = _sketch_products(M)
         name = "none" if M is None else M.structure
         result = cg(product, g, damping=damping, tol=cg_tol, max_iter=cg_max_iter,
                     preconditioner=None if M is None else _apply_preconditioner(M, damping))
     info = SolveInfo(solver.value, result.iterations, float(result.residual), bool(result.converged), cg_tol,
-                     time.perf_counter() - start, name, product.products)
+                     time.perf_counter() - start, name, product.products, built)
     return result.x, info
 
 
@@ -256,8 +295,9 @@ def solve_ngd(engine: FisherEngine, g: Tensor, damping: float, *, solver: str = 
         damping: λ ≥ 0.
         solver: One of :class:`NGDSolver`.
         fisher: The engine's Fisher already built (dense or implicit), to solve with instead of assembling it.
-        preconditioner: For ``pcg-kfac`` / ``pcg-diag``: a structure of the same Fisher already built (KFAC,
-            EKFAC, diag, ...), used as M in M⁻¹ = (M + λI)⁻¹ instead of building one.
+        preconditioner: For ``pcg-kfac`` / ``pcg-diag`` / ``pcg-nystrom``: a structure of the same Fisher already
+            built (KFAC, EKFAC, diag, a lowrank sketch, ...), used as M in M⁻¹ = (M + λI)⁻¹ (a LowRankFisher in
+            the Nyström form, module docstring) instead of building one.
         cg_tol: Relative residual ‖(F + λI)x − g‖/‖g‖ of the iterative solvers.
         cg_max_iter: CG iteration cap (default: CG's own).
 
@@ -314,8 +354,8 @@ def solve_ngd_all(engine: FisherEngine, g: Tensor, dampings: float | Sequence[fl
 
     ``gram`` (and ``auto`` where it applies) builds K once for all dampings; ``multishift`` (and ``auto`` wherever
     it would take CG, when there are several dampings) runs one multi-shift CG for all dampings; ``pcg-kfac`` /
-    ``pcg-diag`` build their preconditioner once (unless given) and solve per
-    damping; the direct solvers solve per damping.
+    ``pcg-diag`` / ``pcg-nystrom`` build their preconditioner once (unless given; a sketch's products are then in
+    every damping's ``preconditioner_products``) and solve per damping; the direct solvers solve per damping.
 
     Args:
         engine: The Fisher engine (kind, data, budget).
@@ -323,7 +363,8 @@ def solve_ngd_all(engine: FisherEngine, g: Tensor, dampings: float | Sequence[fl
         dampings: λ values, one or several (distinct, ≥ 0).
         solver: One of :class:`NGDSolver`.
         fisher: The engine's Fisher already built (dense or implicit).
-        preconditioner: For ``pcg-kfac`` / ``pcg-diag``: a structure already built, used for every damping.
+        preconditioner: For ``pcg-kfac`` / ``pcg-diag`` / ``pcg-nystrom``: a structure already built, used for
+            every damping.
         cg_tol: Relative residual of the iterative solvers, per damping.
         cg_max_iter: Iteration cap (of the shared iterations for ``multishift``).
         gram: For ``gram``: the engine's :func:`~fisherlab.gram.build_gram` already built (e.g. kept for its
@@ -350,7 +391,10 @@ def solve_ngd_all(engine: FisherEngine, g: Tensor, dampings: float | Sequence[fl
         return {lam: (r.x, SolveInfo(solver.value, r.iterations, float(r.residual), bool(r.converged), cg_tol,
                                      seconds, "none", product.products))
                 for lam, r in zip(dampings, out.shifts, strict=True)}
-    if solver in (NGDSolver.PCG_KFAC, NGDSolver.PCG_DIAG) and preconditioner is None:
+    built = 0
+    if solver in PRECONDITIONED_SOLVERS and preconditioner is None:
         preconditioner = _build_preconditioner(engine, solver)
-    return {lam: solve_ngd(engine, g, lam, solver=solver.value, fisher=fisher, preconditioner=preconditioner,
-                           cg_tol=cg_tol, cg_max_iter=cg_max_iter) for lam in dampings}
+        built = _sketch_products(preconditioner)
+    out = {lam: solve_ngd(engine, g, lam, solver=solver.value, fisher=fisher, preconditioner=preconditioner,
+                          cg_tol=cg_tol, cg_max_iter=cg_max_iter) for lam in dampings}
+    return {lam: (x, dataclasses.replace(info, preconditioner_products=built)) for lam, (x, info) in out.items()}

@@ -98,6 +98,42 @@ def test_multishift_exact_ngd_against_dense_cholesky_for_four_dampings(gpt_case)
     np.testing.assert_allclose(chol.sel(rule="gd").cosine.values, ds.sel(rule="gd").cosine.values, rtol=1e-10)
 
 
+# ------------------------------------------------------------------------------ Nyström-preconditioned CG
+def test_auto_reuses_the_lowrank_sketch_as_nystrom_preconditioner_against_dense_cholesky():
+    """16 sequences of 6 tokens (m = 384 output rows > the sketch's rank 256, so it is not exact) with neither the
+    dense F nor the sample Gram within the budget: ``auto`` with the ``lowrank`` rule solves each damping by CG
+    preconditioned with that rule's sketch (built once, 0 products of its own recorded), to (F + λI)⁻¹∇L of the
+    independent dense F within 1e-10; without the rule it keeps multi-shift, which takes more products."""
+    split = fdata.make_sort_lm(n_samples=48, length=3, n_values=4, seed=1)
+    X = split.X_train[:16].clone()
+    y = torch.cat([X[:, 1:], split.y_train[:16, -1:]], dim=1)
+    model = models.build_model("gpt", split, seed=2, dtype=D, d_model=12, n_layers=1, n_heads=2,
+                               output="sequence")
+    P = sum(p.numel() for p in model.parameters())
+    F, g = dense_true_fisher(model, X), token_mean_gradient(model, X, y)
+    kwargs = dict(damping=DAMPINGS, lr=LR, dtype=D, memory_budget=40 * 2**20, cg_tol=1e-12, progress=False)
+    data = (X, y)
+    ctx = RuleContext(model, data, "categorical", dtype=D, memory_budget=40 * 2**20, cg_tol=1e-12,
+                      dampings=DAMPINGS)
+    ds = evaluate_fidelity(model, data, "categorical", rules=["gd", "ngd", "lowrank"], context=ctx, **kwargs)
+    assert ds.ngd_solver.values.tolist() == ["pcg-nystrom"] * 4
+    assert ds.ngd_preconditioner.values.tolist() == ["lowrank"] * 4
+    assert ds.ngd_preconditioner_products.values.tolist() == [0] * 4  # the lowrank rule's sketch
+    assert ctx.structure("lowrank").meta["rank"] == 256 and int(torch.linalg.matrix_rank(F)) > 256
+    eye = torch.eye(P, dtype=D)
+    for j, lam in enumerate(DAMPINGS):
+        ref = torch.cholesky_solve(g[:, None], torch.linalg.cholesky(F + lam * eye))[:, 0]
+        x = ctx.natural_gradient(lam)
+        assert float((x - ref).norm() / ref.norm()) < 1e-10, lam
+        residual = float(((F + lam * eye) @ x - g).norm() / g.norm())
+        assert residual <= 1e-12 * (1 + 1e-6)
+        np.testing.assert_allclose(float(ds.ngd_residual[j]), residual, rtol=1e-2, atol=1e-15)
+    plain = evaluate_fidelity(model, data, "categorical", rules=["gd", "ngd"], **kwargs)
+    assert plain.ngd_solver.values.tolist() == ["multishift"] * 4
+    assert int(ds.ngd_products.sum()) < int(plain.ngd_products[0])
+    np.testing.assert_allclose(plain.sel(rule="gd").cosine.values, ds.sel(rule="gd").cosine.values, rtol=1e-9)
+
+
 # ------------------------------------------------------------------------------ MC KFAC on sequence outputs
 V, T, H, C = 15, 20, 6, 15  # T·(C − 1) = 280 > TRUE_ROWS_MAX true output rows a sequence
 

@@ -4,6 +4,7 @@ shrinking with k, and the closed-form damped powers (Woodbury solve, inverse squ
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import reference as ref
 import torch
@@ -68,6 +69,32 @@ def test_damped_powers_and_spectrum_against_dense(mlp_case):
     assert float(L.trace()) == pytest.approx(float(D.trace()), rel=1e-12)
     with pytest.raises(SingularMatrixError, match="damping > 0"):
         L.solve(g, 0.0)
+
+
+def test_nystrom_preconditioner_against_its_dense_definition(mlp_case):
+    """P_λ⁻¹ V against numpy's inverse of P_λ = U(Λ + λI)Uᵀ/(λ_m + λ) + (I − UUᵀ), U and Λ from numpy's eigh of the
+    dense UΛUᵀ; P_λ⁻¹(UΛUᵀ + λI) has the eigenvalue λ_m + λ on span U and λ on its complement (Frangella et al.)."""
+    problem, _ = mlp_case
+    L = problem.fisher("true", "lowrank", rank=10, method="sketch")
+    D = L.to_dense().numpy()
+    P, m = D.shape[0], L.U.shape[1]
+    w, Q = np.linalg.eigh(D)
+    w, Q = w[::-1][:m], Q[:, ::-1][:, :m]  # the m nonzero eigenpairs, descending
+    V = torch.randn(P, 3, dtype=F64)
+    for lam in (1e-4, 1e-2, 1.0):
+        dense = Q @ np.diag(w + lam) @ Q.T / (w[-1] + lam) + np.eye(P) - Q @ Q.T
+        expected = np.linalg.solve(dense, V.numpy())
+        atol = 1e-10 * np.abs(expected).max()
+        np.testing.assert_allclose(L.precondition(V, lam).numpy(), expected, rtol=0, atol=atol)
+        np.testing.assert_allclose(L.precondition(V[:, 0], lam).numpy(), expected[:, 0], rtol=0, atol=atol)
+        spectrum = np.sort(np.linalg.eigvals(np.linalg.solve(dense, D + lam * np.eye(P))).real)
+        target = np.sort(np.r_[np.full(P - m, lam), np.full(m, w[-1] + lam)])
+        np.testing.assert_allclose(spectrum, target, rtol=1e-8)
+    assert L.eigenvalues[-1] > 0
+    zero = LowRankFisher(L.spec, L.kind, L.dtype, L.device, L.memory_budget, L.meta, L.U,
+                         torch.cat([L.eigenvalues[:-1], L.eigenvalues.new_zeros(1)]))
+    with pytest.raises(SingularMatrixError, match="damping > 0"):
+        zero.precondition(V, 0.0)
 
 
 def test_nystrom_of_an_explicit_matrix_and_bad_input():

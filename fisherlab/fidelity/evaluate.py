@@ -60,6 +60,9 @@ ANNOTATIONS: dict[str, tuple[str, ...]] = {
     "ngd_iterations": ("CG iterations of the exact NGD solve (0 for Cholesky)", "1"),
     "ngd_products": ("F.v products of the exact NGD solve (0 for the direct solvers)", "1",
                      "a multishift solve serves every damping: each records the shared total"),
+    "ngd_preconditioner_products": ("F.v products of building the exact NGD solve's preconditioner", "1",
+                                    "shared by every damping: each records the total; 0 for a sketch the "
+                                    "lowrank rule built (its products are that rule's)"),
     "ngd_solver": ("solver of the exact NGD solve (fisherlab.ngd.NGDSolver)", None),
     "ngd_preconditioner": ("preconditioner of the exact NGD solve (a structure, or none)", None),
     "loss": ("loss L(theta) on the batch", *results.NATS),
@@ -102,6 +105,7 @@ def measure(ctx: RuleContext, rules: Mapping[str, UpdateRule], dampings: Sequenc
     reasons = [""] * M
     F = ctx.fisher()
     loss, g = ctx.loss_and_gradient()
+    ctx.share_sketch(rules)
     z0, y = ctx.outputs_and_targets()
     for j, lam in enumerate(dampings):
         v = -lr * ctx.natural_gradient(lam)
@@ -167,6 +171,8 @@ def measure(ctx: RuleContext, rules: Mapping[str, UpdateRule], dampings: Sequenc
     data["ngd_residual"] = (("damping",), np.array([s.residual for s in solves]))
     data["ngd_iterations"] = (("damping",), np.array([s.iterations for s in solves], dtype=np.int64))
     data["ngd_products"] = (("damping",), np.array([s.products for s in solves], dtype=np.int64))
+    data["ngd_preconditioner_products"] = (("damping",), np.array([s.preconditioner_products for s in solves],
+                                                                  dtype=np.int64))
     data["ngd_solver"] = (("damping",), np.array([s.solver for s in solves], dtype=str))
     data["ngd_preconditioner"] = (("damping",), np.array([s.preconditioner for s in solves], dtype=str))
     data["loss"] = ((), np.array(float(loss)))
@@ -233,9 +239,13 @@ def evaluate_fidelity(
         cg_tol: Relative residual of CG solves.
         cg_max_iter: CG iteration cap (default 10·P).
         ngd_solver: How exact NGD is solved (:class:`fisherlab.ngd.NGDSolver`): ``"auto"`` (Cholesky when the
-            dense Fisher fits the budget, else one multi-shift CG for all dampings, CG for one), ``"cholesky"``,
-            ``"cg"``, ``"multishift"``, ``"pcg-kfac"`` (CG preconditioned by the ``kfac`` rule's KFAC at each
-            damping), ``"pcg-diag"``; every iterative solve stops at the unpreconditioned residual ``cg_tol``.
+            dense Fisher fits the budget, else, when ``rules`` include ``lowrank``, CG preconditioned per damping by
+            the Nyström preconditioner of that rule's sketch, built first and shared (fewer products than
+            multi-shift: :meth:`~fisherlab.fidelity.rules.RuleContext.exact_solve`), otherwise one multi-shift CG
+            for all dampings, CG for one), ``"cholesky"``, ``"cg"``, ``"multishift"``, ``"pcg-kfac"`` (CG
+            preconditioned by the ``kfac`` rule's KFAC at each damping), ``"pcg-diag"``, ``"pcg-nystrom"`` (by
+            the ``lowrank`` sketch, whichever rules are evaluated); every iterative solve stops at the
+            unpreconditioned residual ``cg_tol``.
         structure_kind: Fisher kind of the structures built from layer rows (the ``kfac``, ``kfac-reduce``,
             ``ekfac``, ``unit``, ``diag``, ``block-ngd`` rules, their ``sngd-*`` and the ``pcg-kfac``
             preconditioner): ``"auto"`` takes the true Fisher's unless it has more than
@@ -255,7 +265,8 @@ def evaluate_fidelity(
         A ``"fidelity"`` Dataset with dims ``rule``, ``damping``, ``layer`` and variables ``cosine``,
         ``cosine_layer``, ``rel_error``, ``fisher_rel_error``, ``kl_predicted``, ``kl_measured``,
         ``loss_change``, ``update_norm``, ``available``, ``unavailable_reason``, ``ngd_residual``,
-        ``ngd_iterations``, ``ngd_products``, ``ngd_solver``, ``ngd_preconditioner`` (per damping), ``loss``,
+        ``ngd_iterations``, ``ngd_products``, ``ngd_preconditioner_products``, ``ngd_solver``,
+        ``ngd_preconditioner`` (per damping), ``loss``,
         ``grad_norm``; attributes ``ngd_solver`` (the solver(s) used), ``cg_tol`` (iterative solves only),
         ``structure_kind`` (the setting), ``rule_kinds`` (JSON ``{rule: Fisher kind of its update}``, "" for a
         rule without one),

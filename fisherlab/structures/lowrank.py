@@ -14,6 +14,15 @@ The damped matrix UΛUᵀ + λI has every power in closed form (U has orthonorma
 
 so :meth:`LowRankFisher.solve` (p = −1) is the Woodbury identity and :meth:`LowRankFisher.damped_power` with
 p = ±1/2 gives the square roots a reconstructed network with a Nyström local Fisher layer needs (docs/method.md).
+
+As a preconditioner of CG on the exact F + λI (the ``pcg-nystrom`` NGD solver, :mod:`fisherlab.ngd`),
+:meth:`LowRankFisher.precondition` applies the randomized Nyström preconditioner of Frangella, Tropp & Udell
+("Randomized Nyström preconditioning", SIAM J. Matrix Anal. Appl. 2023; arXiv:2110.02820):
+
+    P_λ⁻¹ = (λ_m + λ) U (Λ + λI)⁻¹ Uᵀ + (I − UUᵀ),
+
+λ_m the smallest kept eigenvalue: on span U it whitens UΛUᵀ + λI to λ_m + λ, and leaves the complement, where
+F's remaining eigenvalues are at most about λ_m, as it is.
 """
 
 from __future__ import annotations
@@ -174,6 +183,26 @@ class LowRankFisher(FisherMatrix):
     def solve(self, g: Tensor, damping: float = 0.0) -> Tensor:
         """(UΛUᵀ + λI)⁻¹ g by the Woodbury identity (needs λ > 0 unless the rank is full)."""
         return self.damped_power(g, damping, -1.0)
+
+    def precondition(self, R: Tensor, damping: float) -> Tensor:
+        """The Nyström preconditioner P_λ⁻¹ R = (λ_m + λ) U (Λ + λI)⁻¹ Uᵀ R + (R − U Uᵀ R) (module docstring).
+
+        For R (P,) or (P, k), same shape out; λ_m = min Λ. P_λ is symmetric positive definite whenever Λ + λ > 0.
+
+        Raises:
+            SingularMatrixError: λ_m + λ ≤ 0 (λ = 0 with a zero kept eigenvalue).
+        """
+        R = self._check_operand(R)
+        damping = check_damping(damping)
+        shifted = self.eigenvalues + damping
+        if shifted.numel() == 0 or not bool((shifted > 0).all()):
+            raise SingularMatrixError(
+                f"the Nyström preconditioner of the rank-{self.U.shape[1]} Fisher needs Λ + λ > 0 "
+                f"(damping {damping:g}); pass damping > 0")
+        W = R if R.dim() == 2 else R.unsqueeze(1)
+        C = self.U.T @ W
+        out = self.U @ (((shifted[-1] / shifted) - 1).unsqueeze(1) * C) + W
+        return out if R.dim() == 2 else out.squeeze(1)
 
 
 __all__ = ["DEFAULT_MAX_RANK", "METHODS", "LowRankFisher", "nystrom"]
