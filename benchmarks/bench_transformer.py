@@ -45,8 +45,9 @@ layer under "expand", 2·N·(…) under "reduce"). Softmax, GELU, LayerNorm and 
 one :func:`fisherlab.evaluate_fidelity` of the same GPT (``output="sequence"``, the same batch and targets), every
 rule of the fidelity table (:data:`FIDELITY_RULES`) but those whose dense objects exceed the memory
 (:func:`too_large`, printed), dampings {1e-4, 1e-3, 1e-2, 1e-1}, exact NGD to the relative residual 1e-4 (``auto``:
-one multi-shift CG on the implicit true Fisher for the four dampings), float32 — timed end to end (wall and CPU
-seconds, load before and after), with the split by rule and phase from the Dataset's ``timings`` attribute, the
+CG on the implicit true Fisher preconditioned per damping by the ``lowrank`` rule's Nyström sketch, built first
+and shared with the rule; multi-shift CG for the four dampings without that rule), float32 — timed end to end (wall
+and CPU seconds, load before and after), with the split by rule and phase from the Dataset's ``timings`` attribute, the
 exact solve's products, and its iterations and relative residual per damping. The structures built from layer rows
 (KFAC expand and reduce, EKFAC, the diagonal, unit-wise; their ``sngd-*``) are of the Monte-Carlo Fisher here
 (``structure_kind="auto"``: the true Fisher has T·(C − 1) = 4096 output rows a sequence, docs/sequences.md; the
@@ -376,7 +377,8 @@ def bench_fidelity(size: str, n: int, length: int, n_values: int, args: argparse
         f"{r} {k}" for r, k in kinds.items() if k))
     print("   left out (memory): " + ("; ".join(f"{r} {why}" for r, why in left.items()) or "none"))
     solve = timings.get("exact true solve", float("nan"))
-    products = int(ds.ngd_products.values.max())
+    products = int(ds.ngd_products.values.max() if ds.attrs["ngd_solver"] == "multishift"
+                   else ds.ngd_products.values.sum())  # one shared solve, or one solve per damping
     per = f" ({solve / products:.2f} s a product)" if products else ""
     print(f"   exact NGD: {ds.attrs['ngd_solver']}, {products} F·v products, {solve:.1f} s{per}; per damping λ: "
           "iterations / relative residual / solver")
@@ -419,7 +421,7 @@ def project_fidelity(size: str, n: int, length: int, n_values: int, measured: di
     print(f"   forward F = {fwd / 1e9:.1f} GFLOP; F·v floor 4F = {4 * fwd / 1e9:.1f} GFLOP = {4 * fwd / rate:.2f} s at "
           f"{rate / 1e9:.1f} GFLOP/s (GEMM probe); measured F·v {product:.2f} s (load "
           f"{os.getloadavg()[0]:.1f})")
-    print(f"   × {measured['products']} products (GPT {args.sizes[0]}'s multi-shift solve) = {need:.0f} s "
+    print(f"   × {measured['products']} products (GPT {args.sizes[0]}'s exact solve) = {need:.0f} s "
           f"({need / 60:.1f} min) for exact NGD alone; floor {measured['products'] * 4 * fwd / rate:.0f} s; "
           f"a 10-minute evaluation allows {600 / product:.0f} products of this size")
     print()
