@@ -1007,11 +1007,17 @@ def _row_scalars(engine: FisherEngine, probe: ChunkRows, n: int, per_sample_grad
     """
     R = engine.rows_per_sample
     rows = [*probe.values(), *probe.norms.values()]
-    scalars = sum(r.inputs.numel() + (R + 1) * r.outputs.numel() for r in rows) // n
+    scalars = sum(_input_scalars(r) + (R + 1) * r.outputs.numel() for r in rows) // n
     if per_sample_gradients:
-        scalars += max((R * r.outputs.shape[-1] * r.inputs.shape[-1] for r in probe.values()
-                        if isinstance(r.inputs, Tensor) and r.inputs.shape[1] > 1), default=0)
+        scalars += max((R * r.outputs.shape[-1] * (r.unfolded.shape[-1] + r.bias) for r in probe.values()
+                        if isinstance(r.unfolded, Tensor) and r.unfolded.shape[1] > 1), default=0)
     return scalars
+
+
+def _input_scalars(rows: LayerRows) -> int:
+    """Scalars of ``rows.inputs`` (the bias's 1 included), without forming them."""
+    a = rows.unfolded
+    return a.numel() + (math.prod(a.shape[:-1]) if rows.bias else 0)
 
 
 def _rows_chunk_size(engine: FisherEngine, scalars: int) -> int:

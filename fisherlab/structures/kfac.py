@@ -87,22 +87,24 @@ from fisherlab.linalg import (
 from fisherlab.linalg.kron import KronFactorization, kron_damped_factor, kron_factor_solve
 from fisherlab.linalg.threads import concurrently
 from fisherlab.structures.base import accumulate_gram, eigvalsh, symmetrize_upper
-from fisherlab.structures.layerwise import LayerwiseFisher, NormBlocks, prepare_layers, vars_of
+from fisherlab.structures.layerwise import FULL_GRAM_ROWS, LayerwiseFisher, NormBlocks, prepare_layers, vars_of
 from fisherlab.vocabulary import KFACApprox
 
 
-def _gram_into(M: Tensor, U: Tensor, c: Tensor | None, fresh: bool) -> None:
+def _gram_into(M: Tensor, U: Tensor, c: Tensor | None, fresh: bool, full: bool = False) -> None:
     """M += VᵀV for the rows V = [U, c] (m, d), upper triangle only (``fresh``: M is overwritten, β = 0).
 
     :func:`accumulate_gram` does about half the arithmetic of a full product; the bias's column Uᵀc and corner cᵀc
     are added without forming V (Uᵀc formed contiguous, then stored: 512 × 1024 rows, 1 thread, 0.05 ms; 0.54 ms as
-    an addmv_ into the strided column).
+    an addmv_ into the strided column). ``full``: both triangles, by one product (no mirror needed afterwards).
     """
-    accumulate_gram(M if c is None else M[:-1, :-1], U, fresh=fresh)
+    accumulate_gram(M if c is None else M[:-1, :-1], U, 1 if full else None, fresh=fresh)
     if c is not None:
         column, corner = U.T @ c, c.dot(c)
         M[:-1, -1] = column if fresh else M[:-1, -1] + column
         M[-1, -1] = corner if fresh else M[-1, -1] + corner
+        if full:
+            M[-1, :-1] = M[:-1, -1]
 
 
 class GramSums(dict[str, Tensor]):
@@ -112,26 +114,34 @@ class GramSums(dict[str, Tensor]):
     :meth:`add` does no arithmetic: it allocates a new key's sum uninitialised (its first chunk overwrites it, β = 0
     in every GEMM: no zero fill) and queues the chunk's product (:func:`_gram_into`, the upper triangle), which
     :func:`run_grams` runs with the chunk's other queued products; :meth:`finish` mirrors the finished sum and
-    scales it.
+    scales it. A sum of fewer than :data:`~fisherlab.structures.layerwise.FULL_GRAM_ROWS` rows in the whole pass
+    is formed in full instead (one product per chunk, no mirror).
     """
 
     def __init__(self) -> None:
         super().__init__()
-        #: key → its queued products (U, c, fresh), in order, run by :func:`run_grams`.
-        self.pending: dict[str, list[tuple[Tensor, Tensor | None, bool]]] = {}
+        #: key → its queued products (U, c, fresh, full), in order, run by :func:`run_grams`.
+        self.pending: dict[str, list[tuple[Tensor, Tensor | None, bool, bool]]] = {}
+        #: key → whether its sum is formed in full (both triangles).
+        self.full: dict[str, bool] = {}
 
-    def add(self, key: str, U: Tensor, c: Tensor | None = None) -> None:
-        """Queue self[key] += VᵀV (upper triangle) for the rows V = [U, c] (U (m, width), c (m,) or None)."""
+    def add(self, key: str, U: Tensor, c: Tensor | None = None, *, pass_rows: int | None = None) -> None:
+        """Queue self[key] += VᵀV (upper triangle) for the rows V = [U, c] (U (m, width), c (m,) or None).
+
+        ``pass_rows``: the rows this key gets over the whole pass (default: many), read on its first chunk.
+        """
         fresh = key not in self
         if fresh:
             d = U.shape[1] + (c is not None)
             self[key] = U.new_empty(d, d)
-        self.pending.setdefault(key, []).append((U, c, fresh))
+            self.full[key] = pass_rows is not None and pass_rows < FULL_GRAM_ROWS
+        self.pending.setdefault(key, []).append((U, c, fresh, self.full[key]))
 
     def finish(self, key: str, scale: Tensor | float) -> Callable[[], Tensor]:
         """A task that returns scale · self[key], a Gram sum mirrored in place (:func:`symmetrize_upper`)."""
         M = self[key]
-        return lambda: (M if M.dim() == 1 else symmetrize_upper(M, inplace=True)).mul_(scale)
+        mirror = M.dim() == 2 and not self.full.get(key, False)
+        return lambda: (symmetrize_upper(M, inplace=True) if mirror else M).mul_(scale)
 
 
 #: Least rows of each part when :func:`run_grams` splits one product's rows over the CPU threads.
@@ -157,7 +167,7 @@ def run_grams(sums: Sequence[GramSums], device: torch.device) -> None:
     below :data:`SIDE_BY_SIDE_WORK` in all, the products run one after the other on every thread.
     """
     threads = torch.get_num_threads() if device.type == "cpu" else 1
-    jobs = sorted(((sum(U.shape[0] * M.shape[0] ** 2 for U, _, _ in queue), M, queue)
+    jobs = sorted(((sum(U.shape[0] * M.shape[0] ** 2 for U, *_ in queue), M, queue)
                    for G in sums for M, queue in ((G[k], q) for k, q in G.pending.items())),
                   key=lambda job: -job[0])
     for G in sums:
@@ -168,12 +178,12 @@ def run_grams(sums: Sequence[GramSums], device: torch.device) -> None:
     threads = threads if total >= SIDE_BY_SIDE_WORK else 1
     if threads > 1 and jobs and jobs[0][0] * threads > total and len(jobs[0][2]) == 1 \
             and jobs[0][2][0][0].shape[0] >= SPLIT_ROWS * threads:
-        work, M, [(U, c, fresh)] = jobs[0]
+        work, M, [(U, c, fresh, full)] = jobs[0]
         rows = [(U[a: a + step], None if c is None else c[a: a + step])
                 for step in [-(-U.shape[0] // threads)] for a in range(0, U.shape[0], step)]
         scratch = [(M, torch.empty_like(M)) for _ in rows[1:]]
-        pieces[:1] = [(work // len(rows), lambda: _gram_into(M, *rows[0], fresh))] + [
-            (work // len(rows), lambda S=S, part=part: _gram_into(S, *part, True))
+        pieces[:1] = [(work // len(rows), lambda: _gram_into(M, *rows[0], fresh, full))] + [
+            (work // len(rows), lambda S=S, part=part: _gram_into(S, *part, True, full))
             for (_, S), part in zip(scratch, rows[1:], strict=True)]
         pieces.sort(key=lambda piece: -piece[0])
     if threads > 1 and max(work for work, _ in pieces) * threads <= total:
@@ -217,11 +227,12 @@ def _padding_masks(rows: Mapping[str, LayerRows], sequence: Collection[str]) -> 
 
 
 def _accumulate(A: GramSums, S: GramSums, count: dict[str, Tensor], path: str, rows: LayerRows,
-                approx: KFACApprox, live: Tensor | None) -> None:
+                approx: KFACApprox, live: Tensor | None, samples: int) -> None:
     """Add one chunk's Σ ā āᵀ to A[path], Σ δ δᵀ to S[path] and A's count to count[path] (module docstring).
 
     ``live`` (n, L) (None: every position) restricts A: "expand" sums and counts the live (n, l) pairs, "reduce"
-    averages each sample's live positions and counts the samples with one.
+    averages each sample's live positions and counts the samples with one. ``samples``: this rank's samples in
+    the pass (the Gram sums' rows in the pass are the chunk's per sample times these, :meth:`GramSums.add`).
     """
     inputs, grads = rows.unfolded, rows.grads
     n, L = grads.shape[1:3]
@@ -229,7 +240,7 @@ def _accumulate(A: GramSums, S: GramSums, count: dict[str, Tensor], path: str, r
     if approx is KFACApprox.REDUCE:
         if weight is None:
             ones = grads.new_ones(n) if rows.bias else None  # the bias's pooled 1
-            A.add(path, reduce_inputs(inputs, grads.dtype), ones)
+            A.add(path, reduce_inputs(inputs, grads.dtype), ones, pass_rows=samples)
             _add(count, path, grads.new_tensor(float(n)))
         else:
             per_sample = weight.sum(1)  # L_n, the live positions of sample n
@@ -238,9 +249,9 @@ def _accumulate(A: GramSums, S: GramSums, count: dict[str, Tensor], path: str, r
             else:
                 pooled = torch.einsum("nl,nli->ni", weight, inputs)
             scale = per_sample.clamp(min=1)
-            A.add(path, pooled / scale.unsqueeze(1), per_sample / scale if rows.bias else None)
+            A.add(path, pooled / scale.unsqueeze(1), per_sample / scale if rows.bias else None, pass_rows=samples)
             _add(count, path, per_sample.gt(0).sum().to(grads.dtype))
-        S.add(path, grads.sum(2).reshape(-1, grads.shape[-1]))
+        S.add(path, grads.sum(2).reshape(-1, grads.shape[-1]), pass_rows=grads.shape[0] * samples)
         return
     if isinstance(inputs, OneHotRows):  # diagonal: the token counts
         _add(A, path, inputs.counts(grads.dtype) if weight is None else torch.bincount(
@@ -248,9 +259,9 @@ def _accumulate(A: GramSums, S: GramSums, count: dict[str, Tensor], path: str, r
     else:
         U = (inputs if weight is None else inputs * weight.unsqueeze(-1)).reshape(n * L, inputs.shape[-1])
         c = None if not rows.bias else grads.new_ones(n * L) if weight is None else weight.reshape(-1)
-        A.add(path, U, c)  # the bias's entries of ā·weight are the weights
+        A.add(path, U, c, pass_rows=L * samples)  # the bias's entries of ā·weight are the weights
     _add(count, path, grads.new_tensor(float(n * L)) if weight is None else weight.sum())
-    S.add(path, grads.reshape(-1, grads.shape[-1]))
+    S.add(path, grads.reshape(-1, grads.shape[-1]), pass_rows=grads.shape[0] * L * samples)
 
 
 def diagonal_input(f: KroneckerFactors) -> bool:
@@ -355,7 +366,7 @@ class KFACFisher(LayerwiseFisher):
             masks = _padding_masks(rows, sequence)
             for p, r in rows.items():
                 live = masks.get(r.grads.shape[2]) if p in sequence else None
-                _accumulate(A, S, count, p, r, approx, live)
+                _accumulate(A, S, count, p, r, approx, live, engine.local_samples)
             run_grams((A, S), engine.device)
             if kept is not None:
                 held += sum((r.inputs.numel() + r.grads.numel()) * r.grads.element_size() for r in rows.values())
