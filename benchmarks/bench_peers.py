@@ -36,7 +36,10 @@ torch's global generator; curvlinops: its seeded generator), against fisherlab's
 labels (the MC Fisher with labels ŷ is the empirical Fisher with targets ŷ). Hutchinson estimates are compared to
 the exact trace (their probes differ). Conventions matched: BackPACK and curvlinops see the mean loss
 (``CrossEntropyLoss()``), i.e. (1/N) Σ_n as fisherlab; curvlinops' type-2 KFAC is fisherlab's true-Fisher KFAC
-(the 9 closed-form rows per sample span the same output Fisher as its 10 Hessian-root columns).
+(the 9 closed-form rows per sample span the same output Fisher as its 10 Hessian-root columns). Under each EKFAC
+row a float64 check repeats the comparison with both in float64 and gives each float32 result's distance to
+fisherlab's float64 one (``ekfac_float64_check``: the eigenvalue correction depends on the eigenbasis within
+near-degenerate eigenspaces, so float32 EKFACs differ by their own rounding error, not by a discrepancy).
 
 Without the peers (plain project venv) each row prints fisherlab against its floor. With them:
 
@@ -108,6 +111,7 @@ class Op:
     built: Callable[[], Any] | None = None
     peers: dict[str, Method] = field(default_factory=dict)
     note: str = ""
+    after: Callable[[], str] | None = None  # a line printed under the row (computed after its timing)
 
 
 # ---------------------------------------------------------------------------------------------- problems
@@ -192,9 +196,10 @@ def product_floor(P: int, rows: int, device: torch.device) -> Callable[[], Tenso
 
 # -------------------------------------------------------------------------------------------------- peers
 def fisherlab_fisher(p: Problem, kind: str, structure: str, model: nn.Module | None = None,
-                     X: Tensor | None = None, y: Tensor | None = None, **options: Any):
+                     X: Tensor | None = None, y: Tensor | None = None, dtype: torch.dtype = torch.float32,
+                     **options: Any):
     model, X, y = model or p.model, X if X is not None else p.X, y if y is not None else p.y
-    return fisher(model, (X, y), "categorical", kind=kind, structure=structure, dtype=torch.float32,
+    return fisher(model, (X, y), "categorical", kind=kind, structure=structure, dtype=dtype,
                   device=X.device, progress=False, **options)
 
 
@@ -262,7 +267,39 @@ def kfac_ops(p: Problem, op: str, v: Tensor) -> Op:
     if kind == "mc":  # at curvlinops' labels: fisherlab's empirical-Fisher (E)KFAC with those targets
         reference = lambda: fisherlab_fisher(p, "empirical", structure, y=curvlinops_labels(p)) @ v  # noqa: E731
     out.peers[f"curvlinops {cls.__name__} ({ftype})"] = Method(run, lambda K: K @ v, reference)
+    if structure == "ekfac":
+        out.after = lambda: ekfac_float64_check(p, kind, ftype, v)
     return out
+
+
+def ekfac_float64_check(p: Problem, kind: str, ftype: str, v: Tensor) -> str:
+    """An EKFAC row's check repeated in float64, and each float32 result's distance to fisherlab's float64 one.
+
+    EKFAC's eigenvalue correction diag(Qᵀ F Q) depends on the factors' eigenbasis Q within near-degenerate
+    eigenspaces, so in float32 two correct implementations differ by more than their factors do (the rounding of
+    the factors over the eigenvalue gaps); in float64 they agree. MC rows at curvlinops' labels: fisherlab's and
+    curvlinops' empirical (E)KFAC with those targets, in both precisions.
+    """
+    curvlinops = optional_import("curvlinops")
+    y = curvlinops_labels(p) if kind == "mc" else p.y
+    kind, ftype = ("empirical", "empirical") if kind == "mc" else (kind, ftype)
+    model64 = copy.deepcopy(p.model).double()
+    X64, v64 = p.X.double(), v.double()
+
+    def peer(model: nn.Module, X: Tensor) -> Tensor:
+        params = [q for q in model.parameters() if q.requires_grad]
+        K = curvlinops.EKFACLinearOperator(model, nn.CrossEntropyLoss(), params, [(X, y)], fisher_type=ftype,
+                                           check_deterministic=False, separate_weight_and_bias=False,
+                                           seed=CURVLINOPS_SEED)
+        K.compute_kronecker_factors()
+        K.compute_eigenvalue_correction()
+        return K @ v.to(X.dtype)
+
+    ours64 = fisherlab_fisher(p, kind, "ekfac", model64, X64, y, dtype=torch.float64) @ v64
+    ours32 = fisherlab_fisher(p, kind, "ekfac", y=y) @ v
+    return (f"float64 check: fisherlab vs curvlinops {rel_diff(peer(model64, X64), ours64):.1e}; float32 vs "
+            f"fisherlab's float64: fisherlab {rel_diff(ours32, ours64):.1e}, curvlinops "
+            f"{rel_diff(peer(p.model, p.X), ours64):.1e}")
 
 
 def curvlinops_ggn(p: Problem) -> Any:
@@ -499,9 +536,12 @@ def main() -> None:
         for op_name in args.ops:
             if (model_name == "gpt") != (op_name in GPT_OPS) and op_name not in ("fv", "cg", "kfac-emp"):
                 continue  # the GPT's rows are GPT_OPS; grad and kfac-reduce are GPT rows only
-            rows += run_op(p, op_name, make_op(p, op_name), args.repeats, args.device)
+            op = make_op(p, op_name)
+            rows += run_op(p, op_name, op, args.repeats, args.device)
             synchronize(args.device)
             print_rows(rows)
+            if op.after is not None and op.peers:
+                print(f"   {op.after()}")
             print(f"   load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
             rows = []
 
