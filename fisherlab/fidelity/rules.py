@@ -317,19 +317,27 @@ class RuleContext:
         """The context's model reconstructed with ``rule``'s G at λ (a network of its own, to read a step from).
 
         The first λ asked for reconstructs (:meth:`ReconstructedGD.network`); every other λ re-roots a copy of
-        that network with the context's own structure (:meth:`structure`, the one the structured rules use)
-        at the new λ, so that G is computed once per state, not once per damping.
+        that network (:func:`_copy_sharing_roots`) with the context's own structure (:meth:`structure`, the one the
+        structured rules use) at the new λ, so that G is computed once per state, not once per damping. Both run
+        under the rule's :class:`~fisherlab.reconstruction.roots.SpectrumCache` (at most ``memory_budget`` bytes),
+        so that ``"eigh"`` roots decompose each block of G once; a Cholesky root factorises G + λI at each λ.
         """
-        base = self._networks.get(rule.name)
-        if base is None:
-            base = self._networks[rule.name] = rule.network(self, damping)
+        from fisherlab.reconstruction.roots import SpectrumCache, reuse_spectra
+
+        kept = self._networks.get(rule.name)
+        if kept is None:
+            spectra = SpectrumCache(self.memory_budget)
+            with reuse_spectra(spectra):
+                kept = self._networks[rule.name] = rule.network(self, damping), spectra
+        base, spectra = kept
         if base.damping == float(damping):
             return base
         with self.timed(f"reconstruct {rule.name}"):
-            net = copy.deepcopy(base)
+            net = _copy_sharing_roots(base)
             net.config = dataclasses.replace(base.config, damping=float(damping))
             theta = self.spec.flatten(dict(self.engine().params))
-            net.set_metric(self.structure(base.config.fisher_structure, **base.config.options), theta=theta)
+            with reuse_spectra(spectra):
+                net.set_metric(self.structure(base.config.fisher_structure, **base.config.options), theta=theta)
         return net
 
     def dense_fits(self) -> bool:
@@ -649,6 +657,17 @@ class ReconstructedGD(Rule):
 
     def __call__(self, ctx: RuleContext, damping: float, lr: float) -> Tensor:
         return ctx.reconstructed(self, damping).gd_update(ctx.data, lr)
+
+
+def _copy_sharing_roots(net: Any) -> Any:
+    """A deep copy of a reconstructed network whose local Fisher units hold ``net``'s root buffers, not copies.
+
+    For :meth:`~fisherlab.reconstruction.ReconstructedNetwork.set_metric` at another λ, which replaces every unit's
+    root buffers and never writes into them (θ' is written in place: the copy has its own), so ``net`` is unchanged
+    and the roots it would replace are not copied first (for the 1M GPT's unit-wise roots, 2 GB of float32).
+    """
+    shared = {id(b): b for _, unit in net.units() for b in unit.buffers()}
+    return copy.deepcopy(net, shared)
 
 
 def _reconstruct_arguments() -> frozenset[str]:
