@@ -11,9 +11,10 @@
   factorisation of the m×m Gram matrix (needs λ > 0; cheaper than Cholesky when m < P);
 * ``gram`` — the same identity in sample space without U (:mod:`fisherlab.gram`): K = UUᵀ, U g and Uᵀ y from
   the per-layer rows (inputs ā and output gradients δ of every layer with a rule, K_layer = (δδᵀ) ∘ (āāᵀ) at one
-  location), explicit rows only for the parameters outside the rules; one float64 Cholesky factorisation of K + λI
-  per damping and no F·v product but one per damping for the residual check (needs λ > 0, one process, K and the
-  rows of all samples within the memory budget);
+  location), explicit rows only for the parameters outside the rules; one Cholesky factorisation of K + λI per
+  damping (float64; from :data:`fisherlab.gram.MIXED_MIN_ROWS` rows float32, refined to float64 accuracy by CG in
+  sample space, :meth:`fisherlab.gram.SampleGram.sample_solve`) and no F·v product but one per damping for the
+  residual check (needs λ > 0, one process, K and the rows of all samples within the memory budget);
 * ``cg`` — conjugate gradients on the implicit F to the relative residual ``cg_tol``;
 * ``multishift`` — multi-shift CG (:func:`fisherlab.linalg.cg_multishift`): with :func:`solve_ngd_all`, every
   damping of a study from one Krylov space, one F·v product per iteration for all of them;
@@ -111,7 +112,8 @@ class SolveInfo:
 
     Attributes:
         solver: An :class:`NGDSolver` value other than ``"auto"``.
-        iterations: CG iterations (0 for the direct solvers; for ``gram`` its refinement's, usually 0); for
+        iterations: CG iterations (0 for the direct solvers; for ``gram`` the sample-space refinement's K products
+            after a float32 factorisation, plus any F·v refinement's; 0 after a float64 one); for
             ``multishift`` the shared iterations until this
             damping's residual reached the tolerance (plus a CG refinement's, if one was needed).
         residual: Relative residual ‖(F + λI) x − g‖ / ‖g‖ of the unpreconditioned system, from true products
@@ -124,7 +126,8 @@ class SolveInfo:
             damping's share of building K (an equal share per damping) plus its own factorisation and check, so
             the dampings' seconds add up to the whole.
         preconditioner: ``"kfac"``, ``"ekfac"``, ``"diag"``, ``"lowrank"``, ... (the structure used as M), or
-            ``"none"``.
+            ``"none"``; for ``gram`` ``"cholesky-float32"`` when the float32 factor of K + λI preconditioned its
+            sample-space refinement, else ``"none"``.
         products: F·v products (one per column of a block product) used, residual checks included; 0 for
             ``cholesky`` and ``woodbury``, 1 per damping for ``gram`` (its residual check, plus any refinement's).
             A ``multishift`` solve's products serve all its dampings: each records the shared total. Building a
@@ -257,10 +260,11 @@ def _gram(engine: FisherEngine, g: Tensor, dampings: Sequence[float], fisher: Fi
     start = time.perf_counter()
     gram = build_gram(engine) if gram is None else gram
     share = (time.perf_counter() - start) / len(dampings)
-    xs, seconds = [], []
+    xs, seconds, refined = [], [], []
     for lam in dampings:
         start = time.perf_counter()
         xs.append(gram.solve(g, lam).to(g.dtype))
+        refined.append(gram.refined.get(lam))
         seconds.append(time.perf_counter() - start)
     start = time.perf_counter()
     product = _Counted(engine, fisher)
@@ -270,17 +274,18 @@ def _gram(engine: FisherEngine, g: Tensor, dampings: Sequence[float], fisher: Fi
     check = (time.perf_counter() - start) / len(dampings)
     out = {}
     for j, lam in enumerate(dampings):
-        x, residual, iterations, products = xs[j], residuals[j], 0, 1
+        x, residual, iterations, products = xs[j], residuals[j], refined[j] or 0, 1
         start = time.perf_counter()
         if not residual <= cg_tol:  # refine: CG preconditioned by the sample-space inverse, from x
             before = product.products
             result = cg(product, g, damping=lam, tol=cg_tol, max_iter=cg_max_iter, x0=x,
                         preconditioner=lambda r, lam=lam: gram.solve(r, lam).to(r.dtype))
-            x, residual, iterations = result.x, float(result.residual), result.iterations
+            x, residual = result.x, float(result.residual)
+            iterations += result.iterations
             products += product.products - before
         seconds[j] += share + check + time.perf_counter() - start
         out[lam] = (x, SolveInfo(NGDSolver.GRAM.value, iterations, residual, residual <= cg_tol, cg_tol,
-                                 seconds[j], "none", products))
+                                 seconds[j], "none" if refined[j] is None else "cholesky-float32", products))
     return out
 
 
