@@ -265,10 +265,10 @@ def _batched_eigh_roots(G: Tensor, damping: float) -> tuple[Tensor, Tensor]:
     else:
         (w_all, Q_all), keep = spectrum, False
         _refuse_singular(w_all + damping, damping, b)
-    sqrt, inv_sqrt = G.new_empty(b, n, n), G.new_empty(b, n, n)
+    sqrt, inv_sqrt, eye = G.new_empty(b, n, n), G.new_empty(b, n, n), _eye(G)
     for s in _chunks(G):
         if spectrum is None:
-            w, Q = torch.linalg.eigh(_damped(G[s], 0.0))
+            w, Q = torch.linalg.eigh(_damped(G[s], 0.0, eye))
             w_all[s] = w
             if Q_all is not None:
                 Q_all[s] = Q
@@ -290,24 +290,30 @@ def _batched_cholesky_roots(G: Tensor, damping: float) -> tuple[Tensor, Tensor]:
     R, R_inv = G.new_empty(b, n, n), G.new_empty(b, n, n).mT
     info = torch.empty(b, dtype=torch.int32, device=G.device)
     w = torch.empty(b, n, dtype=torch.float64, device=G.device) if damping == 0 else None
+    eye = _eye(G)
     for s in _chunks(G):
-        Gd = _damped(G[s], damping)
+        Gd = _damped(G[s], damping, eye)
         L, info[s] = torch.linalg.cholesky_ex(Gd)
         if w is not None:
             w[s] = torch.linalg.eigvalsh(Gd)
-        R[s], R_inv[s] = cholesky_roots(L)
+        R[s], R_inv[s] = cholesky_roots(L, eye)
     _check_cholesky(G, damping, info)
     if w is not None:
         _refuse_singular(w, damping, b)
     return R, R_inv
 
 
-def _damped(G: Tensor, damping: float) -> Tensor:
-    """sym(G) + λI in float64 for blocks G (b, n, n), refused when G is not finite."""
+def _damped(G: Tensor, damping: float, eye: Tensor | None = None) -> Tensor:
+    """sym(G) + λI in float64 for blocks G (b, n, n), refused when G is not finite; ``eye``: I (n, n), float64."""
     if not bool(torch.isfinite(G).all()):
         raise NonFiniteError("a Fisher block to take square roots of contains NaN or inf values")
-    eye = torch.eye(G.shape[-1], dtype=torch.float64, device=G.device)
-    return 0.5 * (G + G.mT).double() + damping * eye
+    eye = _eye(G) if eye is None else eye
+    return (G + G.mT).double().mul_(0.5).add_(eye, alpha=damping)
+
+
+def _eye(G: Tensor) -> Tensor:
+    """The float64 identity of the blocks G (..., n, n)."""
+    return torch.eye(G.shape[-1], dtype=torch.float64, device=G.device)
 
 
 def _check_cholesky(G: Tensor, damping: float, info: Tensor) -> None:
@@ -329,10 +335,13 @@ def _damped_cholesky(G: Tensor, damping: float) -> Tensor:
     return L
 
 
-def cholesky_roots(L: Tensor) -> tuple[Tensor, Tensor]:
-    """(R, R⁻¹) with R = Lᵀ (upper triangular, RᵀR = L Lᵀ) for lower Cholesky factors L (..., n, n)."""
+def cholesky_roots(L: Tensor, eye: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(R, R⁻¹) with R = Lᵀ (upper triangular, RᵀR = L Lᵀ) for lower Cholesky factors L (..., n, n).
+
+    ``eye``: the identity (n, n) in L's dtype, if at hand.
+    """
     R = L.mT
-    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device) if eye is None else eye
     return R, torch.linalg.solve_triangular(R, eye, upper=True)
 
 
