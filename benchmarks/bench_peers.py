@@ -18,7 +18,8 @@ Rows (``--ops``): ``dense`` (true Fisher, P×P), ``diag`` (exact diagonal of the
 block), ``ekfac``, ``ekfac-mc``, ``fv`` (one F·v on a built operator), ``fV`` (F·V, 16 columns), ``cg`` (10 CG
 iterations on (F + λI) x = ∇L, λ = 1e-3, tolerance 1e-12: not reached; the peer's product in
 fisherlab's CG), ``lanczos`` (top 5 eigenvalues from 20 Lanczos
-steps, the peer's product in fisherlab's Lanczos), ``trace`` (Hutchinson, 16 Rademacher probes).
+steps, the peer's product in fisherlab's Lanczos), ``trace`` (Hutchinson, 16 Rademacher probes;
+fisherlab's vᵀ F v by forward mode alone, ``quadratic_forms``, the peer's vᵀ(G v)).
 
 Every call is end to end, as a user makes it: fisherlab's ``fisher(...)`` builds its engine (the options, model and
 first samples checked) and then the structure, whose pass over the data also checks every sample and draws the MC
@@ -401,7 +402,8 @@ def make_op(p: Problem, op: str) -> Op:
         ours = top(F.matvec)
         return Op(ours, floor, peers=peers, note=f"top {TOP_K} of {steps} steps")
     exact = lambda: fisherlab_fisher(p, "true", "diag").trace().reshape(1)  # noqa: E731
-    ours = Method(lambda: hutchinson_trace(F.matmat, p.P, num_probes=steps, batched=True, device=device)[0],
+    ours = Method(lambda: hutchinson_trace(F.matmat, p.P, num_probes=steps, device=device,
+                                                     quadratic_forms=F.quadratic_forms)[0],
                   lambda t: t.reshape(1), exact)
     curvlinops = optional_import("curvlinops")
     if G is not None and curvlinops is not None:

@@ -60,7 +60,7 @@ def compute(X: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     V = torch.randn(P, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     loss, grad = engine.loss_and_gradient()
     out = {"num_samples": torch.tensor(float(engine.num_samples)), "loss": loss, "gradient": grad,
-           "Fv": engine.matmat(V[:, 0]), "FV": engine.matmat(V),
+           "Fv": engine.matmat(V[:, 0]), "FV": engine.matmat(V), "quadratic_forms": engine.quadratic_forms(V),
            "dense": DenseFisher.from_engine(engine).matrix,
            "diag": DiagonalFisher.from_engine(engine).diagonal,
            "block": BlockDiagonalFisher.from_engine(engine).to_dense()}
@@ -231,6 +231,8 @@ def test_single_process_references(single: dict[str, torch.Tensor]) -> None:
     torch.testing.assert_close(single["dense"], F, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(single["FV"][:, 0], single["Fv"], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(single["diag"], F.diagonal(), rtol=1e-12, atol=1e-14)
+    V = torch.randn(F.shape[0], 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(single["quadratic_forms"], torch.einsum("pk,pq,qk->k", V, F, V), rtol=1e-12, atol=0)
     eye = torch.eye(F.shape[0], dtype=F.dtype)
     solves = [(single["ngd_cg"], DAMPING), (single["ngd_pcg_kfac"], DAMPING),
               (single["ngd_multishift"][:, 0], DAMPING), (single["ngd_multishift"][:, 1], 10 * DAMPING)]

@@ -124,6 +124,7 @@ def hutchinson_trace(
     distribution: str = "rademacher",
     *,
     batched: bool = False,
+    quadratic_forms: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Hutchinson estimate of tr(A) and its standard error.
 
@@ -139,6 +140,9 @@ def hutchinson_trace(
         device: Probe device (default: cpu).
         distribution: ``"rademacher"`` or ``"gaussian"``.
         batched: Call ``matvec`` once on the (n, m) block of probes.
+        quadratic_forms: Z (n, m) ↦ (z_iᵀ A z_i)_i (m,), called once on the probes instead of ``matvec``
+            (which is then not called), e.g. :meth:`fisherlab.structures.FisherMatrix.quadratic_forms`: the
+            implicit Fisher's needs forward mode only, no product A z.
 
     Returns:
         (estimate, stderr) as 0-d tensors; stderr = sample std / √m (inf when m = 1).
@@ -153,8 +157,14 @@ def hutchinson_trace(
     dt, dev = _resolve(dtype, device)
     gen = _generator(seed, dev)
     Z = _probes(n, num_probes, gen, dt, dev, distribution)
-    AZ = _apply_columns(matvec, Z, batched)
-    samples = (Z * AZ).sum(0)
+    if quadratic_forms is None:
+        samples = (Z * _apply_columns(matvec, Z, batched)).sum(0)
+    else:
+        samples = quadratic_forms(Z)
+        if not isinstance(samples, Tensor) or samples.shape != (num_probes,):
+            raise InputError(f"quadratic_forms must return a tensor of shape ({num_probes},) for the "
+                             f"({n}, {num_probes}) probes; got "
+                             f"{tuple(samples.shape) if isinstance(samples, Tensor) else type(samples).__name__}")
     _finite_or_raise(samples, "hutchinson_trace samples")
     return _mean_stderr(samples)
 

@@ -108,6 +108,14 @@ class FisherMatrix:
         V = self._check_operand(V)
         return self.matvec(V) if V.dim() == 1 else self.matmat(V)
 
+    def quadratic_forms(self, V: Tensor) -> Tensor:
+        """vᵢᵀ F vᵢ for the columns of V (P, k) → (k,); V of shape (P,) → a 0-dim tensor.
+
+        Here the column sums of V ⊙ F V; the implicit Fisher computes them without F V (forward mode only).
+        """
+        V = self._check_operand(V)
+        return (V * self.matmat(V if V.dim() == 2 else V.unsqueeze(1)).reshape(V.shape)).sum(0)
+
     def trace(self) -> Tensor:
         """Tr F (a 0-dim tensor)."""
         return self.diag().sum()
