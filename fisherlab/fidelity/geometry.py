@@ -401,14 +401,15 @@ def _lanczos_geometry(ctx: RuleContext, names: list[str], dampings: list[float],
         top_F, lo_F = _lanczos_spectrum(F.matvec, P, k, seed, dtype, device, 0.0 if low_rank else None)
     for i, name in enumerate(names):
         try:
+            rule = ReconstructedGD(name, Structure(name), RootMethod.EIGH) if name in RECONSTRUCTIBLE else None
             for j, lam in enumerate(dampings):
                 if name == "original":
                     top, kappa = top_F + lam, _ratio(float(top_F[0]) + lam, lo_F + lam)
                 else:
-                    if name not in RECONSTRUCTIBLE:
+                    if rule is None:
                         raise UnsupportedLayerError(f"structure {name!r} has no reconstructed network")
                     with ctx.timed(f"geometry {name}"):
-                        net = ReconstructedGD(name, Structure(name), RootMethod.EIGH).network(ctx, lam)
+                        net = ctx.reconstructed(rule, lam)  # G built at the first λ, re-rooted at the others
 
                         def B(v: Tensor, net: Any = net, lam: float = lam) -> Tensor:
                             u = net.to_original_update(v)  # R⁻¹ v (R symmetric)
