@@ -31,6 +31,10 @@ GRAM_BLOCK = 384
 #: triangle (1-thread CPU minima, (m, d) rows → d × d: (512, 1024) 10.6 ms in one block, 8.2 in 2, 5.4 in 8;
 #: (2048, 512) 10.5, 5.9 in 4; (2048, 384) 6.1, 3.1 in 4).
 GRAM_BLOCK_SERIAL = 96
+#: Block widths of the triangular Gram products are multiples of this many columns, so that every block starts on a
+#: 64-byte boundary of a float32 row (1-thread CPU minima, (m, d) = (512, 1024) float32 rows in ten blocks: 103
+#: columns 9.3 ms, 112 columns 8.0 ms; (2048, 512) in five: 8.2 / 6.8 ms; the same sums bit for bit).
+GRAM_ALIGN = 16
 
 
 @dataclass
@@ -221,7 +225,8 @@ def accumulate_gram(out: Tensor, U: Tensor, num_splits: int | None = None, *, fr
         out: (P, P) accumulator; only its upper triangle is meaningful until :func:`symmetrize_upper`.
         U: (m, P) rows.
         num_splits: Column blocks s (default: blocks of about :data:`GRAM_BLOCK` columns — :data:`GRAM_BLOCK_SERIAL`
-            on one CPU thread —, at most 16; one block, a plain product, below two blocks' columns).
+            on one CPU thread —, at most 16; one block, a plain product, below two blocks' columns). The block
+            width is rounded up to a multiple of :data:`GRAM_ALIGN` columns (so s blocks or fewer).
         fresh: Overwrite the upper triangle instead of adding to it (β = 0 in every GEMM: ``out`` may be
             uninitialised memory, ``torch.empty``, so no zero fill is needed).
     """
@@ -229,7 +234,7 @@ def accumulate_gram(out: Tensor, U: Tensor, num_splits: int | None = None, *, fr
     if num_splits is None:
         serial = U.device.type == "cpu" and torch.get_num_threads() == 1
         num_splits = min(16, max(1, P // (GRAM_BLOCK_SERIAL if serial else GRAM_BLOCK)))
-    step = max(1, -(-P // num_splits))
+    step = -(-max(1, -(-P // num_splits)) // GRAM_ALIGN) * GRAM_ALIGN
     for a in range(0, P, step):
         b = min(a + step, P)
         out[a:b, a:].addmm_(U[:, a:b].T, U[:, a:], beta=0 if fresh else 1)

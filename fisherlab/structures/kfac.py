@@ -91,12 +91,14 @@ from fisherlab.structures.layerwise import FULL_GRAM_ROWS, LayerwiseFisher, Norm
 from fisherlab.vocabulary import KFACApprox
 
 
-def _gram_into(M: Tensor, U: Tensor, c: Tensor | None, fresh: bool, full: bool = False) -> None:
+def _gram_into(M: Tensor, U: Tensor, c: Tensor | None, fresh: bool, full: bool = False,
+               mirror: bool = False) -> None:
     """M += VᵀV for the rows V = [U, c] (m, d), upper triangle only (``fresh``: M is overwritten, β = 0).
 
     :func:`accumulate_gram` does about half the arithmetic of a full product; the bias's column Uᵀc and corner cᵀc
     are added without forming V (Uᵀc formed contiguous, then stored: 512 × 1024 rows, 1 thread, 0.05 ms; 0.54 ms as
     an addmv_ into the strided column). ``full``: both triangles, by one product (no mirror needed afterwards).
+    ``mirror``: the sum is complete after this product; mirror it in place (:func:`symmetrize_upper`) right away.
     """
     accumulate_gram(M if c is None else M[:-1, :-1], U, 1 if full else None, fresh=fresh)
     if c is not None:
@@ -105,6 +107,8 @@ def _gram_into(M: Tensor, U: Tensor, c: Tensor | None, fresh: bool, full: bool =
         M[-1, -1] = corner if fresh else M[-1, -1] + corner
         if full:
             M[-1, :-1] = M[:-1, -1]
+    if mirror:
+        symmetrize_upper(M, inplace=True)
 
 
 class GramSums(dict[str, Tensor]):
@@ -113,17 +117,26 @@ class GramSums(dict[str, Tensor]):
     (c (m,): the bias's column; None: V = U. The values summed by :func:`_add`: an Embedding's diagonal A.)
     :meth:`add` does no arithmetic: it allocates a new key's sum uninitialised (its first chunk overwrites it, β = 0
     in every GEMM: no zero fill) and queues the chunk's product (:func:`_gram_into`, the upper triangle), which
-    :func:`run_grams` runs with the chunk's other queued products; :meth:`finish` mirrors the finished sum and
-    scales it. A sum of fewer than :data:`~fisherlab.structures.layerwise.FULL_GRAM_ROWS` rows in the whole pass
-    is formed in full instead (one product per chunk, no mirror).
+    :func:`run_grams` runs with the chunk's other queued products; :meth:`finish` scales the finished sum. A sum
+    of fewer than :data:`~fisherlab.structures.layerwise.FULL_GRAM_ROWS` rows in the whole pass is formed in full
+    (one product per chunk, no mirror); any other is mirrored (:func:`symmetrize_upper`) by the task of its last
+    product when ``early_mirror`` and the pass's rows are known (``pass_rows``), on the thread that formed it,
+    while the sum is still in its cache (MLP 64-1024-1024-10, N = 512: no second round of tasks), otherwise by
+    :meth:`finish`. Without ``early_mirror`` (data-parallel: the ranks' sums are added first, and the all-reduce
+    sums an entry and its mirror image in different orders) every sum is mirrored by :meth:`finish`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, early_mirror: bool = True) -> None:
         super().__init__()
-        #: key → its queued products (U, c, fresh, full), in order, run by :func:`run_grams`.
-        self.pending: dict[str, list[tuple[Tensor, Tensor | None, bool, bool]]] = {}
+        self.early_mirror = early_mirror
+        #: key → its queued products (U, c, fresh, full, mirror), in order, run by :func:`run_grams`.
+        self.pending: dict[str, list[tuple[Tensor, Tensor | None, bool, bool, bool]]] = {}
         #: key → whether its sum is formed in full (both triangles).
         self.full: dict[str, bool] = {}
+        #: key → the rows it has still to get in the pass (None: not known).
+        self.rows_left: dict[str, int | None] = {}
+        #: The keys whose last product mirrors their sum (:meth:`finish` then only scales).
+        self.mirrored: set[str] = set()
 
     def add(self, key: str, U: Tensor, c: Tensor | None = None, *, pass_rows: int | None = None) -> None:
         """Queue self[key] += VᵀV (upper triangle) for the rows V = [U, c] (U (m, width), c (m,) or None).
@@ -135,12 +148,24 @@ class GramSums(dict[str, Tensor]):
             d = U.shape[1] + (c is not None)
             self[key] = U.new_empty(d, d)
             self.full[key] = pass_rows is not None and pass_rows < FULL_GRAM_ROWS
-        self.pending.setdefault(key, []).append((U, c, fresh, self.full[key]))
+            self.rows_left[key] = pass_rows if self.early_mirror and not self.full[key] else None
+        left = self.rows_left[key]
+        self.rows_left[key] = None if left is None else left - U.shape[0]
+        last = self.rows_left[key] == 0
+        if last:
+            self.mirrored.add(key)
+        else:  # more rows than announced: the sum changes after its mirror, so finish mirrors it again
+            self.mirrored.discard(key)
+        self.pending.setdefault(key, []).append((U, c, fresh, self.full[key], last))
+
+    def needs_mirror(self, key: str) -> bool:
+        """Whether :meth:`finish` mirrors self[key] (a Gram sum neither formed in full nor mirrored already)."""
+        return self[key].dim() == 2 and not self.full.get(key, False) and key not in self.mirrored
 
     def finish(self, key: str, scale: Tensor | float) -> Callable[[], Tensor]:
-        """A task that returns scale · self[key], a Gram sum mirrored in place (:func:`symmetrize_upper`)."""
+        """A task that returns scale · self[key], mirrored in place first if :meth:`needs_mirror`."""
         M = self[key]
-        mirror = M.dim() == 2 and not self.full.get(key, False)
+        mirror = self.needs_mirror(key)
         return lambda: (symmetrize_upper(M, inplace=True) if mirror else M).mul_(scale)
 
 
@@ -164,7 +189,8 @@ def run_grams(sums: Sequence[GramSums], device: torch.device) -> None:
     43.3, 46.5, 41.6 ms). A single product over 1/threads of the work, queued once with at least
     :data:`SPLIT_ROWS` rows a thread, has its rows split over the threads (the parts after the first into scratch
     sums, added afterwards): the CNN's second convolution, 8,192 rows of width 289, 87% of its Grams. Otherwise, and
-    below :data:`SIDE_BY_SIDE_WORK` in all, the products run one after the other on every thread.
+    below :data:`SIDE_BY_SIDE_WORK` in all, the products run one after the other on every thread. A sum whose last
+    product this is (:class:`GramSums`) is mirrored by that product's task, or after the scratch sums are added.
     """
     threads = torch.get_num_threads() if device.type == "cpu" else 1
     jobs = sorted(((sum(U.shape[0] * M.shape[0] ** 2 for U, *_ in queue), M, queue)
@@ -176,9 +202,10 @@ def run_grams(sums: Sequence[GramSums], device: torch.device) -> None:
     total = sum(work for work, _, _ in jobs)
     scratch: list[tuple[Tensor, Tensor]] = []
     threads = threads if total >= SIDE_BY_SIDE_WORK else 1
+    split_mirror = False  # the split product is its sum's last: mirrored once the scratch sums are added
     if threads > 1 and jobs and jobs[0][0] * threads > total and len(jobs[0][2]) == 1 \
             and jobs[0][2][0][0].shape[0] >= SPLIT_ROWS * threads:
-        work, M, [(U, c, fresh, full)] = jobs[0]
+        work, M, [(U, c, fresh, full, split_mirror)] = jobs[0]
         rows = [(U[a: a + step], None if c is None else c[a: a + step])
                 for step in [-(-U.shape[0] // threads)] for a in range(0, U.shape[0], step)]
         scratch = [(M, torch.empty_like(M)) for _ in rows[1:]]
@@ -193,6 +220,8 @@ def run_grams(sums: Sequence[GramSums], device: torch.device) -> None:
             task()
     for M, S in scratch:
         M.add_(S)
+    if split_mirror:
+        symmetrize_upper(jobs[0][1], inplace=True)
 
 
 def _zeros(engine: FisherEngine, *shape: int) -> Tensor:
@@ -353,7 +382,7 @@ class KFACFisher(LayerwiseFisher):
         """
         approx = parse_enum(KFACApprox, approx, "KFAC approx=")
         setup = prepare_layers(engine, cls.structure, unsupported)
-        A, S = GramSums(), GramSums()
+        A, S = GramSums(engine.group is None), GramSums(engine.group is None)
         count: dict[str, Tensor] = {}
         sequence = [p for p in setup.layouts
                     if not isinstance(rule_for(engine.model.get_submodule(p), p), ConvRule)]
@@ -382,8 +411,10 @@ class KFACFisher(LayerwiseFisher):
                 S[p], count[p] = _zeros(engine, f.out_features, f.out_features), _zeros(engine)
         engine.reduce_sum([M for p in setup.layouts for M in (A[p], S[p], count[p])])  # data-parallel: the sums
         # no live position at all: A = 0 and S = 0 (the layer's exact block is zero)
-        finished = iter(concurrently([task for p in setup.layouts for task in (
-            A.finish(p, count[p].clamp(min=1).reciprocal()), S.finish(p, 1 / N))], engine.device))
+        tasks = [task for p in setup.layouts for task in (A.finish(p, count[p].clamp(min=1).reciprocal()),
+                                                          S.finish(p, 1 / N))]
+        mirrors = any(G.needs_mirror(p) for p in setup.layouts for G in (A, S))  # else only scalings, each parallel
+        finished = iter(concurrently(tasks, engine.device) if mirrors else [task() for task in tasks])
         factors = {p: KroneckerFactors(**vars_of(f), A=next(finished), S=next(finished))
                    for p, f in setup.layouts.items()}
         return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget,

@@ -1,0 +1,84 @@
+"""KFAC's Gram sums mirrored by the task of their last product (GramSums with the pass's rows known).
+
+Every sum is checked against Σ_m v_m v_mᵀ formed row by row in float64 (v_m = [u_m, c_m] with the bias's column),
+before :meth:`GramSums.finish` (the early mirror alone) and after it, and for exact symmetry.
+"""
+
+from __future__ import annotations
+
+import pytest
+import reference as ref
+import torch
+
+import fisherlab.structures.kfac as kfac_module
+from fisherlab.structures.kfac import SPLIT_ROWS, GramSums, run_grams
+
+F64 = torch.float64
+CPU = torch.device("cpu")
+
+
+def _row_sum(chunks: list[torch.Tensor], bias: list[torch.Tensor] | None) -> torch.Tensor:
+    """Σ_m v_m v_mᵀ over the chunks' rows, v_m = [u_m, c_m] (c: the bias's column, None: v_m = u_m)."""
+    V = torch.cat([torch.cat([U, c.unsqueeze(1)], 1) for U, c in zip(chunks, bias, strict=True)] if bias else chunks)
+    return sum(torch.outer(v, v) for v in V)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("announced", ["exact", "too-few", "unknown", "off"])
+def test_sums_mirrored_by_their_last_product(threads, announced, monkeypatch):
+    """Three chunks of keys of widths 300 (with a bias column), 290, 0 (bias only) and 7, side by side on two threads
+    or one after the other on one. Announced rows ``exact``: each sum is exactly symmetric and equal to its row sum
+    right after the last chunk's products (finish only scales it); ``too-few`` (the first two chunks' rows: mirrored
+    after the second, changed by the third), ``unknown`` (no pass_rows) and ``off`` (early_mirror=False): finish
+    mirrors it."""
+    monkeypatch.setattr(kfac_module, "SIDE_BY_SIDE_WORK", 0)
+    g = torch.Generator().manual_seed(11)
+    widths = {"a": (300, True), "b": (290, False), "c": (0, True), "d": (7, False)}
+    sizes = (130, 1, 9)  # 140 rows: above FULL_GRAM_ROWS, so triangular products
+    chunks = [{k: torch.randn(m, w, generator=g, dtype=F64) for k, (w, _) in widths.items()} for m in sizes]
+    bias = [torch.rand(m, generator=g, dtype=F64) for m in sizes]
+    rows = {"exact": sum(sizes), "too-few": sizes[0] + sizes[1], "unknown": None, "off": sum(sizes)}[announced]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        acc = GramSums(early_mirror=announced != "off")
+        for chunk, c in zip(chunks, bias, strict=True):
+            for k, U in chunk.items():
+                acc.add(k, U, c if widths[k][1] else None, pass_rows=rows)
+            run_grams([acc], CPU)
+        for k, (_, has_bias) in widths.items():
+            expected = _row_sum([c[k] for c in chunks], bias if has_bias else None)
+            assert acc.needs_mirror(k) == (announced != "exact"), k
+            if announced == "exact":
+                assert torch.equal(acc[k], acc[k].T), k
+                ref.assert_close(acc[k], expected, 1e-14, f"key {k} before finish, {threads} thread(s)")
+            got = acc.finish(k, 2.0)()
+            ref.assert_close(got, 2 * expected, 1e-14, f"key {k}, {announced}, {threads} thread(s)")
+            assert torch.equal(got, got.T), k
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_split_product_mirrored_after_its_scratch_sums(threads, monkeypatch):
+    """A dominant product split over the threads' rows (scratch sums added afterwards) that is its sum's last is
+    mirrored once the scratch sums are added: over two chunks, with a bias column, beside a small key."""
+    monkeypatch.setattr(kfac_module, "SIDE_BY_SIDE_WORK", 0)
+    g = torch.Generator().manual_seed(12)
+    big = [torch.randn(m, 40, generator=g, dtype=F64) for m in (SPLIT_ROWS * 3 + 5, SPLIT_ROWS * threads)]
+    small = [torch.randn(70, 6, generator=g, dtype=F64) for _ in big]
+    weights = [torch.rand(U.shape[0], generator=g, dtype=F64) for U in big]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        acc = GramSums()
+        for U, c, W in zip(big, weights, small, strict=True):
+            acc.add("big", U, c, pass_rows=sum(B.shape[0] for B in big))
+            acc.add("small", W, pass_rows=140)
+            run_grams([acc], CPU)
+    finally:
+        torch.set_num_threads(before)
+    for key, expected in (("big", _row_sum(big, weights)), ("small", _row_sum(small, None))):
+        assert not acc.needs_mirror(key)
+        assert torch.equal(acc[key], acc[key].T), key
+        ref.assert_close(acc[key], expected, 1e-13, f"{key}, {threads} threads")
