@@ -249,7 +249,10 @@ def symmetrize_upper(M: Tensor, inplace: bool = False) -> Tensor:
 
     On CPU it is copied in 128×128 tiles: each tile and its mirror stay in cache (a whole-matrix transpose does
     not: 4× slower for P = 3,466), and a tile is small enough (below torch's parallel grain of 32,768 elements) to
-    be copied by one thread, with no parallel region to synchronise. GPUs transpose well in one kernel.
+    be copied by one thread, with no parallel region to synchronise. On one intra-op thread, where no copy is a
+    parallel region, a block row's tiles right of the diagonal go as one copy, a 128-row slab (1-thread CPU minima,
+    load 2: four 1,025² 8.2 → 7.4 ms, one 3,466² 23.6 → 20.8 ms, the same bits; on 2 threads such slabs would be
+    parallel copies, 4× slower for 3,466² on 2 loaded cores). GPUs transpose well in one kernel.
     """
     if M.device.type != "cpu":
         full = torch.triu(M) + torch.triu(M, 1).T
@@ -258,13 +261,14 @@ def symmetrize_upper(M: Tensor, inplace: bool = False) -> Tensor:
     n, t = M.shape[0], 128
     idx = torch.arange(t, device=M.device)
     upper = idx[:, None] <= idx[None, :]  # (torch.triu itself is slow on small CPU tiles)
+    width = n if torch.get_num_threads() == 1 else t  # columns right of the diagonal copied at once
     for a in range(0, n, t):
         diag = M[a: a + t, a: a + t]
         k = diag.shape[0]
         out[a: a + t, a: a + t] = torch.where(upper[:k, :k], diag, diag.T)
-        for b in range(a + t, n, t):
-            tile = M[a: a + t, b: b + t]
+        for b in range(a + t, n, width):
+            tile = M[a: a + t, b: b + width]
             if not inplace:
-                out[a: a + t, b: b + t] = tile
-            out[b: b + t, a: a + t] = tile.T
+                out[a: a + t, b: b + width] = tile
+            out[b: b + width, a: a + t] = tile.T
     return out
