@@ -24,16 +24,20 @@ def _row_sum(chunks: list[torch.Tensor], bias: list[torch.Tensor] | None) -> tor
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("side_by_side", [True, False], ids=["side-by-side", "one-after-the-other"])
 @pytest.mark.parametrize("announced", ["exact", "too-few", "unknown", "off"])
-def test_sums_mirrored_by_their_last_product(threads, announced, monkeypatch):
-    """Three chunks of keys of widths 300 (with a bias column), 290, 0 (bias only) and 7, side by side on two threads
-    or one after the other on one. Announced rows ``exact``: each sum is exactly symmetric and equal to its row sum
-    right after the last chunk's products (finish only scales it); ``too-few`` (the first two chunks' rows: mirrored
-    after the second, changed by the third), ``unknown`` (no pass_rows) and ``off`` (early_mirror=False): finish
-    mirrors it."""
-    monkeypatch.setattr(kfac_module, "SIDE_BY_SIDE_WORK", 0)
+def test_sums_mirrored_by_their_last_product(threads, side_by_side, announced, monkeypatch):
+    """Three chunks of keys of widths 300 (with a bias column), 301, 0 (bias only) and 7, side by side (on two
+    threads) or one after the other (below SIDE_BY_SIDE_WORK). Announced rows ``exact``: each sum is exactly
+    symmetric and equal to its row sum right after the last chunk's products (finish only scales it), unless the
+    products ran one after the other on two threads (finish mirrors side by side); ``too-few`` (the first two
+    chunks' rows: mirrored after the second, changed by the third), ``unknown`` (no pass_rows) and ``off``
+    (early_mirror=False): finish mirrors it."""
+    if side_by_side:
+        monkeypatch.setattr(kfac_module, "SIDE_BY_SIDE_WORK", 0)
+    early = announced == "exact" and (side_by_side or threads == 1)
     g = torch.Generator().manual_seed(11)
-    widths = {"a": (300, True), "b": (290, False), "c": (0, True), "d": (7, False)}
+    widths = {"a": (300, True), "b": (301, False), "c": (0, True), "d": (7, False)}  # a and b: equal work
     sizes = (130, 1, 9)  # 140 rows: above FULL_GRAM_ROWS, so triangular products
     chunks = [{k: torch.randn(m, w, generator=g, dtype=F64) for k, (w, _) in widths.items()} for m in sizes]
     bias = [torch.rand(m, generator=g, dtype=F64) for m in sizes]
@@ -48,8 +52,8 @@ def test_sums_mirrored_by_their_last_product(threads, announced, monkeypatch):
             run_grams([acc], CPU)
         for k, (_, has_bias) in widths.items():
             expected = _row_sum([c[k] for c in chunks], bias if has_bias else None)
-            assert acc.needs_mirror(k) == (announced != "exact"), k
-            if announced == "exact":
+            assert acc.needs_mirror(k) == (not early), k
+            if early:
                 assert torch.equal(acc[k], acc[k].T), k
                 ref.assert_close(acc[k], expected, 1e-14, f"key {k} before finish, {threads} thread(s)")
             got = acc.finish(k, 2.0)()

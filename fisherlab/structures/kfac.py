@@ -190,22 +190,24 @@ def run_grams(sums: Sequence[GramSums], device: torch.device) -> None:
     :data:`SPLIT_ROWS` rows a thread, has its rows split over the threads (the parts after the first into scratch
     sums, added afterwards): the CNN's second convolution, 8,192 rows of width 289, 87% of its Grams. Otherwise, and
     below :data:`SIDE_BY_SIDE_WORK` in all, the products run one after the other on every thread. A sum whose last
-    product this is (:class:`GramSums`) is mirrored by that product's task, or after the scratch sums are added.
+    product this is (:class:`GramSums`) is mirrored by that product's task, or after the scratch sums are added;
+    when the products run one after the other on several threads, by :meth:`GramSums.finish` instead, which mirrors
+    side by side.
     """
     threads = torch.get_num_threads() if device.type == "cpu" else 1
-    jobs = sorted(((sum(U.shape[0] * M.shape[0] ** 2 for U, *_ in queue), M, queue)
-                   for G in sums for M, queue in ((G[k], q) for k, q in G.pending.items())),
-                  key=lambda job: -job[0])
+    jobs = sorted(((sum(U.shape[0] * G[k].shape[0] ** 2 for U, *_ in queue), G[k], queue, G, k)
+                   for G in sums for k, queue in G.pending.items()), key=lambda job: -job[0])
     for G in sums:
         G.pending = {}
-    pieces = [(work, lambda M=M, queue=queue: [_gram_into(M, *item) for item in queue]) for work, M, queue in jobs]
-    total = sum(work for work, _, _ in jobs)
+    pieces = [(work, lambda M=M, queue=queue: [_gram_into(M, *item) for item in queue])
+              for work, M, queue, *_ in jobs]
+    total = sum(job[0] for job in jobs)
     scratch: list[tuple[Tensor, Tensor]] = []
     threads = threads if total >= SIDE_BY_SIDE_WORK else 1
     split_mirror = False  # the split product is its sum's last: mirrored once the scratch sums are added
     if threads > 1 and jobs and jobs[0][0] * threads > total and len(jobs[0][2]) == 1 \
             and jobs[0][2][0][0].shape[0] >= SPLIT_ROWS * threads:
-        work, M, [(U, c, fresh, full, split_mirror)] = jobs[0]
+        work, M, [(U, c, fresh, full, split_mirror)], *_ = jobs[0]
         rows = [(U[a: a + step], None if c is None else c[a: a + step])
                 for step in [-(-U.shape[0] // threads)] for a in range(0, U.shape[0], step)]
         scratch = [(M, torch.empty_like(M)) for _ in rows[1:]]
@@ -213,7 +215,14 @@ def run_grams(sums: Sequence[GramSums], device: torch.device) -> None:
             (work // len(rows), lambda S=S, part=part: _gram_into(S, *part, True, full))
             for (_, S), part in zip(scratch, rows[1:], strict=True)]
         pieces.sort(key=lambda piece: -piece[0])
-    if threads > 1 and max(work for work, _ in pieces) * threads <= total:
+    side_by_side = threads > 1 and max(work for work, _ in pieces) * threads <= total
+    if not side_by_side and device.type == "cpu" and torch.get_num_threads() > 1:
+        split_mirror = False  # the mirrors are left to finish, side by side
+        for *_, queue, G, key in jobs:
+            if queue[-1][4]:
+                queue[-1] = (*queue[-1][:4], False)
+                G.mirrored.discard(key)
+    if side_by_side:
         concurrently([task for _, task in pieces], device)
     else:
         for _, task in pieces:
