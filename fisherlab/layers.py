@@ -986,7 +986,7 @@ def _probe_layers(engine: FisherEngine, layouts: Mapping[str, LayerLayout],
     found: dict[Hashable, object] = {}
     if candidates:
         found[("captured_norms", tuple((p, tuple(v)) for p, v in candidates.items()))] = captured
-    for norms in ({}, captured):
+    for norms in ({}, captured) if captured else ({},):  # (no norms captured: the same keys)
         rows = _chunk_rows(engine.model, layouts, cap, called, list(norms), [None] * (len(called) + len(norms)), n,
                            cloned=False)
         cloned = bool(cap.modified([*called, *norms]))
