@@ -11,6 +11,7 @@ import reference as ref
 import torch
 
 import fisherlab.structures.kfac as kfac_module
+from fisherlab.structures.base import symmetrize_upper
 from fisherlab.structures.kfac import SPLIT_ROWS, GramSums, run_grams
 
 F64 = torch.float64
@@ -86,3 +87,62 @@ def test_split_product_mirrored_after_its_scratch_sums(threads, monkeypatch):
         assert not acc.needs_mirror(key)
         assert torch.equal(acc[key], acc[key].T), key
         ref.assert_close(acc[key], expected, 1e-13, f"{key}, {threads} threads")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("early_mirror", [True, False], ids=["early", "finish"])
+def test_sums_scaled_in_their_mirror_pass(threads, early_mirror, monkeypatch):
+    """GramSums(scale=...): a sum mirrored by its last product's task is scaled in the same pass (complete and scaled
+    right after run_grams; finish returns it as it is), else by finish (mirror and scale together), on one or two
+    threads (side by side), against the scaled float64 row sums; the factor is read once the sum is complete."""
+    monkeypatch.setattr(kfac_module, "SIDE_BY_SIDE_WORK", 0)
+    g = torch.Generator().manual_seed(13)
+    widths = {"a": (300, True), "b": (301, False)}
+    sizes = (130, 10)
+    chunks = [{k: torch.randn(m, w, generator=g, dtype=F64) for k, (w, _) in widths.items()} for m in sizes]
+    bias = [torch.rand(m, generator=g, dtype=F64) for m in sizes]
+    factors: dict[str, float] = {}  # set only after the last chunk is queued
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        acc = GramSums(early_mirror=early_mirror, scale=lambda k: factors[k])
+        for i, (chunk, c) in enumerate(zip(chunks, bias, strict=True)):
+            for k, U in chunk.items():
+                acc.add(k, U, c if widths[k][1] else None, pass_rows=sum(sizes))
+            if i == len(chunks) - 1:
+                factors.update(a=0.3, b=1 / 7)
+            run_grams([acc], CPU)
+        for k, (_, has_bias) in widths.items():
+            expected = factors[k] * _row_sum([c[k] for c in chunks], bias if has_bias else None)
+            if early_mirror:
+                assert not acc.needs_mirror(k)
+                ref.assert_close(acc[k], expected, 1e-14, f"key {k} after run_grams, {threads} thread(s)")
+            got = acc.finish(k)()
+            ref.assert_close(got, expected, 1e-14, f"key {k}, {threads} thread(s)")
+            assert torch.equal(got, got.T), k
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_symmetrize_upper_scaled_in_one_pass(threads):
+    """symmetrize_upper(scale=s) (one pass on one thread, a multiplication afterwards on two), in place or not, over
+    an upper triangle whose lower part is NaN: s · (triu(M) + triu(M, 1)ᵀ) bit for bit, M's lower part untouched
+    when not in place."""
+    g = torch.Generator().manual_seed(14)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n in (1, 129, 300):
+            for dtype in (torch.float32, F64):
+                M = torch.randn(n, n, generator=g, dtype=dtype).triu() + torch.full((n, n), float("nan"),
+                                                                                    dtype=dtype).tril(-1)
+                for s in (0.3, torch.tensor(1 / 7, dtype=dtype)):
+                    expected = (torch.triu(M) + torch.triu(M, 1).T) * s
+                    assert torch.equal(symmetrize_upper(M, scale=s), expected), (n, dtype)
+                    assert bool(M.tril(-1).isnan().sum() == n * (n - 1) // 2)
+                    X = M.clone()
+                    assert symmetrize_upper(X, inplace=True, scale=s) is X
+                    assert torch.equal(X, expected), (n, dtype, "in place")
+    finally:
+        torch.set_num_threads(before)

@@ -92,13 +92,14 @@ from fisherlab.vocabulary import KFACApprox
 
 
 def _gram_into(M: Tensor, U: Tensor, c: Tensor | None, fresh: bool, full: bool = False,
-               mirror: bool = False) -> None:
+               mirror: bool = False, scale: Tensor | float | None = None) -> None:
     """M += VᵀV for the rows V = [U, c] (m, d), upper triangle only (``fresh``: M is overwritten, β = 0).
 
     :func:`accumulate_gram` does about half the arithmetic of a full product; the bias's column Uᵀc and corner cᵀc
     are added without forming V (Uᵀc formed contiguous, then stored: 512 × 1024 rows, 1 thread, 0.05 ms; 0.54 ms as
     an addmv_ into the strided column). ``full``: both triangles, by one product (no mirror needed afterwards).
-    ``mirror``: the sum is complete after this product; mirror it in place (:func:`symmetrize_upper`) right away.
+    ``mirror``: the sum is complete after this product; mirror it in place (:func:`symmetrize_upper`) right away,
+    multiplied by ``scale`` in the same pass if given.
     """
     accumulate_gram(M if c is None else M[:-1, :-1], U, 1 if full else None, fresh=fresh)
     if c is not None:
@@ -108,7 +109,7 @@ def _gram_into(M: Tensor, U: Tensor, c: Tensor | None, fresh: bool, full: bool =
         if full:
             M[-1, :-1] = M[:-1, -1]
     if mirror:
-        symmetrize_upper(M, inplace=True)
+        symmetrize_upper(M, inplace=True, scale=scale)
 
 
 class GramSums(dict[str, Tensor]):
@@ -121,21 +122,25 @@ class GramSums(dict[str, Tensor]):
     of fewer than :data:`~fisherlab.structures.layerwise.FULL_GRAM_ROWS` rows in the whole pass is formed in full
     (one product per chunk, no mirror); any other is mirrored (:func:`symmetrize_upper`) by the task of its last
     product when ``early_mirror`` and the pass's rows are known (``pass_rows``), on the thread that formed it,
-    while the sum is still in its cache (MLP 64-1024-1024-10, N = 512: no second round of tasks), otherwise by
-    :meth:`finish`. Without ``early_mirror`` (data-parallel: the ranks' sums are added first, and the all-reduce
-    sums an entry and its mirror image in different orders) every sum is mirrored by :meth:`finish`.
+    while the sum is still in its cache (MLP 64-1024-1024-10, N = 512: no second round of tasks), and scaled in
+    the same pass when ``scale`` says by what; otherwise by :meth:`finish`. Without ``early_mirror``
+    (data-parallel: the ranks' sums are added first, and the all-reduce sums an entry and its mirror image in
+    different orders) every sum is mirrored by :meth:`finish`.
     """
 
-    def __init__(self, early_mirror: bool = True) -> None:
+    def __init__(self, early_mirror: bool = True, scale: Callable[[str], Tensor | float] | None = None) -> None:
         super().__init__()
         self.early_mirror = early_mirror
+        #: key → the factor its complete sum is multiplied by, read once the sum is complete (None: the factor
+        #: :meth:`finish` is given).
+        self.scale = scale
         #: key → its queued products (U, c, fresh, full, mirror), in order, run by :func:`run_grams`.
         self.pending: dict[str, list[tuple[Tensor, Tensor | None, bool, bool, bool]]] = {}
         #: key → whether its sum is formed in full (both triangles).
         self.full: dict[str, bool] = {}
         #: key → the rows it has still to get in the pass (None: not known).
         self.rows_left: dict[str, int | None] = {}
-        #: The keys whose last product mirrors their sum (:meth:`finish` then only scales).
+        #: The keys whose last product mirrors their sum (and scales it, with ``scale``).
         self.mirrored: set[str] = set()
 
     def add(self, key: str, U: Tensor, c: Tensor | None = None, *, pass_rows: int | None = None) -> None:
@@ -162,11 +167,22 @@ class GramSums(dict[str, Tensor]):
         """Whether :meth:`finish` mirrors self[key] (a Gram sum neither formed in full nor mirrored already)."""
         return self[key].dim() == 2 and not self.full.get(key, False) and key not in self.mirrored
 
-    def finish(self, key: str, scale: Tensor | float) -> Callable[[], Tensor]:
-        """A task that returns scale · self[key], mirrored in place first if :meth:`needs_mirror`."""
+    def final_scale(self, key: str) -> Tensor | float | None:
+        """The factor self[key] is multiplied by once complete (``scale``; None without)."""
+        return None if self.scale is None else self.scale(key)
+
+    def finish(self, key: str, scale: Tensor | float | None = None) -> Callable[[], Tensor]:
+        """A task that returns factor · self[key], mirrored in place if :meth:`needs_mirror` (in the same pass).
+
+        The factor is ``scale``, by default :meth:`final_scale`; a sum its last product's task mirrored with
+        ``self.scale`` is returned as it is.
+        """
         M = self[key]
+        if key in self.mirrored and self.scale is not None:
+            return lambda: M
+        factor = self.final_scale(key) if scale is None else scale
         mirror = self.needs_mirror(key)
-        return lambda: (symmetrize_upper(M, inplace=True) if mirror else M).mul_(scale)
+        return lambda: symmetrize_upper(M, inplace=True, scale=factor) if mirror else M.mul_(factor)
 
 
 #: Least rows of each part when :func:`run_grams` splits one product's rows over the CPU threads.
@@ -199,15 +215,16 @@ def run_grams(sums: Sequence[GramSums], device: torch.device) -> None:
                    for G in sums for k, queue in G.pending.items()), key=lambda job: -job[0])
     for G in sums:
         G.pending = {}
-    pieces = [(work, lambda M=M, queue=queue: [_gram_into(M, *item) for item in queue])
-              for work, M, queue, *_ in jobs]
+    pieces = [(work, lambda M=M, queue=queue, G=G, key=key: [
+        _gram_into(M, *item, scale=G.final_scale(key) if item[4] else None) for item in queue])
+        for work, M, queue, G, key in jobs]
     total = sum(job[0] for job in jobs)
     scratch: list[tuple[Tensor, Tensor]] = []
     threads = threads if total >= SIDE_BY_SIDE_WORK else 1
     split_mirror = False  # the split product is its sum's last: mirrored once the scratch sums are added
     if threads > 1 and jobs and jobs[0][0] * threads > total and len(jobs[0][2]) == 1 \
             and jobs[0][2][0][0].shape[0] >= SPLIT_ROWS * threads:
-        work, M, [(U, c, fresh, full, split_mirror)], *_ = jobs[0]
+        work, M, [(U, c, fresh, full, split_mirror)], G, key = jobs[0]
         rows = [(U[a: a + step], None if c is None else c[a: a + step])
                 for step in [-(-U.shape[0] // threads)] for a in range(0, U.shape[0], step)]
         scratch = [(M, torch.empty_like(M)) for _ in rows[1:]]
@@ -230,7 +247,7 @@ def run_grams(sums: Sequence[GramSums], device: torch.device) -> None:
     for M, S in scratch:
         M.add_(S)
     if split_mirror:
-        symmetrize_upper(jobs[0][1], inplace=True)
+        symmetrize_upper(jobs[0][1], inplace=True, scale=jobs[0][3].final_scale(jobs[0][4]))
 
 
 def _zeros(engine: FisherEngine, *shape: int) -> Tensor:
@@ -391,8 +408,11 @@ class KFACFisher(LayerwiseFisher):
         """
         approx = parse_enum(KFACApprox, approx, "KFAC approx=")
         setup = prepare_layers(engine, cls.structure, unsupported)
-        A, S = GramSums(engine.group is None), GramSums(engine.group is None)
+        N = engine.num_samples
         count: dict[str, Tensor] = {}
+        # A / count, S / N (no live position at all: A = 0 and S = 0, the layer's exact block is zero)
+        A = GramSums(engine.group is None, lambda p: count[p].clamp(min=1).reciprocal())
+        S = GramSums(engine.group is None, lambda p: 1 / N)
         sequence = [p for p in setup.layouts
                     if not isinstance(rule_for(engine.model.get_submodule(p), p), ConvRule)]
         norms = NormBlocks(engine, setup.norms)
@@ -412,16 +432,13 @@ class KFACFisher(LayerwiseFisher):
                     kept.append({p: (r.inputs, r.grads) for p, r in rows.items()})
                 else:
                     kept = None  # recomputed by the caller's own pass
-        N = engine.num_samples
         for p, f in setup.layouts.items():
             if p not in S:  # a layer the forward pass never calls has zero factors
                 diagonal = f.one_hot and approx is KFACApprox.EXPAND
                 A[p] = _zeros(engine, f.width) if diagonal else _zeros(engine, f.width, f.width)
                 S[p], count[p] = _zeros(engine, f.out_features, f.out_features), _zeros(engine)
         engine.reduce_sum([M for p in setup.layouts for M in (A[p], S[p], count[p])])  # data-parallel: the sums
-        # no live position at all: A = 0 and S = 0 (the layer's exact block is zero)
-        tasks = [task for p in setup.layouts for task in (A.finish(p, count[p].clamp(min=1).reciprocal()),
-                                                          S.finish(p, 1 / N))]
+        tasks = [task for p in setup.layouts for task in (A.finish(p), S.finish(p))]
         mirrors = any(G.needs_mirror(p) for p in setup.layouts for G in (A, S))  # else only scalings, each parallel
         finished = iter(concurrently(tasks, engine.device) if mirrors else [task() for task in tasks])
         factors = {p: KroneckerFactors(**vars_of(f), A=next(finished), S=next(finished))
