@@ -180,6 +180,8 @@ def check_model(model: Any) -> None:
     import torch
     from torch import nn
 
+    from fisherlab.params import all_finite
+
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module; got {type(model)}")
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -202,15 +204,21 @@ def check_model(model: Any) -> None:
         if t.is_meta:
             raise InputError(f"{what} {name!r} is on the meta device (it has a shape but no values): materialise "
                              "the model first, e.g. model.to_empty(device='cpu') then load_state_dict(...)")
-    for what, name, t in tensors:
-        if t.is_floating_point() or t.is_complex():
-            with torch.no_grad():
-                if what == "buffer" and bool(torch.isnan(t).any()):
-                    raise NonFiniteError(f"buffer {name!r} contains NaN values")
-                # amax/amin propagate NaN and keep ±inf: two read-only passes (isfinite(t).all(): 25× slower, 1M)
-                extremes = torch.stack([t.amax(), t.amin()]) if t.is_floating_point() and t.numel() else t
-                if what != "buffer" and not bool(torch.isfinite(extremes).all()):
-                    raise NonFiniteError(f"{what} {name!r} contains NaN or infinite values")
+    with torch.no_grad():
+        # one read-only sum a tensor (all_finite; 1.1M-parameter MLP: 1.34 -> 0.68 ms, 1 thread); if it cannot vouch for
+        # every tensor, the entries, tensor by tensor, name the first bad one
+        plain = [t for what, _, t in tensors if what == "buffer"]
+        if all_finite([t for what, _, t in tensors if what != "buffer"], nan_only=plain):
+            tensors = []
+        for what, name, t in tensors:
+            if not (t.is_floating_point() or t.is_complex()):
+                continue
+            if what == "buffer" and bool(torch.isnan(t).any()):
+                raise NonFiniteError(f"buffer {name!r} contains NaN values")
+            # amax/amin propagate NaN and keep ±inf: two read-only passes (isfinite(t).all(): 25× slower, 1M)
+            extremes = torch.stack([t.amax(), t.amin()]) if t.is_floating_point() and t.numel() else t
+            if what != "buffer" and not bool(torch.isfinite(extremes).all()):
+                raise NonFiniteError(f"{what} {name!r} contains NaN or infinite values")
     check_eval_mode(model)
 
 

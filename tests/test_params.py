@@ -15,8 +15,9 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from fisherlab import fisher
-from fisherlab.errors import InputError
-from fisherlab.params import ParamSpec, layer_of
+from fisherlab.checks import check_model
+from fisherlab.errors import InputError, NonFiniteError
+from fisherlab.params import ParamSpec, all_finite, layer_of
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn2d", "lstm", "resnet_bn", "custom"])
@@ -104,3 +105,46 @@ def test_frozen_parameters_are_constants():
     assert "2.weight" not in F.spec.names and F.spec.dim == spec.dim == 99 - 36
     keep = torch.cat([torch.arange(0, 36), torch.arange(72, 99)])  # all but 2.weight (6×6, offsets 36..72)
     ref.assert_close(F.to_dense(), full[keep][:, keep], 1e-12, "frozen")
+
+
+def test_all_finite_vouches_only_for_finite_entries():
+    """all_finite against the entry-wise check: True only if every entry is finite (nan_only: not NaN), never wrongly."""
+    gen = torch.Generator().manual_seed(0)
+    big = torch.finfo(torch.float32).max
+    specials = [float("nan"), float("inf"), -float("inf")]
+    for trial in range(60):
+        tensors = [torch.randn(int(torch.randint(1, 40, (1,), generator=gen)), generator=gen,
+                               dtype=[torch.float32, torch.float64, torch.float16][trial % 3]) for _ in range(3)]
+        if trial % 4 == 1:
+            t = tensors[trial % 3]
+            t[int(torch.randint(t.numel(), (1,), generator=gen))] = specials[trial % 3]
+        if trial % 4 == 2:  # finite entries whose float32 sum overflows: the sums cannot vouch, the entries are fine
+            tensors[0] = torch.full((4,), big)
+        entry_wise = all(bool(torch.isfinite(t).all()) for t in tensors)
+        no_nan = all(not bool(t.isnan().any()) for t in tensors)
+        if trial % 4 == 2:
+            assert entry_wise and not all_finite(tensors)
+        else:
+            assert all_finite(tensors) == entry_wise
+            assert all_finite([], nan_only=tensors) == no_nan
+    assert all_finite([], nan_only=[torch.tensor([-float("inf"), 1.0])])  # an additive mask's -inf is no NaN
+    assert all_finite([torch.full((2,), 60000.0, dtype=torch.float16)])  # half precision summed in float32
+    assert all_finite([torch.arange(3)], nan_only=[torch.arange(3)])  # integer tensors are not read
+    assert all_finite([torch.tensor([1 + 2j])]) and not all_finite([torch.tensor([complex(1, float("nan"))])])
+
+
+def test_check_model_passes_finite_extremes_and_masks():
+    """Finite parameters whose sum overflows, and a buffer holding ±inf (no NaN), pass check_model; NaN still fails."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(torch.finfo(torch.float32).max)
+    model.register_buffer("mask", torch.tensor([-float("inf"), float("inf"), 0.0]))
+    check_model(model)
+    model.mask[2] = float("nan")
+    with pytest.raises(NonFiniteError, match="buffer 'mask' contains NaN values"):
+        check_model(model)
+    model.mask[2] = 0.0
+    with torch.no_grad():
+        model[1].bias[0] = -float("inf")
+    with pytest.raises(NonFiniteError, match="parameter '1.bias' contains NaN or infinite values"):
+        check_model(model)

@@ -21,7 +21,7 @@ from torch import Tensor
 from fisherlab.checks import check_damping, low_precision_advice
 from fisherlab.errors import InputError, NonFiniteError
 from fisherlab.memory import check_budget, dense_bytes
-from fisherlab.params import ParamSpec
+from fisherlab.params import ParamSpec, all_finite
 from fisherlab.vocabulary import FisherKind
 
 #: Least columns per block of the triangular Gram products: wide enough for efficient GEMMs, and few of them
@@ -66,9 +66,7 @@ class FisherMatrix:
 
     def __post_init__(self) -> None:
         stored = [(where, t) for where, t in _stored_tensors(self) if t.is_floating_point() and t.numel()]
-        # one reduction a tensor and one synchronisation in all: the sums are finite when every entry is (a sum
-        # that overflows sends the check to the entries)
-        if stored and bool(torch.isfinite(torch.stack([t.sum(dtype=_sum_dtype(t)) for _, t in stored])).all()):
+        if all_finite(t for _, t in stored):  # one sum a tensor; the entries only where a sum is not finite
             return
         for where, t in stored:
             self.check_finite(t, where)
@@ -190,11 +188,6 @@ def eigvalsh(M: Tensor) -> Tensor:
         if M.dtype in (torch.float16, torch.bfloat16):
             return torch.linalg.eigvalsh(M.float()).to(M.dtype)
         return torch.linalg.eigvalsh(M)
-
-
-def _sum_dtype(t: Tensor) -> torch.dtype:
-    """The dtype :meth:`FisherMatrix.__post_init__` sums ``t`` in (float32 for half precision: no early overflow)."""
-    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
 def _stored_tensors(struct: FisherMatrix) -> Iterator[tuple[str, Tensor]]:
