@@ -87,7 +87,7 @@ from fisherlab.distributed import active_group, all_reduce_sum, min_over_ranks, 
 from fisherlab.errors import FallbackWarning, InputError, NonFiniteError, UnsupportedLayerError
 from fisherlab.likelihoods import Likelihood, TokenLikelihood, get_likelihood
 from fisherlab.memory import check_budget, dense_bytes, resolve_budget
-from fisherlab.params import ParamSpec
+from fisherlab.params import ParamSpec, all_finite
 from fisherlab.progress import bar as progress_bar
 from fisherlab.vocabulary import FisherKind
 
@@ -288,12 +288,15 @@ class FisherEngine:
 
         named = dict(model.named_parameters(remove_duplicate=False))
         self.params = {n: named[n].detach().to(self.device, self.dtype) for n in self.spec.names}
-        selected = {id(named[n]) for n in self.spec.names}  # a tied tensor is passed once, under the selected name
+        selected = {id(named[n]): n for n in self.spec.names}  # a tied tensor is converted once, under this name
+        tensors = [*named.items(), *model.named_buffers(remove_duplicate=False)]
         self._frozen = {
             n: t.detach().to(self.device, self.dtype if t.is_floating_point() else None)
-            for n, t in [*named.items(), *model.named_buffers(remove_duplicate=False)]
-            if n not in self.params and id(t) not in selected
+            for n, t in tensors if n not in self.params and id(t) not in selected
         }
+        #: The model's other names of a selected tensor (tied weights) → its selected name: every evaluation passes
+        #: it under each (functional_call without tie_weights, which would find the ties again on every call).
+        self._aliases = {n: selected[id(t)] for n, t in tensors if n not in self.params and id(t) in selected}
         self._check_converted(named)
         self.data = DataSource(data, device=self.device, dtype=self.dtype)
         self._check_data()
@@ -454,8 +457,9 @@ class FisherEngine:
             InputError: Outputs of another rank, another sample count, or (after the first evaluation) another shape
                 per sample than the first samples' (sequences of one length T: pad them).
         """
+        tensors = {**self._frozen, **params, **{a: params[n] for a, n in self._aliases.items() if n in params}}
         with differentiable_attention(reverse_only):
-            z = functional_call(self.model, {**self._frozen, **params}, (x,))
+            z = functional_call(self.model, tensors, (x,), tie_weights=False)
         if not isinstance(z, Tensor) or z.dim() not in (2, 3) or z.shape[0] != x.shape[0]:
             shape = tuple(z.shape) if isinstance(z, Tensor) else type(z)
             raise InputError(f"the model must return outputs of shape (N, C), or (N, T, C) for a sequence model; got "
@@ -489,6 +493,8 @@ class FisherEngine:
 
     def _check_outputs(self, z: Tensor, start: int) -> None:
         """Refuse NaN / inf outputs, naming the first such sample (``start``: global index of z's first row)."""
+        if all_finite([z.detach()]):  # one sum; the rows only where it cannot vouch for them
+            return
         bad = ~torch.isfinite(z).all(dim=1)
         if bool(bad.any()):
             i = start + int(bad.nonzero()[0, 0])

@@ -245,8 +245,34 @@ def test_singular_solve_without_damping(structure):
         F.solve(torch.ones(99))
 
 
-def test_tied_weights_with_one_name_selected_match_the_shared_gradient():
-    """Following the tied-weights error's advice (select one name) gives the Fisher of the shared tensor."""
+def test_frozen_tied_weights_are_constants_in_every_use():
+    """A frozen tied tensor (both names unselected), converted to float64: the Fisher of the rest, by autograd."""
+    import torch
+    from torch import nn
+
+    import fisherlab
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), nn.Linear(4, 4))
+    model[2].weight = lin.weight  # tied, and frozen
+    lin.weight.requires_grad_(False)
+    X = torch.randn(6, 4)
+    y = torch.randint(0, 4, (6,))
+    F = fisherlab.fisher(model, (X, y), kind="empirical", structure="implicit", dtype=torch.float64)
+    ref = torch.zeros(8, 8, dtype=torch.float64)
+    twin = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).double()
+    twin.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    for n in range(6):
+        loss = nn.functional.cross_entropy(twin(X[n:n + 1].double()), y[n:n + 1])
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, [twin[0].bias, twin[2].bias])])
+        ref += torch.outer(g, g) / 6
+    torch.testing.assert_close(F @ torch.eye(8, dtype=torch.float64), ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["0.weight", "2.weight"])
+def test_tied_weights_with_one_name_selected_match_the_shared_gradient(name):
+    """Following the tied-weights error's advice (select one name, either) gives the Fisher of the shared tensor."""
     import torch
     from torch import nn
 
@@ -258,7 +284,7 @@ def test_tied_weights_with_one_name_selected_match_the_shared_gradient():
     model[2].weight = lin.weight  # tied
     X = torch.randn(6, 4, dtype=torch.float64)
     y = torch.randint(0, 4, (6,))
-    F = fisherlab.fisher(model, (X, y), kind="empirical", params=["0.weight"]).to_dense()
+    F = fisherlab.fisher(model, (X, y), kind="empirical", params=[name]).to_dense()
     # reference: per-sample gradients of the loss w.r.t. the shared tensor (both uses), by autograd
     ref = torch.zeros(16, 16, dtype=torch.float64)
     for n in range(6):
