@@ -3,11 +3,13 @@
 Both trees run the same command (``python -m fisherlab fidelity --out DIR --overwrite`` plus ``--args``) as a
 fresh process each, alternately (base, new, base, new, ...), so that a change in machine load hits both alike;
 the table gives the median of each part's seconds (the ``[part] done in`` lines of the job; ``report``: the
-tables, figures and page with the import of matplotlib and seaborn, where the job prints that line), of the rest
-(imports, data; in a tree without a ``[report]`` line, the report too), of ``after`` (report and rest: what
-the job spends outside the four computing parts, alike in both trees), of the wall time and of the CPU
-time (user + system, all threads), the ratio new/base of the medians, and the load average before each run; a
-second table gives the CPU seconds of each part where the job prints them (``(… CPU-s``), the CPU time that moves
+tables, figures and page with the import of matplotlib and seaborn, where the job prints that line), of
+``parts`` (the four computing parts together: their sum, or, where parts run side by side (a line ``beside``),
+the job's ``finished in`` less its report), of the rest (imports, data; in a tree without a ``[report]`` line,
+the report too), of ``after`` (report and rest: what the job spends outside the four computing parts, alike in
+both trees), of the wall time and of the CPU time (user + system, all threads), the ratio new/base of the
+medians, and the load average before each run; a second table gives the CPU seconds of each part where the job
+prints them (``(… CPU-s``: all threads, or, beside another part, the part's own thread), the CPU time that moves
 least with the machine's load. The base tree is a temporary ``git worktree`` of
 ``--base`` (removed at the end); the new tree is this repository, or ``--new``. Each process imports the
 fisherlab of its own tree (run from it, with it first on PYTHONPATH). After the last round the Datasets of the two
@@ -36,15 +38,16 @@ from pathlib import Path
 import numpy as np
 
 PARTS = ("fidelity", "trajectory", "geometry", "spectrum", "report")
-COLUMNS = (*PARTS, "rest", "after", "total", "cpu")
+COLUMNS = (*PARTS, "parts", "rest", "after", "total", "cpu")
 #: Entries of a variable below FLOOR × its largest magnitude (e.g. the round-off eigenvalues of a Fisher's null
 #: space) are compared in units of FLOOR × that magnitude.
 FLOOR = 1e-10
 DONE = re.compile(r"^\[(\w+)\] done in ([0-9.]+) s(?: \(([0-9.]+) CPU-s)?", re.MULTILINE)
+FINISHED = re.compile(r"^finished in ([0-9.]+) s", re.MULTILINE)
 
 
 def run_job(tree: Path, out: Path, args: list[str]) -> dict[str, float]:
-    """Run the main job of ``tree`` into ``out``; seconds per part, ``rest``, ``total`` (wall) and ``cpu``.
+    """Run the main job of ``tree`` into ``out``; seconds per part, ``parts``, ``rest``, ``total`` (wall), ``cpu``.
 
     ``cpu``: the process's user + system CPU seconds (all its threads), less sensitive to the machine's load than
     the wall time when other processes compete for the cores; ``cpu:<part>``: a part's CPU seconds as the job
@@ -64,8 +67,12 @@ def run_job(tree: Path, out: Path, args: list[str]) -> dict[str, float]:
     parts = {name: float(sec) for name, sec, _ in found}
     cpus = {name: float(c) if c else float("nan") for name, _, c in found}
     part_cpu = {f"cpu:{p}": cpus.get(p, float("nan")) for p in PARTS}
-    after = total - sum(sec for name, sec in parts.items() if name != "report")
-    return {**{p: parts.get(p, float("nan")) for p in PARTS}, "rest": total - sum(parts.values()), "after": after,
+    computing = sum(sec for name, sec in parts.items() if name != "report")
+    finished = FINISHED.search(proc.stdout)
+    if finished is not None and re.search(r"^\[\w+\] done in .* beside ", proc.stdout, re.MULTILINE):
+        computing = float(finished.group(1)) - parts.get("report", 0.0)  # side by side: the parts' span
+    return {**{p: parts.get(p, float("nan")) for p in PARTS}, "parts": computing,
+            "rest": total - computing - parts.get("report", 0.0), "after": total - computing,
             "total": total, "cpu": cpu, **part_cpu, "cpu:rest": cpu - sum(cpus.values())}
 
 

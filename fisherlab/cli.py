@@ -549,7 +549,7 @@ def _fidelity(cfg: StudyConfig, out: Path, args: argparse.Namespace, *, lead: bo
     report = build_report(out)  # title and headline from the saved Datasets: `fisherlab report` rebuilds the same
     print(f"\n[report] done in {time.perf_counter() - report_start:.1f} s ({time.process_time() - report_cpu:.1f} "
           "CPU-s, all threads; with the import of matplotlib and seaborn)")
-    print(f"finished in {time.perf_counter() - start:.0f} s; report: {report}")
+    print(f"finished in {time.perf_counter() - start:.1f} s; report: {report}")
     return 0
 
 

@@ -24,6 +24,7 @@ run: ``fisherlab --help`` reads the defaults from here.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import importlib
@@ -34,6 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     import xarray as xr
 
     from fisherlab.data import SplitData
+    from fisherlab.fidelity.rules import RuleContext
 
 #: Compute dtypes by name.
 DTYPES: tuple[str, ...] = ("float32", "float64")
@@ -735,6 +738,16 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
     Returns:
         ``{part: Dataset}`` for every part of ``cfg.parts`` (on every rank of a data-parallel run).
 
+    **Side by side**: the first part to compute runs alone on all of torch's intra-op threads (the fidelity part:
+    it fills the shared context); on the CPU of a single process with at least two threads, the parts after it
+    run in two lanes at once (:func:`fisherlab.linalg.threads.side_by_side`, each lane on half the threads): the
+    trajectory and then the spectrum in one, the geometry in the other (:func:`part_lanes`). They share the
+    context's computed objects (the parts other than the trajectory read them through a view on a copy of the
+    model, :func:`context_view`) and compute what they did one after the other (an object two parts ask for at
+    once, e.g. the true Fisher's spectra, may be computed by both: the same values); a part's log line gives its
+    own thread's CPU seconds when its lane has one thread. Default study, MLP on digits, 2 quiet cores:
+    benchmarks/README.md ("The default main job").
+
     **Data-parallel** (under ``torch.distributed`` with more than one process, e.g. ``torchrun``): every rank
     loads the same model and data, takes its contiguous shard of the training samples
     (:func:`fisherlab.distributed.shard`) and computes every part on it (the engines all-reduce sums and counts,
@@ -742,10 +755,13 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
     Datasets carry ``world_size`` and ``backend``. Rules on reconstructed networks (``sngd-*``, and such a
     ``train_rule``) run there too: their gradient is all-reduced (``ReconstructedNetwork.prime_gradient``).
     """
+    import torch
+
     from fisherlab.distributed import active_group, on_lead, rank
     from fisherlab.fidelity import evaluate_fidelity, fidelity_trajectory, fisher_geometry
     from fisherlab.fidelity.optimizers import OptimizerRule
     from fisherlab.fidelity.rules import RuleContext
+    from fisherlab.linalg.threads import lane_threads, side_by_side
     from fisherlab.progress import bar as progress_bar
     from fisherlab.results import ResultsStore, save_dataset
     from fisherlab.spectra import fisher_spectra
@@ -766,45 +782,96 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
                          dampings=tuple(cfg.damping))
     common = {"likelihood": lik, "dtype": dtype, "device": cfg.device, "seed": cfg.seed, "progress": progress,
               "config": cfg.to_dict()}
-    jobs: dict[str, Callable[[], xr.Dataset]] = {
-        "fidelity": lambda: evaluate_fidelity(model, split, rules=cfg.rules, damping=cfg.damping, lr=cfg.lr,
-                                              context=shared, **common),
-        "trajectory": lambda: with_optimizers(fidelity_trajectory(
-            model, split, train_rule=cfg.train_rule, steps=cfg.steps, every=cfg.every,
+    jobs: dict[str, Callable[[torch.nn.Module, RuleContext], xr.Dataset]] = {
+        "fidelity": lambda net, ctx: evaluate_fidelity(net, split, rules=cfg.rules, damping=cfg.damping, lr=cfg.lr,
+                                                       context=ctx, **common),
+        "trajectory": lambda net, ctx: with_optimizers(fidelity_trajectory(
+            net, split, train_rule=cfg.train_rule, steps=cfg.steps, every=cfg.every,
             rules=cfg.trajectory_rules, damping=cfg.trajectory_damping, lr=cfg.lr,
-            train_lr=cfg.train_lr, refresh_every=cfg.refresh_every, context=shared, **common), [
-            fidelity_trajectory(model, split, optimizer=OptimizerRule(name, factory), steps=cfg.steps,
+            train_lr=cfg.train_lr, refresh_every=cfg.refresh_every, context=ctx, **common), [
+            fidelity_trajectory(net, split, optimizer=OptimizerRule(name, factory), steps=cfg.steps,
                                 every=cfg.every, rules=[], damping=cfg.trajectory_damping, lr=cfg.lr, **common)
             for name, factory in optimizer_rules_of(cfg).items()]),
-        "geometry": lambda: fisher_geometry(model, split, structures=cfg.geometry_structures,
-                                            damping=cfg.geometry_damping, context=shared,
-                                            **common),
-        "spectrum": lambda: fisher_spectra(model, split, lik, kinds=cfg.spectrum_kinds, seed=cfg.seed, dtype=dtype,
-                                           device=cfg.device, progress=progress, config=cfg.to_dict(),
-                                           context=shared),
+        "geometry": lambda net, ctx: fisher_geometry(net, split, structures=cfg.geometry_structures,
+                                                     damping=cfg.geometry_damping, context=ctx, **common),
+        "spectrum": lambda net, ctx: fisher_spectra(net, split, lik, kinds=cfg.spectrum_kinds, seed=cfg.seed,
+                                                    dtype=dtype, device=cfg.device, progress=progress,
+                                                    config=cfg.to_dict(), context=ctx),
     }
     store = ResultsStore(out)
     # reused only if it carries this configuration (a foreign part is refused); read by rank 0 for every rank
     finished = on_lead(lambda: {part: store.load(part, config=cfg.to_dict()) for part in cfg.parts
                                 if store.has(part)}, group)
     results: dict[str, xr.Dataset] = {}
+    todo = [part for part in cfg.parts if part not in finished]
+    lanes = part_lanes(todo[1:]) if group is None else []
+    threads = lane_threads(len(lanes), torch.device(cfg.device))  # each lane's; 0: the parts one after the other
+    lanes = lanes if threads >= 1 else []
+    beside = {part: [p for other in lanes if part not in other for p in other] for lane in lanes for part in lane}
+    # the parts beside the trajectory: a copy of the model (made before the lanes start) and a view of the context
+    twin = copy.deepcopy(model) if lanes else model
+    view = context_view(shared, twin) if lanes else shared
+
+    def run(part: str, parts: Any) -> None:
+        start, cpu = time.perf_counter(), time.thread_time() if part in beside else time.process_time()
+        log(f"[{part}] running ...")
+        ds = jobs[part](twin, view) if part in beside and part != "trajectory" else jobs[part](model, shared)
+        if lead:
+            save_dataset(ds, store.path(part))
+        results[part] = ds
+        seconds = time.perf_counter() - start
+        if part not in beside:
+            note = f" ({time.process_time() - cpu:.1f} CPU-s, all threads)"
+        else:
+            note = (f" ({time.thread_time() - cpu:.1f} CPU-s, one thread" if threads == 1 else " (") + \
+                   f" beside {', '.join(beside[part])})"
+        log(f"[{part}] done in {seconds:.1f} s{note} -> {store.path(part)}")
+        parts.update(1)
+
     with progress_bar(total=len(cfg.parts), desc="fidelity study", progress=progress) as parts:
         for part in cfg.parts:
-            parts.set_postfix_str(part)
             if part in finished:
                 results[part] = finished[part]
                 log(f"[{part}] already in {out}: kept (delete {store.path(part)} to recompute)")
-            else:
-                start, cpu = time.perf_counter(), time.process_time()
-                log(f"[{part}] running ...")
-                ds = jobs[part]()
-                if lead:
-                    save_dataset(ds, store.path(part))
-                results[part] = ds
-                log(f"[{part}] done in {time.perf_counter() - start:.1f} s ({time.process_time() - cpu:.1f} CPU-s, "
-                    f"all threads) -> {store.path(part)}")
-            parts.update(1)
-    return results
+                parts.update(1)
+        for part in todo[:1] if lanes else todo:
+            parts.set_postfix_str(part)
+            run(part, parts)
+        if lanes:
+            parts.set_postfix_str(" | ".join(", ".join(lane) for lane in lanes))
+            side_by_side([partial(_in_turn, lane, partial(run, parts=parts)) for lane in lanes],
+                         torch.device(cfg.device))
+    return {part: results[part] for part in cfg.parts}
+
+
+def part_lanes(parts: list[str]) -> list[list[str]]:
+    """The lanes :func:`run_study` runs ``parts`` in side by side: the geometry alone, the others in order.
+
+    The geometry is the longest part on one thread (its eigenvalue problems); the others (the trajectory, then the
+    spectrum, which reads the true Fisher's spectra the geometry computes first) take about as long together. No
+    lanes (``[]``: one after the other) when that leaves fewer than two, e.g. without the geometry.
+    """
+    lanes = [[p for p in parts if p != "geometry"], [p for p in parts if p == "geometry"]]
+    lanes = [lane for lane in lanes if lane]
+    return lanes if len(lanes) > 1 else []
+
+
+def context_view(ctx: RuleContext, twin: torch.nn.Module) -> RuleContext:
+    """A context on ``twin`` (a copy of ``ctx.model``) sharing ``ctx``'s computed objects, for a part beside ``ctx``'s.
+
+    The same caches (Fishers, structures, sample Grams, solves, eigenvalues, reconstructed networks), but engines
+    of its own on ``twin`` (built when first asked: a forward pass by ``torch.func.functional_call`` swaps the
+    parameters of the module it runs in place for the call, so two threads must not run one module) and
+    ``timings`` of its own (the trajectory's ``timings`` are the differences of its context's phases around its
+    steps; another part's phases added meanwhile would count as the trajectory's).
+    """
+    return dataclasses.replace(ctx, model=twin, timings={}, _engines={})
+
+
+def _in_turn(parts: list[str], run: Callable[[str], None]) -> None:
+    """``run`` of each of ``parts``, one after the other (one lane of :func:`run_study`)."""
+    for part in parts:
+        run(part)
 
 
 def _quiet(message: str) -> None:

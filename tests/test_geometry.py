@@ -242,3 +242,46 @@ def test_geometry_in_a_shared_context_is_the_same_and_refuses_other_data(case):
         fisher_geometry(model, (X, y), structures=["block"], damping=DAMPINGS, context=ctx)
     with pytest.raises(InputError, match="seed"):
         fisher_geometry(model, data, structures=["block"], damping=DAMPINGS, context=ctx, seed=1)
+
+
+def test_kron_factor_transform_against_the_kfac_formula():
+    """KFAC's own factors (kron_layers: L_S ⊗ L_A per layer, in W̄ order) give L⁻¹ A L⁻ᵀ with the generalised
+    eigenvalues of (A, G_λ), G_λ written from the KFAC formula (reference), and per layer those of its blocks;
+    structures that are not KFAC have no such factors."""
+    from fisherlab.fidelity.geometry import kept_factors, kron_factor_transform, kron_layers
+    from fisherlab.fidelity.rules import RuleContext
+
+    model, X, y = make(32)
+    ctx = RuleContext(model, (X, y), "categorical", dtype=D)
+    g = torch.Generator().manual_seed(5)
+    B = torch.randn(53, 80, generator=g, dtype=D)
+    A = B @ B.T / 80 + 1e-2 * torch.eye(53, dtype=D)  # any SPD matrix, not only F + λI
+    for lam in DAMPINGS:
+        layers = kron_layers(ctx.structure("kfac"), lam)
+        assert layers is not None and kept_factors(ctx, "kfac", lam) is not None
+        G = ref.damped_kfac_dense(ctx.structure("kfac"), lam).numpy()
+        M = kron_factor_transform(A, layers)
+        assert torch.equal(M, M.T)
+        np.testing.assert_allclose(np.linalg.eigvalsh(M.numpy()), generalized(A.numpy(), G), rtol=1e-10)
+        for ix in (np.arange(0, 35), np.arange(35, 53)):
+            sub = M[torch.from_numpy(ix)][:, torch.from_numpy(ix)].numpy()
+            np.testing.assert_allclose(np.linalg.eigvalsh(sub), generalized(A.numpy()[np.ix_(ix, ix)],
+                                                                            G[np.ix_(ix, ix)]), rtol=1e-10)
+    for structure in ("block", "diag", "ekfac"):
+        assert kron_layers(ctx.structure(structure), 1e-2) is None
+
+
+def test_own_blocks_transform_against_scipy():
+    """With L_k L_kᵀ = A_kk, L⁻¹ A L⁻ᵀ has exact identity diagonal blocks and the generalised eigenvalues of
+    (A, blockdiag(A_kk)) (scipy)."""
+    from fisherlab.fidelity.geometry import own_blocks_transform
+
+    A, _, index = block_problem(6)
+    A = A + 0.1 * torch.eye(9, dtype=D)
+    factors = {k: torch.linalg.cholesky(A[ix][:, ix]) for k, ix in index.items()}
+    M = own_blocks_transform(A, factors, index)
+    assert torch.equal(M, M.T)
+    for ix in index.values():
+        assert torch.equal(M[ix][:, ix], torch.eye(len(ix), dtype=D))
+    G = scipy.linalg.block_diag(*[A[ix][:, ix].numpy() for ix in index.values()])
+    np.testing.assert_allclose(np.linalg.eigvalsh(M.numpy()), generalized(A.numpy(), G), rtol=1e-10)

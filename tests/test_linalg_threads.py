@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from fisherlab.linalg.threads import concurrently, serial
@@ -62,3 +63,45 @@ def test_serial_restores_the_thread_count_after_an_error():
     except RuntimeError:
         pass
     assert torch.get_num_threads() == threads
+
+
+def test_side_by_side_runs_the_lanes_at_once_on_one_thread_each():
+    """Two lanes at once (each waits for the other to start), one intra-op thread each, the caller's count kept;
+    their spectra against numpy; the first lane error is raised after both end; one thread: one after the other."""
+    import threading
+
+    from fisherlab.linalg.threads import lane_threads, side_by_side
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert lane_threads(2, CPU) == 1 and lane_threads(1, CPU) == 0 and lane_threads(3, CPU) == 0
+        started = [threading.Event(), threading.Event()]
+        seen, spectra = {}, {}
+
+        def lane(k: int, M: torch.Tensor) -> None:
+            started[k].set()
+            assert started[1 - k].wait(60)  # the other lane runs meanwhile
+            seen[k] = torch.get_num_threads()
+            spectra[k] = eigvalsh(M)
+
+        mats = [symmetric(70, 1), symmetric(50, 2)]
+        side_by_side([lambda k=k: lane(k, mats[k]) for k in range(2)], CPU)
+        assert seen == {0: 1, 1: 1} and torch.get_num_threads() == 2
+        for k, M in enumerate(mats):
+            assert relative(spectra[k], np.linalg.eigvalsh(M.numpy())) <= 1e-12
+        ended = []
+
+        def fails() -> None:
+            raise ValueError("lane 0")
+
+        with pytest.raises(ValueError, match="lane 0"):
+            side_by_side([fails, lambda: ended.append(1)], CPU)
+        assert ended == [1] and torch.get_num_threads() == 2
+        torch.set_num_threads(1)  # fewer threads than lanes: in turn, in the caller's thread
+        order = []
+        side_by_side([lambda: order.append((0, threading.get_ident())),
+                      lambda: order.append((1, threading.get_ident()))], CPU)
+        assert order == [(0, threading.get_ident()), (1, threading.get_ident())]
+    finally:
+        torch.set_num_threads(threads)

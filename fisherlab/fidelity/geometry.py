@@ -9,13 +9,18 @@ G_λ = L Lᵀ (Cholesky). The row ``structure="original"`` is F + λI itself (G 
 
 A dense, block (by layer) or diagonal structure gives its own Cholesky factor of G_λ (:func:`kept_factors`: the
 one its solves, exact NGD and the Cholesky roots use at that λ), so G_λ is neither recovered from solves nor
-factorised again. For the other structures, G_λ⁻¹ is read off their solve; when it is block-diagonal by layer
-its blocks' Cholesky factors K_l (K_l K_lᵀ = G_l⁻¹) give the similar matrix Kᵀ (F + λI) K by products alone
-(:func:`block_congruence`), else G_λ is inverted (:func:`damped_matrix`).
+factorised again; so does KFAC, whose layer block (S + sI) ⊗ (A + aI) has the factor L_S ⊗ L_A of its damped
+factors' Cholesky factors (:func:`kron_layers`), applied to L⁻¹ (F + λI) L⁻ᵀ by reshaped triangular solves
+(:func:`kron_factor_transform`: O(P·out·width·(out + width)) a layer instead of the O(P·P_l²) of a dense factor).
+For the other structures, G_λ⁻¹ is read off their solve; when it is block-diagonal by layer its blocks' Cholesky
+factors K_l (K_l K_lᵀ = G_l⁻¹) give the similar matrix Kᵀ (F + λI) K by products alone (:func:`block_congruence`),
+else G_λ is inverted (:func:`damped_matrix`).
 
 Per layer, A_l = F_ll + λI and G_l = (G_λ)_ll, the layer's diagonal blocks (what the layer's local Fisher layer
-would see if the rebuild were local to it). Under the ``block`` structure read off the same F, G_l = A_l and the
-layer's spectrum is P_l ones in closed form (:func:`own_blocks`), not an eigendecomposition of the identity.
+would see if the rebuild were local to it). Under the ``block`` structure read off the same F, G_l = A_l: the
+layer's spectrum is P_l ones in closed form (:func:`own_blocks`), not an eigendecomposition of the identity, and
+L⁻¹ (F + λI) L⁻ᵀ is formed from its blocks off the diagonal alone (:func:`own_blocks_transform`; the diagonal
+blocks are the identity).
 
 When the dense P×P matrices fit the memory budget everything is exact (``eigvalsh``). Otherwise the spectra are
 computed matrix-free by Lanczos (:func:`fisherlab.linalg.lanczos`): the top ``num_eigs`` eigenvalues and the
@@ -53,6 +58,7 @@ from fisherlab.structures.base import FisherMatrix, eigvalsh
 from fisherlab.structures.block import BlockDiagonalFisher
 from fisherlab.structures.dense import DenseFisher
 from fisherlab.structures.diagonal import DiagonalFisher
+from fisherlab.structures.kfac import KFACFisher, KroneckerFactors
 from fisherlab.vocabulary import RECONSTRUCTIBLE, BlockBy, RootMethod, Structure
 
 #: Structures measured by default (each the true Fisher in that structure).
@@ -159,6 +165,87 @@ def block_factor_transform(A: Tensor, factors: dict[str, Tensor], index: dict[st
     return 0.5 * (M + M.T)
 
 
+def own_blocks_transform(A: Tensor, factors: dict[str, Tensor], index: dict[str, Tensor]) -> Tensor:
+    """L⁻¹ A L⁻ᵀ (n, n) for a block-diagonal L whose blocks are the Cholesky factors of A's own diagonal blocks.
+
+    Its diagonal blocks L_k⁻¹ A_kk L_k⁻ᵀ are the identity (exactly, not to round-off); each block above the
+    diagonal is L_j⁻¹ A_jk L_k⁻ᵀ, by two triangular solves of its own (about a quarter of the arithmetic of
+    :func:`block_factor_transform` for the main job's three layers), and the one below it its transpose.
+
+    Args:
+        A: Symmetric (n, n), e.g. F + λI.
+        factors: Block name → lower triangular L_k (n_b, n_b) with L_k L_kᵀ = A_kk.
+        index: Block name → indices of the block in A (together: every index once).
+    """
+    M = torch.zeros_like(A)
+    M.diagonal().fill_(1.0)
+    names = list(index)
+    for j, a in enumerate(names):
+        for b in names[j + 1:]:
+            ia, ib = index[a], index[b]
+            X = torch.linalg.solve_triangular(factors[a], 0.5 * (A[ia][:, ib] + A[ib][:, ia].T), upper=False)
+            block = torch.linalg.solve_triangular(factors[b].T, X, upper=True, left=False)  # X L_b⁻ᵀ
+            M[ia.unsqueeze(1), ib.unsqueeze(0)] = block
+            M[ib.unsqueeze(1), ia.unsqueeze(0)] = block.T
+    return M
+
+
+#: One KFAC layer for :func:`kron_factor_transform`: its flat indices, its layout, and the lower Cholesky factors
+#: L_S (out, out) and L_A (width, width) of its damped factors.
+KronLayer = tuple[Tensor, KroneckerFactors, Tensor, Tensor]
+
+
+def kron_layers(G: FisherMatrix, damping: float) -> list[KronLayer] | None:
+    """Each layer's Cholesky factors of KFAC's damped block, as its solve uses them at λ, or None.
+
+    The factors of :meth:`~fisherlab.structures.KFACFisher.damped_factors` (split ``"pi"``, Cholesky: the
+    default of ``solve``, kept from the ``kfac`` rule's solves): layer l's block of G_λ is
+    (S + sI) ⊗ (A + aI) = (L_S ⊗ L_A)(L_S ⊗ L_A)ᵀ in row-major W̄ order. None unless G is a KFAC structure of
+    layers only (no exact blocks) whose every layer has a full input factor (not a diagonal one).
+    """
+    if not isinstance(G, KFACFisher) or type(G)._layer_solve is not KFACFisher._layer_solve or G.exact_blocks:
+        return None
+    if any(f.A.ndim != 2 for f in G.factors.values()):
+        return None
+    damped = G.damped_factors(damping)
+    if any(k.denom is not None or k.a_factor is None for k in damped.values()):
+        return None
+    return [(G.index[p], f, damped[p].s_factor, damped[p].a_factor) for p, f in G.factors.items()]
+
+
+def kron_factor_transform(A: Tensor, layers: list[KronLayer]) -> Tensor:
+    """L⁻¹ A L⁻ᵀ (P, P) for symmetric A (P, P) and the block-diagonal L of KFAC layers (:func:`kron_layers`).
+
+    Layer l's rows of X are mapped as (L_S ⊗ L_A)⁻¹ vec(W) = vec(L_S⁻¹ W L_A⁻ᵀ), W (out, width) in W̄ layout, for
+    all P columns at once: one triangular solve with L_S on the (out, P·width) matrix and one with L_Aᵀ from the
+    right on the (P·out, width) one.
+
+    Raises:
+        InputError: The layers do not cover A's indices exactly once.
+    """
+    P = A.shape[0]
+    covered = torch.zeros(P, dtype=torch.int64, device=A.device)
+    for ix, *_ in layers:
+        covered[ix.to(A.device)] += 1
+    if not bool((covered == 1).all()):
+        raise InputError("kron_factor_transform needs layers that cover every index once")
+
+    def solve_rows(X: Tensor) -> Tensor:  # L⁻¹ X, layer by layer
+        out = torch.empty_like(X)
+        for ix, f, L_S, L_A in layers:
+            ix = ix.to(X.device)
+            W = f.gather(X[ix])  # (k, out, width)
+            k, o, w = W.shape
+            Y = torch.linalg.solve_triangular(L_S, W.transpose(0, 1).reshape(o, k * w), upper=False)
+            Y = Y.reshape(o, k, w).transpose(0, 1).reshape(k * o, w)
+            Z = torch.linalg.solve_triangular(L_A.T, Y, upper=True, left=False)  # Y L_A⁻ᵀ
+            out[ix] = f.scatter(Z.reshape(k, o, w))
+        return out
+
+    M = solve_rows(solve_rows(0.5 * (A + A.T)).T)
+    return 0.5 * (M + M.T)
+
+
 def preconditioned_block_eigvalsh(A: Tensor, G: dict[str, Tensor], index: dict[str, Tensor]) -> Tensor:
     """Eigenvalues (ascending) of G^{-1/2} A G^{-1/2} for a block-diagonal SPD G (:func:`preconditioned_block_matrix`).
 
@@ -168,19 +255,24 @@ def preconditioned_block_eigvalsh(A: Tensor, G: dict[str, Tensor], index: dict[s
     return eigvalsh(preconditioned_block_matrix(A, G, index))
 
 
-def kept_factors(ctx: RuleContext, structure: str, damping: float) -> Tensor | dict[str, Tensor] | None:
+def kept_factors(ctx: RuleContext, structure: str, damping: float
+                 ) -> Tensor | dict[str, Tensor] | list[KronLayer] | None:
     """The Cholesky factors of G_λ that the structure itself solves with (factorised once per λ), or None.
 
     A dense Fisher: its lower factor L (P, P) of F + λI (:meth:`~fisherlab.structures.DenseFisher.damped_factor`,
     the one exact NGD and the Cholesky roots use); a block Fisher by layer: layer → its factor of F_ll + λI
     (:meth:`~fisherlab.structures.BlockDiagonalFisher.damped_factors`, ``block-ngd``'s); a diagonal Fisher: the
-    (P,) vector (diag F + λ)^{1/2}, the factor of a diagonal G_λ. Any other structure: None (G_λ then comes from
-    its solve, :func:`inverse_blocks` / :func:`damped_matrix`).
+    (P,) vector (diag F + λ)^{1/2}, the factor of a diagonal G_λ; KFAC of layers with full input factors: each
+    layer's Cholesky factors of its damped factors (:func:`kron_layers`, the ``kfac`` rule's). Any other
+    structure: None (G_λ then comes from its solve, :func:`inverse_blocks` / :func:`damped_matrix`).
 
     Raises:
         SingularMatrixError: G_λ is not positive definite.
     """
     G = ctx.structure(structure)
+    kron = kron_layers(G, damping)
+    if kron is not None:
+        return kron
     if isinstance(G, DenseFisher):
         return G.damped_factor(damping)
     if isinstance(G, BlockDiagonalFisher) and G.meta.get("blocks_by") == BlockBy.LAYER.value:
@@ -205,20 +297,23 @@ def own_blocks(F: Tensor, G: FisherMatrix, blocks: list[Tensor]) -> bool:
     return all(torch.equal(B, F[ix][:, ix]) for B, ix in zip(G.blocks.values(), blocks, strict=True))
 
 
-def kept_preconditioned(A: Tensor, factors: Tensor | dict[str, Tensor], blocks: list[Tensor],
+def kept_preconditioned(A: Tensor, factors: Tensor | dict[str, Tensor] | list[KronLayer], blocks: list[Tensor],
                         G: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
     """L⁻¹ A L⁻ᵀ (P, P) for the factors of :func:`kept_factors`, and each layer's preconditioned block.
 
     A layer's matrix is that of its own block G_ll of G_λ = L Lᵀ: the diagonal block of the whole one when L is
-    block-diagonal (block, diagonal), else :func:`preconditioned_matrix` of A_ll and G_ll.
+    block-diagonal (block, diagonal, KFAC), else :func:`preconditioned_matrix` of A_ll and G_ll.
 
     Args:
         A: F + λI (P, P).
-        factors: The (P, P) factor, the layers' factors (in ``blocks`` order) or the (P,) diagonal factor.
+        factors: The (P, P) factor, the layers' factors (in ``blocks`` order), KFAC's layers (:func:`kron_layers`)
+            or the (P,) diagonal factor.
         blocks: Each layer's parameter indices, ``spec.blocks("layer")`` order.
         G: G_λ (P, P), for a (P, P) factor (its layer blocks).
     """
-    if isinstance(factors, dict):
+    if isinstance(factors, list):
+        M = kron_factor_transform(A, factors)
+    elif isinstance(factors, dict):
         M = block_factor_transform(A, factors, dict(zip(factors, blocks, strict=True)))
     elif factors.ndim == 1:
         M = 0.5 * (A + A.T) / (factors.unsqueeze(1) * factors.unsqueeze(0))
@@ -323,9 +418,11 @@ def _dense_geometry(ctx: RuleContext, names: list[str], dampings: list[float], s
                     if kept is not None:  # the structure's own factors of G_λ (shared with its solves)
                         dense = isinstance(kept, Tensor) and kept.ndim == 2  # G_λ = G + λI, G the structure's
                         G = ctx.structure(name).to_dense() + lam * eye if dense else None
-                        M, layer_M = kept_preconditioned(A, kept, blocks, G)
-                        if name == Structure.BLOCK.value and own_blocks(F, ctx.structure(name), blocks):
+                        if isinstance(kept, dict) and own_blocks(F, ctx.structure(name), blocks):
+                            M = own_blocks_transform(A, kept, dict(zip(kept, blocks, strict=True)))
                             layer_M = [torch.ones(len(ix), dtype=F.dtype, device=F.device) for ix in blocks]
+                        else:
+                            M, layer_M = kept_preconditioned(A, kept, blocks, G)
                     elif inverse is None:
                         M = preconditioned_matrix(A, G)
                         layer_M = [preconditioned_matrix(A[ix][:, ix], G[ix][:, ix]) for ix in blocks]
