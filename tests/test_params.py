@@ -108,7 +108,7 @@ def test_frozen_parameters_are_constants():
 
 
 def test_all_finite_vouches_only_for_finite_entries():
-    """all_finite against the entry-wise check: True exactly when every entry is finite (nan_only: not NaN)."""
+    """all_finite against the entry-wise check: True only if every entry is finite (nan_only: no NaN)."""
     gen = torch.Generator().manual_seed(0)
     big = torch.finfo(torch.float32).max
     specials = [float("nan"), float("inf"), -float("inf")]
