@@ -56,7 +56,7 @@ other modules without a layer rule raise :class:`~fisherlab.errors.UnsupportedLa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -262,25 +262,6 @@ def _add(acc: dict[str, Tensor], key: str, value: Tensor) -> None:
         acc[key] = value
 
 
-def _padding_masks(rows: Mapping[str, LayerRows], sequence: Collection[str]) -> dict[int, Tensor | None]:
-    """Per number of positions L > 1, the live positions (n, L) of a chunk's sequence layers (None: all live).
-
-    A position (n, l) is padding when δ_{n,r,l} = 0 for every row r in *every* sequence layer (``sequence``: the
-    layers that are not convolutions) with L positions; it is live if some δ row is nonzero there in one of them.
-    """
-    masks: dict[int, Tensor] = {}
-    full: set[int] = set()  # L whose positions are all live already: the other layers cannot change that
-    for p in sequence:
-        if p in rows and rows[p].grads.shape[2] > 1 and rows[p].grads.shape[2] not in full:
-            g = rows[p].grads
-            L = g.shape[2]
-            live = g.ne(0).any(-1).any(0)
-            masks[L] = masks[L] | live if L in masks else live
-            if bool(masks[L].all()):
-                full.add(L)
-    return {L: None if L in full else m for L, m in masks.items()}
-
-
 def _accumulate(A: GramSums, S: GramSums, count: dict[str, Tensor], path: str, rows: LayerRows,
                 approx: KFACApprox, live: Tensor | None, samples: int) -> None:
     """Add one chunk's Σ ā āᵀ to A[path], Σ δ δᵀ to S[path] and A's count to count[path] (module docstring).
@@ -289,25 +270,27 @@ def _accumulate(A: GramSums, S: GramSums, count: dict[str, Tensor], path: str, r
     averages each sample's live positions and counts the samples with one. ``samples``: this rank's samples in
     the pass (the Gram sums' rows in the pass are the chunk's per sample times these, :meth:`GramSums.add`).
     """
-    inputs, grads = rows.unfolded, rows.grads
-    n, L = grads.shape[1:3]
-    weight = None if live is None else live.to(grads.dtype)  # (n, L)
+    inputs, out = rows.unfolded, rows.outputs  # out: (n, L, out), for the shapes and the dtype
+    n, L = out.shape[:2]
+    weight = None if live is None else live.to(out.dtype)  # (n, L)
     if approx is KFACApprox.REDUCE:
         if weight is None:
-            ones = grads.new_ones(n) if rows.bias else None  # the bias's pooled 1
-            A.add(path, reduce_inputs(inputs, grads.dtype), ones, pass_rows=samples)
-            _add(count, path, grads.new_tensor(float(n)))
+            ones = out.new_ones(n) if rows.bias else None  # the bias's pooled 1
+            A.add(path, reduce_inputs(inputs, out.dtype), ones, pass_rows=samples)
+            _add(count, path, out.new_tensor(float(n)))
         else:
             per_sample = weight.sum(1)  # L_n, the live positions of sample n
             if isinstance(inputs, OneHotRows):
-                pooled = grads.new_zeros(n, inputs.width).scatter_add_(1, inputs.ids, weight)
+                pooled = out.new_zeros(n, inputs.width).scatter_add_(1, inputs.ids, weight)
             else:
                 pooled = torch.einsum("nl,nli->ni", weight, inputs)
             scale = per_sample.clamp(min=1)
             A.add(path, pooled / scale.unsqueeze(1), per_sample / scale if rows.bias else None, pass_rows=samples)
-            _add(count, path, per_sample.gt(0).sum().to(grads.dtype))
-        S.add(path, grads.sum(2).reshape(-1, grads.shape[-1]), pass_rows=grads.shape[0] * samples)
+            _add(count, path, per_sample.gt(0).sum().to(out.dtype))
+        sums = rows.grad_sums()  # (R, n, out): Σ_l δ, summed in the reverse pass when it pooled them
+        S.add(path, sums.reshape(-1, sums.shape[-1]), pass_rows=sums.shape[0] * samples)
         return
+    grads = rows.grads
     if isinstance(inputs, OneHotRows):  # diagonal: the token counts
         _add(A, path, inputs.counts(grads.dtype) if weight is None else torch.bincount(
             inputs.ids.reshape(-1), weights=weight.reshape(-1), minlength=inputs.width).to(grads.dtype))
@@ -418,12 +401,13 @@ class KFACFisher(LayerwiseFisher):
         norms = NormBlocks(engine, setup.norms)
         kept: list[dict[str, tuple[Tensor | OneHotRows, Tensor]]] | None = [] if keep_bytes > 0 else None
         held = 0
-        for rows in iter_layer_rows(engine, setup.layouts, chunk_size=chunk_size, norms=setup.norms,
-                                    desc=f"KFAC-{approx.value} {engine.kind.value} factors"):
+        # KFAC-reduce needs only Σ_l δ: summed in the reverse pass (unless EKFAC keeps the rows)
+        pool = approx is KFACApprox.REDUCE and kept is None
+        for rows in iter_layer_rows(engine, setup.layouts, chunk_size=chunk_size, norms=setup.norms, pool=pool,
+                                    masked=sequence, desc=f"KFAC-{approx.value} {engine.kind.value} factors"):
             norms.add(rows)
-            masks = _padding_masks(rows, sequence)
             for p, r in rows.items():
-                live = masks.get(r.grads.shape[2]) if p in sequence else None
+                live = rows.live.get(r.outputs.shape[1]) if p in sequence else None
                 _accumulate(A, S, count, p, r, approx, live, engine.local_samples)
             run_grams((A, S), engine.device)
             if kept is not None:
