@@ -3,7 +3,9 @@
 Both trees run the same command (``python -m fisherlab fidelity --out DIR --overwrite`` plus ``--args``) as a
 fresh process each, alternately (base, new, base, new, ...), so that a change in machine load hits both alike;
 the table gives the median of each part's seconds (the ``[part] done in`` lines of the job; ``report``: the
-tables, figures and page with the import of matplotlib and seaborn, where the job prints that line), of
+tables, figures and page with the import of matplotlib and seaborn, where the job prints that line; since the
+report process, the seconds after the parts until the page is written, its CPU seconds those of that process,
+which drew each part's figures while the later parts computed), of
 ``parts`` (the four computing parts together: their sum, or, where parts run side by side (a line ``beside``),
 the job's ``finished in`` less its report), of the rest (imports, data; in a tree without a ``[report]`` line,
 the report too), of ``after`` (report and rest: what the job spends outside the four computing parts, alike in
@@ -42,7 +44,7 @@ COLUMNS = (*PARTS, "parts", "rest", "after", "total", "cpu")
 #: Entries of a variable below FLOOR × its largest magnitude (e.g. the round-off eigenvalues of a Fisher's null
 #: space) are compared in units of FLOOR × that magnitude.
 FLOOR = 1e-10
-DONE = re.compile(r"^\[(\w+)\] done in ([0-9.]+) s(?: \(([0-9.]+) CPU-s)?", re.MULTILINE)
+DONE = re.compile(r"^\[(\w+)\] done in ([0-9.]+) s(?: after the parts)?(?: \(([0-9.]+) CPU-s)?", re.MULTILINE)
 FINISHED = re.compile(r"^finished in ([0-9.]+) s", re.MULTILINE)
 
 

@@ -522,35 +522,135 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
 
 
 def _fidelity(cfg: StudyConfig, out: Path, args: argparse.Namespace, *, lead: bool) -> int:
-    """The body of :func:`cmd_fidelity` on one rank (``lead``: rank 0, or the only process)."""
+    """The body of :func:`cmd_fidelity` on one rank (``lead``: rank 0, or the only process).
+
+    Rank 0 draws the report in a process of its own (:func:`report_process`) while the study computes, or, where
+    that process fails, itself when the study is done; either way from the saved Datasets only.
+    """
     from fisherlab.distributed import active_group, on_lead
     from fisherlab.results import guard_output_folder
-    from fisherlab.study import headline, load_model_and_data, run_study
+    from fisherlab.study import load_model_and_data, run_study
 
     model_and_data = load_model_and_data(cfg)  # a wrong model or data is refused before the folder is claimed
     if on_lead(lambda: guard_output_folder(out, cfg.to_dict(), overwrite=args.overwrite), active_group()) and lead:
         print(f"{out} holds this configuration: resuming (finished parts are kept)")
     start = time.perf_counter()
-    results = run_study(cfg, out, progress=False if args.no_progress or not lead else None,
-                        model_and_data=model_and_data)
-    if not lead:
-        return 0
-    report_start, report_cpu = time.perf_counter(), time.process_time()
-    from fisherlab.report import build_report, print_table  # rank 0 alone pays matplotlib's and seaborn's import
+    # the report's λ (report.study_damping of the finished study): the trajectory's, else the fidelity part's middle
+    drawer = report_process(out, cfg.trajectory_damping if {"trajectory", "fidelity"} & set(cfg.parts) else None
+                            ) if lead else None
+    try:
+        results = run_study(cfg, out, progress=False if args.no_progress or not lead else None,
+                            model_and_data=model_and_data, saved=None if drawer is None else drawer.saved)
+        if not lead:
+            return 0
+        report_start, report_cpu = time.perf_counter(), time.process_time()
+        reply = None if drawer is None else drawer.finish()
+    finally:
+        if drawer is not None:
+            drawer.close()
+    if reply is not None:
+        print(reply["console"], end="")
+        report = Path(reply["report"])
+        print(f"\n[report] done in {time.perf_counter() - report_start:.1f} s after the parts ({reply['cpu']:.1f} "
+              "CPU-s in a process of its own: each part's figures drawn when the part was saved, the page at the end; "
+              "with the import of matplotlib and seaborn)")
+    else:
+        if drawer is not None:
+            print(f"fisherlab: the report process failed ({drawer.error}); drawing the report here", file=sys.stderr)
+        from fisherlab.report import build_report, study_console  # matplotlib's and seaborn's import
 
-    if "fidelity" in results:
-        from fisherlab.report import table_fidelity
-
-        header, rows = table_fidelity(results["fidelity"])
-        print()
-        print_table(header, rows)
-    print()
-    print_table(*headline(results))
-    report = build_report(out)  # title and headline from the saved Datasets: `fisherlab report` rebuilds the same
-    print(f"\n[report] done in {time.perf_counter() - report_start:.1f} s ({time.process_time() - report_cpu:.1f} "
-          "CPU-s, all threads; with the import of matplotlib and seaborn)")
+        print(study_console(results), end="")
+        report = build_report(out)  # title and headline from the saved Datasets: `fisherlab report` rebuilds it
+        print(f"\n[report] done in {time.perf_counter() - report_start:.1f} s ({time.process_time() - report_cpu:.1f} "
+              "CPU-s, all threads; with the import of matplotlib and seaborn)")
     print(f"finished in {time.perf_counter() - start:.1f} s; report: {report}")
     return 0
+
+
+#: What the report process runs (``python -c``; argv[1]: the folder holding this fisherlab package).
+REPORT_PROCESS = "import sys; sys.path.insert(0, sys.argv[1]); from fisherlab.report import serve; sys.exit(serve())"
+
+
+class ReportProcess:
+    """The report of ``fisherlab fidelity`` drawn in a process of its own while the study computes.
+
+    Started with the study, the process (:func:`fisherlab.report.serve`) imports matplotlib and seaborn meanwhile;
+    :meth:`saved` tells it each Dataset saved, whose figures it draws at once, in the core time the study leaves
+    (its first part keeps two cores only partly busy, its two lanes end unevenly); :meth:`finish` has it write the
+    page, so that only the last part's figures and the page come after the study. It only reads the
+    saved Datasets, and when it fails, its error is kept in :attr:`error` and :meth:`finish` returns None (the
+    command then draws the report itself). Thread-safe: the study's parts report their saves from two threads.
+    """
+
+    def __init__(self, folder: Path, damping: float | None) -> None:
+        import subprocess
+        import tempfile
+        import threading
+
+        self.error = ""
+        self._lock = threading.Lock()
+        self._errors = tempfile.TemporaryFile()  # its traceback, if any (a file: it never blocks on a full pipe)
+        package = Path(__file__).resolve().parents[1]  # the child imports this fisherlab, whatever its sys.path
+        try:
+            self._proc = subprocess.Popen([sys.executable, "-c", REPORT_PROCESS, str(package)],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._errors,
+                                          text=True, encoding="utf-8")
+        except OSError:
+            self._errors.close()
+            raise
+        self._send({"folder": str(folder), "damping": damping})
+
+    def _send(self, request: dict[str, Any]) -> None:
+        import json
+
+        with self._lock:
+            try:
+                assert self._proc.stdin is not None
+                self._proc.stdin.write(json.dumps(request) + "\n")
+                self._proc.stdin.flush()
+            except (OSError, ValueError):  # it ended (an error: finish says so) or its input is closed
+                pass
+
+    def saved(self, path: Path) -> None:
+        """Dataset ``path`` of the folder is saved: its figures can be drawn."""
+        self._send({"saved": Path(path).name})
+
+    def finish(self) -> dict[str, Any] | None:
+        """Write the page; the process's reply (:func:`fisherlab.report.serve`), or None if it failed."""
+        import json
+
+        self._send({"finish": True})
+        out, _ = self._proc.communicate()
+        lines = out.strip().splitlines()
+        if self._proc.returncode == 0 and lines:
+            return json.loads(lines[-1])
+        self._errors.seek(0)
+        tail = self._errors.read().decode(errors="replace").strip().splitlines()
+        self.error = tail[-1] if tail else f"exit status {self._proc.returncode}"
+        return None
+
+    def close(self) -> None:
+        """End the process (after :meth:`finish`, it has; after Ctrl-C it ends on its own; else it is killed)."""
+        import subprocess
+
+        if self._proc.poll() is None:
+            try:
+                self._proc.communicate(timeout=5)  # closes its input: it stops at the end of it
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._errors.close()
+
+
+def report_process(folder: Path, damping: float | None) -> ReportProcess | None:
+    """A :class:`ReportProcess` for ``folder``, or None when no process can be started (the command draws then).
+
+    ``damping``: the report's λ the study will have.
+    """
+    try:
+        return ReportProcess(folder, damping)
+    except OSError:
+        return None
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -562,8 +662,22 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fisherlab`` command; returns the exit status (2: bad input, 130: interrupted)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of the ``fisherlab`` command; returns the exit status (2: bad input, 130: interrupted).
+
+    Run as the program (``argv`` None: the arguments of ``sys.argv``), it moves every object out of the garbage
+    collector's reach before it returns (``gc.freeze``): the interpreter's collection at exit then no longer
+    visits them (after the main job, 0.2 s instead of 0.8–1.9 s on 2 cores of an AMD EPYC).
+    """
+    status = run_command(list(sys.argv[1:] if argv is None else argv))
+    if argv is None:
+        import gc
+
+        gc.freeze()
+    return status
+
+
+def run_command(argv: list[str]) -> int:
+    """The command ``fisherlab ARGV``; returns the exit status (:func:`main`)."""
     args = build_parser().parse_args(argv)
     try:
         with warnings.catch_warnings():  # deprecated spellings (a rule name, ...) are said on the command line

@@ -7,7 +7,8 @@ figures registered for each Dataset kind (``PLOTTERS``, saved as PNG and SVG und
 PNG, so the page is one file) with the detailed tables, then the configuration and the provenance. Title and
 headline come from the saved Datasets and the folder's run manifest only, so ``fisherlab report FOLDER`` rebuilds
 the same page without recomputing anything. Where a figure or the headline shows one damping, it is the same λ
-(:func:`study_damping`).
+(:func:`study_damping`). ``fisherlab fidelity`` draws each Dataset's figures as soon as the study saved it, in a
+process of its own (:func:`serve`), and its page keeps them: the same files as ``fisherlab report`` draws.
 
 Importing this module changes no global state (no ``matplotlib.use``, no seaborn theme): the figures are
 :class:`matplotlib.figure.Figure` objects outside pyplot, drawn under a local seaborn style, so a notebook keeps
@@ -21,9 +22,9 @@ import html
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import seaborn as sns
@@ -64,20 +65,46 @@ def dropped_note(dropped: Sequence[str]) -> str:
     return f"Left out, infinite in every row: {', '.join(dropped)}." if dropped else ""
 
 
-def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """Print an aligned plain-text table; columns infinite in every row are left out (and said so)."""
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """An aligned plain-text table, each line ending in a newline (``''`` for an empty header).
+
+    Columns infinite in every row are left out, and a last line says so.
+    """
     if not header:
-        return
+        return ""
     (header, cells), dropped = drop_infinite_columns(header, rows)
     cells = [header, *cells]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = []
     for k, row in enumerate(cells):
-        print("  ".join(c.rjust(w) if k and i else c.ljust(w)
-                        for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        lines.append("  ".join(c.rjust(w) if k and i else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(row, widths, strict=True))))
         if k == 0:
-            print("  ".join("-" * w for w in widths))
+            lines.append("  ".join("-" * w for w in widths))
     if dropped:
-        print(dropped_note(dropped))
+        lines.append(dropped_note(dropped))
+    return "".join(f"{line}\n" for line in lines)
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print :func:`format_table`."""
+    print(format_table(header, rows), end="")
+
+
+def study_console(results: Mapping[str, xr.Dataset]) -> str:
+    """What ``fisherlab fidelity`` prints when its parts are done, as one text.
+
+    The fidelity table (when ``results`` holds a fidelity Dataset), then the headline
+    (:func:`fisherlab.study.headline`), each after an empty line.
+
+    Args:
+        results: Datasets by any names (found by their kind), e.g. :func:`fisherlab.study.run_study`'s.
+    """
+    from fisherlab.study import headline
+
+    fid = [ds for ds in results.values() if ds.attrs.get("fisherlab_kind") == "fidelity"]
+    text = f"\n{format_table(*table_fidelity(fid[0]))}" if fid else ""
+    return f"{text}\n{format_table(*headline(dict(results)))}"
 
 
 # ----------------------------------------------------------------------------------------- output folder
@@ -504,7 +531,8 @@ def _theme() -> dict[str, Any]:
     from cycler import cycler
 
     return {**sns.axes_style("whitegrid"), **sns.plotting_context("notebook"),
-            "axes.prop_cycle": cycler(color=sns.color_palette("deep"))}
+            "axes.prop_cycle": cycler(color=sns.color_palette("deep")),
+            "svg.hashsalt": "fisherlab"}  # the SVGs' element ids from their content: the same figure, the same file
 
 
 def _close(fig: MplFigure) -> None:
@@ -597,6 +625,37 @@ def save_figure(fig: MplFigure, stem: Path, *, dpi: float = 110) -> None:
     _close(fig)
 
 
+class Drawn(NamedTuple):
+    """The figures :func:`draw_figures` saved for one Dataset file, and what they were drawn from."""
+
+    damping: float | None  #: the report's λ they were drawn at
+    stamp: tuple[int, int]  #: the file's (modification time in ns, size) when it was read
+    stems: list[str]  #: the figures, ``figures/<stem>.png`` and ``.svg``
+
+
+def file_stamp(path: Path) -> tuple[int, int]:
+    """``(st_mtime_ns, st_size)`` of ``path``: a Dataset file rewritten since is another file."""
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
+
+
+def draw_figures(path: Path, ds: xr.Dataset, damping: float | None) -> Drawn:
+    """Draw the figures of Dataset file ``path`` (read as ``ds``) at the report's λ ``damping``, and save them.
+
+    Each figure of ``PLOTTERS`` of its kind (none for another kind) becomes ``figures/<file stem>_<name>.png`` and
+    ``.svg`` beside the file, under the report's theme.
+    """
+    stamp = file_stamp(path)
+    figdir = path.parent / "figures"
+    figdir.mkdir(exist_ok=True)
+    stems = []
+    with rc_context(_theme()):
+        for name, fig in PLOTTERS.get(ds.attrs["fisherlab_kind"], lambda _ds, _d: [])(ds, damping):
+            stems.append(f"{path.stem}_{name}")
+            save_figure(fig, figdir / stems[-1])
+    return Drawn(damping, stamp, stems)
+
+
 def run_config(folder: Path, datasets: Iterable[xr.Dataset]) -> dict[str, Any]:
     """The configuration of the run that wrote ``folder``: its manifest, else the first Dataset's ``config``."""
     manifest = read_manifest(folder)  # a corrupt manifest: ResultsFileError naming it
@@ -652,17 +711,21 @@ def _config_text(config: dict[str, Any]) -> str:
     return "\n".join(f"{key}: {json.dumps(value, ensure_ascii=False)}" for key, value in config.items())
 
 
-def build_report(folder: str | Path, *, title: str | None = None, summary: str = "") -> Path:
+def build_report(folder: str | Path, *, title: str | None = None, summary: str = "",
+                 drawn: Mapping[str, Drawn] | None = None) -> Path:
     """Draw the figures of every Dataset in ``folder`` and write ``folder/report.html``.
 
     The page: title, headline table (``<table id="headline">``: :func:`fisherlab.study.headline` for a fidelity
     study, else the table of each Dataset), one section of figures per Dataset (with its detailed table for a
-    fidelity study), then the configuration and the provenance. The same folder gives the same page.
+    fidelity study), then the configuration and the provenance. The same folder gives the same page (and the same
+    figure files).
 
     Args:
         folder: Output folder holding ``*.nc`` files written by fisherlab.
         title: Page title (default: :func:`report_title`, from the folder's run manifest).
         summary: HTML paragraph placed under the title (what the study shows).
+        drawn: The figures :func:`draw_figures` already saved, by Dataset file name: kept where they were drawn at
+            this report's damping from the file as it is now (and exist), else drawn again.
 
     Returns:
         Path of the report.
@@ -701,26 +764,26 @@ def build_report(folder: str | Path, *, title: str | None = None, summary: str =
             parts.append(f'<p class="muted">from {html.escape(f.name)}</p>' if len(tables) > 1 else "")
             parts.append(_html_table(table, html_id="headline" if k == 0 else None))
     figdir = folder / "figures"
-    figdir.mkdir(exist_ok=True)
     provenance_rows = []
-    with rc_context(_theme()):
-        for f, ds in loaded.items():
-            kind = ds.attrs["fisherlab_kind"]
-            heading = SECTIONS.get(kind, str(ds.attrs.get("title", kind)))
-            parts.append(f'<h2>{html.escape(heading)} <span class="muted">— from <code>{html.escape(f.name)}'
-                         "</code></span></h2>")
-            for name, fig in PLOTTERS.get(kind, lambda _ds, _d: [])(ds, damping):
-                stem = f"{f.stem}_{name}"
-                save_figure(fig, figdir / stem)
-                data = base64.b64encode((figdir / f"{stem}.png").read_bytes()).decode()
-                parts.append(f'<figure><img alt="{stem}" src="data:image/png;base64,{data}"/>'
-                             f'<figcaption class="muted">figures/{stem}.svg</figcaption></figure>')
-            if top[0] and kind in TABLES:
-                parts.append(f"<details><summary>table: every value of {html.escape(f.name)}</summary>"
-                             f"{_html_table(TABLES[kind](ds))}</details>")
-            provenance_rows.append([f.name, kind, *[str(ds.attrs.get(k, "")) for k in
-                                                    ("seed", "device", "dtype", "torch_version",
-                                                     "fisherlab_version", "git_commit", "created")]])
+    for f, ds in loaded.items():
+        kind = ds.attrs["fisherlab_kind"]
+        heading = SECTIONS.get(kind, str(ds.attrs.get("title", kind)))
+        parts.append(f'<h2>{html.escape(heading)} <span class="muted">— from <code>{html.escape(f.name)}'
+                     "</code></span></h2>")
+        done = (drawn or {}).get(f.name)
+        if done is None or done.damping != damping or done.stamp != file_stamp(f) or not all(
+                (figdir / f"{stem}{suffix}").is_file() for stem in done.stems for suffix in (".png", ".svg")):
+            done = draw_figures(f, ds, damping)
+        for stem in done.stems:
+            data = base64.b64encode((figdir / f"{stem}.png").read_bytes()).decode()
+            parts.append(f'<figure><img alt="{stem}" src="data:image/png;base64,{data}"/>'
+                         f'<figcaption class="muted">figures/{stem}.svg</figcaption></figure>')
+        if top[0] and kind in TABLES:
+            parts.append(f"<details><summary>table: every value of {html.escape(f.name)}</summary>"
+                         f"{_html_table(TABLES[kind](ds))}</details>")
+        provenance_rows.append([f.name, kind, *[str(ds.attrs.get(k, "")) for k in
+                                                ("seed", "device", "dtype", "torch_version",
+                                                 "fisherlab_version", "git_commit", "created")]])
     parts.append("<h2>Configuration</h2><pre>" + html.escape(_config_text(config)) + "</pre>")
     parts.append("<h2>Provenance</h2>" + _html_table(
         (["Dataset", "kind", "seed", "device", "dtype", "torch", "fisherlab", "commit", "created"], provenance_rows)))
@@ -731,3 +794,54 @@ def build_report(folder: str | Path, *, title: str | None = None, summary: str =
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, out)
     return out
+
+
+# --------------------------------------------------------------------------------------- report process
+def serve(requests: IO[str] | None = None, replies: IO[str] | None = None) -> int:
+    """The report process of ``fisherlab fidelity`` (:class:`fisherlab.cli.ReportProcess` starts it).
+
+    Reads JSON lines from ``requests`` (default standard input): first ``{"folder": F, "damping": λ}`` (λ: the
+    report's damping the study will have, :func:`study_damping`, or null), then ``{"saved": NAME}`` each time the
+    study saved Dataset ``F/NAME`` (its figures are drawn at once, :func:`draw_figures`, while the study computes
+    on), then ``{"finish": true}``: it writes ``report.html`` (:func:`build_report`, keeping the figures drawn) and
+    answers one JSON line on ``replies`` (default standard output), ``{"report": path, "console": text, "cpu":
+    seconds}`` (``console``: :func:`study_console` of the saved Datasets; ``cpu``: this process's CPU time).
+    Without a ``finish`` (the study stopped: Ctrl-C, an error) it ends at the end of its input, writing nothing.
+
+    Returns:
+        The exit status: 0, or 130 when interrupted. An error (a Dataset it cannot read, a figure that fails)
+        ends the process with its traceback; the study draws the report itself then.
+    """
+    import gc
+    import resource
+    import sys
+
+    from fisherlab.results import load_dataset
+
+    requests = sys.stdin if requests is None else requests
+    replies = sys.stdout if replies is None else replies
+    try:
+        start = json.loads(requests.readline() or "null")
+        if start is None:
+            return 0
+        folder, damping = Path(start["folder"]), start["damping"]
+        drawn: dict[str, Drawn] = {}
+        saved: dict[str, xr.Dataset] = {}
+        for line in requests:
+            request = json.loads(line)
+            if "saved" in request:
+                path = folder / request["saved"]
+                saved[path.name] = load_dataset(path)
+                drawn[path.name] = draw_figures(path, saved[path.name], damping)
+            elif request.get("finish"):
+                report = build_report(folder, drawn=drawn)
+                console = study_console(saved)
+                usage = resource.getrusage(resource.RUSAGE_SELF)
+                replies.write(json.dumps({"report": str(report), "console": console,
+                                          "cpu": usage.ru_utime + usage.ru_stime}) + "\n")
+                replies.flush()
+                gc.freeze()  # the process ends next: its collection at exit no longer visits every object
+                return 0
+        return 0
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the study says what is kept
+        return 130

@@ -724,7 +724,8 @@ def _log(message: str) -> None:
 
 def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None,
               log: Callable[[str], None] = _log,
-              model_and_data: tuple[torch.nn.Module, SplitData] | None = None) -> dict[str, xr.Dataset]:
+              model_and_data: tuple[torch.nn.Module, SplitData] | None = None,
+              saved: Callable[[Path], None] | None = None) -> dict[str, xr.Dataset]:
     """Run the parts of the study not yet in ``out`` and save each as ``out/<part>.nc`` when it finishes.
 
     Args:
@@ -734,6 +735,9 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
             the part running when that part has one (trajectory steps, spectra).
         log: Where the one-line messages of each part go (default: standard output, above the bars).
         model_and_data: ``load_model_and_data(cfg)`` when the caller has it already.
+        saved: Called with the path of each part's Dataset in ``out`` once it is there (on rank 0): a part kept
+            from an earlier run at the start, a computed one as soon as it is saved (from the thread of its lane
+            when parts run side by side), e.g. to draw its figures meanwhile (``fisherlab fidelity``).
 
     Returns:
         ``{part: Dataset}`` for every part of ``cfg.parts`` (on every rank of a data-parallel run).
@@ -818,6 +822,8 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
         ds = jobs[part](twin, view) if part in beside and part != "trajectory" else jobs[part](model, shared)
         if lead:
             save_dataset(ds, store.path(part))
+            if saved is not None:
+                saved(store.path(part))
         results[part] = ds
         seconds = time.perf_counter() - start
         if part not in beside:
@@ -833,6 +839,8 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
             if part in finished:
                 results[part] = finished[part]
                 log(f"[{part}] already in {out}: kept (delete {store.path(part)} to recompute)")
+                if lead and saved is not None:
+                    saved(store.path(part))
                 parts.update(1)
         for part in todo[:1] if lanes else todo:
             parts.set_postfix_str(part)

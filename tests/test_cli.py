@@ -31,9 +31,11 @@ def without_report(monkeypatch):
     """The commands skip drawing report.html (most of a small run's time: ~20 s of figure layout under load), for
     the tests that assert on the Datasets, the exit status and the messages only; the report itself is tested on
     the main job above, by test_report_rebuilds_from_saved_datasets, test_own_model_and_data_through_the_main_job,
-    test_own_optimizer_trains_its_own_trajectory and tests/test_report.py."""
-    from fisherlab import report
+    test_own_optimizer_trains_its_own_trajectory and tests/test_report.py. No report process is started: the
+    command reaches its own (skipped) drawing."""
+    from fisherlab import cli, report
 
+    monkeypatch.setattr(cli, "report_process", lambda folder, damping: None)
     monkeypatch.setattr(report, "build_report", lambda folder, **_: Path(folder) / "report.html")
 
 
