@@ -580,8 +580,10 @@ class LayerRows:
 
     Attributes:
         unfolded: The unfolded input rows a_l (n, L, in_eff) without the bias's 1 ((n, L, 0) when the weight is not
-            selected); :class:`OneHotRows` for a one-hot layer (Embedding).
-        outputs: The layer output (pre-activation) as rows (n, L, out), detached.
+            selected); :class:`OneHotRows` for a one-hot layer (Embedding). From a pass with ``pool``
+            (:func:`layer_rows`) possibly their mean over the positions, (n, 1, in_eff).
+        outputs: The layer output (pre-activation) as rows (n, L, out), detached; (n, L, 0) from a pass with
+            ``pool`` (its shape and dtype: the outputs are freed in the reverse pass).
         grads: δ rows (R, n, L, out): J_lᵀ M_{n,r}, the engine's output factor rows pulled back to the layer
             output (F = (1/N) Σ_n Σ_r of the outer products of the per-sample gradients Σ_l δ_l ā_lᵀ); None when
             no backward pass was asked for, or when the reverse pass summed them over the positions (``pooled``).
@@ -639,6 +641,10 @@ class LivePositions(dict[int, Tensor | None]):
     A position (n, l) is live when δ_{n,r,l} ≠ 0 for some row r in some of those layers (KFAC's padding,
     :mod:`fisherlab.structures.kfac`); once every position of an L is live, later layers with L are not looked at.
     """
+
+    def all_live(self, L: int) -> bool:
+        """Whether every position of the layers with L positions is live already (L = 1: always)."""
+        return L <= 1 or (L in self and self[L] is None)
 
     def add(self, grads: Tensor) -> None:
         """Take one layer's δ rows (R, n, L, out) into account (nothing for L = 1)."""
@@ -798,11 +804,12 @@ def layer_rows(
     ``norms`` (module path → selected parameter names, from :func:`captured_norms`) adds those modules' outputs to
     the same reverse pass; their per-sample gradients are :attr:`ChunkRows.norm_gradients`.
 
-    ``pool`` (KFAC-reduce): the layers' δ rows are only needed summed over the positions. With R = 1 each layer's
-    sum Σ_l δ_l (1, n, out) is formed as its output gradient arrives in the reverse pass (:func:`_pooled_backward`)
-    and the (n, L, out) rows are freed at once (:attr:`LayerRows.pooled`; ``grads`` None); with R > 1 the rows
-    are pulled back batched as without ``pool``. ``masked``: the layers whose δ rows mark the live positions
-    (:attr:`ChunkRows.live`).
+    ``pool`` (KFAC-reduce): the layers' δ rows are only needed summed over the positions, and their inputs
+    averaged. With R = 1 each layer's sum Σ_l δ_l (1, n, out) is formed as its output gradient arrives in the
+    reverse pass (:func:`_pooled_backward`) and the (n, L, out) rows are freed at once (:attr:`LayerRows.pooled`;
+    ``grads`` None), and so are the layer's outputs and, once its positions are all live, its inputs (``unfolded``
+    then their mean); with R > 1 the rows are pulled back batched as without ``pool``. ``masked``: the layers whose
+    δ rows mark the live positions (:attr:`ChunkRows.live`).
     """
     model = engine.model
     norms = dict(norms or {})
@@ -818,79 +825,97 @@ def layer_rows(
     if len(called) < len(layouts):
         _check_uncalled(engine, {p: f for p, f in layouts.items() if p not in cap.records}, x)
     grads: list[Tensor | None] = [None] * (len(called) + len(called_norms))
-    live = LivePositions()
-    pooled: dict[str, Tensor] = {}
     if backward and grads:
         M = engine.output_factor(z.detach(), y, labels).transpose(0, 1)  # (R, n, C)
+        if M.shape[0] == 1 and pool:
+            rows = _chunk_rows(model, layouts, cap, called, called_norms, grads, x.shape[0], clone_outputs)
+            _pooled_backward(model, cap, rows, z, M[0], masked)
+            return rows
         outs = [cap.records[p][1] for p in [*called, *called_norms]]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*batching rule.*")
-            if M.shape[0] == 1 and pool:
-                pooled, norm_grads = _pooled_backward(model, cap, called, called_norms, z, M[0], masked, live)
-                grads[len(called):] = norm_grads
-            elif M.shape[0] == 1:
+            if M.shape[0] == 1:
                 grads = [g.unsqueeze(0) for g in torch.autograd.grad(z, outs, M[0], allow_unused=True,
                                                                      materialize_grads=True)]
             else:
                 grads = list(torch.autograd.grad(z, outs, M.contiguous(), is_grads_batched=True, allow_unused=True,
                                                  materialize_grads=True))
-    rows = _chunk_rows(model, layouts, cap, called, called_norms, grads, x.shape[0], clone_outputs, pooled)
-    if not pooled:
-        for p in masked:
-            if p in rows and rows[p].grads is not None:
-                live.add(rows[p].grads)
-    rows.live = live
+    rows = _chunk_rows(model, layouts, cap, called, called_norms, grads, x.shape[0], clone_outputs)
+    for p in masked:
+        if p in rows and rows[p].grads is not None:
+            rows.live.add(rows[p].grads)
     return rows
 
 
-def _pooled_backward(model: nn.Module, cap: LayerCapture, called: Sequence[str], called_norms: Sequence[str],
-                     z: Tensor, cotangent: Tensor, masked: Collection[str], live: LivePositions
-                     ) -> tuple[dict[str, Tensor], list[Tensor]]:
-    """One reverse pass of one cotangent row (n, C) that sums each layer's δ rows over the positions on arrival.
+def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, z: Tensor, cotangent: Tensor,
+                     masked: Collection[str]) -> None:
+    """One reverse pass of one cotangent row (n, C) that pools each layer's rows over the positions on arrival.
 
-    A tensor hook on each ``called`` layer's output turns its gradient (n, *output shape) into Σ_l δ_{n,l}
-    (1, n, out) (the same operations as ``LayerRows.grads.sum(2)``, so the same values) and marks the live
-    positions of the ``masked`` layers in ``live``; the engine then frees the gradient. The pass is asked for the
-    gradients of the norms' outputs and of the layer outputs below which no other captured output lies
+    ``rows``: the chunk's rows without gradients (:func:`_chunk_rows`), completed in place. A tensor hook on each
+    layer's output turns its gradient (n, *output shape) into :attr:`LayerRows.pooled` = Σ_l δ_{n,l} (1, n, out)
+    (the same operations as ``grads.sum(2)``, so the same values) and marks the live positions of the ``masked``
+    layers (:attr:`ChunkRows.live`); the engine then frees the gradient. Once a layer's positions are all live
+    (without padding: from the first layer's gradient on) its inputs are averaged over the positions at once,
+    ``unfolded`` (n, 1, width) (:func:`_pool_grads`), and ``outputs`` becomes (n, L, 0): the layers' inputs and
+    outputs are freed during the pass, as the nodes that saved them run, and the pass's own buffers reuse that
+    memory. Held to the end instead, with all layers' (n, L, out) gradient rows (GPT 1M, 32 × 64 tokens: 57 MB
+    of rows), they made the pass page-fault its memory in anew on every call (16-21k minor faults). curvlinops'
+    KFAC-reduce reads its layers' gradients by the same hooks (``register_hook`` on each output).
+
+    The pass is asked (by gradient edges, which hold no tensor) for the gradients of the norms' outputs (their
+    δ rows, :attr:`ChunkRows.norms`) and of the layer outputs below which no other captured output lies
     (:func:`_lowest_outputs`: the GPT's two embeddings); the other layers' gradients pass through their hooks on
-    the way, and only their sums are kept — never the (n, L, out) rows of all layers at once, with the forward
-    graph still held (GPT 1M, 32 × 64 tokens: 57 MB of rows that page-faulted in, 16-21k minor faults a call).
-    Reads the hooks as curvlinops' KFAC-reduce does (its ``register_hook`` on each layer output).
-
-    Returns:
-        Layer path → Σ_l δ (1, n, out) (zeros for a layer the output does not depend on), and the norms' δ rows
-        (1, n, *output shape), in ``called_norms`` order.
+    the way. A layer the output does not depend on gets zero sums (as ``materialize_grads``).
     """
-    pooled: dict[str, Tensor] = {}
+    layers = list(rows)
+    norms = list(rows.norms)
 
-    def hook(path: str) -> Callable[[Tensor], None]:
-        module = model.get_submodule(path)
+    def hook(path: str) -> Callable[[Tensor | None], None]:
+        module, r = model.get_submodule(path), rows[path]
         rule = rule_for(module, path)
 
         def on_grad(g: Tensor | None) -> None:
             if g is not None:
-                rows = rule.output_rows(module, g.unsqueeze(0), lead=1)  # (1, n, L, out)
-                pooled[path] = rows.sum(2)
-                if path in masked:
-                    live.add(rows)
+                _pool_grads(r, rule.output_rows(module, g.unsqueeze(0), lead=1), path in masked, rows.live)
 
         return on_grad
 
-    outs = [cap.records[p][1] for p in called]
-    hooks = {p: hook(p) for p in called}
-    handles = [out.register_hook(hooks[p]) for p, out in zip(called, outs, strict=True)]
-    norm_outs = [cap.records[p][1] for p in called_norms]
-    lowest = _lowest_outputs(z, [*outs, *norm_outs])
-    inputs = [out for i, out in enumerate(outs) if i in lowest] + norm_outs
+    handles = [cap.records[p][1].register_hook(hook(p)) for p in layers]
+    outs = [cap.records[p][1] for p in [*layers, *norms]]
+    lowest = _lowest_outputs(z, outs)
+    edges = [torch.autograd.graph.get_gradient_edge(out) for i, out in enumerate(outs)
+             if i in lowest or i >= len(layers)]
+    del outs
+    cap.records.clear()  # the rows' own views are all that hold the inputs and outputs now
+    for r in rows.norms.values():
+        r.outputs = r.outputs.new_empty(*r.outputs.shape[:2], 0)
     try:
-        grads = torch.autograd.grad(z, inputs, cotangent, allow_unused=True, materialize_grads=True)
+        grads = torch.autograd.grad(z, edges, cotangent, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
-    for p, out in zip(called, outs, strict=True):
-        if p not in pooled:  # no gradient reached it: zero rows, as materialize_grads gives
-            hooks[p](torch.zeros_like(out))
-    return pooled, [g.unsqueeze(0) for g in grads[len(inputs) - len(norm_outs):]]
+    for p in layers:
+        r = rows[p]
+        if r.pooled is None:  # no gradient reached it
+            n, L, out = r.outputs.shape
+            _pool_grads(r, r.outputs.new_zeros(1, n, L, 1).expand(1, n, L, out), p in masked, rows.live)
+    for r, g in zip(rows.norms.values(), grads[len(grads) - len(norms):], strict=True):
+        r.grads = r.inputs.new_zeros(1, *r.inputs.shape) if g is None else g.reshape(1, *r.inputs.shape)
+
+
+def _pool_grads(rows: LayerRows, grads: Tensor, masked: bool, live: LivePositions) -> None:
+    """Set ``rows.pooled`` = Σ_l δ from the δ rows (1, n, L, out), mark their live positions, free the rows.
+
+    ``outputs`` becomes (n, L, 0); ``unfolded`` (n, 1, width), its mean over the L positions, unless some position
+    of the layer can still turn out to be padding (``masked`` and not all live yet: every row is needed then).
+    """
+    rows.pooled = grads.sum(2)
+    L = grads.shape[2]
+    if masked:
+        live.add(grads)
+    if isinstance(rows.unfolded, Tensor) and L > 1 and (not masked or live.all_live(L)):
+        rows.unfolded = rows.unfolded.mean(1, keepdim=True)  # needed averaged only (KFAC-reduce without padding)
+    rows.outputs = rows.outputs.new_empty(*rows.outputs.shape[:2], 0)
 
 
 def _lowest_outputs(z: Tensor, outs: Sequence[Tensor]) -> set[int]:
@@ -922,15 +947,13 @@ def _lowest_outputs(z: Tensor, outs: Sequence[Tensor]) -> set[int]:
 
 
 def _chunk_rows(model: nn.Module, layouts: Mapping[str, LayerLayout], cap: LayerCapture, called: Sequence[str],
-                called_norms: Sequence[str], grads: Sequence[Tensor | None], n: int, cloned: bool,
-                pooled: Mapping[str, Tensor] | None = None) -> ChunkRows:
+                called_norms: Sequence[str], grads: Sequence[Tensor | None], n: int, cloned: bool) -> ChunkRows:
     """:func:`layer_rows`' result from a capture of n samples: the rows of the ``called`` layers and norms.
 
     ``grads``: the δ rows (R, n, *output shape) of ``[*called, *called_norms]``, in that order (None: no backward
-    pass, or a layer in ``pooled``: its Σ_l δ (R, n, out), :attr:`LayerRows.pooled`). Raises UnsupportedLayerError
-    unless every input and output leads with the n samples.
+    pass, or not yet: :func:`_pooled_backward`). Raises UnsupportedLayerError unless every input and output leads
+    with the n samples.
     """
-    pooled = pooled or {}
     result = ChunkRows(cloned_outputs=cloned)
     for path, g in zip(called, grads[:len(called)], strict=True):
         module, lay = model.get_submodule(path), layouts[path]
@@ -941,8 +964,7 @@ def _chunk_rows(model: nn.Module, layouts: Mapping[str, LayerLayout], cap: Layer
         if not lay.has_weight:  # bias alone: ā is the constant 1
             unfolded = unfolded[..., :0]
         result[path] = LayerRows(unfolded, rule.output_rows(module, out.detach()),
-                                 None if g is None else rule.output_rows(module, g, lead=1), bias=lay.has_bias,
-                                 pooled=pooled.get(path))
+                                 None if g is None else rule.output_rows(module, g, lead=1), bias=lay.has_bias)
     for path, g in zip(called_norms, grads[len(called):], strict=True):
         module = model.get_submodule(path)
         a, out = cap.records[path]

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from fisherlab import fisher
 from fisherlab.engine import FisherEngine
-from fisherlab.layers import _lowest_outputs, layer_layouts, layer_rows
+from fisherlab.layers import _lowest_outputs, layer_layouts, layer_rows, reduce_inputs
 from fisherlab.structures.kfac import KFACFisher
 
 F64 = torch.float64
@@ -77,9 +77,12 @@ def test_pooled_reduce_factors_equal_the_per_sample_loop() -> None:
     model, X, y = branchy_problem(attention=False)
     layers = [p for p in LAYERS if not p.startswith("attn")]
     pooled, _ = rows_both_ways(model, X, y, "empirical")
-    assert set(pooled) == set(layers) and all(
-        pooled[p].grads is None and pooled[p].pooled.shape == (1, X.shape[0], pooled[p].outputs.shape[-1])
-        for p in layers)  # the pooled pass ran: no (n, L, out) rows kept
+    assert set(pooled) == set(layers)
+    for p in layers:  # the pooled pass ran: no (n, L, out) rows kept, the dense inputs averaged (L = T; head: 1)
+        r, out = pooled[p], model.get_submodule(p).weight.shape[1 if p in ("embed", "position") else 0]
+        assert r.grads is None and r.pooled.shape == (1, X.shape[0], out), p
+        assert r.outputs.shape == (X.shape[0], 1 if p == "head" else T, 0), p
+        assert r.unfolded.shape[1] == (T if p in ("embed", "position") else 1), p  # (ids kept as they are)
     expected = reference_factors(model, X, y, CAT, "empirical", tuple(layers))
     kf = fisher(model, (X, y), "categorical", kind="empirical", structure="kfac", approx="reduce", dtype=F64,
                 progress=False)
@@ -96,7 +99,8 @@ def test_pooled_pass_equals_the_full_rows_summed_bit_for_bit() -> None:
             assert set(pooled) == set(full) == set(LAYERS)
             for p in LAYERS:
                 assert pooled[p].grads is None and torch.equal(pooled[p].grad_sums(), full[p].grads.sum(2)), (kind, p)
-                assert torch.equal(pooled[p].outputs, full[p].outputs)
+                assert pooled[p].outputs.shape == (*full[p].outputs.shape[:2], 0)
+                assert torch.equal(reduce_inputs(pooled[p].unfolded, F64), reduce_inputs(full[p].unfolded, F64))
             assert torch.equal(pooled.norms["norm"].grads, full.norms["norm"].grads)
             assert pooled.live == full.live == {T: None}  # no δ row is zero: every position live
 
