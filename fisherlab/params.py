@@ -104,14 +104,24 @@ class ParamSpec:
     def blocks(self, by: str = "layer") -> dict[str, Tensor]:
         """Index sets of the diagonal blocks: one per layer (``by="layer"``) or per parameter tensor (``"tensor"``).
 
+        Formed once per spec and grouping (P int64 indices in all: a fresh 9 MB for the MLP 64-1024-1024-10, 0.3 ms,
+        3.7 ms where the allocation page-faults in) and shared by every caller: a new dict of the same tensors,
+        which are not to be modified in place.
+
         Returns:
             Mapping from block name to a LongTensor of flat indices (ascending).
         """
-        if by == "tensor":
-            return {n: self.indices([n]) for n in self.names}
-        if by == "layer":
-            return {layer: self.indices(members) for layer, members in self.layers().items()}
-        raise InputError(f"unknown block grouping {by!r}; valid: 'tensor', 'layer'")
+        if by not in ("tensor", "layer"):
+            raise InputError(f"unknown block grouping {by!r}; valid: 'tensor', 'layer'")
+        if by not in self._blocks:
+            groups = {n: (n,) for n in self.names} if by == "tensor" else self.layers()
+            self._blocks[by] = {name: self.indices(members) for name, members in groups.items()}
+        return dict(self._blocks[by])
+
+    @cached_property
+    def _blocks(self) -> dict[str, dict[str, Tensor]]:
+        """Grouping → :meth:`blocks`, those formed so far."""
+        return {}
 
     def flatten(self, tensors: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
         """Concatenate named tensors (a mapping or a sequence in spec order) into a flat vector of shape (P,).
