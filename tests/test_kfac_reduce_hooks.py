@@ -157,3 +157,16 @@ def test_lowest_outputs_of_hand_built_graphs() -> None:
     unused = w * 2  # off every path from z: lowest, asked for (its gradient is zero)
     assert _lowest_outputs(z, [unused, d, b]) == {0, 2}
     assert _lowest_outputs(z, [w, b]) == {0, 1}  # a leaf has no node: lowest
+
+
+def test_an_in_place_activation_after_a_layer_changes_nothing() -> None:
+    """ReLU(inplace=True) on a layer's output: the pass is captured on clones; pooled = full rows, bit for bit."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(inplace=True), nn.Linear(5, 4), nn.Flatten(), nn.Linear(24, 2))
+    model = model.to(F64)
+    X, y = torch.randn(4, 6, 3, dtype=F64), torch.randint(0, 2, (4,))
+    pooled, full = rows_both_ways(model, X, y, "empirical")
+    assert pooled.cloned_outputs and full.cloned_outputs
+    for p in ("0", "2", "4"):
+        assert pooled[p].grads is None and torch.equal(pooled[p].grad_sums(), full[p].grads.sum(2)), p
+        assert torch.equal(reduce_inputs(pooled[p].unfolded, F64), reduce_inputs(full[p].unfolded, F64)), p
