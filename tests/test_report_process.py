@@ -141,8 +141,8 @@ def test_interrupted_study_ends_its_report_process_and_keeps_the_finished_parts(
     started: list[ReportProcess] = []
     saved = ReportProcess.saved
 
-    def recorded(folder, damping):
-        started.append(ReportProcess(folder, damping))
+    def recorded(folder, cfg):
+        started.append(ReportProcess(folder, 1e-2))
         return started[-1]
 
     def interrupt(self, path):  # the first part is saved, and told, when Ctrl-C comes
@@ -157,6 +157,6 @@ def test_interrupted_study_ends_its_report_process_and_keeps_the_finished_parts(
     assert started[0]._proc.returncode is not None  # ended, not left running
     assert sorted(p.name for p in out.glob("*.nc")) == ["fidelity.nc"]
     monkeypatch.undo()
-    monkeypatch.setattr(cli, "report_process", lambda folder, damping: None)
+    monkeypatch.setattr(cli, "report_process", lambda folder, cfg: None)
     assert main(["fidelity", "--out", str(out), *STUDY]) == 0
     assert "[fidelity] already in" in capsys.readouterr().out
