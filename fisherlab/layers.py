@@ -590,6 +590,8 @@ class LayerRows:
         bias: Whether ā ends with the constant 1 (the bias is selected).
         pooled: Σ_l δ_{r,n,l} (R, n, out) when the reverse pass summed each δ row over the positions as it arrived
             (:func:`layer_rows` with ``pool``; ``grads`` is then None), else None.
+        weighted: Σ_l δ_{r,n,l} ⊙ ā_{n,l} (R, n, width), a norm module's rows from such a pass (the per-sample
+            gradient of its scale, :func:`norm_gradients`), else None.
     """
 
     unfolded: Tensor | OneHotRows
@@ -597,6 +599,7 @@ class LayerRows:
     grads: Tensor | None
     bias: bool = False
     pooled: Tensor | None = None
+    weighted: Tensor | None = None
 
     def grad_sums(self) -> Tensor:
         """Σ_l δ_{r,n,l} (R, n, out): :attr:`pooled`, or :attr:`grads` summed over the positions."""
@@ -620,8 +623,9 @@ class ChunkRows(dict):
     Attributes:
         norms: Norm module path (:func:`captured_norms`) → its rows: inputs x̂ (n, L, d), the input normalised
             without the affine map (:func:`normalized_input`), outputs (n, L, d) and δ rows (R, n, L, d), with
-            d = ∏ normalized_shape and L the positions the module normalises; empty unless :func:`layer_rows` was
-            given ``norms``. :func:`norm_gradients` turns them into per-sample gradients.
+            d = ∏ normalized_shape and L the positions the module normalises (from a pass with ``pool`` only their
+            sums, :func:`_pooled_norm_rows`); empty unless :func:`layer_rows` was given ``norms``.
+            :func:`norm_gradients` turns them into per-sample gradients.
         cloned_outputs: Whether the pass captured the layers' outputs on clones (:func:`layer_rows`: the model
             alters one in place).
         live: The live positions of the ``masked`` layers of :func:`layer_rows` (:class:`LivePositions`).
@@ -681,11 +685,12 @@ def norm_gradients(rows: LayerRows, names: Sequence[str]) -> Tensor:
     For y_l = x̂_l ⊙ γ + β at the L positions of a sample: ∂/∂γ = Σ_l δ_l ⊙ x̂_l (γ flattened), ∂/∂β = Σ_l δ_l.
 
     Args:
-        rows: The module's rows (inputs x̂ (n, L, d), δ rows (R, n, L, d)).
+        rows: The module's rows (inputs x̂ (n, L, d), δ rows (R, n, L, d); from a pass with ``pool`` their
+            sums :attr:`LayerRows.pooled` and :attr:`LayerRows.weighted`, :func:`_pooled_norm_rows`).
         names: Its selected local parameter names (``"weight"``, ``"bias"``), in flat order.
     """
-    parts = {"weight": lambda: (rows.grads * rows.inputs).sum(2),  # (an einsum copies both into (n, d, L) order)
-             "bias": lambda: rows.grads.sum(2)}
+    parts = {"weight": lambda: (rows.grads * rows.inputs).sum(2) if rows.weighted is None else rows.weighted,
+             "bias": rows.grad_sums}  # (an einsum copies both into (n, d, L) order)
     return torch.cat([parts[name]() for name in names], dim=-1)
 
 
@@ -828,8 +833,8 @@ def layer_rows(
     if backward and grads:
         M = engine.output_factor(z.detach(), y, labels).transpose(0, 1)  # (R, n, C)
         if M.shape[0] == 1 and pool:
-            rows = _chunk_rows(model, layouts, cap, called, called_norms, grads, x.shape[0], clone_outputs)
-            _pooled_backward(model, cap, rows, z, M[0], masked)
+            rows = _chunk_rows(model, layouts, cap, called, [], grads[:len(called)], x.shape[0], clone_outputs)
+            _pooled_backward(model, cap, rows, called_norms, z, M[0], masked)
             return rows
         outs = [cap.records[p][1] for p in [*called, *called_norms]]
         with warnings.catch_warnings():
@@ -847,11 +852,13 @@ def layer_rows(
     return rows
 
 
-def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, z: Tensor, cotangent: Tensor,
-                     masked: Collection[str]) -> None:
+def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, norms: Sequence[str], z: Tensor,
+                       cotangent: Tensor, masked: Collection[str]) -> None:
     """One reverse pass of one cotangent row (n, C) that pools each layer's rows over the positions on arrival.
 
-    ``rows``: the chunk's rows without gradients (:func:`_chunk_rows`), completed in place. A tensor hook on each
+    ``rows``: the chunk's layer rows without gradients (:func:`_chunk_rows`), completed in place, and their
+    ``norms`` (the called norm modules: :attr:`ChunkRows.norms` is filled here, :func:`_pooled_norm_rows`). A tensor
+    hook on each
     layer's output turns its gradient (n, *output shape) into :attr:`LayerRows.pooled` = Σ_l δ_{n,l} (1, n, out)
     (the same operations as ``grads.sum(2)``, so the same values) and marks the live positions of the ``masked``
     layers (:attr:`ChunkRows.live`); the engine then frees the gradient. Once a layer's positions are all live
@@ -862,13 +869,16 @@ def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, z: Te
     of rows), they made the pass page-fault its memory in anew on every call (16-21k minor faults). curvlinops'
     KFAC-reduce reads its layers' gradients by the same hooks (``register_hook`` on each output).
 
-    The pass is asked (by gradient edges, which hold no tensor) for the gradients of the norms' outputs (their
-    δ rows, :attr:`ChunkRows.norms`) and of the layer outputs below which no other captured output lies
-    (:func:`_lowest_outputs`: the GPT's two embeddings); the other layers' gradients pass through their hooks on
-    the way. A layer the output does not depend on gets zero sums (as ``materialize_grads``).
+    The norms' outputs get hooks too. The pass is asked (by gradient edges, which hold no tensor) for the
+    gradients of the captured outputs below which no other one lies (:func:`_lowest_outputs`: the GPT's two
+    embeddings); the others' gradients pass through their hooks on the way. A layer or norm the output does not
+    depend on gets zero sums (as ``materialize_grads``).
     """
-    layers = list(rows)
-    norms = list(rows.norms)
+    layers, n = list(rows), cotangent.shape[0]
+    pending = {p: cap.records[p] for p in norms}  # a norm's (input, output), until its gradient arrives
+    for p in norms:
+        _check_batched(p, model.get_submodule(p), *pending[p], n)
+    done: dict[str, LayerRows] = {}
 
     def hook(path: str) -> Callable[[Tensor | None], None]:
         module, r = model.get_submodule(path), rows[path]
@@ -880,17 +890,24 @@ def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, z: Te
 
         return on_grad
 
-    handles = [cap.records[p][1].register_hook(hook(p)) for p in layers]
+    def norm_hook(path: str) -> Callable[[Tensor | None], None]:
+        module = model.get_submodule(path)
+
+        def on_grad(g: Tensor | None) -> None:
+            if g is not None:
+                done[path] = _pooled_norm_rows(module, pending.pop(path), g.unsqueeze(0))
+
+        return on_grad
+
     outs = [cap.records[p][1] for p in [*layers, *norms]]
+    handles = [out.register_hook(hook(p) if p in rows else norm_hook(p))
+               for p, out in zip([*layers, *norms], outs, strict=True)]
     lowest = _lowest_outputs(z, outs)
-    edges = [torch.autograd.graph.get_gradient_edge(out) for i, out in enumerate(outs)
-             if i in lowest or i >= len(layers)]
+    edges = [torch.autograd.graph.get_gradient_edge(out) for i, out in enumerate(outs) if i in lowest]
     del outs
-    cap.records.clear()  # the rows' own views are all that hold the inputs and outputs now
-    for r in rows.norms.values():
-        r.outputs = r.outputs.new_empty(*r.outputs.shape[:2], 0)
+    cap.records.clear()  # the rows' own views (and ``pending``) are all that hold the inputs and outputs now
     try:
-        grads = torch.autograd.grad(z, edges, cotangent, allow_unused=True)
+        torch.autograd.grad(z, edges, cotangent, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
@@ -899,8 +916,23 @@ def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, z: Te
         if r.pooled is None:  # no gradient reached it
             n, L, out = r.outputs.shape
             _pool_grads(r, r.outputs.new_zeros(1, n, L, 1).expand(1, n, L, out), p in masked, rows.live)
-    for r, g in zip(rows.norms.values(), grads[len(grads) - len(norms):], strict=True):
-        r.grads = r.inputs.new_zeros(1, *r.inputs.shape) if g is None else g.reshape(1, *r.inputs.shape)
+    for p, (a, out) in pending.items():  # no gradient reached them
+        done[p] = _pooled_norm_rows(model.get_submodule(p), (a, out), out.new_zeros(1, *out.shape))
+    rows.norms = {p: done[p] for p in norms}
+
+
+def _pooled_norm_rows(module: nn.Module, record: tuple[Tensor, Tensor], g: Tensor) -> LayerRows:
+    """A norm module's rows from a pooled pass: its per-sample gradient pieces (:func:`norm_gradients`) alone.
+
+    ``record``: the module's (input, output); ``g``: the gradient (1, n, *output shape). ``pooled`` = Σ_l δ_l and
+    ``weighted`` = Σ_l δ_l ⊙ x̂_l (1, n, d), formed as :func:`norm_gradients` forms them from full rows (the same
+    values); ``unfolded`` and ``outputs`` are (n, L, 0).
+    """
+    a, n, d = record[0], g.shape[1], math.prod(module.normalized_shape)
+    xhat = normalized_input(module, a.detach()).reshape(n, -1, d)
+    grads = g.reshape(*g.shape[:2], -1, d)
+    empty = xhat.new_empty(*xhat.shape[:2], 0)
+    return LayerRows(empty, empty, None, pooled=grads.sum(2), weighted=(grads * xhat).sum(2))
 
 
 def _pool_grads(rows: LayerRows, grads: Tensor, masked: bool, live: LivePositions) -> None:
