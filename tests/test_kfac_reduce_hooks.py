@@ -14,6 +14,7 @@ summed afterwards, bit for bit (the same operations on the same gradients).
 
 from __future__ import annotations
 
+import pytest
 import reference as ref
 import torch
 from test_kfac_padding import padded_case
@@ -172,3 +173,15 @@ def test_an_in_place_activation_after_a_layer_changes_nothing() -> None:
     for p in ("0", "2", "4"):
         assert pooled[p].grads is None and torch.equal(pooled[p].grad_sums(), full[p].grads.sum(2)), p
         assert torch.equal(reduce_inputs(pooled[p].unfolded, F64), reduce_inputs(full[p].unfolded, F64)), p
+
+
+@pytest.mark.gpu
+def test_pooled_pass_on_cuda_equals_the_full_rows() -> None:
+    """On CUDA the hooks run on the autograd engine's device thread: the same sums and live positions."""
+    model, X, y = branchy_problem()
+    model, X, y = model.cuda(), X.cuda(), y.cuda()
+    pooled, full = rows_both_ways(model, X, y, "empirical")
+    for p in LAYERS:
+        assert pooled[p].grads is None and pooled[p].pooled.is_cuda, p
+        torch.testing.assert_close(pooled[p].grad_sums(), full[p].grads.sum(2), rtol=1e-12, atol=0)
+    assert pooled.live == full.live == {T: None}
