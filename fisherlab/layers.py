@@ -856,9 +856,8 @@ def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, norms
                        cotangent: Tensor, masked: Collection[str]) -> None:
     """One reverse pass of one cotangent row (n, C) that pools each layer's rows over the positions on arrival.
 
-    ``rows``: the chunk's layer rows without gradients (:func:`_chunk_rows`), completed in place, and their
-    ``norms`` (the called norm modules: :attr:`ChunkRows.norms` is filled here, :func:`_pooled_norm_rows`). A tensor
-    hook on each
+    ``rows``: the chunk's layer rows without gradients (:func:`_chunk_rows`), completed in place; ``norms``: the
+    called norm modules (:attr:`ChunkRows.norms` is filled here, :func:`_pooled_norm_rows`). A tensor hook on each
     layer's output turns its gradient (n, *output shape) into :attr:`LayerRows.pooled` = Σ_l δ_{n,l} (1, n, out)
     (the same operations as ``grads.sum(2)``, so the same values) and marks the live positions of the ``masked``
     layers (:attr:`ChunkRows.live`); the engine then frees the gradient. Once a layer's positions are all live
@@ -875,9 +874,9 @@ def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, norms
     depend on gets zero sums (as ``materialize_grads``).
     """
     layers, n = list(rows), cotangent.shape[0]
-    pending = {p: cap.records[p] for p in norms}  # a norm's (input, output), until its gradient arrives
     for p in norms:
-        _check_batched(p, model.get_submodule(p), *pending[p], n)
+        _check_batched(p, model.get_submodule(p), *cap.records[p], n)
+    pending = {p: (cap.records[p][0], cap.records[p][1].shape) for p in norms}  # until a norm's gradient arrives
     done: dict[str, LayerRows] = {}
 
     def hook(path: str) -> Callable[[Tensor | None], None]:
@@ -895,7 +894,7 @@ def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, norms
 
         def on_grad(g: Tensor | None) -> None:
             if g is not None:
-                done[path] = _pooled_norm_rows(module, pending.pop(path), g.unsqueeze(0))
+                done[path] = _pooled_norm_rows(module, pending.pop(path)[0], g.unsqueeze(0))
 
         return on_grad
 
@@ -914,21 +913,21 @@ def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, norms
     for p in layers:
         r = rows[p]
         if r.pooled is None:  # no gradient reached it
-            n, L, out = r.outputs.shape
-            _pool_grads(r, r.outputs.new_zeros(1, n, L, 1).expand(1, n, L, out), p in masked, rows.live)
-    for p, (a, out) in pending.items():  # no gradient reached them
-        done[p] = _pooled_norm_rows(model.get_submodule(p), (a, out), out.new_zeros(1, *out.shape))
+            shape = r.outputs.shape  # (n, L, out)
+            _pool_grads(r, r.outputs.new_zeros(1, *shape[:2], 1).expand(1, *shape), p in masked, rows.live)
+    for p, (a, shape) in pending.items():  # no gradient reached them
+        done[p] = _pooled_norm_rows(model.get_submodule(p), a, a.new_zeros(1, *shape))
     rows.norms = {p: done[p] for p in norms}
 
 
-def _pooled_norm_rows(module: nn.Module, record: tuple[Tensor, Tensor], g: Tensor) -> LayerRows:
+def _pooled_norm_rows(module: nn.Module, a: Tensor, g: Tensor) -> LayerRows:
     """A norm module's rows from a pooled pass: its per-sample gradient pieces (:func:`norm_gradients`) alone.
 
-    ``record``: the module's (input, output); ``g``: the gradient (1, n, *output shape). ``pooled`` = Σ_l δ_l and
-    ``weighted`` = Σ_l δ_l ⊙ x̂_l (1, n, d), formed as :func:`norm_gradients` forms them from full rows (the same
-    values); ``unfolded`` and ``outputs`` are (n, L, 0).
+    ``a``: the module's input; ``g``: the gradient (1, n, *output shape). ``pooled`` = Σ_l δ_l and ``weighted`` =
+    Σ_l δ_l ⊙ x̂_l (1, n, d), formed as :func:`norm_gradients` forms them from full rows (the same values);
+    ``unfolded`` and ``outputs`` are (n, L, 0).
     """
-    a, n, d = record[0], g.shape[1], math.prod(module.normalized_shape)
+    n, d = g.shape[1], math.prod(module.normalized_shape)
     xhat = normalized_input(module, a.detach()).reshape(n, -1, d)
     grads = g.reshape(*g.shape[:2], -1, d)
     empty = xhat.new_empty(*xhat.shape[:2], 0)

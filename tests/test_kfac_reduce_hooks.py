@@ -175,6 +175,35 @@ def test_an_in_place_activation_after_a_layer_changes_nothing() -> None:
         assert torch.equal(reduce_inputs(pooled[p].unfolded, F64), reduce_inputs(full[p].unfolded, F64)), p
 
 
+def test_a_norm_first_and_an_unused_norm() -> None:
+    """A LayerNorm on the raw input (its output the lowest one asked for) and one whose output is not used."""
+
+    class NormFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.spare = nn.LayerNorm(3), nn.LayerNorm(3)
+            self.fc, self.head = nn.Linear(3, 4), nn.Linear(24, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            self.spare(x)  # called, its output unused
+            return self.head(torch.tanh(self.fc(self.norm(x))).flatten(1))
+
+    torch.manual_seed(2)
+    model, X, y = NormFirst().to(F64), torch.randn(4, 6, 3, dtype=F64), torch.randint(0, 2, (4,))
+    engine = FisherEngine(model, (X, y), "categorical", kind="empirical", dtype=F64, progress=False)
+    layouts, _ = layer_layouts(model, engine.spec)
+    norms = {p: (f"{p}.weight", f"{p}.bias") for p in ("norm", "spare")}
+    pooled, full = (layer_rows(engine, layouts, X, y, None, pool=pool, masked=list(layouts), norms=norms)
+                    for pool in (True, False))
+    names = ["weight", "bias"]
+    assert list(pooled.norms) == list(full.norms) == ["norm", "spare"]
+    for p in norms:
+        assert torch.equal(norm_gradients(pooled.norms[p], names), norm_gradients(full.norms[p], names)), p
+    assert not norm_gradients(pooled.norms["spare"], names).any()
+    for p in layouts:
+        assert torch.equal(pooled[p].grad_sums(), full[p].grads.sum(2)), p
+
+
 @pytest.mark.gpu
 def test_pooled_pass_on_cuda_equals_the_full_rows() -> None:
     """On CUDA the hooks run on the autograd engine's device thread: the same sums and live positions."""
