@@ -1140,7 +1140,10 @@ class FisherEngine:
 
         ``chunk_size`` if it was given, else as many as fit :meth:`gradient_bytes` in
         ``min(DEFAULT_CHUNK_BYTES, memory_budget/4)``, balanced as in :meth:`matmat_chunk_size`. No tangents:
-        one chunk of 32 on the GPT 10M, 32 × 64 tokens, where a product's take two of 16.
+        one chunk of 32 on the GPT 10M, 32 × 64 tokens, where a product's take two of 16. Fewer chunks are not slower:
+        on the 1M GPT (32 × 64 tokens, float32) two chunks of 16 took 0.99–1.06× the time of one of 32 and four of
+        8 1.07–1.09× (medians of per-round ratios, 1 and 2 threads, ``benchmarks/bench_gradient.py``): each chunk
+        pays a pass's fixed costs, in smaller GEMMs.
         """
         return self._fitting_chunk(self.gradient_bytes)
 
