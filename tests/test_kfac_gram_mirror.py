@@ -39,7 +39,7 @@ def test_sums_mirrored_by_their_last_product(threads, side_by_side, announced, m
     early = announced == "exact" and (side_by_side or threads == 1)
     g = torch.Generator().manual_seed(11)
     widths = {"a": (300, True), "b": (301, False), "c": (0, True), "d": (7, False)}  # a and b: equal work
-    sizes = (130, 1, 9)  # 140 rows: above FULL_GRAM_ROWS, so triangular products
+    sizes = (130, 1, 9)  # 140 rows in chunks of 130, 1 and 9
     chunks = [{k: torch.randn(m, w, generator=g, dtype=F64) for k, (w, _) in widths.items()} for m in sizes]
     bias = [torch.rand(m, generator=g, dtype=F64) for m in sizes]
     rows = {"exact": sum(sizes), "too-few": sizes[0] + sizes[1], "unknown": None, "off": sum(sizes)}[announced]

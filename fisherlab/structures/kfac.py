@@ -87,27 +87,26 @@ from fisherlab.linalg import (
 from fisherlab.linalg.kron import KronFactorization, kron_damped_factor, kron_factor_solve
 from fisherlab.linalg.threads import concurrently
 from fisherlab.structures.base import accumulate_gram, eigvalsh, symmetrize_upper
-from fisherlab.structures.layerwise import FULL_GRAM_ROWS, LayerwiseFisher, NormBlocks, prepare_layers, vars_of
+from fisherlab.structures.layerwise import LayerwiseFisher, NormBlocks, prepare_layers, vars_of
 from fisherlab.vocabulary import KFACApprox
 
 
-def _gram_into(M: Tensor, U: Tensor, c: Tensor | None, fresh: bool, full: bool = False,
-               mirror: bool = False, scale: Tensor | float | None = None) -> None:
+def _gram_into(M: Tensor, U: Tensor, c: Tensor | None, fresh: bool, mirror: bool = False,
+               scale: Tensor | float | None = None) -> None:
     """M += VᵀV for the rows V = [U, c] (m, d), upper triangle only (``fresh``: M is overwritten, β = 0).
 
     :func:`accumulate_gram` does about half the arithmetic of a full product; the bias's column Uᵀc and corner cᵀc
     are added without forming V (Uᵀc formed contiguous, then stored: 512 × 1024 rows, 1 thread, 0.05 ms; 0.54 ms as
-    an addmv_ into the strided column). ``full``: both triangles, by one product (no mirror needed afterwards).
+    an addmv_ into the strided column). Only the upper triangle: even a full product's two triangles need not
+    agree to the last bit (UᵀU by MKL on an AMD EPYC: 1 ulp apart), so every sum is mirrored.
     ``mirror``: the sum is complete after this product; mirror it in place (:func:`symmetrize_upper`) right away,
     multiplied by ``scale`` in the same pass if given.
     """
-    accumulate_gram(M if c is None else M[:-1, :-1], U, 1 if full else None, fresh=fresh)
+    accumulate_gram(M if c is None else M[:-1, :-1], U, fresh=fresh)
     if c is not None:
         column, corner = U.T @ c, c.dot(c)
         M[:-1, -1] = column if fresh else M[:-1, -1] + column
         M[-1, -1] = corner if fresh else M[-1, -1] + corner
-        if full:
-            M[-1, :-1] = M[:-1, -1]
     if mirror:
         symmetrize_upper(M, inplace=True, scale=scale)
 
@@ -118,9 +117,8 @@ class GramSums(dict[str, Tensor]):
     (c (m,): the bias's column; None: V = U. The values summed by :func:`_add`: an Embedding's diagonal A.)
     :meth:`add` does no arithmetic: it allocates a new key's sum uninitialised (its first chunk overwrites it, β = 0
     in every GEMM: no zero fill) and queues the chunk's product (:func:`_gram_into`, the upper triangle), which
-    :func:`run_grams` runs with the chunk's other queued products; :meth:`finish` scales the finished sum. A sum
-    of fewer than :data:`~fisherlab.structures.layerwise.FULL_GRAM_ROWS` rows in the whole pass is formed in full
-    (one product per chunk, no mirror); any other is mirrored (:func:`symmetrize_upper`) by the task of its last
+    :func:`run_grams` runs with the chunk's other queued products; :meth:`finish` scales the finished sum. Each sum
+    is mirrored (:func:`symmetrize_upper`, so the factors are exactly symmetric) by the task of its last
     product when ``early_mirror`` and the pass's rows are known (``pass_rows``), on the thread that formed it,
     while the sum is still in its cache (MLP 64-1024-1024-10, N = 512: no second round of tasks), and scaled in
     the same pass when ``scale`` says by what; otherwise by :meth:`finish`. Without ``early_mirror``
@@ -134,10 +132,8 @@ class GramSums(dict[str, Tensor]):
         #: key → the factor its complete sum is multiplied by, read once the sum is complete (None: the factor
         #: :meth:`finish` is given).
         self.scale = scale
-        #: key → its queued products (U, c, fresh, full, mirror), in order, run by :func:`run_grams`.
-        self.pending: dict[str, list[tuple[Tensor, Tensor | None, bool, bool, bool]]] = {}
-        #: key → whether its sum is formed in full (both triangles).
-        self.full: dict[str, bool] = {}
+        #: key → its queued products (U, c, fresh, mirror), in order, run by :func:`run_grams`.
+        self.pending: dict[str, list[tuple[Tensor, Tensor | None, bool, bool]]] = {}
         #: key → the rows it has still to get in the pass (None: not known).
         self.rows_left: dict[str, int | None] = {}
         #: The keys whose last product mirrors their sum (and scales it, with ``scale``).
@@ -152,8 +148,7 @@ class GramSums(dict[str, Tensor]):
         if fresh:
             d = U.shape[1] + (c is not None)
             self[key] = U.new_empty(d, d)
-            self.full[key] = pass_rows is not None and pass_rows < FULL_GRAM_ROWS
-            self.rows_left[key] = pass_rows if self.early_mirror and not self.full[key] else None
+            self.rows_left[key] = pass_rows if self.early_mirror else None
         left = self.rows_left[key]
         self.rows_left[key] = None if left is None else left - U.shape[0]
         last = self.rows_left[key] == 0
@@ -161,11 +156,11 @@ class GramSums(dict[str, Tensor]):
             self.mirrored.add(key)
         else:  # more rows than announced: the sum changes after its mirror, so finish mirrors it again
             self.mirrored.discard(key)
-        self.pending.setdefault(key, []).append((U, c, fresh, self.full[key], last))
+        self.pending.setdefault(key, []).append((U, c, fresh, last))
 
     def needs_mirror(self, key: str) -> bool:
-        """Whether :meth:`finish` mirrors self[key] (a Gram sum neither formed in full nor mirrored already)."""
-        return self[key].dim() == 2 and not self.full.get(key, False) and key not in self.mirrored
+        """Whether :meth:`finish` mirrors self[key] (a Gram sum not mirrored already)."""
+        return self[key].dim() == 2 and key not in self.mirrored
 
     def final_scale(self, key: str) -> Tensor | float | None:
         """The factor self[key] is multiplied by once complete (``scale``; None without)."""
@@ -216,7 +211,7 @@ def run_grams(sums: Sequence[GramSums], device: torch.device) -> None:
     for G in sums:
         G.pending = {}
     pieces = [(work, lambda M=M, queue=queue, G=G, key=key: [
-        _gram_into(M, *item, scale=G.final_scale(key) if item[4] else None) for item in queue])
+        _gram_into(M, *item, scale=G.final_scale(key) if item[3] else None) for item in queue])
         for work, M, queue, G, key in jobs]
     total = sum(job[0] for job in jobs)
     scratch: list[tuple[Tensor, Tensor]] = []
@@ -224,20 +219,20 @@ def run_grams(sums: Sequence[GramSums], device: torch.device) -> None:
     split_mirror = False  # the split product is its sum's last: mirrored once the scratch sums are added
     if threads > 1 and jobs and jobs[0][0] * threads > total and len(jobs[0][2]) == 1 \
             and jobs[0][2][0][0].shape[0] >= SPLIT_ROWS * threads:
-        work, M, [(U, c, fresh, full, split_mirror)], G, key = jobs[0]
+        work, M, [(U, c, fresh, split_mirror)], G, key = jobs[0]
         rows = [(U[a: a + step], None if c is None else c[a: a + step])
                 for step in [-(-U.shape[0] // threads)] for a in range(0, U.shape[0], step)]
         scratch = [(M, torch.empty_like(M)) for _ in rows[1:]]
-        pieces[:1] = [(work // len(rows), lambda: _gram_into(M, *rows[0], fresh, full))] + [
-            (work // len(rows), lambda S=S, part=part: _gram_into(S, *part, True, full))
+        pieces[:1] = [(work // len(rows), lambda: _gram_into(M, *rows[0], fresh))] + [
+            (work // len(rows), lambda S=S, part=part: _gram_into(S, *part, True))
             for (_, S), part in zip(scratch, rows[1:], strict=True)]
         pieces.sort(key=lambda piece: -piece[0])
     side_by_side = threads > 1 and max(work for work, _ in pieces) * threads <= total
     if not side_by_side and device.type == "cpu" and torch.get_num_threads() > 1:
         split_mirror = False  # the mirrors are left to finish, side by side
         for *_, queue, G, key in jobs:
-            if queue[-1][4]:
-                queue[-1] = (*queue[-1][:4], False)
+            if queue[-1][3]:
+                queue[-1] = (*queue[-1][:3], False)
                 G.mirrored.discard(key)
     if side_by_side:
         concurrently([task for _, task in pieces], device)

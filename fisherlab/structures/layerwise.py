@@ -37,12 +37,6 @@ UNSUPPORTED_MODES: tuple[str, ...] = tuple(m.value for m in Unsupported)
 #: Normalisation modules whose affine parameters layer-wise structures cover by exact dense blocks unasked.
 NORM_MODULES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
 
-#: Rows of a pass below which a Gram sum VᵀV is formed in full (both triangles, one product a chunk) rather than as
-#: its upper triangle and a mirror (:func:`~fisherlab.structures.base.accumulate_gram`,
-#: :func:`~fisherlab.structures.base.symmetrize_upper`): the triangle saves m·d²/2 multiply-adds over the pass's m
-#: rows, the mirror costs about as much as 40 of them an entry.
-FULL_GRAM_ROWS = 128
-
 
 @dataclass(repr=False)
 class LayerwiseFisher(FisherMatrix):
@@ -232,21 +226,20 @@ class NormBlocks:
         self.names = {p: [n.rpartition(".")[2] for n in names] for p, names in norms.items()}
         sizes = {p: len(engine.spec.indices(names)) for p, names in norms.items()}
         engine.check_dense(sum(k ** 2 for k in sizes.values()), 1, f"the exact blocks of {list(norms)}")
+        #: The upper triangles of the sums, mirrored by :meth:`finish` (even a full product's two triangles of UᵀU
+        #: need not agree to the last bit).
         self.sums = {p: torch.zeros(k, k, dtype=engine.dtype, device=engine.device) for p, k in sizes.items()}
-        #: Whether the sums are formed in full (fewer than FULL_GRAM_ROWS rows in the pass), not as upper triangles.
-        self.full = engine.rows_per_sample * engine.local_samples < FULL_GRAM_ROWS
 
     def add(self, rows: ChunkRows) -> None:
-        """Add one chunk's Σ u uᵀ (upper triangles, or in full)."""
+        """Add one chunk's Σ u uᵀ (upper triangles)."""
         for p, r in rows.norms.items():
             U = norm_gradients(r, self.names[p])
-            accumulate_gram(self.sums[p], U.reshape(-1, U.shape[-1]), 1 if self.full else None)
+            accumulate_gram(self.sums[p], U.reshape(-1, U.shape[-1]))
 
     def finish(self) -> dict[str, Tensor]:
         """The blocks: summed over the ranks (data-parallel), symmetrised and divided by N."""
         self.engine.reduce_sum(list(self.sums.values()))
-        return {p: (B if self.full else symmetrize_upper(B, inplace=True)).div_(self.engine.num_samples)
-                for p, B in self.sums.items()}
+        return {p: symmetrize_upper(B, inplace=True).div_(self.engine.num_samples) for p, B in self.sums.items()}
 
 
 def exact_blocks(engine: FisherEngine, groups: Mapping[str, Sequence[str]]) -> dict[str, Tensor]:
