@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 import warnings
@@ -511,21 +512,29 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     """Run the fidelity study (the main job) and write its Datasets, figures and report.
 
     Under torchrun every rank computes (:func:`fisherlab.study.run_study` shards the data) and rank 0 alone
-    claims the folder, writes and prints.
+    claims the folder, writes and prints. The report is drawn in a process of its own (:func:`report_process`),
+    started first, so that its imports run beside this process's own (torch's), on the core they leave idle.
     """
-    cfg: StudyConfig = make_config(StudyConfig, args)
-    out = output_folder(args)
-    from fisherlab.distributed import launched
+    drawer = report_process() if os.environ.get("RANK", "0") in ("", "0") else None  # torchrun: rank 0's only
+    try:
+        cfg: StudyConfig = make_config(StudyConfig, args)
+        out = output_folder(args)
+        from fisherlab.distributed import launched
 
-    with launched(args.backend, cfg.device, args.timeout) as env:
-        return _fidelity(cfg, out, args, lead=env is None or env.rank == 0)
+        with launched(args.backend, cfg.device, args.timeout) as env:
+            lead = env is None or env.rank == 0
+            return _fidelity(cfg, out, args, lead=lead, drawer=drawer if lead else None)
+    finally:
+        if drawer is not None:
+            drawer.close()
 
 
-def _fidelity(cfg: StudyConfig, out: Path, args: argparse.Namespace, *, lead: bool) -> int:
+def _fidelity(cfg: StudyConfig, out: Path, args: argparse.Namespace, *, lead: bool,
+              drawer: ReportProcess | None) -> int:
     """The body of :func:`cmd_fidelity` on one rank (``lead``: rank 0, or the only process).
 
-    Rank 0 draws the report in a process of its own (:func:`report_process`) while the study computes, or, where
-    that process fails, itself when the study is done; either way from the saved Datasets only.
+    Rank 0 has the report drawn by ``drawer`` while the study computes, or, without one or where it fails, draws
+    it itself when the study is done; either way from the saved Datasets only.
     """
     from fisherlab.distributed import active_group, on_lead
     from fisherlab.results import guard_output_folder
@@ -535,17 +544,16 @@ def _fidelity(cfg: StudyConfig, out: Path, args: argparse.Namespace, *, lead: bo
     if on_lead(lambda: guard_output_folder(out, cfg.to_dict(), overwrite=args.overwrite), active_group()) and lead:
         print(f"{out} holds this configuration: resuming (finished parts are kept)")
     start = time.perf_counter()
-    drawer = report_process(out, cfg) if lead else None
-    try:
-        results = run_study(cfg, out, progress=False if args.no_progress or not lead else None,
-                            model_and_data=model_and_data, saved=None if drawer is None else drawer.saved)
-        if not lead:
-            return 0
-        report_start, report_cpu = time.perf_counter(), time.process_time()
-        reply = None if drawer is None else drawer.finish()
-    finally:
-        if drawer is not None:
-            drawer.close()
+    if drawer is not None:
+        # the report's λ (report.study_damping of the finished study): the trajectory's, else the fidelity part's
+        # middle damping (both cfg.trajectory_damping), else none
+        drawer.open(out, cfg.trajectory_damping if {"trajectory", "fidelity"} & set(cfg.parts) else None)
+    results = run_study(cfg, out, progress=False if args.no_progress or not lead else None,
+                        model_and_data=model_and_data, saved=None if drawer is None else drawer.saved)
+    if not lead:
+        return 0
+    report_start, report_cpu = time.perf_counter(), time.process_time()
+    reply = None if drawer is None else drawer.finish()
     if reply is not None:
         print(reply["console"], end="")
         report = Path(reply["report"])
@@ -572,36 +580,27 @@ REPORT_PROCESS = "import sys; sys.path.insert(0, sys.argv[1]); from fisherlab.re
 class ReportProcess:
     """The report of ``fisherlab fidelity`` drawn in a process of its own while the study computes.
 
-    The process (:func:`fisherlab.report.serve`) starts when the first Dataset is saved, so that its import of
-    matplotlib and seaborn runs beside the parts that run one thread each, not beside the first part on two threads
-    (whose threads then wait for each other: the default fidelity part took 4.0 s instead of 3.1 s beside that
-    import on 2 cores, AMD EPYC, load 1.7–1.9). :meth:`saved` tells it each Dataset saved,
-    whose figures it draws at once, in the core time the study leaves; :meth:`finish` has it write the page, so
-    that only the last part's figures and the page come after the study. It only reads the saved Datasets, and
-    when it fails (or cannot start), its error is kept in :attr:`error` and :meth:`finish` returns None (the
-    command then draws the report itself). Thread-safe: the study's parts report their saves from two threads.
-
-    Args:
-        folder: The output folder.
-        damping: The report's λ the finished study will have (:func:`fisherlab.report.study_damping`); a figure
-            drawn at another is drawn again for the page.
+    The process (:func:`fisherlab.report.serve`) starts at once and imports matplotlib and seaborn while the
+    command imports torch, one process per core. It learns the folder from :meth:`open` once the study may write
+    there; :meth:`saved` tells it each Dataset saved, whose figures it draws at once, in the core time the study
+    leaves; :meth:`finish` has it write the page, so that only the last part's figures and the page come after the
+    study. (Its import beside the study's first part, which runs on two threads, would cost more than the import:
+    the default fidelity part took 4.0 s instead of 3.1 s beside it on 2 cores, AMD EPYC, load 1.7–1.9.) It only
+    reads the saved Datasets, and when it fails (or cannot start), its error is kept in :attr:`error` and
+    :meth:`finish` returns None (the command then draws the report itself); a process not asked to finish is
+    killed by :meth:`close`. Thread-safe: the study's parts report their saves from two threads.
     """
 
-    def __init__(self, folder: Path, damping: float | None) -> None:
-        import threading
-
-        self.folder, self.damping = folder, damping
-        self.error = ""
-        self._lock = threading.Lock()
-        self._proc: Any = None  # subprocess.Popen, once started
-        self._errors: Any = None  # its standard error (a file: it never blocks on a full pipe)
-
-    def _start(self) -> None:
-        """Start the process (with ``self._lock`` held); on failure, :attr:`error` says why."""
+    def __init__(self) -> None:
         import subprocess
         import tempfile
+        import threading
 
-        self._errors = tempfile.TemporaryFile()
+        self.error = ""
+        self._lock = threading.Lock()
+        self._finished = False
+        self._proc: subprocess.Popen[str] | None = None
+        self._errors = tempfile.TemporaryFile()  # its standard error (a file: it never blocks on a full pipe)
         package = Path(__file__).resolve().parents[1]  # the child imports this fisherlab, whatever its sys.path
         try:
             self._proc = subprocess.Popen([sys.executable, "-c", REPORT_PROCESS, str(package)],
@@ -610,14 +609,19 @@ class ReportProcess:
         except OSError as exc:
             self.error = f"cannot start it: {exc}"
 
+    def open(self, folder: Path, damping: float | None) -> None:
+        """The study writes into ``folder``.
+
+        ``damping``: the report's λ the finished study will have (:func:`fisherlab.report.study_damping`); a
+        figure drawn at another is drawn again for the page.
+        """
+        self._send({"folder": str(folder), "damping": damping})
+
     def _send(self, request: dict[str, Any]) -> None:
         import json
 
         with self._lock:
-            if self._proc is None and not self.error:
-                self._start()
-                request = {"folder": str(self.folder), "damping": self.damping, "then": request}
-            if self._proc is None:
+            if self._proc is None or self._proc.stdin is None:
                 return
             try:
                 self._proc.stdin.write(json.dumps(request) + "\n")
@@ -634,6 +638,7 @@ class ReportProcess:
         import json
 
         self._send({"finish": True})
+        self._finished = True
         if self._proc is None:
             return None
         out, _ = self._proc.communicate()
@@ -646,26 +651,17 @@ class ReportProcess:
         return None
 
     def close(self) -> None:
-        """End the process (after :meth:`finish`, it has; after Ctrl-C it ends on its own; else it is killed)."""
-        import subprocess
-
+        """End the process: after :meth:`finish` it has ended, else it is killed (a refused option, an error)."""
         if self._proc is not None and self._proc.poll() is None:
-            try:
-                self._proc.communicate(timeout=5)  # closes its input: it stops at the end of it
-            except subprocess.TimeoutExpired:
+            if not self._finished:
                 self._proc.kill()
-                self._proc.wait()
-        if self._errors is not None:
-            self._errors.close()
+            self._proc.communicate()
+        self._errors.close()
 
 
-def report_process(folder: Path, cfg: StudyConfig) -> ReportProcess | None:
-    """The :class:`ReportProcess` of a study into ``folder`` (None: the command draws its report itself).
-
-    Its λ is the one :func:`fisherlab.report.study_damping` finds in the finished study: the trajectory's, else the
-    fidelity part's middle damping (both ``cfg.trajectory_damping``), else none.
-    """
-    return ReportProcess(folder, cfg.trajectory_damping if {"trajectory", "fidelity"} & set(cfg.parts) else None)
+def report_process() -> ReportProcess | None:
+    """The :class:`ReportProcess` of a ``fisherlab fidelity`` run (None: the command draws its report itself)."""
+    return ReportProcess()
 
 
 def cmd_report(args: argparse.Namespace) -> int:

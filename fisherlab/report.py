@@ -800,11 +800,11 @@ def build_report(folder: str | Path, *, title: str | None = None, summary: str =
 def serve(requests: IO[str] | None = None, replies: IO[str] | None = None) -> int:
     """The report process of ``fisherlab fidelity`` (:class:`fisherlab.cli.ReportProcess` starts it).
 
-    Reads JSON lines from ``requests`` (default standard input): first ``{"folder": F, "damping": λ, "then":
-    REQUEST}`` (λ: the report's damping the study will have, :func:`study_damping`, or null), then one request a
-    line. ``REQUEST`` is ``{"saved": NAME}`` each time the study saved Dataset ``F/NAME`` (its figures are drawn at
-    once, :func:`draw_figures`, while the study computes on), and at the end ``{"finish": true}``: it writes
-    ``report.html`` (:func:`build_report`, keeping the figures drawn) and
+    Reads JSON lines from ``requests`` (default standard input): first ``{"folder": F, "damping": λ}`` (λ: the
+    report's damping the study will have, :func:`study_damping`, or null), then ``{"saved": NAME}`` each time the
+    study saved Dataset ``F/NAME`` (its figures are drawn at once, :func:`draw_figures`, while the study computes
+    on), and at the end ``{"finish": true}``: it writes ``report.html`` (:func:`build_report`, keeping the figures
+    drawn) and
     answers one JSON line on ``replies`` (default standard output), ``{"report": path, "console": text, "cpu":
     seconds}`` (``console``: :func:`study_console` of the saved Datasets; ``cpu``: this process's CPU time).
     Without a ``finish`` (the study stopped: Ctrl-C, an error) it ends at the end of its input, writing nothing.
@@ -814,7 +814,6 @@ def serve(requests: IO[str] | None = None, replies: IO[str] | None = None) -> in
         ends the process with its traceback; the study draws the report itself then.
     """
     import gc
-    import itertools
     import resource
     import sys
 
@@ -829,7 +828,8 @@ def serve(requests: IO[str] | None = None, replies: IO[str] | None = None) -> in
         folder, damping = Path(start["folder"]), start["damping"]
         drawn: dict[str, Drawn] = {}
         saved: dict[str, xr.Dataset] = {}
-        for request in itertools.chain([start["then"]], map(json.loads, requests)):
+        for line in requests:
+            request = json.loads(line)
             if "saved" in request:
                 path = folder / request["saved"]
                 saved[path.name] = load_dataset(path)

@@ -35,7 +35,7 @@ def without_report(monkeypatch):
     command reaches its own (skipped) drawing."""
     from fisherlab import cli, report
 
-    monkeypatch.setattr(cli, "report_process", lambda folder, cfg: None)
+    monkeypatch.setattr(cli, "report_process", lambda: None)
     monkeypatch.setattr(report, "build_report", lambda folder, **_: Path(folder) / "report.html")
 
 

@@ -65,8 +65,9 @@ def test_report_drawn_beside_the_study_is_the_report_rebuilt_afterwards(study, t
 def test_figures_are_drawn_when_their_dataset_is_saved(study, tmp_path):
     """Each ``saved`` Dataset's figures appear before the page is asked for; the page then keeps them."""
     folder = datasets_only(study[0], tmp_path / "run")
-    drawer = ReportProcess(folder, 1e-2)
+    drawer = ReportProcess()
     try:
+        drawer.open(folder, 1e-2)
         drawer.saved(folder / "fidelity.nc")
         deadline = time.monotonic() + 120
         while not (folder / "figures" / "fidelity_fidelity_rules.svg").is_file():
@@ -135,21 +136,29 @@ def test_a_report_that_fails_keeps_every_dataset(tmp_path, monkeypatch):
     assert main(["report", str(out)]) == 0 and (out / "report.html").is_file()
 
 
-def test_interrupted_study_ends_its_report_process_and_keeps_the_finished_parts(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def started(monkeypatch) -> list[ReportProcess]:
+    """The report processes the commands start (each recorded)."""
+    processes: list[ReportProcess] = []
+
+    def recorded():
+        processes.append(ReportProcess())
+        return processes[-1]
+
+    monkeypatch.setattr(cli, "report_process", recorded)
+    return processes
+
+
+def test_interrupted_study_ends_its_report_process_and_keeps_the_finished_parts(tmp_path, monkeypatch, capsys,
+                                                                                started):
     """Ctrl-C after the first part: the report process ends with the command (status 130), the saved part stays,
     and the rerun resumes from it."""
-    started: list[ReportProcess] = []
     saved = ReportProcess.saved
-
-    def recorded(folder, cfg):
-        started.append(ReportProcess(folder, 1e-2))
-        return started[-1]
 
     def interrupt(self, path):  # the first part is saved, and told, when Ctrl-C comes
         saved(self, path)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "report_process", recorded)
     monkeypatch.setattr(ReportProcess, "saved", interrupt)
     out = tmp_path / "run"
     assert main(["fidelity", "--out", str(out), *STUDY]) == 130
@@ -157,6 +166,15 @@ def test_interrupted_study_ends_its_report_process_and_keeps_the_finished_parts(
     assert started[0]._proc.returncode is not None  # ended, not left running
     assert sorted(p.name for p in out.glob("*.nc")) == ["fidelity.nc"]
     monkeypatch.undo()
-    monkeypatch.setattr(cli, "report_process", lambda folder, cfg: None)
+    monkeypatch.setattr(cli, "report_process", lambda: None)
     assert main(["fidelity", "--out", str(out), *STUDY]) == 0
     assert "[fidelity] already in" in capsys.readouterr().out
+
+
+def test_a_refused_option_kills_the_report_process(tmp_path, capsys, started):
+    """The process starts before the options are checked (its imports beside the command's); a refused option
+    ends it at once, and claims no folder."""
+    out = tmp_path / "run"
+    assert main(["fidelity", "--out", str(out), *STUDY, "--steps", "0"]) == 2
+    assert "--steps" in capsys.readouterr().err
+    assert started[0]._proc.returncode == -9 and not out.exists()  # killed, not left to finish its imports
