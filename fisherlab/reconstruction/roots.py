@@ -261,7 +261,9 @@ def _batched_eigh_roots(G: Tensor, damping: float) -> tuple[Tensor, Tensor]:
     if spectrum is None:
         w_all = torch.empty(b, n, dtype=torch.float64, device=G.device)
         keep = cache is not None and cache.fits(8 * b * n * (n + 1))
-        Q_all = torch.empty(b, n, n, dtype=torch.float64, device=G.device) if keep else None
+        # column-major matrices, as eigh returns them: the roots' products see the same operand layout either way
+        # (a GEMM's bits can depend on it: MKL on an AMD EPYC), so cached and fresh roots agree bit for bit
+        Q_all = torch.empty(b, n, n, dtype=torch.float64, device=G.device).mT if keep else None
     else:
         (w_all, Q_all), keep = spectrum, False
         _refuse_singular(w_all + damping, damping, b)
