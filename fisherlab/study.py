@@ -12,7 +12,8 @@ the output folder as soon as it finishes (a rerun after Ctrl-C resumes from the 
    (:func:`fisherlab.fisher_geometry`);
 4. ``spectrum.nc`` — spectra of the true, Monte-Carlo and empirical Fishers (:func:`fisherlab.fisher_spectra`).
 
-Then :func:`fisherlab.report.build_report` draws the figures and writes ``report.html``.
+Then :func:`fisherlab.report.build_report` draws the figures and writes ``report.html`` (``fisherlab fidelity``
+draws each part's figures as soon as the part is saved, in a process of its own: ``run_study(saved=...)``).
 :class:`SpectraConfig` is the configuration of ``fisherlab spectra``.
 
 Model and data are a built-in name (:data:`MODELS`, :data:`DATA`) or the user's own, named
