@@ -72,7 +72,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
 from functools import partial
 from typing import Any, NamedTuple, TypeVar
 
@@ -166,6 +166,70 @@ def forward_hooks_suspended(model: nn.Module) -> Iterator[None]:
     finally:
         for m, hooks in saved:
             m._forward_hooks = hooks
+
+
+class ModuleCalls:
+    """Forward hooks on the modules at ``paths`` that record their calls in a forward pass (a context manager).
+
+    ``records[path]`` = (input, output) of the module's first call that takes a tensor and returns one, ``calls``
+    counts those calls, ``repeated`` lists the paths called more than once in the order of their second call, and
+    ``opaque`` holds the paths called on anything else (no positional tensor input, or not a tensor output).
+    ``versions[path]`` is the recorded output's version counter when it was recorded, so :meth:`modified` tells
+    whether an in-place operation has altered it since. Every output is left as it is (:meth:`_output`). The engine
+    records its first evaluation so (:attr:`FisherEngine.first_calls`); :class:`fisherlab.layers.LayerCapture`
+    extends it.
+    """
+
+    def __init__(self, model: nn.Module, paths: Sequence[str]):
+        self.model, self.paths = model, list(paths)
+        self.records: dict[str, tuple[Tensor, Tensor]] = {}
+        self.calls: dict[str, int] = {}
+        self.versions: dict[str, int] = {}
+        self.repeated: list[str] = []
+        self.opaque: set[str] = set()
+        self.handles: list = []
+
+    def __enter__(self) -> ModuleCalls:
+        for path in self.paths:
+            self.handles.append(self.model.get_submodule(path).register_forward_hook(self._hook(path)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _record(self, path: str, module: nn.Module, inputs: tuple, out: object) -> None:
+        if not inputs or not isinstance(inputs[0], Tensor) or not isinstance(out, Tensor):
+            self.opaque.add(path)
+        elif path in self.records:
+            if self.calls[path] == 1:
+                self.repeated.append(path)
+            self.calls[path] += 1
+        else:
+            self.records[path] = (inputs[0], out)
+            self.calls[path] = 1
+            self.versions[path] = out._version
+
+    def _output(self, output: Tensor) -> Tensor:
+        """What the forward pass continues from after a recorded call: the output itself."""
+        return output
+
+    def _hook(self, path: str) -> Callable[[nn.Module, tuple, Any], Any]:
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> Any:
+            self._record(path, module, inputs, output)
+            return self._output(output) if isinstance(output, Tensor) else output
+
+        return hook
+
+    def modified(self, paths: Collection[str] | None = None) -> list[str]:
+        """The paths (of ``paths``; default all) whose recorded output an in-place operation has altered since."""
+        return [p for p, (_, out) in self.records.items()
+                if (paths is None or p in paths) and out._version != self.versions[p]]
+
+    def detach(self) -> None:
+        """Keep the records without their autograd graph (the version counters stay shared with the outputs)."""
+        self.records = {p: (a.detach(), out.detach()) for p, (a, out) in self.records.items()}
 
 
 def _no_forward_rule(exc: BaseException) -> bool:
@@ -299,6 +363,11 @@ class FisherEngine:
         self._aliases = {n: selected[id(t)] for n, t in tensors if n not in self.params and id(t) in selected}
         self._check_converted(named)
         self.data = DataSource(data, device=self.device, dtype=self.dtype)
+        self._activation_bytes: dict[bool, int] = {}
+        #: The first evaluation's calls of the modules that own the selected parameters (:meth:`_first_evaluation`),
+        #: which the layer-row probe reads in place of a forward pass of its own (:func:`fisherlab.layers`'
+        #: ``_probe_layers``), and drops (None: not recorded, or read).
+        self.first_calls: ModuleCalls | None = None
         self._check_data()
         self.group = active_group(process_group)
         #: This rank's samples, the global index of its first one, and N, the samples of all ranks.
@@ -313,7 +382,6 @@ class FisherEngine:
         self.chunk_size = int(chunk_size)
         if self.group is not None:  # one chunk size on every rank (the MC draws follow it), the smallest
             self.chunk_size = min_over_ranks(self.chunk_size, self.group, self.device)
-        self._activation_bytes: dict[bool, int] = {}
         self._probes: dict[Hashable, Any] = {}  # what probed() found, by key
         self._jvp_by_vjp = False  # set when an operation of the model has no forward-mode rule (see jv)
         self._output_cache: tuple[tuple, list[Linearisation]] | None = None  # matmat's (state key, per chunk)
@@ -357,7 +425,7 @@ class FisherEngine:
                 "inputs to floats (e.g. X.float())"
             )
         try:
-            z = self._evaluate(self.params, x)
+            z = self._first_evaluation(x)
         except InputError:
             raise
         except Exception as exc:  # the message of the model's own failure is the useful part
@@ -370,6 +438,28 @@ class FisherEngine:
         self._first_outputs = z.detach()  # the first pass evaluates these samples again (_check_deterministic)
         self.likelihood.check_targets(z, y)
         self.num_outputs = int(z.shape[1])
+
+    def _first_evaluation(self, x: Tensor) -> Tensor:
+        """The first samples' outputs f_θ(x), (n, C) or (n, T, C), detached; what else the pass finds is kept.
+
+        The pass is the one :meth:`first_forward` makes (it measures :meth:`activation_bytes`, with the attention
+        kernels of a pass with one row per sample where the kind gives one: ``empirical``, ``mc`` with S = 1), with
+        :class:`ModuleCalls` on the modules that own the selected parameters, kept detached as
+        :attr:`first_calls`. Where that pass fails (a model that cannot take gradients, or hooks), the outputs are
+        those of a plain evaluation, which raises the model's own error, and nothing is kept.
+        """
+        reverse_only = self.kind is FisherKind.EMPIRICAL or (self.kind is FisherKind.MC and self.mc_samples == 1)
+        try:
+            with ModuleCalls(self.model, list(self.spec.layers())) as calls:
+                z = self._measured_evaluation(x, reverse_only)
+        except InputError:
+            raise
+        except Exception:  # evaluated again as it is: its own error, or its failure left to a computation
+            self._activation_bytes.clear()
+            return self._evaluate(self.params, x)
+        calls.detach()
+        self.first_calls = calls
+        return z.detach()
 
     def _check_deterministic(self, again: Tensor) -> None:
         """Refuse a random model: ``again``, a second evaluation of the first samples (leading rows), must agree.
@@ -1204,7 +1294,11 @@ class FisherEngine:
         parameters are leaves that require them. A probe's forward hooks that leave the outputs as they are see the
         pass as it is (the layer-row probe, :mod:`fisherlab.layers`, measures this way on its own pass).
         """
-        x, _ = self.data.first(2)
+        z = self._measured_evaluation(self.data.first(2)[0], reverse_only)
+        return z.reshape(z.shape[0], -1)
+
+    def _measured_evaluation(self, x: Tensor, reverse_only: bool) -> Tensor:
+        """:meth:`first_forward`'s pass over x: the outputs (n, C) or (n, T, C), with their graph."""
         own = {t.untyped_storage().data_ptr() for t in [*self.params.values(), *self._frozen.values()]}
         seen: dict[tuple[int, int], int] = {}
 
@@ -1216,7 +1310,7 @@ class FisherEngine:
 
         leaves = {n: p.detach().requires_grad_() for n, p in self.params.items()}
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            z = self.forward(leaves, x, reverse_only=reverse_only)
+            z = self._evaluate(leaves, x, reverse_only)
         total = sum(seen.values()) + z.numel() * z.element_size()
         self._activation_bytes[reverse_only] = max(1, math.ceil(total / x.shape[0]))
         return z

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from fisherlab.engine import DEFAULT_CHUNK_BYTES, FisherEngine
+from fisherlab.engine import DEFAULT_CHUNK_BYTES, FisherEngine, ModuleCalls
 from fisherlab.errors import InputError, UnsupportedLayerError
 from fisherlab.params import ParamSpec
 
@@ -713,7 +713,7 @@ def captured_norms(engine: FisherEngine, groups: Mapping[str, Sequence[str]],
     return dict(engine.probed(key, lambda: _probe_layers(engine, layouts, candidates)[key]))
 
 
-class LayerCapture:
+class LayerCapture(ModuleCalls):
     """Forward hooks that record each layer's input and output (called once per forward pass).
 
     ``records[path]`` = (input, output) of the layer at ``path``; the output is the tensor the layer produced, so
@@ -722,25 +722,21 @@ class LayerCapture:
     without, it continues from the output itself (no copy) and :meth:`modified` tells whether an in-place
     operation did alter one (then the records are stale: capture again with ``clone``). A module whose rule
     ``recomputes`` (``nn.MultiheadAttention``) has its output replaced by the rule's decomposed recomputation —
-    numerically the same attention — whenever it or a submodule (``out_proj``) is captured; its record is the
-    rule's (input, output) pair. A layer called twice in one forward pass raises UnsupportedLayerError, unless its
-    path is ``repeatable``: then its first call is recorded and ``calls`` counts them all.
+    numerically the same attention — whenever it or a submodule (``out_proj``) is captured
+    (:func:`recomputed_modules`); its record is the rule's (input, output) pair. A layer called twice in one
+    forward pass raises UnsupportedLayerError (:func:`called_twice_error`), unless its path is ``repeatable``: then
+    its first call is recorded and ``calls`` counts them all.
     """
 
     def __init__(self, model: nn.Module, paths: Sequence[str], *, clone: bool = True,
                  repeatable: Collection[str] = ()):
-        self.model, self.paths, self.clone, self.repeatable = model, list(paths), clone, set(repeatable)
-        self.records: dict[str, tuple[Tensor, Tensor]] = {}
-        self.calls: dict[str, int] = {}  # calls of each recorded path
-        self.versions: dict[str, int] = {}  # each recorded output's version counter when it was recorded
-        self.handles: list = []
+        super().__init__(model, paths)
+        self.clone, self.repeatable = clone, set(repeatable)
         #: The modules whose output the capture replaces by their rule's recomputation (set on entering).
         self.recomputed: set[str] = set()
 
     def __enter__(self) -> LayerCapture:
-        self.recomputed = {p for p, m in self.model.named_modules()
-                           if getattr(LAYER_RULES.get(type(m)), "recomputes", False)
-                           and any(q == p or q.startswith(f"{p}.") for q in self.paths)}
+        self.recomputed = recomputed_modules(self.model, self.paths)
         for path in self.recomputed:
             module = self.model.get_submodule(path)
             self.handles.append(module.register_forward_hook(self._recompute_hook(path), with_kwargs=True))
@@ -749,45 +745,38 @@ class LayerCapture:
                 self.handles.append(self.model.get_submodule(path).register_forward_hook(self._hook(path)))
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        for h in self.handles:
-            h.remove()
+    def _record(self, path: str, module: nn.Module, inputs: tuple, out: object) -> None:
+        if path in self.records and path not in self.repeatable:
+            raise called_twice_error(path, module)
+        super()._record(path, module, inputs, out)
 
-    def _record(self, path: str, module: nn.Module, a: Tensor, out: Tensor) -> None:
-        if path in self.records and path in self.repeatable:
-            self.calls[path] += 1
-            return
-        if path in self.records:
-            raise UnsupportedLayerError(
-                f"module {display_path(path)} ({type(module).__name__}) is called more than once per forward "
-                f"pass (shared weights); Kronecker-factored structures need one call. Structures "
-                f"{GENERIC_STRUCTURES}."
-            )
-        self.records[path] = (a, out)
-        self.calls[path] = 1
-        self.versions[path] = out._version
-
-    def modified(self, paths: Collection[str] | None = None) -> list[str]:
-        """The paths (of ``paths``; default all) whose recorded output an in-place operation has altered since."""
-        return [p for p, (_, out) in self.records.items()
-                if (paths is None or p in paths) and out._version != self.versions[p]]
-
-    def _hook(self, path: str):
-        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-            self._record(path, module, inputs[0], output)
-            return output.clone() if self.clone else output
-
-        return hook
+    def _output(self, output: Tensor) -> Tensor:
+        return output.clone() if self.clone else output
 
     def _recompute_hook(self, path: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
             rule = rule_for(module, path)
             a, out, result = rule.recompute(module, path, args, kwargs)
             if path in self.paths:
-                self._record(path, module, a, out)
+                self._record(path, module, (a,), out)
             return result
 
         return hook
+
+
+def recomputed_modules(model: nn.Module, paths: Collection[str]) -> set[str]:
+    """The modules whose rule ``recomputes`` them that a capture of ``paths`` replaces: at a path or above one."""
+    return {p for p, m in model.named_modules() if getattr(LAYER_RULES.get(type(m)), "recomputes", False)
+            and any(q == p or q.startswith(f"{p}.") for q in paths)}
+
+
+def called_twice_error(path: str, module: nn.Module) -> UnsupportedLayerError:
+    """The refusal of a layer called more than once in one forward pass."""
+    return UnsupportedLayerError(
+        f"module {display_path(path)} ({type(module).__name__}) is called more than once per forward "
+        f"pass (shared weights); Kronecker-factored structures need one call. Structures "
+        f"{GENERIC_STRUCTURES}."
+    )
 
 
 def layer_rows(
@@ -1133,13 +1122,15 @@ def _probe_layers(engine: FisherEngine, layouts: Mapping[str, LayerLayout],
                   candidates: Mapping[str, Sequence[str]]) -> dict[Hashable, object]:
     """The probe of the layer-row passes over ``layouts``: one forward pass over the first (up to) two samples.
 
-    The pass is :meth:`FisherEngine.first_forward` (which measures the activation bytes of the graph on the way:
-    the forward hooks leave it as it is, unless a rule recomputes a module, whose graph is then not the model's),
-    with the hooks of a :class:`LayerCapture` on the layers and on the norm ``candidates`` (module path → parameter
-    names; those may be called more than once). It finds the candidates that :func:`captured_norms` keeps (called
-    once, input and output leading with the samples), checks the layers as :func:`layer_rows` does (called once, on
-    inputs that lead with the samples; an uncalled layer's parameters not read, :func:`_check_uncalled`), whether
-    the model alters a captured output in place, and the rows' scalars per sample (:func:`_row_scalars`).
+    That pass is the engine's own first evaluation where its record serves (:func:`_first_calls`: no pass is
+    made here then). Else it is :meth:`FisherEngine.first_forward` (which measures the activation bytes of the
+    graph on the way: the forward hooks leave it as it is, unless a rule recomputes a module, whose graph is then
+    not the model's), with the hooks of a :class:`LayerCapture` on the layers and on the norm ``candidates``
+    (module path → parameter names; those may be called more than once). It finds the candidates that
+    :func:`captured_norms` keeps (called once, input and output leading with the samples), checks the layers as
+    :func:`layer_rows` does (called once, on inputs that lead with the samples; an uncalled layer's parameters not
+    read, :func:`_check_uncalled`), whether the model alters a captured output in place, and the rows' scalars per
+    sample (:func:`_row_scalars`).
 
     Returns:
         What it found by :meth:`FisherEngine.probed` key, all of it kept on the engine: the captured norms (under
@@ -1152,13 +1143,15 @@ def _probe_layers(engine: FisherEngine, layouts: Mapping[str, LayerLayout],
     """
     x, _ = engine.data.first(2)
     n = x.shape[0]
-    reverse_only = engine.rows_per_sample == 1  # the attention kernels of the pass (layer_rows)
-    with LayerCapture(engine.model, [*layouts, *candidates], clone=False, repeatable=candidates) as cap:
-        if cap.recomputed:
-            with torch.enable_grad():
-                engine.forward(engine.params, x, reverse_only=reverse_only)
-        else:
-            engine.first_forward(reverse_only)
+    cap = _first_calls(engine, layouts, candidates)
+    if cap is None:
+        reverse_only = engine.rows_per_sample == 1  # the attention kernels of the pass (layer_rows)
+        with LayerCapture(engine.model, [*layouts, *candidates], clone=False, repeatable=candidates) as cap:
+            if cap.recomputed:
+                with torch.enable_grad():
+                    engine.forward(engine.params, x, reverse_only=reverse_only)
+            else:
+                engine.first_forward(reverse_only)
     captured = {p: tuple(names) for p, names in candidates.items()
                 if cap.calls.get(p) == 1 and _leads_with(*cap.records[p], n)}
     called = [p for p in layouts if p in cap.records]
@@ -1176,6 +1169,28 @@ def _probe_layers(engine: FisherEngine, layouts: Mapping[str, LayerLayout],
     for key, value in found.items():
         engine.probed(key, lambda value=value: value)
     return found
+
+
+def _first_calls(engine: FisherEngine, layouts: Mapping[str, LayerLayout],
+                 candidates: Mapping[str, Sequence[str]]) -> ModuleCalls | None:
+    """The engine's record of its first evaluation (:attr:`FisherEngine.first_calls`), if it serves the probe.
+
+    The engine keeps it until a probe reads it (here, once: a later probe of the engine makes its own pass).
+
+    It does where it covers the probe's modules, called on tensors, and none of them is recomputed (the record is
+    of the model's own forward pass); then it is what a :class:`LayerCapture` of the probe's pass records (the
+    same first samples, parameters and hooks that leave every output as it is), and a layer called twice is
+    refused as that capture refuses it (the first one whose second call came first).
+    """
+    kept, paths = engine.first_calls, [*layouts, *candidates]
+    engine.first_calls = None  # read once: what the probe finds is kept on the engine (FisherEngine.probed)
+    if (kept is None or not set(paths) <= set(kept.paths) or kept.opaque.intersection(paths)
+            or recomputed_modules(engine.model, paths)):
+        return None
+    twice = next((p for p in kept.repeated if p in layouts), None)
+    if twice is not None:
+        raise called_twice_error(twice, engine.model.get_submodule(twice))
+    return kept
 
 
 def _row_scalars(engine: FisherEngine, probe: ChunkRows, n: int, per_sample_gradients: bool) -> int:

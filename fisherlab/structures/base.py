@@ -191,7 +191,11 @@ def eigvalsh(M: Tensor) -> Tensor:
 
 
 def _stored_tensors(struct: FisherMatrix) -> Iterator[tuple[str, Tensor]]:
-    """(where, tensor) for every tensor a structure stores: its fields, their dict values and dataclass members."""
+    """(where, tensor) for every tensor a structure stores: its fields, their dict values and dataclass members.
+
+    A field marked ``metadata={"indices": True}`` holds integer indices (which may be formed when first read,
+    :class:`~fisherlab.structures.layerwise.LayerIndex`): it is not walked.
+    """
 
     def walk(where: str, value: Any) -> Iterator[tuple[str, Tensor]]:
         if isinstance(value, Tensor):
@@ -204,7 +208,7 @@ def _stored_tensors(struct: FisherMatrix) -> Iterator[tuple[str, Tensor]]:
                 yield from walk(f"{where}.{f.name}", getattr(value, f.name))
 
     for f in fields(struct):
-        if f.name not in ("spec", "meta"):
+        if f.name not in ("spec", "meta") and not f.metadata.get("indices"):
             yield from walk(f.name, getattr(struct, f.name))
 
 
