@@ -602,6 +602,9 @@ class ReportProcess:
         self._proc: subprocess.Popen[str] | None = None
         self._errors = tempfile.TemporaryFile()  # its standard error (a file: it never blocks on a full pipe)
         package = Path(__file__).resolve().parents[1]  # the child imports this fisherlab, whatever its sys.path
+        if not sys.executable:  # an embedded interpreter that cannot say which Python it is
+            self.error = "cannot start it: sys.executable is empty"
+            return
         try:
             self._proc = subprocess.Popen([sys.executable, "-c", REPORT_PROCESS, str(package)],
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._errors,

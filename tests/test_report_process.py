@@ -102,13 +102,21 @@ def test_figures_drawn_from_another_damping_or_file_are_drawn_again(study, tmp_p
     assert files(folder) == files(study[0])
 
 
-def test_a_failed_report_process_leaves_the_report_to_the_command(tmp_path, capsys, monkeypatch):
-    """The process dies at once: the command draws the report itself (the same page) and says so."""
-    monkeypatch.setattr(cli, "REPORT_PROCESS", "import sys; sys.exit('no display for the report')")
+@pytest.mark.parametrize("failure", ["dies", "cannot start"])
+def test_a_failed_report_process_leaves_the_report_to_the_command(tmp_path, capsys, monkeypatch, failure):
+    """The process dies at once, or cannot start: the command draws the report itself (the same files as
+    ``fisherlab report``) and says so."""
+    if failure == "dies":
+        monkeypatch.setattr(cli, "REPORT_PROCESS", "import sys; sys.exit('no display for the report')")
+        why = "no display for the report"
+    else:
+        monkeypatch.setattr(cli.sys, "executable", str(tmp_path / "no-python"))
+        why = f"cannot start it: [Errno 2] No such file or directory: '{tmp_path / 'no-python'}'"
     out = tmp_path / "run"
     assert main(["fidelity", "--out", str(out), *STUDY]) == 0
+    monkeypatch.undo()
     captured = capsys.readouterr()
-    assert "the report process failed (no display for the report); drawing the report here" in captured.err
+    assert f"the report process failed ({why}); drawing the report here" in captured.err
     assert "all threads; with the import of matplotlib and seaborn" in captured.out
     rebuilt = datasets_only(out, tmp_path / "rebuilt")
     assert main(["report", str(rebuilt)]) == 0
