@@ -835,7 +835,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
         log(f"[{part}] done in {seconds:.1f} s{note} -> {store.path(part)}")
         parts.update(1)
 
-    with progress_bar(total=len(cfg.parts), desc="fidelity study", progress=progress) as parts:
+    with progress_bar(total=len(cfg.parts), desc="fidelity study", progress=progress) as parts, _collect_only_new():
         for part in cfg.parts:
             if part in finished:
                 results[part] = finished[part]
@@ -851,6 +851,26 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
             side_by_side([partial(_in_turn, lane, partial(run, parts=parts)) for lane in lanes],
                          torch.device(cfg.device))
     return {part: results[part] for part in cfg.parts}
+
+
+@contextmanager
+def _collect_only_new() -> Iterator[None]:
+    """The garbage collector ignores the objects that exist on entry (modules, model, data) until exit.
+
+    ``gc.freeze`` on entry, ``gc.unfreeze`` on exit: a full collection during the study then visits only what the
+    study made (the default study's three took 0.51 s, 0.12 s so; each holds the GIL, so both lanes wait). Nothing
+    is done when objects are frozen already (a process forked from one that froze its heap keeps it so).
+    """
+    import gc
+
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def part_lanes(parts: list[str]) -> list[list[str]]:

@@ -54,3 +54,25 @@ def test_side_by_side_computes_what_one_after_the_other_does(tmp_path):
             scale = max(np.abs(a[ok]).max(initial=0.0), 1e-300)
             assert np.abs(a[ok] - b[ok]).max(initial=0.0) <= 1e-9 * scale + 1e-12, (part, name)  # residuals ≈ 1e-15
     assert not any(key.startswith(("geometry", "eigenvalues")) for key in lanes["trajectory"].attrs["timings"])
+
+
+def test_the_study_leaves_the_objects_it_started_with_out_of_the_collectors_reach(tmp_path):
+    """While the parts run, what existed before is frozen (gc.get_freeze_count() > 0); after, nothing is, and a
+    heap frozen by the caller stays frozen, no more and no less."""
+    import gc
+
+    cfg = StudyConfig(**{**OPTIONS, "parts": ["spectrum"], "spectrum_kinds": ["true"]})
+    model_and_data = load_model_and_data(cfg)
+    during: list[int] = []
+    assert gc.get_freeze_count() == 0
+    run_study(cfg, tmp_path / "a", progress=False, log=lambda message: None, model_and_data=model_and_data,
+              saved=lambda path: during.append(gc.get_freeze_count()))
+    assert during[0] > 0 and gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        run_study(cfg, tmp_path / "b", progress=False, log=lambda message: None, model_and_data=model_and_data,
+                  saved=lambda path: during.append(gc.get_freeze_count()))
+        assert during[1] == frozen == gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
