@@ -1,5 +1,5 @@
 """The layer-row probe reads the engine's first evaluation (no forward pass of its own), and the flat indices of a
-layer-wise structure are formed when first read.
+layer-wise structure are formed by the structure (after its pass), not before.
 
 The engine records, on its first evaluation of the first samples, the calls of the modules that own the selected
 parameters (``FisherEngine.first_calls``); the probe of the layer-row passes (which norms a pass carries, the chunk
@@ -132,7 +132,7 @@ def test_modules_called_on_other_than_tensors_and_unordered_noncontiguous_parame
     """The record notes a module called without a positional tensor, returning a tuple, and the probe still reads
     the record (that module gets an exact block from factor rows, unsupported='block'); parameters registered in
     another order than called, one of them not contiguous. KFAC's factors are the brute-force references', the
-    gate's block the exact Fisher's, and the lazily formed flat indices the parameters' offsets."""
+    gate's block the exact Fisher's, and the flat indices (formed after the pass) the parameters' offsets."""
     torch.manual_seed(0)
     model = _OpaqueNet().to(F64)
     assert not model.first.weight.is_contiguous()
@@ -148,7 +148,7 @@ def test_modules_called_on_other_than_tensors_and_unordered_noncontiguous_parame
         handle.remove()
     # the construction's 2 samples, the exact block's factor rows and the layer pass: no probe pass of 2 samples
     assert calls[0] == 2 and calls.count(2) == 1, calls
-    assert isinstance(K.index, LayerIndex) and K.index._formed is None  # nothing read it yet
+    assert isinstance(K.index, LayerIndex)
     offsets, start = {}, 0
     for name, p in model.named_parameters():
         offsets[name] = torch.arange(start, start + p.numel())

@@ -193,8 +193,8 @@ def eigvalsh(M: Tensor) -> Tensor:
 def _stored_tensors(struct: FisherMatrix) -> Iterator[tuple[str, Tensor]]:
     """(where, tensor) for every tensor a structure stores: its fields, their dict values and dataclass members.
 
-    A field marked ``metadata={"indices": True}`` holds integer indices (which may be formed when first read,
-    :class:`~fisherlab.structures.layerwise.LayerIndex`): it is not walked.
+    A field marked ``metadata={"indices": True}`` holds integer indices, which no check reads: it is not walked
+    (:class:`~fisherlab.structures.layerwise.LayerIndex` is formed by its structure, after the walk).
     """
 
     def walk(where: str, value: Any) -> Iterator[tuple[str, Tensor]]:

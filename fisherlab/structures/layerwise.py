@@ -40,22 +40,29 @@ NORM_MODULES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
 
 
 class LayerIndex(Mapping[str, Tensor]):
-    """Module path → flat parameter indices (LongTensor, ascending) of its block, formed when first read.
+    """Module path → flat parameter indices (LongTensor, ascending) of its block, formed by :meth:`form`.
 
     The spec's layer blocks (:meth:`~fisherlab.params.ParamSpec.blocks`) of ``paths``, on ``device``: P int64
-    indices in all, which a structure's construction does not need — the first product, diagonal or dense form
-    forms them (a fresh engine has a fresh spec: 9 MB for the MLP 64-1024-1024-10, 0.4 ms, 3.7 ms where the
-    allocation page-faults in). ``path in index`` and the iteration read ``paths`` only.
+    indices in all (a fresh engine has a fresh spec: 9 MB for the MLP 64-1024-1024-10, 0.4 ms), which a
+    structure's pass does not need. :func:`prepare_layers` makes the mapping before the pass, the structure forms
+    it when it is made, after the pass (:class:`LayerwiseFisher`): formed before the pass, a fresh engine's pass
+    page-faults its working memory in anew (MLP KFAC-MC end to end, 1 thread, glibc's malloc: 6120 minor faults
+    a call); never formed, every pass does (5092, also on a built engine); formed after it, none (1).
+    ``path in index`` and the iteration read ``paths`` only.
     """
 
     def __init__(self, spec: ParamSpec, paths: Sequence[str], device: torch.device):
         self.spec, self.paths, self.device = spec, list(paths), device
         self._formed: dict[str, Tensor] | None = None
 
-    def __getitem__(self, path: str) -> Tensor:
+    def form(self) -> None:
+        """Form the indices (once)."""
         if self._formed is None:
             blocks = self.spec.blocks("layer")
             self._formed = {p: blocks[p].to(self.device) for p in self.paths}
+
+    def __getitem__(self, path: str) -> Tensor:
+        self.form()
         return self._formed[path]
 
     def __contains__(self, path: object) -> bool:
@@ -79,7 +86,7 @@ class LayerwiseFisher(FisherMatrix):
     Attributes:
         factors: Module path → that layer's factors.
         index: Module path → flat parameter indices (ascending) of every block, layers and exact blocks alike
-            (from :func:`prepare_layers`: a :class:`LayerIndex`, formed when first read).
+            (from :func:`prepare_layers`: a :class:`LayerIndex`, formed here, after the structure's pass).
         exact_blocks: Module path → exact dense Fisher block, in flat order, of a module without a layer rule:
             every LayerNorm/RMSNorm (``meta["norm_blocks"]``) and, with ``unsupported="block"``, any other.
     """
@@ -87,6 +94,11 @@ class LayerwiseFisher(FisherMatrix):
     factors: dict[str, LayerLayout] = field(default_factory=dict)
     index: Mapping[str, Tensor] = field(default_factory=dict, metadata={"indices": True})
     exact_blocks: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.index, LayerIndex):
+            self.index.form()  # now, after the structure's pass (LayerIndex)
 
     # ------------------------------------------------------------------------------- per-layer hooks
     def _layer_matmat(self, f: LayerLayout, X: Tensor) -> Tensor:
@@ -196,7 +208,7 @@ class LayerSetup:
 
     Attributes:
         layouts: Module path → layout of each supported layer.
-        index: Module path → flat parameter indices (ascending) of every block (formed when first read).
+        index: Module path → flat parameter indices (ascending) of every block (formed by the structure).
         exact_blocks: Module path → exact block, for the modules without a rule whose block is computed up front
             (from factor rows); the norms of ``norms`` are missing until the structure's pass (:meth:`blocks`).
         meta: The structure's metadata (``meta["exact_blocks"]``: every module with an exact block, in order).
