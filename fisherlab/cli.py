@@ -573,8 +573,10 @@ def _fidelity(cfg: StudyConfig, out: Path, args: argparse.Namespace, *, lead: bo
     return 0
 
 
-#: What the report process runs (``python -c``; argv[1]: the folder holding this fisherlab package).
-REPORT_PROCESS = "import sys; sys.path.insert(0, sys.argv[1]); from fisherlab.report import serve; sys.exit(serve())"
+#: What the report process runs (``python -c``; argv[1]: the folder holding this fisherlab package). It ends once
+#: :func:`fisherlab.report.serve` returns, after ``gc.freeze``: its last collection no longer visits every object.
+REPORT_PROCESS = ("import gc, sys; sys.path.insert(0, sys.argv[1]); from fisherlab.report import serve; "
+                  "status = serve(); gc.freeze(); sys.exit(status)")
 
 
 class ReportProcess:

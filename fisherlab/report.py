@@ -804,16 +804,15 @@ def serve(requests: IO[str] | None = None, replies: IO[str] | None = None) -> in
     report's damping the study will have, :func:`study_damping`, or null), then ``{"saved": NAME}`` each time the
     study saved Dataset ``F/NAME`` (its figures are drawn at once, :func:`draw_figures`, while the study computes
     on), and at the end ``{"finish": true}``: it writes ``report.html`` (:func:`build_report`, keeping the figures
-    drawn) and
-    answers one JSON line on ``replies`` (default standard output), ``{"report": path, "console": text, "cpu":
-    seconds}`` (``console``: :func:`study_console` of the saved Datasets; ``cpu``: this process's CPU time).
-    Without a ``finish`` (the study stopped: Ctrl-C, an error) it ends at the end of its input, writing nothing.
+    drawn) and answers one JSON line on ``replies`` (default standard output), ``{"report": path, "console":
+    text, "cpu": seconds}`` (``console``: :func:`study_console` of the saved Datasets; ``cpu``: this process's
+    CPU time). Without a ``finish`` (the study stopped: Ctrl-C, an error) it ends at the end of its input, writing
+    nothing.
 
     Returns:
         The exit status: 0, or 130 when interrupted. An error (a Dataset it cannot read, a figure that fails)
         ends the process with its traceback; the study draws the report itself then.
     """
-    import gc
     import resource
     import sys
 
@@ -841,7 +840,6 @@ def serve(requests: IO[str] | None = None, replies: IO[str] | None = None) -> in
                 replies.write(json.dumps({"report": str(report), "console": console,
                                           "cpu": usage.ru_utime + usage.ru_stime}) + "\n")
                 replies.flush()
-                gc.freeze()  # the process ends next: its collection at exit no longer visits every object
                 return 0
         return 0
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the study says what is kept
