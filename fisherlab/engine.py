@@ -271,7 +271,9 @@ class FisherEngine:
 
     Everything the computations rely on is checked once. Construction checks the options, the model
     (:func:`fisherlab.checks.check_model`: parameters *and* buffers are finite), the data and the first samples'
-    outputs and targets (a sequence model's targets all: its tokens are counted). The first pass over the data that
+    outputs and targets (a sequence model's targets all: its tokens are counted); that evaluation of the first
+    samples also measures :meth:`activation_bytes` and records the calls the layer-row probe reads
+    (:attr:`first_calls`). The first pass over the data that
     a computation makes checks the rest on its own evaluation of the model, with no pass of its own (:meth:`chunks`):
     every sample evaluates, so a sample the model cannot take (an ``nn.Embedding`` index out of range) or whose
     outputs are NaN or infinite is named; every chunk's targets are valid; the model is deterministic (the first

@@ -1096,8 +1096,9 @@ def iter_layer_rows(
     the per-sample gradients a consumer forms one layer at a time (R·out·width scalars per sample for a layer with L > 1
     locations, out·width for L = 1, where the R rows can be summed first). It is independent of the
     engine's own chunk size, which is sized for P-wide factor rows; results do not depend on it (MC labels are
-    drawn once by the engine). The probe of :func:`_probe_layers` (one forward pass over the first two samples)
-    runs first, whatever the chunk size, unless :func:`captured_norms` ran it: on it every layer's input and output
+    drawn once by the engine). The probe of :func:`_probe_layers` (one forward pass over the first two samples:
+    the engine's own first evaluation where its record serves) runs first, whatever the chunk size, unless
+    :func:`captured_norms` ran it: on it every layer's input and output
     must lead with the samples (a layer called on a batch-free input is refused before any chunk), and it tells
     whether the model alters a layer's output in place (then every chunk captures the outputs on clones,
     :func:`layer_rows`). What it found (the rows' size, the cloning) is kept on the engine
