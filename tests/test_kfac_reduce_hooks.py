@@ -52,7 +52,7 @@ class Branchy(nn.Module):
         self.head = nn.Linear(WIDTH, CLASSES)
 
     def forward(self, x: Tensor) -> Tensor:
-        e = self.embed(x) + self.position(torch.arange(x.shape[1]).expand_as(x))
+        e = self.embed(x) + self.position(torch.arange(x.shape[1], device=x.device).expand_as(x))
         h = torch.tanh(self.fc(self.norm(e))) + self.side(e)
         return self.head((self.attn(h, h, h, need_weights=False)[0] if self.attention else h).mean(1))
 
