@@ -3,7 +3,8 @@
 Subcommands (their help texts are plain text, written for the terminal; this docstring is for developers):
 
 * ``fisherlab fidelity`` — the main job: how closely update rules track exact NGD, with figures and an HTML
-  report (:mod:`fisherlab.study`, :mod:`fisherlab.report`).
+  report (:mod:`fisherlab.study`, :mod:`fisherlab.report`), drawn while the study computes by a process of its
+  own (:class:`ReportProcess`).
 * ``fisherlab spectra`` — Fisher spectra and condition numbers (``--slq``: the stochastic-Lanczos spectral
   density instead, for models too large for dense spectra).
 * ``fisherlab report FOLDER`` — rebuild the HTML report of a folder from its saved Datasets.
