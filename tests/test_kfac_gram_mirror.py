@@ -30,13 +30,13 @@ def _row_sum(chunks: list[torch.Tensor], bias: list[torch.Tensor] | None) -> tor
 def test_sums_mirrored_by_their_last_product(threads, side_by_side, announced, monkeypatch):
     """Three chunks of keys of widths 300 (with a bias column), 301, 0 (bias only) and 7, side by side (on two
     threads) or one after the other (below SIDE_BY_SIDE_WORK). Announced rows ``exact``: each sum is exactly
-    symmetric and equal to its row sum right after the last chunk's products (finish only scales it), unless the
-    products ran one after the other on two threads (finish mirrors side by side); ``too-few`` (the first two
+    symmetric and equal to its row sum right after the last chunk's products (finish only scales it; below
+    SIDE_BY_SIDE_WORK they run on one thread, as with one intra-op thread); ``too-few`` (the first two
     chunks' rows: mirrored after the second, changed by the third), ``unknown`` (no pass_rows) and ``off``
     (early_mirror=False): finish mirrors it."""
     if side_by_side:
         monkeypatch.setattr(kfac_module, "SIDE_BY_SIDE_WORK", 0)
-    early = announced == "exact" and (side_by_side or threads == 1)
+    early = announced == "exact"
     g = torch.Generator().manual_seed(11)
     widths = {"a": (300, True), "b": (301, False), "c": (0, True), "d": (7, False)}  # a and b: equal work
     sizes = (130, 1, 9)  # 140 rows in chunks of 130, 1 and 9

@@ -85,7 +85,7 @@ from fisherlab.linalg import (
     kron_to_dense,
 )
 from fisherlab.linalg.kron import KronFactorization, kron_damped_factor, kron_factor_solve
-from fisherlab.linalg.threads import concurrently
+from fisherlab.linalg.threads import concurrently, serial
 from fisherlab.structures.base import accumulate_gram, eigvalsh, symmetrize_upper
 from fisherlab.structures.layerwise import LayerwiseFisher, NormBlocks, prepare_layers, vars_of
 from fisherlab.vocabulary import KFACApprox
@@ -184,7 +184,8 @@ class GramSums(dict[str, Tensor]):
 SPLIT_ROWS = 256
 #: Least work (multiply-adds, Σ m·d²) of a chunk's queued products that :func:`run_grams` runs side by side: below
 #: it a thread pool costs more than the parallel regions it saves (GPT 1M KFAC-reduce, 32 sequences, ~10⁸: 2-thread
-#: wall minima 195 ms one after the other, 205 ms side by side; the MLP's 2·10⁹ and the CNN's 8·10⁸ gain).
+#: wall minima 195 ms one after the other, 205 ms side by side; the MLP's 2·10⁹ and the CNN's 8·10⁸ gain), and the
+#: products run on one thread.
 SIDE_BY_SIDE_WORK = 2**28
 
 
@@ -199,13 +200,22 @@ def run_grams(sums: Sequence[GramSums], device: torch.device) -> None:
     products into uninitialised sums 127 ms, triangular side by side 95 ms (mirrors included; 1 thread, CPU time:
     43.3, 46.5, 41.6 ms). A single product over 1/threads of the work, queued once with at least
     :data:`SPLIT_ROWS` rows a thread, has its rows split over the threads (the parts after the first into scratch
-    sums, added afterwards): the CNN's second convolution, 8,192 rows of width 289, 87% of its Grams. Otherwise, and
-    below :data:`SIDE_BY_SIDE_WORK` in all, the products run one after the other on every thread. A sum whose last
-    product this is (:class:`GramSums`) is mirrored by that product's task, or after the scratch sums are added;
-    when the products run one after the other on several threads, by :meth:`GramSums.finish` instead, which mirrors
-    side by side.
+    sums, added afterwards): the CNN's second convolution, 8,192 rows of width 289, 87% of its Grams. Otherwise the
+    products run one after the other on every thread. Below :data:`SIDE_BY_SIDE_WORK` in all they run one after the
+    other on one thread (:func:`~fisherlab.linalg.threads.serial`), as with one intra-op thread: each of the many
+    small GEMMs would be a parallel region whose barrier waits for a descheduled thread on loaded cores (GPT 1M
+    KFAC-reduce, 32 sequences, 2 threads on 2 cores shared with one busy process: 123 such GEMMs, HEAD's build wall
+    medians of 21 rounds 103.6 / 115.8 ms, one thread 98.4 / 108.4 ms, the same bits). A sum whose last product
+    this is (:class:`GramSums`) is mirrored by that product's task, or after the scratch sums are added; when the
+    products run one after the other on several threads, by :meth:`GramSums.finish` instead, which mirrors side by
+    side.
     """
     threads = torch.get_num_threads() if device.type == "cpu" else 1
+    if threads > 1 and sum(U.shape[0] * G[k].shape[0] ** 2
+                           for G in sums for k, queue in G.pending.items() for U, *_ in queue) < SIDE_BY_SIDE_WORK:
+        with serial(device):
+            run_grams(sums, device)
+        return
     jobs = sorted(((sum(U.shape[0] * G[k].shape[0] ** 2 for U, *_ in queue), G[k], queue, G, k)
                    for G in sums for k, queue in G.pending.items()), key=lambda job: -job[0])
     for G in sums:
@@ -215,7 +225,6 @@ def run_grams(sums: Sequence[GramSums], device: torch.device) -> None:
         for work, M, queue, G, key in jobs]
     total = sum(job[0] for job in jobs)
     scratch: list[tuple[Tensor, Tensor]] = []
-    threads = threads if total >= SIDE_BY_SIDE_WORK else 1
     split_mirror = False  # the split product is its sum's last: mirrored once the scratch sums are added
     if threads > 1 and jobs and jobs[0][0] * threads > total and len(jobs[0][2]) == 1 \
             and jobs[0][2][0][0].shape[0] >= SPLIT_ROWS * threads:
