@@ -64,6 +64,31 @@ def test_sums_mirrored_by_their_last_product(threads, side_by_side, announced, m
         torch.set_num_threads(before)
 
 
+def test_dominant_product_on_all_threads_leaves_the_mirror_to_finish(monkeypatch):
+    """Above SIDE_BY_SIDE_WORK on two threads, a product of more than half the work (too few rows to split) runs
+    alone on both threads, one after the other with a small one; its announced last product does not mirror
+    (finish does, side by side): the sums equal their row sums and are exactly symmetric after finish."""
+    monkeypatch.setattr(kfac_module, "SIDE_BY_SIDE_WORK", 0)
+    g = torch.Generator().manual_seed(13)
+    chunks = [{"big": torch.randn(m, 300, generator=g, dtype=F64), "small": torch.randn(m, 7, generator=g, dtype=F64)}
+              for m in (130, 9)]  # 139 rows < SPLIT_ROWS · 2: no split
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        acc = GramSums()
+        for chunk in chunks:
+            for k, U in chunk.items():
+                acc.add(k, U, pass_rows=139)
+            run_grams([acc], CPU)
+        for k in ("big", "small"):
+            assert acc.needs_mirror(k), k
+            got = acc.finish(k, 0.5)()
+            ref.assert_close(got, 0.5 * _row_sum([c[k] for c in chunks], None), 1e-14, k)
+            assert torch.equal(got, got.T), k
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 def test_split_product_mirrored_after_its_scratch_sums(threads, monkeypatch):
     """A dominant product split over the threads' rows (scratch sums added afterwards) that is its sum's last is
