@@ -18,6 +18,7 @@ of the intra-op threads.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["concurrently", "lane_threads", "serial", "side_by_side"]
+__all__ = ["LaneStopped", "concurrently", "lane_threads", "serial", "side_by_side"]
 
 T = TypeVar("T")
 
@@ -76,9 +77,17 @@ def side_by_side(lanes: Sequence[Callable[[], None]], device: torch.device) -> N
     """Run the lanes at once, each in a thread of its own on :func:`lane_threads` intra-op threads; else in turn.
 
     Each lane is a job that calls no other lane's objects in an order that matters (e.g. parts of a study that share
-    only computed, read-only objects). The caller's thread waits (a Ctrl-C reaches it: the lanes' threads are
-    daemons, left to end with the process) and keeps its own thread count; the first error of a lane, in lane
-    order, is raised once every lane has ended.
+    only computed, read-only objects). The caller's thread waits and keeps its own thread count; the first error
+    of a lane, in lane order, is raised once every lane has ended.
+
+    **Interrupted** (a Ctrl-C, or any other exception raised in the caller's thread while it waits): each lane still
+    running is stopped (:func:`_stop`: :class:`LaneStopped` is raised in its thread at its next Python step, so
+    ``finally`` blocks run, e.g. a results file being written is removed) and joined before the caller's exception
+    goes on; what a lane finished before is kept. The wait is that of the torch or LAPACK call a lane is inside
+    (one call: an eigendecomposition of the study's largest block, seconds; the tasks of a
+    :func:`concurrently` running in the lane end first). A second Ctrl-C during that wait stops waiting: the
+    process may then end while a lane is inside torch (a C++ abort, ``terminate called without an active
+    exception``, exit status 134), which the wait is there to prevent.
     """
     share = lane_threads(len(lanes), device)
     if share < 1:
@@ -86,13 +95,19 @@ def side_by_side(lanes: Sequence[Callable[[], None]], device: torch.device) -> N
             lane()
         return
     errors: list[BaseException | None] = [None] * len(lanes)
+    ended = [threading.Event() for _ in lanes]  # the caller waits on these, not on Thread.join (see _join)
 
     def run(k: int) -> None:
-        torch.set_num_threads(share)  # this thread's intra-op threads (OpenMP's and MKL's counts are per thread)
         try:
-            lanes[k]()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            errors[k] = exc
+            try:
+                torch.set_num_threads(share)  # this thread's intra-op threads (OpenMP's and MKL's are per thread)
+                lanes[k]()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                errors[k] = exc
+            finally:
+                ended[k].set()
+        except LaneStopped:  # it came after the job had ended
+            ended[k].set()
 
     threads = torch.get_num_threads()
     workers = [threading.Thread(target=run, args=(k,), daemon=True, name=f"fisherlab-lane-{k}")
@@ -100,11 +115,44 @@ def side_by_side(lanes: Sequence[Callable[[], None]], device: torch.device) -> N
     try:
         for worker in workers:
             worker.start()
-        for worker in workers:
-            while worker.is_alive():
-                worker.join(0.25)  # in slices, so that a KeyboardInterrupt reaches this thread
+        _join(workers, ended)
+    except BaseException:
+        for worker, end in zip(workers, ended, strict=True):
+            if not end.is_set():
+                _stop(worker)
+        _join(workers, ended)  # before the exception goes on: a process that ends with a lane inside torch aborts
+        raise
     finally:
         torch.set_num_threads(threads)  # the count new threads start with, as before
     for exc in errors:
         if exc is not None:
             raise exc
+
+
+class LaneStopped(BaseException):
+    """Raised in a lane's thread by :func:`side_by_side` when the caller is interrupted.
+
+    Not an ``Exception``, so that no ``except Exception`` of the lane's job takes it for its own error.
+    """
+
+
+def _stop(worker: threading.Thread) -> None:
+    """Raise :class:`LaneStopped` in ``worker`` at its next Python step.
+
+    CPython's ``PyThreadState_SetAsyncExc``: a thread inside a C call, e.g. a LAPACK routine, gets it when the call
+    returns; a thread that has ended is not touched (the call finds no such thread).
+    """
+    if worker.ident is not None:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident), ctypes.py_object(LaneStopped))
+
+
+def _join(workers: Sequence[threading.Thread], ended: Sequence[threading.Event]) -> None:
+    """Wait until each of ``workers`` has ended its job (its event is set, or it is no longer alive), then join it.
+
+    The waits are ``Event.wait`` slices of 0.25 s, which a KeyboardInterrupt leaves intact: a ``Thread.join``
+    interrupted by one can mark a running thread as stopped (CPython 3.11's ``_wait_for_tstate_lock``).
+    """
+    for worker, end in zip(workers, ended, strict=True):
+        while not end.wait(0.25) and worker.is_alive():
+            pass
+        worker.join()  # past its job: it ends at once
