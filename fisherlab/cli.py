@@ -525,6 +525,10 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
         with launched(args.backend, cfg.device, args.timeout) as env:
             lead = env is None or env.rank == 0
             return _fidelity(cfg, out, args, lead=lead, drawer=drawer if lead else None)
+    except KeyboardInterrupt:
+        if drawer is not None:
+            drawer.interrupt()
+        raise
     finally:
         if drawer is not None:
             drawer.close()
@@ -591,7 +595,8 @@ class ReportProcess:
     the default fidelity part took 4.0 s instead of 3.1 s beside it on 2 cores, AMD EPYC, load 1.7–1.9.) It only
     reads the saved Datasets, and when it fails (or cannot start), its error is kept in :attr:`error` and
     :meth:`finish` returns None (the command then draws the report itself); a process not asked to finish is
-    killed by :meth:`close`. Thread-safe: the study's parts report their saves from two threads.
+    killed by :meth:`close` (after a Ctrl-C once :meth:`interrupt` gave it time to end as a Ctrl-C ends it).
+    Thread-safe: the study's parts report their saves from two threads.
     """
 
     def __init__(self) -> None:
@@ -655,6 +660,27 @@ class ReportProcess:
         tail = self._errors.read().decode(errors="replace").strip().splitlines()
         self.error = tail[-1] if tail else f"exit status {self._proc.returncode}"
         return None
+
+    def interrupt(self) -> None:
+        """The command was interrupted: the process ends as a Ctrl-C ends it, not killed by :meth:`close` mid-write.
+
+        A terminal's Ctrl-C reached it too (its process group): it is given 0.5 s to end; still running (SIGINT
+        sent to the command alone), it is sent one. Either way it may take up to 5 s more, the rest of the figure it
+        is drawing (a figure is written or its temporary removed, :func:`fisherlab.report.write_atomically`); then
+        :meth:`close` kills it.
+        """
+        import signal
+        import subprocess
+
+        if self._proc is None:
+            return
+        for wait, then in ((0.5, signal.SIGINT), (5.0, None)):
+            try:
+                self._proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                if then is not None:
+                    self._proc.send_signal(then)
 
     def close(self) -> None:
         """End the process: after :meth:`finish` it has ended, else it is killed (a refused option, an error)."""

@@ -620,9 +620,26 @@ def save_figure(fig: MplFigure, stem: Path, *, dpi: float = 110) -> None:
     fig.draw_without_rendering()
     box = fig.get_tightbbox().padded(rcParams["savefig.pad_inches"])
     fig.set_layout_engine(None)  # keep the positions just computed (no layout engine: no layout draw per file)
-    fig.savefig(stem.with_suffix(".svg"), bbox_inches=box, metadata={"Date": None})
-    fig.savefig(stem.with_suffix(".png"), dpi=dpi, bbox_inches=box)
+    write_atomically(stem.with_suffix(".svg"), lambda tmp: fig.savefig(tmp, format="svg", bbox_inches=box,
+                                                                       metadata={"Date": None}))
+    write_atomically(stem.with_suffix(".png"), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches=box))
     _close(fig)
+
+
+def write_atomically(target: Path, write: Callable[[Path], Any]) -> None:
+    """Have ``write(tmp)`` write a fresh temporary file next to ``target``, then rename it over ``target``.
+
+    So no reader sees a partial file at ``target``, whatever stops the write (an error, a Ctrl-C, the report
+    process killed); the temporary (:func:`~fisherlab.results.lock.temp_path`) is removed when ``write`` fails or
+    is interrupted, and one left by a killed process by the next run's claim of the folder.
+    """
+    tmp = temp_path(target)  # unique: two reports of one folder at once don't collide
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class Drawn(NamedTuple):
@@ -790,9 +807,7 @@ def build_report(folder: str | Path, *, title: str | None = None, summary: str =
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
     out = folder / "report.html"
-    tmp = temp_path(out)  # unique: two reports of one folder at once don't collide
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    write_atomically(out, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return out
 
 
