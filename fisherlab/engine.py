@@ -168,6 +168,9 @@ def forward_hooks_suspended(model: nn.Module) -> Iterator[None]:
             m._forward_hooks = hooks
 
 
+Calls = TypeVar("Calls", bound="ModuleCalls")
+
+
 class ModuleCalls:
     """Forward hooks on the modules at ``paths`` that record their calls in a forward pass (a context manager).
 
@@ -189,10 +192,23 @@ class ModuleCalls:
         self.opaque: set[str] = set()
         self.handles: list = []
 
-    def __enter__(self) -> ModuleCalls:
+    def __enter__(self: Calls) -> Calls:
+        """Register the hooks (:meth:`_register`); where that fails, the model is left as it was.
+
+        A registration can fail partway (a ``torch.jit.script`` submodule takes no hook); the hooks already
+        registered are then removed before the error propagates, as no ``__exit__`` follows a failed ``__enter__``.
+        """
+        try:
+            self._register()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _register(self) -> None:
+        """Register the hooks, each handle in :attr:`handles` as soon as it is made."""
         for path in self.paths:
             self.handles.append(self.model.get_submodule(path).register_forward_hook(self._hook(path)))
-        return self
 
     def __exit__(self, *exc: object) -> None:
         for h in self.handles:

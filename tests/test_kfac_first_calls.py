@@ -11,6 +11,8 @@ blocks are the float64 brute-force references' (per-sample loops, ``layer_refere
 
 from __future__ import annotations
 
+import warnings
+
 import layer_reference as lref
 import pytest
 import reference as ref
@@ -192,3 +194,38 @@ def test_first_evaluation_that_cannot_take_gradients_falls_back_to_a_plain_one()
     assert eng.first_calls is None and eng.output_shape == (2,)
     with torch.no_grad():
         ref.assert_close(eng.forward(eng.params, X), model(X), 0.0, "outputs")
+
+
+def _hooks(model: nn.Module) -> list[tuple[str, list, list, list]]:
+    """Every module's forward, forward-pre and backward hooks, by path (what a context must leave as it was)."""
+    return [(path, *(list(getattr(m, kind).items()) for kind in ("_forward_hooks", "_forward_pre_hooks",
+                                                                 "_backward_hooks")))
+            for path, m in model.named_modules()]
+
+
+def _partly_scripted() -> nn.Sequential:
+    """A Linear, then a ``torch.jit.script`` Linear: a forward hook can be registered on the first only."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script's (torch >= 2.7)
+        return nn.Sequential(nn.Linear(3, 4), torch.jit.script(nn.Linear(4, 2))).to(F64)
+
+
+def test_a_model_that_refuses_a_hook_is_left_as_it_was():
+    """The first evaluation's record cannot hook the scripted module: the hook already on the first Linear is
+    removed (before: one more permanent hook per construction), nothing is recorded, and the engine works on the
+    plain evaluation (its dense empirical Fisher is the per-sample reference's); KFAC refuses the scripted module
+    by a named error (it has no layer rule), leaving the hooks as they were too."""
+    model = _partly_scripted()
+    with pytest.raises(RuntimeError, match="not supported on ScriptModules"):
+        model[1].register_forward_hook(lambda *a: None)  # the premise: torch refuses the hook
+    before = _hooks(model)
+    X, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 2, dtype=F64)
+    for _ in range(2):
+        eng = FisherEngine(model, (X, y), "gaussian", kind="empirical")
+        assert _hooks(model) == before and eng.first_calls is None
+    dense = fisher(model, (X, y), "gaussian", kind="empirical", structure="dense")
+    ref.assert_close(dense.to_dense(), ref.empirical_fisher(model, X, y, ref.RefLikelihood("gaussian")), RTOL)
+    with pytest.raises(UnsupportedLayerError, match=r"module '1' \(RecursiveScriptModule\) has no Kronecker"):
+        KFACFisher.from_engine(eng)
+    assert _hooks(model) == before
