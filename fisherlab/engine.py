@@ -382,9 +382,17 @@ class FisherEngine:
         self._check_converted(named)
         self.data = DataSource(data, device=self.device, dtype=self.dtype)
         self._activation_bytes: dict[bool, int] = {}
+        #: Whether the kind alone gives one row per sample (``empirical``; ``mc`` with S = 1), so that the passes
+        #: with one reverse pass per chunk (the layer rows', :func:`fisherlab.layers.layer_rows`) keep the caller's
+        #: attention kernels (``reverse_only`` of :func:`differentiable_attention`): the first evaluation measures
+        #: :meth:`activation_bytes` for the same kernels. ``true`` and ``ggn`` with R = 1 (a one-column factor, C = 1)
+        #: are False too: R is known only after that evaluation.
+        self.reverse_only_rows = self.kind is FisherKind.EMPIRICAL or (self.kind is FisherKind.MC
+                                                                      and self.mc_samples == 1)
         #: The first evaluation's calls of the modules that own the selected parameters (:meth:`_first_evaluation`),
-        #: which the layer-row probe reads in place of a forward pass of its own (:func:`fisherlab.layers`'
-        #: ``_probe_layers``), and drops (None: not recorded, or read).
+        #: which the layer-row probe takes (:meth:`take_first_calls`) in place of a forward pass of its own
+        #: (:func:`fisherlab.layers`' ``_probe_layers``); None: not recorded, or taken. Kept after the first pass
+        #: over the data (the probe may come after it).
         self.first_calls: ModuleCalls | None = None
         self._check_data()
         self.group = active_group(process_group)
@@ -461,15 +469,14 @@ class FisherEngine:
         """The first samples' outputs f_θ(x), (n, C) or (n, T, C), detached; what else the pass finds is kept.
 
         The pass is the one :meth:`first_forward` makes (it measures :meth:`activation_bytes`, with the attention
-        kernels of a pass with one row per sample where the kind gives one: ``empirical``, ``mc`` with S = 1), with
-        :class:`ModuleCalls` on the modules that own the selected parameters, kept detached as
-        :attr:`first_calls`. Where that pass fails (a model that cannot take gradients, or hooks), the outputs are
-        those of a plain evaluation, which raises the model's own error, and nothing is kept.
+        kernels :attr:`reverse_only_rows` gives), with :class:`ModuleCalls` on the modules that own the selected
+        parameters, kept detached as :attr:`first_calls`. Where that pass fails (a model that cannot take
+        gradients, or hooks), the outputs are those of a plain evaluation, which raises the model's own error, and
+        nothing is kept.
         """
-        reverse_only = self.kind is FisherKind.EMPIRICAL or (self.kind is FisherKind.MC and self.mc_samples == 1)
         try:
             with ModuleCalls(self.model, list(self.spec.layers())) as calls:
-                z = self._measured_evaluation(x, reverse_only)
+                z = self._measured_evaluation(x, self.reverse_only_rows)
         except InputError:
             raise
         except Exception:  # evaluated again as it is: its own error, or its failure left to a computation
@@ -478,6 +485,15 @@ class FisherEngine:
         calls.detach()
         self.first_calls = calls
         return z.detach()
+
+    def take_first_calls(self) -> ModuleCalls | None:
+        """:attr:`first_calls`, which the engine then drops (None from then on).
+
+        The layer-row probe reads it once (what it finds is kept, :meth:`probed`); a later probe makes a pass of its
+        own.
+        """
+        calls, self.first_calls = self.first_calls, None
+        return calls
 
     def _check_deterministic(self, again: Tensor) -> None:
         """Refuse a random model: ``again``, a second evaluation of the first samples (leading rows), must agree.
@@ -1297,23 +1313,24 @@ class FisherEngine:
     def activation_bytes(self, reverse_only: bool = False) -> int:
         """Bytes the autograd graph of one forward saves per sample (parameters and buffers excluded).
 
-        Measured once (per ``reverse_only``: the attention kernels, :func:`differentiable_attention`) by
-        :meth:`first_forward`, with gradients enabled whatever the caller's mode (the no-grad passes ask for it).
+        Measured once per ``reverse_only`` (the attention kernels, :func:`differentiable_attention`), with
+        gradients enabled whatever the caller's mode (the no-grad passes ask for it): for
+        :attr:`reverse_only_rows`'s kernels by the first evaluation (:meth:`_first_evaluation`, unless it fell back
+        to a plain one), else by :meth:`first_forward` when first asked for.
         """
         if reverse_only not in self._activation_bytes:
             self.first_forward(reverse_only)
         return self._activation_bytes[reverse_only]
 
-    def first_forward(self, reverse_only: bool = False) -> Tensor:
-        """Z = f_θ(x) (n, C) of the first (up to) two samples, with its graph; measures :meth:`activation_bytes`.
+    def first_forward(self, reverse_only: bool = False) -> None:
+        """Measure :meth:`activation_bytes` by a forward pass Z = f_θ(x) of the first (up to) two samples.
 
         The graph's saved tensors (each stored tensor counted once, parameters and buffers not) and Z, per sample,
         are kept as ``activation_bytes(reverse_only)``. Gradients are enabled whatever the caller's mode, the
         parameters are leaves that require them. A probe's forward hooks that leave the outputs as they are see the
         pass as it is (the layer-row probe, :mod:`fisherlab.layers`, measures this way on its own pass).
         """
-        z = self._measured_evaluation(self.data.first(2)[0], reverse_only)
-        return z.reshape(z.shape[0], -1)
+        self._measured_evaluation(self.data.first(2)[0], reverse_only)
 
     def _measured_evaluation(self, x: Tensor, reverse_only: bool) -> Tensor:
         """:meth:`first_forward`'s pass over x: the outputs (n, C) or (n, T, C), with their graph."""

@@ -3,10 +3,10 @@ layer-wise structure are formed by the structure (after its pass), not before.
 
 The engine records, on its first evaluation of the first samples, the calls of the modules that own the selected
 parameters (``FisherEngine.first_calls``); the probe of the layer-row passes (which norms a pass carries, the chunk
-size, the cloning of outputs an in-place operation alters, the refusal of a layer called twice) reads that record
-while the first pass over the data is not complete, and makes its own pass after. Either way the factors and exact
-blocks are the float64 brute-force references' (per-sample loops, ``layer_reference``; the exact Fisher,
-``reference``).
+size, the cloning of outputs an in-place operation alters, the refusal of a layer called twice) takes that record
+once, before or after the first pass over the data (the engine keeps it until a probe takes it), and a later probe
+of the engine makes its own pass. Either way the factors and exact blocks are the float64 brute-force references'
+(per-sample loops, ``layer_reference``; the exact Fisher, ``reference``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _norm_net(inplace: bool) -> nn.Sequential:
 
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("pass_first", [False, True])
-def test_probe_reads_the_first_evaluation_until_the_first_pass_is_complete(inplace, pass_first):
+def test_first_probe_reads_the_first_evaluation_before_or_after_the_first_pass(inplace, pass_first):
     """A KFAC of an engine runs no probe pass (the model sees the construction's 2 samples, then the chunks), also
     after a complete first pass (the gradient's); a second probe of the engine (other layers) makes its own pass
     of 2 samples. The factors and the LayerNorm block are the references' of the same model without in-place
