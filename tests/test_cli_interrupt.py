@@ -37,9 +37,10 @@ OPTIONS = {"data": "synthetic-multiclass", "n_samples": 48, "rules": ["gd", "ngd
            "trajectory_rules": ["gd", "ngd", "mc-ngd"], "geometry_structures": ["kfac"],
            "spectrum_kinds": ["true", "mc"]}
 #: Dataset attributes that time the run or date it (wall seconds, the creation time, ``history``: the time and the
-#: caller, which is the lane's thread function for a part run beside another): the only ones allowed to differ, with
-#: the ``memory_budget`` the engine recorded in ``config`` (half the memory available when the run started).
-TIMING_ATTRS = ("created", "history", "timings", "total_seconds", "ngd_seconds")
+#: caller, which is the lane's thread function for a part run beside another) or name the checkout's commit (which
+#: other work may move between the runs): the only ones allowed to differ, with the ``memory_budget`` the engine
+#: recorded in ``config`` (half the memory available when the run started).
+TIMING_ATTRS = ("created", "history", "timings", "total_seconds", "ngd_seconds", "git_commit")
 #: A part computed in another arrangement than in the uninterrupted run (after a resume the trajectory runs alone on
 #: two threads, not in a lane on one, and computes the Fisher the fidelity part computed before) sums in another
 #: order: values agree to round-off (measured: 1e-14 of a variable's scale at most, the geometry's eigenvalues).
@@ -125,7 +126,7 @@ def assert_same_results(one: xr.Dataset, two: xr.Dataset) -> float:
         kept["config"] = {k: v for k, v in json.loads(kept["config"]).items() if k != "memory_budget"}
         attrs.append(kept)
     assert attrs[0] == attrs[1]
-    xr.testing.assert_identical(one.coords.to_dataset(), two.coords.to_dataset())
+    xr.testing.assert_identical(xr.Dataset(coords=one.coords), xr.Dataset(coords=two.coords))
     assert {v: one[v].attrs for v in one.data_vars} == {v: two[v].attrs for v in two.data_vars}
     return assert_same_values(one, two, RTOL)
 
@@ -147,7 +148,7 @@ def run_to_end(out: Path, log: Path) -> str:
 def test_a_figure_interrupted_while_it_is_written_leaves_the_previous_file_and_no_partial_one(tmp_path, monkeypatch):
     """The report process is stopped by a Ctrl-C mid-figure: the figure it was writing keeps its previous file, no
     half of it and no temporary. (Before, ``savefig`` wrote the figure's own file: a Ctrl-C of the real command left
-    a truncated SVG in figures/ in 2 of 7 runs.)"""
+    a truncated SVG in figures/ in 2 of 10 runs.)"""
     from matplotlib.figure import Figure
 
     from fisherlab import report
