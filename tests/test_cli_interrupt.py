@@ -189,6 +189,37 @@ def test_an_interrupted_command_lets_its_report_process_end_as_a_ctrl_c_ends_it(
         drawer.close()
 
 
+def test_results_saved_from_two_threads_at_once_are_all_listed_in_the_manifest(tmp_path):
+    """The study's lanes save their parts from two threads: every file saved is listed (so ``--overwrite`` of
+    another configuration deletes it instead of refusing an unlisted file). Before, two threads saving 40 files each
+    left 29 of the 80 out of the manifest, each rewriting the manifest it had read."""
+    import threading
+
+    import numpy as np
+
+    from fisherlab.results import guard_output_folder, release_output_folder, save_dataset
+
+    out = tmp_path / "run"
+    guard_output_folder(out, {"command": "test"})
+    start = threading.Barrier(2)
+
+    def lane(k: int) -> None:
+        start.wait()
+        for i in range(40):
+            ds = xr.Dataset({"loss": ("step", np.zeros(2))}, attrs={"fisherlab_schema": 2, "fisherlab_kind": "x"})
+            save_dataset(ds, out / f"lane{k}_{i}.nc")
+
+    try:
+        lanes = [threading.Thread(target=lane, args=(k,)) for k in range(2)]
+        for t in lanes:
+            t.start()
+        for t in lanes:
+            t.join(timeout=60)
+        assert sorted(read_manifest(out)["files"]) == sorted(f"lane{k}_{i}.nc" for k in range(2) for i in range(40))
+    finally:
+        release_output_folder(out)
+
+
 @pytest.mark.slow
 def test_ctrl_c_anywhere_keeps_only_whole_results_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
     config = StudyConfig(**OPTIONS).to_dict()
