@@ -30,7 +30,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from fisherlab.errors import FisherlabError, InputError
 from fisherlab.study import DATA, DTYPES, MODELS, PARTS, RunConfig, SpectraConfig, StudyConfig, model_defaults
@@ -516,7 +516,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     claims the folder, writes and prints. The report is drawn in a process of its own (:func:`report_process`),
     started first, so that its imports run beside this process's own (torch's), on the core they leave idle.
     """
-    drawer = report_process() if os.environ.get("RANK", "0") in ("", "0") else None  # torchrun: rank 0's only
+    drawer = report_process()
     try:
         cfg: StudyConfig = make_config(StudyConfig, args)
         out = output_folder(args)
@@ -578,10 +578,19 @@ def _fidelity(cfg: StudyConfig, out: Path, args: argparse.Namespace, *, lead: bo
     return 0
 
 
+#: How the report process finds this fisherlab (argv[1]: the folder holding it): the folder goes first on its
+#: ``sys.path`` only where ``fisherlab`` would resolve to none or another copy, so that an installed package's
+#: folder (site-packages) does not come before the standard library.
+FIND_PACKAGE = ("import importlib.util, os, sys\n"
+                "spec = importlib.util.find_spec('fisherlab')\n"
+                "if spec is None or spec.origin is None or os.path.realpath(spec.origin) != "
+                "os.path.join(sys.argv[1], 'fisherlab', '__init__.py'):\n"
+                "    sys.path.insert(0, sys.argv[1])\n")
+
 #: What the report process runs (``python -c``; argv[1]: the folder holding this fisherlab package). It ends once
 #: :func:`fisherlab.report.serve` returns, after ``gc.freeze``: its last collection no longer visits every object.
-REPORT_PROCESS = ("import gc, sys; sys.path.insert(0, sys.argv[1]); from fisherlab.report import serve; "
-                  "status = serve(); gc.freeze(); sys.exit(status)")
+REPORT_PROCESS = FIND_PACKAGE + ("import gc; from fisherlab.report import serve; status = serve(); gc.freeze(); "
+                                  "sys.exit(status)")
 
 
 class ReportProcess:
@@ -607,13 +616,15 @@ class ReportProcess:
         self.error = ""
         self._lock = threading.Lock()
         self._finished = False
+        self._communicated = False  # finish read its output to the end (and closed its pipes)
         self._proc: subprocess.Popen[str] | None = None
-        self._errors = tempfile.TemporaryFile()  # its standard error (a file: it never blocks on a full pipe)
-        package = Path(__file__).resolve().parents[1]  # the child imports this fisherlab, whatever its sys.path
+        self._errors: IO[bytes] | None = None
+        package = Path(__file__).resolve().parents[1]  # the child imports this fisherlab (FIND_PACKAGE)
         if not sys.executable:  # an embedded interpreter that cannot say which Python it is
             self.error = "cannot start it: sys.executable is empty"
             return
         try:
+            self._errors = tempfile.TemporaryFile()  # its standard error (a file: it never blocks on a full pipe)
             self._proc = subprocess.Popen([sys.executable, "-c", REPORT_PROCESS, str(package)],
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._errors,
                                           text=True, encoding="utf-8")
@@ -653,9 +664,17 @@ class ReportProcess:
         if self._proc is None:
             return None
         out, _ = self._proc.communicate()
+        self._communicated = True
         lines = out.strip().splitlines()
         if self._proc.returncode == 0 and lines:
-            return json.loads(lines[-1])
+            try:
+                reply = json.loads(lines[-1])
+            except json.JSONDecodeError:
+                reply = None
+            if isinstance(reply, dict) and {"report", "console", "cpu"} <= reply.keys():
+                return reply
+            self.error = f"its last line of output is not its reply: {lines[-1][:120]!r}"
+            return None
         self._errors.seek(0)
         tail = self._errors.read().decode(errors="replace").strip().splitlines()
         self.error = tail[-1] if tail else f"exit status {self._proc.returncode}"
@@ -683,17 +702,25 @@ class ReportProcess:
                     self._proc.send_signal(then)
 
     def close(self) -> None:
-        """End the process: after :meth:`finish` it has ended, else it is killed (a refused option, an error)."""
-        if self._proc is not None and self._proc.poll() is None:
-            if not self._finished:
+        """End the process, and close its pipes and its standard error's file.
+
+        After :meth:`finish` it has ended; else it is killed if still running (a refused option, an error).
+        """
+        if self._proc is not None:
+            if not self._finished and self._proc.poll() is None:
                 self._proc.kill()
-            self._proc.communicate()
-        self._errors.close()
+            if not self._communicated:
+                self._proc.communicate()
+        if self._errors is not None:
+            self._errors.close()
 
 
 def report_process() -> ReportProcess | None:
-    """The :class:`ReportProcess` of a ``fisherlab fidelity`` run (None: the command draws its report itself)."""
-    return ReportProcess()
+    """The :class:`ReportProcess` of a ``fisherlab fidelity`` run, or None: on a torchrun rank other than 0.
+
+    Rank 0 (``RANK`` 0, or unset) alone draws the report.
+    """
+    return ReportProcess() if os.environ.get("RANK", "0") in ("", "0") else None
 
 
 def cmd_report(args: argparse.Namespace) -> int:
