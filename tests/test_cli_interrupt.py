@@ -220,6 +220,26 @@ def test_results_saved_from_two_threads_at_once_are_all_listed_in_the_manifest(t
         release_output_folder(out)
 
 
+def test_a_manifest_write_interrupted_leaves_the_previous_manifest_and_no_temporary(tmp_path, monkeypatch):
+    """A Ctrl-C (or a lane's LaneStopped) while the manifest is written: the previous one stays, no temporary is
+    left (before, only an OSError removed it)."""
+    from fisherlab.linalg.threads import LaneStopped
+    from fisherlab.results import manifest
+
+    manifest.write_manifest(tmp_path, {"command": "test"}, ["fidelity.nc"])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    write = manifest.write_bytes_durably
+
+    def write_then_stop(path, data):
+        write(path, data)
+        raise LaneStopped
+
+    monkeypatch.setattr(manifest, "write_bytes_durably", write_then_stop)
+    with pytest.raises(LaneStopped):
+        manifest.write_manifest(tmp_path, {"command": "test"}, ["fidelity.nc", "geometry.nc"])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 @pytest.mark.slow
 def test_ctrl_c_anywhere_keeps_only_whole_results_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
     config = StudyConfig(**OPTIONS).to_dict()

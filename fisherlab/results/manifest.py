@@ -88,9 +88,11 @@ def write_manifest(folder: Path, config: dict[str, Any], files: list[str], creat
     try:
         write_bytes_durably(tmp, text.encode("utf-8"))
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:  # a Ctrl-C, or a study's lane stopped (LaneStopped), leaves no temporary either
         tmp.unlink(missing_ok=True)
-        raise ResultsFileError(f"could not write the run manifest {path}: {err}") from err
+        if isinstance(err, OSError):
+            raise ResultsFileError(f"could not write the run manifest {path}: {err}") from err
+        raise
 
 
 def add_claim(folder: Path, config_json: str) -> None:
