@@ -430,7 +430,8 @@ def kron_eig(A: Tensor, S: Tensor) -> KronEig:
     return kron_eigs([(A, S)])[0]
 
 
-def kron_eigs(factors: Sequence[tuple[Tensor, Tensor]], *, symmetric: bool = False) -> list[KronEig]:
+def kron_eigs(factors: Sequence[tuple[Tensor, Tensor]], *, symmetric: bool = False,
+              dtype: torch.dtype | None = None) -> list[KronEig]:
     """:func:`kron_eig` of several layers' factors (A, S), the eigendecompositions side by side.
 
     On the CPU every ``torch.linalg.eigh`` runs on one intra-op thread, as many at once as torch has threads
@@ -443,6 +444,10 @@ def kron_eigs(factors: Sequence[tuple[Tensor, Tensor]], *, symmetric: bool = Fal
         symmetric: The factors are exactly symmetric (KFAC's, mirrored by
             :func:`~fisherlab.structures.base.symmetrize_upper`): skip (M + Mᵀ)/2, which leaves such a matrix
             unchanged bit for bit ((m + m)/2 = m), and decompose M as it is.
+        dtype: Decompose in at least this dtype (promoted with each factor's), the eigenpairs then rounded to the
+            factor's dtype. EKFAC passes float64: a float32 ``eigh`` of a 1,025² KFAC factor has a backward error
+            ‖QΛQᵀ − M‖ of 3–5e-6·‖M‖ (‖QᵀQ − I‖_F ≈ 4e-5), 20–30 times the factor's own float32 rounding, and
+            EKFAC's scalings in that basis inherit it (benchmarks/README.md, "EKFAC in float32").
 
     Returns:
         One :class:`KronEig` per pair, in order.
@@ -457,7 +462,7 @@ def kron_eigs(factors: Sequence[tuple[Tensor, Tensor]], *, symmetric: bool = Fal
         matrices.extend(((A, "A"), (S, "S")))
 
     def decompose(M: Tensor, name: str) -> tuple[Tensor, Tensor]:
-        Mc = M.to(_compute_dtype(M.dtype))
+        Mc = M.to(_compute_dtype(M.dtype if dtype is None else torch.promote_types(M.dtype, dtype)))
         _check_finite(Mc, name)
         w, Q = torch.linalg.eigh(Mc if symmetric else _symmetrize(Mc))
         return w.to(M.dtype), Q.to(M.dtype)
