@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from fisherlab.engine import DEFAULT_CHUNK_BYTES, FisherEngine, ModuleCalls
 from fisherlab.errors import InputError, UnsupportedLayerError
+from fisherlab.linalg.threads import serial
 from fisherlab.params import ParamSpec
 
 #: What the error for a module without a rule recommends.
@@ -855,7 +856,11 @@ def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, norms
     outputs are freed during the pass, as the nodes that saved them run, and the pass's own buffers reuse that
     memory. Held to the end instead, with all layers' (n, L, out) gradient rows (GPT 1M, 32 × 64 tokens: 57 MB
     of rows), they made the pass page-fault its memory in anew on every call (16-21k minor faults). curvlinops'
-    KFAC-reduce reads its layers' gradients by the same hooks (``register_hook`` on each output).
+    KFAC-reduce reads its layers' gradients by the same hooks (``register_hook`` on each output). Each hook runs on
+    one intra-op thread (:func:`~fisherlab.linalg.threads.serial`: a reduction over the positions, memory-bound,
+    gains nothing from a second thread and would be a parallel region with its barrier): GPT 1M, 2 threads, 90 of
+    the pass's 14,419 multi-thread OpenMP regions (the others: ~14,100 of the flash-attention kernel, curvlinops'
+    as many), the same bits (``benchmarks/bench_gpt_ab.py``).
 
     The norms' outputs get hooks too. The pass is asked (by gradient edges, which hold no tensor) for the
     gradients of the captured outputs below which no other one lies (:func:`_lowest_outputs`: the GPT's two
@@ -874,7 +879,8 @@ def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, norms
 
         def on_grad(g: Tensor | None) -> None:
             if g is not None:
-                _pool_grads(r, rule.output_rows(module, g.unsqueeze(0), lead=1), path in masked, rows.live)
+                with serial(g.device):
+                    _pool_grads(r, rule.output_rows(module, g.unsqueeze(0), lead=1), path in masked, rows.live)
 
         return on_grad
 
@@ -883,7 +889,8 @@ def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, norms
 
         def on_grad(g: Tensor | None) -> None:
             if g is not None:
-                done[path] = _pooled_norm_rows(module, pending.pop(path)[0], g.unsqueeze(0))
+                with serial(g.device):
+                    done[path] = _pooled_norm_rows(module, pending.pop(path)[0], g.unsqueeze(0))
 
         return on_grad
 

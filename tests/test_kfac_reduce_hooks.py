@@ -19,9 +19,10 @@ import reference as ref
 import torch
 from test_kfac_padding import padded_case
 from test_kfac_padding import reference_factors as padded_reference
-from test_kfac_weight_sharing import reference_factors
+from test_kfac_weight_sharing import module_flat, reference_factors, sub
 from torch import Tensor, nn
 
+import fisherlab.layers as layers_module
 from fisherlab import fisher
 from fisherlab.engine import FisherEngine
 from fisherlab.layers import _lowest_outputs, layer_layouts, layer_rows, norm_gradients, reduce_inputs
@@ -90,6 +91,34 @@ def test_pooled_reduce_factors_equal_the_per_sample_loop() -> None:
     for p in layers:
         ref.assert_close(kf.factors[p].A, expected[p]["A_reduce"], 1e-10, f"A of {p}")
         ref.assert_close(kf.factors[p].S, expected[p]["S_reduce"], 1e-10, f"S of {p}")
+
+
+def test_hooks_sum_on_one_thread_of_two(monkeypatch) -> None:
+    """On two intra-op threads each hook's position sums run on one thread (``serial``: no parallel region) and the
+    pass ends on two again; the factors are still the float64 per-sample loop's and the LayerNorm's exact block the
+    per-sample autograd empirical Fisher's (the model without its attention, which the loop does not cover)."""
+    seen: list[int] = []
+    for name in ("_pool_grads", "_pooled_norm_rows"):
+        inner = getattr(layers_module, name)
+        monkeypatch.setattr(layers_module, name, lambda *a, inner=inner: (seen.append(torch.get_num_threads()),
+                                                                          inner(*a))[1])
+    model, X, y = branchy_problem(attention=False)
+    layers = [p for p in LAYERS if not p.startswith("attn")]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        kf = fisher(model, (X, y), "categorical", kind="empirical", structure="kfac", approx="reduce", dtype=F64,
+                    progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1] * (len(layers) + 1), seen  # every layer's hook and the norm's, each on one thread
+    expected = reference_factors(model, X, y, CAT, "empirical", tuple(layers))
+    for p in layers:
+        ref.assert_close(kf.factors[p].A, expected[p]["A_reduce"], 1e-10, f"A of {p}")
+        ref.assert_close(kf.factors[p].S, expected[p]["S_reduce"], 1e-10, f"S of {p}")
+    exact = ref.fisher("empirical", model, X, y, CAT)
+    ref.assert_close(kf.exact_blocks["norm"], sub(exact, module_flat(model, "norm")), 1e-10, "LayerNorm block")
 
 
 def test_pooled_pass_equals_the_full_rows_summed_bit_for_bit() -> None:
