@@ -10,6 +10,7 @@ import pytest
 import reference as ref
 import torch
 
+import fisherlab.structures.base as base_module
 import fisherlab.structures.kfac as kfac_module
 from fisherlab.structures.base import symmetrize_upper
 from fisherlab.structures.kfac import SPLIT_ROWS, GramSums, run_grams
@@ -169,5 +170,35 @@ def test_symmetrize_upper_scaled_in_one_pass(threads):
                     X = M.clone()
                     assert symmetrize_upper(X, inplace=True, scale=s) is X
                     assert torch.equal(X, expected), (n, dtype, "in place")
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_symmetrize_upper_whole_and_tiled_against_float64(threads):
+    """Both sides of MIRROR_WHOLE (P ≤ 181 whole, P = 182 and P = 300 in tiles), float32 upper triangles (lower part
+    NaN), in place or not, unscaled and scaled by a float or a 0-dim tensor: the float64 mirror image of the upper
+    triangle entry by entry (loops), times s in float64, rounded once to float32 — a float32 product is exact in
+    float64, so this is the correctly rounded s·m_ij and the result must equal it bit for bit."""
+    assert 181 ** 2 <= base_module.MIRROR_WHOLE < 182 ** 2
+    g = torch.Generator().manual_seed(15)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n in (1, 2, 65, 129, 181, 182, 300):
+            upper = torch.randn(n, n, generator=g).triu()
+            M = upper + torch.full((n, n), float("nan")).tril(-1)
+            exact = torch.empty(n, n, dtype=F64)
+            for i in range(n):
+                for j in range(i, n):
+                    exact[i, j] = exact[j, i] = float(upper[i, j])
+            for s in (None, 0.3, torch.tensor(1 / 7)):
+                factor = 1.0 if s is None else float(torch.as_tensor(s).to(torch.float32))
+                expected = (exact * factor).to(torch.float32)
+                assert torch.equal(symmetrize_upper(M, scale=s), expected), (n, s)
+                assert bool(M.tril(-1).isnan().sum() == n * (n - 1) // 2), (n, "M's lower part left as it was")
+                X = M.clone()
+                assert symmetrize_upper(X, inplace=True, scale=s) is X
+                assert torch.equal(X, expected), (n, s, "in place")
     finally:
         torch.set_num_threads(before)

@@ -35,6 +35,9 @@ GRAM_BLOCK_SERIAL = 96
 #: 64-byte boundary of a float32 row (1-thread CPU minima, (m, d) = (512, 1024) float32 rows in ten blocks: 103
 #: columns 9.3 ms, 112 columns 8.0 ms; (2048, 512) in five: 8.2 / 6.8 ms; the same sums bit for bit).
 GRAM_ALIGN = 16
+#: Most entries (P²) of a matrix that :func:`symmetrize_upper` mirrors whole on the CPU, in two operations: torch's
+#: parallel grain (32,768 elements), so that neither is a parallel region on any thread count (P ≤ 181).
+MIRROR_WHOLE = 2**15
 
 
 @dataclass
@@ -247,19 +250,30 @@ def symmetrize_upper(M: Tensor, inplace: bool = False, scale: Tensor | float | N
             before it is mirrored: four 1,025², 1-thread CPU minima, mirror then multiplication 8.6 ms, one pass
             7.2 ms, the same bits), otherwise afterwards.
 
-    On CPU it is copied in 128×128 tiles: each tile and its mirror stay in cache (a whole-matrix transpose does
-    not: 4× slower for P = 3,466), and a tile is small enough (below torch's parallel grain of 32,768 elements) to
-    be copied by one thread, with no parallel region to synchronise. On one intra-op thread, where no copy is a
-    parallel region, a block row's tiles right of the diagonal go as one copy, a 128-row slab (1-thread CPU minima,
-    load 2: four 1,025² 8.2 → 7.4 ms, one 3,466² 23.6 → 20.8 ms, the same bits; on 2 threads such slabs would be
-    parallel copies, 4× slower for 3,466² on 2 loaded cores). GPUs transpose well in one kernel.
+    On CPU a matrix of at most :data:`MIRROR_WHOLE` entries (P ≤ 181) is mirrored whole, ``torch.where`` of the
+    upper-triangle mask between M and Mᵀ and one copy (or multiplication) into the result: it stays in cache, and
+    each operation is below torch's parallel grain, so one thread's. The tiles below cost ~10 operations for
+    P = 129 (1-thread CPU minima, load 3–5, scaled in place: 64² 22 → 5.6 µs, 128² 31 → 15 µs, 129² 46 → 12 µs;
+    GPT 1M KFAC-reduce, 34 of its 46 factors: ~1 ms of its ~150 ms build; the same bits). A larger one is copied in
+    128×128 tiles: each tile and its mirror stay in cache (a whole-matrix transpose does not: 4× slower for
+    P = 3,466; already 1.2× for 384²), and a tile is small enough (below the grain) to be copied by one thread,
+    with no parallel region to synchronise. On one intra-op thread, where no copy is a parallel region, a block
+    row's tiles right of the diagonal go as one copy, a 128-row slab (1-thread CPU minima, load 2: four 1,025² 8.2
+    → 7.4 ms, one 3,466² 23.6 → 20.8 ms, the same bits; on 2 threads such slabs would be parallel copies, 4× slower
+    for 3,466² on 2 loaded cores). GPUs transpose well in one kernel.
     """
     if M.device.type != "cpu":
         full = torch.triu(M) + torch.triu(M, 1).T
         full = full if scale is None else full.mul_(scale)
         return M.copy_(full) if inplace else full
-    out = M if inplace else torch.empty_like(M)
     n, t = M.shape[0], 128
+    if n * n <= MIRROR_WHOLE:
+        idx = torch.arange(n, device=M.device)
+        full = torch.where(idx[:, None] <= idx[None, :], M, M.T)  # (torch.triu itself is slow on small CPU tiles)
+        if scale is None:
+            return M.copy_(full) if inplace else full
+        return torch.mul(full, scale, out=M) if inplace else full.mul_(scale)
+    out = M if inplace else torch.empty_like(M)
     idx = torch.arange(t, device=M.device)
     upper = idx[:, None] <= idx[None, :]  # (torch.triu itself is slow on small CPU tiles)
     width = n if torch.get_num_threads() == 1 else t  # columns right of the diagonal copied at once
