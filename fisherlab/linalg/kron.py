@@ -444,10 +444,11 @@ def kron_eigs(factors: Sequence[tuple[Tensor, Tensor]], *, symmetric: bool = Fal
         symmetric: The factors are exactly symmetric (KFAC's, mirrored by
             :func:`~fisherlab.structures.base.symmetrize_upper`): skip (M + Mᵀ)/2, which leaves such a matrix
             unchanged bit for bit ((m + m)/2 = m), and decompose M as it is.
-        dtype: Decompose in at least this dtype (promoted with each factor's), the eigenpairs then rounded to the
-            factor's dtype. EKFAC passes float64: a float32 ``eigh`` of a 1,025² KFAC factor has a backward error
-            ‖QΛQᵀ − M‖ of 3–5e-6·‖M‖ (‖QᵀQ − I‖_F ≈ 4e-5), 20–35 times the factor's own float32 rounding, and
-            EKFAC's scalings in that basis inherit it (benchmarks/README.md, "EKFAC in float32").
+        dtype: Decompose in at least this dtype (promoted with each factor's; float64 on an MPS device: on the
+            CPU), the eigenpairs then rounded to the factor's dtype. EKFAC passes float64: a float32 ``eigh`` of a
+            1,025² KFAC factor has a backward error ‖QΛQᵀ − M‖ of 3–5e-6·‖M‖ (‖QᵀQ − I‖_F ≈ 4e-5), 20–35 times the
+            factor's own float32 rounding, and EKFAC's scalings in that basis inherit it (benchmarks/README.md,
+            "EKFAC in float32").
 
     Returns:
         One :class:`KronEig` per pair, in order.
@@ -462,10 +463,12 @@ def kron_eigs(factors: Sequence[tuple[Tensor, Tensor]], *, symmetric: bool = Fal
         matrices.extend(((A, "A"), (S, "S")))
 
     def decompose(M: Tensor, name: str) -> tuple[Tensor, Tensor]:
-        Mc = M.to(_compute_dtype(M.dtype if dtype is None else torch.promote_types(M.dtype, dtype)))
+        work = _compute_dtype(M.dtype if dtype is None else torch.promote_types(M.dtype, dtype))
+        # MPS has no float64: such a factor is decomposed on the CPU
+        Mc = (M.cpu() if work == torch.float64 and M.device.type == "mps" else M).to(work)
         _check_finite(Mc, name)
         w, Q = torch.linalg.eigh(Mc if symmetric else _symmetrize(Mc))
-        return w.to(M.dtype), Q.to(M.dtype)
+        return w.to(M.device, M.dtype), Q.to(M.device, M.dtype)
 
     if not matrices:
         return []
