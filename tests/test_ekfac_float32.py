@@ -6,9 +6,9 @@ from the layers' inputs and the rows' bias gradients, their explicit float64 eig
 s = (1/N) Σ_{n,r} (Q_Sᵀ G_{n,r} Q_A)² of the full per-sample gradients G = [dW | db]. The model has more hidden units
 than samples, as bench_peers' MLP (1,024 wide, 512 samples): each hidden factor is rank-deficient, a null space of
 over 200 numerically zero eigenvalues, ε·‖M‖ apart in float32. A float32 ``eigh`` of these 320² / 321² factors has
-a backward error of 1.1–1.9e-6·‖M‖ (‖QᵀQ − I‖_F 1.6–1.8e-5), ten times the factors' own float32 rounding, and
-put EKFAC 3.4e-5 (true) / 1.1e-5 (MC) from the reference; decomposed in float64 (fisherlab since issue 15) it is
-4.9e-7 / 4.8e-7 away, the factors' rounding.
+a backward error of 1.1–1.9e-6·‖M‖ (‖QᵀQ − I‖_F 1.6–1.8e-5), 5–10 times the factors' own float32 rounding
+(1.6–2.3e-7), and put EKFAC 3.4e-5 (true) / 1.1e-5 (MC) from the reference; decomposed in float64 (fisherlab since
+issue 15) it is 4.9e-7 / 4.8e-7 away, the factors' rounding.
 """
 
 from __future__ import annotations
