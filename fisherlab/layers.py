@@ -736,7 +736,7 @@ class LayerCapture(ModuleCalls):
         #: The modules whose output the capture replaces by their rule's recomputation (set on entering).
         self.recomputed: set[str] = set()
 
-    def __enter__(self) -> LayerCapture:
+    def _register(self) -> None:
         self.recomputed = recomputed_modules(self.model, self.paths)
         for path in self.recomputed:
             module = self.model.get_submodule(path)
@@ -744,7 +744,6 @@ class LayerCapture(ModuleCalls):
         for path in self.paths:
             if path not in self.recomputed:
                 self.handles.append(self.model.get_submodule(path).register_forward_hook(self._hook(path)))
-        return self
 
     def _record(self, path: str, module: nn.Module, inputs: tuple, out: object) -> None:
         if path in self.records and path not in self.repeatable:
@@ -792,9 +791,9 @@ def layer_rows(
     again on clones, and :attr:`ChunkRows.cloned_outputs` says so), then the R rows of the engine's output factor
     M (n, R, C) are pulled back to all layer outputs at once (one batched reverse pass,
     ``torch.autograd.grad(is_grads_batched=True)``; with R = 1 a plain one, and attention may then run on fused
-    SDPA kernels). Layers that the forward pass does not call are absent from the result (their Fisher block is
-    zero); if the forward pass reads such a layer's parameters anyway (``position.weight[:T]``),
-    :func:`_check_uncalled` refuses it.
+    SDPA kernels where the kind alone gives R = 1, :attr:`FisherEngine.reverse_only_rows`). Layers that the
+    forward pass does not call are absent from the result (their Fisher block is zero); if the forward pass reads
+    such a layer's parameters anyway (``position.weight[:T]``), :func:`_check_uncalled` refuses it.
 
     ``norms`` (module path → selected parameter names, from :func:`captured_norms`) adds those modules' outputs to
     the same reverse pass; their per-sample gradients are :attr:`ChunkRows.norm_gradients`.
@@ -809,7 +808,7 @@ def layer_rows(
     model = engine.model
     norms = dict(norms or {})
     params = {n: p.detach().requires_grad_(backward) for n, p in engine.params.items()}
-    reverse_only = not backward or engine.rows_per_sample == 1  # else the reverse pass is batched over R rows
+    reverse_only = not backward or engine.reverse_only_rows  # else the reverse pass may be batched over R rows
     with torch.enable_grad(), LayerCapture(model, [*layouts, *norms], clone=clone_outputs) as cap:
         z = engine.forward(params, x, reverse_only=reverse_only)
     if cap.modified():  # an in-place operation altered a captured output: the pass again, on clones
@@ -1153,13 +1152,12 @@ def _probe_layers(engine: FisherEngine, layouts: Mapping[str, LayerLayout],
     n = x.shape[0]
     cap = _first_calls(engine, layouts, candidates)
     if cap is None:
-        reverse_only = engine.rows_per_sample == 1  # the attention kernels of the pass (layer_rows)
         with LayerCapture(engine.model, [*layouts, *candidates], clone=False, repeatable=candidates) as cap:
-            if cap.recomputed:
+            if cap.recomputed:  # the attention kernels of the pass (layer_rows)
                 with torch.enable_grad():
-                    engine.forward(engine.params, x, reverse_only=reverse_only)
+                    engine.forward(engine.params, x, reverse_only=engine.reverse_only_rows)
             else:
-                engine.first_forward(reverse_only)
+                engine.first_forward(engine.reverse_only_rows)
     captured = {p: tuple(names) for p, names in candidates.items()
                 if cap.calls.get(p) == 1 and _leads_with(*cap.records[p], n)}
     called = [p for p in layouts if p in cap.records]
@@ -1190,8 +1188,7 @@ def _first_calls(engine: FisherEngine, layouts: Mapping[str, LayerLayout],
     same first samples, parameters and hooks that leave every output as it is), and a layer called twice is
     refused as that capture refuses it (the first one whose second call came first).
     """
-    kept, paths = engine.first_calls, [*layouts, *candidates]
-    engine.first_calls = None  # read once: what the probe finds is kept on the engine (FisherEngine.probed)
+    kept, paths = engine.take_first_calls(), [*layouts, *candidates]
     if (kept is None or not set(paths) <= set(kept.paths) or kept.opaque.intersection(paths)
             or recomputed_modules(engine.model, paths)):
         return None
@@ -1231,7 +1228,7 @@ def _rows_chunk_size(engine: FisherEngine, scalars: int) -> int:
     tokens, R = 1: rows 4.1 MiB + graph 2.6 MiB a sample, against a measured peak resident growth of 6.9 MiB a
     sample, with 4× headroom under the memory budget).
     """
-    graph = engine.activation_bytes(reverse_only=engine.rows_per_sample == 1)  # the kernels layer_rows runs
+    graph = engine.activation_bytes(reverse_only=engine.reverse_only_rows)  # the kernels layer_rows runs
     per_sample = scalars * torch.empty((), dtype=engine.dtype).element_size() + graph
     return max(1, min(DEFAULT_CHUNK_BYTES, engine.memory_budget // 4) // max(per_sample, 1))
 
