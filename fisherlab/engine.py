@@ -35,7 +35,8 @@ inference fast path, the flash and memory-efficient kernels of ``F.scaled_dot_pr
 forward-mode derivative and no batching rule. Every evaluation of the model by the engine therefore runs inside
 :func:`differentiable_attention` (MHA fast path off, SDPA on its math backend: the same function, in plain
 differentiable operations), which restores the caller's settings afterwards; a pass that only one plain reverse pass
-differentiates (the layer-wise structures' rows with one row per sample, :func:`fisherlab.layers.layer_rows`, and
+differentiates (the layer-wise structures' rows where the kind gives one row per sample,
+:attr:`FisherEngine.reverse_only_rows`, :func:`fisherlab.layers.layer_rows`; and
 the gradient, :meth:`FisherEngine.loss_and_gradient`) keeps the caller's SDPA backends, whose fused kernels have a
 backward. An operation that still has no
 forward-mode rule (a custom ``autograd.Function`` without ``jvp``) gets its J v by two reverse passes instead,

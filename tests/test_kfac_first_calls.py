@@ -22,7 +22,7 @@ from torch import nn
 from fisherlab import fisher
 from fisherlab.engine import FisherEngine
 from fisherlab.errors import UnsupportedLayerError
-from fisherlab.layers import iter_layer_rows, layer_layouts
+from fisherlab.layers import LayerCapture, iter_layer_rows, layer_layouts
 from fisherlab.structures.kfac import KFACFisher
 from fisherlab.structures.layerwise import LayerIndex
 
@@ -198,8 +198,8 @@ def test_first_evaluation_that_cannot_take_gradients_falls_back_to_a_plain_one()
 
 def _hooks(model: nn.Module) -> list[tuple[str, list, list, list]]:
     """Every module's forward, forward-pre and backward hooks, by path (what a context must leave as it was)."""
-    return [(path, *(list(getattr(m, kind).items()) for kind in ("_forward_hooks", "_forward_pre_hooks",
-                                                                 "_backward_hooks")))
+    return [(path, *(list(getattr(m, kind).items()) for kind in ("_forward_hooks", "_forward_hooks_with_kwargs",
+                                                                 "_forward_pre_hooks", "_backward_hooks")))
             for path, m in model.named_modules()]
 
 
@@ -229,3 +229,44 @@ def test_a_model_that_refuses_a_hook_is_left_as_it_was():
     with pytest.raises(UnsupportedLayerError, match=r"module '1' \(RecursiveScriptModule\) has no Kronecker"):
         KFACFisher.from_engine(eng)
     assert _hooks(model) == before
+
+
+def test_a_capture_that_cannot_hook_a_module_leaves_the_model_as_it_was():
+    """A layer capture whose hooks are registered in turn — the attention's recomputing one (with kwargs), a
+    Linear's — up to a scripted module that refuses one: torch's own error, and no hook left on any module."""
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(4, 2, batch_first=True), "lin": nn.Linear(4, 4),
+                           "script": _partly_scripted()[1]})
+    before = _hooks(model)
+    capture = LayerCapture(model, ["attn", "lin", "script"])
+    with pytest.raises(RuntimeError, match="not supported on ScriptModules"):
+        with capture:
+            pass
+    assert capture.recomputed == {"attn"} and _hooks(model) == before
+
+
+@pytest.mark.parametrize(("likelihood", "kind"), [("bernoulli", "true"), ("gaussian", "true"), ("gaussian", "ggn")])
+def test_one_output_kfac_runs_no_probe_pass(likelihood, kind):
+    """One output, so R = 1 for kind 'true' (a one-column factor) and 'ggn' (C = 1), though the kind alone does
+    not say so: the layer-row passes use the kernels the construction measured, so KFAC's probe makes no forward
+    pass (the model sees the construction's 2 samples, then the chunk; before, a 2-sample pass in between). The
+    factors are the float64 per-sample references'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(F64)
+    X = torch.randn(6, 3, dtype=F64)
+    y = torch.randint(0, 2, (6, 1)).to(F64) if likelihood == "bernoulli" else torch.randn(6, 1, dtype=F64)
+    calls: list[int] = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        eng = FisherEngine(model, (X, y), likelihood, kind=kind)
+        assert eng.rows_per_sample == 1 and not eng.reverse_only_rows
+        K = KFACFisher.from_engine(eng)
+    finally:
+        handle.remove()
+    assert calls == [2, 6], calls
+    lik = ref.RefLikelihood(likelihood)
+    z = torch.randn(1, dtype=F64)
+    assert kind == "true" or torch.equal(lik.hessian(z, y[0]), lik.output_fisher(z))  # the Gaussian's ∇²ℓ = Λ
+    for layer in ("0", "2"):  # so its GGN factors are the true Fisher's
+        A, S = lref.kfac_factors(model, layer, X, y, lik, "true")
+        ref.assert_close(K.factors[layer].A, A, RTOL, f"A of layer {layer}")
+        ref.assert_close(K.factors[layer].S, S, RTOL, f"S of layer {layer}")
