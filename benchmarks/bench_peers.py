@@ -39,9 +39,11 @@ the exact trace (their probes differ). Conventions matched: BackPACK and curvlin
 (``CrossEntropyLoss()``), i.e. (1/N) Σ_n as fisherlab; curvlinops' type-2 KFAC is fisherlab's true-Fisher KFAC
 (the 9 closed-form rows per sample span the same output Fisher as its 10 Hessian-root columns). Under each EKFAC
 row a line repeats the comparison with both in float64 and gives each float32 result's error to that float64 EKFAC
-(``ekfac_float64_check``), so the row's peer difference is split into its two sides: fisherlab decomposes the
-factors in float64 (its float32 EKFAC ~1e-6 from the float64 one, the factors' rounding), curvlinops in float32
-(the ``eigh`` backward error, 3–5e-6·‖M‖ on the 1,025² factors, puts it 6e-6–9e-5 away; benchmarks/README.md).
+(``ekfac_float64_check``), so the row's peer difference is split into its two sides. Both decompose the factors
+in float32 (fisherlab's default ``eigh_dtype``): the ``eigh`` backward error, 3–5e-6·‖M‖ on the 1,025² factors,
+puts each 6e-6–9e-5 away, correlated errors, so the two differ by less than either errs. The line also gives
+fisherlab with ``eigh_dtype=torch.float64`` (~1e-6 from the float64 EKFAC, the factors' rounding;
+benchmarks/README.md, "EKFAC in float32").
 
 Without the peers (plain project venv) each row prints fisherlab against its floor. With them:
 
@@ -279,7 +281,8 @@ def ekfac_float64_check(p: Problem, kind: str, ftype: str, v: Tensor) -> str:
 
     The float64 EKFAC is fisherlab's (the line also gives its difference to curvlinops' float64 one). MC rows at
     curvlinops' labels: fisherlab's and curvlinops' empirical EKFAC with those targets, in both precisions. The
-    line ends with the side whose float32 error makes the peer difference (at least 3 times the other's).
+    line ends with the side whose float32 error makes the peer difference (at least 3 times the other's), and gives
+    fisherlab's float32 EKFAC with its factors decomposed in float64 (``eigh_dtype``; not timed in the row).
     """
     curvlinops = optional_import("curvlinops")
     y = curvlinops_labels(p) if kind == "mc" else p.y
@@ -302,8 +305,10 @@ def ekfac_float64_check(p: Problem, kind: str, ftype: str, v: Tensor) -> str:
     high = max(errors, key=errors.__getitem__)
     verdict = f": the peer difference is the float32 error of {high}" if errors[high] >= 3 * min(errors.values()) \
         else ""
+    accurate = rel_diff(fisherlab_fisher(p, kind, "ekfac", y=y, eigh_dtype=torch.float64) @ v, ours64)
     return (f"float32 error to the float64 EKFAC (fisherlab's; curvlinops' {rel_diff(peer(model64, X64), ours64):.1e} "
-            f"from it): fisherlab {errors['fisherlab']:.1e}, curvlinops {errors['curvlinops']:.1e}{verdict}")
+            f"from it): fisherlab {errors['fisherlab']:.1e}, curvlinops {errors['curvlinops']:.1e}{verdict}; "
+            f"fisherlab with eigh_dtype=float64 {accurate:.1e}")
 
 
 def curvlinops_ggn(p: Problem) -> Any:

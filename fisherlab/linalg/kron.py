@@ -445,7 +445,7 @@ def kron_eigs(factors: Sequence[tuple[Tensor, Tensor]], *, symmetric: bool = Fal
             :func:`~fisherlab.structures.base.symmetrize_upper`): skip (M + Mᵀ)/2, which leaves such a matrix
             unchanged bit for bit ((m + m)/2 = m), and decompose M as it is.
         dtype: Decompose in at least this dtype (promoted with each factor's; float64 on an MPS device: on the
-            CPU), the eigenpairs then rounded to the factor's dtype. EKFAC passes float64: a float32 ``eigh`` of a
+            CPU), the eigenpairs then rounded to the factor's dtype (EKFAC's ``eigh_dtype``): a float32 ``eigh`` of a
             1,025² KFAC factor has a backward error ‖QΛQᵀ − M‖ of 3–5e-6·‖M‖ (‖QᵀQ − I‖_F ≈ 4e-5), 20–35 times the
             factor's own float32 rounding, and EKFAC's scalings in that basis inherit it (benchmarks/README.md,
             "EKFAC in float32").

@@ -11,12 +11,10 @@ vec(G_{n,r}) vec(G_{n,r})ᵀ is the exact layer block F_l of the same Fisher kin
 Q_A)): the Frobenius-optimal diagonal in that basis, hence never farther from F_l than KFAC (whose diagonal in
 the same basis is σ ⊗ α), and equal to F_l wherever KFAC is.
 
-Building it takes the KFAC factors' pass over the data, the eigendecompositions (all factors side by side, in
-float64 whatever the Fisher's dtype, the eigenvectors then rounded to it: on bench_peers' float32 MLP, 1,024 wide, a
-float32 ``eigh`` puts EKFAC 2.9e-5 (true) / 8.9e-5 (MC) from the float64 EKFAC, the float64 one 1.5e-6 / 5.7e-7, the
-factors' own rounding, for +0.08 s of 1-thread CPU per 1,025² factor), then the scalings — from the first pass's
-layer rows when all of them fit in min(DEFAULT_CHUNK_BYTES, memory budget / 4) (1 GiB at most), else from a second
-pass (for Linear layers (L = 1) the square of the rank-one G_{n,r} in the basis is the outer product of squares, so
+Building it takes the KFAC factors' pass over the data, the eigendecompositions (all factors side by side, in the
+Fisher's dtype unless ``eigh_dtype`` asks for more), then the scalings — from the first pass's layer rows when all
+of them fit in min(DEFAULT_CHUNK_BYTES, memory budget / 4) (1 GiB at most), else from a second pass (for Linear
+layers (L = 1) the square of the rank-one G_{n,r} in the basis is the outer product of squares, so
 no per-sample gradient is formed).
 
 ``approx`` (``"expand"`` or ``"reduce"``, :mod:`fisherlab.structures.kfac`) chooses the KFAC factors whose
@@ -24,6 +22,13 @@ eigenbasis is used; the scalings always come from the exact per-sample gradients
 ``EKFACLinearOperator(kfac_approx=...)``), so both are the best diagonal in their basis. For an Embedding under
 "expand" the input factor is diagonal and its eigenbasis the identity, stored as a 1-D ``Q_A`` of ones (width,):
 the rotation on that side is skipped and the one-hot rows are never formed.
+
+**Precision of the basis.** A float32 ``eigh`` of a 1,025² KFAC factor has a backward error of 3–5e-6·‖M‖, 20–35
+times the factor's own float32 rounding, and the scalings in that basis inherit it: on bench_peers' float32 MLP
+(64-1024-1024-10) EKFAC is 3.0e-5 (true) / 8.9e-5 (MC) from the float64 EKFAC, as far as curvlinops' (which
+decomposes in float32 too). ``eigh_dtype=torch.float64`` decomposes in float64 and rounds the eigenvectors back:
+1.5e-6 / 5.7e-7, the factors' own rounding, for +0.08 s of 1-thread CPU per 1,025² factor (the MLP's MC EKFAC
+0.89 → 1.52 of curvlinops' time; benchmarks/README.md, "EKFAC in float32").
 """
 
 from __future__ import annotations
@@ -78,7 +83,8 @@ class EKFACFisher(LayerwiseFisher):
 
     @classmethod
     def from_engine(cls, engine: FisherEngine, *, approx: str | KFACApprox = "expand", unsupported: str = "error",
-                    chunk_size: int | None = None, basis: LayerwiseFisher | None = None) -> EKFACFisher:
+                    chunk_size: int | None = None, basis: LayerwiseFisher | None = None,
+                    eigh_dtype: torch.dtype | None = None) -> EKFACFisher:
         """KFAC factors (first pass), their eigenbasis, then the scalings (first pass's rows, or a second pass).
 
         Args:
@@ -91,14 +97,24 @@ class EKFACFisher(LayerwiseFisher):
                 :class:`EKFACFisher` (its Q_A, Q_S) or a :class:`KFACFisher` (its factors' eigenvectors) over the
                 same parameters. Running averages of EKFAC scalings need a shared basis
                 (:func:`fisherlab.structures.running.ema_update`).
+            eigh_dtype: Eigendecompose the factors in at least this dtype, the eigenvectors then rounded to the
+                Fisher's (None: the Fisher's dtype, as curvlinops). ``torch.float64`` for a float32 Fisher puts it
+                within the factors' own rounding of the float64 EKFAC, 20–150 times closer (module docstring), for
+                about twice the decomposition time.
+
+        Raises:
+            InputError: ``basis`` over other parameters or layers; ``eigh_dtype`` not a floating dtype.
         """
+        if eigh_dtype is not None and not (isinstance(eigh_dtype, torch.dtype) and eigh_dtype.is_floating_point):
+            raise InputError(f"eigh_dtype must be a floating torch.dtype or None; got {eigh_dtype!r}")
         working = min(DEFAULT_CHUNK_BYTES, engine.memory_budget // 4)
         kfac, kept = KFACFisher.factor_pass(engine, approx, unsupported, chunk_size, keep_bytes=working)
         source = kfac if basis is None else basis
         if basis is not None and (basis.spec != kfac.spec or list(basis.factors) != list(kfac.factors)):
             raise InputError(f"basis must cover the same parameters and layers as the engine; got {basis!r} for "
                              f"layers {list(kfac.factors)}")
-        Q = _eigenbases(source.factors, symmetric=basis is None)  # KFAC's own factors are exactly symmetric
+        # KFAC's own factors are exactly symmetric
+        Q = _eigenbases(source.factors, symmetric=basis is None, dtype=eigh_dtype)
         s = {p: torch.zeros(f.out_features, f.width, dtype=engine.dtype, device=engine.device)
              for p, f in kfac.factors.items()}
         for rows in kept if kept is not None else _scaling_rows(engine, kfac, chunk_size):
@@ -109,7 +125,8 @@ class EKFACFisher(LayerwiseFisher):
         factors = {p: EKFACFactors(**vars_of(f), A=f.A, S=f.S, Q_A=Q[p][0], Q_S=Q[p][1], scaling=s[p] / N)
                    for p, f in kfac.factors.items()}
         return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget,
-                   {**kfac.meta, "basis": "given" if basis is not None else "own"}, factors, kfac.index,
+                   {**kfac.meta, "basis": "given" if basis is not None else "own",
+                    "eigh_dtype": str(eigh_dtype or engine.dtype).removeprefix("torch.")}, factors, kfac.index,
                    kfac.exact_blocks)
 
     @staticmethod
@@ -163,15 +180,16 @@ class EKFACFisher(LayerwiseFisher):
         return super().solve(g, damping)
 
 
-def _eigenbases(factors: Mapping[str, KroneckerFactors], symmetric: bool) -> dict[str, tuple[Tensor, Tensor]]:
+def _eigenbases(factors: Mapping[str, KroneckerFactors], symmetric: bool,
+                dtype: torch.dtype | None) -> dict[str, tuple[Tensor, Tensor]]:
     """(Q_A, Q_S) per layer: a given EKFAC basis, or the eigenvectors of KFAC factors (a diagonal A: Q_A = ones).
 
-    All layers' factors are decomposed side by side, in float64 (:func:`~fisherlab.linalg.kron.kron_eigs`;
+    All layers' factors are decomposed side by side, in at least ``dtype`` (:func:`~fisherlab.linalg.kron.kron_eigs`;
     ``symmetric``: as it is, without (M + Mᵀ)/2, for exactly symmetric factors).
     """
     todo = [p for p, f in factors.items() if not isinstance(f, EKFACFactors)]
     pairs = [(factors[p].S[:1, :1] if diagonal_input(factors[p]) else factors[p].A, factors[p].S) for p in todo]
-    eigs = dict(zip(todo, kron_eigs(pairs, symmetric=symmetric, dtype=torch.float64), strict=True))
+    eigs = dict(zip(todo, kron_eigs(pairs, symmetric=symmetric, dtype=dtype), strict=True))
     out = {}
     for p, f in factors.items():
         if isinstance(f, EKFACFactors):
