@@ -184,8 +184,9 @@ class GramSums(dict[str, Tensor]):
 SPLIT_ROWS = 256
 #: Least work (multiply-adds, Σ m·d²) of a chunk's queued products that :func:`run_grams` runs side by side: below
 #: it a thread pool costs more than the parallel regions it saves (GPT 1M KFAC-reduce, 32 sequences, ~10⁸: 2-thread
-#: wall minima 195 ms one after the other, 205 ms side by side; the MLP's 2·10⁹ and the CNN's 8·10⁸ gain), and the
-#: products run on one thread.
+#: wall minima 195 ms one after the other, 205 ms side by side; again at load 2 with the products on one thread,
+#: 31 interleaved rounds: wall medians 193.9 / 200.0 ms, ratio 0.95, the same bits; the MLP's 2·10⁹ and the CNN's
+#: 8·10⁸ gain), and the products run on one thread.
 SIDE_BY_SIDE_WORK = 2**28
 
 
@@ -205,10 +206,11 @@ def run_grams(sums: Sequence[GramSums], device: torch.device) -> None:
     other on one thread (:func:`~fisherlab.linalg.threads.serial`), as with one intra-op thread: each of the many
     small GEMMs would be a parallel region whose barrier waits for a descheduled thread on loaded cores (GPT 1M
     KFAC-reduce, 32 sequences, 2 threads on 2 cores shared with one busy process: 123 such GEMMs, HEAD's build wall
-    medians of 21 rounds 103.6 / 115.8 ms, one thread 98.4 / 108.4 ms, the same bits). A sum whose last product
-    this is (:class:`GramSums`) is mirrored by that product's task, or after the scratch sums are added; when the
-    products run one after the other on several threads, by :meth:`GramSums.finish` instead, which mirrors side by
-    side.
+    medians of 21 rounds 103.6 / 115.8 ms, one thread 98.4 / 108.4 ms, the same bits); with the mirrors of its
+    queued last products, no multi-thread OpenMP region is left in the call (counted: 0 of the build's 14,329,
+    ``benchmarks/bench_gpt_ab.py``). A sum whose last product this is (:class:`GramSums`) is mirrored by that
+    product's task, or after the scratch sums are added; when the products run one after the other on several
+    threads, by :meth:`GramSums.finish` instead, which mirrors side by side.
     """
     threads = torch.get_num_threads() if device.type == "cpu" else 1
     if threads > 1 and sum(U.shape[0] * G[k].shape[0] ** 2
