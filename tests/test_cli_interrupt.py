@@ -6,8 +6,8 @@ another point — in the start-up, in the first part, with both lanes running, i
 figures are drawn, after the last part (the report) — and the next run resumes from what it left. After every run
 the folder holds only complete results: each results file loads (content checksum verified) and carries the run's
 configuration, the manifest lists only files that are there, every figure and the report are whole files, no
-temporary file is left. The last run, uninterrupted, must leave the Datasets of one
-uninterrupted run of the same command, parts computed in different runs included.
+temporary file is left. The last run, uninterrupted, must leave the Datasets of one uninterrupted run of the same
+command, parts computed in different runs included.
 """
 
 from __future__ import annotations
