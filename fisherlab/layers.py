@@ -856,10 +856,12 @@ def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, norms
     memory. Held to the end instead, with all layers' (n, L, out) gradient rows (GPT 1M, 32 × 64 tokens: 57 MB
     of rows), they made the pass page-fault its memory in anew on every call (16-21k minor faults). curvlinops'
     KFAC-reduce reads its layers' gradients by the same hooks (``register_hook`` on each output). Each hook runs on
-    one intra-op thread (:func:`~fisherlab.linalg.threads.serial`: a reduction over the positions, memory-bound,
-    gains nothing from a second thread and would be a parallel region with its barrier): GPT 1M, 2 threads, 90 of
-    the pass's 14,419 multi-thread OpenMP regions (the others: ~14,100 of the flash-attention kernel, curvlinops'
-    as many), the same bits (``benchmarks/bench_gpt_ab.py``).
+    one intra-op thread (:func:`~fisherlab.linalg.threads.serial`), its reductions over the positions no parallel
+    region with a barrier that waits for a descheduled thread on shared cores: GPT 1M, 2 threads, 90 of the pass's
+    14,419 multi-thread OpenMP regions (the others: ~14,100 of the flash-attention kernel, curvlinops' as many), the
+    same bits; the build end to end 0.983–0.995 of the time before at load 1.5–2, 0.974 at load 6
+    (``benchmarks/bench_gpt_ab.py``). Alone in a loop at load 2 two threads sum faster ((1, 32, 64, 512): 65 → 38
+    µs; 128 wide 13 → 10 µs): at most ~0.5 ms of the pass's ~100 ms on quiet cores.
 
     The norms' outputs get hooks too. The pass is asked (by gradient edges, which hold no tensor) for the
     gradients of the captured outputs below which no other one lies (:func:`_lowest_outputs`: the GPT's two
