@@ -105,3 +105,44 @@ def test_side_by_side_runs_the_lanes_at_once_on_one_thread_each():
         assert order == [(0, threading.get_ident()), (1, threading.get_ident())]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_an_interrupt_between_two_lane_starts_stops_the_started_lane_and_goes_on(monkeypatch):
+    """A Ctrl-C while the lanes are being started (here: the second ``Thread.start`` raises it): the first lane is
+    stopped and joined (its ``finally`` ran), the second never runs, and the caller gets the KeyboardInterrupt —
+    not the RuntimeError of joining a thread that was never started."""
+    import threading
+    import time
+
+    from fisherlab.linalg.threads import side_by_side
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    start = threading.Thread.start
+    calls, events = [], []
+
+    def start_then_interrupt(self: threading.Thread) -> None:
+        calls.append(self.name)
+        if len(calls) == 2:
+            deadline = time.monotonic() + 30
+            while "first started" not in events and time.monotonic() < deadline:  # the first lane is in its job
+                time.sleep(0.001)
+            raise KeyboardInterrupt
+        start(self)
+
+    def first() -> None:
+        try:
+            events.append("first started")
+            while True:
+                time.sleep(0.01)
+        finally:
+            events.append("first cleaned up")
+
+    monkeypatch.setattr(threading.Thread, "start", start_then_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            side_by_side([first, lambda: events.append("second ran")], CPU)
+        assert len(calls) == 2 and "second ran" not in events and events[-1] == "first cleaned up"
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

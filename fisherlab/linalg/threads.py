@@ -150,9 +150,12 @@ def _join(workers: Sequence[threading.Thread], ended: Sequence[threading.Event])
     """Wait until each of ``workers`` has ended its job (its event is set, or it is no longer alive), then join it.
 
     The waits are ``Event.wait`` slices of 0.25 s, which a KeyboardInterrupt leaves intact: a ``Thread.join``
-    interrupted by one can mark a running thread as stopped (CPython 3.11's ``_wait_for_tstate_lock``).
+    interrupted by one can mark a running thread as stopped (CPython 3.11's ``_wait_for_tstate_lock``). A worker
+    never started (the caller was interrupted while starting them) is passed over.
     """
     for worker, end in zip(workers, ended, strict=True):
+        if worker.ident is None:
+            continue
         while not end.wait(0.25) and worker.is_alive():
             pass
         worker.join()  # past its job: it ends at once
