@@ -478,6 +478,7 @@ def _reference_fisher_and_gradient(make_net, X, y, seed):
     return F, g
 
 
+@pytest.mark.slow  # 4-8 s at load 4-5
 def test_own_model_and_data_through_the_main_job(tmp_path, request):
     mine = tmp_path / "mine.py"
     mine.write_text(OWN)
@@ -570,6 +571,7 @@ OWN_OPTIMIZER = ["--data", "synthetic-multiclass", "--n-samples", "64", "--steps
                  "--damping", "1e-2"]
 
 
+@pytest.mark.slow  # 4-8 s at load 4-5
 def test_own_optimizer_trains_its_own_trajectory(tmp_path):
     from fisherlab import fidelity_trajectory
     from fisherlab.study import headline, load_model_and_data
