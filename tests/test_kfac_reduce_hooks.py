@@ -65,7 +65,7 @@ def branchy_problem(n: int = 6, attention: bool = True) -> tuple[nn.Module, Tens
 
 
 def rows_both_ways(model: nn.Module, X: Tensor, y: Tensor, kind: str) -> tuple[dict, dict]:
-    """One chunk's rows with and without ``pool`` (every layer but the convolutions masked)."""
+    """One chunk's rows with and without ``pool`` (every layer masked: its δ rows mark the live positions)."""
     engine = FisherEngine(model, (X, y), "categorical", kind=kind, dtype=F64, progress=False)
     layouts, _ = layer_layouts(model, engine.spec)
     x, y, labels = next(iter(engine.chunks(None, chunk_size=X.shape[0])))  # (the MC labels drawn)
