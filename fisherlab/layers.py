@@ -822,7 +822,7 @@ def layer_rows(
     if backward and grads:
         M = engine.output_factor(z.detach(), y, labels).transpose(0, 1)  # (R, n, C)
         if M.shape[0] == 1 and pool:
-            rows = _chunk_rows(model, layouts, cap, called, [], grads[:len(called)], x.shape[0], clone_outputs)
+            rows = _chunk_rows(model, layouts, cap, called, [], [None] * len(called), x.shape[0], clone_outputs)
             _pooled_backward(model, cap, rows, called_norms, z, M[0], masked)
             return rows
         outs = [cap.records[p][1] for p in [*called, *called_norms]]
