@@ -690,8 +690,9 @@ def norm_gradients(rows: LayerRows, names: Sequence[str]) -> Tensor:
             sums :attr:`LayerRows.pooled` and :attr:`LayerRows.weighted`, :func:`_pooled_norm_rows`).
         names: Its selected local parameter names (``"weight"``, ``"bias"``), in flat order.
     """
+    # the weight's by a product summed over the positions (an einsum copies both into (n, d, L) order)
     parts = {"weight": lambda: (rows.grads * rows.inputs).sum(2) if rows.weighted is None else rows.weighted,
-             "bias": rows.grad_sums}  # (an einsum copies both into (n, d, L) order)
+             "bias": rows.grad_sums}
     return torch.cat([parts[name]() for name in names], dim=-1)
 
 
