@@ -643,7 +643,7 @@ class ChunkRows(dict):
 class LivePositions(dict[int, Tensor | None]):
     """Per number of positions L > 1, the live positions (n, L) of a chunk's layers with L positions (None: all).
 
-    A position (n, l) is live when δ_{n,r,l} ≠ 0 for some row r in some of those layers (KFAC's padding,
+    A position (n, l) is live when δ_{r,n,l} ≠ 0 for some row r in some of those layers (KFAC's padding,
     :mod:`fisherlab.structures.kfac`); once every position of an L is live, later layers with L are not looked at.
     """
 
@@ -654,7 +654,7 @@ class LivePositions(dict[int, Tensor | None]):
     def add(self, grads: Tensor) -> None:
         """Take one layer's δ rows (R, n, L, out) into account (nothing for L = 1)."""
         L = grads.shape[2]
-        if L <= 1 or (L in self and self[L] is None):
+        if self.all_live(L):
             return
         live = grads.ne(0).any(-1).any(0)
         live = self[L] | live if L in self else live
