@@ -797,7 +797,7 @@ def layer_rows(
     such a layer's parameters anyway (``position.weight[:T]``), :func:`_check_uncalled` refuses it.
 
     ``norms`` (module path → selected parameter names, from :func:`captured_norms`) adds those modules' outputs to
-    the same reverse pass; their per-sample gradients are :attr:`ChunkRows.norm_gradients`.
+    the same reverse pass; their per-sample gradients are :func:`norm_gradients` of :attr:`ChunkRows.norms`.
 
     ``pool`` (KFAC-reduce): the layers' δ rows are only needed summed over the positions, and their inputs
     averaged. With R = 1 each layer's sum Σ_l δ_l (1, n, out) is formed as its output gradient arrives in the
@@ -842,13 +842,14 @@ def layer_rows(
     return rows
 
 
-def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, norms: Sequence[str], z: Tensor,
-                       cotangent: Tensor, masked: Collection[str]) -> None:
+def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, called_norms: Sequence[str],
+                     z: Tensor, cotangent: Tensor, masked: Collection[str]) -> None:
     """One reverse pass of one cotangent row (n, C) that pools each layer's rows over the positions on arrival.
 
-    ``rows``: the chunk's layer rows without gradients (:func:`_chunk_rows`), completed in place; ``norms``: the
-    called norm modules (:attr:`ChunkRows.norms` is filled here, :func:`_pooled_norm_rows`). A tensor hook on each
-    layer's output turns its gradient (n, *output shape) into :attr:`LayerRows.pooled` = Σ_l δ_{n,l} (1, n, out)
+    ``rows``: the chunk's layer rows without gradients (:func:`_chunk_rows`), completed in place;
+    ``called_norms``: the called norm modules' paths (:attr:`ChunkRows.norms` is filled here,
+    :func:`_pooled_norm_rows`). A tensor hook on each layer's output turns its gradient (n, *output shape) into
+    :attr:`LayerRows.pooled` = Σ_l δ_{n,l} (1, n, out)
     (the same operations as ``grads.sum(2)``, so the same values) and marks the live positions of the ``masked``
     layers (:attr:`ChunkRows.live`); the engine then frees the gradient. Once a layer's positions are all live
     (without padding: from the first layer's gradient on) its inputs are averaged over the positions at once,
@@ -870,9 +871,10 @@ def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, norms
     depend on gets zero sums (as ``materialize_grads``).
     """
     layers, n = list(rows), cotangent.shape[0]
-    for p in norms:
+    for p in called_norms:
         _check_batched(p, model.get_submodule(p), *cap.records[p], n)
-    pending = {p: (cap.records[p][0], cap.records[p][1].shape) for p in norms}  # until a norm's gradient arrives
+    # until a norm's gradient arrives: its input and output shape
+    pending = {p: (cap.records[p][0], cap.records[p][1].shape) for p in called_norms}
     done: dict[str, LayerRows] = {}
 
     def hook(path: str) -> Callable[[Tensor | None], None]:
@@ -896,9 +898,9 @@ def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, norms
 
         return on_grad
 
-    outs = [cap.records[p][1] for p in [*layers, *norms]]
+    outs = [cap.records[p][1] for p in [*layers, *called_norms]]
     handles = [out.register_hook(hook(p) if p in rows else norm_hook(p))
-               for p, out in zip([*layers, *norms], outs, strict=True)]
+               for p, out in zip([*layers, *called_norms], outs, strict=True)]
     lowest = _lowest_outputs(z, outs)
     edges = [torch.autograd.graph.get_gradient_edge(out) for i, out in enumerate(outs) if i in lowest]
     del outs
@@ -915,7 +917,7 @@ def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, norms
             _pool_grads(r, r.outputs.new_zeros(1, *shape[:2], 1).expand(1, *shape), p in masked, rows.live)
     for p, (a, shape) in pending.items():  # no gradient reached them
         done[p] = _pooled_norm_rows(model.get_submodule(p), a, a.new_zeros(1, *shape))
-    rows.norms = {p: done[p] for p in norms}
+    rows.norms = {p: done[p] for p in called_norms}
 
 
 def _pooled_norm_rows(module: nn.Module, a: Tensor, g: Tensor) -> LayerRows:
