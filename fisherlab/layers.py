@@ -591,8 +591,8 @@ class LayerRows:
         bias: Whether ā ends with the constant 1 (the bias is selected).
         pooled: Σ_l δ_{r,n,l} (R, n, out) when the reverse pass summed each δ row over the positions as it arrived
             (:func:`layer_rows` with ``pool``; ``grads`` is then None), else None.
-        weighted: Σ_l δ_{r,n,l} ⊙ ā_{n,l} (R, n, width), a norm module's rows from such a pass (the per-sample
-            gradient of its scale, :func:`norm_gradients`), else None.
+        weighted: Σ_l δ_{n,l} ⊙ x̂_{n,l} (1, n, d), a norm module's rows from such a pass (x̂ its normalised
+            input, :func:`normalized_input`; the per-sample gradient of its scale, :func:`norm_gradients`), else None.
     """
 
     unfolded: Tensor | OneHotRows
