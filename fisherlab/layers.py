@@ -587,11 +587,11 @@ class LayerRows:
             ``pool`` (its shape and dtype: the outputs are freed in the reverse pass).
         grads: δ rows (R, n, L, out): J_lᵀ M_{n,r}, the engine's output factor rows pulled back to the layer
             output (F = (1/N) Σ_n Σ_r of the outer products of the per-sample gradients Σ_l δ_l ā_lᵀ); None when
-            no backward pass was asked for, or when the reverse pass summed them over the positions (``pooled``).
+            no backward pass was asked for, or when the reverse pass summed them over the positions (``grad_sum``).
         bias: Whether ā ends with the constant 1 (the bias is selected).
-        pooled: Σ_l δ_{r,n,l} (R, n, out) when the reverse pass summed each δ row over the positions as it arrived
+        grad_sum: Σ_l δ_{r,n,l} (R, n, out) when the reverse pass summed each δ row over the positions as it arrived
             (:func:`layer_rows` with ``pool``; ``grads`` is then None), else None.
-        weighted: Σ_l δ_{n,l} ⊙ x̂_{n,l} (1, n, d), a norm module's rows from such a pass (x̂ its normalised
+        grad_xhat_sum: Σ_l δ_{n,l} ⊙ x̂_{n,l} (1, n, d), a norm module's rows from such a pass (x̂ its normalised
             input, :func:`normalized_input`; the per-sample gradient of its scale, :func:`norm_gradients`), else None.
     """
 
@@ -599,12 +599,12 @@ class LayerRows:
     outputs: Tensor
     grads: Tensor | None
     bias: bool = False
-    pooled: Tensor | None = None
-    weighted: Tensor | None = None
+    grad_sum: Tensor | None = None
+    grad_xhat_sum: Tensor | None = None
 
     def grad_sums(self) -> Tensor:
-        """Σ_l δ_{r,n,l} (R, n, out): :attr:`pooled`, or :attr:`grads` summed over the positions."""
-        return self.grads.sum(2) if self.pooled is None else self.pooled
+        """Σ_l δ_{r,n,l} (R, n, out): :attr:`grad_sum`, or :attr:`grads` summed over the positions."""
+        return self.grads.sum(2) if self.grad_sum is None else self.grad_sum
 
     @cached_property
     def inputs(self) -> Tensor | OneHotRows:
@@ -687,11 +687,11 @@ def norm_gradients(rows: LayerRows, names: Sequence[str]) -> Tensor:
 
     Args:
         rows: The module's rows (inputs x̂ (n, L, d), δ rows (R, n, L, d); from a pass with ``pool`` their
-            sums :attr:`LayerRows.pooled` and :attr:`LayerRows.weighted`, :func:`_pooled_norm_rows`).
+            sums :attr:`LayerRows.grad_sum` and :attr:`LayerRows.grad_xhat_sum`, :func:`_pooled_norm_rows`).
         names: Its selected local parameter names (``"weight"``, ``"bias"``), in flat order.
     """
     # the weight's by a product summed over the positions (an einsum copies both into (n, d, L) order)
-    parts = {"weight": lambda: (rows.grads * rows.inputs).sum(2) if rows.weighted is None else rows.weighted,
+    parts = {"weight": lambda: (rows.grads * rows.inputs).sum(2) if rows.grad_xhat_sum is None else rows.grad_xhat_sum,
              "bias": rows.grad_sums}
     return torch.cat([parts[name]() for name in names], dim=-1)
 
@@ -801,7 +801,7 @@ def layer_rows(
 
     ``pool`` (KFAC-reduce): the layers' δ rows are only needed summed over the positions, and their inputs
     averaged. With R = 1 each layer's sum Σ_l δ_l (1, n, out) is formed as its output gradient arrives in the
-    reverse pass (:func:`_pooled_backward`) and the (n, L, out) rows are freed at once (:attr:`LayerRows.pooled`;
+    reverse pass (:func:`_pooled_backward`) and the (n, L, out) rows are freed at once (:attr:`LayerRows.grad_sum`;
     ``grads`` None), and so are the layer's outputs and, once its positions are all live, its inputs (``unfolded``
     then their mean); with R > 1 the rows are pulled back batched as without ``pool``. ``masked``: the layers whose
     δ rows mark the live positions (:attr:`ChunkRows.live`).
@@ -849,9 +849,9 @@ def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, calle
     ``rows``: the chunk's layer rows without gradients (:func:`_chunk_rows`), completed in place;
     ``called_norms``: the called norm modules' paths (:attr:`ChunkRows.norms` is filled here,
     :func:`_pooled_norm_rows`). A tensor hook on each layer's output turns its gradient (n, *output shape) into
-    :attr:`LayerRows.pooled` = Σ_l δ_{n,l} (1, n, out)
-    (the same operations as ``grads.sum(2)``, so the same values) and marks the live positions of the ``masked``
-    layers (:attr:`ChunkRows.live`); the engine then frees the gradient. Once a layer's positions are all live
+    :attr:`LayerRows.grad_sum` = Σ_l δ_{n,l} (1, n, out) (the same operations as ``grads.sum(2)``, so the same
+    values) and marks the live positions of the ``masked`` layers (:attr:`ChunkRows.live`); the engine then frees
+    the gradient. Once a layer's positions are all live
     (without padding: from the first layer's gradient on) its inputs are averaged over the positions at once,
     ``unfolded`` (n, 1, width) (:func:`_pool_grads`), and ``outputs`` becomes (n, L, 0): the layers' inputs and
     outputs are freed during the pass, as the nodes that saved them run, and the pass's own buffers reuse that
@@ -912,7 +912,7 @@ def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, calle
             h.remove()
     for p in layers:
         r = rows[p]
-        if r.pooled is None:  # no gradient reached it
+        if r.grad_sum is None:  # no gradient reached it
             shape = r.outputs.shape  # (n, L, out)
             _pool_grads(r, r.outputs.new_zeros(1, *shape[:2], 1).expand(1, *shape), p in masked, rows.live)
     for p, (a, shape) in pending.items():  # no gradient reached them
@@ -923,7 +923,7 @@ def _pooled_backward(model: nn.Module, cap: LayerCapture, rows: ChunkRows, calle
 def _pooled_norm_rows(module: nn.Module, a: Tensor, g: Tensor) -> LayerRows:
     """A norm module's rows from a pooled pass: its per-sample gradient pieces (:func:`norm_gradients`) alone.
 
-    ``a``: the module's input; ``g``: the gradient (1, n, *output shape). ``pooled`` = Σ_l δ_l and ``weighted`` =
+    ``a``: the module's input; ``g``: the gradient (1, n, *output shape). ``grad_sum`` = Σ_l δ_l and ``grad_xhat_sum`` =
     Σ_l δ_l ⊙ x̂_l (1, n, d), formed as :func:`norm_gradients` forms them from full rows (the same values);
     ``unfolded`` and ``outputs`` are (n, L, 0).
     """
@@ -931,16 +931,16 @@ def _pooled_norm_rows(module: nn.Module, a: Tensor, g: Tensor) -> LayerRows:
     xhat = normalized_input(module, a.detach()).reshape(n, -1, d)
     grads = g.reshape(*g.shape[:2], -1, d)
     empty = xhat.new_empty(*xhat.shape[:2], 0)
-    return LayerRows(empty, empty, None, pooled=grads.sum(2), weighted=(grads * xhat).sum(2))
+    return LayerRows(empty, empty, None, grad_sum=grads.sum(2), grad_xhat_sum=(grads * xhat).sum(2))
 
 
 def _pool_grads(rows: LayerRows, grads: Tensor, masked: bool, live: LivePositions) -> None:
-    """Set ``rows.pooled`` = Σ_l δ from the δ rows (1, n, L, out), mark their live positions, free the rows.
+    """Set ``rows.grad_sum`` = Σ_l δ from the δ rows (1, n, L, out), mark their live positions, free the rows.
 
     ``outputs`` becomes (n, L, 0); ``unfolded`` (n, 1, width), its mean over the L positions, unless some position
     of the layer can still turn out to be padding (``masked`` and not all live yet: every row is needed then).
     """
-    rows.pooled = grads.sum(2)
+    rows.grad_sum = grads.sum(2)
     L = grads.shape[2]
     if masked:
         live.add(grads)

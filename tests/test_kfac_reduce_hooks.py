@@ -1,7 +1,7 @@
 """KFAC-reduce sums each layer's output gradients over the positions as they arrive in the reverse pass (issue 11).
 
 ``layer_rows(pool=True)`` with one cotangent row (R = 1: empirical, one MC sample) keeps Σ_l δ_{n,l} per layer
-(:attr:`~fisherlab.layers.LayerRows.pooled`) instead of the (n, L, out) rows, from tensor hooks on the layer
+(:attr:`~fisherlab.layers.LayerRows.grad_sum`) instead of the (n, L, out) rows, from tensor hooks on the layer
 outputs; the reverse pass is asked only for the lowest captured outputs (:func:`~fisherlab.layers._lowest_outputs`).
 
 References: the float64 per-sample loop of tests/test_kfac_weight_sharing.py (hooks record each layer's input and
@@ -82,7 +82,7 @@ def test_pooled_reduce_factors_equal_the_per_sample_loop() -> None:
     assert set(pooled) == set(layers)
     for p in layers:  # the pooled pass ran: no (n, L, out) rows kept, the dense inputs averaged (L = T; head: 1)
         r, out = pooled[p], model.get_submodule(p).weight.shape[1 if p in ("embed", "position") else 0]
-        assert r.grads is None and r.pooled.shape == (1, X.shape[0], out), p
+        assert r.grads is None and r.grad_sum.shape == (1, X.shape[0], out), p
         assert r.outputs.shape == (X.shape[0], 1 if p == "head" else T, 0), p
         assert r.unfolded.shape[1] == (T if p in ("embed", "position") else 1), p  # (ids kept as they are)
     expected = reference_factors(model, X, y, CAT, "empirical", tuple(layers))
@@ -168,7 +168,7 @@ def test_a_layer_the_output_ignores_gets_zero_sums() -> None:
     engine = FisherEngine(model, (X, y), "categorical", kind="empirical", dtype=F64, progress=False)
     layouts, _ = layer_layouts(model, engine.spec)
     rows = layer_rows(engine, layouts, X, y, None, pool=True, masked=["fc", "dead"])
-    assert torch.equal(rows["dead"].pooled, torch.zeros(1, 4, 2, dtype=F64))
+    assert torch.equal(rows["dead"].grad_sum, torch.zeros(1, 4, 2, dtype=F64))
     assert rows.live == {5: None}  # the live positions of fc (all) are not taken away by dead's zeros
     K = fisher(model, (X, y), "categorical", kind="empirical", structure="kfac", approx="reduce", dtype=F64,
                progress=False)
@@ -240,6 +240,6 @@ def test_pooled_pass_on_cuda_equals_the_full_rows() -> None:
     model, X, y = model.cuda(), X.cuda(), y.cuda()
     pooled, full = rows_both_ways(model, X, y, "empirical")
     for p in LAYERS:
-        assert pooled[p].grads is None and pooled[p].pooled.is_cuda, p
+        assert pooled[p].grads is None and pooled[p].grad_sum.is_cuda, p
         torch.testing.assert_close(pooled[p].grad_sums(), full[p].grads.sum(2), rtol=1e-12, atol=0)
     assert pooled.live == full.live == {T: None}

@@ -287,11 +287,11 @@ def _accumulate(A: GramSums, S: GramSums, count: dict[str, Tensor], path: str, r
         else:
             per_sample = weight.sum(1)  # L_n, the live positions of sample n
             if isinstance(inputs, OneHotRows):
-                pooled = out.new_zeros(n, inputs.width).scatter_add_(1, inputs.ids, weight)
+                live_sum = out.new_zeros(n, inputs.width).scatter_add_(1, inputs.ids, weight)
             else:
-                pooled = torch.einsum("nl,nli->ni", weight, inputs)
+                live_sum = torch.einsum("nl,nli->ni", weight, inputs)  # Σ_l live_{n,l} ā_{n,l} (n, width)
             scale = per_sample.clamp(min=1)
-            A.add(path, pooled / scale.unsqueeze(1), per_sample / scale if rows.bias else None, pass_rows=samples)
+            A.add(path, live_sum / scale.unsqueeze(1), per_sample / scale if rows.bias else None, pass_rows=samples)
             _add(count, path, per_sample.gt(0).sum().to(out.dtype))
         sums = rows.grad_sums()  # (R, n, out): Σ_l δ, summed in the reverse pass when it pooled them
         S.add(path, sums.reshape(-1, sums.shape[-1]), pass_rows=sums.shape[0] * samples)
