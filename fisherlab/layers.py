@@ -794,7 +794,9 @@ def layer_rows(
     ``torch.autograd.grad(is_grads_batched=True)``; with R = 1 a plain one, and attention may then run on fused
     SDPA kernels where the kind alone gives R = 1, :attr:`FisherEngine.reverse_only_rows`). Layers that the
     forward pass does not call are absent from the result (their Fisher block is zero); if the forward pass reads
-    such a layer's parameters anyway (``position.weight[:T]``), :func:`_check_uncalled` refuses it.
+    such a layer's parameters anyway (``position.weight[:T]``), :func:`_check_uncalled` refuses it, and a layer
+    called without a positional tensor input (``fc(input=x)``) or returning no tensor is refused
+    (:func:`_check_calls`).
 
     ``norms`` (module path → selected parameter names, from :func:`captured_norms`) adds those modules' outputs to
     the same reverse pass; their per-sample gradients are :func:`norm_gradients` of :attr:`ChunkRows.norms`.
@@ -817,8 +819,7 @@ def layer_rows(
                           pool=pool, masked=masked)
     called = [p for p in layouts if p in cap.records]
     called_norms = [p for p in norms if p in cap.records]
-    if len(called) < len(layouts):
-        _check_uncalled(engine, {p: f for p, f in layouts.items() if p not in cap.records}, x)
+    _check_calls(engine, layouts, cap, x)
     grads: list[Tensor | None] = [None] * (len(called) + len(called_norms))
     if backward and grads:
         M = engine.output_factor(z.detach(), y, labels).transpose(0, 1)  # (R, n, C)
@@ -1007,6 +1008,25 @@ def _chunk_rows(model: nn.Module, layouts: Mapping[str, LayerLayout], cap: Layer
     return result
 
 
+def _check_calls(engine: FisherEngine, layouts: Mapping[str, LayerLayout], cap: ModuleCalls, x: Tensor) -> None:
+    """Raise UnsupportedLayerError unless the capture ``cap`` saw every call of the layers in ``layouts``.
+
+    A layer in :attr:`ModuleCalls.opaque` was called without a positional tensor input (``fc(input=x)``: a forward
+    hook sees no keyword argument) or returned no tensor, so its calls cannot be read; one not called at all may
+    still have its parameters read by the forward pass (:func:`_check_uncalled`).
+    """
+    opaque = next((p for p in layouts if p in cap.opaque), None)
+    if opaque is not None:
+        raise UnsupportedLayerError(
+            f"module {display_path(opaque)} ({layouts[opaque].module_type}) is called without a positional tensor "
+            "input (e.g. fc(input=x)) or returns no tensor, so per-layer statistics cannot read its calls. Call it "
+            f"as module(x) on a tensor x, returning a tensor; structures {GENERIC_STRUCTURES}."
+        )
+    uncalled = {p: f for p, f in layouts.items() if p not in cap.records}
+    if uncalled:
+        _check_uncalled(engine, uncalled, x)
+
+
 def _check_uncalled(engine: FisherEngine, uncalled: Mapping[str, LayerLayout], x: Tensor) -> None:
     """Raise UnsupportedLayerError if the forward pass reads a parameter of a layer it does not call.
 
@@ -1140,9 +1160,9 @@ def _probe_layers(engine: FisherEngine, layouts: Mapping[str, LayerLayout],
     not the model's), with the hooks of a :class:`LayerCapture` on the layers and on the norm ``candidates``
     (module path → parameter names; those may be called more than once). It finds the candidates that
     :func:`captured_norms` keeps (called once, input and output leading with the samples), checks the layers as
-    :func:`layer_rows` does (called once, on inputs that lead with the samples; an uncalled layer's parameters not
-    read, :func:`_check_uncalled`), whether the model alters a captured output in place, and the rows' scalars per
-    sample (:func:`_row_scalars`).
+    :func:`layer_rows` does (called once, as module(x) on inputs that lead with the samples and returning a tensor;
+    an uncalled layer's parameters not read: :func:`_check_calls`), whether the model alters a captured output in
+    place, and the rows' scalars per sample (:func:`_row_scalars`).
 
     Returns:
         What it found by :meth:`FisherEngine.probed` key, all of it kept on the engine: the captured norms (under
@@ -1150,8 +1170,9 @@ def _probe_layers(engine: FisherEngine, layouts: Mapping[str, LayerLayout],
         with and without ``per_sample_gradients`` (:func:`_rows_key`), the scalars and whether to clone.
 
     Raises:
-        UnsupportedLayerError: A layer called twice, on an input without the batch dimension, or whose parameters
-            the forward pass reads without calling it.
+        UnsupportedLayerError: A layer called twice, on an input without the batch dimension, without a
+            positional tensor input or returning no tensor, or whose parameters the forward pass reads without
+            calling it.
     """
     x, _ = engine.data.first(2)
     n = x.shape[0]
@@ -1166,8 +1187,7 @@ def _probe_layers(engine: FisherEngine, layouts: Mapping[str, LayerLayout],
     captured = {p: tuple(names) for p, names in candidates.items()
                 if cap.calls.get(p) == 1 and _leads_with(*cap.records[p], n)}
     called = [p for p in layouts if p in cap.records]
-    if len(called) < len(layouts):
-        _check_uncalled(engine, {p: f for p, f in layouts.items() if p not in cap.records}, x)
+    _check_calls(engine, layouts, cap, x)
     found: dict[Hashable, object] = {}
     if candidates:
         found[("captured_norms", tuple((p, tuple(v)) for p, v in candidates.items()))] = captured

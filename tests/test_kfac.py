@@ -128,6 +128,50 @@ def test_rule_registry_errors_and_user_rules():
         del LAYER_RULES[MyLinear]
 
 
+class KeywordCall(nn.Module):
+    """A linear layer called on a keyword argument, ``fc(input=x)``: a forward hook sees no positional input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(input=x)
+
+
+class TupleLinear(nn.Linear):
+    """A linear layer (given :class:`LinearRule`) whose call returns its output in a tuple, not a tensor."""
+
+    def forward(self, x):
+        return (super().forward(x),)
+
+
+class TupleCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = TupleLinear(3, 2)
+
+    def forward(self, x):
+        return self.fc(x)[0]
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_layer_called_on_a_keyword_or_returning_no_tensor_is_refused_as_such(approx):
+    """Not as a layer read without a call (the message of an uncalled layer, which it was before)."""
+    data = (torch.randn(4, 3, dtype=F64), torch.randn(4, 2, dtype=F64))
+    with pytest.raises(UnsupportedLayerError, match=r"(?s)module 'fc' \(Linear\) is called without a positional "
+                                                    r"tensor input \(e\.g\. fc\(input=x\)\) or returns no tensor"
+                                                    r".*Call it as module\(x\)"):
+        fisher(KeywordCall().to(F64), data, "gaussian", structure="kfac", approx=approx, progress=False)
+    register_layer_rule(TupleLinear, LinearRule())
+    try:
+        with pytest.raises(UnsupportedLayerError, match=r"module 'fc' \(TupleLinear\) is called without a "
+                                                        r"positional tensor input .* or returns no tensor"):
+            fisher(TupleCall().to(F64), data, "gaussian", structure="kfac", approx=approx, progress=False)
+    finally:
+        del LAYER_RULES[TupleLinear]
+
+
 # --------------------------------------------------------------------------------- factors and placement
 @pytest.mark.parametrize("name", ["mlp", "cnn2d", "cnn1d"])
 @pytest.mark.parametrize("kind", KINDS)
