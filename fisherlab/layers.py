@@ -1229,7 +1229,10 @@ def _row_scalars(engine: FisherEngine, probe: ChunkRows, n: int, per_sample_grad
     That peak is the rows it returns (inputs, outputs, R gradient rows) plus the graph the forward pass saves for
     the reverse pass (:func:`_rows_chunk_size`). ``per_sample_gradients`` adds the R·out·width scalars per sample
     that :func:`squared_gradient_sum` forms for a layer of dense rows at L > 1 locations (one layer at a time); at
-    L = 1, and for one-hot rows, it forms nothing larger than the rows.
+    L = 1, and for one-hot rows, it forms nothing larger than the rows. With ``pool`` and R = 1 (KFAC-reduce,
+    :func:`_pooled_backward`) the figure is an upper bound, not the peak: that pass holds no layer's (n, L, out)
+    gradient rows past its hook and frees the outputs (and, once live, the inputs) as it goes, so its chunks are
+    smaller than the budget allows (the key, :func:`_rows_key`, has no ``pool``: the same chunks as without).
     """
     R = engine.rows_per_sample
     rows = [*probe.values(), *probe.norms.values()]
@@ -1251,7 +1254,8 @@ def _rows_chunk_size(engine: FisherEngine, scalars: int) -> int:
 
     The graph is :meth:`FisherEngine.activation_bytes`, measured with the same attention kernels (GPT 1M, 32 × 64
     tokens, R = 1: rows 4.1 MiB + graph 2.6 MiB a sample, against a measured peak resident growth of 6.9 MiB a
-    sample, with 4× headroom under the memory budget).
+    sample, with 4× headroom under the memory budget). For a pass with ``pool`` the rows' figure is an upper bound
+    (:func:`_row_scalars`).
     """
     graph = engine.activation_bytes(reverse_only=engine.reverse_only_rows)  # the kernels layer_rows runs
     per_sample = scalars * torch.empty((), dtype=engine.dtype).element_size() + graph
