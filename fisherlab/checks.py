@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -89,9 +89,14 @@ def check_positive_int(value: Any, what: str, minimum: int = 1) -> int:
 
 def check_eval_mode(model: Any) -> None:
     """Raise :class:`InputError` naming any batch-norm or dropout module left in training mode."""
+    _check_eval_modes(model.named_modules())
+
+
+def _check_eval_modes(modules: Iterable[tuple[str, Any]]) -> None:
+    """:func:`check_eval_mode` over (name, module) pairs already walked (:func:`check_model` walks the model once)."""
     from torch import nn
 
-    for name, module in model.named_modules():
+    for name, module in modules:
         stochastic = isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
         rnn_dropout = isinstance(module, nn.RNNBase) and module.dropout > 0
         if module.training and (stochastic or rnn_dropout):
@@ -187,7 +192,8 @@ def check_model(model: Any) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     if not params:
         raise InputError(f"the model ({type(model).__name__}) has no parameters")
-    for name, module in model.named_modules():
+    modules = list(model.named_modules())  # one walk for the checks below (GPT 1M: three walks, 0.3 ms)
+    for name, module in modules:
         if isinstance(module, nn.Embedding) and module.max_norm is not None:
             raise UnsupportedLayerError(
                 f"module {name or '<root>'!r} (Embedding) has max_norm={module.max_norm}: torch renormalises its "
@@ -196,7 +202,7 @@ def check_model(model: Any) -> None:
                 "(with torch.no_grad(): emb.weight.renorm_(2, 0, max_norm)) and set emb.max_norm = None"
             )
     tensors = [("parameter" if p.requires_grad else "frozen parameter", n, p) for n, p in params.items()]
-    norms = [(m, mod) for m, mod in model.named_modules() if isinstance(mod, nn.modules.batchnorm._NormBase)]
+    norms = [(m, mod) for m, mod in modules if isinstance(mod, nn.modules.batchnorm._NormBase)]
     stats = {f"{m}.{n}".lstrip(".") for m, mod in norms for n, _ in mod.named_buffers(recurse=False)}
     tensors += [("statistics buffer" if n in stats else "buffer", n, b)
                 for n, b in model.named_buffers(remove_duplicate=False)]
@@ -219,7 +225,7 @@ def check_model(model: Any) -> None:
             extremes = torch.stack([t.amax(), t.amin()]) if t.is_floating_point() and t.numel() else t
             if what != "buffer" and not bool(torch.isfinite(extremes).all()):
                 raise NonFiniteError(f"{what} {name!r} contains NaN or infinite values")
-    check_eval_mode(model)
+    _check_eval_modes(modules)
 
 
 def renamed(kwargs: dict[str, Any], old: str, new: str, current: Any, default: Any, where: str) -> Any:

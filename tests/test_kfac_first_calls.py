@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fisherlab import fisher
-from fisherlab.engine import FisherEngine
+from fisherlab.engine import FisherEngine, ModuleCalls
 from fisherlab.errors import UnsupportedLayerError
 from fisherlab.layers import LayerCapture, iter_layer_rows, layer_layouts
 from fisherlab.structures.kfac import KFACFisher
@@ -270,3 +270,26 @@ def test_one_output_kfac_runs_no_probe_pass(likelihood, kind):
         A, S = lref.kfac_factors(model, layer, X, y, lik, "true")
         ref.assert_close(K.factors[layer].A, A, RTOL, f"A of layer {layer}")
         ref.assert_close(K.factors[layer].S, S, RTOL, f"S of layer {layer}")
+
+
+def test_module_calls_hook_a_module_shared_under_two_paths_under_each():
+    """One module at two paths (``b`` is ``a``) is hooked under both, as ``get_submodule`` of each path finds it:
+    each path records the module's two calls (counted by a hook of the test's own), the root path ``""`` its one."""
+    torch.manual_seed(0)
+    shared = nn.Linear(3, 3).to(F64)
+    model = nn.Sequential()
+    model.add_module("a", shared)
+    model.add_module("b", shared)
+    seen: list[int] = []
+    own = shared.register_forward_hook(lambda m, i, o: seen.append(1))
+    x = torch.randn(2, 3, dtype=F64)
+    with ModuleCalls(model, ["a", "b", ""]) as calls:
+        z = model(x)
+    own.remove()
+    assert len(seen) == 2 and not model._forward_hooks and not shared._forward_hooks
+    assert calls.calls == {"a": 2, "b": 2, "": 1} and calls.repeated == ["a", "b"]
+    torch.testing.assert_close(calls.records[""][1], z, rtol=0, atol=0)
+    torch.testing.assert_close(calls.records["a"][0], x, rtol=0, atol=0)
+    with pytest.raises(AttributeError, match="has no attribute `c`"), ModuleCalls(model, ["a", "c"]):
+        pass
+    assert not shared._forward_hooks
