@@ -19,11 +19,14 @@ import gc
 import importlib
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -204,3 +207,27 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖_F / ‖b‖_F, in float64."""
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).norm() / b.norm())
+
+
+#: The repository root (this folder's parent).
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Help of the ``--paths`` option of :func:`revision_trees`' scripts.
+PATHS_HELP = ("comma-separated files: the candidate is the baseline with the working tree's versions of these "
+              "(default: the whole working tree)")
+
+
+def revision_trees(tmp: Path, baseline: str, paths: str) -> tuple[Path, Path]:
+    """The source tree of git revision ``baseline``, extracted into ``tmp``/base, and the candidate's: the working
+    tree (:data:`ROOT`), or with ``paths`` (comma-separated, relative to the root) the baseline with the working
+    tree's versions of those files (``tmp``/candidate)."""
+    base, candidate = tmp / "base", ROOT
+    base.mkdir()
+    archive = subprocess.run(["git", "archive", baseline], cwd=ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", base], input=archive.stdout, check=True)
+    if paths:
+        candidate = tmp / "candidate"
+        shutil.copytree(base, candidate)
+        for path in paths.split(","):
+            shutil.copy2(ROOT / path, candidate / path)
+    return base, candidate

@@ -36,7 +36,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _common import PATHS_HELP, ROOT, revision_trees
+
 ROWS = ("kfac-reduce", "kfac-reduce-built", "grad")
 
 WORKER = r"""
@@ -152,22 +153,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads of the wall-clock rounds")
     parser.add_argument("--replicas", type=int, default=2, help="worker processes per method (calls spread)")
     parser.add_argument("--rows", default=",".join(ROWS))
-    parser.add_argument("--paths", default="", help="comma-separated files: the candidate is the baseline with the "
-                        "working tree's versions of these (default: the whole working tree)")
+    parser.add_argument("--paths", default="", help=PATHS_HELP)
     args = parser.parse_args()
     rows = args.rows.split(",")
     rev = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(["git", "archive", args.baseline], cwd=ROOT, capture_output=True, check=True)
-        base, candidate = Path(tmp) / "base", ROOT
-        base.mkdir()
-        subprocess.run(["tar", "-x", "-C", base], input=archive.stdout, check=True)
-        if args.paths:
-            candidate = Path(tmp) / "candidate"
-            shutil.copytree(base, candidate)
-            for path in args.paths.split(","):
-                shutil.copy2(ROOT / path, candidate / path)
+        base, candidate = revision_trees(Path(tmp), args.baseline, args.paths)
         label = f"{rev} + {len(args.paths.split(','))} files" if args.paths else "tree"
         methods = ((f"fisherlab {rev}", base, False), (f"fisherlab {label}", candidate, False),
                    ("curvlinops", candidate, True))

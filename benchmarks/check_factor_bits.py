@@ -14,15 +14,13 @@ tensors, those that differ (with their largest difference) and those not symmetr
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
+from _common import PATHS_HELP, revision_trees
 
 DUMP = r"""
 import os, sys, warnings
@@ -59,19 +57,10 @@ torch.save(found, out)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default="HEAD")
-    parser.add_argument("--paths", default="", help="comma-separated files: the candidate is the baseline with the "
-                        "working tree's versions of these (default: the whole working tree)")
+    parser.add_argument("--paths", default="", help=PATHS_HELP)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        base, candidate = Path(tmp) / "base", ROOT
-        base.mkdir()
-        archive = subprocess.run(["git", "archive", args.baseline], cwd=ROOT, capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", base], input=archive.stdout, check=True)
-        if args.paths:
-            candidate = Path(tmp) / "candidate"
-            shutil.copytree(base, candidate)
-            for path in args.paths.split(","):
-                shutil.copy2(ROOT / path, candidate / path)
+        base, candidate = revision_trees(Path(tmp), args.baseline, args.paths)
         results = []
         for k, root in enumerate((base, candidate)):
             out = Path(tmp) / f"{k}.pt"
