@@ -128,6 +128,8 @@ def test_all_finite_vouches_only_for_finite_entries():
             assert all_finite(tensors) == entry_wise
             assert all_finite([], nan_only=tensors) == no_nan
     assert all_finite([], nan_only=[torch.tensor([-float("inf"), 1.0])])  # an additive mask's -inf is no NaN
+    for dtype in (torch.float32, torch.float64):  # both infinities in one mask: their norm is inf, not NaN
+        assert all_finite([], nan_only=[torch.tensor([-float("inf"), float("inf"), 1.0], dtype=dtype)])
     assert all_finite([torch.full((2,), 60000.0, dtype=torch.float16)])  # half precision summed in float32
     assert all_finite([torch.arange(3)], nan_only=[torch.arange(3)])  # integer tensors are not read
     assert all_finite([torch.tensor([1 + 2j])]) and not all_finite([torch.tensor([complex(1, float("nan"))])])
