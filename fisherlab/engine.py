@@ -55,12 +55,14 @@ token blocks of M without forming the block-diagonal factor.
 
 **The first pass.** Every sample's outputs are checked (finite; the model deterministic) and the Monte-Carlo labels
 drawn once, with a generator seeded by ``seed``, on the first pass over the data that a computation makes — on
-its own evaluation of the model, so no separate pass is made (BackPACK and curvlinops make one pass too;
+its own evaluation of the model, so as a rule no separate pass is made (BackPACK and curvlinops make one pass too;
 :meth:`FisherEngine.chunks`). The labels are drawn per piece of ``chunk_size`` samples, in order, whatever chunks
 that pass takes, so the MC Fisher does not depend on the chunking and the same seed gives the same matrix. A piece
-is one ``sample`` call (torch's normal, Bernoulli and multi-sample multinomial draws of a piece differ from those of
-its parts), so a consumer whose chunks split a piece (a layer-wise chunk size below ``chunk_size``) has each piece
-evaluated once more, without grad, on its first chunk: one extra no-grad forward over the data in all.
+is one ``sample`` call: torch's Bernoulli and multi-sample multinomial draws of a piece differ from those of its
+parts, as a user's likelihood's may (fisherlab's Gaussian, uniforms laid out sample by sample, and one-sample
+categorical draws would not, but are treated alike). So the exception: a consumer whose chunks split a piece (a
+layer-wise chunk size below ``chunk_size``) has each piece evaluated once more, without grad, on its first chunk —
+one extra no-grad forward over the data in all (tests/test_mc_label_pass.py).
 
 **Data-parallel.** Under ``torch.distributed`` (initialized, world size > 1, or an explicit ``process_group``) each
 rank passes its own shard of the data (:func:`fisherlab.distributed.shard`); N is the global sample count, and every
