@@ -723,6 +723,23 @@ def _log(message: str) -> None:
     tqdm.write(message)  # above any progress bar shown
 
 
+def _other_code(attrs: dict[str, Any], code: dict[str, str]) -> str:
+    """``"; written by other code: …"`` when a kept part was computed by other fisherlab code, else ``""``.
+
+    Other code: its ``fisherlab_version`` or ``git_commit`` attrs differ from ``code``'s
+    (:func:`~fisherlab.results.metadata.code_provenance`; "unknown" on either side is no difference). A resumed
+    study keeps every part that carries its configuration; this says when such a part was computed by other code,
+    so that a folder mixing two versions' results does not pass unnoticed.
+    """
+    differ = [key for key, now in code.items()
+              if "unknown" not in (now, str(attrs.get(key, "unknown"))) and str(attrs.get(key)) != now]
+    if not differ:
+        return ""
+    width = {"git_commit": 12}  # a commit by its first 12 hex digits
+    return "; written by other code: " + ", ".join(
+        f"{key} {str(attrs[key])[:width.get(key)]} (this run: {code[key][:width.get(key)]})" for key in differ)
+
+
 def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None,
               log: Callable[[str], None] = _log,
               model_and_data: tuple[torch.nn.Module, SplitData] | None = None,
@@ -769,6 +786,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
     from fisherlab.linalg.threads import lane_threads, side_by_side
     from fisherlab.progress import bar as progress_bar
     from fisherlab.results import ResultsStore, save_dataset
+    from fisherlab.results.metadata import code_provenance
     from fisherlab.spectra import fisher_spectra
 
     out = Path(out)
@@ -808,6 +826,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
     finished = on_lead(lambda: {part: store.load(part, config=cfg.to_dict()) for part in cfg.parts
                                 if store.has(part)}, group)
     results: dict[str, xr.Dataset] = {}
+    code = code_provenance() if finished else {}
     todo = [part for part in cfg.parts if part not in finished]
     lanes = part_lanes(todo[1:]) if group is None else []
     threads = lane_threads(len(lanes), torch.device(cfg.device))  # each lane's; 0: the parts one after the other
@@ -839,7 +858,8 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool | None = None
         for part in cfg.parts:
             if part in finished:
                 results[part] = finished[part]
-                log(f"[{part}] already in {out}: kept (delete {store.path(part)} to recompute)")
+                log(f"[{part}] already in {out}: kept (delete {store.path(part)} to recompute)"
+                    f"{_other_code(finished[part].attrs, code)}")
                 if lead and saved is not None:
                     saved(store.path(part))
                 parts.update(1)

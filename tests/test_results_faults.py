@@ -579,3 +579,29 @@ def test_the_next_run_removes_only_stale_fisherlab_temporaries(tmp_path):
         stack.callback(release_output_folder, out)
         assert not any(p.exists() for p in stale)
         assert all(p.exists() for p in (*kept, fresh))
+
+
+def test_a_resumed_study_says_when_a_kept_part_was_written_by_other_code(tmp_path, study, monkeypatch):
+    """A rerun keeps the finished parts that carry its configuration; when such a part's fisherlab_version or
+    git_commit attrs (read here from the file itself) differ from this process's, the 'already in' line says so;
+    with the same code it says nothing more."""
+    import fisherlab.results.metadata as metadata
+
+    cfg, out = StudyConfig(**{**study, "parts": ["fidelity"]}), tmp_path / "out"
+    run_study(cfg, out, progress=False, log=lambda _: None)
+    with xr.open_dataset(out / "fidelity.nc") as ds:
+        written = {key: str(ds.attrs[key]) for key in ("fisherlab_version", "git_commit")}
+    log: list[str] = []
+    monkeypatch.setattr(metadata, "code_provenance", lambda: dict(written))
+    run_study(cfg, out, progress=False, log=log.append)
+    assert [m for m in log if m.startswith("[fidelity] already in")] == [
+        f"[fidelity] already in {out}: kept (delete {out / 'fidelity.nc'} to recompute)"]
+    log.clear()
+    monkeypatch.setattr(metadata, "code_provenance", lambda: {"fisherlab_version": "9.9.9",
+                                                              "git_commit": "0123456789abcdef0123"})
+    run_study(cfg, out, progress=False, log=log.append)
+    line = next(m for m in log if m.startswith("[fidelity] already in"))
+    expected = [f"{key} {written[key][:12]} (this run: {now})"
+                for key, now in (("fisherlab_version", "9.9.9"), ("git_commit", "0123456789ab"))
+                if written[key] != "unknown"]  # an unknown side is no difference
+    assert expected and line.endswith("; written by other code: " + ", ".join(expected))

@@ -333,6 +333,11 @@ def _git_commit() -> str:
     return commit
 
 
+def code_provenance() -> dict[str, str]:
+    """The ``fisherlab_version`` and ``git_commit`` of this process, as :func:`provenance` records them."""
+    return {"fisherlab_version": package_version(), "git_commit": _git_commit()}
+
+
 def package_version() -> str:
     """The installed fisherlab version, or ``"unknown"``."""
     try:
@@ -556,6 +561,7 @@ def merge_provenance(datasets: Iterable[xr.Dataset] | Mapping[str, xr.Dataset]) 
     return summary
 
 
-__all__ = ["PROVENANCE_KEYS", "calling_function", "cf_attributes", "check_kind", "config_diff", "config_json",
+__all__ = ["PROVENANCE_KEYS", "calling_function", "cf_attributes", "check_kind", "code_provenance", "config_diff",
+           "config_json",
            "config_of", "default_title", "merge_provenance", "package_version", "parallel_provenance", "provenance",
            "same_config", "source_of", "to_jsonable"]
