@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -36,7 +35,7 @@ from matplotlib.ticker import LogFormatterSciNotation, NullLocator
 
 from fisherlab.errors import InputError
 from fisherlab.results import NATS_COMMENT, guard_output_folder, load_output_folder, read_manifest
-from fisherlab.results.lock import temp_path
+from fisherlab.results.lock import write_atomically
 
 #: A table: header and rows of cells (strings).
 Table = tuple[list[str], list[list[str]]]
@@ -624,22 +623,6 @@ def save_figure(fig: MplFigure, stem: Path, *, dpi: float = 110) -> None:
                                                                        metadata={"Date": None}))
     write_atomically(stem.with_suffix(".png"), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches=box))
     _close(fig)
-
-
-def write_atomically(target: Path, write: Callable[[Path], Any]) -> None:
-    """Have ``write(tmp)`` write a fresh temporary file next to ``target``, then rename it over ``target``.
-
-    So no reader sees a partial file at ``target``, whatever stops the write (an error, a Ctrl-C, the report
-    process killed); the temporary (:func:`~fisherlab.results.lock.temp_path`) is removed when ``write`` fails or
-    is interrupted, and one left by a killed process by the next run's claim of the folder.
-    """
-    tmp = temp_path(target)  # unique: two reports of one folder at once don't collide
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class Drawn(NamedTuple):

@@ -331,7 +331,7 @@ def test_serve_draws_each_saved_dataset_and_answers_finish_with_one_line(tmp_pat
 @pytest.mark.parametrize("requests", ["", "folder", "saved"])
 def test_serve_without_finish_writes_nothing(tmp_path, drawing, requests):
     """Its input ends before a finish (the study stopped): nothing is written, status 0; what was saved is drawn
-    (each figure is written whole, report.write_atomically), the page is not."""
+    (each figure is written whole, results.lock.write_atomically), the page is not."""
     lines = {"": io.StringIO(), "folder": _requests(tmp_path), "saved": _requests(tmp_path, {"saved": "a.nc"})}
     replies = io.StringIO()
     assert report.serve(lines[requests], replies) == 0

@@ -38,7 +38,7 @@ import xarray as xr
 
 from fisherlab.errors import InputError, ResultsFileError, ResultsIntegrityWarning
 from fisherlab.results import manifest
-from fisherlab.results.lock import temp_path, write_bytes_durably
+from fisherlab.results.lock import write_atomically, write_bytes_durably
 from fisherlab.results.schema import (
     ATTR_CHECKSUM,
     ATTR_KIND,
@@ -191,7 +191,6 @@ def save_dataset(ds: xr.Dataset, path: PathLike) -> Path:
         raise InputError(f"results path is a directory: {target}")
     prepared = _prepare(ds)
     prepared.attrs[ATTR_CHECKSUM] = checksum(prepared)
-    tmp = temp_path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         claim = manifest.claim_for(target)
@@ -199,16 +198,11 @@ def save_dataset(ds: xr.Dataset, path: PathLike) -> Path:
             prepared.attrs[ATTR_RUN] = claim.config_json
         else:
             prepared.attrs.pop(ATTR_RUN, None)
-        _write_netcdf(prepared, tmp)
-        os.replace(tmp, target)
-    except BaseException as err:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if isinstance(err, OSError) and not isinstance(err, ResultsFileError):
-            raise ResultsFileError(f"could not write results file {target}: {err}") from err
-        raise
+        write_atomically(target, lambda tmp: _write_netcdf(prepared, tmp))
+    except OSError as err:
+        if isinstance(err, ResultsFileError):
+            raise
+        raise ResultsFileError(f"could not write results file {target}: {err}") from err
     _fsync_dir(target.parent)
     if claim is not None:
         manifest.record_file(claim, target)

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import socket
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -156,6 +158,24 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
 
+def write_atomically(target: Path, write: Callable[[Path], object]) -> None:
+    """Have ``write(tmp)`` write a fresh temporary file next to ``target``, then rename it over ``target``.
+
+    The temporary is :func:`temp_path`'s, the rename ``os.replace``: no reader sees a partial file at ``target``,
+    whatever stops the write (an error, a Ctrl-C, a study's lane stopped). The temporary is removed on any
+    exception, which goes on as it is; one left by a killed process is removed by the next run's claim of the
+    folder (:func:`remove_stale_temps`). Results files, the manifest, the report's figures and page are written so.
+    """
+    tmp = temp_path(target)  # unique: two writers of one file at once don't collide
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
 def is_temp_name(name: str) -> bool:
     """Whether ``name`` is a temporary file name of fisherlab (:data:`TEMP_NAME` or a legacy fixed name)."""
     return name in LEGACY_TEMP_NAMES or TEMP_NAME.match(name) is not None
@@ -206,4 +226,4 @@ def remove_stale_temps(folder: Path, before: float, patterns: tuple[str, ...] = 
 
 
 __all__ = ["LEGACY_TEMP_NAMES", "LOCK_FILE", "TEMP_NAME", "hold_folder", "holds", "is_temp_name", "release_folder",
-           "remove_stale_temps", "temp_path", "write_bytes_durably"]
+           "remove_stale_temps", "temp_path", "write_atomically", "write_bytes_durably"]

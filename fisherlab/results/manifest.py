@@ -15,7 +15,6 @@ files (:func:`~fisherlab.results.store.guard_output_folder`).
 from __future__ import annotations
 
 import json
-import os
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fisherlab.errors import ResultsFileError
-from fisherlab.results.lock import temp_path, write_bytes_durably
+from fisherlab.results.lock import write_atomically, write_bytes_durably
 
 #: File name of the manifest of an output folder.
 MANIFEST = "fisherlab-run.json"
@@ -84,15 +83,10 @@ def write_manifest(folder: Path, config: dict[str, Any], files: list[str], creat
     path = Path(folder) / MANIFEST
     text = json.dumps({"config": config, "created": created or datetime.now(timezone.utc).isoformat(),
                        "files": sorted(set(files))}, indent=1)
-    tmp = temp_path(path)
-    try:
-        write_bytes_durably(tmp, text.encode("utf-8"))
-        os.replace(tmp, path)
-    except BaseException as err:  # a Ctrl-C, or a study's lane stopped (LaneStopped), leaves no temporary either
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise ResultsFileError(f"could not write the run manifest {path}: {err}") from err
-        raise
+    try:  # a Ctrl-C, or a study's lane stopped (LaneStopped), leaves no temporary either
+        write_atomically(path, lambda tmp: write_bytes_durably(tmp, text.encode("utf-8")))
+    except OSError as err:
+        raise ResultsFileError(f"could not write the run manifest {path}: {err}") from err
 
 
 def add_claim(folder: Path, config_json: str) -> None:
