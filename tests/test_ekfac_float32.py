@@ -127,3 +127,14 @@ def test_eigh_dtype_must_be_a_floating_dtype(bad):
     engine = FisherEngine(model, (X[:8], y[:8]), "categorical", kind="true", dtype=torch.float32, progress=False)
     with pytest.raises(InputError, match="eigh_dtype"):
         EKFACFisher.from_engine(engine, eigh_dtype=bad)
+
+
+def test_eigh_dtype_below_the_fishers_decomposes_in_the_fishers():
+    """eigh_dtype asks for at least that precision: float16 on a float32 Fisher decomposes in float32 (recorded so),
+    the same bits as the default."""
+    model, X, y = model_and_data()
+    engine = FisherEngine(model, (X[:8], y[:8]), "categorical", kind="true", dtype=torch.float32, progress=False)
+    low, default = (EKFACFisher.from_engine(engine, eigh_dtype=d) for d in (torch.float16, None))
+    assert low.meta["eigh_dtype"] == default.meta["eigh_dtype"] == "float32"
+    V = torch.randn(low.spec.dim, 2, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(low @ V, default @ V)

@@ -562,6 +562,5 @@ def merge_provenance(datasets: Iterable[xr.Dataset] | Mapping[str, xr.Dataset]) 
 
 
 __all__ = ["PROVENANCE_KEYS", "calling_function", "cf_attributes", "check_kind", "code_provenance", "config_diff",
-           "config_json",
-           "config_of", "default_title", "merge_provenance", "package_version", "parallel_provenance", "provenance",
-           "same_config", "source_of", "to_jsonable"]
+           "config_json", "config_of", "default_title", "merge_provenance", "package_version", "parallel_provenance",
+           "provenance", "same_config", "source_of", "to_jsonable"]

@@ -14,8 +14,8 @@ the same basis is σ ⊗ α), and equal to F_l wherever KFAC is.
 Building it takes the KFAC factors' pass over the data, the eigendecompositions (all factors side by side, in the
 Fisher's dtype unless ``eigh_dtype`` asks for more), then the scalings — from the first pass's layer rows when all
 of them fit in min(DEFAULT_CHUNK_BYTES, memory budget / 4) (1 GiB at most), else from a second pass (for Linear
-layers (L = 1) the square of the rank-one G_{n,r} in the basis is the outer product of squares, so
-no per-sample gradient is formed).
+layers (L = 1) the square of the rank-one G_{n,r} in the basis is the outer product of squares, so no per-sample
+gradient is formed).
 
 ``approx`` (``"expand"`` or ``"reduce"``, :mod:`fisherlab.structures.kfac`) chooses the KFAC factors whose
 eigenbasis is used; the scalings always come from the exact per-sample gradients G_{n,r} above (as curvlinops'
@@ -113,8 +113,9 @@ class EKFACFisher(LayerwiseFisher):
         if basis is not None and (basis.spec != kfac.spec or list(basis.factors) != list(kfac.factors)):
             raise InputError(f"basis must cover the same parameters and layers as the engine; got {basis!r} for "
                              f"layers {list(kfac.factors)}")
+        decomposed = torch.promote_types(engine.dtype, eigh_dtype or engine.dtype)  # the dtype the eigh runs in
         # KFAC's own factors are exactly symmetric
-        Q = _eigenbases(source.factors, symmetric=basis is None, dtype=eigh_dtype)
+        Q = _eigenbases(source.factors, symmetric=basis is None, dtype=decomposed)
         s = {p: torch.zeros(f.out_features, f.width, dtype=engine.dtype, device=engine.device)
              for p, f in kfac.factors.items()}
         for rows in kept if kept is not None else _scaling_rows(engine, kfac, chunk_size):
@@ -126,8 +127,7 @@ class EKFACFisher(LayerwiseFisher):
                    for p, f in kfac.factors.items()}
         return cls(engine.spec, engine.kind, engine.dtype, engine.device, engine.memory_budget,
                    {**kfac.meta, "basis": "given" if basis is not None else "own",
-                    "eigh_dtype": str(eigh_dtype or engine.dtype).removeprefix("torch.")}, factors, kfac.index,
-                   kfac.exact_blocks)
+                    "eigh_dtype": str(decomposed).removeprefix("torch.")}, factors, kfac.index, kfac.exact_blocks)
 
     @staticmethod
     def _rotate(f: EKFACFactors, X: Tensor) -> Tensor:
